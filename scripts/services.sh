@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Bring up the local services sessiond needs and create databases:
+#   PostgreSQL on 127.0.0.1:5432 (wal_level=logical, login postgres:postgres)
+#   Redis      on 127.0.0.1:6379 (append-only file on)
+# Usage: scripts/services.sh [DATABASE...]
+# Safe to run again: every step checks first and only acts when needed.
+# Works without systemd (containers, CI), so services are started directly.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+# Fixed on purpose: every URL in the scripts and README assumes these.
+PG_PORT=5432
+REDIS_PORT=6379
+PG_TCP_URL="postgres://postgres:postgres@127.0.0.1:${PG_PORT}/postgres"
+DATABASE_ADMIN_URL=${DATABASE_ADMIN_URL:-$PG_TCP_URL}
+
+# --- PostgreSQL --------------------------------------------------------------
+
+# psql as the postgres OS user over the local socket; works under Debian's
+# default peer auth, before any password exists.
+pg_socket_sql() {
+    as_postgres psql -X -Atq -v ON_ERROR_STOP=1 -p "$PG_PORT" -d postgres -c "$1"
+}
+
+# psql over TCP. -w: never prompt for a password (CI has no terminal).
+pg_admin_psql() {
+    psql -X -Atqw -v ON_ERROR_STOP=1 "$DATABASE_ADMIN_URL" "$@"
+}
+
+ensure_postgres_installed() {
+    # psql alone may be installed (client package); we need the server.
+    if have_cmd pg_ctlcluster && have_cmd pg_lsclusters && have_cmd pg_isready &&
+        compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then
+        return 0
+    fi
+    apt_install postgresql
+}
+
+# Print "VERSION NAME STATUS" of the cluster that owns $PG_PORT, if any.
+pg_cluster_on_port() {
+    pg_lsclusters --no-header | awk -v port="$PG_PORT" '$3 == port { print $1, $2, $4; exit }'
+}
+
+# Make sure a Debian-managed cluster exists on $PG_PORT; echo "VERSION NAME".
+ensure_postgres_cluster() {
+    local found
+    found=$(pg_cluster_on_port)
+    if [[ -z "$found" ]]; then
+        if [[ -n "$(pg_lsclusters --no-header)" ]]; then
+            # Don't guess: moving someone's cluster to another port is their call.
+            pg_lsclusters >&2
+            die "no PostgreSQL cluster on port $PG_PORT (see the list above); change one's port in /etc/postgresql/<ver>/<name>/postgresql.conf"
+        fi
+        # apt normally creates one; a container may have it removed or skipped.
+        local version
+        # Newest installed server (a version dir may hold only the client).
+        version=$(printf '%s\n' /usr/lib/postgresql/*/bin/postgres | awk -F/ '{ print $5 }' | sort -V | tail -n1)
+        say "creating PostgreSQL $version cluster 'main' on port $PG_PORT"
+        as_root pg_createcluster --port "$PG_PORT" "$version" main >&2
+        found=$(pg_cluster_on_port)
+    fi
+    echo "${found% *}"
+}
+
+pg_ctl_cluster() { # ACTION VERSION NAME
+    # --skip-systemctl-redirect: run pg_ctl directly, as there may be no systemd.
+    as_root pg_ctlcluster --skip-systemctl-redirect "$2" "$3" "$1"
+}
+
+pg_tcp_ready() { pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; }
+
+start_postgres() { # VERSION NAME
+    local status
+    status=$(pg_cluster_on_port | awk '{ print $3 }')
+    if [[ "$status" != online* ]]; then
+        say "starting PostgreSQL cluster $1/$2"
+        pg_ctl_cluster start "$1" "$2"
+    fi
+    wait_until 30 "PostgreSQL on 127.0.0.1:$PG_PORT" pg_tcp_ready
+}
+
+# sessiond follows its tables through logical decoding, which needs
+# wal_level=logical plus room for replication slots and WAL senders.
+# All three only take effect after a restart, so change them together.
+configure_postgres_replication() { # VERSION NAME
+    local changed=0 setting value
+    if [[ "$(pg_socket_sql 'SHOW wal_level')" != logical ]]; then
+        say "setting wal_level = logical"
+        pg_socket_sql 'ALTER SYSTEM SET wal_level = logical'
+        changed=1
+    fi
+    for setting in max_replication_slots max_wal_senders; do
+        value=$(pg_socket_sql "SHOW $setting")
+        if ((value < 10)); then
+            say "setting $setting = 10 (was $value)"
+            pg_socket_sql "ALTER SYSTEM SET $setting = 10"
+            changed=1
+        fi
+    done
+    if ((changed)); then
+        say "restarting PostgreSQL cluster $1/$2 to apply the settings"
+        pg_ctl_cluster restart "$1" "$2"
+        wait_until 30 "PostgreSQL on 127.0.0.1:$PG_PORT" pg_tcp_ready
+        # A -c flag or an include file could still override ALTER SYSTEM.
+        [[ "$(pg_socket_sql 'SHOW wal_level')" == logical ]] ||
+            die "wal_level is still not 'logical' after a restart; check postgresql.conf"
+    fi
+}
+
+pg_tcp_login_works() {
+    psql -X -Atqw "$PG_TCP_URL" -c 'SELECT 1' >/dev/null 2>&1
+}
+
+# Debian's default pg_hba.conf asks for a password over TCP, and the postgres
+# role has none. Setting it is harmless where auth is trust.
+ensure_postgres_password() {
+    pg_tcp_login_works && return 0
+    say "setting a password for the postgres role"
+    pg_socket_sql "ALTER USER postgres PASSWORD 'postgres'"
+    pg_tcp_login_works ||
+        die "cannot log in as postgres:postgres@127.0.0.1:$PG_PORT; check pg_hba.conf has a 'host all all 127.0.0.1/32' line"
+}
+
+ensure_databases() {
+    local db exists
+    for db in "$@"; do
+        # psql variables (:'db', :"db") quote the name for us; they are only
+        # expanded in input read from stdin, hence the here-strings.
+        exists=$(pg_admin_psql -v db="$db" <<<"SELECT 1 FROM pg_database WHERE datname = :'db';")
+        if [[ "$exists" != 1 ]]; then
+            say "creating database $db"
+            pg_admin_psql -v db="$db" <<<'CREATE DATABASE :"db";'
+        fi
+    done
+}
+
+setup_postgres() {
+    local cluster
+    ensure_postgres_installed
+    need_cmd psql
+    cluster=$(ensure_postgres_cluster)
+    # shellcheck disable=SC2086 # "VERSION NAME" splits into two arguments
+    start_postgres $cluster
+    # shellcheck disable=SC2086
+    configure_postgres_replication $cluster
+    ensure_postgres_password
+    ensure_databases "$@"
+    say "PostgreSQL ready on 127.0.0.1:$PG_PORT (cluster $cluster)"
+}
+
+# --- Redis -------------------------------------------------------------------
+
+redis_cmd() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+
+redis_answers() { [[ "$(redis_cmd ping 2>/dev/null)" == PONG ]]; }
+
+ensure_redis_installed() {
+    # redis-cli comes with redis-tools, a dependency of redis-server.
+    have_cmd redis-server && have_cmd redis-cli && return 0
+    apt_install redis-server
+}
+
+start_redis() {
+    redis_answers && return 0
+    say "starting Redis on 127.0.0.1:$REDIS_PORT"
+    as_root mkdir -p /var/lib/redis /var/log/redis
+    as_root redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
+        --dir /var/lib/redis --logfile /var/log/redis/sessiond.log
+    wait_until 30 "Redis on 127.0.0.1:$REDIS_PORT (log: /var/log/redis/sessiond.log)" redis_answers
+}
+
+# redis_config_ensure NAME VALUE: CONFIG SET only when the value differs.
+redis_config_ensure() {
+    local current reply
+    current=$(redis_cmd config get "$1" | sed -n 2p)
+    [[ "$current" == "$2" ]] && return 0
+    say "Redis: CONFIG SET $1 $2 (was '$current')"
+    reply=$(redis_cmd config set "$1" "$2")
+    [[ "$reply" == OK ]] || die "Redis refused CONFIG SET $1 $2: $reply"
+}
+
+# Redis holds the live session streams, so a restart must not lose them.
+# AOF with an fsync every second bounds the loss to about one second of
+# writes. Set at runtime, so it also applies to a Redis we did not start
+# (whose config file may say otherwise). Tuned further in a later change.
+configure_redis_durability() {
+    redis_config_ensure appendonly yes
+    redis_config_ensure appendfsync everysec
+}
+
+setup_redis() {
+    ensure_redis_installed
+    start_redis
+    configure_redis_durability
+    say "Redis ready on 127.0.0.1:$REDIS_PORT"
+}
+
+setup_postgres "$@"
+setup_redis

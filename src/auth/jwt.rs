@@ -1,0 +1,148 @@
+//! HS256 tokens: verification of caller tokens and minting of session tokens.
+//!
+//! The algorithm is pinned (no `none`, no asymmetric confusion), issuer and
+//! audience are the Trigger.dev values the official SDK uses, and `exp` is required.
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::tenancy::SecretKey;
+
+pub const ISSUER: &str = "https://id.trigger.dev";
+pub const AUDIENCE: &str = "https://api.trigger.dev";
+/// Session tokens minted at create live this long.
+pub const SESSION_TOKEN_TTL_SECS: i64 = 3600;
+/// Upper bound on clock leeway, whatever the configuration says.
+pub const MAX_LEEWAY_SECS: u64 = 60;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    #[serde(default, rename = "pub")]
+    pub public: bool,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    #[serde(default)]
+    pub iss: String,
+    #[serde(default)]
+    pub aud: serde_json::Value,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("not a public token")]
+    NotPublic,
+}
+
+/// Reads `sub` without verifying anything, to find which environment's key
+/// verifies the token. Nothing read here is trusted until [`verify`] passes.
+pub fn unverified_subject(token: &str) -> Result<Uuid, TokenError> {
+    let mut parts = token.split('.');
+    let (Some(_), Some(payload), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(TokenError::Malformed);
+    };
+    #[derive(Deserialize)]
+    struct Sub {
+        sub: String,
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| TokenError::Malformed)?;
+    let sub: Sub = serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)?;
+    Uuid::parse_str(&sub.sub).map_err(|_| TokenError::Malformed)
+}
+
+pub fn verify(token: &str, key: &SecretKey, leeway_secs: u64) -> Result<Claims, TokenError> {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.set_issuer(&[ISSUER]);
+    validation.set_audience(&[AUDIENCE]);
+    validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+    validation.leeway = leeway_secs.min(MAX_LEEWAY_SECS);
+    validation.validate_nbf = true;
+    let data = jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(key.expose().as_bytes()), &validation)
+        .map_err(|e| TokenError::Invalid(e.to_string()))?;
+    if !data.claims.public {
+        return Err(TokenError::NotPublic);
+    }
+    Ok(data.claims)
+}
+
+/// Mints a public token for `env_id` carrying `scopes`, valid for `ttl_secs`.
+pub fn mint(env_id: Uuid, key: &SecretKey, scopes: Vec<String>, ttl_secs: i64) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = Claims {
+        sub: env_id.to_string(),
+        public: true,
+        scopes,
+        exp: now + ttl_secs,
+        iat: Some(now),
+        iss: ISSUER.into(),
+        aud: serde_json::Value::String(AUDIENCE.into()),
+    };
+    // HS256 signing of a serialisable struct cannot fail.
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(key.expose().as_bytes()))
+        .unwrap_or_default()
+}
+
+/// The token handed out with a session: read and write on that session only.
+pub fn mint_session_token(env_id: Uuid, key: &SecretKey, session_key: &str) -> String {
+    mint(
+        env_id,
+        key,
+        vec![format!("read:sessions:{session_key}"), format!("write:sessions:{session_key}")],
+        SESSION_TOKEN_TTL_SECS,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> SecretKey {
+        SecretKey::new("tr_dev_testkey".into())
+    }
+
+    #[test]
+    fn minted_tokens_verify() {
+        let env = Uuid::new_v4();
+        let t = mint_session_token(env, &key(), "chat-1");
+        assert_eq!(unverified_subject(&t).unwrap(), env);
+        let c = verify(&t, &key(), 30).unwrap();
+        assert_eq!(c.scopes, vec!["read:sessions:chat-1", "write:sessions:chat-1"]);
+        assert!(verify(&t, &SecretKey::new("tr_dev_other".into()), 30).is_err());
+    }
+
+    #[test]
+    fn expired_tokens_fail_beyond_leeway() {
+        let env = Uuid::new_v4();
+        let t = mint(env, &key(), vec![], -120);
+        assert!(verify(&t, &key(), 60).is_err());
+        // Leeway is capped at 60 s however large the setting.
+        assert!(verify(&t, &key(), 3600).is_err());
+        let recent = mint(env, &key(), vec![], -10);
+        assert!(verify(&recent, &key(), 30).is_ok());
+    }
+
+    #[test]
+    fn alg_none_and_garbage_are_rejected() {
+        let env = Uuid::new_v4();
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let body = format!(
+            r#"{{"sub":"{env}","pub":true,"scopes":["admin"],"exp":{},"iss":"{ISSUER}","aud":"{AUDIENCE}"}}"#,
+            chrono::Utc::now().timestamp() + 600
+        );
+        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&body));
+        assert!(verify(&none, &key(), 30).is_err());
+        assert!(unverified_subject("a.b").is_err());
+        assert!(unverified_subject("not a token").is_err());
+    }
+}

@@ -1,0 +1,93 @@
+//! Authentication and authorization of API callers.
+//!
+//! A bearer token is either an environment secret key (`tr_…`), full-power within
+//! its environment, or an HS256 public token signed with that key whose `sub` is
+//! the environment id and whose `scopes` say what it may touch.
+
+pub mod cache;
+pub mod jwt;
+pub mod scopes;
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+
+use crate::app::AppState;
+use crate::http::error::ApiError;
+use crate::tenancy::Environment;
+pub use scopes::Action;
+
+#[derive(Debug, Clone)]
+pub enum Principal {
+    SecretKey,
+    PublicToken { scopes: Vec<String> },
+}
+
+/// The authenticated caller: its environment and what it may do there.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub env: Arc<Environment>,
+    pub principal: Principal,
+}
+
+impl Auth {
+    pub fn is_secret_key(&self) -> bool {
+        matches!(self.principal, Principal::SecretKey)
+    }
+
+    pub fn require_secret_key(&self) -> Result<(), ApiError> {
+        if self.is_secret_key() {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized("This endpoint requires a secret API key".into()))
+        }
+    }
+
+    /// May the caller perform `action` on the session known by any of `keys`?
+    pub fn can_access_session(&self, action: Action, keys: &[&str]) -> bool {
+        match &self.principal {
+            Principal::SecretKey => true,
+            Principal::PublicToken { scopes } => scopes::allows_session(scopes, action, keys),
+        }
+    }
+
+    pub fn can_list_sessions(&self, task_filter: &[String]) -> bool {
+        match &self.principal {
+            Principal::SecretKey => true,
+            Principal::PublicToken { scopes } => scopes::allows_list(scopes, task_filter),
+        }
+    }
+}
+
+fn unauthorized() -> ApiError {
+    ApiError::Unauthorized("Invalid or missing API key".into())
+}
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(unauthorized)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(unauthorized)?;
+
+        if token.starts_with("tr_") {
+            let env = state.envs.by_key(&state.db, &state.master_key, token).await?.ok_or_else(unauthorized)?;
+            return Ok(Auth { env, principal: Principal::SecretKey });
+        }
+
+        let env_id = jwt::unverified_subject(token).map_err(|_| unauthorized())?;
+        let env = state.envs.by_id(&state.db, &state.master_key, env_id).await?.ok_or_else(unauthorized)?;
+        let claims = jwt::verify(token, &env.secret_key, state.config.jwt_leeway_secs).map_err(|err| {
+            tracing::debug!(%err, "rejected public token");
+            ApiError::Unauthorized("Invalid or expired public access token".into())
+        })?;
+        Ok(Auth { env, principal: Principal::PublicToken { scopes: claims.scopes } })
+    }
+}

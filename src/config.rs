@@ -1,0 +1,60 @@
+//! Runtime configuration: one struct, filled from flags or environment variables.
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Postgres connection string.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres:postgres@127.0.0.1:5432/sessiond")]
+    pub database_url: String,
+
+    /// Optional Postgres schema to keep all tables in (tests use one per test).
+    #[arg(long, env = "DATABASE_SCHEMA")]
+    pub database_schema: Option<String>,
+
+    /// Maximum connections in the Postgres pool.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
+    pub database_max_connections: u32,
+
+    /// Redis connection string.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Address the HTTP server binds to.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:3030")]
+    pub listen_addr: String,
+
+    /// 64 hex characters. Seals environment secret keys at rest.
+    #[arg(long, env = "SESSIOND_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Clock leeway for JWT `exp`/`nbf`, in seconds (at most 60).
+    #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 30)]
+    pub jwt_leeway_secs: u64,
+
+    /// How long an authenticated environment is cached in-process, in milliseconds.
+    /// Bounds how long a rotated key keeps working on a running server.
+    #[arg(long, env = "AUTH_CACHE_TTL_MS", default_value_t = 5000)]
+    pub auth_cache_ttl_ms: u64,
+}
+
+impl Config {
+    /// Defaults for tests and tools: every field at its default value.
+    pub fn for_database(database_url: &str, schema: Option<String>) -> Self {
+        Config {
+            database_url: database_url.to_string(),
+            database_schema: schema,
+            database_max_connections: 10,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            listen_addr: "127.0.0.1:0".into(),
+            master_key: None,
+            max_body_bytes: 1024 * 1024,
+            jwt_leeway_secs: 30,
+            auth_cache_ttl_ms: 5000,
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Postgres: pool construction, migrations, and the storage layer's error type.
+
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::config::Config;
+
+/// Storage-layer failure. Unique violations are surfaced by constraint name so the
+/// domain can turn them into conflicts; everything else is an internal error.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unique constraint {0} violated")]
+    UniqueViolation(String),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &err {
+            if db.is_unique_violation() {
+                return StoreError::UniqueViolation(db.constraint().unwrap_or_default().to_string());
+            }
+        }
+        StoreError::Database(err)
+    }
+}
+
+pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
+    let mut options = PgConnectOptions::from_str(&config.database_url)?;
+    if let Some(schema) = &config.database_schema {
+        anyhow::ensure!(
+            !schema.is_empty() && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "DATABASE_SCHEMA must be a plain identifier"
+        );
+        // Create the schema once over a plain connection, then pin every pooled
+        // connection's search_path to it.
+        let admin = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")).execute(&admin).await?;
+        admin.close().await;
+        options = options.options([("search_path", schema.as_str())]);
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(config.database_max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::migrate!("./migrations").run(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Extractors shared by routes: a JSON body with precise 400/413/422 answers, and
+//! a validated path id.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::validation::ValidationError;
+
+/// A JSON body. Malformed JSON is 400, a body over the limit is 413, and a
+/// well-formed body of the wrong shape is 422 naming the offending field.
+/// An empty body reads as `{}`.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest("Could not read the request body".into())
+            }
+        })?;
+        parse_json(if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes }).map(ApiJson)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let malformed = || ApiError::BadRequest("Malformed JSON in request body".into());
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let field = if path == "." { "body".to_string() } else { path };
+                // serde's messages carry the line/column; keep only the reason.
+                let msg = inner.to_string();
+                let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+                ApiError::Validation(ValidationError::new(field, msg))
+            }
+            _ => malformed(),
+        }
+    })?;
+    de.end().map_err(|_| malformed())?;
+    Ok(value)
+}
+
+/// A `:session`-style path id: a friendly id or an external id. Rejects ids that
+/// are too long or carry control characters before they reach a query.
+pub struct PathId(pub String);
+
+pub const MAX_PATH_ID_LEN: usize = 256;
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(id): Path<String> =
+            Path::from_request_parts(parts, state).await.map_err(|_| ApiError::BadRequest("Invalid id in path".into()))?;
+        validate_path_id(&id)?;
+        Ok(PathId(id))
+    }
+}
+
+pub fn validate_path_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > MAX_PATH_ID_LEN || id.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest("Invalid id in path".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Body {
+        name: String,
+        tags: Option<Vec<String>>,
+    }
+
+    #[test]
+    fn syntax_errors_are_400_and_shape_errors_are_422_with_the_field() {
+        assert!(matches!(parse_json::<Body>(b"{not json"), Err(ApiError::BadRequest(_))));
+        match parse_json::<Body>(br#"{"name":"x","tags":[1]}"#) {
+            Err(ApiError::Validation(v)) => assert_eq!(v.field, "tags[0]"),
+            other => panic!("{other:?}"),
+        }
+        match parse_json::<Body>(br#"{"tags":[]}"#) {
+            Err(ApiError::Validation(v)) => assert!(v.message.contains("name"), "{v:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse_json::<Body>(br#"{"name":"x"} trailing"#), Err(ApiError::BadRequest(_))));
+    }
+
+    #[test]
+    fn path_ids_are_bounded() {
+        assert!(validate_path_id("chat-1").is_ok());
+        assert!(validate_path_id(&"a".repeat(10_000)).is_err());
+        assert!(validate_path_id("a\0b").is_err());
+        assert!(validate_path_id("").is_err());
+    }
+}

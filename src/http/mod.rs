@@ -1,0 +1,65 @@
+//! HTTP plumbing shared by every route: the router with its layers (request ids,
+//! tracing, CORS, body limit), JSON fallbacks, and the error and extractor types.
+
+pub mod error;
+pub mod extract;
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderName, Method};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::app::AppState;
+use crate::auth::Auth;
+use error::ApiError;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"ok": true})) }))
+        .route("/api/v1/auth/jwt/claims", get(jwt_claims).post(jwt_claims))
+        .merge(crate::sessions::routes::router())
+        .fallback(|| async { ApiError::NotFound("Not found".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(cors())
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
+        }))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// Browser callers hold bearer tokens (never cookies), so any origin may call;
+/// preflights are answered for every route.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::any())
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS])
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers([
+            REQUEST_ID,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-stream-version"),
+            HeaderName::from_static("x-session-settled"),
+        ])
+        .max_age(Duration::from_secs(3600))
+        .vary([header::ORIGIN])
+}
+
+/// Claims the official SDK signs into the public tokens it mints itself.
+async fn jwt_claims(auth: Auth) -> Result<Json<serde_json::Value>, ApiError> {
+    auth.require_secret_key()?;
+    Ok(Json(json!({ "sub": auth.env.id.to_string(), "pub": true })))
+}
+

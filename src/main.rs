@@ -1,0 +1,150 @@
+//! The `sessiond` binary: server, migrations and operator commands.
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+use uuid::Uuid;
+
+use sessiond::app::{self, AppState};
+use sessiond::config::Config;
+use sessiond::db;
+use sessiond::tenancy::{store as tenancy, EnvType};
+
+#[derive(Parser)]
+#[command(name = "sessiond", about = "Durable agent sessions server")]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server (applies pending migrations first).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage environments and their secret keys.
+    #[command(subcommand)]
+    Env(EnvCommand),
+}
+
+#[derive(Subcommand)]
+enum EnvCommand {
+    /// Create an environment (and its organization/project if new); prints its key once.
+    Create {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        project: String,
+        /// dev, staging or prod
+        #[arg(long = "type", value_parser = parse_env_type)]
+        env_type: EnvType,
+    },
+    /// List environments.
+    List,
+    /// Replace an environment's secret key; the old key stops working.
+    RotateKey { env_id: Uuid },
+    /// Make sure the local dev environment exists and print its key.
+    BootstrapDev,
+}
+
+fn parse_env_type(s: &str) -> Result<EnvType, String> {
+    EnvType::parse(s).ok_or_else(|| "expected dev, staging or prod".to_string())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let cli = Cli::parse();
+    let config = cli.config;
+    let pool = db::connect(&config).await?;
+    match cli.command {
+        Command::Migrate => {
+            db::migrate(&pool).await?;
+            println!("migrations applied");
+        }
+        Command::Serve => {
+            db::migrate(&pool).await?;
+            let master = app::master_key(&config)?;
+            let listener = TcpListener::bind(&config.listen_addr).await?;
+            let addr = listener.local_addr()?;
+            let state = AppState::new(config, pool, master);
+            tracing::info!(%addr, "sessiond listening on http://{addr}");
+            app::serve(listener, state, shutdown_signal()).await?;
+        }
+        Command::Env(cmd) => env_command(cmd, &config, &pool).await?,
+    }
+    Ok(())
+}
+
+async fn env_command(cmd: EnvCommand, config: &Config, pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    db::migrate(pool).await?;
+    let master = app::master_key(config)?;
+    match cmd {
+        EnvCommand::Create { org, project, env_type } => {
+            let (env, key) = tenancy::create_environment(pool, &master, &org, &project, env_type).await?;
+            println!("environment {} ({org}/{project}/{env_type})", env.id);
+            println!("secret key: {}", key.expose());
+        }
+        EnvCommand::List => {
+            println!("{:<36}  {:<20}  {:<20}  {:<8}  {:<16}  created", "id", "organization", "project", "type", "key");
+            for e in tenancy::list(pool).await? {
+                println!(
+                    "{:<36}  {:<20}  {:<20}  {:<8}  {:<16}  {}",
+                    e.id,
+                    e.organization,
+                    e.project,
+                    e.env_type,
+                    e.api_key_hint,
+                    e.created_at.format("%Y-%m-%d %H:%M")
+                );
+            }
+        }
+        EnvCommand::RotateKey { env_id } => match tenancy::rotate_key(pool, &master, env_id).await? {
+            Some(key) => println!("new secret key: {}", key.expose()),
+            None => anyhow::bail!("no environment {env_id}"),
+        },
+        EnvCommand::BootstrapDev => {
+            let env = match tenancy::find_by_slugs(pool, &master, "dev", "dev", EnvType::Dev).await? {
+                Some(env) => env,
+                None => tenancy::create_environment(pool, &master, "dev", "dev", EnvType::Dev).await?.0,
+            };
+            println!("dev environment: {}", env.id);
+            println!("dev secret key:  {}", env.secret_key.expose());
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(%err, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,363 @@
+//! Listing sessions: filters parsed from the query string, opaque keyset cursors,
+//! and the repository the list endpoint reads through. Postgres serves lists
+//! today; the analytics store can implement the same trait.
+
+use async_trait::async_trait;
+use base64::Engine;
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use sqlx::{PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use super::model::{Session, SessionStatus};
+use super::store::SESSION_SELECT;
+use crate::db::StoreError;
+use crate::validation::{parse_duration_secs, ValidationError};
+
+pub const DEFAULT_PAGE_SIZE: i64 = 20;
+pub const MAX_PAGE_SIZE: i64 = 100;
+
+/// A position in the (created_at DESC, id DESC) order, plus which request cursors
+/// produced the page it came from.
+///
+/// Why the origin: the official client builds its next request by merging the new
+/// cursor into the previous request's parameters, so after paging forward and then
+/// back it sends both `page[after]` and `page[before]`. The cursor it just received
+/// names the other parameter as it was when the cursor was issued; the stale one
+/// cannot name a cursor issued after it. That tells the two apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: DateTime<Utc>,
+    pub id: Uuid,
+    pub origin: Origin,
+}
+
+/// Fingerprints of the `page[after]` / `page[before]` values of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub after: Option<u32>,
+    pub before: Option<u32>,
+}
+
+/// A short fingerprint of an encoded cursor.
+pub fn fingerprint(encoded: &str) -> u32 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(encoded.as_bytes());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+fn fp_text(fp: Option<u32>) -> String {
+    fp.map(|f| format!("{f:08x}")).unwrap_or_else(|| "-".into())
+}
+
+fn fp_parse(s: &str) -> Option<Option<u32>> {
+    if s == "-" {
+        Some(None)
+    } else {
+        u32::from_str_radix(s, 16).ok().map(Some)
+    }
+}
+
+impl Cursor {
+    pub fn of(session: &Session, origin: Origin) -> Self {
+        Cursor { created_at: session.created_at, id: session.id, origin }
+    }
+
+    pub fn encode(&self) -> String {
+        let raw = format!(
+            "{}.{}.{}.{}",
+            self.created_at.timestamp_micros(),
+            self.id.simple(),
+            fp_text(self.origin.after),
+            fp_text(self.origin.before)
+        );
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    pub fn decode(s: &str) -> Option<Self> {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+        let raw = std::str::from_utf8(&raw).ok()?;
+        let mut parts = raw.split('.');
+        let (Some(micros), Some(id), Some(a), Some(b), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        let created_at = Utc.timestamp_micros(micros.parse().ok()?).single()?;
+        let origin = Origin { after: fp_parse(a)?, before: fp_parse(b)? };
+        Some(Cursor { created_at, id: Uuid::parse_str(id).ok()?, origin })
+    }
+}
+
+/// Picks the cursor a request means. With both present, the fresh one is the one
+/// whose origin names the other as it is now (see [`Cursor`]); if neither or both
+/// do, the request is ambiguous and rejected.
+fn resolve_cursor(after: Option<String>, before: Option<String>) -> Result<Option<(Direction, Cursor)>, ListQueryError> {
+    let decode = |s: &str| Cursor::decode(s).ok_or(ListQueryError::BadCursor);
+    match (after, before) {
+        (None, None) => Ok(None),
+        (Some(a), None) => Ok(Some((Direction::After, decode(&a)?))),
+        (None, Some(b)) => Ok(Some((Direction::Before, decode(&b)?))),
+        (Some(a), Some(b)) => {
+            let (ca, cb) = (decode(&a)?, decode(&b)?);
+            let before_is_fresh = cb.origin.after == Some(fingerprint(&a));
+            let after_is_fresh = ca.origin.before == Some(fingerprint(&b));
+            match (after_is_fresh, before_is_fresh) {
+                (true, false) => Ok(Some((Direction::After, ca))),
+                (false, true) => Ok(Some((Direction::Before, cb))),
+                _ => Err(ValidationError::new(
+                    "page[before]",
+                    "Cannot pass both page[after] and page[before] on the same request",
+                )
+                .into()),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// `page[after]`: older than the cursor.
+    After,
+    /// `page[before]`: newer than the cursor.
+    Before,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub types: Vec<String>,
+    pub tags: Vec<String>,
+    pub task_identifiers: Vec<String>,
+    pub external_id: Option<String>,
+    pub statuses: Vec<SessionStatus>,
+    pub created_from: Option<DateTime<Utc>>,
+    pub created_to: Option<DateTime<Utc>>,
+    pub page_size: i64,
+    pub cursor: Option<(Direction, Cursor)>,
+    /// Fingerprints of the cursors as the request sent them; stamped on the
+    /// cursors of the page this query returns.
+    pub origin: Origin,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListQueryError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("Invalid pagination cursor")]
+    BadCursor,
+}
+
+fn comma_list(out: &mut Vec<String>, value: &str) {
+    out.extend(value.split(',').map(str::trim).filter(|v| !v.is_empty()).map(String::from));
+}
+
+fn epoch_ms(field: &str, value: &str) -> Result<DateTime<Utc>, ValidationError> {
+    value
+        .trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+        .ok_or_else(|| ValidationError::new(field, "must be epoch milliseconds"))
+}
+
+impl ListQuery {
+    /// Parses `filter[*]` and `page[*]` parameters. Repeated parameters and
+    /// comma-separated values both add to a list filter; unknown parameters are
+    /// ignored.
+    pub fn parse(query: &str, now: DateTime<Utc>) -> Result<Self, ListQueryError> {
+        let mut q = ListQuery { page_size: DEFAULT_PAGE_SIZE, ..Default::default() };
+        let mut after = None;
+        let mut before = None;
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match key.as_ref() {
+                "page[size]" => {
+                    q.page_size = value
+                        .trim()
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|n| (1..=MAX_PAGE_SIZE).contains(n))
+                        .ok_or_else(|| ValidationError::new("page[size]", "must be an integer from 1 to 100"))?;
+                }
+                "page[after]" => after = Some(value.into_owned()),
+                "page[before]" => before = Some(value.into_owned()),
+                "filter[type]" => comma_list(&mut q.types, &value),
+                "filter[tags]" => comma_list(&mut q.tags, &value),
+                "filter[taskIdentifier]" => comma_list(&mut q.task_identifiers, &value),
+                "filter[externalId]" => q.external_id = Some(value.into_owned()),
+                "filter[status]" => {
+                    for s in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                        let status = SessionStatus::parse(s).ok_or_else(|| {
+                            ValidationError::new("filter[status]", "must be ACTIVE, CLOSED or EXPIRED")
+                        })?;
+                        q.statuses.push(status);
+                    }
+                }
+                "filter[createdAt][period]" => {
+                    let secs = parse_duration_secs(&value)
+                        .filter(|s| *s > 0)
+                        .ok_or_else(|| ValidationError::new("filter[createdAt][period]", "must be a period such as 1h, 7d or 2w"))?;
+                    q.created_from = Some(now - Duration::seconds(secs));
+                }
+                "filter[createdAt][from]" => q.created_from = Some(epoch_ms("filter[createdAt][from]", &value)?),
+                "filter[createdAt][to]" => q.created_to = Some(epoch_ms("filter[createdAt][to]", &value)?),
+                _ => {}
+            }
+        }
+        q.origin = Origin { after: after.as_deref().map(fingerprint), before: before.as_deref().map(fingerprint) };
+        q.cursor = resolve_cursor(after, before)?;
+        Ok(q)
+    }
+}
+
+/// One page, newest first, with cursors to the neighbouring pages.
+#[derive(Debug)]
+pub struct ListPage {
+    pub sessions: Vec<Session>,
+    pub next: Option<Cursor>,
+    pub previous: Option<Cursor>,
+}
+
+/// Turns rows fetched with one sentinel row beyond the page size into a page.
+/// `rows` are in fetch order: DESC for forward pages, ASC for `page[before]`.
+/// The sentinel is always the last row, whichever the direction.
+pub fn paginate(mut rows: Vec<Session>, size: usize, cursor: Option<Direction>, origin: Origin) -> ListPage {
+    let has_more = rows.len() > size;
+    rows.truncate(size);
+    let at = |s: &Session| Cursor::of(s, origin);
+    if cursor == Some(Direction::Before) {
+        rows.reverse();
+        let next = rows.last().map(at);
+        let previous = if has_more { rows.first().map(at) } else { None };
+        return ListPage { sessions: rows, next, previous };
+    }
+    let next = if has_more { rows.last().map(at) } else { None };
+    let previous = if cursor.is_some() { rows.first().map(at) } else { None };
+    ListPage { sessions: rows, next, previous }
+}
+
+#[async_trait]
+pub trait SessionListRepository: Send + Sync {
+    async fn list(&self, env_id: Uuid, query: &ListQuery) -> Result<ListPage, StoreError>;
+}
+
+pub struct PgSessionList {
+    pub pool: PgPool,
+}
+
+#[async_trait]
+impl SessionListRepository for PgSessionList {
+    async fn list(&self, env_id: Uuid, q: &ListQuery) -> Result<ListPage, StoreError> {
+        let mut b: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+            "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id
+             WHERE s.runtime_environment_id = "
+        ));
+        b.push_bind(env_id);
+        if !q.types.is_empty() {
+            b.push(" AND s.type = ANY(").push_bind(q.types.clone()).push(")");
+        }
+        if !q.task_identifiers.is_empty() {
+            b.push(" AND s.task_identifier = ANY(").push_bind(q.task_identifiers.clone()).push(")");
+        }
+        if !q.tags.is_empty() {
+            b.push(" AND s.tags && ").push_bind(q.tags.clone());
+        }
+        if let Some(ext) = &q.external_id {
+            b.push(" AND s.external_id = ").push_bind(ext.clone());
+        }
+        if let Some(from) = q.created_from {
+            b.push(" AND s.created_at >= ").push_bind(from);
+        }
+        if let Some(to) = q.created_to {
+            b.push(" AND s.created_at <= ").push_bind(to);
+        }
+        if !q.statuses.is_empty() {
+            b.push(" AND (");
+            for (i, status) in q.statuses.iter().enumerate() {
+                if i > 0 {
+                    b.push(" OR ");
+                }
+                b.push(match status {
+                    SessionStatus::Closed => "s.closed_at IS NOT NULL",
+                    SessionStatus::Expired => "(s.closed_at IS NULL AND s.expires_at <= now())",
+                    SessionStatus::Active => "(s.closed_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now()))",
+                });
+            }
+            b.push(")");
+        }
+        let order = match q.cursor {
+            Some((dir, c)) => {
+                let op = if dir == Direction::After { "<" } else { ">" };
+                b.push(format!(" AND (s.created_at, s.id) {op} (")).push_bind(c.created_at).push(", ").push_bind(c.id).push(")");
+                if dir == Direction::After { "DESC" } else { "ASC" }
+            }
+            None => "DESC",
+        };
+        b.push(format!(" ORDER BY s.created_at {order}, s.id {order} LIMIT ")).push_bind(q.page_size + 1);
+        let rows: Vec<Session> = b.build_query_as().fetch_all(&self.pool).await?;
+        Ok(paginate(rows, q.page_size as usize, q.cursor.map(|(d, _)| d), q.origin))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips_and_rejects_garbage() {
+        let c = Cursor {
+            created_at: Utc.timestamp_micros(1_700_000_000_123_456).unwrap(),
+            id: Uuid::now_v7(),
+            origin: Origin { after: Some(7), before: None },
+        };
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        for bad in ["", "!!!", "bm9wZQ", &base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("1.x")] {
+            assert_eq!(Cursor::decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn parse_filters() {
+        let now = Utc::now();
+        let q = ListQuery::parse(
+            "filter%5Btype%5D=a,b&filter[tags]=x&filter[tags]=y&filter[status]=ACTIVE,CLOSED&page[size]=5&filter[createdAt][period]=1h",
+            now,
+        )
+        .unwrap();
+        assert_eq!(q.types, vec!["a", "b"]);
+        assert_eq!(q.tags, vec!["x", "y"]);
+        assert_eq!(q.statuses, vec![SessionStatus::Active, SessionStatus::Closed]);
+        assert_eq!(q.page_size, 5);
+        assert_eq!(q.created_from, Some(now - Duration::hours(1)));
+    }
+
+    #[test]
+    fn parse_rejects_bad_values() {
+        let now = Utc::now();
+        let field = |q: &str| match ListQuery::parse(q, now) {
+            Err(ListQueryError::Invalid(v)) => v.field,
+            other => panic!("{q}: {other:?}"),
+        };
+        assert_eq!(field("page[size]=0"), "page[size]");
+        assert_eq!(field("page[size]=101"), "page[size]");
+        assert_eq!(field("filter[status]=OPEN"), "filter[status]");
+        assert_eq!(field("filter[createdAt][from]=yesterday"), "filter[createdAt][from]");
+        let c = Cursor { created_at: now, id: Uuid::now_v7(), origin: Origin::default() }.encode();
+        assert_eq!(field(&format!("page[after]={c}&page[before]={c}")), "page[before]");
+        assert!(matches!(ListQuery::parse("page[after]=zzz", now), Err(ListQueryError::BadCursor)));
+    }
+
+    #[test]
+    fn merged_parameters_resolve_to_the_fresh_cursor() {
+        let now = Utc::now();
+        let pos = |origin| Cursor { created_at: now, id: Uuid::now_v7(), origin };
+        // Page 2 was fetched with after=N1; its previous cursor names N1.
+        let n1 = pos(Origin::default()).encode();
+        let p2 = pos(Origin { after: Some(fingerprint(&n1)), before: None }).encode();
+        let q = ListQuery::parse(&format!("page[after]={n1}&page[before]={p2}"), now).unwrap();
+        assert_eq!(q.cursor.map(|(d, _)| d), Some(Direction::Before));
+        // A page fetched with before=P2 hands out a next cursor naming P2.
+        let n2 = pos(Origin { after: Some(fingerprint(&n1)), before: Some(fingerprint(&p2)) }).encode();
+        let q = ListQuery::parse(&format!("page[after]={n2}&page[before]={p2}"), now).unwrap();
+        assert_eq!(q.cursor.map(|(d, c)| (d, c.encode())), Some((Direction::After, n2.clone())));
+        assert_eq!(q.origin.after, Some(fingerprint(&n2)));
+    }
+}

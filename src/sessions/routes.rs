@@ -1,0 +1,143 @@
+//! Control-plane handlers. Each reads as its list of hops: authenticate, validate,
+//! resolve and authorize, call the store, shape the answer.
+
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use serde::Serialize;
+
+use super::list::{ListQuery, ListQueryError};
+use super::model::{Session, SessionItem};
+use super::store::{self, CreateOutcome, UpdateError};
+use super::validate::{self, CloseSessionBody, CreateSessionBody, UpdateSessionBody};
+use crate::app::AppState;
+use crate::auth::{jwt, Action, Auth};
+use crate::http::error::{ApiError, ApiResult};
+use crate::http::extract::{ApiJson, PathId};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/sessions", post(create).get(list))
+        .route("/api/v1/sessions/{session}", get(retrieve).patch(update))
+        .route("/api/v1/sessions/{session}/close", post(close))
+}
+
+/// Resolves `key` in the caller's environment and checks `action` against every
+/// form of the session's identity. Authorization runs before the existence check,
+/// so an under-scoped caller gets 403 whether or not the session exists.
+pub async fn load_authorized(state: &AppState, auth: &Auth, key: &str, action: Action) -> ApiResult<Session> {
+    let session = store::find(&state.db, auth.env.id, key).await?;
+    let mut keys = vec![key];
+    if let Some(s) = &session {
+        keys.extend(s.keys());
+    }
+    if !auth.can_access_session(action, &keys) {
+        return Err(ApiError::Forbidden);
+    }
+    session.ok_or_else(|| ApiError::NotFound("Session not found".into()))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CreatedSession {
+    #[serde(flatten)]
+    session: SessionItem,
+    run_id: String,
+    public_access_token: String,
+    is_cached: bool,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiJson(body): ApiJson<CreateSessionBody>,
+) -> ApiResult<(StatusCode, Json<CreatedSession>)> {
+    auth.require_secret_key()?;
+    let new = validate::create(body)?;
+    let (session, status, is_cached) = match store::create(&state.db, &auth.env, &new).await? {
+        CreateOutcome::Created(s) => (s, StatusCode::CREATED, false),
+        CreateOutcome::Cached(s) => (s, StatusCode::OK, true),
+        CreateOutcome::Closed => {
+            return Err(ApiError::Conflict(
+                "A closed session already uses this externalId; closing is final, use a new externalId".into(),
+            ))
+        }
+    };
+    let run_id = session
+        .current_run_friendly_id
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("session {} has no current run", session.friendly_id))?;
+    let token = jwt::mint_session_token(auth.env.id, &auth.env.secret_key, session.addressing_key());
+    Ok((status, Json(CreatedSession { session: session.to_item(), run_id, public_access_token: token, is_cached })))
+}
+
+async fn retrieve(State(state): State<AppState>, auth: Auth, PathId(key): PathId) -> ApiResult<Json<SessionItem>> {
+    let session = load_authorized(&state, &auth, &key, Action::Read).await?;
+    Ok(Json(session.to_item()))
+}
+
+async fn update(
+    State(state): State<AppState>,
+    auth: Auth,
+    PathId(key): PathId,
+    ApiJson(body): ApiJson<UpdateSessionBody>,
+) -> ApiResult<Json<SessionItem>> {
+    let patch = validate::update(body)?;
+    let session = load_authorized(&state, &auth, &key, Action::Write).await?;
+    match store::update(&state.db, auth.env.id, session.id, &patch).await {
+        Ok(Some(updated)) => Ok(Json(updated.to_item())),
+        Ok(None) => Err(ApiError::NotFound("Session not found".into())),
+        Err(UpdateError::ExternalIdTaken) => {
+            Err(ApiError::Conflict("Another session in this environment already uses this externalId".into()))
+        }
+        Err(UpdateError::Store(e)) => Err(e.into()),
+    }
+}
+
+async fn close(
+    State(state): State<AppState>,
+    auth: Auth,
+    PathId(key): PathId,
+    ApiJson(body): ApiJson<CloseSessionBody>,
+) -> ApiResult<Json<SessionItem>> {
+    let reason = validate::close_reason(&body)?;
+    let session = load_authorized(&state, &auth, &key, Action::Write).await?;
+    let closed = store::close(&state.db, auth.env.id, session.id, reason.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
+    Ok(Json(closed.to_item()))
+}
+
+#[derive(Serialize)]
+struct Pagination {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ListResponse {
+    data: Vec<SessionItem>,
+    pagination: Pagination,
+}
+
+async fn list(State(state): State<AppState>, auth: Auth, RawQuery(query): RawQuery) -> ApiResult<Json<ListResponse>> {
+    let query = ListQuery::parse(query.as_deref().unwrap_or(""), Utc::now()).map_err(|e| match e {
+        ListQueryError::Invalid(v) => ApiError::Validation(v),
+        ListQueryError::BadCursor => ApiError::BadRequest(e.to_string()),
+    })?;
+    if !auth.can_list_sessions(&query.task_identifiers) {
+        return Err(ApiError::Forbidden);
+    }
+    let page = state.session_list.list(auth.env.id, &query).await?;
+    Ok(Json(ListResponse {
+        data: page.sessions.iter().map(Session::to_item).collect(),
+        pagination: Pagination {
+            next: page.next.map(|c| c.encode()),
+            previous: page.previous.map(|c| c.encode()),
+        },
+    }))
+}

@@ -1,0 +1,211 @@
+//! SQL that owns `sessions` and `session_runs`. Every query is scoped to one
+//! environment.
+
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::model::Session;
+use super::validate::{NewSession, Patch, SessionPatch};
+use crate::db::StoreError;
+use crate::ids::{self, SESSION_PREFIX};
+use crate::runs::store::{self as run_store, NewRun, RunOwner};
+use crate::runs::TriggerReason;
+use crate::tenancy::Environment;
+
+/// Session columns, qualified by the alias `s`, plus the current run's friendly id
+/// from `task_runs r`. Used by every read so each returns the same shape.
+pub const SESSION_SELECT: &str = "s.id, s.friendly_id, s.external_id, s.type, s.task_identifier, s.trigger_config, \
+     s.tags, s.metadata, s.organization_id, s.project_id, s.runtime_environment_id, s.environment_type, \
+     s.current_run_id, s.current_run_version, r.friendly_id AS current_run_friendly_id, s.closed_at, \
+     s.closed_reason, s.expires_at, s.created_at, s.updated_at";
+
+/// Wraps a data-modifying statement `sql` (which must `RETURNING *`) so the
+/// result comes back as a full [`Session`].
+fn returning_session(sql: &str) -> String {
+    format!("WITH s AS ({sql}) SELECT {SESSION_SELECT} FROM s LEFT JOIN task_runs r ON r.id = s.current_run_id")
+}
+
+#[derive(Debug)]
+pub enum CreateOutcome {
+    /// A new session with its first run.
+    Created(Session),
+    /// A live session already had this external id; its trigger config was refreshed.
+    Cached(Session),
+    /// A closed session holds this external id; nothing was changed.
+    Closed,
+}
+
+/// Creates a session, its first QUEUED run, the run claim and the audit row in one
+/// transaction. Idempotent on (environment, external id) through one atomic
+/// upsert: whether the row is new is read from the upsert's result, never from a
+/// separate pre-read that a concurrent create could race.
+pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Result<CreateOutcome, StoreError> {
+    let session_id = Uuid::now_v7();
+    let friendly_id = ids::new_session_id();
+    let run = NewRun::for_session(
+        RunOwner {
+            organization_id: env.organization_id,
+            project_id: env.project_id,
+            runtime_environment_id: env.id,
+            session_id,
+            session_friendly_id: &friendly_id,
+            task_identifier: &new.task_identifier,
+        },
+        &new.trigger_config,
+        TriggerReason::Initial,
+    );
+    let trigger_config = serde_json::to_value(&new.trigger_config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+
+    let mut tx = pool.begin().await?;
+    // The new row claims its first run at insert (version 1). On a conflict with a
+    // live row only the trigger config is refreshed; a closed row is left as is
+    // and no row comes back.
+    let upsert = returning_session(
+        "INSERT INTO sessions (id, friendly_id, external_id, type, task_identifier, trigger_config, tags, metadata,
+             organization_id, project_id, runtime_environment_id, environment_type, expires_at,
+             current_run_id, current_run_version)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1)
+         ON CONFLICT (runtime_environment_id, external_id) DO UPDATE
+             SET trigger_config = EXCLUDED.trigger_config, updated_at = now()
+             WHERE sessions.closed_at IS NULL
+         RETURNING *",
+    );
+    let row: Option<Session> = sqlx::query_as(&upsert)
+        .bind(session_id)
+        .bind(&friendly_id)
+        .bind(&new.external_id)
+        .bind(&new.kind)
+        .bind(&new.task_identifier)
+        .bind(&trigger_config)
+        .bind(&new.tags)
+        .bind(&new.metadata)
+        .bind(env.organization_id)
+        .bind(env.project_id)
+        .bind(env.id)
+        .bind(env.env_type.as_str())
+        .bind(new.expires_at)
+        .bind(run.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+
+    let Some(mut session) = row else {
+        tx.rollback().await?;
+        return Ok(CreateOutcome::Closed);
+    };
+    if session.id != session_id {
+        tx.commit().await?;
+        // Re-read in a fresh statement: when this upsert waited on a concurrent
+        // first create, its snapshot predates that create's run, so the joined
+        // run id above may be missing.
+        let fresh = find_by_id(pool, env.id, session.id).await?;
+        return Ok(CreateOutcome::Cached(fresh.unwrap_or(session)));
+    }
+    run_store::insert(&mut tx, &run).await?;
+    insert_audit(&mut tx, session.id, run.id, TriggerReason::Initial).await?;
+    tx.commit().await?;
+    session.current_run_friendly_id = Some(run.friendly_id);
+    Ok(CreateOutcome::Created(session))
+}
+
+/// Records that `session_id` triggered `run_id` and why.
+pub async fn insert_audit(
+    conn: &mut PgConnection,
+    session_id: Uuid,
+    run_id: Uuid,
+    reason: TriggerReason,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO session_runs (id, session_id, run_id, reason) VALUES ($1, $2, $3, $4)")
+        .bind(Uuid::now_v7())
+        .bind(session_id)
+        .bind(run_id)
+        .bind(reason.as_str())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Finds a session by friendly id (`session_…`) or, otherwise, by external id.
+pub async fn find(pool: &PgPool, env_id: Uuid, key: &str) -> Result<Option<Session>, StoreError> {
+    let column = if key.starts_with(SESSION_PREFIX) { "friendly_id" } else { "external_id" };
+    let sql = format!(
+        "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id
+         WHERE s.runtime_environment_id = $1 AND s.{column} = $2"
+    );
+    Ok(sqlx::query_as(&sql).bind(env_id).bind(key).fetch_optional(pool).await?)
+}
+
+pub async fn find_by_id(pool: &PgPool, env_id: Uuid, id: Uuid) -> Result<Option<Session>, StoreError> {
+    let sql = format!(
+        "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id
+         WHERE s.runtime_environment_id = $1 AND s.id = $2"
+    );
+    Ok(sqlx::query_as(&sql).bind(env_id).bind(id).fetch_optional(pool).await?)
+}
+
+#[derive(Debug)]
+pub enum UpdateError {
+    /// Another session in the environment already uses the requested external id.
+    ExternalIdTaken,
+    Store(StoreError),
+}
+
+impl From<StoreError> for UpdateError {
+    fn from(e: StoreError) -> Self {
+        UpdateError::Store(e)
+    }
+}
+
+/// Applies a patch; fields the patch leaves `Missing` keep their value.
+pub async fn update(pool: &PgPool, env_id: Uuid, id: Uuid, patch: &SessionPatch) -> Result<Option<Session>, UpdateError> {
+    let sql = returning_session(
+        "UPDATE sessions SET
+            tags = CASE WHEN $3 THEN $4 ELSE tags END,
+            metadata = CASE WHEN $5 THEN $6 ELSE metadata END,
+            external_id = CASE WHEN $7 THEN $8 ELSE external_id END,
+            updated_at = now()
+         WHERE runtime_environment_id = $1 AND id = $2
+         RETURNING *",
+    );
+    let (set_meta, meta) = match &patch.metadata {
+        Patch::Missing => (false, None),
+        Patch::Null => (true, None),
+        Patch::Value(v) => (true, Some(v)),
+    };
+    let (set_ext, ext) = match &patch.external_id {
+        Patch::Missing => (false, None),
+        Patch::Null => (true, None),
+        Patch::Value(v) => (true, Some(v)),
+    };
+    let result = sqlx::query_as(&sql)
+        .bind(env_id)
+        .bind(id)
+        .bind(patch.tags.is_some())
+        .bind(patch.tags.as_deref().unwrap_or(&[]))
+        .bind(set_meta)
+        .bind(meta)
+        .bind(set_ext)
+        .bind(ext)
+        .fetch_optional(pool)
+        .await;
+    match result.map_err(StoreError::from) {
+        Ok(row) => Ok(row),
+        Err(StoreError::UniqueViolation(c)) if c == "sessions_env_external_id_key" => Err(UpdateError::ExternalIdTaken),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Closes a session once. The conditional update only matches an open row, so
+/// concurrent closes cannot overwrite the first `closed_at`/`closed_reason`; a
+/// close that matched nothing re-reads and returns the winner's row.
+pub async fn close(pool: &PgPool, env_id: Uuid, id: Uuid, reason: Option<&str>) -> Result<Option<Session>, StoreError> {
+    let sql = returning_session(
+        "UPDATE sessions SET closed_at = now(), closed_reason = $3, updated_at = now()
+         WHERE runtime_environment_id = $1 AND id = $2 AND closed_at IS NULL
+         RETURNING *",
+    );
+    let closed: Option<Session> = sqlx::query_as(&sql).bind(env_id).bind(id).bind(reason).fetch_optional(pool).await?;
+    match closed {
+        Some(s) => Ok(Some(s)),
+        None => find_by_id(pool, env_id, id).await,
+    }
+}

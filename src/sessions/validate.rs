@@ -1,0 +1,368 @@
+//! Request bodies of the session control plane and the rules they must satisfy.
+//! Shapes follow `@trigger.dev/core`'s zod schemas; anything the schema strips
+//! (unknown keys) is ignored here too.
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use crate::ids::SESSION_PREFIX;
+use crate::validation::{check_len, check_tags, parse_duration_secs, Validated, ValidationError};
+
+const MACHINES: &[&str] = &["micro", "small-1x", "small-2x", "medium-1x", "medium-2x", "large-1x", "large-2x"];
+
+/// `SessionTriggerConfig`: drives every run the session schedules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerConfig {
+    pub base_payload: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Vec<String>>,
+    /// String or number on the wire; stored as a string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_to_version: Option<String>,
+    /// `null` and blank mean "not pinned".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_deployment_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_in_seconds: Option<i64>,
+    /// A duration string (`10m`) or whole seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Value>,
+}
+
+impl TriggerConfig {
+    /// Checks every field and normalises the loose ones in place.
+    pub fn validate(&mut self) -> Validated<()> {
+        let f = |name: &str| format!("triggerConfig.{name}");
+        if let Some(m) = &self.machine {
+            if !MACHINES.contains(&m.as_str()) {
+                return Err(ValidationError::new(f("machine"), format!("must be one of {}", MACHINES.join(", "))));
+            }
+        }
+        if let Some(q) = &self.queue {
+            check_len(&f("queue"), q, 0, 128)?;
+        }
+        if let Some(limits) = &self.concurrency {
+            if limits.len() > 2 {
+                return Err(ValidationError::new(f("concurrency"), "at most 2 named limits"));
+            }
+            for name in limits {
+                let ok = (1..=122).contains(&name.len())
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if !ok {
+                    return Err(ValidationError::new(
+                        f("concurrency"),
+                        "names are 1-122 characters using only letters, numbers, underscores and hyphens",
+                    ));
+                }
+            }
+        }
+        self.concurrency_key = match self.concurrency_key.take() {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(Value::String(s)),
+            Some(Value::Number(n)) => Some(Value::String(n.to_string())),
+            Some(_) => return Err(ValidationError::new(f("concurrencyKey"), "must be a string or a number")),
+        };
+        if let Some(tags) = &self.tags {
+            check_tags(&f("tags"), tags)?;
+        }
+        if let Some(n) = self.max_attempts {
+            if !(1..=10).contains(&n) {
+                return Err(ValidationError::new(f("maxAttempts"), "must be an integer from 1 to 10"));
+            }
+        }
+        if let Some(n) = self.max_duration {
+            if n < 1 {
+                return Err(ValidationError::new(f("maxDuration"), "must be a positive integer (seconds)"));
+            }
+        }
+        self.external_deployment_id = self.external_deployment_id.take().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        if let Some(id) = &self.external_deployment_id {
+            check_len(&f("externalDeploymentId"), id, 0, 128)?;
+        }
+        if let Some(n) = self.idle_timeout_in_seconds {
+            if !(1..=3600).contains(&n) {
+                return Err(ValidationError::new(f("idleTimeoutInSeconds"), "must be an integer from 1 to 3600"));
+            }
+        }
+        if let Some(ttl) = &self.ttl {
+            if self.ttl_secs().is_none() && !ttl.is_null() {
+                return Err(ValidationError::new(
+                    f("ttl"),
+                    "must be a duration such as \"10m\" or a non-negative whole number of seconds",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn ttl_secs(&self) -> Option<i64> {
+        match self.ttl.as_ref()? {
+            Value::String(s) => parse_duration_secs(s),
+            Value::Number(n) => n.as_i64().filter(|n| *n >= 0),
+            _ => None,
+        }
+    }
+}
+
+/// Accepts an ISO-8601 string or epoch milliseconds, as `z.coerce.date()` does.
+#[derive(Debug, Clone, Copy)]
+pub struct DateInput(pub DateTime<Utc>);
+
+impl<'de> Deserialize<'de> for DateInput {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(s) => DateTime::parse_from_rfc3339(&s)
+                .map(|t| DateInput(t.with_timezone(&Utc)))
+                .map_err(|_| D::Error::custom("expected an ISO-8601 date")),
+            Value::Number(n) => n
+                .as_i64()
+                .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+                .map(DateInput)
+                .ok_or_else(|| D::Error::custom("expected epoch milliseconds")),
+            _ => Err(D::Error::custom("expected an ISO-8601 date or epoch milliseconds")),
+        }
+    }
+}
+
+/// A field of a PATCH body: absent (leave alone), `null` (clear), or a value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Patch<T> {
+    #[default]
+    Missing,
+    Null,
+    Value(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Patch<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Option::<T>::deserialize(d)? {
+            None => Patch::Null,
+            Some(v) => Patch::Value(v),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateSessionBody {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub external_id: Option<String>,
+    pub task_identifier: String,
+    pub trigger_config: TriggerConfig,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub metadata: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub expires_at: Option<DateInput>,
+}
+
+/// A validated create request.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub kind: String,
+    pub external_id: Option<String>,
+    pub task_identifier: String,
+    pub trigger_config: TriggerConfig,
+    pub tags: Vec<String>,
+    pub metadata: Option<Value>,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// External ids are trimmed, 1–256 characters, and never look like a friendly id
+/// (a `session_` prefix would route lookups to the wrong column).
+pub fn external_id(field: &str, raw: &str) -> Validated<String> {
+    let trimmed = raw.trim();
+    check_len(field, trimmed, 1, 256)?;
+    if trimmed.starts_with(SESSION_PREFIX) {
+        return Err(ValidationError::new(
+            field,
+            "externalId cannot start with 'session_' (reserved prefix for internal friendlyIds)",
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
+pub fn create(body: CreateSessionBody) -> Validated<NewSession> {
+    check_len("type", &body.kind, 1, 64)?;
+    let task_identifier = body.task_identifier.trim().to_string();
+    check_len("taskIdentifier", &task_identifier, 1, 128)?;
+    let external_id = body.external_id.as_deref().map(|e| external_id("externalId", e)).transpose()?;
+    let tags = body.tags.unwrap_or_default();
+    check_tags("tags", &tags)?;
+    let mut trigger_config = body.trigger_config;
+    trigger_config.validate()?;
+    Ok(NewSession {
+        kind: body.kind,
+        external_id,
+        task_identifier,
+        trigger_config,
+        tags,
+        metadata: body.metadata.map(Value::Object),
+        expires_at: body.expires_at.map(|d| d.0),
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateSessionBody {
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub metadata: Patch<Map<String, Value>>,
+    #[serde(default)]
+    pub external_id: Patch<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SessionPatch {
+    pub tags: Option<Vec<String>>,
+    pub metadata: Patch<Value>,
+    pub external_id: Patch<String>,
+}
+
+pub fn update(body: UpdateSessionBody) -> Validated<SessionPatch> {
+    if let Some(tags) = &body.tags {
+        check_tags("tags", tags)?;
+    }
+    let external_id = match body.external_id {
+        Patch::Value(v) => Patch::Value(external_id("externalId", &v)?),
+        Patch::Null => Patch::Null,
+        Patch::Missing => Patch::Missing,
+    };
+    let metadata = match body.metadata {
+        Patch::Value(m) => Patch::Value(Value::Object(m)),
+        Patch::Null => Patch::Null,
+        Patch::Missing => Patch::Missing,
+    };
+    Ok(SessionPatch { tags: body.tags, metadata, external_id })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloseSessionBody {
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub calling_run_id: Option<String>,
+}
+
+pub fn close_reason(body: &CloseSessionBody) -> Validated<Option<String>> {
+    if let Some(r) = &body.reason {
+        check_len("reason", r, 0, 256)?;
+    }
+    Ok(body.reason.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: Value) -> CreateSessionBody {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn base() -> Value {
+        json!({"type": "chat.agent", "taskIdentifier": "echo", "triggerConfig": {"basePayload": {"chatId": "c"}}})
+    }
+
+    #[test]
+    fn minimal_create_is_valid() {
+        let s = create(body(base())).unwrap();
+        assert_eq!(s.kind, "chat.agent");
+        assert!(s.external_id.is_none() && s.tags.is_empty());
+    }
+
+    #[test]
+    fn external_id_rules() {
+        let mut v = base();
+        v["externalId"] = json!("  chat-1 ");
+        assert_eq!(create(body(v.clone())).unwrap().external_id.as_deref(), Some("chat-1"));
+        v["externalId"] = json!("session_abc");
+        assert_eq!(create(body(v.clone())).unwrap_err().field, "externalId");
+        v["externalId"] = json!("   ");
+        assert!(create(body(v.clone())).is_err());
+        v["externalId"] = json!("x".repeat(257));
+        assert!(create(body(v)).is_err());
+    }
+
+    #[test]
+    fn trigger_config_rules() {
+        let cases = [
+            (json!({"machine": "huge"}), "triggerConfig.machine"),
+            (json!({"maxAttempts": 11}), "triggerConfig.maxAttempts"),
+            (json!({"maxAttempts": 0}), "triggerConfig.maxAttempts"),
+            (json!({"idleTimeoutInSeconds": 3601}), "triggerConfig.idleTimeoutInSeconds"),
+            (json!({"ttl": "soon"}), "triggerConfig.ttl"),
+            (json!({"concurrency": ["a b"]}), "triggerConfig.concurrency"),
+            (json!({"queue": "q".repeat(129)}), "triggerConfig.queue"),
+        ];
+        for (extra, field) in cases {
+            let mut v = base();
+            for (k, val) in extra.as_object().unwrap() {
+                v["triggerConfig"][k] = val.clone();
+            }
+            assert_eq!(create(body(v)).unwrap_err().field, field);
+        }
+        let mut v = base();
+        v["triggerConfig"]["concurrencyKey"] = json!(42);
+        v["triggerConfig"]["ttl"] = json!("10m");
+        v["triggerConfig"]["externalDeploymentId"] = json!("  ");
+        let s = create(body(v)).unwrap();
+        assert_eq!(s.trigger_config.concurrency_key, Some(json!("42")));
+        assert_eq!(s.trigger_config.ttl_secs(), Some(600));
+        assert!(s.trigger_config.external_deployment_id.is_none());
+    }
+
+    #[test]
+    fn type_and_task_bounds() {
+        let mut v = base();
+        v["type"] = json!("");
+        assert_eq!(create(body(v)).unwrap_err().field, "type");
+        let mut v = base();
+        v["taskIdentifier"] = json!(" ");
+        assert_eq!(create(body(v)).unwrap_err().field, "taskIdentifier");
+    }
+
+    #[test]
+    fn patch_distinguishes_missing_null_and_value() {
+        let b: UpdateSessionBody = serde_json::from_value(json!({"externalId": null})).unwrap();
+        assert_eq!(update(b).unwrap().external_id, Patch::Null);
+        let b: UpdateSessionBody = serde_json::from_value(json!({})).unwrap();
+        let p = update(b).unwrap();
+        assert_eq!(p.external_id, Patch::Missing);
+        assert_eq!(p.metadata, Patch::Missing);
+        let b: UpdateSessionBody = serde_json::from_value(json!({"externalId": "session_x"})).unwrap();
+        assert!(update(b).is_err());
+    }
+
+    #[test]
+    fn dates_accept_iso_and_millis() {
+        let mut v = base();
+        v["expiresAt"] = json!("2030-01-01T00:00:00.000Z");
+        assert!(create(body(v)).unwrap().expires_at.is_some());
+        let mut v = base();
+        v["expiresAt"] = json!(1_900_000_000_000i64);
+        assert!(create(body(v)).unwrap().expires_at.is_some());
+    }
+}
