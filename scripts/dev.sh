@@ -51,5 +51,5 @@ say "running migrations"
 "$BIN" env bootstrap-dev
 
 say "base URL:  http://$LISTEN_ADDR"
-say "dashboard: http://$LISTEN_ADDR/dashboard"
+# The dashboard URL is printed here once the dashboard lands.
 exec "$BIN" serve

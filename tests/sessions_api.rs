@@ -156,8 +156,11 @@ async fn create_on_a_closed_external_id_is_409_and_changes_nothing() {
     assert_eq!(status, StatusCode::OK);
     let mut again = session_body(Some("done"));
     again["triggerConfig"]["basePayload"] = json!({"changed": true});
-    let (status, body) = app.post("/api/v1/sessions", &app.a.key, again).await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let r = app.client.post(format!("{}/api/v1/sessions", app.base)).bearer_auth(&app.a.key).json(&again).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    // Final, so the official client must not retry it.
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    assert!(r.json::<Value>().await.unwrap()["error"].as_str().unwrap().contains("closed"));
     let (_, now) = app.get(&format!("/api/v1/sessions/{id}"), &app.a.key).await;
     assert_eq!(now["triggerConfig"]["basePayload"], json!({"chatId": "done"}));
     assert_eq!(count(&app, "SELECT count(*) FROM task_runs").await, 1);

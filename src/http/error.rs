@@ -69,7 +69,12 @@ impl IntoResponse for ApiError {
             }),
             other => json!({ "error": other.to_string() }),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        // The official client retries 409 by default; a conflict here is final.
+        if status == StatusCode::CONFLICT {
+            response.headers_mut().insert("x-should-retry", axum::http::HeaderValue::from_static("false"));
+        }
+        response
     }
 }
 

@@ -247,8 +247,9 @@ pub struct PgSessionList {
 impl SessionListRepository for PgSessionList {
     async fn list(&self, env_id: Uuid, q: &ListQuery) -> Result<ListPage, StoreError> {
         let mut b: QueryBuilder<Postgres> = QueryBuilder::new(format!(
-            "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id
-             WHERE s.runtime_environment_id = "
+            // The page is chosen from `sessions` alone and joined to its runs
+            // afterwards, so the join never runs over more rows than the page.
+            "SELECT {SESSION_SELECT} FROM (SELECT s.* FROM sessions s WHERE s.runtime_environment_id = "
         ));
         b.push_bind(env_id);
         if !q.types.is_empty() {
@@ -291,7 +292,13 @@ impl SessionListRepository for PgSessionList {
             }
             None => "DESC",
         };
-        b.push(format!(" ORDER BY s.created_at {order}, s.id {order} LIMIT ")).push_bind(q.page_size + 1);
+        // The limit is a validated integer, written as a literal: a bound LIMIT
+        // lets Postgres pick a generic plan that sorts the whole environment.
+        b.push(format!(
+            " ORDER BY s.created_at {order}, s.id {order} LIMIT {}) s
+             LEFT JOIN task_runs r ON r.id = s.current_run_id ORDER BY s.created_at {order}, s.id {order}",
+            q.page_size.clamp(1, MAX_PAGE_SIZE) + 1
+        ));
         let rows: Vec<Session> = b.build_query_as().fetch_all(&self.pool).await?;
         Ok(paginate(rows, q.page_size as usize, q.cursor.map(|(d, _)| d), q.origin))
     }

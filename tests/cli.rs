@@ -1,0 +1,73 @@
+//! The operator CLI: `sessiond env create | list | rotate-key | bootstrap-dev`.
+
+mod common;
+
+use std::process::Command;
+
+use sessiond::config::Config;
+use sessiond::tenancy::keys::MasterKey;
+use sessiond::tenancy::store as tenancy;
+
+fn sessiond(schema: &str, master: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(args)
+        .env("DATABASE_URL", common::database_url())
+        .env("DATABASE_SCHEMA", schema)
+        .env("SESSIOND_MASTER_KEY", master)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sessiond");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn key_in(output: &str, prefix: &str) -> String {
+    output.split_whitespace().find(|w| w.starts_with(prefix)).unwrap_or_else(|| panic!("no key in {output}")).to_string()
+}
+
+#[tokio::test]
+async fn env_create_list_rotate_and_bootstrap() {
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let master_hex = "11".repeat(32);
+    let master = MasterKey::from_hex(&master_hex).unwrap();
+    let pool = sessiond::db::connect(&Config::for_database(&common::database_url(), Some(schema.clone()))).await.unwrap();
+
+    let (ok, out) = sessiond(&schema, &master_hex, &["env", "create", "--org", "acme", "--project", "chat", "--type", "staging"]);
+    assert!(ok, "{out}");
+    let key = key_in(&out, "tr_stg_");
+    let env = tenancy::find_by_key(&pool, &master, &key).await.unwrap().expect("key authenticates");
+
+    // The key is stored hashed and sealed, never in clear.
+    let stored: Vec<(Vec<u8>, Vec<u8>)> =
+        sqlx::query_as("SELECT api_key_hash, api_key_sealed FROM runtime_environments").fetch_all(&pool).await.unwrap();
+    for (hash, sealed) in stored {
+        for col in [hash, sealed] {
+            assert!(!col.windows(key.len()).any(|w| w == key.as_bytes()));
+        }
+    }
+
+    let (ok, out) = sessiond(&schema, &master_hex, &["env", "list"]);
+    assert!(ok && out.contains(&env.id.to_string()) && out.contains("acme") && out.contains("staging"), "{out}");
+    assert!(!out.contains(&key), "list must not print keys");
+
+    let (ok, out) = sessiond(&schema, &master_hex, &["env", "rotate-key", &env.id.to_string()]);
+    assert!(ok, "{out}");
+    let new_key = key_in(&out, "tr_stg_");
+    assert_ne!(new_key, key);
+    assert!(tenancy::find_by_key(&pool, &master, &key).await.unwrap().is_none());
+    assert_eq!(tenancy::find_by_key(&pool, &master, &new_key).await.unwrap().unwrap().id, env.id);
+
+    let (ok, _) = sessiond(&schema, &master_hex, &["env", "rotate-key", &uuid::Uuid::new_v4().to_string()]);
+    assert!(!ok);
+    let (ok, out) = sessiond(&schema, &master_hex, &["env", "create", "--org", "a", "--project", "b", "--type", "qa"]);
+    assert!(!ok && out.contains("dev, staging or prod"), "{out}");
+
+    // bootstrap-dev is idempotent: the same key both times.
+    let (ok, first) = sessiond(&schema, &master_hex, &["env", "bootstrap-dev"]);
+    assert!(ok, "{first}");
+    let (ok, second) = sessiond(&schema, &master_hex, &["env", "bootstrap-dev"]);
+    assert!(ok);
+    assert_eq!(key_in(&first, "tr_dev_"), key_in(&second, "tr_dev_"));
+    // A wrong master key cannot open stored keys.
+    let (ok, _) = sessiond(&schema, &"22".repeat(32), &["env", "bootstrap-dev"]);
+    assert!(!ok);
+}
