@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
     let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
     let master = MasterKey::random();
     let mut config = Config::for_database(&url, Some(schema.clone()));
+    config.redis_prefix = format!("bench:{schema}");
     config.database_max_connections = 32;
     let pool = sessiond::db::connect(&config).await?;
     sessiond::db::migrate(&pool).await?;
@@ -82,8 +83,9 @@ async fn main() -> anyhow::Result<()> {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let state = AppState::new(config, pool.clone(), master);
-    tokio::spawn(app::serve(listener, state, std::future::pending()));
+    let state = AppState::connect(config, pool.clone(), master).await?;
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(app::serve(listener, state, stop_rx));
     let client = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build()?;
 
     println!("sessiond control-plane bench: {CLIENTS} concurrent clients, loopback, one process");

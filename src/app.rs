@@ -4,20 +4,29 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::auth::cache::EnvCache;
 use crate::config::Config;
+use crate::jobs::queue::JobQueue;
+use crate::jobs::{self, Jobs};
+use crate::runs::queue::RunQueue;
 use crate::sessions::list::{PgSessionList, SessionListRepository};
 use crate::tenancy::keys::MasterKey;
 
 pub struct Inner {
     pub config: Config,
     pub db: PgPool,
+    pub redis: ConnectionManager,
+    pub redis_client: redis::Client,
     pub master_key: MasterKey,
     pub envs: EnvCache,
     pub session_list: Arc<dyn SessionListRepository>,
+    pub run_queue: RunQueue,
+    pub jobs: Jobs,
 }
 
 #[derive(Clone)]
@@ -31,10 +40,15 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, db: PgPool, master_key: MasterKey) -> Self {
+    /// Connects to Redis and assembles the state around an open Postgres pool.
+    pub async fn connect(config: Config, db: PgPool, master_key: MasterKey) -> anyhow::Result<Self> {
+        let redis_client = redis::Client::open(config.redis_url.as_str())?;
+        let redis = ConnectionManager::new(redis_client.clone()).await?;
         let envs = EnvCache::new(Duration::from_millis(config.auth_cache_ttl_ms));
         let session_list = Arc::new(PgSessionList { pool: db.clone() });
-        AppState(Arc::new(Inner { config, db, master_key, envs, session_list }))
+        let run_queue = RunQueue::new(redis.clone(), &config.redis_prefix);
+        let jobs = Jobs::new(db.clone(), JobQueue::new(redis.clone(), &config.redis_prefix));
+        Ok(AppState(Arc::new(Inner { config, db, redis, redis_client, master_key, envs, session_list, run_queue, jobs })))
     }
 }
 
@@ -47,13 +61,18 @@ pub fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
     Ok(MasterKey::from_hex(hex)?)
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    state: AppState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+/// Serves HTTP and runs the job runtime until `shutdown` turns true, then stops
+/// both, letting in-flight requests and jobs finish.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let schedules = jobs::schedule::load(state.config.job_schedules_file.as_deref())?;
+    let runtime = jobs::runtime::start(&state, schedules, shutdown.clone())?;
     let app = crate::http::router(state);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    let mut stop = shutdown;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    let _ = runtime.await;
     Ok(())
 }

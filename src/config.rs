@@ -40,6 +40,30 @@ pub struct Config {
     /// Bounds how long a rotated key keeps working on a running server.
     #[arg(long, env = "AUTH_CACHE_TTL_MS", default_value_t = 5000)]
     pub auth_cache_ttl_ms: u64,
+
+    /// Prefix of every Redis key this server writes (tests use one per test).
+    #[arg(long, env = "REDIS_PREFIX", default_value = "sessiond")]
+    pub redis_prefix: String,
+
+    /// A run whose worker has not heartbeated for this long is CRASHED.
+    #[arg(long, env = "RUN_HEARTBEAT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub run_heartbeat_timeout_ms: u64,
+
+    /// First retry delay of a failed run attempt; doubles per attempt.
+    #[arg(long, env = "RUN_RETRY_BASE_MS", default_value_t = 1_000)]
+    pub run_retry_base_ms: u64,
+
+    /// Longest retry delay of a failed run attempt.
+    #[arg(long, env = "RUN_RETRY_MAX_MS", default_value_t = 60_000)]
+    pub run_retry_max_ms: u64,
+
+    /// First retry delay of a failed job attempt; grows exponentially with jitter.
+    #[arg(long, env = "JOB_RETRY_BASE_MS", default_value_t = 500)]
+    pub job_retry_base_ms: u64,
+
+    /// Cron schedules file (defaults to the built-in copy of jobs/schedules.toml).
+    #[arg(long, env = "JOB_SCHEDULES_FILE")]
+    pub job_schedules_file: Option<String>,
 }
 
 impl Config {
@@ -55,6 +79,12 @@ impl Config {
             max_body_bytes: 1024 * 1024,
             jwt_leeway_secs: 30,
             auth_cache_ttl_ms: 5000,
+            redis_prefix: "sessiond".into(),
+            run_heartbeat_timeout_ms: 30_000,
+            run_retry_base_ms: 1_000,
+            run_retry_max_ms: 60_000,
+            job_retry_base_ms: 500,
+            job_schedules_file: None,
         }
     }
 }

@@ -8,6 +8,9 @@ use uuid::Uuid;
 use sessiond::app::{self, AppState};
 use sessiond::config::Config;
 use sessiond::db;
+use sessiond::jobs;
+use sessiond::sessions;
+use sessiond::tenancy::keys::MasterKey;
 use sessiond::tenancy::{store as tenancy, EnvType};
 
 #[derive(Parser)]
@@ -28,6 +31,40 @@ enum Command {
     /// Manage environments and their secret keys.
     #[command(subcommand)]
     Env(EnvCommand),
+    /// Inspect and retry background jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// Operator actions on sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Recent jobs, newest first.
+    List {
+        /// Only jobs that exhausted their attempts.
+        #[arg(long)]
+        failed: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// One job and every attempt, with errors.
+    Show { id: Uuid },
+    /// Run a failed job again with a fresh attempt budget.
+    Retry { id: Uuid },
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// Start a fresh run for a session now (reason manual); the current run is canceled.
+    TriggerRun {
+        /// Environment id the session lives in.
+        #[arg(long)]
+        env: Uuid,
+        /// Session friendly id or external id.
+        session: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -76,11 +113,18 @@ async fn main() -> anyhow::Result<()> {
             let master = app::master_key(&config)?;
             let listener = TcpListener::bind(&config.listen_addr).await?;
             let addr = listener.local_addr()?;
-            let state = AppState::new(config, pool, master);
+            let state = AppState::connect(config, pool, master).await?;
             tracing::info!(%addr, "sessiond listening on http://{addr}");
-            app::serve(listener, state, shutdown_signal()).await?;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                let _ = stop_tx.send(true);
+            });
+            app::serve(listener, state, stop_rx).await?;
         }
         Command::Env(cmd) => env_command(cmd, &config, &pool).await?,
+        Command::Jobs(cmd) => jobs_command(cmd, config, pool).await?,
+        Command::Sessions(cmd) => sessions_command(cmd, config, pool).await?,
     }
     Ok(())
 }
@@ -119,6 +163,57 @@ async fn env_command(cmd: EnvCommand, config: &Config, pool: &sqlx::PgPool) -> a
             };
             println!("dev environment: {}", env.id);
             println!("dev secret key:  {}", env.secret_key.expose());
+        }
+    }
+    Ok(())
+}
+
+async fn jobs_command(cmd: JobsCommand, config: Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
+    match cmd {
+        JobsCommand::List { failed, limit } => {
+            println!("{:<36}  {:<22}  {:<9}  {:>8}  {:<16}  last error", "id", "kind", "status", "attempts", "updated");
+            for j in jobs::store::list(&pool, failed, limit).await? {
+                println!(
+                    "{:<36}  {:<22}  {:<9}  {:>3}/{:<4}  {:<16}  {}",
+                    j.id,
+                    j.kind,
+                    j.status,
+                    j.attempts,
+                    j.max_attempts,
+                    j.updated_at.format("%Y-%m-%d %H:%M"),
+                    j.last_error.as_deref().unwrap_or("")
+                );
+            }
+        }
+        JobsCommand::Show { id } => {
+            let Some(j) = jobs::store::find(&pool, id).await? else { anyhow::bail!("no job {id}") };
+            println!("job {} ({}) {} — {}/{} attempts", j.id, j.kind, j.status, j.attempts, j.max_attempts);
+            println!("payload: {}", j.payload);
+            for a in jobs::store::attempts(&pool, id).await? {
+                println!("  attempt {} {} at {}: {}", a.attempt, a.status, a.started_at, a.error.as_deref().unwrap_or("ok"));
+            }
+        }
+        JobsCommand::Retry { id } => {
+            let state = AppState::connect(config, pool, MasterKey::random()).await?;
+            match state.jobs.retry(id).await? {
+                Some(j) => println!("job {} ({}) queued again", j.id, j.kind),
+                None => anyhow::bail!("job {id} does not exist or has not failed"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn sessions_command(cmd: SessionsCommand, config: Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
+    db::migrate(&pool).await?;
+    match cmd {
+        SessionsCommand::TriggerRun { env, session } => {
+            let state = AppState::connect(config, pool, MasterKey::random()).await?;
+            let Some(s) = sessions::store::find(&state.db, env, &session).await? else {
+                anyhow::bail!("no session {session} in environment {env}")
+            };
+            let run = sessions::run_manager::trigger_manual(&state, env, s.id).await?;
+            println!("session {} now runs {run} (reason manual)", s.friendly_id);
         }
     }
     Ok(())

@@ -53,6 +53,14 @@ impl Auth {
         }
     }
 
+    /// May the caller perform `action` on the run `run_friendly_id`?
+    pub fn can_access_run(&self, action: Action, run_friendly_id: &str) -> bool {
+        match &self.principal {
+            Principal::SecretKey => true,
+            Principal::PublicToken { scopes } => scopes::allows(scopes, "runs", action, &[run_friendly_id]),
+        }
+    }
+
     pub fn can_list_sessions(&self, task_filter: &[String]) -> bool {
         match &self.principal {
             Principal::SecretKey => true,

@@ -30,25 +30,34 @@ fn parse(scope: &str) -> Scope<'_> {
     Scope { action: parts.next().unwrap_or(""), resource: parts.next().unwrap_or(""), id: parts.next() }
 }
 
-/// Scopes that grant `action` on every session of the environment.
-fn is_session_super_scope(scope: &Scope<'_>, action: Action) -> bool {
+/// Scopes that grant `action` on every resource of type `resource`.
+fn is_super_scope(scope: &Scope<'_>, resource: &str, action: Action) -> bool {
     match (scope.action, scope.resource, scope.id) {
         ("admin", "", None) => true,
         (a, "all", None) if a == action.as_str() => true,
-        (a, "sessions", None) if a == action.as_str() || a == "admin" => true,
+        (a, r, None) if r == resource && (a == action.as_str() || a == "admin") => true,
         _ => false,
     }
 }
 
-/// May a token with `scopes` perform `action` on the session known by any of `keys`
-/// (its friendly id, its external id, the URL form)? Empty keys never match.
-pub fn allows_session(scopes: &[String], action: Action, keys: &[&str]) -> bool {
+fn is_session_super_scope(scope: &Scope<'_>, action: Action) -> bool {
+    is_super_scope(scope, "sessions", action)
+}
+
+/// May a token perform `action` on the `resource` (`sessions`, `runs`) known by
+/// any of `keys`? `admin:{resource}:{id}` implies read and write. Empty keys never match.
+pub fn allows(scopes: &[String], resource: &str, action: Action, keys: &[&str]) -> bool {
     scopes.iter().map(|s| parse(s)).any(|scope| {
-        is_session_super_scope(&scope, action)
-            || (scope.resource == "sessions"
+        is_super_scope(&scope, resource, action)
+            || (scope.resource == resource
                 && (scope.action == action.as_str() || scope.action == "admin")
                 && scope.id.is_some_and(|id| !id.is_empty() && keys.iter().any(|k| !k.is_empty() && *k == id)))
     })
+}
+
+/// [`allows`] for sessions: `keys` are the URL form, friendly id and external id.
+pub fn allows_session(scopes: &[String], action: Action, keys: &[&str]) -> bool {
+    allows(scopes, "sessions", action, keys)
 }
 
 /// May a token list sessions? Session super scopes list everything; otherwise the
@@ -107,6 +116,14 @@ mod tests {
     fn empty_keys_and_ids_never_match() {
         assert!(!allows_session(&v(&["read:sessions:"]), Action::Read, &["", "x"]));
         assert!(!allows_session(&v(&["read:sessions:x"]), Action::Read, &[""]));
+    }
+
+    #[test]
+    fn run_scopes() {
+        assert!(allows(&v(&["write:runs:run_1"]), "runs", Action::Write, &["run_1"]));
+        assert!(!allows(&v(&["write:runs:run_1"]), "runs", Action::Write, &["run_2"]));
+        assert!(!allows(&v(&["write:sessions"]), "runs", Action::Write, &["run_1"]));
+        assert!(allows(&v(&["write:runs"]), "runs", Action::Write, &["run_1"]));
     }
 
     #[test]

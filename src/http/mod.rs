@@ -27,6 +27,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"ok": true})) }))
         .route("/api/v1/auth/jwt/claims", get(jwt_claims).post(jwt_claims))
         .merge(crate::sessions::routes::router())
+        .merge(crate::runs::routes::router())
         .fallback(|| async { ApiError::NotFound("Not found".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)

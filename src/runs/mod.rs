@@ -1,6 +1,86 @@
 //! Task runs: one execution of a task, triggered by a session.
+//!
+//! - [`store`]: the SQL that owns `task_runs`: inserts and every state transition.
+//! - [`queue`]: per-(environment, task) run queues in Redis and the wake-up signal
+//!   long-polling workers wait on.
+//! - [`routes`]: the worker protocol (dequeue, heartbeat, complete, fail, cancel).
 
+pub mod queue;
+pub mod routes;
 pub mod store;
+
+/// Lifecycle of a run. QUEUED → EXECUTING (⇄ WAITING) → one of the final states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunStatus {
+    Queued,
+    Executing,
+    Waiting,
+    Completed,
+    Failed,
+    Canceled,
+    Crashed,
+    Expired,
+    TimedOut,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "QUEUED",
+            RunStatus::Executing => "EXECUTING",
+            RunStatus::Waiting => "WAITING",
+            RunStatus::Completed => "COMPLETED",
+            RunStatus::Failed => "FAILED",
+            RunStatus::Canceled => "CANCELED",
+            RunStatus::Crashed => "CRASHED",
+            RunStatus::Expired => "EXPIRED",
+            RunStatus::TimedOut => "TIMED_OUT",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "QUEUED" => RunStatus::Queued,
+            "EXECUTING" => RunStatus::Executing,
+            "WAITING" => RunStatus::Waiting,
+            "COMPLETED" => RunStatus::Completed,
+            "FAILED" => RunStatus::Failed,
+            "CANCELED" => RunStatus::Canceled,
+            "CRASHED" => RunStatus::Crashed,
+            "EXPIRED" => RunStatus::Expired,
+            "TIMED_OUT" => RunStatus::TimedOut,
+            _ => return None,
+        })
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Executing | RunStatus::Waiting)
+    }
+}
+
+/// Is a run alive, i.e. can it still serve its session? Queued runs are; executing
+/// and waiting runs are while their heartbeat deadline is in the future.
+pub fn is_alive(
+    status: RunStatus,
+    heartbeat_deadline: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    match status {
+        RunStatus::Queued => true,
+        RunStatus::Executing | RunStatus::Waiting => heartbeat_deadline.is_some_and(|d| d > now),
+        _ => false,
+    }
+}
+
+/// Delay before retry `attempt` (1-based, the attempt that just failed):
+/// exponential from `base_ms`, capped, with up to 25% jitter so retries of many
+/// runs do not land together.
+pub fn retry_delay_ms(attempt: i32, base_ms: u64, max_ms: u64) -> u64 {
+    use rand::Rng;
+    let exp = base_ms.saturating_mul(1u64 << attempt.clamp(1, 20).saturating_sub(1) as u32).min(max_ms);
+    exp + rand::thread_rng().gen_range(0..=exp / 4)
+}
 
 use serde_json::{Map, Value};
 
@@ -37,7 +117,32 @@ pub fn session_payload(base: &Map<String, Value>, session_friendly_id: &str, rea
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::{Duration, Utc};
     use serde_json::json;
+
+    #[test]
+    fn liveness() {
+        let now = Utc::now();
+        assert!(is_alive(RunStatus::Queued, None, now));
+        assert!(is_alive(RunStatus::Executing, Some(now + Duration::seconds(5)), now));
+        assert!(!is_alive(RunStatus::Executing, Some(now - Duration::seconds(1)), now));
+        assert!(is_alive(RunStatus::Waiting, Some(now + Duration::seconds(5)), now));
+        assert!(!is_alive(RunStatus::Executing, None, now));
+        for s in ["COMPLETED", "FAILED", "CANCELED", "CRASHED", "EXPIRED", "TIMED_OUT"] {
+            let st = RunStatus::parse(s).unwrap();
+            assert!(st.is_final() && !is_alive(st, Some(now + Duration::hours(1)), now));
+            assert_eq!(st.as_str(), s);
+        }
+    }
+
+    #[test]
+    fn retry_delays_grow_and_cap() {
+        for (attempt, lo) in [(1, 100), (2, 200), (3, 400)] {
+            let d = retry_delay_ms(attempt, 100, 10_000);
+            assert!(d >= lo && d <= lo + lo / 4, "{attempt}: {d}");
+        }
+        assert!(retry_delay_ms(30, 100, 1_000) <= 1_250);
+    }
 
     #[test]
     fn payload_merges_runtime_fields_over_the_base() {

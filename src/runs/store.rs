@@ -1,9 +1,10 @@
 //! SQL that owns `task_runs`.
 
-use sqlx::PgConnection;
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{session_payload, TriggerReason};
+use super::{session_payload, RunStatus, TriggerReason};
 use crate::db::StoreError;
 use crate::ids;
 use crate::sessions::validate::TriggerConfig;
@@ -86,4 +87,259 @@ pub async fn insert(conn: &mut PgConnection, run: &NewRun) -> Result<(), StoreEr
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// A run row, with its session's friendly id joined in.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Run {
+    pub id: Uuid,
+    pub friendly_id: String,
+    pub organization_id: Uuid,
+    pub project_id: Uuid,
+    pub runtime_environment_id: Uuid,
+    pub task_identifier: String,
+    pub session_id: Option<Uuid>,
+    pub session_friendly_id: Option<String>,
+    pub payload: serde_json::Value,
+    pub status: String,
+    pub attempt_number: i32,
+    pub max_attempts: i32,
+    pub max_duration_secs: Option<i32>,
+    pub ttl_secs: Option<i32>,
+    pub heartbeat_deadline: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub available_at: DateTime<Utc>,
+    pub output: Option<serde_json::Value>,
+    pub error: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl Run {
+    pub fn status(&self) -> RunStatus {
+        RunStatus::parse(&self.status).unwrap_or(RunStatus::Failed)
+    }
+
+    pub fn is_alive(&self, now: DateTime<Utc>) -> bool {
+        super::is_alive(self.status(), self.heartbeat_deadline, now)
+    }
+}
+
+const RUN_COLUMNS: &str = "t.id, t.friendly_id, t.organization_id, t.project_id, t.runtime_environment_id, \
+    t.task_identifier, t.session_id, (SELECT friendly_id FROM sessions WHERE id = t.session_id) AS session_friendly_id, \
+    t.payload, t.status, t.attempt_number, t.max_attempts, t.max_duration_secs, t.ttl_secs, t.heartbeat_deadline, \
+    t.cancel_requested_at, t.available_at, t.output, t.error, t.created_at, t.updated_at, t.started_at, t.completed_at";
+
+/// Wraps a `task_runs` UPDATE ... RETURNING * so rows come back as [`Run`]s.
+fn returning_runs(sql: &str) -> String {
+    format!("WITH t AS ({sql}) SELECT {RUN_COLUMNS} FROM t")
+}
+
+pub async fn find(pool: &PgPool, env_id: Uuid, friendly_id: &str) -> Result<Option<Run>, StoreError> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE t.runtime_environment_id = $1 AND t.friendly_id = $2");
+    Ok(sqlx::query_as(&sql).bind(env_id).bind(friendly_id).fetch_optional(pool).await?)
+}
+
+pub async fn find_by_id(conn: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Option<Run>, StoreError> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE t.id = $1");
+    Ok(sqlx::query_as(&sql).bind(id).fetch_optional(conn).await?)
+}
+
+/// Hands popped run ids to a worker. Only runs still QUEUED, due and not
+/// canceled move to EXECUTING; anything else popped (a duplicate queue entry,
+/// a run canceled meanwhile) is dropped, so one run never reaches two workers.
+pub async fn claim_for_execution(
+    pool: &PgPool,
+    env_id: Uuid,
+    ids: &[Uuid],
+    heartbeat_timeout_ms: i64,
+    worker_id: Option<&str>,
+) -> Result<Vec<Run>, StoreError> {
+    let sql = returning_runs(
+        "UPDATE task_runs SET status = 'EXECUTING', attempt_number = attempt_number + 1,
+            heartbeat_deadline = now() + make_interval(secs => $3::float8 / 1000),
+            started_at = coalesce(started_at, now()), worker_id = $4, updated_at = now()
+         WHERE id = ANY($1) AND runtime_environment_id = $2 AND status = 'QUEUED'
+           AND available_at <= now() AND cancel_requested_at IS NULL
+         RETURNING *",
+    );
+    Ok(sqlx::query_as(&sql).bind(ids).bind(env_id).bind(heartbeat_timeout_ms).bind(worker_id).fetch_all(pool).await?)
+}
+
+/// Outcome of a transition requested by a worker.
+#[derive(Debug)]
+pub enum Transition {
+    Done(Run),
+    /// The run is not in a state that allows it (e.g. already final); its current state.
+    Refused(Run),
+    NotFound,
+}
+
+async fn refused_or_missing(pool: &PgPool, env_id: Uuid, friendly_id: &str) -> Result<Transition, StoreError> {
+    Ok(match find(pool, env_id, friendly_id).await? {
+        Some(run) => Transition::Refused(run),
+        None => Transition::NotFound,
+    })
+}
+
+/// Pushes the heartbeat deadline of a live run forward.
+pub async fn heartbeat(pool: &PgPool, env_id: Uuid, friendly_id: &str, timeout_ms: i64) -> Result<Transition, StoreError> {
+    let sql = returning_runs(
+        "UPDATE task_runs SET heartbeat_deadline = now() + make_interval(secs => $3::float8 / 1000), updated_at = now()
+         WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
+         RETURNING *",
+    );
+    match sqlx::query_as(&sql).bind(env_id).bind(friendly_id).bind(timeout_ms).fetch_optional(pool).await? {
+        Some(run) => Ok(Transition::Done(run)),
+        None => refused_or_missing(pool, env_id, friendly_id).await,
+    }
+}
+
+pub async fn complete(
+    pool: &PgPool,
+    env_id: Uuid,
+    friendly_id: &str,
+    output: Option<&serde_json::Value>,
+) -> Result<Transition, StoreError> {
+    let sql = returning_runs(
+        "UPDATE task_runs SET status = 'COMPLETED', output = $3, completed_at = now(), heartbeat_deadline = NULL,
+            updated_at = now()
+         WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
+         RETURNING *",
+    );
+    match sqlx::query_as(&sql).bind(env_id).bind(friendly_id).bind(output).fetch_optional(pool).await? {
+        Some(run) => Ok(Transition::Done(run)),
+        None => refused_or_missing(pool, env_id, friendly_id).await,
+    }
+}
+
+/// Records a failed attempt: back to QUEUED after `retry_delay_ms` while attempts
+/// remain and the failure is retryable, FAILED otherwise.
+pub async fn fail(
+    pool: &PgPool,
+    env_id: Uuid,
+    friendly_id: &str,
+    error: &serde_json::Value,
+    retryable: bool,
+    retry_delay_ms: i64,
+) -> Result<Transition, StoreError> {
+    let sql = returning_runs(
+        "UPDATE task_runs SET
+            status = CASE WHEN $4 AND attempt_number < max_attempts THEN 'QUEUED' ELSE 'FAILED' END,
+            available_at = CASE WHEN $4 AND attempt_number < max_attempts
+                           THEN now() + make_interval(secs => $5::float8 / 1000) ELSE available_at END,
+            completed_at = CASE WHEN $4 AND attempt_number < max_attempts THEN NULL ELSE now() END,
+            enqueued_at = NULL, heartbeat_deadline = NULL, error = $3, updated_at = now()
+         WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
+         RETURNING *",
+    );
+    match sqlx::query_as(&sql)
+        .bind(env_id)
+        .bind(friendly_id)
+        .bind(error)
+        .bind(retryable)
+        .bind(retry_delay_ms)
+        .fetch_optional(pool)
+        .await?
+    {
+        Some(run) => Ok(Transition::Done(run)),
+        None => refused_or_missing(pool, env_id, friendly_id).await,
+    }
+}
+
+/// Cancels a run that is not final yet. Idempotent: returns false when there was
+/// nothing to cancel. The worker learns through its next heartbeat.
+pub async fn cancel(conn: impl sqlx::PgExecutor<'_>, run_id: Uuid) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE task_runs SET status = 'CANCELED', cancel_requested_at = now(), completed_at = now(),
+            heartbeat_deadline = NULL, updated_at = now()
+         WHERE id = $1 AND status IN ('QUEUED', 'EXECUTING', 'WAITING')",
+    )
+    .bind(run_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// A run moved to a final state by a sweep.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SweptRun {
+    pub id: Uuid,
+    pub friendly_id: String,
+    pub session_id: Option<Uuid>,
+    pub status: String,
+}
+
+/// Final-state sweeps. Each is one conditional UPDATE, so running it twice, or
+/// on two servers at once, moves every run at most once.
+pub async fn sweep(pool: &PgPool) -> Result<Vec<SweptRun>, StoreError> {
+    let crashed: Vec<SweptRun> = sqlx::query_as(
+        "UPDATE task_runs SET status = 'CRASHED', completed_at = now(), updated_at = now(),
+            error = jsonb_build_object('message', 'heartbeat deadline missed')
+         WHERE status IN ('EXECUTING', 'WAITING') AND heartbeat_deadline < now()
+         RETURNING id, friendly_id, session_id, status",
+    )
+    .fetch_all(pool)
+    .await?;
+    let timed_out: Vec<SweptRun> = sqlx::query_as(
+        "UPDATE task_runs SET status = 'TIMED_OUT', completed_at = now(), updated_at = now(), heartbeat_deadline = NULL,
+            error = jsonb_build_object('message', 'maxDuration exceeded')
+         WHERE status IN ('EXECUTING', 'WAITING') AND max_duration_secs IS NOT NULL
+           AND started_at + make_interval(secs => max_duration_secs) < now()
+         RETURNING id, friendly_id, session_id, status",
+    )
+    .fetch_all(pool)
+    .await?;
+    let expired: Vec<SweptRun> = sqlx::query_as(
+        "UPDATE task_runs SET status = 'EXPIRED', completed_at = now(), updated_at = now(),
+            error = jsonb_build_object('message', 'ttl passed while queued')
+         WHERE status = 'QUEUED' AND attempt_number = 0 AND ttl_secs IS NOT NULL
+           AND created_at + make_interval(secs => ttl_secs) < now()
+         RETURNING id, friendly_id, session_id, status",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(crashed.into_iter().chain(timed_out).chain(expired).collect())
+}
+
+/// A queued run due on its queue.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DueRun {
+    pub id: Uuid,
+    pub runtime_environment_id: Uuid,
+    pub task_identifier: String,
+}
+
+/// QUEUED runs that are due and not on their queue: never pushed, pushed before
+/// a retry delay, or pushed long ago (a pop whose claim never happened, e.g. a
+/// server that died in between). Marks them pushed; the caller pushes them.
+pub async fn take_due(pool: &PgPool, stale_after_ms: i64, limit: i64) -> Result<Vec<DueRun>, StoreError> {
+    Ok(sqlx::query_as(
+        "UPDATE task_runs SET enqueued_at = now()
+         WHERE id IN (
+             SELECT id FROM task_runs
+             WHERE status = 'QUEUED' AND available_at <= now()
+               AND (enqueued_at IS NULL OR enqueued_at < available_at
+                    OR enqueued_at < now() - make_interval(secs => $1::float8 / 1000))
+             ORDER BY available_at LIMIT $2
+             FOR UPDATE SKIP LOCKED)
+         RETURNING id, runtime_environment_id, task_identifier",
+    )
+    .bind(stale_after_ms)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Marks one run as pushed (the trigger path pushes right away).
+pub async fn mark_enqueued(pool: &PgPool, run_id: Uuid) -> Result<Option<DueRun>, StoreError> {
+    Ok(sqlx::query_as(
+        "UPDATE task_runs SET enqueued_at = now() WHERE id = $1 AND status = 'QUEUED'
+         RETURNING id, runtime_environment_id, task_identifier",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?)
 }

@@ -4,11 +4,13 @@
 //! - [`validate`]: request bodies and the rules that turn them into domain input.
 //! - [`store`]: the SQL that owns `sessions` and `session_runs`.
 //! - [`list`]: list filters, opaque cursors, and the list repository.
+//! - [`run_manager`]: one live run per session: ensure-run, hand-off, manual trigger.
 //! - [`routes`]: the control-plane HTTP handlers.
 
 pub mod list;
 pub mod model;
 pub mod routes;
+pub mod run_manager;
 pub mod store;
 pub mod validate;
 

@@ -9,9 +9,10 @@ use chrono::Utc;
 use serde::Serialize;
 
 use super::list::{ListQuery, ListQueryError};
+use super::run_manager::{self, Ensured, RunManagerError};
 use super::model::{Session, SessionItem};
 use super::store::{self, CreateOutcome, UpdateError};
-use super::validate::{self, CloseSessionBody, CreateSessionBody, UpdateSessionBody};
+use super::validate::{self, CloseSessionBody, CreateSessionBody, EndAndContinueBody, UpdateSessionBody};
 use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
@@ -22,6 +23,17 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/sessions", post(create).get(list))
         .route("/api/v1/sessions/{session}", get(retrieve).patch(update))
         .route("/api/v1/sessions/{session}/close", post(close))
+        .route("/api/v1/sessions/{session}/end-and-continue", post(end_and_continue))
+}
+
+impl From<RunManagerError> for ApiError {
+    fn from(err: RunManagerError) -> Self {
+        match err {
+            RunManagerError::Closed => ApiError::Conflict("Session is closed".into()),
+            RunManagerError::NotFound => ApiError::NotFound("Session not found".into()),
+            other => ApiError::Internal(other.into()),
+        }
+    }
 }
 
 /// Resolves `key` in the caller's environment and checks `action` against every
@@ -56,8 +68,11 @@ async fn create(
 ) -> ApiResult<(StatusCode, Json<CreatedSession>)> {
     auth.require_secret_key()?;
     let new = validate::create(body)?;
-    let (session, status, is_cached) = match store::create(&state.db, &auth.env, &new).await? {
-        CreateOutcome::Created(s) => (s, StatusCode::CREATED, false),
+    let (mut session, status, is_cached) = match store::create(&state.db, &auth.env, &new).await? {
+        CreateOutcome::Created(s, job) => {
+            state.jobs.relay(&[job]).await;
+            (s, StatusCode::CREATED, false)
+        }
         CreateOutcome::Cached(s) => (s, StatusCode::OK, true),
         CreateOutcome::Closed => {
             return Err(ApiError::Conflict(
@@ -65,6 +80,16 @@ async fn create(
             ))
         }
     };
+    if is_cached {
+        // A cached session whose run has ended gets a continuation, so the
+        // caller always leaves with a live run.
+        let ensured = run_manager::ensure_run(&state, auth.env.id, session.id).await?;
+        if let Ensured::Triggered(_) = ensured {
+            session = store::find_by_id(&state.db, auth.env.id, session.id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
+        }
+    }
     let run_id = session
         .current_run_friendly_id
         .clone()
@@ -140,4 +165,24 @@ async fn list(State(state): State<AppState>, auth: Auth, RawQuery(query): RawQue
             previous: page.previous.map(|c| c.encode()),
         },
     }))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EndAndContinueResponse {
+    run_id: String,
+    swapped: bool,
+}
+
+/// Called by the session's current run to hand off to a fresh run (an upgrade).
+async fn end_and_continue(
+    State(state): State<AppState>,
+    auth: Auth,
+    PathId(key): PathId,
+    ApiJson(body): ApiJson<EndAndContinueBody>,
+) -> ApiResult<Json<EndAndContinueResponse>> {
+    let reason = validate::end_and_continue(&body)?;
+    let session = load_authorized(&state, &auth, &key, Action::Write).await?;
+    let handoff = run_manager::hand_off(&state, auth.env.id, session.id, &body.calling_run_id, reason).await?;
+    Ok(Json(EndAndContinueResponse { run_id: handoff.run_id, swapped: handoff.swapped }))
 }

@@ -8,6 +8,7 @@ use super::model::Session;
 use super::validate::{NewSession, Patch, SessionPatch};
 use crate::db::StoreError;
 use crate::ids::{self, SESSION_PREFIX};
+use crate::jobs::{self, Job};
 use crate::runs::store::{self as run_store, NewRun, RunOwner};
 use crate::runs::TriggerReason;
 use crate::tenancy::Environment;
@@ -27,8 +28,8 @@ fn returning_session(sql: &str) -> String {
 
 #[derive(Debug)]
 pub enum CreateOutcome {
-    /// A new session with its first run.
-    Created(Session),
+    /// A new session with its first run, and the job that triggers that run.
+    Created(Session, Uuid),
     /// A live session already had this external id; its trigger config was refreshed.
     Cached(Session),
     /// A closed session holds this external id; nothing was changed.
@@ -102,9 +103,10 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
     }
     run_store::insert(&mut tx, &run).await?;
     insert_audit(&mut tx, session.id, run.id, TriggerReason::Initial).await?;
+    let job = jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?;
     tx.commit().await?;
     session.current_run_friendly_id = Some(run.friendly_id);
-    Ok(CreateOutcome::Created(session))
+    Ok(CreateOutcome::Created(session, job))
 }
 
 /// Records that `session_id` triggered `run_id` and why.
@@ -208,4 +210,21 @@ pub async fn close(pool: &PgPool, env_id: Uuid, id: Uuid, reason: Option<&str>) 
         Some(s) => Ok(Some(s)),
         None => find_by_id(pool, env_id, id).await,
     }
+}
+
+/// Current runs, not yet final, of sessions whose `expires_at` has passed.
+pub async fn expired_with_live_runs(
+    pool: &PgPool,
+    now: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT r.id FROM sessions s JOIN task_runs r ON r.id = s.current_run_id
+         WHERE s.expires_at <= $1 AND s.closed_at IS NULL AND r.status IN ('QUEUED', 'EXECUTING', 'WAITING')
+         LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::ids::SESSION_PREFIX;
+use crate::runs::TriggerReason;
 use crate::validation::{check_len, check_tags, parse_duration_secs, Validated, ValidationError};
 
 const MACHINES: &[&str] = &["micro", "small-1x", "small-2x", "medium-1x", "medium-2x", "large-1x", "large-2x"];
@@ -271,6 +272,25 @@ pub fn close_reason(body: &CloseSessionBody) -> Validated<Option<String>> {
         check_len("reason", r, 0, 256)?;
     }
     Ok(body.reason.clone())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndAndContinueBody {
+    pub calling_run_id: String,
+    pub reason: String,
+}
+
+/// The handoff's audit reason: one of the four known reasons if given, otherwise
+/// `upgrade` (the reason is a free-form label on the wire).
+pub fn end_and_continue(body: &EndAndContinueBody) -> Validated<TriggerReason> {
+    check_len("callingRunId", &body.calling_run_id, 1, 128)?;
+    check_len("reason", &body.reason, 0, 64)?;
+    Ok(match body.reason.as_str() {
+        "continuation" => TriggerReason::Continuation,
+        "manual" => TriggerReason::Manual,
+        _ => TriggerReason::Upgrade,
+    })
 }
 
 #[cfg(test)]

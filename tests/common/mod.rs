@@ -11,7 +11,7 @@ use sessiond::config::Config;
 use sessiond::tenancy::keys::MasterKey;
 use sessiond::tenancy::{store as tenancy, EnvType, Environment};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 pub struct TestEnv {
     pub env: Environment,
@@ -24,7 +24,7 @@ pub struct TestApp {
     pub a: TestEnv,
     pub b: TestEnv,
     pub client: reqwest::Client,
-    _shutdown: oneshot::Sender<()>,
+    _shutdown: watch::Sender<bool>,
 }
 
 pub fn database_url() -> String {
@@ -38,7 +38,9 @@ impl TestApp {
 
     pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut config = Config::for_database(&database_url(), Some(schema));
+        let mut config = Config::for_database(&database_url(), Some(schema.clone()));
+        config.redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        config.redis_prefix = format!("test:{schema}");
         let master_hex = hex::encode(rand_bytes());
         config.master_key = Some(master_hex.clone());
         tweak(&mut config);
@@ -48,16 +50,15 @@ impl TestApp {
         let (env_a, key_a) = tenancy::create_environment(&pool, &master, "org-a", "proj", EnvType::Dev).await.unwrap();
         let (env_b, key_b) = tenancy::create_environment(&pool, &master, "org-b", "proj", EnvType::Prod).await.unwrap();
 
-        let state = AppState::new(config, pool, master);
+        let state = AppState::connect(config, pool, master).await.expect("connect to Redis");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel::<()>();
+        let (tx, rx) = watch::channel(false);
         let serve_state = state.clone();
         tokio::spawn(async move {
-            let _ = app::serve(listener, serve_state, async {
-                let _ = rx.await;
-            })
-            .await;
+            if let Err(err) = app::serve(listener, serve_state, rx).await {
+                eprintln!("test server stopped: {err:#}");
+            }
         });
         TestApp {
             base,

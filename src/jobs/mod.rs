@@ -1,0 +1,133 @@
+//! Durable background jobs: every session transition runs as one.
+//!
+//! Postgres is the ledger: a job row is written in the transaction of the state
+//! change that causes it (an outbox), every attempt is logged with its error, and
+//! the final status stays there for operators. Redis (apalis) is the transport:
+//! the relay pushes a small envelope naming the row, and a worker runs it.
+//!
+//! - [`store`]: SQL for `jobs` and `job_attempts`.
+//! - [`queue`]: the apalis queue: push with a wake-up, and the poll strategy.
+//! - [`handlers`]: what each job does.
+//! - [`runtime`]: the apalis workers, cron schedules, and the outbox relay loop.
+//! - [`schedule`]: the cron schedules operators edit in `jobs/schedules.toml`.
+
+pub mod handlers;
+pub mod queue;
+pub mod runtime;
+pub mod schedule;
+pub mod store;
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::db::StoreError;
+use queue::JobQueue;
+
+/// Attempts a job gets before it is left failed.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 5;
+
+/// A job and its arguments, as stored in `jobs.payload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Job {
+    TriggerRun { run_id: Uuid },
+    CancelRun { run_id: Uuid },
+    RunSweep,
+    SessionExpirySweep,
+}
+
+impl Job {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Job::TriggerRun { .. } => "trigger-run",
+            Job::CancelRun { .. } => "cancel-run",
+            Job::RunSweep => "run-sweep",
+            Job::SessionExpirySweep => "session-expiry-sweep",
+        }
+    }
+
+    /// The job a cron schedule of this name enqueues.
+    pub fn for_schedule(name: &str) -> Option<Job> {
+        match name {
+            "run-sweep" => Some(Job::RunSweep),
+            "session-expiry-sweep" => Some(Job::SessionExpirySweep),
+            _ => None,
+        }
+    }
+}
+
+/// Writes, relays and retries jobs.
+#[derive(Clone)]
+pub struct Jobs {
+    pool: PgPool,
+    queue: JobQueue,
+}
+
+impl Jobs {
+    pub fn new(pool: PgPool, queue: JobQueue) -> Self {
+        Jobs { pool, queue }
+    }
+
+    pub fn queue(&self) -> &JobQueue {
+        &self.queue
+    }
+
+    /// Pushes committed job rows onto the queue. A failed push is only logged:
+    /// the row stays unrelayed and the relay loop pushes it again.
+    pub async fn relay(&self, ids: &[Uuid]) {
+        let mut pushed = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.queue.push(*id).await {
+                Ok(()) => pushed.push(*id),
+                Err(err) => tracing::warn!(job = %id, %err, "job relay failed; will retry"),
+            }
+        }
+        if let Err(err) = store::mark_relayed(&self.pool, &pushed).await {
+            // Pushed but not marked: it will be pushed again, and running a job
+            // twice is safe.
+            tracing::warn!(%err, "could not mark jobs relayed");
+        }
+    }
+
+    /// Writes a job on its own (no surrounding state change) and relays it.
+    pub async fn submit(&self, job: &Job) -> Result<Uuid, StoreError> {
+        let id = store::insert(&self.pool, job, DEFAULT_MAX_ATTEMPTS).await?;
+        self.relay(&[id]).await;
+        Ok(id)
+    }
+
+    /// Runs a failed job again with a fresh attempt budget. None if the job does
+    /// not exist or is not failed.
+    pub async fn retry(&self, id: Uuid) -> Result<Option<store::JobRow>, StoreError> {
+        let row = store::reset_for_retry(&self.pool, id).await?;
+        if row.is_some() {
+            self.relay(&[id]).await;
+        }
+        Ok(row)
+    }
+
+    /// Relays rows older than `grace_ms` that are still not on the queue.
+    pub async fn relay_pending(&self, grace_ms: i64) -> Result<usize, StoreError> {
+        let ids = store::unrelayed(&self.pool, grace_ms, 500).await?;
+        if !ids.is_empty() {
+            self.relay(&ids).await;
+        }
+        Ok(ids.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_serialise_with_their_kind() {
+        let id = Uuid::now_v7();
+        let v = serde_json::to_value(Job::TriggerRun { run_id: id }).unwrap();
+        assert_eq!(v["kind"], "trigger-run");
+        assert_eq!(serde_json::from_value::<Job>(v).unwrap(), Job::TriggerRun { run_id: id });
+        assert_eq!(Job::for_schedule("run-sweep"), Some(Job::RunSweep));
+        assert_eq!(Job::for_schedule("nope"), None);
+    }
+}

@@ -1,0 +1,143 @@
+//! Running jobs: the apalis job worker, one cron worker per schedule, and the
+//! outbox relay loop. `start` launches them all beside the HTTP server.
+
+use std::time::Duration;
+
+use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
+use apalis::layers::retry::{HasherRng, RetryPolicy};
+use apalis::prelude::{AbortError, BackendExt, BoxDynError, Data, Monitor, WorkerBuilder, WorkerBuilderExt};
+use apalis_cron::{CronScheduler, Tick};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use ulid::Ulid;
+
+use super::queue::JobEnvelope;
+use super::schedule::Schedule;
+use super::{handlers, store, Job};
+use crate::app::AppState;
+
+/// How long a freshly written job may stay unrelayed before the relay loop
+/// pushes it (the writer normally does it within milliseconds).
+const RELAY_GRACE_MS: i64 = 2_000;
+
+/// Runs one job: logs the attempt, executes, logs the outcome. On the last
+/// allowed attempt a failure is final (AbortError), so apalis stops retrying.
+async fn run_job(envelope: JobEnvelope, state: Data<AppState>) -> Result<(), BoxDynError> {
+    let Some(row) = store::find(&state.db, envelope.id).await? else {
+        tracing::warn!(job = %envelope.id, "job row missing; dropping");
+        return Ok(());
+    };
+    if row.status == "succeeded" {
+        // Delivered twice (a relay that pushed before a crash): already done.
+        return Ok(());
+    }
+    let attempt = store::start_attempt(&state.db, row.id).await?;
+    let result = match row.job() {
+        Ok(job) => handlers::execute(&state, &job).await,
+        Err(err) => Err(err.into()),
+    };
+    match result {
+        Ok(summary) => {
+            tracing::debug!(job = %row.id, kind = %row.kind, attempt, %summary, "job succeeded");
+            store::finish_attempt(&state.db, row.id, attempt, None, false).await?;
+            Ok(())
+        }
+        Err(err) => {
+            let last = attempt >= row.max_attempts;
+            let message = format!("{err:#}");
+            tracing::warn!(job = %row.id, kind = %row.kind, attempt, last, error = %message, "job attempt failed");
+            store::finish_attempt(&state.db, row.id, attempt, Some(&message), last).await?;
+            let err: BoxDynError = err.into();
+            if last {
+                Err(Box::new(AbortError::new(err)))
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct CronCtx {
+    state: AppState,
+    name: String,
+    job: Job,
+}
+
+/// One tick of a schedule. Every server ticks; the first to take the tick's lock
+/// enqueues the sweep job.
+async fn cron_tick(tick: Tick, ctx: Data<CronCtx>) -> Result<(), BoxDynError> {
+    let key = format!("{}:cron:{}:{}", ctx.state.config.redis_prefix, ctx.name, tick.get_timestamp());
+    let mut conn = ctx.state.redis.clone();
+    let won: Option<String> = redis::cmd("SET").arg(&key).arg(1).arg("NX").arg("PX").arg(60_000).query_async(&mut conn).await?;
+    if won.is_some() {
+        ctx.state.jobs.submit(&ctx.job).await?;
+    }
+    Ok(())
+}
+
+/// Launches the job runtime. Everything stops when `shutdown` turns true; the
+/// returned handle finishes once in-flight jobs are done.
+pub fn start(state: &AppState, schedules: Vec<Schedule>, shutdown: watch::Receiver<bool>) -> anyhow::Result<JoinHandle<()>> {
+    let backoff = ExponentialBackoffMaker::new(
+        Duration::from_millis(state.config.job_retry_base_ms),
+        Duration::from_secs(30),
+        0.5,
+        HasherRng::default(),
+    )?
+    .make_backoff();
+    let retries = (super::DEFAULT_MAX_ATTEMPTS - 1) as usize;
+
+    let worker_name = format!("{}-jobs-{}", state.config.redis_prefix, Ulid::generate());
+    let queue = state.jobs.queue().clone();
+    let job_state = state.clone();
+    let mut monitor = Monitor::new().register(move |_| {
+        WorkerBuilder::new(worker_name.clone())
+            .backend(queue.storage().poll_with_strategy(queue.poll_strategy(Duration::from_millis(250))))
+            .data(job_state.clone())
+            .concurrency(32)
+            .retry(RetryPolicy::retries(retries).with_backoff(backoff.clone()))
+            .build(run_job)
+    });
+    for schedule in schedules {
+        let ctx = CronCtx { state: state.clone(), name: schedule.name.clone(), job: schedule.job.clone() };
+        let name = format!("{}-cron-{}-{}", state.config.redis_prefix, schedule.name, Ulid::generate());
+        let cron = schedule.cron.clone();
+        monitor = monitor.register(move |_| {
+            WorkerBuilder::new(name.clone()).backend(CronScheduler::new(cron.clone())).data(ctx.clone()).build(cron_tick)
+        });
+    }
+
+    let client = state.redis_client.clone();
+    tokio::spawn(state.run_queue.clone().listen(client.clone()));
+    tokio::spawn(state.jobs.queue().clone().listen(client));
+
+    // The outbox relay: jobs whose writer could not push them.
+    let relay_state = state.clone();
+    let mut relay_stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = relay_stop.changed() => break,
+                _ = tokio::time::sleep(Duration::from_millis(1_000)) => {}
+            }
+            match relay_state.jobs.relay_pending(RELAY_GRACE_MS).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "relayed pending jobs"),
+                Err(err) => tracing::warn!(%err, "outbox relay failed"),
+            }
+        }
+    });
+
+    let mut stop = shutdown;
+    let monitor = monitor.shutdown_timeout(Duration::from_secs(10));
+    Ok(tokio::spawn(async move {
+        let signal = async move {
+            let _ = stop.wait_for(|s| *s).await;
+            Ok(())
+        };
+        if let Err(err) = monitor.run_with_signal(signal).await {
+            tracing::error!(%err, "job runtime stopped with an error");
+        }
+    }))
+}

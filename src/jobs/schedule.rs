@@ -1,0 +1,62 @@
+//! Cron schedules, read from `jobs/schedules.toml` (compiled in as the default).
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use super::Job;
+
+pub const DEFAULT_SCHEDULES: &str = include_str!("../../jobs/schedules.toml");
+
+#[derive(Debug, Deserialize)]
+struct Entry {
+    cron: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub name: String,
+    pub cron: cron::Schedule,
+    pub job: Job,
+}
+
+/// Parses schedules; every name must be a known sweep and every expression valid.
+pub fn parse(text: &str) -> anyhow::Result<Vec<Schedule>> {
+    let entries: BTreeMap<String, Entry> = toml::from_str(text)?;
+    entries
+        .into_iter()
+        .map(|(name, e)| {
+            let job = Job::for_schedule(&name).ok_or_else(|| anyhow::anyhow!("unknown schedule {name:?}"))?;
+            let cron = cron::Schedule::from_str(&e.cron)
+                .map_err(|err| anyhow::anyhow!("schedule {name:?}: bad cron {:?}: {err}", e.cron))?;
+            Ok(Schedule { name, cron, job })
+        })
+        .collect()
+}
+
+/// The schedules in `path`, or the built-in defaults.
+pub fn load(path: Option<&str>) -> anyhow::Result<Vec<Schedule>> {
+    match path {
+        Some(p) => parse(&std::fs::read_to_string(p)?),
+        None => parse(DEFAULT_SCHEDULES),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_schedules_parse() {
+        let s = parse(DEFAULT_SCHEDULES).unwrap();
+        let names: Vec<_> = s.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["run-sweep", "session-expiry-sweep"]);
+    }
+
+    #[test]
+    fn bad_schedules_are_refused() {
+        assert!(parse("[nope]\ncron = \"* * * * * *\"").is_err());
+        assert!(parse("[run-sweep]\ncron = \"every minute\"").is_err());
+    }
+}

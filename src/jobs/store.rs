@@ -1,0 +1,172 @@
+//! SQL that owns `jobs` (the outbox and job ledger) and `job_attempts`.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgExecutor, PgPool};
+use uuid::Uuid;
+
+use super::Job;
+use crate::db::StoreError;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    pub id: Uuid,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub status: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub last_error: Option<String>,
+    pub run_at: DateTime<Utc>,
+    pub relayed_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl JobRow {
+    pub fn job(&self) -> Result<Job, StoreError> {
+        serde_json::from_value(self.payload.clone()).map_err(|e| StoreError::Corrupt(format!("job {}: {e}", self.id)))
+    }
+}
+
+const JOB_COLUMNS: &str =
+    "id, kind, payload, status, attempts, max_attempts, last_error, run_at, relayed_at, created_at, updated_at, finished_at";
+
+/// Writes a job into the outbox. Call inside the transaction of the state change
+/// that causes it, so the job exists if and only if the change committed.
+pub async fn insert(conn: impl PgExecutor<'_>, job: &Job, max_attempts: i32) -> Result<Uuid, StoreError> {
+    let id = Uuid::now_v7();
+    let payload = serde_json::to_value(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    sqlx::query("INSERT INTO jobs (id, kind, payload, max_attempts) VALUES ($1, $2, $3, $4)")
+        .bind(id)
+        .bind(job.kind())
+        .bind(payload)
+        .bind(max_attempts)
+        .execute(conn)
+        .await?;
+    Ok(id)
+}
+
+pub async fn find(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError> {
+    Ok(sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1")).bind(id).fetch_optional(pool).await?)
+}
+
+pub async fn mark_relayed(pool: &PgPool, ids: &[Uuid]) -> Result<(), StoreError> {
+    sqlx::query("UPDATE jobs SET relayed_at = now() WHERE id = ANY($1) AND relayed_at IS NULL")
+        .bind(ids)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Jobs written but not on the queue yet, older than `grace_ms` (younger ones are
+/// still being relayed by the request that wrote them).
+pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE relayed_at IS NULL AND created_at < now() - make_interval(secs => $1::float8 / 1000)
+         ORDER BY created_at LIMIT $2",
+    )
+    .bind(grace_ms)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Starts an attempt: bumps the counter and logs it. Returns the attempt number.
+pub async fn start_attempt(pool: &PgPool, id: Uuid) -> Result<i32, StoreError> {
+    let mut tx = pool.begin().await?;
+    let attempt: i32 = sqlx::query_scalar(
+        "UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = now() WHERE id = $1 RETURNING attempts",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("INSERT INTO job_attempts (job_id, attempt, status) VALUES ($1, $2, 'running')")
+        .bind(id)
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(attempt)
+}
+
+/// Ends an attempt. A failure leaves the job `pending` (it will be retried) until
+/// `final_failure`, when it becomes `failed` and stays visible with its error.
+pub async fn finish_attempt(
+    pool: &PgPool,
+    id: Uuid,
+    attempt: i32,
+    error: Option<&str>,
+    final_failure: bool,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let status = if error.is_none() { "succeeded" } else { "failed" };
+    sqlx::query(
+        "UPDATE job_attempts SET status = $3, error = $4, finished_at = now() WHERE job_id = $1 AND attempt = $2",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(status)
+    .bind(error)
+    .execute(&mut *tx)
+    .await?;
+    let job_status = match (error, final_failure) {
+        (None, _) => "succeeded",
+        (Some(_), true) => "failed",
+        (Some(_), false) => "pending",
+    };
+    sqlx::query(
+        "UPDATE jobs SET status = $2, last_error = coalesce($3, last_error), updated_at = now(),
+            finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN now() ELSE NULL END
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(job_status)
+    .bind(error)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Puts a failed job back in line: a fresh retry budget, and not yet relayed.
+pub async fn reset_for_retry(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "UPDATE jobs SET status = 'pending', relayed_at = NULL, max_attempts = attempts + $2,
+            finished_at = NULL, updated_at = now()
+         WHERE id = $1 AND status = 'failed' RETURNING {JOB_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(super::DEFAULT_MAX_ATTEMPTS)
+    .fetch_optional(pool)
+    .await?)
+}
+
+pub async fn list(pool: &PgPool, failed_only: bool, limit: i64) -> Result<Vec<JobRow>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE ($1 = false OR status = 'failed')
+         ORDER BY updated_at DESC LIMIT $2"
+    ))
+    .bind(failed_only)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRow {
+    pub attempt: i32,
+    pub status: String,
+    pub error: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+pub async fn attempts(pool: &PgPool, id: Uuid) -> Result<Vec<AttemptRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT attempt, status, error, started_at, finished_at FROM job_attempts WHERE job_id = $1 ORDER BY attempt",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?)
+}

@@ -1,0 +1,267 @@
+//! The worker protocol: how task workers receive runs and report on them.
+//! See README "Worker protocol".
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::store::{self, Run, Transition};
+use super::RunStatus;
+use crate::app::AppState;
+use crate::auth::{jwt, Action, Auth};
+use crate::http::error::{ApiError, ApiResult};
+use crate::http::extract::{ApiJson, PathId};
+use crate::jobs::Job;
+use crate::validation::{check_len, ValidationError};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/worker/dequeue", post(dequeue))
+        .route("/api/v1/runs/{run}", get(retrieve))
+        .route("/api/v1/runs/{run}/heartbeat", post(heartbeat))
+        .route("/api/v1/runs/{run}/complete", post(complete))
+        .route("/api/v1/runs/{run}/fail", post(fail))
+        .route("/api/v2/runs/{run}/cancel", post(cancel))
+}
+
+/// A run as operators and workers see it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunView {
+    pub id: String,
+    pub status: RunStatus,
+    pub task_identifier: String,
+    pub session_id: Option<String>,
+    pub payload: Value,
+    pub attempt_number: i32,
+    pub max_attempts: i32,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl From<&Run> for RunView {
+    fn from(r: &Run) -> Self {
+        RunView {
+            id: r.friendly_id.clone(),
+            status: r.status(),
+            task_identifier: r.task_identifier.clone(),
+            session_id: r.session_friendly_id.clone(),
+            payload: r.payload.clone(),
+            attempt_number: r.attempt_number,
+            max_attempts: r.max_attempts,
+            output: r.output.clone(),
+            error: r.error.clone(),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            started_at: r.started_at,
+            completed_at: r.completed_at,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DequeueBody {
+    tasks: Vec<String>,
+    #[serde(default)]
+    max_runs: Option<usize>,
+    #[serde(default)]
+    wait_seconds: Option<u64>,
+    #[serde(default)]
+    worker_id: Option<String>,
+}
+
+/// A run handed to a worker: what to run, and the credentials to run it with.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DequeuedRun {
+    pub id: String,
+    pub task_identifier: String,
+    pub session_id: Option<String>,
+    pub payload: Value,
+    pub attempt_number: i32,
+    pub max_attempts: i32,
+    pub max_duration_secs: Option<i32>,
+    /// Bearer token for this run's heartbeats, results, session channels and waits.
+    pub token: String,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+}
+
+#[derive(Serialize)]
+struct DequeueResponse {
+    runs: Vec<DequeuedRun>,
+}
+
+const MAX_DEQUEUE_WAIT_SECS: u64 = 30;
+
+/// Long-polls for up to `maxRuns` runs of the given tasks. Pops from the Redis
+/// queues, then claims in Postgres; waits on the queue wake signal (with a
+/// periodic re-check) until work arrives or the wait ends.
+async fn dequeue(State(state): State<AppState>, auth: Auth, ApiJson(body): ApiJson<DequeueBody>) -> ApiResult<Json<DequeueResponse>> {
+    auth.require_secret_key()?;
+    if body.tasks.is_empty() || body.tasks.len() > 20 {
+        return Err(ValidationError::new("tasks", "give 1 to 20 task identifiers").into());
+    }
+    for (i, t) in body.tasks.iter().enumerate() {
+        check_len(&format!("tasks[{i}]"), t, 1, 128)?;
+    }
+    let max = body.max_runs.unwrap_or(1);
+    if !(1..=50).contains(&max) {
+        return Err(ValidationError::new("maxRuns", "must be from 1 to 50").into());
+    }
+    let wait = Duration::from_secs(body.wait_seconds.unwrap_or(10).min(MAX_DEQUEUE_WAIT_SECS));
+    let keys: Vec<String> = body.tasks.iter().map(|t| state.run_queue.key(auth.env.id, t)).collect();
+    let deadline = tokio::time::Instant::now() + wait;
+    let timeout_ms = state.config.run_heartbeat_timeout_ms as i64;
+    let mut wake = state.run_queue.subscribe();
+    loop {
+        wake.borrow_and_update();
+        let ids = state.run_queue.pop(&keys, max).await.map_err(anyhow::Error::from)?;
+        if !ids.is_empty() {
+            let runs = store::claim_for_execution(&state.db, auth.env.id, &ids, timeout_ms, body.worker_id.as_deref()).await?;
+            if !runs.is_empty() {
+                let runs = runs.iter().map(|r| dequeued(&state, &auth, r)).collect();
+                return Ok(Json(DequeueResponse { runs }));
+            }
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(Json(DequeueResponse { runs: Vec::new() }));
+        }
+        let nap = (deadline - now).min(Duration::from_secs(1));
+        tokio::select! {
+            _ = wake.changed() => {}
+            _ = tokio::time::sleep(nap) => {}
+        }
+    }
+}
+
+fn dequeued(state: &AppState, auth: &Auth, r: &Run) -> DequeuedRun {
+    let timeout = state.config.run_heartbeat_timeout_ms;
+    DequeuedRun {
+        id: r.friendly_id.clone(),
+        task_identifier: r.task_identifier.clone(),
+        session_id: r.session_friendly_id.clone(),
+        payload: r.payload.clone(),
+        attempt_number: r.attempt_number,
+        max_attempts: r.max_attempts,
+        max_duration_secs: r.max_duration_secs,
+        token: jwt::mint_run_token(auth.env.id, &auth.env.secret_key, &r.friendly_id, r.session_friendly_id.as_deref()),
+        heartbeat_interval_ms: (timeout / 3).max(1),
+        heartbeat_timeout_ms: timeout,
+    }
+}
+
+fn authorize_run(auth: &Auth, action: Action, run: &str) -> ApiResult<()> {
+    if auth.can_access_run(action, run) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden)
+    }
+}
+
+fn not_found() -> ApiError {
+    ApiError::NotFound("Run not found".into())
+}
+
+async fn retrieve(State(state): State<AppState>, auth: Auth, PathId(run): PathId) -> ApiResult<Json<RunView>> {
+    authorize_run(&auth, Action::Read, &run)?;
+    let run = store::find(&state.db, auth.env.id, &run).await?.ok_or_else(not_found)?;
+    Ok(Json(RunView::from(&run)))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HeartbeatResponse {
+    ok: bool,
+    status: RunStatus,
+    /// Stop working on this run (canceled, timed out, or otherwise final).
+    cancel: bool,
+}
+
+async fn heartbeat(State(state): State<AppState>, auth: Auth, PathId(run): PathId) -> ApiResult<Json<HeartbeatResponse>> {
+    authorize_run(&auth, Action::Write, &run)?;
+    let timeout = state.config.run_heartbeat_timeout_ms as i64;
+    match store::heartbeat(&state.db, auth.env.id, &run, timeout).await? {
+        Transition::Done(r) => Ok(Json(HeartbeatResponse { ok: true, status: r.status(), cancel: false })),
+        Transition::Refused(r) => Ok(Json(HeartbeatResponse { ok: false, status: r.status(), cancel: true })),
+        Transition::NotFound => Err(not_found()),
+    }
+}
+
+fn transition_result(t: Transition) -> ApiResult<Json<RunView>> {
+    match t {
+        Transition::Done(r) => Ok(Json(RunView::from(&r))),
+        Transition::Refused(r) => Err(ApiError::Conflict(format!("Run is {}", r.status().as_str()))),
+        Transition::NotFound => Err(not_found()),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CompleteBody {
+    #[serde(default)]
+    output: Option<Value>,
+}
+
+async fn complete(
+    State(state): State<AppState>,
+    auth: Auth,
+    PathId(run): PathId,
+    ApiJson(body): ApiJson<CompleteBody>,
+) -> ApiResult<Json<RunView>> {
+    authorize_run(&auth, Action::Write, &run)?;
+    transition_result(store::complete(&state.db, auth.env.id, &run, body.output.as_ref()).await?)
+}
+
+#[derive(Debug, Deserialize)]
+struct FailBody {
+    error: Value,
+    #[serde(default = "yes")]
+    retryable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Records a failed attempt. While attempts remain the run goes back to QUEUED
+/// after an exponential, jittered delay and the due-runs sweep pushes it again.
+async fn fail(
+    State(state): State<AppState>,
+    auth: Auth,
+    PathId(run): PathId,
+    ApiJson(body): ApiJson<FailBody>,
+) -> ApiResult<Json<RunView>> {
+    authorize_run(&auth, Action::Write, &run)?;
+    let current = store::find(&state.db, auth.env.id, &run).await?.ok_or_else(not_found)?;
+    let delay = super::retry_delay_ms(current.attempt_number, state.config.run_retry_base_ms, state.config.run_retry_max_ms);
+    transition_result(store::fail(&state.db, auth.env.id, &run, &body.error, body.retryable, delay as i64).await?)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CancelResponse {
+    id: String,
+    job_id: Uuid,
+}
+
+/// Cancels a run through the durable cancel-run job; the worker learns from its
+/// next heartbeat.
+async fn cancel(State(state): State<AppState>, auth: Auth, PathId(run): PathId) -> ApiResult<Json<CancelResponse>> {
+    authorize_run(&auth, Action::Write, &run)?;
+    let found = store::find(&state.db, auth.env.id, &run).await?.ok_or_else(not_found)?;
+    let job_id = state.jobs.submit(&Job::CancelRun { run_id: found.id }).await?;
+    Ok(Json(CancelResponse { id: found.friendly_id, job_id }))
+}
