@@ -19,3 +19,4 @@ pub mod runs;
 pub mod sessions;
 pub mod tenancy;
 pub mod validation;
+pub mod worker;

@@ -105,12 +105,21 @@ impl TriggerReason {
 }
 
 /// A run's payload: the session's `basePayload` with the server's runtime fields
-/// merged on top (`sessionId`, and `trigger` = the reason this run exists), so a
-/// task can tell a first run from a continuation without extra calls.
-pub fn session_payload(base: &Map<String, Value>, session_friendly_id: &str, reason: TriggerReason) -> Value {
+/// merged on top (`sessionId`, `trigger` = the reason this run exists, and
+/// `idleTimeoutInSeconds` when the session sets one), so a task can tell a first
+/// run from a continuation without extra calls.
+pub fn session_payload(
+    base: &Map<String, Value>,
+    session_friendly_id: &str,
+    reason: TriggerReason,
+    idle_timeout_secs: Option<i64>,
+) -> Value {
     let mut payload = base.clone();
     payload.insert("sessionId".into(), Value::String(session_friendly_id.into()));
     payload.insert("trigger".into(), Value::String(reason.as_str().into()));
+    if let Some(idle) = idle_timeout_secs {
+        payload.insert("idleTimeoutInSeconds".into(), Value::from(idle));
+    }
     Value::Object(payload)
 }
 
@@ -147,7 +156,9 @@ mod tests {
     #[test]
     fn payload_merges_runtime_fields_over_the_base() {
         let base = json!({"chatId": "c1", "trigger": "user value"});
-        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Continuation);
+        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Continuation, None);
         assert_eq!(p, json!({"chatId": "c1", "trigger": "continuation", "sessionId": "session_x"}));
+        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Initial, Some(30));
+        assert_eq!(p["idleTimeoutInSeconds"], 30);
     }
 }

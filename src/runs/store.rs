@@ -50,7 +50,7 @@ impl NewRun {
             runtime_environment_id: owner.runtime_environment_id,
             task_identifier: owner.task_identifier.to_string(),
             session_id: Some(owner.session_id),
-            payload: session_payload(&config.base_payload, owner.session_friendly_id, reason),
+            payload: session_payload(&config.base_payload, owner.session_friendly_id, reason, config.idle_timeout_in_seconds),
             queue: config.queue.clone(),
             machine: config.machine.clone(),
             tags: config.tags.clone().unwrap_or_default(),

@@ -41,6 +41,12 @@ impl TestApp {
         let mut config = Config::for_database(&database_url(), Some(schema.clone()));
         config.redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         config.redis_prefix = format!("test:{schema}");
+        // Fast engine settings so liveness, retries and sweeps show within seconds.
+        config.run_heartbeat_timeout_ms = 1_500;
+        config.run_retry_base_ms = 50;
+        config.run_retry_max_ms = 200;
+        config.job_retry_base_ms = 50;
+        config.job_schedules_file = Some(fast_schedules());
         let master_hex = hex::encode(rand_bytes());
         config.master_key = Some(master_hex.clone());
         tweak(&mut config);
@@ -107,6 +113,43 @@ impl TestApp {
 
     pub fn db(&self) -> &sqlx::PgPool {
         &self.state.db
+    }
+
+    pub fn worker(&self) -> sessiond::worker::WorkerClient {
+        sessiond::worker::WorkerClient::new(&self.base, &self.a.key)
+    }
+
+    /// A run's status, by friendly id.
+    pub async fn run_status(&self, run: &str) -> String {
+        sqlx::query_scalar("SELECT status FROM task_runs WHERE friendly_id = $1").bind(run).fetch_one(self.db()).await.unwrap()
+    }
+}
+
+/// Every sweep every second.
+fn fast_schedules() -> String {
+    let path = std::env::temp_dir().join("sessiond-test-schedules.toml");
+    let text = "[run-sweep]\ncron = \"* * * * * *\"\n[session-expiry-sweep]\ncron = \"* * * * * *\"\n";
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
+        let tmp = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+    path.to_string_lossy().into_owned()
+}
+
+/// Polls `check` every 50 ms until it returns Some or `secs` pass.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -1,0 +1,129 @@
+//! A small library for writing task workers in Rust, and the example
+//! `echo-agent` built on it (`sessiond worker --task echo-agent`).
+//!
+//! A [`Worker`] long-polls for runs of its tasks, heartbeats each run while its
+//! [`TaskHandler`] works, stops the handler when the server says cancel, and
+//! reports the result. Channel I/O for session streams sits behind
+//! [`channels::SessionChannels`].
+
+pub mod channels;
+pub mod client;
+pub mod echo;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub use client::{AssignedRun, WorkerClient};
+
+/// What a handler gets for one run.
+pub struct RunContext {
+    pub run: AssignedRun,
+    /// Cancelled when the server cancels the run or the worker shuts down.
+    pub cancel: CancellationToken,
+    pub client: WorkerClient,
+}
+
+#[async_trait]
+pub trait TaskHandler: Send + Sync + 'static {
+    /// Runs one attempt; the value becomes the run's output, an error fails the attempt.
+    async fn run(&self, ctx: RunContext) -> anyhow::Result<Value>;
+}
+
+pub struct Worker {
+    pub client: WorkerClient,
+    pub tasks: Vec<String>,
+    pub concurrency: usize,
+}
+
+impl Worker {
+    pub fn new(client: WorkerClient, tasks: Vec<String>, concurrency: usize) -> Self {
+        Worker { client, tasks, concurrency: concurrency.max(1) }
+    }
+
+    /// Dequeues and runs until `stop` is cancelled, then waits for runs in flight.
+    pub async fn run(self, handler: Arc<dyn TaskHandler>, stop: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let mut in_flight = tokio::task::JoinSet::new();
+        while !stop.is_cancelled() {
+            let free = slots.available_permits();
+            if free == 0 {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = in_flight.join_next() => continue,
+                }
+            }
+            let runs = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = self.client.dequeue(&self.tasks, free, Duration::from_secs(10)) => r,
+            };
+            match runs {
+                Ok(runs) => {
+                    for run in runs {
+                        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                        let (client, handler, cancel) = (self.client.clone(), handler.clone(), stop.child_token());
+                        in_flight.spawn(async move {
+                            execute(client, handler, run, cancel).await;
+                            drop(permit);
+                        });
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "dequeue failed; backing off");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        while in_flight.join_next().await.is_some() {}
+    }
+}
+
+/// Runs one assigned run: heartbeats beside the handler, cancels it when told,
+/// then reports completion or failure.
+pub async fn execute(client: WorkerClient, handler: Arc<dyn TaskHandler>, run: AssignedRun, cancel: CancellationToken) {
+    let beat = {
+        let (client, run, cancel) = (client.clone(), run.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let every = Duration::from_millis(run.heartbeat_interval_ms.max(10));
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                match client.heartbeat(&run).await {
+                    Ok(reply) if reply.cancel => {
+                        tracing::info!(run = %run.id, status = %reply.status, "server stopped the run");
+                        cancel.cancel();
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(run = %run.id, %err, "heartbeat failed"),
+                }
+            }
+        })
+    };
+    let ctx = RunContext { run: run.clone(), cancel: cancel.clone(), client: client.clone() };
+    let result = handler.run(ctx).await;
+    let stopped = cancel.is_cancelled();
+    cancel.cancel();
+    let _ = beat.await;
+    if stopped {
+        // The server already holds a final state (canceled, timed out) or we are
+        // shutting down; the heartbeat deadline settles the latter.
+        return;
+    }
+    let report = match result {
+        Ok(output) => client.complete(&run, output).await.map(|_| ()),
+        Err(err) => client.fail(&run, json!({ "message": format!("{err:#}") }), true).await.map(|_| ()),
+    };
+    if let Err(err) = report {
+        tracing::warn!(run = %run.id, %err, "could not report the run's result");
+    }
+}

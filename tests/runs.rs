@@ -1,0 +1,413 @@
+//! The run engine and the session as run manager, on real Postgres and Redis.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, session_body, TestApp};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sessiond::sessions::run_manager::{self, Ensured};
+use sessiond::worker::{AssignedRun, RunContext, TaskHandler, WorkerClient};
+use uuid::Uuid;
+
+fn tasks() -> Vec<String> {
+    vec!["echo-agent".to_string()]
+}
+
+async fn dequeue_one(w: &WorkerClient) -> AssignedRun {
+    let runs = w.dequeue(&tasks(), 1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(runs.len(), 1, "expected one run");
+    runs.into_iter().next().unwrap()
+}
+
+async fn session_uuid(app: &TestApp, friendly: &str) -> Uuid {
+    sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(friendly).fetch_one(app.db()).await.unwrap()
+}
+
+async fn audit_reasons(app: &TestApp, session: Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT reason FROM session_runs WHERE session_id = $1 ORDER BY created_at")
+        .bind(session)
+        .fetch_all(app.db())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn create_dequeue_complete_then_continuation() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("flow"))).await;
+    let w = app.worker();
+    let run = dequeue_one(&w).await;
+    assert_eq!(run.id, s["runId"]);
+    assert_eq!(run.attempt_number, 1);
+    assert_eq!(run.session_id.as_deref(), s["id"].as_str());
+    assert_eq!(run.payload["trigger"], "initial");
+    assert_eq!(run.payload["chatId"], "flow");
+    assert_eq!(app.run_status(&run.id).await, "EXECUTING");
+
+    // The run token works for this run only.
+    let hb = w.heartbeat(&run).await.unwrap();
+    assert!(hb.ok && !hb.cancel);
+    let (status, _) = app.post(&format!("/api/v1/runs/{}/heartbeat", "run_other"), &run.token, json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let done = w.complete(&run, json!({"ok": true})).await.unwrap();
+    assert_eq!(done["status"], "COMPLETED");
+    assert_eq!(done["output"], json!({"ok": true}));
+    // Completing twice is refused.
+    assert!(w.complete(&run, json!(null)).await.is_err());
+
+    // Next activity (here: create again) boots a continuation.
+    let again = app.create_session(session_body(Some("flow"))).await;
+    assert_eq!(again["isCached"], true);
+    assert_ne!(again["runId"], s["runId"]);
+    assert_eq!(again["currentRunId"], again["runId"]);
+    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "continuation"]);
+    let next = dequeue_one(&w).await;
+    assert_eq!(next.id, again["runId"]);
+    assert_eq!(next.payload["trigger"], "continuation");
+}
+
+#[tokio::test]
+async fn missed_heartbeats_crash_the_run_and_activity_continues() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("crashy"))).await;
+    let w = app.worker();
+    let run = dequeue_one(&w).await;
+    // The worker dies: no heartbeat. The sweep marks the run CRASHED.
+    eventually(10, "CRASHED", || async { (app.run_status(&run.id).await == "CRASHED").then_some(()) }).await;
+    let hb = w.heartbeat(&run).await.unwrap();
+    assert!(hb.cancel && !hb.ok);
+    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    let ensured = run_manager::ensure_run(&app.state, app.a.env.id, sid).await.unwrap();
+    let Ensured::Triggered(new_run) = ensured else { panic!("expected a continuation, got {ensured:?}") };
+    assert_ne!(new_run, run.id);
+    assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "continuation"]);
+    // Alive now: a second ensure is a no-op.
+    assert_eq!(run_manager::ensure_run(&app.state, app.a.env.id, sid).await.unwrap(), Ensured::Alive(new_run));
+}
+
+#[tokio::test]
+async fn concurrent_ensure_run_on_a_dead_session_makes_exactly_one_run() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("herd"))).await;
+    let w = app.worker();
+    let run = dequeue_one(&w).await;
+    w.complete(&run, json!(null)).await.unwrap();
+    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+
+    let mut calls = Vec::new();
+    for _ in 0..50 {
+        let state = app.state.clone();
+        let env = app.a.env.id;
+        calls.push(tokio::spawn(async move { run_manager::ensure_run(&state, env, sid).await }));
+    }
+    let mut run_ids = HashSet::new();
+    let mut triggered = 0;
+    for c in calls {
+        match c.await.unwrap().expect("ensure_run") {
+            Ensured::Triggered(r) => {
+                triggered += 1;
+                run_ids.insert(r);
+            }
+            Ensured::Alive(r) => {
+                run_ids.insert(r);
+            }
+        }
+    }
+    assert_eq!(triggered, 1);
+    assert_eq!(run_ids.len(), 1, "{run_ids:?}");
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM task_runs WHERE session_id = $1 AND status IN ('QUEUED', 'EXECUTING', 'WAITING')",
+    )
+    .bind(sid)
+    .fetch_one(app.db())
+    .await
+    .unwrap();
+    assert_eq!(live, 1, "no orphaned live runs");
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM task_runs WHERE session_id = $1").bind(sid).fetch_one(app.db()).await.unwrap();
+    assert_eq!(total, 2);
+}
+
+#[tokio::test]
+async fn end_and_continue_swaps_only_for_the_current_run() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("upgrade"))).await;
+    let w = app.worker();
+    let run = dequeue_one(&w).await;
+    let handoff = w.end_and_continue(&run, "upgrade").await.unwrap();
+    assert!(handoff.swapped);
+    assert_ne!(handoff.run_id, run.id);
+    let (_, now) = app.get("/api/v1/sessions/upgrade", &app.a.key).await;
+    assert_eq!(now["currentRunId"], handoff.run_id);
+    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "upgrade"]);
+    let next = dequeue_one(&w).await;
+    assert_eq!(next.id, handoff.run_id);
+    assert_eq!(next.payload["trigger"], "upgrade");
+
+    // The old run is stale now: no swap, and it learns who holds the session.
+    let stale = w.end_and_continue(&run, "upgrade").await.unwrap();
+    assert_eq!((stale.swapped, stale.run_id.clone()), (false, handoff.run_id.clone()));
+    assert_eq!(audit_reasons(&app, sid).await.len(), 2);
+
+    // Another session's run token cannot hand this session off.
+    let other = app.create_session(session_body(Some("other"))).await;
+    let other_run = dequeue_one(&w).await;
+    assert_eq!(other_run.id, other["runId"]);
+    let (status, _) = app
+        .post("/api/v1/sessions/upgrade/end-and-continue", &other_run.token, json!({"callingRunId": other_run.id, "reason": "upgrade"}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) =
+        app.post("/api/v1/sessions/upgrade/end-and-continue", &app.a.key, json!({"reason": "upgrade"})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+}
+
+struct WaitForCancel;
+
+#[async_trait::async_trait]
+impl TaskHandler for WaitForCancel {
+    async fn run(&self, ctx: RunContext) -> anyhow::Result<Value> {
+        ctx.cancel.cancelled().await;
+        Ok(json!("stopped"))
+    }
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_worker() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("cancel-me"))).await;
+    let w = app.worker();
+    let run = dequeue_one(&w).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(sessiond::worker::execute(w.clone(), Arc::new(WaitForCancel), run.clone(), stop.clone()));
+    let (status, body) = app.post(&format!("/api/v2/runs/{}/cancel", s["runId"].as_str().unwrap()), &app.a.key, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The handler only returns once the heartbeat answer carried the cancel.
+    tokio::time::timeout(Duration::from_secs(10), worker).await.expect("worker stopped").unwrap();
+    assert_eq!(app.run_status(&run.id).await, "CANCELED");
+    let job: String = sqlx::query_scalar("SELECT status FROM jobs WHERE kind = 'cancel-run'").fetch_one(app.db()).await.unwrap();
+    assert_eq!(job, "succeeded");
+}
+
+#[tokio::test]
+async fn failed_attempts_retry_up_to_max_attempts_then_fail() {
+    let app = TestApp::spawn().await;
+    app.create_session(session_body(Some("flaky"))).await; // maxAttempts 3
+    let w = app.worker();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let run = dequeue_one(&w).await;
+        seen.push(run.attempt_number);
+        let r = w.fail(&run, json!({"message": format!("boom {}", run.attempt_number)}), true).await.unwrap();
+        let expected = if run.attempt_number < 3 { "QUEUED" } else { "FAILED" };
+        assert_eq!(r["status"], expected);
+    }
+    assert_eq!(seen, vec![1, 2, 3]);
+    let (status, error): (String, Value) =
+        sqlx::query_as("SELECT status, error FROM task_runs").fetch_one(app.db()).await.unwrap();
+    assert_eq!(status, "FAILED");
+    assert_eq!(error["message"], "boom 3");
+    // Nothing more to dequeue.
+    assert!(w.dequeue(&tasks(), 1, Duration::from_secs(1)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn non_retryable_failure_is_final() {
+    let app = TestApp::spawn().await;
+    app.create_session(session_body(Some("fatal"))).await;
+    let w = app.worker();
+    let run = dequeue_one(&w).await;
+    let r = w.fail(&run, json!({"message": "bad input"}), false).await.unwrap();
+    assert_eq!(r["status"], "FAILED");
+}
+
+#[tokio::test]
+async fn queued_runs_expire_after_their_ttl() {
+    let app = TestApp::spawn().await;
+    let mut body = session_body(Some("ttl"));
+    body["triggerConfig"]["ttl"] = json!("1s");
+    let s = app.create_session(body).await;
+    let run = s["runId"].as_str().unwrap();
+    eventually(10, "EXPIRED", || async { (app.run_status(run).await == "EXPIRED").then_some(()) }).await;
+    assert!(app.worker().dequeue(&tasks(), 1, Duration::from_secs(1)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn max_duration_times_out_a_run() {
+    let app = TestApp::spawn().await;
+    let mut body = session_body(Some("slow"));
+    body["triggerConfig"]["maxDuration"] = json!(1);
+    app.create_session(body).await;
+    let w = app.worker();
+    let run = dequeue_one(&w).await;
+    let result = eventually(10, "TIMED_OUT", || async {
+        let _ = w.heartbeat(&run).await; // keep it alive: only maxDuration may end it
+        (app.run_status(&run.id).await == "TIMED_OUT").then_some(())
+    })
+    .await;
+    let () = result;
+    assert!(w.heartbeat(&run).await.unwrap().cancel);
+}
+
+#[tokio::test]
+async fn expiry_sweep_cancels_runs_of_expired_sessions_idempotently() {
+    let app = TestApp::spawn().await;
+    let mut body = session_body(Some("expiring"));
+    body["expiresAt"] = json!((chrono::Utc::now() + chrono::Duration::milliseconds(800)).to_rfc3339());
+    let s = app.create_session(body).await;
+    let run = s["runId"].as_str().unwrap().to_string();
+    eventually(10, "expired run canceled", || async { (app.run_status(&run).await == "CANCELED").then_some(()) }).await;
+    // Running the sweep again changes nothing.
+    let out = sessiond::jobs::handlers::execute(&app.state, &sessiond::jobs::Job::SessionExpirySweep).await.unwrap();
+    assert!(out.starts_with("0 runs"), "{out}");
+    assert_eq!(app.run_status(&run).await, "CANCELED");
+    // Expired sessions get no new runs.
+    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    assert!(run_manager::ensure_run(&app.state, app.a.env.id, sid).await.is_err());
+    let (_, listed) = app.get("/api/v1/sessions?filter[status]=EXPIRED", &app.a.key).await;
+    assert_eq!(listed["data"][0]["id"], s["id"]);
+}
+
+#[tokio::test]
+async fn one_run_never_reaches_two_workers() {
+    let app = TestApp::spawn().await;
+    for i in 0..20 {
+        app.create_session(session_body(Some(&format!("par-{i}")))).await;
+    }
+    let mut pollers = Vec::new();
+    for _ in 0..8 {
+        let w = app.worker();
+        pollers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let runs = w.dequeue(&tasks(), 3, Duration::from_secs(1)).await.unwrap();
+                if runs.is_empty() {
+                    break got;
+                }
+                got.extend(runs.into_iter().map(|r| r.id));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for p in pollers {
+        all.extend(p.await.unwrap());
+    }
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 20, "every run handed out once: {all:?}");
+    assert_eq!(unique.len(), 20);
+}
+
+#[tokio::test]
+async fn a_waiting_dequeue_wakes_when_a_run_is_triggered() {
+    let app = TestApp::spawn().await;
+    let w = app.worker();
+    let waiter = tokio::spawn(async move { w.dequeue(&tasks(), 1, Duration::from_secs(10)).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let s = app.create_session(session_body(Some("wake"))).await;
+    let runs = waiter.await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].id, s["runId"]);
+    assert!(started.elapsed() < Duration::from_secs(3), "woke by signal, not by polling: {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn unrelayed_jobs_are_relayed_later() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("outbox"))).await;
+    let w = app.worker();
+    let run = dequeue_one(&w).await;
+    w.complete(&run, json!(null)).await.unwrap();
+    // A transition committed while Redis was unreachable: the job row exists but
+    // was never pushed. The relay loop finds and runs it.
+    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    let run_id: Uuid = sqlx::query_scalar("SELECT id FROM task_runs WHERE friendly_id = $1").bind(&run.id).fetch_one(app.db()).await.unwrap();
+    let mut tx = app.db().begin().await.unwrap();
+    let job = sessiond::jobs::store::insert(&mut *tx, &sessiond::jobs::Job::CancelRun { run_id }, 5).await.unwrap();
+    tx.commit().await.unwrap();
+    eventually(15, "relayed job ran", || async {
+        let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
+        (row.status == "succeeded" && row.relayed_at.is_some()).then_some(())
+    })
+    .await;
+    let _ = sid;
+}
+
+#[tokio::test]
+async fn a_job_that_keeps_failing_ends_failed_and_retry_runs_it_again() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("broken"))).await;
+    let run_id: Uuid = sqlx::query_scalar("SELECT current_run_id FROM sessions WHERE friendly_id = $1")
+        .bind(s["id"].as_str().unwrap())
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    // Break what the cancel-run job needs, so every attempt fails inside Postgres.
+    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_requested_at TO cancel_requested_gone").execute(app.db()).await.unwrap();
+    let job = app.state.jobs.submit(&sessiond::jobs::Job::CancelRun { run_id }).await.unwrap();
+    let row = eventually(20, "job failed", || async {
+        let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
+        (row.status == "failed").then_some(row)
+    })
+    .await;
+    assert_eq!(row.attempts, 5);
+    assert!(row.last_error.as_deref().unwrap_or("").contains("cancel_requested_at"), "{:?}", row.last_error);
+    let attempts = sessiond::jobs::store::attempts(app.db(), job).await.unwrap();
+    assert_eq!(attempts.len(), 5);
+    assert!(attempts.iter().all(|a| a.status == "failed" && a.error.is_some()));
+    // Backoff: the attempts were spread out, not fired back to back.
+    let spread = attempts.last().unwrap().started_at - attempts.first().unwrap().started_at;
+    assert!(spread >= chrono::Duration::milliseconds(50 + 100 + 200 + 400), "{spread}");
+    let failed = sessiond::jobs::store::list(app.db(), true, 10).await.unwrap();
+    assert_eq!(failed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![job]);
+
+    // Fix the cause and retry by id.
+    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_requested_gone TO cancel_requested_at").execute(app.db()).await.unwrap();
+    assert!(app.state.jobs.retry(job).await.unwrap().is_some());
+    eventually(10, "job succeeded after retry", || async {
+        let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
+        (row.status == "succeeded").then_some(())
+    })
+    .await;
+    assert_eq!(app.run_status(s["runId"].as_str().unwrap()).await, "CANCELED");
+    // Retrying a job that did not fail is refused.
+    assert!(app.state.jobs.retry(job).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn manual_trigger_replaces_the_live_run() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("manual"))).await;
+    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    let run = run_manager::trigger_manual(&app.state, app.a.env.id, sid).await.unwrap();
+    assert_ne!(run, s["runId"].as_str().unwrap());
+    eventually(10, "previous run canceled", || async {
+        (app.run_status(s["runId"].as_str().unwrap()).await == "CANCELED").then_some(())
+    })
+    .await;
+    assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "manual"]);
+    // Closed sessions never get new runs.
+    app.post(&format!("/api/v1/sessions/{}/close", s["id"].as_str().unwrap()), &app.a.key, json!({})).await;
+    assert!(run_manager::trigger_manual(&app.state, app.a.env.id, sid).await.is_err());
+    assert!(run_manager::ensure_run(&app.state, app.a.env.id, sid).await.is_err());
+}
+
+#[tokio::test]
+async fn dequeue_validates_its_input() {
+    let app = TestApp::spawn().await;
+    let (status, _) = app.post("/api/v1/worker/dequeue", &app.a.key, json!({"tasks": []})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = app.post("/api/v1/worker/dequeue", &app.a.key, json!({"tasks": ["x"], "maxRuns": 0})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let s = app.create_session(session_body(Some("pat"))).await;
+    let (status, _) =
+        app.post("/api/v1/worker/dequeue", s["publicAccessToken"].as_str().unwrap(), json!({"tasks": ["echo-agent"]})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
