@@ -1,0 +1,157 @@
+//! Run engine benchmark, loopback, one process (server, workers and triggering
+//! clients share the machine's cores):
+//! - trigger → dequeue latency: a session create (which triggers its first run)
+//!   every 10 ms while 4 workers idle-poll; latency is from the create request's
+//!   start to a worker holding the run.
+//! - sustained runs/s through trigger → dequeue → complete: 16 clients create
+//!   sessions while 4 workers dequeue (up to 10 at a time) and complete them.
+//!
+//! Run: `cargo bench --bench runs`. Prints figures; asserts nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sessiond::app::{self, AppState};
+use sessiond::config::Config;
+use sessiond::tenancy::keys::MasterKey;
+use sessiond::tenancy::{store as tenancy, EnvType};
+use sessiond::worker::WorkerClient;
+
+const WORKERS: usize = 4;
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)].as_secs_f64() * 1e3
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/sessiond_test".into());
+    let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+    let master = MasterKey::random();
+    let mut config = Config::for_database(&url, Some(schema.clone()));
+    config.redis_prefix = format!("bench:{schema}");
+    config.database_max_connections = 32;
+    let pool = sessiond::db::connect(&config).await?;
+    sessiond::db::migrate(&pool).await?;
+    let (_, key) = tenancy::create_environment(&pool, &master, "bench", "bench", EnvType::Prod).await?;
+    let key = key.expose().to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let state = AppState::connect(config, pool.clone(), master).await?;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(app::serve(listener, state, stop_rx));
+    let http = reqwest::Client::new();
+    let tasks = vec!["bench-task".to_string()];
+    let create = |ext: String| {
+        http.post(format!("{base}/api/v1/sessions")).bearer_auth(&key).json(&json!({
+            "type": "bench", "taskIdentifier": "bench-task", "externalId": ext,
+            "triggerConfig": {"basePayload": {"ext": ext}}
+        }))
+    };
+
+    println!("sessiond run-engine bench: {WORKERS} workers, loopback, one process");
+
+    // --- latency -----------------------------------------------------------
+    let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let lat: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let n = 500;
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let (w, tasks, started, lat) = (WorkerClient::new(&base, &key), tasks.clone(), started.clone(), lat.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let runs = w.dequeue(&tasks, 1, Duration::from_secs(2)).await.expect("dequeue");
+                let now = Instant::now();
+                if runs.is_empty() && lat.lock().unwrap().len() >= n {
+                    break;
+                }
+                for r in runs {
+                    let ext = r.payload["ext"].as_str().unwrap_or_default().to_string();
+                    if let Some(t) = started.lock().unwrap().get(&ext) {
+                        lat.lock().unwrap().push(now - *t);
+                    }
+                    w.complete(&r, json!(null)).await.expect("complete");
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..n {
+        let ext = format!("lat-{i}");
+        started.lock().unwrap().insert(ext.clone(), Instant::now());
+        let resp = create(ext).send().await?;
+        anyhow::ensure!(resp.status().is_success(), "create failed: {}", resp.status());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for w in workers {
+        w.await?;
+    }
+    let mut l = lat.lock().unwrap().clone();
+    l.sort();
+    println!(
+        "trigger→dequeue  {} runs  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        l.len(),
+        pct(&l, 0.5),
+        pct(&l, 0.99),
+        l.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0)
+    );
+
+    // --- throughput ----------------------------------------------------------
+    let total = 4000;
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let (w, tasks, done) = (WorkerClient::new(&base, &key), tasks.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            while done.load(std::sync::atomic::Ordering::Relaxed) < total {
+                let runs = w.dequeue(&tasks, 10, Duration::from_secs(1)).await.expect("dequeue");
+                for r in runs {
+                    w.complete(&r, json!(null)).await.expect("complete");
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut creators = Vec::new();
+    for _ in 0..16 {
+        let (next, http, base, key) = (next.clone(), http.clone(), base.clone(), key.clone());
+        creators.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let ext = format!("tp-{i}");
+                let resp = http
+                    .post(format!("{base}/api/v1/sessions"))
+                    .bearer_auth(&key)
+                    .json(&json!({"type": "bench", "taskIdentifier": "bench-task", "externalId": ext,
+                                  "triggerConfig": {"basePayload": {"ext": ext}}}))
+                    .send()
+                    .await
+                    .expect("create");
+                assert!(resp.status().is_success());
+            }
+        }));
+    }
+    for c in creators {
+        c.await?;
+    }
+    for w in workers {
+        w.await?;
+    }
+    let wall = t0.elapsed();
+    println!(
+        "sustained        {total} runs triggered, dequeued and completed in {:.2}s  {:.0} runs/s",
+        wall.as_secs_f64(),
+        total as f64 / wall.as_secs_f64()
+    );
+
+    let _ = stop.send(true);
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE")).execute(&pool).await?;
+    Ok(())
+}
