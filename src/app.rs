@@ -15,6 +15,8 @@ use crate::jobs::queue::JobQueue;
 use crate::jobs::{self, Jobs};
 use crate::runs::queue::RunQueue;
 use crate::sessions::list::{PgSessionList, SessionListRepository};
+use crate::streams::hub::Hub;
+use crate::streams::store::ChannelStore;
 use crate::tenancy::keys::MasterKey;
 
 pub struct Inner {
@@ -27,6 +29,8 @@ pub struct Inner {
     pub session_list: Arc<dyn SessionListRepository>,
     pub run_queue: RunQueue,
     pub jobs: Jobs,
+    pub channels: ChannelStore,
+    pub hub: Hub,
 }
 
 #[derive(Clone)]
@@ -48,7 +52,21 @@ impl AppState {
         let session_list = Arc::new(PgSessionList { pool: db.clone() });
         let run_queue = RunQueue::new(redis.clone(), &config.redis_prefix);
         let jobs = Jobs::new(db.clone(), JobQueue::new(redis.clone(), &config.redis_prefix));
-        Ok(AppState(Arc::new(Inner { config, db, redis, redis_client, master_key, envs, session_list, run_queue, jobs })))
+        let channels = ChannelStore::new(redis.clone(), &config.redis_prefix, config.append_dedupe_window_secs * 1000);
+        let hub = Hub::new(channels.clone());
+        Ok(AppState(Arc::new(Inner {
+            config,
+            db,
+            redis,
+            redis_client,
+            master_key,
+            envs,
+            session_list,
+            run_queue,
+            jobs,
+            channels,
+            hub,
+        })))
     }
 }
 

@@ -64,6 +64,23 @@ pub struct Config {
     /// Cron schedules file (defaults to the built-in copy of jobs/schedules.toml).
     #[arg(long, env = "JOB_SCHEDULES_FILE")]
     pub job_schedules_file: Option<String>,
+
+    /// Public base URL of this server, used in URLs it hands out (defaults to
+    /// http://<Host header>).
+    #[arg(long, env = "PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Interval of SSE keep-alive comments, in milliseconds.
+    #[arg(long, env = "SSE_KEEPALIVE_MS", default_value_t = 15_000)]
+    pub sse_keepalive_ms: u64,
+
+    /// How long a closed or expired session's channel data is kept, in seconds.
+    #[arg(long, env = "CHANNEL_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub channel_retention_secs: u64,
+
+    /// How long an append's X-Part-Id is remembered for dedupe, in seconds.
+    #[arg(long, env = "APPEND_DEDUPE_WINDOW_SECS", default_value_t = 600)]
+    pub append_dedupe_window_secs: u64,
 }
 
 impl Config {
@@ -85,6 +102,10 @@ impl Config {
             run_retry_max_ms: 60_000,
             job_retry_base_ms: 500,
             job_schedules_file: None,
+            public_url: None,
+            sse_keepalive_ms: 15_000,
+            channel_retention_secs: 7 * 24 * 3600,
+            append_dedupe_window_secs: 600,
         }
     }
 }

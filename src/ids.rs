@@ -8,6 +8,7 @@ const BODY_LEN: usize = 25;
 
 pub const SESSION_PREFIX: &str = "session_";
 pub const RUN_PREFIX: &str = "run_";
+pub const WAITPOINT_PREFIX: &str = "waitpoint_";
 
 fn generate(prefix: &str) -> String {
     let mut rng = rand::thread_rng();
@@ -25,6 +26,10 @@ pub fn new_session_id() -> String {
 
 pub fn new_run_id() -> String {
     generate(RUN_PREFIX)
+}
+
+pub fn new_waitpoint_id() -> String {
+    generate(WAITPOINT_PREFIX)
 }
 
 /// Random base62 text, used for secret keys.

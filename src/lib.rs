@@ -17,6 +17,8 @@ pub mod ids;
 pub mod jobs;
 pub mod runs;
 pub mod sessions;
+pub mod streams;
 pub mod tenancy;
 pub mod validation;
+pub mod waitpoints;
 pub mod worker;

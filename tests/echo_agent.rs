@@ -33,7 +33,7 @@ impl ChannelFactory for Factory {
 }
 
 fn turn_text(out: &[sessiond::worker::channels::Record], answered: u64) -> Option<String> {
-    let end = out.iter().position(|r| r.header("in-seq") == Some(&answered.to_string()))?;
+    let end = out.iter().position(|r| r.header("session-in-event-id") == Some(&answered.to_string()))?;
     let start = out[..end].iter().rposition(|r| r.header("trigger-control").is_some()).map(|i| i + 1).unwrap_or(0);
     Some(
         out[start..end]

@@ -28,6 +28,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/auth/jwt/claims", get(jwt_claims).post(jwt_claims))
         .merge(crate::sessions::routes::router())
         .merge(crate::runs::routes::router())
+        .merge(crate::streams::routes::router())
+        .merge(crate::waitpoints::routes::router())
         .fallback(|| async { ApiError::NotFound("Not found".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)

@@ -26,6 +26,15 @@ pub async fn execute(state: &AppState, job: &Job) -> Outcome {
         }
         Job::RunSweep => run_sweep(state).await,
         Job::SessionExpirySweep => session_expiry_sweep(state).await,
+        Job::DrainWaitpoints { session_id, io, seq_num, waitpoint_ids } => {
+            let n = crate::waitpoints::drain(state, *session_id, *io, *seq_num, waitpoint_ids).await?;
+            Ok(format!("{n} waitpoints completed with record {seq_num}"))
+        }
+        Job::CloseChannels { session_id, reason, notify_in } => {
+            crate::waitpoints::close_channels(state, *session_id, reason.as_deref(), *notify_in).await?;
+            Ok(format!("channels of session {session_id} closed"))
+        }
+        Job::WaitpointTimeoutSweep => Ok(format!("{} waitpoints timed out", crate::waitpoints::time_out_due(state).await?)),
     }
 }
 
@@ -54,5 +63,18 @@ async fn session_expiry_sweep(state: &AppState) -> Outcome {
             canceled += 1;
         }
     }
-    Ok(format!("{canceled} runs of expired sessions canceled"))
+    // Channels of expired sessions stop taking writes and expire after retention.
+    let expired_sessions = crate::sessions::store::expired_with_open_channels(&state.db, 200).await?;
+    for session_id in &expired_sessions {
+        crate::waitpoints::close_channels(state, *session_id, Some("expired"), false).await?;
+    }
+    // Keep the job ledger bounded: succeeded jobs are kept for a day.
+    let pruned = sqlx::query("DELETE FROM jobs WHERE status = 'succeeded' AND finished_at < now() - interval '1 day'")
+        .execute(&state.db)
+        .await?
+        .rows_affected();
+    Ok(format!(
+        "{canceled} runs of expired sessions canceled, {} channels closed, {pruned} old jobs pruned",
+        expired_sessions.len()
+    ))
 }

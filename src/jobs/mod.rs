@@ -35,6 +35,11 @@ pub enum Job {
     CancelRun { run_id: Uuid },
     RunSweep,
     SessionExpirySweep,
+    /// Waitpoints drained from a channel's pending set by the append of `seq_num`.
+    DrainWaitpoints { session_id: Uuid, io: crate::streams::Io, seq_num: u64, waitpoint_ids: Vec<Uuid> },
+    /// After a session closes (or expires): wake, refuse writes, expire, complete waits.
+    CloseChannels { session_id: Uuid, reason: Option<String>, notify_in: bool },
+    WaitpointTimeoutSweep,
 }
 
 impl Job {
@@ -44,6 +49,9 @@ impl Job {
             Job::CancelRun { .. } => "cancel-run",
             Job::RunSweep => "run-sweep",
             Job::SessionExpirySweep => "session-expiry-sweep",
+            Job::DrainWaitpoints { .. } => "waitpoint-drain",
+            Job::CloseChannels { .. } => "close-channels",
+            Job::WaitpointTimeoutSweep => "waitpoint-timeout-sweep",
         }
     }
 
@@ -52,6 +60,7 @@ impl Job {
         match name {
             "run-sweep" => Some(Job::RunSweep),
             "session-expiry-sweep" => Some(Job::SessionExpirySweep),
+            "waitpoint-timeout-sweep" => Some(Job::WaitpointTimeoutSweep),
             _ => None,
         }
     }

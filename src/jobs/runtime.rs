@@ -110,7 +110,8 @@ pub fn start(state: &AppState, schedules: Vec<Schedule>, shutdown: watch::Receiv
 
     let client = state.redis_client.clone();
     tokio::spawn(state.run_queue.clone().listen(client.clone()));
-    tokio::spawn(state.jobs.queue().clone().listen(client));
+    tokio::spawn(state.jobs.queue().clone().listen(client.clone()));
+    tokio::spawn(state.hub.clone().listen(client));
 
     // The outbox relay: jobs whose writer could not push them.
     let relay_state = state.clone();

@@ -129,9 +129,12 @@ async fn close(
 ) -> ApiResult<Json<SessionItem>> {
     let reason = validate::close_reason(&body)?;
     let session = load_authorized(&state, &auth, &key, Action::Write).await?;
-    let closed = store::close(&state.db, auth.env.id, session.id, reason.as_deref())
+    let (closed, job) = store::close(&state.db, auth.env.id, session.id, reason.as_deref(), body.calling_run_id.as_deref())
         .await?
         .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
+    if let Some(job) = job {
+        state.jobs.relay(&[job]).await;
+    }
     Ok(Json(closed.to_item()))
 }
 

@@ -199,16 +199,37 @@ pub async fn update(pool: &PgPool, env_id: Uuid, id: Uuid, patch: &SessionPatch)
 /// Closes a session once. The conditional update only matches an open row, so
 /// concurrent closes cannot overwrite the first `closed_at`/`closed_reason`; a
 /// close that matched nothing re-reads and returns the winner's row.
-pub async fn close(pool: &PgPool, env_id: Uuid, id: Uuid, reason: Option<&str>) -> Result<Option<Session>, StoreError> {
+///
+/// The close that wins also writes the `close-channels` job in the same
+/// transaction (returned, to relay): it wakes a waiting run with a
+/// `session-closed` record on `.in` unless `calling_run` (the run closing its
+/// own session) is the current run.
+pub async fn close(
+    pool: &PgPool,
+    env_id: Uuid,
+    id: Uuid,
+    reason: Option<&str>,
+    calling_run: Option<&str>,
+) -> Result<Option<(Session, Option<Uuid>)>, StoreError> {
     let sql = returning_session(
         "UPDATE sessions SET closed_at = now(), closed_reason = $3, updated_at = now()
          WHERE runtime_environment_id = $1 AND id = $2 AND closed_at IS NULL
          RETURNING *",
     );
-    let closed: Option<Session> = sqlx::query_as(&sql).bind(env_id).bind(id).bind(reason).fetch_optional(pool).await?;
+    let mut tx = pool.begin().await?;
+    let closed: Option<Session> = sqlx::query_as(&sql).bind(env_id).bind(id).bind(reason).fetch_optional(&mut *tx).await?;
     match closed {
-        Some(s) => Ok(Some(s)),
-        None => find_by_id(pool, env_id, id).await,
+        Some(s) => {
+            let notify_in = calling_run.is_none() || calling_run != s.current_run_friendly_id.as_deref();
+            let job = Job::CloseChannels { session_id: s.id, reason: reason.map(String::from), notify_in };
+            let job_id = jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+            tx.commit().await?;
+            Ok(Some((s, Some(job_id))))
+        }
+        None => {
+            tx.rollback().await?;
+            Ok(find_by_id(pool, env_id, id).await?.map(|s| (s, None)))
+        }
     }
 }
 
@@ -224,6 +245,16 @@ pub async fn expired_with_live_runs(
          LIMIT $2",
     )
     .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Expired sessions whose channels still take writes.
+pub async fn expired_with_open_channels(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM sessions WHERE expires_at <= now() AND closed_at IS NULL AND channels_closed_at IS NULL LIMIT $1",
+    )
     .bind(limit)
     .fetch_all(pool)
     .await?)

@@ -16,7 +16,7 @@ pub const TASK: &str = "echo-agent";
 pub const CONTROL_HEADER: &str = "trigger-control";
 /// Header on our turn-complete records: the `.in` seq the turn answered, so the
 /// next run resumes after it.
-pub const ANSWERED_HEADER: &str = "in-seq";
+pub const ANSWERED_HEADER: &str = "session-in-event-id";
 const DEFAULT_IDLE_SECS: u64 = 60;
 
 pub struct EchoAgent {

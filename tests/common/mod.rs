@@ -128,7 +128,8 @@ impl TestApp {
 /// Every sweep every second.
 fn fast_schedules() -> String {
     let path = std::env::temp_dir().join("sessiond-test-schedules.toml");
-    let text = "[run-sweep]\ncron = \"* * * * * *\"\n[session-expiry-sweep]\ncron = \"* * * * * *\"\n";
+    let text = "[run-sweep]\ncron = \"* * * * * *\"\n[session-expiry-sweep]\ncron = \"* * * * * *\"\n\
+                [waitpoint-timeout-sweep]\ncron = \"* * * * * *\"\n";
     if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
         let tmp = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
         std::fs::write(&tmp, text).unwrap();

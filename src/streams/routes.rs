@@ -1,0 +1,357 @@
+//! Realtime routes for session channels. `:io` is `in` or `out`.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::sse::{self, Subscription};
+use super::store::ChannelError;
+use super::{ChannelKey, Io, Record};
+use crate::app::AppState;
+use crate::auth::{jwt, scopes, Action, Auth, Principal};
+use crate::http::error::{ApiError, ApiResult};
+use crate::http::extract::validate_path_id;
+use crate::jobs::Job;
+use crate::sessions::model::Session;
+use crate::sessions::run_manager::{self, RunManagerError};
+use crate::sessions::store as session_store;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/realtime/v1/sessions/{session}/{io}", get(subscribe).put(initialize))
+        .route("/realtime/v1/sessions/{session}/{io}/append", post(append))
+        .route("/realtime/v1/sessions/{session}/{io}/records", get(records))
+}
+
+/// `/:session/:io` path parameters, validated.
+pub struct ChannelPath {
+    pub session: String,
+    pub io: Io,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ChannelPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path((session, io)): Path<(String, String)> =
+            Path::from_request_parts(parts, state).await.map_err(|_| ApiError::BadRequest("Invalid path".into()))?;
+        validate_path_id(&session)?;
+        let io = Io::parse(&io).ok_or_else(|| ApiError::BadRequest("io must be \"in\" or \"out\"".into()))?;
+        Ok(ChannelPath { session, io })
+    }
+}
+
+/// Channel-scoped token scope: `write:session-channels:<session friendly id>:<io>`.
+fn channel_scope_id(session: &Session, io: Io) -> String {
+    format!("{}:{}", session.friendly_id, io)
+}
+
+/// Resolves the session and authorizes `action` on the channel: session scopes
+/// in either id form, or a channel-scoped token. 403 before 404, as everywhere.
+pub async fn load_channel(state: &AppState, auth: &Auth, key: &str, io: Io, action: Action) -> ApiResult<Session> {
+    let session = session_store::find(&state.db, auth.env.id, key).await?;
+    let mut keys = vec![key];
+    if let Some(s) = &session {
+        keys.extend(s.keys());
+    }
+    let channel_id = session.as_ref().map(|s| channel_scope_id(s, io));
+    let allowed = auth.can_access_session(action, &keys)
+        || match (&auth.principal, &channel_id) {
+            (Principal::PublicToken { scopes: granted }, Some(id)) => {
+                scopes::allows(granted, "session-channels", action, &[id.as_str()])
+            }
+            _ => false,
+        };
+    if !allowed {
+        return Err(ApiError::Forbidden);
+    }
+    session.ok_or_else(|| ApiError::NotFound("Session not found".into()))
+}
+
+fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+    if let Some(url) = &state.config.public_url {
+        return url.trim_end_matches('/').to_string();
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    format!("http://{host}")
+}
+
+/// Lifetime of the direct-write token handed out by initialize.
+const WRITE_TOKEN_TTL_SECS: i64 = 15 * 60;
+
+/// Initializes a channel: the version, plus what a high-throughput writer needs
+/// to append directly (the append URL and a short-lived channel-scoped token).
+async fn initialize(State(state): State<AppState>, auth: Auth, path: ChannelPath, headers: HeaderMap) -> ApiResult<Response> {
+    let session = load_channel(&state, &auth, &path.session, path.io, Action::Write).await?;
+    if session.is_closed() {
+        return Err(ApiError::BadRequest("Session is closed".into()));
+    }
+    let token = jwt::mint(
+        auth.env.id,
+        &auth.env.secret_key,
+        vec![format!("write:session-channels:{}", channel_scope_id(&session, path.io))],
+        WRITE_TOKEN_TTL_SECS,
+    );
+    let append_url = format!("{}/realtime/v1/sessions/{}/{}/append", base_url(&state, &headers), session.friendly_id, path.io);
+    let expires = chrono::Utc::now() + chrono::Duration::seconds(WRITE_TOKEN_TTL_SECS);
+    let mut resp = Json(json!({"version": "v2"})).into_response();
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("x-stream-version", "v2".to_string()),
+        ("x-append-url", append_url),
+        ("x-write-token", token),
+        ("x-write-token-expires-at", expires.to_rfc3339()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// Errors on the append route answer `{ok: false, error}`.
+struct AppendError(ApiError);
+
+impl IntoResponse for AppendError {
+    fn into_response(self) -> Response {
+        let status = self.0.status();
+        let message = match &self.0 {
+            ApiError::Internal(err) => {
+                tracing::error!(error = ?err, "append failed");
+                "Something went wrong".to_string()
+            }
+            other => other.to_string(),
+        };
+        (status, Json(json!({"ok": false, "error": message}))).into_response()
+    }
+}
+
+impl<E: Into<ApiError>> From<E> for AppendError {
+    fn from(e: E) -> Self {
+        AppendError(e.into())
+    }
+}
+
+impl From<ChannelError> for ApiError {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::Closed => ApiError::BadRequest("Session is closed".into()),
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+const MAX_RECORD_HEADERS: usize = 32;
+const MAX_PART_ID_LEN: usize = 128;
+
+/// Record headers from the request: `X-Record-Headers` (a JSON array of
+/// `[name, value]` pairs) and the shorthand `X-Trigger-Control: <subtype>`.
+fn record_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    if let Some(raw) = headers.get("x-record-headers") {
+        let raw = raw.to_str().map_err(|_| ApiError::BadRequest("X-Record-Headers must be ASCII JSON".into()))?;
+        out = serde_json::from_str(raw)
+            .map_err(|_| ApiError::BadRequest("X-Record-Headers must be a JSON array of [name, value] pairs".into()))?;
+    }
+    if let Some(control) = headers.get("x-trigger-control").and_then(|v| v.to_str().ok()) {
+        out.push((super::CONTROL_HEADER.into(), control.to_string()));
+    }
+    if out.len() > MAX_RECORD_HEADERS {
+        return Err(ApiError::BadRequest(format!("At most {MAX_RECORD_HEADERS} record headers")));
+    }
+    if out.iter().any(|(k, v)| k.is_empty() || k.len() > 256 || v.len() > 4096) {
+        return Err(ApiError::BadRequest("Record header names must be 1-256 bytes and values at most 4096".into()));
+    }
+    Ok(out)
+}
+
+/// The raw request body, with 413 for bodies over the limit.
+struct RawBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = AppendError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state).await.map(RawBody).map_err(|rejection| {
+            AppendError(if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest("Could not read the request body".into())
+            })
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct AppendResponse {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'static str>,
+}
+
+/// Appends one record (the raw body). The record is durable before anything
+/// else happens: pending waitpoints are then completed with it, and an append to
+/// `.in` while the session has no live run boots one, which will read it.
+async fn append(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: ChannelPath,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Json<AppendResponse>, AppendError> {
+    let record_headers = record_headers(&headers)?;
+    let part_id = match headers.get("x-part-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|p| !p.is_empty() && p.len() <= MAX_PART_ID_LEN)
+                .ok_or_else(|| ApiError::BadRequest("X-Part-Id must be 1-128 visible ASCII characters".into()))?,
+        ),
+        None => None,
+    };
+    let body = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("Record body must be UTF-8".into()))?;
+    let session = load_channel(&state, &auth, &path.session, path.io, Action::Write).await?;
+    if session.is_closed() {
+        return Err(ApiError::BadRequest("Session is closed".into()).into());
+    }
+    let key = ChannelKey { session_id: session.id, io: path.io };
+    let appended = state.channels.append(key, body, &record_headers, part_id).await.map_err(ApiError::from)?;
+    if appended.duplicate {
+        return Ok(Json(AppendResponse { ok: true, message: Some("duplicate part id: already appended") }));
+    }
+    state.hub.notify(key);
+    if !appended.drained_waitpoints.is_empty() {
+        state
+            .jobs
+            .submit(&Job::DrainWaitpoints {
+                session_id: session.id,
+                io: path.io,
+                seq_num: appended.seq_num,
+                waitpoint_ids: appended.drained_waitpoints.clone(),
+            })
+            .await?;
+    }
+    if path.io == Io::In {
+        match run_manager::ensure_run(&state, auth.env.id, session.id).await {
+            Ok(_) | Err(RunManagerError::Closed) => {}
+            Err(err) => return Err(ApiError::from(err).into()),
+        }
+    }
+    Ok(Json(AppendResponse { ok: true, message: None }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordsQuery {
+    #[serde(default)]
+    after_event_id: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordView {
+    data: Value,
+    id: String,
+    seq_num: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    headers: Vec<(String, String)>,
+}
+
+const MAX_RECORDS_READ: usize = 1000;
+
+/// Immediate drain: records after `afterEventId`, with the SDK envelope unwrapped.
+async fn records(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: ChannelPath,
+    Query(q): Query<RecordsQuery>,
+) -> ApiResult<Json<Value>> {
+    let after = parse_cursor("afterEventId", q.after_event_id.as_deref())?;
+    let session = load_channel(&state, &auth, &path.session, path.io, Action::Read).await?;
+    let key = ChannelKey { session_id: session.id, io: path.io };
+    let records = state.channels.read_after(key, after, MAX_RECORDS_READ).await?;
+    let views: Vec<RecordView> = records.into_iter().map(record_view).collect();
+    Ok(Json(json!({ "records": views })))
+}
+
+fn record_view(r: Record) -> RecordView {
+    let envelope: Option<Value> = serde_json::from_str(&r.body).ok();
+    let data = envelope.as_ref().and_then(|e| e.get("data").cloned()).unwrap_or(Value::Null);
+    let id = envelope
+        .as_ref()
+        .and_then(|e| e.get("id").and_then(Value::as_str).map(String::from))
+        .unwrap_or_else(|| r.seq_num.to_string());
+    RecordView { data, id, seq_num: r.seq_num, headers: r.headers }
+}
+
+fn parse_cursor(name: &str, value: Option<&str>) -> ApiResult<Option<u64>> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| ApiError::BadRequest(format!("{name} must be a sequence number"))),
+    }
+}
+
+const DEFAULT_WINDOW_SECS: u64 = 60;
+const MAX_WINDOW_SECS: u64 = 600;
+
+/// SSE subscription: backlog from the cursor, then live records, until the
+/// long-poll window ends (the client reconnects with `Last-Event-ID`).
+async fn subscribe(State(state): State<AppState>, auth: Auth, path: ChannelPath, headers: HeaderMap) -> ApiResult<Response> {
+    let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let mut cursor = parse_cursor("Last-Event-ID", header_str("last-event-id"))?;
+    let window = match header_str("timeout-seconds") {
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=MAX_WINDOW_SECS).contains(s))
+            .ok_or_else(|| ApiError::BadRequest(format!("Timeout-Seconds must be 1-{MAX_WINDOW_SECS}")))?,
+        None => DEFAULT_WINDOW_SECS,
+    };
+    let session = load_channel(&state, &auth, &path.session, path.io, Action::Read).await?;
+    let key = ChannelKey { session_id: session.id, io: path.io };
+    let store = state.channels.clone();
+    // Subscribe before reading anything, so nothing appended from here on is missed.
+    let feed = state.hub.feed(key);
+
+    if cursor.is_none() && header_str("x-trigger-stream-start") == Some("latest") {
+        cursor = store.next_seq(key).await?.checked_sub(1);
+    }
+    let mut gap = None;
+    if let Some(c) = cursor {
+        let oldest = store.oldest_seq(key).await?;
+        if oldest > c + 1 {
+            gap = Some(sse::gap_record(c + 1, oldest - 1));
+        }
+    }
+    let settled = header_str("x-peek-settled") == Some("1") && store.last(key).await?.is_some_and(|r| r.is_turn_complete());
+
+    let sub = Subscription {
+        store,
+        key,
+        feed,
+        cursor,
+        settled,
+        window: Duration::from_secs(window),
+        keepalive: Duration::from_millis(state.config.sse_keepalive_ms),
+        gap,
+    };
+    let mut resp = Response::new(Body::from_stream(sse::stream(sub)));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert("x-stream-version", HeaderValue::from_static("v2"));
+    if settled {
+        h.insert("x-session-settled", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}

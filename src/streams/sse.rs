@@ -1,0 +1,217 @@
+//! Server-sent events in the v2 format the official client parses:
+//!
+//! ```text
+//! id: <last seq_num in the batch>
+//! event: batch
+//! data: {"records":[{"seq_num":N,"body":"...","headers":[["k","v"]],"timestamp":ms}]}
+//! ```
+//!
+//! A subscriber first drains the backlog from Redis, then follows the channel's
+//! feed. Its state lives in the response body stream itself, so a client that
+//! disconnects drops everything at once: the stream, its feed subscription and,
+//! for the last subscriber, the feed.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use futures::Stream;
+use serde::Serialize;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::time::Instant;
+
+use super::hub::Feed;
+use super::store::ChannelStore;
+use super::{ChannelKey, Record};
+
+/// Records per SSE batch when draining a backlog.
+const BACKLOG_BATCH: usize = 500;
+
+#[derive(Serialize)]
+struct Batch<'a> {
+    records: &'a [Record],
+}
+
+/// One `event: batch` frame; its `id` is the last record's seq_num, so a
+/// reconnect's `Last-Event-ID` resumes right after it.
+pub fn batch_frame(records: &[Record]) -> Bytes {
+    let last = records.last().map(|r| r.seq_num).unwrap_or(0);
+    let data = serde_json::to_string(&Batch { records }).unwrap_or_else(|_| "{\"records\":[]}".into());
+    Bytes::from(format!("id: {last}\nevent: batch\ndata: {data}\n\n"))
+}
+
+pub fn keepalive_frame() -> Bytes {
+    Bytes::from_static(b": keep-alive\n\n")
+}
+
+/// The control record announcing that records `from..=to` were trimmed and can
+/// no longer be delivered. It takes the seq_num of the last missing record so a
+/// client's cursor moves past the gap.
+pub fn gap_record(from: u64, to: u64) -> Record {
+    Record {
+        seq_num: to,
+        body: String::new(),
+        headers: vec![
+            (super::CONTROL_HEADER.into(), "stream-gap".into()),
+            ("gap-from".into(), from.to_string()),
+            ("gap-to".into(), to.to_string()),
+        ],
+        timestamp: chrono::Utc::now().timestamp_millis(),
+    }
+}
+
+pub struct Subscription {
+    pub store: ChannelStore,
+    pub key: ChannelKey,
+    pub feed: Arc<Feed>,
+    /// Last seq_num the client has; None = from the beginning.
+    pub cursor: Option<u64>,
+    /// Close once the backlog is drained (the channel is settled).
+    pub settled: bool,
+    /// Long-poll window: close cleanly after this long.
+    pub window: Duration,
+    pub keepalive: Duration,
+    /// A gap to announce before anything else.
+    pub gap: Option<Record>,
+}
+
+enum Phase {
+    Backlog,
+    Live,
+    Done,
+}
+
+struct State {
+    sub: Subscription,
+    rx: broadcast::Receiver<Arc<Record>>,
+    phase: Phase,
+    deadline: Instant,
+    next_keepalive: Instant,
+}
+
+impl State {
+    fn follows(&self, seq: u64) -> bool {
+        match self.sub.cursor {
+            Some(c) => seq == c + 1,
+            None => seq == 0,
+        }
+    }
+
+    fn already_sent(&self, seq: u64) -> bool {
+        self.sub.cursor.is_some_and(|c| seq <= c)
+    }
+
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        if let Some(gap) = self.sub.gap.take() {
+            self.sub.cursor = Some(gap.seq_num);
+            return Some(batch_frame(&[gap]));
+        }
+        loop {
+            match self.phase {
+                Phase::Done => return None,
+                Phase::Backlog => match self.sub.store.read_after(self.sub.key, self.sub.cursor, BACKLOG_BATCH).await {
+                    Ok(records) if !records.is_empty() => {
+                        self.sub.cursor = records.last().map(|r| r.seq_num);
+                        return Some(batch_frame(&records));
+                    }
+                    Ok(_) if self.sub.settled => {
+                        self.phase = Phase::Done;
+                        return None;
+                    }
+                    Ok(_) => self.phase = Phase::Live,
+                    Err(err) => {
+                        tracing::warn!(%err, "stream read failed");
+                        self.phase = Phase::Done;
+                        return Some(Bytes::from("event: error\ndata: stream read failed\n\n"));
+                    }
+                },
+                Phase::Live => {
+                    let received = tokio::select! {
+                        r = self.rx.recv() => r,
+                        _ = tokio::time::sleep_until(self.next_keepalive) => {
+                            self.next_keepalive = Instant::now() + self.sub.keepalive;
+                            return Some(keepalive_frame());
+                        }
+                        _ = tokio::time::sleep_until(self.deadline) => {
+                            self.phase = Phase::Done;
+                            return None;
+                        }
+                    };
+                    let first = match received {
+                        Ok(r) => r,
+                        Err(RecvError::Lagged(_)) => {
+                            self.phase = Phase::Backlog;
+                            continue;
+                        }
+                        Err(RecvError::Closed) => {
+                            self.phase = Phase::Done;
+                            return None;
+                        }
+                    };
+                    if self.already_sent(first.seq_num) {
+                        continue;
+                    }
+                    if !self.follows(first.seq_num) {
+                        // Something between our cursor and this record was not
+                        // broadcast to us (we joined mid-flight): read it from Redis.
+                        self.phase = Phase::Backlog;
+                        continue;
+                    }
+                    let mut batch = vec![(*first).clone()];
+                    self.sub.cursor = Some(first.seq_num);
+                    // Coalesce whatever else is already buffered into the same frame.
+                    loop {
+                        match self.rx.try_recv() {
+                            Ok(r) if self.follows(r.seq_num) => {
+                                self.sub.cursor = Some(r.seq_num);
+                                batch.push((*r).clone());
+                            }
+                            Ok(r) if self.already_sent(r.seq_num) => {}
+                            Ok(_) | Err(TryRecvError::Lagged(_)) => {
+                                self.phase = Phase::Backlog;
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    return Some(batch_frame(&batch));
+                }
+            }
+        }
+    }
+}
+
+/// The body of an SSE response for `sub`.
+pub fn stream(sub: Subscription) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
+    let rx = sub.feed.subscribe();
+    let now = Instant::now();
+    let state = State { deadline: now + sub.window, next_keepalive: now + sub.keepalive, rx, sub, phase: Phase::Backlog };
+    futures::stream::unfold(state, |mut state| async move {
+        let frame = state.next_frame().await?;
+        Some((Ok(frame), state))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_frames_carry_the_last_seq_as_id() {
+        let r = |n| Record { seq_num: n, body: format!("b{n}"), headers: vec![("k".into(), "v".into())], timestamp: 5 };
+        let f = String::from_utf8(batch_frame(&[r(3), r(4)]).to_vec()).unwrap();
+        assert!(f.starts_with("id: 4\nevent: batch\ndata: "));
+        assert!(f.ends_with("\n\n"));
+        let data: serde_json::Value = serde_json::from_str(f.lines().nth(2).unwrap().strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(data["records"][0], serde_json::json!({"seq_num": 3, "body": "b3", "headers": [["k", "v"]], "timestamp": 5}));
+    }
+
+    #[test]
+    fn gap_records_name_the_missing_range() {
+        let g = gap_record(2, 9);
+        assert_eq!(g.seq_num, 9);
+        assert_eq!(g.control(), Some("stream-gap"));
+        assert_eq!(g.header("gap-from"), Some("2"));
+    }
+}

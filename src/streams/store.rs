@@ -1,0 +1,293 @@
+//! Channel records in Redis Streams.
+//!
+//! Keys of one channel share a hash tag, `{<session>:<io>}`, so every script
+//! touches one slot. Stream entry ids are `<seq>-1`, so a range read by sequence
+//! number is a plain XRANGE.
+//!
+//! | key | holds |
+//! | --- | --- |
+//! | `<p>:ch:{s:io}:s` | the stream; fields `b` body, `h` headers (JSON pairs), `t` ms |
+//! | `<p>:ch:{s:io}:n` | next sequence number counter (INCR) |
+//! | `<p>:ch:{s:io}:closed` | present once the session is closed: appends refused |
+//! | `<p>:ch:{s:io}:w` | ids of waitpoints pending on the channel |
+//! | `<p>:ch:{s:io}:p:<part>` | seq of an append with that `X-Part-Id` (dedupe window) |
+
+use redis::aio::ConnectionManager;
+use redis::{Script, Value as RedisValue};
+use uuid::Uuid;
+
+use super::{ChannelKey, Record};
+
+/// Appends one record; see the module docs for the keys.
+/// Returns `{-1}` when closed, `{-2, seq}` for a duplicate part id, otherwise
+/// `{seq, timestamp, waitpoint ids drained...}`.
+const APPEND: &str = r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then return {-1} end
+if ARGV[3] == '1' then
+  local seen = redis.call('GET', KEYS[5])
+  if seen then return {-2, tonumber(seen)} end
+end
+local seq = redis.call('INCR', KEYS[2]) - 1
+local now = redis.call('TIME')
+local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('XADD', KEYS[1], seq .. '-1', 'b', ARGV[1], 'h', ARGV[2], 't', ts)
+if ARGV[3] == '1' then redis.call('SET', KEYS[5], seq, 'PX', ARGV[4]) end
+local reply = {seq, ts}
+local waiters = redis.call('SMEMBERS', KEYS[4])
+if #waiters > 0 then
+  redis.call('DEL', KEYS[4])
+  for _, w in ipairs(waiters) do table.insert(reply, w) end
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. ':' .. seq)
+return reply
+"#;
+
+/// Registers a pending waitpoint. The set's TTL only ever grows: a shorter-lived
+/// waiter must not evict a longer-lived one.
+const REGISTER_WAITER: &str = r#"
+redis.call('SADD', KEYS[1], ARGV[1])
+local ttl = tonumber(ARGV[2])
+local current = redis.call('PTTL', KEYS[1])
+if current < 0 or ttl > current then redis.call('PEXPIRE', KEYS[1], ttl) end
+return redis.call('PTTL', KEYS[1])
+"#;
+
+/// Marks a channel closed and expires its keys after the retention period.
+const CLOSE: &str = r#"
+redis.call('SET', KEYS[3], '1')
+for i = 1, 4 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return 1
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("session is closed")]
+    Closed,
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("corrupt channel data: {0}")]
+    Corrupt(String),
+}
+
+/// The outcome of an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub seq_num: u64,
+    pub timestamp: i64,
+    /// A retry of an append already stored (same `X-Part-Id`); nothing new written.
+    pub duplicate: bool,
+    /// Waitpoints that were pending on the channel, now drained.
+    pub drained_waitpoints: Vec<Uuid>,
+}
+
+#[derive(Clone)]
+pub struct ChannelStore {
+    redis: ConnectionManager,
+    prefix: String,
+    dedupe_window_ms: u64,
+    append: Script,
+    register: Script,
+    close: Script,
+}
+
+impl ChannelStore {
+    pub fn new(redis: ConnectionManager, prefix: &str, dedupe_window_ms: u64) -> Self {
+        ChannelStore {
+            redis,
+            prefix: prefix.to_string(),
+            dedupe_window_ms,
+            append: Script::new(APPEND),
+            register: Script::new(REGISTER_WAITER),
+            close: Script::new(CLOSE),
+        }
+    }
+
+    fn base(&self, key: ChannelKey) -> String {
+        format!("{}:ch:{{{}:{}}}", self.prefix, key.session_id.simple(), key.io)
+    }
+
+    pub fn stream_key(&self, key: ChannelKey) -> String {
+        format!("{}:s", self.base(key))
+    }
+
+    fn counter_key(&self, key: ChannelKey) -> String {
+        format!("{}:n", self.base(key))
+    }
+
+    fn closed_key(&self, key: ChannelKey) -> String {
+        format!("{}:closed", self.base(key))
+    }
+
+    pub fn waiters_key(&self, key: ChannelKey) -> String {
+        format!("{}:w", self.base(key))
+    }
+
+    /// The pub/sub channel every append announces itself on.
+    pub fn notify_channel(&self) -> String {
+        format!("{}:ch-notify", self.prefix)
+    }
+
+    /// The notification payload prefix of a channel: `<session>:<io>`.
+    pub fn notify_tag(key: ChannelKey) -> String {
+        format!("{}:{}", key.session_id.simple(), key.io)
+    }
+
+    pub async fn append(
+        &self,
+        key: ChannelKey,
+        body: &str,
+        headers: &[(String, String)],
+        part_id: Option<&str>,
+    ) -> Result<Appended, ChannelError> {
+        let headers_json = serde_json::to_string(headers).map_err(|e| ChannelError::Corrupt(e.to_string()))?;
+        let part_key = match part_id {
+            Some(p) => format!("{}:p:{p}", self.base(key)),
+            None => format!("{}:p:-", self.base(key)),
+        };
+        let mut conn = self.redis.clone();
+        let reply: Vec<RedisValue> = self
+            .append
+            .key(self.stream_key(key))
+            .key(self.counter_key(key))
+            .key(self.closed_key(key))
+            .key(self.waiters_key(key))
+            .key(part_key)
+            .arg(body)
+            .arg(headers_json)
+            .arg(if part_id.is_some() { "1" } else { "0" })
+            .arg(self.dedupe_window_ms)
+            .arg(self.notify_channel())
+            .arg(Self::notify_tag(key))
+            .invoke_async(&mut conn)
+            .await?;
+        let int = |v: &RedisValue| -> Result<i64, ChannelError> {
+            redis::from_redis_value::<i64>(v.clone()).map_err(|e| ChannelError::Corrupt(e.to_string()))
+        };
+        let first = reply.first().map(int).transpose()?.ok_or_else(|| ChannelError::Corrupt("empty reply".into()))?;
+        match first {
+            -1 => Err(ChannelError::Closed),
+            -2 => {
+                let seq = reply.get(1).map(int).transpose()?.unwrap_or(0);
+                Ok(Appended { seq_num: seq as u64, timestamp: 0, duplicate: true, drained_waitpoints: Vec::new() })
+            }
+            seq => {
+                let timestamp = reply.get(1).map(int).transpose()?.unwrap_or(0);
+                let drained_waitpoints = reply[2..]
+                    .iter()
+                    .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
+                    .filter_map(|s| Uuid::parse_str(&s).ok())
+                    .collect();
+                Ok(Appended { seq_num: seq as u64, timestamp, duplicate: false, drained_waitpoints })
+            }
+        }
+    }
+
+    /// Up to `count` records after `after` (from the start when None), in order.
+    pub async fn read_after(&self, key: ChannelKey, after: Option<u64>, count: usize) -> Result<Vec<Record>, ChannelError> {
+        let start = match after {
+            Some(a) => format!("{}-0", a + 1),
+            None => "-".to_string(),
+        };
+        let mut conn = self.redis.clone();
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(self.stream_key(key))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(&mut conn)
+            .await?;
+        entries.into_iter().map(parse_entry).collect()
+    }
+
+    /// The newest record, if any.
+    pub async fn last(&self, key: ChannelKey) -> Result<Option<Record>, ChannelError> {
+        let mut conn = self.redis.clone();
+        let entries: Vec<(String, Vec<(String, String)>)> =
+            redis::cmd("XREVRANGE").arg(self.stream_key(key)).arg("+").arg("-").arg("COUNT").arg(1).query_async(&mut conn).await?;
+        entries.into_iter().next().map(parse_entry).transpose()
+    }
+
+    /// The sequence number the next append will get (= records ever appended).
+    pub async fn next_seq(&self, key: ChannelKey) -> Result<u64, ChannelError> {
+        let mut conn = self.redis.clone();
+        let n: Option<u64> = redis::cmd("GET").arg(self.counter_key(key)).query_async(&mut conn).await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    /// The oldest sequence number still retained (= `next_seq` when none are).
+    pub async fn oldest_seq(&self, key: ChannelKey) -> Result<u64, ChannelError> {
+        let mut conn = self.redis.clone();
+        let entries: Vec<(String, Vec<(String, String)>)> =
+            redis::cmd("XRANGE").arg(self.stream_key(key)).arg("-").arg("+").arg("COUNT").arg(1).query_async(&mut conn).await?;
+        match entries.into_iter().next() {
+            Some(e) => Ok(parse_entry(e)?.seq_num),
+            None => self.next_seq(key).await,
+        }
+    }
+
+    /// Adds a pending waitpoint to the channel's set, for at least `ttl_ms`.
+    /// Returns the set's TTL after the call.
+    pub async fn register_waiter(&self, key: ChannelKey, waitpoint: Uuid, ttl_ms: u64) -> Result<i64, ChannelError> {
+        let mut conn = self.redis.clone();
+        Ok(self
+            .register
+            .key(self.waiters_key(key))
+            .arg(waitpoint.to_string())
+            .arg(ttl_ms.max(1))
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    pub async fn remove_waiter(&self, key: ChannelKey, waitpoint: Uuid) -> Result<(), ChannelError> {
+        let mut conn = self.redis.clone();
+        let _: i64 = redis::cmd("SREM").arg(self.waiters_key(key)).arg(waitpoint.to_string()).query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Refuses further appends and lets the channel's data expire after `retention_ms`.
+    pub async fn close(&self, key: ChannelKey, retention_ms: u64) -> Result<(), ChannelError> {
+        let mut conn = self.redis.clone();
+        let _: i64 = self
+            .close
+            .key(self.stream_key(key))
+            .key(self.counter_key(key))
+            .key(self.closed_key(key))
+            .key(self.waiters_key(key))
+            .arg(retention_ms.max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Keys of a channel with their TTL in ms (-1 none, -2 missing), for tests and operators.
+    pub async fn ttls(&self, key: ChannelKey) -> Result<Vec<(String, i64)>, ChannelError> {
+        let mut conn = self.redis.clone();
+        let mut out = Vec::new();
+        for k in [self.stream_key(key), self.counter_key(key), self.closed_key(key)] {
+            let ttl: i64 = redis::cmd("PTTL").arg(&k).query_async(&mut conn).await?;
+            out.push((k, ttl));
+        }
+        Ok(out)
+    }
+}
+
+fn parse_entry((id, fields): (String, Vec<(String, String)>)) -> Result<Record, ChannelError> {
+    let seq_num = id
+        .split('-')
+        .next()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| ChannelError::Corrupt(format!("entry id {id}")))?;
+    let mut record = Record { seq_num, body: String::new(), headers: Vec::new(), timestamp: 0 };
+    for (k, v) in fields {
+        match k.as_str() {
+            "b" => record.body = v,
+            "h" => record.headers = serde_json::from_str(&v).map_err(|e| ChannelError::Corrupt(e.to_string()))?,
+            "t" => record.timestamp = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    Ok(record)
+}

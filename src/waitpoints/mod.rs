@@ -1,0 +1,164 @@
+//! Waitpoints on session channels: a run suspends until a record lands on a
+//! channel, then resumes holding that record.
+//!
+//! A waitpoint completes with the first record after its `after_seq`. Three
+//! paths can complete it, all with one conditional update, so they agree:
+//! the append that drains the channel's pending set (the drain job), the
+//! race-check at creation (data that arrived before the wait), and the worker's
+//! own long-poll, which follows the channel feed. Timeouts and session close
+//! end it too.
+
+pub mod routes;
+pub mod store;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::streams::{ChannelKey, Io, Record};
+use crate::validation::parse_duration_secs;
+use store::Waitpoint;
+
+/// Pending-set TTL when a waitpoint has no timeout.
+pub const DEFAULT_PENDING_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Idempotency keys live this long unless the caller says otherwise.
+pub const DEFAULT_IDEMPOTENCY_TTL_SECS: i64 = 24 * 3600;
+
+/// A timeout as a duration (`30s`, `1h`) from `now`, or an absolute ISO-8601 time.
+pub fn parse_deadline(value: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    if let Some(secs) = parse_duration_secs(value) {
+        return now.checked_add_signed(chrono::Duration::seconds(secs));
+    }
+    DateTime::parse_from_rfc3339(value.trim()).ok().map(|d| d.with_timezone(&Utc))
+}
+
+/// What a waitpoint completes with: the record.
+pub fn record_output(r: &Record) -> Value {
+    json!({"seqNum": r.seq_num, "body": r.body, "headers": r.headers, "timestamp": r.timestamp})
+}
+
+pub fn channel_of(w: &Waitpoint) -> ChannelKey {
+    ChannelKey { session_id: w.session_id, io: Io::parse(&w.io).unwrap_or(Io::In) }
+}
+
+/// Completes `w` with `record` and takes it off the channel's pending set.
+pub async fn complete_with(state: &AppState, w: &Waitpoint, output: &Value) -> anyhow::Result<bool> {
+    let done = store::complete(&state.db, w.id, output).await?;
+    state.channels.remove_waiter(channel_of(w), w.id).await?;
+    Ok(done)
+}
+
+/// Completes `w` if a record after its `after_seq` already exists.
+pub async fn check_arrived(state: &AppState, w: &Waitpoint) -> anyhow::Result<bool> {
+    let after = u64::try_from(w.after_seq).ok();
+    let records = state.channels.read_after(channel_of(w), after, 1).await?;
+    match records.first() {
+        Some(r) => complete_with(state, w, &record_output(r)).await,
+        None => Ok(false),
+    }
+}
+
+/// The drain job: waitpoints taken off a channel's pending set by the append of
+/// record `seq_num` complete with that record.
+pub async fn drain(state: &AppState, session_id: Uuid, io: Io, seq_num: u64, ids: &[Uuid]) -> anyhow::Result<usize> {
+    let key = ChannelKey { session_id, io };
+    let record = state.channels.read_after(key, seq_num.checked_sub(1), 1).await?;
+    let Some(record) = record.into_iter().find(|r| r.seq_num == seq_num) else {
+        anyhow::bail!("record {seq_num} of the drained channel is missing");
+    };
+    let output = record_output(&record);
+    let mut completed = 0;
+    for id in ids {
+        if store::complete(&state.db, *id, &output).await? {
+            completed += 1;
+        }
+    }
+    Ok(completed)
+}
+
+/// Long-polls until `w` is no longer waiting or `wait` passes; returns its latest state.
+pub async fn wait_for(state: &AppState, w: Waitpoint, wait: Duration) -> anyhow::Result<Waitpoint> {
+    if w.status != "WAITING" {
+        return Ok(w);
+    }
+    let key = channel_of(&w);
+    let feed = state.hub.feed(key);
+    let mut rx = feed.subscribe();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        check_arrived(state, &w).await?;
+        let current = store::find_by_id(&state.db, w.id).await?.unwrap_or(w.clone());
+        if current.status != "WAITING" || tokio::time::Instant::now() >= deadline {
+            return Ok(current);
+        }
+        // Woken by the next record on the channel; the tick catches completions
+        // by other paths (timeouts, close, another server's drain).
+        tokio::select! {
+            _ = rx.recv() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// The timeout sweep: waitpoints past `timeout_at` end TIMED_OUT.
+pub async fn time_out_due(state: &AppState) -> anyhow::Result<usize> {
+    let timed_out = store::time_out_due(&state.db).await?;
+    for w in &timed_out {
+        state.channels.remove_waiter(channel_of(w), w.id).await?;
+    }
+    Ok(timed_out.len())
+}
+
+/// After a session closes: wake a waiting run with a `session-closed` record on
+/// `.in` (unless the close came from that run), refuse further writes, let the
+/// data expire after the retention period, and complete what still waits.
+pub async fn close_channels(state: &AppState, session_id: Uuid, reason: Option<&str>, notify_in: bool) -> anyhow::Result<()> {
+    let retention_ms = state.config.channel_retention_secs * 1000;
+    if notify_in {
+        let mut headers = vec![(crate::streams::CONTROL_HEADER.to_string(), "session-closed".to_string())];
+        if let Some(r) = reason {
+            headers.push(("session-closed-reason".into(), r.to_string()));
+        }
+        let key = ChannelKey { session_id, io: Io::In };
+        // A fixed part id: a retried job does not append a second close record.
+        match state.channels.append(key, "", &headers, Some("session-closed")).await {
+            Ok(appended) => {
+                state.hub.notify(key);
+                if !appended.drained_waitpoints.is_empty() {
+                    drain(state, session_id, Io::In, appended.seq_num, &appended.drained_waitpoints).await?;
+                }
+            }
+            Err(crate::streams::store::ChannelError::Closed) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for io in [Io::In, Io::Out] {
+        state.channels.close(ChannelKey { session_id, io }, retention_ms).await?;
+    }
+    let output = json!({"sessionClosed": true, "reason": reason});
+    for w in store::waiting_for_session(&state.db, session_id).await? {
+        complete_with(state, &w, &output).await?;
+    }
+    sqlx::query("UPDATE sessions SET channels_closed_at = now() WHERE id = $1 AND channels_closed_at IS NULL")
+        .bind(session_id)
+        .execute(&state.db)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_from_durations_or_dates() {
+        let now = Utc::now();
+        assert_eq!(parse_deadline("30s", now), Some(now + chrono::Duration::seconds(30)));
+        assert_eq!(parse_deadline("2030-01-01T00:00:00Z", now).map(|d| d.timestamp()), Some(1_893_456_000));
+        assert_eq!(parse_deadline("soon", now), None);
+    }
+}

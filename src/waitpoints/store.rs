@@ -1,0 +1,162 @@
+//! SQL that owns `waitpoints`.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::db::StoreError;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Waitpoint {
+    pub id: Uuid,
+    pub friendly_id: String,
+    pub runtime_environment_id: Uuid,
+    pub run_id: Uuid,
+    pub session_id: Uuid,
+    pub io: String,
+    pub status: String,
+    pub after_seq: i64,
+    pub idempotency_key: Option<String>,
+    pub idempotency_key_expires_at: Option<DateTime<Utc>>,
+    pub tags: Vec<String>,
+    pub timeout_at: Option<DateTime<Utc>>,
+    pub output: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+const COLUMNS: &str = "id, friendly_id, runtime_environment_id, run_id, session_id, io, status, after_seq, \
+    idempotency_key, idempotency_key_expires_at, tags, timeout_at, output, created_at, completed_at";
+
+pub struct NewWaitpoint<'a> {
+    pub env_id: Uuid,
+    pub run_id: Uuid,
+    pub session_id: Uuid,
+    pub io: &'a str,
+    pub after_seq: i64,
+    pub idempotency_key: Option<&'a str>,
+    pub idempotency_key_expires_at: Option<DateTime<Utc>>,
+    pub tags: &'a [String],
+    pub timeout_at: Option<DateTime<Utc>>,
+}
+
+/// Creates a waitpoint and suspends its run (EXECUTING → WAITING), or returns
+/// the live waitpoint holding the same idempotency key (`true` = cached). An
+/// expired key is released for the new waitpoint.
+pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<(Waitpoint, bool), StoreError> {
+    for _ in 0..2 {
+        let mut tx = pool.begin().await?;
+        if let Some(key) = new.idempotency_key {
+            let existing: Option<Waitpoint> = sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM waitpoints WHERE runtime_environment_id = $1 AND idempotency_key = $2 FOR UPDATE"
+            ))
+            .bind(new.env_id)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(w) = existing {
+                if w.idempotency_key_expires_at.is_none_or(|e| e > Utc::now()) {
+                    tx.commit().await?;
+                    return Ok((w, true));
+                }
+                sqlx::query("UPDATE waitpoints SET idempotency_key = NULL WHERE id = $1").bind(w.id).execute(&mut *tx).await?;
+            }
+        }
+        let inserted: Result<Waitpoint, sqlx::Error> = sqlx::query_as(&format!(
+            "INSERT INTO waitpoints (id, friendly_id, runtime_environment_id, run_id, session_id, io, after_seq,
+                 idempotency_key, idempotency_key_expires_at, tags, timeout_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {COLUMNS}"
+        ))
+        .bind(Uuid::now_v7())
+        .bind(crate::ids::new_waitpoint_id())
+        .bind(new.env_id)
+        .bind(new.run_id)
+        .bind(new.session_id)
+        .bind(new.io)
+        .bind(new.after_seq)
+        .bind(new.idempotency_key)
+        .bind(new.idempotency_key_expires_at)
+        .bind(new.tags)
+        .bind(new.timeout_at)
+        .fetch_one(&mut *tx)
+        .await;
+        match inserted.map_err(StoreError::from) {
+            Ok(w) => {
+                sqlx::query(
+                    "UPDATE task_runs SET status = 'WAITING', updated_at = now() WHERE id = $1 AND status = 'EXECUTING'",
+                )
+                .bind(new.run_id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok((w, false));
+            }
+            // A concurrent call took the key first: loop once to read theirs.
+            Err(StoreError::UniqueViolation(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Corrupt("idempotency key contention".into()))
+}
+
+pub async fn find(pool: &PgPool, env_id: Uuid, friendly_id: &str) -> Result<Option<Waitpoint>, StoreError> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM waitpoints WHERE runtime_environment_id = $1 AND friendly_id = $2"))
+        .bind(env_id)
+        .bind(friendly_id)
+        .fetch_optional(pool)
+        .await?)
+}
+
+pub async fn find_by_id(pool: &PgPool, id: Uuid) -> Result<Option<Waitpoint>, StoreError> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM waitpoints WHERE id = $1")).bind(id).fetch_optional(pool).await?)
+}
+
+/// After a waitpoint of `run_id` ends: the run goes back to EXECUTING unless it
+/// still waits on another one.
+const RESUME_RUN: &str = "UPDATE task_runs SET status = 'EXECUTING', updated_at = now()
+    WHERE id = $1 AND status = 'WAITING'
+      AND NOT EXISTS (SELECT 1 FROM waitpoints WHERE run_id = $1 AND status = 'WAITING')";
+
+/// Completes a waiting waitpoint with `output`. Conditional, so concurrent
+/// completions (the drain job, the worker's wait, close) settle on one output.
+/// Returns whether this call completed it.
+pub async fn complete(pool: &PgPool, id: Uuid, output: &serde_json::Value) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let run: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE waitpoints SET status = 'COMPLETED', output = $2, completed_at = now()
+         WHERE id = $1 AND status = 'WAITING' RETURNING run_id",
+    )
+    .bind(id)
+    .bind(output)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(run) = run {
+        sqlx::query(RESUME_RUN).bind(run).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(run.is_some())
+}
+
+/// Times out waitpoints past `timeout_at`; returns them (for Redis cleanup).
+pub async fn time_out_due(pool: &PgPool) -> Result<Vec<Waitpoint>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let timed_out: Vec<Waitpoint> = sqlx::query_as(&format!(
+        "UPDATE waitpoints SET status = 'TIMED_OUT', completed_at = now()
+         WHERE status = 'WAITING' AND timeout_at <= now() RETURNING {COLUMNS}"
+    ))
+    .fetch_all(&mut *tx)
+    .await?;
+    for w in &timed_out {
+        sqlx::query(RESUME_RUN).bind(w.run_id).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(timed_out)
+}
+
+/// Waiting waitpoints on a session's channels.
+pub async fn waiting_for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<Waitpoint>, StoreError> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM waitpoints WHERE session_id = $1 AND status = 'WAITING'"))
+        .bind(session_id)
+        .fetch_all(pool)
+        .await?)
+}
