@@ -175,3 +175,86 @@ fn rand_bytes() -> [u8; 32] {
     }
     b
 }
+
+/// A parsed SSE record from a `batch` event.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct SseRecord {
+    pub seq_num: u64,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+    pub timestamp: i64,
+}
+
+/// An open SSE response, read frame by frame.
+pub struct SseClient {
+    pub headers: reqwest::header::HeaderMap,
+    stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+    pub last_event_id: Option<String>,
+}
+
+impl SseClient {
+    /// The next frame's records (`None` when the server closed the stream),
+    /// skipping keep-alive comments; gives up after `timeout`.
+    pub async fn next_batch(&mut self, timeout: Duration) -> Option<Vec<SseRecord>> {
+        use futures::StreamExt;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let frame: String = self.buf.drain(..end + 2).collect();
+                let mut event = None;
+                let mut data = None;
+                for line in frame.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        event = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("id: ") {
+                        self.last_event_id = Some(v.to_string());
+                    }
+                }
+                if event.as_deref() == Some("batch") {
+                    let v: serde_json::Value = serde_json::from_str(&data.unwrap_or_default()).unwrap();
+                    return Some(serde_json::from_value(v["records"].clone()).unwrap());
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.stream.next()).await.ok()??;
+            self.buf.push_str(std::str::from_utf8(&chunk.ok()?).unwrap());
+        }
+    }
+
+    /// Every record until the server closes the stream (or `timeout`).
+    pub async fn collect(&mut self, timeout: Duration) -> Vec<SseRecord> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut all = Vec::new();
+        while let Some(batch) = self.next_batch(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+            all.extend(batch);
+        }
+        all
+    }
+}
+
+impl TestApp {
+    pub async fn sse(&self, path: &str, token: &str, headers: &[(&str, &str)]) -> SseClient {
+        let mut req = self.client.get(format!("{}{}", self.base, path)).bearer_auth(token).header("accept", "text/event-stream");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("sse connect");
+        assert!(resp.status().is_success(), "sse status {}", resp.status());
+        SseClient { headers: resp.headers().clone(), stream: Box::pin(resp.bytes_stream()), buf: String::new(), last_event_id: None }
+    }
+
+    /// Appends `body` to a channel; returns the status and JSON answer.
+    pub async fn append(&self, session: &str, io: &str, token: &str, body: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {
+        let mut req =
+            self.client.post(format!("{}/realtime/v1/sessions/{session}/{io}/append", self.base)).bearer_auth(token).body(body.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("append");
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+}

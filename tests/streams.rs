@@ -1,0 +1,377 @@
+//! Session channels on real Redis and Postgres: appends, reads, SSE, close.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{eventually, session_body, TestApp};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sessiond::streams::{ChannelKey, Io};
+
+async fn new_session(app: &TestApp, ext: &str) -> String {
+    app.create_session(session_body(Some(ext))).await["id"].as_str().unwrap().to_string()
+}
+
+fn envelope(data: Value, id: &str) -> String {
+    json!({"data": data, "id": id}).to_string()
+}
+
+#[tokio::test]
+async fn append_then_read_records_unwrapped() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "rw").await;
+    for i in 0..3 {
+        let (status, body) = app.append(&s, "out", &app.a.key, &envelope(json!({"type": "text-delta", "delta": i}), &format!("p{i}")), &[]).await;
+        assert_eq!((status, body), (StatusCode::OK, json!({"ok": true})));
+    }
+    let (status, _) = app.append(&s, "out", &app.a.key, "", &[("x-trigger-control", "turn-complete")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
+    assert_eq!(status, StatusCode::OK);
+    let records = body["records"].as_array().unwrap();
+    assert_eq!(records.len(), 4);
+    assert_eq!(records[0], json!({"data": {"type": "text-delta", "delta": 0}, "id": "p0", "seqNum": 0}));
+    assert_eq!(records[3]["headers"], json!([["trigger-control", "turn-complete"]]));
+    assert_eq!(records[3]["data"], Value::Null);
+    let (_, after) = app.get(&format!("/realtime/v1/sessions/{s}/out/records?afterEventId=1"), &app.a.key).await;
+    let seqs: Vec<u64> = after["records"].as_array().unwrap().iter().map(|r| r["seqNum"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![2, 3]);
+    // By external id too; and the channels are separate.
+    let (_, by_ext) = app.get("/realtime/v1/sessions/rw/out/records", &app.a.key).await;
+    assert_eq!(by_ext["records"].as_array().unwrap().len(), 4);
+    let (_, other) = app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &app.a.key).await;
+    assert_eq!(other["records"], json!([]));
+    let (status, _) = app.get(&format!("/realtime/v1/sessions/{s}/sideways/records"), &app.a.key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = app.get(&format!("/realtime/v1/sessions/{s}/out/records?afterEventId=x"), &app.a.key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn seq_numbers_are_dense_and_ordered_under_concurrent_appenders() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "dense").await;
+    let mut writers = Vec::new();
+    for w in 0..32 {
+        let (client, base, key, s) = (app.client.clone(), app.base.clone(), app.a.key.clone(), s.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let r = client
+                    .post(format!("{base}/realtime/v1/sessions/{s}/out/append"))
+                    .bearer_auth(&key)
+                    .body(format!("{w}:{i}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), StatusCode::OK);
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let records = app.state.channels.read_after(key, None, 10_000).await.unwrap();
+    assert_eq!(records.len(), 640);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.seq_num, i as u64, "dense");
+    }
+    // Each writer's records appear in the order it wrote them.
+    let mut last = vec![-1i64; 32];
+    for r in &records {
+        let (w, i) = r.body.split_once(':').unwrap();
+        let (w, i): (usize, i64) = (w.parse().unwrap(), i.parse().unwrap());
+        assert!(i > last[w]);
+        last[w] = i;
+    }
+    let stamps: Vec<i64> = records.iter().map(|r| r.timestamp).collect();
+    assert!(stamps.windows(2).all(|p| p[0] <= p[1]), "server timestamps follow seq order");
+}
+
+async fn session_uuid(app: &TestApp, friendly: &str) -> uuid::Uuid {
+    sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(friendly).fetch_one(app.db()).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_retried_part_id_is_written_once() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "dedupe").await;
+    let (s1, b1) = app.append(&s, "out", &app.a.key, "hello", &[("x-part-id", "part-1")]).await;
+    let (s2, b2) = app.append(&s, "out", &app.a.key, "hello", &[("x-part-id", "part-1")]).await;
+    assert_eq!((s1, b1["ok"].clone()), (StatusCode::OK, json!(true)));
+    assert_eq!((s2, b2["ok"].clone()), (StatusCode::OK, json!(true)));
+    assert!(b2["message"].as_str().unwrap().contains("duplicate"));
+    app.append(&s, "out", &app.a.key, "other", &[("x-part-id", "part-2")]).await;
+    let (_, body) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
+    assert_eq!(body["records"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn sse_resume_from_every_last_event_id_yields_each_record_once() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "resume").await;
+    for i in 0..12 {
+        app.append(&s, "out", &app.a.key, &format!("r{i}"), &[]).await;
+    }
+    let path = format!("/realtime/v1/sessions/{s}/out");
+    let mut first = app.sse(&path, &app.a.key, &[("timeout-seconds", "1")]).await;
+    assert_eq!(first.headers["x-stream-version"], "v2");
+    assert_eq!(first.headers["content-type"], "text/event-stream");
+    let all: Vec<u64> = first.collect(Duration::from_secs(5)).await.iter().map(|r| r.seq_num).collect();
+    assert_eq!(all, (0..12).collect::<Vec<_>>());
+    assert_eq!(first.last_event_id.as_deref(), Some("11"));
+    let mut subs = Vec::new();
+    for last in 0..12u64 {
+        let id = last.to_string();
+        subs.push((last, app.sse(&path, &app.a.key, &[("last-event-id", id.as_str()), ("timeout-seconds", "1")]).await));
+    }
+    for (last, mut sub) in subs {
+        let got: Vec<u64> = sub.collect(Duration::from_secs(5)).await.iter().map(|r| r.seq_num).collect();
+        assert_eq!(got, (last + 1..12).collect::<Vec<_>>(), "resume after {last}");
+    }
+}
+
+#[tokio::test]
+async fn sse_follows_live_appends_and_can_start_at_the_tail() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "live").await;
+    app.append(&s, "out", &app.a.key, "old", &[]).await;
+    let path = format!("/realtime/v1/sessions/{s}/out");
+    let mut latest = app.sse(&path, &app.a.key, &[("x-trigger-stream-start", "latest"), ("timeout-seconds", "5")]).await;
+    let mut from_start = app.sse(&path, &app.a.key, &[("timeout-seconds", "5")]).await;
+    assert_eq!(from_start.next_batch(Duration::from_secs(5)).await.unwrap()[0].body, "old");
+    let t = Instant::now();
+    app.append(&s, "out", &app.a.key, "new", &[("x-record-headers", r#"[["k","v"]]"#)]).await;
+    let got = latest.next_batch(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got[0].body, "new");
+    assert_eq!(got[0].seq_num, 1);
+    assert_eq!(got[0].headers, vec![("k".to_string(), "v".to_string())]);
+    assert!(got[0].timestamp > 0);
+    assert!(t.elapsed() < Duration::from_secs(1), "live delivery took {:?}", t.elapsed());
+    assert_eq!(from_start.next_batch(Duration::from_secs(5)).await.unwrap()[0].body, "new");
+}
+
+#[tokio::test]
+async fn keep_alives_and_the_long_poll_window() {
+    let app = TestApp::spawn_with(|c| c.sse_keepalive_ms = 200).await;
+    let s = new_session(&app, "ka").await;
+    let r = app
+        .client
+        .get(format!("{}/realtime/v1/sessions/{s}/out", app.base))
+        .bearer_auth(&app.a.key)
+        .header("timeout-seconds", "1")
+        .send()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let text = r.text().await.unwrap();
+    assert!(text.contains(": keep-alive"), "{text}");
+    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let (status, _) = app.call(Method::GET, &format!("/realtime/v1/sessions/{s}/out"), Some(&app.a.key), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let r = app.client.get(format!("{}/realtime/v1/sessions/{s}/out", app.base)).bearer_auth(&app.a.key).header("timeout-seconds", "0").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn peek_settled_closes_fast_on_a_finished_turn_and_long_polls_otherwise() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "settle").await;
+    let path = format!("/realtime/v1/sessions/{s}/out");
+    app.append(&s, "out", &app.a.key, &envelope(json!({"type": "text-delta", "delta": "hi"}), "p1"), &[]).await;
+    // Mid-turn: no settled header, the connection stays for the window.
+    let t = Instant::now();
+    let mut open = app.sse(&path, &app.a.key, &[("x-peek-settled", "1"), ("timeout-seconds", "2")]).await;
+    assert!(open.headers.get("x-session-settled").is_none());
+    assert_eq!(open.collect(Duration::from_secs(5)).await.len(), 1);
+    assert!(t.elapsed() >= Duration::from_millis(1900), "long-polled: {:?}", t.elapsed());
+
+    // Turn complete (control record): settled, drained, closed at once.
+    app.append(&s, "out", &app.a.key, "", &[("x-trigger-control", "turn-complete")]).await;
+    let t = Instant::now();
+    let mut settled = app.sse(&path, &app.a.key, &[("x-peek-settled", "1"), ("last-event-id", "0"), ("timeout-seconds", "30")]).await;
+    assert_eq!(settled.headers["x-session-settled"], "true");
+    let got = settled.collect(Duration::from_secs(5)).await;
+    assert_eq!(got.iter().map(|r| r.seq_num).collect::<Vec<_>>(), vec![1]);
+    assert!(t.elapsed() < Duration::from_secs(1), "settled close took {:?}", t.elapsed());
+
+    // Older agents: a data chunk of type trigger:turn-complete, stringified inside the envelope.
+    let s2 = new_session(&app, "settle-old").await;
+    app.append(&s2, "out", &app.a.key, &envelope(json!("{\"type\":\"trigger:turn-complete\"}"), "p9"), &[]).await;
+    let mut old = app.sse(&format!("/realtime/v1/sessions/{s2}/out"), &app.a.key, &[("x-peek-settled", "1")]).await;
+    assert_eq!(old.headers["x-session-settled"], "true");
+    assert_eq!(old.collect(Duration::from_secs(5)).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_last_event_id_before_retained_history_gets_a_gap_record() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "gap").await;
+    for i in 0..10 {
+        app.append(&s, "out", &app.a.key, &format!("r{i}"), &[]).await;
+    }
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let mut conn = app.state.redis.clone();
+    let _: i64 = redis::cmd("XTRIM").arg(app.state.channels.stream_key(key)).arg("MINID").arg("6-0").query_async(&mut conn).await.unwrap();
+    let mut sub = app.sse(&format!("/realtime/v1/sessions/{s}/out"), &app.a.key, &[("last-event-id", "2"), ("timeout-seconds", "1")]).await;
+    let got = sub.collect(Duration::from_secs(5)).await;
+    let gap = &got[0];
+    assert_eq!(gap.headers[0], ("trigger-control".to_string(), "stream-gap".to_string()));
+    assert!(gap.headers.contains(&("gap-from".into(), "3".into())) && gap.headers.contains(&("gap-to".into(), "5".into())));
+    assert_eq!(got[1..].iter().map(|r| r.seq_num).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
+}
+
+#[tokio::test]
+async fn a_thousand_subscribers_share_one_upstream_reader() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "fanout").await;
+    let path = format!("/realtime/v1/sessions/{s}/out");
+    let mut subs = Vec::new();
+    for _ in 0..1000 {
+        subs.push(app.sse(&path, &app.a.key, &[("timeout-seconds", "30")]).await);
+    }
+    assert_eq!(app.state.hub.active_feeds(), 1);
+    for i in 0..5 {
+        app.append(&s, "out", &app.a.key, &format!("m{i}"), &[]).await;
+    }
+    let mut readers = Vec::new();
+    for mut sub in subs {
+        readers.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            while seqs.len() < 5 {
+                let batch = sub.next_batch(Duration::from_secs(20)).await.expect("records");
+                seqs.extend(batch.iter().map(|r| r.seq_num));
+            }
+            seqs
+        }));
+    }
+    for r in readers {
+        assert_eq!(r.await.unwrap(), vec![0, 1, 2, 3, 4]);
+    }
+    // Every client is gone now: the feed and its reader go with them.
+    eventually(10, "feeds released", || async { (app.state.hub.active_feeds() == 0).then_some(()) }).await;
+}
+
+#[tokio::test]
+async fn close_refuses_writes_and_wakes_in_with_a_session_closed_record() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "closing").await;
+    app.append(&s, "out", &app.a.key, "before", &[]).await;
+    let mut watcher = app.sse(&format!("/realtime/v1/sessions/{s}/in"), &app.a.key, &[("timeout-seconds", "10")]).await;
+    let (status, _) = app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({"reason": "user left"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = app.append(&s, "out", &app.a.key, "after", &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["ok"], false);
+    let (_, out) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
+    assert_eq!(out["records"].as_array().unwrap().len(), 1, "nothing written after close");
+    let batch = watcher.next_batch(Duration::from_secs(10)).await.unwrap();
+    assert!(batch[0].headers.contains(&("trigger-control".into(), "session-closed".into())));
+    assert!(batch[0].headers.contains(&("session-closed-reason".into(), "user left".into())));
+    // Channel data now expires after the retention period.
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let ttls = app.state.channels.ttls(key).await.unwrap();
+    assert!(ttls.iter().all(|(_, ttl)| *ttl > 0), "{ttls:?}");
+    // History stays readable.
+    let (status, _) = app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &app.a.key).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_close_from_the_current_run_does_not_wake_itself() {
+    let app = TestApp::spawn().await;
+    let created = app.create_session(session_body(Some("self-close"))).await;
+    let s = created["id"].as_str().unwrap();
+    let (status, _) = app
+        .post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({"callingRunId": created["runId"]}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually(10, "channels closed", || async {
+        let closed: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT channels_closed_at FROM sessions WHERE friendly_id = $1").bind(s).fetch_one(app.db()).await.unwrap();
+        closed.map(|_| ())
+    })
+    .await;
+    let (_, body) = app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &app.a.key).await;
+    assert_eq!(body["records"], json!([]));
+    assert_eq!(app.append(s, "in", &app.a.key, "x", &[]).await.0, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn an_append_to_in_boots_a_run_when_none_is_alive() {
+    let app = TestApp::spawn().await;
+    let created = app.create_session(session_body(Some("boot"))).await;
+    let s = created["id"].as_str().unwrap();
+    let w = app.worker();
+    let run = w.dequeue(&["echo-agent".to_string()], 1, Duration::from_secs(10)).await.unwrap().remove(0);
+    w.complete(&run, json!(null)).await.unwrap();
+    let (status, _) = app.append(s, "in", &app.a.key, &envelope(json!("hello"), "m1"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, now) = app.get(&format!("/api/v1/sessions/{s}"), &app.a.key).await;
+    assert_ne!(now["currentRunId"], created["runId"]);
+    let next = w.dequeue(&["echo-agent".to_string()], 1, Duration::from_secs(10)).await.unwrap().remove(0);
+    assert_eq!(next.payload["trigger"], "continuation");
+    // The record was durable before the run existed: the new run reads it.
+    let (_, recs) = app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &next.token).await;
+    assert_eq!(recs["records"][0]["data"], "hello");
+    // An append to .out never boots runs; while a run is alive .in does not either.
+    app.append(s, "in", &app.a.key, "again", &[]).await;
+    let (_, still) = app.get(&format!("/api/v1/sessions/{s}"), &app.a.key).await;
+    assert_eq!(still["currentRunId"], next.id.as_str());
+}
+
+#[tokio::test]
+async fn initialize_hands_out_a_channel_scoped_write_token() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "init").await;
+    let r = app.client.put(format!("{}/realtime/v1/sessions/init/out", app.base)).bearer_auth(&app.a.key).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let h = r.headers().clone();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"version": "v2"}));
+    let url = h["x-append-url"].to_str().unwrap().to_string();
+    assert!(url.ends_with(&format!("/realtime/v1/sessions/{s}/out/append")), "{url}");
+    let token = h["x-write-token"].to_str().unwrap().to_string();
+    let r = app.client.post(&url).bearer_auth(&token).body("direct").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Only that channel, and only writes.
+    assert_eq!(app.append(&s, "in", &token, "nope", &[]).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &token).await.0, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn realtime_auth_limits_and_preflight() {
+    let app = TestApp::spawn_with(|c| c.max_body_bytes = 1024).await;
+    let created = app.create_session(session_body(Some("lim"))).await;
+    let s = created["id"].as_str().unwrap();
+    let pat = created["publicAccessToken"].as_str().unwrap();
+    // The session's public token reads and writes its own channels, in either URL form.
+    assert_eq!(app.append("lim", "in", pat, "from browser", &[]).await.0, StatusCode::OK);
+    assert_eq!(app.get(&format!("/realtime/v1/sessions/{s}/in/records"), pat).await.0, StatusCode::OK);
+    let other = new_session(&app, "lim-other").await;
+    assert_eq!(app.append(&other, "in", pat, "x", &[]).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(app.append("session_missing", "in", pat, "x", &[]).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(app.append("session_missing", "in", &app.a.key, "x", &[]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(app.append(s, "in", &app.b.key, "x", &[]).await.0, StatusCode::NOT_FOUND);
+    let (status, body) = app.append(s, "out", &app.a.key, &"x".repeat(4096), &[]).await;
+    assert_eq!((status, body["ok"].clone()), (StatusCode::PAYLOAD_TOO_LARGE, json!(false)));
+    let (status, _) = app.append(s, "out", &app.a.key, "x", &[("x-record-headers", "not json")]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = app.append(s, "out", &app.a.key, "x", &[("x-record-headers", r#"[["","cmd"]]"#)]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    for path in [format!("/realtime/v1/sessions/{s}/out"), format!("/realtime/v1/sessions/{s}/in/append"), format!("/realtime/v1/sessions/{s}/in/records")] {
+        let r = app
+            .client
+            .request(Method::OPTIONS, format!("{}{}", app.base, path))
+            .header("origin", "https://chat.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,x-part-id,last-event-id,x-peek-settled")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}");
+        assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    }
+    let (_, recs) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
+    assert_eq!(recs["records"], json!([]), "rejected appends wrote nothing");
+}
