@@ -1,0 +1,197 @@
+//! Waitpoints on session channels, on real Postgres and Redis.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{eventually, session_body, TestApp};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sessiond::streams::{ChannelKey, Io};
+use sessiond::worker::AssignedRun;
+
+/// A session with its first run dequeued (EXECUTING).
+async fn running_session(app: &TestApp, ext: &str) -> (String, AssignedRun) {
+    let mut body = session_body(Some(ext));
+    body["taskIdentifier"] = json!(format!("task-{ext}"));
+    let s = app.create_session(body).await;
+    let run = app.worker().dequeue(&[format!("task-{ext}")], 1, Duration::from_secs(10)).await.unwrap().remove(0);
+    (s["id"].as_str().unwrap().to_string(), run)
+}
+
+async fn wait(app: &TestApp, run: &AssignedRun, token: &str, body: Value) -> (StatusCode, Value) {
+    app.post(&format!("/api/v1/runs/{}/session-streams/wait", run.id), token, body).await
+}
+
+async fn poll(app: &TestApp, run: &AssignedRun, waitpoint: &str, secs: u64) -> Value {
+    let (status, body) =
+        app.get(&format!("/api/v1/runs/{}/waitpoints/{waitpoint}?waitSeconds={secs}", run.id), &run.token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn data_that_already_arrived_completes_the_wait_at_once() {
+    let app = TestApp::spawn().await;
+    let (s, run) = running_session(&app, "race").await;
+    app.append(&s, "in", &app.a.key, "early", &[]).await;
+    let (status, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in", "lastSeqNum": -1})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["isCached"], false);
+    let wp = body["waitpointId"].as_str().unwrap();
+    assert!(wp.starts_with("waitpoint_"));
+    let done = poll(&app, &run, wp, 0).await;
+    assert_eq!(done["status"], "COMPLETED");
+    assert_eq!(done["output"]["body"], "early");
+    assert_eq!(done["output"]["seqNum"], 0);
+    assert_eq!(app.run_status(&run.id).await, "EXECUTING");
+}
+
+#[tokio::test]
+async fn a_waiting_run_resumes_with_the_next_record() {
+    let app = TestApp::spawn().await;
+    let (s, run) = running_session(&app, "resume").await;
+    app.append(&s, "in", &app.a.key, "seen already", &[]).await;
+    let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in", "lastSeqNum": 0})).await;
+    let wp = body["waitpointId"].as_str().unwrap().to_string();
+    assert_eq!(poll(&app, &run, &wp, 0).await["status"], "WAITING");
+    assert_eq!(app.run_status(&run.id).await, "WAITING");
+    // Heartbeats keep a waiting run alive.
+    assert!(!app.worker().heartbeat(&run).await.unwrap().cancel);
+    let waiter = {
+        let (client, base, token, run_id, wp) = (app.client.clone(), app.base.clone(), run.token.clone(), run.id.clone(), wp.clone());
+        tokio::spawn(async move {
+            let r = client
+                .get(format!("{base}/api/v1/runs/{run_id}/waitpoints/{wp}?waitSeconds=20"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            (Instant::now(), r.json::<Value>().await.unwrap())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = Instant::now();
+    app.append(&s, "in", &app.a.key, "the answer", &[("x-record-headers", r#"[["kind","msg"]]"#)]).await;
+    let (woke, done) = waiter.await.unwrap();
+    assert_eq!(done["status"], "COMPLETED");
+    assert_eq!(done["output"]["body"], "the answer");
+    assert_eq!(done["output"]["headers"], json!([["kind", "msg"]]));
+    assert!(woke - sent < Duration::from_secs(1), "woke after {:?}", woke - sent);
+    assert_eq!(app.run_status(&run.id).await, "EXECUTING");
+}
+
+#[tokio::test]
+async fn every_waiter_on_a_channel_wakes_with_the_same_record() {
+    let app = TestApp::spawn().await;
+    let (target, _) = running_session(&app, "target").await;
+    let mut waiters = Vec::new();
+    for i in 0..3 {
+        let (_, run) = running_session(&app, &format!("w{i}")).await;
+        let (status, body) = wait(&app, &run, &app.a.key, json!({"session": target, "io": "in"})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        waiters.push((run, body["waitpointId"].as_str().unwrap().to_string()));
+    }
+    let key = ChannelKey {
+        session_id: sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(&target).fetch_one(app.db()).await.unwrap(),
+        io: Io::In,
+    };
+    let mut conn = app.state.redis.clone();
+    let pending: usize = redis::cmd("SCARD").arg(app.state.channels.waiters_key(key)).query_async(&mut conn).await.unwrap();
+    assert_eq!(pending, 3);
+    app.append(&target, "in", &app.a.key, "broadcast", &[]).await;
+    // Nobody polls: the drain job completes all three.
+    for (run, wp) in &waiters {
+        let done = eventually(10, "drained", || async {
+            let v = poll(&app, run, wp, 0).await;
+            (v["status"] == "COMPLETED").then_some(v)
+        })
+        .await;
+        assert_eq!(done["output"]["body"], "broadcast");
+    }
+    let drains: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'waitpoint-drain' AND status = 'succeeded'")
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    assert_eq!(drains, 1);
+    let pending: usize = redis::cmd("SCARD").arg(app.state.channels.waiters_key(key)).query_async(&mut conn).await.unwrap();
+    assert_eq!(pending, 0);
+}
+
+#[tokio::test]
+async fn waits_time_out_and_the_run_resumes() {
+    let app = TestApp::spawn().await;
+    let (s, run) = running_session(&app, "timeout").await;
+    let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in", "timeout": "1s", "tags": "t1"})).await;
+    let wp = body["waitpointId"].as_str().unwrap().to_string();
+    let done = eventually(10, "timed out", || async {
+        let v = poll(&app, &run, &wp, 0).await;
+        (v["status"] == "TIMED_OUT").then_some(v)
+    })
+    .await;
+    assert_eq!(done["tags"], json!(["t1"]));
+    assert!(done["output"].is_null());
+    assert_eq!(app.run_status(&run.id).await, "EXECUTING");
+}
+
+#[tokio::test]
+async fn idempotency_keys_return_the_same_waitpoint_until_they_expire() {
+    let app = TestApp::spawn().await;
+    let (s, run) = running_session(&app, "idem").await;
+    let body = json!({"session": s, "io": "in", "idempotencyKey": "turn-1", "idempotencyKeyTTL": "1s"});
+    let (_, first) = wait(&app, &run, &run.token, body.clone()).await;
+    let (_, second) = wait(&app, &run, &run.token, body.clone()).await;
+    assert_eq!(first["waitpointId"], second["waitpointId"]);
+    assert_eq!((first["isCached"].clone(), second["isCached"].clone()), (json!(false), json!(true)));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_, third) = wait(&app, &run, &run.token, body).await;
+    assert_ne!(third["waitpointId"], first["waitpointId"]);
+    assert_eq!(third["isCached"], false);
+}
+
+#[tokio::test]
+async fn the_pending_set_ttl_only_grows() {
+    let app = TestApp::spawn().await;
+    let key = ChannelKey { session_id: uuid::Uuid::now_v7(), io: Io::In };
+    let ch = &app.state.channels;
+    let short = ch.register_waiter(key, uuid::Uuid::now_v7(), 10_000).await.unwrap();
+    assert!(short > 9_000 && short <= 10_000, "{short}");
+    let long = ch.register_waiter(key, uuid::Uuid::now_v7(), 100_000).await.unwrap();
+    assert!(long > 99_000, "{long}");
+    let after_short = ch.register_waiter(key, uuid::Uuid::now_v7(), 5_000).await.unwrap();
+    assert!(after_short > 99_000, "a shorter waiter must not shrink the set's TTL: {after_short}");
+}
+
+#[tokio::test]
+async fn closing_the_session_completes_pending_waits() {
+    let app = TestApp::spawn().await;
+    let (s, run) = running_session(&app, "close-wait").await;
+    let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in"})).await;
+    let wp = body["waitpointId"].as_str().unwrap().to_string();
+    app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({"reason": "done"})).await;
+    let done = poll(&app, &run, &wp, 10).await;
+    assert_eq!(done["status"], "COMPLETED");
+    assert_eq!(done["output"]["headers"][0], json!(["trigger-control", "session-closed"]));
+    assert_eq!(app.run_status(&run.id).await, "EXECUTING");
+}
+
+#[tokio::test]
+async fn wait_requests_are_validated() {
+    let app = TestApp::spawn().await;
+    let (s, run) = running_session(&app, "valid").await;
+    let (status, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "sideways"})).await;
+    assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("io")));
+    let (status, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in", "timeout": "whenever"})).await;
+    assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("timeout")));
+    let (status, _) = wait(&app, &run, &run.token, json!({"session": s, "io": "in", "idempotencyKey": "k".repeat(2049)})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = app.post("/api/v1/runs/run_missing/session-streams/wait", &app.a.key, json!({"session": s, "io": "in"})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Another run's token cannot wait on behalf of this run.
+    let (_, other) = running_session(&app, "valid-other").await;
+    let (status, _) = wait(&app, &run, &other.token, json!({"session": s, "io": "in"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    app.worker().complete(&run, json!(null)).await.unwrap();
+    let (status, _) = wait(&app, &run, &app.a.key, json!({"session": s, "io": "in"})).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
