@@ -37,6 +37,21 @@ enum Command {
     /// Operator actions on sessions.
     #[command(subcommand)]
     Sessions(SessionsCommand),
+    /// Run a task worker against a sessiond server (the example echo agent).
+    Worker {
+        /// Task identifier to serve (only `echo-agent` ships).
+        #[arg(long, default_value = "echo-agent")]
+        task: String,
+        /// Server base URL.
+        #[arg(long, env = "SESSIOND_URL", default_value = "http://127.0.0.1:3030")]
+        url: String,
+        /// Environment secret key.
+        #[arg(long, env = "SESSIOND_SECRET_KEY", hide_env_values = true)]
+        key: String,
+        /// Runs handled at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -102,8 +117,14 @@ async fn main() -> anyhow::Result<()> {
 
     let cli = Cli::parse();
     let config = cli.config;
+    let command = match cli.command {
+        // A worker talks to a server over HTTP only: no database.
+        Command::Worker { task, url, key, concurrency } => return run_worker(task, url, key, concurrency).await,
+        other => other,
+    };
     let pool = db::connect(&config).await?;
-    match cli.command {
+    match command {
+        Command::Worker { .. } => {}
         Command::Migrate => {
             db::migrate(&pool).await?;
             println!("migrations applied");
@@ -216,6 +237,21 @@ async fn sessions_command(cmd: SessionsCommand, config: Config, pool: sqlx::PgPo
             println!("session {} now runs {run} (reason manual)", s.friendly_id);
         }
     }
+    Ok(())
+}
+
+async fn run_worker(task: String, url: String, key: String, concurrency: usize) -> anyhow::Result<()> {
+    use sessiond::worker::{channels::HttpChannelFactory, echo, Worker, WorkerClient};
+    anyhow::ensure!(task == echo::TASK, "this binary ships one task, {}", echo::TASK);
+    let agent = echo::EchoAgent { channels: std::sync::Arc::new(HttpChannelFactory { base_url: url.clone() }) };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
+    tracing::info!(%url, %task, "worker started");
+    Worker::new(WorkerClient::new(&url, &key), vec![task], concurrency).run(std::sync::Arc::new(agent), stop).await;
     Ok(())
 }
 

@@ -91,3 +91,130 @@ impl SessionChannels for MemoryChannels {
         Ok(self.output())
     }
 }
+
+/// Channels over the server's HTTP API, with the run's own token: `.in` is read
+/// through session-stream waitpoints (so the run shows as WAITING between turns),
+/// `.out` is written with appends.
+pub struct HttpChannels {
+    http: reqwest::Client,
+    base: String,
+    run_id: String,
+    session: String,
+    token: String,
+}
+
+/// Makes [`HttpChannels`] for each run.
+pub struct HttpChannelFactory {
+    pub base_url: String,
+}
+
+impl ChannelFactory for HttpChannelFactory {
+    fn for_run(&self, run: &super::AssignedRun) -> std::sync::Arc<dyn SessionChannels> {
+        std::sync::Arc::new(HttpChannels {
+            http: reqwest::Client::new(),
+            base: self.base_url.trim_end_matches('/').to_string(),
+            run_id: run.id.clone(),
+            session: run.session_id.clone().unwrap_or_default(),
+            token: run.token.clone(),
+        })
+    }
+}
+
+async fn checked(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    anyhow::ensure!(status.is_success(), "server answered {status}: {body}");
+    Ok(body)
+}
+
+fn record_from_output(output: &serde_json::Value) -> Option<Record> {
+    if output.get("sessionClosed").and_then(serde_json::Value::as_bool) == Some(true) {
+        return Some(Record {
+            seq: u64::MAX,
+            body: String::new(),
+            headers: vec![(super::echo::CONTROL_HEADER.into(), "session-closed".into())],
+        });
+    }
+    Some(Record {
+        seq: output.get("seqNum")?.as_u64()?,
+        body: output.get("body")?.as_str()?.to_string(),
+        headers: serde_json::from_value(output.get("headers")?.clone()).ok()?,
+    })
+}
+
+#[async_trait]
+impl SessionChannels for HttpChannels {
+    async fn next_input(&self, after: Option<u64>, timeout: Duration) -> anyhow::Result<Option<Record>> {
+        let created = checked(
+            self.http
+                .post(format!("{}/api/v1/runs/{}/session-streams/wait", self.base, self.run_id))
+                .bearer_auth(&self.token)
+                .json(&serde_json::json!({
+                    "session": self.session,
+                    "io": "in",
+                    "lastSeqNum": after.map(|a| a as i64).unwrap_or(-1),
+                    "timeout": format!("{}s", timeout.as_secs().max(1)),
+                }))
+                .send()
+                .await?,
+        )
+        .await?;
+        let waitpoint = created["waitpointId"].as_str().unwrap_or_default().to_string();
+        loop {
+            let state = checked(
+                self.http
+                    .get(format!("{}/api/v1/runs/{}/waitpoints/{waitpoint}?waitSeconds=30", self.base, self.run_id))
+                    .bearer_auth(&self.token)
+                    .send()
+                    .await?,
+            )
+            .await?;
+            match state["status"].as_str() {
+                Some("WAITING") => continue,
+                Some("COMPLETED") => return Ok(record_from_output(&state["output"])),
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    async fn append_output(&self, body: &str, headers: &[(String, String)]) -> anyhow::Result<()> {
+        let mut req = self
+            .http
+            .post(format!("{}/realtime/v1/sessions/{}/out/append", self.base, self.session))
+            .bearer_auth(&self.token)
+            .header("x-part-id", uuid::Uuid::new_v4().simple().to_string())
+            .body(body.to_string());
+        if !headers.is_empty() {
+            req = req.header("x-record-headers", serde_json::to_string(headers)?);
+        }
+        checked(req.send().await?).await?;
+        Ok(())
+    }
+
+    async fn read_output(&self) -> anyhow::Result<Vec<Record>> {
+        let mut out = Vec::new();
+        loop {
+            let after = out.last().map(|r: &Record| format!("?afterEventId={}", r.seq)).unwrap_or_default();
+            let page = checked(
+                self.http
+                    .get(format!("{}/realtime/v1/sessions/{}/out/records{after}", self.base, self.session))
+                    .bearer_auth(&self.token)
+                    .send()
+                    .await?,
+            )
+            .await?;
+            let records = page["records"].as_array().cloned().unwrap_or_default();
+            if records.is_empty() {
+                return Ok(out);
+            }
+            for r in records {
+                out.push(Record {
+                    seq: r["seqNum"].as_u64().unwrap_or(0),
+                    // Only headers matter to readers of past output here.
+                    body: String::new(),
+                    headers: serde_json::from_value(r.get("headers").cloned().unwrap_or_default()).unwrap_or_default(),
+                });
+            }
+        }
+    }
+}
