@@ -15,6 +15,7 @@ use crate::jobs::queue::JobQueue;
 use crate::jobs::{self, Jobs};
 use crate::runs::queue::RunQueue;
 use crate::sessions::list::{PgSessionList, SessionListRepository};
+use crate::sessions::lookup::SessionLookup;
 use crate::streams::hub::Hub;
 use crate::streams::store::ChannelStore;
 use crate::tenancy::keys::MasterKey;
@@ -31,6 +32,7 @@ pub struct Inner {
     pub jobs: Jobs,
     pub channels: ChannelStore,
     pub hub: Hub,
+    pub sessions: SessionLookup,
 }
 
 #[derive(Clone)]
@@ -66,6 +68,7 @@ impl AppState {
             jobs,
             channels,
             hub,
+            sessions: SessionLookup::new(Duration::from_millis(1_000)),
         })))
     }
 }

@@ -101,19 +101,17 @@ async fn every_waiter_on_a_channel_wakes_with_the_same_record() {
     assert_eq!(pending, 3);
     app.append(&target, "in", &app.a.key, "broadcast", &[]).await;
     // Nobody polls: the drain job completes all three.
-    for (run, wp) in &waiters {
-        let done = eventually(10, "drained", || async {
-            let v = poll(&app, run, wp, 0).await;
-            (v["status"] == "COMPLETED").then_some(v)
+    for (_, wp) in &waiters {
+        let output: Value = eventually(10, "drained", || async {
+            let (status, output): (String, Option<Value>) =
+                sqlx::query_as("SELECT status, output FROM waitpoints WHERE friendly_id = $1").bind(wp).fetch_one(app.db()).await.unwrap();
+            (status == "COMPLETED").then(|| output.unwrap_or_else(|| panic!("{wp} completed without output")))
         })
         .await;
-        assert_eq!(done["output"]["body"], "broadcast");
+        assert_eq!(output["body"], "broadcast");
     }
-    let drains: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'waitpoint-drain' AND status = 'succeeded'")
-        .fetch_one(app.db())
-        .await
-        .unwrap();
-    assert_eq!(drains, 1);
+    let drain: (String, Value) = sqlx::query_as("SELECT status, payload FROM jobs WHERE kind = 'waitpoint-drain'").fetch_one(app.db()).await.unwrap();
+    assert_eq!(drain.1["waitpoint_ids"].as_array().map(Vec::len), Some(3), "{drain:?}");
     let pending: usize = redis::cmd("SCARD").arg(app.state.channels.waiters_key(key)).query_async(&mut conn).await.unwrap();
     assert_eq!(pending, 0);
 }
@@ -122,6 +120,13 @@ async fn every_waiter_on_a_channel_wakes_with_the_same_record() {
 async fn waits_time_out_and_the_run_resumes() {
     let app = TestApp::spawn().await;
     let (s, run) = running_session(&app, "timeout").await;
+    let (w, r) = (app.worker(), run.clone());
+    let beat = tokio::spawn(async move {
+        loop {
+            let _ = w.heartbeat(&r).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
     let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in", "timeout": "1s", "tags": "t1"})).await;
     let wp = body["waitpointId"].as_str().unwrap().to_string();
     let done = eventually(10, "timed out", || async {
@@ -132,6 +137,7 @@ async fn waits_time_out_and_the_run_resumes() {
     assert_eq!(done["tags"], json!(["t1"]));
     assert!(done["output"].is_null());
     assert_eq!(app.run_status(&run.id).await, "EXECUTING");
+    beat.abort();
 }
 
 #[tokio::test]

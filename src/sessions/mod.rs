@@ -3,11 +3,13 @@
 //! - [`model`]: the session row, its derived status, and the wire view.
 //! - [`validate`]: request bodies and the rules that turn them into domain input.
 //! - [`store`]: the SQL that owns `sessions` and `session_runs`.
+//! - [`lookup`]: a short-lived session cache for the realtime hot path.
 //! - [`list`]: list filters, opaque cursors, and the list repository.
 //! - [`run_manager`]: one live run per session: ensure-run, hand-off, manual trigger.
 //! - [`routes`]: the control-plane HTTP handlers.
 
 pub mod list;
+pub mod lookup;
 pub mod model;
 pub mod routes;
 pub mod run_manager;

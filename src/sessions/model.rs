@@ -77,6 +77,12 @@ impl Session {
         self.external_id.as_deref().unwrap_or(&self.friendly_id)
     }
 
+    /// Does closing wake the current run with a `session-closed` record on `.in`?
+    /// Not when the close comes from that run itself (it is already exiting).
+    pub fn close_wakes_in(&self, calling_run: Option<&str>) -> bool {
+        calling_run.is_none() || calling_run != self.current_run_friendly_id.as_deref()
+    }
+
     /// Every identifier the session answers to, for scope checks.
     pub fn keys(&self) -> Vec<&str> {
         let mut keys = vec![self.friendly_id.as_str()];

@@ -133,6 +133,12 @@ async fn close(
         .await?
         .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
     if let Some(job) = job {
+        // Seal the channels before answering, so no write lands after the close
+        // is acknowledged. The job repeats this (idempotently) if we fail here.
+        let notify_in = closed.close_wakes_in(body.calling_run_id.as_deref());
+        if let Err(err) = crate::waitpoints::close_channels(&state, closed.id, reason.as_deref(), notify_in).await {
+            tracing::warn!(session = %closed.friendly_id, error = %err, "closing channels inline failed; the job retries");
+        }
         state.jobs.relay(&[job]).await;
     }
     Ok(Json(closed.to_item()))

@@ -220,8 +220,11 @@ pub async fn close(
     let closed: Option<Session> = sqlx::query_as(&sql).bind(env_id).bind(id).bind(reason).fetch_optional(&mut *tx).await?;
     match closed {
         Some(s) => {
-            let notify_in = calling_run.is_none() || calling_run != s.current_run_friendly_id.as_deref();
-            let job = Job::CloseChannels { session_id: s.id, reason: reason.map(String::from), notify_in };
+            let job = Job::CloseChannels {
+                session_id: s.id,
+                reason: reason.map(String::from),
+                notify_in: s.close_wakes_in(calling_run),
+            };
             let job_id = jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?;
             tx.commit().await?;
             Ok(Some((s, Some(job_id))))

@@ -1,5 +1,6 @@
 //! Realtime routes for session channels. `:io` is `in` or `out`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -22,7 +23,6 @@ use crate::http::extract::validate_path_id;
 use crate::jobs::Job;
 use crate::sessions::model::Session;
 use crate::sessions::run_manager::{self, RunManagerError};
-use crate::sessions::store as session_store;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -56,8 +56,8 @@ fn channel_scope_id(session: &Session, io: Io) -> String {
 
 /// Resolves the session and authorizes `action` on the channel: session scopes
 /// in either id form, or a channel-scoped token. 403 before 404, as everywhere.
-pub async fn load_channel(state: &AppState, auth: &Auth, key: &str, io: Io, action: Action) -> ApiResult<Session> {
-    let session = session_store::find(&state.db, auth.env.id, key).await?;
+pub async fn load_channel(state: &AppState, auth: &Auth, key: &str, io: Io, action: Action) -> ApiResult<Arc<Session>> {
+    let session = state.sessions.find(&state.db, auth.env.id, key).await?;
     let mut keys = vec![key];
     if let Some(s) = &session {
         keys.extend(s.keys());

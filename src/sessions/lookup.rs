@@ -1,0 +1,55 @@
+//! A short-lived cache of session rows for the realtime hot path (appends, reads,
+//! subscriptions), so a busy channel does not cost a Postgres round trip per
+//! record. Safe because what it is used for tolerates a second of staleness:
+//! sessions are never deleted, closing is final and enforced atomically by the
+//! channel store itself, and run management always re-reads the primary.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::model::Session;
+use super::store;
+use crate::db::StoreError;
+
+const MAX_ENTRIES: usize = 100_000;
+
+pub struct SessionLookup {
+    ttl: Duration,
+    entries: RwLock<HashMap<(Uuid, String), (Instant, Arc<Session>)>>,
+}
+
+impl SessionLookup {
+    pub fn new(ttl: Duration) -> Self {
+        SessionLookup { ttl, entries: RwLock::default() }
+    }
+
+    /// The session `key` (friendly or external id) names in `env_id`, at most `ttl` old.
+    pub async fn find(&self, pool: &PgPool, env_id: Uuid, key: &str) -> Result<Option<Arc<Session>>, StoreError> {
+        let cache_key = (env_id, key.to_string());
+        if let Ok(entries) = self.entries.read() {
+            if let Some((at, s)) = entries.get(&cache_key) {
+                if at.elapsed() < self.ttl {
+                    return Ok(Some(s.clone()));
+                }
+            }
+        }
+        let Some(session) = store::find(pool, env_id, key).await? else {
+            return Ok(None);
+        };
+        let session = Arc::new(session);
+        if let Ok(mut entries) = self.entries.write() {
+            if entries.len() >= MAX_ENTRIES {
+                entries.retain(|_, (at, _)| at.elapsed() < self.ttl);
+                if entries.len() >= MAX_ENTRIES {
+                    entries.clear();
+                }
+            }
+            entries.insert(cache_key, (Instant::now(), session.clone()));
+        }
+        Ok(Some(session))
+    }
+}
