@@ -9,16 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sessiond::app::{self, AppState};
-use sessiond::config::Config;
-use sessiond::tenancy::keys::MasterKey;
-use sessiond::tenancy::{store as tenancy, EnvType};
+
+mod common;
 
 const CLIENTS: usize = 32;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)]
-}
 
 fn report(name: &str, mut lat: Vec<Duration>, wall: Duration) {
     lat.sort();
@@ -27,8 +21,8 @@ fn report(name: &str, mut lat: Vec<Duration>, wall: Duration) {
         lat.len(),
         wall.as_secs_f64(),
         lat.len() as f64 / wall.as_secs_f64(),
-        percentile(&lat, 0.50).as_secs_f64() * 1e3,
-        percentile(&lat, 0.99).as_secs_f64() * 1e3,
+        common::pct_ms(&lat, 0.50),
+        common::pct_ms(&lat, 0.99),
         lat.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
     );
 }
@@ -70,22 +64,8 @@ where
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/sessiond_test".into());
-    let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-    let master = MasterKey::random();
-    let mut config = Config::for_database(&url, Some(schema.clone()));
-    config.redis_prefix = format!("bench:{schema}");
-    config.database_max_connections = 32;
-    let pool = sessiond::db::connect(&config).await?;
-    sessiond::db::migrate(&pool).await?;
-    let (_, key) = tenancy::create_environment(&pool, &master, "bench", "bench", EnvType::Prod).await?;
-    let key = key.expose().to_string();
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let state = AppState::connect(config, pool.clone(), master).await?;
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(app::serve(listener, state, stop_rx));
+    let server = common::BenchServer::start(|_| {}).await?;
+    let (base, key, pool) = (server.base.clone(), server.key.clone(), server.pool.clone());
     let client = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build()?;
 
     println!("sessiond control-plane bench: {CLIENTS} concurrent clients, loopback, one process");
@@ -124,6 +104,6 @@ async fn main() -> anyhow::Result<()> {
         drive(lists, move |_| c.get(format!("{b}/api/v1/sessions?page[size]=20&filter[type]=bench")).bearer_auth(&k)).await;
     report("list", lat, wall);
 
-    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE")).execute(&pool).await?;
-    Ok(())
+    let _ = pool;
+    server.finish().await
 }

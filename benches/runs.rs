@@ -13,35 +13,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sessiond::app::{self, AppState};
-use sessiond::config::Config;
-use sessiond::tenancy::keys::MasterKey;
-use sessiond::tenancy::{store as tenancy, EnvType};
 use sessiond::worker::WorkerClient;
+
+mod common;
 
 const WORKERS: usize = 4;
 
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)].as_secs_f64() * 1e3
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/sessiond_test".into());
-    let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-    let master = MasterKey::random();
-    let mut config = Config::for_database(&url, Some(schema.clone()));
-    config.redis_prefix = format!("bench:{schema}");
-    config.database_max_connections = 32;
-    let pool = sessiond::db::connect(&config).await?;
-    sessiond::db::migrate(&pool).await?;
-    let (_, key) = tenancy::create_environment(&pool, &master, "bench", "bench", EnvType::Prod).await?;
-    let key = key.expose().to_string();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let state = AppState::connect(config, pool.clone(), master).await?;
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(app::serve(listener, state, stop_rx));
+    let server = common::BenchServer::start(|_| {}).await?;
+    let (base, key) = (server.base.clone(), server.key.clone());
     let http = reqwest::Client::new();
     let tasks = vec!["bench-task".to_string()];
     let create = |ext: String| {
@@ -88,15 +69,7 @@ async fn main() -> anyhow::Result<()> {
     for w in workers {
         w.await?;
     }
-    let mut l = lat.lock().unwrap().clone();
-    l.sort();
-    println!(
-        "trigger→dequeue  {} runs  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-        l.len(),
-        pct(&l, 0.5),
-        pct(&l, 0.99),
-        l.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0)
-    );
+    common::summary("trigger→dequeue (4 idle workers)", lat.lock().unwrap().clone());
 
     // --- throughput ----------------------------------------------------------
     let total = 4000;
@@ -151,7 +124,5 @@ async fn main() -> anyhow::Result<()> {
         total as f64 / wall.as_secs_f64()
     );
 
-    let _ = stop.send(true);
-    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE")).execute(&pool).await?;
-    Ok(())
+    server.finish().await
 }

@@ -167,6 +167,7 @@ start_redis() {
     say "starting Redis on 127.0.0.1:$REDIS_PORT"
     as_root mkdir -p /var/lib/redis /var/log/redis
     as_root redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
+        --appendonly yes --appendfsync always \
         --dir /var/lib/redis --logfile /var/log/redis/sessiond.log
     wait_until 30 "Redis on 127.0.0.1:$REDIS_PORT (log: /var/log/redis/sessiond.log)" redis_answers
 }
@@ -181,13 +182,41 @@ redis_config_ensure() {
     [[ "$reply" == OK ]] || die "Redis refused CONFIG SET $1 $2: $reply"
 }
 
-# Redis holds the live session streams, so a restart must not lose them.
-# AOF with an fsync every second bounds the loss to about one second of
-# writes. Set at runtime, so it also applies to a Redis we did not start
-# (whose config file may say otherwise). Tuned further in a later change.
+# Redis holds the live session streams, and an append is acknowledged to the
+# client as soon as Redis answers; the promise is that no acknowledged write is
+# ever lost. So: AOF on, fsync'd on every write (appendfsync always). Set at
+# runtime, so it also applies to a Redis we did not start (whose config file
+# may say otherwise); start_redis passes the same options on its command line.
+# A re-run that finds both set only reads them.
+redis_aof_rewrite_done() {
+    local info
+    info=$(redis_cmd info persistence | tr -d '\r')
+    grep -qx 'aof_rewrite_in_progress:0' <<<"$info" &&
+        grep -qx 'aof_rewrite_scheduled:0' <<<"$info"
+}
+
 configure_redis_durability() {
+    local aof fsync reply config_file
+    aof=$(redis_cmd config get appendonly | sed -n 2p)
+    fsync=$(redis_cmd config get appendfsync | sed -n 2p)
+    [[ "$aof" == yes && "$fsync" == always ]] && return 0
+    # fsync policy first, so the AOF is fsync'd on every write from its start.
+    redis_config_ensure appendfsync always
     redis_config_ensure appendonly yes
-    redis_config_ensure appendfsync everysec
+    if [[ "$aof" != yes ]]; then
+        # Turning AOF on at runtime writes the initial AOF in the background;
+        # until that finishes a crash could lose data, so wait for it.
+        wait_until 60 "Redis to write its initial append-only file" redis_aof_rewrite_done
+        [[ "$(redis_cmd info persistence | tr -d '\r' | sed -n 's/^aof_last_bgrewrite_status://p')" == ok ]] ||
+            die "Redis failed to write its append-only file; see its log"
+    fi
+    # A Redis run from a config file would fall back to it on restart: persist.
+    config_file=$(redis_cmd info server | tr -d '\r' | sed -n 's/^config_file://p')
+    if [[ -n "$config_file" ]]; then
+        reply=$(redis_cmd config rewrite 2>&1 || true)
+        [[ "$reply" == OK ]] ||
+            say "warning: CONFIG REWRITE of $config_file failed ($reply); set appendonly yes and appendfsync always there"
+    fi
 }
 
 setup_redis() {

@@ -82,7 +82,8 @@ struct DequeueBody {
 }
 
 /// A run handed to a worker: what to run, and the credentials to run it with.
-#[derive(Debug, Serialize)]
+/// The worker library deserialises the same type (`worker::AssignedRun`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DequeuedRun {
     pub id: String,

@@ -177,7 +177,12 @@ pub enum Transition {
     NotFound,
 }
 
-async fn refused_or_missing(pool: &PgPool, env_id: Uuid, friendly_id: &str) -> Result<Transition, StoreError> {
+/// The transition's outcome: the updated row if the conditional update matched,
+/// otherwise the run as it is (refused) or nothing (not found).
+async fn settle(pool: &PgPool, env_id: Uuid, friendly_id: &str, updated: Option<Run>) -> Result<Transition, StoreError> {
+    if let Some(run) = updated {
+        return Ok(Transition::Done(run));
+    }
     Ok(match find(pool, env_id, friendly_id).await? {
         Some(run) => Transition::Refused(run),
         None => Transition::NotFound,
@@ -191,10 +196,8 @@ pub async fn heartbeat(pool: &PgPool, env_id: Uuid, friendly_id: &str, timeout_m
          WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
          RETURNING *",
     );
-    match sqlx::query_as(&sql).bind(env_id).bind(friendly_id).bind(timeout_ms).fetch_optional(pool).await? {
-        Some(run) => Ok(Transition::Done(run)),
-        None => refused_or_missing(pool, env_id, friendly_id).await,
-    }
+    let updated = sqlx::query_as(&sql).bind(env_id).bind(friendly_id).bind(timeout_ms).fetch_optional(pool).await?;
+    settle(pool, env_id, friendly_id, updated).await
 }
 
 pub async fn complete(
@@ -209,10 +212,8 @@ pub async fn complete(
          WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
          RETURNING *",
     );
-    match sqlx::query_as(&sql).bind(env_id).bind(friendly_id).bind(output).fetch_optional(pool).await? {
-        Some(run) => Ok(Transition::Done(run)),
-        None => refused_or_missing(pool, env_id, friendly_id).await,
-    }
+    let updated = sqlx::query_as(&sql).bind(env_id).bind(friendly_id).bind(output).fetch_optional(pool).await?;
+    settle(pool, env_id, friendly_id, updated).await
 }
 
 /// Records a failed attempt: back to QUEUED after `retry_delay_ms` while attempts
@@ -235,18 +236,15 @@ pub async fn fail(
          WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
          RETURNING *",
     );
-    match sqlx::query_as(&sql)
+    let updated = sqlx::query_as(&sql)
         .bind(env_id)
         .bind(friendly_id)
         .bind(error)
         .bind(retryable)
         .bind(retry_delay_ms)
         .fetch_optional(pool)
-        .await?
-    {
-        Some(run) => Ok(Transition::Done(run)),
-        None => refused_or_missing(pool, env_id, friendly_id).await,
-    }
+        .await?;
+    settle(pool, env_id, friendly_id, updated).await
 }
 
 /// Cancels a run that is not final yet. Idempotent: returns false when there was

@@ -6,21 +6,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// A run handed to this worker.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AssignedRun {
-    pub id: String,
-    pub task_identifier: String,
-    pub session_id: Option<String>,
-    pub payload: Value,
-    pub attempt_number: i32,
-    pub max_attempts: i32,
-    pub max_duration_secs: Option<i32>,
-    pub token: String,
-    pub heartbeat_interval_ms: u64,
-    pub heartbeat_timeout_ms: u64,
-}
+/// A run handed to this worker: the server's dequeue answer, read back.
+pub use crate::runs::routes::DequeuedRun as AssignedRun;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]

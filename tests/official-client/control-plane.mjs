@@ -7,102 +7,20 @@
 // wrapper around ListedSessionItem), so any wire-shape mismatch shows up as an
 // ApiSchemaValidationError.
 //
-// Environment:
-//   TRIGGER_API_URL     base URL of the server under test, e.g. http://127.0.0.1:41234
-//   TRIGGER_SECRET_KEY  environment secret key, e.g. tr_dev_...
 //
-// Output: one "ok - <name>" line per passing check and a final
-// "N passed, 0 failed" line. On the first failure it prints "not ok - <name>",
-// the error (with the response body for API errors), "N passed, 1 failed",
-// and exits with code 1.
-//
-// All names carry a random per-run suffix, so parallel runs against one
-// server don't see each other's sessions.
+// Environment, output and exit status: see harness.mjs. All names carry the
+// harness's random per-run suffix, so parallel runs against one server don't
+// see each other's sessions.
 
 import assert from "node:assert/strict";
-import { randomBytes } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
-import { ApiClient, ApiError, ApiSchemaValidationError } from "@trigger.dev/core/v3";
+import { NO_RETRY, check, expectApiError, run } from "./harness.mjs";
 
-// The client retries 408/409/429/5xx and connection errors by default (up to
-// 5 attempts with backoff). Use this for calls that are expected to fail, so
-// they fail at once.
-const NO_RETRY = { retry: { maxAttempts: 1 } };
 
 // HTTP status expected when creating a session whose externalId starts with the
 // reserved "session_" prefix. (Upstream Trigger.dev rejects this in its zod body
 // validation, which answers 400; sessiond answers 422.)
 const RESERVED_EXTERNAL_ID_STATUS = 422;
-
-// ---------------------------------------------------------------------------
-// Tiny test runner
-// ---------------------------------------------------------------------------
-
-let passed = 0;
-
-class CheckFailed extends Error {}
-
-async function check(name, fn) {
-  try {
-    await fn();
-  } catch (err) {
-    console.log(`not ok - ${name}`);
-    console.error(describeError(err));
-    throw new CheckFailed(name);
-  }
-  passed += 1;
-  console.log(`ok - ${name}`);
-}
-
-function describeError(err, depth = 0) {
-  if (depth > 3) return "";
-  const lines = [];
-  if (err instanceof ApiError) {
-    lines.push(`${err.constructor.name} (HTTP status ${err.status ?? "none"}): ${err.message}`);
-    if (err instanceof ApiSchemaValidationError) {
-      lines.push(`response body (failed the client's schema): ${safeJson(err.rawBody)}`);
-    } else if (err.body !== undefined) {
-      lines.push(`response body: ${safeJson(err.body)}`);
-    }
-  } else {
-    lines.push(String(err?.stack ?? err));
-  }
-  if (err?.cause !== undefined) {
-    lines.push(`caused by: ${describeError(err.cause, depth + 1)}`);
-  }
-  return lines.join("\n");
-}
-
-function safeJson(value) {
-  try {
-    return JSON.stringify(value);
-  } catch {
-    return String(value);
-  }
-}
-
-// Awaits `call()` and requires it to fail with an ApiError carrying `status`.
-async function expectApiError(call, status) {
-  let result;
-  try {
-    result = await call();
-  } catch (err) {
-    if (!(err instanceof ApiError) || err instanceof ApiSchemaValidationError) throw err;
-    if (err.status !== status) {
-      const mismatch = new assert.AssertionError({
-        message: `expected an ApiError with HTTP status ${status}, got ${err.status}`,
-        actual: err.status,
-        expected: status,
-        operator: "strictEqual",
-      });
-      mismatch.cause = err; // describeError prints the response body from it
-      throw mismatch;
-    }
-    return err;
-  }
-  assert.fail(`expected an ApiError with HTTP status ${status}, but the call succeeded: ${safeJson(result)}`);
-}
-
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
@@ -142,18 +60,7 @@ async function collect(asyncIterable) {
 // Checks
 // ---------------------------------------------------------------------------
 
-async function main() {
-  const baseUrl = process.env.TRIGGER_API_URL;
-  const secretKey = process.env.TRIGGER_SECRET_KEY;
-  if (!baseUrl || !secretKey) {
-    console.error("TRIGGER_API_URL and TRIGGER_SECRET_KEY must be set");
-    console.log("0 passed, 1 failed");
-    return 1;
-  }
-
-  const api = new ApiClient(baseUrl, secretKey);
-
-  const suffix = `${Date.now().toString(36)}-${randomBytes(4).toString("hex")}`;
+async function checks({ api, suffix }) {
   const chatId = `chat-id-${suffix}`;
   const externalId = `chat-${suffix}`;
   const renamedExternalId = `chat-renamed-${suffix}`;
@@ -168,252 +75,239 @@ async function main() {
 
   let created;
 
-  try {
-    // --- create / idempotent create -----------------------------------------
+  // --- create / idempotent create -----------------------------------------
 
-    await check("createSession creates a new session", async () => {
-      created = await api.createSession(createBody);
-      assertSession(created);
-      assert.equal(created.isCached, false, "isCached");
-      assert.ok(created.runId.startsWith("run_"), `runId starts with "run_": ${created.runId}`);
-      assert.equal(created.currentRunId, created.runId, "currentRunId === runId");
-      assertJwt(created.publicAccessToken);
-      assert.equal(created.type, "chat.agent");
-      assert.equal(created.taskIdentifier, "echo-agent");
-      assert.equal(created.externalId, externalId);
-      assert.deepEqual(created.tags, [`t-${suffix}`]);
-      assert.deepEqual(created.metadata, { a: 1 });
-      assert.equal(created.triggerConfig?.basePayload?.chatId, chatId);
-      assert.equal(created.closedAt, null);
-      assert.equal(created.closedReason, null);
-    });
+  await check("createSession creates a new session", async () => {
+    created = await api.createSession(createBody);
+    assertSession(created);
+    assert.equal(created.isCached, false, "isCached");
+    assert.ok(created.runId.startsWith("run_"), `runId starts with "run_": ${created.runId}`);
+    assert.equal(created.currentRunId, created.runId, "currentRunId === runId");
+    assertJwt(created.publicAccessToken);
+    assert.equal(created.type, "chat.agent");
+    assert.equal(created.taskIdentifier, "echo-agent");
+    assert.equal(created.externalId, externalId);
+    assert.deepEqual(created.tags, [`t-${suffix}`]);
+    assert.deepEqual(created.metadata, { a: 1 });
+    assert.equal(created.triggerConfig?.basePayload?.chatId, chatId);
+    assert.equal(created.closedAt, null);
+    assert.equal(created.closedReason, null);
+  });
 
-    await check("createSession again with the same externalId is cached", async () => {
-      const again = await api.createSession(createBody);
-      assertSession(again);
-      assert.equal(again.isCached, true, "isCached");
-      assert.equal(again.id, created.id, "same session id");
-      assert.equal(again.runId, created.runId, "same runId");
-      assert.equal(again.currentRunId, created.runId, "currentRunId === runId");
-      assertJwt(again.publicAccessToken);
-    });
+  await check("createSession again with the same externalId is cached", async () => {
+    const again = await api.createSession(createBody);
+    assertSession(again);
+    assert.equal(again.isCached, true, "isCached");
+    assert.equal(again.id, created.id, "same session id");
+    assert.equal(again.runId, created.runId, "same runId");
+    assert.equal(again.currentRunId, created.runId, "currentRunId === runId");
+    assertJwt(again.publicAccessToken);
+  });
 
-    // --- retrieve -------------------------------------------------------------
+  // --- retrieve -------------------------------------------------------------
 
-    for (const [label, key] of [
-      ["friendly id", () => created.id],
-      ["externalId", () => externalId],
-    ]) {
-      await check(`retrieveSession by ${label}`, async () => {
-        const s = await api.retrieveSession(key());
-        assertSession(s);
-        assert.equal(s.id, created.id);
-        assert.equal(s.externalId, externalId);
-        assert.equal(s.type, "chat.agent");
-        assert.equal(s.taskIdentifier, "echo-agent");
-        assert.equal(s.currentRunId, created.runId, "currentRunId === runId from create");
-        assert.deepEqual(s.tags, [`t-${suffix}`]);
-        assert.deepEqual(s.metadata, { a: 1 });
-        assert.equal(s.triggerConfig?.basePayload?.chatId, chatId, "basePayload.chatId round-trips");
-      });
-    }
-
-    // --- update -----------------------------------------------------------------
-
-    const newTags = [`t-${suffix}`, `u-${suffix}`];
-
-    await check("updateSession replaces tags and metadata", async () => {
-      const updated = await api.updateSession(externalId, { tags: newTags, metadata: { b: 2 } });
-      assertSession(updated);
-      assert.equal(updated.id, created.id);
-      assert.deepEqual(updated.tags, newTags);
-      assert.deepEqual(updated.metadata, { b: 2 });
-
-      const fetched = await api.retrieveSession(created.id);
-      assert.deepEqual(fetched.tags, newTags, "tags persisted");
-      assert.deepEqual(fetched.metadata, { b: 2 }, "metadata persisted");
-    });
-
-    // Note: current upstream Trigger.dev treats externalId as immutable and
-    // answers 422 to a change (triggerdotdev/trigger.dev#3890). sessiond allows
-    // renaming, and these three checks cover that.
-    await check("updateSession sets a new externalId", async () => {
-      const updated = await api.updateSession(externalId, { externalId: renamedExternalId });
-      assertSession(updated);
-      assert.equal(updated.id, created.id);
-      assert.equal(updated.externalId, renamedExternalId);
-    });
-
-    await check("retrieveSession by the new externalId", async () => {
-      const s = await api.retrieveSession(renamedExternalId);
+  for (const [label, key] of [
+    ["friendly id", () => created.id],
+    ["externalId", () => externalId],
+  ]) {
+    await check(`retrieveSession by ${label}`, async () => {
+      const s = await api.retrieveSession(key());
+      assertSession(s);
       assert.equal(s.id, created.id);
-      assert.equal(s.externalId, renamedExternalId);
-      assert.deepEqual(s.tags, newTags);
+      assert.equal(s.externalId, externalId);
+      assert.equal(s.type, "chat.agent");
+      assert.equal(s.taskIdentifier, "echo-agent");
+      assert.equal(s.currentRunId, created.runId, "currentRunId === runId from create");
+      assert.deepEqual(s.tags, [`t-${suffix}`]);
+      assert.deepEqual(s.metadata, { a: 1 });
+      assert.equal(s.triggerConfig?.basePayload?.chatId, chatId, "basePayload.chatId round-trips");
     });
+  }
 
-    await check("retrieveSession by the old externalId is 404", async () => {
-      await expectApiError(() => api.retrieveSession(externalId, NO_RETRY), 404);
-    });
+  // --- update -----------------------------------------------------------------
 
-    // --- list + cursor paging ---------------------------------------------------
+  const newTags = [`t-${suffix}`, `u-${suffix}`];
 
-    const pageType = `page-${suffix}`;
-    const closedExternalId = `closed-${suffix}`;
-    const CLOSED_INDEX = 2; // which of the paged sessions gets closed later
-    const paged = []; // in creation order (oldest first)
+  await check("updateSession replaces tags and metadata", async () => {
+    const updated = await api.updateSession(externalId, { tags: newTags, metadata: { b: 2 } });
+    assertSession(updated);
+    assert.equal(updated.id, created.id);
+    assert.deepEqual(updated.tags, newTags);
+    assert.deepEqual(updated.metadata, { b: 2 });
 
-    await check("createSession x5 for paging", async () => {
-      for (let i = 0; i < 5; i++) {
-        const s = await api.createSession({
-          type: pageType,
-          taskIdentifier: "echo-agent",
-          triggerConfig: { basePayload: { chatId: `${pageType}-${i}` } },
-          ...(i === CLOSED_INDEX ? { externalId: closedExternalId } : {}),
-          tags: [`p-${suffix}`],
-        });
-        assertSession(s);
-        assert.equal(s.isCached, false, `session ${i} isCached`);
-        paged.push(s);
-        // Keep createdAt strictly increasing even on a coarse clock, so the
-        // expected newest-first order is unambiguous.
-        await sleep(5);
-      }
-      assert.equal(new Set(ids(paged)).size, 5, "5 distinct ids");
-    });
+    const fetched = await api.retrieveSession(created.id);
+    assert.deepEqual(fetched.tags, newTags, "tags persisted");
+    assert.deepEqual(fetched.metadata, { b: 2 }, "metadata persisted");
+  });
 
-    const expectedDesc = ids(paged).reverse(); // newest first
-    let lastPage;
+  // Note: current upstream Trigger.dev treats externalId as immutable and
+  // answers 422 to a change (triggerdotdev/trigger.dev#3890). sessiond allows
+  // renaming, and these three checks cover that.
+  await check("updateSession sets a new externalId", async () => {
+    const updated = await api.updateSession(externalId, { externalId: renamedExternalId });
+    assertSession(updated);
+    assert.equal(updated.id, created.id);
+    assert.equal(updated.externalId, renamedExternalId);
+  });
 
-    await check("listSessions first page: 2 newest, has next, no previous", async () => {
-      const page = await api.listSessions({ type: pageType, limit: 2 });
-      page.data.forEach(assertSession);
-      assert.deepEqual(ids(page.data), expectedDesc.slice(0, 2));
-      assert.ok(page.data.every((s) => s.type === pageType), "type filter applied");
-      assert.equal(page.hasNextPage(), true, "hasNextPage");
-      assert.equal(page.hasPreviousPage(), false, "hasPreviousPage");
-    });
+  await check("retrieveSession by the new externalId", async () => {
+    const s = await api.retrieveSession(renamedExternalId);
+    assert.equal(s.id, created.id);
+    assert.equal(s.externalId, renamedExternalId);
+    assert.deepEqual(s.tags, newTags);
+  });
 
-    await check("getNextPage walks all 5 sessions newest first", async () => {
-      let page = await api.listSessions({ type: pageType, limit: 2 });
-      const pages = [page];
-      while (page.hasNextPage()) {
-        assert.ok(pages.length < 10, "paging terminates");
-        page = await page.getNextPage();
-        page.data.forEach(assertSession);
-        pages.push(page);
-      }
-      assert.deepEqual(pages.map((p) => p.data.length), [2, 2, 1], "page sizes");
-      const all = pages.flatMap((p) => ids(p.data));
-      assert.equal(new Set(all).size, 5, "5 distinct ids");
-      assert.deepEqual(all, expectedDesc, "created-desc order across pages");
-      lastPage = page;
-    });
+  await check("retrieveSession by the old externalId is 404", async () => {
+    await expectApiError(() => api.retrieveSession(externalId, NO_RETRY), 404);
+  });
 
-    await check("getPreviousPage from the last page returns the items before it", async () => {
-      assert.equal(lastPage.hasPreviousPage(), true, "last page hasPreviousPage");
-      const prev = await lastPage.getPreviousPage();
-      // Same newest-first order as forward pages.
-      assert.deepEqual(ids(prev.data), expectedDesc.slice(2, 4));
-      // The client merges the new cursor into the previous request's query, so
-      // this sends both page[before] and page[after]; the server must follow the
-      // fresh one.
-      const forward = await prev.getNextPage();
-      assert.deepEqual(ids(forward.data), expectedDesc.slice(4, 5));
-      const backAgain = await forward.getPreviousPage();
-      assert.deepEqual(ids(backAgain.data), expectedDesc.slice(2, 4));
-    });
+  // --- list + cursor paging ---------------------------------------------------
 
-    await check("for await over listSessions yields all 5", async () => {
-      const all = await collect(api.listSessions({ type: pageType, limit: 2 }));
-      assert.deepEqual(ids(all), expectedDesc);
-    });
+  const pageType = `page-${suffix}`;
+  const closedExternalId = `closed-${suffix}`;
+  const CLOSED_INDEX = 2; // which of the paged sessions gets closed later
+  const paged = []; // in creation order (oldest first)
 
-    // --- close (write-once) + status filter ----------------------------------------
-
-    const target = paged[CLOSED_INDEX];
-    let closedAt;
-
-    await check("closeSession sets closedAt and closedReason", async () => {
-      const closed = await api.closeSession(target.id, { reason: "done" });
-      assertSession(closed);
-      assert.equal(closed.id, target.id);
-      assert.ok(closed.closedAt instanceof Date, "closedAt is set");
-      assert.equal(closed.closedReason, "done");
-      closedAt = closed.closedAt;
-    });
-
-    await check("closeSession again keeps the first closedAt and closedReason", async () => {
+  await check("createSession x5 for paging", async () => {
+    for (let i = 0; i < 5; i++) {
+      const s = await api.createSession({
+        type: pageType,
+        taskIdentifier: "echo-agent",
+        triggerConfig: { basePayload: { chatId: `${pageType}-${i}` } },
+        ...(i === CLOSED_INDEX ? { externalId: closedExternalId } : {}),
+        tags: [`p-${suffix}`],
+      });
+      assertSession(s);
+      assert.equal(s.isCached, false, `session ${i} isCached`);
+      paged.push(s);
+      // Keep createdAt strictly increasing even on a coarse clock, so the
+      // expected newest-first order is unambiguous.
       await sleep(5);
-      const again = await api.closeSession(target.id, { reason: "other" }, NO_RETRY);
-      assert.equal(again.id, target.id);
-      assert.equal(again.closedReason, "done", "closedReason is write-once");
-      assert.ok(again.closedAt instanceof Date, "closedAt still set");
-      assert.equal(again.closedAt.getTime(), closedAt.getTime(), "closedAt unchanged");
-    });
+    }
+    assert.equal(new Set(ids(paged)).size, 5, "5 distinct ids");
+  });
 
-    await check('listSessions status "CLOSED" returns only the closed session', async () => {
-      const all = await collect(api.listSessions({ type: pageType, status: "CLOSED" }));
-      assert.deepEqual(ids(all), [target.id]);
-      assert.equal(all[0].closedReason, "done");
-    });
+  const expectedDesc = ids(paged).reverse(); // newest first
+  let lastPage;
 
-    await check('listSessions status "ACTIVE" returns the other 4', async () => {
-      const all = await collect(api.listSessions({ type: pageType, status: "ACTIVE" }));
-      assert.deepEqual(
-        ids(all),
-        expectedDesc.filter((id) => id !== target.id)
-      );
-      assert.ok(all.every((s) => s.closedAt === null), "none closed");
-    });
+  await check("listSessions first page: 2 newest, has next, no previous", async () => {
+    const page = await api.listSessions({ type: pageType, limit: 2 });
+    page.data.forEach(assertSession);
+    assert.deepEqual(ids(page.data), expectedDesc.slice(0, 2));
+    assert.ok(page.data.every((s) => s.type === pageType), "type filter applied");
+    assert.equal(page.hasNextPage(), true, "hasNextPage");
+    assert.equal(page.hasPreviousPage(), false, "hasPreviousPage");
+  });
 
-    // --- create errors ----------------------------------------------------------------
+  await check("getNextPage walks all 5 sessions newest first", async () => {
+    let page = await api.listSessions({ type: pageType, limit: 2 });
+    const pages = [page];
+    while (page.hasNextPage()) {
+      assert.ok(pages.length < 10, "paging terminates");
+      page = await page.getNextPage();
+      page.data.forEach(assertSession);
+      pages.push(page);
+    }
+    assert.deepEqual(pages.map((p) => p.data.length), [2, 2, 1], "page sizes");
+    const all = pages.flatMap((p) => ids(p.data));
+    assert.equal(new Set(all).size, 5, "5 distinct ids");
+    assert.deepEqual(all, expectedDesc, "created-desc order across pages");
+    lastPage = page;
+  });
 
-    await check("createSession with a closed session's externalId is 409", async () => {
+  await check("getPreviousPage from the last page returns the items before it", async () => {
+    assert.equal(lastPage.hasPreviousPage(), true, "last page hasPreviousPage");
+    const prev = await lastPage.getPreviousPage();
+    // Same newest-first order as forward pages.
+    assert.deepEqual(ids(prev.data), expectedDesc.slice(2, 4));
+    // The client merges the new cursor into the previous request's query, so
+    // this sends both page[before] and page[after]; the server must follow the
+    // fresh one.
+    const forward = await prev.getNextPage();
+    assert.deepEqual(ids(forward.data), expectedDesc.slice(4, 5));
+    const backAgain = await forward.getPreviousPage();
+    assert.deepEqual(ids(backAgain.data), expectedDesc.slice(2, 4));
+  });
+
+  await check("for await over listSessions yields all 5", async () => {
+    const all = await collect(api.listSessions({ type: pageType, limit: 2 }));
+    assert.deepEqual(ids(all), expectedDesc);
+  });
+
+  // --- close (write-once) + status filter ----------------------------------------
+
+  const target = paged[CLOSED_INDEX];
+  let closedAt;
+
+  await check("closeSession sets closedAt and closedReason", async () => {
+    const closed = await api.closeSession(target.id, { reason: "done" });
+    assertSession(closed);
+    assert.equal(closed.id, target.id);
+    assert.ok(closed.closedAt instanceof Date, "closedAt is set");
+    assert.equal(closed.closedReason, "done");
+    closedAt = closed.closedAt;
+  });
+
+  await check("closeSession again keeps the first closedAt and closedReason", async () => {
+    await sleep(5);
+    const again = await api.closeSession(target.id, { reason: "other" }, NO_RETRY);
+    assert.equal(again.id, target.id);
+    assert.equal(again.closedReason, "done", "closedReason is write-once");
+    assert.ok(again.closedAt instanceof Date, "closedAt still set");
+    assert.equal(again.closedAt.getTime(), closedAt.getTime(), "closedAt unchanged");
+  });
+
+  await check('listSessions status "CLOSED" returns only the closed session', async () => {
+    const all = await collect(api.listSessions({ type: pageType, status: "CLOSED" }));
+    assert.deepEqual(ids(all), [target.id]);
+    assert.equal(all[0].closedReason, "done");
+  });
+
+  await check('listSessions status "ACTIVE" returns the other 4', async () => {
+    const all = await collect(api.listSessions({ type: pageType, status: "ACTIVE" }));
+    assert.deepEqual(
+      ids(all),
+      expectedDesc.filter((id) => id !== target.id)
+    );
+    assert.ok(all.every((s) => s.closedAt === null), "none closed");
+  });
+
+  // --- create errors ----------------------------------------------------------------
+
+  await check("createSession with a closed session's externalId is 409", async () => {
+    await expectApiError(
+      () =>
+        api.createSession(
+          {
+            type: pageType,
+            taskIdentifier: "echo-agent",
+            triggerConfig: { basePayload: { chatId: `${pageType}-again` } },
+            externalId: closedExternalId,
+          },
+          NO_RETRY
+        ),
+      409
+    );
+  });
+
+  await check(
+    `createSession with externalId "session_abc" is ${RESERVED_EXTERNAL_ID_STATUS}`,
+    async () => {
       await expectApiError(
         () =>
           api.createSession(
             {
-              type: pageType,
+              type: "chat.agent",
               taskIdentifier: "echo-agent",
-              triggerConfig: { basePayload: { chatId: `${pageType}-again` } },
-              externalId: closedExternalId,
+              triggerConfig: { basePayload: { chatId } },
+              externalId: "session_abc",
             },
             NO_RETRY
           ),
-        409
+        RESERVED_EXTERNAL_ID_STATUS
       );
-    });
-
-    await check(
-      `createSession with externalId "session_abc" is ${RESERVED_EXTERNAL_ID_STATUS}`,
-      async () => {
-        await expectApiError(
-          () =>
-            api.createSession(
-              {
-                type: "chat.agent",
-                taskIdentifier: "echo-agent",
-                triggerConfig: { basePayload: { chatId } },
-                externalId: "session_abc",
-              },
-              NO_RETRY
-            ),
-          RESERVED_EXTERNAL_ID_STATUS
-        );
-      }
-    );
-  } catch (err) {
-    if (!(err instanceof CheckFailed)) {
-      console.log("not ok - (runner)");
-      console.error(describeError(err));
     }
-    console.log(`${passed} passed, 1 failed`);
-    return 1;
-  }
-
-  console.log(`${passed} passed, 0 failed`);
-  return 0;
+  );
 }
 
-// Exit explicitly: idle keep-alive sockets must not hold the process open.
-process.exit(await main());
+await run(checks);

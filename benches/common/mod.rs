@@ -1,0 +1,73 @@
+//! What every benchmark needs: a server on loopback over its own Postgres schema
+//! and Redis prefix, an environment key, and percentiles.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use sessiond::app::{self, AppState};
+use sessiond::config::Config;
+use sessiond::tenancy::keys::MasterKey;
+use sessiond::tenancy::{store as tenancy, EnvType};
+
+pub struct BenchServer {
+    pub base: String,
+    pub key: String,
+    pub schema: String,
+    pub master_hex: String,
+    pub pool: sqlx::PgPool,
+    pub state: AppState,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/sessiond_test".into())
+}
+
+impl BenchServer {
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        let master_hex = hex::encode(uuid::Uuid::new_v4().as_bytes().repeat(2));
+        let master = MasterKey::from_hex(&master_hex)?;
+        let mut config = Config::for_database(&database_url(), Some(schema.clone()));
+        config.redis_prefix = format!("bench:{schema}");
+        config.database_max_connections = 32;
+        config.master_key = Some(master_hex.clone());
+        tweak(&mut config);
+        let pool = sessiond::db::connect(&config).await?;
+        sessiond::db::migrate(&pool).await?;
+        let (_, key) = tenancy::create_environment(&pool, &master, "bench", "bench", EnvType::Prod).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let state = AppState::connect(config, pool.clone(), master).await?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(app::serve(listener, state.clone(), stop_rx));
+        Ok(BenchServer { base, key: key.expose().to_string(), schema, master_hex, pool, state, stop })
+    }
+
+    /// Stops the server and drops the schema.
+    pub async fn finish(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sqlx::query(&format!("DROP SCHEMA \"{}\" CASCADE", self.schema)).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// The `p` quantile (0..1) of sorted samples, in milliseconds.
+pub fn pct_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)].as_secs_f64() * 1e3
+}
+
+pub fn summary(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "{name:<36} n={:<7} p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
+        samples.len(),
+        pct_ms(&samples, 0.5),
+        pct_ms(&samples, 0.99),
+        samples.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(f64::NAN)
+    );
+}

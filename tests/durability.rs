@@ -1,0 +1,247 @@
+//! Acknowledged channel records survive a Redis crash (SIGKILL) and restart
+//! when Redis runs with `appendonly yes` + `appendfsync always`.
+//!
+//! Runs its own `redis-server` on a free loopback port with a fresh data
+//! directory, so the shared Redis on 6379 that other tests use is never touched.
+//! A SIGKILL is a process crash: it shows that what Redis acknowledged was in
+//! its append-only file and is replayed on start. (Power loss, the case that
+//! separates `always` from `everysec`, cannot be simulated here; the test
+//! checks the server really runs with `appendfsync always`.)
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use sessiond::streams::store::{ChannelError, ChannelStore};
+use sessiond::streams::{ChannelKey, Io};
+use uuid::Uuid;
+
+const RECORDS: u64 = 500;
+const TASKS: u64 = 10;
+
+/// What an acknowledged append stored: timestamp, body, headers.
+type Acked = (i64, String, Vec<(String, String)>);
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("sessiond-durability-{}-{}", std::process::id(), Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A private `redis-server` child. Dropping it SIGKILLs the process, so it is
+/// gone however the test ends (success, failed assertion, panic).
+struct RedisProc {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl RedisProc {
+    fn spawn(dir: &Path, port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--appendonly", "yes"])
+            .args(["--appendfsync", "always"])
+            .args(["--save", ""])
+            .arg("--dir")
+            .arg(dir)
+            .args(["--logfile", "redis.log"]) // relative to --dir
+            .args(["--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (is it on PATH?)");
+        RedisProc { child: Some(child), port, dir: dir.to_path_buf() }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+
+    /// Whether the child has already exited (e.g. the port was taken).
+    fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().map(|s| s.is_some()).unwrap_or(true),
+            None => true,
+        }
+    }
+
+    /// Polls until the server answers PING and has finished loading its data.
+    /// Returns false if it exits or stays silent for `timeout`.
+    async fn wait_ready(&mut self, timeout: Duration) -> bool {
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.exited() {
+                return false;
+            }
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
+                let info: redis::RedisResult<String> = redis::cmd("INFO").arg("persistence").query_async(&mut conn).await;
+                if pong.as_deref() == Ok("PONG") && info.map(|i| i.contains("loading:0")).unwrap_or(false) {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// SIGKILL (std's `Child::kill` on Unix): no clean shutdown, no final
+    /// AOF flush or save.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().unwrap().port()
+}
+
+/// Starts a private Redis on a free port, retrying if another process grabbed
+/// the port between picking and binding it.
+async fn start_fresh(dir: &Path) -> RedisProc {
+    for _ in 0..5 {
+        let mut redis = RedisProc::spawn(dir, free_port());
+        if redis.wait_ready(Duration::from_secs(5)).await {
+            return redis;
+        }
+        let log = redis.log();
+        drop(redis);
+        eprintln!("redis-server did not come up, retrying on another port; log:\n{log}");
+    }
+    panic!("could not start a private redis-server");
+}
+
+async fn store_on(redis: &RedisProc) -> ChannelStore {
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let conn = ConnectionManager::new(client).await.expect("connect to private redis");
+    ChannelStore::new(conn, "durtest", 60_000)
+}
+
+fn record_headers(task: u64, i: u64) -> Vec<(String, String)> {
+    vec![("x-task".to_string(), task.to_string()), ("x-i".to_string(), format!("{i} \"quoted\" ünïcode"))]
+}
+
+#[tokio::test]
+async fn acknowledged_records_survive_redis_sigkill_and_restart() {
+    let started = Instant::now();
+    let dir = TempDir::new();
+    let mut redis = start_fresh(&dir.0).await;
+    let port = redis.port;
+    let store = store_on(&redis).await;
+
+    {
+        let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let fsync: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("appendfsync").query_async(&mut conn).await.unwrap();
+        assert_eq!(fsync, vec!["appendfsync".to_string(), "always".to_string()]);
+    }
+
+    let key = ChannelKey { session_id: Uuid::new_v4(), io: Io::Out };
+    let closed_key = ChannelKey { session_id: Uuid::new_v4(), io: Io::In };
+
+    // Concurrent appends; each Ok is an acknowledgement we hold Redis to.
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..RECORDS / TASKS {
+                let body = format!(r#"{{"task":{task},"i":{i},"pad":"{}"}}"#, "x".repeat((i as usize * 37) % 300));
+                let headers = record_headers(task, i);
+                let part = format!("t{task}-{i}");
+                let a = store.append(key, &body, &headers, Some(&part)).await.expect("append acknowledged");
+                assert!(!a.duplicate);
+                acked.push((a.seq_num, a.timestamp, body, headers));
+            }
+            acked
+        }));
+    }
+    let mut acked: BTreeMap<u64, Acked> = BTreeMap::new();
+    for t in tasks {
+        for (seq, ts, body, headers) in t.await.expect("append task") {
+            assert!(acked.insert(seq, (ts, body, headers)).is_none(), "seq {seq} acknowledged twice");
+        }
+    }
+    assert_eq!(acked.keys().copied().collect::<Vec<_>>(), (0..RECORDS).collect::<Vec<_>>(), "acknowledged seqs are dense");
+
+    // A second channel: a few records, then closed (marker kept for 10 min).
+    for i in 0..3 {
+        store.append(closed_key, &format!("c{i}"), &[], None).await.expect("append to channel before close");
+    }
+    store.close(closed_key, 600_000).await.expect("close");
+    assert!(matches!(store.append(closed_key, "late", &[], None).await, Err(ChannelError::Closed)));
+
+    // Crash: SIGKILL, no clean shutdown.
+    drop(store);
+    redis.kill9();
+    let pre_log = redis.log();
+    drop(redis);
+
+    // Restart on the same data directory and port.
+    let mut redis = RedisProc::spawn(&dir.0, port);
+    if !redis.wait_ready(Duration::from_secs(10)).await {
+        panic!("redis-server did not come back on port {port}; log:\n{pre_log}\n--- after restart ---\n{}", redis.log());
+    }
+    let store = store_on(&redis).await;
+
+    let records = store.read_after(key, None, 10_000).await.expect("read after restart");
+    assert_eq!(records.len() as u64, RECORDS, "every acknowledged record is back");
+    for r in &records {
+        let (ts, body, headers) = acked.get(&r.seq_num).unwrap_or_else(|| panic!("unexpected seq {}", r.seq_num));
+        assert_eq!(&r.body, body, "body of seq {}", r.seq_num);
+        assert_eq!(&r.headers, headers, "headers of seq {}", r.seq_num);
+        assert_eq!(r.timestamp, *ts, "timestamp of seq {}", r.seq_num);
+    }
+    assert_eq!(records.iter().map(|r| r.seq_num).collect::<Vec<_>>(), (0..RECORDS).collect::<Vec<_>>());
+
+    // The counter survived too: the sequence continues densely.
+    assert_eq!(store.next_seq(key).await.unwrap(), RECORDS);
+    let next = store.append(key, "after restart", &[], None).await.expect("append after restart");
+    assert_eq!(next.seq_num, RECORDS);
+    assert!(!next.duplicate);
+
+    // A retried part id from before the crash is still recognised.
+    let retry = store.append(key, "retry", &record_headers(0, 0), Some("t0-0")).await.unwrap();
+    assert!(retry.duplicate);
+    let first_of_task0 = acked.iter().find(|(_, (_, _, h))| *h == record_headers(0, 0)).map(|(s, _)| *s).unwrap();
+    assert_eq!(retry.seq_num, first_of_task0);
+
+    // The closed marker survived: appends are still refused, records kept.
+    assert!(matches!(store.append(closed_key, "after restart", &[], None).await, Err(ChannelError::Closed)));
+    let closed_records = store.read_after(closed_key, None, 100).await.unwrap();
+    assert_eq!(closed_records.iter().map(|r| r.body.as_str()).collect::<Vec<_>>(), vec!["c0", "c1", "c2"]);
+
+    drop(store);
+    drop(redis);
+    eprintln!("durability test took {:?}", started.elapsed());
+}
