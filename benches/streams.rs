@@ -20,6 +20,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
 
+/// Only what the latency probe reads of a frame.
+#[derive(serde::Deserialize)]
+struct Batch<'a> {
+    #[serde(borrow)]
+    records: Vec<Probe<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Probe<'a> {
+    body: &'a str,
+}
+
 fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
@@ -63,10 +75,10 @@ async fn fanout_latency(server: &common::BenchServer, http: &reqwest::Client) ->
                 while let Some(end) = buf.find("\n\n") {
                     let frame: String = buf.drain(..end + 2).collect();
                     let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else { continue };
-                    let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else { continue };
-                    let mut local = Vec::new();
-                    for r in v["records"].as_array().into_iter().flatten() {
-                        let sent: i64 = r["body"].as_str().and_then(|b| b.parse().ok()).unwrap_or(at);
+                    let Ok(batch) = serde_json::from_str::<Batch<'_>>(data) else { continue };
+                    let mut local = Vec::with_capacity(batch.records.len());
+                    for r in batch.records {
+                        let sent: i64 = r.body.parse().unwrap_or(at);
                         local.push(Duration::from_micros((at - sent).max(0) as u64));
                         seen += 1;
                     }

@@ -71,3 +71,65 @@ async fn env_create_list_rotate_and_bootstrap() {
     let (ok, _) = sessiond(&schema, &"22".repeat(32), &["env", "bootstrap-dev"]);
     assert!(!ok);
 }
+
+#[tokio::test]
+async fn jobs_list_retry_and_manual_trigger_from_the_cli() {
+    let app = common::TestApp::spawn().await;
+    let schema = sqlx::query_scalar::<_, String>("SELECT current_schema()").fetch_one(app.db()).await.unwrap();
+    let master = app.state.config.master_key.clone().unwrap();
+    let prefix = app.state.config.redis_prefix.clone();
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+            .args(args)
+            .env("DATABASE_URL", common::database_url())
+            .env("DATABASE_SCHEMA", &schema)
+            .env("SESSIOND_MASTER_KEY", &master)
+            .env("REDIS_PREFIX", &prefix)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run sessiond");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+
+    // A job that fails for good: its table is broken under it.
+    let s = app.create_session(common::session_body(Some("cli-jobs"))).await;
+    let run_id: uuid::Uuid = sqlx::query_scalar("SELECT current_run_id FROM sessions WHERE external_id = 'cli-jobs'")
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_requested_at TO cancel_gone").execute(app.db()).await.unwrap();
+    let job = app.state.jobs.submit(&sessiond::jobs::Job::CancelRun { run_id }).await.unwrap();
+    common::eventually(20, "job failed", || async {
+        let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
+        (row.status == "failed").then_some(())
+    })
+    .await;
+    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_gone TO cancel_requested_at").execute(app.db()).await.unwrap();
+
+    let (ok, out) = cli(&["jobs", "list", "--failed"]);
+    assert!(ok && out.contains(&job.to_string()) && out.contains("cancel-run"), "{out}");
+    let (ok, out) = cli(&["jobs", "show", &job.to_string()]);
+    assert!(ok && out.contains("attempt 5 failed"), "{out}");
+    let (ok, out) = cli(&["jobs", "retry", &job.to_string()]);
+    assert!(ok, "{out}");
+    common::eventually(10, "retried job succeeded", || async {
+        let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
+        (row.status == "succeeded").then_some(())
+    })
+    .await;
+    let (ok, _) = cli(&["jobs", "retry", &job.to_string()]);
+    assert!(!ok, "only failed jobs can be retried");
+
+    // Manual trigger: a fresh run with reason manual.
+    let (ok, out) = cli(&["sessions", "trigger-run", "--env", &app.a.env.id.to_string(), "cli-jobs"]);
+    assert!(ok && out.contains("reason manual"), "{out}");
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT reason FROM session_runs sr JOIN sessions s ON s.id = sr.session_id WHERE s.external_id = 'cli-jobs' ORDER BY sr.created_at",
+    )
+    .fetch_all(app.db())
+    .await
+    .unwrap();
+    assert_eq!(reasons, vec!["initial", "manual"]);
+    let (_, now) = app.get("/api/v1/sessions/cli-jobs", &app.a.key).await;
+    assert_ne!(now["currentRunId"], s["runId"]);
+}

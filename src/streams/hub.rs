@@ -13,8 +13,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{broadcast, Notify};
 
+use super::sse::Encoded;
 use super::store::ChannelStore;
-use super::{ChannelKey, Io, Record};
+use super::{ChannelKey, Io};
 
 /// Records buffered per feed for slow subscribers; a subscriber that falls
 /// further behind re-reads from Redis.
@@ -25,14 +26,14 @@ const SAFETY_POLL: Duration = Duration::from_secs(1);
 
 pub struct Feed {
     key: ChannelKey,
-    tx: broadcast::Sender<Arc<Record>>,
+    tx: broadcast::Sender<Arc<Encoded>>,
     wake: Arc<Notify>,
     hub: Weak<HubInner>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Feed {
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Record>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Encoded>> {
         self.tx.subscribe()
     }
 }
@@ -123,7 +124,7 @@ fn parse_tag(payload: &str) -> Option<ChannelKey> {
     Some(ChannelKey { session_id, io })
 }
 
-async fn read_upstream(store: ChannelStore, key: ChannelKey, tx: broadcast::Sender<Arc<Record>>, wake: Arc<Notify>) {
+async fn read_upstream(store: ChannelStore, key: ChannelKey, tx: broadcast::Sender<Arc<Encoded>>, wake: Arc<Notify>) {
     // Broadcast only what arrives after the feed starts; subscribers read older
     // records from Redis themselves.
     let mut last = match store.next_seq(key).await {
@@ -142,7 +143,7 @@ async fn read_upstream(store: ChannelStore, key: ChannelKey, tx: broadcast::Send
                 Ok(records) => {
                     for r in records {
                         last = Some(r.seq_num);
-                        let _ = tx.send(Arc::new(r));
+                        let _ = tx.send(Arc::new(Encoded::new(&r)));
                     }
                 }
                 Err(err) => {

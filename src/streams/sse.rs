@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use futures::Stream;
-use serde::Serialize;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::time::Instant;
 
@@ -28,17 +27,42 @@ use super::{ChannelKey, Record};
 /// Records per SSE batch when draining a backlog.
 const BACKLOG_BATCH: usize = 500;
 
-#[derive(Serialize)]
-struct Batch<'a> {
-    records: &'a [Record],
+/// A record already serialised for the wire. The feed encodes each live record
+/// once and every subscriber reuses it.
+#[derive(Debug)]
+pub struct Encoded {
+    pub seq_num: u64,
+    pub json: Box<str>,
+}
+
+impl Encoded {
+    pub fn new(r: &Record) -> Self {
+        Encoded { seq_num: r.seq_num, json: serde_json::to_string(r).unwrap_or_default().into_boxed_str() }
+    }
 }
 
 /// One `event: batch` frame; its `id` is the last record's seq_num, so a
 /// reconnect's `Last-Event-ID` resumes right after it.
+pub fn encoded_frame<E: std::borrow::Borrow<Encoded>>(records: &[E]) -> Bytes {
+    let last = records.last().map(|r| r.borrow().seq_num).unwrap_or(0);
+    let size: usize = records.iter().map(|r| r.borrow().json.len() + 1).sum();
+    let mut out = String::with_capacity(size + 64);
+    out.push_str("id: ");
+    out.push_str(&last.to_string());
+    out.push_str("\nevent: batch\ndata: {\"records\":[");
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&r.borrow().json);
+    }
+    out.push_str("]}\n\n");
+    Bytes::from(out)
+}
+
 pub fn batch_frame(records: &[Record]) -> Bytes {
-    let last = records.last().map(|r| r.seq_num).unwrap_or(0);
-    let data = serde_json::to_string(&Batch { records }).unwrap_or_else(|_| "{\"records\":[]}".into());
-    Bytes::from(format!("id: {last}\nevent: batch\ndata: {data}\n\n"))
+    let encoded: Vec<Encoded> = records.iter().map(Encoded::new).collect();
+    encoded_frame(&encoded)
 }
 
 pub fn keepalive_frame() -> Bytes {
@@ -84,7 +108,7 @@ enum Phase {
 
 struct State {
     sub: Subscription,
-    rx: broadcast::Receiver<Arc<Record>>,
+    rx: broadcast::Receiver<Arc<Encoded>>,
     phase: Phase,
     deadline: Instant,
     next_keepalive: Instant,
@@ -158,14 +182,14 @@ impl State {
                         self.phase = Phase::Backlog;
                         continue;
                     }
-                    let mut batch = vec![(*first).clone()];
                     self.sub.cursor = Some(first.seq_num);
+                    let mut batch = vec![first];
                     // Coalesce whatever else is already buffered into the same frame.
                     loop {
                         match self.rx.try_recv() {
                             Ok(r) if self.follows(r.seq_num) => {
                                 self.sub.cursor = Some(r.seq_num);
-                                batch.push((*r).clone());
+                                batch.push(r);
                             }
                             Ok(r) if self.already_sent(r.seq_num) => {}
                             Ok(_) | Err(TryRecvError::Lagged(_)) => {
@@ -175,7 +199,7 @@ impl State {
                             Err(_) => break,
                         }
                     }
-                    return Some(batch_frame(&batch));
+                    return Some(encoded_frame(&batch));
                 }
             }
         }

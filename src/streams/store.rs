@@ -82,8 +82,11 @@ pub struct Appended {
     pub drained_waitpoints: Vec<Uuid>,
 }
 
+/// Cheap to clone (every SSE subscriber holds one): the state is shared.
 #[derive(Clone)]
-pub struct ChannelStore {
+pub struct ChannelStore(std::sync::Arc<StoreInner>);
+
+pub struct StoreInner {
     redis: ConnectionManager,
     prefix: String,
     dedupe_window_ms: u64,
@@ -92,16 +95,23 @@ pub struct ChannelStore {
     close: Script,
 }
 
+impl std::ops::Deref for ChannelStore {
+    type Target = StoreInner;
+    fn deref(&self) -> &StoreInner {
+        &self.0
+    }
+}
+
 impl ChannelStore {
     pub fn new(redis: ConnectionManager, prefix: &str, dedupe_window_ms: u64) -> Self {
-        ChannelStore {
+        ChannelStore(std::sync::Arc::new(StoreInner {
             redis,
             prefix: prefix.to_string(),
             dedupe_window_ms,
             append: Script::new(APPEND),
             register: Script::new(REGISTER_WAITER),
             close: Script::new(CLOSE),
-        }
+        }))
     }
 
     fn base(&self, key: ChannelKey) -> String {
