@@ -82,18 +82,53 @@ pub fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
     Ok(MasterKey::from_hex(hex)?)
 }
 
+/// How long shutdown waits for open connections (SSE subscribers included)
+/// before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Serves HTTP and runs the job runtime until `shutdown` turns true, then stops
 /// both, letting in-flight requests and jobs finish.
+///
+/// Connections are served by hyper's HTTP/1.1 connection directly rather than
+/// `axum::serve`, whose HTTP/1+2 auto-detecting connection costs about 50 KB per
+/// idle connection; with thousands of long-lived SSE subscribers that dominates.
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+
     let schedules = jobs::schedule::load(state.config.job_schedules_file.as_deref())?;
     let runtime = jobs::runtime::start(&state, schedules, shutdown.clone())?;
     let app = crate::http::router(state);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shutdown;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await?;
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            // The guard `wait_for` returns is not Send: drop it inside.
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after the shutdown grace period; dropping them");
+    }
     let _ = runtime.await;
     Ok(())
 }
