@@ -133,17 +133,16 @@ async fn append_throughput(server: &common::BenchServer, http: &reqwest::Client)
     }
     let total = 60_000usize;
     let next = Arc::new(AtomicUsize::new(0));
+    let client = common::FastClient::new(base, key);
+    let body = bytes::Bytes::from(json!({"data": {"type": "text-delta", "delta": "token "}, "id": "x"}).to_string());
     let started = Instant::now();
     let mut writers = Vec::new();
     for w in 0..64 {
-        let (http, base, key, sid, next) = (http.clone(), base.clone(), key.clone(), sessions[w % 16].clone(), next.clone());
+        let (client, path, next, body) =
+            (client.clone(), format!("/realtime/v1/sessions/{}/out/append", sessions[w % 16]), next.clone(), body.clone());
         writers.push(tokio::spawn(async move {
-            let body = json!({"data": {"type": "text-delta", "delta": "token "}, "id": "x"}).to_string();
             while next.fetch_add(1, Ordering::Relaxed) < total {
-                let r = http.post(format!("{base}/realtime/v1/sessions/{sid}/out/append")).bearer_auth(&key).body(body.clone()).send().await;
-                if let Ok(r) = r {
-                    let _ = r.bytes().await;
-                }
+                let _ = client.send(hyper::Method::POST, &path, body.clone()).await;
             }
         }));
     }

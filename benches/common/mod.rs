@@ -71,3 +71,38 @@ pub fn summary(name: &str, mut samples: Vec<Duration>) {
         samples.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(f64::NAN)
     );
 }
+
+/// A lean HTTP/1.1 client for load generation (hyper directly: the client
+/// shares the machine's cores with the server, so its own cost matters).
+#[derive(Clone)]
+pub struct FastClient {
+    inner: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, http_body_util::Full<bytes::Bytes>>,
+    base: String,
+    auth: String,
+}
+
+impl FastClient {
+    pub fn new(base: &str, token: &str) -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        let inner = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        FastClient { inner, base: base.to_string(), auth: format!("Bearer {token}") }
+    }
+
+    /// Sends a request and reads the whole answer; returns the status code.
+    pub async fn send(&self, method: hyper::Method, path: &str, body: bytes::Bytes) -> anyhow::Result<u16> {
+        use http_body_util::BodyExt;
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path))
+            .header("authorization", &self.auth)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(body))?;
+        let resp = self.inner.request(req).await?;
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await?;
+        Ok(status)
+    }
+}

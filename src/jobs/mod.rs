@@ -71,20 +71,40 @@ impl Job {
 pub struct Jobs {
     pool: PgPool,
     queue: JobQueue,
+    /// Ids pushed by the hot paths, marked relayed in batches (one UPDATE for
+    /// many creates instead of one commit each).
+    relayed: tokio::sync::mpsc::UnboundedSender<Uuid>,
 }
 
+/// Most ids marked relayed by one UPDATE.
+const MARK_BATCH: usize = 1_000;
+
 impl Jobs {
+    /// Must be called inside a Tokio runtime: starts the relayed-marks batcher.
     pub fn new(pool: PgPool, queue: JobQueue) -> Self {
-        Jobs { pool, queue }
+        let (relayed, mut marks) = tokio::sync::mpsc::unbounded_channel::<Uuid>();
+        let batch_pool = pool.clone();
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(MARK_BATCH);
+            while marks.recv_many(&mut batch, MARK_BATCH).await > 0 {
+                // A lost mark only means the relay loop pushes the job once more,
+                // and running a job twice is safe.
+                if let Err(err) = store::mark_relayed(&batch_pool, &batch).await {
+                    tracing::warn!(%err, "could not mark jobs relayed");
+                }
+                batch.clear();
+            }
+        });
+        Jobs { pool, queue, relayed }
     }
 
     pub fn queue(&self) -> &JobQueue {
         &self.queue
     }
 
-    /// Pushes committed job rows onto the queue. A failed push is only logged:
-    /// the row stays unrelayed and the relay loop pushes it again.
-    pub async fn relay(&self, ids: &[Uuid]) {
+    /// Pushes jobs onto the queue; returns the ones pushed. A failed push is only
+    /// logged: the row stays unrelayed and the relay loop pushes it again.
+    async fn push(&self, ids: &[Uuid]) -> Vec<Uuid> {
         let mut pushed = Vec::with_capacity(ids.len());
         for id in ids {
             match self.queue.push(*id).await {
@@ -92,17 +112,27 @@ impl Jobs {
                 Err(err) => tracing::warn!(job = %id, %err, "job relay failed; will retry"),
             }
         }
-        if let Err(err) = store::mark_relayed(&self.pool, &pushed).await {
-            // Pushed but not marked: it will be pushed again, and running a job
-            // twice is safe.
-            tracing::warn!(%err, "could not mark jobs relayed");
+        pushed
+    }
+
+    /// Relays committed job rows (the hot path): pushed now, marked relayed in
+    /// the background.
+    pub async fn relay(&self, ids: &[Uuid]) {
+        for id in self.push(ids).await {
+            let _ = self.relayed.send(id);
         }
+    }
+
+    /// Relays and marks before returning (for callers that may exit right after).
+    async fn relay_and_mark(&self, ids: &[Uuid]) -> Result<(), StoreError> {
+        let pushed = self.push(ids).await;
+        store::mark_relayed(&self.pool, &pushed).await
     }
 
     /// Writes a job on its own (no surrounding state change) and relays it.
     pub async fn submit(&self, job: &Job) -> Result<Uuid, StoreError> {
         let id = store::insert(&self.pool, job, DEFAULT_MAX_ATTEMPTS).await?;
-        self.relay(&[id]).await;
+        self.relay_and_mark(&[id]).await?;
         Ok(id)
     }
 
@@ -111,7 +141,7 @@ impl Jobs {
     pub async fn retry(&self, id: Uuid) -> Result<Option<store::JobRow>, StoreError> {
         let row = store::reset_for_retry(&self.pool, id).await?;
         if row.is_some() {
-            self.relay(&[id]).await;
+            self.relay_and_mark(&[id]).await?;
         }
         Ok(row)
     }
@@ -120,7 +150,7 @@ impl Jobs {
     pub async fn relay_pending(&self, grace_ms: i64) -> Result<usize, StoreError> {
         let ids = store::unrelayed(&self.pool, grace_ms, 500).await?;
         if !ids.is_empty() {
-            self.relay(&ids).await;
+            self.relay_and_mark(&ids).await?;
         }
         Ok(ids.len())
     }

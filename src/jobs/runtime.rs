@@ -23,15 +23,12 @@ const RELAY_GRACE_MS: i64 = 2_000;
 /// Runs one job: logs the attempt, executes, logs the outcome. On the last
 /// allowed attempt a failure is final (AbortError), so apalis stops retrying.
 async fn run_job(envelope: JobEnvelope, state: Data<AppState>) -> Result<(), BoxDynError> {
-    let Some(row) = store::find(&state.db, envelope.id).await? else {
-        tracing::warn!(job = %envelope.id, "job row missing; dropping");
+    // Gone, or already succeeded (delivered twice, e.g. relayed again before a
+    // crash was noticed): nothing to do.
+    let Some(row) = store::begin_attempt(&state.db, envelope.id).await? else {
         return Ok(());
     };
-    if row.status == "succeeded" {
-        // Delivered twice (a relay that pushed before a crash): already done.
-        return Ok(());
-    }
-    let attempt = store::start_attempt(&state.db, row.id).await?;
+    let attempt = row.attempts;
     let result = match row.job() {
         Ok(job) => handlers::execute(&state, &job).await,
         Err(err) => Err(err.into()),

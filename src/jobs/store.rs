@@ -52,6 +52,9 @@ pub async fn find(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError>
 }
 
 pub async fn mark_relayed(pool: &PgPool, ids: &[Uuid]) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
     sqlx::query("UPDATE jobs SET relayed_at = now() WHERE id = ANY($1) AND relayed_at IS NULL")
         .bind(ids)
         .execute(pool)
@@ -72,22 +75,22 @@ pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<U
     .await?)
 }
 
-/// Starts an attempt: bumps the counter and logs it. Returns the attempt number.
-pub async fn start_attempt(pool: &PgPool, id: Uuid) -> Result<i32, StoreError> {
-    let mut tx = pool.begin().await?;
-    let attempt: i32 = sqlx::query_scalar(
-        "UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = now() WHERE id = $1 RETURNING attempts",
-    )
+/// Starts an attempt of a job that has not succeeded yet: bumps the counter,
+/// logs the attempt, and returns the row (its `attempts` is this attempt's
+/// number). None if the job is gone or already succeeded (a duplicate delivery).
+/// One statement, so the job runtime's bookkeeping costs one round trip.
+pub async fn begin_attempt(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "WITH j AS (
+             UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = now()
+             WHERE id = $1 AND status <> 'succeeded'
+             RETURNING {JOB_COLUMNS}),
+         a AS (INSERT INTO job_attempts (job_id, attempt, status) SELECT id, attempts, 'running' FROM j)
+         SELECT {JOB_COLUMNS} FROM j"
+    ))
     .bind(id)
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query("INSERT INTO job_attempts (job_id, attempt, status) VALUES ($1, $2, 'running')")
-        .bind(id)
-        .bind(attempt)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(attempt)
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// Ends an attempt. A failure leaves the job `pending` (it will be retried) until
@@ -99,33 +102,26 @@ pub async fn finish_attempt(
     error: Option<&str>,
     final_failure: bool,
 ) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    let status = if error.is_none() { "succeeded" } else { "failed" };
-    sqlx::query(
-        "UPDATE job_attempts SET status = $3, error = $4, finished_at = now() WHERE job_id = $1 AND attempt = $2",
-    )
-    .bind(id)
-    .bind(attempt)
-    .bind(status)
-    .bind(error)
-    .execute(&mut *tx)
-    .await?;
+    let attempt_status = if error.is_none() { "succeeded" } else { "failed" };
     let job_status = match (error, final_failure) {
         (None, _) => "succeeded",
         (Some(_), true) => "failed",
         (Some(_), false) => "pending",
     };
     sqlx::query(
-        "UPDATE jobs SET status = $2, last_error = coalesce($3, last_error), updated_at = now(),
-            finished_at = CASE WHEN $2 IN ('succeeded', 'failed') THEN now() ELSE NULL END
+        "WITH a AS (
+             UPDATE job_attempts SET status = $3, error = $4, finished_at = now() WHERE job_id = $1 AND attempt = $2)
+         UPDATE jobs SET status = $5, last_error = coalesce($4, last_error), updated_at = now(),
+             finished_at = CASE WHEN $5 IN ('succeeded', 'failed') THEN now() ELSE NULL END
          WHERE id = $1",
     )
     .bind(id)
-    .bind(job_status)
+    .bind(attempt)
+    .bind(attempt_status)
     .bind(error)
-    .execute(&mut *tx)
+    .bind(job_status)
+    .execute(pool)
     .await?;
-    tx.commit().await?;
     Ok(())
 }
 
