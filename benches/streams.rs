@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde_json::json;
 use sessiond::worker::channels::{ChannelFactory, HttpChannelFactory};
 use sessiond::worker::WorkerClient;
@@ -56,22 +55,30 @@ async fn fanout_latency(server: &common::BenchServer, http: &reqwest::Client) ->
     let samples: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let total = 3000usize;
     let mut subs = Vec::new();
+    // Subscribers are raw sockets reading the chunked SSE body: the probe
+    // should cost little next to the server it measures.
+    let port: u16 = base.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let request = format!(
+        "GET /realtime/v1/sessions/{sid}/out HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nTimeout-Seconds: 120\r\n\r\n"
+    );
     for _ in 0..100 {
-        let resp = http
-            .get(format!("{base}/realtime/v1/sessions/{sid}/out"))
-            .bearer_auth(key)
-            .header("timeout-seconds", "120")
-            .send()
-            .await?;
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        conn.set_nodelay(true)?;
+        conn.write_all(request.as_bytes()).await?;
         let samples = samples.clone();
         subs.push(tokio::spawn(async move {
-            let mut stream = resp.bytes_stream();
             let mut buf = String::new();
+            let mut raw = vec![0u8; 64 * 1024];
             let mut seen = 0;
             while seen < total {
-                let Some(Ok(chunk)) = stream.next().await else { break };
+                let Ok(n) = conn.read(&mut raw).await else { break };
+                if n == 0 {
+                    break;
+                }
                 let at = now_us();
-                buf.push_str(&String::from_utf8_lossy(&chunk));
+                buf.push_str(&String::from_utf8_lossy(&raw[..n]));
+                // Frames are found by their `data: ` lines; chunk-size lines of the
+                // chunked encoding sit between frames and are skipped.
                 while let Some(end) = buf.find("\n\n") {
                     let frame: String = buf.drain(..end + 2).collect();
                     let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else { continue };

@@ -234,15 +234,7 @@ async fn rotated_keys_stop_working() {
 async fn cors_preflight_on_every_route() {
     let app = TestApp::spawn().await;
     for path in ["/api/v1/sessions", "/api/v1/sessions/x", "/api/v1/sessions/x/close", "/api/v1/auth/jwt/claims"] {
-        let r = app
-            .client
-            .request(Method::OPTIONS, format!("{}{}", app.base, path))
-            .header("origin", "https://app.example")
-            .header("access-control-request-method", "POST")
-            .header("access-control-request-headers", "authorization,content-type,x-trigger-api-version,trigger-version")
-            .send()
-            .await
-            .unwrap();
+        let r = app.preflight(path, "authorization,content-type,x-trigger-api-version,trigger-version").await;
         assert!(r.status().is_success(), "{path}: {}", r.status());
         let h = r.headers();
         assert_eq!(h["access-control-allow-origin"], "*");

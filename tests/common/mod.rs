@@ -246,6 +246,18 @@ impl TestApp {
         SseClient { headers: resp.headers().clone(), stream: Box::pin(resp.bytes_stream()), buf: String::new(), last_event_id: None }
     }
 
+    /// A CORS preflight for `path`, as a browser would send it before a POST.
+    pub async fn preflight(&self, path: &str, request_headers: &str) -> reqwest::Response {
+        self.client
+            .request(Method::OPTIONS, format!("{}{}", self.base, path))
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", request_headers)
+            .send()
+            .await
+            .expect("preflight")
+    }
+
     /// Appends `body` to a channel; returns the status and JSON answer.
     pub async fn append(&self, session: &str, io: &str, token: &str, body: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {
         let mut req =
