@@ -99,17 +99,19 @@ async fn fanout_latency(server: &common::BenchServer, http: &reqwest::Client) ->
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
     let writers = 8;
+    let writer = common::FastClient::new(base, key);
     let next = Arc::new(AtomicUsize::new(0));
     let (tx, _) = tokio::sync::broadcast::channel::<()>(4096);
     let mut handles = Vec::new();
     for _ in 0..writers {
-        let (http, base, key, sid, next, mut rx) = (http.clone(), base.clone(), key.clone(), sid.clone(), next.clone(), tx.subscribe());
+        let (client, path, next, mut rx) =
+            (writer.clone(), format!("/realtime/v1/sessions/{sid}/out/append"), next.clone(), tx.subscribe());
         handles.push(tokio::spawn(async move {
             while rx.recv().await.is_ok() {
                 if next.fetch_add(1, Ordering::Relaxed) >= total {
                     break;
                 }
-                let _ = http.post(format!("{base}/realtime/v1/sessions/{sid}/out/append")).bearer_auth(&key).body(now_us().to_string()).send().await;
+                let _ = client.send(hyper::Method::POST, &path, now_us().to_string().into()).await;
             }
         }));
     }
