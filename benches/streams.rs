@@ -1,6 +1,7 @@
 //! Session channel benchmark, loopback (clients share the machine's two cores
 //! with the server, Postgres and Redis):
-//! 1. append → SSE delivery latency with 100 subscribers at 1,000 appends/s;
+//! 1. append → SSE delivery latency with 100 subscribers at 1,000 appends/s
+//!    (against the server running as its own process, like 4);
 //! 2. sustained append throughput with 64 concurrent writers;
 //! 3. append on `.in` → a waiting worker holds the data (waitpoint long-poll);
 //! 4. server memory per idle SSE subscriber, 10,000 of them (the server runs as
@@ -48,8 +49,7 @@ async fn create_session(http: &reqwest::Client, base: &str, key: &str, ext: &str
 
 /// 1. Delivery latency: each record carries its send time; every subscriber
 /// measures arrival minus send.
-async fn fanout_latency(server: &common::BenchServer, http: &reqwest::Client) -> anyhow::Result<()> {
-    let (base, key) = (&server.base, &server.key);
+async fn fanout_latency(base: &String, key: &String, http: &reqwest::Client) -> anyhow::Result<()> {
     let s = create_session(http, base, key, "fanout", "none").await?;
     let sid = s["id"].as_str().unwrap_or_default().to_string();
     let samples: Arc<Mutex<Vec<Duration>>> = Arc::default();
@@ -205,17 +205,25 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// 4. Memory per idle subscriber, against a separate server process.
-async fn idle_memory(server: &common::BenchServer, http: &reqwest::Client) -> anyhow::Result<()> {
+/// The server as its own process over the bench's schema: what the fan-out and
+/// memory measurements run against, so the probes do not share its runtime.
+struct ServerProcess {
+    child: tokio::process::Child,
+    pid: u32,
+    port: u16,
+    base: String,
+}
+
+async fn spawn_server(server: &common::BenchServer, http: &reqwest::Client) -> anyhow::Result<ServerProcess> {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
     };
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sessiond"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sessiond"))
         .arg("serve")
         .env("DATABASE_URL", common::database_url())
         .env("DATABASE_SCHEMA", &server.schema)
-        .env("REDIS_PREFIX", format!("bench:{}", server.schema))
+        .env("REDIS_PREFIX", format!("bench:{}:proc", server.schema))
         .env("SESSIOND_MASTER_KEY", &server.master_hex)
         .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "warn")
@@ -229,12 +237,17 @@ async fn idle_memory(server: &common::BenchServer, http: &reqwest::Client) -> an
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let s = create_session(http, &base, &server.key, "idle", "none").await?;
+    Ok(ServerProcess { child, pid, port, base })
+}
+
+/// 4. Memory per idle subscriber, read from the server process's RSS.
+async fn idle_memory(proc: &ServerProcess, key: &str, http: &reqwest::Client) -> anyhow::Result<()> {
+    let (pid, port, base) = (proc.pid, proc.port, proc.base.clone());
+    let s = create_session(http, &base, key, "idle", "none").await?;
     let sid = s["id"].as_str().unwrap_or_default().to_string();
     // Warm the server up with one subscriber, then measure.
     let request = format!(
-        "GET /realtime/v1/sessions/{sid}/out HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\nTimeout-Seconds: 600\r\n\r\n",
-        server.key
+        "GET /realtime/v1/sessions/{sid}/out HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nAccept: text/event-stream\r\nTimeout-Seconds: 600\r\n\r\n"
     );
     let open = |n: usize| {
         let request = request.clone();
@@ -266,7 +279,6 @@ async fn idle_memory(server: &common::BenchServer, http: &reqwest::Client) -> an
     );
     drop(conns);
     drop(warm);
-    let _ = child.kill().await;
     Ok(())
 }
 
@@ -275,9 +287,11 @@ async fn main() -> anyhow::Result<()> {
     let server = common::BenchServer::start(|_| {}).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     println!("sessiond streams bench: loopback, clients and server share the machine");
-    fanout_latency(&server, &http).await?;
+    let mut proc = spawn_server(&server, &http).await?;
+    fanout_latency(&proc.base, &server.key, &http).await?;
+    idle_memory(&proc, &server.key, &http).await?;
+    let _ = proc.child.kill().await;
     append_throughput(&server, &http).await?;
     in_to_worker(&server, &http).await?;
-    idle_memory(&server, &http).await?;
     server.finish().await
 }
