@@ -14,6 +14,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod ids;
+pub mod pubsub;
 pub mod jobs;
 pub mod runs;
 pub mod sessions;

@@ -61,6 +61,15 @@ impl Auth {
         }
     }
 
+    /// Does a channel-scoped token (`{action}:session-channels:{session}:{io}`)
+    /// grant `action` on that one channel? Secret keys need no such scope.
+    pub fn can_access_channel(&self, action: Action, channel_id: &str) -> bool {
+        match &self.principal {
+            Principal::SecretKey => true,
+            Principal::PublicToken { scopes } => scopes::allows(scopes, "session-channels", action, &[channel_id]),
+        }
+    }
+
     pub fn can_list_sessions(&self, task_filter: &[String]) -> bool {
         match &self.principal {
             Principal::SecretKey => true,

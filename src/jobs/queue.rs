@@ -47,10 +47,6 @@ impl JobQueue {
         JobQueue { storage, redis, name, wake }
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn storage(&self) -> RedisStorage<JobEnvelope> {
         self.storage.clone()
     }
@@ -76,22 +72,8 @@ impl JobQueue {
 
     /// Turns wake-up messages published by any server into local wake-ups.
     pub async fn listen(self, client: redis::Client) {
-        let channel = self.wake_channel();
-        loop {
-            match client.get_async_pubsub().await {
-                Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
-                    Ok(()) => {
-                        let mut messages = pubsub.on_message();
-                        while messages.next().await.is_some() {
-                            self.wake.send_modify(|n| *n = n.wrapping_add(1));
-                        }
-                    }
-                    Err(err) => tracing::warn!(%err, "job queue subscribe failed"),
-                },
-                Err(err) => tracing::warn!(%err, "job queue listener cannot connect"),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let bump = || self.wake.send_modify(|n| *n = n.wrapping_add(1));
+        crate::pubsub::follow(client, self.wake_channel(), "job queue", |_| bump(), || {}).await
     }
 }
 

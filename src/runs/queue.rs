@@ -2,11 +2,7 @@
 //! on a channel every server subscribes to, so long-polling workers anywhere
 //! wake at once instead of each holding a blocking Redis connection.
 
-use std::time::Duration;
-
-use futures::StreamExt;
 use redis::aio::ConnectionManager;
-use redis::AsyncCommands;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -63,33 +59,12 @@ impl RunQueue {
         self.wake.subscribe()
     }
 
-    pub async fn len(&self, env_id: Uuid, task: &str) -> redis::RedisResult<usize> {
-        let mut conn = self.redis.clone();
-        conn.llen(self.key(env_id, task)).await
-    }
-
     /// Listens for pushes made by other servers and wakes local waiters. Runs
     /// until the process ends, reconnecting after errors.
     pub async fn listen(self, client: redis::Client) {
-        let channel = self.channel();
-        loop {
-            match client.get_async_pubsub().await {
-                Ok(mut pubsub) => {
-                    if let Err(err) = pubsub.subscribe(&channel).await {
-                        tracing::warn!(%err, "run queue subscribe failed");
-                    } else {
-                        let mut messages = pubsub.on_message();
-                        while messages.next().await.is_some() {
-                            self.wake.send_modify(|n| *n = n.wrapping_add(1));
-                        }
-                    }
-                }
-                Err(err) => tracing::warn!(%err, "run queue listener cannot connect"),
-            }
-            // Anything pushed while disconnected is found by the waiters' own
-            // periodic re-check; wake them once, then reconnect.
-            self.wake.send_modify(|n| *n = n.wrapping_add(1));
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let bump = || self.wake.send_modify(|n| *n = n.wrapping_add(1));
+        // Anything pushed while disconnected is found by the waiters' own
+        // periodic re-check; wake them once after a lost connection too.
+        crate::pubsub::follow(client, self.channel(), "run queue", |_| bump(), bump).await
     }
 }

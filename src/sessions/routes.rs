@@ -41,11 +41,26 @@ impl From<RunManagerError> for ApiError {
 /// so an under-scoped caller gets 403 whether or not the session exists.
 pub async fn load_authorized(state: &AppState, auth: &Auth, key: &str, action: Action) -> ApiResult<Session> {
     let session = store::find(&state.db, auth.env.id, key).await?;
+    authorize(auth, key, session, action, |_| false)
+}
+
+/// The rule every session route applies once the session is resolved (or not):
+/// `action` is checked against the URL form and every id of the session, plus
+/// whatever `also_allowed` grants; only an authorized caller learns that a
+/// session is missing.
+pub fn authorize<S: std::borrow::Borrow<Session>>(
+    auth: &Auth,
+    key: &str,
+    session: Option<S>,
+    action: Action,
+    also_allowed: impl FnOnce(&Session) -> bool,
+) -> ApiResult<S> {
+    let found = session.as_ref().map(|s| s.borrow());
     let mut keys = vec![key];
-    if let Some(s) = &session {
+    if let Some(s) = found {
         keys.extend(s.keys());
     }
-    if !auth.can_access_session(action, &keys) {
+    if !auth.can_access_session(action, &keys) && !found.is_some_and(also_allowed) {
         return Err(ApiError::Forbidden);
     }
     session.ok_or_else(|| ApiError::NotFound("Session not found".into()))

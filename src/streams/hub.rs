@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::{broadcast, Notify};
 
 use super::sse::Encoded;
@@ -95,24 +94,12 @@ impl Hub {
     /// Listens for append notifications from every server. Runs until the
     /// process ends, reconnecting after errors.
     pub async fn listen(self, client: redis::Client) {
-        let channel = self.0.store.notify_channel();
-        loop {
-            match client.get_async_pubsub().await {
-                Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
-                    Ok(()) => {
-                        let mut messages = pubsub.on_message();
-                        while let Some(msg) = messages.next().await {
-                            if let Some(key) = parse_tag(&msg.get_payload::<String>().unwrap_or_default()) {
-                                self.notify(key);
-                            }
-                        }
-                    }
-                    Err(err) => tracing::warn!(%err, "channel notify subscribe failed"),
-                },
-                Err(err) => tracing::warn!(%err, "channel notify listener cannot connect"),
+        let on_message = |payload: &str| {
+            if let Some(key) = parse_tag(payload) {
+                self.notify(key);
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        };
+        crate::pubsub::follow(client, self.0.store.notify_channel(), "channel notify", on_message, || {}).await
     }
 }
 

@@ -17,11 +17,12 @@ use super::sse::{self, Subscription};
 use super::store::ChannelError;
 use super::{ChannelKey, Io, Record};
 use crate::app::AppState;
-use crate::auth::{jwt, scopes, Action, Auth, Principal};
+use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::validate_path_id;
 use crate::jobs::Job;
 use crate::sessions::model::Session;
+use crate::sessions::routes::authorize;
 use crate::sessions::run_manager::{self, RunManagerError};
 
 pub fn router() -> Router<AppState> {
@@ -58,22 +59,7 @@ fn channel_scope_id(session: &Session, io: Io) -> String {
 /// in either id form, or a channel-scoped token. 403 before 404, as everywhere.
 pub async fn load_channel(state: &AppState, auth: &Auth, key: &str, io: Io, action: Action) -> ApiResult<Arc<Session>> {
     let session = state.sessions.find(&state.db, auth.env.id, key).await?;
-    let mut keys = vec![key];
-    if let Some(s) = &session {
-        keys.extend(s.keys());
-    }
-    let channel_id = session.as_ref().map(|s| channel_scope_id(s, io));
-    let allowed = auth.can_access_session(action, &keys)
-        || match (&auth.principal, &channel_id) {
-            (Principal::PublicToken { scopes: granted }, Some(id)) => {
-                scopes::allows(granted, "session-channels", action, &[id.as_str()])
-            }
-            _ => false,
-        };
-    if !allowed {
-        return Err(ApiError::Forbidden);
-    }
-    session.ok_or_else(|| ApiError::NotFound("Session not found".into()))
+    authorize(auth, key, session, action, |s| auth.can_access_channel(action, &channel_scope_id(s, io)))
 }
 
 fn base_url(state: &AppState, headers: &HeaderMap) -> String {
