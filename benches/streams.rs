@@ -1,13 +1,15 @@
-//! Session channel benchmark, loopback (clients share the machine's two cores
-//! with the server, Postgres and Redis):
-//! 1. append → SSE delivery latency with 100 subscribers at 1,000 appends/s
-//!    (against the server running as its own process, like 4);
+//! Session channel benchmark, loopback. The server runs as its own process
+//! (this process only generates load and measures), but the two share the
+//! machine's two cores with Postgres and Redis:
+//! 1. append → SSE delivery latency with 100 subscribers at 1,000 appends/s;
 //! 2. sustained append throughput with 64 concurrent writers;
 //! 3. append on `.in` → a waiting worker holds the data (waitpoint long-poll);
-//! 4. server memory per idle SSE subscriber, 10,000 of them (the server runs as
-//!    its own process so its RSS is measured alone).
+//! 4. server memory per idle SSE subscriber, 10,000 of them (read from the
+//!    server process's RSS).
 //!
-//! Run: `cargo bench --bench streams`. Prints figures; asserts nothing.
+//! Run: `cargo bench --bench streams [-- fanout|memory|throughput|wake ...]`.
+//! `SESSIOND_BIN=<path>` measures another build of the server (A/B runs).
+//! Prints figures; asserts nothing.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,10 @@ struct Probe<'a> {
     body: &'a str,
 }
 
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
 fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
@@ -47,9 +53,12 @@ async fn create_session(http: &reqwest::Client, base: &str, key: &str, ext: &str
         .await?)
 }
 
-/// 1. Delivery latency: each record carries its send time; every subscriber
-/// measures arrival minus send.
-async fn fanout_latency(base: &String, key: &String, http: &reqwest::Client) -> anyhow::Result<()> {
+/// Fan-out delivery latency: each record carries its send time and every
+/// subscriber measures arrival minus send. Also prints how long the appends
+/// themselves took to be acknowledged, and the CPU the server and this process
+/// used meanwhile (both share the machine's two cores).
+async fn fanout_latency(proc: &ServerProcess, key: &String, http: &reqwest::Client) -> anyhow::Result<()> {
+    let base = &proc.base;
     let s = create_session(http, base, key, "fanout", "none").await?;
     let sid = s["id"].as_str().unwrap_or_default().to_string();
     let samples: Arc<Mutex<Vec<Duration>>> = Arc::default();
@@ -61,111 +70,126 @@ async fn fanout_latency(base: &String, key: &String, http: &reqwest::Client) -> 
     let request = format!(
         "GET /realtime/v1/sessions/{sid}/out HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nTimeout-Seconds: 120\r\n\r\n"
     );
-    for _ in 0..100 {
+    let n_subs: usize = std::env::var("BENCH_SUBSCRIBERS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    for _ in 0..n_subs {
         let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         conn.set_nodelay(true)?;
         conn.write_all(request.as_bytes()).await?;
         let samples = samples.clone();
         subs.push(tokio::spawn(async move {
-            let mut buf = String::new();
-            let mut raw = vec![0u8; 64 * 1024];
-            let mut seen = 0;
-            while seen < total {
-                let Ok(n) = conn.read(&mut raw).await else { break };
-                if n == 0 {
-                    break;
+            let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+            let mut local = Vec::with_capacity(total);
+            while local.len() < total {
+                match conn.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
                 }
                 let at = now_us();
-                buf.push_str(&String::from_utf8_lossy(&raw[..n]));
-                // Frames are found by their `data: ` lines; chunk-size lines of the
-                // chunked encoding sit between frames and are skipped.
-                while let Some(end) = buf.find("\n\n") {
-                    let frame: String = buf.drain(..end + 2).collect();
-                    let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else { continue };
-                    let Ok(batch) = serde_json::from_str::<Batch<'_>>(data) else { continue };
-                    let mut local = Vec::with_capacity(batch.records.len());
+                // Frames end with a blank line; each carries one `data: ` line.
+                // Chunk-size lines of the chunked encoding sit between frames.
+                let mut done = 0;
+                while let Some(end) = find(&buf[done..], b"\n\n") {
+                    let frame = &buf[done..done + end];
+                    done += end + 2;
+                    let Some(at_data) = find(frame, b"data: ") else { continue };
+                    let data = &frame[at_data + 6..];
+                    let data = &data[..find(data, b"\n").unwrap_or(data.len())];
+                    let Ok(batch) = serde_json::from_slice::<Batch<'_>>(data) else { continue };
                     for r in batch.records {
                         let sent: i64 = r.body.parse().unwrap_or(at);
                         local.push(Duration::from_micros((at - sent).max(0) as u64));
-                        seen += 1;
                     }
-                    samples.lock().unwrap().extend(local);
                 }
+                buf.drain(..done);
             }
+            samples.lock().unwrap().extend(local);
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Open loop: one append every millisecond whatever the answers do, each on
+    // its own task (the pooled client keeps the connections warm).
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let started = Instant::now();
-    let writers = 8;
     let writer = common::FastClient::new(base, key);
-    let next = Arc::new(AtomicUsize::new(0));
-    let (tx, _) = tokio::sync::broadcast::channel::<()>(4096);
-    let mut handles = Vec::new();
-    for _ in 0..writers {
-        let (client, path, next, mut rx) =
-            (writer.clone(), format!("/realtime/v1/sessions/{sid}/out/append"), next.clone(), tx.subscribe());
-        handles.push(tokio::spawn(async move {
-            while rx.recv().await.is_ok() {
-                if next.fetch_add(1, Ordering::Relaxed) >= total {
-                    break;
-                }
-                let _ = client.send(hyper::Method::POST, &path, now_us().to_string().into()).await;
-            }
-        }));
-    }
+    let path: Arc<str> = format!("/realtime/v1/sessions/{sid}/out/append").into();
+    let acks: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let mut handles = Vec::with_capacity(total);
+    tick.tick().await;
+    let started = Instant::now();
+    let cpu_before = cpu_ticks(proc.pid);
+    let own_before = cpu_ticks(std::process::id());
     for _ in 0..total {
         tick.tick().await;
-        let _ = tx.send(());
+        let (client, path, acks) = (writer.clone(), path.clone(), acks.clone());
+        handles.push(tokio::spawn(async move {
+            let sent = now_us();
+            let _ = client.send(hyper::Method::POST, &path, sent.to_string().into()).await;
+            acks.lock().unwrap().push(Duration::from_micros((now_us() - sent).max(0) as u64));
+        }));
     }
-    drop(tx);
+    let rate = total as f64 / started.elapsed().as_secs_f64();
     for h in handles {
         h.await?;
     }
-    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let cpu = (cpu_ticks(proc.pid) - cpu_before) as f64 / clock_ticks_per_sec() / started.elapsed().as_secs_f64();
+    let own = (cpu_ticks(std::process::id()) - own_before) as f64 / clock_ticks_per_sec() / started.elapsed().as_secs_f64();
     for s in subs {
         let _ = tokio::time::timeout(Duration::from_secs(30), s).await;
     }
     let samples = samples.lock().unwrap().clone();
-    println!("append rate achieved: {rate:.0}/s");
+    println!(
+        "append rate achieved: {rate:.0}/s; CPU meanwhile: server {:.0}%, this bench {:.0}% of one core",
+        cpu * 100.0,
+        own * 100.0
+    );
+    let acks = acks.lock().unwrap().clone();
+    common::summary("append acknowledged (same run)", acks);
     common::summary("append→SSE delivery (100 subscribers)", samples);
     Ok(())
 }
 
 /// 2. Throughput: 64 writers over 16 channels, as fast as they can.
-async fn append_throughput(server: &common::BenchServer, http: &reqwest::Client) -> anyhow::Result<()> {
-    let (base, key) = (&server.base, &server.key);
+async fn append_throughput(base: &String, key: &String, http: &reqwest::Client) -> anyhow::Result<()> {
     let mut sessions = Vec::new();
     for i in 0..16 {
         sessions.push(create_session(http, base, key, &format!("tp-{i}"), "none").await?["id"].as_str().unwrap_or_default().to_string());
     }
     let total = 60_000usize;
     let next = Arc::new(AtomicUsize::new(0));
-    let client = common::FastClient::new(base, key);
-    let body = bytes::Bytes::from(json!({"data": {"type": "text-delta", "delta": "token "}, "id": "x"}).to_string());
-    let started = Instant::now();
+    let failed = Arc::new(AtomicUsize::new(0));
+    let body = json!({"data": {"type": "text-delta", "delta": "token "}, "id": "x"}).to_string();
     let mut writers = Vec::new();
     for w in 0..64 {
-        let (client, path, next, body) =
-            (client.clone(), format!("/realtime/v1/sessions/{}/out/append", sessions[w % 16]), next.clone(), body.clone());
-        writers.push(tokio::spawn(async move {
+        let mut conn = common::RawConn::connect(base, key).await?;
+        let (path, next, failed, body) =
+            (format!("/realtime/v1/sessions/{}/out/append", sessions[w % 16]), next.clone(), failed.clone(), body.clone());
+        writers.push(async move {
             while next.fetch_add(1, Ordering::Relaxed) < total {
-                let _ = client.send(hyper::Method::POST, &path, body.clone()).await;
+                if !matches!(conn.post(&path, body.as_bytes()).await, Ok(200)) {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
             }
-        }));
+        });
     }
+    let started = Instant::now();
+    let writers: Vec<_> = writers.into_iter().map(tokio::spawn).collect();
     for w in writers {
         w.await?;
     }
     let wall = started.elapsed();
-    println!("{:<36} {total} records in {:.2}s  {:.0} records/s", "append throughput (64 writers)", wall.as_secs_f64(), total as f64 / wall.as_secs_f64());
+    let failed = failed.load(Ordering::Relaxed);
+    let ok = total - failed;
+    println!(
+        "{:<36} {ok} records in {:.2}s  {:.0} records/s  ({failed} failed)",
+        "append throughput (64 writers)",
+        wall.as_secs_f64(),
+        ok as f64 / wall.as_secs_f64()
+    );
     Ok(())
 }
 
 /// 3. A worker waiting on `.in` (through a waitpoint) gets a record.
-async fn in_to_worker(server: &common::BenchServer, http: &reqwest::Client) -> anyhow::Result<()> {
-    let (base, key) = (&server.base, &server.key);
+async fn in_to_worker(base: &String, key: &String, http: &reqwest::Client) -> anyhow::Result<()> {
     let s = create_session(http, base, key, "wake", "wake-task").await?;
     let sid = s["id"].as_str().unwrap_or_default().to_string();
     let worker = WorkerClient::new(base, key);
@@ -198,6 +222,23 @@ async fn in_to_worker(server: &common::BenchServer, http: &reqwest::Client) -> a
     Ok(())
 }
 
+/// User + system CPU time of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are 14 and 15.
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    100.0 // USER_HZ on Linux
+}
+
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -219,7 +260,9 @@ async fn spawn_server(server: &common::BenchServer, http: &reqwest::Client) -> a
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
     };
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sessiond"))
+    // SESSIOND_BIN runs another build of the server (A/B comparisons).
+    let bin = std::env::var("SESSIOND_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sessiond").to_string());
+    let child = tokio::process::Command::new(bin)
         .arg("serve")
         .env("DATABASE_URL", common::database_url())
         .env("DATABASE_SCHEMA", &server.schema)
@@ -287,11 +330,22 @@ async fn main() -> anyhow::Result<()> {
     let server = common::BenchServer::start(|_| {}).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     println!("sessiond streams bench: loopback, clients and server share the machine");
+    // `cargo bench --bench streams -- fanout throughput` runs only those parts.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let wants = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut proc = spawn_server(&server, &http).await?;
-    fanout_latency(&proc.base, &server.key, &http).await?;
-    idle_memory(&proc, &server.key, &http).await?;
+    if wants("fanout") {
+        fanout_latency(&proc, &server.key, &http).await?;
+    }
+    if wants("throughput") {
+        append_throughput(&proc.base, &server.key, &http).await?;
+    }
+    if wants("wake") {
+        in_to_worker(&proc.base, &server.key, &http).await?;
+    }
+    if wants("memory") {
+        idle_memory(&proc, &server.key, &http).await?;
+    }
     let _ = proc.child.kill().await;
-    append_throughput(&server, &http).await?;
-    in_to_worker(&server, &http).await?;
     server.finish().await
 }

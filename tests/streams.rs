@@ -223,6 +223,44 @@ async fn a_last_event_id_before_retained_history_gets_a_gap_record() {
 }
 
 #[tokio::test]
+async fn live_subscribers_get_big_records_and_records_whose_announcement_was_lost() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "gaps").await;
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let mut sub = app.sse(&format!("/realtime/v1/sessions/{s}/out"), &app.a.key, &[("timeout-seconds", "10")]).await;
+    // What the feed itself broadcasts, once it knows where the channel ends.
+    let feed = app.state.hub.feed(key);
+    let mut rx = feed.subscribe();
+    eventually(5, "feed ready", || async { feed.is_ready().then_some(()) }).await;
+    // Too big to travel inside its announcement: the feed reads it back.
+    let big = "x".repeat(40 * 1024);
+    assert_eq!(app.append(&s, "out", &app.a.key, &big, &[]).await.0, StatusCode::OK);
+    // Written behind the hub's back, as if its announcement had been lost...
+    let stream = app.state.channels.stream_key(key);
+    let counter = format!("{}n", stream.strip_suffix('s').unwrap());
+    let mut redis = app.state.redis.clone();
+    let _: i64 = redis::cmd("INCR").arg(&counter).query_async(&mut redis).await.unwrap();
+    let _: String =
+        redis::cmd("XADD").arg(&stream).arg("1-1").arg("b").arg("lost").arg("h").arg("[]").arg("t").arg(1).query_async(&mut redis).await.unwrap();
+    // ...until the next announcement shows the feed what it missed.
+    assert_eq!(app.append(&s, "out", &app.a.key, "after", &[]).await.0, StatusCode::OK);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.extend(sub.next_batch(Duration::from_secs(5)).await.expect("records"));
+    }
+    let seen: Vec<(u64, usize)> = got.iter().map(|r| (r.seq_num, r.body.len())).collect();
+    assert_eq!(seen, vec![(0, big.len()), (1, 4), (2, 5)]);
+    assert_eq!(got[1].body, "lost");
+    assert!(sub.next_batch(Duration::from_millis(300)).await.is_none_or(|b| b.is_empty()), "nothing twice");
+    // The feed broadcast each record once, in order: the gap was filled from Redis.
+    let mut broadcast = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        broadcast.push(r.seq_num);
+    }
+    assert_eq!(broadcast, vec![0, 1, 2]);
+}
+
+#[tokio::test]
 async fn a_thousand_subscribers_share_one_upstream_reader() {
     let app = TestApp::spawn().await;
     let s = new_session(&app, "fanout").await;

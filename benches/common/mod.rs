@@ -106,3 +106,52 @@ impl FastClient {
         Ok(status)
     }
 }
+
+/// One keep-alive HTTP/1.1 connection driven by hand: the cheapest possible
+/// load generator for small requests with small, length-delimited answers.
+pub struct RawConn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    auth: String,
+}
+
+impl RawConn {
+    pub async fn connect(base: &str, token: &str) -> anyhow::Result<Self> {
+        let addr = base.trim_start_matches("http://");
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(RawConn { stream, buf: Vec::with_capacity(4096), auth: format!("Bearer {token}") })
+    }
+
+    /// POSTs `body` to `path` and reads the whole answer; returns the status.
+    pub async fn post(&mut self, path: &str, body: &[u8]) -> anyhow::Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.auth,
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        self.stream.write_all(&req).await?;
+        loop {
+            if let Some(head_end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..head_end])?;
+                let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("bad status line"))?;
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
+                    .and_then(|(_, v)| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let total = head_end + 4 + len;
+                if self.buf.len() >= total {
+                    self.buf.drain(..total);
+                    return Ok(status);
+                }
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                anyhow::bail!("connection closed");
+            }
+        }
+    }
+}

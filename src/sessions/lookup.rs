@@ -17,9 +17,12 @@ use crate::db::StoreError;
 
 const MAX_ENTRIES: usize = 100_000;
 
+/// (environment, friendly or external id) → (cached at, row).
+type Entries = HashMap<(Uuid, String), (Instant, Arc<Session>)>;
+
 pub struct SessionLookup {
     ttl: Duration,
-    entries: RwLock<HashMap<(Uuid, String), (Instant, Arc<Session>)>>,
+    entries: RwLock<Entries>,
 }
 
 impl SessionLookup {

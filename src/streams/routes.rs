@@ -213,7 +213,6 @@ async fn append(
     if appended.duplicate {
         return Ok(Json(AppendResponse { ok: true, message: Some("duplicate part id: already appended") }));
     }
-    state.hub.notify(key);
     if !appended.drained_waitpoints.is_empty() {
         state
             .jobs

@@ -12,13 +12,14 @@
 //! for the last subscriber, the feed.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use futures::Stream;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::hub::Feed;
 use super::store::ChannelStore;
@@ -28,41 +29,51 @@ use super::{ChannelKey, Record};
 const BACKLOG_BATCH: usize = 500;
 
 /// A record already serialised for the wire. The feed encodes each live record
-/// once and every subscriber reuses it.
+/// once, and every subscriber reuses it: as is (the frame of that one record,
+/// shared, no copy) or as part of a larger frame when several are waiting.
 #[derive(Debug)]
 pub struct Encoded {
     pub seq_num: u64,
     pub json: Box<str>,
+    pub frame: Bytes,
 }
 
 impl Encoded {
     pub fn new(r: &Record) -> Self {
-        Encoded { seq_num: r.seq_num, json: serde_json::to_string(r).unwrap_or_default().into_boxed_str() }
+        let json = serde_json::to_string(r).unwrap_or_default().into_boxed_str();
+        let frame = frame_of(r.seq_num, std::iter::once(&*json));
+        Encoded { seq_num: r.seq_num, json, frame }
     }
 }
 
-/// One `event: batch` frame; its `id` is the last record's seq_num, so a
-/// reconnect's `Last-Event-ID` resumes right after it.
-pub fn encoded_frame<E: std::borrow::Borrow<Encoded>>(records: &[E]) -> Bytes {
-    let last = records.last().map(|r| r.borrow().seq_num).unwrap_or(0);
-    let size: usize = records.iter().map(|r| r.borrow().json.len() + 1).sum();
+fn frame_of<'a>(last: u64, records: impl Iterator<Item = &'a str> + Clone) -> Bytes {
+    let size: usize = records.clone().map(|r| r.len() + 1).sum();
     let mut out = String::with_capacity(size + 64);
     out.push_str("id: ");
     out.push_str(&last.to_string());
     out.push_str("\nevent: batch\ndata: {\"records\":[");
-    for (i, r) in records.iter().enumerate() {
+    for (i, r) in records.enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&r.borrow().json);
+        out.push_str(r);
     }
     out.push_str("]}\n\n");
     Bytes::from(out)
 }
 
+/// One `event: batch` frame; its `id` is the last record's seq_num, so a
+/// reconnect's `Last-Event-ID` resumes right after it.
+pub fn encoded_frame<E: std::borrow::Borrow<Encoded>>(records: &[E]) -> Bytes {
+    match records {
+        [one] => one.borrow().frame.clone(),
+        _ => frame_of(records.last().map(|r| r.borrow().seq_num).unwrap_or(0), records.iter().map(|r| &*r.borrow().json)),
+    }
+}
+
 pub fn batch_frame(records: &[Record]) -> Bytes {
-    let encoded: Vec<Encoded> = records.iter().map(Encoded::new).collect();
-    encoded_frame(&encoded)
+    let json: Vec<String> = records.iter().map(|r| serde_json::to_string(r).unwrap_or_default()).collect();
+    frame_of(records.last().map_or(0, |r| r.seq_num), json.iter().map(String::as_str))
 }
 
 pub fn keepalive_frame() -> Bytes {
@@ -110,8 +121,10 @@ struct State {
     sub: Subscription,
     rx: broadcast::Receiver<Arc<Encoded>>,
     phase: Phase,
-    deadline: Instant,
-    next_keepalive: Instant,
+    /// Both timers live as long as the subscription: re-arming them for every
+    /// frame would cost two timer-wheel updates per record per subscriber.
+    deadline: Pin<Box<Sleep>>,
+    keepalive: Pin<Box<Sleep>>,
 }
 
 impl State {
@@ -152,12 +165,14 @@ impl State {
                 },
                 Phase::Live => {
                     let received = tokio::select! {
+                        biased;
                         r = self.rx.recv() => r,
-                        _ = tokio::time::sleep_until(self.next_keepalive) => {
-                            self.next_keepalive = Instant::now() + self.sub.keepalive;
+                        _ = &mut self.keepalive => {
+                            let next = Instant::now() + self.sub.keepalive;
+                            self.keepalive.as_mut().reset(next);
                             return Some(keepalive_frame());
                         }
-                        _ = tokio::time::sleep_until(self.deadline) => {
+                        _ = &mut self.deadline => {
                             self.phase = Phase::Done;
                             return None;
                         }
@@ -183,12 +198,16 @@ impl State {
                         continue;
                     }
                     self.sub.cursor = Some(first.seq_num);
-                    let mut batch = vec![first];
-                    // Coalesce whatever else is already buffered into the same frame.
+                    // Coalesce whatever else is already buffered into the same
+                    // frame; the usual single record goes out as its shared frame.
+                    let mut batch: Vec<Arc<Encoded>> = Vec::new();
                     loop {
                         match self.rx.try_recv() {
                             Ok(r) if self.follows(r.seq_num) => {
                                 self.sub.cursor = Some(r.seq_num);
+                                if batch.is_empty() {
+                                    batch.push(first.clone());
+                                }
                                 batch.push(r);
                             }
                             Ok(r) if self.already_sent(r.seq_num) => {}
@@ -199,7 +218,7 @@ impl State {
                             Err(_) => break,
                         }
                     }
-                    return Some(encoded_frame(&batch));
+                    return Some(if batch.is_empty() { first.frame.clone() } else { encoded_frame(&batch) });
                 }
             }
         }
@@ -210,7 +229,13 @@ impl State {
 pub fn stream(sub: Subscription) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     let rx = sub.feed.subscribe();
     let now = Instant::now();
-    let state = State { deadline: now + sub.window, next_keepalive: now + sub.keepalive, rx, sub, phase: Phase::Backlog };
+    let state = State {
+        deadline: Box::pin(tokio::time::sleep_until(now + sub.window)),
+        keepalive: Box::pin(tokio::time::sleep_until(now + sub.keepalive)),
+        rx,
+        sub,
+        phase: Phase::Backlog,
+    };
     futures::stream::unfold(state, |mut state| async move {
         let frame = state.next_frame().await?;
         Some((Ok(frame), state))

@@ -21,6 +21,11 @@ use super::{ChannelKey, Record};
 /// Appends one record; see the module docs for the keys.
 /// Returns `{-1}` when closed, `{-2, seq}` for a duplicate part id, otherwise
 /// `{seq, timestamp, waitpoint ids drained...}`.
+///
+/// The announcement on the notify channel carries the record itself when
+/// `ARGV[7]` is 1 (see [`Announcement`]), so other servers' feeds need no read
+/// back; it is published after the record is stored, and Redis sends it only
+/// once the write is as durable as the fsync setting makes it.
 const APPEND: &str = r#"
 if redis.call('EXISTS', KEYS[3]) == 1 then return {-1} end
 if ARGV[3] == '1' then
@@ -38,7 +43,11 @@ if #waiters > 0 then
   redis.call('DEL', KEYS[4])
   for _, w in ipairs(waiters) do table.insert(reply, w) end
 end
-redis.call('PUBLISH', ARGV[5], ARGV[6] .. ':' .. seq)
+if ARGV[7] == '1' then
+  redis.call('PUBLISH', ARGV[5], ARGV[6] .. ':' .. seq .. ':' .. ts .. '\n' .. ARGV[2] .. '\n' .. ARGV[1])
+else
+  redis.call('PUBLISH', ARGV[5], ARGV[6] .. ':' .. seq)
+end
 return reply
 "#;
 
@@ -60,6 +69,53 @@ for i = 1, 4 do
 end
 return 1
 "#;
+
+/// Records with bodies up to this size travel inside their append announcement;
+/// bigger ones are announced by sequence number and read from the stream.
+const MAX_INLINE_ANNOUNCEMENT: usize = 16 * 1024;
+
+/// An append announcement, as published on the notify channel:
+/// `<session>:<io>:<seq>` or, with the record inline,
+/// `<session>:<io>:<seq>:<timestamp>\n<headers JSON>\n<body>`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Announcement {
+    pub key: ChannelKey,
+    pub seq_num: u64,
+    pub record: Option<Record>,
+}
+
+impl Announcement {
+    /// Just the channel, read cheaply off the front (most announcements are
+    /// for channels nobody on this server follows).
+    pub fn channel(payload: &str) -> Option<ChannelKey> {
+        let mut parts = payload.splitn(3, ':');
+        let session_id = Uuid::parse_str(parts.next()?).ok()?;
+        let io = super::Io::parse(parts.next()?)?;
+        Some(ChannelKey { session_id, io })
+    }
+
+    pub fn parse(payload: &str) -> Option<Announcement> {
+        let (head, rest) = match payload.split_once('\n') {
+            Some((head, rest)) => (head, Some(rest)),
+            None => (payload, None),
+        };
+        let mut parts = head.split(':');
+        let session_id = Uuid::parse_str(parts.next()?).ok()?;
+        let io = super::Io::parse(parts.next()?)?;
+        let seq_num: u64 = parts.next()?.parse().ok()?;
+        let key = ChannelKey { session_id, io };
+        let record = match rest {
+            None => None,
+            Some(rest) => {
+                let timestamp: i64 = parts.next()?.parse().ok()?;
+                let (headers, body) = rest.split_once('\n')?;
+                let headers = serde_json::from_str(headers).ok()?;
+                Some(Record { seq_num, body: body.to_string(), headers, timestamp })
+            }
+        };
+        Some(Announcement { key, seq_num, record })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -170,6 +226,7 @@ impl ChannelStore {
             .arg(self.dedupe_window_ms)
             .arg(self.notify_channel())
             .arg(Self::notify_tag(key))
+            .arg(if body.len() <= MAX_INLINE_ANNOUNCEMENT { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
         let int = |v: &RedisValue| -> Result<i64, ChannelError> {
@@ -300,4 +357,30 @@ fn parse_entry((id, fields): (String, Vec<(String, String)>)) -> Result<Record, 
         }
     }
     Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::streams::Io;
+
+    #[test]
+    fn announcements_parse_in_both_forms() {
+        let id = Uuid::now_v7();
+        let bare = Announcement::parse(&format!("{}:in:42", id.simple())).unwrap();
+        assert_eq!(bare, Announcement { key: ChannelKey { session_id: id, io: Io::In }, seq_num: 42, record: None });
+
+        let full = Announcement::parse(&format!("{}:out:7:1700\n[[\"k\",\"v\"]]\nline one\nline two", id.simple())).unwrap();
+        let record = full.record.unwrap();
+        assert_eq!(full.seq_num, 7);
+        assert_eq!(record.seq_num, 7);
+        assert_eq!(record.timestamp, 1700);
+        assert_eq!(record.headers, vec![("k".to_string(), "v".to_string())]);
+        assert_eq!(record.body, "line one\nline two");
+
+        assert_eq!(Announcement::channel(&format!("{}:out:7:1700\n[]\nx", id.simple())), Some(ChannelKey { session_id: id, io: Io::Out }));
+        assert!(Announcement::parse("garbage").is_none());
+        assert!(Announcement::parse(&format!("{}:sideways:1", id.simple())).is_none());
+        assert!(Announcement::parse(&format!("{}:out:7:x\n[]\nbody", id.simple())).is_none());
+    }
 }

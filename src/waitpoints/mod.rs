@@ -127,7 +127,6 @@ pub async fn close_channels(state: &AppState, session_id: Uuid, reason: Option<&
         // A fixed part id: a retried job does not append a second close record.
         match state.channels.append(key, "", &headers, Some("session-closed")).await {
             Ok(appended) => {
-                state.hub.notify(key);
                 if !appended.drained_waitpoints.is_empty() {
                     drain(state, session_id, Io::In, appended.seq_num, &appended.drained_waitpoints).await?;
                 }
