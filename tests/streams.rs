@@ -261,6 +261,28 @@ async fn live_subscribers_get_big_records_and_records_whose_announcement_was_los
 }
 
 #[tokio::test]
+async fn live_records_arrive_byte_for_byte() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "bytes").await;
+    let path = format!("/realtime/v1/sessions/{s}/out");
+    let mut live = app.sse(&path, &app.a.key, &[("timeout-seconds", "10")]).await;
+    // Newlines and multi-byte text in the body, a newline inside a header value:
+    // the inline announcement must carry them unchanged.
+    let body = "line one\nline two: ünïcödé ✓ 🚀\n\n{\"json\": true}";
+    let (status, _) = app.append(&s, "out", &app.a.key, body, &[("x-record-headers", r#"[["k","v\nw"],["","empty name"]]"#)]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an empty header name is refused");
+    let (status, _) = app.append(&s, "out", &app.a.key, body, &[("x-record-headers", r#"[["k","v\nw"]]"#)]).await;
+    assert_eq!(status, StatusCode::OK);
+    let got = live.next_batch(Duration::from_secs(5)).await.expect("a live record");
+    assert_eq!((got[0].seq_num, got[0].body.as_str()), (0, body));
+    assert_eq!(got[0].headers, vec![("k".to_string(), "v\nw".to_string())]);
+    // The same as a fresh subscriber reads it back from Redis.
+    let mut replay = app.sse(&path, &app.a.key, &[("timeout-seconds", "1")]).await;
+    let again = replay.next_batch(Duration::from_secs(5)).await.expect("the stored record");
+    assert_eq!((again[0].body.as_str(), &again[0].headers, again[0].timestamp), (body, &got[0].headers, got[0].timestamp));
+}
+
+#[tokio::test]
 async fn a_thousand_subscribers_share_one_upstream_reader() {
     let app = TestApp::spawn().await;
     let s = new_session(&app, "fanout").await;

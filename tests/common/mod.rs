@@ -189,7 +189,8 @@ pub struct SseRecord {
 pub struct SseClient {
     pub headers: reqwest::header::HeaderMap,
     stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
-    buf: String,
+    /// Bytes, not text: a chunk may end inside a multi-byte character.
+    buf: Vec<u8>,
     pub last_event_id: Option<String>,
 }
 
@@ -200,8 +201,9 @@ impl SseClient {
         use futures::StreamExt;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let frame: String = self.buf.drain(..end + 2).collect();
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let frame = String::from_utf8(raw).expect("SSE frames are UTF-8");
                 let mut event = None;
                 let mut data = None;
                 for line in frame.lines() {
@@ -220,7 +222,7 @@ impl SseClient {
                 continue;
             }
             let chunk = tokio::time::timeout_at(deadline, self.stream.next()).await.ok()??;
-            self.buf.push_str(std::str::from_utf8(&chunk.ok()?).unwrap());
+            self.buf.extend_from_slice(&chunk.ok()?);
         }
     }
 
@@ -243,7 +245,7 @@ impl TestApp {
         }
         let resp = req.send().await.expect("sse connect");
         assert!(resp.status().is_success(), "sse status {}", resp.status());
-        SseClient { headers: resp.headers().clone(), stream: Box::pin(resp.bytes_stream()), buf: String::new(), last_event_id: None }
+        SseClient { headers: resp.headers().clone(), stream: Box::pin(resp.bytes_stream()), buf: Vec::new(), last_event_id: None }
     }
 
     /// A CORS preflight for `path`, as a browser would send it before a POST.
