@@ -57,7 +57,7 @@ async fn create_session(http: &reqwest::Client, base: &str, key: &str, ext: &str
 /// subscriber measures arrival minus send. Also prints how long the appends
 /// themselves took to be acknowledged, and the CPU the server and this process
 /// used meanwhile (both share the machine's two cores).
-async fn fanout_latency(proc: &ServerProcess, key: &String, http: &reqwest::Client) -> anyhow::Result<()> {
+async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client) -> anyhow::Result<()> {
     let base = &proc.base;
     let s = create_session(http, base, key, "fanout", "none").await?;
     let sid = s["id"].as_str().unwrap_or_default().to_string();
@@ -149,7 +149,7 @@ async fn fanout_latency(proc: &ServerProcess, key: &String, http: &reqwest::Clie
 }
 
 /// 2. Throughput: 64 writers over 16 channels, as fast as they can.
-async fn append_throughput(base: &String, key: &String, http: &reqwest::Client) -> anyhow::Result<()> {
+async fn append_throughput(base: &str, key: &str, http: &reqwest::Client) -> anyhow::Result<()> {
     let mut sessions = Vec::new();
     for i in 0..16 {
         sessions.push(create_session(http, base, key, &format!("tp-{i}"), "none").await?["id"].as_str().unwrap_or_default().to_string());
@@ -189,12 +189,12 @@ async fn append_throughput(base: &String, key: &String, http: &reqwest::Client) 
 }
 
 /// 3. A worker waiting on `.in` (through a waitpoint) gets a record.
-async fn in_to_worker(base: &String, key: &String, http: &reqwest::Client) -> anyhow::Result<()> {
+async fn in_to_worker(base: &str, key: &str, http: &reqwest::Client) -> anyhow::Result<()> {
     let s = create_session(http, base, key, "wake", "wake-task").await?;
     let sid = s["id"].as_str().unwrap_or_default().to_string();
     let worker = WorkerClient::new(base, key);
     let run = worker.dequeue(&["wake-task".to_string()], 1, Duration::from_secs(10)).await?.remove(0);
-    let channels = HttpChannelFactory { base_url: base.clone() }.for_run(&run);
+    let channels = HttpChannelFactory { base_url: base.to_string() }.for_run(&run);
     let beat = {
         let (worker, run) = (worker.clone(), run.clone());
         tokio::spawn(async move {
