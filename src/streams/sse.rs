@@ -64,11 +64,8 @@ fn frame_of<'a>(last: u64, records: impl Iterator<Item = &'a str> + Clone) -> By
 
 /// One `event: batch` frame; its `id` is the last record's seq_num, so a
 /// reconnect's `Last-Event-ID` resumes right after it.
-pub fn encoded_frame<E: std::borrow::Borrow<Encoded>>(records: &[E]) -> Bytes {
-    match records {
-        [one] => one.borrow().frame.clone(),
-        _ => frame_of(records.last().map(|r| r.borrow().seq_num).unwrap_or(0), records.iter().map(|r| &*r.borrow().json)),
-    }
+pub fn encoded_frame(records: &[Arc<Encoded>]) -> Bytes {
+    frame_of(records.last().map_or(0, |r| r.seq_num), records.iter().map(|r| &*r.json))
 }
 
 pub fn batch_frame(records: &[Record]) -> Bytes {
@@ -254,6 +251,14 @@ mod tests {
         assert!(f.ends_with("\n\n"));
         let data: serde_json::Value = serde_json::from_str(f.lines().nth(2).unwrap().strip_prefix("data: ").unwrap()).unwrap();
         assert_eq!(data["records"][0], serde_json::json!({"seq_num": 3, "body": "b3", "headers": [["k", "v"]], "timestamp": 5}));
+    }
+
+    #[test]
+    fn live_frames_match_backlog_frames() {
+        let r = |n| Record { seq_num: n, body: format!("b{n}"), headers: vec![], timestamp: 7 };
+        assert_eq!(Encoded::new(&r(5)).frame, batch_frame(&[r(5)]));
+        let both = [Arc::new(Encoded::new(&r(5))), Arc::new(Encoded::new(&r(6)))];
+        assert_eq!(encoded_frame(&both), batch_frame(&[r(5), r(6)]));
     }
 
     #[test]

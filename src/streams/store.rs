@@ -99,11 +99,9 @@ impl Announcement {
             Some((head, rest)) => (head, Some(rest)),
             None => (payload, None),
         };
-        let mut parts = head.split(':');
-        let session_id = Uuid::parse_str(parts.next()?).ok()?;
-        let io = super::Io::parse(parts.next()?)?;
+        let key = Self::channel(head)?;
+        let mut parts = head.split(':').skip(2);
         let seq_num: u64 = parts.next()?.parse().ok()?;
-        let key = ChannelKey { session_id, io };
         let record = match rest {
             None => None,
             Some(rest) => {
