@@ -34,21 +34,35 @@ const CATCH_UP_BATCH: usize = 512;
 
 pub struct Feed {
     key: ChannelKey,
+    state: Arc<FeedState>,
+    hub: Weak<HubInner>,
+    /// The reader task; it holds only the state, so the feed still ends with
+    /// its last subscriber (and aborts the task as it goes).
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What the listener and the reader task both deliver into.
+struct FeedState {
     tx: broadcast::Sender<Arc<Encoded>>,
     /// The sequence number the feed broadcasts next; None until the feed has
     /// learnt the channel's tail. Held while broadcasting, so records leave in
     /// order whichever path delivered them.
     next: Mutex<Option<u64>>,
-    wake: Arc<Notify>,
-    hub: Weak<HubInner>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    wake: Notify,
 }
 
 impl Feed {
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Encoded>> {
-        self.tx.subscribe()
+        self.state.tx.subscribe()
     }
 
+    /// Has the feed learnt where the channel ends (it broadcasts from there on)?
+    pub fn is_ready(&self) -> bool {
+        self.state.next().is_some()
+    }
+}
+
+impl FeedState {
     /// Broadcasts `record` if it is the next one; an older one was already sent,
     /// a newer one means something was missed, which the reader task fills in
     /// from Redis (this record included).
@@ -77,11 +91,6 @@ impl Feed {
         }
     }
 
-    /// Has the feed learnt where the channel ends (it broadcasts from there on)?
-    pub fn is_ready(&self) -> bool {
-        self.next().is_some()
-    }
-
     fn next(&self) -> Option<u64> {
         *self.next.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -98,9 +107,7 @@ impl Feed {
 
 impl Drop for Feed {
     fn drop(&mut self) {
-        if let Some(task) = self.task.get_mut().ok().and_then(Option::take) {
-            task.abort();
-        }
+        self.task.abort();
         if let Some(hub) = self.hub.upgrade() {
             if let Ok(mut feeds) = hub.feeds.lock() {
                 // Only remove our own entry (a newer feed may have replaced it).
@@ -132,19 +139,9 @@ impl Hub {
             return feed;
         }
         let (tx, _) = broadcast::channel(FEED_BUFFER);
-        let feed = Arc::new(Feed {
-            key,
-            tx,
-            next: Mutex::new(None),
-            wake: Arc::new(Notify::new()),
-            hub: Arc::downgrade(&self.0),
-            task: Mutex::new(None),
-        });
-        // The task holds the feed weakly: the feed ends with its last subscriber.
-        let task = tokio::spawn(read_upstream(self.0.store.clone(), key, Arc::downgrade(&feed)));
-        if let Ok(mut slot) = feed.task.lock() {
-            *slot = Some(task);
-        }
+        let state = Arc::new(FeedState { tx, next: Mutex::new(None), wake: Notify::new() });
+        let task = tokio::spawn(read_upstream(self.0.store.clone(), key, state.clone()));
+        let feed = Arc::new(Feed { key, state, hub: Arc::downgrade(&self.0), task });
         feeds.insert(key, Arc::downgrade(&feed));
         feed
     }
@@ -158,8 +155,8 @@ impl Hub {
     fn announce(&self, payload: &str) {
         let Some(feed) = Announcement::channel(payload).and_then(|key| self.live_feed(&key)) else { return };
         match Announcement::parse(payload) {
-            Some(Announcement { record: Some(record), .. }) => feed.deliver(&record),
-            Some(Announcement { record: None, .. }) => feed.wake.notify_one(),
+            Some(Announcement { record: Some(record), .. }) => feed.state.deliver(&record),
+            Some(Announcement { record: None, .. }) => feed.state.wake.notify_one(),
             None => tracing::debug!("ignoring a malformed channel announcement"),
         }
     }
@@ -182,7 +179,7 @@ impl Hub {
                 .map(|f| f.values().filter_map(Weak::upgrade).collect())
                 .unwrap_or_default();
             for feed in feeds {
-                feed.wake.notify_one();
+                feed.state.wake.notify_one();
             }
         };
         crate::pubsub::follow(client, self.0.store.notify_channel(), "channel notify", on_message, on_reconnect).await
@@ -191,17 +188,16 @@ impl Hub {
 
 /// The feed's reader: learns the tail, then fills gaps from Redis whenever
 /// woken (and every [`SAFETY_POLL`]).
-async fn read_upstream(store: ChannelStore, key: ChannelKey, feed: Weak<Feed>) {
+async fn read_upstream(store: ChannelStore, key: ChannelKey, feed: Arc<FeedState>) {
     loop {
-        let Some(f) = feed.upgrade() else { return };
-        match f.next() {
+        match feed.next() {
             None => match store.next_seq(key).await {
-                Ok(tail) => f.start_at(tail),
+                Ok(tail) => feed.start_at(tail),
                 Err(err) => tracing::warn!(%err, "feed cannot read the channel tail"),
             },
             Some(next) => match store.read_after(key, next.checked_sub(1), CATCH_UP_BATCH).await {
                 Ok(records) => {
-                    f.deliver_read(&records);
+                    feed.deliver_read(&records);
                     if records.len() == CATCH_UP_BATCH {
                         continue; // more to catch up on
                     }
@@ -209,9 +205,6 @@ async fn read_upstream(store: ChannelStore, key: ChannelKey, feed: Weak<Feed>) {
                 Err(err) => tracing::warn!(%err, "feed read failed"),
             },
         }
-        // Wait without holding the feed, so it can end meanwhile.
-        let wake = f.wake.clone();
-        drop(f);
-        let _ = tokio::time::timeout(SAFETY_POLL, wake.notified()).await;
+        let _ = tokio::time::timeout(SAFETY_POLL, feed.wake.notified()).await;
     }
 }
