@@ -77,8 +77,17 @@ prepare_extras() {
     :
 }
 
+# Every test keeps its Redis keys under test:<schema>; drop those of earlier
+# runs, as the database is dropped, so they cannot pile up in Redis (and in
+# its append-only file) run after run.
+reset_test_keys() {
+    say "deleting Redis keys of earlier test runs"
+    redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'test:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 unlink >/dev/null
+}
+
 bash scripts/services.sh "$TEST_DB"
 reset_test_db
+reset_test_keys
 ensure_node
 install_client_deps
 prepare_extras

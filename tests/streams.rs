@@ -427,3 +427,91 @@ async fn realtime_auth_limits_and_preflight() {
     let (_, recs) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
     assert_eq!(recs["records"], json!([]), "rejected appends wrote nothing");
 }
+
+/// Many appends in flight on one channel go to Redis in groups; each still gets
+/// its own dense seq, a part id repeated inside a group is written once, and
+/// only the group's first new record completes the pending waitpoints.
+#[tokio::test]
+async fn concurrent_appends_to_one_channel_are_written_in_groups() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "groups").await;
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let store = app.state.channels.clone();
+    let waitpoint = uuid::Uuid::new_v4();
+    store.register_waiter(key, waitpoint, 60_000).await.unwrap();
+    let before = store.lanes().stats();
+
+    // 300 appends at once; parts p0..p149 each sent twice.
+    let appends = (0..300).map(|i| {
+        let store = store.clone();
+        async move {
+            let part = format!("p{}", i % 150);
+            (i, store.append(key, &format!("b{}", i % 150), &[], Some(&part)).await.unwrap())
+        }
+    });
+    let outcomes = futures::future::join_all(appends).await;
+
+    let stats = store.lanes().stats();
+    assert_eq!(stats.records - before.records, 300);
+    assert!(stats.calls - before.calls < 100, "appends were grouped: {before:?} -> {stats:?}");
+
+    let written: Vec<_> = outcomes.iter().filter(|(_, a)| !a.duplicate).collect();
+    assert_eq!(written.len(), 150, "each part id written once");
+    let mut seqs: Vec<u64> = written.iter().map(|(_, a)| a.seq_num).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..150).collect::<Vec<_>>());
+    // A duplicate answers the seq its part id was written with.
+    let records = store.read_after(key, None, 1000).await.unwrap();
+    for (i, a) in &outcomes {
+        assert_eq!(records[a.seq_num as usize].body, format!("b{}", i % 150));
+    }
+    let woken: Vec<_> = outcomes.iter().filter(|(_, a)| !a.drained_waitpoints.is_empty()).collect();
+    assert_eq!(woken.len(), 1, "one record completes the waitpoint");
+    assert_eq!(woken[0].1.drained_waitpoints, vec![waitpoint]);
+    assert_eq!(woken[0].1.seq_num, 0, "the first record written");
+    eventually(5, "lanes to end when their queues empty", || async { (store.lanes().active() == 0).then_some(()) }).await;
+}
+
+/// A request that gives up while its append is queued does not stall or lose
+/// the appends grouped with it, and a closed channel refuses a whole group.
+#[tokio::test]
+async fn abandoned_appends_do_not_stall_their_group_and_closed_refuses_all() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "abandon").await;
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let store = app.state.channels.clone();
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append(key, &format!("r{i}"), &[], None).await })
+        })
+        .collect();
+    // Abandon every other request right away, as a disconnecting client would.
+    let mut kept = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        if i % 2 == 0 {
+            t.abort();
+        } else {
+            kept.push(t);
+        }
+    }
+    let mut seqs = Vec::new();
+    for t in kept {
+        seqs.push(t.await.unwrap().unwrap().seq_num);
+    }
+    let records = store.read_after(key, None, 1000).await.unwrap();
+    assert!(records.len() >= 50);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.seq_num, i as u64, "dense");
+    }
+    for seq in seqs {
+        assert!(records.iter().any(|r| r.seq_num == seq), "acknowledged seq {seq} is stored");
+    }
+    eventually(5, "lanes to end", || async { (store.lanes().active() == 0).then_some(()) }).await;
+
+    store.close(key, 60_000).await.unwrap();
+    let bodies: Vec<String> = (0..20).map(|i| format!("late{i}")).collect();
+    let refused = futures::future::join_all(bodies.iter().map(|b| store.append(key, b, &[], None))).await;
+    assert!(refused.iter().all(|r| matches!(r, Err(sessiond::streams::store::ChannelError::Closed))));
+    assert_eq!(store.read_after(key, None, 1000).await.unwrap().len(), records.len(), "nothing written after close");
+}

@@ -44,11 +44,27 @@ impl BenchServer {
         Ok(BenchServer { base, key: key.expose().to_string(), schema, master_hex, pool, state, stop })
     }
 
-    /// Stops the server and drops the schema.
+    /// Stops the server, drops the schema and deletes the run's Redis keys.
+    /// Left behind, a run's records would make every later run slower: Redis
+    /// rewrites its append-only file as it grows, copying them all each time.
     pub async fn finish(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         tokio::time::sleep(Duration::from_millis(200)).await;
         sqlx::query(&format!("DROP SCHEMA \"{}\" CASCADE", self.schema)).execute(&self.pool).await?;
+        let mut redis = self.state.redis.clone();
+        let pattern = format!("bench:{}*", self.schema);
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) =
+                redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query_async(&mut redis).await?;
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut redis).await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
         Ok(())
     }
 }

@@ -3,12 +3,14 @@
 //! - [`store`]: records in Redis Streams, appended by one Lua script that assigns
 //!   dense sequence numbers, dedupes retries, refuses writes after close, and
 //!   drains the channel's pending waitpoints, all atomically.
+//! - [`group_commit`]: concurrent appends to one channel share one script call.
 //! - [`hub`]: one upstream reader per active channel per process, fanning new
 //!   records out to every local subscriber.
 //! - [`sse`]: the SSE encoding the official client parses, and a subscriber's
 //!   backlog-then-live loop.
 //! - [`routes`]: the realtime HTTP routes.
 
+pub mod group_commit;
 pub mod hub;
 pub mod routes;
 pub mod sse;

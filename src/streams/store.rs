@@ -16,37 +16,59 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value as RedisValue};
 use uuid::Uuid;
 
+use super::group_commit::Lanes;
 use super::{ChannelKey, Record};
 
-/// Appends one record; see the module docs for the keys.
-/// Returns `{-1}` when closed, `{-2, seq}` for a duplicate part id, otherwise
-/// `{seq, timestamp, waitpoint ids drained...}`.
+/// Appends a group of records in order; see the module docs for the keys.
 ///
-/// The announcement on the notify channel carries the record itself when
-/// `ARGV[7]` is 1 (see [`Announcement`]), so other servers' feeds need no read
-/// back; it is published after the record is stored, and Redis sends it only
-/// once the write is as durable as the fsync setting makes it.
+/// KEYS: stream, counter, closed, waiters, then one part-id key per record
+/// (unused when the record has none). ARGV: dedupe window (ms), notify channel,
+/// notify tag, then four per record: body, headers JSON, has part id ('1'/'0'),
+/// announce inline ('1'/'0').
+///
+/// Returns `{-1}` when closed, else `{timestamp, (duplicate, seq) per record,
+/// waitpoint ids drained...}`: a record whose part id was seen within the
+/// window is not written again and answers the seq it got then (a repeat
+/// inside the group included). The group's first new record completes the
+/// channel's pending waitpoints.
+///
+/// Each new record is announced on the notify channel, carrying the record
+/// itself when asked (see [`Announcement`]) so other servers' feeds need no
+/// read back; announcements go out after the records are stored, and Redis
+/// sends them only once the write is as durable as the fsync setting makes it.
 const APPEND: &str = r#"
 if redis.call('EXISTS', KEYS[3]) == 1 then return {-1} end
-if ARGV[3] == '1' then
-  local seen = redis.call('GET', KEYS[5])
-  if seen then return {-2, tonumber(seen)} end
-end
-local seq = redis.call('INCR', KEYS[2]) - 1
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('XADD', KEYS[1], seq .. '-1', 'b', ARGV[1], 'h', ARGV[2], 't', ts)
-if ARGV[3] == '1' then redis.call('SET', KEYS[5], seq, 'PX', ARGV[4]) end
-local reply = {seq, ts}
-local waiters = redis.call('SMEMBERS', KEYS[4])
-if #waiters > 0 then
-  redis.call('DEL', KEYS[4])
-  for _, w in ipairs(waiters) do table.insert(reply, w) end
+local reply = {ts}
+local wrote = false
+for i = 1, (#ARGV - 3) / 4 do
+  local a = 3 + (i - 1) * 4
+  local body, headers, has_part = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1'
+  local seen = has_part and redis.call('GET', KEYS[4 + i])
+  if seen then
+    table.insert(reply, 1)
+    table.insert(reply, tonumber(seen))
+  else
+    local seq = redis.call('INCR', KEYS[2]) - 1
+    redis.call('XADD', KEYS[1], seq .. '-1', 'b', body, 'h', headers, 't', ts)
+    if has_part then redis.call('SET', KEYS[4 + i], seq, 'PX', ARGV[1]) end
+    table.insert(reply, 0)
+    table.insert(reply, seq)
+    wrote = true
+    if ARGV[a + 4] == '1' then
+      redis.call('PUBLISH', ARGV[2], ARGV[3] .. ':' .. seq .. ':' .. ts .. '\n' .. headers .. '\n' .. body)
+    else
+      redis.call('PUBLISH', ARGV[2], ARGV[3] .. ':' .. seq)
+    end
+  end
 end
-if ARGV[7] == '1' then
-  redis.call('PUBLISH', ARGV[5], ARGV[6] .. ':' .. seq .. ':' .. ts .. '\n' .. ARGV[2] .. '\n' .. ARGV[1])
-else
-  redis.call('PUBLISH', ARGV[5], ARGV[6] .. ':' .. seq)
+if wrote then
+  local waiters = redis.call('SMEMBERS', KEYS[4])
+  if #waiters > 0 then
+    redis.call('DEL', KEYS[4])
+    for _, w in ipairs(waiters) do table.insert(reply, w) end
+  end
 end
 return reply
 "#;
@@ -115,7 +137,7 @@ impl Announcement {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ChannelError {
     #[error("session is closed")]
     Closed,
@@ -136,6 +158,14 @@ pub struct Appended {
     pub drained_waitpoints: Vec<Uuid>,
 }
 
+/// A record on its way into a channel, encoded for the append script.
+#[derive(Debug)]
+pub struct NewRecord {
+    pub body: String,
+    pub headers_json: String,
+    pub part_id: Option<String>,
+}
+
 /// Cheap to clone (every SSE subscriber holds one): the state is shared.
 #[derive(Clone)]
 pub struct ChannelStore(std::sync::Arc<StoreInner>);
@@ -147,6 +177,7 @@ pub struct StoreInner {
     append: Script,
     register: Script,
     close: Script,
+    lanes: Lanes,
 }
 
 impl std::ops::Deref for ChannelStore {
@@ -165,6 +196,7 @@ impl ChannelStore {
             append: Script::new(APPEND),
             register: Script::new(REGISTER_WAITER),
             close: Script::new(CLOSE),
+            lanes: Lanes::default(),
         }))
     }
 
@@ -198,6 +230,13 @@ impl ChannelStore {
         format!("{}:{}", key.session_id.simple(), key.io)
     }
 
+    /// The group-commit lanes (their stats show how well appends group).
+    pub fn lanes(&self) -> &Lanes {
+        &self.lanes
+    }
+
+    /// Appends one record. Concurrent appends to the same channel are written
+    /// together (see [`super::group_commit`]); each gets its own outcome.
     pub async fn append(
         &self,
         key: ChannelKey,
@@ -206,47 +245,28 @@ impl ChannelStore {
         part_id: Option<&str>,
     ) -> Result<Appended, ChannelError> {
         let headers_json = serde_json::to_string(headers).map_err(|e| ChannelError::Corrupt(e.to_string()))?;
-        let part_key = match part_id {
-            Some(p) => format!("{}:p:{p}", self.base(key)),
-            None => format!("{}:p:-", self.base(key)),
-        };
-        let mut conn = self.redis.clone();
-        let reply: Vec<RedisValue> = self
-            .append
-            .key(self.stream_key(key))
-            .key(self.counter_key(key))
-            .key(self.closed_key(key))
-            .key(self.waiters_key(key))
-            .key(part_key)
-            .arg(body)
-            .arg(headers_json)
-            .arg(if part_id.is_some() { "1" } else { "0" })
-            .arg(self.dedupe_window_ms)
-            .arg(self.notify_channel())
-            .arg(Self::notify_tag(key))
-            .arg(if body.len() <= MAX_INLINE_ANNOUNCEMENT { "1" } else { "0" })
-            .invoke_async(&mut conn)
-            .await?;
-        let int = |v: &RedisValue| -> Result<i64, ChannelError> {
-            redis::from_redis_value::<i64>(v.clone()).map_err(|e| ChannelError::Corrupt(e.to_string()))
-        };
-        let first = reply.first().map(int).transpose()?.ok_or_else(|| ChannelError::Corrupt("empty reply".into()))?;
-        match first {
-            -1 => Err(ChannelError::Closed),
-            -2 => {
-                let seq = reply.get(1).map(int).transpose()?.unwrap_or(0);
-                Ok(Appended { seq_num: seq as u64, timestamp: 0, duplicate: true, drained_waitpoints: Vec::new() })
-            }
-            seq => {
-                let timestamp = reply.get(1).map(int).transpose()?.unwrap_or(0);
-                let drained_waitpoints = reply[2..]
-                    .iter()
-                    .filter_map(|v| redis::from_redis_value::<String>(v.clone()).ok())
-                    .filter_map(|s| Uuid::parse_str(&s).ok())
-                    .collect();
-                Ok(Appended { seq_num: seq as u64, timestamp, duplicate: false, drained_waitpoints })
-            }
+        let record = NewRecord { body: body.to_string(), headers_json, part_id: part_id.map(String::from) };
+        self.lanes.append(self, key, record).await
+    }
+
+    /// Writes `records` in order with one script call; one outcome per record.
+    pub(super) async fn append_batch(&self, key: ChannelKey, records: &[NewRecord]) -> Result<Vec<Appended>, ChannelError> {
+        let mut invocation = self.append.prepare_invoke();
+        invocation.key(self.stream_key(key)).key(self.counter_key(key)).key(self.closed_key(key)).key(self.waiters_key(key));
+        for record in records {
+            invocation.key(format!("{}:p:{}", self.base(key), record.part_id.as_deref().unwrap_or("-")));
         }
+        invocation.arg(self.dedupe_window_ms).arg(self.notify_channel()).arg(Self::notify_tag(key));
+        for record in records {
+            invocation
+                .arg(&record.body)
+                .arg(&record.headers_json)
+                .arg(if record.part_id.is_some() { "1" } else { "0" })
+                .arg(if record.body.len() <= MAX_INLINE_ANNOUNCEMENT { "1" } else { "0" });
+        }
+        let mut conn = self.redis.clone();
+        let reply: Vec<RedisValue> = invocation.invoke_async(&mut conn).await?;
+        parse_append_reply(&reply, records.len())
     }
 
     /// Up to `count` records after `after` (from the start when None), in order.
@@ -337,6 +357,33 @@ impl ChannelStore {
         }
         Ok(out)
     }
+}
+
+/// Decodes the append script's reply (see [`APPEND`]) for `count` records.
+fn parse_append_reply(reply: &[RedisValue], count: usize) -> Result<Vec<Appended>, ChannelError> {
+    let int = |i: usize| -> Result<i64, ChannelError> {
+        let v = reply.get(i).ok_or_else(|| ChannelError::Corrupt("short append reply".into()))?;
+        redis::from_redis_value_ref::<i64>(v).map_err(|e| ChannelError::Corrupt(e.to_string()))
+    };
+    let timestamp = int(0)?;
+    if timestamp == -1 {
+        return Err(ChannelError::Closed);
+    }
+    let mut drained: Vec<Uuid> = reply
+        .get(1 + 2 * count..)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| redis::from_redis_value_ref::<String>(v).ok())
+        .filter_map(|s| Uuid::parse_str(&s).ok())
+        .collect();
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let duplicate = int(1 + 2 * i)? == 1;
+        let seq_num = u64::try_from(int(2 + 2 * i)?).map_err(|e| ChannelError::Corrupt(e.to_string()))?;
+        let drained_waitpoints = if duplicate { Vec::new() } else { std::mem::take(&mut drained) };
+        out.push(Appended { seq_num, timestamp: if duplicate { 0 } else { timestamp }, duplicate, drained_waitpoints });
+    }
+    Ok(out)
 }
 
 fn parse_entry((id, fields): (String, Vec<(String, String)>)) -> Result<Record, ChannelError> {
