@@ -287,11 +287,19 @@ async fn a_thousand_subscribers_share_one_upstream_reader() {
     let app = TestApp::spawn().await;
     let s = new_session(&app, "fanout").await;
     let path = format!("/realtime/v1/sessions/{s}/out");
+    // This test's runtime runs the server too: its task count shows leaks.
+    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let tasks_before = tasks();
+    let redis_clients_before = redis_clients(&app).await;
     let mut subs = Vec::new();
     for _ in 0..1000 {
         subs.push(app.sse(&path, &app.a.key, &[("timeout-seconds", "30")]).await);
     }
     assert_eq!(app.state.hub.active_feeds(), 1);
+    // No Redis connection per subscriber (the slack is other tests' servers).
+    let redis_clients_during = redis_clients(&app).await;
+    assert!(redis_clients_during < redis_clients_before + 100, "{redis_clients_before} -> {redis_clients_during} Redis clients");
+    assert!(tasks() >= tasks_before + 1000, "one connection task per subscriber while connected");
     for i in 0..5 {
         app.append(&s, "out", &app.a.key, &format!("m{i}"), &[]).await;
     }
@@ -309,8 +317,16 @@ async fn a_thousand_subscribers_share_one_upstream_reader() {
     for r in readers {
         assert_eq!(r.await.unwrap(), vec![0, 1, 2, 3, 4]);
     }
-    // Every client is gone now: the feed and its reader go with them.
+    // Every client is gone now: the feed and its reader go with them, and so
+    // does every task the subscriptions started.
     eventually(10, "feeds released", || async { (app.state.hub.active_feeds() == 0).then_some(()) }).await;
+    eventually(10, "subscription tasks to end", || async { (tasks() <= tasks_before + 10).then_some(()) }).await;
+}
+
+/// Clients connected to the shared Redis (all tests' servers together).
+async fn redis_clients(app: &TestApp) -> usize {
+    let info: String = redis::cmd("INFO").arg("clients").query_async(&mut app.state.redis.clone()).await.unwrap();
+    info.lines().find_map(|l| l.strip_prefix("connected_clients:")).and_then(|v| v.trim().parse().ok()).unwrap()
 }
 
 #[tokio::test]
@@ -385,9 +401,21 @@ async fn an_append_to_in_boots_a_run_when_none_is_alive() {
 async fn initialize_hands_out_a_channel_scoped_write_token() {
     let app = TestApp::spawn().await;
     let s = new_session(&app, "init").await;
-    let r = app.client.put(format!("{}/realtime/v1/sessions/init/out", app.base)).bearer_auth(&app.a.key).send().await.unwrap();
+    let r = app
+        .client
+        .put(format!("{}/realtime/v1/sessions/init/out", app.base))
+        .bearer_auth(&app.a.key)
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let h = r.headers().clone();
+    // A browser may read them.
+    let exposed = h["access-control-expose-headers"].to_str().unwrap().to_ascii_lowercase();
+    for name in ["x-append-url", "x-write-token", "x-write-token-expires-at"] {
+        assert!(exposed.contains(name), "{name} not in {exposed}");
+    }
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"version": "v2"}));
     let url = h["x-append-url"].to_str().unwrap().to_string();
     assert!(url.ends_with(&format!("/realtime/v1/sessions/{s}/out/append")), "{url}");
@@ -509,9 +537,151 @@ async fn abandoned_appends_do_not_stall_their_group_and_closed_refuses_all() {
     }
     eventually(5, "lanes to end", || async { (store.lanes().active() == 0).then_some(()) }).await;
 
+    let before_close = store.append(key, "pre", &[], Some("pre")).await.unwrap();
     store.close(key, 60_000).await.unwrap();
+    // A retry of an append stored before the close is still acknowledged.
+    let retry = store.append(key, "pre", &[], Some("pre")).await.unwrap();
+    assert!(retry.duplicate && retry.seq_num == before_close.seq_num);
     let bodies: Vec<String> = (0..20).map(|i| format!("late{i}")).collect();
     let refused = futures::future::join_all(bodies.iter().map(|b| store.append(key, b, &[], None))).await;
     assert!(refused.iter().all(|r| matches!(r, Err(sessiond::streams::store::ChannelError::Closed))));
-    assert_eq!(store.read_after(key, None, 1000).await.unwrap().len(), records.len(), "nothing written after close");
+    assert_eq!(store.read_after(key, None, 1000).await.unwrap().len(), records.len() + 1, "nothing written after close");
+}
+
+/// Closed and expired sessions take no writes, but a retry of an append
+/// stored before the close still gets its acknowledgement.
+#[tokio::test]
+async fn writes_are_refused_after_close_or_expiry_but_retries_are_acknowledged() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "late").await;
+    assert_eq!(app.append(&s, "out", &app.a.key, "kept", &[("x-part-id", "p1")]).await.0, StatusCode::OK);
+    app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({})).await;
+    let (status, body) = app.append(&s, "out", &app.a.key, "kept", &[("x-part-id", "p1")]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("duplicate"));
+    let (status, body) = app.append(&s, "out", &app.a.key, "new", &[("x-part-id", "p2")]).await;
+    assert_eq!((status, body["error"].clone()), (StatusCode::BAD_REQUEST, json!("Session is closed")));
+    let r = app.client.put(format!("{}/realtime/v1/sessions/{s}/out", app.base)).bearer_auth(&app.a.key).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let (_, out) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
+    assert_eq!(out["records"].as_array().unwrap().len(), 1);
+
+    // Expired: refused even before the expiry sweep seals the channels.
+    let e = new_session(&app, "expired").await;
+    sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 second' WHERE friendly_id = $1")
+        .bind(&e)
+        .execute(app.db())
+        .await
+        .unwrap();
+    // (The session lookup cache holds a row for up to a second.)
+    let body = eventually(5, "the expiry to show", || async {
+        let (status, body) = app.append(&e, "in", &app.a.key, "", &[("x-trigger-control", "probe")]).await;
+        (status == StatusCode::BAD_REQUEST).then_some(body)
+    })
+    .await;
+    assert_eq!(body["error"], "Session is expired");
+}
+
+/// The server's own `session-closed` record cannot be suppressed by a client
+/// that sent the same part id.
+#[tokio::test]
+async fn client_part_ids_cannot_shadow_the_close_record() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "shadow").await;
+    assert_eq!(app.append(&s, "in", &app.a.key, "hi", &[("x-part-id", "session-closed")]).await.0, StatusCode::OK);
+    app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({})).await;
+    let records = eventually(10, "the close record", || async {
+        let (_, body) = app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &app.a.key).await;
+        let records = body["records"].as_array().unwrap().clone();
+        (records.len() == 2).then_some(records)
+    })
+    .await;
+    assert_eq!(records[1]["headers"][0], json!(["trigger-control", "session-closed"]));
+}
+
+/// A retried `.in` append (its first attempt stored, its answer lost) still
+/// makes sure a run is alive to read it.
+#[tokio::test]
+async fn a_retried_in_append_still_boots_a_run() {
+    let app = TestApp::spawn().await;
+    let mut body = session_body(Some("retry-boot"));
+    body["taskIdentifier"] = json!("task-retry-boot");
+    let created = app.create_session(body).await;
+    let s = created["id"].as_str().unwrap().to_string();
+    let worker = app.worker();
+    let first = worker.dequeue(&["task-retry-boot".to_string()], 1, Duration::from_secs(10)).await.unwrap().remove(0);
+    assert_eq!(app.append(&s, "in", &app.a.key, "hello", &[("x-part-id", "m1")]).await.0, StatusCode::OK);
+    worker.complete(&first, json!(null)).await.unwrap();
+    let (status, body) = app.append(&s, "in", &app.a.key, "hello", &[("x-part-id", "m1")]).await;
+    assert!(status == StatusCode::OK && body["message"].as_str().unwrap().contains("duplicate"), "{body}");
+    let next = worker.dequeue(&["task-retry-boot".to_string()], 1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(next.len(), 1, "a continuation was booted");
+    assert_ne!(next[0].id, first.id);
+}
+
+/// The long-poll window ends the response on time even when there is always
+/// more to send: here a backlog that a slow reader takes seconds to drain.
+#[tokio::test]
+async fn the_long_poll_window_ends_on_time_while_records_remain() {
+    use futures::StreamExt;
+    use sessiond::streams::sse::{self, Subscription};
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "window").await;
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let bodies: Vec<String> = (0..3000).map(|i| format!("r{i}")).collect();
+    futures::future::join_all(bodies.iter().map(|b| app.state.channels.append(key, b, &[], None))).await;
+    let sub = Subscription {
+        store: app.state.channels.clone(),
+        key,
+        feed: app.state.hub.feed(key),
+        cursor: None,
+        settled: false,
+        window: Duration::from_millis(500),
+        keepalive: Duration::from_secs(30),
+        gap: None,
+    };
+    let mut frames = Box::pin(sse::stream(sub));
+    let started = Instant::now();
+    let mut sent = 0;
+    // Each backlog frame holds at most 500 records; read one every 200 ms.
+    while let Some(frame) = frames.next().await {
+        sent += String::from_utf8(frame.unwrap().to_vec()).unwrap().matches("\"seq_num\"").count();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(started.elapsed() < Duration::from_millis(1500), "ran {:?}", started.elapsed());
+    assert!(sent < 3000, "stopped with records left ({sent} sent)");
+}
+
+/// A resume id the channel never reached is refused, not silently skipped
+/// ahead of; after the records expire, a resume still gets its gap signal.
+#[tokio::test]
+async fn resume_ids_past_the_end_are_refused_and_expired_history_still_signals_a_gap() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "past-end").await;
+    for i in 0..3 {
+        app.append(&s, "out", &app.a.key, &format!("r{i}"), &[]).await;
+    }
+    let r = app
+        .client
+        .get(format!("{}/realtime/v1/sessions/{s}/out", app.base))
+        .bearer_auth(&app.a.key)
+        .header("last-event-id", "3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({})).await;
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let retention = app.state.config.channel_retention_secs as i64 * 1000;
+    let ttls = app.state.channels.ttls(key).await.unwrap();
+    assert!(ttls[0].1 > 0 && ttls[0].1 <= retention, "records expire with retention: {ttls:?}");
+    assert!(ttls[1].1 > retention && ttls[2].1 > retention, "counter and marker outlive them: {ttls:?}");
+    // The records expire (as they will after the retention period).
+    let _: i64 = redis::cmd("DEL").arg(app.state.channels.stream_key(key)).query_async(&mut app.state.redis.clone()).await.unwrap();
+    let mut sub = app.sse(&format!("/realtime/v1/sessions/{s}/out"), &app.a.key, &[("last-event-id", "0"), ("timeout-seconds", "1")]).await;
+    let got = sub.collect(Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].headers.contains(&("trigger-control".into(), "stream-gap".into())));
+    assert!(got[0].headers.contains(&("gap-from".into(), "1".into())) && got[0].headers.contains(&("gap-to".into(), "2".into())));
 }

@@ -23,6 +23,12 @@ async fn wait(app: &TestApp, run: &AssignedRun, token: &str, body: Value) -> (St
     app.post(&format!("/api/v1/runs/{}/session-streams/wait", run.id), token, body).await
 }
 
+/// A waitpoint's status straight from the database (the worker's long-poll
+/// completes waitpoints itself, so it cannot show who completed one).
+async fn db_status(app: &TestApp, waitpoint: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM waitpoints WHERE friendly_id = $1").bind(waitpoint).fetch_one(app.db()).await.unwrap()
+}
+
 async fn poll(app: &TestApp, run: &AssignedRun, waitpoint: &str, secs: u64) -> Value {
     let (status, body) =
         app.get(&format!("/api/v1/runs/{}/waitpoints/{waitpoint}?waitSeconds={secs}", run.id), &run.token).await;
@@ -40,6 +46,8 @@ async fn data_that_already_arrived_completes_the_wait_at_once() {
     assert_eq!(body["isCached"], false);
     let wp = body["waitpointId"].as_str().unwrap();
     assert!(wp.starts_with("waitpoint_"));
+    // Completed by the create call itself, before any worker polls.
+    assert_eq!(db_status(&app, wp).await, "COMPLETED");
     let done = poll(&app, &run, wp, 0).await;
     assert_eq!(done["status"], "COMPLETED");
     assert_eq!(done["output"]["body"], "early");
@@ -200,4 +208,106 @@ async fn wait_requests_are_validated() {
     app.worker().complete(&run, json!(null)).await.unwrap();
     let (status, _) = wait(&app, &run, &app.a.key, json!({"session": s, "io": "in"})).await;
     assert_eq!(status, StatusCode::CONFLICT);
+}
+
+/// A drained waitpoint completes with the first record after its own
+/// `lastSeqNum`, even when a later append is what drained it; one whose
+/// `lastSeqNum` is ahead of that append waits on for the next one.
+#[tokio::test]
+async fn the_drain_completes_each_waitpoint_with_its_own_next_record() {
+    let app = TestApp::spawn().await;
+    let (s, run) = running_session(&app, "drain-own").await;
+    for body in ["r0", "r1"] {
+        app.append(&s, "in", &app.a.key, body, &[]).await;
+    }
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::In };
+    // Two waitpoints as a create call leaves them just before its race-check:
+    // registered in the pending set, still WAITING.
+    let behind = insert_waiting(&app, &run, &s, 0).await; // r1 is already after it
+    let ahead = insert_waiting(&app, &run, &s, 2).await; // wants seq 3 or later
+    for (id, _) in [&behind, &ahead] {
+        app.state.channels.register_waiter(key, *id, 60_000).await.unwrap();
+    }
+    // r2 drains the set: `behind` gets r1 (not r2); `ahead` goes back in the set.
+    app.append(&s, "in", &app.a.key, "r2", &[]).await;
+    eventually(10, "the drain job", || async { (db_status(&app, &behind.1).await == "COMPLETED").then_some(()) }).await;
+    let output: Value = sqlx::query_scalar("SELECT output FROM waitpoints WHERE id = $1").bind(behind.0).fetch_one(app.db()).await.unwrap();
+    assert_eq!(output["body"], "r1");
+    assert_eq!(output["seqNum"], 1);
+    assert_eq!(db_status(&app, &ahead.1).await, "WAITING");
+    eventually(10, "the waitpoint back in the pending set", || async {
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(app.state.channels.waiters_key(key))
+            .query_async(&mut app.state.redis.clone())
+            .await
+            .unwrap();
+        members.contains(&ahead.0.to_string()).then_some(())
+    })
+    .await;
+    app.append(&s, "in", &app.a.key, "r3", &[]).await;
+    eventually(10, "the next append's drain", || async { (db_status(&app, &ahead.1).await == "COMPLETED").then_some(()) }).await;
+    let output: Value = sqlx::query_scalar("SELECT output FROM waitpoints WHERE id = $1").bind(ahead.0).fetch_one(app.db()).await.unwrap();
+    assert_eq!(output["body"], "r3");
+}
+
+async fn session_uuid(app: &TestApp, friendly: &str) -> uuid::Uuid {
+    sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(friendly).fetch_one(app.db()).await.unwrap()
+}
+
+/// A WAITING waitpoint row on `.in` (no race-check, no registration).
+async fn insert_waiting(app: &TestApp, run: &AssignedRun, session: &str, after_seq: i64) -> (uuid::Uuid, String) {
+    use sessiond::waitpoints::store::{create, NewWaitpoint};
+    let run_id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM task_runs WHERE friendly_id = $1").bind(&run.id).fetch_one(app.db()).await.unwrap();
+    let (w, _) = create(
+        app.db(),
+        &NewWaitpoint {
+            env_id: app.a.env.id,
+            run_id,
+            session_id: session_uuid(app, session).await,
+            io: "in",
+            after_seq,
+            idempotency_key: None,
+            idempotency_key_expires_at: None,
+            tags: &[],
+            timeout_at: None,
+        },
+    )
+    .await
+    .unwrap();
+    (w.id, w.friendly_id)
+}
+
+/// Close completes waitpoints no `session-closed` record reaches: those on
+/// `.out`, and on `.in` when the close came from the run itself.
+#[tokio::test]
+async fn close_completes_waits_the_close_record_does_not_reach() {
+    let app = TestApp::spawn().await;
+    let (s, run) = running_session(&app, "close-out").await;
+    let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "out"})).await;
+    let on_out = body["waitpointId"].as_str().unwrap().to_string();
+    let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in"})).await;
+    let on_in = body["waitpointId"].as_str().unwrap().to_string();
+    let (status, _) = app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({"callingRunId": run.id, "reason": "bye"})).await;
+    assert_eq!(status, StatusCode::OK);
+    for wp in [&on_out, &on_in] {
+        eventually(10, "close to complete the wait", || async { (db_status(&app, wp).await == "COMPLETED").then_some(()) }).await;
+        let done = poll(&app, &run, wp, 0).await;
+        assert_eq!(done["output"], json!({"sessionClosed": true, "reason": "bye"}), "{wp}");
+    }
+    let (_, records) = app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &app.a.key).await;
+    assert_eq!(records["records"], json!([]), "no session-closed record for the closing run");
+    assert_eq!(app.run_status(&run.id).await, "EXECUTING");
+}
+
+/// No new waits on a closed session: they could never complete.
+#[tokio::test]
+async fn waits_on_closed_sessions_are_refused() {
+    let app = TestApp::spawn().await;
+    let (s, run) = running_session(&app, "closed-wait").await;
+    app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({})).await;
+    let (status, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let waits: i64 = sqlx::query_scalar("SELECT count(*) FROM waitpoints").fetch_one(app.db()).await.unwrap();
+    assert_eq!(waits, 0, "nothing created");
 }

@@ -55,6 +55,10 @@ fn cors() -> CorsLayer {
             header::CONTENT_TYPE,
             HeaderName::from_static("x-stream-version"),
             HeaderName::from_static("x-session-settled"),
+            // initialize's direct-write details, for browser writers.
+            HeaderName::from_static("x-append-url"),
+            HeaderName::from_static("x-write-token"),
+            HeaderName::from_static("x-write-token-expires-at"),
         ])
         .max_age(Duration::from_secs(3600))
         .vary([header::ORIGIN])

@@ -55,4 +55,14 @@ impl SessionLookup {
         }
         Ok(Some(session))
     }
+
+    /// Forgets `session` under each id it answers to, so this server sees a
+    /// change it made itself (a close) at once; other servers within `ttl`.
+    pub fn forget(&self, session: &Session) {
+        if let Ok(mut entries) = self.entries.write() {
+            for key in session.keys() {
+                entries.remove(&(session.runtime_environment_id, key.to_string()));
+            }
+        }
+    }
 }

@@ -71,6 +71,16 @@ impl Session {
         self.closed_at.is_some()
     }
 
+    /// Why the session takes no more writes (records, waits), if it does not:
+    /// it is closed, or expired even if the expiry sweep has not reached it yet.
+    pub fn write_refusal(&self, now: DateTime<Utc>) -> Option<&'static str> {
+        match self.status(now) {
+            SessionStatus::Active => None,
+            SessionStatus::Closed => Some("Session is closed"),
+            SessionStatus::Expired => Some("Session is expired"),
+        }
+    }
+
     /// The key a session-scoped token names: the caller's external id if it has
     /// one, else the friendly id.
     pub fn addressing_key(&self) -> &str {

@@ -147,6 +147,7 @@ async fn close(
     let (closed, job) = store::close(&state.db, auth.env.id, session.id, reason.as_deref(), body.calling_run_id.as_deref())
         .await?
         .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
+    state.sessions.forget(&closed);
     if let Some(job) = job {
         // Seal the channels before answering, so no write lands after the close
         // is acknowledged. The job repeats this (idempotently) if we fail here.

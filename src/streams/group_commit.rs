@@ -111,7 +111,7 @@ async fn drain(store: ChannelStore, key: ChannelKey) {
         match store.append_batch(key, &records).await {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
+                    let _ = reply.send(outcome);
                 }
             }
             Err(err) => {

@@ -49,6 +49,10 @@ struct FeedState {
     /// order whichever path delivered them.
     next: Mutex<Option<u64>>,
     wake: Notify,
+    /// Where broadcasting started (the tail when the feed began); set once.
+    start: std::sync::OnceLock<u64>,
+    /// Signalled once `start` is set.
+    ready: Notify,
 }
 
 impl Feed {
@@ -59,6 +63,22 @@ impl Feed {
     /// Has the feed learnt where the channel ends (it broadcasts from there on)?
     pub fn is_ready(&self) -> bool {
         self.state.next().is_some()
+    }
+
+    /// The first sequence number the feed broadcast (or will), once it knows
+    /// it. Records before it were never broadcast: a subscriber whose cursor is
+    /// further back reads them from Redis before it goes live.
+    pub async fn start(&self) -> u64 {
+        loop {
+            let notified = self.state.ready.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a start in between is not missed.
+            notified.as_mut().enable();
+            if let Some(start) = self.state.start.get() {
+                return *start;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -101,6 +121,8 @@ impl FeedState {
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
         if next.is_none() {
             *next = Some(tail);
+            let _ = self.start.set(tail);
+            self.ready.notify_waiters();
         }
     }
 }
@@ -139,7 +161,7 @@ impl Hub {
             return feed;
         }
         let (tx, _) = broadcast::channel(FEED_BUFFER);
-        let state = Arc::new(FeedState { tx, next: Mutex::new(None), wake: Notify::new() });
+        let state = Arc::new(FeedState { tx, next: Mutex::new(None), wake: Notify::new(), start: std::sync::OnceLock::new(), ready: Notify::new() });
         let task = tokio::spawn(read_upstream(self.0.store.clone(), key, state.clone()));
         let feed = Arc::new(Feed { key, state, hub: Arc::downgrade(&self.0), task });
         feeds.insert(key, Arc::downgrade(&feed));

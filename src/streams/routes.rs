@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::sse::{self, Subscription};
-use super::store::ChannelError;
+use super::store::{self, ChannelError};
 use super::{ChannelKey, Io, Record};
 use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
@@ -77,7 +77,11 @@ const WRITE_TOKEN_TTL_SECS: i64 = 15 * 60;
 /// to append directly (the append URL and a short-lived channel-scoped token).
 async fn initialize(State(state): State<AppState>, auth: Auth, path: ChannelPath, headers: HeaderMap) -> ApiResult<Response> {
     let session = load_channel(&state, &auth, &path.session, path.io, Action::Write).await?;
-    if session.is_closed() {
+    if let Some(refusal) = session.write_refusal(chrono::Utc::now()) {
+        return Err(ApiError::BadRequest(refusal.into()));
+    }
+    // The row may be a second old (lookup cache); the seal is not.
+    if state.channels.is_sealed(ChannelKey { session_id: session.id, io: path.io }).await? {
         return Err(ApiError::BadRequest("Session is closed".into()));
     }
     let token = jwt::mint(
@@ -205,13 +209,25 @@ async fn append(
     };
     let body = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("Record body must be UTF-8".into()))?;
     let session = load_channel(&state, &auth, &path.session, path.io, Action::Write).await?;
-    if session.is_closed() {
-        return Err(ApiError::BadRequest("Session is closed".into()).into());
-    }
     let key = ChannelKey { session_id: session.id, io: path.io };
-    let appended = state.channels.append(key, body, &record_headers, part_id).await.map_err(ApiError::from)?;
+    let part_id = part_id.map(store::client_part);
+    if let Some(refusal) = session.write_refusal(chrono::Utc::now()) {
+        // A retry of an append stored before the close still gets its ack.
+        if let Some(part) = &part_id {
+            if state.channels.part_seq(key, part).await.map_err(ApiError::from)?.is_some() {
+                return Ok(Json(AppendResponse { ok: true, message: Some(DUPLICATE) }));
+            }
+        }
+        return Err(ApiError::BadRequest(refusal.into()).into());
+    }
+    let appended = state.channels.append(key, body, &record_headers, part_id.as_deref()).await.map_err(ApiError::from)?;
     if appended.duplicate {
-        return Ok(Json(AppendResponse { ok: true, message: Some("duplicate part id: already appended") }));
+        // The first attempt may have failed after storing the record (its
+        // answer lost, or the run boot failed): make sure a run will read it.
+        if path.io == Io::In {
+            ensure_reader(&state, auth.env.id, session.id).await?;
+        }
+        return Ok(Json(AppendResponse { ok: true, message: Some(DUPLICATE) }));
     }
     if !appended.drained_waitpoints.is_empty() {
         state
@@ -225,12 +241,19 @@ async fn append(
             .await?;
     }
     if path.io == Io::In {
-        match run_manager::ensure_run(&state, auth.env.id, session.id).await {
-            Ok(_) | Err(RunManagerError::Closed) => {}
-            Err(err) => return Err(ApiError::from(err).into()),
-        }
+        ensure_reader(&state, auth.env.id, session.id).await?;
     }
     Ok(Json(AppendResponse { ok: true, message: None }))
+}
+
+const DUPLICATE: &str = "duplicate part id: already appended";
+
+/// Boots a run for a session whose `.in` got a record while no run is alive.
+async fn ensure_reader(state: &AppState, env_id: uuid::Uuid, session_id: uuid::Uuid) -> Result<(), ApiError> {
+    match run_manager::ensure_run(state, env_id, session_id).await {
+        Ok(_) | Err(RunManagerError::Closed) => Ok(()),
+        Err(err) => Err(ApiError::from(err)),
+    }
 }
 
 #[derive(Deserialize)]
@@ -307,11 +330,17 @@ async fn subscribe(State(state): State<AppState>, auth: Auth, path: ChannelPath,
     // Subscribe before reading anything, so nothing appended from here on is missed.
     let feed = state.hub.feed(key);
 
+    let next_seq = store.next_seq(key).await?;
     if cursor.is_none() && header_str("x-trigger-stream-start") == Some("latest") {
-        cursor = store.next_seq(key).await?.checked_sub(1);
+        cursor = next_seq.checked_sub(1);
     }
     let mut gap = None;
     if let Some(c) = cursor {
+        // An id the channel never reached would silently skip the records
+        // that get those numbers later.
+        if c >= next_seq {
+            return Err(ApiError::BadRequest(format!("Last-Event-ID {c} is past the end of the stream (next is {next_seq})")));
+        }
         let oldest = store.oldest_seq(key).await?;
         if oldest > c + 1 {
             gap = Some(sse::gap_record(c + 1, oldest - 1));

@@ -122,6 +122,8 @@ struct State {
     /// frame would cost two timer-wheel updates per record per subscriber.
     deadline: Pin<Box<Sleep>>,
     keepalive: Pin<Box<Sleep>>,
+    /// The backlog was re-read because the feed started past our cursor.
+    rechecked: bool,
 }
 
 impl State {
@@ -144,6 +146,8 @@ impl State {
         loop {
             match self.phase {
                 Phase::Done => return None,
+                // (`is_elapsed` only turns true once the timer has been polled.)
+                Phase::Backlog if Instant::now() >= self.deadline.deadline() => self.phase = Phase::Done,
                 Phase::Backlog => match self.sub.store.read_after(self.sub.key, self.sub.cursor, BACKLOG_BATCH).await {
                     Ok(records) if !records.is_empty() => {
                         self.sub.cursor = records.last().map(|r| r.seq_num);
@@ -153,7 +157,26 @@ impl State {
                         self.phase = Phase::Done;
                         return None;
                     }
-                    Ok(_) => self.phase = Phase::Live,
+                    Ok(_) => {
+                        // Live only once the feed covers everything after our
+                        // cursor. A feed that started after our last read never
+                        // broadcast the records in between; they are in Redis by
+                        // now, so read once more (one retry: they may also have
+                        // expired meanwhile).
+                        let start = tokio::select! {
+                            start = self.sub.feed.start() => start,
+                            _ = &mut self.deadline => {
+                                self.phase = Phase::Done;
+                                return None;
+                            }
+                        };
+                        let resume = self.sub.cursor.map_or(0, |c| c + 1);
+                        if start > resume && !self.rechecked {
+                            self.rechecked = true;
+                        } else {
+                            self.phase = Phase::Live;
+                        }
+                    }
                     Err(err) => {
                         tracing::warn!(%err, "stream read failed");
                         self.phase = Phase::Done;
@@ -161,17 +184,18 @@ impl State {
                     }
                 },
                 Phase::Live => {
+                    // The window ends on time even while records keep coming.
                     let received = tokio::select! {
                         biased;
+                        _ = &mut self.deadline => {
+                            self.phase = Phase::Done;
+                            return None;
+                        }
                         r = self.rx.recv() => r,
                         _ = &mut self.keepalive => {
                             let next = Instant::now() + self.sub.keepalive;
                             self.keepalive.as_mut().reset(next);
                             return Some(keepalive_frame());
-                        }
-                        _ = &mut self.deadline => {
-                            self.phase = Phase::Done;
-                            return None;
                         }
                     };
                     let first = match received {
@@ -232,6 +256,7 @@ pub fn stream(sub: Subscription) -> impl Stream<Item = Result<Bytes, Infallible>
         rx,
         sub,
         phase: Phase::Backlog,
+        rechecked: false,
     };
     futures::stream::unfold(state, |mut state| async move {
         let frame = state.next_frame().await?;

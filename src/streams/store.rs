@@ -26,18 +26,19 @@ use super::{ChannelKey, Record};
 /// notify tag, then four per record: body, headers JSON, has part id ('1'/'0'),
 /// announce inline ('1'/'0').
 ///
-/// Returns `{-1}` when closed, else `{timestamp, (duplicate, seq) per record,
-/// waitpoint ids drained...}`: a record whose part id was seen within the
-/// window is not written again and answers the seq it got then (a repeat
-/// inside the group included). The group's first new record completes the
-/// channel's pending waitpoints.
+/// Returns `{timestamp, (outcome, seq) per record, waitpoint ids drained...}`
+/// with outcome 0 written, 1 duplicate, 2 refused (closed). A record whose
+/// part id was seen within the window is not written again and answers the seq
+/// it got then (a repeat inside the group included), even after the close, so
+/// a retry still gets its acknowledgement. The group's first new record
+/// completes the channel's pending waitpoints.
 ///
 /// Each new record is announced on the notify channel, carrying the record
 /// itself when asked (see [`Announcement`]) so other servers' feeds need no
 /// read back; announcements go out after the records are stored, and Redis
 /// sends them only once the write is as durable as the fsync setting makes it.
 const APPEND: &str = r#"
-if redis.call('EXISTS', KEYS[3]) == 1 then return {-1} end
+local closed = redis.call('EXISTS', KEYS[3]) == 1
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local reply = {ts}
@@ -49,6 +50,9 @@ for i = 1, (#ARGV - 3) / 4 do
   if seen then
     table.insert(reply, 1)
     table.insert(reply, tonumber(seen))
+  elseif closed then
+    table.insert(reply, 2)
+    table.insert(reply, 0)
   else
     local seq = redis.call('INCR', KEYS[2]) - 1
     redis.call('XADD', KEYS[1], seq .. '-1', 'b', body, 'h', headers, 't', ts)
@@ -83,14 +87,22 @@ if current < 0 or ttl > current then redis.call('PEXPIRE', KEYS[1], ttl) end
 return redis.call('PTTL', KEYS[1])
 "#;
 
-/// Marks a channel closed and expires its keys after the retention period.
+/// Marks a channel closed; its records (and any pending set) expire after the
+/// retention period (ARGV[1]), its counter and closed marker after ARGV[2]
+/// (longer): until then a resume from before the expired history still gets
+/// its gap signal, and the marker still refuses appends.
 const CLOSE: &str = r#"
-redis.call('SET', KEYS[3], '1')
-for i = 1, 4 do
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+for _, i in ipairs({1, 4}) do
   if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
 end
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 return 1
 "#;
+
+/// How much longer than its records a closed channel's counter and closed
+/// marker are kept.
+const CLOSED_MARKER_GRACE_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// Records with bodies up to this size travel inside their append announcement;
 /// bigger ones are announced by sequence number and read from the stream.
@@ -157,6 +169,15 @@ pub struct Appended {
     /// Waitpoints that were pending on the channel, now drained.
     pub drained_waitpoints: Vec<Uuid>,
 }
+
+/// The dedupe id of a client's `X-Part-Id`. Clients and the server keep their
+/// part ids apart, so no client id can stand in for a server-written record.
+pub fn client_part(part_id: &str) -> String {
+    format!("c:{part_id}")
+}
+
+/// The part id of the `session-closed` record the close appends to `.in`.
+pub const SESSION_CLOSED_PART: &str = "s:session-closed";
 
 /// A record on its way into a channel, encoded for the append script.
 #[derive(Debug)]
@@ -250,7 +271,11 @@ impl ChannelStore {
     }
 
     /// Writes `records` in order with one script call; one outcome per record.
-    pub(super) async fn append_batch(&self, key: ChannelKey, records: &[NewRecord]) -> Result<Vec<Appended>, ChannelError> {
+    pub(super) async fn append_batch(
+        &self,
+        key: ChannelKey,
+        records: &[NewRecord],
+    ) -> Result<Vec<Result<Appended, ChannelError>>, ChannelError> {
         let mut invocation = self.append.prepare_invoke();
         invocation.key(self.stream_key(key)).key(self.counter_key(key)).key(self.closed_key(key)).key(self.waiters_key(key));
         for record in records {
@@ -267,6 +292,18 @@ impl ChannelStore {
         let mut conn = self.redis.clone();
         let reply: Vec<RedisValue> = invocation.invoke_async(&mut conn).await?;
         parse_append_reply(&reply, records.len())
+    }
+
+    /// Has the channel been closed (appends refused)?
+    pub async fn is_sealed(&self, key: ChannelKey) -> Result<bool, ChannelError> {
+        let mut conn = self.redis.clone();
+        Ok(redis::cmd("EXISTS").arg(self.closed_key(key)).query_async(&mut conn).await?)
+    }
+
+    /// The seq an earlier append with `part_id` got, if it is still remembered.
+    pub async fn part_seq(&self, key: ChannelKey, part_id: &str) -> Result<Option<u64>, ChannelError> {
+        let mut conn = self.redis.clone();
+        Ok(redis::cmd("GET").arg(format!("{}:p:{part_id}", self.base(key))).query_async(&mut conn).await?)
     }
 
     /// Up to `count` records after `after` (from the start when None), in order.
@@ -332,7 +369,8 @@ impl ChannelStore {
         Ok(())
     }
 
-    /// Refuses further appends and lets the channel's data expire after `retention_ms`.
+    /// Refuses further appends and lets the channel's records expire after
+    /// `retention_ms` (its counter and closed marker 30 days later).
     pub async fn close(&self, key: ChannelKey, retention_ms: u64) -> Result<(), ChannelError> {
         let mut conn = self.redis.clone();
         let _: i64 = self
@@ -342,6 +380,7 @@ impl ChannelStore {
             .key(self.closed_key(key))
             .key(self.waiters_key(key))
             .arg(retention_ms.max(1))
+            .arg(retention_ms.max(1) + CLOSED_MARKER_GRACE_MS)
             .invoke_async(&mut conn)
             .await?;
         Ok(())
@@ -360,15 +399,12 @@ impl ChannelStore {
 }
 
 /// Decodes the append script's reply (see [`APPEND`]) for `count` records.
-fn parse_append_reply(reply: &[RedisValue], count: usize) -> Result<Vec<Appended>, ChannelError> {
+fn parse_append_reply(reply: &[RedisValue], count: usize) -> Result<Vec<Result<Appended, ChannelError>>, ChannelError> {
     let int = |i: usize| -> Result<i64, ChannelError> {
         let v = reply.get(i).ok_or_else(|| ChannelError::Corrupt("short append reply".into()))?;
         redis::from_redis_value_ref::<i64>(v).map_err(|e| ChannelError::Corrupt(e.to_string()))
     };
     let timestamp = int(0)?;
-    if timestamp == -1 {
-        return Err(ChannelError::Closed);
-    }
     let mut drained: Vec<Uuid> = reply
         .get(1 + 2 * count..)
         .unwrap_or_default()
@@ -378,10 +414,13 @@ fn parse_append_reply(reply: &[RedisValue], count: usize) -> Result<Vec<Appended
         .collect();
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
-        let duplicate = int(1 + 2 * i)? == 1;
+        let outcome = int(1 + 2 * i)?;
         let seq_num = u64::try_from(int(2 + 2 * i)?).map_err(|e| ChannelError::Corrupt(e.to_string()))?;
-        let drained_waitpoints = if duplicate { Vec::new() } else { std::mem::take(&mut drained) };
-        out.push(Appended { seq_num, timestamp: if duplicate { 0 } else { timestamp }, duplicate, drained_waitpoints });
+        out.push(match outcome {
+            0 => Ok(Appended { seq_num, timestamp, duplicate: false, drained_waitpoints: std::mem::take(&mut drained) }),
+            1 => Ok(Appended { seq_num, timestamp: 0, duplicate: true, drained_waitpoints: Vec::new() }),
+            _ => Err(ChannelError::Closed),
+        });
     }
     Ok(out)
 }

@@ -35,6 +35,11 @@ pub fn parse_deadline(value: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> 
     DateTime::parse_from_rfc3339(value.trim()).ok().map(|d| d.with_timezone(&Utc))
 }
 
+/// What a waitpoint ended by its session's close completes with.
+pub fn closed_output(reason: Option<&str>) -> Value {
+    json!({"sessionClosed": true, "reason": reason})
+}
+
 /// What a waitpoint completes with: the record.
 pub fn record_output(r: &Record) -> Value {
     json!({"seqNum": r.seq_num, "body": r.body, "headers": r.headers, "timestamp": r.timestamp})
@@ -61,18 +66,33 @@ pub async fn check_arrived(state: &AppState, w: &Waitpoint) -> anyhow::Result<bo
     }
 }
 
-/// The drain job: waitpoints taken off a channel's pending set by the append of
-/// record `seq_num` complete with that record.
+/// How long a waitpoint's entry in the channel's pending set must last.
+pub fn pending_ttl_ms(timeout_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> u64 {
+    timeout_at.map(|t| (t - now).num_milliseconds().max(1) as u64 + 60_000).unwrap_or(DEFAULT_PENDING_TTL_MS)
+}
+
+/// The drain job: waitpoints the append of record `seq_num` took off the
+/// channel's pending set. Each completes with the first record after its own
+/// `after_seq`, which is not always the appended one: an earlier record may
+/// have landed between the waitpoint's creation and its registration. One with
+/// no record after its `after_seq` yet (a `lastSeqNum` ahead of the append)
+/// goes back in the pending set for the next append.
 pub async fn drain(state: &AppState, session_id: Uuid, io: Io, seq_num: u64, ids: &[Uuid]) -> anyhow::Result<usize> {
-    let key = ChannelKey { session_id, io };
-    let record = state.channels.read_after(key, seq_num.checked_sub(1), 1).await?;
-    let Some(record) = record.into_iter().find(|r| r.seq_num == seq_num) else {
-        anyhow::bail!("record {seq_num} of the drained channel is missing");
-    };
-    let output = record_output(&record);
     let mut completed = 0;
     for id in ids {
-        if store::complete(&state.db, *id, &output).await? {
+        let Some(w) = store::find_by_id(&state.db, *id).await? else { continue };
+        if w.status != "WAITING" {
+            continue;
+        }
+        if check_arrived(state, &w).await? {
+            completed += 1;
+            continue;
+        }
+        tracing::debug!(waitpoint = %w.friendly_id, %io, seq_num, after_seq = w.after_seq, "drained waitpoint waits on");
+        let key = ChannelKey { session_id, io };
+        state.channels.register_waiter(key, w.id, pending_ttl_ms(w.timeout_at, Utc::now())).await?;
+        // A record appended while it was out of the set has drained without it.
+        if check_arrived(state, &w).await? {
             completed += 1;
         }
     }
@@ -124,8 +144,9 @@ pub async fn close_channels(state: &AppState, session_id: Uuid, reason: Option<&
             headers.push(("session-closed-reason".into(), r.to_string()));
         }
         let key = ChannelKey { session_id, io: Io::In };
-        // A fixed part id: a retried job does not append a second close record.
-        match state.channels.append(key, "", &headers, Some("session-closed")).await {
+        // A fixed part id (clients cannot use it): a retried job does not
+        // append a second close record.
+        match state.channels.append(key, "", &headers, Some(crate::streams::store::SESSION_CLOSED_PART)).await {
             Ok(appended) => {
                 if !appended.drained_waitpoints.is_empty() {
                     drain(state, session_id, Io::In, appended.seq_num, &appended.drained_waitpoints).await?;
@@ -138,7 +159,7 @@ pub async fn close_channels(state: &AppState, session_id: Uuid, reason: Option<&
     for io in [Io::In, Io::Out] {
         state.channels.close(ChannelKey { session_id, io }, retention_ms).await?;
     }
-    let output = json!({"sessionClosed": true, "reason": reason});
+    let output = closed_output(reason);
     for w in store::waiting_for_session(&state.db, session_id).await? {
         complete_with(state, &w, &output).await?;
     }

@@ -95,6 +95,9 @@ async fn create(
         return Err(ApiError::Forbidden);
     }
     let session = load_channel(&state, &auth, &body.session, io, Action::Read).await?;
+    if let Some(refusal) = session.write_refusal(now) {
+        return Err(ApiError::BadRequest(refusal.into()));
+    }
     let run = run_store::find(&state.db, auth.env.id, &run_id).await?.ok_or_else(|| ApiError::NotFound("Run not found".into()))?;
     if !matches!(run.status(), RunStatus::Executing | RunStatus::Waiting) {
         return Err(ApiError::Conflict(format!("Run is {}", run.status().as_str())));
@@ -121,13 +124,15 @@ async fn create(
     )
     .await?;
     if !cached {
-        let ttl_ms = timeout_at
-            .map(|t| (t - now).num_milliseconds().max(1) as u64 + 60_000)
-            .unwrap_or(super::DEFAULT_PENDING_TTL_MS);
-        state.channels.register_waiter(key, waitpoint.id, ttl_ms).await?;
+        state.channels.register_waiter(key, waitpoint.id, super::pending_ttl_ms(timeout_at, now)).await?;
         // The race-check: a record that landed before the registration.
         if let Err(err) = super::check_arrived(&state, &waitpoint).await {
             tracing::warn!(waitpoint = %waitpoint.friendly_id, session = %session.friendly_id, %io, error = %err, "race-check failed");
+        }
+        // A close that sealed the channel after our session check completed
+        // the waitpoints it found, maybe before this one existed: do it here.
+        if state.channels.is_sealed(key).await? {
+            super::complete_with(&state, &waitpoint, &super::closed_output(None)).await?;
         }
     }
     Ok(Json(CreateResponse { waitpoint_id: waitpoint.friendly_id, is_cached: cached }))
