@@ -230,15 +230,22 @@ async fn append(
         return Ok(Json(AppendResponse { ok: true, message: Some(DUPLICATE) }));
     }
     if !appended.drained_waitpoints.is_empty() {
-        state
-            .jobs
-            .submit(&Job::DrainWaitpoints {
-                session_id: session.id,
-                io: path.io,
-                seq_num: appended.seq_num,
-                waitpoint_ids: appended.drained_waitpoints.clone(),
-            })
-            .await?;
+        let job = Job::DrainWaitpoints {
+            session_id: session.id,
+            io: path.io,
+            seq_num: appended.seq_num,
+            waitpoint_ids: appended.drained_waitpoints.clone(),
+        };
+        if let Err(err) = state.jobs.submit(&job).await {
+            // The script took them off the pending set: put them back, so the
+            // next append (or the worker's long-poll) still completes them.
+            for id in &appended.drained_waitpoints {
+                if let Err(e) = state.channels.register_waiter(key, *id, crate::waitpoints::DEFAULT_PENDING_TTL_MS).await {
+                    tracing::error!(waitpoint = %id, error = %e, "could not put a drained waitpoint back");
+                }
+            }
+            return Err(ApiError::from(err).into());
+        }
     }
     if path.io == Io::In {
         ensure_reader(&state, auth.env.id, session.id).await?;
