@@ -685,3 +685,73 @@ async fn resume_ids_past_the_end_are_refused_and_expired_history_still_signals_a
     assert!(got[0].headers.contains(&("trigger-control".into(), "stream-gap".into())));
     assert!(got[0].headers.contains(&("gap-from".into(), "1".into())) && got[0].headers.contains(&("gap-to".into(), "2".into())));
 }
+
+/// A TCP proxy to Redis that can hold back what clients send (not what Redis
+/// answers): a way to make one connection's command run after others.
+async fn holding_proxy(upstream: String) -> (u16, tokio::sync::watch::Sender<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (hold, held) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            let ((mut client_rx, mut client_tx), (mut server_rx, mut server_tx)) = (client.into_split(), server.into_split());
+            let mut held = held.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = client_rx.read(&mut buf).await {
+                    if held.wait_for(|h| !*h).await.is_err() || server_tx.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+            });
+        }
+    });
+    (port, hold)
+}
+
+/// A subscriber whose backlog read came before a record, and whose feed
+/// learnt the channel's tail after it, reads that record from Redis before
+/// going live (the feed never broadcasts what came before its start).
+#[tokio::test]
+async fn a_record_between_the_backlog_read_and_the_feed_start_is_not_missed() {
+    use futures::StreamExt;
+    use sessiond::streams::hub::Hub;
+    use sessiond::streams::sse::{self, Subscription};
+    use sessiond::streams::store::ChannelStore;
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "feed-start").await;
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    // A feed whose Redis traffic goes through the proxy, so its tail read can
+    // be held back until after the append.
+    let upstream = app.state.config.redis_url.trim_start_matches("redis://").trim_end_matches('/').to_string();
+    let (port, hold) = holding_proxy(upstream).await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let proxied = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let hub = Hub::new(ChannelStore::new(proxied, &app.state.config.redis_prefix, 60_000));
+    hold.send(true).unwrap();
+    let sub = Subscription {
+        store: app.state.channels.clone(),
+        key,
+        feed: hub.feed(key),
+        cursor: None,
+        settled: false,
+        window: Duration::from_secs(5),
+        keepalive: Duration::from_secs(30),
+        gap: None,
+    };
+    let reader = tokio::spawn(async move {
+        let mut frames = Box::pin(sse::stream(sub));
+        frames.next().await.map(|f| String::from_utf8(f.unwrap().to_vec()).unwrap())
+    });
+    // The subscriber's backlog read (direct, empty) is done well within this.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.state.channels.append(key, "between", &[], None).await.unwrap();
+    hold.send(false).unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(10), reader).await.unwrap().unwrap().expect("a frame");
+    assert!(frame.contains("\"body\":\"between\""), "{frame}");
+}
