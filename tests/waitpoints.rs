@@ -313,26 +313,35 @@ async fn waits_on_closed_sessions_are_refused() {
 }
 
 /// When the drain job cannot be queued, the drained waitpoints go back into
-/// the pending set instead of being lost with the failed request.
+/// the pending set instead of being lost with the failed request, and the
+/// client's retry (same part id) completes them.
 #[tokio::test]
-async fn drained_waitpoints_go_back_when_their_job_cannot_be_queued() {
+async fn drained_waitpoints_survive_a_drain_job_that_cannot_be_queued() {
     let app = TestApp::spawn().await;
     let (s, run) = running_session(&app, "drain-lost").await;
     let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in"})).await;
     let wp = body["waitpointId"].as_str().unwrap().to_string();
     let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM waitpoints WHERE friendly_id = $1").bind(&wp).fetch_one(app.db()).await.unwrap();
     let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::In };
-    // The session row is cached now; then Postgres (the job ledger) goes away.
-    assert_eq!(app.append(&s, "out", &app.a.key, "warm", &[]).await.0, StatusCode::OK);
-    app.db().close().await;
-    let (status, body) = app.append(&s, "in", &app.a.key, "hello", &[]).await;
+    // The job ledger is unavailable for a moment.
+    sqlx::query("ALTER TABLE jobs RENAME TO jobs_away").execute(app.db()).await.unwrap();
+    let (status, body) = app.append(&s, "in", &app.a.key, "hello", &[("x-part-id", "m1")]).await;
+    sqlx::query("ALTER TABLE jobs_away RENAME TO jobs").execute(app.db()).await.unwrap();
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     assert_eq!(body["error"], "Something went wrong", "no internals leak");
     // The record was stored (so the script ran and drained the set)...
     let stored = app.state.channels.read_after(key, None, 10).await.unwrap();
     assert_eq!(stored.iter().map(|r| r.body.as_str()).collect::<Vec<_>>(), vec!["hello"]);
-    // ...and the waitpoint is pending again.
+    // ...and the waitpoint is pending again, not completed.
     let members: Vec<String> =
         redis::cmd("SMEMBERS").arg(app.state.channels.waiters_key(key)).query_async(&mut app.state.redis.clone()).await.unwrap();
     assert_eq!(members, vec![id.to_string()]);
+    assert_eq!(db_status(&app, &wp).await, "WAITING");
+    // The client retries: a duplicate, which completes what the first attempt left.
+    let (status, body) = app.append(&s, "in", &app.a.key, "hello", &[("x-part-id", "m1")]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("duplicate"));
+    eventually(10, "the retry's drain job", || async { (db_status(&app, &wp).await == "COMPLETED").then_some(()) }).await;
+    let output: Value = sqlx::query_scalar("SELECT output FROM waitpoints WHERE id = $1").bind(id).fetch_one(app.db()).await.unwrap();
+    assert_eq!(output["body"], "hello");
 }

@@ -81,6 +81,16 @@ impl Session {
         }
     }
 
+    /// The reason its channels were closed with: the close's own, or
+    /// "expired" for a session the expiry sweep closes.
+    pub fn close_reason(&self, now: DateTime<Utc>) -> Option<String> {
+        match self.status(now) {
+            SessionStatus::Closed => self.closed_reason.clone(),
+            SessionStatus::Expired => Some("expired".into()),
+            SessionStatus::Active => None,
+        }
+    }
+
     /// The key a session-scoped token names: the caller's external id if it has
     /// one, else the friendly id.
     pub fn addressing_key(&self) -> &str {

@@ -106,12 +106,15 @@ impl Lanes {
 
 /// Sends the lane's queued appends, a group per call, until the lane is empty.
 async fn drain(store: ChannelStore, key: ChannelKey) {
+    let guard = LaneGuard { store: &store, key };
     while let Some(batch) = store.lanes().next_batch(key) {
         let (records, replies): (Vec<NewRecord>, Vec<Reply>) = batch.into_iter().unzip();
         match store.append_batch(key, &records).await {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(outcome);
+                    if let Err(Ok(unclaimed)) = reply.send(outcome) {
+                        give_back_waitpoints(&store, key, unclaimed).await;
+                    }
                 }
             }
             Err(err) => {
@@ -120,5 +123,32 @@ async fn drain(store: ChannelStore, key: ChannelKey) {
                 }
             }
         }
+    }
+    std::mem::forget(guard);
+}
+
+/// The waitpoints an append drained belong to whoever completes them; when
+/// its request is gone, they go back into the pending set, where the next
+/// append (or a retry of this one) drains them again.
+async fn give_back_waitpoints(store: &ChannelStore, key: ChannelKey, unclaimed: Appended) {
+    for id in unclaimed.drained_waitpoints {
+        if let Err(err) = store.register_waiter(key, id, crate::waitpoints::DEFAULT_PENDING_TTL_MS).await {
+            tracing::error!(waitpoint = %id, %err, "could not put back a waitpoint drained for a request that went away");
+        }
+    }
+}
+
+/// Removes the lane if its task ends early (a panic, a runtime shutting down),
+/// so queued appends get an error instead of waiting forever and the next
+/// append starts a new task. Forgotten on a normal end, where the lane is
+/// already gone.
+struct LaneGuard<'a> {
+    store: &'a ChannelStore,
+    key: ChannelKey,
+}
+
+impl Drop for LaneGuard<'_> {
+    fn drop(&mut self) {
+        self.store.lanes().lock().remove(&self.key);
     }
 }

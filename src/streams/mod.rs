@@ -3,6 +3,7 @@
 //! - [`store`]: records in Redis Streams, appended by one Lua script that assigns
 //!   dense sequence numbers, dedupes retries, refuses writes after close, and
 //!   drains the channel's pending waitpoints, all atomically.
+//! - [`effects`]: what a durable append sets off (waitpoint drain, run boot).
 //! - [`group_commit`]: concurrent appends to one channel share one script call.
 //! - [`hub`]: one upstream reader per active channel per process, fanning new
 //!   records out to every local subscriber.
@@ -10,6 +11,7 @@
 //!   backlog-then-live loop.
 //! - [`routes`]: the realtime HTTP routes.
 
+pub mod effects;
 pub mod group_commit;
 pub mod hub;
 pub mod routes;

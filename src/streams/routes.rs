@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::effects;
 use super::sse::{self, Subscription};
 use super::store::{self, ChannelError};
 use super::{ChannelKey, Io, Record};
@@ -20,10 +21,8 @@ use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::validate_path_id;
-use crate::jobs::Job;
 use crate::sessions::model::Session;
 use crate::sessions::routes::authorize;
-use crate::sessions::run_manager::{self, RunManagerError};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -221,47 +220,12 @@ async fn append(
         return Err(ApiError::BadRequest(refusal.into()).into());
     }
     let appended = state.channels.append(key, body, &record_headers, part_id.as_deref()).await.map_err(ApiError::from)?;
-    if appended.duplicate {
-        // The first attempt may have failed after storing the record (its
-        // answer lost, or the run boot failed): make sure a run will read it.
-        if path.io == Io::In {
-            ensure_reader(&state, auth.env.id, session.id).await?;
-        }
-        return Ok(Json(AppendResponse { ok: true, message: Some(DUPLICATE) }));
-    }
-    if !appended.drained_waitpoints.is_empty() {
-        let job = Job::DrainWaitpoints {
-            session_id: session.id,
-            io: path.io,
-            seq_num: appended.seq_num,
-            waitpoint_ids: appended.drained_waitpoints.clone(),
-        };
-        if let Err(err) = state.jobs.submit(&job).await {
-            // The script took them off the pending set: put them back, so the
-            // next append (or the worker's long-poll) still completes them.
-            for id in &appended.drained_waitpoints {
-                if let Err(e) = state.channels.register_waiter(key, *id, crate::waitpoints::DEFAULT_PENDING_TTL_MS).await {
-                    tracing::error!(waitpoint = %id, error = %e, "could not put a drained waitpoint back");
-                }
-            }
-            return Err(ApiError::from(err).into());
-        }
-    }
-    if path.io == Io::In {
-        ensure_reader(&state, auth.env.id, session.id).await?;
-    }
-    Ok(Json(AppendResponse { ok: true, message: None }))
+    let duplicate = appended.duplicate;
+    effects::follow_up(&state, auth.env.id, key, appended).await?;
+    Ok(Json(AppendResponse { ok: true, message: duplicate.then_some(DUPLICATE) }))
 }
 
 const DUPLICATE: &str = "duplicate part id: already appended";
-
-/// Boots a run for a session whose `.in` got a record while no run is alive.
-async fn ensure_reader(state: &AppState, env_id: uuid::Uuid, session_id: uuid::Uuid) -> Result<(), ApiError> {
-    match run_manager::ensure_run(state, env_id, session_id).await {
-        Ok(_) | Err(RunManagerError::Closed) => Ok(()),
-        Err(err) => Err(ApiError::from(err)),
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]

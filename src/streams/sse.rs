@@ -169,6 +169,13 @@ impl State {
                                 self.phase = Phase::Done;
                                 return None;
                             }
+                            // Normally a millisecond; if Redis is slow, the
+                            // client still hears from us.
+                            _ = &mut self.keepalive => {
+                                let next = Instant::now() + self.sub.keepalive;
+                                self.keepalive.as_mut().reset(next);
+                                return Some(keepalive_frame());
+                            }
                         };
                         let resume = self.sub.cursor.map_or(0, |c| c + 1);
                         if start > resume && !self.rechecked {

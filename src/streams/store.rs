@@ -363,6 +363,14 @@ impl ChannelStore {
             .await?)
     }
 
+    /// Takes every pending waitpoint off the channel's set, atomically.
+    pub async fn take_waiters(&self, key: ChannelKey) -> Result<Vec<Uuid>, ChannelError> {
+        let mut conn = self.redis.clone();
+        let (members, _): (Vec<String>, i64) =
+            redis::pipe().atomic().cmd("SMEMBERS").arg(self.waiters_key(key)).cmd("DEL").arg(self.waiters_key(key)).query_async(&mut conn).await?;
+        Ok(members.iter().filter_map(|m| Uuid::parse_str(m).ok()).collect())
+    }
+
     pub async fn remove_waiter(&self, key: ChannelKey, waitpoint: Uuid) -> Result<(), ChannelError> {
         let mut conn = self.redis.clone();
         let _: i64 = redis::cmd("SREM").arg(self.waiters_key(key)).arg(waitpoint.to_string()).query_async(&mut conn).await?;

@@ -132,7 +132,9 @@ async fn create(
         // A close that sealed the channel after our session check completed
         // the waitpoints it found, maybe before this one existed: do it here.
         if state.channels.is_sealed(key).await? {
-            super::complete_with(&state, &waitpoint, &super::closed_output(None)).await?;
+            let fresh = crate::sessions::store::find_by_id(&state.db, auth.env.id, session.id).await?;
+            let reason = fresh.as_ref().and_then(|s| s.close_reason(Utc::now()));
+            super::complete_with(&state, &waitpoint, &super::closed_output(reason.as_deref())).await?;
         }
     }
     Ok(Json(CreateResponse { waitpoint_id: waitpoint.friendly_id, is_cached: cached }))
