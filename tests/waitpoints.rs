@@ -345,3 +345,22 @@ async fn drained_waitpoints_survive_a_drain_job_that_cannot_be_queued() {
     let output: Value = sqlx::query_scalar("SELECT output FROM waitpoints WHERE id = $1").bind(id).fetch_one(app.db()).await.unwrap();
     assert_eq!(output["body"], "hello");
 }
+
+/// A wait created while a close is under way (the row this server cached
+/// still says active, the channel is sealed) completes at once, with the
+/// close's reason.
+#[tokio::test]
+async fn a_wait_created_during_a_close_completes_with_its_reason() {
+    let app = TestApp::spawn().await;
+    let (s, run) = running_session(&app, "mid-close").await;
+    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::In };
+    // Cache the active row, then close behind the cache's back.
+    assert_eq!(app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &app.a.key).await.0, StatusCode::OK);
+    sqlx::query("UPDATE sessions SET closed_at = now(), closed_reason = 'bye' WHERE id = $1").bind(key.session_id).execute(app.db()).await.unwrap();
+    app.state.channels.close(key, 60_000).await.unwrap();
+    let (status, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let wp = body["waitpointId"].as_str().unwrap();
+    assert_eq!(db_status(&app, wp).await, "COMPLETED");
+    assert_eq!(poll(&app, &run, wp, 0).await["output"], json!({"sessionClosed": true, "reason": "bye"}));
+}
