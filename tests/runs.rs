@@ -23,9 +23,6 @@ async fn dequeue_one(w: &WorkerClient) -> AssignedRun {
     runs.into_iter().next().unwrap()
 }
 
-async fn session_uuid(app: &TestApp, friendly: &str) -> Uuid {
-    sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(friendly).fetch_one(app.db()).await.unwrap()
-}
 
 async fn audit_reasons(app: &TestApp, session: Uuid) -> Vec<String> {
     sqlx::query_scalar("SELECT reason FROM session_runs WHERE session_id = $1 ORDER BY created_at")
@@ -65,7 +62,7 @@ async fn create_dequeue_complete_then_continuation() {
     assert_eq!(again["isCached"], true);
     assert_ne!(again["runId"], s["runId"]);
     assert_eq!(again["currentRunId"], again["runId"]);
-    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
     assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "continuation"]);
     let next = dequeue_one(&w).await;
     assert_eq!(next.id, again["runId"]);
@@ -82,7 +79,7 @@ async fn missed_heartbeats_crash_the_run_and_activity_continues() {
     eventually(10, "CRASHED", || async { (app.run_status(&run.id).await == "CRASHED").then_some(()) }).await;
     let hb = w.heartbeat(&run).await.unwrap();
     assert!(hb.cancel && !hb.ok);
-    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
     let ensured = run_manager::ensure_run(&app.state, app.a.env.id, sid).await.unwrap();
     let Ensured::Triggered(new_run) = ensured else { panic!("expected a continuation, got {ensured:?}") };
     assert_ne!(new_run, run.id);
@@ -98,7 +95,7 @@ async fn concurrent_ensure_run_on_a_dead_session_makes_exactly_one_run() {
     let w = app.worker();
     let run = dequeue_one(&w).await;
     w.complete(&run, json!(null)).await.unwrap();
-    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
 
     let mut calls = Vec::new();
     for _ in 0..50 {
@@ -145,7 +142,7 @@ async fn end_and_continue_swaps_only_for_the_current_run() {
     assert_ne!(handoff.run_id, run.id);
     let (_, now) = app.get("/api/v1/sessions/upgrade", &app.a.key).await;
     assert_eq!(now["currentRunId"], handoff.run_id);
-    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
     assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "upgrade"]);
     let next = dequeue_one(&w).await;
     assert_eq!(next.id, handoff.run_id);
@@ -269,7 +266,7 @@ async fn expiry_sweep_cancels_runs_of_expired_sessions_idempotently() {
     assert!(out.starts_with("0 runs"), "{out}");
     assert_eq!(app.run_status(&run).await, "CANCELED");
     // Expired sessions get no new runs.
-    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
     assert!(run_manager::ensure_run(&app.state, app.a.env.id, sid).await.is_err());
     let (_, listed) = app.get("/api/v1/sessions?filter[status]=EXPIRED", &app.a.key).await;
     assert_eq!(listed["data"][0]["id"], s["id"]);
@@ -327,7 +324,7 @@ async fn unrelayed_jobs_are_relayed_later() {
     w.complete(&run, json!(null)).await.unwrap();
     // A transition committed while Redis was unreachable: the job row exists but
     // was never pushed. The relay loop finds and runs it.
-    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
     let run_id: Uuid = sqlx::query_scalar("SELECT id FROM task_runs WHERE friendly_id = $1").bind(&run.id).fetch_one(app.db()).await.unwrap();
     let mut tx = app.db().begin().await.unwrap();
     let job = sessiond::jobs::store::insert(&mut *tx, &sessiond::jobs::Job::CancelRun { run_id }, 5).await.unwrap();
@@ -385,7 +382,7 @@ async fn a_job_that_keeps_failing_ends_failed_and_retry_runs_it_again() {
 async fn manual_trigger_replaces_the_live_run() {
     let app = TestApp::spawn().await;
     let s = app.create_session(session_body(Some("manual"))).await;
-    let sid = session_uuid(&app, s["id"].as_str().unwrap()).await;
+    let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
     let run = run_manager::trigger_manual(&app.state, app.a.env.id, sid).await.unwrap();
     assert_ne!(run, s["runId"].as_str().unwrap());
     eventually(10, "previous run canceled", || async {

@@ -71,7 +71,7 @@ async fn seq_numbers_are_dense_and_ordered_under_concurrent_appenders() {
     for w in writers {
         w.await.unwrap();
     }
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::Out };
     let records = app.state.channels.read_after(key, None, 10_000).await.unwrap();
     assert_eq!(records.len(), 640);
     for (i, r) in records.iter().enumerate() {
@@ -89,9 +89,6 @@ async fn seq_numbers_are_dense_and_ordered_under_concurrent_appenders() {
     assert!(stamps.windows(2).all(|p| p[0] <= p[1]), "server timestamps follow seq order");
 }
 
-async fn session_uuid(app: &TestApp, friendly: &str) -> uuid::Uuid {
-    sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(friendly).fetch_one(app.db()).await.unwrap()
-}
 
 #[tokio::test]
 async fn a_retried_part_id_is_written_once() {
@@ -211,7 +208,7 @@ async fn a_last_event_id_before_retained_history_gets_a_gap_record() {
     for i in 0..10 {
         app.append(&s, "out", &app.a.key, &format!("r{i}"), &[]).await;
     }
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::Out };
     let mut conn = app.state.redis.clone();
     let _: i64 = redis::cmd("XTRIM").arg(app.state.channels.stream_key(key)).arg("MINID").arg("6-0").query_async(&mut conn).await.unwrap();
     let mut sub = app.sse(&format!("/realtime/v1/sessions/{s}/out"), &app.a.key, &[("last-event-id", "2"), ("timeout-seconds", "1")]).await;
@@ -226,7 +223,7 @@ async fn a_last_event_id_before_retained_history_gets_a_gap_record() {
 async fn live_subscribers_get_big_records_and_records_whose_announcement_was_lost() {
     let app = TestApp::spawn().await;
     let s = new_session(&app, "gaps").await;
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::Out };
     let mut sub = app.sse(&format!("/realtime/v1/sessions/{s}/out"), &app.a.key, &[("timeout-seconds", "10")]).await;
     // What the feed itself broadcasts, once it knows where the channel ends.
     let feed = app.state.hub.feed(key);
@@ -345,7 +342,7 @@ async fn close_refuses_writes_and_wakes_in_with_a_session_closed_record() {
     assert!(batch[0].headers.contains(&("trigger-control".into(), "session-closed".into())));
     assert!(batch[0].headers.contains(&("session-closed-reason".into(), "user left".into())));
     // Channel data now expires after the retention period.
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::Out };
     let ttls = app.state.channels.ttls(key).await.unwrap();
     assert!(ttls.iter().all(|(_, ttl)| *ttl > 0), "{ttls:?}");
     // History stays readable.
@@ -462,7 +459,7 @@ async fn realtime_auth_limits_and_preflight() {
 async fn concurrent_appends_to_one_channel_are_written_in_groups() {
     let app = TestApp::spawn().await;
     let s = new_session(&app, "groups").await;
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::Out };
     let store = app.state.channels.clone();
     let waitpoint = uuid::Uuid::new_v4();
     store.register_waiter(key, waitpoint, 60_000).await.unwrap();
@@ -505,16 +502,11 @@ async fn concurrent_appends_to_one_channel_are_written_in_groups() {
 /// retries of records stored before the close.
 #[tokio::test]
 async fn abandoned_appends_do_not_stall_their_group_and_closed_refuses_all() {
-    use sessiond::streams::store::ChannelStore;
     let app = TestApp::spawn().await;
     let s = new_session(&app, "abandon").await;
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::Out };
     // A store whose Redis traffic can be held, so appends stay queued.
-    let upstream = app.state.config.redis_url.trim_start_matches("redis://").trim_end_matches('/').to_string();
-    let (port, hold) = holding_proxy(upstream).await;
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    let proxied = redis::aio::ConnectionManager::new(client).await.unwrap();
-    let store = ChannelStore::new(proxied, &app.state.config.redis_prefix, 60_000);
+    let (store, hold) = held_store(&app).await;
     let waitpoint = uuid::Uuid::new_v4();
     store.register_waiter(key, waitpoint, 60_000).await.unwrap();
 
@@ -555,9 +547,7 @@ async fn abandoned_appends_do_not_stall_their_group_and_closed_refuses_all() {
     }
     eventually(5, "lanes to end", || async { (store.lanes().active() == 0).then_some(()) }).await;
     // Nobody took the waitpoint the first record drained: it is pending again.
-    let members: Vec<String> =
-        redis::cmd("SMEMBERS").arg(store.waiters_key(key)).query_async(&mut app.state.redis.clone()).await.unwrap();
-    assert_eq!(members, vec![waitpoint.to_string()]);
+    assert_eq!(app.pending_waiters(key).await, vec![waitpoint.to_string()]);
 
     let before_close = store.append(key, "pre", &[], Some("pre")).await.unwrap();
     store.close(key, 60_000).await.unwrap();
@@ -647,7 +637,7 @@ async fn the_long_poll_window_ends_on_time_while_records_remain() {
     use sessiond::streams::sse::{self, Subscription};
     let app = TestApp::spawn().await;
     let s = new_session(&app, "window").await;
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::Out };
     let bodies: Vec<String> = (0..3000).map(|i| format!("r{i}")).collect();
     futures::future::join_all(bodies.iter().map(|b| app.state.channels.append(key, b, &[], None))).await;
     let sub = Subscription {
@@ -692,7 +682,7 @@ async fn resume_ids_past_the_end_are_refused_and_expired_history_still_signals_a
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
     app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({})).await;
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::Out };
     let retention = app.state.config.channel_retention_secs as i64 * 1000;
     let ttls = app.state.channels.ttls(key).await.unwrap();
     assert!(ttls[0].1 > 0 && ttls[0].1 <= retention, "records expire with retention: {ttls:?}");
@@ -704,6 +694,16 @@ async fn resume_ids_past_the_end_are_refused_and_expired_history_still_signals_a
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].headers.contains(&("trigger-control".into(), "stream-gap".into())));
     assert!(got[0].headers.contains(&("gap-from".into(), "1".into())) && got[0].headers.contains(&("gap-to".into(), "2".into())));
+}
+
+/// A channel store like the app's whose commands can be held back (`true`
+/// on the sender holds, `false` releases).
+async fn held_store(app: &TestApp) -> (sessiond::streams::store::ChannelStore, tokio::sync::watch::Sender<bool>) {
+    let upstream = app.state.config.redis_url.trim_start_matches("redis://").trim_end_matches('/').to_string();
+    let (port, hold) = holding_proxy(upstream).await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let proxied = redis::aio::ConnectionManager::new(client).await.unwrap();
+    (sessiond::streams::store::ChannelStore::new(proxied, &app.state.config.redis_prefix, 60_000), hold)
 }
 
 /// A TCP proxy to Redis that can hold back what clients send (not what Redis
@@ -742,17 +742,13 @@ async fn a_record_between_the_backlog_read_and_the_feed_start_is_not_missed() {
     use futures::StreamExt;
     use sessiond::streams::hub::Hub;
     use sessiond::streams::sse::{self, Subscription};
-    use sessiond::streams::store::ChannelStore;
     let app = TestApp::spawn().await;
     let s = new_session(&app, "feed-start").await;
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::Out };
-    // A feed whose Redis traffic goes through the proxy, so its tail read can
-    // be held back until after the append.
-    let upstream = app.state.config.redis_url.trim_start_matches("redis://").trim_end_matches('/').to_string();
-    let (port, hold) = holding_proxy(upstream).await;
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    let proxied = redis::aio::ConnectionManager::new(client).await.unwrap();
-    let hub = Hub::new(ChannelStore::new(proxied, &app.state.config.redis_prefix, 60_000));
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::Out };
+    // A feed whose Redis traffic can be held, so its tail read comes after
+    // the append.
+    let (store, hold) = held_store(&app).await;
+    let hub = Hub::new(store);
     hold.send(true).unwrap();
     let sub = Subscription {
         store: app.state.channels.clone(),

@@ -220,7 +220,7 @@ async fn the_drain_completes_each_waitpoint_with_its_own_next_record() {
     for body in ["r0", "r1"] {
         app.append(&s, "in", &app.a.key, body, &[]).await;
     }
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::In };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::In };
     // Two waitpoints as a create call leaves them just before its race-check:
     // registered in the pending set, still WAITING.
     let behind = insert_waiting(&app, &run, &s, 0).await; // r1 is already after it
@@ -236,12 +236,7 @@ async fn the_drain_completes_each_waitpoint_with_its_own_next_record() {
     assert_eq!(output["seqNum"], 1);
     assert_eq!(db_status(&app, &ahead.1).await, "WAITING");
     eventually(10, "the waitpoint back in the pending set", || async {
-        let members: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(app.state.channels.waiters_key(key))
-            .query_async(&mut app.state.redis.clone())
-            .await
-            .unwrap();
-        members.contains(&ahead.0.to_string()).then_some(())
+        app.pending_waiters(key).await.contains(&ahead.0.to_string()).then_some(())
     })
     .await;
     app.append(&s, "in", &app.a.key, "r3", &[]).await;
@@ -250,9 +245,6 @@ async fn the_drain_completes_each_waitpoint_with_its_own_next_record() {
     assert_eq!(output["body"], "r3");
 }
 
-async fn session_uuid(app: &TestApp, friendly: &str) -> uuid::Uuid {
-    sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(friendly).fetch_one(app.db()).await.unwrap()
-}
 
 /// A WAITING waitpoint row on `.in` (no race-check, no registration).
 async fn insert_waiting(app: &TestApp, run: &AssignedRun, session: &str, after_seq: i64) -> (uuid::Uuid, String) {
@@ -264,7 +256,7 @@ async fn insert_waiting(app: &TestApp, run: &AssignedRun, session: &str, after_s
         &NewWaitpoint {
             env_id: app.a.env.id,
             run_id,
-            session_id: session_uuid(app, session).await,
+            session_id: app.session_uuid(session).await,
             io: "in",
             after_seq,
             idempotency_key: None,
@@ -322,7 +314,7 @@ async fn drained_waitpoints_survive_a_drain_job_that_cannot_be_queued() {
     let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in"})).await;
     let wp = body["waitpointId"].as_str().unwrap().to_string();
     let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM waitpoints WHERE friendly_id = $1").bind(&wp).fetch_one(app.db()).await.unwrap();
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::In };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::In };
     // The job ledger is unavailable for a moment.
     sqlx::query("ALTER TABLE jobs RENAME TO jobs_away").execute(app.db()).await.unwrap();
     let (status, body) = app.append(&s, "in", &app.a.key, "hello", &[("x-part-id", "m1")]).await;
@@ -333,9 +325,7 @@ async fn drained_waitpoints_survive_a_drain_job_that_cannot_be_queued() {
     let stored = app.state.channels.read_after(key, None, 10).await.unwrap();
     assert_eq!(stored.iter().map(|r| r.body.as_str()).collect::<Vec<_>>(), vec!["hello"]);
     // ...and the waitpoint is pending again, not completed.
-    let members: Vec<String> =
-        redis::cmd("SMEMBERS").arg(app.state.channels.waiters_key(key)).query_async(&mut app.state.redis.clone()).await.unwrap();
-    assert_eq!(members, vec![id.to_string()]);
+    assert_eq!(app.pending_waiters(key).await, vec![id.to_string()]);
     assert_eq!(db_status(&app, &wp).await, "WAITING");
     // The client retries: a duplicate, which completes what the first attempt left.
     let (status, body) = app.append(&s, "in", &app.a.key, "hello", &[("x-part-id", "m1")]).await;
@@ -353,7 +343,7 @@ async fn drained_waitpoints_survive_a_drain_job_that_cannot_be_queued() {
 async fn a_wait_created_during_a_close_completes_with_its_reason() {
     let app = TestApp::spawn().await;
     let (s, run) = running_session(&app, "mid-close").await;
-    let key = ChannelKey { session_id: session_uuid(&app, &s).await, io: Io::In };
+    let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::In };
     // Cache the active row, then close behind the cache's back.
     assert_eq!(app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &app.a.key).await.0, StatusCode::OK);
     sqlx::query("UPDATE sessions SET closed_at = now(), closed_reason = 'bye' WHERE id = $1").bind(key.session_id).execute(app.db()).await.unwrap();

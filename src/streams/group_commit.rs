@@ -112,8 +112,11 @@ async fn drain(store: ChannelStore, key: ChannelKey) {
         match store.append_batch(key, &records).await {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    // The waitpoints an append drained are completed by its
+                    // request; when that is gone, they go back to be drained
+                    // again.
                     if let Err(Ok(unclaimed)) = reply.send(outcome) {
-                        give_back_waitpoints(&store, key, unclaimed).await;
+                        store.put_back_waiters(key, &unclaimed.drained_waitpoints).await;
                     }
                 }
             }
@@ -125,17 +128,6 @@ async fn drain(store: ChannelStore, key: ChannelKey) {
         }
     }
     std::mem::forget(guard);
-}
-
-/// The waitpoints an append drained belong to whoever completes them; when
-/// its request is gone, they go back into the pending set, where the next
-/// append (or a retry of this one) drains them again.
-async fn give_back_waitpoints(store: &ChannelStore, key: ChannelKey, unclaimed: Appended) {
-    for id in unclaimed.drained_waitpoints {
-        if let Err(err) = store.register_waiter(key, id, crate::waitpoints::DEFAULT_PENDING_TTL_MS).await {
-            tracing::error!(waitpoint = %id, %err, "could not put back a waitpoint drained for a request that went away");
-        }
-    }
 }
 
 /// Removes the lane if its task ends early (a panic, a runtime shutting down),

@@ -363,6 +363,17 @@ impl ChannelStore {
             .await?)
     }
 
+    /// Puts waitpoints an append drained but nobody will complete back into
+    /// the pending set, for the next append to drain. Failures are logged:
+    /// the worker's long-poll still completes them.
+    pub async fn put_back_waiters(&self, key: ChannelKey, ids: &[Uuid]) {
+        for id in ids {
+            if let Err(err) = self.register_waiter(key, *id, crate::waitpoints::DEFAULT_PENDING_TTL_MS).await {
+                tracing::error!(waitpoint = %id, %err, "could not put a drained waitpoint back");
+            }
+        }
+    }
+
     /// Takes every pending waitpoint off the channel's set, atomically.
     pub async fn take_waiters(&self, key: ChannelKey) -> Result<Vec<Uuid>, ChannelError> {
         let mut conn = self.redis.clone();

@@ -123,6 +123,16 @@ impl TestApp {
     pub async fn run_status(&self, run: &str) -> String {
         sqlx::query_scalar("SELECT status FROM task_runs WHERE friendly_id = $1").bind(run).fetch_one(self.db()).await.unwrap()
     }
+
+    /// A session's row id, by friendly id.
+    pub async fn session_uuid(&self, friendly: &str) -> uuid::Uuid {
+        sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(friendly).fetch_one(self.db()).await.unwrap()
+    }
+
+    /// The waitpoint ids in a channel's pending set.
+    pub async fn pending_waiters(&self, key: sessiond::streams::ChannelKey) -> Vec<String> {
+        redis::cmd("SMEMBERS").arg(self.state.channels.waiters_key(key)).query_async(&mut self.state.redis.clone()).await.unwrap()
+    }
 }
 
 /// Every sweep every second.
