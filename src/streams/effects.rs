@@ -18,6 +18,10 @@ use crate::sessions::run_manager::{self, RunManagerError};
 /// Follows up on `appended` (see the module docs), to completion even if the
 /// caller stops waiting.
 pub async fn follow_up(state: &AppState, env_id: Uuid, key: ChannelKey, appended: Appended) -> Result<(), ApiError> {
+    // The common case (a token on `.out`) has nothing to follow up.
+    if key.io == Io::Out && !appended.duplicate && appended.drained_waitpoints.is_empty() {
+        return Ok(());
+    }
     let state = state.clone();
     tokio::spawn(async move { run(&state, env_id, key, appended).await })
         .await

@@ -301,14 +301,20 @@ async fn subscribe(State(state): State<AppState>, auth: Auth, path: ChannelPath,
     // Subscribe before reading anything, so nothing appended from here on is missed.
     let feed = state.hub.feed(key);
 
-    let next_seq = store.next_seq(key).await?;
+    let mut next_seq = None;
     if cursor.is_none() && header_str("x-trigger-stream-start") == Some("latest") {
-        cursor = next_seq.checked_sub(1);
+        let next = store.next_seq(key).await?;
+        next_seq = Some(next);
+        cursor = next.checked_sub(1);
     }
     let mut gap = None;
     if let Some(c) = cursor {
         // An id the channel never reached would silently skip the records
         // that get those numbers later.
+        let next_seq = match next_seq {
+            Some(n) => n,
+            None => store.next_seq(key).await?,
+        };
         if c >= next_seq {
             return Err(ApiError::BadRequest(format!("Last-Event-ID {c} is past the end of the stream (next is {next_seq})")));
         }
