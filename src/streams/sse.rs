@@ -134,6 +134,13 @@ impl State {
         }
     }
 
+    /// A keep-alive comment, and the next one scheduled.
+    fn keepalive_frame(&mut self) -> Bytes {
+        let next = Instant::now() + self.sub.keepalive;
+        self.keepalive.as_mut().reset(next);
+        keepalive_frame()
+    }
+
     fn already_sent(&self, seq: u64) -> bool {
         self.sub.cursor.is_some_and(|c| seq <= c)
     }
@@ -172,9 +179,7 @@ impl State {
                             // Normally a millisecond; if Redis is slow, the
                             // client still hears from us.
                             _ = &mut self.keepalive => {
-                                let next = Instant::now() + self.sub.keepalive;
-                                self.keepalive.as_mut().reset(next);
-                                return Some(keepalive_frame());
+                                return Some(self.keepalive_frame());
                             }
                         };
                         let resume = self.sub.cursor.map_or(0, |c| c + 1);
@@ -200,9 +205,7 @@ impl State {
                         }
                         r = self.rx.recv() => r,
                         _ = &mut self.keepalive => {
-                            let next = Instant::now() + self.sub.keepalive;
-                            self.keepalive.as_mut().reset(next);
-                            return Some(keepalive_frame());
+                            return Some(self.keepalive_frame());
                         }
                     };
                     let first = match received {

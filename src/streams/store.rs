@@ -237,6 +237,11 @@ impl ChannelStore {
         format!("{}:closed", self.base(key))
     }
 
+    /// Remembers the seq of an append with this part id (dedupe window).
+    fn part_key(&self, key: ChannelKey, part_id: &str) -> String {
+        format!("{}:p:{part_id}", self.base(key))
+    }
+
     pub fn waiters_key(&self, key: ChannelKey) -> String {
         format!("{}:w", self.base(key))
     }
@@ -279,7 +284,7 @@ impl ChannelStore {
         let mut invocation = self.append.prepare_invoke();
         invocation.key(self.stream_key(key)).key(self.counter_key(key)).key(self.closed_key(key)).key(self.waiters_key(key));
         for record in records {
-            invocation.key(format!("{}:p:{}", self.base(key), record.part_id.as_deref().unwrap_or("-")));
+            invocation.key(self.part_key(key, record.part_id.as_deref().unwrap_or("-")));
         }
         invocation.arg(self.dedupe_window_ms).arg(self.notify_channel()).arg(Self::notify_tag(key));
         for record in records {
@@ -303,7 +308,7 @@ impl ChannelStore {
     /// The seq an earlier append with `part_id` got, if it is still remembered.
     pub async fn part_seq(&self, key: ChannelKey, part_id: &str) -> Result<Option<u64>, ChannelError> {
         let mut conn = self.redis.clone();
-        Ok(redis::cmd("GET").arg(format!("{}:p:{part_id}", self.base(key))).query_async(&mut conn).await?)
+        Ok(redis::cmd("GET").arg(self.part_key(key, part_id)).query_async(&mut conn).await?)
     }
 
     /// Up to `count` records after `after` (from the start when None), in order.

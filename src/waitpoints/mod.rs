@@ -78,6 +78,7 @@ pub fn pending_ttl_ms(timeout_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> 
 /// no record after its `after_seq` yet (a `lastSeqNum` ahead of the append)
 /// goes back in the pending set for the next append.
 pub async fn drain(state: &AppState, session_id: Uuid, io: Io, seq_num: u64, ids: &[Uuid]) -> anyhow::Result<usize> {
+    let key = ChannelKey { session_id, io };
     let mut completed = 0;
     for id in ids {
         let Some(w) = store::find_by_id(&state.db, *id).await? else { continue };
@@ -89,7 +90,6 @@ pub async fn drain(state: &AppState, session_id: Uuid, io: Io, seq_num: u64, ids
             continue;
         }
         tracing::debug!(waitpoint = %w.friendly_id, %io, seq_num, after_seq = w.after_seq, "drained waitpoint waits on");
-        let key = ChannelKey { session_id, io };
         state.channels.register_waiter(key, w.id, pending_ttl_ms(w.timeout_at, Utc::now())).await?;
         // A record appended while it was out of the set has drained without it.
         if check_arrived(state, &w).await? {
