@@ -33,6 +33,8 @@ pub struct Inner {
     pub channels: ChannelStore,
     pub hub: Hub,
     pub sessions: SessionLookup,
+    /// Fault seams for tests (all off in a real server).
+    pub faults: crate::streams::effects::Faults,
 }
 
 #[derive(Clone)]
@@ -69,6 +71,7 @@ impl AppState {
             channels,
             hub,
             sessions: SessionLookup::new(Duration::from_millis(1_000)),
+            faults: Default::default(),
         })))
     }
 }

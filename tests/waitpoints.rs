@@ -92,13 +92,13 @@ async fn a_waiting_run_resumes_with_the_next_record() {
 #[tokio::test]
 async fn every_waiter_on_a_channel_wakes_with_the_same_record() {
     let app = TestApp::spawn().await;
-    let (target, _) = running_session(&app, "target").await;
+    // A run waits only on its own session, so the waiters are one run's waits.
+    let (target, run) = running_session(&app, "target").await;
     let mut waiters = Vec::new();
-    for i in 0..3 {
-        let (_, run) = running_session(&app, &format!("w{i}")).await;
+    for _ in 0..3 {
         let (status, body) = wait(&app, &run, &app.a.key, json!({"session": target, "io": "in"})).await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        waiters.push((run, body["waitpointId"].as_str().unwrap().to_string()));
+        waiters.push(body["waitpointId"].as_str().unwrap().to_string());
     }
     let key = ChannelKey {
         session_id: sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(&target).fetch_one(app.db()).await.unwrap(),
@@ -109,7 +109,7 @@ async fn every_waiter_on_a_channel_wakes_with_the_same_record() {
     assert_eq!(pending, 3);
     app.append(&target, "in", &app.a.key, "broadcast", &[]).await;
     // Nobody polls: the drain job completes all three.
-    for (_, wp) in &waiters {
+    for wp in &waiters {
         let output: Value = eventually(10, "drained", || async {
             let (status, output): (String, Option<Value>) =
                 sqlx::query_as("SELECT status, output FROM waitpoints WHERE friendly_id = $1").bind(wp).fetch_one(app.db()).await.unwrap();
@@ -248,10 +248,10 @@ async fn the_drain_completes_each_waitpoint_with_its_own_next_record() {
 
 /// A WAITING waitpoint row on `.in` (no race-check, no registration).
 async fn insert_waiting(app: &TestApp, run: &AssignedRun, session: &str, after_seq: i64) -> (uuid::Uuid, String) {
-    use sessiond::waitpoints::store::{create, NewWaitpoint};
+    use sessiond::waitpoints::store::{create, Created, NewWaitpoint};
     let run_id: uuid::Uuid =
         sqlx::query_scalar("SELECT id FROM task_runs WHERE friendly_id = $1").bind(&run.id).fetch_one(app.db()).await.unwrap();
-    let (w, _) = create(
+    let created = create(
         app.db(),
         &NewWaitpoint {
             env_id: app.a.env.id,
@@ -267,6 +267,7 @@ async fn insert_waiting(app: &TestApp, run: &AssignedRun, session: &str, after_s
     )
     .await
     .unwrap();
+    let Created::Waitpoint(w, _) = created else { panic!("the run cannot wait: {created:?}") };
     (w.id, w.friendly_id)
 }
 

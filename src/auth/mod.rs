@@ -61,6 +61,15 @@ impl Auth {
         }
     }
 
+    /// The run this caller acts as (a worker's run token), if any: its writes
+    /// to the session's channels are fenced once that run is superseded.
+    pub fn acting_run(&self) -> Option<&str> {
+        match &self.principal {
+            Principal::SecretKey => None,
+            Principal::PublicToken { scopes } => scopes::acting_run(scopes),
+        }
+    }
+
     /// Does a channel-scoped token (`{action}:session-channels:{session}:{io}`)
     /// grant `action` on that one channel? Secret keys need no such scope.
     pub fn can_access_channel(&self, action: Action, channel_id: &str) -> bool {

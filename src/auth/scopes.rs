@@ -55,6 +55,16 @@ pub fn allows(scopes: &[String], resource: &str, action: Action, keys: &[&str]) 
     })
 }
 
+/// The run a token acts as: the id of its `write:runs:{id}` scope (the token a
+/// worker gets with a run carries exactly one). Such a token writes to its
+/// session's channels as that run, so the run's fence applies to it.
+pub fn acting_run(scopes: &[String]) -> Option<&str> {
+    scopes.iter().map(|s| parse(s)).find_map(|scope| match (scope.action, scope.resource, scope.id) {
+        ("write" | "admin", "runs", Some(id)) if !id.is_empty() => Some(id),
+        _ => None,
+    })
+}
+
 /// [`allows`] for sessions: `keys` are the URL form, friendly id and external id.
 pub fn allows_session(scopes: &[String], action: Action, keys: &[&str]) -> bool {
     allows(scopes, "sessions", action, keys)

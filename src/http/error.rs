@@ -39,6 +39,11 @@ impl From<StoreError> for ApiError {
 }
 
 impl ApiError {
+    /// A run replaced by `by` (a hand-off) acting as its session's run.
+    pub fn superseded(by: &str) -> ApiError {
+        ApiError::Conflict(format!("Run was superseded by {by}: another run now serves its session"))
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -35,6 +35,14 @@ pub async fn execute(state: &AppState, job: &Job) -> Outcome {
             Ok(format!("channels of session {session_id} closed"))
         }
         Job::WaitpointTimeoutSweep => Ok(format!("{} waitpoints timed out", crate::waitpoints::time_out_due(state).await?)),
+        Job::RunHandoff(step) => {
+            crate::sessions::run_manager::apply_handoff(state, step).await?;
+            Ok(format!("channels of session {} fenced to run {}", step.session_id, step.run))
+        }
+        Job::InputBootSweep => {
+            let (booted, checked) = crate::streams::effects::boot_unread_input(state).await?;
+            Ok(format!("{booted} runs booted for unread input ({checked} sessions checked)"))
+        }
     }
 }
 

@@ -40,6 +40,12 @@ pub enum Job {
     /// After a session closes (or expires): wake, refuse writes, expire, complete waits.
     CloseChannels { session_id: Uuid, reason: Option<String>, notify_in: bool },
     WaitpointTimeoutSweep,
+    /// After a run replaced another: fence the channels to the new run, and
+    /// write the hand-off's control record (see `sessions::run_manager`).
+    RunHandoff(crate::sessions::run_manager::HandoffStep),
+    /// Boots a run for `.in` records no run is known to read (an append whose
+    /// follow-up never ran: a crash between storing the record and the boot).
+    InputBootSweep,
 }
 
 impl Job {
@@ -52,6 +58,8 @@ impl Job {
             Job::DrainWaitpoints { .. } => "waitpoint-drain",
             Job::CloseChannels { .. } => "close-channels",
             Job::WaitpointTimeoutSweep => "waitpoint-timeout-sweep",
+            Job::RunHandoff(_) => "run-handoff",
+            Job::InputBootSweep => "input-boot-sweep",
         }
     }
 
@@ -61,6 +69,7 @@ impl Job {
             "run-sweep" => Some(Job::RunSweep),
             "session-expiry-sweep" => Some(Job::SessionExpirySweep),
             "waitpoint-timeout-sweep" => Some(Job::WaitpointTimeoutSweep),
+            "input-boot-sweep" => Some(Job::InputBootSweep),
             _ => None,
         }
     }

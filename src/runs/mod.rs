@@ -104,21 +104,41 @@ impl TriggerReason {
     }
 }
 
+/// What a run that replaces another needs to pick up where that one stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Continuation {
+    /// The replaced run's friendly id.
+    pub previous_run_id: String,
+    /// The `.in` seq the newest finished turn answered (its turn-complete
+    /// record's `session-in-event-id`): the new run reads `.in` after it, so it
+    /// neither answers a message twice nor skips one. None when no turn ended.
+    pub resume_after_in_seq: Option<u64>,
+}
+
 /// A run's payload: the session's `basePayload` with the server's runtime fields
-/// merged on top (`sessionId`, `trigger` = the reason this run exists, and
-/// `idleTimeoutInSeconds` when the session sets one), so a task can tell a first
-/// run from a continuation without extra calls.
+/// merged on top (`sessionId`, `trigger` = the reason this run exists,
+/// `idleTimeoutInSeconds` when the session sets one, and for a run replacing
+/// another `continuation: true`, `previousRunId` and `resumeAfterInSeq`), so a
+/// task can tell a first run from a continuation without extra calls.
 pub fn session_payload(
     base: &Map<String, Value>,
     session_friendly_id: &str,
     reason: TriggerReason,
     idle_timeout_secs: Option<i64>,
+    continuation: Option<&Continuation>,
 ) -> Value {
     let mut payload = base.clone();
     payload.insert("sessionId".into(), Value::String(session_friendly_id.into()));
     payload.insert("trigger".into(), Value::String(reason.as_str().into()));
     if let Some(idle) = idle_timeout_secs {
         payload.insert("idleTimeoutInSeconds".into(), Value::from(idle));
+    }
+    if let Some(c) = continuation {
+        payload.insert("continuation".into(), Value::Bool(true));
+        payload.insert("previousRunId".into(), Value::String(c.previous_run_id.clone()));
+        if let Some(seq) = c.resume_after_in_seq {
+            payload.insert("resumeAfterInSeq".into(), Value::from(seq));
+        }
     }
     Value::Object(payload)
 }
@@ -156,9 +176,19 @@ mod tests {
     #[test]
     fn payload_merges_runtime_fields_over_the_base() {
         let base = json!({"chatId": "c1", "trigger": "user value"});
-        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Continuation, None);
-        assert_eq!(p, json!({"chatId": "c1", "trigger": "continuation", "sessionId": "session_x"}));
-        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Initial, Some(30));
+        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Initial, None, None);
+        assert_eq!(p, json!({"chatId": "c1", "trigger": "initial", "sessionId": "session_x"}));
+        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Initial, Some(30), None);
         assert_eq!(p["idleTimeoutInSeconds"], 30);
+        let takeover = Continuation { previous_run_id: "run_a".into(), resume_after_in_seq: Some(4) };
+        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Upgrade, None, Some(&takeover));
+        assert_eq!(
+            p,
+            json!({"chatId": "c1", "trigger": "upgrade", "sessionId": "session_x",
+                   "continuation": true, "previousRunId": "run_a", "resumeAfterInSeq": 4})
+        );
+        let fresh = Continuation { previous_run_id: "run_a".into(), resume_after_in_seq: None };
+        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Continuation, None, Some(&fresh));
+        assert!(p.get("resumeAfterInSeq").is_none() && p["continuation"] == true);
     }
 }

@@ -205,6 +205,7 @@ async fn heartbeat(State(state): State<AppState>, auth: Auth, PathId(run): PathI
 fn transition_result(t: Transition) -> ApiResult<Json<RunView>> {
     match t {
         Transition::Done(r) => Ok(Json(RunView::from(&r))),
+        Transition::Refused(Run { superseded_by: Some(by), .. }) => Err(ApiError::superseded(&by)),
         Transition::Refused(r) => Err(ApiError::Conflict(format!("Run is {}", r.status().as_str()))),
         Transition::NotFound => Err(not_found()),
     }

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{session_payload, RunStatus, TriggerReason};
+use super::{session_payload, Continuation, RunStatus, TriggerReason};
 use crate::db::StoreError;
 use crate::ids;
 use crate::sessions::validate::TriggerConfig;
@@ -40,7 +40,12 @@ pub struct RunOwner<'a> {
 }
 
 impl NewRun {
-    pub fn for_session(owner: RunOwner<'_>, config: &TriggerConfig, reason: TriggerReason) -> Self {
+    pub fn for_session(
+        owner: RunOwner<'_>,
+        config: &TriggerConfig,
+        reason: TriggerReason,
+        continuation: Option<&Continuation>,
+    ) -> Self {
         let clamp = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
         NewRun {
             id: Uuid::now_v7(),
@@ -50,7 +55,13 @@ impl NewRun {
             runtime_environment_id: owner.runtime_environment_id,
             task_identifier: owner.task_identifier.to_string(),
             session_id: Some(owner.session_id),
-            payload: session_payload(&config.base_payload, owner.session_friendly_id, reason, config.idle_timeout_in_seconds),
+            payload: session_payload(
+                &config.base_payload,
+                owner.session_friendly_id,
+                reason,
+                config.idle_timeout_in_seconds,
+                continuation,
+            ),
             queue: config.queue.clone(),
             machine: config.machine.clone(),
             tags: config.tags.clone().unwrap_or_default(),
@@ -115,6 +126,8 @@ pub struct Run {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// The run that replaced this one (a hand-off), if any.
+    pub superseded_by: Option<String>,
 }
 
 impl Run {
@@ -130,7 +143,8 @@ impl Run {
 const RUN_COLUMNS: &str = "t.id, t.friendly_id, t.organization_id, t.project_id, t.runtime_environment_id, \
     t.task_identifier, t.session_id, (SELECT friendly_id FROM sessions WHERE id = t.session_id) AS session_friendly_id, \
     t.payload, t.status, t.attempt_number, t.max_attempts, t.max_duration_secs, t.ttl_secs, t.heartbeat_deadline, \
-    t.cancel_requested_at, t.available_at, t.output, t.error, t.created_at, t.updated_at, t.started_at, t.completed_at";
+    t.cancel_requested_at, t.available_at, t.output, t.error, t.created_at, t.updated_at, t.started_at, t.completed_at, \
+    t.superseded_by";
 
 /// Wraps a `task_runs` UPDATE ... RETURNING * so rows come back as [`Run`]s.
 fn returning_runs(sql: &str) -> String {
@@ -259,6 +273,24 @@ pub async fn cancel(conn: impl sqlx::PgExecutor<'_>, run_id: Uuid) -> Result<boo
     .execute(conn)
     .await?;
     Ok(done.rows_affected() > 0)
+}
+
+/// Replaces `run_id` by `by` (a friendly id): cancels it if it is not final and
+/// records who took over, in the caller's transaction (the claim's), so the
+/// swap and the fence on the old run commit together.
+pub async fn supersede(conn: &mut PgConnection, run_id: Uuid, by: &str) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE task_runs SET superseded_by = $2, updated_at = now(),
+            status = CASE WHEN status IN ('QUEUED', 'EXECUTING', 'WAITING') THEN 'CANCELED' ELSE status END,
+            cancel_requested_at = CASE WHEN status IN ('QUEUED', 'EXECUTING', 'WAITING') THEN now() ELSE cancel_requested_at END,
+            completed_at = coalesce(completed_at, now()), heartbeat_deadline = NULL
+         WHERE id = $1",
+    )
+    .bind(run_id)
+    .bind(by)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// A run moved to a final state by a sweep.

@@ -200,6 +200,9 @@ struct EndAndContinueResponse {
 }
 
 /// Called by the session's current run to hand off to a fresh run (an upgrade).
+/// Agent-only: the caller is the run it names (that run's own token) or holds a
+/// secret key; a client's session token may write to the session but never
+/// replace its run.
 async fn end_and_continue(
     State(state): State<AppState>,
     auth: Auth,
@@ -207,6 +210,9 @@ async fn end_and_continue(
     ApiJson(body): ApiJson<EndAndContinueBody>,
 ) -> ApiResult<Json<EndAndContinueResponse>> {
     let reason = validate::end_and_continue(&body)?;
+    if !auth.is_secret_key() && auth.acting_run() != Some(body.calling_run_id.as_str()) {
+        return Err(ApiError::Forbidden);
+    }
     let session = load_authorized(&state, &auth, &key, Action::Write).await?;
     let handoff = run_manager::hand_off(&state, auth.env.id, session.id, &body.calling_run_id, reason).await?;
     Ok(Json(EndAndContinueResponse { run_id: handoff.run_id, swapped: handoff.swapped }))

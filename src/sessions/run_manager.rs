@@ -5,8 +5,19 @@
 //! job are written in the same transaction as the claim: a caller that loses
 //! the race rolls all three back (its run is cancelled before anyone could see
 //! it) and adopts the winner's run, read back from the primary.
+//!
+//! A run that replaces another (a continuation, an end-and-continue hand-off,
+//! a manual trigger) fences the one it replaces, in the claim's transaction:
+//! the old run is canceled (its heartbeat answers `cancel: true`), marked as
+//! superseded (its complete/fail answer 409 saying so), and its pending waits
+//! are canceled. After the commit, and before the caller is answered, the
+//! channels' fence moves to the new run, so the old run's token can no longer
+//! append to them (checked inside the append script), and an upgrade writes
+//! its `upgrade-required` record to `.out`. A `run-handoff` job written in the
+//! same transaction repeats that step if this process dies before it.
 
 use chrono::Utc;
+use serde_json::json;
 use uuid::Uuid;
 
 use super::model::Session;
@@ -15,11 +26,18 @@ use crate::app::AppState;
 use crate::db::StoreError;
 use crate::jobs::{self, Job};
 use crate::runs::store::{self as run_store, NewRun, RunOwner};
-use crate::runs::TriggerReason;
+use crate::runs::{Continuation, TriggerReason};
 use crate::sessions::validate::TriggerConfig;
+use crate::streams::store::{handoff_part, ChannelError};
+use crate::streams::{ChannelKey, Io, CONTROL_HEADER};
+use crate::waitpoints::store as waitpoint_store;
 
 /// How many times a caller re-reads and retries after losing a claim race.
 pub const MAX_CLAIM_ATTEMPTS: usize = 3;
+
+/// How far back in `.out` a new run's resume point is looked for. A turn ends
+/// every few records, so this only bounds the cost for a channel with none.
+const RESUME_SCAN_RECORDS: usize = 5_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunManagerError {
@@ -31,6 +49,10 @@ pub enum RunManagerError {
     Contended(usize),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The swap committed, but fencing the channels (or writing the upgrade
+    /// record) failed; the `run-handoff` job finishes it.
+    #[error("hand-off step failed: {0}")]
+    Channel(#[from] ChannelError),
 }
 
 /// What `ensure_run` did.
@@ -60,18 +82,60 @@ async fn current_run_alive(state: &AppState, s: &Session) -> Result<Option<Strin
     Ok(run.filter(|r| r.is_alive(Utc::now())).map(|r| r.friendly_id))
 }
 
+/// What a claimed hand-off still has to do outside Postgres (see the module
+/// docs); the `run-handoff` job carries the same fields.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandoffStep {
+    pub session_id: Uuid,
+    /// The session's `current_run_version` once the new run holds it.
+    pub version: i64,
+    /// The new run's friendly id.
+    pub run: String,
+    /// A control record for `.out` (`upgrade-required` for an upgrade).
+    pub control: Option<String>,
+}
+
+/// Moves both channels' fence to the new run and writes the hand-off's control
+/// record. Idempotent: the fence never moves back, and the record has a part id
+/// of its own.
+pub async fn apply_handoff(state: &AppState, step: &HandoffStep) -> Result<(), ChannelError> {
+    for io in [Io::In, Io::Out] {
+        state.channels.set_fence(ChannelKey { session_id: step.session_id, io }, step.version, &step.run).await?;
+    }
+    if let Some(control) = &step.control {
+        let headers = [(CONTROL_HEADER.to_string(), control.clone())];
+        let key = ChannelKey { session_id: step.session_id, io: Io::Out };
+        match state.channels.append(key, "", &headers, Some(&handoff_part(&step.run))).await {
+            // A close since the swap: subscribers learn of that instead.
+            Ok(_) | Err(ChannelError::Closed) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
 /// Triggers a run for `s` and claims it if `s` is still at `s.current_run_version`
-/// (and, with `expect_current`, still points at that run). Returns the new run's
-/// friendly id, or None when the claim lost.
+/// (and, with `expect_current`, still points at that run), fencing the run it
+/// replaces. Returns the new run's friendly id, or None when the claim lost.
 async fn trigger_and_claim(
     state: &AppState,
     s: &Session,
     reason: TriggerReason,
     expect_current: Option<Uuid>,
-    cancel_previous: bool,
-) -> Result<Option<String>, StoreError> {
+) -> Result<Option<String>, RunManagerError> {
     let config: TriggerConfig =
         serde_json::from_value(s.trigger_config.clone()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let previous = s.current_run_id.zip(s.current_run_friendly_id.clone());
+    let continuation = match &previous {
+        Some((_, previous_run_id)) => Some(Continuation {
+            previous_run_id: previous_run_id.clone(),
+            resume_after_in_seq: state
+                .channels
+                .last_answered_seq(ChannelKey { session_id: s.id, io: Io::Out }, RESUME_SCAN_RECORDS)
+                .await?,
+        }),
+        None => None,
+    };
     let run = NewRun::for_session(
         RunOwner {
             organization_id: s.organization_id,
@@ -83,34 +147,36 @@ async fn trigger_and_claim(
         },
         &config,
         reason,
+        continuation.as_ref(),
     );
-    let mut tx = state.db.begin().await?;
+    let step = HandoffStep {
+        session_id: s.id,
+        version: i64::from(s.current_run_version) + 1,
+        run: run.friendly_id.clone(),
+        control: (reason == TriggerReason::Upgrade).then(|| "upgrade-required".to_string()),
+    };
+    let mut tx = state.db.begin().await.map_err(StoreError::from)?;
     run_store::insert(&mut tx, &run).await?;
-    let claimed = sqlx::query(
-        "UPDATE sessions SET current_run_id = $2, current_run_version = current_run_version + 1, updated_at = now()
-         WHERE id = $1 AND current_run_version = $3 AND closed_at IS NULL
-           AND (expires_at IS NULL OR expires_at > now())
-           AND ($4::uuid IS NULL OR current_run_id = $4)",
-    )
-    .bind(s.id)
-    .bind(run.id)
-    .bind(s.current_run_version)
-    .bind(expect_current)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !claimed {
-        tx.rollback().await?;
+    if !store::claim_run(&mut tx, s.id, run.id, s.current_run_version, expect_current).await? {
+        tx.rollback().await.map_err(StoreError::from)?;
         return Ok(None);
     }
     store::insert_audit(&mut tx, s.id, run.id, reason).await?;
     let mut job_ids = vec![jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
-    if let (true, Some(previous)) = (cancel_previous, s.current_run_id) {
-        job_ids.push(jobs::store::insert(&mut *tx, &Job::CancelRun { run_id: previous }, jobs::DEFAULT_MAX_ATTEMPTS).await?);
+    if let Some((previous_id, _)) = previous {
+        run_store::supersede(&mut tx, previous_id, &run.friendly_id).await?;
+        let output = json!({"canceled": true, "reason": "superseded", "supersededBy": run.friendly_id});
+        waitpoint_store::cancel_for_run(&mut tx, previous_id, &output).await?;
     }
-    tx.commit().await?;
+    if previous.is_some() || step.control.is_some() {
+        job_ids.push(jobs::store::insert(&mut *tx, &Job::RunHandoff(step.clone()), jobs::DEFAULT_MAX_ATTEMPTS).await?);
+    }
+    tx.commit().await.map_err(StoreError::from)?;
     state.jobs.relay(&job_ids).await;
+    if previous.is_some() || step.control.is_some() {
+        // Not acknowledged until the old run is fenced off the channels.
+        apply_handoff(state, &step).await?;
+    }
     Ok(Some(run.friendly_id))
 }
 
@@ -125,7 +191,7 @@ pub async fn ensure_run(state: &AppState, env_id: Uuid, session_id: Uuid) -> Res
         if let Some(run) = current_run_alive(state, &s).await? {
             return Ok(Ensured::Alive(run));
         }
-        if let Some(run) = trigger_and_claim(state, &s, TriggerReason::Continuation, None, false).await? {
+        if let Some(run) = trigger_and_claim(state, &s, TriggerReason::Continuation, None).await? {
             return Ok(Ensured::Triggered(run));
         }
     }
@@ -139,9 +205,11 @@ pub struct Handoff {
     pub swapped: bool,
 }
 
-/// End-and-continue: the current run hands the session to a fresh run. Only the
-/// current run may; anyone else (a stale or preempted run) gets `swapped: false`
-/// and the run that holds the session now.
+/// End-and-continue: the current run hands the session to a fresh run, which
+/// replaces (and fences) it. Only the current run may; anyone else (a stale or
+/// preempted run) gets `swapped: false` and the run that holds the session now.
+/// Who may call this at all is the route's rule (the run's own token or a
+/// secret key).
 pub async fn hand_off(
     state: &AppState,
     env_id: Uuid,
@@ -158,22 +226,22 @@ pub async fn hand_off(
         if current != calling_run {
             return Ok(Handoff { run_id: current, swapped: false });
         }
-        if let Some(run) = trigger_and_claim(state, &s, reason, s.current_run_id, false).await? {
+        if let Some(run) = trigger_and_claim(state, &s, reason, s.current_run_id).await? {
             return Ok(Handoff { run_id: run, swapped: true });
         }
     }
     Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))
 }
 
-/// Operator action: start a fresh run now (reason manual), cancelling the
-/// current one so the session still has exactly one live run.
+/// Operator action: start a fresh run now (reason manual); the current one is
+/// replaced and fenced, so the session still has exactly one live run.
 pub async fn trigger_manual(state: &AppState, env_id: Uuid, session_id: Uuid) -> Result<String, RunManagerError> {
     for _ in 0..MAX_CLAIM_ATTEMPTS {
         let s = store::find_by_id(&state.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
         if !is_open(&s) {
             return Err(RunManagerError::Closed);
         }
-        if let Some(run) = trigger_and_claim(state, &s, TriggerReason::Manual, None, true).await? {
+        if let Some(run) = trigger_and_claim(state, &s, TriggerReason::Manual, None).await? {
             return Ok(run);
         }
     }

@@ -54,6 +54,7 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
         },
         &new.trigger_config,
         TriggerReason::Initial,
+        None,
     );
     let trigger_config = serde_json::to_value(&new.trigger_config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
 
@@ -107,6 +108,31 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
     tx.commit().await?;
     session.current_run_friendly_id = Some(run.friendly_id);
     Ok(CreateOutcome::Created(session, job))
+}
+
+/// The compare-and-set every run claim is: points the session at `run_id` if it
+/// is still at `version`, open, and (with `expect_current`) still on that run.
+/// False when another claim (or a close) got there first.
+pub async fn claim_run(
+    conn: &mut PgConnection,
+    session_id: Uuid,
+    run_id: Uuid,
+    version: i32,
+    expect_current: Option<Uuid>,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE sessions SET current_run_id = $2, current_run_version = current_run_version + 1, updated_at = now()
+         WHERE id = $1 AND current_run_version = $3 AND closed_at IS NULL
+           AND (expires_at IS NULL OR expires_at > now())
+           AND ($4::uuid IS NULL OR current_run_id = $4)",
+    )
+    .bind(session_id)
+    .bind(run_id)
+    .bind(version)
+    .bind(expect_current)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Records that `session_id` triggered `run_id` and why.

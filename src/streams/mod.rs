@@ -74,6 +74,8 @@ pub struct Record {
 
 /// Header naming the control subtype of a control record (which has an empty body).
 pub const CONTROL_HEADER: &str = "trigger-control";
+/// Header of a turn-complete record naming the `.in` seq its turn answered.
+pub const ANSWERED_HEADER: &str = "session-in-event-id";
 
 impl Record {
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -107,6 +109,12 @@ impl Record {
         self.control() == Some("turn-complete")
             || self.envelope_data().and_then(|d| d.get("type").and_then(Value::as_str).map(|t| t == "trigger:turn-complete"))
                 == Some(true)
+    }
+
+    /// The `.in` seq a turn-complete record says its turn answered
+    /// ([`ANSWERED_HEADER`]), so the next run resumes after it.
+    pub fn answered_in_seq(&self) -> Option<u64> {
+        self.headers.iter().find(|(k, _)| k == ANSWERED_HEADER).and_then(|(_, v)| v.trim().parse().ok())
     }
 }
 

@@ -133,6 +133,9 @@ impl From<ChannelError> for ApiError {
     fn from(e: ChannelError) -> Self {
         match e {
             ChannelError::Closed => ApiError::BadRequest("Session is closed".into()),
+            ChannelError::Superseded => {
+                ApiError::Conflict("This run was superseded by another run of the session and may no longer write to it".into())
+            }
             other => ApiError::Internal(other.into()),
         }
     }
@@ -219,7 +222,8 @@ async fn append(
         }
         return Err(ApiError::BadRequest(refusal.into()).into());
     }
-    let appended = state.channels.append(key, body, &record_headers, part_id.as_deref()).await.map_err(ApiError::from)?;
+    let writer = effects::writer(auth.env.id, key, auth.acting_run());
+    let appended = state.channels.append_as(key, body, &record_headers, part_id.as_deref(), &writer).await.map_err(ApiError::from)?;
     let duplicate = appended.duplicate;
     effects::follow_up(&state, auth.env.id, key, appended).await?;
     Ok(Json(AppendResponse { ok: true, message: duplicate.then_some(DUPLICATE) }))

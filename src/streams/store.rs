@@ -11,6 +11,12 @@
 //! | `<p>:ch:{s:io}:closed` | present once the session is closed: appends refused |
 //! | `<p>:ch:{s:io}:w` | ids of waitpoints pending on the channel |
 //! | `<p>:ch:{s:io}:p:<part>` | seq of an append with that `X-Part-Id` (dedupe window) |
+//! | `<p>:ch:{s:io}:run` | the fence: `<run version> <run>`, the only run whose token may write |
+//! | `<p>:boot-intents` | sorted set: `<env>:<session>` → newest `.in` seq no run is known to read yet |
+//!
+//! The boot-intent set is the one key outside a channel's slot (the `.in`
+//! append script touches it): fine on one Redis node, which is what sessiond
+//! runs on; a Redis Cluster deployment would need one set per shard.
 
 use redis::aio::ConnectionManager;
 use redis::{Script, Value as RedisValue};
@@ -21,17 +27,29 @@ use super::{ChannelKey, Record};
 
 /// Appends a group of records in order; see the module docs for the keys.
 ///
-/// KEYS: stream, counter, closed, waiters, then one part-id key per record
-/// (unused when the record has none). ARGV: dedupe window (ms), notify channel,
-/// notify tag, then four per record: body, headers JSON, has part id ('1'/'0'),
-/// announce inline ('1'/'0').
+/// KEYS: stream, counter, closed, waiters, fence, boot intents, then one
+/// part-id key per record (unused when the record has none). ARGV: dedupe
+/// window (ms), notify channel, notify tag, boot-intent member ('' for none),
+/// then five per record: body, headers JSON, has part id ('1'/'0'), announce
+/// inline ('1'/'0'), writing run ('' when not written by a run).
 ///
 /// Returns `{timestamp, (outcome, seq) per record, waitpoint ids drained...}`
-/// with outcome 0 written, 1 duplicate, 2 refused (closed). A record whose
-/// part id was seen within the window is not written again and answers the seq
-/// it got then (a repeat inside the group included), even after the close, so
-/// a retry still gets its acknowledgement. The group's first new record
-/// completes the channel's pending waitpoints.
+/// with outcome 0 written, 1 duplicate, 2 refused (closed), 3 refused (the
+/// writing run was superseded). A record whose part id was seen within the
+/// window is not written again and answers the seq it got then (a repeat
+/// inside the group included), even after the close or a hand-off, so a retry
+/// still gets its acknowledgement. The group's first new record completes the
+/// channel's pending waitpoints.
+///
+/// The fence (`<version> <run>`, set by the run manager when a run replaces
+/// another) is checked here, in the same atomic step as the write: a run that
+/// was handed off cannot land a record after the hand-off was acknowledged,
+/// whatever any server's session cache still says.
+///
+/// With a boot-intent member (appends to `.in`), the member is added to the
+/// boot-intent set with the newest seq written, in the same step as the
+/// records: a record on `.in` is never stored without a durable note that a
+/// run must read it (see [`ChannelStore::clear_boot_intent`]).
 ///
 /// Each new record is announced on the notify channel, carrying the record
 /// itself when asked (see [`Announcement`]) so other servers' feeds need no
@@ -39,27 +57,32 @@ use super::{ChannelKey, Record};
 /// sends them only once the write is as durable as the fsync setting makes it.
 const APPEND: &str = r#"
 local closed = redis.call('EXISTS', KEYS[3]) == 1
+local fence = redis.call('GET', KEYS[5])
+local fenced_run = fence and string.match(fence, '^%d+ (.+)$')
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local reply = {ts}
-local wrote = false
-for i = 1, (#ARGV - 3) / 4 do
-  local a = 3 + (i - 1) * 4
-  local body, headers, has_part = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1'
-  local seen = has_part and redis.call('GET', KEYS[4 + i])
+local last_seq = nil
+for i = 1, (#ARGV - 4) / 5 do
+  local a = 4 + (i - 1) * 5
+  local body, headers, has_part, writer = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1', ARGV[a + 5]
+  local seen = has_part and redis.call('GET', KEYS[6 + i])
   if seen then
     table.insert(reply, 1)
     table.insert(reply, tonumber(seen))
   elseif closed then
     table.insert(reply, 2)
     table.insert(reply, 0)
+  elseif writer ~= '' and fenced_run and fenced_run ~= writer then
+    table.insert(reply, 3)
+    table.insert(reply, 0)
   else
     local seq = redis.call('INCR', KEYS[2]) - 1
     redis.call('XADD', KEYS[1], seq .. '-1', 'b', body, 'h', headers, 't', ts)
-    if has_part then redis.call('SET', KEYS[4 + i], seq, 'PX', ARGV[1]) end
+    if has_part then redis.call('SET', KEYS[6 + i], seq, 'PX', ARGV[1]) end
     table.insert(reply, 0)
     table.insert(reply, seq)
-    wrote = true
+    last_seq = seq
     if ARGV[a + 4] == '1' then
       redis.call('PUBLISH', ARGV[2], ARGV[3] .. ':' .. seq .. ':' .. ts .. '\n' .. headers .. '\n' .. body)
     else
@@ -67,7 +90,8 @@ for i = 1, (#ARGV - 3) / 4 do
     end
   end
 end
-if wrote then
+if last_seq then
+  if ARGV[4] ~= '' then redis.call('ZADD', KEYS[6], 'GT', last_seq, ARGV[4]) end
   local waiters = redis.call('SMEMBERS', KEYS[4])
   if #waiters > 0 then
     redis.call('DEL', KEYS[4])
@@ -75,6 +99,26 @@ if wrote then
   end
 end
 return reply
+"#;
+
+/// Moves a channel's fence to a newer run: `SET` only when ARGV[1] (the
+/// session's run version) is above the stored one, so a late retry of an
+/// older hand-off never moves the fence back. ARGV[2] is the run.
+const SET_FENCE: &str = r#"
+local current = redis.call('GET', KEYS[1])
+local version = current and tonumber(string.match(current, '^(%d+) '))
+if version and version >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2])
+return 1
+"#;
+
+/// Drops a boot intent once a run is known to read the records it covers:
+/// only when its score (the newest `.in` seq noted) is at most ARGV[2], so an
+/// intent a later append raised stays for that append's own follow-up.
+const CLEAR_BOOT_INTENT: &str = r#"
+local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if seq and tonumber(seq) <= tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
 "#;
 
 /// Registers a pending waitpoint. The set's TTL only ever grows: a shorter-lived
@@ -87,13 +131,13 @@ if current < 0 or ttl > current then redis.call('PEXPIRE', KEYS[1], ttl) end
 return redis.call('PTTL', KEYS[1])
 "#;
 
-/// Marks a channel closed; its records (and any pending set) expire after the
-/// retention period (ARGV[1]), its counter and closed marker after ARGV[2]
+/// Marks a channel closed; its records (and any pending set and fence) expire
+/// after the retention period (ARGV[1]), its counter and closed marker after ARGV[2]
 /// (longer): until then a resume from before the expired history still gets
 /// its gap signal, and the marker still refuses appends.
 const CLOSE: &str = r#"
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
-for _, i in ipairs({1, 4}) do
+for _, i in ipairs({1, 4, 5}) do
   if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
@@ -153,6 +197,9 @@ impl Announcement {
 pub enum ChannelError {
     #[error("session is closed")]
     Closed,
+    /// The writing run was replaced by another (a hand-off); it may not write.
+    #[error("run was superseded by another run of the session")]
+    Superseded,
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("corrupt channel data: {0}")]
@@ -179,12 +226,31 @@ pub fn client_part(part_id: &str) -> String {
 /// The part id of the `session-closed` record the close appends to `.in`.
 pub const SESSION_CLOSED_PART: &str = "s:session-closed";
 
+/// The part id of a control record the server appends for a hand-off to `run`
+/// (one per hand-off, so a retried job does not write it twice).
+pub fn handoff_part(run: &str) -> String {
+    format!("s:handoff:{run}")
+}
+
+/// Who appends a record, as far as the fence and the boot intent care.
+#[derive(Debug, Clone, Default)]
+pub struct Writer {
+    /// The run whose token wrote the record: refused once that run was
+    /// superseded. None for clients, secret keys and the server itself.
+    pub run: Option<String>,
+    /// For `.in` appends: `<env>:<session>`, noted in the boot-intent set with
+    /// the record (see [`APPEND`]).
+    pub boot_intent: Option<String>,
+}
+
 /// A record on its way into a channel, encoded for the append script.
 #[derive(Debug)]
 pub struct NewRecord {
     pub body: String,
     pub headers_json: String,
     pub part_id: Option<String>,
+    pub writer_run: Option<String>,
+    pub boot_intent: Option<String>,
 }
 
 /// Cheap to clone (every SSE subscriber holds one): the state is shared.
@@ -198,6 +264,8 @@ pub struct StoreInner {
     append: Script,
     register: Script,
     close: Script,
+    set_fence: Script,
+    clear_boot_intent: Script,
     lanes: Lanes,
 }
 
@@ -217,6 +285,8 @@ impl ChannelStore {
             append: Script::new(APPEND),
             register: Script::new(REGISTER_WAITER),
             close: Script::new(CLOSE),
+            set_fence: Script::new(SET_FENCE),
+            clear_boot_intent: Script::new(CLEAR_BOOT_INTENT),
             lanes: Lanes::default(),
         }))
     }
@@ -246,6 +316,14 @@ impl ChannelStore {
         format!("{}:w", self.base(key))
     }
 
+    fn fence_key(&self, key: ChannelKey) -> String {
+        format!("{}:run", self.base(key))
+    }
+
+    pub fn boot_intents_key(&self) -> String {
+        format!("{}:boot-intents", self.prefix)
+    }
+
     /// The pub/sub channel every append announces itself on.
     pub fn notify_channel(&self) -> String {
         format!("{}:ch-notify", self.prefix)
@@ -261,8 +339,7 @@ impl ChannelStore {
         &self.lanes
     }
 
-    /// Appends one record. Concurrent appends to the same channel are written
-    /// together (see [`super::group_commit`]); each gets its own outcome.
+    /// Appends one record as the server (no run fence, no boot intent).
     pub async fn append(
         &self,
         key: ChannelKey,
@@ -270,29 +347,59 @@ impl ChannelStore {
         headers: &[(String, String)],
         part_id: Option<&str>,
     ) -> Result<Appended, ChannelError> {
+        self.append_as(key, body, headers, part_id, &Writer::default()).await
+    }
+
+    /// Appends one record for `writer`. Concurrent appends to the same channel
+    /// are written together (see [`super::group_commit`]); each gets its own
+    /// outcome.
+    pub async fn append_as(
+        &self,
+        key: ChannelKey,
+        body: &str,
+        headers: &[(String, String)],
+        part_id: Option<&str>,
+        writer: &Writer,
+    ) -> Result<Appended, ChannelError> {
         let headers_json = serde_json::to_string(headers).map_err(|e| ChannelError::Corrupt(e.to_string()))?;
-        let record = NewRecord { body: body.to_string(), headers_json, part_id: part_id.map(String::from) };
+        let record = NewRecord {
+            body: body.to_string(),
+            headers_json,
+            part_id: part_id.map(String::from),
+            writer_run: writer.run.clone(),
+            boot_intent: writer.boot_intent.clone(),
+        };
         self.lanes.append(self, key, record).await
     }
 
     /// Writes `records` in order with one script call; one outcome per record.
+    /// A boot intent is noted once for the group (every append to one `.in`
+    /// channel names the same session).
     pub(super) async fn append_batch(
         &self,
         key: ChannelKey,
         records: &[NewRecord],
     ) -> Result<Vec<Result<Appended, ChannelError>>, ChannelError> {
+        let boot_intent = records.iter().find_map(|r| r.boot_intent.as_deref());
         let mut invocation = self.append.prepare_invoke();
-        invocation.key(self.stream_key(key)).key(self.counter_key(key)).key(self.closed_key(key)).key(self.waiters_key(key));
+        invocation
+            .key(self.stream_key(key))
+            .key(self.counter_key(key))
+            .key(self.closed_key(key))
+            .key(self.waiters_key(key))
+            .key(self.fence_key(key))
+            .key(self.boot_intents_key());
         for record in records {
             invocation.key(self.part_key(key, record.part_id.as_deref().unwrap_or("-")));
         }
-        invocation.arg(self.dedupe_window_ms).arg(self.notify_channel()).arg(Self::notify_tag(key));
+        invocation.arg(self.dedupe_window_ms).arg(self.notify_channel()).arg(Self::notify_tag(key)).arg(boot_intent.unwrap_or(""));
         for record in records {
             invocation
                 .arg(&record.body)
                 .arg(&record.headers_json)
                 .arg(if record.part_id.is_some() { "1" } else { "0" })
-                .arg(if record.body.len() <= MAX_INLINE_ANNOUNCEMENT { "1" } else { "0" });
+                .arg(if record.body.len() <= MAX_INLINE_ANNOUNCEMENT { "1" } else { "0" })
+                .arg(record.writer_run.as_deref().unwrap_or(""));
         }
         let mut conn = self.redis.clone();
         let reply: Vec<RedisValue> = invocation.invoke_async(&mut conn).await?;
@@ -403,11 +510,75 @@ impl ChannelStore {
             .key(self.counter_key(key))
             .key(self.closed_key(key))
             .key(self.waiters_key(key))
+            .key(self.fence_key(key))
             .arg(retention_ms.max(1))
             .arg(retention_ms.max(1) + CLOSED_MARKER_GRACE_MS)
             .invoke_async(&mut conn)
             .await?;
         Ok(())
+    }
+
+    /// Lets only `run` (the session's run at `version`) write to the channel
+    /// with a run token from now on. Idempotent; never moves back to an older
+    /// version.
+    pub async fn set_fence(&self, key: ChannelKey, version: i64, run: &str) -> Result<(), ChannelError> {
+        let mut conn = self.redis.clone();
+        let _: i64 = self.set_fence.key(self.fence_key(key)).arg(version).arg(run).invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Drops the boot intent `member` if no record after `seq` raised it since.
+    pub async fn clear_boot_intent(&self, member: &str, seq: u64) -> Result<(), ChannelError> {
+        let mut conn = self.redis.clone();
+        let _: i64 = self.clear_boot_intent.key(self.boot_intents_key()).arg(member).arg(seq).invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Up to `limit` boot intents: `(<env>:<session>, newest .in seq)`.
+    pub async fn boot_intents(&self, limit: usize) -> Result<Vec<(String, u64)>, ChannelError> {
+        let mut conn = self.redis.clone();
+        Ok(redis::cmd("ZRANGE")
+            .arg(self.boot_intents_key())
+            .arg(0)
+            .arg(limit.max(1) as i64 - 1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// The `.in` seq the newest turn-complete record on `key` (a `.out`
+    /// channel) says was answered, looking back at most `max_records` records.
+    /// None when no turn ended yet, or the newest one names no seq.
+    pub async fn last_answered_seq(&self, key: ChannelKey, max_records: usize) -> Result<Option<u64>, ChannelError> {
+        const PAGE: usize = 200;
+        let mut conn = self.redis.clone();
+        let mut end = "+".to_string();
+        let mut seen = 0;
+        while seen < max_records {
+            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+                .arg(self.stream_key(key))
+                .arg(&end)
+                .arg("-")
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(&mut conn)
+                .await?;
+            let count = entries.len();
+            let mut oldest = None;
+            for entry in entries {
+                let record = parse_entry(entry)?;
+                if record.is_turn_complete() {
+                    return Ok(record.answered_in_seq());
+                }
+                oldest = Some(record.seq_num);
+            }
+            seen += count;
+            match oldest.and_then(|s| s.checked_sub(1)) {
+                Some(next) if count == PAGE => end = format!("{next}-1"),
+                _ => break,
+            }
+        }
+        Ok(None)
     }
 
     /// Keys of a channel with their TTL in ms (-1 none, -2 missing), for tests and operators.
@@ -443,6 +614,7 @@ fn parse_append_reply(reply: &[RedisValue], count: usize) -> Result<Vec<Result<A
         out.push(match outcome {
             0 => Ok(Appended { seq_num, timestamp, duplicate: false, drained_waitpoints: std::mem::take(&mut drained) }),
             1 => Ok(Appended { seq_num, timestamp: 0, duplicate: true, drained_waitpoints: Vec::new() }),
+            3 => Err(ChannelError::Superseded),
             _ => Err(ChannelError::Closed),
         });
     }

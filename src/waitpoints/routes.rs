@@ -99,8 +99,11 @@ async fn create(
         return Err(ApiError::BadRequest(refusal.into()));
     }
     let run = run_store::find(&state.db, auth.env.id, &run_id).await?.ok_or_else(|| ApiError::NotFound("Run not found".into()))?;
-    if !matches!(run.status(), RunStatus::Executing | RunStatus::Waiting) {
-        return Err(ApiError::Conflict(format!("Run is {}", run.status().as_str())));
+    if run.session_id != Some(session.id) {
+        return Err(ValidationError::new("session", "the run does not belong to this session").into());
+    }
+    if run.superseded_by.is_some() || !matches!(run.status(), RunStatus::Executing | RunStatus::Waiting) {
+        return Err(run_cannot_wait(run.status().as_str(), run.superseded_by.as_deref()));
     }
     let key = ChannelKey { session_id: session.id, io };
     // Without lastSeqNum only records after this moment count.
@@ -108,7 +111,7 @@ async fn create(
         Some(n) => n,
         None => state.channels.next_seq(key).await? as i64 - 1,
     };
-    let (waitpoint, cached) = store::create(
+    let created = store::create(
         &state.db,
         &NewWaitpoint {
             env_id: auth.env.id,
@@ -123,6 +126,10 @@ async fn create(
         },
     )
     .await?;
+    let (waitpoint, cached) = match created {
+        store::Created::Waitpoint(w, cached) => (w, cached),
+        store::Created::RunNotActive { status, superseded_by } => return Err(run_cannot_wait(&status, superseded_by.as_deref())),
+    };
     if !cached {
         state.channels.register_waiter(key, waitpoint.id, super::pending_ttl_ms(timeout_at, now)).await?;
         // The race-check: a record that landed before the registration.
@@ -138,6 +145,14 @@ async fn create(
         }
     }
     Ok(Json(CreateResponse { waitpoint_id: waitpoint.friendly_id, is_cached: cached }))
+}
+
+/// 409 for a run that may not wait: replaced by another run, or not executing.
+fn run_cannot_wait(status: &str, superseded_by: Option<&str>) -> ApiError {
+    match superseded_by {
+        Some(by) => ApiError::superseded(by),
+        None => ApiError::Conflict(format!("Run is {status}")),
+    }
 }
 
 #[derive(Deserialize)]

@@ -40,12 +40,33 @@ pub struct NewWaitpoint<'a> {
     pub timeout_at: Option<DateTime<Utc>>,
 }
 
+/// What [`create`] did.
+#[derive(Debug)]
+pub enum Created {
+    /// A new waitpoint (`false`) or the live one holding the idempotency key (`true`).
+    Waitpoint(Waitpoint, bool),
+    /// The run cannot wait: it is not executing, or another run replaced it.
+    RunNotActive { status: String, superseded_by: Option<String> },
+}
+
 /// Creates a waitpoint and suspends its run (EXECUTING → WAITING), or returns
-/// the live waitpoint holding the same idempotency key (`true` = cached). An
-/// expired key is released for the new waitpoint.
-pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<(Waitpoint, bool), StoreError> {
+/// the live waitpoint holding the same idempotency key. An expired key is
+/// released for the new waitpoint.
+///
+/// The run's row is locked first: a hand-off that supersedes the run takes the
+/// same lock, so either it sees this waitpoint (and cancels it) or this sees
+/// the run superseded, never a wait left pending on a replaced run.
+pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, StoreError> {
     for _ in 0..2 {
         let mut tx = pool.begin().await?;
+        let (status, superseded_by): (String, Option<String>) =
+            sqlx::query_as("SELECT status, superseded_by FROM task_runs WHERE id = $1 FOR UPDATE")
+                .bind(new.run_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if superseded_by.is_some() || !matches!(status.as_str(), "EXECUTING" | "WAITING") {
+            return Ok(Created::RunNotActive { status, superseded_by });
+        }
         if let Some(key) = new.idempotency_key {
             let existing: Option<Waitpoint> = sqlx::query_as(&format!(
                 "SELECT {COLUMNS} FROM waitpoints WHERE runtime_environment_id = $1 AND idempotency_key = $2 FOR UPDATE"
@@ -57,7 +78,7 @@ pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<(Waitpoint,
             if let Some(w) = existing {
                 if w.idempotency_key_expires_at.is_none_or(|e| e > Utc::now()) {
                     tx.commit().await?;
-                    return Ok((w, true));
+                    return Ok(Created::Waitpoint(w, true));
                 }
                 sqlx::query("UPDATE waitpoints SET idempotency_key = NULL WHERE id = $1").bind(w.id).execute(&mut *tx).await?;
             }
@@ -89,7 +110,7 @@ pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<(Waitpoint,
                 .execute(&mut *tx)
                 .await?;
                 tx.commit().await?;
-                return Ok((w, false));
+                return Ok(Created::Waitpoint(w, false));
             }
             // A concurrent call took the key first: loop once to read theirs.
             Err(StoreError::UniqueViolation(_)) => continue,
@@ -159,4 +180,18 @@ pub async fn waiting_for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<
         .bind(session_id)
         .fetch_all(pool)
         .await?)
+}
+
+/// Cancels the waits a superseded run left pending, in the hand-off's
+/// transaction: nothing will ever resume that run, so its waits must not
+/// linger as WAITING (nor be completed by a later record).
+pub async fn cancel_for_run(conn: &mut sqlx::PgConnection, run_id: Uuid, output: &serde_json::Value) -> Result<u64, StoreError> {
+    Ok(sqlx::query(
+        "UPDATE waitpoints SET status = 'CANCELED', output = $2, completed_at = now() WHERE run_id = $1 AND status = 'WAITING'",
+    )
+    .bind(run_id)
+    .bind(output)
+    .execute(conn)
+    .await?
+    .rows_affected())
 }

@@ -14,9 +14,7 @@ use super::{RunContext, TaskHandler};
 pub const TASK: &str = "echo-agent";
 /// Header naming the control subtype of a control record (empty body).
 pub const CONTROL_HEADER: &str = "trigger-control";
-/// Header on our turn-complete records: the `.in` seq the turn answered, so the
-/// next run resumes after it.
-pub const ANSWERED_HEADER: &str = "session-in-event-id";
+pub use crate::streams::ANSWERED_HEADER;
 const DEFAULT_IDLE_SECS: u64 = 60;
 
 pub struct EchoAgent {
@@ -63,6 +61,13 @@ pub fn reply_records(input: &Record) -> Vec<(String, Vec<(String, String)>)> {
     records
 }
 
+/// Where a run starts reading `.in`: after the seq the server says the last
+/// finished turn answered (`resumeAfterInSeq`, set on a run that replaces
+/// another).
+pub fn resume_after(payload: &Value) -> Option<u64> {
+    payload.get("resumeAfterInSeq").and_then(Value::as_u64)
+}
+
 /// The last `.in` seq a previous run answered, read from `.out`.
 pub fn last_answered(output: &[Record]) -> Option<u64> {
     output.iter().filter_map(|r| r.header(ANSWERED_HEADER)?.parse().ok()).max()
@@ -75,7 +80,12 @@ impl TaskHandler for EchoAgent {
         let idle = Duration::from_secs(
             ctx.run.payload.get("idleTimeoutInSeconds").and_then(Value::as_u64).unwrap_or(DEFAULT_IDLE_SECS),
         );
-        let mut last = last_answered(&channels.read_output().await?);
+        let mut last = match resume_after(&ctx.run.payload) {
+            Some(seq) => Some(seq),
+            // No resume point from the server (a first run, or channels it
+            // cannot see such as in-memory ones): read our own answers.
+            None => last_answered(&channels.read_output().await?),
+        };
         let mut turns = 0u64;
         loop {
             let next = tokio::select! {
@@ -120,8 +130,11 @@ mod tests {
         let (body, headers) = out.last().unwrap();
         assert!(body.is_empty());
         assert!(headers.contains(&("trigger-control".into(), "turn-complete".into())));
+        assert!(headers.contains(&(ANSWERED_HEADER.into(), "7".into())));
         let records: Vec<Record> =
             out.iter().enumerate().map(|(i, (b, h))| Record { seq: i as u64, body: b.clone(), headers: h.clone() }).collect();
         assert_eq!(last_answered(&records), Some(7));
+        assert_eq!(resume_after(&json!({"resumeAfterInSeq": 7})), Some(7));
+        assert_eq!(resume_after(&json!({"trigger": "initial"})), None);
     }
 }

@@ -57,23 +57,31 @@ impl TestApp {
         let (env_b, key_b) = tenancy::create_environment(&pool, &master, "org-b", "proj", EnvType::Prod).await.unwrap();
 
         let state = AppState::connect(config, pool, master).await.expect("connect to Redis");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = watch::channel(false);
-        let serve_state = state.clone();
-        tokio::spawn(async move {
-            if let Err(err) = app::serve(listener, serve_state, rx).await {
-                eprintln!("test server stopped: {err:#}");
-            }
-        });
+        let (base, shutdown) = serve(state.clone()).await;
         TestApp {
             base,
             state,
             a: TestEnv { env: env_a, key: key_a.expose().to_string() },
             b: TestEnv { env: env_b, key: key_b.expose().to_string() },
             client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
-            _shutdown: tx,
+            _shutdown: shutdown,
         }
+    }
+
+    /// Stops this server (its jobs and cron included) and starts a fresh
+    /// process-like one on the same schema, Redis prefix and environments, as a
+    /// restart would; `tweak` adjusts the new server's configuration.
+    pub async fn restart(self, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let TestApp { state, a, b, client, _shutdown, .. } = self;
+        let _ = _shutdown.send(true);
+        let mut config = state.config.clone();
+        tweak(&mut config);
+        let master = MasterKey::from_hex(config.master_key.as_deref().unwrap()).unwrap();
+        let pool = sessiond::db::connect(&config).await.expect("connect to Postgres");
+        drop(state);
+        let state = AppState::connect(config, pool, master).await.expect("connect to Redis");
+        let (base, shutdown) = serve(state.clone()).await;
+        TestApp { base, state, a, b, client, _shutdown: shutdown }
     }
 
     /// Sends a request with an optional bearer token and JSON body; returns the
@@ -135,11 +143,33 @@ impl TestApp {
     }
 }
 
-/// Every sweep every second.
-fn fast_schedules() -> String {
-    let path = std::env::temp_dir().join("sessiond-test-schedules.toml");
-    let text = "[run-sweep]\ncron = \"* * * * * *\"\n[session-expiry-sweep]\ncron = \"* * * * * *\"\n\
-                [waitpoint-timeout-sweep]\ncron = \"* * * * * *\"\n";
+/// Serves `state` on a random port until the returned sender says stop.
+async fn serve(state: AppState) -> (String, watch::Sender<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if let Err(err) = app::serve(listener, state, rx).await {
+            eprintln!("test server stopped: {err:#}");
+        }
+    });
+    (base, tx)
+}
+
+/// Every sweep every second. The file is named for its content, so test
+/// binaries built from different checkouts never read each other's sweeps.
+pub fn fast_schedules() -> String {
+    schedules_file(&["run-sweep", "session-expiry-sweep", "waitpoint-timeout-sweep", "input-boot-sweep"])
+}
+
+/// A schedules file running each of `sweeps` every second.
+pub fn schedules_file(sweeps: &[&str]) -> String {
+    use std::hash::{Hash, Hasher};
+    let text: String = sweeps.iter().map(|s| format!("[{s}]\ncron = \"* * * * * *\"\n")).collect();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    let path = std::env::temp_dir().join(format!("sessiond-test-schedules-{:016x}.toml", hasher.finish()));
+    let text = text.as_str();
     if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
         let tmp = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
         std::fs::write(&tmp, text).unwrap();
