@@ -211,9 +211,9 @@ async fn create_bodies_are_limited_to_32_kb_and_other_routes_keep_the_server_lim
         body
     };
     let (status, body) = app.post("/api/v1/sessions", &app.a.key, sized("at-limit", 32 * 1024)).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(status, StatusCode::CREATED, "{}", body["error"]);
     let (status, body) = app.post("/api/v1/sessions", &app.a.key, sized("over-limit", 32 * 1024 + 1)).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(body["error"].is_string());
     assert_eq!(count(&app, "SELECT count(*) FROM sessions").await, 1);
     // An update may still carry more (up to MAX_BODY_BYTES).
