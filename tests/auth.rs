@@ -205,12 +205,89 @@ async fn bad_tokens_are_rejected() {
 }
 
 #[tokio::test]
+async fn a_token_for_an_unknown_environment_reads_like_any_bad_token() {
+    let app = TestApp::spawn().await;
+    let path = "/api/v1/sessions";
+    let unknown_env = sign(&claims(uuid::Uuid::new_v4(), &["read:sessions"], 600), "tr_dev_guess", Algorithm::HS256);
+    let wrong_key = sign(&claims(app.a.env.id, &["read:sessions"], 600), "tr_dev_guess", Algorithm::HS256);
+    let expired = sign(&claims(app.a.env.id, &["read:sessions"], -3600), &app.a.key, Algorithm::HS256);
+    let (status, reference) = app.get(path, &unknown_env).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    for (name, t) in [("wrong key", wrong_key), ("expired", expired), ("malformed", "a.b.c".to_string())] {
+        assert_eq!(app.get(path, &t).await, (StatusCode::UNAUTHORIZED, reference.clone()), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn renaming_a_session_takes_a_secret_key_or_an_admin_scope() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("owned"))).await;
+    let id = s["id"].as_str().unwrap();
+    let path = format!("/api/v1/sessions/{id}");
+    let not_owners = [
+        s["publicAccessToken"].as_str().unwrap().to_string(),
+        token(&app, &["write:sessions:owned"]),
+        token(&app, &[&format!("write:sessions:{id}")]),
+        token(&app, &["write:sessions", "read:sessions"]),
+        token(&app, &["write:all"]),
+        token(&app, &["admin:all"]),
+        token(&app, &["admin:sessions:someone-else"]),
+    ];
+    for t in &not_owners {
+        for patch in [json!({"externalId": "squatted", "tags": ["x"]}), json!({"externalId": null})] {
+            let (status, body) = app.patch(&path, t, patch).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        }
+    }
+    let (_, now) = app.get(&path, &app.a.key).await;
+    assert_eq!((now["externalId"].clone(), now["tags"].clone()), (json!("owned"), json!(["test"])));
+    // Tags and metadata stay writable with write scope.
+    let (status, body) = app.patch(&path, &not_owners[0], json!({"tags": ["mine"], "metadata": {"k": 1}})).await;
+    assert_eq!((status, body["tags"].clone()), (StatusCode::OK, json!(["mine"])));
+    // Admin scopes in either id form, the session super scope, `admin`, or the key rename.
+    for (scope, next) in [
+        ("admin:sessions:owned".to_string(), "owned-2"),
+        (format!("admin:sessions:{id}"), "owned-3"),
+        ("admin:sessions".to_string(), "owned-4"),
+        ("admin".to_string(), "owned-5"),
+    ] {
+        let (status, body) = app.patch(&path, &token(&app, &[&scope]), json!({"externalId": next})).await;
+        assert_eq!((status, body["externalId"].clone()), (StatusCode::OK, json!(next)), "{scope}");
+    }
+    let (status, body) = app.patch(&path, &app.a.key, json!({"externalId": null})).await;
+    assert_eq!((status, body["externalId"].clone()), (StatusCode::OK, Value::Null));
+}
+
+#[tokio::test]
+async fn a_minted_token_never_opens_a_session_that_later_takes_its_external_id() {
+    let app = TestApp::spawn().await;
+    let first = app.create_session(session_body(Some("chat-x"))).await;
+    let pat = first["publicAccessToken"].as_str().unwrap();
+    let (status, _) = app.patch("/api/v1/sessions/chat-x", &app.a.key, json!({"externalId": "chat-x-old"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, second) = app.post("/api/v1/sessions", &app.a.key, session_body(Some("chat-x"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let second_id = second["id"].as_str().unwrap();
+    for path in ["/api/v1/sessions/chat-x".to_string(), format!("/api/v1/sessions/{second_id}")] {
+        assert_eq!(app.get(&path, pat).await.0, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(app.patch(&path, pat, json!({"tags": ["hijack"]})).await.0, StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(app.append("chat-x", "in", pat, "hijack", &[]).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(app.get("/realtime/v1/sessions/chat-x/out/records", pat).await.0, StatusCode::FORBIDDEN);
+    // It still opens its own session, under any name, and the new one's token opens the new one.
+    assert_eq!(app.get("/api/v1/sessions/chat-x-old", pat).await.1["id"], first["id"]);
+    assert_eq!(app.get("/api/v1/sessions/chat-x", second["publicAccessToken"].as_str().unwrap()).await.1["id"], second["id"]);
+}
+
+#[tokio::test]
 async fn server_minted_token_verifies_with_the_environment_key() {
     let app = TestApp::spawn().await;
     let s = app.create_session(session_body(Some("pat"))).await;
     let c = jwt::verify(s["publicAccessToken"].as_str().unwrap(), &app.a.env.secret_key, 0).unwrap();
     assert_eq!(c.sub, app.a.env.id.to_string());
-    assert_eq!(c.scopes, vec!["read:sessions:pat", "write:sessions:pat"]);
+    // Scoped to the friendly id, which never passes to another session.
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(c.scopes, vec![format!("read:sessions:{id}"), format!("write:sessions:{id}")]);
     let lifetime = c.exp - c.iat.unwrap();
     assert_eq!(lifetime, 3600);
 }

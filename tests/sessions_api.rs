@@ -167,6 +167,86 @@ async fn create_on_a_closed_external_id_is_409_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn create_on_an_expired_external_id_is_409_saying_so_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("lapsed"))).await;
+    let id = s["id"].as_str().unwrap();
+    sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 second' WHERE friendly_id = $1").bind(id).execute(app.db()).await.unwrap();
+    let (_, before) = app.get(&format!("/api/v1/sessions/{id}"), &app.a.key).await;
+    let mut again = session_body(Some("lapsed"));
+    again["triggerConfig"]["basePayload"] = json!({"changed": true});
+    let (status, body) = app.post("/api/v1/sessions", &app.a.key, again).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("expired"), "{body}");
+    let (_, after) = app.get(&format!("/api/v1/sessions/{id}"), &app.a.key).await;
+    assert_eq!(after, before, "the expired session is untouched");
+    assert_eq!(count(&app, "SELECT count(*) FROM task_runs").await, 1);
+}
+
+#[tokio::test]
+async fn create_refuses_an_expiry_in_the_past() {
+    let app = TestApp::spawn().await;
+    for past in [json!("2001-01-01T00:00:00Z"), json!(chrono::Utc::now().timestamp_millis() - 1_000)] {
+        let mut body = session_body(Some("born-expired"));
+        body["expiresAt"] = past;
+        let (status, body) = app.post("/api/v1/sessions", &app.a.key, body).await;
+        assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("expiresAt")), "{body}");
+    }
+    assert_eq!(count(&app, "SELECT count(*) FROM sessions").await, 0);
+    let mut future = session_body(Some("later"));
+    future["expiresAt"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    app.create_session(future).await;
+}
+
+#[tokio::test]
+async fn create_bodies_are_limited_to_32_kb_and_other_routes_keep_the_server_limit() {
+    let app = TestApp::spawn().await;
+    // Exactly how big a body is, in bytes.
+    let sized = |ext: &str, total: usize| {
+        let mut body = session_body(Some(ext));
+        body["metadata"] = json!({"blob": ""});
+        let pad = total - serde_json::to_vec(&body).unwrap().len();
+        body["metadata"]["blob"] = json!("x".repeat(pad));
+        assert_eq!(serde_json::to_vec(&body).unwrap().len(), total);
+        body
+    };
+    let (status, body) = app.post("/api/v1/sessions", &app.a.key, sized("at-limit", 32 * 1024)).await;
+    assert_eq!(status, StatusCode::CREATED, "{}", body["error"]);
+    let (status, body) = app.post("/api/v1/sessions", &app.a.key, sized("over-limit", 32 * 1024 + 1)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(body["error"].is_string());
+    assert_eq!(count(&app, "SELECT count(*) FROM sessions").await, 1);
+    // An update may still carry more (up to MAX_BODY_BYTES).
+    let (status, body) = app.patch("/api/v1/sessions/at-limit", &app.a.key, json!({"metadata": {"blob": "y".repeat(100 * 1024)}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn every_external_id_create_accepts_is_addressable_in_paths() {
+    let app = TestApp::spawn().await;
+    let encode = |id: &str| form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>().replace('+', "%20");
+    // 256 characters (512 bytes): the limit counts characters in both places.
+    let wide = "é".repeat(256);
+    for ext in [wide.as_str(), "ext/with:odd chars", "..."] {
+        let s = app.create_session(session_body(Some(ext))).await;
+        let (status, body) = app.get(&format!("/api/v1/sessions/{}", encode(ext)), &app.a.key).await;
+        assert_eq!((status, body["id"].clone()), (StatusCode::OK, s["id"].clone()), "{ext:?}: {body}");
+        let (status, _) = app.post(&format!("/api/v1/sessions/{}/close", encode(ext)), &app.a.key, json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{ext:?}");
+    }
+    // What a path cannot carry, create and update refuse.
+    let target = app.create_session(session_body(Some("target"))).await;
+    let target = target["id"].as_str().unwrap();
+    for bad in ["é".repeat(257), "a\u{7}b".into(), "tab\there".into(), ".".into(), "..".into()] {
+        let (status, body) = app.post("/api/v1/sessions", &app.a.key, session_body(Some(&bad))).await;
+        assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("externalId")), "{bad:?}: {body}");
+        let (status, body) = app.patch(&format!("/api/v1/sessions/{target}"), &app.a.key, json!({"externalId": bad})).await;
+        assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("externalId")), "{bad:?}: {body}");
+    }
+    assert_eq!(count(&app, "SELECT count(*) FROM sessions").await, 4);
+}
+
+#[tokio::test]
 async fn retrieve_by_friendly_id_or_external_id() {
     let app = TestApp::spawn().await;
     let s = app.create_session(session_body(Some("ext/with:odd chars"))).await;
@@ -280,6 +360,62 @@ async fn concurrent_closes_write_one_closed_at() {
     assert_eq!(seen.len(), 1, "{seen:?}");
 }
 
+/// A close is acknowledged only once its channels are sealed: while sealing
+/// fails the close answers 5xx, and a retry seals before answering. After that
+/// no append lands on any server, not even one whose lookup cache still holds
+/// the open session.
+#[tokio::test]
+async fn a_close_is_acknowledged_only_once_its_channels_are_sealed() {
+    let (proxied, redis_fails) = common::failing_redis_proxy().await;
+    // Server A reaches Redis through the proxy; server B, directly.
+    let a = TestApp::spawn_with(|c| c.redis_url = proxied).await;
+    let b = a.peer(|c| c.redis_url = format!("redis://{}", common::redis_addr())).await;
+    let s = a.create_session(session_body(Some("sealed"))).await;
+    let s = s["id"].as_str().unwrap().to_string();
+    let close = format!("/api/v1/sessions/{s}/close");
+    let record = |data: &str| json!({"data": data, "id": data}).to_string();
+    // B looks the session up (and caches it, open).
+    assert_eq!(b.append(&s, "out", &b.a.key, &record("before"), &[]).await.0, StatusCode::OK);
+
+    redis_fails.send(true).unwrap();
+    let (closed, body) = a.post(&close, &a.a.key, json!({"reason": "bye"})).await;
+    let (during, _) = b.append(&s, "out", &b.a.key, &record("during"), &[]).await;
+    assert!(!(closed == StatusCode::OK && during == StatusCode::OK), "an append landed after the close was acknowledged");
+    assert!(closed.is_server_error(), "a close whose seal failed is not acknowledged: {closed} {body}");
+    assert_eq!(body, json!({"error": "Something went wrong"}));
+
+    redis_fails.send(false).unwrap();
+    let redis = a.state.redis.clone();
+    common::eventually(10, "server A to reach Redis again", || {
+        let mut redis = redis.clone();
+        async move { redis::cmd("PING").query_async::<String>(&mut redis).await.ok() }
+    })
+    .await;
+    // The retry finds the row closed and the channels not sealed: it seals, then answers.
+    let (status, body) = a.post(&close, &a.a.key, json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["closedReason"], "bye");
+    let sealed: bool = sqlx::query_scalar("SELECT channels_closed_at IS NOT NULL FROM sessions WHERE friendly_id = $1")
+        .bind(&s)
+        .fetch_one(a.db())
+        .await
+        .unwrap();
+    assert!(sealed);
+    for server in [&a, &b] {
+        for io in ["in", "out"] {
+            let (status, body) = server.append(&s, io, &server.a.key, &record("after"), &[]).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{io}: {body}");
+        }
+    }
+    let (_, out) = b.get(&format!("/realtime/v1/sessions/{s}/out/records"), &b.a.key).await;
+    let data: Vec<&str> = out["records"].as_array().unwrap().iter().filter_map(|r| r["data"].as_str()).collect();
+    assert!(data == ["before"] || data == ["before", "during"], "{data:?}");
+    // The close's record on `.in` was written once, by the retry.
+    let (_, records) = b.get(&format!("/realtime/v1/sessions/{s}/in/records"), &b.a.key).await;
+    let closes = records["records"].as_array().unwrap().iter().filter(|r| r["headers"].to_string().contains("session-closed")).count();
+    assert_eq!(closes, 1, "{records}");
+}
+
 async fn list(app: &TestApp, query: &str) -> (StatusCode, Value) {
     app.get(&format!("/api/v1/sessions?{query}"), &app.a.key).await
 }
@@ -302,8 +438,13 @@ async fn list_filters_and_status() {
     let b = app.create_session(b).await;
     let mut c = session_body(None);
     c["type"] = json!("alpha");
-    c["expiresAt"] = json!("2001-01-01T00:00:00Z");
     let c = app.create_session(c).await;
+    // Expire it (create refuses an expiry in the past).
+    sqlx::query("UPDATE sessions SET expires_at = '2001-01-01T00:00:00Z' WHERE friendly_id = $1")
+        .bind(c["id"].as_str().unwrap())
+        .execute(app.db())
+        .await
+        .unwrap();
     app.post("/api/v1/sessions/l-b/close", &app.a.key, json!({})).await;
 
     let (status, body) = list(&app, "").await;

@@ -105,6 +105,25 @@ async fn a_retried_part_id_is_written_once() {
 }
 
 #[tokio::test]
+async fn part_ids_are_exactly_1_to_128_visible_ascii_characters() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "part-ids").await;
+    let longest = "~".repeat(128);
+    for good in ["!", "a", longest.as_str(), "part:1/2?x=#%"] {
+        let (status, body) = app.append(&s, "out", &app.a.key, "x", &[("x-part-id", good)]).await;
+        assert_eq!(status, StatusCode::OK, "{good:?}: {body}");
+    }
+    let too_long = "~".repeat(129);
+    for bad in [too_long.as_str(), "a b", "a\tb", "", " "] {
+        let (status, body) = app.append(&s, "out", &app.a.key, "x", &[("x-part-id", bad)]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
+        assert_eq!(body["error"], "X-Part-Id must be 1-128 visible ASCII characters");
+    }
+    let (_, body) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
+    assert_eq!(body["records"].as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
 async fn sse_resume_from_every_last_event_id_yields_each_record_once() {
     let app = TestApp::spawn().await;
     let s = new_session(&app, "resume").await;
@@ -199,6 +218,19 @@ async fn peek_settled_closes_fast_on_a_finished_turn_and_long_polls_otherwise() 
     let mut old = app.sse(&format!("/realtime/v1/sessions/{s2}/out"), &app.a.key, &[("x-peek-settled", "1")]).await;
     assert_eq!(old.headers["x-session-settled"], "true");
     assert_eq!(old.collect(Duration::from_secs(5)).await.len(), 1);
+}
+
+#[tokio::test]
+async fn peek_settled_is_ignored_on_in() {
+    let app = TestApp::spawn().await;
+    let s = new_session(&app, "settle-in").await;
+    // `.in` ending with what would end a turn on `.out`.
+    app.append(&s, "in", &app.a.key, "", &[("x-trigger-control", "turn-complete")]).await;
+    let t = Instant::now();
+    let mut sub = app.sse(&format!("/realtime/v1/sessions/{s}/in"), &app.a.key, &[("x-peek-settled", "1"), ("timeout-seconds", "1")]).await;
+    assert!(sub.headers.get("x-session-settled").is_none());
+    assert_eq!(sub.collect(Duration::from_secs(5)).await.len(), 1);
+    assert!(t.elapsed() >= Duration::from_millis(900), "long-polled like any subscription: {:?}", t.elapsed());
 }
 
 #[tokio::test]

@@ -91,6 +91,13 @@ fn unauthorized() -> ApiError {
     ApiError::Unauthorized("Invalid or missing API key".into())
 }
 
+/// Every public token that fails, whatever the reason (malformed, unknown
+/// environment, bad signature, expired), gets this same answer, so a caller
+/// cannot probe which environment ids exist.
+fn bad_public_token() -> ApiError {
+    ApiError::Unauthorized("Invalid or expired public access token".into())
+}
+
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
@@ -108,11 +115,11 @@ impl FromRequestParts<AppState> for Auth {
             return Ok(Auth { env, principal: Principal::SecretKey });
         }
 
-        let env_id = jwt::unverified_subject(token).map_err(|_| unauthorized())?;
-        let env = state.envs.by_id(&state.db, &state.master_key, env_id).await?.ok_or_else(unauthorized)?;
+        let env_id = jwt::unverified_subject(token).map_err(|_| bad_public_token())?;
+        let env = state.envs.by_id(&state.db, &state.master_key, env_id).await?.ok_or_else(bad_public_token)?;
         let claims = jwt::verify(token, &env.secret_key, state.config.jwt_leeway_secs).map_err(|err| {
             tracing::debug!(%err, "rejected public token");
-            ApiError::Unauthorized("Invalid or expired public access token".into())
+            bad_public_token()
         })?;
         Ok(Auth { env, principal: Principal::PublicToken { scopes: claims.scopes } })
     }

@@ -8,6 +8,9 @@
 pub enum Action {
     Read,
     Write,
+    /// What only an owner may do, such as giving a session another external id:
+    /// granted by `admin`, `admin:{resource}` and `admin:{resource}:{id}` alone.
+    Admin,
 }
 
 impl Action {
@@ -15,6 +18,7 @@ impl Action {
         match self {
             Action::Read => "read",
             Action::Write => "write",
+            Action::Admin => "admin",
         }
     }
 }
@@ -34,7 +38,8 @@ fn parse(scope: &str) -> Scope<'_> {
 fn is_super_scope(scope: &Scope<'_>, resource: &str, action: Action) -> bool {
     match (scope.action, scope.resource, scope.id) {
         ("admin", "", None) => true,
-        (a, "all", None) if a == action.as_str() => true,
+        // `read:all` and `write:all`; there is no `admin:all`.
+        (a, "all", None) if a == action.as_str() && action != Action::Admin => true,
         (a, r, None) if r == resource && (a == action.as_str() || a == "admin") => true,
         _ => false,
     }
@@ -45,7 +50,8 @@ fn is_session_super_scope(scope: &Scope<'_>, action: Action) -> bool {
 }
 
 /// May a token perform `action` on the `resource` (`sessions`, `runs`) known by
-/// any of `keys`? `admin:{resource}:{id}` implies read and write. Empty keys never match.
+/// any of `keys`? `admin:{resource}:{id}` implies read and write, and only admin
+/// scopes grant [`Action::Admin`]. Empty keys never match.
 pub fn allows(scopes: &[String], resource: &str, action: Action, keys: &[&str]) -> bool {
     scopes.iter().map(|s| parse(s)).any(|scope| {
         is_super_scope(&scope, resource, action)
@@ -108,6 +114,16 @@ mod tests {
         assert!(!allows_session(&v(&["read:sessions:x"]), Action::Write, &["x"]));
         assert!(allows_session(&v(&["admin:sessions:x"]), Action::Write, &["x"]));
         assert!(allows_session(&v(&["admin:sessions:x"]), Action::Read, &["x"]));
+    }
+
+    #[test]
+    fn only_admin_scopes_grant_admin() {
+        for s in ["admin", "admin:sessions", "admin:sessions:x"] {
+            assert!(allows_session(&v(&[s]), Action::Admin, &["session_1", "x"]), "{s}");
+        }
+        for s in ["write:sessions:x", "write:sessions", "write:all", "admin:all", "admin:sessions:y", "admin:runs"] {
+            assert!(!allows_session(&v(&[s]), Action::Admin, &["session_1", "x"]), "{s}");
+        }
     }
 
     #[test]

@@ -56,10 +56,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 /// A `:session`-style path id: a friendly id or an external id. Rejects ids that
-/// are too long or carry control characters before they reach a query.
+/// break the id rule ([`crate::ids::id_problem`]: too long, control characters)
+/// before they reach a query.
 pub struct PathId(pub String);
-
-pub const MAX_PATH_ID_LEN: usize = 256;
 
 impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = ApiError;
@@ -73,7 +72,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
 }
 
 pub fn validate_path_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > MAX_PATH_ID_LEN || id.chars().any(char::is_control) {
+    if crate::ids::id_problem(id).is_some() {
         return Err(ApiError::BadRequest("Invalid id in path".into()));
     }
     Ok(())

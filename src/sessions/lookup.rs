@@ -2,7 +2,9 @@
 //! subscriptions), so a busy channel does not cost a Postgres round trip per
 //! record. Safe because what it is used for tolerates a second of staleness:
 //! sessions are never deleted, closing is final and enforced atomically by the
-//! channel store itself, and run management always re-reads the primary.
+//! channel store itself (a close is acknowledged only once the channels are
+//! sealed, so a stale open row here cannot let a write land after it), and run
+//! management always re-reads the primary.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

@@ -29,6 +29,10 @@ pub struct Session {
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When closing (or expiry) finished sealing the channels and ending the
+    /// waits; null until then, even on a closed row.
+    #[sqlx(default)]
+    pub channels_closed_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -89,12 +93,6 @@ impl Session {
             SessionStatus::Expired => Some("expired".into()),
             SessionStatus::Active => None,
         }
-    }
-
-    /// The key a session-scoped token names: the caller's external id if it has
-    /// one, else the friendly id.
-    pub fn addressing_key(&self) -> &str {
-        self.external_id.as_deref().unwrap_or(&self.friendly_id)
     }
 
     /// Does closing wake the current run with a `session-closed` record on `.in`?

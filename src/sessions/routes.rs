@@ -1,7 +1,7 @@
 //! Control-plane handlers. Each reads as its list of hops: authenticate, validate,
 //! resolve and authorize, call the store, shape the answer.
 
-use axum::extract::{RawQuery, State};
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,9 +18,13 @@ use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiJson, PathId};
 
+/// Create's body limit, as upstream's: only metadata grows, and 32 KB is plenty
+/// (the other routes keep `MAX_BODY_BYTES`).
+pub const CREATE_MAX_BODY_BYTES: usize = 32 * 1024;
+
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/api/v1/sessions", post(create).get(list))
+        .route("/api/v1/sessions", post(create).layer(DefaultBodyLimit::max(CREATE_MAX_BODY_BYTES)).get(list))
         .route("/api/v1/sessions/{session}", get(retrieve).patch(update))
         .route("/api/v1/sessions/{session}/close", post(close))
         .route("/api/v1/sessions/{session}/end-and-continue", post(end_and_continue))
@@ -94,6 +98,11 @@ async fn create(
                 "A closed session already uses this externalId; closing is final, use a new externalId".into(),
             ))
         }
+        CreateOutcome::Expired => {
+            return Err(ApiError::Conflict(
+                "An expired session already uses this externalId; expiry is final, use a new externalId".into(),
+            ))
+        }
     };
     if is_cached {
         // A cached session whose run has ended gets a continuation, so the
@@ -109,7 +118,9 @@ async fn create(
         .current_run_friendly_id
         .clone()
         .ok_or_else(|| anyhow::anyhow!("session {} has no current run", session.friendly_id))?;
-    let token = jwt::mint_session_token(auth.env.id, &auth.env.secret_key, session.addressing_key());
+    // Scoped to the friendly id, which never changes hands: a token for this
+    // session never opens another that later takes its external id.
+    let token = jwt::mint_session_token(auth.env.id, &auth.env.secret_key, &session.friendly_id);
     Ok((status, Json(CreatedSession { session: session.to_item(), run_id, public_access_token: token, is_cached })))
 }
 
@@ -125,7 +136,10 @@ async fn update(
     ApiJson(body): ApiJson<UpdateSessionBody>,
 ) -> ApiResult<Json<SessionItem>> {
     let patch = validate::update(body)?;
-    let session = load_authorized(&state, &auth, &key, Action::Write).await?;
+    // An external id is the session's public name, which tokens may be scoped
+    // to: renaming takes an owner, so a write token cannot squat a name.
+    let action = if patch.changes_external_id() { Action::Admin } else { Action::Write };
+    let session = load_authorized(&state, &auth, &key, action).await?;
     match store::update(&state.db, auth.env.id, session.id, &patch).await {
         Ok(Some(updated)) => Ok(Json(updated.to_item())),
         Ok(None) => Err(ApiError::NotFound("Session not found".into())),
@@ -148,15 +162,22 @@ async fn close(
         .await?
         .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
     state.sessions.forget(&closed);
-    if let Some(job) = job {
-        // Seal the channels before answering, so no write lands after the close
-        // is acknowledged. The job repeats this (idempotently) if we fail here.
-        let notify_in = closed.close_wakes_in(body.calling_run_id.as_deref());
-        if let Err(err) = crate::waitpoints::close_channels(&state, closed.id, reason.as_deref(), notify_in).await {
-            tracing::warn!(session = %closed.friendly_id, error = %err, "closing channels inline failed; the job retries");
+    // A close is acknowledged only once the channels are sealed, so no write
+    // lands after it: the seal marker, which the append script checks, stops
+    // appends on every server, whatever their lookup caches still say. A seal
+    // that fails answers 500 (the job keeps trying), and a retry (closed,
+    // `channels_closed_at` still null) seals again before it answers.
+    let sealed = match closed.channels_closed_at {
+        Some(_) => Ok(()),
+        None => {
+            let notify_in = closed.close_wakes_in(body.calling_run_id.as_deref());
+            crate::waitpoints::close_channels(&state, closed.id, closed.closed_reason.as_deref(), notify_in).await
         }
+    };
+    if let Some(job) = job {
         state.jobs.relay(&[job]).await;
     }
+    sealed.map_err(|err| ApiError::Internal(err.context(format!("sealing the channels of closed session {}", closed.friendly_id))))?;
     Ok(Json(closed.to_item()))
 }
 

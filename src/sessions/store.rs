@@ -18,7 +18,7 @@ use crate::tenancy::Environment;
 pub const SESSION_SELECT: &str = "s.id, s.friendly_id, s.external_id, s.type, s.task_identifier, s.trigger_config, \
      s.tags, s.metadata, s.organization_id, s.project_id, s.runtime_environment_id, s.environment_type, \
      s.current_run_id, s.current_run_version, r.friendly_id AS current_run_friendly_id, s.closed_at, \
-     s.closed_reason, s.expires_at, s.created_at, s.updated_at";
+     s.closed_reason, s.expires_at, s.created_at, s.updated_at, s.channels_closed_at";
 
 /// Wraps a data-modifying statement `sql` (which must `RETURNING *`) so the
 /// result comes back as a full [`Session`].
@@ -34,6 +34,8 @@ pub enum CreateOutcome {
     Cached(Session),
     /// A closed session holds this external id; nothing was changed.
     Closed,
+    /// An expired (not closed) session holds this external id; nothing was changed.
+    Expired,
 }
 
 /// Creates a session, its first QUEUED run, the run claim and the audit row in one
@@ -60,8 +62,8 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
 
     let mut tx = pool.begin().await?;
     // The new row claims its first run at insert (version 1). On a conflict with a
-    // live row only the trigger config is refreshed; a closed row is left as is
-    // and no row comes back.
+    // live row only the trigger config is refreshed; a closed or expired row is
+    // left as is and no row comes back.
     let upsert = returning_session(
         "INSERT INTO sessions (id, friendly_id, external_id, type, task_identifier, trigger_config, tags, metadata,
              organization_id, project_id, runtime_environment_id, environment_type, expires_at,
@@ -69,7 +71,7 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 1)
          ON CONFLICT (runtime_environment_id, external_id) DO UPDATE
              SET trigger_config = EXCLUDED.trigger_config, updated_at = now()
-             WHERE sessions.closed_at IS NULL
+             WHERE sessions.closed_at IS NULL AND (sessions.expires_at IS NULL OR sessions.expires_at > now())
          RETURNING *",
     );
     let row: Option<Session> = sqlx::query_as(&upsert)
@@ -91,8 +93,16 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
         .await?;
 
     let Some(mut session) = row else {
+        // The row the upsert refused is closed or, failing that, expired (as of
+        // the upsert's clock, so no second reading of the time can disagree).
+        let closed: Option<bool> =
+            sqlx::query_scalar("SELECT closed_at IS NOT NULL FROM sessions WHERE runtime_environment_id = $1 AND external_id = $2")
+                .bind(env.id)
+                .bind(&new.external_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         tx.rollback().await?;
-        return Ok(CreateOutcome::Closed);
+        return Ok(if closed == Some(false) { CreateOutcome::Expired } else { CreateOutcome::Closed });
     };
     if session.id != session_id {
         tx.commit().await?;

@@ -189,11 +189,14 @@ pub struct NewSession {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-/// External ids are trimmed, 1–256 characters, and never look like a friendly id
-/// (a `session_` prefix would route lookups to the wrong column).
+/// External ids are trimmed, follow the path id rule (so each can be addressed
+/// in a URL: [`crate::ids::id_problem`]), and never look like a friendly id (a
+/// `session_` prefix would route lookups to the wrong column).
 pub fn external_id(field: &str, raw: &str) -> Validated<String> {
     let trimmed = raw.trim();
-    check_len(field, trimmed, 1, 256)?;
+    if let Some(problem) = crate::ids::id_problem(trimmed) {
+        return Err(ValidationError::new(field, problem));
+    }
     if trimmed.starts_with(SESSION_PREFIX) {
         return Err(ValidationError::new(
             field,
@@ -219,8 +222,17 @@ pub fn create(body: CreateSessionBody) -> Validated<NewSession> {
         trigger_config,
         tags,
         metadata: body.metadata.map(Value::Object),
-        expires_at: body.expires_at.map(|d| d.0),
+        expires_at: body.expires_at.map(|d| future("expiresAt", d.0, Utc::now())).transpose()?,
     })
+}
+
+/// A session born expired could never be written to, and its externalId would
+/// be taken for good: an expiry must lie ahead.
+fn future(field: &str, at: DateTime<Utc>, now: DateTime<Utc>) -> Validated<DateTime<Utc>> {
+    if at <= now {
+        return Err(ValidationError::new(field, "must be in the future"));
+    }
+    Ok(at)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,6 +251,13 @@ pub struct SessionPatch {
     pub tags: Option<Vec<String>>,
     pub metadata: Patch<Value>,
     pub external_id: Patch<String>,
+}
+
+impl SessionPatch {
+    /// Does the patch set or clear the external id (which takes admin rights)?
+    pub fn changes_external_id(&self) -> bool {
+        self.external_id != Patch::Missing
+    }
 }
 
 pub fn update(body: UpdateSessionBody) -> Validated<SessionPatch> {
@@ -384,5 +403,8 @@ mod tests {
         let mut v = base();
         v["expiresAt"] = json!(1_900_000_000_000i64);
         assert!(create(body(v)).unwrap().expires_at.is_some());
+        let mut v = base();
+        v["expiresAt"] = json!(chrono::Utc::now().timestamp_millis() - 1);
+        assert_eq!(create(body(v)).unwrap_err().field, "expiresAt");
     }
 }

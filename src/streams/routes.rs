@@ -144,6 +144,12 @@ impl From<ChannelError> for ApiError {
 const MAX_RECORD_HEADERS: usize = 32;
 const MAX_PART_ID_LEN: usize = 128;
 
+/// An `X-Part-Id` is what its error message says: 1-128 visible ASCII
+/// characters (`!` to `~`; no spaces or tabs, which a header value may carry).
+fn is_part_id(p: &str) -> bool {
+    (1..=MAX_PART_ID_LEN).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Record headers from the request: `X-Record-Headers` (a JSON array of
 /// `[name, value]` pairs) and the shorthand `X-Trigger-Control: <subtype>`.
 fn record_headers(headers: &HeaderMap) -> Result<Vec<(String, String)>, ApiError> {
@@ -204,7 +210,7 @@ async fn append(
         Some(v) => Some(
             v.to_str()
                 .ok()
-                .filter(|p| !p.is_empty() && p.len() <= MAX_PART_ID_LEN)
+                .filter(|p| is_part_id(p))
                 .ok_or_else(|| ApiError::BadRequest("X-Part-Id must be 1-128 visible ASCII characters".into()))?,
         ),
         None => None,
@@ -327,7 +333,9 @@ async fn subscribe(State(state): State<AppState>, auth: Auth, path: ChannelPath,
             gap = Some(sse::gap_record(c + 1, oldest - 1));
         }
     }
-    let settled = header_str("x-peek-settled") == Some("1") && store.last(key).await?.is_some_and(|r| r.is_turn_complete());
+    // Only `.out` carries turns; on `.in` the header is ignored.
+    let peek = path.io == Io::Out && header_str("x-peek-settled") == Some("1");
+    let settled = peek && store.last(key).await?.is_some_and(|r| r.is_turn_complete());
 
     let sub = Subscription {
         store,

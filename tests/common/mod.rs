@@ -57,14 +57,39 @@ impl TestApp {
         let (env_b, key_b) = tenancy::create_environment(&pool, &master, "org-b", "proj", EnvType::Prod).await.unwrap();
 
         let state = AppState::connect(config, pool, master).await.expect("connect to Redis");
-        let (base, shutdown) = serve(state.clone()).await;
+        Self::serve(state, TestEnv { env: env_a, key: key_a.expose().to_string() }, TestEnv { env: env_b, key: key_b.expose().to_string() })
+            .await
+    }
+
+    /// A second server process of the same deployment: this one's database
+    /// schema, Redis prefix, master key and environments, with `tweak` applied
+    /// to its configuration, and its own caches and job runtime.
+    pub async fn peer(&self, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = self.state.config.clone();
+        tweak(&mut config);
+        let master = app::master_key(&config).unwrap();
+        let state = AppState::connect(config, self.state.db.clone(), master).await.expect("connect to Redis");
+        let env = |e: &TestEnv| TestEnv { env: e.env.clone(), key: e.key.clone() };
+        Self::serve(state, env(&self.a), env(&self.b)).await
+    }
+
+    async fn serve(state: AppState, a: TestEnv, b: TestEnv) -> TestApp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = watch::channel(false);
+        let serve_state = state.clone();
+        tokio::spawn(async move {
+            if let Err(err) = app::serve(listener, serve_state, rx).await {
+                eprintln!("test server stopped: {err:#}");
+            }
+        });
         TestApp {
             base,
             state,
-            a: TestEnv { env: env_a, key: key_a.expose().to_string() },
-            b: TestEnv { env: env_b, key: key_b.expose().to_string() },
+            a,
+            b,
             client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
-            _shutdown: shutdown,
+            _shutdown: tx,
         }
     }
 
@@ -72,16 +97,15 @@ impl TestApp {
     /// process-like one on the same schema, Redis prefix and environments, as a
     /// restart would; `tweak` adjusts the new server's configuration.
     pub async fn restart(self, tweak: impl FnOnce(&mut Config)) -> TestApp {
-        let TestApp { state, a, b, client, _shutdown, .. } = self;
+        let TestApp { state, a, b, _shutdown, .. } = self;
         let _ = _shutdown.send(true);
         let mut config = state.config.clone();
         tweak(&mut config);
-        let master = MasterKey::from_hex(config.master_key.as_deref().unwrap()).unwrap();
+        let master = app::master_key(&config).unwrap();
         let pool = sessiond::db::connect(&config).await.expect("connect to Postgres");
         drop(state);
         let state = AppState::connect(config, pool, master).await.expect("connect to Redis");
-        let (base, shutdown) = serve(state.clone()).await;
-        TestApp { base, state, a, b, client, _shutdown: shutdown }
+        Self::serve(state, a, b).await
     }
 
     /// Sends a request with an optional bearer token and JSON body; returns the
@@ -141,19 +165,6 @@ impl TestApp {
     pub async fn pending_waiters(&self, key: sessiond::streams::ChannelKey) -> Vec<String> {
         redis::cmd("SMEMBERS").arg(self.state.channels.waiters_key(key)).query_async(&mut self.state.redis.clone()).await.unwrap()
     }
-}
-
-/// Serves `state` on a random port until the returned sender says stop.
-async fn serve(state: AppState) -> (String, watch::Sender<bool>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        if let Err(err) = app::serve(listener, state, rx).await {
-            eprintln!("test server stopped: {err:#}");
-        }
-    });
-    (base, tx)
 }
 
 /// Every sweep every second. The file is named for its content, so test
@@ -311,4 +322,72 @@ impl TestApp {
         let status = resp.status();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
+}
+
+/// `host:port` of the test Redis.
+pub fn redis_addr() -> String {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    url.trim_start_matches("redis://").trim_end_matches('/').to_string()
+}
+
+/// A TCP proxy to Redis that can make Redis fail (`true` on the sender) and
+/// recover (`false`). Each switch drops the connections open through it; while
+/// failing, new connections are answered by a stand-in that refuses every
+/// command with an error at once (no timeouts, no reconnect back-off).
+pub async fn failing_redis_proxy() -> (String, watch::Sender<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = redis_addr();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let (fail, failing) = watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut failing = failing.clone();
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let fail_now = *failing.borrow_and_update();
+                let switched = async move {
+                    let _ = failing.changed().await;
+                };
+                if fail_now {
+                    let refuse = async {
+                        let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+                        while let Ok(n @ 1..) = client.read(&mut chunk).await {
+                            buf.extend_from_slice(&chunk[..n]);
+                            while let Some(len) = resp_command_len(&buf) {
+                                buf.drain(..len);
+                                if client.write_all(b"-ERR injected failure\r\n").await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    tokio::select! { _ = refuse => {}, _ = switched => {} }
+                } else if let Ok(server) = tokio::net::TcpStream::connect(&upstream).await {
+                    let ((mut client_rx, mut client_tx), (mut server_rx, mut server_tx)) = (client.into_split(), server.into_split());
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut client_rx, &mut server_tx) => {}
+                        _ = tokio::io::copy(&mut server_rx, &mut client_tx) => {}
+                        _ = switched => {}
+                    }
+                }
+            });
+        }
+    });
+    (url, fail)
+}
+
+/// The length of the first complete command (a RESP array of bulk strings) in `buf`.
+fn resp_command_len(buf: &[u8]) -> Option<usize> {
+    // A `<type><number>\r\n` line at `at`: the number and where the next line starts.
+    let line = |at: usize| -> Option<(usize, usize)> {
+        let end = at + buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        Some((std::str::from_utf8(buf.get(at + 1..end)?).ok()?.parse().ok()?, end + 2))
+    };
+    let (count, mut at) = line(0)?;
+    for _ in 0..count {
+        let (len, data) = line(at)?;
+        at = data + len + 2;
+    }
+    (at <= buf.len()).then_some(at)
 }
