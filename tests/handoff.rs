@@ -7,25 +7,16 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, session_body, TestApp};
+use common::{dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::sessions::run_manager;
 use sessiond::worker::channels::{ChannelFactory, HttpChannelFactory};
 use sessiond::worker::echo::{reply_records, EchoAgent};
-use sessiond::worker::{AssignedRun, Worker, WorkerClient};
+use sessiond::worker::Worker;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-fn tasks() -> Vec<String> {
-    vec!["echo-agent".to_string()]
-}
-
-async fn dequeue_one(w: &WorkerClient) -> AssignedRun {
-    let runs = w.dequeue(&tasks(), 1, Duration::from_secs(10)).await.unwrap();
-    assert_eq!(runs.len(), 1, "expected one run");
-    runs.into_iter().next().unwrap()
-}
 
 /// Runs of the session by status.
 async fn runs_by_status(app: &TestApp, session: Uuid) -> Vec<(String, i64)> {

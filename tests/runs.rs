@@ -6,22 +6,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, session_body, TestApp};
+use common::{dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::sessions::run_manager::{self, Ensured};
-use sessiond::worker::{AssignedRun, RunContext, TaskHandler, WorkerClient};
+use sessiond::worker::{RunContext, TaskHandler};
 use uuid::Uuid;
 
-fn tasks() -> Vec<String> {
-    vec!["echo-agent".to_string()]
-}
-
-async fn dequeue_one(w: &WorkerClient) -> AssignedRun {
-    let runs = w.dequeue(&tasks(), 1, Duration::from_secs(10)).await.unwrap();
-    assert_eq!(runs.len(), 1, "expected one run");
-    runs.into_iter().next().unwrap()
-}
 
 
 async fn audit_reasons(app: &TestApp, session: Uuid) -> Vec<String> {

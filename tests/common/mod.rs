@@ -205,6 +205,18 @@ where
     }
 }
 
+/// The task every session of [`session_body`] runs.
+pub fn tasks() -> Vec<String> {
+    vec!["echo-agent".to_string()]
+}
+
+/// Dequeues exactly one run of [`tasks`], waiting up to 10 s.
+pub async fn dequeue_one(w: &sessiond::worker::WorkerClient) -> sessiond::worker::AssignedRun {
+    let runs = w.dequeue(&tasks(), 1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(runs.len(), 1, "expected one run");
+    runs.into_iter().next().unwrap()
+}
+
 pub fn session_body(external_id: Option<&str>) -> Value {
     let mut body = serde_json::json!({
         "type": "chat.agent",
