@@ -386,3 +386,46 @@ impl HttpBody for DeadlineBody {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    fn limits(max_connections: usize) -> Limits {
+        Limits { header_read: Duration::from_secs(1), idle: Duration::from_secs(1), max_connections }
+    }
+
+    fn closed(r: &Registration) -> bool {
+        r.conn.close.notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn the_cap_sheds_the_oldest_connection_outside_a_request_and_never_one_inside() {
+        let registry = Registry::new(limits(2));
+        let a = registry.admit().unwrap();
+        let b = registry.admit().unwrap();
+        let _in_b = Exchange::begin(b.conn.clone());
+        let c = registry.admit().unwrap();
+        assert!(closed(&a) && !closed(&b) && !closed(&c));
+        assert_eq!(registry.open(), 2);
+        let _in_c = Exchange::begin(c.conn.clone());
+        // Every connection is inside a request: the newcomer is refused.
+        assert!(registry.admit().is_none());
+        drop(_in_c);
+        let d = registry.admit().unwrap();
+        assert!(closed(&c) && !closed(&b) && !closed(&d));
+        drop((a, c));
+        assert_eq!(registry.open(), 2);
+    }
+
+    #[test]
+    fn the_idle_timeout_must_exceed_the_sse_keepalive() {
+        let mut config = Config::for_database("postgres://localhost/unused", None);
+        config.idle_timeout_ms = config.sse_keepalive_ms;
+        assert!(Limits::from_config(&config).is_err());
+        config.idle_timeout_ms = config.sse_keepalive_ms + 1;
+        assert!(Limits::from_config(&config).is_ok());
+    }
+}
