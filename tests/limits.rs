@@ -123,3 +123,22 @@ async fn an_idle_connection_is_closed_but_a_quiet_sse_stream_is_not() {
     let batch = sse.next_batch(Duration::from_secs(5)).await.expect("the SSE stream was cut");
     assert_eq!(batch[0].body, "still here");
 }
+
+#[tokio::test]
+async fn an_sse_stream_outlives_the_header_read_and_idle_timeouts() {
+    let app = TestApp::spawn_with(|c| {
+        c.header_read_timeout_ms = 1_000;
+        c.idle_timeout_ms = 1_000;
+        c.sse_keepalive_ms = 300;
+    })
+    .await;
+    let session = app.create_session(session_body(None)).await;
+    let id = session["id"].as_str().unwrap();
+    let mut sse = app.sse(&format!("/realtime/v1/sessions/{id}/out"), &app.a.key, &[("timeout-seconds", "30")]).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let client = reqwest::Client::new();
+    let resp = client.post(format!("{}/realtime/v1/sessions/{id}/out/append", app.base)).bearer_auth(&app.a.key).body("late").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let batch = sse.next_batch(Duration::from_secs(5)).await.expect("the SSE stream was cut");
+    assert_eq!(batch[0].body, "late");
+}

@@ -420,6 +420,19 @@ mod tests {
         assert_eq!(registry.open(), 2);
     }
 
+    #[tokio::test]
+    async fn the_reaper_closes_idle_connections_but_not_one_whose_answer_is_being_prepared() {
+        let registry = Registry::new(Limits { idle: Duration::from_millis(200), ..limits(10) });
+        let idle = registry.admit().unwrap();
+        let polling = registry.admit().unwrap();
+        let _long_poll = Exchange::begin(polling.conn.clone());
+        let reaper = tokio::spawn(registry.clone().reap_idle());
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        reaper.abort();
+        assert!(closed(&idle));
+        assert!(!closed(&polling));
+    }
+
     #[test]
     fn the_idle_timeout_must_exceed_the_sse_keepalive() {
         let mut config = Config::for_database("postgres://localhost/unused", None);
