@@ -332,9 +332,10 @@ async fn subscribe(State(state): State<AppState>, auth: Auth, path: ChannelPath,
     // nothing above has read Redis, the stream's first read happens now. (An
     // empty one is redone by the stream once it listens to the feed, so that
     // nothing appended in between is missed.)
-    let first_read = match cursor.is_none() && next_seq.is_none() && !peek {
-        true => Some(store.read_after(key, None, sse::BACKLOG_BATCH).await?).filter(|r| !r.is_empty()),
-        false => None,
+    let first_read = if cursor.is_none() && next_seq.is_none() && !peek {
+        Some(store.read_after(key, None, sse::BACKLOG_BATCH).await?).filter(|r| !r.is_empty())
+    } else {
+        None
     };
 
     let sub = Subscription {
