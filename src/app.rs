@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -51,7 +51,7 @@ impl AppState {
     /// Connects to Redis and assembles the state around an open Postgres pool.
     pub async fn connect(config: Config, db: PgPool, master_key: MasterKey) -> anyhow::Result<Self> {
         let redis_client = redis::Client::open(config.redis_url.as_str())?;
-        let redis = ConnectionManager::new(redis_client.clone()).await?;
+        let redis = ConnectionManager::new_with_config(redis_client.clone(), redis_config(&config)).await?;
         let envs = EnvCache::new(Duration::from_millis(config.auth_cache_ttl_ms));
         let session_list = Arc::new(PgSessionList { pool: db.clone() });
         let run_queue = RunQueue::new(redis.clone(), &config.redis_prefix);
@@ -76,6 +76,16 @@ impl AppState {
     }
 }
 
+/// Fail fast while Redis is away: a lost connection is retried briefly, then
+/// requests get an error (503) rather than waiting out a long backoff.
+fn redis_config(config: &Config) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(config.redis_connect_timeout_ms)))
+        .set_response_timeout(Some(Duration::from_millis(config.redis_response_timeout_ms)))
+        .set_number_of_retries(config.redis_reconnect_retries)
+        .set_max_delay(Duration::from_millis(200))
+}
+
 /// Reads the master key from the configuration.
 pub fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
     let hex = config
@@ -95,10 +105,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Connections are served by hyper's HTTP/1.1 connection directly rather than
 /// `axum::serve`, whose HTTP/1+2 auto-detecting connection costs about 50 KB per
 /// idle connection; with thousands of long-lived SSE subscribers that dominates.
+/// The connection limits (timeouts, cap) are in [`crate::http::conn`].
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    use hyper_util::rt::TokioIo;
-    use hyper_util::service::TowerToHyperService;
+    use crate::http::conn;
 
+    let connections = conn::Registry::new(conn::Limits::from_config(&state.config)?);
+    let reaper = tokio::spawn(connections.clone().reap_idle());
     let schedules = jobs::schedule::load(state.config.job_schedules_file.as_deref())?;
     let runtime = jobs::runtime::start(&state, schedules, shutdown.clone())?;
     let app = crate::http::router(state);
@@ -118,17 +130,12 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
             // The guard `wait_for` returns is not Send: drop it inside.
             _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
         };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
-        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(%err, "connection ended with an error");
-            }
-        });
+        // At the cap with every connection inside a request: refuse this one.
+        let Some(registration) = connections.admit() else { continue };
+        tokio::spawn(conn::serve_connection(stream, registration, app.clone(), &graceful));
     }
     drop(listener);
+    reaper.abort();
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period; dropping them");
     }

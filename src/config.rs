@@ -81,6 +81,37 @@ pub struct Config {
     /// How long an append's X-Part-Id is remembered for dedupe, in seconds.
     #[arg(long, env = "APPEND_DEDUPE_WINDOW_SECS", default_value_t = 600)]
     pub append_dedupe_window_secs: u64,
+
+    /// A request head must arrive within this many ms of the connection opening
+    /// (or of the previous response, on a kept-alive connection).
+    #[arg(long, env = "HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// A request body must arrive whole within this many ms of its head (408).
+    #[arg(long, env = "BODY_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    pub body_read_timeout_ms: u64,
+
+    /// A connection on which no byte moves for this many ms is closed (unless
+    /// the server is still preparing its response). Must exceed SSE_KEEPALIVE_MS.
+    #[arg(long, env = "IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+
+    /// Most open client connections; beyond it the oldest connection outside a
+    /// request is shed. Lowered to fit the file-descriptor limit.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub max_connections: usize,
+
+    /// How long connecting to Redis may take, in ms.
+    #[arg(long, env = "REDIS_CONNECT_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_connect_timeout_ms: u64,
+
+    /// How long one Redis command may take, in ms.
+    #[arg(long, env = "REDIS_RESPONSE_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_response_timeout_ms: u64,
+
+    /// Reconnect attempts to a lost Redis before a request gives up (503).
+    #[arg(long, env = "REDIS_RECONNECT_RETRIES", default_value_t = 1)]
+    pub redis_reconnect_retries: usize,
 }
 
 impl Config {
@@ -106,6 +137,13 @@ impl Config {
             sse_keepalive_ms: 15_000,
             channel_retention_secs: 7 * 24 * 3600,
             append_dedupe_window_secs: 600,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 16_384,
+            redis_connect_timeout_ms: 500,
+            redis_response_timeout_ms: 500,
+            redis_reconnect_retries: 1,
         }
     }
 }

@@ -681,6 +681,7 @@ async fn the_long_poll_window_ends_on_time_while_records_remain() {
         window: Duration::from_millis(500),
         keepalive: Duration::from_secs(30),
         gap: None,
+        first_read: None,
     };
     let mut frames = Box::pin(sse::stream(sub));
     let started = Instant::now();
@@ -791,6 +792,7 @@ async fn a_record_between_the_backlog_read_and_the_feed_start_is_not_missed() {
         window: Duration::from_secs(5),
         keepalive: Duration::from_secs(30),
         gap: None,
+        first_read: None,
     };
     let reader = tokio::spawn(async move {
         let mut frames = Box::pin(sse::stream(sub));

@@ -26,15 +26,50 @@ pub enum ApiError {
     Conflict(String),
     #[error("Request body is too large")]
     PayloadTooLarge,
+    #[error("Request body was not received in time")]
+    RequestTimeout,
     #[error(transparent)]
     Validation(#[from] ValidationError),
+    /// A dependency (Redis) cannot be reached: the request may succeed later.
+    #[error("Service temporarily unavailable, retry shortly")]
+    Unavailable,
     #[error("internal error: {0}")]
-    Internal(#[from] anyhow::Error),
+    Internal(anyhow::Error),
 }
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         ApiError::Internal(err.into())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(err: anyhow::Error) -> Self {
+        if err.chain().any(|cause| cause.downcast_ref::<redis::RedisError>().is_some_and(redis_unavailable)) {
+            tracing::warn!(error = %err, "redis unavailable");
+            return ApiError::Unavailable;
+        }
+        ApiError::Internal(err)
+    }
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(err: redis::RedisError) -> Self {
+        anyhow::Error::from(err).into()
+    }
+}
+
+/// Whether a Redis error means Redis could not be reached or answer in time
+/// (as opposed to a bug, such as a script or type error).
+fn redis_unavailable(err: &redis::RedisError) -> bool {
+    err.is_io_error() || err.is_timeout() || matches!(err.retry_method(), redis::RetryMethod::WaitAndRetry)
+}
+
+/// Asks the client to retry a 503 after a second; dependencies come back or
+/// the client gives up on its own schedule.
+pub fn retry_after(status: StatusCode, headers: &mut axum::http::HeaderMap) {
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
     }
 }
 
@@ -53,7 +88,9 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -79,6 +116,7 @@ impl IntoResponse for ApiError {
         if status == StatusCode::CONFLICT {
             response.headers_mut().insert("x-should-retry", axum::http::HeaderValue::from_static("false"));
         }
+        retry_after(status, response.headers_mut());
         response
     }
 }

@@ -1,8 +1,10 @@
 //! HTTP plumbing shared by every route: the router with its layers (request ids,
 //! tracing, CORS, body limit), JSON fallbacks, and the error and extractor types.
 
+pub mod conn;
 pub mod error;
 pub mod extract;
+pub mod health;
 
 use std::time::Duration;
 
@@ -23,8 +25,10 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
+    let body_timeout = Duration::from_millis(state.config.body_read_timeout_ms);
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"ok": true})) }))
+        .route("/readyz", get(health::readyz))
         .route("/api/v1/auth/jwt/claims", get(jwt_claims).post(jwt_claims))
         .merge(crate::sessions::routes::router())
         .merge(crate::runs::routes::router())
@@ -33,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("Not found".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(body_timeout, conn::body_deadline))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(cors())
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

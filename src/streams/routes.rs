@@ -119,7 +119,9 @@ impl IntoResponse for AppendError {
             }
             other => other.to_string(),
         };
-        (status, Json(json!({"ok": false, "error": message}))).into_response()
+        let mut resp = (status, Json(json!({"ok": false, "error": message}))).into_response();
+        crate::http::error::retry_after(status, resp.headers_mut());
+        resp
     }
 }
 
@@ -136,6 +138,7 @@ impl From<ChannelError> for ApiError {
             ChannelError::Superseded => {
                 ApiError::Conflict("This run was superseded by another run of the session and may no longer write to it".into())
             }
+            ChannelError::Redis(err) => err.into(),
             other => ApiError::Internal(other.into()),
         }
     }
@@ -336,6 +339,15 @@ async fn subscribe(State(state): State<AppState>, auth: Auth, path: ChannelPath,
     // Only `.out` carries turns; on `.in` the header is ignored.
     let peek = path.io == Io::Out && header_str("x-peek-settled") == Some("1");
     let settled = peek && store.last(key).await?.is_some_and(|r| r.is_turn_complete());
+    // Answer 503 rather than a stream that fails at once if Redis is away: when
+    // nothing above has read Redis, the stream's first read happens now. (An
+    // empty one is redone by the stream once it listens to the feed, so that
+    // nothing appended in between is missed.)
+    let first_read = if cursor.is_none() && next_seq.is_none() && !peek {
+        Some(store.read_after(key, None, sse::BACKLOG_BATCH).await?).filter(|r| !r.is_empty())
+    } else {
+        None
+    };
 
     let sub = Subscription {
         store,
@@ -346,6 +358,7 @@ async fn subscribe(State(state): State<AppState>, auth: Auth, path: ChannelPath,
         window: Duration::from_secs(window),
         keepalive: Duration::from_millis(state.config.sse_keepalive_ms),
         gap,
+        first_read,
     };
     let mut resp = Response::new(Body::from_stream(sse::stream(sub)));
     let h = resp.headers_mut();

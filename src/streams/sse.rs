@@ -26,7 +26,7 @@ use super::store::ChannelStore;
 use super::{ChannelKey, Record};
 
 /// Records per SSE batch when draining a backlog.
-const BACKLOG_BATCH: usize = 500;
+pub const BACKLOG_BATCH: usize = 500;
 
 /// A record already serialised for the wire. The feed encodes each live record
 /// once, and every subscriber reuses it: as is (the frame of that one record,
@@ -106,6 +106,9 @@ pub struct Subscription {
     pub keepalive: Duration,
     /// A gap to announce before anything else.
     pub gap: Option<Record>,
+    /// The first backlog read, done before answering so that an unreachable
+    /// Redis is a 503 rather than a stream that fails at once.
+    pub first_read: Option<Vec<Record>>,
 }
 
 enum Phase {
@@ -155,7 +158,10 @@ impl State {
                 Phase::Done => return None,
                 // (`is_elapsed` only turns true once the timer has been polled.)
                 Phase::Backlog if Instant::now() >= self.deadline.deadline() => self.phase = Phase::Done,
-                Phase::Backlog => match self.sub.store.read_after(self.sub.key, self.sub.cursor, BACKLOG_BATCH).await {
+                Phase::Backlog => match match self.sub.first_read.take() {
+                    Some(records) => Ok(records),
+                    None => self.sub.store.read_after(self.sub.key, self.sub.cursor, BACKLOG_BATCH).await,
+                } {
                     Ok(records) if !records.is_empty() => {
                         self.sub.cursor = records.last().map(|r| r.seq_num);
                         return Some(batch_frame(&records));
