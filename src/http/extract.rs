@@ -8,11 +8,16 @@ use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use crate::validation::ValidationError;
+use crate::validation::{nul_path, ValidationError};
 
 /// A JSON body. Malformed JSON is 400, a body over the limit is 413, and a
 /// well-formed body of the wrong shape is 422 naming the offending field.
 /// An empty body reads as `{}`.
+///
+/// A string (or key) holding NUL anywhere in the body is 422 too, naming where:
+/// what a client sends the control plane ends up in `text` and `jsonb` columns
+/// or is matched as text, and Postgres can store NUL in neither. Data the server
+/// keeps as sent takes [`DataJson`] instead.
 pub struct ApiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
@@ -23,14 +28,57 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::BadRequest("Could not read the request body".into())
-            }
-        })?;
-        parse_json(if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes }).map(ApiJson)
+        let bytes = read_body(req, state).await?;
+        refuse_nul(&bytes)?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// A JSON body whose values the server keeps as sent, NUL included (a run's
+/// output or error, stored in `json` columns). Otherwise as [`ApiJson`].
+pub struct DataJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for DataJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = read_body(req, state).await?;
+        parse_json(&bytes).map(DataJson)
+    }
+}
+
+/// The body's bytes, `{}` for an empty one.
+async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::BadRequest("Could not read the request body".into())
+        }
+    })?;
+    Ok(if bytes.iter().all(u8::is_ascii_whitespace) { Bytes::from_static(b"{}") } else { bytes })
+}
+
+/// 422 if a string or key in the body holds NUL. JSON can carry NUL only as the
+/// escape `\u0000` (a raw control byte is malformed), so a body without that
+/// byte sequence is passed through unparsed; one with it is parsed and walked,
+/// which also tells an escaped backslash followed by `u0000` from a real NUL.
+fn refuse_nul(bytes: &[u8]) -> Result<(), ApiError> {
+    if memchr::memmem::find(bytes, b"\\u0000").is_none() {
+        return Ok(());
+    }
+    // Malformed JSON is left for `parse_json` to answer.
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Ok(()) };
+    match nul_path(&value) {
+        Some(path) => {
+            let field = if path == "." { "body".to_string() } else { path };
+            Err(ValidationError::new(field, "must not contain NUL characters").into())
+        }
+        None => Ok(()),
     }
 }
 
