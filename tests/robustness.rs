@@ -133,138 +133,154 @@ async fn a_run_whose_output_or_error_holds_nul_completes_with_it_kept() {
     assert_eq!((failed["status"].clone(), failed["error"].clone()), (json!("FAILED"), error));
 }
 
-/// Every control-plane JSON entry point, with NUL in each kind of string it
+fn expect_422(what: &str, field: &str, (status, body): (StatusCode, Value)) {
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{what}: {body}");
+    assert_eq!(body["field"], field, "{what}: {body}");
+}
+
+/// Copies `patch`'s top-level fields over a valid create body.
+fn create_body(ext: &str, patch: &Value) -> Value {
+    let mut body = session_body(Some(ext));
+    for (k, v) in patch.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+const NUL: &str = "a\u{0}b";
+
+/// Each control-plane JSON entry point, with NUL in each kind of string it
 /// takes: a 422 naming the field, and nothing changed.
 #[tokio::test]
-async fn nul_in_any_client_string_is_a_clean_422() {
+async fn nul_in_a_session_body_is_a_clean_422() {
     let app = TestApp::spawn().await;
     let key = app.a.key.clone();
-    let nul = "a\u{0}b";
-    let expect_422 = |what: String, field: &'static str| move |(status, body): (StatusCode, Value)| {
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{what}: {body}");
-        assert_eq!(body["field"], field, "{what}: {body}");
-    };
-
-    let creates: Vec<(Value, &str)> = vec![
-        (json!({"type": nul}), "type"),
-        (json!({"taskIdentifier": nul}), "taskIdentifier"),
-        (json!({"externalId": nul}), "externalId"),
-        (json!({"tags": ["ok", nul]}), "tags[1]"),
-        (json!({"metadata": {"deep": {"list": [nul]}}}), "metadata.deep.list[0]"),
+    let creates = [
+        (json!({"type": NUL}), "type"),
+        (json!({"taskIdentifier": NUL}), "taskIdentifier"),
+        (json!({"externalId": NUL}), "externalId"),
+        (json!({"tags": ["ok", NUL]}), "tags[1]"),
+        (json!({"metadata": {"deep": {"list": [NUL]}}}), "metadata.deep.list[0]"),
         (json!({"metadata": {"a\u{0}": 1}}), "metadata.a\u{0}"),
-        (json!({"triggerConfig": {"basePayload": {"chatId": nul}}}), "triggerConfig.basePayload.chatId"),
-        (json!({"triggerConfig": {"basePayload": {}, "region": nul}}), "triggerConfig.region"),
-        (json!({"triggerConfig": {"basePayload": {}, "lockToVersion": nul}}), "triggerConfig.lockToVersion"),
-        (json!({"triggerConfig": {"basePayload": {}, "concurrencyKey": nul}}), "triggerConfig.concurrencyKey"),
+        (json!({"triggerConfig": {"basePayload": {"chatId": NUL}}}), "triggerConfig.basePayload.chatId"),
+        (json!({"triggerConfig": {"basePayload": {}, "region": NUL}}), "triggerConfig.region"),
+        (json!({"triggerConfig": {"basePayload": {}, "lockToVersion": NUL}}), "triggerConfig.lockToVersion"),
+        (json!({"triggerConfig": {"basePayload": {}, "concurrencyKey": NUL}}), "triggerConfig.concurrencyKey"),
     ];
     for (patch, field) in creates {
-        let mut body = session_body(Some("nul-create"));
-        for (k, v) in patch.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        expect_422(format!("create {patch}"), field)(app.post("/api/v1/sessions", &key, body).await);
+        expect_422(&format!("create {patch}"), field, app.post("/api/v1/sessions", &key, create_body("nul-create", &patch)).await);
     }
     let (_, list) = app.get("/api/v1/sessions", &key).await;
     assert_eq!(list["data"], json!([]), "no create got through");
 
     let s = app.create_session(session_body(Some("nul-target"))).await;
-    let id = s["id"].as_str().unwrap();
-    let path = format!("/api/v1/sessions/{id}");
+    let path = format!("/api/v1/sessions/{}", s["id"].as_str().unwrap());
     for (body, field) in [
-        (json!({"tags": [nul]}), "tags[0]"),
-        (json!({"metadata": {"m": nul}}), "metadata.m"),
-        (json!({"externalId": nul}), "externalId"),
+        (json!({"tags": [NUL]}), "tags[0]"),
+        (json!({"metadata": {"m": NUL}}), "metadata.m"),
+        (json!({"externalId": NUL}), "externalId"),
     ] {
-        expect_422(format!("update {body}"), field)(app.patch(&path, &key, body).await);
+        expect_422(&format!("update {body}"), field, app.patch(&path, &key, body).await);
     }
-    expect_422("close".into(), "reason")(app.post(&format!("{path}/close"), &key, json!({"reason": nul})).await);
-    expect_422("end-and-continue".into(), "reason")(
-        app.post(&format!("{path}/end-and-continue"), &key, json!({"callingRunId": s["runId"], "reason": nul})).await,
-    );
+    expect_422("close", "reason", app.post(&format!("{path}/close"), &key, json!({"reason": NUL})).await);
+    let handoff = json!({"callingRunId": s["runId"], "reason": NUL});
+    expect_422("end-and-continue", "reason", app.post(&format!("{path}/end-and-continue"), &key, handoff).await);
     let (_, unchanged) = app.get(&path, &key).await;
-    assert_eq!((unchanged["tags"].clone(), unchanged["metadata"].clone(), unchanged["closedAt"].clone()), (json!(["test"]), json!({"user": "u1"}), Value::Null));
+    assert_eq!(
+        (unchanged["tags"].clone(), unchanged["metadata"].clone(), unchanged["closedAt"].clone(), unchanged["currentRunId"].clone()),
+        (json!(["test"]), json!({"user": "u1"}), Value::Null, s["runId"].clone())
+    );
+}
 
-    expect_422("dequeue".into(), "tasks[0]")(app.post("/api/v1/worker/dequeue", &key, json!({"tasks": [nul]})).await);
-    expect_422("dequeue".into(), "workerId")(app.post("/api/v1/worker/dequeue", &key, json!({"tasks": ["t"], "workerId": nul})).await);
+#[tokio::test]
+async fn nul_in_a_worker_body_is_a_clean_422() {
+    let app = TestApp::spawn().await;
+    let key = app.a.key.clone();
+    expect_422("dequeue", "tasks[0]", app.post("/api/v1/worker/dequeue", &key, json!({"tasks": [NUL]})).await);
+    expect_422("dequeue", "workerId", app.post("/api/v1/worker/dequeue", &key, json!({"tasks": ["t"], "workerId": NUL})).await);
 
     let (s, run) = running_session(&app, "nul-wait").await;
     let wait = format!("/api/v1/runs/{}/session-streams/wait", run.id);
     for (body, field) in [
-        (json!({"session": s, "io": "in", "tags": [nul]}), "tags[0]"),
-        (json!({"session": s, "io": "in", "tags": nul}), "tags"),
-        (json!({"session": s, "io": "in", "idempotencyKey": nul}), "idempotencyKey"),
-        (json!({"session": s, "io": "in", "timeout": nul}), "timeout"),
-        (json!({"session": s, "io": "in", "idempotencyKeyTTL": nul}), "idempotencyKeyTTL"),
-        (json!({"session": nul, "io": "in"}), "session"),
+        (json!({"session": s, "io": "in", "tags": [NUL]}), "tags[0]"),
+        (json!({"session": s, "io": "in", "tags": NUL}), "tags"),
+        (json!({"session": s, "io": "in", "idempotencyKey": NUL}), "idempotencyKey"),
+        (json!({"session": s, "io": "in", "timeout": NUL}), "timeout"),
+        (json!({"session": s, "io": "in", "idempotencyKeyTTL": NUL}), "idempotencyKeyTTL"),
+        (json!({"session": NUL, "io": "in"}), "session"),
     ] {
-        expect_422(format!("wait {body}"), field)(app.post(&wait, &run.token, body).await);
+        expect_422(&format!("wait {body}"), field, app.post(&wait, &run.token, body).await);
     }
     let waits: i64 = sqlx::query_scalar("SELECT count(*) FROM waitpoints").fetch_one(app.db()).await.unwrap();
-    assert_eq!(waits, 0);
+    assert_eq!((waits, app.run_status(&run.id).await), (0, "EXECUTING".to_string()));
+}
 
+#[tokio::test]
+async fn nul_in_a_list_filter_is_a_clean_422() {
+    let app = TestApp::spawn().await;
     for filter in ["filter[type]", "filter[tags]", "filter[taskIdentifier]", "filter[externalId]", "filter[status]", "filter[createdAt][period]"] {
-        let (status, body) = app.get(&format!("/api/v1/sessions?{filter}=a%00b"), &key).await;
-        assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!(filter)), "{filter}: {body}");
+        expect_422(filter, filter, app.get(&format!("/api/v1/sessions?{filter}=a%00b"), &app.a.key).await);
     }
 }
 
-/// Durations, timestamps and sequence numbers past their limits: 400/422, never
-/// a panic or a 500, and a sequence number never wraps around.
+/// Years chrono takes and Postgres does not (before 4713 BC).
+const FAR_PAST_MS: i64 = -8_210_266_876_800_000;
+const HUGE_SECS: &str = "9223372036854775807";
+
 #[tokio::test]
-async fn out_of_range_numbers_are_refused() {
+async fn session_durations_and_timestamps_out_of_range_are_422() {
     let app = TestApp::spawn().await;
     let key = app.a.key.clone();
-    let huge_secs = i64::MAX.to_string();
-    let far_ms = 8_210_266_876_799_999i64; // year 262143: chrono takes it, Postgres does not
-
     for (patch, field) in [
-        (json!({"expiresAt": far_ms}), "expiresAt"),
-        (json!({"expiresAt": -far_ms}), "expiresAt"),
+        (json!({"expiresAt": FAR_PAST_MS}), "expiresAt"),
+        (json!({"expiresAt": 253_402_300_800_000i64}), "expiresAt"), // year 10000
         (json!({"triggerConfig": {"basePayload": {}, "maxDuration": i64::MAX}}), "triggerConfig.maxDuration"),
         (json!({"triggerConfig": {"basePayload": {}, "ttl": i64::MAX}}), "triggerConfig.ttl"),
         (json!({"triggerConfig": {"basePayload": {}, "ttl": "106751991167300d"}}), "triggerConfig.ttl"),
     ] {
-        let mut body = session_body(Some("range"));
-        for (k, v) in patch.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        let (status, answer) = app.post("/api/v1/sessions", &key, body).await;
-        assert_eq!((status, answer["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!(field)), "{patch}: {answer}");
+        expect_422(&format!("create {patch}"), field, app.post("/api/v1/sessions", &key, create_body("range", &patch)).await);
     }
-
     for (query, field) in [
-        (format!("filter[createdAt][period]={huge_secs}"), "filter[createdAt][period]"),
+        (format!("filter[createdAt][period]={HUGE_SECS}"), "filter[createdAt][period]"),
         ("filter[createdAt][period]=15250284452w".to_string(), "filter[createdAt][period]"),
-        (format!("filter[createdAt][from]={far_ms}"), "filter[createdAt][from]"),
-        (format!("filter[createdAt][to]=-{far_ms}"), "filter[createdAt][to]"),
+        (format!("filter[createdAt][from]={FAR_PAST_MS}"), "filter[createdAt][from]"),
+        (format!("filter[createdAt][to]={FAR_PAST_MS}"), "filter[createdAt][to]"),
     ] {
-        let (status, body) = app.get(&format!("/api/v1/sessions?{query}"), &key).await;
-        assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!(field)), "{query}: {body}");
+        expect_422(&query, field, app.get(&format!("/api/v1/sessions?{query}"), &key).await);
     }
-    let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}.{}.-.-", far_ms * 1000, uuid::Uuid::nil().simple()));
+    let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}.{}.-.-", FAR_PAST_MS * 1000, uuid::Uuid::nil().simple()));
     let (status, body) = app.get(&format!("/api/v1/sessions?page[after]={cursor}"), &key).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
 
+#[tokio::test]
+async fn wait_durations_out_of_range_are_422() {
+    let app = TestApp::spawn().await;
     let (s, run) = running_session(&app, "range-wait").await;
     let wait = format!("/api/v1/runs/{}/session-streams/wait", run.id);
     for (body, field) in [
-        (json!({"session": s, "io": "in", "timeout": huge_secs}), "timeout"),
+        (json!({"session": s, "io": "in", "timeout": HUGE_SECS}), "timeout"),
         (json!({"session": s, "io": "in", "timeout": "15250284452w"}), "timeout"),
-        (json!({"session": s, "io": "in", "idempotencyKey": "k", "idempotencyKeyTTL": huge_secs}), "idempotencyKeyTTL"),
+        (json!({"session": s, "io": "in", "idempotencyKey": "k", "idempotencyKeyTTL": HUGE_SECS}), "idempotencyKeyTTL"),
         (json!({"session": s, "io": "in", "idempotencyKey": "k", "idempotencyKeyTTL": "15250284452w"}), "idempotencyKeyTTL"),
     ] {
-        let (status, answer) = app.post(&wait, &run.token, body.clone()).await;
-        assert_eq!((status, answer["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!(field)), "{body}: {answer}");
+        expect_422(&format!("wait {body}"), field, app.post(&wait, &run.token, body.clone()).await);
     }
+}
 
-    // Sequence numbers: u64::MAX wrapped to "after -1" and returned the whole history.
+/// `afterEventId=u64::MAX` wrapped to "from the start" and returned the whole history.
+#[tokio::test]
+async fn sequence_numbers_out_of_range_or_past_the_end_are_400() {
+    let app = TestApp::spawn().await;
+    let key = app.a.key.clone();
+    let s = app.create_session(session_body(Some("range-seq"))).await;
+    let s = s["id"].as_str().unwrap();
     for body in ["r0", "r1"] {
-        app.append(&s, "out", &key, body, &[]).await;
+        assert_eq!(app.append(s, "out", &key, body, &[]).await.0, StatusCode::OK);
     }
+    let app = &app;
     let records = |after: String| {
-        let path = format!("/realtime/v1/sessions/{s}/out/records?afterEventId={after}");
-        let key = key.clone();
-        let app = &app;
+        let (path, key) = (format!("/realtime/v1/sessions/{s}/out/records?afterEventId={after}"), key.clone());
         async move { app.get(&path, &key).await }
     };
     for after in [u64::MAX.to_string(), (i64::MAX as u64 + 1).to_string(), i64::MAX.to_string(), "2".into()] {
