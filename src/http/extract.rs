@@ -153,6 +153,56 @@ mod tests {
     }
 
     #[test]
+    fn nul_in_a_string_or_key_is_422_naming_it() {
+        let field = |body: &[u8]| match refuse_nul(body) {
+            Err(ApiError::Validation(v)) => Some(v.field),
+            Ok(()) => None,
+            Err(other) => panic!("{other:?}"),
+        };
+        assert_eq!(field(br#"{"name":"a\u0000","tags":[]}"#).as_deref(), Some("name"));
+        assert_eq!(field(br#"{"tags":["x","\u0000"]}"#).as_deref(), Some("tags[1]"));
+        assert_eq!(field(br#""\u0000""#).as_deref(), Some("body"));
+        // An escaped backslash followed by `u0000` is not NUL.
+        assert_eq!(field(br#"{"name":"\\u0000"}"#), None);
+        // Malformed JSON is left for parse_json's 400.
+        assert_eq!(field(br#"{"name":"\u0000"#), None);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_body_parses_or_is_refused_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..200), text in ".{0,100}") {
+                for body in [bytes.as_slice(), text.as_bytes()] {
+                    let _ = refuse_nul(body);
+                    let _ = parse_json::<Body>(body);
+                    let _ = parse_json::<serde_json::Value>(body);
+                }
+            }
+
+            #[test]
+            fn a_body_passes_the_check_exactly_when_no_string_holds_nul(name in any::<String>(), tags in proptest::collection::vec(any::<String>(), 0..4)) {
+                let body = serde_json::to_vec(&serde_json::json!({"name": name, "tags": tags})).unwrap();
+                let has_nul = name.contains('\0') || tags.iter().any(|t| t.contains('\0'));
+                prop_assert_eq!(refuse_nul(&body).is_err(), has_nul);
+                if !has_nul {
+                    let parsed: Body = parse_json(&body).unwrap();
+                    prop_assert_eq!((parsed.name, parsed.tags), (name, Some(tags)));
+                }
+            }
+
+            #[test]
+            fn path_ids_never_hold_control_characters(id in any::<String>()) {
+                if validate_path_id(&id).is_ok() {
+                    prop_assert!(!id.is_empty() && id.len() <= MAX_PATH_ID_LEN && !id.chars().any(char::is_control));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn path_ids_are_bounded() {
         assert!(validate_path_id("chat-1").is_ok());
         assert!(validate_path_id(&"a".repeat(10_000)).is_err());
