@@ -266,6 +266,16 @@ async fn wait_durations_out_of_range_are_422() {
     ] {
         expect_422(&format!("wait {body}"), field, app.post(&wait, &run.token, body.clone()).await);
     }
+    // lastSeqNum: -1 ..= i64::MAX (the largest seq a channel can reach); the top one just waits.
+    for bad in [json!(-2), json!(u64::MAX), json!(i64::MAX as u64 + 1)] {
+        expect_422(&format!("lastSeqNum {bad}"), "lastSeqNum", app.post(&wait, &run.token, json!({"session": s, "io": "in", "lastSeqNum": bad})).await);
+    }
+    let (status, body) = app.post(&wait, &run.token, json!({"session": s, "io": "in", "lastSeqNum": i64::MAX})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(app.append(&s, "in", &app.a.key, "later", &[]).await.0, StatusCode::OK);
+    let wp = body["waitpointId"].as_str().unwrap();
+    let (status, polled) = app.get(&format!("/api/v1/runs/{}/waitpoints/{wp}?waitSeconds=1", run.id), &run.token).await;
+    assert_eq!((status, polled["status"].clone()), (StatusCode::OK, json!("WAITING")), "{polled}");
 }
 
 /// `afterEventId=u64::MAX` wrapped to "from the start" and returned the whole history.
