@@ -56,3 +56,25 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::migrate!("./migrations").run(pool).await?;
     Ok(())
 }
+
+/// Binds a JSON document as Postgres `json` rather than sqlx's default `jsonb`.
+/// `jsonb` refuses `\u0000` (it cannot turn it into text), so data that must be
+/// kept as sent (channel records in waitpoint outputs, run outputs and errors)
+/// lives in `json` columns and is bound with this.
+#[derive(Debug, Clone, Copy)]
+pub struct JsonDoc<'a>(pub &'a serde_json::Value);
+
+impl sqlx::Type<sqlx::Postgres> for JsonDoc<'_> {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        // `json`'s OID is fixed in every Postgres.
+        sqlx::postgres::PgTypeInfo::with_oid(sqlx::postgres::types::Oid(114))
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for JsonDoc<'_> {
+    fn encode_by_ref(&self, buf: &mut sqlx::postgres::PgArgumentBuffer) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        // The binary form of `json` is its text.
+        serde_json::to_writer(&mut **buf, self.0)?;
+        Ok(sqlx::encode::IsNull::No)
+    }
+}

@@ -16,7 +16,7 @@ use super::RunStatus;
 use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::{ApiJson, PathId};
+use crate::http::extract::{ApiJson, DataJson, PathId};
 use crate::jobs::Job;
 use crate::validation::{check_len, ValidationError};
 
@@ -221,7 +221,7 @@ async fn complete(
     State(state): State<AppState>,
     auth: Auth,
     PathId(run): PathId,
-    ApiJson(body): ApiJson<CompleteBody>,
+    DataJson(body): DataJson<CompleteBody>,
 ) -> ApiResult<Json<RunView>> {
     authorize_run(&auth, Action::Write, &run)?;
     transition_result(store::complete(&state.db, auth.env.id, &run, body.output.as_ref()).await?)
@@ -244,7 +244,7 @@ async fn fail(
     State(state): State<AppState>,
     auth: Auth,
     PathId(run): PathId,
-    ApiJson(body): ApiJson<FailBody>,
+    DataJson(body): DataJson<FailBody>,
 ) -> ApiResult<Json<RunView>> {
     authorize_run(&auth, Action::Write, &run)?;
     let current = store::find(&state.db, auth.env.id, &run).await?.ok_or_else(not_found)?;

@@ -226,7 +226,7 @@ pub async fn complete(
          WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
          RETURNING *",
     );
-    let updated = sqlx::query_as(&sql).bind(env_id).bind(friendly_id).bind(output).fetch_optional(pool).await?;
+    let updated = sqlx::query_as(&sql).bind(env_id).bind(friendly_id).bind(output.map(crate::db::JsonDoc)).fetch_optional(pool).await?;
     settle(pool, env_id, friendly_id, updated).await
 }
 
@@ -253,7 +253,7 @@ pub async fn fail(
     let updated = sqlx::query_as(&sql)
         .bind(env_id)
         .bind(friendly_id)
-        .bind(error)
+        .bind(crate::db::JsonDoc(error))
         .bind(retryable)
         .bind(retry_delay_ms)
         .fetch_optional(pool)

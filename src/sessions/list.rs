@@ -4,14 +4,14 @@
 
 use async_trait::async_trait;
 use base64::Engine;
-use chrono::{DateTime, Duration, TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::model::{Session, SessionStatus};
 use super::store::SESSION_SELECT;
 use crate::db::StoreError;
-use crate::validation::{parse_duration_secs, ValidationError};
+use crate::validation::{check_text, duration, parse_duration_secs, timestamp_from_millis, timestamp_in_range, ValidationError};
 
 pub const DEFAULT_PAGE_SIZE: i64 = 20;
 pub const MAX_PAGE_SIZE: i64 = 100;
@@ -82,7 +82,8 @@ impl Cursor {
         else {
             return None;
         };
-        let created_at = Utc.timestamp_micros(micros.parse().ok()?).single()?;
+        // A cursor is opaque but client-held: its time must be one Postgres takes.
+        let created_at = Utc.timestamp_micros(micros.parse().ok()?).single().filter(|t| timestamp_in_range(*t))?;
         let origin = Origin { after: fp_parse(a)?, before: fp_parse(b)? };
         Some(Cursor { created_at, id: Uuid::parse_str(id).ok()?, origin })
     }
@@ -155,8 +156,8 @@ fn epoch_ms(field: &str, value: &str) -> Result<DateTime<Utc>, ValidationError> 
         .trim()
         .parse::<i64>()
         .ok()
-        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
-        .ok_or_else(|| ValidationError::new(field, "must be epoch milliseconds"))
+        .and_then(timestamp_from_millis)
+        .ok_or_else(|| ValidationError::new(field, "must be epoch milliseconds from 0 to 253402300799999 (year 9999)"))
 }
 
 impl ListQuery {
@@ -168,6 +169,8 @@ impl ListQuery {
         let mut after = None;
         let mut before = None;
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            // Filter values are bound as text, which cannot hold NUL.
+            check_text(&key, &value)?;
             match key.as_ref() {
                 "page[size]" => {
                     q.page_size = value
@@ -192,10 +195,12 @@ impl ListQuery {
                     }
                 }
                 "filter[createdAt][period]" => {
-                    let secs = parse_duration_secs(&value)
+                    let from = parse_duration_secs(&value)
                         .filter(|s| *s > 0)
-                        .ok_or_else(|| ValidationError::new("filter[createdAt][period]", "must be a period such as 1h, 7d or 2w"))?;
-                    q.created_from = Some(now - Duration::seconds(secs));
+                        .and_then(duration)
+                        .and_then(|d| now.checked_sub_signed(d))
+                        .ok_or_else(|| ValidationError::new("filter[createdAt][period]", "must be a period such as 1h, 7d or 2w (at most 68 years)"))?;
+                    q.created_from = Some(from);
                 }
                 "filter[createdAt][from]" => q.created_from = Some(epoch_ms("filter[createdAt][from]", &value)?),
                 "filter[createdAt][to]" => q.created_to = Some(epoch_ms("filter[createdAt][to]", &value)?),
@@ -333,7 +338,7 @@ mod tests {
         assert_eq!(q.tags, vec!["x", "y"]);
         assert_eq!(q.statuses, vec![SessionStatus::Active, SessionStatus::Closed]);
         assert_eq!(q.page_size, 5);
-        assert_eq!(q.created_from, Some(now - Duration::hours(1)));
+        assert_eq!(q.created_from, Some(now - chrono::Duration::hours(1)));
     }
 
     #[test]
@@ -366,5 +371,104 @@ mod tests {
         let q = ListQuery::parse(&format!("page[after]={n2}&page[before]={p2}"), now).unwrap();
         assert_eq!(q.cursor.map(|(d, c)| (d, c.encode())), Some((Direction::After, n2.clone())));
         assert_eq!(q.origin.after, Some(fingerprint(&n2)));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let now = Utc::now();
+        let field = |q: &str| match ListQuery::parse(q, now) {
+            Err(ListQueryError::Invalid(v)) => v.field,
+            other => panic!("{q}: {other:?}"),
+        };
+        // Panicked in chrono (Duration::seconds out of bounds) before the bound.
+        assert_eq!(field("filter[createdAt][period]=9223372036854775807"), "filter[createdAt][period]");
+        assert_eq!(field("filter[createdAt][period]=15250284452w"), "filter[createdAt][period]");
+        // Years before 4713 BC (chrono takes them, Postgres does not) answered 500;
+        // years past 9999 are refused as well.
+        assert_eq!(field("filter[createdAt][from]=-8210266876800000"), "filter[createdAt][from]");
+        assert_eq!(field("filter[createdAt][to]=8210266876799999"), "filter[createdAt][to]");
+        assert_eq!(field("filter[externalId]=a%00b"), "filter[externalId]");
+        assert_eq!(field("filter[tags]=x,%00"), "filter[tags]");
+        let far = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("-8210266876800000000.{}.-.-", Uuid::nil().simple()));
+        assert!(matches!(ListQuery::parse(&format!("page[after]={far}"), now), Err(ListQueryError::BadCursor)));
+    }
+
+    mod props {
+        use super::*;
+        use crate::validation::{MAX_DURATION_SECS, MAX_TIMESTAMP_MILLIS};
+        use proptest::prelude::*;
+
+        fn enc(s: &str) -> String {
+            form_urlencoded::byte_serialize(s.as_bytes()).collect()
+        }
+
+        const KEYS: [&str; 11] = [
+            "page[size]", "page[after]", "page[before]", "filter[type]", "filter[tags]", "filter[taskIdentifier]",
+            "filter[externalId]", "filter[status]", "filter[createdAt][period]", "filter[createdAt][from]", "filter[createdAt][to]",
+        ];
+
+        proptest! {
+            #[test]
+            fn any_query_parses_or_is_refused_without_panicking(pairs in proptest::collection::vec((0usize..11, ".{0,24}"), 0..6), raw in ".{0,64}") {
+                let now = Utc::now();
+                let q: String = pairs.iter().map(|(k, v)| format!("{}={}", enc(KEYS[*k]), enc(v))).collect::<Vec<_>>().join("&");
+                if let Ok(parsed) = ListQuery::parse(&q, now) {
+                    for t in [parsed.created_from, parsed.created_to].into_iter().flatten() {
+                        prop_assert!(t.timestamp_millis() <= MAX_TIMESTAMP_MILLIS);
+                    }
+                    prop_assert!((1..=MAX_PAGE_SIZE).contains(&parsed.page_size));
+                    for v in parsed.types.iter().chain(&parsed.tags).chain(&parsed.task_identifiers).chain(&parsed.external_id) {
+                        prop_assert!(!v.contains('\0'));
+                    }
+                }
+                let _ = ListQuery::parse(&raw, now);
+            }
+
+            #[test]
+            fn epoch_filters_round_trip_in_range(ms in any::<i64>()) {
+                let now = Utc::now();
+                let parsed = ListQuery::parse(&format!("filter[createdAt][from]={ms}&filter[createdAt][to]={ms}"), now);
+                if (0..=MAX_TIMESTAMP_MILLIS).contains(&ms) {
+                    let q = parsed.unwrap();
+                    prop_assert_eq!(q.created_from.map(|t| t.timestamp_millis()), Some(ms));
+                    prop_assert_eq!(q.created_to.map(|t| t.timestamp_millis()), Some(ms));
+                } else {
+                    prop_assert!(matches!(parsed, Err(ListQueryError::Invalid(_))));
+                }
+            }
+
+            #[test]
+            fn periods_in_range_subtract_exactly(secs in any::<i64>()) {
+                let now = Utc::now();
+                let parsed = ListQuery::parse(&format!("filter[createdAt][period]={secs}s"), now);
+                if (1..=MAX_DURATION_SECS).contains(&secs) {
+                    prop_assert_eq!(parsed.unwrap().created_from, Some(now - chrono::Duration::seconds(secs)));
+                } else {
+                    prop_assert!(matches!(parsed, Err(ListQueryError::Invalid(_))));
+                }
+            }
+
+            #[test]
+            fn cursors_round_trip_in_range_and_refuse_the_rest(micros in any::<i64>(), id in any::<u128>(), a in any::<Option<u32>>(), b in any::<Option<u32>>()) {
+                let raw = format!("{micros}.{}.{}.{}", Uuid::from_u128(id).simple(), fp_text(a), fp_text(b));
+                let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+                let in_range = (0..=MAX_TIMESTAMP_MILLIS * 1000 + 999).contains(&micros);
+                match Cursor::decode(&encoded) {
+                    Some(c) => {
+                        prop_assert!(in_range);
+                        prop_assert_eq!(c.created_at.timestamp_micros(), micros);
+                        prop_assert_eq!(c.origin, Origin { after: a, before: b });
+                        prop_assert_eq!(c.encode(), encoded);
+                    }
+                    None => prop_assert!(!in_range),
+                }
+            }
+
+            #[test]
+            fn cursor_decode_never_panics(s in ".{0,80}", bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let _ = Cursor::decode(&s);
+                let _ = Cursor::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes));
+            }
+        }
     }
 }

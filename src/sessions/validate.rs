@@ -2,13 +2,15 @@
 //! Shapes follow `@trigger.dev/core`'s zod schemas; anything the schema strips
 //! (unknown keys) is ignored here too.
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::ids::SESSION_PREFIX;
 use crate::runs::TriggerReason;
-use crate::validation::{check_len, check_tags, parse_duration_secs, Validated, ValidationError};
+use crate::validation::{
+    check_len, check_tags, parse_duration_secs, timestamp_from_millis, timestamp_in_range, Validated, ValidationError, MAX_DURATION_SECS,
+};
 
 const MACHINES: &[&str] = &["micro", "small-1x", "small-2x", "medium-1x", "medium-2x", "large-1x", "large-2x"];
 
@@ -88,8 +90,8 @@ impl TriggerConfig {
             }
         }
         if let Some(n) = self.max_duration {
-            if n < 1 {
-                return Err(ValidationError::new(f("maxDuration"), "must be a positive integer (seconds)"));
+            if !(1..=MAX_DURATION_SECS).contains(&n) {
+                return Err(ValidationError::new(f("maxDuration"), format!("must be an integer from 1 to {MAX_DURATION_SECS} (seconds)")));
             }
         }
         self.external_deployment_id = self.external_deployment_id.take().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
@@ -105,7 +107,7 @@ impl TriggerConfig {
             if self.ttl_secs().is_none() && !ttl.is_null() {
                 return Err(ValidationError::new(
                     f("ttl"),
-                    "must be a duration such as \"10m\" or a non-negative whole number of seconds",
+                    format!("must be a duration such as \"10m\" or a whole number of seconds from 0 to {MAX_DURATION_SECS}"),
                 ));
             }
         }
@@ -115,13 +117,14 @@ impl TriggerConfig {
     pub fn ttl_secs(&self) -> Option<i64> {
         match self.ttl.as_ref()? {
             Value::String(s) => parse_duration_secs(s),
-            Value::Number(n) => n.as_i64().filter(|n| *n >= 0),
+            Value::Number(n) => n.as_i64().filter(|n| (0..=MAX_DURATION_SECS).contains(n)),
             _ => None,
         }
     }
 }
 
-/// Accepts an ISO-8601 string or epoch milliseconds, as `z.coerce.date()` does.
+/// Accepts an ISO-8601 string or epoch milliseconds, as `z.coerce.date()` does,
+/// within the range every client timestamp keeps to (`validation::MAX_TIMESTAMP_MILLIS`).
 #[derive(Debug, Clone, Copy)]
 pub struct DateInput(pub DateTime<Utc>);
 
@@ -130,13 +133,16 @@ impl<'de> Deserialize<'de> for DateInput {
         use serde::de::Error;
         match Value::deserialize(d)? {
             Value::String(s) => DateTime::parse_from_rfc3339(&s)
-                .map(|t| DateInput(t.with_timezone(&Utc)))
-                .map_err(|_| D::Error::custom("expected an ISO-8601 date")),
+                .ok()
+                .map(|t| t.with_timezone(&Utc))
+                .filter(|t| timestamp_in_range(*t))
+                .map(DateInput)
+                .ok_or_else(|| D::Error::custom("expected an ISO-8601 date from 1970 to 9999")),
             Value::Number(n) => n
                 .as_i64()
-                .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+                .and_then(timestamp_from_millis)
                 .map(DateInput)
-                .ok_or_else(|| D::Error::custom("expected epoch milliseconds")),
+                .ok_or_else(|| D::Error::custom("expected epoch milliseconds from 0 to 253402300799999 (year 9999)")),
             _ => Err(D::Error::custom("expected an ISO-8601 date or epoch milliseconds")),
         }
     }
@@ -406,5 +412,91 @@ mod tests {
         let mut v = base();
         v["expiresAt"] = json!(chrono::Utc::now().timestamp_millis() - 1);
         assert_eq!(create(body(v)).unwrap_err().field, "expiresAt");
+    }
+
+    #[test]
+    fn out_of_range_numbers_and_dates_are_refused() {
+        let with = |k: &str, v: Value| {
+            let mut b = base();
+            b["triggerConfig"][k] = v;
+            create(body(b)).map(|_| ()).map_err(|e| e.field)
+        };
+        assert_eq!(with("maxDuration", json!(MAX_DURATION_SECS + 1)), Err("triggerConfig.maxDuration".into()));
+        assert_eq!(with("maxDuration", json!(MAX_DURATION_SECS)), Ok(()));
+        assert_eq!(with("ttl", json!(i64::MAX)), Err("triggerConfig.ttl".into()));
+        assert_eq!(with("ttl", json!("106751991167300d")), Err("triggerConfig.ttl".into()));
+        // Before 4713 BC (chrono takes it, Postgres does not: a 500), past 9999, before 1970.
+        for bad in [json!(-8_210_266_876_800_000i64), json!(8_210_266_876_799_999i64), json!("+100000-01-01T00:00:00Z"), json!(-1)] {
+            let mut v = base();
+            v["expiresAt"] = bad.clone();
+            assert!(serde_json::from_value::<CreateSessionBody>(v).is_err(), "{bad}");
+        }
+    }
+
+    mod props {
+        use super::*;
+        use crate::validation::MAX_TIMESTAMP_MILLIS;
+        use proptest::prelude::*;
+
+        fn expires(v: Value) -> Option<DateTime<Utc>> {
+            let mut b = base();
+            b["expiresAt"] = v;
+            serde_json::from_value::<CreateSessionBody>(b).ok().and_then(|b| b.expires_at.map(|d| d.0))
+        }
+
+        proptest! {
+            #[test]
+            fn expires_at_millis_round_trip_in_range(ms in any::<i64>()) {
+                let parsed = expires(json!(ms));
+                if (0..=MAX_TIMESTAMP_MILLIS).contains(&ms) {
+                    prop_assert_eq!(parsed.map(|t| t.timestamp_millis()), Some(ms));
+                    // The ISO form of the same instant reads back the same.
+                    let iso = parsed.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                    prop_assert_eq!(expires(json!(iso)), parsed);
+                } else {
+                    prop_assert_eq!(parsed, None);
+                }
+            }
+
+            #[test]
+            fn expires_at_strings_never_panic(s in ".{0,40}", y in 0u32..=99_999, rest in "-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z") {
+                if let Some(t) = expires(json!(s)) {
+                    prop_assert!((0..=MAX_TIMESTAMP_MILLIS).contains(&t.timestamp_millis()));
+                }
+                if let Some(t) = expires(json!(format!("{y:04}{rest}"))) {
+                    prop_assert!((0..=MAX_TIMESTAMP_MILLIS).contains(&t.timestamp_millis()));
+                }
+            }
+
+            #[test]
+            fn durations_in_trigger_config_are_bounded(n in any::<i64>(), text in ".{0,20}") {
+                let mut b = base();
+                b["triggerConfig"]["maxDuration"] = json!(n);
+                prop_assert_eq!(create(body(b)).is_ok(), (1..=MAX_DURATION_SECS).contains(&n));
+                for ttl in [json!(n), json!(text.clone())] {
+                    let mut b = base();
+                    b["triggerConfig"]["ttl"] = ttl;
+                    if let Ok(s) = create(body(b)) {
+                        let secs = s.trigger_config.ttl_secs();
+                        prop_assert!(secs.is_some_and(|t| (0..=MAX_DURATION_SECS).contains(&t)));
+                        prop_assert!(secs.is_some_and(|t| i32::try_from(t).is_ok()));
+                    }
+                }
+            }
+
+            #[test]
+            fn strings_with_nul_are_refused(prefix in "[a-z]{1,8}", field in 0usize..5) {
+                let bad = format!("{prefix}\0");
+                let mut v = base();
+                match field {
+                    0 => v["type"] = json!(bad),
+                    1 => v["taskIdentifier"] = json!(bad),
+                    2 => v["externalId"] = json!(bad),
+                    3 => v["tags"] = json!([bad]),
+                    _ => v["triggerConfig"]["queue"] = json!(bad),
+                }
+                prop_assert!(create(body(v)).is_err());
+            }
+        }
     }
 }

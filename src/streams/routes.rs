@@ -23,6 +23,7 @@ use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::validate_path_id;
 use crate::sessions::model::Session;
 use crate::sessions::routes::authorize;
+use crate::validation::{parse_seq_num, MAX_SEQ_NUM};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -270,6 +271,14 @@ async fn records(
     let session = load_channel(&state, &auth, &path.session, path.io, Action::Read).await?;
     let key = ChannelKey { session_id: session.id, io: path.io };
     let records = state.channels.read_after(key, after, MAX_RECORDS_READ).await?;
+    // As for Last-Event-ID: an id the channel never reached is refused, as
+    // following it would skip the records that later take those numbers.
+    if let (Some(a), true) = (after, records.is_empty()) {
+        let next_seq = state.channels.next_seq(key).await?;
+        if a >= next_seq {
+            return Err(ApiError::BadRequest(format!("afterEventId {a} is past the end of the stream (next is {next_seq})")));
+        }
+    }
     let views: Vec<RecordView> = records.into_iter().map(record_view).collect();
     Ok(Json(json!({ "records": views })))
 }
@@ -284,10 +293,14 @@ fn record_view(r: Record) -> RecordView {
     RecordView { data, id, seq_num: r.seq_num, headers: r.headers }
 }
 
+/// A client's cursor (`afterEventId`, `Last-Event-ID`): absent, or a sequence
+/// number in range (`validation::parse_seq_num`); anything else is 400.
 fn parse_cursor(name: &str, value: Option<&str>) -> ApiResult<Option<u64>> {
     match value.map(str::trim).filter(|v| !v.is_empty()) {
         None => Ok(None),
-        Some(v) => v.parse::<u64>().map(Some).map_err(|_| ApiError::BadRequest(format!("{name} must be a sequence number"))),
+        Some(v) => parse_seq_num(v)
+            .map(Some)
+            .ok_or_else(|| ApiError::BadRequest(format!("{name} must be a sequence number from 0 to {MAX_SEQ_NUM}"))),
     }
 }
 
@@ -370,4 +383,60 @@ async fn subscribe(State(state): State<AppState>, auth: Auth, path: ChannelPath,
         h.insert("x-session-settled", HeaderValue::from_static("true"));
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn cursors_out_of_range_are_refused() {
+        // u64::MAX wrapped to 0 in read_after and returned the whole history.
+        assert!(parse_cursor("afterEventId", Some(&u64::MAX.to_string())).is_err());
+        assert!(parse_cursor("afterEventId", Some(&(MAX_SEQ_NUM + 1).to_string())).is_err());
+        assert_eq!(parse_cursor("afterEventId", Some(&MAX_SEQ_NUM.to_string())).unwrap(), Some(MAX_SEQ_NUM));
+        assert_eq!(parse_cursor("afterEventId", Some(" ")).unwrap(), None);
+    }
+
+    fn headers_with(name: &str, value: &str) -> Option<HeaderMap> {
+        let mut h = HeaderMap::new();
+        h.insert(axum::http::HeaderName::from_bytes(name.as_bytes()).ok()?, HeaderValue::from_str(value).ok()?);
+        Some(h)
+    }
+
+    proptest! {
+        #[test]
+        fn cursors_round_trip_in_range_and_refuse_the_rest(n in any::<u64>(), text in ".{0,30}") {
+            let parsed = parse_cursor("Last-Event-ID", Some(&n.to_string()));
+            if n <= MAX_SEQ_NUM {
+                prop_assert_eq!(parsed.ok(), Some(Some(n)));
+            } else {
+                prop_assert!(parsed.is_err());
+            }
+            if let Ok(Some(c)) = parse_cursor("afterEventId", Some(&text)) {
+                prop_assert!(c <= MAX_SEQ_NUM && c.checked_add(1).is_some());
+            }
+        }
+
+        #[test]
+        fn record_headers_never_panic_and_keep_their_bounds(raw in ".{0,200}", control in "[ -~]{0,20}") {
+            if let Some(h) = headers_with("x-record-headers", &raw) {
+                if let Ok(out) = record_headers(&h) {
+                    prop_assert!(out.len() <= MAX_RECORD_HEADERS);
+                    prop_assert!(out.iter().all(|(k, v)| !k.is_empty() && k.len() <= 256 && v.len() <= 4096));
+                }
+            }
+            if let Some(h) = headers_with("x-trigger-control", &control) {
+                prop_assert_eq!(record_headers(&h).ok(), Some(vec![(super::super::CONTROL_HEADER.to_string(), control.clone())]));
+            }
+        }
+
+        #[test]
+        fn record_headers_round_trip(pairs in proptest::collection::vec(("[a-z-]{1,20}", "[ -~]{0,40}"), 0..=MAX_RECORD_HEADERS)) {
+            let raw = serde_json::to_string(&pairs).unwrap();
+            let h = headers_with("x-record-headers", &raw).unwrap();
+            prop_assert_eq!(record_headers(&h).ok(), Some(pairs));
+        }
+    }
 }

@@ -421,7 +421,10 @@ impl ChannelStore {
     /// Up to `count` records after `after` (from the start when None), in order.
     pub async fn read_after(&self, key: ChannelKey, after: Option<u64>, count: usize) -> Result<Vec<Record>, ChannelError> {
         let start = match after {
-            Some(a) => format!("{}-0", a + 1),
+            Some(a) => match a.checked_add(1) {
+                Some(start) => format!("{start}-0"),
+                None => return Ok(Vec::new()),
+            },
             None => "-".to_string(),
         };
         let mut conn = self.redis.clone();

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::streams::{ChannelKey, Io, Record};
-use crate::validation::parse_duration_secs;
+use crate::validation::{duration, parse_duration_secs, timestamp_in_range};
 use store::Waitpoint;
 
 /// Pending-set TTL when a waitpoint has no timeout.
@@ -27,12 +27,23 @@ pub const DEFAULT_PENDING_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Idempotency keys live this long unless the caller says otherwise.
 pub const DEFAULT_IDEMPOTENCY_TTL_SECS: i64 = 24 * 3600;
 
-/// A timeout as a duration (`30s`, `1h`) from `now`, or an absolute ISO-8601 time.
+/// A timeout as a duration (`30s`, `1h`) from `now`, or an absolute ISO-8601 time
+/// (in the range of client timestamps). `None` for anything else.
 pub fn parse_deadline(value: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     if let Some(secs) = parse_duration_secs(value) {
-        return now.checked_add_signed(chrono::Duration::seconds(secs));
+        return duration(secs).and_then(|d| now.checked_add_signed(d));
     }
-    DateTime::parse_from_rfc3339(value.trim()).ok().map(|d| d.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(value.trim()).ok().map(|d| d.with_timezone(&Utc)).filter(|t| timestamp_in_range(*t))
+}
+
+/// When an idempotency key given now stops holding: after `ttl` (a duration,
+/// [`DEFAULT_IDEMPOTENCY_TTL_SECS`] when absent). `None` for a bad duration.
+pub fn idempotency_expiry(ttl: Option<&str>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let secs = match ttl {
+        Some(t) => parse_duration_secs(t)?,
+        None => DEFAULT_IDEMPOTENCY_TTL_SECS,
+    };
+    duration(secs).and_then(|d| now.checked_add_signed(d))
 }
 
 /// What a waitpoint ended by its session's close completes with.
@@ -68,7 +79,9 @@ pub async fn check_arrived(state: &AppState, w: &Waitpoint) -> anyhow::Result<bo
 
 /// How long a waitpoint's entry in the channel's pending set must last.
 pub fn pending_ttl_ms(timeout_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> u64 {
-    timeout_at.map(|t| (t - now).num_milliseconds().max(1) as u64 + 60_000).unwrap_or(DEFAULT_PENDING_TTL_MS)
+    timeout_at
+        .map(|t| u64::try_from((t - now).num_milliseconds()).unwrap_or(0).max(1).saturating_add(60_000))
+        .unwrap_or(DEFAULT_PENDING_TTL_MS)
 }
 
 /// The drain job: waitpoints the append of record `seq_num` took off the
@@ -180,5 +193,53 @@ mod tests {
         assert_eq!(parse_deadline("30s", now), Some(now + chrono::Duration::seconds(30)));
         assert_eq!(parse_deadline("2030-01-01T00:00:00Z", now).map(|d| d.timestamp()), Some(1_893_456_000));
         assert_eq!(parse_deadline("soon", now), None);
+    }
+
+    #[test]
+    fn out_of_range_deadlines_and_ttls_are_refused() {
+        let now = Utc::now();
+        // Panicked in chrono (Duration::seconds out of bounds) before the bound.
+        assert_eq!(parse_deadline("9223372036854775807", now), None);
+        assert_eq!(idempotency_expiry(Some("9223372036854775807s"), now), None);
+        assert_eq!(idempotency_expiry(Some("15250284452w"), now), None);
+        assert_eq!(parse_deadline("1969-12-31T23:59:59Z", now), None);
+        assert_eq!(idempotency_expiry(None, now), Some(now + chrono::Duration::seconds(DEFAULT_IDEMPOTENCY_TTL_SECS)));
+    }
+
+    mod props {
+        use super::*;
+        use crate::validation::{MAX_DURATION_SECS, MAX_TIMESTAMP_MILLIS};
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn deadlines_never_panic_and_stay_representable(input in ".{0,40}", secs in any::<i64>()) {
+                let now = Utc::now();
+                for text in [input.clone(), secs.to_string(), format!("{secs}s")] {
+                    if let Some(t) = parse_deadline(&text, now) {
+                        prop_assert!(t.timestamp_millis() <= MAX_TIMESTAMP_MILLIS);
+                        // The pending-set TTL derived from it cannot overflow either.
+                        prop_assert!(pending_ttl_ms(Some(t), now) >= 60_001);
+                    }
+                    let _ = idempotency_expiry(Some(&text), now);
+                }
+            }
+
+            #[test]
+            fn durations_in_range_are_exact_offsets(secs in any::<i64>()) {
+                let now = Utc::now();
+                let expected = (0..=MAX_DURATION_SECS).contains(&secs).then(|| now + chrono::Duration::seconds(secs));
+                prop_assert_eq!(parse_deadline(&format!("{secs}s"), now), expected);
+                prop_assert_eq!(idempotency_expiry(Some(&secs.to_string()), now), expected);
+            }
+
+            #[test]
+            fn absolute_deadlines_round_trip_in_range(ms in 0i64..=MAX_TIMESTAMP_MILLIS) {
+                let now = Utc::now();
+                let t = crate::validation::timestamp_from_millis(ms).unwrap();
+                let text = t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                prop_assert_eq!(parse_deadline(&text, now), Some(t));
+            }
+        }
     }
 }

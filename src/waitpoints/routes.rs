@@ -19,7 +19,7 @@ use crate::runs::store as run_store;
 use crate::runs::RunStatus;
 use crate::streams::routes::load_channel;
 use crate::streams::{ChannelKey, Io};
-use crate::validation::{check_len, check_tags, parse_duration_secs, ValidationError};
+use crate::validation::{check_len, check_tags, ValidationError};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -83,10 +83,8 @@ async fn create(
         .as_deref()
         .map(|t| super::parse_deadline(t, now).ok_or_else(|| ValidationError::new("timeout", "must be a duration such as 30s or an ISO-8601 date")))
         .transpose()?;
-    let key_ttl = match body.idempotency_key_ttl.as_deref() {
-        Some(t) => parse_duration_secs(t).ok_or_else(|| ValidationError::new("idempotencyKeyTTL", "must be a duration such as 1h"))?,
-        None => super::DEFAULT_IDEMPOTENCY_TTL_SECS,
-    };
+    let key_expires_at = super::idempotency_expiry(body.idempotency_key_ttl.as_deref(), now)
+        .ok_or_else(|| ValidationError::new("idempotencyKeyTTL", "must be a duration such as 1h (at most 68 years)"))?;
     if body.last_seq_num.is_some_and(|n| n < -1) {
         return Err(ValidationError::new("lastSeqNum", "must be -1 or more").into());
     }
@@ -120,7 +118,7 @@ async fn create(
             io: io.as_str(),
             after_seq,
             idempotency_key: body.idempotency_key.as_deref(),
-            idempotency_key_expires_at: body.idempotency_key.as_ref().map(|_| now + chrono::Duration::seconds(key_ttl)),
+            idempotency_key_expires_at: body.idempotency_key.as_ref().map(|_| key_expires_at),
             tags: &tags,
             timeout_at,
         },

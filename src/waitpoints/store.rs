@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::db::StoreError;
+use crate::db::{JsonDoc, StoreError};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Waitpoint {
@@ -148,7 +148,7 @@ pub async fn complete(pool: &PgPool, id: Uuid, output: &serde_json::Value) -> Re
          WHERE id = $1 AND status = 'WAITING' RETURNING run_id",
     )
     .bind(id)
-    .bind(output)
+    .bind(JsonDoc(output))
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(run) = run {
