@@ -190,7 +190,7 @@ pub async fn cancel_for_run(conn: &mut sqlx::PgConnection, run_id: Uuid, output:
         "UPDATE waitpoints SET status = 'CANCELED', output = $2, completed_at = now() WHERE run_id = $1 AND status = 'WAITING'",
     )
     .bind(run_id)
-    .bind(output)
+    .bind(JsonDoc(output))
     .execute(conn)
     .await?
     .rows_affected())
