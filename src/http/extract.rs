@@ -195,7 +195,7 @@ mod tests {
             #[test]
             fn path_ids_never_hold_control_characters(id in any::<String>()) {
                 if validate_path_id(&id).is_ok() {
-                    prop_assert!(!id.is_empty() && id.len() <= MAX_PATH_ID_LEN && !id.chars().any(char::is_control));
+                    prop_assert!(!id.is_empty() && id.chars().count() <= crate::ids::MAX_ID_CHARS && !id.chars().any(char::is_control));
                 }
             }
         }

@@ -13,6 +13,7 @@ use axum::http::{header, HeaderName, Method};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -40,12 +41,25 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(body_timeout, conn::body_deadline))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(cors())
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
             tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
         }))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// A handler that panics (a bug) answers the generic 500, logged inside the
+/// request's span, instead of dropping the connection with no answer.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    use axum::response::IntoResponse;
+    ApiError::Internal(anyhow::anyhow!("handler panicked: {message}")).into_response()
 }
 
 /// Browser callers hold bearer tokens (never cookies), so any origin may call;
@@ -75,3 +89,23 @@ async fn jwt_claims(auth: Auth) -> Result<Json<serde_json::Value>, ApiError> {
     Ok(Json(json!({ "sub": auth.env.id.to_string(), "pub": true })))
 }
 
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_the_generic_500() {
+        let app: Router = Router::new()
+            .route("/boom", get(|| async { panic!("secret detail") as &'static str }))
+            .layer(CatchPanicLayer::custom(panic_response));
+        let resp = app.oneshot(Request::get("/boom").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap(), json!({"error": "Something went wrong"}));
+    }
+}

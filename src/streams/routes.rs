@@ -433,6 +433,17 @@ mod tests {
         }
 
         #[test]
+        fn part_ids_are_exactly_1_to_128_visible_ascii(p in ".{0,140}") {
+            let visible = p.bytes().all(|b| (b'!'..=b'~').contains(&b));
+            prop_assert_eq!(is_part_id(&p), visible && (1..=MAX_PART_ID_LEN).contains(&p.len()));
+        }
+
+        #[test]
+        fn visible_ascii_part_ids_up_to_128_are_accepted(p in "[!-~]{1,128}") {
+            prop_assert!(is_part_id(&p));
+        }
+
+        #[test]
         fn record_headers_round_trip(pairs in proptest::collection::vec(("[a-z-]{1,20}", "[ -~]{0,40}"), 0..=MAX_RECORD_HEADERS)) {
             let raw = serde_json::to_string(&pairs).unwrap();
             let h = headers_with("x-record-headers", &raw).unwrap();
