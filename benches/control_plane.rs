@@ -89,22 +89,31 @@ async fn main() -> anyhow::Result<()> {
     // read phases measure reads, and report how long the jobs took.
     let drain = Instant::now();
     loop {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status <> 'succeeded'").fetch_one(&server.pool).await?;
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status <> 'succeeded'").fetch_one(&server.pool).await?;
         if pending == 0 || drain.elapsed() > Duration::from_secs(120) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("{:<10} trigger-run jobs of all creates done {:.2}s after the last create", "jobs", drain.elapsed().as_secs_f64());
+    println!(
+        "{:<10} trigger-run jobs of all creates done {:.2}s after the last create",
+        "jobs",
+        drain.elapsed().as_secs_f64()
+    );
 
-    let (lat, wall) = drive(&client, 40_000, move |i| (Method::GET, format!("/api/v1/sessions/chat-{}", i % creates), Bytes::new())).await;
+    let (lat, wall) =
+        drive(&client, 40_000, move |i| (Method::GET, format!("/api/v1/sessions/chat-{}", i % creates), Bytes::new()))
+            .await;
     report("retrieve", lat, wall);
 
     // Steady state: Postgres has statistics for the table (autovacuum would
     // gather them within a minute; the bench does not wait that long).
     sqlx::query("ANALYZE sessions").execute(&server.pool).await?;
-    let (lat, wall) =
-        drive(&client, 5_000, |_| (Method::GET, "/api/v1/sessions?page[size]=20&filter[type]=bench".into(), Bytes::new())).await;
+    let (lat, wall) = drive(&client, 5_000, |_| {
+        (Method::GET, "/api/v1/sessions?page[size]=20&filter[type]=bench".into(), Bytes::new())
+    })
+    .await;
     report("list", lat, wall);
 
     server.finish().await

@@ -102,7 +102,8 @@ async fn main() -> anyhow::Result<()> {
                 let ext = format!("tp-{i}");
                 let body = json!({"type": "bench", "taskIdentifier": "bench-task", "externalId": ext,
                                   "triggerConfig": {"basePayload": {"ext": ext}}});
-                let status = fast.send(hyper::Method::POST, "/api/v1/sessions", body.to_string().into()).await.expect("create");
+                let status =
+                    fast.send(hyper::Method::POST, "/api/v1/sessions", body.to_string().into()).await.expect("create");
                 assert!((200..300).contains(&status));
             }
         }));

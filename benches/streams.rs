@@ -42,11 +42,19 @@ fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
-async fn create_session(http: &reqwest::Client, base: &str, key: &str, ext: &str, task: &str) -> anyhow::Result<serde_json::Value> {
+async fn create_session(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    ext: &str,
+    task: &str,
+) -> anyhow::Result<serde_json::Value> {
     Ok(http
         .post(format!("{base}/api/v1/sessions"))
         .bearer_auth(key)
-        .json(&json!({"type": "bench", "taskIdentifier": task, "externalId": ext, "triggerConfig": {"basePayload": {}}}))
+        .json(
+            &json!({"type": "bench", "taskIdentifier": task, "externalId": ext, "triggerConfig": {"basePayload": {}}}),
+        )
         .send()
         .await?
         .json()
@@ -132,7 +140,8 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
         h.await?;
     }
     let cpu = (cpu_ticks(proc.pid) - cpu_before) as f64 / clock_ticks_per_sec() / started.elapsed().as_secs_f64();
-    let own = (cpu_ticks(std::process::id()) - own_before) as f64 / clock_ticks_per_sec() / started.elapsed().as_secs_f64();
+    let own =
+        (cpu_ticks(std::process::id()) - own_before) as f64 / clock_ticks_per_sec() / started.elapsed().as_secs_f64();
     for s in subs {
         let _ = tokio::time::timeout(Duration::from_secs(30), s).await;
     }
@@ -152,7 +161,12 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
 async fn append_throughput(base: &str, key: &str, http: &reqwest::Client) -> anyhow::Result<()> {
     let mut sessions = Vec::new();
     for i in 0..16 {
-        sessions.push(create_session(http, base, key, &format!("tp-{i}"), "none").await?["id"].as_str().unwrap_or_default().to_string());
+        sessions.push(
+            create_session(http, base, key, &format!("tp-{i}"), "none").await?["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
     }
     let total = 60_000usize;
     let next = Arc::new(AtomicUsize::new(0));
@@ -161,8 +175,12 @@ async fn append_throughput(base: &str, key: &str, http: &reqwest::Client) -> any
     let mut writers = Vec::new();
     for w in 0..64 {
         let mut conn = common::RawConn::connect(base, key).await?;
-        let (path, next, failed, body) =
-            (format!("/realtime/v1/sessions/{}/out/append", sessions[w % 16]), next.clone(), failed.clone(), body.clone());
+        let (path, next, failed, body) = (
+            format!("/realtime/v1/sessions/{}/out/append", sessions[w % 16]),
+            next.clone(),
+            failed.clone(),
+            body.clone(),
+        );
         writers.push(async move {
             while next.fetch_add(1, Ordering::Relaxed) < total {
                 if !matches!(conn.post(&path, body.as_bytes()).await, Ok(200)) {
@@ -211,7 +229,11 @@ async fn in_to_worker(base: &str, key: &str, http: &reqwest::Client) -> anyhow::
         let waiting = tokio::spawn(async move { (ch.next_input(last, Duration::from_secs(30)).await, Instant::now()) });
         tokio::time::sleep(Duration::from_millis(15)).await;
         let sent = Instant::now();
-        http.post(format!("{base}/realtime/v1/sessions/{sid}/in/append")).bearer_auth(key).body(format!("m{i}")).send().await?;
+        http.post(format!("{base}/realtime/v1/sessions/{sid}/in/append"))
+            .bearer_auth(key)
+            .body(format!("m{i}"))
+            .send()
+            .await?;
         let (got, at) = waiting.await?;
         let record = got?.ok_or_else(|| anyhow::anyhow!("no record"))?;
         last = Some(record.seq);
@@ -242,7 +264,9 @@ fn clock_ticks_per_sec() -> f64 {
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 

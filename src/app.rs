@@ -88,10 +88,9 @@ fn redis_config(config: &Config) -> ConnectionManagerConfig {
 
 /// Reads the master key from the configuration.
 pub fn master_key(config: &Config) -> anyhow::Result<MasterKey> {
-    let hex = config
-        .master_key
-        .as_deref()
-        .ok_or_else(|| anyhow::anyhow!("SESSIOND_MASTER_KEY is not set (64 hex characters; scripts/dev.sh makes one)"))?;
+    let hex = config.master_key.as_deref().ok_or_else(|| {
+        anyhow::anyhow!("SESSIOND_MASTER_KEY is not set (64 hex characters; scripts/dev.sh makes one)")
+    })?;
     Ok(MasterKey::from_hex(hex)?)
 }
 

@@ -72,7 +72,10 @@ impl sqlx::Type<sqlx::Postgres> for JsonDoc<'_> {
 }
 
 impl sqlx::Encode<'_, sqlx::Postgres> for JsonDoc<'_> {
-    fn encode_by_ref(&self, buf: &mut sqlx::postgres::PgArgumentBuffer) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
         // The binary form of `json` is its text.
         serde_json::to_writer(&mut **buf, self.0)?;
         Ok(sqlx::encode::IsNull::No)

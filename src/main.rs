@@ -211,7 +211,13 @@ async fn jobs_command(cmd: JobsCommand, config: Config, pool: sqlx::PgPool) -> a
             println!("job {} ({}) {} — {}/{} attempts", j.id, j.kind, j.status, j.attempts, j.max_attempts);
             println!("payload: {}", j.payload);
             for a in jobs::store::attempts(&pool, id).await? {
-                println!("  attempt {} {} at {}: {}", a.attempt, a.status, a.started_at, a.error.as_deref().unwrap_or("ok"));
+                println!(
+                    "  attempt {} {} at {}: {}",
+                    a.attempt,
+                    a.status,
+                    a.started_at,
+                    a.error.as_deref().unwrap_or("ok")
+                );
             }
         }
         JobsCommand::Retry { id } => {

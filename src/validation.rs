@@ -177,7 +177,18 @@ mod tests {
         assert_eq!(parse_duration_secs("7d"), Some(604_800));
         assert_eq!(parse_duration_secs("2w"), Some(1_209_600));
         assert_eq!(parse_duration_secs("45"), Some(45));
-        for bad in ["", "h", "10x", "1h30", "-5", "99999999999999999999d", "9223372036854775807", "2147483648", "3551w", "106751991167300d"] {
+        for bad in [
+            "",
+            "h",
+            "10x",
+            "1h30",
+            "-5",
+            "99999999999999999999d",
+            "9223372036854775807",
+            "2147483648",
+            "3551w",
+            "106751991167300d",
+        ] {
             assert_eq!(parse_duration_secs(bad), None, "{bad}");
         }
         assert_eq!(parse_duration_secs("2147483647"), Some(MAX_DURATION_SECS));

@@ -276,7 +276,10 @@ async fn a_minted_token_never_opens_a_session_that_later_takes_its_external_id()
     assert_eq!(app.get("/realtime/v1/sessions/chat-x/out/records", pat).await.0, StatusCode::FORBIDDEN);
     // It still opens its own session, under any name, and the new one's token opens the new one.
     assert_eq!(app.get("/api/v1/sessions/chat-x-old", pat).await.1["id"], first["id"]);
-    assert_eq!(app.get("/api/v1/sessions/chat-x", second["publicAccessToken"].as_str().unwrap()).await.1["id"], second["id"]);
+    assert_eq!(
+        app.get("/api/v1/sessions/chat-x", second["publicAccessToken"].as_str().unwrap()).await.1["id"],
+        second["id"]
+    );
 }
 
 #[tokio::test]
@@ -298,10 +301,8 @@ async fn rotated_keys_stop_working() {
     let old = app.a.key.clone();
     let old_token = token(&app, &["read:sessions"]);
     assert_eq!(app.get("/api/v1/sessions", &old).await.0, StatusCode::OK);
-    let new = sessiond::tenancy::store::rotate_key(app.db(), &app.state.master_key, app.a.env.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let new =
+        sessiond::tenancy::store::rotate_key(app.db(), &app.state.master_key, app.a.env.id).await.unwrap().unwrap();
     assert_eq!(app.get("/api/v1/sessions", &old).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(app.get("/api/v1/sessions", &old_token).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(app.get("/api/v1/sessions", new.expose()).await.0, StatusCode::OK);
@@ -320,6 +321,12 @@ async fn cors_preflight_on_every_route() {
         assert!(h["access-control-allow-methods"].to_str().unwrap().contains("POST"));
     }
     // Actual responses carry the CORS header too.
-    let r = app.client.get(format!("{}/api/v1/sessions", app.base)).header("origin", "https://app.example").send().await.unwrap();
+    let r = app
+        .client
+        .get(format!("{}/api/v1/sessions", app.base))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
 }

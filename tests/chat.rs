@@ -22,7 +22,8 @@ async fn read_turn(sub: &mut common::SseClient) -> (String, String) {
         let batch: Vec<SseRecord> = sub.next_batch(Duration::from_secs(20)).await.expect("stream open");
         for r in batch {
             if r.headers.iter().any(|(k, v)| k == "trigger-control" && v == "turn-complete") {
-                let answered = r.headers.iter().find(|(k, _)| k == "session-in-event-id").map(|(_, v)| v.clone()).unwrap();
+                let answered =
+                    r.headers.iter().find(|(k, _)| k == "session-in-event-id").map(|(_, v)| v.clone()).unwrap();
                 return (text, answered);
             }
             let v: Value = serde_json::from_str(&r.body).unwrap();
@@ -36,7 +37,8 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     let app = TestApp::spawn().await;
     let stop = CancellationToken::new();
     let agent = EchoAgent { channels: Arc::new(HttpChannelFactory { base_url: app.base.clone() }) };
-    let worker = tokio::spawn(Worker::new(app.worker(), vec!["echo-agent".into()], 4).run(Arc::new(agent), stop.clone()));
+    let worker =
+        tokio::spawn(Worker::new(app.worker(), vec!["echo-agent".into()], 4).run(Arc::new(agent), stop.clone()));
 
     let created = app
         .create_session(json!({
@@ -49,7 +51,8 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     // The browser holds only the session token, addressed by its own chat id.
     let mut sub = app.sse("/realtime/v1/sessions/chat-42/out", &pat, &[("timeout-seconds", "60")]).await;
 
-    app.append("chat-42", "in", &pat, &json!({"data": "hello there", "id": "m1"}).to_string(), &[("x-part-id", "m1")]).await;
+    app.append("chat-42", "in", &pat, &json!({"data": "hello there", "id": "m1"}).to_string(), &[("x-part-id", "m1")])
+        .await;
     assert_eq!(read_turn(&mut sub).await, ("echo: hello there".to_string(), "0".to_string()));
     // Between turns the run waits on .in through a waitpoint.
     eventually(10, "run waiting", || async { (app.run_status(&first_run).await == "WAITING").then_some(()) }).await;
@@ -58,7 +61,8 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     eventually(15, "idle exit", || async { (app.run_status(&first_run).await == "COMPLETED").then_some(()) }).await;
 
     // The next message boots a continuation; the same subscription gets the reply.
-    app.append("chat-42", "in", &pat, &json!({"data": "still there?", "id": "m2"}).to_string(), &[("x-part-id", "m2")]).await;
+    app.append("chat-42", "in", &pat, &json!({"data": "still there?", "id": "m2"}).to_string(), &[("x-part-id", "m2")])
+        .await;
     assert_eq!(read_turn(&mut sub).await, ("echo: still there?".to_string(), "1".to_string()));
     let (_, session) = app.get("/api/v1/sessions/chat-42", &pat).await;
     assert_ne!(session["currentRunId"], first_run.as_str());
@@ -73,8 +77,15 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     // Closing wakes the waiting agent with session-closed; it exits.
     let second_run = session["currentRunId"].as_str().unwrap().to_string();
     app.post("/api/v1/sessions/chat-42/close", &app.a.key, json!({"reason": "bye"})).await;
-    eventually(15, "agent exits on close", || async { (app.run_status(&second_run).await == "COMPLETED").then_some(()) }).await;
-    let output: Value = sqlx::query_scalar("SELECT output FROM task_runs WHERE friendly_id = $1").bind(&second_run).fetch_one(app.db()).await.unwrap();
+    eventually(15, "agent exits on close", || async {
+        (app.run_status(&second_run).await == "COMPLETED").then_some(())
+    })
+    .await;
+    let output: Value = sqlx::query_scalar("SELECT output FROM task_runs WHERE friendly_id = $1")
+        .bind(&second_run)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     assert_eq!(output["exit"], "session-closed");
 
     stop.cancel();

@@ -21,7 +21,11 @@ fn sessiond(schema: &str, master: &str, args: &[&str]) -> (bool, String) {
 }
 
 fn key_in(output: &str, prefix: &str) -> String {
-    output.split_whitespace().find(|w| w.starts_with(prefix)).unwrap_or_else(|| panic!("no key in {output}")).to_string()
+    output
+        .split_whitespace()
+        .find(|w| w.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no key in {output}"))
+        .to_string()
 }
 
 #[tokio::test]
@@ -29,9 +33,11 @@ async fn env_create_list_rotate_and_bootstrap() {
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
     let master_hex = "11".repeat(32);
     let master = MasterKey::from_hex(&master_hex).unwrap();
-    let pool = sessiond::db::connect(&Config::for_database(&common::database_url(), Some(schema.clone()))).await.unwrap();
+    let pool =
+        sessiond::db::connect(&Config::for_database(&common::database_url(), Some(schema.clone()))).await.unwrap();
 
-    let (ok, out) = sessiond(&schema, &master_hex, &["env", "create", "--org", "acme", "--project", "chat", "--type", "staging"]);
+    let (ok, out) =
+        sessiond(&schema, &master_hex, &["env", "create", "--org", "acme", "--project", "chat", "--type", "staging"]);
     assert!(ok, "{out}");
     let key = key_in(&out, "tr_stg_");
     let env = tenancy::find_by_key(&pool, &master, &key).await.unwrap().expect("key authenticates");
@@ -88,7 +94,10 @@ async fn jobs_list_retry_and_manual_trigger_from_the_cli() {
             .env("RUST_LOG", "warn")
             .output()
             .expect("run sessiond");
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
     };
 
     // A job that fails for good: its table is broken under it.
@@ -97,14 +106,20 @@ async fn jobs_list_retry_and_manual_trigger_from_the_cli() {
         .fetch_one(app.db())
         .await
         .unwrap();
-    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_requested_at TO cancel_gone").execute(app.db()).await.unwrap();
+    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_requested_at TO cancel_gone")
+        .execute(app.db())
+        .await
+        .unwrap();
     let job = app.state.jobs.submit(&sessiond::jobs::Job::CancelRun { run_id }).await.unwrap();
     common::eventually(20, "job failed", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
         (row.status == "failed").then_some(())
     })
     .await;
-    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_gone TO cancel_requested_at").execute(app.db()).await.unwrap();
+    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_gone TO cancel_requested_at")
+        .execute(app.db())
+        .await
+        .unwrap();
 
     let (ok, out) = cli(&["jobs", "list", "--failed"]);
     assert!(ok && out.contains(&job.to_string()) && out.contains("cancel-run"), "{out}");

@@ -57,7 +57,10 @@ async fn while_redis_is_down_channel_routes_answer_503_within_2s_and_readyz_is_5
         ("records", http.get(channel("out", "/records")).bearer_auth(&key)),
         ("subscribe", http.get(channel("out", "")).bearer_auth(&key).header("accept", "text/event-stream")),
         ("subscribe from a cursor", http.get(channel("out", "")).bearer_auth(&key).header("last-event-id", "0")),
-        ("subscribe from the end", http.get(channel("out", "")).bearer_auth(&key).header("x-trigger-stream-start", "latest")),
+        (
+            "subscribe from the end",
+            http.get(channel("out", "")).bearer_auth(&key).header("x-trigger-stream-start", "latest"),
+        ),
     ];
     for (what, req) in requests {
         let a = send(req).await;
@@ -78,7 +81,13 @@ async fn while_redis_is_down_channel_routes_answer_503_within_2s_and_readyz_is_5
     // Back on the same port: ready again, and appends work.
     let mut redis = RedisProc::spawn(&dir.0, port);
     assert!(redis.wait_ready(Duration::from_secs(10)).await, "redis did not come back:\n{}", redis.log());
-    eventually(10, "ready again", || async { (send(http.get(format!("{}/readyz", app.base))).await.status == StatusCode::OK).then_some(()) }).await;
-    eventually(10, "appends again", || async { (app.append(&id, "out", &key, "after", &[]).await.0 == StatusCode::OK).then_some(()) }).await;
+    eventually(10, "ready again", || async {
+        (send(http.get(format!("{}/readyz", app.base))).await.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    eventually(10, "appends again", || async {
+        (app.append(&id, "out", &key, "after", &[]).await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
     drop(redis);
 }

@@ -45,7 +45,8 @@ async fn acknowledged_records_survive_redis_sigkill_and_restart() {
 
     {
         let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-        let fsync: Vec<String> = redis::cmd("CONFIG").arg("GET").arg("appendfsync").query_async(&mut conn).await.unwrap();
+        let fsync: Vec<String> =
+            redis::cmd("CONFIG").arg("GET").arg("appendfsync").query_async(&mut conn).await.unwrap();
         assert_eq!(fsync, vec!["appendfsync".to_string(), "always".to_string()]);
     }
 
@@ -75,7 +76,11 @@ async fn acknowledged_records_survive_redis_sigkill_and_restart() {
             assert!(acked.insert(seq, (ts, body, headers)).is_none(), "seq {seq} acknowledged twice");
         }
     }
-    assert_eq!(acked.keys().copied().collect::<Vec<_>>(), (0..RECORDS).collect::<Vec<_>>(), "acknowledged seqs are dense");
+    assert_eq!(
+        acked.keys().copied().collect::<Vec<_>>(),
+        (0..RECORDS).collect::<Vec<_>>(),
+        "acknowledged seqs are dense"
+    );
 
     // A second channel: a few records, then closed (marker kept for 10 min).
     for i in 0..3 {
@@ -93,7 +98,10 @@ async fn acknowledged_records_survive_redis_sigkill_and_restart() {
     // Restart on the same data directory and port.
     let mut redis = RedisProc::spawn(&dir.0, port);
     if !redis.wait_ready(Duration::from_secs(10)).await {
-        panic!("redis-server did not come back on port {port}; log:\n{pre_log}\n--- after restart ---\n{}", redis.log());
+        panic!(
+            "redis-server did not come back on port {port}; log:\n{pre_log}\n--- after restart ---\n{}",
+            redis.log()
+        );
     }
     let store = store_on(&redis).await;
 

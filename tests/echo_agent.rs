@@ -52,7 +52,8 @@ async fn echo_agent_answers_turns_exits_idle_and_resumes_in_a_continuation() {
     let channels = Arc::new(PerSession::default());
     let stop = CancellationToken::new();
     let worker = Worker::new(app.worker(), vec!["echo-agent".into()], 4);
-    let running = tokio::spawn(worker.run(Arc::new(EchoAgent { channels: Arc::new(Factory(channels.clone())) }), stop.clone()));
+    let running =
+        tokio::spawn(worker.run(Arc::new(EchoAgent { channels: Arc::new(Factory(channels.clone())) }), stop.clone()));
 
     let s = app
         .create_session(json!({
@@ -83,11 +84,17 @@ async fn echo_agent_answers_turns_exits_idle_and_resumes_in_a_continuation() {
     // The next message boots a continuation (what an append to .in does), which
     // resumes after the last answered message instead of answering it again.
     ch.send_input(&json!({"data": "third", "id": "p3"}).to_string(), &[]);
-    let uuid: uuid::Uuid =
-        sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(&sid).fetch_one(app.db()).await.unwrap();
+    let uuid: uuid::Uuid = sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1")
+        .bind(&sid)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     let ensured = run_manager::ensure_run(&app.state, app.a.env.id, uuid).await.unwrap();
     assert_ne!(ensured.run_id(), first_run);
-    assert_eq!(eventually(10, "reply from the continuation", || async { turn_text(&ch.output(), 2) }).await, "echo: third");
+    assert_eq!(
+        eventually(10, "reply from the continuation", || async { turn_text(&ch.output(), 2) }).await,
+        "echo: third"
+    );
     let answers = ch.output().iter().filter(|r| r.header("trigger-control") == Some("turn-complete")).count();
     assert_eq!(answers, 3, "each message answered once");
 

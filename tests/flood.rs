@@ -47,7 +47,8 @@ async fn idle_connections_beyond_the_fd_limit_do_not_lock_out_new_clients() {
     let mut stdout = BufReader::new(flood.stdout.take().unwrap());
     tokio::task::block_in_place(|| stdout.read_line(&mut line)).unwrap();
     // (Fewer than asked if the server stops accepting and its backlog fills.)
-    let opened: u64 = line.trim().strip_prefix("open ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("flood: {line:?}"));
+    let opened: u64 =
+        line.trim().strip_prefix("open ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("flood: {line:?}"));
     assert!(opened > FD_LIMIT, "the flood opened only {opened} connections");
     // Let the server take the flood off its accept queue.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -65,7 +66,13 @@ async fn idle_connections_beyond_the_fd_limit_do_not_lock_out_new_clients() {
 
     // The subscribers are still connected: they receive a record appended now.
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-    let resp = client.post(format!("{}/realtime/v1/sessions/{id}/out/append", app.base)).bearer_auth(&key).body("after the flood").send().await.unwrap();
+    let resp = client
+        .post(format!("{}/realtime/v1/sessions/{id}/out/append", app.base))
+        .bearer_auth(&key)
+        .body("after the flood")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     for sub in &mut subscribers {
         let batch = sub.next_batch(Duration::from_secs(5)).await.expect("subscriber still connected");

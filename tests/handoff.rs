@@ -17,7 +17,6 @@ use sessiond::worker::Worker;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-
 /// Runs of the session by status.
 async fn runs_by_status(app: &TestApp, session: Uuid) -> Vec<(String, i64)> {
     sqlx::query_as("SELECT status, count(*) FROM task_runs WHERE session_id = $1 GROUP BY status ORDER BY status")
@@ -28,7 +27,11 @@ async fn runs_by_status(app: &TestApp, session: Uuid) -> Vec<(String, i64)> {
 }
 
 async fn payload_of(app: &TestApp, run: &str) -> Value {
-    sqlx::query_scalar("SELECT payload FROM task_runs WHERE friendly_id = $1").bind(run).fetch_one(app.db()).await.unwrap()
+    sqlx::query_scalar("SELECT payload FROM task_runs WHERE friendly_id = $1")
+        .bind(run)
+        .fetch_one(app.db())
+        .await
+        .unwrap()
 }
 
 /// Every record on a channel: (seq, control subtype, body).
@@ -50,8 +53,12 @@ async fn channel(app: &TestApp, session: &str, io: &str) -> Vec<(u64, Option<Str
 }
 
 async fn end_and_continue(app: &TestApp, session: &str, token: &str, calling: &str) -> (StatusCode, Value) {
-    app.post(&format!("/api/v1/sessions/{session}/end-and-continue"), token, json!({"callingRunId": calling, "reason": "upgrade"}))
-        .await
+    app.post(
+        &format!("/api/v1/sessions/{session}/end-and-continue"),
+        token,
+        json!({"callingRunId": calling, "reason": "upgrade"}),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -116,7 +123,11 @@ async fn a_hand_off_fences_the_old_run_and_the_new_one_resumes_after_the_last_an
         channels1.append_output(&body, &headers).await.unwrap();
     }
     let (status, wait) = app
-        .post(&format!("/api/v1/runs/{}/session-streams/wait", run1.id), &run1.token, json!({"session": session, "io": "in", "lastSeqNum": 0}))
+        .post(
+            &format!("/api/v1/runs/{}/session-streams/wait", run1.id),
+            &run1.token,
+            json!({"session": session, "io": "in", "lastSeqNum": 0}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{wait}");
     let pending = wait["waitpointId"].as_str().unwrap().to_string();
@@ -134,15 +145,21 @@ async fn a_hand_off_fences_the_old_run_and_the_new_one_resumes_after_the_last_an
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(channels1.append_output("late", &[]).await.is_err());
     let (status, body) = app
-        .post(&format!("/api/v1/runs/{}/session-streams/wait", run1.id), &run1.token, json!({"session": session, "io": "in"}))
+        .post(
+            &format!("/api/v1/runs/{}/session-streams/wait", run1.id),
+            &run1.token,
+            json!({"session": session, "io": "in"}),
+        )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(body["error"].as_str().unwrap().contains(&format!("superseded by {run2}")), "{body}");
-    let (status, body) = app.get(&format!("/api/v1/runs/{}/waitpoints/{pending}?waitSeconds=0", run1.id), &run1.token).await;
+    let (status, body) =
+        app.get(&format!("/api/v1/runs/{}/waitpoints/{pending}?waitSeconds=0", run1.id), &run1.token).await;
     assert_eq!((status, body["status"].clone()), (StatusCode::OK, json!("CANCELED")), "{body}");
     for path in ["complete", "fail"] {
-        let (status, body) =
-            app.post(&format!("/api/v1/runs/{}/{path}", run1.id), &run1.token, json!({"output": 1, "error": {"m": 1}})).await;
+        let (status, body) = app
+            .post(&format!("/api/v1/runs/{}/{path}", run1.id), &run1.token, json!({"output": 1, "error": {"m": 1}}))
+            .await;
         assert_eq!(status, StatusCode::CONFLICT, "{path}: {body}");
         assert!(body["error"].as_str().unwrap().contains("superseded"), "{path}: {body}");
     }
@@ -218,7 +235,10 @@ async fn manual_triggers_and_continuations_fence_the_run_they_replace() {
     assert!(app.append(&session, "out", &app.a.key, &record("from the server"), &[]).await.0.is_success());
 
     let out = channel(&app, &session, "out").await;
-    assert_eq!(out.iter().map(|(_, _, d)| d.clone()).collect::<Vec<_>>(), vec![json!("from run 1"), json!("from the server")]);
+    assert_eq!(
+        out.iter().map(|(_, _, d)| d.clone()).collect::<Vec<_>>(),
+        vec![json!("from run 1"), json!("from the server")]
+    );
 }
 
 #[tokio::test]
@@ -265,7 +285,8 @@ async fn a_run_waits_only_on_its_own_session() {
 async fn a_stored_in_record_boots_a_run_even_if_the_server_dies_before_the_boot() {
     // The first server runs no boot sweep, so only the restarted one can boot.
     let app = TestApp::spawn_with(|c| {
-        c.job_schedules_file = Some(common::schedules_file(&["run-sweep", "session-expiry-sweep", "waitpoint-timeout-sweep"]))
+        c.job_schedules_file =
+            Some(common::schedules_file(&["run-sweep", "session-expiry-sweep", "waitpoint-timeout-sweep"]))
     })
     .await;
     let s = app.create_session(session_body(Some("crash"))).await;
@@ -287,8 +308,10 @@ async fn a_stored_in_record_boots_a_run_even_if_the_server_dies_before_the_boot(
         runs_by_status(&app, sid).await.contains(&("QUEUED".to_string(), 1)).then_some(())
     })
     .await;
-    eventually(5, "the boot intent dropped", || async { app.state.channels.boot_intents(10).await.unwrap().is_empty().then_some(()) })
-        .await;
+    eventually(5, "the boot intent dropped", || async {
+        app.state.channels.boot_intents(10).await.unwrap().is_empty().then_some(())
+    })
+    .await;
     let run2 = dequeue_one(&app.worker()).await;
     assert_eq!(payload_of(&app, &run2.id).await["previousRunId"], run1.id);
 }

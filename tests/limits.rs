@@ -47,7 +47,8 @@ async fn a_request_head_sent_byte_by_byte_is_cut_at_the_header_read_timeout() {
     // A slow-loris head: every byte arrives in time, the whole head never does.
     let head = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: {}\r\n\r\n", "a".repeat(200));
     let writer = trickle(write, head.into_bytes(), Duration::from_millis(250));
-    let (sent, took) = until_closed(&mut read, Duration::from_secs(5)).await.expect("the slow head is still held after 5 s");
+    let (sent, took) =
+        until_closed(&mut read, Duration::from_secs(5)).await.expect("the slow head is still held after 5 s");
     assert!(!sent.contains("200 OK"), "answered a head that never completed: {sent}");
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "closed after {took:?}");
     writer.abort();
@@ -65,7 +66,8 @@ async fn a_request_body_sent_byte_by_byte_is_answered_408_at_the_body_read_timeo
     );
     write.write_all(head.as_bytes()).await.unwrap();
     let writer = trickle(write, body, Duration::from_millis(250));
-    let (sent, took) = until_closed(&mut read, Duration::from_secs(5)).await.expect("the slow body is still held after 5 s");
+    let (sent, took) =
+        until_closed(&mut read, Duration::from_secs(5)).await.expect("the slow body is still held after 5 s");
     assert!(sent.starts_with("HTTP/1.1 408"), "answer: {sent}");
     assert!(sent.contains("\"error\""), "answer: {sent}");
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "closed after {took:?}");
@@ -111,9 +113,12 @@ async fn an_idle_connection_is_closed_but_a_quiet_sse_stream_is_not() {
     let id = session["id"].as_str().unwrap();
     let mut sse = app.sse(&format!("/realtime/v1/sessions/{id}/out"), &app.a.key, &[("timeout-seconds", "30")]).await;
 
-    let (_, took) = until_closed(&mut silent, Duration::from_secs(5)).await.expect("an idle connection is still open after 5 s");
+    let (_, took) =
+        until_closed(&mut silent, Duration::from_secs(5)).await.expect("an idle connection is still open after 5 s");
     assert!(took < Duration::from_secs(3), "idle connection closed after {took:?}");
-    let (sent, _) = until_closed(&mut kept, Duration::from_secs(5)).await.expect("a kept-alive idle connection is still open after 5 s");
+    let (sent, _) = until_closed(&mut kept, Duration::from_secs(5))
+        .await
+        .expect("a kept-alive idle connection is still open after 5 s");
     assert!(sent.starts_with("HTTP/1.1 200"), "answer: {sent}");
 
     // Quiet for longer than the idle timeout, but its keep-alives keep it open.
@@ -137,7 +142,13 @@ async fn an_sse_stream_outlives_the_header_read_and_idle_timeouts() {
     let mut sse = app.sse(&format!("/realtime/v1/sessions/{id}/out"), &app.a.key, &[("timeout-seconds", "30")]).await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let client = reqwest::Client::new();
-    let resp = client.post(format!("{}/realtime/v1/sessions/{id}/out/append", app.base)).bearer_auth(&app.a.key).body("late").send().await.unwrap();
+    let resp = client
+        .post(format!("{}/realtime/v1/sessions/{id}/out/append", app.base))
+        .bearer_auth(&app.a.key)
+        .body("late")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let batch = sse.next_batch(Duration::from_secs(5)).await.expect("the SSE stream was cut");
     assert_eq!(batch[0].body, "late");

@@ -64,7 +64,8 @@ async fn official_client_realtime() {
     let app = TestApp::spawn().await;
     let stop = CancellationToken::new();
     let agent = EchoAgent { channels: Arc::new(HttpChannelFactory { base_url: app.base.clone() }) };
-    let worker = tokio::spawn(Worker::new(app.worker(), vec!["echo-agent".into()], 4).run(Arc::new(agent), stop.clone()));
+    let worker =
+        tokio::spawn(Worker::new(app.worker(), vec!["echo-agent".into()], 4).run(Arc::new(agent), stop.clone()));
 
     let output = run_script(&app, "realtime.mjs").await;
 

@@ -21,10 +21,12 @@ use tokio_util::sync::CancellationToken;
 async fn read_turn(sub: &mut SseClient) -> (String, String) {
     let mut text = String::new();
     loop {
-        let batch: Vec<SseRecord> = sub.next_batch(Duration::from_secs(20)).await.expect("a reply before the stream ends");
+        let batch: Vec<SseRecord> =
+            sub.next_batch(Duration::from_secs(20)).await.expect("a reply before the stream ends");
         for r in batch {
             if r.headers.iter().any(|(k, v)| k == "trigger-control" && v == "turn-complete") {
-                let answered = r.headers.iter().find(|(k, _)| k == "session-in-event-id").map(|(_, v)| v.clone()).unwrap();
+                let answered =
+                    r.headers.iter().find(|(k, _)| k == "session-in-event-id").map(|(_, v)| v.clone()).unwrap();
                 return (text, answered);
             }
             let v: Value = serde_json::from_str(&r.body).unwrap();
@@ -54,7 +56,8 @@ async fn records_holding_nul_reach_a_waiting_run_and_the_echo_agent_answers_them
     let app = TestApp::spawn().await;
     let stop = CancellationToken::new();
     let agent = EchoAgent { channels: Arc::new(HttpChannelFactory { base_url: app.base.clone() }) };
-    let worker = tokio::spawn(Worker::new(app.worker(), vec!["echo-agent".into()], 4).run(Arc::new(agent), stop.clone()));
+    let worker =
+        tokio::spawn(Worker::new(app.worker(), vec!["echo-agent".into()], 4).run(Arc::new(agent), stop.clone()));
     let created = app
         .create_session(json!({
             "type": "chat.agent", "taskIdentifier": "echo-agent", "externalId": "nul-chat",
@@ -75,8 +78,15 @@ async fn records_holding_nul_reach_a_waiting_run_and_the_echo_agent_answers_them
     eventually(10, "run waiting again", waiting).await;
     let envelope = json!({"data": "a\u{0}b", "id": "m2"}).to_string();
     assert!(envelope.contains("\\u0000"));
-    let (status, _) =
-        app.append("nul-chat", "in", &pat, &envelope, &[("x-part-id", "m2"), ("x-record-headers", r#"[["note","x\u0000y"]]"#)]).await;
+    let (status, _) = app
+        .append(
+            "nul-chat",
+            "in",
+            &pat,
+            &envelope,
+            &[("x-part-id", "m2"), ("x-record-headers", r#"[["note","x\u0000y"]]"#)],
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(read_turn(&mut sub).await, ("echo: a\0b".to_string(), "1".to_string()));
 
@@ -85,7 +95,11 @@ async fn records_holding_nul_reach_a_waiting_run_and_the_echo_agent_answers_them
     app.append("nul-chat", "in", &pat, &json!({"data": "after", "id": "m3"}).to_string(), &[("x-part-id", "m3")]).await;
     assert_eq!(read_turn(&mut sub).await, ("echo: after".to_string(), "2".to_string()));
     eventually(10, "the same run waiting for more", waiting).await;
-    let outputs: Vec<Value> = sqlx::query_scalar("SELECT output FROM waitpoints WHERE status = 'COMPLETED' ORDER BY created_at").fetch_all(app.db()).await.unwrap();
+    let outputs: Vec<Value> =
+        sqlx::query_scalar("SELECT output FROM waitpoints WHERE status = 'COMPLETED' ORDER BY created_at")
+            .fetch_all(app.db())
+            .await
+            .unwrap();
     assert_eq!(outputs[0]["body"], "raw\0byte");
     assert_eq!(outputs[1]["body"], envelope);
     assert_eq!(outputs[1]["headers"], json!([["note", "x\u{0}y"]]));
@@ -98,13 +112,19 @@ async fn records_holding_nul_reach_a_waiting_run_and_the_echo_agent_answers_them
 async fn the_drain_job_completes_a_wait_with_a_nul_record() {
     let app = TestApp::spawn().await;
     let (s, run) = running_session(&app, "nul-drain").await;
-    let (status, body) = app.post(&format!("/api/v1/runs/{}/session-streams/wait", run.id), &run.token, json!({"session": s, "io": "in"})).await;
+    let (status, body) = app
+        .post(&format!("/api/v1/runs/{}/session-streams/wait", run.id), &run.token, json!({"session": s, "io": "in"}))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let wp = body["waitpointId"].as_str().unwrap().to_string();
     app.append(&s, "in", &app.a.key, "x\0y", &[("x-record-headers", r#"[["k\u0000","v\u0000"]]"#)]).await;
     // Nobody polls: only the drain job can complete it.
     let db_status = || async {
-        let st: String = sqlx::query_scalar("SELECT status FROM waitpoints WHERE friendly_id = $1").bind(&wp).fetch_one(app.db()).await.unwrap();
+        let st: String = sqlx::query_scalar("SELECT status FROM waitpoints WHERE friendly_id = $1")
+            .bind(&wp)
+            .fetch_one(app.db())
+            .await
+            .unwrap();
         (st == "COMPLETED").then_some(())
     };
     eventually(10, "the drain job completing the wait", db_status).await;
@@ -168,7 +188,11 @@ async fn nul_in_a_session_body_is_a_clean_422() {
         (json!({"triggerConfig": {"basePayload": {}, "concurrencyKey": NUL}}), "triggerConfig.concurrencyKey"),
     ];
     for (patch, field) in creates {
-        expect_422(&format!("create {patch}"), field, app.post("/api/v1/sessions", &key, create_body("nul-create", &patch)).await);
+        expect_422(
+            &format!("create {patch}"),
+            field,
+            app.post("/api/v1/sessions", &key, create_body("nul-create", &patch)).await,
+        );
     }
     let (_, list) = app.get("/api/v1/sessions", &key).await;
     assert_eq!(list["data"], json!([]), "no create got through");
@@ -187,7 +211,12 @@ async fn nul_in_a_session_body_is_a_clean_422() {
     expect_422("end-and-continue", "reason", app.post(&format!("{path}/end-and-continue"), &key, handoff).await);
     let (_, unchanged) = app.get(&path, &key).await;
     assert_eq!(
-        (unchanged["tags"].clone(), unchanged["metadata"].clone(), unchanged["closedAt"].clone(), unchanged["currentRunId"].clone()),
+        (
+            unchanged["tags"].clone(),
+            unchanged["metadata"].clone(),
+            unchanged["closedAt"].clone(),
+            unchanged["currentRunId"].clone()
+        ),
         (json!(["test"]), json!({"user": "u1"}), Value::Null, s["runId"].clone())
     );
 }
@@ -197,7 +226,11 @@ async fn nul_in_a_worker_body_is_a_clean_422() {
     let app = TestApp::spawn().await;
     let key = app.a.key.clone();
     expect_422("dequeue", "tasks[0]", app.post("/api/v1/worker/dequeue", &key, json!({"tasks": [NUL]})).await);
-    expect_422("dequeue", "workerId", app.post("/api/v1/worker/dequeue", &key, json!({"tasks": ["t"], "workerId": NUL})).await);
+    expect_422(
+        "dequeue",
+        "workerId",
+        app.post("/api/v1/worker/dequeue", &key, json!({"tasks": ["t"], "workerId": NUL})).await,
+    );
 
     let (s, run) = running_session(&app, "nul-wait").await;
     let wait = format!("/api/v1/runs/{}/session-streams/wait", run.id);
@@ -218,7 +251,14 @@ async fn nul_in_a_worker_body_is_a_clean_422() {
 #[tokio::test]
 async fn nul_in_a_list_filter_is_a_clean_422() {
     let app = TestApp::spawn().await;
-    for filter in ["filter[type]", "filter[tags]", "filter[taskIdentifier]", "filter[externalId]", "filter[status]", "filter[createdAt][period]"] {
+    for filter in [
+        "filter[type]",
+        "filter[tags]",
+        "filter[taskIdentifier]",
+        "filter[externalId]",
+        "filter[status]",
+        "filter[createdAt][period]",
+    ] {
         expect_422(filter, filter, app.get(&format!("/api/v1/sessions?{filter}=a%00b"), &app.a.key).await);
     }
 }
@@ -238,7 +278,11 @@ async fn session_durations_and_timestamps_out_of_range_are_422() {
         (json!({"triggerConfig": {"basePayload": {}, "ttl": i64::MAX}}), "triggerConfig.ttl"),
         (json!({"triggerConfig": {"basePayload": {}, "ttl": "106751991167300d"}}), "triggerConfig.ttl"),
     ] {
-        expect_422(&format!("create {patch}"), field, app.post("/api/v1/sessions", &key, create_body("range", &patch)).await);
+        expect_422(
+            &format!("create {patch}"),
+            field,
+            app.post("/api/v1/sessions", &key, create_body("range", &patch)).await,
+        );
     }
     for (query, field) in [
         (format!("filter[createdAt][period]={HUGE_SECS}"), "filter[createdAt][period]"),
@@ -248,7 +292,11 @@ async fn session_durations_and_timestamps_out_of_range_are_422() {
     ] {
         expect_422(&query, field, app.get(&format!("/api/v1/sessions?{query}"), &key).await);
     }
-    let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}.{}.-.-", FAR_PAST_MS * 1000, uuid::Uuid::nil().simple()));
+    let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+        "{}.{}.-.-",
+        FAR_PAST_MS * 1000,
+        uuid::Uuid::nil().simple()
+    ));
     let (status, body) = app.get(&format!("/api/v1/sessions?page[after]={cursor}"), &key).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
@@ -262,13 +310,20 @@ async fn wait_durations_out_of_range_are_422() {
         (json!({"session": s, "io": "in", "timeout": HUGE_SECS}), "timeout"),
         (json!({"session": s, "io": "in", "timeout": "15250284452w"}), "timeout"),
         (json!({"session": s, "io": "in", "idempotencyKey": "k", "idempotencyKeyTTL": HUGE_SECS}), "idempotencyKeyTTL"),
-        (json!({"session": s, "io": "in", "idempotencyKey": "k", "idempotencyKeyTTL": "15250284452w"}), "idempotencyKeyTTL"),
+        (
+            json!({"session": s, "io": "in", "idempotencyKey": "k", "idempotencyKeyTTL": "15250284452w"}),
+            "idempotencyKeyTTL",
+        ),
     ] {
         expect_422(&format!("wait {body}"), field, app.post(&wait, &run.token, body.clone()).await);
     }
     // lastSeqNum: -1 ..= i64::MAX (the largest seq a channel can reach); the top one just waits.
     for bad in [json!(-2), json!(u64::MAX), json!(i64::MAX as u64 + 1)] {
-        expect_422(&format!("lastSeqNum {bad}"), "lastSeqNum", app.post(&wait, &run.token, json!({"session": s, "io": "in", "lastSeqNum": bad})).await);
+        expect_422(
+            &format!("lastSeqNum {bad}"),
+            "lastSeqNum",
+            app.post(&wait, &run.token, json!({"session": s, "io": "in", "lastSeqNum": bad})).await,
+        );
     }
     let (status, body) = app.post(&wait, &run.token, json!({"session": s, "io": "in", "lastSeqNum": i64::MAX})).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -13,8 +13,6 @@ use sessiond::sessions::run_manager::{self, Ensured};
 use sessiond::worker::{RunContext, TaskHandler};
 use uuid::Uuid;
 
-
-
 async fn audit_reasons(app: &TestApp, session: Uuid) -> Vec<String> {
     sqlx::query_scalar("SELECT reason FROM session_runs WHERE session_id = $1 ORDER BY created_at")
         .bind(session)
@@ -117,8 +115,11 @@ async fn concurrent_ensure_run_on_a_dead_session_makes_exactly_one_run() {
     .await
     .unwrap();
     assert_eq!(live, 1, "no orphaned live runs");
-    let total: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM task_runs WHERE session_id = $1").bind(sid).fetch_one(app.db()).await.unwrap();
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM task_runs WHERE session_id = $1")
+        .bind(sid)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     assert_eq!(total, 2);
 }
 
@@ -149,7 +150,11 @@ async fn end_and_continue_swaps_only_for_the_current_run() {
     let other_run = dequeue_one(&w).await;
     assert_eq!(other_run.id, other["runId"]);
     let (status, _) = app
-        .post("/api/v1/sessions/upgrade/end-and-continue", &other_run.token, json!({"callingRunId": other_run.id, "reason": "upgrade"}))
+        .post(
+            "/api/v1/sessions/upgrade/end-and-continue",
+            &other_run.token,
+            json!({"callingRunId": other_run.id, "reason": "upgrade"}),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, body) =
@@ -175,12 +180,14 @@ async fn cancel_reaches_the_worker() {
     let run = dequeue_one(&w).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let worker = tokio::spawn(sessiond::worker::execute(w.clone(), Arc::new(WaitForCancel), run.clone(), stop.clone()));
-    let (status, body) = app.post(&format!("/api/v2/runs/{}/cancel", s["runId"].as_str().unwrap()), &app.a.key, json!({})).await;
+    let (status, body) =
+        app.post(&format!("/api/v2/runs/{}/cancel", s["runId"].as_str().unwrap()), &app.a.key, json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     // The handler only returns once the heartbeat answer carried the cancel.
     tokio::time::timeout(Duration::from_secs(10), worker).await.expect("worker stopped").unwrap();
     assert_eq!(app.run_status(&run.id).await, "CANCELED");
-    let job: String = sqlx::query_scalar("SELECT status FROM jobs WHERE kind = 'cancel-run'").fetch_one(app.db()).await.unwrap();
+    let job: String =
+        sqlx::query_scalar("SELECT status FROM jobs WHERE kind = 'cancel-run'").fetch_one(app.db()).await.unwrap();
     assert_eq!(job, "succeeded");
 }
 
@@ -316,7 +323,11 @@ async fn unrelayed_jobs_are_relayed_later() {
     // A transition committed while Redis was unreachable: the job row exists but
     // was never pushed. The relay loop finds and runs it.
     let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
-    let run_id: Uuid = sqlx::query_scalar("SELECT id FROM task_runs WHERE friendly_id = $1").bind(&run.id).fetch_one(app.db()).await.unwrap();
+    let run_id: Uuid = sqlx::query_scalar("SELECT id FROM task_runs WHERE friendly_id = $1")
+        .bind(&run.id)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     let mut tx = app.db().begin().await.unwrap();
     let job = sessiond::jobs::store::insert(&mut *tx, &sessiond::jobs::Job::CancelRun { run_id }, 5).await.unwrap();
     tx.commit().await.unwrap();
@@ -338,7 +349,10 @@ async fn a_job_that_keeps_failing_ends_failed_and_retry_runs_it_again() {
         .await
         .unwrap();
     // Break what the cancel-run job needs, so every attempt fails inside Postgres.
-    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_requested_at TO cancel_requested_gone").execute(app.db()).await.unwrap();
+    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_requested_at TO cancel_requested_gone")
+        .execute(app.db())
+        .await
+        .unwrap();
     let job = app.state.jobs.submit(&sessiond::jobs::Job::CancelRun { run_id }).await.unwrap();
     let row = eventually(20, "job failed", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
@@ -357,7 +371,10 @@ async fn a_job_that_keeps_failing_ends_failed_and_retry_runs_it_again() {
     assert_eq!(failed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![job]);
 
     // Fix the cause and retry by id.
-    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_requested_gone TO cancel_requested_at").execute(app.db()).await.unwrap();
+    sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_requested_gone TO cancel_requested_at")
+        .execute(app.db())
+        .await
+        .unwrap();
     assert!(app.state.jobs.retry(job).await.unwrap().is_some());
     eventually(10, "job succeeded after retry", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
@@ -395,7 +412,8 @@ async fn dequeue_validates_its_input() {
     let (status, _) = app.post("/api/v1/worker/dequeue", &app.a.key, json!({"tasks": ["x"], "maxRuns": 0})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let s = app.create_session(session_body(Some("pat"))).await;
-    let (status, _) =
-        app.post("/api/v1/worker/dequeue", s["publicAccessToken"].as_str().unwrap(), json!({"tasks": ["echo-agent"]})).await;
+    let (status, _) = app
+        .post("/api/v1/worker/dequeue", s["publicAccessToken"].as_str().unwrap(), json!({"tasks": ["echo-agent"]}))
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

@@ -156,7 +156,14 @@ async fn create_on_a_closed_external_id_is_409_and_changes_nothing() {
     assert_eq!(status, StatusCode::OK);
     let mut again = session_body(Some("done"));
     again["triggerConfig"]["basePayload"] = json!({"changed": true});
-    let r = app.client.post(format!("{}/api/v1/sessions", app.base)).bearer_auth(&app.a.key).json(&again).send().await.unwrap();
+    let r = app
+        .client
+        .post(format!("{}/api/v1/sessions", app.base))
+        .bearer_auth(&app.a.key)
+        .json(&again)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::CONFLICT);
     // Final, so the official client must not retry it.
     assert_eq!(r.headers()["x-should-retry"], "false");
@@ -171,7 +178,11 @@ async fn create_on_an_expired_external_id_is_409_saying_so_and_changes_nothing()
     let app = TestApp::spawn().await;
     let s = app.create_session(session_body(Some("lapsed"))).await;
     let id = s["id"].as_str().unwrap();
-    sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 second' WHERE friendly_id = $1").bind(id).execute(app.db()).await.unwrap();
+    sqlx::query("UPDATE sessions SET expires_at = now() - interval '1 second' WHERE friendly_id = $1")
+        .bind(id)
+        .execute(app.db())
+        .await
+        .unwrap();
     let (_, before) = app.get(&format!("/api/v1/sessions/{id}"), &app.a.key).await;
     let mut again = session_body(Some("lapsed"));
     again["triggerConfig"]["basePayload"] = json!({"changed": true});
@@ -217,7 +228,8 @@ async fn create_bodies_are_limited_to_32_kb_and_other_routes_keep_the_server_lim
     assert!(body["error"].is_string());
     assert_eq!(count(&app, "SELECT count(*) FROM sessions").await, 1);
     // An update may still carry more (up to MAX_BODY_BYTES).
-    let (status, body) = app.patch("/api/v1/sessions/at-limit", &app.a.key, json!({"metadata": {"blob": "y".repeat(100 * 1024)}})).await;
+    let (status, body) =
+        app.patch("/api/v1/sessions/at-limit", &app.a.key, json!({"metadata": {"blob": "y".repeat(100 * 1024)}})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
 
@@ -239,9 +251,18 @@ async fn every_external_id_create_accepts_is_addressable_in_paths() {
     let target = target["id"].as_str().unwrap();
     for bad in ["é".repeat(257), "a\u{7}b".into(), "tab\there".into(), ".".into(), "..".into()] {
         let (status, body) = app.post("/api/v1/sessions", &app.a.key, session_body(Some(&bad))).await;
-        assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("externalId")), "{bad:?}: {body}");
-        let (status, body) = app.patch(&format!("/api/v1/sessions/{target}"), &app.a.key, json!({"externalId": bad})).await;
-        assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("externalId")), "{bad:?}: {body}");
+        assert_eq!(
+            (status, body["field"].clone()),
+            (StatusCode::UNPROCESSABLE_ENTITY, json!("externalId")),
+            "{bad:?}: {body}"
+        );
+        let (status, body) =
+            app.patch(&format!("/api/v1/sessions/{target}"), &app.a.key, json!({"externalId": bad})).await;
+        assert_eq!(
+            (status, body["field"].clone()),
+            (StatusCode::UNPROCESSABLE_ENTITY, json!("externalId")),
+            "{bad:?}: {body}"
+        );
     }
     assert_eq!(count(&app, "SELECT count(*) FROM sessions").await, 4);
 }
@@ -332,7 +353,8 @@ async fn close_is_idempotent_and_write_once() {
     let (status, _) = app.post(path, &app.a.key, json!({"reason": "r".repeat(257)})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     // The database refuses to rewrite a closed row, whatever issues the UPDATE.
-    let rewrite = sqlx::query("UPDATE sessions SET closed_reason = 'hacked' WHERE external_id = 'c-1'").execute(app.db()).await;
+    let rewrite =
+        sqlx::query("UPDATE sessions SET closed_reason = 'hacked' WHERE external_id = 'c-1'").execute(app.db()).await;
     assert!(rewrite.is_err());
 }
 
@@ -380,7 +402,10 @@ async fn a_close_is_acknowledged_only_once_its_channels_are_sealed() {
     redis_fails.send(true).unwrap();
     let (closed, body) = a.post(&close, &a.a.key, json!({"reason": "bye"})).await;
     let (during, _) = b.append(&s, "out", &b.a.key, &record("during"), &[]).await;
-    assert!(!(closed == StatusCode::OK && during == StatusCode::OK), "an append landed after the close was acknowledged");
+    assert!(
+        !(closed == StatusCode::OK && during == StatusCode::OK),
+        "an append landed after the close was acknowledged"
+    );
     assert!(closed.is_server_error(), "a close whose seal failed is not acknowledged: {closed} {body}");
     assert_eq!(body, json!({"error": "Something went wrong"}));
 
@@ -412,7 +437,12 @@ async fn a_close_is_acknowledged_only_once_its_channels_are_sealed() {
     assert!(data == ["before"] || data == ["before", "during"], "{data:?}");
     // The close's record on `.in` was written once, by the retry.
     let (_, records) = b.get(&format!("/realtime/v1/sessions/{s}/in/records"), &b.a.key).await;
-    let closes = records["records"].as_array().unwrap().iter().filter(|r| r["headers"].to_string().contains("session-closed")).count();
+    let closes = records["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["headers"].to_string().contains("session-closed"))
+        .count();
     assert_eq!(closes, 1, "{records}");
 }
 

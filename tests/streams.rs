@@ -22,7 +22,9 @@ async fn append_then_read_records_unwrapped() {
     let app = TestApp::spawn().await;
     let s = new_session(&app, "rw").await;
     for i in 0..3 {
-        let (status, body) = app.append(&s, "out", &app.a.key, &envelope(json!({"type": "text-delta", "delta": i}), &format!("p{i}")), &[]).await;
+        let (status, body) = app
+            .append(&s, "out", &app.a.key, &envelope(json!({"type": "text-delta", "delta": i}), &format!("p{i}")), &[])
+            .await;
         assert_eq!((status, body), (StatusCode::OK, json!({"ok": true})));
     }
     let (status, _) = app.append(&s, "out", &app.a.key, "", &[("x-trigger-control", "turn-complete")]).await;
@@ -89,7 +91,6 @@ async fn seq_numbers_are_dense_and_ordered_under_concurrent_appenders() {
     assert!(stamps.windows(2).all(|p| p[0] <= p[1]), "server timestamps follow seq order");
 }
 
-
 #[tokio::test]
 async fn a_retried_part_id_is_written_once() {
     let app = TestApp::spawn().await;
@@ -140,7 +141,10 @@ async fn sse_resume_from_every_last_event_id_yields_each_record_once() {
     let mut subs = Vec::new();
     for last in 0..12u64 {
         let id = last.to_string();
-        subs.push((last, app.sse(&path, &app.a.key, &[("last-event-id", id.as_str()), ("timeout-seconds", "1")]).await));
+        subs.push((
+            last,
+            app.sse(&path, &app.a.key, &[("last-event-id", id.as_str()), ("timeout-seconds", "1")]).await,
+        ));
     }
     for (last, mut sub) in subs {
         let got: Vec<u64> = sub.collect(Duration::from_secs(5)).await.iter().map(|r| r.seq_num).collect();
@@ -154,7 +158,8 @@ async fn sse_follows_live_appends_and_can_start_at_the_tail() {
     let s = new_session(&app, "live").await;
     app.append(&s, "out", &app.a.key, "old", &[]).await;
     let path = format!("/realtime/v1/sessions/{s}/out");
-    let mut latest = app.sse(&path, &app.a.key, &[("x-trigger-stream-start", "latest"), ("timeout-seconds", "5")]).await;
+    let mut latest =
+        app.sse(&path, &app.a.key, &[("x-trigger-stream-start", "latest"), ("timeout-seconds", "5")]).await;
     let mut from_start = app.sse(&path, &app.a.key, &[("timeout-seconds", "5")]).await;
     assert_eq!(from_start.next_batch(Duration::from_secs(5)).await.unwrap()[0].body, "old");
     let t = Instant::now();
@@ -186,7 +191,14 @@ async fn keep_alives_and_the_long_poll_window() {
     assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     let (status, _) = app.call(Method::GET, &format!("/realtime/v1/sessions/{s}/out"), Some(&app.a.key), None).await;
     assert_eq!(status, StatusCode::OK);
-    let r = app.client.get(format!("{}/realtime/v1/sessions/{s}/out", app.base)).bearer_auth(&app.a.key).header("timeout-seconds", "0").send().await.unwrap();
+    let r = app
+        .client
+        .get(format!("{}/realtime/v1/sessions/{s}/out", app.base))
+        .bearer_auth(&app.a.key)
+        .header("timeout-seconds", "0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
 
@@ -206,7 +218,8 @@ async fn peek_settled_closes_fast_on_a_finished_turn_and_long_polls_otherwise() 
     // Turn complete (control record): settled, drained, closed at once.
     app.append(&s, "out", &app.a.key, "", &[("x-trigger-control", "turn-complete")]).await;
     let t = Instant::now();
-    let mut settled = app.sse(&path, &app.a.key, &[("x-peek-settled", "1"), ("last-event-id", "0"), ("timeout-seconds", "30")]).await;
+    let mut settled =
+        app.sse(&path, &app.a.key, &[("x-peek-settled", "1"), ("last-event-id", "0"), ("timeout-seconds", "30")]).await;
     assert_eq!(settled.headers["x-session-settled"], "true");
     let got = settled.collect(Duration::from_secs(5)).await;
     assert_eq!(got.iter().map(|r| r.seq_num).collect::<Vec<_>>(), vec![1]);
@@ -227,7 +240,9 @@ async fn peek_settled_is_ignored_on_in() {
     // `.in` ending with what would end a turn on `.out`.
     app.append(&s, "in", &app.a.key, "", &[("x-trigger-control", "turn-complete")]).await;
     let t = Instant::now();
-    let mut sub = app.sse(&format!("/realtime/v1/sessions/{s}/in"), &app.a.key, &[("x-peek-settled", "1"), ("timeout-seconds", "1")]).await;
+    let mut sub = app
+        .sse(&format!("/realtime/v1/sessions/{s}/in"), &app.a.key, &[("x-peek-settled", "1"), ("timeout-seconds", "1")])
+        .await;
     assert!(sub.headers.get("x-session-settled").is_none());
     assert_eq!(sub.collect(Duration::from_secs(5)).await.len(), 1);
     assert!(t.elapsed() >= Duration::from_millis(900), "long-polled like any subscription: {:?}", t.elapsed());
@@ -242,12 +257,22 @@ async fn a_last_event_id_before_retained_history_gets_a_gap_record() {
     }
     let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::Out };
     let mut conn = app.state.redis.clone();
-    let _: i64 = redis::cmd("XTRIM").arg(app.state.channels.stream_key(key)).arg("MINID").arg("6-0").query_async(&mut conn).await.unwrap();
-    let mut sub = app.sse(&format!("/realtime/v1/sessions/{s}/out"), &app.a.key, &[("last-event-id", "2"), ("timeout-seconds", "1")]).await;
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(app.state.channels.stream_key(key))
+        .arg("MINID")
+        .arg("6-0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut sub = app
+        .sse(&format!("/realtime/v1/sessions/{s}/out"), &app.a.key, &[("last-event-id", "2"), ("timeout-seconds", "1")])
+        .await;
     let got = sub.collect(Duration::from_secs(5)).await;
     let gap = &got[0];
     assert_eq!(gap.headers[0], ("trigger-control".to_string(), "stream-gap".to_string()));
-    assert!(gap.headers.contains(&("gap-from".into(), "3".into())) && gap.headers.contains(&("gap-to".into(), "5".into())));
+    assert!(
+        gap.headers.contains(&("gap-from".into(), "3".into())) && gap.headers.contains(&("gap-to".into(), "5".into()))
+    );
     assert_eq!(got[1..].iter().map(|r| r.seq_num).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
 }
 
@@ -269,8 +294,18 @@ async fn live_subscribers_get_big_records_and_records_whose_announcement_was_los
     let counter = format!("{}n", stream.strip_suffix('s').unwrap());
     let mut redis = app.state.redis.clone();
     let _: i64 = redis::cmd("INCR").arg(&counter).query_async(&mut redis).await.unwrap();
-    let _: String =
-        redis::cmd("XADD").arg(&stream).arg("1-1").arg("b").arg("lost").arg("h").arg("[]").arg("t").arg(1).query_async(&mut redis).await.unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("1-1")
+        .arg("b")
+        .arg("lost")
+        .arg("h")
+        .arg("[]")
+        .arg("t")
+        .arg(1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     // ...until the next announcement shows the feed what it missed.
     assert_eq!(app.append(&s, "out", &app.a.key, "after", &[]).await.0, StatusCode::OK);
     let mut got = Vec::new();
@@ -298,7 +333,8 @@ async fn live_records_arrive_byte_for_byte() {
     // Newlines and multi-byte text in the body, a newline inside a header value:
     // the inline announcement must carry them unchanged.
     let body = "line one\nline two: ünïcödé ✓ 🚀\n\n{\"json\": true}";
-    let (status, _) = app.append(&s, "out", &app.a.key, body, &[("x-record-headers", r#"[["k","v\nw"],["","empty name"]]"#)]).await;
+    let (status, _) =
+        app.append(&s, "out", &app.a.key, body, &[("x-record-headers", r#"[["k","v\nw"],["","empty name"]]"#)]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "an empty header name is refused");
     let (status, _) = app.append(&s, "out", &app.a.key, body, &[("x-record-headers", r#"[["k","v\nw"]]"#)]).await;
     assert_eq!(status, StatusCode::OK);
@@ -308,7 +344,10 @@ async fn live_records_arrive_byte_for_byte() {
     // The same as a fresh subscriber reads it back from Redis.
     let mut replay = app.sse(&path, &app.a.key, &[("timeout-seconds", "1")]).await;
     let again = replay.next_batch(Duration::from_secs(5)).await.expect("the stored record");
-    assert_eq!((again[0].body.as_str(), &again[0].headers, again[0].timestamp), (body, &got[0].headers, got[0].timestamp));
+    assert_eq!(
+        (again[0].body.as_str(), &again[0].headers, again[0].timestamp),
+        (body, &got[0].headers, got[0].timestamp)
+    );
 }
 
 #[tokio::test]
@@ -327,7 +366,10 @@ async fn a_thousand_subscribers_share_one_upstream_reader() {
     assert_eq!(app.state.hub.active_feeds(), 1);
     // No Redis connection per subscriber (the slack is other tests' servers).
     let redis_clients_during = redis_clients(&app).await;
-    assert!(redis_clients_during < redis_clients_before + 100, "{redis_clients_before} -> {redis_clients_during} Redis clients");
+    assert!(
+        redis_clients_during < redis_clients_before + 100,
+        "{redis_clients_before} -> {redis_clients_during} Redis clients"
+    );
     for i in 0..5 {
         app.append(&s, "out", &app.a.key, &format!("m{i}"), &[]).await;
     }
@@ -363,7 +405,8 @@ async fn close_refuses_writes_and_wakes_in_with_a_session_closed_record() {
     let s = new_session(&app, "closing").await;
     app.append(&s, "out", &app.a.key, "before", &[]).await;
     let mut watcher = app.sse(&format!("/realtime/v1/sessions/{s}/in"), &app.a.key, &[("timeout-seconds", "10")]).await;
-    let (status, _) = app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({"reason": "user left"})).await;
+    let (status, _) =
+        app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({"reason": "user left"})).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = app.append(&s, "out", &app.a.key, "after", &[]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -387,13 +430,16 @@ async fn a_close_from_the_current_run_does_not_wake_itself() {
     let app = TestApp::spawn().await;
     let created = app.create_session(session_body(Some("self-close"))).await;
     let s = created["id"].as_str().unwrap();
-    let (status, _) = app
-        .post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({"callingRunId": created["runId"]}))
-        .await;
+    let (status, _) =
+        app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({"callingRunId": created["runId"]})).await;
     assert_eq!(status, StatusCode::OK);
     eventually(10, "channels closed", || async {
         let closed: Option<chrono::DateTime<chrono::Utc>> =
-            sqlx::query_scalar("SELECT channels_closed_at FROM sessions WHERE friendly_id = $1").bind(s).fetch_one(app.db()).await.unwrap();
+            sqlx::query_scalar("SELECT channels_closed_at FROM sessions WHERE friendly_id = $1")
+                .bind(s)
+                .fetch_one(app.db())
+                .await
+                .unwrap();
         closed.map(|_| ())
     })
     .await;
@@ -475,7 +521,11 @@ async fn realtime_auth_limits_and_preflight() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = app.append(s, "out", &app.a.key, "x", &[("x-record-headers", r#"[["","cmd"]]"#)]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    for path in [format!("/realtime/v1/sessions/{s}/out"), format!("/realtime/v1/sessions/{s}/in/append"), format!("/realtime/v1/sessions/{s}/in/records")] {
+    for path in [
+        format!("/realtime/v1/sessions/{s}/out"),
+        format!("/realtime/v1/sessions/{s}/in/append"),
+        format!("/realtime/v1/sessions/{s}/in/records"),
+    ] {
         let r = app.preflight(&path, "authorization,x-part-id,last-event-id,x-peek-settled").await;
         assert!(r.status().is_success(), "{path}");
         assert_eq!(r.headers()["access-control-allow-origin"], "*");
@@ -525,7 +575,8 @@ async fn concurrent_appends_to_one_channel_are_written_in_groups() {
     assert_eq!(woken.len(), 1, "one record completes the waitpoint");
     assert_eq!(woken[0].1.drained_waitpoints, vec![waitpoint]);
     assert_eq!(woken[0].1.seq_num, 0, "the first record written");
-    eventually(5, "lanes to end when their queues empty", || async { (store.lanes().active() == 0).then_some(()) }).await;
+    eventually(5, "lanes to end when their queues empty", || async { (store.lanes().active() == 0).then_some(()) })
+        .await;
 }
 
 /// A request that gives up while its append is queued or in flight does not
@@ -589,7 +640,11 @@ async fn abandoned_appends_do_not_stall_their_group_and_closed_refuses_all() {
     let bodies: Vec<String> = (0..20).map(|i| format!("late{i}")).collect();
     let refused = futures::future::join_all(bodies.iter().map(|b| store.append(key, b, &[], None))).await;
     assert!(refused.iter().all(|r| matches!(r, Err(sessiond::streams::store::ChannelError::Closed))));
-    assert_eq!(store.read_after(key, None, 1000).await.unwrap().len(), records.len() + 1, "nothing written after close");
+    assert_eq!(
+        store.read_after(key, None, 1000).await.unwrap().len(),
+        records.len() + 1,
+        "nothing written after close"
+    );
 }
 
 #[tokio::test]
@@ -603,7 +658,13 @@ async fn writes_are_refused_after_close_or_expiry_but_retries_are_acknowledged()
     assert!(body["message"].as_str().unwrap().contains("duplicate"));
     let (status, body) = app.append(&s, "out", &app.a.key, "new", &[("x-part-id", "p2")]).await;
     assert_eq!((status, body["error"].clone()), (StatusCode::BAD_REQUEST, json!("Session is closed")));
-    let r = app.client.put(format!("{}/realtime/v1/sessions/{s}/out", app.base)).bearer_auth(&app.a.key).send().await.unwrap();
+    let r = app
+        .client
+        .put(format!("{}/realtime/v1/sessions/{s}/out", app.base))
+        .bearer_auth(&app.a.key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let (_, out) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
     assert_eq!(out["records"].as_array().unwrap().len(), 1);
@@ -721,12 +782,21 @@ async fn resume_ids_past_the_end_are_refused_and_expired_history_still_signals_a
     assert!(ttls[0].1 > 0 && ttls[0].1 <= retention, "records expire with retention: {ttls:?}");
     assert!(ttls[1].1 > retention && ttls[2].1 > retention, "counter and marker outlive them: {ttls:?}");
     // The records expire (as they will after the retention period).
-    let _: i64 = redis::cmd("DEL").arg(app.state.channels.stream_key(key)).query_async(&mut app.state.redis.clone()).await.unwrap();
-    let mut sub = app.sse(&format!("/realtime/v1/sessions/{s}/out"), &app.a.key, &[("last-event-id", "0"), ("timeout-seconds", "1")]).await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(app.state.channels.stream_key(key))
+        .query_async(&mut app.state.redis.clone())
+        .await
+        .unwrap();
+    let mut sub = app
+        .sse(&format!("/realtime/v1/sessions/{s}/out"), &app.a.key, &[("last-event-id", "0"), ("timeout-seconds", "1")])
+        .await;
     let got = sub.collect(Duration::from_secs(5)).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].headers.contains(&("trigger-control".into(), "stream-gap".into())));
-    assert!(got[0].headers.contains(&("gap-from".into(), "1".into())) && got[0].headers.contains(&("gap-to".into(), "2".into())));
+    assert!(
+        got[0].headers.contains(&("gap-from".into(), "1".into()))
+            && got[0].headers.contains(&("gap-to".into(), "2".into()))
+    );
 }
 
 /// A channel store like the app's whose commands can be held back (`true`
@@ -749,7 +819,8 @@ async fn holding_proxy(upstream: String) -> (u16, tokio::sync::watch::Sender<boo
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
-            let ((mut client_rx, mut client_tx), (mut server_rx, mut server_tx)) = (client.into_split(), server.into_split());
+            let ((mut client_rx, mut client_tx), (mut server_rx, mut server_tx)) =
+                (client.into_split(), server.into_split());
             let mut held = held.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 16 * 1024];

@@ -26,7 +26,11 @@ async fn wait(app: &TestApp, run: &AssignedRun, token: &str, body: Value) -> (St
 /// A waitpoint's status straight from the database (the worker's long-poll
 /// completes waitpoints itself, so it cannot show who completed one).
 async fn db_status(app: &TestApp, waitpoint: &str) -> String {
-    sqlx::query_scalar("SELECT status FROM waitpoints WHERE friendly_id = $1").bind(waitpoint).fetch_one(app.db()).await.unwrap()
+    sqlx::query_scalar("SELECT status FROM waitpoints WHERE friendly_id = $1")
+        .bind(waitpoint)
+        .fetch_one(app.db())
+        .await
+        .unwrap()
 }
 
 async fn poll(app: &TestApp, run: &AssignedRun, waitpoint: &str, secs: u64) -> Value {
@@ -67,7 +71,8 @@ async fn a_waiting_run_resumes_with_the_next_record() {
     // Heartbeats keep a waiting run alive.
     assert!(!app.worker().heartbeat(&run).await.unwrap().cancel);
     let waiter = {
-        let (client, base, token, run_id, wp) = (app.client.clone(), app.base.clone(), run.token.clone(), run.id.clone(), wp.clone());
+        let (client, base, token, run_id, wp) =
+            (app.client.clone(), app.base.clone(), run.token.clone(), run.id.clone(), wp.clone());
         tokio::spawn(async move {
             let r = client
                 .get(format!("{base}/api/v1/runs/{run_id}/waitpoints/{wp}?waitSeconds=20"))
@@ -101,26 +106,39 @@ async fn every_waiter_on_a_channel_wakes_with_the_same_record() {
         waiters.push(body["waitpointId"].as_str().unwrap().to_string());
     }
     let key = ChannelKey {
-        session_id: sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(&target).fetch_one(app.db()).await.unwrap(),
+        session_id: sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1")
+            .bind(&target)
+            .fetch_one(app.db())
+            .await
+            .unwrap(),
         io: Io::In,
     };
     let mut conn = app.state.redis.clone();
-    let pending: usize = redis::cmd("SCARD").arg(app.state.channels.waiters_key(key)).query_async(&mut conn).await.unwrap();
+    let pending: usize =
+        redis::cmd("SCARD").arg(app.state.channels.waiters_key(key)).query_async(&mut conn).await.unwrap();
     assert_eq!(pending, 3);
     app.append(&target, "in", &app.a.key, "broadcast", &[]).await;
     // Nobody polls: the drain job completes all three.
     for wp in &waiters {
         let output: Value = eventually(10, "drained", || async {
             let (status, output): (String, Option<Value>) =
-                sqlx::query_as("SELECT status, output FROM waitpoints WHERE friendly_id = $1").bind(wp).fetch_one(app.db()).await.unwrap();
+                sqlx::query_as("SELECT status, output FROM waitpoints WHERE friendly_id = $1")
+                    .bind(wp)
+                    .fetch_one(app.db())
+                    .await
+                    .unwrap();
             (status == "COMPLETED").then(|| output.unwrap_or_else(|| panic!("{wp} completed without output")))
         })
         .await;
         assert_eq!(output["body"], "broadcast");
     }
-    let drain: (String, Value) = sqlx::query_as("SELECT status, payload FROM jobs WHERE kind = 'waitpoint-drain'").fetch_one(app.db()).await.unwrap();
+    let drain: (String, Value) = sqlx::query_as("SELECT status, payload FROM jobs WHERE kind = 'waitpoint-drain'")
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     assert_eq!(drain.1["waitpoint_ids"].as_array().map(Vec::len), Some(3), "{drain:?}");
-    let pending: usize = redis::cmd("SCARD").arg(app.state.channels.waiters_key(key)).query_async(&mut conn).await.unwrap();
+    let pending: usize =
+        redis::cmd("SCARD").arg(app.state.channels.waiters_key(key)).query_async(&mut conn).await.unwrap();
     assert_eq!(pending, 0);
 }
 
@@ -135,7 +153,8 @@ async fn waits_time_out_and_the_run_resumes() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     });
-    let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in", "timeout": "1s", "tags": "t1"})).await;
+    let (_, body) =
+        wait(&app, &run, &run.token, json!({"session": s, "io": "in", "timeout": "1s", "tags": "t1"})).await;
     let wp = body["waitpointId"].as_str().unwrap().to_string();
     let done = eventually(10, "timed out", || async {
         let v = poll(&app, &run, &wp, 0).await;
@@ -197,9 +216,11 @@ async fn wait_requests_are_validated() {
     assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("io")));
     let (status, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in", "timeout": "whenever"})).await;
     assert_eq!((status, body["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("timeout")));
-    let (status, _) = wait(&app, &run, &run.token, json!({"session": s, "io": "in", "idempotencyKey": "k".repeat(2049)})).await;
+    let (status, _) =
+        wait(&app, &run, &run.token, json!({"session": s, "io": "in", "idempotencyKey": "k".repeat(2049)})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    let (status, _) = app.post("/api/v1/runs/run_missing/session-streams/wait", &app.a.key, json!({"session": s, "io": "in"})).await;
+    let (status, _) =
+        app.post("/api/v1/runs/run_missing/session-streams/wait", &app.a.key, json!({"session": s, "io": "in"})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     // Another run's token cannot wait on behalf of this run.
     let (_, other) = running_session(&app, "valid-other").await;
@@ -231,7 +252,11 @@ async fn the_drain_completes_each_waitpoint_with_its_own_next_record() {
     // r2 drains the set: `behind` gets r1 (not r2); `ahead` goes back in the set.
     app.append(&s, "in", &app.a.key, "r2", &[]).await;
     eventually(10, "the drain job", || async { (db_status(&app, &behind.1).await == "COMPLETED").then_some(()) }).await;
-    let output: Value = sqlx::query_scalar("SELECT output FROM waitpoints WHERE id = $1").bind(behind.0).fetch_one(app.db()).await.unwrap();
+    let output: Value = sqlx::query_scalar("SELECT output FROM waitpoints WHERE id = $1")
+        .bind(behind.0)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     assert_eq!(output["body"], "r1");
     assert_eq!(output["seqNum"], 1);
     assert_eq!(db_status(&app, &ahead.1).await, "WAITING");
@@ -240,17 +265,26 @@ async fn the_drain_completes_each_waitpoint_with_its_own_next_record() {
     })
     .await;
     app.append(&s, "in", &app.a.key, "r3", &[]).await;
-    eventually(10, "the next append's drain", || async { (db_status(&app, &ahead.1).await == "COMPLETED").then_some(()) }).await;
-    let output: Value = sqlx::query_scalar("SELECT output FROM waitpoints WHERE id = $1").bind(ahead.0).fetch_one(app.db()).await.unwrap();
+    eventually(10, "the next append's drain", || async {
+        (db_status(&app, &ahead.1).await == "COMPLETED").then_some(())
+    })
+    .await;
+    let output: Value = sqlx::query_scalar("SELECT output FROM waitpoints WHERE id = $1")
+        .bind(ahead.0)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     assert_eq!(output["body"], "r3");
 }
-
 
 /// A WAITING waitpoint row on `.in` (no race-check, no registration).
 async fn insert_waiting(app: &TestApp, run: &AssignedRun, session: &str, after_seq: i64) -> (uuid::Uuid, String) {
     use sessiond::waitpoints::store::{create, Created, NewWaitpoint};
-    let run_id: uuid::Uuid =
-        sqlx::query_scalar("SELECT id FROM task_runs WHERE friendly_id = $1").bind(&run.id).fetch_one(app.db()).await.unwrap();
+    let run_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM task_runs WHERE friendly_id = $1")
+        .bind(&run.id)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     let created = create(
         app.db(),
         &NewWaitpoint {
@@ -281,10 +315,15 @@ async fn close_completes_waits_the_close_record_does_not_reach() {
     let on_out = body["waitpointId"].as_str().unwrap().to_string();
     let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in"})).await;
     let on_in = body["waitpointId"].as_str().unwrap().to_string();
-    let (status, _) = app.post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({"callingRunId": run.id, "reason": "bye"})).await;
+    let (status, _) = app
+        .post(&format!("/api/v1/sessions/{s}/close"), &app.a.key, json!({"callingRunId": run.id, "reason": "bye"}))
+        .await;
     assert_eq!(status, StatusCode::OK);
     for wp in [&on_out, &on_in] {
-        eventually(10, "close to complete the wait", || async { (db_status(&app, wp).await == "COMPLETED").then_some(()) }).await;
+        eventually(10, "close to complete the wait", || async {
+            (db_status(&app, wp).await == "COMPLETED").then_some(())
+        })
+        .await;
         let done = poll(&app, &run, wp, 0).await;
         assert_eq!(done["output"], json!({"sessionClosed": true, "reason": "bye"}), "{wp}");
     }
@@ -314,7 +353,11 @@ async fn drained_waitpoints_survive_a_drain_job_that_cannot_be_queued() {
     let (s, run) = running_session(&app, "drain-lost").await;
     let (_, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in"})).await;
     let wp = body["waitpointId"].as_str().unwrap().to_string();
-    let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM waitpoints WHERE friendly_id = $1").bind(&wp).fetch_one(app.db()).await.unwrap();
+    let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM waitpoints WHERE friendly_id = $1")
+        .bind(&wp)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
     let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::In };
     // The job ledger is unavailable for a moment.
     sqlx::query("ALTER TABLE jobs RENAME TO jobs_away").execute(app.db()).await.unwrap();
@@ -332,8 +375,10 @@ async fn drained_waitpoints_survive_a_drain_job_that_cannot_be_queued() {
     let (status, body) = app.append(&s, "in", &app.a.key, "hello", &[("x-part-id", "m1")]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body["message"].as_str().unwrap().contains("duplicate"));
-    eventually(10, "the retry's drain job", || async { (db_status(&app, &wp).await == "COMPLETED").then_some(()) }).await;
-    let output: Value = sqlx::query_scalar("SELECT output FROM waitpoints WHERE id = $1").bind(id).fetch_one(app.db()).await.unwrap();
+    eventually(10, "the retry's drain job", || async { (db_status(&app, &wp).await == "COMPLETED").then_some(()) })
+        .await;
+    let output: Value =
+        sqlx::query_scalar("SELECT output FROM waitpoints WHERE id = $1").bind(id).fetch_one(app.db()).await.unwrap();
     assert_eq!(output["body"], "hello");
 }
 
@@ -347,7 +392,11 @@ async fn a_wait_created_during_a_close_completes_with_its_reason() {
     let key = ChannelKey { session_id: app.session_uuid(&s).await, io: Io::In };
     // Cache the active row, then close behind the cache's back.
     assert_eq!(app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &app.a.key).await.0, StatusCode::OK);
-    sqlx::query("UPDATE sessions SET closed_at = now(), closed_reason = 'bye' WHERE id = $1").bind(key.session_id).execute(app.db()).await.unwrap();
+    sqlx::query("UPDATE sessions SET closed_at = now(), closed_reason = 'bye' WHERE id = $1")
+        .bind(key.session_id)
+        .execute(app.db())
+        .await
+        .unwrap();
     app.state.channels.close(key, 60_000).await.unwrap();
     let (status, body) = wait(&app, &run, &run.token, json!({"session": s, "io": "in"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -55,8 +55,14 @@ impl BenchServer {
         let pattern = format!("bench:{}*", self.schema);
         let mut cursor = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) =
-                redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query_async(&mut redis).await?;
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await?;
             if !keys.is_empty() {
                 let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut redis).await?;
             }
@@ -92,7 +98,10 @@ pub fn summary(name: &str, mut samples: Vec<Duration>) {
 /// shares the machine's cores with the server, so its own cost matters).
 #[derive(Clone)]
 pub struct FastClient {
-    inner: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, http_body_util::Full<bytes::Bytes>>,
+    inner: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
     base: String,
     auth: String,
 }
@@ -153,7 +162,8 @@ impl RawConn {
         loop {
             if let Some(head_end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = std::str::from_utf8(&self.buf[..head_end])?;
-                let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("bad status line"))?;
+                let status: u16 =
+                    head.get(9..12).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("bad status line"))?;
                 let len: usize = head
                     .lines()
                     .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))

@@ -44,7 +44,12 @@ impl EnvCache {
         EnvCache { ttl, by_hash: RwLock::default(), by_id: RwLock::default() }
     }
 
-    pub async fn by_key(&self, pool: &PgPool, master: &MasterKey, key: &str) -> Result<Option<Arc<Environment>>, StoreError> {
+    pub async fn by_key(
+        &self,
+        pool: &PgPool,
+        master: &MasterKey,
+        key: &str,
+    ) -> Result<Option<Arc<Environment>>, StoreError> {
         let hash = keys::hash(key);
         if let Some(env) = get(&self.by_hash, &hash, self.ttl) {
             return Ok(Some(env));
@@ -57,7 +62,12 @@ impl EnvCache {
         Ok(Some(env))
     }
 
-    pub async fn by_id(&self, pool: &PgPool, master: &MasterKey, id: Uuid) -> Result<Option<Arc<Environment>>, StoreError> {
+    pub async fn by_id(
+        &self,
+        pool: &PgPool,
+        master: &MasterKey,
+        id: Uuid,
+    ) -> Result<Option<Arc<Environment>>, StoreError> {
         if let Some(env) = get(&self.by_id, &id, self.ttl) {
             return Ok(Some(env));
         }

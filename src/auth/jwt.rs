@@ -107,7 +107,12 @@ pub fn mint_session_token(env_id: Uuid, key: &SecretKey, session_key: &str) -> S
 pub const RUN_TOKEN_TTL_SECS: i64 = 6 * 3600;
 
 /// The token a worker gets with a run: that run, and its session's channels.
-pub fn mint_run_token(env_id: Uuid, key: &SecretKey, run_friendly_id: &str, session_friendly_id: Option<&str>) -> String {
+pub fn mint_run_token(
+    env_id: Uuid,
+    key: &SecretKey,
+    run_friendly_id: &str,
+    session_friendly_id: Option<&str>,
+) -> String {
     let mut scopes = vec![format!("read:runs:{run_friendly_id}"), format!("write:runs:{run_friendly_id}")];
     if let Some(s) = session_friendly_id {
         scopes.push(format!("read:sessions:{s}"));

@@ -68,7 +68,12 @@ impl Limits {
             Ok(fds) => {
                 let room = fds.saturating_sub(RESERVED_FDS).max(fds / 2);
                 if (max_connections as u64) > room {
-                    tracing::warn!(max_connections, fd_limit = fds, cap = room, "MAX_CONNECTIONS exceeds the file-descriptor limit; capping");
+                    tracing::warn!(
+                        max_connections,
+                        fd_limit = fds,
+                        cap = room,
+                        "MAX_CONNECTIONS exceeds the file-descriptor limit; capping"
+                    );
                     max_connections = room.max(1) as usize;
                 }
             }
@@ -128,7 +133,12 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(limits: Limits) -> Arc<Registry> {
-        Arc::new(Registry { conns: Mutex::new(BTreeMap::new()), next_id: AtomicU64::new(0), epoch: Instant::now(), limits })
+        Arc::new(Registry {
+            conns: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+            limits,
+        })
     }
 
     fn now_ms(&self) -> u64 {
@@ -173,7 +183,8 @@ impl Registry {
         loop {
             tokio::time::sleep(every).await;
             let now = self.now_ms();
-            let conns: Vec<Arc<Conn>> = self.conns.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+            let conns: Vec<Arc<Conn>> =
+                self.conns.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
             for c in conns {
                 if c.handling.load(Ordering::Acquire) > 0 {
                     // The server is working on an answer; the client is not idle.
@@ -313,7 +324,11 @@ impl AsyncWrite for Tracked {
         poll
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.note(&poll, |n| *n > 0);
         poll
@@ -341,7 +356,9 @@ pub async fn body_deadline(State(limit): State<Duration>, req: Request, next: Ne
     }
     let expired = Arc::new(AtomicBool::new(false));
     let flag = expired.clone();
-    let req = req.map(|body| Body::new(DeadlineBody { body, deadline: Some(Box::pin(tokio::time::sleep(limit))), expired: flag }));
+    let req = req.map(|body| {
+        Body::new(DeadlineBody { body, deadline: Some(Box::pin(tokio::time::sleep(limit))), expired: flag })
+    });
     let resp = next.run(req).await;
     if expired.load(Ordering::Acquire) {
         let mut resp = ApiError::RequestTimeout.into_response();

@@ -112,8 +112,9 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(id): Path<String> =
-            Path::from_request_parts(parts, state).await.map_err(|_| ApiError::BadRequest("Invalid id in path".into()))?;
+        let Path(id): Path<String> = Path::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::BadRequest("Invalid id in path".into()))?;
         validate_path_id(&id)?;
         Ok(PathId(id))
     }

@@ -89,7 +89,6 @@ async fn jwt_claims(auth: Auth) -> Result<Json<serde_json::Value>, ApiError> {
     Ok(Json(json!({ "sub": auth.env.id.to_string(), "pub": true })))
 }
 
-
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
@@ -106,6 +105,9 @@ mod tests {
         let resp = app.oneshot(Request::get("/boom").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
-        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap(), json!({"error": "Something went wrong"}));
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            json!({"error": "Something went wrong"})
+        );
     }
 }

@@ -34,7 +34,9 @@ pub async fn execute(state: &AppState, job: &Job) -> Outcome {
             crate::waitpoints::close_channels(state, *session_id, reason.as_deref(), *notify_in).await?;
             Ok(format!("channels of session {session_id} closed"))
         }
-        Job::WaitpointTimeoutSweep => Ok(format!("{} waitpoints timed out", crate::waitpoints::time_out_due(state).await?)),
+        Job::WaitpointTimeoutSweep => {
+            Ok(format!("{} waitpoints timed out", crate::waitpoints::time_out_due(state).await?))
+        }
         Job::RunHandoff(step) => {
             crate::sessions::run_manager::apply_handoff(state, step).await?;
             Ok(format!("channels of session {} fenced to run {}", step.session_id, step.run))

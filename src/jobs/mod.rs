@@ -31,14 +31,27 @@ pub const DEFAULT_MAX_ATTEMPTS: i32 = 5;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Job {
-    TriggerRun { run_id: Uuid },
-    CancelRun { run_id: Uuid },
+    TriggerRun {
+        run_id: Uuid,
+    },
+    CancelRun {
+        run_id: Uuid,
+    },
     RunSweep,
     SessionExpirySweep,
     /// Waitpoints drained from a channel's pending set by the append of `seq_num`.
-    DrainWaitpoints { session_id: Uuid, io: crate::streams::Io, seq_num: u64, waitpoint_ids: Vec<Uuid> },
+    DrainWaitpoints {
+        session_id: Uuid,
+        io: crate::streams::Io,
+        seq_num: u64,
+        waitpoint_ids: Vec<Uuid>,
+    },
     /// After a session closes (or expires): wake, refuse writes, expire, complete waits.
-    CloseChannels { session_id: Uuid, reason: Option<String>, notify_in: bool },
+    CloseChannels {
+        session_id: Uuid,
+        reason: Option<String>,
+        notify_in: bool,
+    },
     WaitpointTimeoutSweep,
     /// After a run replaced another: fence the channels to the new run, and
     /// write the hand-off's control record (see `sessions::run_manager`).

@@ -66,7 +66,8 @@ struct CronCtx {
 async fn cron_tick(tick: Tick, ctx: Data<CronCtx>) -> Result<(), BoxDynError> {
     let key = format!("{}:cron:{}:{}", ctx.state.config.redis_prefix, ctx.name, tick.get_timestamp());
     let mut conn = ctx.state.redis.clone();
-    let won: Option<String> = redis::cmd("SET").arg(&key).arg(1).arg("NX").arg("PX").arg(60_000).query_async(&mut conn).await?;
+    let won: Option<String> =
+        redis::cmd("SET").arg(&key).arg(1).arg("NX").arg("PX").arg(60_000).query_async(&mut conn).await?;
     if won.is_some() {
         ctx.state.jobs.submit(&ctx.job).await?;
     }
@@ -75,7 +76,11 @@ async fn cron_tick(tick: Tick, ctx: Data<CronCtx>) -> Result<(), BoxDynError> {
 
 /// Launches the job runtime. Everything stops when `shutdown` turns true; the
 /// returned handle finishes once in-flight jobs are done.
-pub fn start(state: &AppState, schedules: Vec<Schedule>, shutdown: watch::Receiver<bool>) -> anyhow::Result<JoinHandle<()>> {
+pub fn start(
+    state: &AppState,
+    schedules: Vec<Schedule>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<()>> {
     let backoff = ExponentialBackoffMaker::new(
         Duration::from_millis(state.config.job_retry_base_ms),
         Duration::from_secs(30),
@@ -101,7 +106,10 @@ pub fn start(state: &AppState, schedules: Vec<Schedule>, shutdown: watch::Receiv
         let name = format!("{}-cron-{}-{}", state.config.redis_prefix, schedule.name, Ulid::generate());
         let cron = schedule.cron.clone();
         monitor = monitor.register(move |_| {
-            WorkerBuilder::new(name.clone()).backend(CronScheduler::new(cron.clone())).data(ctx.clone()).build(cron_tick)
+            WorkerBuilder::new(name.clone())
+                .backend(CronScheduler::new(cron.clone()))
+                .data(ctx.clone())
+                .build(cron_tick)
         });
     }
 

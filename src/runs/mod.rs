@@ -188,7 +188,8 @@ mod tests {
                    "continuation": true, "previousRunId": "run_a", "resumeAfterInSeq": 4})
         );
         let fresh = Continuation { previous_run_id: "run_a".into(), resume_after_in_seq: None };
-        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Continuation, None, Some(&fresh));
+        let p =
+            session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Continuation, None, Some(&fresh));
         assert!(p.get("resumeAfterInSeq").is_none() && p["continuation"] == true);
     }
 }

@@ -109,7 +109,11 @@ const MAX_DEQUEUE_WAIT_SECS: u64 = 30;
 /// Long-polls for up to `maxRuns` runs of the given tasks. Pops from the Redis
 /// queues, then claims in Postgres; waits on the queue wake signal (with a
 /// periodic re-check) until work arrives or the wait ends.
-async fn dequeue(State(state): State<AppState>, auth: Auth, ApiJson(body): ApiJson<DequeueBody>) -> ApiResult<Json<DequeueResponse>> {
+async fn dequeue(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiJson(body): ApiJson<DequeueBody>,
+) -> ApiResult<Json<DequeueResponse>> {
     auth.require_secret_key()?;
     if body.tasks.is_empty() || body.tasks.len() > 20 {
         return Err(ValidationError::new("tasks", "give 1 to 20 task identifiers").into());
@@ -130,7 +134,8 @@ async fn dequeue(State(state): State<AppState>, auth: Auth, ApiJson(body): ApiJs
         wake.borrow_and_update();
         let ids = state.run_queue.pop(&keys, max).await.map_err(anyhow::Error::from)?;
         if !ids.is_empty() {
-            let runs = store::claim_for_execution(&state.db, auth.env.id, &ids, timeout_ms, body.worker_id.as_deref()).await?;
+            let runs =
+                store::claim_for_execution(&state.db, auth.env.id, &ids, timeout_ms, body.worker_id.as_deref()).await?;
             if !runs.is_empty() {
                 let runs = runs.iter().map(|r| dequeued(&state, &auth, r)).collect();
                 return Ok(Json(DequeueResponse { runs }));
@@ -192,7 +197,11 @@ struct HeartbeatResponse {
     cancel: bool,
 }
 
-async fn heartbeat(State(state): State<AppState>, auth: Auth, PathId(run): PathId) -> ApiResult<Json<HeartbeatResponse>> {
+async fn heartbeat(
+    State(state): State<AppState>,
+    auth: Auth,
+    PathId(run): PathId,
+) -> ApiResult<Json<HeartbeatResponse>> {
     authorize_run(&auth, Action::Write, &run)?;
     let timeout = state.config.run_heartbeat_timeout_ms as i64;
     match store::heartbeat(&state.db, auth.env.id, &run, timeout).await? {
@@ -248,7 +257,8 @@ async fn fail(
 ) -> ApiResult<Json<RunView>> {
     authorize_run(&auth, Action::Write, &run)?;
     let current = store::find(&state.db, auth.env.id, &run).await?.ok_or_else(not_found)?;
-    let delay = super::retry_delay_ms(current.attempt_number, state.config.run_retry_base_ms, state.config.run_retry_max_ms);
+    let delay =
+        super::retry_delay_ms(current.attempt_number, state.config.run_retry_base_ms, state.config.run_retry_max_ms);
     transition_result(store::fail(&state.db, auth.env.id, &run, &body.error, body.retryable, delay as i64).await?)
 }
 

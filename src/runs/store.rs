@@ -152,7 +152,8 @@ fn returning_runs(sql: &str) -> String {
 }
 
 pub async fn find(pool: &PgPool, env_id: Uuid, friendly_id: &str) -> Result<Option<Run>, StoreError> {
-    let sql = format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE t.runtime_environment_id = $1 AND t.friendly_id = $2");
+    let sql =
+        format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE t.runtime_environment_id = $1 AND t.friendly_id = $2");
     Ok(sqlx::query_as(&sql).bind(env_id).bind(friendly_id).fetch_optional(pool).await?)
 }
 
@@ -193,7 +194,12 @@ pub enum Transition {
 
 /// The transition's outcome: the updated row if the conditional update matched,
 /// otherwise the run as it is (refused) or nothing (not found).
-async fn settle(pool: &PgPool, env_id: Uuid, friendly_id: &str, updated: Option<Run>) -> Result<Transition, StoreError> {
+async fn settle(
+    pool: &PgPool,
+    env_id: Uuid,
+    friendly_id: &str,
+    updated: Option<Run>,
+) -> Result<Transition, StoreError> {
     if let Some(run) = updated {
         return Ok(Transition::Done(run));
     }
@@ -204,7 +210,12 @@ async fn settle(pool: &PgPool, env_id: Uuid, friendly_id: &str, updated: Option<
 }
 
 /// Pushes the heartbeat deadline of a live run forward.
-pub async fn heartbeat(pool: &PgPool, env_id: Uuid, friendly_id: &str, timeout_ms: i64) -> Result<Transition, StoreError> {
+pub async fn heartbeat(
+    pool: &PgPool,
+    env_id: Uuid,
+    friendly_id: &str,
+    timeout_ms: i64,
+) -> Result<Transition, StoreError> {
     let sql = returning_runs(
         "UPDATE task_runs SET heartbeat_deadline = now() + make_interval(secs => $3::float8 / 1000), updated_at = now()
          WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
@@ -226,7 +237,12 @@ pub async fn complete(
          WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
          RETURNING *",
     );
-    let updated = sqlx::query_as(&sql).bind(env_id).bind(friendly_id).bind(output.map(crate::db::JsonDoc)).fetch_optional(pool).await?;
+    let updated = sqlx::query_as(&sql)
+        .bind(env_id)
+        .bind(friendly_id)
+        .bind(output.map(crate::db::JsonDoc))
+        .fetch_optional(pool)
+        .await?;
     settle(pool, env_id, friendly_id, updated).await
 }
 

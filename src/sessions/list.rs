@@ -11,7 +11,9 @@ use uuid::Uuid;
 use super::model::{Session, SessionStatus};
 use super::store::SESSION_SELECT;
 use crate::db::StoreError;
-use crate::validation::{check_text, duration, parse_duration_secs, timestamp_from_millis, timestamp_in_range, ValidationError};
+use crate::validation::{
+    check_text, duration, parse_duration_secs, timestamp_from_millis, timestamp_in_range, ValidationError,
+};
 
 pub const DEFAULT_PAGE_SIZE: i64 = 20;
 pub const MAX_PAGE_SIZE: i64 = 100;
@@ -92,7 +94,10 @@ impl Cursor {
 /// Picks the cursor a request means. With both present, the fresh one is the one
 /// whose origin names the other as it is now (see [`Cursor`]); if neither or both
 /// do, the request is ambiguous and rejected.
-fn resolve_cursor(after: Option<String>, before: Option<String>) -> Result<Option<(Direction, Cursor)>, ListQueryError> {
+fn resolve_cursor(
+    after: Option<String>,
+    before: Option<String>,
+) -> Result<Option<(Direction, Cursor)>, ListQueryError> {
     let decode = |s: &str| Cursor::decode(s).ok_or(ListQueryError::BadCursor);
     match (after, before) {
         (None, None) => Ok(None),
@@ -199,7 +204,12 @@ impl ListQuery {
                         .filter(|s| *s > 0)
                         .and_then(duration)
                         .and_then(|d| now.checked_sub_signed(d))
-                        .ok_or_else(|| ValidationError::new("filter[createdAt][period]", "must be a period such as 1h, 7d or 2w (at most 68 years)"))?;
+                        .ok_or_else(|| {
+                            ValidationError::new(
+                                "filter[createdAt][period]",
+                                "must be a period such as 1h, 7d or 2w (at most 68 years)",
+                            )
+                        })?;
                     q.created_from = Some(from);
                 }
                 "filter[createdAt][from]" => q.created_from = Some(epoch_ms("filter[createdAt][from]", &value)?),
@@ -292,8 +302,16 @@ impl SessionListRepository for PgSessionList {
         let order = match q.cursor {
             Some((dir, c)) => {
                 let op = if dir == Direction::After { "<" } else { ">" };
-                b.push(format!(" AND (s.created_at, s.id) {op} (")).push_bind(c.created_at).push(", ").push_bind(c.id).push(")");
-                if dir == Direction::After { "DESC" } else { "ASC" }
+                b.push(format!(" AND (s.created_at, s.id) {op} ("))
+                    .push_bind(c.created_at)
+                    .push(", ")
+                    .push_bind(c.id)
+                    .push(")");
+                if dir == Direction::After {
+                    "DESC"
+                } else {
+                    "ASC"
+                }
             }
             None => "DESC",
         };
@@ -389,7 +407,8 @@ mod tests {
         assert_eq!(field("filter[createdAt][to]=8210266876799999"), "filter[createdAt][to]");
         assert_eq!(field("filter[externalId]=a%00b"), "filter[externalId]");
         assert_eq!(field("filter[tags]=x,%00"), "filter[tags]");
-        let far = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("-8210266876800000000.{}.-.-", Uuid::nil().simple()));
+        let far = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("-8210266876800000000.{}.-.-", Uuid::nil().simple()));
         assert!(matches!(ListQuery::parse(&format!("page[after]={far}"), now), Err(ListQueryError::BadCursor)));
     }
 
@@ -403,8 +422,17 @@ mod tests {
         }
 
         const KEYS: [&str; 11] = [
-            "page[size]", "page[after]", "page[before]", "filter[type]", "filter[tags]", "filter[taskIdentifier]",
-            "filter[externalId]", "filter[status]", "filter[createdAt][period]", "filter[createdAt][from]", "filter[createdAt][to]",
+            "page[size]",
+            "page[after]",
+            "page[before]",
+            "filter[type]",
+            "filter[tags]",
+            "filter[taskIdentifier]",
+            "filter[externalId]",
+            "filter[status]",
+            "filter[createdAt][period]",
+            "filter[createdAt][from]",
+            "filter[createdAt][to]",
         ];
 
         proptest! {

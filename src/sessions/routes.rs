@@ -9,8 +9,8 @@ use chrono::Utc;
 use serde::Serialize;
 
 use super::list::{ListQuery, ListQueryError};
-use super::run_manager::{self, Ensured, RunManagerError};
 use super::model::{Session, SessionItem};
+use super::run_manager::{self, Ensured, RunManagerError};
 use super::store::{self, CreateOutcome, UpdateError};
 use super::validate::{self, CloseSessionBody, CreateSessionBody, EndAndContinueBody, UpdateSessionBody};
 use crate::app::AppState;
@@ -158,9 +158,10 @@ async fn close(
 ) -> ApiResult<Json<SessionItem>> {
     let reason = validate::close_reason(&body)?;
     let session = load_authorized(&state, &auth, &key, Action::Write).await?;
-    let (closed, job) = store::close(&state.db, auth.env.id, session.id, reason.as_deref(), body.calling_run_id.as_deref())
-        .await?
-        .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
+    let (closed, job) =
+        store::close(&state.db, auth.env.id, session.id, reason.as_deref(), body.calling_run_id.as_deref())
+            .await?
+            .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
     state.sessions.forget(&closed);
     // A close is acknowledged only once the channels are sealed, so no write
     // lands after it: the seal marker, which the append script checks, stops
@@ -177,7 +178,9 @@ async fn close(
     if let Some(job) = job {
         state.jobs.relay(&[job]).await;
     }
-    sealed.map_err(|err| ApiError::Internal(err.context(format!("sealing the channels of closed session {}", closed.friendly_id))))?;
+    sealed.map_err(|err| {
+        ApiError::Internal(err.context(format!("sealing the channels of closed session {}", closed.friendly_id)))
+    })?;
     Ok(Json(closed.to_item()))
 }
 
@@ -206,10 +209,7 @@ async fn list(State(state): State<AppState>, auth: Auth, RawQuery(query): RawQue
     let page = state.session_list.list(auth.env.id, &query).await?;
     Ok(Json(ListResponse {
         data: page.sessions.iter().map(Session::to_item).collect(),
-        pagination: Pagination {
-            next: page.next.map(|c| c.encode()),
-            previous: page.previous.map(|c| c.encode()),
-        },
+        pagination: Pagination { next: page.next.map(|c| c.encode()), previous: page.previous.map(|c| c.encode()) },
     }))
 }
 

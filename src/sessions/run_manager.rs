@@ -162,7 +162,8 @@ async fn trigger_and_claim(
         return Ok(None);
     }
     store::insert_audit(&mut tx, s.id, run.id, reason).await?;
-    let mut job_ids = vec![jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
+    let mut job_ids =
+        vec![jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
     if let Some((previous_id, _)) = previous {
         run_store::supersede(&mut tx, previous_id, &run.friendly_id).await?;
         let output = json!({"canceled": true, "reason": "superseded", "supersededBy": run.friendly_id});

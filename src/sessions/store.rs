@@ -95,12 +95,13 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
     let Some(mut session) = row else {
         // The row the upsert refused is closed or, failing that, expired (as of
         // the upsert's clock, so no second reading of the time can disagree).
-        let closed: Option<bool> =
-            sqlx::query_scalar("SELECT closed_at IS NOT NULL FROM sessions WHERE runtime_environment_id = $1 AND external_id = $2")
-                .bind(env.id)
-                .bind(&new.external_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let closed: Option<bool> = sqlx::query_scalar(
+            "SELECT closed_at IS NOT NULL FROM sessions WHERE runtime_environment_id = $1 AND external_id = $2",
+        )
+        .bind(env.id)
+        .bind(&new.external_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         tx.rollback().await?;
         return Ok(if closed == Some(false) { CreateOutcome::Expired } else { CreateOutcome::Closed });
     };
@@ -194,7 +195,12 @@ impl From<StoreError> for UpdateError {
 }
 
 /// Applies a patch; fields the patch leaves `Missing` keep their value.
-pub async fn update(pool: &PgPool, env_id: Uuid, id: Uuid, patch: &SessionPatch) -> Result<Option<Session>, UpdateError> {
+pub async fn update(
+    pool: &PgPool,
+    env_id: Uuid,
+    id: Uuid,
+    patch: &SessionPatch,
+) -> Result<Option<Session>, UpdateError> {
     let sql = returning_session(
         "UPDATE sessions SET
             tags = CASE WHEN $3 THEN $4 ELSE tags END,
@@ -253,7 +259,8 @@ pub async fn close(
          RETURNING *",
     );
     let mut tx = pool.begin().await?;
-    let closed: Option<Session> = sqlx::query_as(&sql).bind(env_id).bind(id).bind(reason).fetch_optional(&mut *tx).await?;
+    let closed: Option<Session> =
+        sqlx::query_as(&sql).bind(env_id).bind(id).bind(reason).fetch_optional(&mut *tx).await?;
     match closed {
         Some(s) => {
             let job = Job::CloseChannels {

@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 use crate::ids::SESSION_PREFIX;
 use crate::runs::TriggerReason;
 use crate::validation::{
-    check_len, check_tags, parse_duration_secs, timestamp_from_millis, timestamp_in_range, Validated, ValidationError, MAX_DURATION_SECS,
+    check_len, check_tags, parse_duration_secs, timestamp_from_millis, timestamp_in_range, Validated, ValidationError,
+    MAX_DURATION_SECS,
 };
 
 const MACHINES: &[&str] = &["micro", "small-1x", "small-2x", "medium-1x", "medium-2x", "large-1x", "large-2x"];
@@ -91,10 +92,14 @@ impl TriggerConfig {
         }
         if let Some(n) = self.max_duration {
             if !(1..=MAX_DURATION_SECS).contains(&n) {
-                return Err(ValidationError::new(f("maxDuration"), format!("must be an integer from 1 to {MAX_DURATION_SECS} (seconds)")));
+                return Err(ValidationError::new(
+                    f("maxDuration"),
+                    format!("must be an integer from 1 to {MAX_DURATION_SECS} (seconds)"),
+                ));
             }
         }
-        self.external_deployment_id = self.external_deployment_id.take().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        self.external_deployment_id =
+            self.external_deployment_id.take().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
         if let Some(id) = &self.external_deployment_id {
             check_len(&f("externalDeploymentId"), id, 0, 128)?;
         }
@@ -107,7 +112,9 @@ impl TriggerConfig {
             if self.ttl_secs().is_none() && !ttl.is_null() {
                 return Err(ValidationError::new(
                     f("ttl"),
-                    format!("must be a duration such as \"10m\" or a whole number of seconds from 0 to {MAX_DURATION_SECS}"),
+                    format!(
+                        "must be a duration such as \"10m\" or a whole number of seconds from 0 to {MAX_DURATION_SECS}"
+                    ),
                 ));
             }
         }
@@ -138,11 +145,11 @@ impl<'de> Deserialize<'de> for DateInput {
                 .filter(|t| timestamp_in_range(*t))
                 .map(DateInput)
                 .ok_or_else(|| D::Error::custom("expected an ISO-8601 date from 1970 to 9999")),
-            Value::Number(n) => n
-                .as_i64()
-                .and_then(timestamp_from_millis)
-                .map(DateInput)
-                .ok_or_else(|| D::Error::custom("expected epoch milliseconds from 0 to 253402300799999 (year 9999)")),
+            Value::Number(n) => {
+                n.as_i64().and_then(timestamp_from_millis).map(DateInput).ok_or_else(|| {
+                    D::Error::custom("expected epoch milliseconds from 0 to 253402300799999 (year 9999)")
+                })
+            }
             _ => Err(D::Error::custom("expected an ISO-8601 date or epoch milliseconds")),
         }
     }
@@ -426,7 +433,12 @@ mod tests {
         assert_eq!(with("ttl", json!(i64::MAX)), Err("triggerConfig.ttl".into()));
         assert_eq!(with("ttl", json!("106751991167300d")), Err("triggerConfig.ttl".into()));
         // Before 4713 BC (chrono takes it, Postgres does not: a 500), past 9999, before 1970.
-        for bad in [json!(-8_210_266_876_800_000i64), json!(8_210_266_876_799_999i64), json!("+100000-01-01T00:00:00Z"), json!(-1)] {
+        for bad in [
+            json!(-8_210_266_876_800_000i64),
+            json!(8_210_266_876_799_999i64),
+            json!("+100000-01-01T00:00:00Z"),
+            json!(-1),
+        ] {
             let mut v = base();
             v["expiresAt"] = bad.clone();
             assert!(serde_json::from_value::<CreateSessionBody>(v).is_err(), "{bad}");

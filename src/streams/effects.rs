@@ -118,8 +118,12 @@ async fn run(state: &AppState, env_id: Uuid, key: ChannelKey, appended: Appended
         appended.drained_waitpoints
     };
     if !drained.is_empty() {
-        let job =
-            Job::DrainWaitpoints { session_id: key.session_id, io: key.io, seq_num: appended.seq_num, waitpoint_ids: drained.clone() };
+        let job = Job::DrainWaitpoints {
+            session_id: key.session_id,
+            io: key.io,
+            seq_num: appended.seq_num,
+            waitpoint_ids: drained.clone(),
+        };
         if let Err(err) = state.jobs.submit(&job).await {
             // Taken off the pending set by the append: put them back, where a
             // retry of this append, the next one or the worker's long-poll

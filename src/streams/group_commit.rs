@@ -45,7 +45,12 @@ pub struct GroupStats {
 
 impl Lanes {
     /// Queues `record` on its channel's lane and waits for its outcome.
-    pub async fn append(&self, store: &ChannelStore, key: ChannelKey, record: NewRecord) -> Result<Appended, ChannelError> {
+    pub async fn append(
+        &self,
+        store: &ChannelStore,
+        key: ChannelKey,
+        record: NewRecord,
+    ) -> Result<Appended, ChannelError> {
         let (tx, rx) = oneshot::channel();
         let start_drain = {
             let mut lanes = self.lock();

@@ -161,7 +161,13 @@ impl Hub {
             return feed;
         }
         let (tx, _) = broadcast::channel(FEED_BUFFER);
-        let state = Arc::new(FeedState { tx, next: Mutex::new(None), wake: Notify::new(), start: std::sync::OnceLock::new(), ready: Notify::new() });
+        let state = Arc::new(FeedState {
+            tx,
+            next: Mutex::new(None),
+            wake: Notify::new(),
+            start: std::sync::OnceLock::new(),
+            ready: Notify::new(),
+        });
         let task = tokio::spawn(read_upstream(self.0.store.clone(), key, state.clone()));
         let feed = Arc::new(Feed { key, state, hub: Arc::downgrade(&self.0), task });
         feeds.insert(key, Arc::downgrade(&feed));
@@ -194,12 +200,8 @@ impl Hub {
     pub async fn listen(self, client: redis::Client) {
         let on_message = |payload: &str| self.announce(payload);
         let on_reconnect = || {
-            let feeds: Vec<Arc<Feed>> = self
-                .0
-                .feeds
-                .lock()
-                .map(|f| f.values().filter_map(Weak::upgrade).collect())
-                .unwrap_or_default();
+            let feeds: Vec<Arc<Feed>> =
+                self.0.feeds.lock().map(|f| f.values().filter_map(Weak::upgrade).collect()).unwrap_or_default();
             for feed in feeds {
                 feed.state.wake.notify_one();
             }

@@ -107,7 +107,9 @@ impl Record {
     /// (older agents) a data chunk of type `trigger:turn-complete`.
     pub fn is_turn_complete(&self) -> bool {
         self.control() == Some("turn-complete")
-            || self.envelope_data().and_then(|d| d.get("type").and_then(Value::as_str).map(|t| t == "trigger:turn-complete"))
+            || self
+                .envelope_data()
+                .and_then(|d| d.get("type").and_then(Value::as_str).map(|t| t == "trigger:turn-complete"))
                 == Some(true)
     }
 

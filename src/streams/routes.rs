@@ -75,7 +75,12 @@ const WRITE_TOKEN_TTL_SECS: i64 = 15 * 60;
 
 /// Initializes a channel: the version, plus what a high-throughput writer needs
 /// to append directly (the append URL and a short-lived channel-scoped token).
-async fn initialize(State(state): State<AppState>, auth: Auth, path: ChannelPath, headers: HeaderMap) -> ApiResult<Response> {
+async fn initialize(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: ChannelPath,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let session = load_channel(&state, &auth, &path.session, path.io, Action::Write).await?;
     if let Some(refusal) = session.write_refusal(chrono::Utc::now()) {
         return Err(ApiError::BadRequest(refusal.into()));
@@ -90,7 +95,8 @@ async fn initialize(State(state): State<AppState>, auth: Auth, path: ChannelPath
         vec![format!("write:session-channels:{}", channel_scope_id(&session, path.io))],
         WRITE_TOKEN_TTL_SECS,
     );
-    let append_url = format!("{}/realtime/v1/sessions/{}/{}/append", base_url(&state, &headers), session.friendly_id, path.io);
+    let append_url =
+        format!("{}/realtime/v1/sessions/{}/{}/append", base_url(&state, &headers), session.friendly_id, path.io);
     let expires = chrono::Utc::now() + chrono::Duration::seconds(WRITE_TOKEN_TTL_SECS);
     let mut resp = Json(json!({"version": "v2"})).into_response();
     let h = resp.headers_mut();
@@ -136,9 +142,9 @@ impl From<ChannelError> for ApiError {
     fn from(e: ChannelError) -> Self {
         match e {
             ChannelError::Closed => ApiError::BadRequest("Session is closed".into()),
-            ChannelError::Superseded => {
-                ApiError::Conflict("This run was superseded by another run of the session and may no longer write to it".into())
-            }
+            ChannelError::Superseded => ApiError::Conflict(
+                "This run was superseded by another run of the session and may no longer write to it".into(),
+            ),
             ChannelError::Redis(err) => err.into(),
             other => ApiError::Internal(other.into()),
         }
@@ -233,7 +239,11 @@ async fn append(
         return Err(ApiError::BadRequest(refusal.into()).into());
     }
     let writer = effects::writer(auth.env.id, key, auth.acting_run());
-    let appended = state.channels.append_as(key, body, &record_headers, part_id.as_deref(), &writer).await.map_err(ApiError::from)?;
+    let appended = state
+        .channels
+        .append_as(key, body, &record_headers, part_id.as_deref(), &writer)
+        .await
+        .map_err(ApiError::from)?;
     let duplicate = appended.duplicate;
     effects::follow_up(&state, auth.env.id, key, appended).await?;
     Ok(Json(AppendResponse { ok: true, message: duplicate.then_some(DUPLICATE) }))
@@ -276,7 +286,9 @@ async fn records(
     if let (Some(a), true) = (after, records.is_empty()) {
         let next_seq = state.channels.next_seq(key).await?;
         if a >= next_seq {
-            return Err(ApiError::BadRequest(format!("afterEventId {a} is past the end of the stream (next is {next_seq})")));
+            return Err(ApiError::BadRequest(format!(
+                "afterEventId {a} is past the end of the stream (next is {next_seq})"
+            )));
         }
     }
     let views: Vec<RecordView> = records.into_iter().map(record_view).collect();
@@ -309,7 +321,12 @@ const MAX_WINDOW_SECS: u64 = 600;
 
 /// SSE subscription: backlog from the cursor, then live records, until the
 /// long-poll window ends (the client reconnects with `Last-Event-ID`).
-async fn subscribe(State(state): State<AppState>, auth: Auth, path: ChannelPath, headers: HeaderMap) -> ApiResult<Response> {
+async fn subscribe(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: ChannelPath,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let mut cursor = parse_cursor("Last-Event-ID", header_str("last-event-id"))?;
     let window = match header_str("timeout-seconds") {
@@ -342,7 +359,9 @@ async fn subscribe(State(state): State<AppState>, auth: Auth, path: ChannelPath,
             None => store.next_seq(key).await?,
         };
         if c >= next_seq {
-            return Err(ApiError::BadRequest(format!("Last-Event-ID {c} is past the end of the stream (next is {next_seq})")));
+            return Err(ApiError::BadRequest(format!(
+                "Last-Event-ID {c} is past the end of the stream (next is {next_seq})"
+            )));
         }
         let oldest = store.oldest_seq(key).await?;
         if oldest > c + 1 {

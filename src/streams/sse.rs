@@ -290,8 +290,12 @@ mod tests {
         let f = String::from_utf8(batch_frame(&[r(3), r(4)]).to_vec()).unwrap();
         assert!(f.starts_with("id: 4\nevent: batch\ndata: "));
         assert!(f.ends_with("\n\n"));
-        let data: serde_json::Value = serde_json::from_str(f.lines().nth(2).unwrap().strip_prefix("data: ").unwrap()).unwrap();
-        assert_eq!(data["records"][0], serde_json::json!({"seq_num": 3, "body": "b3", "headers": [["k", "v"]], "timestamp": 5}));
+        let data: serde_json::Value =
+            serde_json::from_str(f.lines().nth(2).unwrap().strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(
+            data["records"][0],
+            serde_json::json!({"seq_num": 3, "body": "b3", "headers": [["k", "v"]], "timestamp": 5})
+        );
     }
 
     #[test]

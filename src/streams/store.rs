@@ -392,7 +392,11 @@ impl ChannelStore {
         for record in records {
             invocation.key(self.part_key(key, record.part_id.as_deref().unwrap_or("-")));
         }
-        invocation.arg(self.dedupe_window_ms).arg(self.notify_channel()).arg(Self::notify_tag(key)).arg(boot_intent.unwrap_or(""));
+        invocation
+            .arg(self.dedupe_window_ms)
+            .arg(self.notify_channel())
+            .arg(Self::notify_tag(key))
+            .arg(boot_intent.unwrap_or(""));
         for record in records {
             invocation
                 .arg(&record.body)
@@ -419,7 +423,12 @@ impl ChannelStore {
     }
 
     /// Up to `count` records after `after` (from the start when None), in order.
-    pub async fn read_after(&self, key: ChannelKey, after: Option<u64>, count: usize) -> Result<Vec<Record>, ChannelError> {
+    pub async fn read_after(
+        &self,
+        key: ChannelKey,
+        after: Option<u64>,
+        count: usize,
+    ) -> Result<Vec<Record>, ChannelError> {
         let start = match after {
             Some(a) => match a.checked_add(1) {
                 Some(start) => format!("{start}-0"),
@@ -442,8 +451,14 @@ impl ChannelStore {
     /// The newest record, if any.
     pub async fn last(&self, key: ChannelKey) -> Result<Option<Record>, ChannelError> {
         let mut conn = self.redis.clone();
-        let entries: Vec<(String, Vec<(String, String)>)> =
-            redis::cmd("XREVRANGE").arg(self.stream_key(key)).arg("+").arg("-").arg("COUNT").arg(1).query_async(&mut conn).await?;
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+            .arg(self.stream_key(key))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
         entries.into_iter().next().map(parse_entry).transpose()
     }
 
@@ -457,8 +472,14 @@ impl ChannelStore {
     /// The oldest sequence number still retained (= `next_seq` when none are).
     pub async fn oldest_seq(&self, key: ChannelKey) -> Result<u64, ChannelError> {
         let mut conn = self.redis.clone();
-        let entries: Vec<(String, Vec<(String, String)>)> =
-            redis::cmd("XRANGE").arg(self.stream_key(key)).arg("-").arg("+").arg("COUNT").arg(1).query_async(&mut conn).await?;
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(self.stream_key(key))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
         match entries.into_iter().next() {
             Some(e) => Ok(parse_entry(e)?.seq_num),
             None => self.next_seq(key).await,
@@ -492,14 +513,21 @@ impl ChannelStore {
     /// Takes every pending waitpoint off the channel's set, atomically.
     pub async fn take_waiters(&self, key: ChannelKey) -> Result<Vec<Uuid>, ChannelError> {
         let mut conn = self.redis.clone();
-        let (members, _): (Vec<String>, i64) =
-            redis::pipe().atomic().cmd("SMEMBERS").arg(self.waiters_key(key)).cmd("DEL").arg(self.waiters_key(key)).query_async(&mut conn).await?;
+        let (members, _): (Vec<String>, i64) = redis::pipe()
+            .atomic()
+            .cmd("SMEMBERS")
+            .arg(self.waiters_key(key))
+            .cmd("DEL")
+            .arg(self.waiters_key(key))
+            .query_async(&mut conn)
+            .await?;
         Ok(members.iter().filter_map(|m| Uuid::parse_str(m).ok()).collect())
     }
 
     pub async fn remove_waiter(&self, key: ChannelKey, waitpoint: Uuid) -> Result<(), ChannelError> {
         let mut conn = self.redis.clone();
-        let _: i64 = redis::cmd("SREM").arg(self.waiters_key(key)).arg(waitpoint.to_string()).query_async(&mut conn).await?;
+        let _: i64 =
+            redis::cmd("SREM").arg(self.waiters_key(key)).arg(waitpoint.to_string()).query_async(&mut conn).await?;
         Ok(())
     }
 
@@ -533,7 +561,8 @@ impl ChannelStore {
     /// Drops the boot intent `member` if no record after `seq` raised it since.
     pub async fn clear_boot_intent(&self, member: &str, seq: u64) -> Result<(), ChannelError> {
         let mut conn = self.redis.clone();
-        let _: i64 = self.clear_boot_intent.key(self.boot_intents_key()).arg(member).arg(seq).invoke_async(&mut conn).await?;
+        let _: i64 =
+            self.clear_boot_intent.key(self.boot_intents_key()).arg(member).arg(seq).invoke_async(&mut conn).await?;
         Ok(())
     }
 
@@ -615,7 +644,9 @@ fn parse_append_reply(reply: &[RedisValue], count: usize) -> Result<Vec<Result<A
         let outcome = int(1 + 2 * i)?;
         let seq_num = u64::try_from(int(2 + 2 * i)?).map_err(|e| ChannelError::Corrupt(e.to_string()))?;
         out.push(match outcome {
-            0 => Ok(Appended { seq_num, timestamp, duplicate: false, drained_waitpoints: std::mem::take(&mut drained) }),
+            0 => {
+                Ok(Appended { seq_num, timestamp, duplicate: false, drained_waitpoints: std::mem::take(&mut drained) })
+            }
             1 => Ok(Appended { seq_num, timestamp: 0, duplicate: true, drained_waitpoints: Vec::new() }),
             3 => Err(ChannelError::Superseded),
             _ => Err(ChannelError::Closed),
@@ -653,7 +684,8 @@ mod tests {
         let bare = Announcement::parse(&format!("{}:in:42", id.simple())).unwrap();
         assert_eq!(bare, Announcement { key: ChannelKey { session_id: id, io: Io::In }, seq_num: 42, record: None });
 
-        let full = Announcement::parse(&format!("{}:out:7:1700\n[[\"k\",\"v\"]]\nline one\nline two", id.simple())).unwrap();
+        let full =
+            Announcement::parse(&format!("{}:out:7:1700\n[[\"k\",\"v\"]]\nline one\nline two", id.simple())).unwrap();
         let record = full.record.unwrap();
         assert_eq!(full.seq_num, 7);
         assert_eq!(record.seq_num, 7);
@@ -661,7 +693,10 @@ mod tests {
         assert_eq!(record.headers, vec![("k".to_string(), "v".to_string())]);
         assert_eq!(record.body, "line one\nline two");
 
-        assert_eq!(Announcement::channel(&format!("{}:out:7:1700\n[]\nx", id.simple())), Some(ChannelKey { session_id: id, io: Io::Out }));
+        assert_eq!(
+            Announcement::channel(&format!("{}:out:7:1700\n[]\nx", id.simple())),
+            Some(ChannelKey { session_id: id, io: Io::Out })
+        );
         assert!(Announcement::parse("garbage").is_none());
         assert!(Announcement::parse(&format!("{}:sideways:1", id.simple())).is_none());
         assert!(Announcement::parse(&format!("{}:out:7:x\n[]\nbody", id.simple())).is_none());

@@ -26,7 +26,13 @@ fn open(master: &MasterKey, row: EnvRow) -> Result<Environment, StoreError> {
     let secret_key = master
         .unseal(row.id, &row.api_key_sealed)
         .map_err(|e| StoreError::Corrupt(format!("environment {}: {e}", row.id)))?;
-    Ok(Environment { id: row.id, organization_id: row.organization_id, project_id: row.project_id, env_type, secret_key })
+    Ok(Environment {
+        id: row.id,
+        organization_id: row.organization_id,
+        project_id: row.project_id,
+        env_type,
+        secret_key,
+    })
 }
 
 /// Finds the environment whose secret key is `key`.

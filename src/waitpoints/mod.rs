@@ -149,7 +149,12 @@ pub async fn time_out_due(state: &AppState) -> anyhow::Result<usize> {
 /// After a session closes: wake a waiting run with a `session-closed` record on
 /// `.in` (unless the close came from that run), refuse further writes, let the
 /// data expire after the retention period, and complete what still waits.
-pub async fn close_channels(state: &AppState, session_id: Uuid, reason: Option<&str>, notify_in: bool) -> anyhow::Result<()> {
+pub async fn close_channels(
+    state: &AppState,
+    session_id: Uuid,
+    reason: Option<&str>,
+    notify_in: bool,
+) -> anyhow::Result<()> {
     let retention_ms = state.config.channel_retention_secs * 1000;
     if notify_in {
         let mut headers = vec![(crate::streams::CONTROL_HEADER.to_string(), "session-closed".to_string())];

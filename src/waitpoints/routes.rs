@@ -81,7 +81,10 @@ async fn create(
     let timeout_at = body
         .timeout
         .as_deref()
-        .map(|t| super::parse_deadline(t, now).ok_or_else(|| ValidationError::new("timeout", "must be a duration such as 30s or an ISO-8601 date")))
+        .map(|t| {
+            super::parse_deadline(t, now)
+                .ok_or_else(|| ValidationError::new("timeout", "must be a duration such as 30s or an ISO-8601 date"))
+        })
         .transpose()?;
     let key_expires_at = super::idempotency_expiry(body.idempotency_key_ttl.as_deref(), now)
         .ok_or_else(|| ValidationError::new("idempotencyKeyTTL", "must be a duration such as 1h (at most 68 years)"))?;
@@ -96,7 +99,9 @@ async fn create(
     if let Some(refusal) = session.write_refusal(now) {
         return Err(ApiError::BadRequest(refusal.into()));
     }
-    let run = run_store::find(&state.db, auth.env.id, &run_id).await?.ok_or_else(|| ApiError::NotFound("Run not found".into()))?;
+    let run = run_store::find(&state.db, auth.env.id, &run_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("Run not found".into()))?;
     if run.session_id != Some(session.id) {
         return Err(ValidationError::new("session", "the run does not belong to this session").into());
     }
@@ -126,7 +131,9 @@ async fn create(
     .await?;
     let (waitpoint, cached) = match created {
         store::Created::Waitpoint(w, cached) => (w, cached),
-        store::Created::RunNotActive { status, superseded_by } => return Err(run_cannot_wait(&status, superseded_by.as_deref())),
+        store::Created::RunNotActive { status, superseded_by } => {
+            return Err(run_cannot_wait(&status, superseded_by.as_deref()))
+        }
     };
     if !cached {
         state.channels.register_waiter(key, waitpoint.id, super::pending_ttl_ms(timeout_at, now)).await?;
@@ -201,7 +208,9 @@ async fn wait(
     if !auth.can_access_run(Action::Read, &run_id) {
         return Err(ApiError::Forbidden);
     }
-    let run = run_store::find(&state.db, auth.env.id, &run_id).await?.ok_or_else(|| ApiError::NotFound("Run not found".into()))?;
+    let run = run_store::find(&state.db, auth.env.id, &run_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("Run not found".into()))?;
     let w = store::find(&state.db, auth.env.id, &waitpoint_id)
         .await?
         .filter(|w| w.run_id == run.id)

@@ -80,7 +80,10 @@ pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, St
                     tx.commit().await?;
                     return Ok(Created::Waitpoint(w, true));
                 }
-                sqlx::query("UPDATE waitpoints SET idempotency_key = NULL WHERE id = $1").bind(w.id).execute(&mut *tx).await?;
+                sqlx::query("UPDATE waitpoints SET idempotency_key = NULL WHERE id = $1")
+                    .bind(w.id)
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         let inserted: Result<Waitpoint, sqlx::Error> = sqlx::query_as(&format!(
@@ -121,11 +124,13 @@ pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, St
 }
 
 pub async fn find(pool: &PgPool, env_id: Uuid, friendly_id: &str) -> Result<Option<Waitpoint>, StoreError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM waitpoints WHERE runtime_environment_id = $1 AND friendly_id = $2"))
-        .bind(env_id)
-        .bind(friendly_id)
-        .fetch_optional(pool)
-        .await?)
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM waitpoints WHERE runtime_environment_id = $1 AND friendly_id = $2"
+    ))
+    .bind(env_id)
+    .bind(friendly_id)
+    .fetch_optional(pool)
+    .await?)
 }
 
 pub async fn find_by_id(pool: &PgPool, id: Uuid) -> Result<Option<Waitpoint>, StoreError> {
@@ -185,7 +190,11 @@ pub async fn waiting_for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<
 /// Cancels the waits a superseded run left pending, in the hand-off's
 /// transaction: nothing will ever resume that run, so its waits must not
 /// linger as WAITING (nor be completed by a later record).
-pub async fn cancel_for_run(conn: &mut sqlx::PgConnection, run_id: Uuid, output: &serde_json::Value) -> Result<u64, StoreError> {
+pub async fn cancel_for_run(
+    conn: &mut sqlx::PgConnection,
+    run_id: Uuid,
+    output: &serde_json::Value,
+) -> Result<u64, StoreError> {
     Ok(sqlx::query(
         "UPDATE waitpoints SET status = 'CANCELED', output = $2, completed_at = now() WHERE run_id = $1 AND status = 'WAITING'",
     )

@@ -81,7 +81,8 @@ impl WorkerClient {
             runs: Vec<AssignedRun>,
         }
         let body = DequeueRequest { tasks, max_runs: max, wait_seconds: wait.as_secs(), worker_id: &self.worker_id };
-        let req = self.http.post(format!("{}/api/v1/worker/dequeue", self.base)).bearer_auth(&self.secret_key).json(&body);
+        let req =
+            self.http.post(format!("{}/api/v1/worker/dequeue", self.base)).bearer_auth(&self.secret_key).json(&body);
         Ok(self.send::<Reply>(req).await?.runs)
     }
 

@@ -131,8 +131,11 @@ mod tests {
         assert!(body.is_empty());
         assert!(headers.contains(&("trigger-control".into(), "turn-complete".into())));
         assert!(headers.contains(&(ANSWERED_HEADER.into(), "7".into())));
-        let records: Vec<Record> =
-            out.iter().enumerate().map(|(i, (b, h))| Record { seq: i as u64, body: b.clone(), headers: h.clone() }).collect();
+        let records: Vec<Record> = out
+            .iter()
+            .enumerate()
+            .map(|(i, (b, h))| Record { seq: i as u64, body: b.clone(), headers: h.clone() })
+            .collect();
         assert_eq!(last_answered(&records), Some(7));
         assert_eq!(resume_after(&json!({"resumeAfterInSeq": 7})), Some(7));
         assert_eq!(resume_after(&json!({"trigger": "initial"})), None);

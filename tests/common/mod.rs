@@ -59,8 +59,12 @@ impl TestApp {
         let (env_b, key_b) = tenancy::create_environment(&pool, &master, "org-b", "proj", EnvType::Prod).await.unwrap();
 
         let state = AppState::connect(config, pool, master).await.expect("connect to Redis");
-        Self::serve(state, TestEnv { env: env_a, key: key_a.expose().to_string() }, TestEnv { env: env_b, key: key_b.expose().to_string() })
-            .await
+        Self::serve(
+            state,
+            TestEnv { env: env_a, key: key_a.expose().to_string() },
+            TestEnv { env: env_b, key: key_b.expose().to_string() },
+        )
+        .await
     }
 
     /// A second server process of the same deployment: this one's database
@@ -112,7 +116,13 @@ impl TestApp {
 
     /// Sends a request with an optional bearer token and JSON body; returns the
     /// status and the body parsed as JSON (`Value::Null` when not JSON).
-    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.client.request(method, format!("{}{}", self.base, path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -155,17 +165,29 @@ impl TestApp {
 
     /// A run's status, by friendly id.
     pub async fn run_status(&self, run: &str) -> String {
-        sqlx::query_scalar("SELECT status FROM task_runs WHERE friendly_id = $1").bind(run).fetch_one(self.db()).await.unwrap()
+        sqlx::query_scalar("SELECT status FROM task_runs WHERE friendly_id = $1")
+            .bind(run)
+            .fetch_one(self.db())
+            .await
+            .unwrap()
     }
 
     /// A session's row id, by friendly id.
     pub async fn session_uuid(&self, friendly: &str) -> uuid::Uuid {
-        sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1").bind(friendly).fetch_one(self.db()).await.unwrap()
+        sqlx::query_scalar("SELECT id FROM sessions WHERE friendly_id = $1")
+            .bind(friendly)
+            .fetch_one(self.db())
+            .await
+            .unwrap()
     }
 
     /// The waitpoint ids in a channel's pending set.
     pub async fn pending_waiters(&self, key: sessiond::streams::ChannelKey) -> Vec<String> {
-        redis::cmd("SMEMBERS").arg(self.state.channels.waiters_key(key)).query_async(&mut self.state.redis.clone()).await.unwrap()
+        redis::cmd("SMEMBERS")
+            .arg(self.state.channels.waiters_key(key))
+            .query_async(&mut self.state.redis.clone())
+            .await
+            .unwrap()
     }
 }
 
@@ -304,13 +326,19 @@ impl SseClient {
 
 impl TestApp {
     pub async fn sse(&self, path: &str, token: &str, headers: &[(&str, &str)]) -> SseClient {
-        let mut req = self.client.get(format!("{}{}", self.base, path)).bearer_auth(token).header("accept", "text/event-stream");
+        let mut req =
+            self.client.get(format!("{}{}", self.base, path)).bearer_auth(token).header("accept", "text/event-stream");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let resp = req.send().await.expect("sse connect");
         assert!(resp.status().is_success(), "sse status {}", resp.status());
-        SseClient { headers: resp.headers().clone(), stream: Box::pin(resp.bytes_stream()), buf: Vec::new(), last_event_id: None }
+        SseClient {
+            headers: resp.headers().clone(),
+            stream: Box::pin(resp.bytes_stream()),
+            buf: Vec::new(),
+            last_event_id: None,
+        }
     }
 
     /// A CORS preflight for `path`, as a browser would send it before a POST.
@@ -326,9 +354,19 @@ impl TestApp {
     }
 
     /// Appends `body` to a channel; returns the status and JSON answer.
-    pub async fn append(&self, session: &str, io: &str, token: &str, body: &str, headers: &[(&str, &str)]) -> (StatusCode, Value) {
-        let mut req =
-            self.client.post(format!("{}/realtime/v1/sessions/{session}/{io}/append", self.base)).bearer_auth(token).body(body.to_string());
+    pub async fn append(
+        &self,
+        session: &str,
+        io: &str,
+        token: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .client
+            .post(format!("{}/realtime/v1/sessions/{session}/{io}/append", self.base))
+            .bearer_auth(token)
+            .body(body.to_string());
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -378,7 +416,8 @@ pub async fn failing_redis_proxy() -> (String, watch::Sender<bool>) {
                     };
                     tokio::select! { _ = refuse => {}, _ = switched => {} }
                 } else if let Ok(server) = tokio::net::TcpStream::connect(&upstream).await {
-                    let ((mut client_rx, mut client_tx), (mut server_rx, mut server_tx)) = (client.into_split(), server.into_split());
+                    let ((mut client_rx, mut client_tx), (mut server_rx, mut server_tx)) =
+                        (client.into_split(), server.into_split());
                     tokio::select! {
                         _ = tokio::io::copy(&mut client_rx, &mut server_tx) => {}
                         _ = tokio::io::copy(&mut server_rx, &mut client_tx) => {}

@@ -13,7 +13,11 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new() -> Self {
-        let path = std::env::temp_dir().join(format!("sessiond-test-redis-{}-{}", std::process::id(), Uuid::new_v4().simple()));
+        let path = std::env::temp_dir().join(format!(
+            "sessiond-test-redis-{}-{}",
+            std::process::id(),
+            Uuid::new_v4().simple()
+        ));
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
     }
@@ -80,7 +84,8 @@ impl RedisProc {
             }
             if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
                 let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
-                let info: redis::RedisResult<String> = redis::cmd("INFO").arg("persistence").query_async(&mut conn).await;
+                let info: redis::RedisResult<String> =
+                    redis::cmd("INFO").arg("persistence").query_async(&mut conn).await;
                 if pong.as_deref() == Ok("PONG") && info.map(|i| i.contains("loading:0")).unwrap_or(false) {
                     return true;
                 }
