@@ -1,11 +1,10 @@
 //! Slow and idle clients cannot hold connections: the header-read, body-read and
 //! idle timeouts, each with short settings so the test takes seconds.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{session_body, TestApp};
+use crate::common::{session_body, TestApp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,12 +1,11 @@
 //! The run engine and the session as run manager, on real Postgres and Redis.
 
-mod common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{dequeue_one, eventually, session_body, tasks, TestApp};
+use crate::common::{dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::sessions::run_manager::{self, Ensured};

@@ -1,10 +1,9 @@
 //! Session channels on real Redis and Postgres: appends, reads, SSE, close.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, session_body, TestApp};
+use crate::common::{eventually, session_body, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sessiond::streams::{ChannelKey, Io};

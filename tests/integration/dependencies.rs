@@ -3,12 +3,11 @@
 //! reconnect backoff; `/healthz` still answers and `/readyz` says not ready.
 //! Runs its own `redis-server`, killed mid-test, so the shared one is untouched.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::redis_proc::{start_fresh, RedisProc, TempDir};
-use common::{eventually, session_body, TestApp};
+use crate::common::redis_proc::{start_fresh, RedisProc, TempDir};
+use crate::common::{eventually, session_body, TestApp};
 use reqwest::header::RETRY_AFTER;
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::Value;

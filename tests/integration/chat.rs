@@ -2,12 +2,12 @@
 //! `.in` → reply streamed on `.out` → idle exit → the next message boots a
 //! continuation and the same subscription keeps receiving.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, SseRecord, TestApp};
+use crate::common::{eventually, SseRecord, TestApp};
 use serde_json::{json, Value};
 use sessiond::worker::channels::HttpChannelFactory;
 use sessiond::worker::echo::EchoAgent;

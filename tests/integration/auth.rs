@@ -1,10 +1,9 @@
 //! Authentication and authorization: secret keys, public tokens, scopes,
 //! environment isolation and CORS.
 
-mod common;
 
 use base64::Engine;
-use common::{session_body, TestApp};
+use crate::common::{session_body, TestApp};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};

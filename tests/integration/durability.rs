@@ -8,12 +8,11 @@
 //! separates `always` from `everysec`, cannot be simulated here; the test
 //! checks the server really runs with `appendfsync always`.)
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::redis_proc::{start_fresh, RedisProc, TempDir};
+use crate::common::redis_proc::{start_fresh, RedisProc, TempDir};
 use redis::aio::ConnectionManager;
 use sessiond::streams::store::{ChannelError, ChannelStore};
 use sessiond::streams::{ChannelKey, Io};

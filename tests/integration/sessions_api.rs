@@ -1,8 +1,8 @@
 //! Control-plane endpoints against a real server and Postgres.
 
-mod common;
+use crate::common;
 
-use common::{session_body, TestApp};
+use crate::common::{session_body, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 

@@ -3,14 +3,13 @@
 //! against the in-process echo worker. Node dependencies are installed by
 //! scripts/test.sh.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestApp;
+use crate::common::TestApp;
 use sessiond::worker::channels::HttpChannelFactory;
 use sessiond::worker::echo::EchoAgent;
 use sessiond::worker::Worker;

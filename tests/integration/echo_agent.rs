@@ -1,13 +1,12 @@
 //! The example echo agent on the real run engine, with in-memory session
 //! channels standing in for the realtime streams.
 
-mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, TestApp};
+use crate::common::{eventually, TestApp};
 use serde_json::json;
 use sessiond::sessions::run_manager;
 use sessiond::worker::channels::{ChannelFactory, MemoryChannels, SessionChannels};

@@ -2,12 +2,12 @@
 //! is fenced, where the new run picks up, and that a stored `.in` record always
 //! gets a run to read it.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{dequeue_one, eventually, session_body, tasks, TestApp};
+use crate::common::{dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::sessions::run_manager;

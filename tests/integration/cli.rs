@@ -1,6 +1,6 @@
 //! The operator CLI: `sessiond env create | list | rotate-key | bootstrap-dev`.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

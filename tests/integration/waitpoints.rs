@@ -1,10 +1,9 @@
 //! Waitpoints on session channels, on real Postgres and Redis.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, session_body, TestApp};
+use crate::common::{eventually, session_body, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::streams::{ChannelKey, Io};

@@ -1,0 +1,25 @@
+//! The integration tests, one module per area, in one test binary: on a
+//! two-core machine linking one binary instead of one per file is most of the
+//! build. Each test still starts its own server on its own Postgres schema and
+//! Redis key prefix (see `common`), so they run in parallel safely.
+//!
+//! `tests/flood.rs` stays a binary of its own: it lowers the process's
+//! file-descriptor limit, which every test in the same process would share.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod auth;
+mod chat;
+mod cli;
+mod dependencies;
+mod durability;
+mod echo_agent;
+mod handoff;
+mod limits;
+mod official_client;
+mod robustness;
+mod runs;
+mod sessions_api;
+mod streams;
+mod waitpoints;
