@@ -96,6 +96,12 @@ export DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/$TEST_DB"
 export REDIS_URL=redis://127.0.0.1:6379
 
 ensure_cargo
+# Lint gates first: they take seconds, and a red gate fails the run whatever
+# the tests say.
+say "cargo fmt --check"
+cargo fmt --check
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
 say "cargo test"
 status=0
 cargo test --lib --bins --tests -- --test-threads=8 "$@" || status=$?

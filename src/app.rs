@@ -1,5 +1,11 @@
 //! Application state and start-up: what a server process holds, and the entry
 //! point the binary and the tests share.
+//!
+//! `AppState` is the composition root: it connects to Postgres and Redis once
+//! and builds the domain services on those connections (a run manager, the
+//! waitpoints, the appender, the dispatcher, ...). Each service holds only what
+//! it uses; handlers take the services they need (`State<RunManager>`, through
+//! `FromRef`), and jobs receive theirs as job data.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,32 +15,49 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use axum::extract::FromRef;
+
 use crate::auth::cache::EnvCache;
+use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::jobs::handlers::JobContext;
 use crate::jobs::queue::JobQueue;
 use crate::jobs::{self, Jobs};
+use crate::runs::dispatch::Dispatcher;
 use crate::runs::queue::RunQueue;
+use crate::runs::RunTimings;
+use crate::sessions::access::ChannelAccess;
 use crate::sessions::list::{PgSessionList, SessionListRepository};
 use crate::sessions::lookup::SessionLookup;
+use crate::sessions::run_manager::RunManager;
+use crate::streams::effects::Appender;
 use crate::streams::hub::Hub;
 use crate::streams::store::ChannelStore;
+use crate::streams::RealtimeSettings;
 use crate::tenancy::keys::MasterKey;
+use crate::waitpoints::Waitpoints;
+
+/// The dequeue long-poll's re-check when no push signal arrives.
+const DEQUEUE_FALLBACK_POLL: Duration = Duration::from_secs(1);
+/// The waitpoint long-poll's re-check for completions by other paths.
+const WAITPOINT_FALLBACK_POLL: Duration = Duration::from_millis(250);
 
 pub struct Inner {
     pub config: Config,
     pub db: PgPool,
     pub redis: ConnectionManager,
     pub redis_client: redis::Client,
-    pub master_key: MasterKey,
-    pub envs: EnvCache,
+    pub auth: Authenticator,
     pub session_list: Arc<dyn SessionListRepository>,
+    pub sessions: Arc<SessionLookup>,
     pub run_queue: RunQueue,
     pub jobs: Jobs,
     pub channels: ChannelStore,
     pub hub: Hub,
-    pub sessions: SessionLookup,
-    /// Fault seams for tests (all off in a real server).
-    pub faults: crate::streams::effects::Faults,
+    pub runs: RunManager,
+    pub waitpoints: Waitpoints,
+    pub appender: Appender,
+    pub dispatcher: Dispatcher,
 }
 
 #[derive(Clone)]
@@ -50,30 +73,62 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// Connects to Redis and assembles the state around an open Postgres pool.
     pub async fn connect(config: Config, db: PgPool, master_key: MasterKey) -> anyhow::Result<Self> {
-        let redis_client = redis::Client::open(config.redis_url.as_str())?;
-        let redis = ConnectionManager::new_with_config(redis_client.clone(), redis_config(&config)).await?;
+        let (redis_client, redis) = connect_redis(&config).await?;
         let envs = EnvCache::new(Duration::from_millis(config.auth_cache_ttl_ms));
+        let auth = Authenticator::new(db.clone(), master_key, envs, config.jwt_leeway_secs);
         let session_list = Arc::new(PgSessionList { pool: db.clone() });
         let run_queue = RunQueue::new(redis.clone(), &config.redis_prefix);
-        let jobs = Jobs::new(db.clone(), JobQueue::new(redis.clone(), &config.redis_prefix));
+        let jobs = jobs(&config, db.clone(), redis.clone());
         let channels = ChannelStore::new(redis.clone(), &config.redis_prefix, config.append_dedupe_window_secs * 1000);
         let hub = Hub::new(channels.clone());
+        let runs = RunManager::new(db.clone(), jobs.clone(), channels.clone());
+        let waitpoints = Waitpoints::new(
+            db.clone(),
+            channels.clone(),
+            hub.clone(),
+            config.channel_retention_secs * 1000,
+            WAITPOINT_FALLBACK_POLL,
+        );
+        let appender = Appender::new(channels.clone(), jobs.clone(), runs.clone());
+        let dispatcher =
+            Dispatcher::new(db.clone(), run_queue.clone(), config.run_heartbeat_timeout_ms, DEQUEUE_FALLBACK_POLL);
         Ok(AppState(Arc::new(Inner {
             config,
             db,
             redis,
             redis_client,
-            master_key,
-            envs,
+            auth,
             session_list,
+            sessions: Arc::new(SessionLookup::new(Duration::from_millis(1_000))),
             run_queue,
             jobs,
             channels,
             hub,
-            sessions: SessionLookup::new(Duration::from_millis(1_000)),
-            faults: Default::default(),
+            runs,
+            waitpoints,
+            appender,
+            dispatcher,
         })))
     }
+}
+
+/// Connects to Redis as a server does (see [`redis_config`]).
+pub async fn connect_redis(config: &Config) -> anyhow::Result<(redis::Client, ConnectionManager)> {
+    let client = redis::Client::open(config.redis_url.as_str())?;
+    let manager = ConnectionManager::new_with_config(client.clone(), redis_config(config)).await?;
+    Ok((client, manager))
+}
+
+/// The job outbox alone, for commands that only queue jobs.
+pub fn jobs(config: &Config, db: PgPool, redis: ConnectionManager) -> Jobs {
+    Jobs::new(db, JobQueue::new(redis, &config.redis_prefix))
+}
+
+/// The run manager alone, for commands that trigger runs.
+pub fn run_manager(config: &Config, db: PgPool, redis: ConnectionManager) -> RunManager {
+    let jobs = jobs(config, db.clone(), redis.clone());
+    let channels = ChannelStore::new(redis, &config.redis_prefix, config.append_dedupe_window_secs * 1000);
+    RunManager::new(db, jobs, channels)
 }
 
 /// Fail fast while Redis is away: a lost connection is retried briefly, then
@@ -84,6 +139,73 @@ fn redis_config(config: &Config) -> ConnectionManagerConfig {
         .set_response_timeout(Some(Duration::from_millis(config.redis_response_timeout_ms)))
         .set_number_of_retries(config.redis_reconnect_retries)
         .set_max_delay(Duration::from_millis(200))
+}
+
+impl AppState {
+    /// What the background jobs use (also how tests drive a sweep or a drain
+    /// directly instead of waiting for its tick).
+    pub fn job_context(&self) -> JobContext {
+        JobContext {
+            db: self.db.clone(),
+            run_queue: self.run_queue.clone(),
+            channels: self.channels.clone(),
+            runs: self.runs.clone(),
+            waitpoints: self.waitpoints.clone(),
+            appender: self.appender.clone(),
+            heartbeat_timeout_ms: self.config.run_heartbeat_timeout_ms,
+        }
+    }
+}
+
+/// Handlers take the parts of the state they use.
+macro_rules! from_state {
+    ($($ty:ty => $field:ident),* $(,)?) => {
+        $(impl FromRef<AppState> for $ty {
+            fn from_ref(state: &AppState) -> Self {
+                state.$field.clone()
+            }
+        })*
+    };
+}
+
+from_state! {
+    PgPool => db,
+    ConnectionManager => redis,
+    Authenticator => auth,
+    Arc<dyn SessionListRepository> => session_list,
+    Arc<SessionLookup> => sessions,
+    Jobs => jobs,
+    ChannelStore => channels,
+    Hub => hub,
+    RunManager => runs,
+    Waitpoints => waitpoints,
+    Appender => appender,
+    Dispatcher => dispatcher,
+}
+
+impl FromRef<AppState> for ChannelAccess {
+    fn from_ref(state: &AppState) -> Self {
+        ChannelAccess { lookup: state.sessions.clone(), db: state.db.clone() }
+    }
+}
+
+impl FromRef<AppState> for RunTimings {
+    fn from_ref(state: &AppState) -> Self {
+        RunTimings {
+            heartbeat_timeout_ms: state.config.run_heartbeat_timeout_ms,
+            retry_base_ms: state.config.run_retry_base_ms,
+            retry_max_ms: state.config.run_retry_max_ms,
+        }
+    }
+}
+
+impl FromRef<AppState> for RealtimeSettings {
+    fn from_ref(state: &AppState) -> Self {
+        RealtimeSettings {
+            public_url: state.config.public_url.clone(),
+            keepalive: Duration::from_millis(state.config.sse_keepalive_ms),
+        }
+    }
 }
 
 /// Reads the master key from the configuration.

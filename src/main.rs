@@ -10,7 +10,6 @@ use sessiond::config::Config;
 use sessiond::db;
 use sessiond::jobs;
 use sessiond::sessions;
-use sessiond::tenancy::keys::MasterKey;
 use sessiond::tenancy::{store as tenancy, EnvType};
 
 #[derive(Parser)]
@@ -221,8 +220,9 @@ async fn jobs_command(cmd: JobsCommand, config: Config, pool: sqlx::PgPool) -> a
             }
         }
         JobsCommand::Retry { id } => {
-            let state = AppState::connect(config, pool, MasterKey::random()).await?;
-            match state.jobs.retry(id).await? {
+            let (_, redis) = app::connect_redis(&config).await?;
+            let jobs = app::jobs(&config, pool, redis);
+            match jobs.retry(id).await? {
                 Some(j) => println!("job {} ({}) queued again", j.id, j.kind),
                 None => anyhow::bail!("job {id} does not exist or has not failed"),
             }
@@ -235,11 +235,12 @@ async fn sessions_command(cmd: SessionsCommand, config: Config, pool: sqlx::PgPo
     db::migrate(&pool).await?;
     match cmd {
         SessionsCommand::TriggerRun { env, session } => {
-            let state = AppState::connect(config, pool, MasterKey::random()).await?;
-            let Some(s) = sessions::store::find(&state.db, env, &session).await? else {
+            let (_, redis) = app::connect_redis(&config).await?;
+            let runs = app::run_manager(&config, pool.clone(), redis);
+            let Some(s) = sessions::store::find(&pool, env, &session).await? else {
                 anyhow::bail!("no session {session} in environment {env}")
             };
-            let run = sessions::run_manager::trigger_manual(&state, env, s.id).await?;
+            let run = runs.trigger_manual(env, s.id).await?;
             println!("session {} now runs {run} (reason manual)", s.friendly_id);
         }
     }

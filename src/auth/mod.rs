@@ -10,13 +10,16 @@ pub mod scopes;
 
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use sqlx::PgPool;
 
-use crate::app::AppState;
+use crate::db::StoreError;
 use crate::http::error::ApiError;
+use crate::tenancy::keys::MasterKey;
 use crate::tenancy::Environment;
+use cache::EnvCache;
 pub use scopes::Action;
 
 #[derive(Debug, Clone)]
@@ -87,40 +90,68 @@ impl Auth {
     }
 }
 
-fn unauthorized() -> ApiError {
-    ApiError::Unauthorized("Invalid or missing API key".into())
+/// Why a caller was not authenticated. Mapped to 401 (or 500 for `Store`) in
+/// `http::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No bearer token, or a secret key no environment has.
+    #[error("Invalid or missing API key")]
+    BadKey,
+    /// Every public token that fails, whatever the reason (malformed, unknown
+    /// environment, bad signature, expired), gets this same answer, so a caller
+    /// cannot probe which environment ids exist.
+    #[error("Invalid or expired public access token")]
+    BadToken,
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-/// Every public token that fails, whatever the reason (malformed, unknown
-/// environment, bad signature, expired), gets this same answer, so a caller
-/// cannot probe which environment ids exist.
-fn bad_public_token() -> ApiError {
-    ApiError::Unauthorized("Invalid or expired public access token".into())
+/// Turns bearer tokens into callers: looks environments up (cached) and
+/// verifies public tokens with their environment's key.
+#[derive(Clone)]
+pub struct Authenticator {
+    db: PgPool,
+    master_key: Arc<MasterKey>,
+    envs: Arc<EnvCache>,
+    leeway_secs: u64,
 }
 
-impl FromRequestParts<AppState> for Auth {
-    type Rejection = ApiError;
+impl Authenticator {
+    pub fn new(db: PgPool, master_key: MasterKey, envs: EnvCache, leeway_secs: u64) -> Self {
+        Authenticator { db, master_key: Arc::new(master_key), envs: Arc::new(envs), leeway_secs }
+    }
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(unauthorized)?;
+    /// The caller an `Authorization` header value names.
+    pub async fn authenticate(&self, header: Option<&str>) -> Result<Auth, AuthError> {
         let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(unauthorized)?;
+            .ok_or(AuthError::BadKey)?;
 
         if token.starts_with("tr_") {
-            let env = state.envs.by_key(&state.db, &state.master_key, token).await?.ok_or_else(unauthorized)?;
+            let env = self.envs.by_key(&self.db, &self.master_key, token).await?.ok_or(AuthError::BadKey)?;
             return Ok(Auth { env, principal: Principal::SecretKey });
         }
 
-        let env_id = jwt::unverified_subject(token).map_err(|_| bad_public_token())?;
-        let env = state.envs.by_id(&state.db, &state.master_key, env_id).await?.ok_or_else(bad_public_token)?;
-        let claims = jwt::verify(token, &env.secret_key, state.config.jwt_leeway_secs).map_err(|err| {
+        let env_id = jwt::unverified_subject(token).map_err(|_| AuthError::BadToken)?;
+        let env = self.envs.by_id(&self.db, &self.master_key, env_id).await?.ok_or(AuthError::BadToken)?;
+        let claims = jwt::verify(token, &env.secret_key, self.leeway_secs).map_err(|err| {
             tracing::debug!(%err, "rejected public token");
-            bad_public_token()
+            AuthError::BadToken
         })?;
         Ok(Auth { env, principal: Principal::PublicToken { scopes: claims.scopes } })
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Auth
+where
+    Authenticator: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        Ok(Authenticator::from_ref(state).authenticate(header).await?)
     }
 }

@@ -7,8 +7,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::auth::AuthError;
 use crate::db::StoreError;
+use crate::runs::dispatch::DispatchError;
+use crate::sessions::access::AccessError;
+use crate::sessions::list::ListQueryError;
+use crate::sessions::run_manager::RunManagerError;
+use crate::streams::effects::{AppendError, EffectError};
+use crate::streams::sse::SubscribeError;
+use crate::streams::store::ChannelError;
 use crate::validation::ValidationError;
+use crate::waitpoints::WaitError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -56,6 +65,114 @@ impl From<anyhow::Error> for ApiError {
 impl From<redis::RedisError> for ApiError {
     fn from(err: redis::RedisError) -> Self {
         anyhow::Error::from(err).into()
+    }
+}
+
+// How each domain error reads over HTTP. Every mapping lives here.
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Store(e) => e.into(),
+            other => ApiError::Unauthorized(other.to_string()),
+        }
+    }
+}
+
+impl From<ListQueryError> for ApiError {
+    fn from(err: ListQueryError) -> Self {
+        match err {
+            ListQueryError::Invalid(v) => ApiError::Validation(v),
+            ListQueryError::BadCursor => ApiError::BadRequest(err.to_string()),
+        }
+    }
+}
+
+impl From<AccessError> for ApiError {
+    fn from(err: AccessError) -> Self {
+        match err {
+            AccessError::Forbidden => ApiError::Forbidden,
+            AccessError::NotFound => ApiError::NotFound("Session not found".into()),
+            AccessError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<RunManagerError> for ApiError {
+    fn from(err: RunManagerError) -> Self {
+        match err {
+            RunManagerError::Closed => ApiError::Conflict("Session is closed".into()),
+            RunManagerError::NotFound => ApiError::NotFound("Session not found".into()),
+            RunManagerError::Channel(e) => e.into(),
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<ChannelError> for ApiError {
+    fn from(err: ChannelError) -> Self {
+        match err {
+            ChannelError::Closed => ApiError::BadRequest("Session is closed".into()),
+            ChannelError::Superseded => ApiError::Conflict(
+                "This run was superseded by another run of the session and may no longer write to it".into(),
+            ),
+            ChannelError::Redis(err) => err.into(),
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<EffectError> for ApiError {
+    fn from(err: EffectError) -> Self {
+        match err {
+            EffectError::Channel(e) => e.into(),
+            EffectError::Boot(e) => e.into(),
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<AppendError> for ApiError {
+    fn from(err: AppendError) -> Self {
+        match err {
+            AppendError::Refused(reason) => ApiError::BadRequest(reason.into()),
+            AppendError::Channel(e) => e.into(),
+            AppendError::Effect(e) => e.into(),
+        }
+    }
+}
+
+impl From<WaitError> for ApiError {
+    fn from(err: WaitError) -> Self {
+        match err {
+            WaitError::SessionClosed(reason) => ApiError::BadRequest(reason.into()),
+            WaitError::RunNotFound => ApiError::NotFound("Run not found".into()),
+            WaitError::RunNotInSession => {
+                ValidationError::new("session", "the run does not belong to this session").into()
+            }
+            WaitError::Superseded(by) => ApiError::superseded(&by),
+            WaitError::RunNotActive(status) => ApiError::Conflict(format!("Run is {status}")),
+            WaitError::Store(e) => e.into(),
+            WaitError::Channel(e) => e.into(),
+        }
+    }
+}
+
+impl From<SubscribeError> for ApiError {
+    fn from(err: SubscribeError) -> Self {
+        match err {
+            SubscribeError::PastEnd { .. } => ApiError::BadRequest(err.to_string()),
+            SubscribeError::Channel(e) => e.into(),
+        }
+    }
+}
+
+impl From<DispatchError> for ApiError {
+    fn from(err: DispatchError) -> Self {
+        match err {
+            DispatchError::Queue(e) => e.into(),
+            DispatchError::Store(e) => e.into(),
+        }
     }
 }
 

@@ -9,19 +9,20 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiResult};
-use crate::app::AppState;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
 
 /// How long each dependency has to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// 200 when Postgres and Redis both answer within a second, else 503.
-pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+pub async fn readyz(State(db): State<PgPool>, State(redis): State<ConnectionManager>) -> ApiResult<Json<Value>> {
     let postgres = async {
-        let ping = sqlx::query("SELECT 1").execute(&state.db);
+        let ping = sqlx::query("SELECT 1").execute(&db);
         matches!(tokio::time::timeout(READY_TIMEOUT, ping).await, Ok(Ok(_)))
     };
     let redis = async {
-        let mut conn = state.redis.clone();
+        let mut conn = redis.clone();
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(&mut conn);
         matches!(tokio::time::timeout(READY_TIMEOUT, ping).await, Ok(Ok(_)))

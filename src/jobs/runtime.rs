@@ -11,9 +11,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use ulid::Ulid;
 
+use super::handlers::{self, JobContext};
 use super::queue::JobEnvelope;
 use super::schedule::Schedule;
-use super::{handlers, store, Job};
+use super::{store, Job, Jobs};
 use crate::app::AppState;
 
 /// How long a freshly written job may stay unrelayed before the relay loop
@@ -22,28 +23,28 @@ const RELAY_GRACE_MS: i64 = 2_000;
 
 /// Runs one job: logs the attempt, executes, logs the outcome. On the last
 /// allowed attempt a failure is final (AbortError), so apalis stops retrying.
-async fn run_job(envelope: JobEnvelope, state: Data<AppState>) -> Result<(), BoxDynError> {
+async fn run_job(envelope: JobEnvelope, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
     // Gone, or already succeeded (delivered twice, e.g. relayed again before a
     // crash was noticed): nothing to do.
-    let Some(row) = store::begin_attempt(&state.db, envelope.id).await? else {
+    let Some(row) = store::begin_attempt(&ctx.db, envelope.id).await? else {
         return Ok(());
     };
     let attempt = row.attempts;
     let result = match row.job() {
-        Ok(job) => handlers::execute(&state, &job).await,
+        Ok(job) => handlers::execute(&ctx, &job).await,
         Err(err) => Err(err.into()),
     };
     match result {
         Ok(summary) => {
             tracing::debug!(job = %row.id, kind = %row.kind, attempt, %summary, "job succeeded");
-            store::finish_attempt(&state.db, row.id, attempt, None, false).await?;
+            store::finish_attempt(&ctx.db, row.id, attempt, None, false).await?;
             Ok(())
         }
         Err(err) => {
             let last = attempt >= row.max_attempts;
             let message = format!("{err:#}");
             tracing::warn!(job = %row.id, kind = %row.kind, attempt, last, error = %message, "job attempt failed");
-            store::finish_attempt(&state.db, row.id, attempt, Some(&message), last).await?;
+            store::finish_attempt(&ctx.db, row.id, attempt, Some(&message), last).await?;
             let err: BoxDynError = err.into();
             if last {
                 Err(Box::new(AbortError::new(err)))
@@ -56,20 +57,22 @@ async fn run_job(envelope: JobEnvelope, state: Data<AppState>) -> Result<(), Box
 
 #[derive(Clone)]
 struct CronCtx {
-    state: AppState,
-    name: String,
+    redis: redis::aio::ConnectionManager,
+    /// `<REDIS_PREFIX>:cron:<schedule>`; the tick's timestamp completes the lock key.
+    lock_prefix: String,
+    jobs: Jobs,
     job: Job,
 }
 
 /// One tick of a schedule. Every server ticks; the first to take the tick's lock
 /// enqueues the sweep job.
 async fn cron_tick(tick: Tick, ctx: Data<CronCtx>) -> Result<(), BoxDynError> {
-    let key = format!("{}:cron:{}:{}", ctx.state.config.redis_prefix, ctx.name, tick.get_timestamp());
-    let mut conn = ctx.state.redis.clone();
+    let key = format!("{}:{}", ctx.lock_prefix, tick.get_timestamp());
+    let mut conn = ctx.redis.clone();
     let won: Option<String> =
         redis::cmd("SET").arg(&key).arg(1).arg("NX").arg("PX").arg(60_000).query_async(&mut conn).await?;
     if won.is_some() {
-        ctx.state.jobs.submit(&ctx.job).await?;
+        ctx.jobs.submit(&ctx.job).await?;
     }
     Ok(())
 }
@@ -92,17 +95,22 @@ pub fn start(
 
     let worker_name = format!("{}-jobs-{}", state.config.redis_prefix, Ulid::generate());
     let queue = state.jobs.queue().clone();
-    let job_state = state.clone();
+    let job_ctx = state.job_context();
     let mut monitor = Monitor::new().register(move |_| {
         WorkerBuilder::new(worker_name.clone())
             .backend(queue.storage().poll_with_strategy(queue.poll_strategy(Duration::from_millis(250))))
-            .data(job_state.clone())
+            .data(job_ctx.clone())
             .concurrency(32)
             .retry(RetryPolicy::retries(retries).with_backoff(backoff.clone()))
             .build(run_job)
     });
     for schedule in schedules {
-        let ctx = CronCtx { state: state.clone(), name: schedule.name.clone(), job: schedule.job.clone() };
+        let ctx = CronCtx {
+            redis: state.redis.clone(),
+            lock_prefix: format!("{}:cron:{}", state.config.redis_prefix, schedule.name),
+            jobs: state.jobs.clone(),
+            job: schedule.job.clone(),
+        };
         let name = format!("{}-cron-{}-{}", state.config.redis_prefix, schedule.name, Ulid::generate());
         let cron = schedule.cron.clone();
         monitor = monitor.register(move |_| {
@@ -119,7 +127,7 @@ pub fn start(
     tokio::spawn(state.hub.clone().listen(client));
 
     // The outbox relay: jobs whose writer could not push them.
-    let relay_state = state.clone();
+    let relay_jobs = state.jobs.clone();
     let mut relay_stop = shutdown.clone();
     tokio::spawn(async move {
         loop {
@@ -127,7 +135,7 @@ pub fn start(
                 _ = relay_stop.changed() => break,
                 _ = tokio::time::sleep(Duration::from_millis(1_000)) => {}
             }
-            match relay_state.jobs.relay_pending(RELAY_GRACE_MS).await {
+            match relay_jobs.relay_pending(RELAY_GRACE_MS).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(jobs = n, "relayed pending jobs"),
                 Err(err) => tracing::warn!(%err, "outbox relay failed"),

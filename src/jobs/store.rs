@@ -7,12 +7,55 @@ use uuid::Uuid;
 use super::Job;
 use crate::db::StoreError;
 
+/// Where a job stands: `pending` (queued, or waiting for a retry), `running`,
+/// then `succeeded` or, once its attempts are spent, `failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// How one attempt of a job went (`job_attempts.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum AttemptStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+        })
+    }
+}
+
+impl std::fmt::Display for AttemptStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttemptStatus::Running => "running",
+            AttemptStatus::Succeeded => "succeeded",
+            AttemptStatus::Failed => "failed",
+        })
+    }
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobRow {
     pub id: Uuid,
     pub kind: String,
     pub payload: serde_json::Value,
-    pub status: String,
+    pub status: JobStatus,
     pub attempts: i32,
     pub max_attempts: i32,
     pub last_error: Option<String>,
@@ -102,11 +145,11 @@ pub async fn finish_attempt(
     error: Option<&str>,
     final_failure: bool,
 ) -> Result<(), StoreError> {
-    let attempt_status = if error.is_none() { "succeeded" } else { "failed" };
+    let attempt_status = if error.is_none() { AttemptStatus::Succeeded } else { AttemptStatus::Failed };
     let job_status = match (error, final_failure) {
-        (None, _) => "succeeded",
-        (Some(_), true) => "failed",
-        (Some(_), false) => "pending",
+        (None, _) => JobStatus::Succeeded,
+        (Some(_), true) => JobStatus::Failed,
+        (Some(_), false) => JobStatus::Pending,
     };
     sqlx::query(
         "WITH a AS (
@@ -152,7 +195,7 @@ pub async fn list(pool: &PgPool, failed_only: bool, limit: i64) -> Result<Vec<Jo
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AttemptRow {
     pub attempt: i32,
-    pub status: String,
+    pub status: AttemptStatus,
     pub error: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -165,4 +208,13 @@ pub async fn attempts(pool: &PgPool, id: Uuid) -> Result<Vec<AttemptRow>, StoreE
     .bind(id)
     .fetch_all(pool)
     .await?)
+}
+
+/// Keeps the ledger bounded: succeeded jobs are kept for a day. Returns how
+/// many were removed.
+pub async fn prune_succeeded(pool: &PgPool) -> Result<u64, StoreError> {
+    Ok(sqlx::query("DELETE FROM jobs WHERE status = 'succeeded' AND finished_at < now() - interval '1 day'")
+        .execute(pool)
+        .await?
+        .rows_affected())
 }

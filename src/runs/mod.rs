@@ -5,12 +5,14 @@
 //!   long-polling workers wait on.
 //! - [`routes`]: the worker protocol (dequeue, heartbeat, complete, fail, cancel).
 
+pub mod dispatch;
 pub mod queue;
 pub mod routes;
 pub mod store;
 
 /// Lifecycle of a run. QUEUED → EXECUTING (⇄ WAITING) → one of the final states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RunStatus {
     Queued,
@@ -59,6 +61,12 @@ impl RunStatus {
     }
 }
 
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Is a run alive, i.e. can it still serve its session? Queued runs are; executing
 /// and waiting runs are while their heartbeat deadline is in the future.
 pub fn is_alive(
@@ -85,7 +93,8 @@ pub fn retry_delay_ms(attempt: i32, base_ms: u64, max_ms: u64) -> u64 {
 use serde_json::{Map, Value};
 
 /// Why a session triggered a run (the `session_runs.reason` column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum TriggerReason {
     Initial,
     Continuation,
@@ -102,6 +111,48 @@ impl TriggerReason {
             TriggerReason::Manual => "manual",
         }
     }
+}
+
+/// A run handed to a worker: what to run, and the credentials to run it with.
+/// The worker library deserialises the same type (`worker::AssignedRun`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DequeuedRun {
+    pub id: String,
+    pub task_identifier: String,
+    pub session_id: Option<String>,
+    pub payload: Value,
+    pub attempt_number: i32,
+    pub max_attempts: i32,
+    pub max_duration_secs: Option<i32>,
+    /// Bearer token for this run's heartbeats, results, session channels and waits.
+    pub token: String,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+}
+
+/// The run engine's clocks: how long a run may go without a heartbeat, and
+/// how failed attempts back off.
+#[derive(Debug, Clone, Copy)]
+pub struct RunTimings {
+    pub heartbeat_timeout_ms: u64,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+/// How a session's runs are set up: the run engine's view of the session's
+/// trigger config (which is request input, owned by `sessions::validate`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunSettings {
+    pub base_payload: Map<String, Value>,
+    pub queue: Option<String>,
+    pub machine: Option<String>,
+    pub tags: Vec<String>,
+    pub max_attempts: i32,
+    pub max_duration_secs: Option<i32>,
+    pub ttl_secs: Option<i32>,
+    pub lock_to_version: Option<String>,
+    pub idle_timeout_secs: Option<i64>,
 }
 
 /// What a run that replaces another needs to pick up where that one stopped.

@@ -11,13 +11,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use sqlx::PgPool;
+
+use super::dispatch::{DequeueRequest, Dispatcher};
 use super::store::{self, Run, Transition};
-use super::RunStatus;
+use super::{DequeuedRun, RunStatus, RunTimings};
 use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiJson, DataJson, PathId};
-use crate::jobs::Job;
+use crate::jobs::{Job, Jobs};
 use crate::validation::{check_len, ValidationError};
 
 pub fn router() -> Router<AppState> {
@@ -53,7 +56,7 @@ impl From<&Run> for RunView {
     fn from(r: &Run) -> Self {
         RunView {
             id: r.friendly_id.clone(),
-            status: r.status(),
+            status: r.status,
             task_identifier: r.task_identifier.clone(),
             session_id: r.session_friendly_id.clone(),
             payload: r.payload.clone(),
@@ -81,24 +84,6 @@ struct DequeueBody {
     worker_id: Option<String>,
 }
 
-/// A run handed to a worker: what to run, and the credentials to run it with.
-/// The worker library deserialises the same type (`worker::AssignedRun`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DequeuedRun {
-    pub id: String,
-    pub task_identifier: String,
-    pub session_id: Option<String>,
-    pub payload: Value,
-    pub attempt_number: i32,
-    pub max_attempts: i32,
-    pub max_duration_secs: Option<i32>,
-    /// Bearer token for this run's heartbeats, results, session channels and waits.
-    pub token: String,
-    pub heartbeat_interval_ms: u64,
-    pub heartbeat_timeout_ms: u64,
-}
-
 #[derive(Serialize)]
 struct DequeueResponse {
     runs: Vec<DequeuedRun>,
@@ -110,7 +95,7 @@ const MAX_DEQUEUE_WAIT_SECS: u64 = 30;
 /// queues, then claims in Postgres; waits on the queue wake signal (with a
 /// periodic re-check) until work arrives or the wait ends.
 async fn dequeue(
-    State(state): State<AppState>,
+    State(dispatcher): State<Dispatcher>,
     auth: Auth,
     ApiJson(body): ApiJson<DequeueBody>,
 ) -> ApiResult<Json<DequeueResponse>> {
@@ -126,36 +111,19 @@ async fn dequeue(
         return Err(ValidationError::new("maxRuns", "must be from 1 to 50").into());
     }
     let wait = Duration::from_secs(body.wait_seconds.unwrap_or(10).min(MAX_DEQUEUE_WAIT_SECS));
-    let keys: Vec<String> = body.tasks.iter().map(|t| state.run_queue.key(auth.env.id, t)).collect();
-    let deadline = tokio::time::Instant::now() + wait;
-    let timeout_ms = state.config.run_heartbeat_timeout_ms as i64;
-    let mut wake = state.run_queue.subscribe();
-    loop {
-        wake.borrow_and_update();
-        let ids = state.run_queue.pop(&keys, max).await.map_err(anyhow::Error::from)?;
-        if !ids.is_empty() {
-            let runs =
-                store::claim_for_execution(&state.db, auth.env.id, &ids, timeout_ms, body.worker_id.as_deref()).await?;
-            if !runs.is_empty() {
-                let runs = runs.iter().map(|r| dequeued(&state, &auth, r)).collect();
-                return Ok(Json(DequeueResponse { runs }));
-            }
-            continue;
-        }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return Ok(Json(DequeueResponse { runs: Vec::new() }));
-        }
-        let nap = (deadline - now).min(Duration::from_secs(1));
-        tokio::select! {
-            _ = wake.changed() => {}
-            _ = tokio::time::sleep(nap) => {}
-        }
-    }
+    let request = DequeueRequest {
+        env_id: auth.env.id,
+        tasks: &body.tasks,
+        max_runs: max,
+        wait,
+        worker_id: body.worker_id.as_deref(),
+    };
+    let runs = dispatcher.dequeue(request).await?;
+    let timeout = dispatcher.heartbeat_timeout_ms();
+    Ok(Json(DequeueResponse { runs: runs.iter().map(|r| dequeued(timeout, &auth, r)).collect() }))
 }
 
-fn dequeued(state: &AppState, auth: &Auth, r: &Run) -> DequeuedRun {
-    let timeout = state.config.run_heartbeat_timeout_ms;
+fn dequeued(timeout: u64, auth: &Auth, r: &Run) -> DequeuedRun {
     DequeuedRun {
         id: r.friendly_id.clone(),
         task_identifier: r.task_identifier.clone(),
@@ -182,9 +150,9 @@ fn not_found() -> ApiError {
     ApiError::NotFound("Run not found".into())
 }
 
-async fn retrieve(State(state): State<AppState>, auth: Auth, PathId(run): PathId) -> ApiResult<Json<RunView>> {
+async fn retrieve(State(db): State<PgPool>, auth: Auth, PathId(run): PathId) -> ApiResult<Json<RunView>> {
     authorize_run(&auth, Action::Read, &run)?;
-    let run = store::find(&state.db, auth.env.id, &run).await?.ok_or_else(not_found)?;
+    let run = store::find(&db, auth.env.id, &run).await?.ok_or_else(not_found)?;
     Ok(Json(RunView::from(&run)))
 }
 
@@ -198,15 +166,16 @@ struct HeartbeatResponse {
 }
 
 async fn heartbeat(
-    State(state): State<AppState>,
+    State(db): State<PgPool>,
+    State(timings): State<RunTimings>,
     auth: Auth,
     PathId(run): PathId,
 ) -> ApiResult<Json<HeartbeatResponse>> {
     authorize_run(&auth, Action::Write, &run)?;
-    let timeout = state.config.run_heartbeat_timeout_ms as i64;
-    match store::heartbeat(&state.db, auth.env.id, &run, timeout).await? {
-        Transition::Done(r) => Ok(Json(HeartbeatResponse { ok: true, status: r.status(), cancel: false })),
-        Transition::Refused(r) => Ok(Json(HeartbeatResponse { ok: false, status: r.status(), cancel: true })),
+    let timeout = timings.heartbeat_timeout_ms as i64;
+    match store::heartbeat(&db, auth.env.id, &run, timeout).await? {
+        Transition::Done(r) => Ok(Json(HeartbeatResponse { ok: true, status: r.status, cancel: false })),
+        Transition::Refused(r) => Ok(Json(HeartbeatResponse { ok: false, status: r.status, cancel: true })),
         Transition::NotFound => Err(not_found()),
     }
 }
@@ -215,7 +184,7 @@ fn transition_result(t: Transition) -> ApiResult<Json<RunView>> {
     match t {
         Transition::Done(r) => Ok(Json(RunView::from(&r))),
         Transition::Refused(Run { superseded_by: Some(by), .. }) => Err(ApiError::superseded(&by)),
-        Transition::Refused(r) => Err(ApiError::Conflict(format!("Run is {}", r.status().as_str()))),
+        Transition::Refused(r) => Err(ApiError::Conflict(format!("Run is {}", r.status))),
         Transition::NotFound => Err(not_found()),
     }
 }
@@ -227,13 +196,13 @@ struct CompleteBody {
 }
 
 async fn complete(
-    State(state): State<AppState>,
+    State(db): State<PgPool>,
     auth: Auth,
     PathId(run): PathId,
     DataJson(body): DataJson<CompleteBody>,
 ) -> ApiResult<Json<RunView>> {
     authorize_run(&auth, Action::Write, &run)?;
-    transition_result(store::complete(&state.db, auth.env.id, &run, body.output.as_ref()).await?)
+    transition_result(store::complete(&db, auth.env.id, &run, body.output.as_ref()).await?)
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,16 +219,16 @@ fn yes() -> bool {
 /// Records a failed attempt. While attempts remain the run goes back to QUEUED
 /// after an exponential, jittered delay and the due-runs sweep pushes it again.
 async fn fail(
-    State(state): State<AppState>,
+    State(db): State<PgPool>,
+    State(timings): State<RunTimings>,
     auth: Auth,
     PathId(run): PathId,
     DataJson(body): DataJson<FailBody>,
 ) -> ApiResult<Json<RunView>> {
     authorize_run(&auth, Action::Write, &run)?;
-    let current = store::find(&state.db, auth.env.id, &run).await?.ok_or_else(not_found)?;
-    let delay =
-        super::retry_delay_ms(current.attempt_number, state.config.run_retry_base_ms, state.config.run_retry_max_ms);
-    transition_result(store::fail(&state.db, auth.env.id, &run, &body.error, body.retryable, delay as i64).await?)
+    let current = store::find(&db, auth.env.id, &run).await?.ok_or_else(not_found)?;
+    let delay = super::retry_delay_ms(current.attempt_number, timings.retry_base_ms, timings.retry_max_ms);
+    transition_result(store::fail(&db, auth.env.id, &run, &body.error, body.retryable, delay as i64).await?)
 }
 
 #[derive(Serialize)]
@@ -271,9 +240,14 @@ struct CancelResponse {
 
 /// Cancels a run through the durable cancel-run job; the worker learns from its
 /// next heartbeat.
-async fn cancel(State(state): State<AppState>, auth: Auth, PathId(run): PathId) -> ApiResult<Json<CancelResponse>> {
+async fn cancel(
+    State(db): State<PgPool>,
+    State(jobs): State<Jobs>,
+    auth: Auth,
+    PathId(run): PathId,
+) -> ApiResult<Json<CancelResponse>> {
     authorize_run(&auth, Action::Write, &run)?;
-    let found = store::find(&state.db, auth.env.id, &run).await?.ok_or_else(not_found)?;
-    let job_id = state.jobs.submit(&Job::CancelRun { run_id: found.id }).await?;
+    let found = store::find(&db, auth.env.id, &run).await?.ok_or_else(not_found)?;
+    let job_id = jobs.submit(&Job::CancelRun { run_id: found.id }).await?;
     Ok(Json(CancelResponse { id: found.friendly_id, job_id }))
 }

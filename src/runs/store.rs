@@ -4,10 +4,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{session_payload, Continuation, RunStatus, TriggerReason};
+use super::{session_payload, Continuation, RunSettings, RunStatus, TriggerReason};
 use crate::db::StoreError;
 use crate::ids;
-use crate::sessions::validate::TriggerConfig;
 
 /// A run about to be inserted, built from a session's trigger config.
 #[derive(Debug, Clone)]
@@ -42,11 +41,10 @@ pub struct RunOwner<'a> {
 impl NewRun {
     pub fn for_session(
         owner: RunOwner<'_>,
-        config: &TriggerConfig,
+        settings: &RunSettings,
         reason: TriggerReason,
         continuation: Option<&Continuation>,
     ) -> Self {
-        let clamp = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
         NewRun {
             id: Uuid::now_v7(),
             friendly_id: ids::new_run_id(),
@@ -56,19 +54,19 @@ impl NewRun {
             task_identifier: owner.task_identifier.to_string(),
             session_id: Some(owner.session_id),
             payload: session_payload(
-                &config.base_payload,
+                &settings.base_payload,
                 owner.session_friendly_id,
                 reason,
-                config.idle_timeout_in_seconds,
+                settings.idle_timeout_secs,
                 continuation,
             ),
-            queue: config.queue.clone(),
-            machine: config.machine.clone(),
-            tags: config.tags.clone().unwrap_or_default(),
-            max_attempts: config.max_attempts.map(clamp).unwrap_or(1),
-            max_duration_secs: config.max_duration.map(clamp),
-            ttl_secs: config.ttl_secs().map(clamp),
-            lock_to_version: config.lock_to_version.clone(),
+            queue: settings.queue.clone(),
+            machine: settings.machine.clone(),
+            tags: settings.tags.clone(),
+            max_attempts: settings.max_attempts,
+            max_duration_secs: settings.max_duration_secs,
+            ttl_secs: settings.ttl_secs,
+            lock_to_version: settings.lock_to_version.clone(),
         }
     }
 }
@@ -112,7 +110,7 @@ pub struct Run {
     pub session_id: Option<Uuid>,
     pub session_friendly_id: Option<String>,
     pub payload: serde_json::Value,
-    pub status: String,
+    pub status: RunStatus,
     pub attempt_number: i32,
     pub max_attempts: i32,
     pub max_duration_secs: Option<i32>,
@@ -131,12 +129,8 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn status(&self) -> RunStatus {
-        RunStatus::parse(&self.status).unwrap_or(RunStatus::Failed)
-    }
-
     pub fn is_alive(&self, now: DateTime<Utc>) -> bool {
-        super::is_alive(self.status(), self.heartbeat_deadline, now)
+        super::is_alive(self.status, self.heartbeat_deadline, now)
     }
 }
 
@@ -309,13 +303,45 @@ pub async fn supersede(conn: &mut PgConnection, run_id: Uuid, by: &str) -> Resul
     Ok(())
 }
 
+/// Locks a run's row for a wait being created (see `waitpoints::store::create`)
+/// and returns its status and who superseded it, if anyone.
+pub async fn lock_for_wait(conn: &mut PgConnection, run_id: Uuid) -> Result<(RunStatus, Option<String>), StoreError> {
+    Ok(sqlx::query_as("SELECT status, superseded_by FROM task_runs WHERE id = $1 FOR UPDATE")
+        .bind(run_id)
+        .fetch_one(conn)
+        .await?)
+}
+
+/// A run that starts waiting: EXECUTING → WAITING.
+pub async fn suspend(conn: &mut PgConnection, run_id: Uuid) -> Result<(), StoreError> {
+    sqlx::query("UPDATE task_runs SET status = 'WAITING', updated_at = now() WHERE id = $1 AND status = 'EXECUTING'")
+        .bind(run_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// After one of its waits ended: the run goes back to EXECUTING unless it
+/// still waits on another one.
+pub async fn resume_unless_waiting(conn: &mut PgConnection, run_id: Uuid) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE task_runs SET status = 'EXECUTING', updated_at = now()
+         WHERE id = $1 AND status = 'WAITING'
+           AND NOT EXISTS (SELECT 1 FROM waitpoints WHERE run_id = $1 AND status = 'WAITING')",
+    )
+    .bind(run_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A run moved to a final state by a sweep.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SweptRun {
     pub id: Uuid,
     pub friendly_id: String,
     pub session_id: Option<Uuid>,
-    pub status: String,
+    pub status: RunStatus,
 }
 
 /// Final-state sweeps. Each is one conditional UPDATE, so running it twice, or

@@ -4,10 +4,12 @@
 //! - [`validate`]: request bodies and the rules that turn them into domain input.
 //! - [`store`]: the SQL that owns `sessions` and `session_runs`.
 //! - [`lookup`]: a short-lived session cache for the realtime hot path.
+//! - [`access`]: resolve a session and authorize the caller on it or its channels.
 //! - [`list`]: list filters, opaque cursors, and the list repository.
 //! - [`run_manager`]: one live run per session: ensure-run, hand-off, manual trigger.
 //! - [`routes`]: the control-plane HTTP handlers.
 
+pub mod access;
 pub mod list;
 pub mod lookup;
 pub mod model;

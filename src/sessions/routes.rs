@@ -8,15 +8,23 @@ use axum::{Json, Router};
 use chrono::Utc;
 use serde::Serialize;
 
-use super::list::{ListQuery, ListQueryError};
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use super::access;
+use super::list::{ListQuery, SessionListRepository};
+use super::lookup::SessionLookup;
 use super::model::{Session, SessionItem};
-use super::run_manager::{self, Ensured, RunManagerError};
+use super::run_manager::{Ensured, RunManager};
 use super::store::{self, CreateOutcome, UpdateError};
 use super::validate::{self, CloseSessionBody, CreateSessionBody, EndAndContinueBody, UpdateSessionBody};
 use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiJson, PathId};
+use crate::jobs::Jobs;
+use crate::waitpoints::Waitpoints;
 
 /// Create's body limit, as upstream's: only metadata grows, and 32 KB is plenty
 /// (the other routes keep `MAX_BODY_BYTES`).
@@ -30,46 +38,6 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/sessions/{session}/end-and-continue", post(end_and_continue))
 }
 
-impl From<RunManagerError> for ApiError {
-    fn from(err: RunManagerError) -> Self {
-        match err {
-            RunManagerError::Closed => ApiError::Conflict("Session is closed".into()),
-            RunManagerError::NotFound => ApiError::NotFound("Session not found".into()),
-            other => ApiError::Internal(other.into()),
-        }
-    }
-}
-
-/// Resolves `key` in the caller's environment and checks `action` against every
-/// form of the session's identity. Authorization runs before the existence check,
-/// so an under-scoped caller gets 403 whether or not the session exists.
-pub async fn load_authorized(state: &AppState, auth: &Auth, key: &str, action: Action) -> ApiResult<Session> {
-    let session = store::find(&state.db, auth.env.id, key).await?;
-    authorize(auth, key, session, action, |_| false)
-}
-
-/// The rule every session route applies once the session is resolved (or not):
-/// `action` is checked against the URL form and every id of the session, plus
-/// whatever `also_allowed` grants; only an authorized caller learns that a
-/// session is missing.
-pub fn authorize<S: std::borrow::Borrow<Session>>(
-    auth: &Auth,
-    key: &str,
-    session: Option<S>,
-    action: Action,
-    also_allowed: impl FnOnce(&Session) -> bool,
-) -> ApiResult<S> {
-    let found = session.as_ref().map(|s| s.borrow());
-    let mut keys = vec![key];
-    if let Some(s) = found {
-        keys.extend(s.keys());
-    }
-    if !auth.can_access_session(action, &keys) && !found.is_some_and(also_allowed) {
-        return Err(ApiError::Forbidden);
-    }
-    session.ok_or_else(|| ApiError::NotFound("Session not found".into()))
-}
-
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct CreatedSession {
@@ -81,15 +49,17 @@ struct CreatedSession {
 }
 
 async fn create(
-    State(state): State<AppState>,
+    State(db): State<PgPool>,
+    State(jobs): State<Jobs>,
+    State(runs): State<RunManager>,
     auth: Auth,
     ApiJson(body): ApiJson<CreateSessionBody>,
 ) -> ApiResult<(StatusCode, Json<CreatedSession>)> {
     auth.require_secret_key()?;
     let new = validate::create(body)?;
-    let (mut session, status, is_cached) = match store::create(&state.db, &auth.env, &new).await? {
+    let (mut session, status, is_cached) = match store::create(&db, &auth.env, &new).await? {
         CreateOutcome::Created(s, job) => {
-            state.jobs.relay(&[job]).await;
+            jobs.relay(&[job]).await;
             (s, StatusCode::CREATED, false)
         }
         CreateOutcome::Cached(s) => (s, StatusCode::OK, true),
@@ -107,9 +77,9 @@ async fn create(
     if is_cached {
         // A cached session whose run has ended gets a continuation, so the
         // caller always leaves with a live run.
-        let ensured = run_manager::ensure_run(&state, auth.env.id, session.id).await?;
+        let ensured = runs.ensure_run(auth.env.id, session.id).await?;
         if let Ensured::Triggered(_) = ensured {
-            session = store::find_by_id(&state.db, auth.env.id, session.id)
+            session = store::find_by_id(&db, auth.env.id, session.id)
                 .await?
                 .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
         }
@@ -124,13 +94,13 @@ async fn create(
     Ok((status, Json(CreatedSession { session: session.to_item(), run_id, public_access_token: token, is_cached })))
 }
 
-async fn retrieve(State(state): State<AppState>, auth: Auth, PathId(key): PathId) -> ApiResult<Json<SessionItem>> {
-    let session = load_authorized(&state, &auth, &key, Action::Read).await?;
+async fn retrieve(State(db): State<PgPool>, auth: Auth, PathId(key): PathId) -> ApiResult<Json<SessionItem>> {
+    let session = access::load(&db, &auth, &key, Action::Read).await?;
     Ok(Json(session.to_item()))
 }
 
 async fn update(
-    State(state): State<AppState>,
+    State(db): State<PgPool>,
     auth: Auth,
     PathId(key): PathId,
     ApiJson(body): ApiJson<UpdateSessionBody>,
@@ -139,8 +109,8 @@ async fn update(
     // An external id is the session's public name, which tokens may be scoped
     // to: renaming takes an owner, so a write token cannot squat a name.
     let action = if patch.changes_external_id() { Action::Admin } else { Action::Write };
-    let session = load_authorized(&state, &auth, &key, action).await?;
-    match store::update(&state.db, auth.env.id, session.id, &patch).await {
+    let session = access::load(&db, &auth, &key, action).await?;
+    match store::update(&db, auth.env.id, session.id, &patch).await {
         Ok(Some(updated)) => Ok(Json(updated.to_item())),
         Ok(None) => Err(ApiError::NotFound("Session not found".into())),
         Err(UpdateError::ExternalIdTaken) => {
@@ -151,18 +121,20 @@ async fn update(
 }
 
 async fn close(
-    State(state): State<AppState>,
+    State(db): State<PgPool>,
+    State(jobs): State<Jobs>,
+    State(lookup): State<Arc<SessionLookup>>,
+    State(waitpoints): State<Waitpoints>,
     auth: Auth,
     PathId(key): PathId,
     ApiJson(body): ApiJson<CloseSessionBody>,
 ) -> ApiResult<Json<SessionItem>> {
     let reason = validate::close_reason(&body)?;
-    let session = load_authorized(&state, &auth, &key, Action::Write).await?;
-    let (closed, job) =
-        store::close(&state.db, auth.env.id, session.id, reason.as_deref(), body.calling_run_id.as_deref())
-            .await?
-            .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
-    state.sessions.forget(&closed);
+    let session = access::load(&db, &auth, &key, Action::Write).await?;
+    let (closed, job) = store::close(&db, auth.env.id, session.id, reason.as_deref(), body.calling_run_id.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
+    lookup.forget(&closed);
     // A close is acknowledged only once the channels are sealed, so no write
     // lands after it: the seal marker, which the append script checks, stops
     // appends on every server, whatever their lookup caches still say. A seal
@@ -172,14 +144,16 @@ async fn close(
         Some(_) => Ok(()),
         None => {
             let notify_in = closed.close_wakes_in(body.calling_run_id.as_deref());
-            crate::waitpoints::close_channels(&state, closed.id, closed.closed_reason.as_deref(), notify_in).await
+            waitpoints.close_channels(closed.id, closed.closed_reason.as_deref(), notify_in).await
         }
     };
     if let Some(job) = job {
-        state.jobs.relay(&[job]).await;
+        jobs.relay(&[job]).await;
     }
     sealed.map_err(|err| {
-        ApiError::Internal(err.context(format!("sealing the channels of closed session {}", closed.friendly_id)))
+        ApiError::Internal(
+            anyhow::Error::from(err).context(format!("sealing the channels of closed session {}", closed.friendly_id)),
+        )
     })?;
     Ok(Json(closed.to_item()))
 }
@@ -198,15 +172,16 @@ struct ListResponse {
     pagination: Pagination,
 }
 
-async fn list(State(state): State<AppState>, auth: Auth, RawQuery(query): RawQuery) -> ApiResult<Json<ListResponse>> {
-    let query = ListQuery::parse(query.as_deref().unwrap_or(""), Utc::now()).map_err(|e| match e {
-        ListQueryError::Invalid(v) => ApiError::Validation(v),
-        ListQueryError::BadCursor => ApiError::BadRequest(e.to_string()),
-    })?;
+async fn list(
+    State(sessions): State<Arc<dyn SessionListRepository>>,
+    auth: Auth,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<ListResponse>> {
+    let query = ListQuery::parse(query.as_deref().unwrap_or(""), Utc::now())?;
     if !auth.can_list_sessions(&query.task_identifiers) {
         return Err(ApiError::Forbidden);
     }
-    let page = state.session_list.list(auth.env.id, &query).await?;
+    let page = sessions.list(auth.env.id, &query).await?;
     Ok(Json(ListResponse {
         data: page.sessions.iter().map(Session::to_item).collect(),
         pagination: Pagination { next: page.next.map(|c| c.encode()), previous: page.previous.map(|c| c.encode()) },
@@ -225,7 +200,8 @@ struct EndAndContinueResponse {
 /// secret key; a client's session token may write to the session but never
 /// replace its run.
 async fn end_and_continue(
-    State(state): State<AppState>,
+    State(db): State<PgPool>,
+    State(runs): State<RunManager>,
     auth: Auth,
     PathId(key): PathId,
     ApiJson(body): ApiJson<EndAndContinueBody>,
@@ -234,7 +210,7 @@ async fn end_and_continue(
     if !auth.is_secret_key() && auth.acting_run() != Some(body.calling_run_id.as_str()) {
         return Err(ApiError::Forbidden);
     }
-    let session = load_authorized(&state, &auth, &key, Action::Write).await?;
-    let handoff = run_manager::hand_off(&state, auth.env.id, session.id, &body.calling_run_id, reason).await?;
+    let session = access::load(&db, &auth, &key, Action::Write).await?;
+    let handoff = runs.hand_off(auth.env.id, session.id, &body.calling_run_id, reason).await?;
     Ok(Json(EndAndContinueResponse { run_id: handoff.run_id, swapped: handoff.swapped }))
 }

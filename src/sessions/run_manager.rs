@@ -18,17 +18,17 @@
 
 use chrono::Utc;
 use serde_json::json;
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::model::Session;
 use super::store;
-use crate::app::AppState;
 use crate::db::StoreError;
-use crate::jobs::{self, Job};
+use crate::jobs::{self, Job, Jobs};
 use crate::runs::store::{self as run_store, NewRun, RunOwner};
 use crate::runs::{Continuation, TriggerReason};
 use crate::sessions::validate::TriggerConfig;
-use crate::streams::store::{handoff_part, ChannelError};
+use crate::streams::store::{handoff_part, ChannelError, ChannelStore};
 use crate::streams::{ChannelKey, Io, CONTROL_HEADER};
 use crate::waitpoints::store as waitpoint_store;
 
@@ -76,12 +76,6 @@ fn is_open(s: &Session) -> bool {
     s.closed_at.is_none() && s.expires_at.is_none_or(|e| e > Utc::now())
 }
 
-async fn current_run_alive(state: &AppState, s: &Session) -> Result<Option<String>, StoreError> {
-    let Some(run_id) = s.current_run_id else { return Ok(None) };
-    let run = run_store::find_by_id(&state.db, run_id).await?;
-    Ok(run.filter(|r| r.is_alive(Utc::now())).map(|r| r.friendly_id))
-}
-
 /// What a claimed hand-off still has to do outside Postgres (see the module
 /// docs); the `run-handoff` job carries the same fields.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -98,105 +92,20 @@ pub struct HandoffStep {
 /// Moves both channels' fence to the new run and writes the hand-off's control
 /// record. Idempotent: the fence never moves back, and the record has a part id
 /// of its own.
-pub async fn apply_handoff(state: &AppState, step: &HandoffStep) -> Result<(), ChannelError> {
+pub async fn apply_handoff(channels: &ChannelStore, step: &HandoffStep) -> Result<(), ChannelError> {
     for io in [Io::In, Io::Out] {
-        state.channels.set_fence(ChannelKey { session_id: step.session_id, io }, step.version, &step.run).await?;
+        channels.set_fence(ChannelKey { session_id: step.session_id, io }, step.version, &step.run).await?;
     }
     if let Some(control) = &step.control {
         let headers = [(CONTROL_HEADER.to_string(), control.clone())];
         let key = ChannelKey { session_id: step.session_id, io: Io::Out };
-        match state.channels.append(key, "", &headers, Some(&handoff_part(&step.run))).await {
+        match channels.append(key, "", &headers, Some(&handoff_part(&step.run))).await {
             // A close since the swap: subscribers learn of that instead.
             Ok(_) | Err(ChannelError::Closed) => {}
             Err(err) => return Err(err),
         }
     }
     Ok(())
-}
-
-/// Triggers a run for `s` and claims it if `s` is still at `s.current_run_version`
-/// (and, with `expect_current`, still points at that run), fencing the run it
-/// replaces. Returns the new run's friendly id, or None when the claim lost.
-async fn trigger_and_claim(
-    state: &AppState,
-    s: &Session,
-    reason: TriggerReason,
-    expect_current: Option<Uuid>,
-) -> Result<Option<String>, RunManagerError> {
-    let config: TriggerConfig =
-        serde_json::from_value(s.trigger_config.clone()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let previous = s.current_run_id.zip(s.current_run_friendly_id.clone());
-    let continuation = match &previous {
-        Some((_, previous_run_id)) => Some(Continuation {
-            previous_run_id: previous_run_id.clone(),
-            resume_after_in_seq: state
-                .channels
-                .last_answered_seq(ChannelKey { session_id: s.id, io: Io::Out }, RESUME_SCAN_RECORDS)
-                .await?,
-        }),
-        None => None,
-    };
-    let run = NewRun::for_session(
-        RunOwner {
-            organization_id: s.organization_id,
-            project_id: s.project_id,
-            runtime_environment_id: s.runtime_environment_id,
-            session_id: s.id,
-            session_friendly_id: &s.friendly_id,
-            task_identifier: &s.task_identifier,
-        },
-        &config,
-        reason,
-        continuation.as_ref(),
-    );
-    let step = HandoffStep {
-        session_id: s.id,
-        version: i64::from(s.current_run_version) + 1,
-        run: run.friendly_id.clone(),
-        control: (reason == TriggerReason::Upgrade).then(|| "upgrade-required".to_string()),
-    };
-    let mut tx = state.db.begin().await.map_err(StoreError::from)?;
-    run_store::insert(&mut tx, &run).await?;
-    if !store::claim_run(&mut tx, s.id, run.id, s.current_run_version, expect_current).await? {
-        tx.rollback().await.map_err(StoreError::from)?;
-        return Ok(None);
-    }
-    store::insert_audit(&mut tx, s.id, run.id, reason).await?;
-    let mut job_ids =
-        vec![jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
-    if let Some((previous_id, _)) = previous {
-        run_store::supersede(&mut tx, previous_id, &run.friendly_id).await?;
-        let output = json!({"canceled": true, "reason": "superseded", "supersededBy": run.friendly_id});
-        waitpoint_store::cancel_for_run(&mut tx, previous_id, &output).await?;
-    }
-    if previous.is_some() || step.control.is_some() {
-        job_ids.push(jobs::store::insert(&mut *tx, &Job::RunHandoff(step.clone()), jobs::DEFAULT_MAX_ATTEMPTS).await?);
-    }
-    tx.commit().await.map_err(StoreError::from)?;
-    state.jobs.relay(&job_ids).await;
-    if previous.is_some() || step.control.is_some() {
-        // Not acknowledged until the old run is fenced off the channels.
-        apply_handoff(state, &step).await?;
-    }
-    Ok(Some(run.friendly_id))
-}
-
-/// Makes sure the session has a live run, triggering a continuation if not.
-pub async fn ensure_run(state: &AppState, env_id: Uuid, session_id: Uuid) -> Result<Ensured, RunManagerError> {
-    for _ in 0..MAX_CLAIM_ATTEMPTS {
-        // Always the primary: a stale read would retry with an old version.
-        let s = store::find_by_id(&state.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
-        if !is_open(&s) {
-            return Err(RunManagerError::Closed);
-        }
-        if let Some(run) = current_run_alive(state, &s).await? {
-            return Ok(Ensured::Alive(run));
-        }
-        if let Some(run) = trigger_and_claim(state, &s, TriggerReason::Continuation, None).await? {
-            return Ok(Ensured::Triggered(run));
-        }
-    }
-    Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))
 }
 
 /// Result of a handoff request.
@@ -206,45 +115,152 @@ pub struct Handoff {
     pub swapped: bool,
 }
 
-/// End-and-continue: the current run hands the session to a fresh run, which
-/// replaces (and fences) it. Only the current run may; anyone else (a stale or
-/// preempted run) gets `swapped: false` and the run that holds the session now.
-/// Who may call this at all is the route's rule (the run's own token or a
-/// secret key).
-pub async fn hand_off(
-    state: &AppState,
-    env_id: Uuid,
-    session_id: Uuid,
-    calling_run: &str,
-    reason: TriggerReason,
-) -> Result<Handoff, RunManagerError> {
-    for _ in 0..MAX_CLAIM_ATTEMPTS {
-        let s = store::find_by_id(&state.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
-        if !is_open(&s) {
-            return Err(RunManagerError::Closed);
-        }
-        let current = s.current_run_friendly_id.clone().unwrap_or_default();
-        if current != calling_run {
-            return Ok(Handoff { run_id: current, swapped: false });
-        }
-        if let Some(run) = trigger_and_claim(state, &s, reason, s.current_run_id).await? {
-            return Ok(Handoff { run_id: run, swapped: true });
-        }
-    }
-    Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))
+/// The session as run manager (see the module docs), with what it uses: the
+/// database, the job outbox, and the channel store (fences, resume points).
+#[derive(Clone)]
+pub struct RunManager {
+    db: PgPool,
+    jobs: Jobs,
+    channels: ChannelStore,
 }
 
-/// Operator action: start a fresh run now (reason manual); the current one is
-/// replaced and fenced, so the session still has exactly one live run.
-pub async fn trigger_manual(state: &AppState, env_id: Uuid, session_id: Uuid) -> Result<String, RunManagerError> {
-    for _ in 0..MAX_CLAIM_ATTEMPTS {
-        let s = store::find_by_id(&state.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
-        if !is_open(&s) {
-            return Err(RunManagerError::Closed);
-        }
-        if let Some(run) = trigger_and_claim(state, &s, TriggerReason::Manual, None).await? {
-            return Ok(run);
-        }
+impl RunManager {
+    pub fn new(db: PgPool, jobs: Jobs, channels: ChannelStore) -> Self {
+        RunManager { db, jobs, channels }
     }
-    Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))
+
+    async fn current_run_alive(&self, s: &Session) -> Result<Option<String>, StoreError> {
+        let Some(run_id) = s.current_run_id else { return Ok(None) };
+        let run = run_store::find_by_id(&self.db, run_id).await?;
+        Ok(run.filter(|r| r.is_alive(Utc::now())).map(|r| r.friendly_id))
+    }
+
+    /// Triggers a run for `s` and claims it if `s` is still at `s.current_run_version`
+    /// (and, with `expect_current`, still points at that run), fencing the run it
+    /// replaces. Returns the new run's friendly id, or None when the claim lost.
+    async fn trigger_and_claim(
+        &self,
+        s: &Session,
+        reason: TriggerReason,
+        expect_current: Option<Uuid>,
+    ) -> Result<Option<String>, RunManagerError> {
+        let config: TriggerConfig =
+            serde_json::from_value(s.trigger_config.clone()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let previous = s.current_run_id.zip(s.current_run_friendly_id.clone());
+        let continuation = match &previous {
+            Some((_, previous_run_id)) => Some(Continuation {
+                previous_run_id: previous_run_id.clone(),
+                resume_after_in_seq: self
+                    .channels
+                    .last_answered_seq(ChannelKey { session_id: s.id, io: Io::Out }, RESUME_SCAN_RECORDS)
+                    .await?,
+            }),
+            None => None,
+        };
+        let run = NewRun::for_session(
+            RunOwner {
+                organization_id: s.organization_id,
+                project_id: s.project_id,
+                runtime_environment_id: s.runtime_environment_id,
+                session_id: s.id,
+                session_friendly_id: &s.friendly_id,
+                task_identifier: &s.task_identifier,
+            },
+            &config.run_settings(),
+            reason,
+            continuation.as_ref(),
+        );
+        let step = HandoffStep {
+            session_id: s.id,
+            version: i64::from(s.current_run_version) + 1,
+            run: run.friendly_id.clone(),
+            control: (reason == TriggerReason::Upgrade).then(|| "upgrade-required".to_string()),
+        };
+        let mut tx = self.db.begin().await.map_err(StoreError::from)?;
+        run_store::insert(&mut tx, &run).await?;
+        if !store::claim_run(&mut tx, s.id, run.id, s.current_run_version, expect_current).await? {
+            tx.rollback().await.map_err(StoreError::from)?;
+            return Ok(None);
+        }
+        store::insert_audit(&mut tx, s.id, run.id, reason).await?;
+        let mut job_ids =
+            vec![jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
+        if let Some((previous_id, _)) = previous {
+            run_store::supersede(&mut tx, previous_id, &run.friendly_id).await?;
+            let output = json!({"canceled": true, "reason": "superseded", "supersededBy": run.friendly_id});
+            waitpoint_store::cancel_for_run(&mut tx, previous_id, &output).await?;
+        }
+        if previous.is_some() || step.control.is_some() {
+            job_ids
+                .push(jobs::store::insert(&mut *tx, &Job::RunHandoff(step.clone()), jobs::DEFAULT_MAX_ATTEMPTS).await?);
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        self.jobs.relay(&job_ids).await;
+        if previous.is_some() || step.control.is_some() {
+            // Not acknowledged until the old run is fenced off the channels.
+            apply_handoff(&self.channels, &step).await?;
+        }
+        Ok(Some(run.friendly_id))
+    }
+
+    /// Makes sure the session has a live run, triggering a continuation if not.
+    pub async fn ensure_run(&self, env_id: Uuid, session_id: Uuid) -> Result<Ensured, RunManagerError> {
+        for _ in 0..MAX_CLAIM_ATTEMPTS {
+            // Always the primary: a stale read would retry with an old version.
+            let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
+            if !is_open(&s) {
+                return Err(RunManagerError::Closed);
+            }
+            if let Some(run) = self.current_run_alive(&s).await? {
+                return Ok(Ensured::Alive(run));
+            }
+            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Continuation, None).await? {
+                return Ok(Ensured::Triggered(run));
+            }
+        }
+        Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))
+    }
+
+    /// End-and-continue: the current run hands the session to a fresh run, which
+    /// replaces (and fences) it. Only the current run may; anyone else (a stale or
+    /// preempted run) gets `swapped: false` and the run that holds the session now.
+    /// Who may call this at all is the route's rule (the run's own token or a
+    /// secret key).
+    pub async fn hand_off(
+        &self,
+        env_id: Uuid,
+        session_id: Uuid,
+        calling_run: &str,
+        reason: TriggerReason,
+    ) -> Result<Handoff, RunManagerError> {
+        for _ in 0..MAX_CLAIM_ATTEMPTS {
+            let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
+            if !is_open(&s) {
+                return Err(RunManagerError::Closed);
+            }
+            let current = s.current_run_friendly_id.clone().unwrap_or_default();
+            if current != calling_run {
+                return Ok(Handoff { run_id: current, swapped: false });
+            }
+            if let Some(run) = self.trigger_and_claim(&s, reason, s.current_run_id).await? {
+                return Ok(Handoff { run_id: run, swapped: true });
+            }
+        }
+        Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))
+    }
+
+    /// Operator action: start a fresh run now (reason manual); the current one is
+    /// replaced and fenced, so the session still has exactly one live run.
+    pub async fn trigger_manual(&self, env_id: Uuid, session_id: Uuid) -> Result<String, RunManagerError> {
+        for _ in 0..MAX_CLAIM_ATTEMPTS {
+            let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
+            if !is_open(&s) {
+                return Err(RunManagerError::Closed);
+            }
+            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Manual, None).await? {
+                return Ok(run);
+            }
+        }
+        Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))
+    }
 }

@@ -54,7 +54,7 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
             session_friendly_id: &friendly_id,
             task_identifier: &new.task_identifier,
         },
-        &new.trigger_config,
+        &new.trigger_config.run_settings(),
         TriggerReason::Initial,
         None,
     );
@@ -157,7 +157,7 @@ pub async fn insert_audit(
         .bind(Uuid::now_v7())
         .bind(session_id)
         .bind(run_id)
-        .bind(reason.as_str())
+        .bind(reason)
         .execute(conn)
         .await?;
     Ok(())
@@ -304,4 +304,14 @@ pub async fn expired_with_open_channels(pool: &PgPool, limit: i64) -> Result<Vec
     .bind(limit)
     .fetch_all(pool)
     .await?)
+}
+
+/// Records that the session's channels are sealed (close, or expiry), so the
+/// expiry sweep does it once and a retried close knows it may answer.
+pub async fn mark_channels_closed(pool: &PgPool, session_id: Uuid) -> Result<(), StoreError> {
+    sqlx::query("UPDATE sessions SET channels_closed_at = now() WHERE id = $1 AND channels_closed_at IS NULL")
+        .bind(session_id)
+        .execute(pool)
+        .await?;
+    Ok(())
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::ids::SESSION_PREFIX;
-use crate::runs::TriggerReason;
+use crate::runs::{RunSettings, TriggerReason};
 use crate::validation::{
     check_len, check_tags, parse_duration_secs, timestamp_from_millis, timestamp_in_range, Validated, ValidationError,
     MAX_DURATION_SECS,
@@ -126,6 +126,23 @@ impl TriggerConfig {
             Value::String(s) => parse_duration_secs(s),
             Value::Number(n) => n.as_i64().filter(|n| (0..=MAX_DURATION_SECS).contains(n)),
             _ => None,
+        }
+    }
+
+    /// What the run engine needs of this config for each run it triggers.
+    pub fn run_settings(&self) -> RunSettings {
+        // Durations are validated to fit (`MAX_DURATION_SECS`); clamp anyway.
+        let clamp = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
+        RunSettings {
+            base_payload: self.base_payload.clone(),
+            queue: self.queue.clone(),
+            machine: self.machine.clone(),
+            tags: self.tags.clone().unwrap_or_default(),
+            max_attempts: self.max_attempts.map(clamp).unwrap_or(1),
+            max_duration_secs: self.max_duration.map(clamp),
+            ttl_secs: self.ttl_secs().map(clamp),
+            lock_to_version: self.lock_to_version.clone(),
+            idle_timeout_secs: self.idle_timeout_in_seconds,
         }
     }
 }

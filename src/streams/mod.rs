@@ -24,9 +24,18 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+/// The settings the realtime routes read: the base URL handed out for direct
+/// writes, and the SSE keep-alive interval.
+#[derive(Clone)]
+pub struct RealtimeSettings {
+    pub public_url: Option<String>,
+    pub keepalive: std::time::Duration,
+}
+
 /// Which of a session's two channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, sqlx::Type)]
 #[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum Io {
     In,
     Out,

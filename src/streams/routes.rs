@@ -1,6 +1,5 @@
 //! Realtime routes for session channels. `:io` is `in` or `out`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -13,16 +12,16 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::effects;
-use super::sse::{self, Subscription};
-use super::store::{self, ChannelError};
-use super::{ChannelKey, Io, Record};
+use super::effects::{Appender, NewAppend};
+use super::hub::Hub;
+use super::sse::{self, SubscribeRequest, Subscription};
+use super::store::ChannelStore;
+use super::{ChannelKey, Io, RealtimeSettings, Record};
 use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::validate_path_id;
-use crate::sessions::model::Session;
-use crate::sessions::routes::authorize;
+use crate::sessions::access::{channel_scope_id, ChannelAccess};
 use crate::validation::{parse_seq_num, MAX_SEQ_NUM};
 
 pub fn router() -> Router<AppState> {
@@ -50,20 +49,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ChannelPath {
     }
 }
 
-/// Channel-scoped token scope: `write:session-channels:<session friendly id>:<io>`.
-fn channel_scope_id(session: &Session, io: Io) -> String {
-    format!("{}:{}", session.friendly_id, io)
-}
-
-/// Resolves the session and authorizes `action` on the channel: session scopes
-/// in either id form, or a channel-scoped token. 403 before 404, as everywhere.
-pub async fn load_channel(state: &AppState, auth: &Auth, key: &str, io: Io, action: Action) -> ApiResult<Arc<Session>> {
-    let session = state.sessions.find(&state.db, auth.env.id, key).await?;
-    authorize(auth, key, session, action, |s| auth.can_access_channel(action, &channel_scope_id(s, io)))
-}
-
-fn base_url(state: &AppState, headers: &HeaderMap) -> String {
-    if let Some(url) = &state.config.public_url {
+fn base_url(settings: &RealtimeSettings, headers: &HeaderMap) -> String {
+    if let Some(url) = &settings.public_url {
         return url.trim_end_matches('/').to_string();
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
@@ -76,17 +63,19 @@ const WRITE_TOKEN_TTL_SECS: i64 = 15 * 60;
 /// Initializes a channel: the version, plus what a high-throughput writer needs
 /// to append directly (the append URL and a short-lived channel-scoped token).
 async fn initialize(
-    State(state): State<AppState>,
+    State(sessions): State<ChannelAccess>,
+    State(channels): State<ChannelStore>,
+    State(settings): State<RealtimeSettings>,
     auth: Auth,
     path: ChannelPath,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let session = load_channel(&state, &auth, &path.session, path.io, Action::Write).await?;
+    let session = sessions.load(&auth, &path.session, path.io, Action::Write).await?;
     if let Some(refusal) = session.write_refusal(chrono::Utc::now()) {
         return Err(ApiError::BadRequest(refusal.into()));
     }
     // The row may be a second old (lookup cache); the seal is not.
-    if state.channels.is_sealed(ChannelKey { session_id: session.id, io: path.io }).await? {
+    if channels.is_sealed(ChannelKey { session_id: session.id, io: path.io }).await? {
         return Err(ApiError::BadRequest("Session is closed".into()));
     }
     let token = jwt::mint(
@@ -96,7 +85,7 @@ async fn initialize(
         WRITE_TOKEN_TTL_SECS,
     );
     let append_url =
-        format!("{}/realtime/v1/sessions/{}/{}/append", base_url(&state, &headers), session.friendly_id, path.io);
+        format!("{}/realtime/v1/sessions/{}/{}/append", base_url(&settings, &headers), session.friendly_id, path.io);
     let expires = chrono::Utc::now() + chrono::Duration::seconds(WRITE_TOKEN_TTL_SECS);
     let mut resp = Json(json!({"version": "v2"})).into_response();
     let h = resp.headers_mut();
@@ -135,19 +124,6 @@ impl IntoResponse for AppendError {
 impl<E: Into<ApiError>> From<E> for AppendError {
     fn from(e: E) -> Self {
         AppendError(e.into())
-    }
-}
-
-impl From<ChannelError> for ApiError {
-    fn from(e: ChannelError) -> Self {
-        match e {
-            ChannelError::Closed => ApiError::BadRequest("Session is closed".into()),
-            ChannelError::Superseded => ApiError::Conflict(
-                "This run was superseded by another run of the session and may no longer write to it".into(),
-            ),
-            ChannelError::Redis(err) => err.into(),
-            other => ApiError::Internal(other.into()),
-        }
     }
 }
 
@@ -209,7 +185,8 @@ struct AppendResponse {
 /// else happens: pending waitpoints are then completed with it, and an append to
 /// `.in` while the session has no live run boots one, which will read it.
 async fn append(
-    State(state): State<AppState>,
+    State(sessions): State<ChannelAccess>,
+    State(appender): State<Appender>,
     auth: Auth,
     path: ChannelPath,
     headers: HeaderMap,
@@ -226,27 +203,10 @@ async fn append(
         None => None,
     };
     let body = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("Record body must be UTF-8".into()))?;
-    let session = load_channel(&state, &auth, &path.session, path.io, Action::Write).await?;
-    let key = ChannelKey { session_id: session.id, io: path.io };
-    let part_id = part_id.map(store::client_part);
-    if let Some(refusal) = session.write_refusal(chrono::Utc::now()) {
-        // A retry of an append stored before the close still gets its ack.
-        if let Some(part) = &part_id {
-            if state.channels.part_seq(key, part).await.map_err(ApiError::from)?.is_some() {
-                return Ok(Json(AppendResponse { ok: true, message: Some(DUPLICATE) }));
-            }
-        }
-        return Err(ApiError::BadRequest(refusal.into()).into());
-    }
-    let writer = effects::writer(auth.env.id, key, auth.acting_run());
-    let appended = state
-        .channels
-        .append_as(key, body, &record_headers, part_id.as_deref(), &writer)
-        .await
-        .map_err(ApiError::from)?;
-    let duplicate = appended.duplicate;
-    effects::follow_up(&state, auth.env.id, key, appended).await?;
-    Ok(Json(AppendResponse { ok: true, message: duplicate.then_some(DUPLICATE) }))
+    let session = sessions.load(&auth, &path.session, path.io, Action::Write).await?;
+    let new = NewAppend { io: path.io, body, headers: &record_headers, part_id, acting_run: auth.acting_run() };
+    let appended = appender.append(auth.env.id, &session, new).await.map_err(ApiError::from)?;
+    Ok(Json(AppendResponse { ok: true, message: appended.duplicate.then_some(DUPLICATE) }))
 }
 
 const DUPLICATE: &str = "duplicate part id: already appended";
@@ -272,19 +232,20 @@ const MAX_RECORDS_READ: usize = 1000;
 
 /// Immediate drain: records after `afterEventId`, with the SDK envelope unwrapped.
 async fn records(
-    State(state): State<AppState>,
+    State(sessions): State<ChannelAccess>,
+    State(channels): State<ChannelStore>,
     auth: Auth,
     path: ChannelPath,
     Query(q): Query<RecordsQuery>,
 ) -> ApiResult<Json<Value>> {
     let after = parse_cursor("afterEventId", q.after_event_id.as_deref())?;
-    let session = load_channel(&state, &auth, &path.session, path.io, Action::Read).await?;
+    let session = sessions.load(&auth, &path.session, path.io, Action::Read).await?;
     let key = ChannelKey { session_id: session.id, io: path.io };
-    let records = state.channels.read_after(key, after, MAX_RECORDS_READ).await?;
+    let records = channels.read_after(key, after, MAX_RECORDS_READ).await?;
     // As for Last-Event-ID: an id the channel never reached is refused, as
     // following it would skip the records that later take those numbers.
     if let (Some(a), true) = (after, records.is_empty()) {
-        let next_seq = state.channels.next_seq(key).await?;
+        let next_seq = channels.next_seq(key).await?;
         if a >= next_seq {
             return Err(ApiError::BadRequest(format!(
                 "afterEventId {a} is past the end of the stream (next is {next_seq})"
@@ -322,13 +283,16 @@ const MAX_WINDOW_SECS: u64 = 600;
 /// SSE subscription: backlog from the cursor, then live records, until the
 /// long-poll window ends (the client reconnects with `Last-Event-ID`).
 async fn subscribe(
-    State(state): State<AppState>,
+    State(sessions): State<ChannelAccess>,
+    State(channels): State<ChannelStore>,
+    State(hub): State<Hub>,
+    State(settings): State<RealtimeSettings>,
     auth: Auth,
     path: ChannelPath,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let mut cursor = parse_cursor("Last-Event-ID", header_str("last-event-id"))?;
+    let last_event_id = parse_cursor("Last-Event-ID", header_str("last-event-id"))?;
     let window = match header_str("timeout-seconds") {
         Some(v) => v
             .trim()
@@ -338,60 +302,18 @@ async fn subscribe(
             .ok_or_else(|| ApiError::BadRequest(format!("Timeout-Seconds must be 1-{MAX_WINDOW_SECS}")))?,
         None => DEFAULT_WINDOW_SECS,
     };
-    let session = load_channel(&state, &auth, &path.session, path.io, Action::Read).await?;
+    let session = sessions.load(&auth, &path.session, path.io, Action::Read).await?;
     let key = ChannelKey { session_id: session.id, io: path.io };
-    let store = state.channels.clone();
-    // Subscribe before reading anything, so nothing appended from here on is missed.
-    let feed = state.hub.feed(key);
-
-    let mut next_seq = None;
-    if cursor.is_none() && header_str("x-trigger-stream-start") == Some("latest") {
-        let next = store.next_seq(key).await?;
-        next_seq = Some(next);
-        cursor = next.checked_sub(1);
-    }
-    let mut gap = None;
-    if let Some(c) = cursor {
-        // An id the channel never reached would silently skip the records
-        // that get those numbers later.
-        let next_seq = match next_seq {
-            Some(n) => n,
-            None => store.next_seq(key).await?,
-        };
-        if c >= next_seq {
-            return Err(ApiError::BadRequest(format!(
-                "Last-Event-ID {c} is past the end of the stream (next is {next_seq})"
-            )));
-        }
-        let oldest = store.oldest_seq(key).await?;
-        if oldest > c + 1 {
-            gap = Some(sse::gap_record(c + 1, oldest - 1));
-        }
-    }
-    // Only `.out` carries turns; on `.in` the header is ignored.
-    let peek = path.io == Io::Out && header_str("x-peek-settled") == Some("1");
-    let settled = peek && store.last(key).await?.is_some_and(|r| r.is_turn_complete());
-    // Answer 503 rather than a stream that fails at once if Redis is away: when
-    // nothing above has read Redis, the stream's first read happens now. (An
-    // empty one is redone by the stream once it listens to the feed, so that
-    // nothing appended in between is missed.)
-    let first_read = if cursor.is_none() && next_seq.is_none() && !peek {
-        Some(store.read_after(key, None, sse::BACKLOG_BATCH).await?).filter(|r| !r.is_empty())
-    } else {
-        None
-    };
-
-    let sub = Subscription {
-        store,
-        key,
-        feed,
-        cursor,
-        settled,
+    let req = SubscribeRequest {
+        last_event_id,
+        from_tail: header_str("x-trigger-stream-start") == Some("latest"),
+        // Only `.out` carries turns; on `.in` the header is ignored.
+        peek_settled: path.io == Io::Out && header_str("x-peek-settled") == Some("1"),
         window: Duration::from_secs(window),
-        keepalive: Duration::from_millis(state.config.sse_keepalive_ms),
-        gap,
-        first_read,
+        keepalive: settings.keepalive,
     };
+    let sub = Subscription::open(channels, &hub, key, req).await?;
+    let settled = sub.settled;
     let mut resp = Response::new(Body::from_stream(sse::stream(sub)));
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

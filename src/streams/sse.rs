@@ -21,8 +21,8 @@ use futures::Stream;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::time::{Instant, Sleep};
 
-use super::hub::Feed;
-use super::store::ChannelStore;
+use super::hub::{Feed, Hub};
+use super::store::{ChannelError, ChannelStore};
 use super::{ChannelKey, Record};
 
 /// Records per SSE batch when draining a backlog.
@@ -109,6 +109,89 @@ pub struct Subscription {
     /// The first backlog read, done before answering so that an unreachable
     /// Redis is a 503 rather than a stream that fails at once.
     pub first_read: Option<Vec<Record>>,
+}
+
+/// Why a subscription could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    /// Following an id the channel never reached would silently skip the
+    /// records that later get those numbers.
+    #[error("Last-Event-ID {cursor} is past the end of the stream (next is {next})")]
+    PastEnd { cursor: u64, next: u64 },
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+}
+
+/// Where and how a subscriber wants to follow a channel.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscribeRequest {
+    /// `Last-Event-ID`: the last seq_num the client has.
+    pub last_event_id: Option<u64>,
+    /// `X-Trigger-Stream-Start: latest` (without a `Last-Event-ID`): start at the tail.
+    pub from_tail: bool,
+    /// `X-Peek-Settled` on a channel that carries turns (`.out`): answer
+    /// settled and close once the backlog is drained if the newest record ends
+    /// a turn.
+    pub peek_settled: bool,
+    pub window: Duration,
+    pub keepalive: Duration,
+}
+
+impl Subscription {
+    /// Opens a subscription to `key`: resolves the cursor (a tail start, a gap
+    /// in expired history, an id past the end) and the settled peek. It joins
+    /// the channel's feed before reading anything, so nothing appended from
+    /// here on is missed.
+    pub async fn open(
+        store: ChannelStore,
+        hub: &Hub,
+        key: ChannelKey,
+        req: SubscribeRequest,
+    ) -> Result<Subscription, SubscribeError> {
+        let feed = hub.feed(key);
+        let mut cursor = req.last_event_id;
+        let mut next_seq = None;
+        if cursor.is_none() && req.from_tail {
+            let next = store.next_seq(key).await?;
+            next_seq = Some(next);
+            cursor = next.checked_sub(1);
+        }
+        let mut gap = None;
+        if let Some(c) = cursor {
+            let next = match next_seq {
+                Some(n) => n,
+                None => store.next_seq(key).await?,
+            };
+            if c >= next {
+                return Err(SubscribeError::PastEnd { cursor: c, next });
+            }
+            let oldest = store.oldest_seq(key).await?;
+            if oldest > c + 1 {
+                gap = Some(gap_record(c + 1, oldest - 1));
+            }
+        }
+        let settled = req.peek_settled && store.last(key).await?.is_some_and(|r| r.is_turn_complete());
+        // Fail now (503) rather than with a stream that fails at once if Redis
+        // is away: when nothing above has read Redis, the stream's first read
+        // happens here. (An empty one is redone by the stream once it listens
+        // to the feed, so that nothing appended in between is missed.)
+        let first_read = if cursor.is_none() && next_seq.is_none() && !req.peek_settled {
+            Some(store.read_after(key, None, BACKLOG_BATCH).await?).filter(|r| !r.is_empty())
+        } else {
+            None
+        };
+        Ok(Subscription {
+            store,
+            key,
+            feed,
+            cursor,
+            settled,
+            window: req.window,
+            keepalive: req.keepalive,
+            gap,
+            first_read,
+        })
+    }
 }
 
 enum Phase {

@@ -15,12 +15,19 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::app::AppState;
-use crate::streams::{ChannelKey, Io, Record};
+use crate::db::StoreError;
+use crate::runs::store as run_store;
+use crate::runs::RunStatus;
+use crate::sessions::store as sessions_store;
+use crate::sessions::Session;
+use crate::streams::hub::Hub;
+use crate::streams::store::{ChannelError, ChannelStore, SESSION_CLOSED_PART};
+use crate::streams::{ChannelKey, Io, Record, CONTROL_HEADER};
 use crate::validation::{duration, parse_duration_secs, timestamp_in_range};
-use store::Waitpoint;
+use store::{NewWaitpoint, Waitpoint, WaitpointStatus};
 
 /// Pending-set TTL when a waitpoint has no timeout.
 pub const DEFAULT_PENDING_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -57,24 +64,7 @@ pub fn record_output(r: &Record) -> Value {
 }
 
 pub fn channel_of(w: &Waitpoint) -> ChannelKey {
-    ChannelKey { session_id: w.session_id, io: Io::parse(&w.io).unwrap_or(Io::In) }
-}
-
-/// Completes `w` with `record` and takes it off the channel's pending set.
-pub async fn complete_with(state: &AppState, w: &Waitpoint, output: &Value) -> anyhow::Result<bool> {
-    let done = store::complete(&state.db, w.id, output).await?;
-    state.channels.remove_waiter(channel_of(w), w.id).await?;
-    Ok(done)
-}
-
-/// Completes `w` if a record after its `after_seq` already exists.
-pub async fn check_arrived(state: &AppState, w: &Waitpoint) -> anyhow::Result<bool> {
-    let after = u64::try_from(w.after_seq).ok();
-    let records = state.channels.read_after(channel_of(w), after, 1).await?;
-    match records.first() {
-        Some(r) => complete_with(state, w, &record_output(r)).await,
-        None => Ok(false),
-    }
+    ChannelKey { session_id: w.session_id, io: w.io }
 }
 
 /// How long a waitpoint's entry in the channel's pending set must last.
@@ -84,108 +74,243 @@ pub fn pending_ttl_ms(timeout_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> 
         .unwrap_or(DEFAULT_PENDING_TTL_MS)
 }
 
-/// The drain job: waitpoints the append of record `seq_num` took off the
-/// channel's pending set. Each completes with the first record after its own
-/// `after_seq`, which is not always the appended one: an earlier record may
-/// have landed between the waitpoint's creation and its registration. One with
-/// no record after its `after_seq` yet (a `lastSeqNum` ahead of the append)
-/// goes back in the pending set for the next append.
-pub async fn drain(state: &AppState, session_id: Uuid, io: Io, seq_num: u64, ids: &[Uuid]) -> anyhow::Result<usize> {
-    let key = ChannelKey { session_id, io };
-    let mut completed = 0;
-    for id in ids {
-        let Some(w) = store::find_by_id(&state.db, *id).await? else { continue };
-        if w.status != "WAITING" {
-            continue;
-        }
-        if check_arrived(state, &w).await? {
-            completed += 1;
-            continue;
-        }
-        tracing::debug!(waitpoint = %w.friendly_id, %io, seq_num, after_seq = w.after_seq, "drained waitpoint waits on");
-        state.channels.register_waiter(key, w.id, pending_ttl_ms(w.timeout_at, Utc::now())).await?;
-        // A record appended while it was out of the set has drained without it.
-        if check_arrived(state, &w).await? {
-            completed += 1;
-        }
-    }
-    Ok(completed)
+/// Why a wait could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// The session takes no waits (closed or expired).
+    #[error("{0}")]
+    SessionClosed(&'static str),
+    #[error("Run not found")]
+    RunNotFound,
+    /// A run waits on its own session's channels only.
+    #[error("the run does not belong to this session")]
+    RunNotInSession,
+    /// Another run replaced this one (a hand-off).
+    #[error("Run was superseded by {0}")]
+    Superseded(String),
+    /// The run is not executing (queued, or final).
+    #[error("Run is {0}")]
+    RunNotActive(RunStatus),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
 }
 
-/// Long-polls until `w` is no longer waiting or `wait` passes; returns its latest state.
-pub async fn wait_for(state: &AppState, w: Waitpoint, wait: Duration) -> anyhow::Result<Waitpoint> {
-    if w.status != "WAITING" {
-        return Ok(w);
-    }
-    let key = channel_of(&w);
-    let feed = state.hub.feed(key);
-    let mut rx = feed.subscribe();
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        check_arrived(state, &w).await?;
-        let current = store::find_by_id(&state.db, w.id).await?.unwrap_or(w.clone());
-        if current.status != "WAITING" || tokio::time::Instant::now() >= deadline {
-            return Ok(current);
-        }
-        // Woken by the next record on the channel; the tick catches completions
-        // by other paths (timeouts, close, another server's drain).
-        tokio::select! {
-            _ = rx.recv() => {}
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-        }
-    }
+/// A wait a run asks for, validated.
+pub struct WaitRequest<'a> {
+    /// The waiting run's friendly id.
+    pub run: &'a str,
+    pub session: &'a Session,
+    pub io: Io,
+    /// Complete with the first record after this seq; None: after the
+    /// channel's tail now.
+    pub last_seq_num: Option<i64>,
+    pub idempotency_key: Option<&'a str>,
+    pub idempotency_key_expires_at: DateTime<Utc>,
+    pub tags: &'a [String],
+    pub timeout_at: Option<DateTime<Utc>>,
 }
 
-/// The timeout sweep: waitpoints past `timeout_at` end TIMED_OUT.
-pub async fn time_out_due(state: &AppState) -> anyhow::Result<usize> {
-    let timed_out = store::time_out_due(&state.db).await?;
-    for w in &timed_out {
-        state.channels.remove_waiter(channel_of(w), w.id).await?;
-    }
-    Ok(timed_out.len())
+/// Waitpoints on session channels (see the module docs), with what they use:
+/// the database, the channel store (pending sets, records), the hub (the
+/// long-poll follows the channel feed).
+#[derive(Clone)]
+pub struct Waitpoints {
+    db: PgPool,
+    channels: ChannelStore,
+    hub: Hub,
+    /// How long closed channels' records are kept.
+    retention_ms: u64,
+    /// The long-poll's re-check between feed wake-ups, for completions by
+    /// other paths (timeouts, close, another server's drain).
+    fallback_poll: Duration,
 }
 
-/// After a session closes: wake a waiting run with a `session-closed` record on
-/// `.in` (unless the close came from that run), refuse further writes, let the
-/// data expire after the retention period, and complete what still waits.
-pub async fn close_channels(
-    state: &AppState,
-    session_id: Uuid,
-    reason: Option<&str>,
-    notify_in: bool,
-) -> anyhow::Result<()> {
-    let retention_ms = state.config.channel_retention_secs * 1000;
-    if notify_in {
-        let mut headers = vec![(crate::streams::CONTROL_HEADER.to_string(), "session-closed".to_string())];
-        if let Some(r) = reason {
-            headers.push(("session-closed-reason".into(), r.to_string()));
+impl Waitpoints {
+    pub fn new(db: PgPool, channels: ChannelStore, hub: Hub, retention_ms: u64, fallback_poll: Duration) -> Self {
+        Waitpoints { db, channels, hub, retention_ms, fallback_poll }
+    }
+
+    /// Suspends run `req.run` on a session channel until a record after
+    /// `lastSeqNum` lands there (or the timeout). Data that already arrived
+    /// completes it at once. Returns the waitpoint and whether it was cached
+    /// (the same idempotency key).
+    pub async fn create(&self, env_id: Uuid, req: WaitRequest<'_>) -> Result<(Waitpoint, bool), WaitError> {
+        let now = Utc::now();
+        let session = req.session;
+        if let Some(refusal) = session.write_refusal(now) {
+            return Err(WaitError::SessionClosed(refusal));
         }
-        let key = ChannelKey { session_id, io: Io::In };
-        // A fixed part id (clients cannot use it): a retried job does not
-        // append a second close record.
-        match state.channels.append(key, "", &headers, Some(crate::streams::store::SESSION_CLOSED_PART)).await {
-            Ok(appended) => {
-                if !appended.drained_waitpoints.is_empty() {
-                    drain(state, session_id, Io::In, appended.seq_num, &appended.drained_waitpoints).await?;
-                }
-            }
-            Err(crate::streams::store::ChannelError::Closed) => {}
-            Err(e) => return Err(e.into()),
+        let run = run_store::find(&self.db, env_id, req.run).await?.ok_or(WaitError::RunNotFound)?;
+        if run.session_id != Some(session.id) {
+            return Err(WaitError::RunNotInSession);
         }
-    }
-    for io in [Io::In, Io::Out] {
-        state.channels.close(ChannelKey { session_id, io }, retention_ms).await?;
-    }
-    let output = closed_output(reason);
-    for w in store::waiting_for_session(&state.db, session_id).await? {
-        complete_with(state, &w, &output).await?;
-    }
-    sqlx::query("UPDATE sessions SET channels_closed_at = now() WHERE id = $1 AND channels_closed_at IS NULL")
-        .bind(session_id)
-        .execute(&state.db)
+        if let Some(by) = run.superseded_by {
+            return Err(WaitError::Superseded(by));
+        }
+        if !matches!(run.status, RunStatus::Executing | RunStatus::Waiting) {
+            return Err(WaitError::RunNotActive(run.status));
+        }
+        let key = ChannelKey { session_id: session.id, io: req.io };
+        let after_seq = match req.last_seq_num {
+            Some(n) => n,
+            None => self.channels.next_seq(key).await? as i64 - 1,
+        };
+        let created = store::create(
+            &self.db,
+            &NewWaitpoint {
+                env_id,
+                run_id: run.id,
+                session_id: session.id,
+                io: req.io,
+                after_seq,
+                idempotency_key: req.idempotency_key,
+                idempotency_key_expires_at: req.idempotency_key.map(|_| req.idempotency_key_expires_at),
+                tags: req.tags,
+                timeout_at: req.timeout_at,
+            },
+        )
         .await?;
-    Ok(())
+        let (waitpoint, cached) = match created {
+            store::Created::Waitpoint(w, cached) => (w, cached),
+            store::Created::RunNotActive { superseded_by: Some(by), .. } => return Err(WaitError::Superseded(by)),
+            store::Created::RunNotActive { status, superseded_by: None } => {
+                return Err(WaitError::RunNotActive(status))
+            }
+        };
+        if !cached {
+            self.channels.register_waiter(key, waitpoint.id, pending_ttl_ms(req.timeout_at, now)).await?;
+            // The race-check: a record that landed before the registration.
+            if let Err(err) = self.check_arrived(&waitpoint).await {
+                tracing::warn!(waitpoint = %waitpoint.friendly_id, session = %session.friendly_id, io = %req.io, error = %err, "race-check failed");
+            }
+            // A close that sealed the channel after our session check completed
+            // the waitpoints it found, maybe before this one existed: do it here.
+            if self.channels.is_sealed(key).await? {
+                let fresh = sessions_store::find_by_id(&self.db, env_id, session.id).await?;
+                let reason = fresh.as_ref().and_then(|s| s.close_reason(Utc::now()));
+                self.complete_with(&waitpoint, &closed_output(reason.as_deref())).await?;
+            }
+        }
+        Ok((waitpoint, cached))
+    }
+
+    /// Completes `w` with `output` and takes it off the channel's pending set.
+    pub async fn complete_with(&self, w: &Waitpoint, output: &Value) -> Result<bool, WaitError> {
+        let done = store::complete(&self.db, w.id, output).await?;
+        self.channels.remove_waiter(channel_of(w), w.id).await?;
+        Ok(done)
+    }
+
+    /// Completes `w` if a record after its `after_seq` already exists.
+    pub async fn check_arrived(&self, w: &Waitpoint) -> Result<bool, WaitError> {
+        let after = u64::try_from(w.after_seq).ok();
+        let records = self.channels.read_after(channel_of(w), after, 1).await?;
+        match records.first() {
+            Some(r) => self.complete_with(w, &record_output(r)).await,
+            None => Ok(false),
+        }
+    }
+
+    /// The drain job: waitpoints the append of record `seq_num` took off the
+    /// channel's pending set. Each completes with the first record after its own
+    /// `after_seq`, which is not always the appended one: an earlier record may
+    /// have landed between the waitpoint's creation and its registration. One with
+    /// no record after its `after_seq` yet (a `lastSeqNum` ahead of the append)
+    /// goes back in the pending set for the next append.
+    pub async fn drain(&self, session_id: Uuid, io: Io, seq_num: u64, ids: &[Uuid]) -> Result<usize, WaitError> {
+        let key = ChannelKey { session_id, io };
+        let mut completed = 0;
+        for id in ids {
+            let Some(w) = store::find_by_id(&self.db, *id).await? else { continue };
+            if w.status != WaitpointStatus::Waiting {
+                continue;
+            }
+            if self.check_arrived(&w).await? {
+                completed += 1;
+                continue;
+            }
+            tracing::debug!(waitpoint = %w.friendly_id, %io, seq_num, after_seq = w.after_seq, "drained waitpoint waits on");
+            self.channels.register_waiter(key, w.id, pending_ttl_ms(w.timeout_at, Utc::now())).await?;
+            // A record appended while it was out of the set has drained without it.
+            if self.check_arrived(&w).await? {
+                completed += 1;
+            }
+        }
+        Ok(completed)
+    }
+
+    /// Long-polls until `w` is no longer waiting or `wait` passes; returns its latest state.
+    pub async fn wait_for(&self, w: Waitpoint, wait: Duration) -> Result<Waitpoint, WaitError> {
+        if w.status != WaitpointStatus::Waiting {
+            return Ok(w);
+        }
+        let feed = self.hub.feed(channel_of(&w));
+        let mut rx = feed.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            self.check_arrived(&w).await?;
+            let current = store::find_by_id(&self.db, w.id).await?.unwrap_or(w.clone());
+            if current.status != WaitpointStatus::Waiting || tokio::time::Instant::now() >= deadline {
+                return Ok(current);
+            }
+            // Woken by the next record on the channel; the fallback poll catches
+            // completions by other paths (timeouts, close, another server's drain).
+            tokio::select! {
+                _ = rx.recv() => {}
+                _ = tokio::time::sleep(self.fallback_poll) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// The timeout sweep: waitpoints past `timeout_at` end TIMED_OUT.
+    pub async fn time_out_due(&self) -> Result<usize, WaitError> {
+        let timed_out = store::time_out_due(&self.db).await?;
+        for w in &timed_out {
+            self.channels.remove_waiter(channel_of(w), w.id).await?;
+        }
+        Ok(timed_out.len())
+    }
+
+    /// After a session closes: wake a waiting run with a `session-closed` record on
+    /// `.in` (unless the close came from that run), refuse further writes, let the
+    /// data expire after the retention period, and complete what still waits.
+    pub async fn close_channels(
+        &self,
+        session_id: Uuid,
+        reason: Option<&str>,
+        notify_in: bool,
+    ) -> Result<(), WaitError> {
+        if notify_in {
+            let mut headers = vec![(CONTROL_HEADER.to_string(), "session-closed".to_string())];
+            if let Some(r) = reason {
+                headers.push(("session-closed-reason".into(), r.to_string()));
+            }
+            let key = ChannelKey { session_id, io: Io::In };
+            // A fixed part id (clients cannot use it): a retried job does not
+            // append a second close record.
+            match self.channels.append(key, "", &headers, Some(SESSION_CLOSED_PART)).await {
+                Ok(appended) => {
+                    if !appended.drained_waitpoints.is_empty() {
+                        self.drain(session_id, Io::In, appended.seq_num, &appended.drained_waitpoints).await?;
+                    }
+                }
+                Err(ChannelError::Closed) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for io in [Io::In, Io::Out] {
+            self.channels.close(ChannelKey { session_id, io }, self.retention_ms).await?;
+        }
+        let output = closed_output(reason);
+        for w in store::waiting_for_session(&self.db, session_id).await? {
+            self.complete_with(&w, &output).await?;
+        }
+        sessions_store::mark_channels_closed(&self.db, session_id).await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

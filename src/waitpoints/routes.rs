@@ -10,15 +10,17 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::store::{self, NewWaitpoint, Waitpoint};
+use sqlx::PgPool;
+
+use super::store::{self, Waitpoint, WaitpointStatus};
+use super::{WaitRequest, Waitpoints};
 use crate::app::AppState;
 use crate::auth::{Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{validate_path_id, ApiJson, PathId};
 use crate::runs::store as run_store;
-use crate::runs::RunStatus;
-use crate::streams::routes::load_channel;
-use crate::streams::{ChannelKey, Io};
+use crate::sessions::access::ChannelAccess;
+use crate::streams::Io;
 use crate::validation::{check_len, check_tags, ValidationError};
 
 pub fn router() -> Router<AppState> {
@@ -61,7 +63,8 @@ struct CreateResponse {
 /// Suspends the run on a session channel until a record after `lastSeqNum`
 /// lands there (or the timeout). Data that already arrived completes it at once.
 async fn create(
-    State(state): State<AppState>,
+    State(sessions): State<ChannelAccess>,
+    State(waitpoints): State<Waitpoints>,
     auth: Auth,
     PathId(run_id): PathId,
     ApiJson(body): ApiJson<CreateBody>,
@@ -95,69 +98,19 @@ async fn create(
     if !auth.can_access_run(Action::Write, &run_id) {
         return Err(ApiError::Forbidden);
     }
-    let session = load_channel(&state, &auth, &body.session, io, Action::Read).await?;
-    if let Some(refusal) = session.write_refusal(now) {
-        return Err(ApiError::BadRequest(refusal.into()));
-    }
-    let run = run_store::find(&state.db, auth.env.id, &run_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("Run not found".into()))?;
-    if run.session_id != Some(session.id) {
-        return Err(ValidationError::new("session", "the run does not belong to this session").into());
-    }
-    if run.superseded_by.is_some() || !matches!(run.status(), RunStatus::Executing | RunStatus::Waiting) {
-        return Err(run_cannot_wait(run.status().as_str(), run.superseded_by.as_deref()));
-    }
-    let key = ChannelKey { session_id: session.id, io };
-    // Without lastSeqNum only records after this moment count.
-    let after_seq = match body.last_seq_num {
-        Some(n) => n,
-        None => state.channels.next_seq(key).await? as i64 - 1,
+    let session = sessions.load(&auth, &body.session, io, Action::Read).await?;
+    let request = WaitRequest {
+        run: &run_id,
+        session: &session,
+        io,
+        last_seq_num: body.last_seq_num,
+        idempotency_key: body.idempotency_key.as_deref(),
+        idempotency_key_expires_at: key_expires_at,
+        tags: &tags,
+        timeout_at,
     };
-    let created = store::create(
-        &state.db,
-        &NewWaitpoint {
-            env_id: auth.env.id,
-            run_id: run.id,
-            session_id: session.id,
-            io: io.as_str(),
-            after_seq,
-            idempotency_key: body.idempotency_key.as_deref(),
-            idempotency_key_expires_at: body.idempotency_key.as_ref().map(|_| key_expires_at),
-            tags: &tags,
-            timeout_at,
-        },
-    )
-    .await?;
-    let (waitpoint, cached) = match created {
-        store::Created::Waitpoint(w, cached) => (w, cached),
-        store::Created::RunNotActive { status, superseded_by } => {
-            return Err(run_cannot_wait(&status, superseded_by.as_deref()))
-        }
-    };
-    if !cached {
-        state.channels.register_waiter(key, waitpoint.id, super::pending_ttl_ms(timeout_at, now)).await?;
-        // The race-check: a record that landed before the registration.
-        if let Err(err) = super::check_arrived(&state, &waitpoint).await {
-            tracing::warn!(waitpoint = %waitpoint.friendly_id, session = %session.friendly_id, %io, error = %err, "race-check failed");
-        }
-        // A close that sealed the channel after our session check completed
-        // the waitpoints it found, maybe before this one existed: do it here.
-        if state.channels.is_sealed(key).await? {
-            let fresh = crate::sessions::store::find_by_id(&state.db, auth.env.id, session.id).await?;
-            let reason = fresh.as_ref().and_then(|s| s.close_reason(Utc::now()));
-            super::complete_with(&state, &waitpoint, &super::closed_output(reason.as_deref())).await?;
-        }
-    }
+    let (waitpoint, cached) = waitpoints.create(auth.env.id, request).await?;
     Ok(Json(CreateResponse { waitpoint_id: waitpoint.friendly_id, is_cached: cached }))
-}
-
-/// 409 for a run that may not wait: replaced by another run, or not executing.
-fn run_cannot_wait(status: &str, superseded_by: Option<&str>) -> ApiError {
-    match superseded_by {
-        Some(by) => ApiError::superseded(by),
-        None => ApiError::Conflict(format!("Run is {status}")),
-    }
 }
 
 #[derive(Deserialize)]
@@ -171,7 +124,7 @@ struct WaitQuery {
 #[serde(rename_all = "camelCase")]
 struct WaitpointView {
     id: String,
-    status: String,
+    status: WaitpointStatus,
     output: Option<Value>,
     tags: Vec<String>,
     timeout_at: Option<DateTime<Utc>>,
@@ -198,7 +151,8 @@ const MAX_WAIT_SECS: u64 = 60;
 /// The worker's long-poll: answers as soon as the waitpoint completes or times
 /// out, or with WAITING after `waitSeconds` (then poll again).
 async fn wait(
-    State(state): State<AppState>,
+    State(db): State<PgPool>,
+    State(waitpoints): State<Waitpoints>,
     auth: Auth,
     Path((run_id, waitpoint_id)): Path<(String, String)>,
     Query(q): Query<WaitQuery>,
@@ -208,13 +162,12 @@ async fn wait(
     if !auth.can_access_run(Action::Read, &run_id) {
         return Err(ApiError::Forbidden);
     }
-    let run = run_store::find(&state.db, auth.env.id, &run_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("Run not found".into()))?;
-    let w = store::find(&state.db, auth.env.id, &waitpoint_id)
+    let run =
+        run_store::find(&db, auth.env.id, &run_id).await?.ok_or_else(|| ApiError::NotFound("Run not found".into()))?;
+    let w = store::find(&db, auth.env.id, &waitpoint_id)
         .await?
         .filter(|w| w.run_id == run.id)
         .ok_or_else(|| ApiError::NotFound("Waitpoint not found".into()))?;
     let wait = Duration::from_secs(q.wait_seconds.unwrap_or(30).min(MAX_WAIT_SECS));
-    Ok(Json(super::wait_for(&state, w, wait).await?.into()))
+    Ok(Json(waitpoints.wait_for(w, wait).await?.into()))
 }

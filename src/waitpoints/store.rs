@@ -5,6 +5,22 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::db::{JsonDoc, StoreError};
+use crate::runs::store as run_store;
+use crate::runs::RunStatus;
+use crate::streams::Io;
+
+/// Lifecycle of a waitpoint: WAITING until a record, its timeout, its
+/// session's close or its run's replacement ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "SCREAMING_SNAKE_CASE")]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum WaitpointStatus {
+    Waiting,
+    Completed,
+    TimedOut,
+    /// Its run was superseded (a hand-off) while it waited.
+    Canceled,
+}
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Waitpoint {
@@ -13,8 +29,8 @@ pub struct Waitpoint {
     pub runtime_environment_id: Uuid,
     pub run_id: Uuid,
     pub session_id: Uuid,
-    pub io: String,
-    pub status: String,
+    pub io: Io,
+    pub status: WaitpointStatus,
     pub after_seq: i64,
     pub idempotency_key: Option<String>,
     pub idempotency_key_expires_at: Option<DateTime<Utc>>,
@@ -32,7 +48,7 @@ pub struct NewWaitpoint<'a> {
     pub env_id: Uuid,
     pub run_id: Uuid,
     pub session_id: Uuid,
-    pub io: &'a str,
+    pub io: Io,
     pub after_seq: i64,
     pub idempotency_key: Option<&'a str>,
     pub idempotency_key_expires_at: Option<DateTime<Utc>>,
@@ -42,11 +58,13 @@ pub struct NewWaitpoint<'a> {
 
 /// What [`create`] did.
 #[derive(Debug)]
+// Returned once per wait and never stored: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Created {
     /// A new waitpoint (`false`) or the live one holding the idempotency key (`true`).
     Waitpoint(Waitpoint, bool),
     /// The run cannot wait: it is not executing, or another run replaced it.
-    RunNotActive { status: String, superseded_by: Option<String> },
+    RunNotActive { status: RunStatus, superseded_by: Option<String> },
 }
 
 /// Creates a waitpoint and suspends its run (EXECUTING → WAITING), or returns
@@ -59,12 +77,8 @@ pub enum Created {
 pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, StoreError> {
     for _ in 0..2 {
         let mut tx = pool.begin().await?;
-        let (status, superseded_by): (String, Option<String>) =
-            sqlx::query_as("SELECT status, superseded_by FROM task_runs WHERE id = $1 FOR UPDATE")
-                .bind(new.run_id)
-                .fetch_one(&mut *tx)
-                .await?;
-        if superseded_by.is_some() || !matches!(status.as_str(), "EXECUTING" | "WAITING") {
+        let (status, superseded_by) = run_store::lock_for_wait(&mut tx, new.run_id).await?;
+        if superseded_by.is_some() || !matches!(status, RunStatus::Executing | RunStatus::Waiting) {
             return Ok(Created::RunNotActive { status, superseded_by });
         }
         if let Some(key) = new.idempotency_key {
@@ -106,12 +120,7 @@ pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, St
         .await;
         match inserted.map_err(StoreError::from) {
             Ok(w) => {
-                sqlx::query(
-                    "UPDATE task_runs SET status = 'WAITING', updated_at = now() WHERE id = $1 AND status = 'EXECUTING'",
-                )
-                .bind(new.run_id)
-                .execute(&mut *tx)
-                .await?;
+                run_store::suspend(&mut tx, new.run_id).await?;
                 tx.commit().await?;
                 return Ok(Created::Waitpoint(w, false));
             }
@@ -137,12 +146,6 @@ pub async fn find_by_id(pool: &PgPool, id: Uuid) -> Result<Option<Waitpoint>, St
     Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM waitpoints WHERE id = $1")).bind(id).fetch_optional(pool).await?)
 }
 
-/// After a waitpoint of `run_id` ends: the run goes back to EXECUTING unless it
-/// still waits on another one.
-const RESUME_RUN: &str = "UPDATE task_runs SET status = 'EXECUTING', updated_at = now()
-    WHERE id = $1 AND status = 'WAITING'
-      AND NOT EXISTS (SELECT 1 FROM waitpoints WHERE run_id = $1 AND status = 'WAITING')";
-
 /// Completes a waiting waitpoint with `output`. Conditional, so concurrent
 /// completions (the drain job, the worker's wait, close) settle on one output.
 /// Returns whether this call completed it.
@@ -157,7 +160,7 @@ pub async fn complete(pool: &PgPool, id: Uuid, output: &serde_json::Value) -> Re
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(run) = run {
-        sqlx::query(RESUME_RUN).bind(run).execute(&mut *tx).await?;
+        run_store::resume_unless_waiting(&mut tx, run).await?;
     }
     tx.commit().await?;
     Ok(run.is_some())
@@ -173,7 +176,7 @@ pub async fn time_out_due(pool: &PgPool) -> Result<Vec<Waitpoint>, StoreError> {
     .fetch_all(&mut *tx)
     .await?;
     for w in &timed_out {
-        sqlx::query(RESUME_RUN).bind(w.run_id).execute(&mut *tx).await?;
+        run_store::resume_unless_waiting(&mut tx, w.run_id).await?;
     }
     tx.commit().await?;
     Ok(timed_out)

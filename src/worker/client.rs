@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// A run handed to this worker: the server's dequeue answer, read back.
-pub use crate::runs::routes::DequeuedRun as AssignedRun;
+pub use crate::runs::DequeuedRun as AssignedRun;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]

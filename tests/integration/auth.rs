@@ -1,9 +1,8 @@
 //! Authentication and authorization: secret keys, public tokens, scopes,
 //! environment isolation and CORS.
 
-
-use base64::Engine;
 use crate::common::{session_body, TestApp};
+use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -300,8 +299,14 @@ async fn rotated_keys_stop_working() {
     let old = app.a.key.clone();
     let old_token = token(&app, &["read:sessions"]);
     assert_eq!(app.get("/api/v1/sessions", &old).await.0, StatusCode::OK);
-    let new =
-        sessiond::tenancy::store::rotate_key(app.db(), &app.state.master_key, app.a.env.id).await.unwrap().unwrap();
+    let new = sessiond::tenancy::store::rotate_key(
+        app.db(),
+        &sessiond::app::master_key(&app.state.config).unwrap(),
+        app.a.env.id,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(app.get("/api/v1/sessions", &old).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(app.get("/api/v1/sessions", &old_token).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(app.get("/api/v1/sessions", new.expose()).await.0, StatusCode::OK);

@@ -113,7 +113,7 @@ async fn jobs_list_retry_and_manual_trigger_from_the_cli() {
     let job = app.state.jobs.submit(&sessiond::jobs::Job::CancelRun { run_id }).await.unwrap();
     common::eventually(20, "job failed", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
-        (row.status == "failed").then_some(())
+        (row.status == sessiond::jobs::store::JobStatus::Failed).then_some(())
     })
     .await;
     sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_gone TO cancel_requested_at")
@@ -129,7 +129,7 @@ async fn jobs_list_retry_and_manual_trigger_from_the_cli() {
     assert!(ok, "{out}");
     common::eventually(10, "retried job succeeded", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
-        (row.status == "succeeded").then_some(())
+        (row.status == sessiond::jobs::store::JobStatus::Succeeded).then_some(())
     })
     .await;
     let (ok, _) = cli(&["jobs", "retry", &job.to_string()]);

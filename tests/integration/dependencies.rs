@@ -3,7 +3,6 @@
 //! reconnect backoff; `/healthz` still answers and `/readyz` says not ready.
 //! Runs its own `redis-server`, killed mid-test, so the shared one is untouched.
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::redis_proc::{start_fresh, RedisProc, TempDir};

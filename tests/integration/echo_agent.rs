@@ -1,14 +1,12 @@
 //! The example echo agent on the real run engine, with in-memory session
 //! channels standing in for the realtime streams.
 
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::{eventually, TestApp};
 use serde_json::json;
-use sessiond::sessions::run_manager;
 use sessiond::worker::channels::{ChannelFactory, MemoryChannels, SessionChannels};
 use sessiond::worker::echo::{message_text, EchoAgent};
 use sessiond::worker::{AssignedRun, Worker};
@@ -88,7 +86,7 @@ async fn echo_agent_answers_turns_exits_idle_and_resumes_in_a_continuation() {
         .fetch_one(app.db())
         .await
         .unwrap();
-    let ensured = run_manager::ensure_run(&app.state, app.a.env.id, uuid).await.unwrap();
+    let ensured = app.state.runs.ensure_run(app.a.env.id, uuid).await.unwrap();
     assert_ne!(ensured.run_id(), first_run);
     assert_eq!(
         eventually(10, "reply from the continuation", || async { turn_text(&ch.output(), 2) }).await,

@@ -10,7 +10,6 @@ use std::time::Duration;
 use crate::common::{dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sessiond::sessions::run_manager;
 use sessiond::worker::channels::{ChannelFactory, HttpChannelFactory};
 use sessiond::worker::echo::{reply_records, EchoAgent};
 use sessiond::worker::Worker;
@@ -215,7 +214,7 @@ async fn manual_triggers_and_continuations_fence_the_run_they_replace() {
     assert!(app.append(&session, "out", &run1.token, &record("from run 1"), &[]).await.0.is_success());
 
     // A manual trigger replaces a live run.
-    let run2 = run_manager::trigger_manual(&app.state, app.a.env.id, sid).await.unwrap();
+    let run2 = app.state.runs.trigger_manual(app.a.env.id, sid).await.unwrap();
     assert_eq!(app.append(&session, "out", &run1.token, &record("late 1"), &[]).await.0, StatusCode::CONFLICT);
     assert!(w.heartbeat(&run1).await.unwrap().cancel);
     let payload = payload_of(&app, &run2).await;
@@ -296,7 +295,7 @@ async fn a_stored_in_record_boots_a_run_even_if_the_server_dies_before_the_boot(
     let run1 = dequeue_one(&w).await;
     w.complete(&run1, json!({})).await.unwrap();
 
-    app.state.faults.stop_before_boot.store(true, std::sync::atomic::Ordering::Relaxed);
+    app.state.appender.faults.stop_before_boot.store(true, std::sync::atomic::Ordering::Relaxed);
     let (status, _) = app.append(&session, "in", s["publicAccessToken"].as_str().unwrap(), "hello?", &[]).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(channel(&app, &session, "in").await.len(), 1, "the record is stored");

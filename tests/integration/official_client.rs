@@ -3,7 +3,6 @@
 //! against the in-process echo worker. Node dependencies are installed by
 //! scripts/test.sh.
 
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;

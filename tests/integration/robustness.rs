@@ -2,12 +2,11 @@
 //! chrono out of range: NUL in records, run results and client strings; durations,
 //! timestamps and sequence numbers at and past their limits. Never a 500.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use crate::common::{eventually, session_body, SseClient, SseRecord, TestApp};
+use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::worker::channels::HttpChannelFactory;

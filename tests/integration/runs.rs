@@ -1,6 +1,5 @@
 //! The run engine and the session as run manager, on real Postgres and Redis.
 
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +7,7 @@ use std::time::Duration;
 use crate::common::{dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sessiond::sessions::run_manager::{self, Ensured};
+use sessiond::sessions::run_manager::Ensured;
 use sessiond::worker::{RunContext, TaskHandler};
 use uuid::Uuid;
 
@@ -68,12 +67,12 @@ async fn missed_heartbeats_crash_the_run_and_activity_continues() {
     let hb = w.heartbeat(&run).await.unwrap();
     assert!(hb.cancel && !hb.ok);
     let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
-    let ensured = run_manager::ensure_run(&app.state, app.a.env.id, sid).await.unwrap();
+    let ensured = app.state.runs.ensure_run(app.a.env.id, sid).await.unwrap();
     let Ensured::Triggered(new_run) = ensured else { panic!("expected a continuation, got {ensured:?}") };
     assert_ne!(new_run, run.id);
     assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "continuation"]);
     // Alive now: a second ensure is a no-op.
-    assert_eq!(run_manager::ensure_run(&app.state, app.a.env.id, sid).await.unwrap(), Ensured::Alive(new_run));
+    assert_eq!(app.state.runs.ensure_run(app.a.env.id, sid).await.unwrap(), Ensured::Alive(new_run));
 }
 
 #[tokio::test]
@@ -89,7 +88,7 @@ async fn concurrent_ensure_run_on_a_dead_session_makes_exactly_one_run() {
     for _ in 0..50 {
         let state = app.state.clone();
         let env = app.a.env.id;
-        calls.push(tokio::spawn(async move { run_manager::ensure_run(&state, env, sid).await }));
+        calls.push(tokio::spawn(async move { state.runs.ensure_run(env, sid).await }));
     }
     let mut run_ids = HashSet::new();
     let mut triggered = 0;
@@ -259,12 +258,14 @@ async fn expiry_sweep_cancels_runs_of_expired_sessions_idempotently() {
     let run = s["runId"].as_str().unwrap().to_string();
     eventually(10, "expired run canceled", || async { (app.run_status(&run).await == "CANCELED").then_some(()) }).await;
     // Running the sweep again changes nothing.
-    let out = sessiond::jobs::handlers::execute(&app.state, &sessiond::jobs::Job::SessionExpirySweep).await.unwrap();
+    let out = sessiond::jobs::handlers::execute(&app.state.job_context(), &sessiond::jobs::Job::SessionExpirySweep)
+        .await
+        .unwrap();
     assert!(out.starts_with("0 runs"), "{out}");
     assert_eq!(app.run_status(&run).await, "CANCELED");
     // Expired sessions get no new runs.
     let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
-    assert!(run_manager::ensure_run(&app.state, app.a.env.id, sid).await.is_err());
+    assert!(app.state.runs.ensure_run(app.a.env.id, sid).await.is_err());
     let (_, listed) = app.get("/api/v1/sessions?filter[status]=EXPIRED", &app.a.key).await;
     assert_eq!(listed["data"][0]["id"], s["id"]);
 }
@@ -332,7 +333,7 @@ async fn unrelayed_jobs_are_relayed_later() {
     tx.commit().await.unwrap();
     eventually(15, "relayed job ran", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
-        (row.status == "succeeded" && row.relayed_at.is_some()).then_some(())
+        (row.status == sessiond::jobs::store::JobStatus::Succeeded && row.relayed_at.is_some()).then_some(())
     })
     .await;
     let _ = sid;
@@ -355,14 +356,14 @@ async fn a_job_that_keeps_failing_ends_failed_and_retry_runs_it_again() {
     let job = app.state.jobs.submit(&sessiond::jobs::Job::CancelRun { run_id }).await.unwrap();
     let row = eventually(20, "job failed", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
-        (row.status == "failed").then_some(row)
+        (row.status == sessiond::jobs::store::JobStatus::Failed).then_some(row)
     })
     .await;
     assert_eq!(row.attempts, 5);
     assert!(row.last_error.as_deref().unwrap_or("").contains("cancel_requested_at"), "{:?}", row.last_error);
     let attempts = sessiond::jobs::store::attempts(app.db(), job).await.unwrap();
     assert_eq!(attempts.len(), 5);
-    assert!(attempts.iter().all(|a| a.status == "failed" && a.error.is_some()));
+    assert!(attempts.iter().all(|a| a.status == sessiond::jobs::store::AttemptStatus::Failed && a.error.is_some()));
     // Backoff: the attempts were spread out, not fired back to back.
     let spread = attempts.last().unwrap().started_at - attempts.first().unwrap().started_at;
     assert!(spread >= chrono::Duration::milliseconds(50 + 100 + 200 + 400), "{spread}");
@@ -377,7 +378,7 @@ async fn a_job_that_keeps_failing_ends_failed_and_retry_runs_it_again() {
     assert!(app.state.jobs.retry(job).await.unwrap().is_some());
     eventually(10, "job succeeded after retry", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
-        (row.status == "succeeded").then_some(())
+        (row.status == sessiond::jobs::store::JobStatus::Succeeded).then_some(())
     })
     .await;
     assert_eq!(app.run_status(s["runId"].as_str().unwrap()).await, "CANCELED");
@@ -390,7 +391,7 @@ async fn manual_trigger_replaces_the_live_run() {
     let app = TestApp::spawn().await;
     let s = app.create_session(session_body(Some("manual"))).await;
     let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
-    let run = run_manager::trigger_manual(&app.state, app.a.env.id, sid).await.unwrap();
+    let run = app.state.runs.trigger_manual(app.a.env.id, sid).await.unwrap();
     assert_ne!(run, s["runId"].as_str().unwrap());
     eventually(10, "previous run canceled", || async {
         (app.run_status(s["runId"].as_str().unwrap()).await == "CANCELED").then_some(())
@@ -399,8 +400,8 @@ async fn manual_trigger_replaces_the_live_run() {
     assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "manual"]);
     // Closed sessions never get new runs.
     app.post(&format!("/api/v1/sessions/{}/close", s["id"].as_str().unwrap()), &app.a.key, json!({})).await;
-    assert!(run_manager::trigger_manual(&app.state, app.a.env.id, sid).await.is_err());
-    assert!(run_manager::ensure_run(&app.state, app.a.env.id, sid).await.is_err());
+    assert!(app.state.runs.trigger_manual(app.a.env.id, sid).await.is_err());
+    assert!(app.state.runs.ensure_run(app.a.env.id, sid).await.is_err());
 }
 
 #[tokio::test]

@@ -1,6 +1,5 @@
 //! Session channels on real Redis and Postgres: appends, reads, SSE, close.
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::{eventually, session_body, TestApp};

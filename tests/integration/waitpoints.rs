@@ -1,6 +1,5 @@
 //! Waitpoints on session channels, on real Postgres and Redis.
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::{eventually, session_body, TestApp};
@@ -290,7 +289,7 @@ async fn insert_waiting(app: &TestApp, run: &AssignedRun, session: &str, after_s
             env_id: app.a.env.id,
             run_id,
             session_id: app.session_uuid(session).await,
-            io: "in",
+            io: sessiond::streams::Io::In,
             after_seq,
             idempotency_key: None,
             idempotency_key_expires_at: None,
