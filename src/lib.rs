@@ -1,12 +1,26 @@
 //! sessiond: durable agent sessions.
 //!
 //! Module map (each folder owns one part of the system):
-//! - [`http`]: router assembly, the API error type, extractors shared by routes.
-//! - [`auth`]: secret keys, HS256 tokens, scopes, and the `Auth` extractor.
+//! - [`app`]: the composition root: connects once, builds the domain services,
+//!   hands each handler and job only what it uses; `serve`.
+//! - [`config`]: every setting, from flags or environment.
+//! - [`http`]: router and layers, connection limits, `/readyz`, the API error
+//!   type (every domain-error-to-status mapping), extractors.
+//! - [`auth`]: secret keys, HS256 tokens, scopes, the `Authenticator` and the
+//!   `Auth` extractor.
 //! - [`tenancy`]: organizations, projects, environments and their keys.
-//! - [`sessions`]: the session domain: validation, status, storage, list, routes.
-//! - [`runs`]: task runs and their storage.
-//! - [`db`]: the Postgres pool, migrations and the storage error type.
+//! - [`sessions`]: the session domain: validation, status, storage, list,
+//!   access (resolve + authorize), the run manager, control-plane routes.
+//! - [`runs`]: task runs: states, storage, run queues, dispatch to workers,
+//!   the worker protocol.
+//! - [`streams`]: session channels: the channel store (Redis Streams + Lua),
+//!   group commit, appends and their follow-ups, fan-out hub, SSE, routes.
+//! - [`waitpoints`]: runs waiting on a channel: the service, storage, routes.
+//! - [`jobs`]: durable background jobs: the outbox, apalis runtime, handlers,
+//!   cron schedules.
+//! - [`worker`]: a small library for task workers and the example echo agent.
+//! - [`db`], [`validation`], [`ids`], [`pubsub`]: the storage error and pool,
+//!   shared field rules, friendly ids, the Redis pub/sub follower.
 
 pub mod app;
 pub mod auth;
