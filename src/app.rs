@@ -57,7 +57,7 @@ impl AppState {
         let run_queue = RunQueue::new(redis.clone(), &config.redis_prefix);
         let jobs = Jobs::new(db.clone(), JobQueue::new(redis.clone(), &config.redis_prefix));
         let channels = ChannelStore::new(redis.clone(), &config.redis_prefix, config.append_dedupe_window_secs * 1000);
-        let hub = Hub::new(channels.clone());
+        let hub = Hub::new(channels.clone(), Duration::from_millis(config.feed_safety_poll_ms));
         Ok(AppState(Arc::new(Inner {
             config,
             db,

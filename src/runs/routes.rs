@@ -129,6 +129,7 @@ async fn dequeue(
     let keys: Vec<String> = body.tasks.iter().map(|t| state.run_queue.key(auth.env.id, t)).collect();
     let deadline = tokio::time::Instant::now() + wait;
     let timeout_ms = state.config.run_heartbeat_timeout_ms as i64;
+    let recheck = Duration::from_millis(state.config.dequeue_recheck_ms);
     let mut wake = state.run_queue.subscribe();
     loop {
         wake.borrow_and_update();
@@ -146,7 +147,7 @@ async fn dequeue(
         if now >= deadline {
             return Ok(Json(DequeueResponse { runs: Vec::new() }));
         }
-        let nap = (deadline - now).min(Duration::from_secs(1));
+        let nap = (deadline - now).min(recheck);
         tokio::select! {
             _ = wake.changed() => {}
             _ = tokio::time::sleep(nap) => {}

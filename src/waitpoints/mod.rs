@@ -121,6 +121,7 @@ pub async fn wait_for(state: &AppState, w: Waitpoint, wait: Duration) -> anyhow:
     let feed = state.hub.feed(key);
     let mut rx = feed.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
+    let recheck = Duration::from_millis(state.config.waitpoint_recheck_ms);
     loop {
         check_arrived(state, &w).await?;
         let current = store::find_by_id(&state.db, w.id).await?.unwrap_or(w.clone());
@@ -131,7 +132,7 @@ pub async fn wait_for(state: &AppState, w: Waitpoint, wait: Duration) -> anyhow:
         // by other paths (timeouts, close, another server's drain).
         tokio::select! {
             _ = rx.recv() => {}
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(recheck) => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }

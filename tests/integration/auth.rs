@@ -1,9 +1,8 @@
 //! Authentication and authorization: secret keys, public tokens, scopes,
 //! environment isolation and CORS.
 
-
-use base64::Engine;
 use crate::common::{session_body, TestApp};
+use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};

@@ -8,7 +8,6 @@
 //! separates `always` from `everysec`, cannot be simulated here; the test
 //! checks the server really runs with `appendfsync always`.)
 
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,6 @@
 //! The example echo agent on the real run engine, with in-memory session
 //! channels standing in for the realtime streams.
 
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,7 +1,6 @@
 //! Slow and idle clients cannot hold connections: the header-read, body-read and
 //! idle timeouts, each with short settings so the test takes seconds.
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::{session_body, TestApp};

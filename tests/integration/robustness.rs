@@ -2,12 +2,11 @@
 //! chrono out of range: NUL in records, run results and client strings; durations,
 //! timestamps and sequence numbers at and past their limits. Never a 500.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use crate::common::{eventually, session_body, SseClient, SseRecord, TestApp};
+use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::worker::channels::HttpChannelFactory;
@@ -361,6 +360,7 @@ async fn sequence_numbers_out_of_range_or_past_the_end_are_400() {
             .get(format!("{}/realtime/v1/sessions/{s}/out", app.base))
             .bearer_auth(&key)
             .header("last-event-id", &last)
+            .header("timeout-seconds", "5")
             .send()
             .await
             .unwrap();
