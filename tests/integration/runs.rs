@@ -313,24 +313,34 @@ async fn one_run_never_reaches_two_workers() {
 }
 
 /// The dequeue's periodic re-check is set far beyond the wait, so only the
-/// wake-up signal can hand the run over in time.
+/// wake-up signal can hand the run over before the wait ends.
 fn no_dequeue_recheck(c: &mut sessiond::config::Config) {
     c.dequeue_recheck_ms = 600_000;
+}
+
+/// Not a latency bound: the dequeue's last pop at the end of its 20 s wait
+/// would find the run too, so anything well inside the wait means the signal
+/// woke it (the bound leaves room for a loaded machine).
+fn assert_woken_early(run_created: std::time::Instant) {
+    let took = run_created.elapsed();
+    assert!(took < Duration::from_secs(10), "woke by signal, not at the end of the wait: {took:?}");
 }
 
 #[tokio::test]
 async fn a_waiting_dequeue_wakes_when_a_run_is_triggered() {
     let app = TestApp::spawn_with(no_dequeue_recheck).await;
     let w = app.worker();
-    let waiter = tokio::spawn(async move { w.dequeue(&tasks(), 1, Duration::from_secs(10)).await.unwrap() });
+    let waiter = tokio::spawn(async move { w.dequeue(&tasks(), 1, Duration::from_secs(20)).await.unwrap() });
     // No readiness signal reaches the test from inside the long poll; a waiter
     // that is not parked yet when the run arrives pops it directly, which makes
     // this test pass without exercising the wake-up (never fail wrongly).
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
     let s = app.create_session(session_body(Some("wake"))).await;
     let runs = waiter.await.unwrap();
-    assert_eq!(runs.len(), 1, "woke by signal (the re-check is off, and the wait is 10 s)");
+    assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].id, s["runId"]);
+    assert_woken_early(started);
 }
 
 /// A run pushed through one server wakes a dequeue waiting on another, through
@@ -338,7 +348,16 @@ async fn a_waiting_dequeue_wakes_when_a_run_is_triggered() {
 #[tokio::test]
 async fn a_waiting_dequeue_on_another_server_wakes_when_a_run_is_triggered() {
     let app = TestApp::spawn_with(no_dequeue_recheck).await;
-    let peer = app.peer(|_| {}).await;
+    // The other server answers HTTP and follows the queue's announcements but
+    // runs no jobs, so the run's push (a job) always happens on `app`: a push
+    // on the peer itself would wake its waiter locally.
+    let config = app.state.config.clone();
+    let master = sessiond::app::master_key(&config).unwrap();
+    let peer = sessiond::app::AppState::connect(config, app.state.db.clone(), master).await.unwrap();
+    tokio::spawn(peer.run_queue.clone().listen(peer.redis_client.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer_base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, sessiond::http::router(peer)).await });
     // Both servers follow the queue's announcements before anything is pushed.
     let channel = format!("{}:runq-ready", app.state.config.redis_prefix);
     eventually(10, "both servers subscribed", || async {
@@ -347,14 +366,16 @@ async fn a_waiting_dequeue_on_another_server_wakes_when_a_run_is_triggered() {
         (n == 2).then_some(())
     })
     .await;
-    let w = peer.worker();
-    let waiter = tokio::spawn(async move { w.dequeue(&tasks(), 1, Duration::from_secs(10)).await.unwrap() });
+    let w = sessiond::worker::WorkerClient::new(&peer_base, &app.a.key);
+    let waiter = tokio::spawn(async move { w.dequeue(&tasks(), 1, Duration::from_secs(20)).await.unwrap() });
     // (As above: the sleep can only make the test pass vacuously, not fail.)
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
     let s = app.create_session(session_body(Some("wake-peer"))).await;
     let runs = waiter.await.unwrap();
-    assert_eq!(runs.len(), 1, "woke by the other server's announcement");
+    assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].id, s["runId"]);
+    assert_woken_early(started);
 }
 
 #[tokio::test]
