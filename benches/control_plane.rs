@@ -27,6 +27,9 @@ fn report(name: &str, mut lat: Vec<Duration>, wall: Duration) {
         common::pct_ms(&lat, 0.99),
         lat.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0),
     );
+    common::figure(&format!("{name}.rate"), lat.len() as f64 / wall.as_secs_f64(), "req/s");
+    common::figure(&format!("{name}.p50"), common::pct_ms(&lat, 0.50), "ms");
+    common::figure(&format!("{name}.p99"), common::pct_ms(&lat, 0.99), "ms");
 }
 
 /// Runs `total` requests split over CLIENTS workers; `make(i)` is request i.
@@ -88,19 +91,24 @@ async fn main() -> anyhow::Result<()> {
     // Every create also queued a trigger-run job; let that backlog drain so the
     // read phases measure reads, and report how long the jobs took.
     let drain = Instant::now();
-    loop {
+    let pending = loop {
         let pending: i64 =
             sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status <> 'succeeded'").fetch_one(&server.pool).await?;
         if pending == 0 || drain.elapsed() > Duration::from_secs(120) {
-            break;
+            break pending;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if pending == 0 {
+        println!(
+            "{:<10} trigger-run jobs of all creates done {:.2}s after the last create",
+            "jobs",
+            drain.elapsed().as_secs_f64()
+        );
+        common::figure("jobs.drain", drain.elapsed().as_secs_f64(), "s");
+    } else {
+        println!("{:<10} {pending} trigger-run jobs still not done {:.0}s after the last create", "jobs", 120.0);
     }
-    println!(
-        "{:<10} trigger-run jobs of all creates done {:.2}s after the last create",
-        "jobs",
-        drain.elapsed().as_secs_f64()
-    );
 
     let (lat, wall) =
         drive(&client, 40_000, move |i| (Method::GET, format!("/api/v1/sessions/chat-{}", i % creates), Bytes::new()))

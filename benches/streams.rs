@@ -64,13 +64,19 @@ async fn create_session(
 /// Fan-out delivery latency: each record carries its send time and every
 /// subscriber measures arrival minus send. Also prints how long the appends
 /// themselves took to be acknowledged, and the CPU the server and this process
-/// used meanwhile (both share the machine's two cores).
+/// used meanwhile (both share the machine's two cores). An append that is not
+/// acknowledged is an error, not a sample; a record a subscriber never
+/// receives is reported as lost.
 async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client) -> anyhow::Result<()> {
     let base = &proc.base;
     let s = create_session(http, base, key, "fanout", "none").await?;
     let sid = s["id"].as_str().unwrap_or_default().to_string();
-    let samples: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let total = 3000usize;
+    // How many records each subscriber waits for: every append until the
+    // appends are done, then the acknowledged ones.
+    let (expect_tx, expect_rx) = tokio::sync::watch::channel(usize::MAX);
+    // Ends the subscribers that are still missing records.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut subs = Vec::new();
     // Subscribers are raw sockets reading the chunked SSE body: the probe
     // should cost little next to the server it measures.
@@ -83,18 +89,27 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
         let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         conn.set_nodelay(true)?;
         conn.write_all(request.as_bytes()).await?;
-        let samples = samples.clone();
+        // Subscribed once the response head is here (the body follows).
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let head_end = loop {
+            if let Some(end) = find(&buf, b"\r\n\r\n") {
+                break end + 4;
+            }
+            anyhow::ensure!(conn.read_buf(&mut buf).await? > 0, "subscriber closed before its response head");
+        };
+        anyhow::ensure!(
+            buf.starts_with(b"HTTP/1.1 200"),
+            "subscribe answered {:?}",
+            String::from_utf8_lossy(&buf[..12])
+        );
+        buf.drain(..head_end);
+        let (mut expect, mut stop) = (expect_rx.clone(), stop_rx.clone());
         subs.push(tokio::spawn(async move {
-            let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
             let mut local = Vec::with_capacity(total);
-            while local.len() < total {
-                match conn.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let at = now_us();
+            loop {
                 // Frames end with a blank line; each carries one `data: ` line.
                 // Chunk-size lines of the chunked encoding sit between frames.
+                let at = now_us();
                 let mut done = 0;
                 while let Some(end) = find(&buf[done..], b"\n\n") {
                     let frame = &buf[done..done + end];
@@ -109,11 +124,21 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
                     }
                 }
                 buf.drain(..done);
+                if local.len() >= *expect.borrow_and_update() {
+                    break;
+                }
+                tokio::select! {
+                    read = conn.read_buf(&mut buf) => match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    },
+                    _ = expect.changed() => {}
+                    _ = stop.changed() => break,
+                }
             }
-            samples.lock().unwrap().extend(local);
+            local
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     // Open loop: one append every millisecond whatever the answers do, each on
     // its own task (the pooled client keeps the connections warm).
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -121,6 +146,8 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
     let writer = common::FastClient::new(base, key);
     let path: Arc<str> = format!("/realtime/v1/sessions/{sid}/out/append").into();
     let acks: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let errors = Arc::new(AtomicUsize::new(0));
+    let last_ack: Arc<Mutex<Option<Instant>>> = Arc::default();
     let mut handles = Vec::with_capacity(total);
     tick.tick().await;
     let started = Instant::now();
@@ -128,32 +155,62 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
     let own_before = cpu_ticks(std::process::id());
     for _ in 0..total {
         tick.tick().await;
-        let (client, path, acks) = (writer.clone(), path.clone(), acks.clone());
+        let (client, path, acks, errors, last_ack) =
+            (writer.clone(), path.clone(), acks.clone(), errors.clone(), last_ack.clone());
         handles.push(tokio::spawn(async move {
             let sent = now_us();
-            let _ = client.send(hyper::Method::POST, &path, sent.to_string().into()).await;
-            acks.lock().unwrap().push(Duration::from_micros((now_us() - sent).max(0) as u64));
+            match client.send(hyper::Method::POST, &path, sent.to_string().into()).await {
+                Ok(200) => {
+                    acks.lock().unwrap().push(Duration::from_micros((now_us() - sent).max(0) as u64));
+                    *last_ack.lock().unwrap() = Some(Instant::now());
+                }
+                _ => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }));
     }
-    let rate = total as f64 / started.elapsed().as_secs_f64();
     for h in handles {
         h.await?;
     }
-    let cpu = (cpu_ticks(proc.pid) - cpu_before) as f64 / clock_ticks_per_sec() / started.elapsed().as_secs_f64();
-    let own =
-        (cpu_ticks(std::process::id()) - own_before) as f64 / clock_ticks_per_sec() / started.elapsed().as_secs_f64();
-    for s in subs {
-        let _ = tokio::time::timeout(Duration::from_secs(30), s).await;
+    let elapsed = started.elapsed();
+    let cpu = (cpu_ticks(proc.pid) - cpu_before) as f64 / clock_ticks_per_sec() / elapsed.as_secs_f64();
+    let own = (cpu_ticks(std::process::id()) - own_before) as f64 / clock_ticks_per_sec() / elapsed.as_secs_f64();
+    let acks = acks.lock().unwrap().clone();
+    let errors = errors.load(Ordering::Relaxed);
+    // Acknowledged appends per second, from the first send to the last acknowledgement.
+    let ack_span = last_ack.lock().unwrap().map_or(elapsed, |t| t - started);
+    let rate = acks.len() as f64 / ack_span.as_secs_f64();
+    let _ = expect_tx.send(acks.len());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut samples = Vec::with_capacity(acks.len() * n_subs);
+    for mut s in subs {
+        // Past the deadline, the subscribers still waiting stop and hand in
+        // what they have; what they miss is counted as lost.
+        let local = tokio::select! {
+            biased;
+            local = &mut s => local?,
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = stop_tx.send(true);
+                s.await?
+            }
+        };
+        samples.extend(local);
     }
-    let samples = samples.lock().unwrap().clone();
+    let _ = stop_tx.send(true);
+    let lost = (acks.len() * n_subs).saturating_sub(samples.len());
     println!(
-        "append rate achieved: {rate:.0}/s; CPU meanwhile: server {:.0}%, this bench {:.0}% of one core",
+        "append rate achieved: {rate:.0}/s acknowledged ({} of {total} appends, {errors} errors); CPU meanwhile: server {:.0}%, this bench {:.0}% of one core",
+        acks.len(),
         cpu * 100.0,
         own * 100.0
     );
-    let acks = acks.lock().unwrap().clone();
-    common::summary("append acknowledged (same run)", acks);
-    common::summary("append→SSE delivery (100 subscribers)", samples);
+    println!("records lost: {lost} of {} deliveries ({n_subs} subscribers)", acks.len() * n_subs);
+    common::figure("fanout.append_rate", rate, "appends/s");
+    common::figure("fanout.append_errors", errors as f64, "appends");
+    common::figure("fanout.lost", lost as f64, "deliveries");
+    common::summary("append acknowledged (same run)", "fanout.ack", acks);
+    common::summary(&format!("append→SSE delivery ({n_subs} subscribers)"), "fanout.delivery", samples);
     Ok(())
 }
 
@@ -203,6 +260,8 @@ async fn append_throughput(base: &str, key: &str, http: &reqwest::Client) -> any
         wall.as_secs_f64(),
         ok as f64 / wall.as_secs_f64()
     );
+    common::figure("throughput.rate", ok as f64 / wall.as_secs_f64(), "records/s");
+    common::figure("throughput.errors", failed as f64, "appends");
     Ok(())
 }
 
@@ -229,18 +288,20 @@ async fn in_to_worker(base: &str, key: &str, http: &reqwest::Client) -> anyhow::
         let waiting = tokio::spawn(async move { (ch.next_input(last, Duration::from_secs(30)).await, Instant::now()) });
         tokio::time::sleep(Duration::from_millis(15)).await;
         let sent = Instant::now();
-        http.post(format!("{base}/realtime/v1/sessions/{sid}/in/append"))
+        let resp = http
+            .post(format!("{base}/realtime/v1/sessions/{sid}/in/append"))
             .bearer_auth(key)
             .body(format!("m{i}"))
             .send()
             .await?;
+        anyhow::ensure!(resp.status().is_success(), "append .in answered {}", resp.status());
         let (got, at) = waiting.await?;
         let record = got?.ok_or_else(|| anyhow::anyhow!("no record"))?;
         last = Some(record.seq);
         samples.push(at - sent);
     }
     beat.abort();
-    common::summary("append .in → waiting worker has it", samples);
+    common::summary("append .in → waiting worker has it", "wake", samples);
     Ok(())
 }
 
@@ -298,12 +359,15 @@ async fn spawn_server(server: &common::BenchServer, http: &reqwest::Client) -> a
         .spawn()?;
     let pid = child.id().unwrap_or(0);
     let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if http.get(format!("{base}/healthz")).send().await.is_ok() {
+    let mut up = false;
+    for _ in 0..300 {
+        if http.get(format!("{base}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            up = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    anyhow::ensure!(up, "the server process did not come up within 30 s");
     Ok(ServerProcess { child, pid, port, base })
 }
 
@@ -344,6 +408,7 @@ async fn idle_memory(proc: &ServerProcess, key: &str, http: &reqwest::Client) ->
         after / 1024,
         (after.saturating_sub(before)) as f64 / n as f64
     );
+    common::figure("memory.per_subscriber", (after.saturating_sub(before)) as f64 / n as f64, "KB");
     drop(conns);
     drop(warm);
     Ok(())
@@ -351,7 +416,8 @@ async fn idle_memory(proc: &ServerProcess, key: &str, http: &reqwest::Client) ->
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let server = common::BenchServer::start(|_| {}).await?;
+    // Only the schema and a key here: the server under test is its own process.
+    let server = common::BenchServer::prepare(|_| {}).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     println!("sessiond streams bench: loopback, clients and server share the machine");
     // `cargo bench --bench streams -- fanout throughput` runs only those parts.

@@ -37,11 +37,6 @@ use crate::streams::RealtimeSettings;
 use crate::tenancy::keys::MasterKey;
 use crate::waitpoints::Waitpoints;
 
-/// The dequeue long-poll's re-check when no push signal arrives.
-const DEQUEUE_FALLBACK_POLL: Duration = Duration::from_secs(1);
-/// The waitpoint long-poll's re-check for completions by other paths.
-const WAITPOINT_FALLBACK_POLL: Duration = Duration::from_millis(250);
-
 pub struct Inner {
     pub config: Config,
     pub db: PgPool,
@@ -80,18 +75,22 @@ impl AppState {
         let run_queue = RunQueue::new(redis.clone(), &config.redis_prefix);
         let jobs = jobs(&config, db.clone(), redis.clone());
         let channels = ChannelStore::new(redis.clone(), &config.redis_prefix, config.append_dedupe_window_secs * 1000);
-        let hub = Hub::new(channels.clone());
+        let hub = Hub::new(channels.clone(), Duration::from_millis(config.feed_safety_poll_ms));
         let runs = RunManager::new(db.clone(), jobs.clone(), channels.clone());
         let waitpoints = Waitpoints::new(
             db.clone(),
             channels.clone(),
             hub.clone(),
             config.channel_retention_secs * 1000,
-            WAITPOINT_FALLBACK_POLL,
+            Duration::from_millis(config.waitpoint_recheck_ms),
         );
         let appender = Appender::new(channels.clone(), jobs.clone(), runs.clone());
-        let dispatcher =
-            Dispatcher::new(db.clone(), run_queue.clone(), config.run_heartbeat_timeout_ms, DEQUEUE_FALLBACK_POLL);
+        let dispatcher = Dispatcher::new(
+            db.clone(),
+            run_queue.clone(),
+            config.run_heartbeat_timeout_ms,
+            Duration::from_millis(config.dequeue_recheck_ms),
+        );
         Ok(AppState(Arc::new(Inner {
             config,
             db,

@@ -112,6 +112,21 @@ pub struct Config {
     /// Reconnect attempts to a lost Redis before a request gives up (503).
     #[arg(long, env = "REDIS_RECONNECT_RETRIES", default_value_t = 1)]
     pub redis_reconnect_retries: usize,
+
+    /// A waiting dequeue re-checks the run queues this often even without a
+    /// wake-up (a push announced while this server's listener was reconnecting), in ms.
+    #[arg(long, env = "DEQUEUE_RECHECK_MS", default_value_t = 1_000)]
+    pub dequeue_recheck_ms: u64,
+
+    /// A waitpoint long-poll re-checks its waitpoint this often even without a
+    /// record on its channel (timeouts, close, another server's drain), in ms.
+    #[arg(long, env = "WAITPOINT_RECHECK_MS", default_value_t = 250)]
+    pub waitpoint_recheck_ms: u64,
+
+    /// A live channel feed re-reads Redis this often even without a gap, in
+    /// case an announcement was lost together with its successors, in ms.
+    #[arg(long, env = "FEED_SAFETY_POLL_MS", default_value_t = 1_000)]
+    pub feed_safety_poll_ms: u64,
 }
 
 impl Config {
@@ -144,6 +159,9 @@ impl Config {
             redis_connect_timeout_ms: 500,
             redis_response_timeout_ms: 500,
             redis_reconnect_retries: 1,
+            dequeue_recheck_ms: 1_000,
+            waitpoint_recheck_ms: 250,
+            feed_safety_poll_ms: 1_000,
         }
     }
 }

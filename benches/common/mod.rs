@@ -10,6 +10,7 @@ use sessiond::tenancy::keys::MasterKey;
 use sessiond::tenancy::{store as tenancy, EnvType};
 
 pub struct BenchServer {
+    /// Empty when the bench runs no server of its own ([`BenchServer::prepare`]).
     pub base: String,
     pub key: String,
     pub schema: String,
@@ -24,7 +25,21 @@ pub fn database_url() -> String {
 }
 
 impl BenchServer {
+    /// A server in this process, over a fresh schema and Redis prefix.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        let mut bench = Self::prepare(tweak).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        bench.base = format!("http://{}", listener.local_addr()?);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(app::serve(listener, bench.state.clone(), stop_rx));
+        bench.stop = stop;
+        Ok(bench)
+    }
+
+    /// The schema (migrated), an environment and its key, but no server in
+    /// this process: for a bench that runs the server as its own process, so
+    /// that no second server (jobs, sweeps, listeners) shares the schema.
+    pub async fn prepare(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
         let master_hex = hex::encode(uuid::Uuid::new_v4().as_bytes().repeat(2));
         let master = MasterKey::from_hex(&master_hex)?;
@@ -36,12 +51,9 @@ impl BenchServer {
         let pool = sessiond::db::connect(&config).await?;
         sessiond::db::migrate(&pool).await?;
         let (_, key) = tenancy::create_environment(&pool, &master, "bench", "bench", EnvType::Prod).await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
         let state = AppState::connect(config, pool.clone(), master).await?;
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(app::serve(listener, state.clone(), stop_rx));
-        Ok(BenchServer { base, key: key.expose().to_string(), schema, master_hex, pool, state, stop })
+        let (stop, _) = tokio::sync::watch::channel(false);
+        Ok(BenchServer { base: String::new(), key: key.expose().to_string(), schema, master_hex, pool, state, stop })
     }
 
     /// Stops the server, drops the schema and deletes the run's Redis keys.
@@ -83,7 +95,9 @@ pub fn pct_ms(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1).min(sorted.len() - 1)].as_secs_f64() * 1e3
 }
 
-pub fn summary(name: &str, mut samples: Vec<Duration>) {
+/// Prints a latency distribution for people, and its p50 and p99 as figures
+/// `<key>.p50` and `<key>.p99` for scripts (benches/ab.sh).
+pub fn summary(name: &str, key: &str, mut samples: Vec<Duration>) {
     samples.sort();
     println!(
         "{name:<36} n={:<7} p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
@@ -92,6 +106,14 @@ pub fn summary(name: &str, mut samples: Vec<Duration>) {
         pct_ms(&samples, 0.99),
         samples.last().map(|d| d.as_secs_f64() * 1e3).unwrap_or(f64::NAN)
     );
+    figure(&format!("{key}.p50"), pct_ms(&samples, 0.5), "ms");
+    figure(&format!("{key}.p99"), pct_ms(&samples, 0.99), "ms");
+}
+
+/// One machine-readable line, `figure: <name> <value> <unit>` (no spaces in
+/// the name or unit), which benches/ab.sh collects.
+pub fn figure(name: &str, value: f64, unit: &str) {
+    println!("figure: {name} {value:.3} {unit}");
 }
 
 /// A lean HTTP/1.1 client for load generation (hyper directly: the client

@@ -26,9 +26,6 @@ use super::{ChannelKey, Record};
 /// Records buffered per feed for slow subscribers; a subscriber that falls
 /// further behind re-reads from Redis.
 const FEED_BUFFER: usize = 1024;
-/// A feed re-checks Redis this often even without a gap, in case an
-/// announcement was lost together with its successors (listener reconnecting).
-const SAFETY_POLL: Duration = Duration::from_secs(1);
 /// Records per catch-up read.
 const CATCH_UP_BATCH: usize = 512;
 
@@ -143,6 +140,10 @@ impl Drop for Feed {
 
 struct HubInner {
     store: ChannelStore,
+    /// A feed re-checks Redis this often even without a gap, in case an
+    /// announcement was lost together with its successors (listener
+    /// reconnecting); `FEED_SAFETY_POLL_MS`.
+    safety_poll: Duration,
     feeds: Mutex<HashMap<ChannelKey, Weak<Feed>>>,
 }
 
@@ -150,8 +151,8 @@ struct HubInner {
 pub struct Hub(Arc<HubInner>);
 
 impl Hub {
-    pub fn new(store: ChannelStore) -> Self {
-        Hub(Arc::new(HubInner { store, feeds: Mutex::new(HashMap::new()) }))
+    pub fn new(store: ChannelStore, safety_poll: Duration) -> Self {
+        Hub(Arc::new(HubInner { store, safety_poll, feeds: Mutex::new(HashMap::new()) }))
     }
 
     /// The feed of `key`, started if nobody was subscribed.
@@ -168,7 +169,7 @@ impl Hub {
             start: std::sync::OnceLock::new(),
             ready: Notify::new(),
         });
-        let task = tokio::spawn(read_upstream(self.0.store.clone(), key, state.clone()));
+        let task = tokio::spawn(read_upstream(self.0.store.clone(), key, state.clone(), self.0.safety_poll));
         let feed = Arc::new(Feed { key, state, hub: Arc::downgrade(&self.0), task });
         feeds.insert(key, Arc::downgrade(&feed));
         feed
@@ -211,8 +212,8 @@ impl Hub {
 }
 
 /// The feed's reader: learns the tail, then fills gaps from Redis whenever
-/// woken (and every [`SAFETY_POLL`]).
-async fn read_upstream(store: ChannelStore, key: ChannelKey, feed: Arc<FeedState>) {
+/// woken (and every `safety_poll`).
+async fn read_upstream(store: ChannelStore, key: ChannelKey, feed: Arc<FeedState>, safety_poll: Duration) {
     loop {
         match feed.next() {
             None => match store.next_seq(key).await {
@@ -229,6 +230,6 @@ async fn read_upstream(store: ChannelStore, key: ChannelKey, feed: Arc<FeedState
                 Err(err) => tracing::warn!(%err, "feed read failed"),
             },
         }
-        let _ = tokio::time::timeout(SAFETY_POLL, feed.wake.notified()).await;
+        let _ = tokio::time::timeout(safety_poll, feed.wake.notified()).await;
     }
 }

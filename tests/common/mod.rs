@@ -115,7 +115,8 @@ impl TestApp {
     }
 
     /// Sends a request with an optional bearer token and JSON body; returns the
-    /// status and the body parsed as JSON (`Value::Null` when not JSON).
+    /// status and the body parsed as JSON (`Value::Null` when not JSON). A body
+    /// that does not arrive whole (the client's 30 s timeout) fails the test.
     pub async fn call(
         &self,
         method: Method,
@@ -132,7 +133,7 @@ impl TestApp {
         }
         let resp = req.send().await.expect("request");
         let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
+        let text = resp.text().await.unwrap_or_else(|e| panic!("{path}: the body did not arrive: {e}"));
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
@@ -282,8 +283,9 @@ pub struct SseClient {
 }
 
 impl SseClient {
-    /// The next frame's records (`None` when the server closed the stream),
-    /// skipping keep-alive comments; gives up after `timeout`.
+    /// The next frame's records (`None` when the server closed the stream, or
+    /// nothing came within `timeout`), skipping keep-alive comments. A broken
+    /// body (the client's own timeout included) fails the test.
     pub async fn next_batch(&mut self, timeout: Duration) -> Option<Vec<SseRecord>> {
         use futures::StreamExt;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -309,23 +311,31 @@ impl SseClient {
                 continue;
             }
             let chunk = tokio::time::timeout_at(deadline, self.stream.next()).await.ok()??;
-            self.buf.extend_from_slice(&chunk.ok()?);
+            self.buf.extend_from_slice(&chunk.expect("the SSE body broke off"));
         }
     }
 
-    /// Every record until the server closes the stream (or `timeout`).
+    /// Every record until the server closes the stream; fails the test if it
+    /// is still open after `timeout` (give the request a shorter window).
     pub async fn collect(&mut self, timeout: Duration) -> Vec<SseRecord> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut all = Vec::new();
         while let Some(batch) = self.next_batch(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
             all.extend(batch);
         }
+        assert!(tokio::time::Instant::now() < deadline, "the stream was still open after {timeout:?}");
         all
     }
 }
 
 impl TestApp {
+    /// Opens an SSE subscription; `headers` must set its window
+    /// (`timeout-seconds`), so that no test waits out the 30 s default unawares.
     pub async fn sse(&self, path: &str, token: &str, headers: &[(&str, &str)]) -> SseClient {
+        assert!(
+            headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("timeout-seconds")),
+            "set the subscription's window (timeout-seconds)"
+        );
         let mut req =
             self.client.get(format!("{}{}", self.base, path)).bearer_auth(token).header("accept", "text/event-stream");
         for (k, v) in headers {
@@ -372,7 +382,9 @@ impl TestApp {
         }
         let resp = req.send().await.expect("append");
         let status = resp.status();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        let text =
+            resp.text().await.unwrap_or_else(|e| panic!("append to {session}/{io}: the body did not arrive: {e}"));
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 }
 

@@ -27,7 +27,7 @@ async fn send(req: RequestBuilder) -> Answer {
     let took = started.elapsed();
     let status = resp.status();
     let retry_after = resp.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).map(String::from);
-    let body = serde_json::from_str(&resp.text().await.unwrap_or_default()).unwrap_or(Value::Null);
+    let body = serde_json::from_str(&resp.text().await.expect("response body")).unwrap_or(Value::Null);
     Answer { status, retry_after, body, took }
 }
 
@@ -42,6 +42,8 @@ async fn while_redis_is_down_channel_routes_answer_503_within_2s_and_readyz_is_5
     let id = session["id"].as_str().unwrap().to_string();
     let channel = |io: &str, rest: &str| format!("{}/realtime/v1/sessions/{id}/{io}{rest}", app.base);
     let http = reqwest::Client::new();
+    // (A subscription that wrongly succeeded would end with its window.)
+    let subscribe = || http.get(channel("out", "")).bearer_auth(&key).header("timeout-seconds", "5");
 
     assert_eq!(app.append(&id, "out", &key, "before", &[]).await.0, 200);
     let ready = send(http.get(format!("{}/readyz", app.base))).await;
@@ -53,12 +55,9 @@ async fn while_redis_is_down_channel_routes_answer_503_within_2s_and_readyz_is_5
         ("append .out", http.post(channel("out", "/append")).bearer_auth(&key).body("during")),
         ("append .in", http.post(channel("in", "/append")).bearer_auth(&key).body("during")),
         ("records", http.get(channel("out", "/records")).bearer_auth(&key)),
-        ("subscribe", http.get(channel("out", "")).bearer_auth(&key).header("accept", "text/event-stream")),
-        ("subscribe from a cursor", http.get(channel("out", "")).bearer_auth(&key).header("last-event-id", "0")),
-        (
-            "subscribe from the end",
-            http.get(channel("out", "")).bearer_auth(&key).header("x-trigger-stream-start", "latest"),
-        ),
+        ("subscribe", subscribe().header("accept", "text/event-stream")),
+        ("subscribe from a cursor", subscribe().header("last-event-id", "0")),
+        ("subscribe from the end", subscribe().header("x-trigger-stream-start", "latest")),
     ];
     for (what, req) in requests {
         let a = send(req).await;

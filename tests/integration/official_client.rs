@@ -23,6 +23,10 @@ fn client_dir() -> PathBuf {
     dir
 }
 
+/// How many checks each script runs; update with the scripts.
+const CONTROL_PLANE_CHECKS: usize = 19;
+const REALTIME_CHECKS: usize = 22;
+
 /// Runs `node <script>` from tests/official-client against `app` (environment A).
 async fn run_script(app: &TestApp, script: &str) -> Output {
     let script = client_dir().join(script);
@@ -40,12 +44,16 @@ async fn run_script(app: &TestApp, script: &str) -> Output {
     .unwrap()
 }
 
-fn assert_all_passed(output: &Output) {
+/// Every check passed, and exactly `checks` of them ran (a script that
+/// silently skips or loses checks fails here too).
+fn assert_all_passed(output: &Output, checks: usize) {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}\n{stderr}");
     assert!(output.status.success(), "official client checks failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    let summary = stdout.lines().rev().find(|l| l.ends_with(" failed"));
+    assert_eq!(summary, Some(format!("{checks} passed, 0 failed").as_str()), "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("ok - ")).count(), checks, "{stdout}");
 }
 
 #[tokio::test]
@@ -53,7 +61,7 @@ async fn official_client_control_plane() {
     client_dir();
     let app = TestApp::spawn().await;
     let output = run_script(&app, "control-plane.mjs").await;
-    assert_all_passed(&output);
+    assert_all_passed(&output, CONTROL_PLANE_CHECKS);
 }
 
 #[tokio::test]
@@ -69,5 +77,5 @@ async fn official_client_realtime() {
 
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(15), worker).await.expect("worker stops").unwrap();
-    assert_all_passed(&output);
+    assert_all_passed(&output, REALTIME_CHECKS);
 }

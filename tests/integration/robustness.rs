@@ -360,6 +360,7 @@ async fn sequence_numbers_out_of_range_or_past_the_end_are_400() {
             .get(format!("{}/realtime/v1/sessions/{s}/out", app.base))
             .bearer_auth(&key)
             .header("last-event-id", &last)
+            .header("timeout-seconds", "5")
             .send()
             .await
             .unwrap();

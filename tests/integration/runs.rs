@@ -160,12 +160,15 @@ async fn end_and_continue_swaps_only_for_the_current_run() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
 }
 
-struct WaitForCancel;
+/// Waits for its cancel token, then asks the server once more what it says
+/// about the run (what made the worker cancel it).
+struct WaitForCancel(tokio::sync::mpsc::UnboundedSender<sessiond::worker::client::HeartbeatReply>);
 
 #[async_trait::async_trait]
 impl TaskHandler for WaitForCancel {
     async fn run(&self, ctx: RunContext) -> anyhow::Result<Value> {
         ctx.cancel.cancelled().await;
+        let _ = self.0.send(ctx.client.heartbeat(&ctx.run).await?);
         Ok(json!("stopped"))
     }
 }
@@ -176,14 +179,26 @@ async fn cancel_reaches_the_worker() {
     let s = app.create_session(session_body(Some("cancel-me"))).await;
     let w = app.worker();
     let run = dequeue_one(&w).await;
+    // Nothing in this test cancels `stop`: only a heartbeat answer can.
     let stop = tokio_util::sync::CancellationToken::new();
-    let worker = tokio::spawn(sessiond::worker::execute(w.clone(), Arc::new(WaitForCancel), run.clone(), stop.clone()));
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let worker =
+        tokio::spawn(sessiond::worker::execute(w.clone(), Arc::new(WaitForCancel(seen_tx)), run.clone(), stop.clone()));
     let (status, body) =
         app.post(&format!("/api/v2/runs/{}/cancel", s["runId"].as_str().unwrap()), &app.a.key, json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     // The handler only returns once the heartbeat answer carried the cancel.
     tokio::time::timeout(Duration::from_secs(10), worker).await.expect("worker stopped").unwrap();
+    let reply = seen.try_recv().expect("the handler saw its cancel");
+    assert!(reply.cancel && !reply.ok && reply.status == "CANCELED", "{reply:?}");
     assert_eq!(app.run_status(&run.id).await, "CANCELED");
+    // The stopped worker reported no result over the cancel.
+    let output: Option<Value> = sqlx::query_scalar("SELECT output FROM task_runs WHERE friendly_id = $1")
+        .bind(&run.id)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    assert_eq!(output, None);
     let job: String =
         sqlx::query_scalar("SELECT status FROM jobs WHERE kind = 'cancel-run'").fetch_one(app.db()).await.unwrap();
     assert_eq!(job, "succeeded");
@@ -299,18 +314,70 @@ async fn one_run_never_reaches_two_workers() {
     assert_eq!(unique.len(), 20);
 }
 
+/// The dequeue's periodic re-check is set far beyond the wait, so only the
+/// wake-up signal can hand the run over before the wait ends.
+fn no_dequeue_recheck(c: &mut sessiond::config::Config) {
+    c.dequeue_recheck_ms = 600_000;
+}
+
+/// Not a latency bound: the dequeue's last pop at the end of its 20 s wait
+/// would find the run too, so anything well inside the wait means the signal
+/// woke it (the bound leaves room for a loaded machine).
+fn assert_woken_early(run_created: std::time::Instant) {
+    let took = run_created.elapsed();
+    assert!(took < Duration::from_secs(10), "woke by signal, not at the end of the wait: {took:?}");
+}
+
 #[tokio::test]
 async fn a_waiting_dequeue_wakes_when_a_run_is_triggered() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(no_dequeue_recheck).await;
     let w = app.worker();
-    let waiter = tokio::spawn(async move { w.dequeue(&tasks(), 1, Duration::from_secs(10)).await.unwrap() });
+    let waiter = tokio::spawn(async move { w.dequeue(&tasks(), 1, Duration::from_secs(20)).await.unwrap() });
+    // No readiness signal reaches the test from inside the long poll; a waiter
+    // that is not parked yet when the run arrives pops it directly, which makes
+    // this test pass without exercising the wake-up (never fail wrongly).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
     let s = app.create_session(session_body(Some("wake"))).await;
     let runs = waiter.await.unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].id, s["runId"]);
-    assert!(started.elapsed() < Duration::from_secs(3), "woke by signal, not by polling: {:?}", started.elapsed());
+    assert_woken_early(started);
+}
+
+/// A run pushed through one server wakes a dequeue waiting on another, through
+/// the queue's Redis announcement.
+#[tokio::test]
+async fn a_waiting_dequeue_on_another_server_wakes_when_a_run_is_triggered() {
+    let app = TestApp::spawn_with(no_dequeue_recheck).await;
+    // The other server answers HTTP and follows the queue's announcements but
+    // runs no jobs, so the run's push (a job) always happens on `app`: a push
+    // on the peer itself would wake its waiter locally.
+    let config = app.state.config.clone();
+    let master = sessiond::app::master_key(&config).unwrap();
+    let peer = sessiond::app::AppState::connect(config, app.state.db.clone(), master).await.unwrap();
+    tokio::spawn(peer.run_queue.clone().listen(peer.redis_client.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer_base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, sessiond::http::router(peer)).await });
+    // Both servers follow the queue's announcements before anything is pushed.
+    let channel = format!("{}:runq-ready", app.state.config.redis_prefix);
+    eventually(10, "both servers subscribed", || async {
+        let (_, n): (String, usize) =
+            redis::cmd("PUBSUB").arg("NUMSUB").arg(&channel).query_async(&mut app.state.redis.clone()).await.unwrap();
+        (n == 2).then_some(())
+    })
+    .await;
+    let w = sessiond::worker::WorkerClient::new(&peer_base, &app.a.key);
+    let waiter = tokio::spawn(async move { w.dequeue(&tasks(), 1, Duration::from_secs(20)).await.unwrap() });
+    // (As above: the sleep can only make the test pass vacuously, not fail.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let s = app.create_session(session_body(Some("wake-peer"))).await;
+    let runs = waiter.await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].id, s["runId"]);
+    assert_woken_early(started);
 }
 
 #[tokio::test]
