@@ -38,6 +38,33 @@ impl TestApp {
         Self::spawn_with(|_| {}).await
     }
 
+    /// A server with no cron at all: a test that needs a sweep runs it itself
+    /// ([`TestApp::sweep`]), so what it shows does not hang on a tick.
+    pub async fn spawn_without_sweeps() -> TestApp {
+        Self::spawn_with(|c| c.job_schedules_file = Some(schedules_file(&[]))).await
+    }
+
+    /// Runs one sweep (or any job) now, as its cron tick would; returns its summary.
+    pub async fn sweep(&self, job: sessiond::jobs::Job) -> String {
+        sessiond::jobs::handlers::execute(&self.state.job_context(), &job).await.expect("sweep")
+    }
+
+    /// Moves a run's clock back by `secs`: when it was created, started and
+    /// last heard of, as if that much time had passed.
+    pub async fn age_run(&self, run: &str, secs: i64) {
+        sqlx::query(
+            "UPDATE task_runs SET created_at = created_at - make_interval(secs => $2),
+                started_at = started_at - make_interval(secs => $2),
+                heartbeat_deadline = heartbeat_deadline - make_interval(secs => $2)
+             WHERE friendly_id = $1",
+        )
+        .bind(run)
+        .bind(secs as f64)
+        .execute(self.db())
+        .await
+        .unwrap();
+    }
+
     pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         let mut config = Config::for_database(&database_url(), Some(schema.clone()));

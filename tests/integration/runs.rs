@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::common::{dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sessiond::jobs::Job;
 use sessiond::sessions::run_manager::Ensured;
 use sessiond::worker::{RunContext, TaskHandler};
 use uuid::Uuid;
@@ -58,12 +59,17 @@ async fn create_dequeue_complete_then_continuation() {
 
 #[tokio::test]
 async fn missed_heartbeats_crash_the_run_and_activity_continues() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
     let s = app.create_session(session_body(Some("crashy"))).await;
     let w = app.worker();
     let run = dequeue_one(&w).await;
-    // The worker dies: no heartbeat. The sweep marks the run CRASHED.
-    eventually(10, "CRASHED", || async { (app.run_status(&run.id).await == "CRASHED").then_some(()) }).await;
+    // Within its deadline the sweep leaves it alone.
+    assert!(app.sweep(Job::RunSweep).await.starts_with("0 runs finalised"));
+    // The worker dies: no heartbeat past the deadline. The sweep marks the run CRASHED.
+    app.age_run(&run.id, 10).await;
+    let out = app.sweep(Job::RunSweep).await;
+    assert!(out.starts_with("1 runs finalised"), "{out}");
+    assert_eq!(app.run_status(&run.id).await, "CRASHED");
     let hb = w.heartbeat(&run).await.unwrap();
     assert!(hb.cancel && !hb.ok);
     let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
@@ -238,44 +244,54 @@ async fn non_retryable_failure_is_final() {
 
 #[tokio::test]
 async fn queued_runs_expire_after_their_ttl() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
     let mut body = session_body(Some("ttl"));
-    body["triggerConfig"]["ttl"] = json!("1s");
+    body["triggerConfig"]["ttl"] = json!("10s");
     let s = app.create_session(body).await;
     let run = s["runId"].as_str().unwrap();
-    eventually(10, "EXPIRED", || async { (app.run_status(run).await == "EXPIRED").then_some(()) }).await;
+    app.sweep(Job::RunSweep).await;
+    assert_eq!(app.run_status(run).await, "QUEUED", "within its ttl");
+    app.age_run(run, 11).await;
+    app.sweep(Job::RunSweep).await;
+    assert_eq!(app.run_status(run).await, "EXPIRED");
     assert!(app.worker().dequeue(&tasks(), 1, Duration::from_secs(1)).await.unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn max_duration_times_out_a_run() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
     let mut body = session_body(Some("slow"));
-    body["triggerConfig"]["maxDuration"] = json!(1);
+    body["triggerConfig"]["maxDuration"] = json!(10);
     app.create_session(body).await;
     let w = app.worker();
     let run = dequeue_one(&w).await;
-    let result = eventually(10, "TIMED_OUT", || async {
-        let _ = w.heartbeat(&run).await; // keep it alive: only maxDuration may end it
-        (app.run_status(&run.id).await == "TIMED_OUT").then_some(())
-    })
-    .await;
-    let () = result;
+    app.sweep(Job::RunSweep).await;
+    assert_eq!(app.run_status(&run.id).await, "EXECUTING", "within its maxDuration");
+    // Started 11 s ago, and alive: only maxDuration may end it.
+    app.age_run(&run.id, 11).await;
+    assert!(!w.heartbeat(&run).await.unwrap().cancel);
+    app.sweep(Job::RunSweep).await;
+    assert_eq!(app.run_status(&run.id).await, "TIMED_OUT");
     assert!(w.heartbeat(&run).await.unwrap().cancel);
 }
 
 #[tokio::test]
 async fn expiry_sweep_cancels_runs_of_expired_sessions_idempotently() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
     let mut body = session_body(Some("expiring"));
-    body["expiresAt"] = json!((chrono::Utc::now() + chrono::Duration::milliseconds(800)).to_rfc3339());
+    let expires_at = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    body["expiresAt"] = json!(expires_at.to_rfc3339());
     let s = app.create_session(body).await;
     let run = s["runId"].as_str().unwrap().to_string();
-    eventually(10, "expired run canceled", || async { (app.run_status(&run).await == "CANCELED").then_some(()) }).await;
+    assert!(app.sweep(Job::SessionExpirySweep).await.starts_with("0 runs"));
+    // The session's time is up (expiresAt is write-once, so wait it out).
+    let left = (expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(50)).await;
+    let out = app.sweep(Job::SessionExpirySweep).await;
+    assert!(out.starts_with("1 runs"), "{out}");
+    assert_eq!(app.run_status(&run).await, "CANCELED");
     // Running the sweep again changes nothing.
-    let out = sessiond::jobs::handlers::execute(&app.state.job_context(), &sessiond::jobs::Job::SessionExpirySweep)
-        .await
-        .unwrap();
+    let out = app.sweep(Job::SessionExpirySweep).await;
     assert!(out.starts_with("0 runs"), "{out}");
     assert_eq!(app.run_status(&run).await, "CANCELED");
     // Expired sessions get no new runs.

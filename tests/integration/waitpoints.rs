@@ -159,27 +159,25 @@ async fn every_waiter_on_a_channel_wakes_with_the_same_record() {
 
 #[tokio::test]
 async fn waits_time_out_and_the_run_resumes() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
     let (s, run) = running_session(&app, "timeout").await;
-    let (w, r) = (app.worker(), run.clone());
-    let beat = tokio::spawn(async move {
-        loop {
-            let _ = w.heartbeat(&r).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
     let (_, body) =
-        wait(&app, &run, &run.token, json!({"session": s, "io": "in", "timeout": "1s", "tags": "t1"})).await;
+        wait(&app, &run, &run.token, json!({"session": s, "io": "in", "timeout": "30s", "tags": "t1"})).await;
     let wp = body["waitpointId"].as_str().unwrap().to_string();
-    let done = eventually(10, "timed out", || async {
-        let v = poll(&app, &run, &wp, 0).await;
-        (v["status"] == "TIMED_OUT").then_some(v)
-    })
-    .await;
+    assert_eq!(app.run_status(&run.id).await, "WAITING");
+    assert!(app.sweep(sessiond::jobs::Job::WaitpointTimeoutSweep).await.starts_with("0 waitpoints"));
+    // Its timeout passes: the sweep ends it and the run resumes.
+    sqlx::query("UPDATE waitpoints SET timeout_at = now() - interval '1 second' WHERE friendly_id = $1")
+        .bind(&wp)
+        .execute(app.db())
+        .await
+        .unwrap();
+    assert!(app.sweep(sessiond::jobs::Job::WaitpointTimeoutSweep).await.starts_with("1 waitpoints"));
+    let done = poll(&app, &run, &wp, 0).await;
+    assert_eq!(done["status"], "TIMED_OUT");
     assert_eq!(done["tags"], json!(["t1"]));
     assert!(done["output"].is_null());
     assert_eq!(app.run_status(&run.id).await, "EXECUTING");
-    beat.abort();
 }
 
 #[tokio::test]
