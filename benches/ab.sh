@@ -18,7 +18,7 @@
 # (dependencies build once; each worktree's own crates get their own hashes).
 # Extra arguments for the streams bench (e.g. `fanout throughput`) go in
 # AB_STREAMS_ARGS.
-set -euo pipefail
+set -Eeuo pipefail
 
 if [[ $# -ne 2 ]]; then
   echo "usage: $0 BEFORE_REV AFTER_REV" >&2
@@ -41,6 +41,7 @@ cleanup() {
   done
 }
 trap cleanup EXIT
+trap 'echo "ab.sh: failed (exit $?) at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 # Builds one revision into $dir/bin/<side>/: sessiond and one binary per bench.
 build() {
@@ -52,11 +53,10 @@ build() {
   echo "building $side (${rev[$side]:0:12}) in $wt" >&2
   (cd "$wt" && cargo build --release --bin sessiond --quiet)
   cp "$CARGO_TARGET_DIR/release/sessiond" "$bin/sessiond"
-  local b exe
+  local b exe artifacts="$dir/artifacts-$side.json"
+  (cd "$wt" && cargo bench --no-run --quiet "${benches[@]/#/--bench=}" --message-format=json >"$artifacts")
   for b in "${benches[@]}"; do
-    exe=$(cd "$wt" && cargo bench --no-run --bench "$b" --message-format=json 2>/dev/null |
-      jq -r 'select(.reason == "compiler-artifact" and .target.kind == ["bench"] and .executable != null) | .executable' |
-      tail -n 1)
+    exe=$(jq -r --arg b "$b" 'select(.reason == "compiler-artifact" and .target.kind == ["bench"] and .target.name == $b and .executable != null) | .executable' "$artifacts" | tail -n 1)
     [[ -x "$exe" ]] || { echo "no executable for bench $b of $side" >&2; exit 1; }
     cp "$exe" "$bin/$b"
   done
