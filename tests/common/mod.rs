@@ -269,6 +269,15 @@ pub async fn dequeue_one(w: &sessiond::worker::WorkerClient) -> sessiond::worker
     runs.into_iter().next().unwrap()
 }
 
+/// A session of its own task with its first run dequeued (EXECUTING).
+pub async fn running_session(app: &TestApp, ext: &str) -> (String, sessiond::worker::AssignedRun) {
+    let mut body = session_body(Some(ext));
+    body["taskIdentifier"] = serde_json::json!(format!("task-{ext}"));
+    let s = app.create_session(body).await;
+    let run = app.worker().dequeue(&[format!("task-{ext}")], 1, Duration::from_secs(10)).await.unwrap().remove(0);
+    (s["id"].as_str().unwrap().to_string(), run)
+}
+
 pub fn session_body(external_id: Option<&str>) -> Value {
     let mut body = serde_json::json!({
         "type": "chat.agent",

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{eventually, session_body, SseClient, SseRecord, TestApp};
+use crate::common::{eventually, running_session, session_body, SseClient, SseRecord, TestApp};
 use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::worker::channels::HttpChannelFactory;
 use sessiond::worker::echo::EchoAgent;
-use sessiond::worker::{AssignedRun, Worker};
+use sessiond::worker::Worker;
 use tokio_util::sync::CancellationToken;
 
 /// Reads SSE batches until a turn-complete record arrives; returns the turn's
@@ -38,15 +38,6 @@ async fn failed_jobs(app: &TestApp) -> Vec<(String, Option<String>)> {
         .fetch_all(app.db())
         .await
         .unwrap()
-}
-
-/// A session with its first run dequeued (EXECUTING).
-async fn running_session(app: &TestApp, ext: &str) -> (String, AssignedRun) {
-    let mut body = session_body(Some(ext));
-    body["taskIdentifier"] = json!(format!("task-{ext}"));
-    let s = app.create_session(body).await;
-    let run = app.worker().dequeue(&[format!("task-{ext}")], 1, Duration::from_secs(10)).await.unwrap().remove(0);
-    (s["id"].as_str().unwrap().to_string(), run)
 }
 
 #[tokio::test]

@@ -2,20 +2,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{eventually, session_body, TestApp};
+use crate::common::{eventually, running_session, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::streams::{ChannelKey, Io};
 use sessiond::worker::AssignedRun;
-
-/// A session with its first run dequeued (EXECUTING).
-async fn running_session(app: &TestApp, ext: &str) -> (String, AssignedRun) {
-    let mut body = session_body(Some(ext));
-    body["taskIdentifier"] = json!(format!("task-{ext}"));
-    let s = app.create_session(body).await;
-    let run = app.worker().dequeue(&[format!("task-{ext}")], 1, Duration::from_secs(10)).await.unwrap().remove(0);
-    (s["id"].as_str().unwrap().to_string(), run)
-}
 
 async fn wait(app: &TestApp, run: &AssignedRun, token: &str, body: Value) -> (StatusCode, Value) {
     app.post(&format!("/api/v1/runs/{}/session-streams/wait", run.id), token, body).await
