@@ -104,6 +104,6 @@ say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 say "cargo test"
 status=0
-cargo test --lib --bins --tests -- --test-threads=8 "$@" || status=$?
+cargo test --no-fail-fast --lib --bins --tests -- --test-threads=8 "$@" || status=$?
 say "cargo test exited with status $status"
 exit "$status"

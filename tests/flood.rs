@@ -37,7 +37,8 @@ async fn idle_connections_beyond_the_fd_limit_do_not_lock_out_new_clients() {
     // Subscribers are inside a request: the cap never sheds them.
     let mut subscribers = Vec::new();
     for _ in 0..5 {
-        subscribers.push(app.sse(&format!("/realtime/v1/sessions/{id}/out"), &key, &[]).await);
+        subscribers
+            .push(app.sse(&format!("/realtime/v1/sessions/{id}/out"), &key, &[("timeout-seconds", "120")]).await);
     }
 
     let port = app.base.rsplit(':').next().unwrap().to_string();
