@@ -17,6 +17,8 @@ use tokio::sync::watch;
 
 use axum::extract::FromRef;
 
+use crate::analytics::session_list::ClickHouseSessionList;
+use crate::analytics::ClickHouse;
 use crate::auth::cache::EnvCache;
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -53,6 +55,7 @@ pub struct Inner {
     pub waitpoints: Waitpoints,
     pub appender: Appender,
     pub dispatcher: Dispatcher,
+    pub analytics: ClickHouse,
 }
 
 #[derive(Clone)]
@@ -71,7 +74,13 @@ impl AppState {
         let (redis_client, redis) = connect_redis(&config).await?;
         let envs = EnvCache::new(Duration::from_millis(config.auth_cache_ttl_ms));
         let auth = Authenticator::new(db.clone(), master_key, envs, config.jwt_leeway_secs);
-        let session_list = Arc::new(PgSessionList { pool: db.clone() });
+        let analytics = ClickHouse::new(&config);
+        let session_list = Arc::new(ClickHouseSessionList::new(
+            PgSessionList { pool: db.clone() },
+            analytics.clone(),
+            Duration::from_millis(config.list_overlay_margin_ms),
+            config.list_overlay_max_rows,
+        ));
         let run_queue = RunQueue::new(redis.clone(), &config.redis_prefix);
         let jobs = jobs(&config, db.clone(), redis.clone());
         let channels = ChannelStore::new(redis.clone(), &config.redis_prefix, config.append_dedupe_window_secs * 1000);
@@ -107,6 +116,7 @@ impl AppState {
             waitpoints,
             appender,
             dispatcher,
+            analytics,
         })))
     }
 }
@@ -151,6 +161,8 @@ impl AppState {
             runs: self.runs.clone(),
             waitpoints: self.waitpoints.clone(),
             appender: self.appender.clone(),
+            jobs: self.jobs.clone(),
+            analytics: self.analytics.clone(),
             heartbeat_timeout_ms: self.config.run_heartbeat_timeout_ms,
         }
     }
@@ -180,6 +192,7 @@ from_state! {
     Waitpoints => waitpoints,
     Appender => appender,
     Dispatcher => dispatcher,
+    ClickHouse => analytics,
 }
 
 impl FromRef<AppState> for ChannelAccess {
@@ -232,7 +245,11 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
     let connections = conn::Registry::new(conn::Limits::from_config(&state.config)?);
     let reaper = tokio::spawn(connections.clone().reap_idle());
     let schedules = jobs::schedule::load(state.config.job_schedules_file.as_deref())?;
-    let runtime = jobs::runtime::start(&state, schedules, shutdown.clone())?;
+    let runtime =
+        if state.config.run_jobs { Some(jobs::runtime::start(&state, schedules, shutdown.clone())?) } else { None };
+    if state.config.clickhouse_migrate_on_start {
+        crate::analytics::schema::migrate_in_background(state.analytics.clone());
+    }
     let app = crate::http::router(state);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shutdown;
@@ -259,6 +276,8 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period; dropping them");
     }
-    let _ = runtime.await;
+    if let Some(runtime) = runtime {
+        let _ = runtime.await;
+    }
     Ok(())
 }

@@ -127,6 +127,57 @@ pub struct Config {
     /// case an announcement was lost together with its successors, in ms.
     #[arg(long, env = "FEED_SAFETY_POLL_MS", default_value_t = 1_000)]
     pub feed_safety_poll_ms: u64,
+
+    /// Run the job workers, cron schedules and outbox relay in this process
+    /// (`false` for a process that only serves the API).
+    #[arg(long, env = "RUN_JOBS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub run_jobs: bool,
+
+    /// ClickHouse HTTP endpoint the session list and analytics read (the dev
+    /// server from scripts/clickhouse.sh, or a real ClickHouse).
+    #[arg(long, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    pub clickhouse_url: String,
+
+    /// ClickHouse database holding sessiond's tables (tests use one per test).
+    #[arg(long, env = "CLICKHOUSE_DATABASE", default_value = "sessiond")]
+    pub clickhouse_database: String,
+
+    #[arg(long, env = "CLICKHOUSE_USER")]
+    pub clickhouse_user: Option<String>,
+
+    #[arg(long, env = "CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    pub clickhouse_password: Option<String>,
+
+    /// `none` (the dev server speaks uncompressed HTTP only) or `lz4` (a real
+    /// ClickHouse; less traffic for big reads and backfills).
+    #[arg(long, env = "CLICKHOUSE_COMPRESSION", default_value = "none", value_parser = parse_compression)]
+    pub clickhouse_compression: ClickHouseCompression,
+
+    /// How long one ClickHouse request may take before the list answers from
+    /// Postgres instead, in ms.
+    #[arg(long, env = "CLICKHOUSE_TIMEOUT_MS", default_value_t = 2_000)]
+    pub clickhouse_timeout_ms: u64,
+
+    /// After a failed ClickHouse request, the list answers from Postgres without
+    /// trying ClickHouse for this long, in ms (so an outage costs no latency).
+    #[arg(long, env = "CLICKHOUSE_RETRY_AFTER_MS", default_value_t = 5_000)]
+    pub clickhouse_retry_after_ms: u64,
+
+    /// Apply the ClickHouse schema when `serve` starts (retried in the
+    /// background while ClickHouse is down).
+    #[arg(long, env = "CLICKHOUSE_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub clickhouse_migrate_on_start: bool,
+
+    /// The list overlays Postgres rows changed up to this long before
+    /// ClickHouse's watermark, covering transactions that stamped `updated_at`
+    /// before the watermark but committed after it, in ms.
+    #[arg(long, env = "LIST_OVERLAY_MARGIN_MS", default_value_t = 10_000)]
+    pub list_overlay_margin_ms: u64,
+
+    /// Most changed rows the list overlays onto a ClickHouse page; beyond it
+    /// ClickHouse lags too far and the list answers from Postgres.
+    #[arg(long, env = "LIST_OVERLAY_MAX_ROWS", default_value_t = 1_000)]
+    pub list_overlay_max_rows: usize,
 }
 
 impl Config {
@@ -162,6 +213,32 @@ impl Config {
             dequeue_recheck_ms: 1_000,
             waitpoint_recheck_ms: 250,
             feed_safety_poll_ms: 1_000,
+            run_jobs: true,
+            clickhouse_url: "http://127.0.0.1:8123".into(),
+            clickhouse_database: "sessiond".into(),
+            clickhouse_user: None,
+            clickhouse_password: None,
+            clickhouse_compression: ClickHouseCompression::None,
+            clickhouse_timeout_ms: 2_000,
+            clickhouse_retry_after_ms: 5_000,
+            clickhouse_migrate_on_start: true,
+            list_overlay_margin_ms: 10_000,
+            list_overlay_max_rows: 1_000,
         }
+    }
+}
+
+/// How requests to ClickHouse are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClickHouseCompression {
+    None,
+    Lz4,
+}
+
+fn parse_compression(s: &str) -> Result<ClickHouseCompression, String> {
+    match s {
+        "none" => Ok(ClickHouseCompression::None),
+        "lz4" => Ok(ClickHouseCompression::Lz4),
+        _ => Err("expected none or lz4".into()),
     }
 }

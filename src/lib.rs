@@ -22,6 +22,7 @@
 //! - [`db`], [`validation`], [`ids`], [`pubsub`]: the storage error and pool,
 //!   shared field rules, friendly ids, the Redis pub/sub follower.
 
+pub mod analytics;
 pub mod app;
 pub mod auth;
 pub mod config;

@@ -5,6 +5,7 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use uuid::Uuid;
 
+use sessiond::analytics;
 use sessiond::app::{self, AppState};
 use sessiond::config::Config;
 use sessiond::db;
@@ -36,6 +37,9 @@ enum Command {
     /// Operator actions on sessions.
     #[command(subcommand)]
     Sessions(SessionsCommand),
+    /// The ClickHouse copy the session list and analytics read.
+    #[command(subcommand)]
+    Clickhouse(ClickhouseCommand),
     /// Run a task worker against a sessiond server (the example echo agent).
     Worker {
         /// Task identifier to serve (only `echo-agent` ships).
@@ -78,6 +82,40 @@ enum SessionsCommand {
         env: Uuid,
         /// Session friendly id or external id.
         session: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClickhouseCommand {
+    /// Create the database and apply the schema files not yet applied.
+    Migrate,
+    /// Copy existing rows into ClickHouse: a resumable, chunked `backfill` job
+    /// per table (both tables unless one is named).
+    Backfill {
+        /// Only sessions.
+        #[arg(long)]
+        sessions: bool,
+        /// Only runs.
+        #[arg(long)]
+        runs: bool,
+        /// Only rows created at or after this time (RFC 3339).
+        #[arg(long)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only rows created at or before this time (RFC 3339).
+        #[arg(long)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// Rows per chunk (one job each).
+        #[arg(long, default_value_t = analytics::backfill::DEFAULT_CHUNK_SIZE)]
+        chunk_size: i32,
+        /// Wait until the backfills finish, printing their progress (a server
+        /// must be running to execute the jobs).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Recent backfills and their progress.
+    Backfills {
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
     },
 }
 
@@ -145,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Env(cmd) => env_command(cmd, &config, &pool).await?,
         Command::Jobs(cmd) => jobs_command(cmd, config, pool).await?,
         Command::Sessions(cmd) => sessions_command(cmd, config, pool).await?,
+        Command::Clickhouse(cmd) => clickhouse_command(cmd, config, pool).await?,
     }
     Ok(())
 }
@@ -242,6 +281,68 @@ async fn sessions_command(cmd: SessionsCommand, config: Config, pool: sqlx::PgPo
             };
             let run = runs.trigger_manual(env, s.id).await?;
             println!("session {} now runs {run} (reason manual)", s.friendly_id);
+        }
+    }
+    Ok(())
+}
+
+async fn clickhouse_command(cmd: ClickhouseCommand, config: Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
+    use analytics::backfill::{self, BackfillRequest, BackfillStatus};
+    use analytics::watermark::Table;
+    db::migrate(&pool).await?;
+    match cmd {
+        ClickhouseCommand::Migrate => {
+            let ch = analytics::ClickHouse::new(&config);
+            let applied = analytics::schema::migrate(&ch).await?;
+            println!("clickhouse schema up to date ({} applied now)", applied.len());
+        }
+        ClickhouseCommand::Backfill { sessions, runs, from, to, chunk_size, wait } => {
+            anyhow::ensure!(chunk_size > 0, "--chunk-size must be positive");
+            let tables = match (sessions, runs) {
+                (true, false) => vec![Table::Sessions],
+                (false, true) => vec![Table::Runs],
+                _ => vec![Table::Sessions, Table::Runs],
+            };
+            let (_, redis) = app::connect_redis(&config).await?;
+            let jobs = app::jobs(&config, pool.clone(), redis);
+            let req = BackfillRequest { tables, from, to, chunk_size };
+            let started = backfill::start(&pool, &jobs, &req).await?;
+            for b in &started {
+                println!("backfill {} of {} queued", b.id, b.target.as_str());
+            }
+            while wait {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let mut running = 0;
+                for b in &started {
+                    let Some(now) = backfill::store::find(&pool, b.id).await? else { continue };
+                    println!(
+                        "  {} {}: {} rows in {} chunks, {}",
+                        now.id,
+                        now.target.as_str(),
+                        now.rows_copied,
+                        now.chunks_done,
+                        now.status.as_str()
+                    );
+                    running += usize::from(now.status == BackfillStatus::Running);
+                }
+                if running == 0 {
+                    break;
+                }
+            }
+        }
+        ClickhouseCommand::Backfills { limit } => {
+            println!("{:<36}  {:<8}  {:<9}  {:>10}  {:>7}  started", "id", "table", "status", "rows", "chunks");
+            for b in backfill::store::list(&pool, limit).await? {
+                println!(
+                    "{:<36}  {:<8}  {:<9}  {:>10}  {:>7}  {}",
+                    b.id,
+                    b.target.as_str(),
+                    b.status.as_str(),
+                    b.rows_copied,
+                    b.chunks_done,
+                    b.started_at.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
         }
     }
     Ok(())

@@ -5,7 +5,9 @@
 use chrono::Utc;
 use sqlx::PgPool;
 
-use super::Job;
+use super::{Job, Jobs};
+use crate::analytics::backfill;
+use crate::analytics::ClickHouse;
 use crate::runs::queue::RunQueue;
 use crate::runs::store as run_store;
 use crate::sessions::run_manager::{self, RunManager};
@@ -25,6 +27,8 @@ pub struct JobContext {
     pub runs: RunManager,
     pub waitpoints: Waitpoints,
     pub appender: Appender,
+    pub jobs: Jobs,
+    pub analytics: ClickHouse,
     /// A run this long without a heartbeat is crashed; the run sweep re-pushes
     /// queued runs popped at least this long ago (and 5 s at least).
     pub heartbeat_timeout_ms: u64,
@@ -57,6 +61,10 @@ pub async fn execute(ctx: &JobContext, job: &Job) -> Outcome {
         Job::RunHandoff(step) => {
             run_manager::apply_handoff(&ctx.channels, step).await?;
             Ok(format!("channels of session {} fenced to run {}", step.session_id, step.run))
+        }
+        Job::Backfill { backfill_id, chunk } => {
+            let faults = backfill::Faults::default();
+            Ok(backfill::run_chunk(&ctx.db, &ctx.analytics, &ctx.jobs, *backfill_id, *chunk, faults).await?)
         }
         Job::InputBootSweep => {
             let (booted, checked) = ctx.appender.boot_unread_input().await?;

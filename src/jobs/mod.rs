@@ -59,6 +59,11 @@ pub enum Job {
     /// Boots a run for `.in` records no run is known to read (an append whose
     /// follow-up never ran: a crash between storing the record and the boot).
     InputBootSweep,
+    /// Copies chunk number `chunk` of a ClickHouse backfill (see `analytics::backfill`).
+    Backfill {
+        backfill_id: Uuid,
+        chunk: i32,
+    },
 }
 
 impl Job {
@@ -73,6 +78,7 @@ impl Job {
             Job::WaitpointTimeoutSweep => "waitpoint-timeout-sweep",
             Job::RunHandoff(_) => "run-handoff",
             Job::InputBootSweep => "input-boot-sweep",
+            Job::Backfill { .. } => "backfill",
         }
     }
 
@@ -146,6 +152,10 @@ impl Jobs {
     }
 
     /// Relays and marks before returning (for callers that may exit right after).
+    pub async fn relay_now(&self, ids: &[Uuid]) -> Result<(), StoreError> {
+        self.relay_and_mark(ids).await
+    }
+
     async fn relay_and_mark(&self, ids: &[Uuid]) -> Result<(), StoreError> {
         let pushed = self.push(ids).await;
         store::mark_relayed(&self.pool, &pushed).await

@@ -415,3 +415,27 @@ pub async fn mark_enqueued(pool: &PgPool, run_id: Uuid) -> Result<Option<DueRun>
     .fetch_optional(pool)
     .await?)
 }
+
+/// Reads the next `limit` runs of every environment in (created_at, id) order
+/// after `after`, within an optional created_at range: one chunk of a copy to
+/// ClickHouse. Walks `task_runs_created_id_idx`.
+pub async fn export_chunk(
+    conn: &mut PgConnection,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<Run>, StoreError> {
+    let mut b = sqlx::QueryBuilder::new(format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE true"));
+    if let Some((at, id)) = after {
+        b.push(" AND (t.created_at, t.id) > (").push_bind(at).push(", ").push_bind(id).push(")");
+    }
+    if let Some(from) = from {
+        b.push(" AND t.created_at >= ").push_bind(from);
+    }
+    if let Some(to) = to {
+        b.push(" AND t.created_at <= ").push_bind(to);
+    }
+    b.push(format!(" ORDER BY t.created_at, t.id LIMIT {}", limit.max(1)));
+    Ok(b.build_query_as().fetch_all(conn).await?)
+}

@@ -249,56 +249,110 @@ pub fn paginate(mut rows: Vec<Session>, size: usize, cursor: Option<Direction>, 
     ListPage { sessions: rows, next, previous }
 }
 
-#[async_trait]
-pub trait SessionListRepository: Send + Sync {
-    async fn list(&self, env_id: Uuid, query: &ListQuery) -> Result<ListPage, StoreError>;
+/// Which store answered a list (told to the caller in a response header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListSource {
+    ClickHouse,
+    Postgres,
 }
 
+impl ListSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListSource::ClickHouse => "clickhouse",
+            ListSource::Postgres => "postgres",
+        }
+    }
+}
+
+/// An answer and the store that served it.
+#[derive(Debug)]
+pub struct Served<T> {
+    pub value: T,
+    pub source: ListSource,
+}
+
+/// The environment a list reads, with the ids ClickHouse's sort key starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvScope {
+    pub organization_id: Uuid,
+    pub project_id: Uuid,
+    pub environment_id: Uuid,
+}
+
+impl From<&crate::tenancy::Environment> for EnvScope {
+    fn from(env: &crate::tenancy::Environment) -> Self {
+        EnvScope { organization_id: env.organization_id, project_id: env.project_id, environment_id: env.id }
+    }
+}
+
+#[async_trait]
+pub trait SessionListRepository: Send + Sync {
+    /// One page of sessions matching the query's filters, at its cursor.
+    async fn list(&self, env: EnvScope, query: &ListQuery) -> Result<Served<ListPage>, StoreError>;
+    /// How many sessions match the query's filters (its cursor is ignored).
+    async fn count(&self, env: EnvScope, query: &ListQuery) -> Result<Served<u64>, StoreError>;
+    /// Distinct tags of the environment's sessions starting with `prefix`, sorted.
+    async fn tags(&self, env: EnvScope, prefix: &str, limit: usize) -> Result<Served<Vec<String>>, StoreError>;
+}
+
+/// The list served by Postgres: the fallback while ClickHouse is away or
+/// behind, and the overlay of fresh rows onto a ClickHouse page.
+#[derive(Clone)]
 pub struct PgSessionList {
     pub pool: PgPool,
 }
 
-#[async_trait]
-impl SessionListRepository for PgSessionList {
-    async fn list(&self, env_id: Uuid, q: &ListQuery) -> Result<ListPage, StoreError> {
+/// Appends the query's filters (not its cursor) to a WHERE clause over `s`.
+fn push_filters(b: &mut QueryBuilder<'_, Postgres>, q: &ListQuery) {
+    if !q.types.is_empty() {
+        b.push(" AND s.type = ANY(").push_bind(q.types.clone()).push(")");
+    }
+    if !q.task_identifiers.is_empty() {
+        b.push(" AND s.task_identifier = ANY(").push_bind(q.task_identifiers.clone()).push(")");
+    }
+    if !q.tags.is_empty() {
+        b.push(" AND s.tags && ").push_bind(q.tags.clone());
+    }
+    if let Some(ext) = &q.external_id {
+        b.push(" AND s.external_id = ").push_bind(ext.clone());
+    }
+    if let Some(from) = q.created_from {
+        b.push(" AND s.created_at >= ").push_bind(from);
+    }
+    if let Some(to) = q.created_to {
+        b.push(" AND s.created_at <= ").push_bind(to);
+    }
+    if !q.statuses.is_empty() {
+        b.push(" AND (");
+        for (i, status) in q.statuses.iter().enumerate() {
+            if i > 0 {
+                b.push(" OR ");
+            }
+            b.push(match status {
+                SessionStatus::Closed => "s.closed_at IS NOT NULL",
+                SessionStatus::Expired => "(s.closed_at IS NULL AND s.expires_at <= now())",
+                SessionStatus::Active => "(s.closed_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now()))",
+            });
+        }
+        b.push(")");
+    }
+}
+
+impl PgSessionList {
+    /// The page's rows in fetch order (see [`paginate`]), one beyond the page
+    /// size; only among `only` when given (the overlay).
+    pub async fn rows(&self, env_id: Uuid, q: &ListQuery, only: Option<&[Uuid]>) -> Result<Vec<Session>, StoreError> {
         let mut b: QueryBuilder<Postgres> = QueryBuilder::new(format!(
             // The page is chosen from `sessions` alone and joined to its runs
             // afterwards, so the join never runs over more rows than the page.
             "SELECT {SESSION_SELECT} FROM (SELECT s.* FROM sessions s WHERE s.runtime_environment_id = "
         ));
         b.push_bind(env_id);
-        if !q.types.is_empty() {
-            b.push(" AND s.type = ANY(").push_bind(q.types.clone()).push(")");
+        if let Some(ids) = only {
+            b.push(" AND s.id = ANY(").push_bind(ids.to_vec()).push(")");
         }
-        if !q.task_identifiers.is_empty() {
-            b.push(" AND s.task_identifier = ANY(").push_bind(q.task_identifiers.clone()).push(")");
-        }
-        if !q.tags.is_empty() {
-            b.push(" AND s.tags && ").push_bind(q.tags.clone());
-        }
-        if let Some(ext) = &q.external_id {
-            b.push(" AND s.external_id = ").push_bind(ext.clone());
-        }
-        if let Some(from) = q.created_from {
-            b.push(" AND s.created_at >= ").push_bind(from);
-        }
-        if let Some(to) = q.created_to {
-            b.push(" AND s.created_at <= ").push_bind(to);
-        }
-        if !q.statuses.is_empty() {
-            b.push(" AND (");
-            for (i, status) in q.statuses.iter().enumerate() {
-                if i > 0 {
-                    b.push(" OR ");
-                }
-                b.push(match status {
-                    SessionStatus::Closed => "s.closed_at IS NOT NULL",
-                    SessionStatus::Expired => "(s.closed_at IS NULL AND s.expires_at <= now())",
-                    SessionStatus::Active => "(s.closed_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now()))",
-                });
-            }
-            b.push(")");
-        }
+        push_filters(&mut b, q);
         let order = match q.cursor {
             Some((dir, c)) => {
                 let op = if dir == Direction::After { "<" } else { ">" };
@@ -322,8 +376,58 @@ impl SessionListRepository for PgSessionList {
              LEFT JOIN task_runs r ON r.id = s.current_run_id ORDER BY s.created_at {order}, s.id {order}",
             q.page_size.clamp(1, MAX_PAGE_SIZE) + 1
         ));
-        let rows: Vec<Session> = b.build_query_as().fetch_all(&self.pool).await?;
-        Ok(paginate(rows, q.page_size as usize, q.cursor.map(|(d, _)| d), q.origin))
+        Ok(b.build_query_as().fetch_all(&self.pool).await?)
+    }
+
+    /// How many of the environment's sessions match; only among `only` when given.
+    pub async fn count_rows(&self, env_id: Uuid, q: &ListQuery, only: Option<&[Uuid]>) -> Result<u64, StoreError> {
+        let mut b: QueryBuilder<Postgres> =
+            QueryBuilder::new("SELECT count(*) FROM sessions s WHERE s.runtime_environment_id = ");
+        b.push_bind(env_id);
+        if let Some(ids) = only {
+            b.push(" AND s.id = ANY(").push_bind(ids.to_vec()).push(")");
+        }
+        push_filters(&mut b, q);
+        let n: i64 = b.build_query_scalar().fetch_one(&self.pool).await?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Distinct tags starting with `prefix`; only of `only` when given.
+    pub async fn tag_values(
+        &self,
+        env_id: Uuid,
+        prefix: &str,
+        limit: usize,
+        only: Option<&[Uuid]>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut b: QueryBuilder<Postgres> = QueryBuilder::new(
+            "SELECT DISTINCT tag FROM sessions s, unnest(s.tags) AS tag WHERE s.runtime_environment_id = ",
+        );
+        b.push_bind(env_id);
+        if let Some(ids) = only {
+            b.push(" AND s.id = ANY(").push_bind(ids.to_vec()).push(")");
+        }
+        b.push(" AND starts_with(tag, ").push_bind(prefix.to_string()).push(")");
+        b.push(format!(" ORDER BY tag LIMIT {}", limit.clamp(1, 10_000)));
+        Ok(b.build_query_scalar().fetch_all(&self.pool).await?)
+    }
+}
+
+#[async_trait]
+impl SessionListRepository for PgSessionList {
+    async fn list(&self, env: EnvScope, q: &ListQuery) -> Result<Served<ListPage>, StoreError> {
+        let rows = self.rows(env.environment_id, q, None).await?;
+        let page = paginate(rows, q.page_size as usize, q.cursor.map(|(d, _)| d), q.origin);
+        Ok(Served { value: page, source: ListSource::Postgres })
+    }
+
+    async fn count(&self, env: EnvScope, q: &ListQuery) -> Result<Served<u64>, StoreError> {
+        Ok(Served { value: self.count_rows(env.environment_id, q, None).await?, source: ListSource::Postgres })
+    }
+
+    async fn tags(&self, env: EnvScope, prefix: &str, limit: usize) -> Result<Served<Vec<String>>, StoreError> {
+        let tags = self.tag_values(env.environment_id, prefix, limit, None).await?;
+        Ok(Served { value: tags, source: ListSource::Postgres })
     }
 }
 

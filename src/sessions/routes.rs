@@ -3,6 +3,7 @@
 
 use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
@@ -13,7 +14,11 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use super::access;
-use super::list::{ListQuery, SessionListRepository};
+use super::list::{EnvScope, ListQuery, SessionListRepository};
+
+/// Names the store that served a list (`clickhouse` or `postgres`), so tests
+/// and operators can tell a degraded answer.
+pub const LIST_SOURCE_HEADER: &str = "x-sessiond-list-source";
 use super::lookup::SessionLookup;
 use super::model::{Session, SessionItem};
 use super::run_manager::{Ensured, RunManager};
@@ -176,16 +181,18 @@ async fn list(
     State(sessions): State<Arc<dyn SessionListRepository>>,
     auth: Auth,
     RawQuery(query): RawQuery,
-) -> ApiResult<Json<ListResponse>> {
+) -> ApiResult<impl IntoResponse> {
     let query = ListQuery::parse(query.as_deref().unwrap_or(""), Utc::now())?;
     if !auth.can_list_sessions(&query.task_identifiers) {
         return Err(ApiError::Forbidden);
     }
-    let page = sessions.list(auth.env.id, &query).await?;
-    Ok(Json(ListResponse {
+    let served = sessions.list(EnvScope::from(&*auth.env), &query).await?;
+    let page = served.value;
+    let body = Json(ListResponse {
         data: page.sessions.iter().map(Session::to_item).collect(),
         pagination: Pagination { next: page.next.map(|c| c.encode()), previous: page.previous.map(|c| c.encode()) },
-    }))
+    });
+    Ok(([(LIST_SOURCE_HEADER, served.source.as_str())], body))
 }
 
 #[derive(Serialize)]

@@ -315,3 +315,67 @@ pub async fn mark_channels_closed(pool: &PgPool, session_id: Uuid) -> Result<(),
         .await?;
     Ok(())
 }
+
+/// Where a copy of the table stands: the last (created_at, id) copied.
+pub type ExportCursor = (chrono::DateTime<chrono::Utc>, Uuid);
+
+/// Reads the next `limit` sessions of every environment in (created_at, id)
+/// order after `after`, within an optional created_at range: one chunk of a
+/// copy to ClickHouse. Walks `sessions_created_id_idx`.
+pub async fn export_chunk(
+    conn: &mut PgConnection,
+    after: Option<ExportCursor>,
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    to: Option<chrono::DateTime<chrono::Utc>>,
+    limit: i64,
+) -> Result<Vec<Session>, StoreError> {
+    let mut b = sqlx::QueryBuilder::new(format!(
+        "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id WHERE true"
+    ));
+    // Conditions are added only when present (not `$1 IS NULL OR ...`), so the
+    // plan is always an index range scan.
+    if let Some((at, id)) = after {
+        b.push(" AND (s.created_at, s.id) > (").push_bind(at).push(", ").push_bind(id).push(")");
+    }
+    if let Some(from) = from {
+        b.push(" AND s.created_at >= ").push_bind(from);
+    }
+    if let Some(to) = to {
+        b.push(" AND s.created_at <= ").push_bind(to);
+    }
+    b.push(format!(" ORDER BY s.created_at, s.id LIMIT {}", limit.max(1)));
+    Ok(b.build_query_as().fetch_all(conn).await?)
+}
+
+/// Ids of an environment's sessions changed at or after `since`, at most
+/// `limit` (the list's overlay; walks `sessions_env_updated_idx`).
+pub async fn changed_since(
+    pool: &PgPool,
+    env_id: Uuid,
+    since: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT id FROM sessions WHERE runtime_environment_id = $1 AND updated_at >= $2 LIMIT {}",
+        limit.max(1)
+    ))
+    .bind(env_id)
+    .bind(since)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Full rows of an environment's sessions by id, in no particular order.
+pub async fn find_many(pool: &PgPool, env_id: Uuid, ids: &[Uuid]) -> Result<Vec<Session>, StoreError> {
+    let sql = format!(
+        "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id
+         WHERE s.runtime_environment_id = $1 AND s.id = ANY($2)"
+    );
+    Ok(sqlx::query_as(&sql).bind(env_id).bind(ids).fetch_all(pool).await?)
+}
+
+/// The current WAL position, as text (`X/Y`): what a backfill chunk reads
+/// before its SELECT, so a later live change always carries a higher version.
+pub async fn current_wal_lsn(conn: &mut PgConnection) -> Result<String, StoreError> {
+    Ok(sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(conn).await?)
+}

@@ -49,6 +49,11 @@ impl TestApp {
         sessiond::jobs::handlers::execute(&self.state.job_context(), &job).await.expect("sweep")
     }
 
+    /// Applies the ClickHouse schema to this test's database.
+    pub async fn clickhouse_ready(&self) {
+        sessiond::analytics::schema::migrate(&self.state.analytics).await.expect("clickhouse schema");
+    }
+
     /// Moves a run's clock back by `secs`: when it was created, started and
     /// last heard of, as if that much time had passed.
     pub async fn age_run(&self, run: &str, secs: i64) {
@@ -76,6 +81,12 @@ impl TestApp {
         config.run_retry_max_ms = 200;
         config.job_retry_base_ms = 50;
         config.job_schedules_file = Some(fast_schedules());
+        // ClickHouse: a database per test, named like its schema. The schema is
+        // applied by the tests that use ClickHouse (`clickhouse_ready`), not by
+        // every server start.
+        config.clickhouse_url = std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+        config.clickhouse_database = schema.clone();
+        config.clickhouse_migrate_on_start = false;
         let master_hex = hex::encode(rand_bytes());
         config.master_key = Some(master_hex.clone());
         tweak(&mut config);

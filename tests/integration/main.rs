@@ -9,6 +9,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod analytics;
 mod auth;
 mod chat;
 mod cli;

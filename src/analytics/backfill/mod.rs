@@ -1,0 +1,177 @@
+//! Backfill: copies the rows Postgres already holds into ClickHouse, in
+//! chunks walked by a keyset on (created_at, id).
+//!
+//! Each chunk is one durable `backfill` job. A chunk reads the WAL position,
+//! then its rows, writes them to ClickHouse versioned with that position, and
+//! in one Postgres transaction moves the backfill's cursor and writes the job
+//! of the next chunk (an outbox). So a killed backfill resumes at the chunk it
+//! was in: the cursor and the next job are either both there or neither. A
+//! chunk that ran but was not recorded is copied again, which ReplacingMergeTree
+//! absorbs. A live change made after a chunk read its WAL position commits
+//! later in the WAL, so it carries a higher version and wins over the copy.
+
+pub mod store;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::rows::{parse_lsn, RunRow, SessionRow};
+use super::watermark::{self, Table};
+use super::{AnalyticsError, ClickHouse};
+use crate::db::StoreError;
+use crate::jobs::{self, Job, Jobs};
+use crate::runs::store as run_store;
+use crate::sessions::store as session_store;
+pub use store::{Backfill, BackfillStatus};
+
+/// Rows per chunk unless the operator asks otherwise.
+pub const DEFAULT_CHUNK_SIZE: i32 = 5_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Analytics(#[from] AnalyticsError),
+    #[error("Postgres returned an unreadable WAL position {0:?}")]
+    BadLsn(String),
+    #[error("stopped before recording the chunk (injected fault)")]
+    Injected,
+}
+
+/// What to copy.
+#[derive(Debug, Clone)]
+pub struct BackfillRequest {
+    pub tables: Vec<Table>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub chunk_size: i32,
+}
+
+/// Faults a test can inject into a chunk.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Die after writing to ClickHouse, before recording the chunk: as a
+    /// process killed mid-chunk.
+    pub stop_before_commit: bool,
+    /// Wait here twice after the chunk's SELECT, before its write (a test
+    /// commits a live change in between).
+    pub pause_after_read: Option<std::sync::Arc<tokio::sync::Barrier>>,
+}
+
+/// Writes one backfill per table and the jobs of their first chunks, in one
+/// transaction; returns them and the job ids (not yet relayed).
+pub async fn create(pool: &PgPool, req: &BackfillRequest) -> Result<(Vec<Backfill>, Vec<Uuid>), StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut backfills = Vec::new();
+    let mut job_ids = Vec::new();
+    for table in &req.tables {
+        let b = store::insert(&mut tx, *table, req.from, req.to, req.chunk_size.max(1)).await?;
+        let job = Job::Backfill { backfill_id: b.id, chunk: 0 };
+        job_ids.push(jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?);
+        backfills.push(b);
+    }
+    tx.commit().await?;
+    Ok((backfills, job_ids))
+}
+
+/// Creates the backfills and queues their first chunks.
+pub async fn start(pool: &PgPool, jobs: &Jobs, req: &BackfillRequest) -> Result<Vec<Backfill>, StoreError> {
+    let (backfills, job_ids) = create(pool, req).await?;
+    jobs.relay_now(&job_ids).await?;
+    Ok(backfills)
+}
+
+/// Copies chunk number `chunk` of backfill `id` (the `backfill` job).
+pub async fn run_chunk(
+    pool: &PgPool,
+    ch: &ClickHouse,
+    jobs: &Jobs,
+    id: Uuid,
+    chunk: i32,
+    faults: Faults,
+) -> Result<String, BackfillError> {
+    let Some(b) = store::find(pool, id).await? else {
+        return Ok(format!("backfill {id} does not exist"));
+    };
+    if b.status != BackfillStatus::Running || b.chunks_done != chunk {
+        // Delivered again after it was recorded, or the backfill is over.
+        return Ok(format!("chunk {chunk} of backfill {id} already recorded"));
+    }
+    let limit = i64::from(b.chunk_size);
+    let mut conn = pool.acquire().await.map_err(StoreError::from)?;
+    let lsn = session_store::current_wal_lsn(&mut conn).await?;
+    let version = parse_lsn(&lsn).ok_or_else(|| BackfillError::BadLsn(lsn.clone()))?;
+    let (copied, last) = match b.target {
+        Table::Sessions => {
+            let rows = session_store::export_chunk(&mut conn, b.cursor(), b.created_from, b.created_to, limit).await?;
+            drop(conn);
+            pause(&faults).await;
+            let last = rows.last().map(|s| (s.created_at, s.id));
+            let copy: Vec<SessionRow> = rows.iter().map(|s| SessionRow::from_session(s, version)).collect();
+            write_rows(ch, "sessions_v1", copy).await?;
+            (rows.len(), last)
+        }
+        Table::Runs => {
+            let rows = run_store::export_chunk(&mut conn, b.cursor(), b.created_from, b.created_to, limit).await?;
+            drop(conn);
+            pause(&faults).await;
+            let last = rows.last().map(|r| (r.created_at, r.id));
+            let copy: Vec<RunRow> = rows.iter().map(|r| RunRow::from_run(r, version)).collect();
+            write_rows(ch, "task_runs_v1", copy).await?;
+            (rows.len(), last)
+        }
+    };
+    let finished = (copied as i64) < limit;
+    if finished && b.is_full() {
+        // Every chunk read after `started_at`, so everything committed before
+        // it is now in ClickHouse. Set before the chunk is recorded: if the
+        // record fails, the claim is already true.
+        watermark::advance(ch, b.target, b.started_at, version, watermark::Source::Backfill).await?;
+    }
+    if faults.stop_before_commit {
+        return Err(BackfillError::Injected);
+    }
+    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let Some(recorded) = store::record_chunk(&mut tx, id, chunk, last, copied as i64, finished).await? else {
+        return Ok(format!("chunk {chunk} of backfill {id} was recorded meanwhile"));
+    };
+    let next = if finished {
+        None
+    } else {
+        let job = Job::Backfill { backfill_id: id, chunk: chunk + 1 };
+        Some(jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?)
+    };
+    tx.commit().await.map_err(StoreError::from)?;
+    if let Some(job) = next {
+        jobs.relay(&[job]).await;
+    }
+    Ok(format!(
+        "backfill {id} ({}): chunk {chunk} copied {copied} rows ({} in all){}",
+        b.target.as_str(),
+        recorded.rows_copied,
+        if finished { ", finished" } else { "" }
+    ))
+}
+
+async fn pause(faults: &Faults) {
+    if let Some(barrier) = &faults.pause_after_read {
+        barrier.wait().await;
+        barrier.wait().await;
+    }
+}
+
+async fn write_rows<T>(ch: &ClickHouse, table: &str, rows: Vec<T>) -> Result<(), AnalyticsError>
+where
+    T: clickhouse::RowOwned + clickhouse::RowWrite,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = ch.write(ch.client().insert::<T>(table)).await?;
+    for row in &rows {
+        ch.write(insert.write(row)).await?;
+    }
+    ch.write(insert.end()).await
+}

@@ -1,0 +1,329 @@
+//! The session list served from ClickHouse, correct while ClickHouse lags and
+//! answered by Postgres while it is away.
+//!
+//! A ClickHouse answer is built from three reads:
+//! 1. the ids of sessions Postgres changed since ClickHouse's watermark (less a
+//!    margin), from `sessions_env_updated_idx`: the rows ClickHouse may have
+//!    stale or not at all;
+//! 2. the page from ClickHouse (filters, status and cursor in SQL, `FINAL`),
+//!    leaving out those ids;
+//! 3. from Postgres, the page's rows by id (the response shows the current row
+//!    and its run, like every other read), plus the changed rows that match the
+//!    query, chosen by the same SQL the Postgres list uses.
+//!
+//! The two sets are disjoint, so merging them in cursor order and cutting at
+//! the page size gives the page Postgres alone would give. With no watermark
+//! (never backfilled), too many changed rows (ClickHouse far behind), or a
+//! ClickHouse error or timeout, the whole answer comes from Postgres.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::watermark::{self, Table};
+use super::{AnalyticsError, ClickHouse};
+use crate::db::StoreError;
+use crate::sessions::list::{
+    paginate, Direction, EnvScope, ListPage, ListQuery, ListSource, PgSessionList, Served, SessionListRepository,
+    MAX_PAGE_SIZE,
+};
+use crate::sessions::model::{Session, SessionStatus};
+use crate::sessions::store as session_store;
+
+/// How long a read watermark is reused. A stale watermark is only older, so it
+/// costs a larger overlay, never a wrong answer.
+const WATERMARK_TTL: Duration = Duration::from_secs(1);
+
+pub struct ClickHouseSessionList {
+    pg: PgSessionList,
+    ch: ClickHouse,
+    margin: chrono::Duration,
+    max_overlay: usize,
+    watermark: Mutex<Option<(Instant, Option<DateTime<Utc>>)>>,
+}
+
+/// Sessions Postgres changed since ClickHouse's watermark.
+struct Overlay {
+    ids: Vec<Uuid>,
+}
+
+impl ClickHouseSessionList {
+    pub fn new(pg: PgSessionList, ch: ClickHouse, margin: Duration, max_overlay: usize) -> Self {
+        ClickHouseSessionList {
+            pg,
+            ch,
+            margin: chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::zero()),
+            max_overlay,
+            watermark: Mutex::new(None),
+        }
+    }
+
+    async fn watermark(&self) -> Result<Option<DateTime<Utc>>, AnalyticsError> {
+        if let Some((at, mark)) = *self.cached() {
+            if at.elapsed() < WATERMARK_TTL {
+                return Ok(mark);
+            }
+        }
+        let mark = watermark::read(&self.ch, Table::Sessions).await?;
+        // Only a found watermark is kept: until one exists, each list asks, so
+        // the first list after a backfill already uses it.
+        *self.cached() = mark.map(|m| (Instant::now(), Some(m)));
+        Ok(mark)
+    }
+
+    fn cached(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Option<DateTime<Utc>>)>> {
+        self.watermark.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether ClickHouse can serve this environment now, and the rows to
+    /// overlay if so. None: answer from Postgres.
+    async fn overlay(&self, env: EnvScope) -> Result<Option<Overlay>, AnalyticsError> {
+        if !self.ch.healthy() {
+            return Ok(None);
+        }
+        let Some(mark) = self.watermark().await? else {
+            return Ok(None);
+        };
+        let since = mark - self.margin;
+        let limit = self.max_overlay as i64 + 1;
+        let ids = session_store::changed_since(&self.pg.pool, env.environment_id, since, limit).await?;
+        if ids.len() > self.max_overlay {
+            tracing::debug!(env = %env.environment_id, "clickhouse too far behind for the list; postgres serves it");
+            return Ok(None);
+        }
+        Ok(Some(Overlay { ids }))
+    }
+
+    /// Runs `from_clickhouse` if ClickHouse can serve, else (or if it fails)
+    /// `from_postgres`. Postgres errors are errors either way.
+    async fn serve<'a, T, C, P>(
+        &'a self,
+        env: EnvScope,
+        from_clickhouse: C,
+        from_postgres: P,
+    ) -> Result<Served<T>, StoreError>
+    where
+        C: FnOnce(Overlay) -> futures::future::BoxFuture<'a, Result<T, AnalyticsError>>,
+        P: std::future::Future<Output = Result<Served<T>, StoreError>>,
+    {
+        let failure = match self.overlay(env).await {
+            Ok(Some(overlay)) => match from_clickhouse(overlay).await {
+                Ok(value) => return Ok(Served { value, source: ListSource::ClickHouse }),
+                Err(err) => err,
+            },
+            Ok(None) => return from_postgres.await,
+            Err(err) => err,
+        };
+        match failure {
+            AnalyticsError::Store(err) => Err(err),
+            err => {
+                tracing::warn!(error = %err, "clickhouse unavailable; the session list is served by postgres");
+                from_postgres.await
+            }
+        }
+    }
+
+    async fn page_from_clickhouse(
+        &self,
+        env: EnvScope,
+        q: &ListQuery,
+        overlay: Overlay,
+    ) -> Result<ListPage, AnalyticsError> {
+        let direction = q.cursor.map(|(d, _)| d);
+        let order = if direction == Some(Direction::Before) { "ASC" } else { "DESC" };
+        let limit = q.page_size.clamp(1, MAX_PAGE_SIZE) + 1;
+        let mut sql = Filtered::new("SELECT session_id FROM sessions_v1 FINAL", env, q, &overlay.ids);
+        if let Some((dir, c)) = q.cursor {
+            let op = if dir == Direction::After { "<" } else { ">" };
+            sql.push(&format!(
+                " AND (created_at, session_id) {op} ({{cursor_at:DateTime64(6, 'UTC')}}, {{cursor_id:String}})"
+            ));
+            sql.bind("cursor_at", Bound::Str(ch_time(c.created_at)));
+            sql.bind("cursor_id", Bound::Str(c.id.to_string()));
+        }
+        sql.push(&format!(" ORDER BY created_at {order}, session_id {order} LIMIT {limit}"));
+        let ids: Vec<String> = self.ch.read(sql.query(&self.ch).fetch_all()).await?;
+        let ids: Vec<Uuid> = ids.iter().filter_map(|id| Uuid::parse_str(id).ok()).collect();
+        let mut rows = if ids.is_empty() {
+            Vec::new()
+        } else {
+            session_store::find_many(&self.pg.pool, env.environment_id, &ids).await?
+        };
+        if !overlay.ids.is_empty() {
+            rows.extend(self.pg.rows(env.environment_id, q, Some(&overlay.ids)).await?);
+        }
+        sort_for(&mut rows, direction);
+        rows.dedup_by_key(|s| s.id);
+        Ok(paginate(rows, q.page_size as usize, direction, q.origin))
+    }
+
+    async fn count_from_clickhouse(
+        &self,
+        env: EnvScope,
+        q: &ListQuery,
+        overlay: Overlay,
+    ) -> Result<u64, AnalyticsError> {
+        let sql = Filtered::new("SELECT count() FROM sessions_v1 FINAL", env, q, &overlay.ids);
+        let in_clickhouse: u64 = self.ch.read(sql.query(&self.ch).fetch_one()).await?;
+        let changed = if overlay.ids.is_empty() {
+            0
+        } else {
+            self.pg.count_rows(env.environment_id, q, Some(&overlay.ids)).await?
+        };
+        Ok(in_clickhouse + changed)
+    }
+
+    async fn tags_from_clickhouse(
+        &self,
+        env: EnvScope,
+        prefix: &str,
+        limit: usize,
+        overlay: Overlay,
+    ) -> Result<Vec<String>, AnalyticsError> {
+        let everything = ListQuery::default();
+        let mut sql = Filtered::new(
+            "SELECT DISTINCT tag FROM sessions_v1 FINAL ARRAY JOIN tags AS tag",
+            env,
+            &everything,
+            &overlay.ids,
+        );
+        sql.push(" AND startsWith(tag, {prefix:String})");
+        sql.bind("prefix", Bound::Str(prefix.to_string()));
+        sql.push(&format!(" ORDER BY tag LIMIT {}", limit.clamp(1, 10_000)));
+        let mut tags: Vec<String> = self.ch.read(sql.query(&self.ch).fetch_all()).await?;
+        if !overlay.ids.is_empty() {
+            tags.extend(self.pg.tag_values(env.environment_id, prefix, limit, Some(&overlay.ids)).await?);
+            tags.sort();
+            tags.dedup();
+            tags.truncate(limit);
+        }
+        Ok(tags)
+    }
+}
+
+#[async_trait]
+impl SessionListRepository for ClickHouseSessionList {
+    async fn list(&self, env: EnvScope, q: &ListQuery) -> Result<Served<ListPage>, StoreError> {
+        self.serve(env, |overlay| Box::pin(self.page_from_clickhouse(env, q, overlay)), self.pg.list(env, q)).await
+    }
+
+    async fn count(&self, env: EnvScope, q: &ListQuery) -> Result<Served<u64>, StoreError> {
+        self.serve(env, |overlay| Box::pin(self.count_from_clickhouse(env, q, overlay)), self.pg.count(env, q)).await
+    }
+
+    async fn tags(&self, env: EnvScope, prefix: &str, limit: usize) -> Result<Served<Vec<String>>, StoreError> {
+        self.serve(
+            env,
+            |overlay| Box::pin(self.tags_from_clickhouse(env, prefix, limit, overlay)),
+            self.pg.tags(env, prefix, limit),
+        )
+        .await
+    }
+}
+
+/// Orders merged rows as they were fetched: newest first, or oldest first for
+/// a `page[before]` page (see [`paginate`]).
+fn sort_for(rows: &mut [Session], direction: Option<Direction>) {
+    rows.sort_by_key(|s| (s.created_at, s.id));
+    if direction != Some(Direction::Before) {
+        rows.reverse();
+    }
+}
+
+/// A time as ClickHouse parses a DateTime64(6) parameter.
+fn ch_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
+}
+
+/// A parameter value; every value reaches ClickHouse as a bound parameter,
+/// never as SQL text.
+enum Bound {
+    Str(String),
+    Strs(Vec<String>),
+}
+
+/// SQL over `sessions_v1` scoped to one environment, with the query's filters
+/// and without the overlay's ids, and the parameters it binds.
+struct Filtered {
+    sql: String,
+    params: Vec<(&'static str, Bound)>,
+}
+
+impl Filtered {
+    fn new(select: &str, env: EnvScope, q: &ListQuery, skip: &[Uuid]) -> Self {
+        let mut f = Filtered {
+            sql: format!(
+                "{select} WHERE organization_id = {{org:String}} AND project_id = {{project:String}} \
+                 AND environment_id = {{env:String}}"
+            ),
+            params: Vec::new(),
+        };
+        f.bind("org", Bound::Str(env.organization_id.to_string()));
+        f.bind("project", Bound::Str(env.project_id.to_string()));
+        f.bind("env", Bound::Str(env.environment_id.to_string()));
+        if !q.types.is_empty() {
+            f.push(" AND type IN {types:Array(String)}");
+            f.bind("types", Bound::Strs(q.types.clone()));
+        }
+        if !q.task_identifiers.is_empty() {
+            f.push(" AND task_identifier IN {tasks:Array(String)}");
+            f.bind("tasks", Bound::Strs(q.task_identifiers.clone()));
+        }
+        if !q.tags.is_empty() {
+            f.push(" AND hasAny(tags, {tags:Array(String)})");
+            f.bind("tags", Bound::Strs(q.tags.clone()));
+        }
+        if let Some(ext) = &q.external_id {
+            f.push(" AND external_id = {external_id:String}");
+            f.bind("external_id", Bound::Str(ext.clone()));
+        }
+        if let Some(from) = q.created_from {
+            f.push(" AND created_at >= {created_from:DateTime64(6, 'UTC')}");
+            f.bind("created_from", Bound::Str(ch_time(from)));
+        }
+        if let Some(to) = q.created_to {
+            f.push(" AND created_at <= {created_to:DateTime64(6, 'UTC')}");
+            f.bind("created_to", Bound::Str(ch_time(to)));
+        }
+        if !q.statuses.is_empty() {
+            // The same derivation as Postgres's (see SessionStatus::derive).
+            let terms: Vec<&str> = q
+                .statuses
+                .iter()
+                .map(|s| match s {
+                    SessionStatus::Closed => "closed_at IS NOT NULL",
+                    SessionStatus::Expired => "(closed_at IS NULL AND expires_at <= now64(6))",
+                    SessionStatus::Active => "(closed_at IS NULL AND (expires_at IS NULL OR expires_at > now64(6)))",
+                })
+                .collect();
+            f.push(&format!(" AND ({})", terms.join(" OR ")));
+        }
+        if !skip.is_empty() {
+            f.push(" AND session_id NOT IN {skip:Array(String)}");
+            f.bind("skip", Bound::Strs(skip.iter().map(Uuid::to_string).collect()));
+        }
+        f
+    }
+
+    fn push(&mut self, sql: &str) {
+        self.sql.push_str(sql);
+    }
+
+    fn bind(&mut self, name: &'static str, value: Bound) {
+        self.params.push((name, value));
+    }
+
+    fn query(self, ch: &ClickHouse) -> clickhouse::query::Query {
+        let mut query = ch.client().query(&self.sql);
+        for (name, value) in self.params {
+            query = match value {
+                Bound::Str(v) => query.param(name, v),
+                Bound::Strs(v) => query.param(name, v),
+            };
+        }
+        query
+    }
+}

@@ -1,0 +1,520 @@
+//! The ClickHouse copy and the list served from it, on the dev server's real
+//! engine and real Postgres: schema, backfill (resume, versions), the list and
+//! its read-your-writes overlay, count and tags, and the Postgres fallback.
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sessiond::analytics::backfill::{self, BackfillRequest, BackfillStatus, Faults};
+use sessiond::analytics::rows::{parse_lsn, SessionRow};
+use sessiond::analytics::watermark::Table;
+use sessiond::analytics::{schema, ClickHouse};
+use sessiond::jobs::Job;
+use sessiond::sessions::list::{EnvScope, ListQuery, PgSessionList, SessionListRepository};
+use uuid::Uuid;
+
+use crate::common::{eventually, session_body, TestApp};
+
+/// A list request's status, body and the store that served it.
+async fn list(app: &TestApp, query: &str) -> (StatusCode, Value, String) {
+    let resp =
+        app.client.get(format!("{}/api/v1/sessions?{query}", app.base)).bearer_auth(&app.a.key).send().await.unwrap();
+    let status = resp.status();
+    let source =
+        resp.headers().get("x-sessiond-list-source").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    (status, resp.json().await.unwrap_or(Value::Null), source)
+}
+
+fn ids(body: &Value) -> Vec<String> {
+    body["data"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
+}
+
+fn scope(app: &TestApp) -> EnvScope {
+    EnvScope::from(&app.a.env)
+}
+
+/// Writes `n` sessions into environment A with SQL: two types, three tasks,
+/// tags, some external ids, some closed, some expired, some not yet expired,
+/// three sessions per creation time (ties the (created_at, id) cursor must
+/// break), all last changed two hours ago.
+async fn seed(app: &TestApp, n: i32) {
+    let env = &app.a.env;
+    sqlx::query(
+        "INSERT INTO sessions (id, friendly_id, type, task_identifier, trigger_config, tags, metadata,
+             organization_id, project_id, runtime_environment_id, environment_type, external_id,
+             closed_at, closed_reason, expires_at, created_at, updated_at)
+         SELECT gen_random_uuid(), 'session_seed' || i, (ARRAY['chat', 'job'])[1 + i % 2],
+             (ARRAY['agent-a', 'agent-b', 'agent-c'])[1 + i % 3], '{}'::jsonb,
+             CASE i % 4 WHEN 0 THEN ARRAY['red'] WHEN 1 THEN ARRAY['blue', 'red'] WHEN 2 THEN ARRAY['green'] ELSE '{}' END,
+             jsonb_build_object('i', i), $1, $2, $3, 'DEVELOPMENT',
+             CASE WHEN i % 5 = 0 THEN 'ext-' || i END,
+             CASE WHEN i % 7 = 0 THEN now() - interval '3 hours' END,
+             CASE WHEN i % 7 = 0 THEN 'done' END,
+             CASE i % 6 WHEN 0 THEN now() - interval '30 minutes' WHEN 1 THEN now() + interval '1 day' END,
+             timestamptz '2026-01-01 00:00:00+00' + (i / 3) * interval '1 minute',
+             now() - interval '2 hours'
+         FROM generate_series(1, $4) i",
+    )
+    .bind(env.organization_id)
+    .bind(env.project_id)
+    .bind(env.id)
+    .bind(n)
+    .execute(app.db())
+    .await
+    .unwrap();
+}
+
+/// Backfills both tables through the job runtime and waits for the end.
+async fn backfill_all(app: &TestApp, chunk_size: i32) {
+    let req = BackfillRequest { tables: vec![Table::Sessions, Table::Runs], from: None, to: None, chunk_size };
+    let started = backfill::start(app.db(), &app.state.jobs, &req).await.unwrap();
+    for b in started {
+        eventually(30, "backfill to finish", || async {
+            let now = backfill::store::find(app.db(), b.id).await.unwrap().unwrap();
+            (now.status == BackfillStatus::Completed).then_some(())
+        })
+        .await;
+    }
+}
+
+async fn ch_count(ch: &ClickHouse, sql: &str, env: Uuid) -> u64 {
+    ch.client().query(sql).param("env", env.to_string()).fetch_one::<u64>().await.unwrap()
+}
+
+#[tokio::test]
+async fn schema_applies_once_and_records_each_file() {
+    let app = TestApp::spawn().await;
+    let ch = &app.state.analytics;
+    let first = schema::migrate(ch).await.unwrap();
+    assert_eq!(first, vec!["sessions_v1", "task_runs_v1", "watermarks"]);
+    assert!(schema::migrate(ch).await.unwrap().is_empty(), "a second run applies nothing");
+    let tables: Vec<String> = ch
+        .client()
+        .query("SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(tables, vec!["sessiond_schema_migrations", "sessiond_watermarks", "sessions_v1", "task_runs_v1"]);
+    let engine: String = ch
+        .client()
+        .query("SELECT engine_full FROM system.tables WHERE database = currentDatabase() AND name = 'sessions_v1'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert!(engine.contains("ReplacingMergeTree(_version, _is_deleted)"), "{engine}");
+    assert!(engine.contains("PARTITION BY toYYYYMM(created_at)"), "{engine}");
+    assert!(
+        engine.contains("ORDER BY (organization_id, project_id, environment_id, created_at, session_id)"),
+        "{engine}"
+    );
+}
+
+#[tokio::test]
+async fn backfill_fills_both_tables_and_then_clickhouse_serves_the_list() {
+    let app = TestApp::spawn().await;
+    app.clickhouse_ready().await;
+    for i in 0..7 {
+        app.create_session(session_body(Some(&format!("chat-{i}")))).await;
+    }
+    // Nothing vouches for ClickHouse yet: Postgres serves.
+    let (status, before, source) = list(&app, "page[size]=50").await;
+    assert_eq!((status, source.as_str()), (StatusCode::OK, "postgres"));
+    assert_eq!(ids(&before).len(), 7);
+
+    backfill_all(&app, 3).await;
+    let ch = &app.state.analytics;
+    let env = app.a.env.id;
+    assert_eq!(ch_count(ch, "SELECT count() FROM sessions_v1 FINAL WHERE environment_id = {env:String}", env).await, 7);
+    assert_eq!(
+        ch_count(ch, "SELECT count() FROM task_runs_v1 FINAL WHERE environment_id = {env:String}", env).await,
+        7
+    );
+    let runs: Vec<(String, String)> =
+        ch.client().query("SELECT friendly_id, status FROM task_runs_v1 FINAL").fetch_all().await.unwrap();
+    assert!(runs.iter().all(|(id, status)| id.starts_with("run_") && status == "QUEUED"), "{runs:?}");
+    // 7 rows in chunks of 3: 3 + 3 + 1, the short chunk ends it.
+    let chunks: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT target, chunks_done, rows_copied FROM clickhouse_backfills ORDER BY target")
+            .fetch_all(app.db())
+            .await
+            .unwrap();
+    assert_eq!(chunks, vec![("runs".into(), 3, 7), ("sessions".into(), 3, 7)]);
+
+    let (status, after, source) = list(&app, "page[size]=50").await;
+    assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"));
+    assert_eq!(after, before, "the same answer from either store");
+}
+
+/// Walks every page forward from the first, then back from the last, through
+/// the HTTP list; returns the pages' ids and cursors.
+async fn walk(app: &TestApp, filter: &str) -> Vec<(Vec<String>, Value)> {
+    let mut pages = Vec::new();
+    let mut query = format!("{filter}&page[size]=7");
+    loop {
+        let (status, body, source) = list(app, &query).await;
+        assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"), "{query}: {body}");
+        let next = body["pagination"]["next"].as_str().map(String::from);
+        pages.push((ids(&body), body["pagination"].clone()));
+        match next {
+            Some(n) => query = format!("{filter}&page[size]=7&page[after]={n}"),
+            None => break,
+        }
+    }
+    // And back, from the last page's previous cursor.
+    let mut prev = pages.last().and_then(|p| p.1["previous"].as_str().map(String::from));
+    while let Some(p) = prev {
+        let query = format!("{filter}&page[size]=7&page[before]={p}");
+        let (status, body, source) = list(app, &query).await;
+        assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"), "{query}: {body}");
+        prev = body["pagination"]["previous"].as_str().map(String::from);
+        pages.push((ids(&body), body["pagination"].clone()));
+    }
+    pages
+}
+
+/// The same walk answered by Postgres alone.
+async fn walk_postgres(app: &TestApp, filter: &str) -> Vec<(Vec<String>, Value)> {
+    let pg = PgSessionList { pool: app.db().clone() };
+    let page = |query: String| {
+        let pg = pg.clone();
+        let env = scope(app);
+        async move {
+            let q = ListQuery::parse(&query, chrono::Utc::now()).unwrap();
+            let served = pg.list(env, &q).await.unwrap();
+            let p = served.value;
+            let ids: Vec<String> = p.sessions.iter().map(|s| s.friendly_id.clone()).collect();
+            let mut pagination = serde_json::Map::new();
+            if let Some(n) = p.next {
+                pagination.insert("next".into(), json!(n.encode()));
+            }
+            if let Some(n) = p.previous {
+                pagination.insert("previous".into(), json!(n.encode()));
+            }
+            (ids, Value::Object(pagination))
+        }
+    };
+    let mut pages = Vec::new();
+    let mut query = format!("{filter}&page[size]=7");
+    loop {
+        let (ids, pagination) = page(query.clone()).await;
+        let next = pagination["next"].as_str().map(String::from);
+        pages.push((ids, pagination));
+        match next {
+            Some(n) => query = format!("{filter}&page[size]=7&page[after]={n}"),
+            None => break,
+        }
+    }
+    let mut prev = pages.last().and_then(|p| p.1["previous"].as_str().map(String::from));
+    while let Some(p) = prev {
+        let (ids, pagination) = page(format!("{filter}&page[size]=7&page[before]={p}")).await;
+        prev = pagination["previous"].as_str().map(String::from);
+        pages.push((ids, pagination));
+    }
+    pages
+}
+
+#[tokio::test]
+async fn every_filter_and_both_directions_match_the_postgres_list() {
+    let app = TestApp::spawn_with(|c| c.list_overlay_margin_ms = 0).await;
+    app.clickhouse_ready().await;
+    seed(&app, 120).await;
+    backfill_all(&app, 50).await;
+    let filters = [
+        "",
+        "filter[type]=chat",
+        "filter[taskIdentifier]=agent-a,agent-c",
+        "filter[tags]=red",
+        "filter[tags]=blue,green",
+        "filter[externalId]=ext-35",
+        "filter[status]=ACTIVE",
+        "filter[status]=CLOSED",
+        "filter[status]=EXPIRED",
+        "filter[status]=EXPIRED,CLOSED",
+        "filter[createdAt][from]=1767226800000&filter[createdAt][to]=1767227400000",
+        "filter[type]=job&filter[tags]=red&filter[status]=ACTIVE",
+    ];
+    for filter in filters {
+        let from_clickhouse = walk(&app, filter).await;
+        let from_postgres = walk_postgres(&app, filter).await;
+        assert!(!from_postgres.is_empty());
+        assert_eq!(from_clickhouse, from_postgres, "filter {filter:?}");
+    }
+    // The unfiltered walk covers all 120 in order, forward.
+    let pages = walk(&app, "").await;
+    let forward: usize = pages.iter().take_while(|p| p.1.get("next").is_some()).map(|p| p.0.len()).sum();
+    assert_eq!(forward + 1, 120, "17 full pages of 7 and a last page of 1");
+}
+
+#[tokio::test]
+async fn count_and_tags_come_from_clickhouse_and_match_postgres() {
+    let app = TestApp::spawn_with(|c| c.list_overlay_margin_ms = 0).await;
+    app.clickhouse_ready().await;
+    seed(&app, 60).await;
+    backfill_all(&app, 100).await;
+    let repo = &app.state.session_list;
+    let pg = PgSessionList { pool: app.db().clone() };
+    for filter in ["", "filter[tags]=red", "filter[status]=CLOSED", "filter[type]=chat&filter[status]=ACTIVE,EXPIRED"] {
+        let q = ListQuery::parse(filter, chrono::Utc::now()).unwrap();
+        let ch = repo.count(scope(&app), &q).await.unwrap();
+        assert_eq!(ch.source.as_str(), "clickhouse");
+        assert_eq!(ch.value, pg.count(scope(&app), &q).await.unwrap().value, "{filter}");
+    }
+    let tags = repo.tags(scope(&app), "", 10).await.unwrap();
+    assert_eq!(tags.source.as_str(), "clickhouse");
+    assert_eq!(tags.value, vec!["blue", "green", "red"]);
+    assert_eq!(repo.tags(scope(&app), "r", 10).await.unwrap().value, vec!["red"]);
+    // A fresh tag shows at once, through the overlay.
+    let s = app
+        .create_session(json!({"type": "chat", "taskIdentifier": "echo-agent", "tags": ["rare"],
+        "triggerConfig": {"basePayload": {}}}))
+        .await;
+    assert!(s["id"].is_string());
+    let tags = repo.tags(scope(&app), "", 10).await.unwrap();
+    assert_eq!(
+        (tags.source.as_str(), tags.value),
+        ("clickhouse", vec!["blue".into(), "green".into(), "rare".into(), "red".into()])
+    );
+}
+
+#[tokio::test]
+async fn the_overlay_shows_fresh_creates_closes_and_updates_at_once() {
+    let app = TestApp::spawn().await;
+    app.clickhouse_ready().await;
+    seed(&app, 30).await;
+    backfill_all(&app, 100).await;
+    let (_, first, source) = list(&app, "page[size]=5").await;
+    assert_eq!(source, "clickhouse");
+
+    // No replication yet: ClickHouse never hears of these changes.
+    let fresh = app.create_session(session_body(Some("fresh-1"))).await;
+    let fresh_id = fresh["id"].as_str().unwrap().to_string();
+    let (_, body, source) = list(&app, "page[size]=5").await;
+    assert_eq!(source, "clickhouse");
+    // The seeded rows were created in January; the fresh one is the newest.
+    assert_eq!(ids(&body)[0], fresh_id);
+    assert_eq!(ids(&body)[1..], ids(&first)[..4]);
+
+    let (status, _) = app.post(&format!("/api/v1/sessions/{fresh_id}/close"), &app.a.key, json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, active, source) = list(&app, "filter[status]=ACTIVE&filter[externalId]=fresh-1").await;
+    assert_eq!((source.as_str(), ids(&active).len()), ("clickhouse", 0));
+    let (_, closed, _) = list(&app, "filter[status]=CLOSED&filter[externalId]=fresh-1").await;
+    assert_eq!(ids(&closed), vec![fresh_id.clone()]);
+
+    // A seeded (backfilled) row changed in Postgres: ClickHouse's copy is stale,
+    // the overlay wins.
+    let (status, _) = app.patch("/api/v1/sessions/session_seed1", &app.a.key, json!({"tags": ["moved"]})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, moved, source) = list(&app, "filter[tags]=moved").await;
+    assert_eq!((source.as_str(), ids(&moved)), ("clickhouse", vec!["session_seed1".to_string()]));
+    let (_, old, _) = list(&app, "filter[tags]=blue&page[size]=100").await;
+    assert!(!ids(&old).contains(&"session_seed1".to_string()), "the stale copy's tag no longer matches");
+}
+
+#[tokio::test]
+async fn a_killed_backfill_resumes_where_it_stopped() {
+    // No job runtime: the test runs each chunk's job itself.
+    let app = TestApp::spawn_with(|c| c.run_jobs = false).await;
+    app.clickhouse_ready().await;
+    seed(&app, 35).await;
+    let req = BackfillRequest { tables: vec![Table::Sessions], from: None, to: None, chunk_size: 10 };
+    let (created, _) = backfill::create(app.db(), &req).await.unwrap();
+    let id = created[0].id;
+    let ctx = app.state.job_context();
+    let chunk = |n: i32| Job::Backfill { backfill_id: id, chunk: n };
+    for n in 0..2 {
+        sessiond::jobs::handlers::execute(&ctx, &chunk(n)).await.unwrap();
+    }
+    let after_two = backfill::store::find(app.db(), id).await.unwrap().unwrap();
+    assert_eq!((after_two.chunks_done, after_two.rows_copied), (2, 20));
+
+    // Chunk 2 dies after writing to ClickHouse, before recording itself.
+    let faults = Faults { stop_before_commit: true, ..Faults::default() };
+    let err = backfill::run_chunk(app.db(), &ctx.analytics, &ctx.jobs, id, 2, faults).await.unwrap_err();
+    assert!(err.to_string().contains("injected"), "{err}");
+    let killed = backfill::store::find(app.db(), id).await.unwrap().unwrap();
+    assert_eq!(killed.cursor(), after_two.cursor(), "the cursor stays at the last recorded chunk");
+    assert_eq!(killed.chunks_done, 2);
+
+    // Its job runs again (a retry): it resumes at chunk 2, not at the start.
+    sessiond::jobs::handlers::execute(&ctx, &chunk(2)).await.unwrap();
+    // A chunk delivered twice moves nothing.
+    let again = sessiond::jobs::handlers::execute(&ctx, &chunk(2)).await.unwrap();
+    assert!(again.contains("already recorded"), "{again}");
+    sessiond::jobs::handlers::execute(&ctx, &chunk(3)).await.unwrap();
+    let done = backfill::store::find(app.db(), id).await.unwrap().unwrap();
+    assert_eq!((done.status, done.chunks_done, done.rows_copied), (BackfillStatus::Completed, 4, 35));
+    // One durable job per chunk, each written by the chunk before it.
+    let jobs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'backfill'").fetch_one(app.db()).await.unwrap();
+    assert_eq!(jobs, 4);
+    let env = app.a.env.id;
+    let ch = &app.state.analytics;
+    assert_eq!(
+        ch_count(ch, "SELECT count() FROM sessions_v1 FINAL WHERE environment_id = {env:String}", env).await,
+        35
+    );
+}
+
+#[tokio::test]
+async fn a_backfill_survives_a_server_restart() {
+    let app = TestApp::spawn().await;
+    app.clickhouse_ready().await;
+    seed(&app, 80).await;
+    let req = BackfillRequest { tables: vec![Table::Sessions], from: None, to: None, chunk_size: 2 };
+    let id = backfill::start(app.db(), &app.state.jobs, &req).await.unwrap()[0].id;
+    let app = app.restart(|_| {}).await;
+    let done = eventually(60, "backfill to finish after the restart", || async {
+        let now = backfill::store::find(app.db(), id).await.unwrap().unwrap();
+        (now.status == BackfillStatus::Completed).then_some(now)
+    })
+    .await;
+    assert_eq!((done.chunks_done, done.rows_copied), (41, 80));
+    let env = app.a.env.id;
+    let ch = &app.state.analytics;
+    assert_eq!(
+        ch_count(ch, "SELECT count() FROM sessions_v1 FINAL WHERE environment_id = {env:String}", env).await,
+        80
+    );
+}
+
+#[tokio::test]
+async fn a_backfilled_copy_loses_to_a_later_live_change() {
+    let app = TestApp::spawn_with(|c| c.run_jobs = false).await;
+    app.clickhouse_ready().await;
+    let s = app.create_session(session_body(Some("race"))).await;
+    let friendly = s["id"].as_str().unwrap().to_string();
+    let req = BackfillRequest { tables: vec![Table::Sessions], from: None, to: None, chunk_size: 10 };
+    let (created, _) = backfill::create(app.db(), &req).await.unwrap();
+    let ctx = app.state.job_context();
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let faults = Faults { pause_after_read: Some(barrier.clone()), ..Faults::default() };
+    let chunk = {
+        let (db, ch, jobs, id) = (app.db().clone(), ctx.analytics.clone(), ctx.jobs.clone(), created[0].id);
+        tokio::spawn(async move { backfill::run_chunk(&db, &ch, &jobs, id, 0, faults).await })
+    };
+    // The chunk has read the open session. Now it is closed, and the change
+    // reaches ClickHouse as replication will write it: versioned by its WAL
+    // position, which is past the one the chunk read before its SELECT.
+    barrier.wait().await;
+    let (status, _) = app.post(&format!("/api/v1/sessions/{friendly}/close"), &app.a.key, json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(app.db()).await.unwrap();
+    let closed = sessiond::sessions::store::find(app.db(), app.a.env.id, &friendly).await.unwrap().unwrap();
+    let mut insert = ctx.analytics.client().insert::<SessionRow>("sessions_v1").await.unwrap();
+    insert.write(&SessionRow::from_session(&closed, parse_lsn(&lsn).unwrap())).await.unwrap();
+    insert.end().await.unwrap();
+    // The chunk now writes its older copy of the open session.
+    barrier.wait().await;
+    chunk.await.unwrap().unwrap();
+
+    let rows: Vec<(u64, bool)> = ctx
+        .analytics
+        .client()
+        .query(
+            "SELECT _version, isNotNull(closed_at) FROM sessions_v1 WHERE friendly_id = {f:String} ORDER BY _version",
+        )
+        .param("f", &friendly)
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2, "both copies were written: {rows:?}");
+    assert!(!rows[0].1 && rows[1].1, "the backfilled (open) copy has the lower version: {rows:?}");
+    let visible: Vec<bool> = ctx
+        .analytics
+        .client()
+        .query("SELECT isNotNull(closed_at) FROM sessions_v1 FINAL WHERE friendly_id = {f:String}")
+        .param("f", &friendly)
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(visible.len(), 1);
+    assert!(visible[0], "FINAL shows the live change, not the backfilled copy");
+}
+
+#[tokio::test]
+async fn filters_are_bound_as_parameters() {
+    let app = TestApp::spawn_with(|c| c.list_overlay_margin_ms = 0).await;
+    app.clickhouse_ready().await;
+    let evil =
+        ["it's", "a\\'b", "x, y", "'; DROP TABLE sessions_v1; --", "{env:String}", "日本語 \"quoted\"", "back\\slash"];
+    for (i, ext) in evil.iter().enumerate() {
+        let mut body = session_body(Some(ext));
+        body["tags"] = json!([format!("t'{i}")]);
+        app.create_session(body).await;
+    }
+    // Age the rows so ClickHouse (not the overlay) answers for them.
+    sqlx::query("UPDATE sessions SET updated_at = now() - interval '1 hour'").execute(app.db()).await.unwrap();
+    backfill_all(&app, 100).await;
+    for (i, ext) in evil.iter().enumerate() {
+        let q: String = form_urlencoded::Serializer::new(String::new()).append_pair("filter[externalId]", ext).finish();
+        let (status, body, source) = list(&app, &q).await;
+        assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"), "{ext}: {body}");
+        assert_eq!(body["data"].as_array().unwrap().len(), 1, "{ext}: {body}");
+        assert_eq!(body["data"][0]["externalId"], *ext);
+        let q: String =
+            form_urlencoded::Serializer::new(String::new()).append_pair("filter[tags]", &format!("t'{i}")).finish();
+        let (_, body, _) = list(&app, &q).await;
+        assert_eq!(body["data"][0]["externalId"], *ext);
+    }
+    let env = app.a.env.id;
+    let n = ch_count(
+        &app.state.analytics,
+        "SELECT count() FROM sessions_v1 FINAL WHERE environment_id = {env:String}",
+        env,
+    )
+    .await;
+    assert_eq!(n, evil.len() as u64, "the table is intact");
+}
+
+#[tokio::test]
+async fn serve_starts_and_answers_while_clickhouse_is_down() {
+    // Nothing listens on the discard port; the schema is retried in the background.
+    let app = TestApp::spawn_with(|c| {
+        c.clickhouse_url = "http://127.0.0.1:9".into();
+        c.clickhouse_migrate_on_start = true;
+    })
+    .await;
+    let s = app.create_session(session_body(Some("down-1"))).await;
+    assert!(s["id"].is_string());
+    let (status, body, source) = list(&app, "").await;
+    assert_eq!((status, source.as_str()), (StatusCode::OK, "postgres"));
+    assert_eq!(ids(&body), vec![s["id"].as_str().unwrap().to_string()]);
+    let q = ListQuery::parse("", chrono::Utc::now()).unwrap();
+    let count = app.state.session_list.count(scope(&app), &q).await.unwrap();
+    assert_eq!((count.source.as_str(), count.value), ("postgres", 1));
+}
+
+#[tokio::test]
+async fn a_chunk_delivered_twice_at_once_is_recorded_once() {
+    let app = TestApp::spawn_with(|c| c.run_jobs = false).await;
+    app.clickhouse_ready().await;
+    seed(&app, 15).await;
+    let req = BackfillRequest { tables: vec![Table::Sessions], from: None, to: None, chunk_size: 10 };
+    let (created, _) = backfill::create(app.db(), &req).await.unwrap();
+    let ctx = app.state.job_context();
+    // Both copies of chunk 0 read before either records.
+    let barrier = Arc::new(tokio::sync::Barrier::new(3));
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let faults = Faults { pause_after_read: Some(barrier.clone()), ..Faults::default() };
+            let (db, ch, jobs, id) = (app.db().clone(), ctx.analytics.clone(), ctx.jobs.clone(), created[0].id);
+            tokio::spawn(async move { backfill::run_chunk(&db, &ch, &jobs, id, 0, faults).await.unwrap() })
+        })
+        .collect();
+    barrier.wait().await;
+    barrier.wait().await;
+    let mut outcomes = Vec::new();
+    for run in runs {
+        outcomes.push(run.await.unwrap());
+    }
+    assert_eq!(outcomes.iter().filter(|o| o.contains("recorded meanwhile")).count(), 1, "{outcomes:?}");
+    let b = backfill::store::find(app.db(), created[0].id).await.unwrap().unwrap();
+    assert_eq!((b.chunks_done, b.rows_copied), (1, 10));
+    let next: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'backfill' AND payload->>'chunk' = '1'")
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    assert_eq!(next, 1, "one job for the next chunk");
+}
