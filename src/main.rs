@@ -310,9 +310,10 @@ async fn clickhouse_command(cmd: ClickhouseCommand, config: Config, pool: sqlx::
             for b in &started {
                 println!("backfill {} of {} queued", b.id, b.target.as_str());
             }
-            while wait {
+            let mut running = if wait { started.len() } else { 0 };
+            while running > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                let mut running = 0;
+                running = 0;
                 for b in &started {
                     let Some(now) = backfill::store::find(&pool, b.id).await? else { continue };
                     println!(
@@ -324,9 +325,6 @@ async fn clickhouse_command(cmd: ClickhouseCommand, config: Config, pool: sqlx::
                         now.status.as_str()
                     );
                     running += usize::from(now.status == BackfillStatus::Running);
-                }
-                if running == 0 {
-                    break;
                 }
             }
         }
