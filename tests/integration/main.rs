@@ -12,6 +12,7 @@ mod common;
 mod auth;
 mod chat;
 mod cli;
+mod clickhouse_dev;
 mod dependencies;
 mod durability;
 mod echo_agent;
