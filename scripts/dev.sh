@@ -39,6 +39,7 @@ fi
 export SESSIOND_MASTER_KEY
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/sessiond}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+export CLICKHOUSE_URL=${CLICKHOUSE_URL:-http://127.0.0.1:8123}
 export LISTEN_ADDR=${LISTEN_ADDR:-127.0.0.1:3030}
 
 ensure_cargo

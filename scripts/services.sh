@@ -2,6 +2,8 @@
 # Bring up the local services sessiond needs and create databases:
 #   PostgreSQL on 127.0.0.1:5432 (wal_level=logical, login postgres:postgres)
 #   Redis      on 127.0.0.1:6379 (append-only file on)
+#   ClickHouse on 127.0.0.1:8123 (chDB dev server; see scripts/clickhouse.sh,
+#              which leaves a CLICKHOUSE_URL pointing elsewhere alone)
 # Usage: scripts/services.sh [DATABASE...]
 # Safe to run again: every step checks first and only acts when needed.
 # Works without systemd (containers, CI), so services are started directly.
@@ -228,3 +230,4 @@ setup_redis() {
 
 setup_postgres "$@"
 setup_redis
+bash scripts/clickhouse.sh start

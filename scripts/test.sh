@@ -69,12 +69,13 @@ install_client_deps() {
 }
 
 # Extra tools some tests need. Later changes add here:
-#   - the ClickHouse adapter (pip install)
 #   - Chromium + ChromeDriver (apt_install chromium chromium-driver) for
 #     the dashboard's browser tests
 # Keep each install guarded by a presence check so reruns stay fast.
 prepare_extras() {
-    :
+    # The chDB venv, even when CLICKHOUSE_URL points at a real ClickHouse:
+    # some tests start private dev servers of their own.
+    bash scripts/clickhouse.sh install
 }
 
 # Every test keeps its Redis keys under test:<schema>; drop those of earlier
@@ -85,9 +86,17 @@ reset_test_keys() {
     redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'test:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 unlink >/dev/null
 }
 
+# Tests keep their ClickHouse data in databases t_<uuid>, named like their
+# Postgres schemas; drop those of earlier runs (only on a local dev server).
+reset_test_clickhouse() {
+    bash scripts/clickhouse.sh drop-test-databases
+}
+
+export CLICKHOUSE_URL=${CLICKHOUSE_URL:-http://127.0.0.1:8123}
 bash scripts/services.sh "$TEST_DB"
 reset_test_db
 reset_test_keys
+reset_test_clickhouse
 ensure_node
 install_client_deps
 prepare_extras

@@ -2,6 +2,7 @@
 //! schema, so tests run in parallel without seeing each other's rows.
 #![allow(dead_code)]
 
+pub mod clickhouse;
 pub mod redis_proc;
 
 use std::time::Duration;

@@ -13,6 +13,7 @@ mod analytics;
 mod auth;
 mod chat;
 mod cli;
+mod clickhouse_dev;
 mod dependencies;
 mod durability;
 mod echo_agent;
