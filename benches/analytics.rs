@@ -52,7 +52,9 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let env: (uuid::Uuid, uuid::Uuid, uuid::Uuid) =
-        sqlx::query_as("SELECT organization_id, project_id, id FROM runtime_environments").fetch_one(&served.pool).await?;
+        sqlx::query_as("SELECT organization_id, project_id, id FROM runtime_environments")
+            .fetch_one(&served.pool)
+            .await?;
     sessiond::analytics::schema::migrate(&served.state.analytics).await?;
 
     let t = Instant::now();

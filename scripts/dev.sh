@@ -50,7 +50,12 @@ BIN="${CARGO_TARGET_DIR:-target}/release/sessiond"
 say "running migrations"
 "$BIN" migrate
 "$BIN" env bootstrap-dev
+# The session list is served from ClickHouse once a backfill vouches for it;
+# serve runs the queued backfill jobs (cheap when there is little to copy).
+"$BIN" clickhouse migrate
+"$BIN" clickhouse backfill
 
 say "base URL:  http://$LISTEN_ADDR"
+say "ClickHouse: $CLICKHOUSE_URL"
 # The dashboard URL is printed here once the dashboard lands.
 exec "$BIN" serve

@@ -518,3 +518,41 @@ async fn a_chunk_delivered_twice_at_once_is_recorded_once() {
         .unwrap();
     assert_eq!(next, 1, "one job for the next chunk");
 }
+
+#[tokio::test]
+async fn clickhouse_stopped_creates_and_appends_go_on_and_postgres_serves_the_list() {
+    let mut private = crate::common::clickhouse::PrivateClickHouse::start().await;
+    let url = private.url();
+    let app = TestApp::spawn_with(|c| {
+        c.clickhouse_url = url;
+        c.clickhouse_retry_after_ms = 200;
+    })
+    .await;
+    app.clickhouse_ready().await;
+    let first = app.create_session(session_body(Some("before-stop"))).await;
+    backfill_all(&app, 100).await;
+    let (_, _, source) = list(&app, "").await;
+    assert_eq!(source, "clickhouse");
+
+    private.stop().await;
+    let second = app.create_session(session_body(Some("after-stop"))).await;
+    let token = second["publicAccessToken"].as_str().unwrap().to_string();
+    let (status, _) = app.append(second["id"].as_str().unwrap(), "in", &token, "{\"kind\":\"message\"}", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    for _ in 0..3 {
+        let (status, body, source) = list(&app, "").await;
+        assert_eq!((status, source.as_str()), (StatusCode::OK, "postgres"), "{body}");
+        assert_eq!(
+            ids(&body),
+            vec![second["id"].as_str().unwrap().to_string(), first["id"].as_str().unwrap().to_string()]
+        );
+    }
+
+    // Back up: after the retry window ClickHouse serves again.
+    private.restart().await;
+    eventually(10, "clickhouse to serve the list again", || async {
+        let (_, body, source) = list(&app, "").await;
+        (source == "clickhouse" && ids(&body).len() == 2).then_some(())
+    })
+    .await;
+}
