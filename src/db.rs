@@ -81,3 +81,26 @@ impl sqlx::Encode<'_, sqlx::Postgres> for JsonDoc<'_> {
         Ok(sqlx::encode::IsNull::No)
     }
 }
+
+/// Appends a keyset range over `{alias}.created_at, {alias}.id` to a WHERE
+/// clause: rows after `after` in (created_at, id) order, created within
+/// [`from`, `to`]. Conditions are added only when present (not `$1 IS NULL OR
+/// ...`), so the plan is always an index range scan. For copies that walk a
+/// whole table in order (the ClickHouse backfill).
+pub fn push_created_range(
+    b: &mut sqlx::QueryBuilder<'_, sqlx::Postgres>,
+    alias: &str,
+    after: Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>,
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    to: Option<chrono::DateTime<chrono::Utc>>,
+) {
+    if let Some((at, id)) = after {
+        b.push(format!(" AND ({alias}.created_at, {alias}.id) > (")).push_bind(at).push(", ").push_bind(id).push(")");
+    }
+    if let Some(from) = from {
+        b.push(format!(" AND {alias}.created_at >= ")).push_bind(from);
+    }
+    if let Some(to) = to {
+        b.push(format!(" AND {alias}.created_at <= ")).push_bind(to);
+    }
+}

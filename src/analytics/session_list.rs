@@ -133,19 +133,23 @@ impl ClickHouseSessionList {
         overlay: Overlay,
     ) -> Result<ListPage, AnalyticsError> {
         let direction = q.cursor.map(|(d, _)| d);
-        let order = if direction == Some(Direction::Before) { "ASC" } else { "DESC" };
         let limit = q.page_size.clamp(1, MAX_PAGE_SIZE) + 1;
-        let mut sql = Filtered::new("SELECT session_id FROM sessions_v1 FINAL", env, q, &overlay.ids);
-        if let Some((dir, c)) = q.cursor {
-            let op = if dir == Direction::After { "<" } else { ">" };
-            sql.push(&format!(
-                " AND (created_at, session_id) {op} ({{cursor_at:DateTime64(6, 'UTC')}}, {{cursor_id:String}})"
-            ));
-            sql.bind("cursor_at", Bound::Str(ch_time(c.created_at)));
-            sql.bind("cursor_id", Bound::Str(c.id.to_string()));
+        // FINAL merges every version of every row it reads, so an unbounded
+        // page reads the whole environment. A bound on created_at keeps it to
+        // the page's neighbourhood: every version of a row shares its
+        // created_at, so FINAL inside the bound is exact. The bound comes from
+        // a plain read in sort-key order (no FINAL): the created_at a few pages
+        // away. If versions or deletes there leave the bounded page short, the
+        // page is read again unbounded.
+        let bound_sql = page_sql("SELECT created_at FROM sessions_v1", env, q, &overlay.ids, None, limit * 2, 1);
+        let bound: Option<Micros> = self.ch.read(bound_sql.query(&self.ch).fetch_optional()).await?;
+        let bound = bound.map(|b| b.created_at);
+        let sql = page_sql("SELECT session_id FROM sessions_v1 FINAL", env, q, &overlay.ids, bound, 0, limit);
+        let mut ids: Vec<String> = self.ch.read(sql.query(&self.ch).fetch_all()).await?;
+        if bound.is_some() && (ids.len() as i64) < limit {
+            let sql = page_sql("SELECT session_id FROM sessions_v1 FINAL", env, q, &overlay.ids, None, 0, limit);
+            ids = self.ch.read(sql.query(&self.ch).fetch_all()).await?;
         }
-        sql.push(&format!(" ORDER BY created_at {order}, session_id {order} LIMIT {limit}"));
-        let ids: Vec<String> = self.ch.read(sql.query(&self.ch).fetch_all()).await?;
         let ids: Vec<Uuid> = ids.iter().filter_map(|id| Uuid::parse_str(id).ok()).collect();
         let mut rows = if ids.is_empty() {
             Vec::new()
@@ -231,6 +235,49 @@ fn sort_for(rows: &mut [Session], direction: Option<Direction>) {
     if direction != Some(Direction::Before) {
         rows.reverse();
     }
+}
+
+/// One page's query: the filters, the cursor, an optional created_at bound on
+/// the far side of the page, in the page's order, `limit` rows from `offset`.
+fn page_sql(
+    select: &str,
+    env: EnvScope,
+    q: &ListQuery,
+    skip: &[Uuid],
+    bound: Option<DateTime<Utc>>,
+    offset: i64,
+    limit: i64,
+) -> Filtered {
+    let backwards = q.cursor.map(|(d, _)| d) == Some(Direction::Before);
+    let mut sql = Filtered::new(select, env, q, skip);
+    if let Some((dir, c)) = q.cursor {
+        let (op, near) = if dir == Direction::After { ("<", "<=") } else { (">", ">=") };
+        // The plain created_at comparison is what lets ClickHouse skip by the
+        // sort key; the tuple breaks ties.
+        sql.push(&format!(
+            " AND created_at {near} {{cursor_at:DateTime64(6, 'UTC')}} \
+             AND (created_at, session_id) {op} ({{cursor_at:DateTime64(6, 'UTC')}}, {{cursor_id:String}})"
+        ));
+        sql.bind("cursor_at", Bound::Str(ch_time(c.created_at)));
+        sql.bind("cursor_id", Bound::Str(c.id.to_string()));
+    }
+    if let Some(bound) = bound {
+        sql.push(if backwards {
+            " AND created_at <= {bound:DateTime64(6, 'UTC')}"
+        } else {
+            " AND created_at >= {bound:DateTime64(6, 'UTC')}"
+        });
+        sql.bind("bound", Bound::Str(ch_time(bound)));
+    }
+    let order = if backwards { "ASC" } else { "DESC" };
+    sql.push(&format!(" ORDER BY created_at {order}, session_id {order} LIMIT {limit} OFFSET {offset}"));
+    sql
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct Micros {
+    #[serde(with = "clickhouse::serde::chrono::datetime64::micros")]
+    created_at: DateTime<Utc>,
 }
 
 /// A time as ClickHouse parses a DateTime64(6) parameter.

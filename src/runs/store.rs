@@ -427,15 +427,7 @@ pub async fn export_chunk(
     limit: i64,
 ) -> Result<Vec<Run>, StoreError> {
     let mut b = sqlx::QueryBuilder::new(format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE true"));
-    if let Some((at, id)) = after {
-        b.push(" AND (t.created_at, t.id) > (").push_bind(at).push(", ").push_bind(id).push(")");
-    }
-    if let Some(from) = from {
-        b.push(" AND t.created_at >= ").push_bind(from);
-    }
-    if let Some(to) = to {
-        b.push(" AND t.created_at <= ").push_bind(to);
-    }
+    crate::db::push_created_range(&mut b, "t", after, from, to);
     b.push(format!(" ORDER BY t.created_at, t.id LIMIT {}", limit.max(1)));
     Ok(b.build_query_as().fetch_all(conn).await?)
 }

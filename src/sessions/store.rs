@@ -332,17 +332,7 @@ pub async fn export_chunk(
     let mut b = sqlx::QueryBuilder::new(format!(
         "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id WHERE true"
     ));
-    // Conditions are added only when present (not `$1 IS NULL OR ...`), so the
-    // plan is always an index range scan.
-    if let Some((at, id)) = after {
-        b.push(" AND (s.created_at, s.id) > (").push_bind(at).push(", ").push_bind(id).push(")");
-    }
-    if let Some(from) = from {
-        b.push(" AND s.created_at >= ").push_bind(from);
-    }
-    if let Some(to) = to {
-        b.push(" AND s.created_at <= ").push_bind(to);
-    }
+    crate::db::push_created_range(&mut b, "s", after, from, to);
     b.push(format!(" ORDER BY s.created_at, s.id LIMIT {}", limit.max(1)));
     Ok(b.build_query_as().fetch_all(conn).await?)
 }

@@ -148,3 +148,47 @@ async fn jobs_list_retry_and_manual_trigger_from_the_cli() {
     let (_, now) = app.get("/api/v1/sessions/cli-jobs", &app.a.key).await;
     assert_ne!(now["currentRunId"], s["runId"]);
 }
+
+/// Runs the CLI against a running test server's schema, Redis prefix and
+/// ClickHouse database. Asynchronously: the server runs on this test's runtime.
+async fn sessiond_beside(app: &common::TestApp, args: &[&str]) -> String {
+    let config = &app.state.config;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(args)
+        .env("DATABASE_URL", common::database_url())
+        .env("DATABASE_SCHEMA", config.database_schema.as_deref().unwrap())
+        .env("REDIS_URL", &config.redis_url)
+        .env("REDIS_PREFIX", &config.redis_prefix)
+        .env("CLICKHOUSE_URL", &config.clickhouse_url)
+        .env("CLICKHOUSE_DATABASE", &config.clickhouse_database)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run sessiond");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{args:?}: {text}");
+    text
+}
+
+/// `sessiond clickhouse migrate | backfill --wait | backfills`: the CLI queues
+/// the backfill, the server's job runtime copies it.
+#[tokio::test]
+async fn clickhouse_migrate_backfill_and_progress() {
+    let app = common::TestApp::spawn().await;
+    for i in 0..3 {
+        app.create_session(common::session_body(Some(&format!("cli-{i}")))).await;
+    }
+    assert!(sessiond_beside(&app, &["clickhouse", "migrate"]).await.contains("3 applied now"));
+    assert!(sessiond_beside(&app, &["clickhouse", "migrate"]).await.contains("0 applied now"));
+    let args = ["clickhouse", "backfill", "--sessions", "--chunk-size", "2", "--wait"];
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), sessiond_beside(&app, &args))
+        .await
+        .expect("the backfill finishes");
+    assert!(out.contains("of sessions queued") && !out.contains("of runs queued"), "{out}");
+    assert!(out.contains("3 rows in 2 chunks, completed"), "{out}");
+    let out = sessiond_beside(&app, &["clickhouse", "backfills"]).await;
+    assert!(out.contains("sessions  completed") && out.contains(" 3 "), "{out}");
+    let n: u64 = app.state.analytics.client().query("SELECT count() FROM sessions_v1 FINAL").fetch_one().await.unwrap();
+    assert_eq!(n, 3);
+}

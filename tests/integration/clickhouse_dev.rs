@@ -7,19 +7,19 @@ use clickhouse::{error::Error, Client, Compression, Row};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::common::clickhouse::{clickhouse_url, fresh_database, serde_micros, serde_uuid, PrivateClickHouse};
+use crate::common::clickhouse::{clickhouse_url, fresh_database, PrivateClickHouse};
 
 #[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
 struct Event {
     id: String,
-    #[serde(with = "serde_uuid")]
+    #[serde(with = "clickhouse::serde::uuid")]
     session: Uuid,
     kind: String,
     seq: u64,
     flags: u8,
-    #[serde(with = "serde_micros::option")]
+    #[serde(with = "clickhouse::serde::chrono::datetime64::micros::option")]
     finished_at: Option<DateTime<Utc>>,
-    #[serde(with = "serde_micros")]
+    #[serde(with = "clickhouse::serde::chrono::datetime64::micros")]
     created_at: DateTime<Utc>,
     tags: Vec<String>,
     metadata: String,
