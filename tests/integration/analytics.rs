@@ -215,10 +215,9 @@ async fn every_filter_and_both_directions_match_the_postgres_list() {
     // Unmerged versions crowd the newest rows (as replayed changes would):
     // the list's created_at bound, read without FINAL, lands too close and
     // the bounded page comes back short, so it must be read again unbounded.
-    let newest =
-        sessiond::sessions::store::export_chunk(&mut *app.db().acquire().await.unwrap(), None, None, None, 200)
-            .await
-            .unwrap();
+    let newest = sessiond::sessions::store::export_chunk(&mut app.db().acquire().await.unwrap(), None, None, None, 200)
+        .await
+        .unwrap();
     let mut insert = app.state.analytics.client().insert::<SessionRow>("sessions_v1").await.unwrap();
     for (i, s) in newest.iter().rev().take(3).enumerate() {
         for v in 0..10 {
