@@ -13,9 +13,11 @@ use sessiond::replication::decode::{Change, Decoder, Event};
 use sessiond::replication::pgoutput::{self, Datum, Message, OldTuple};
 use sessiond::runs::store::Run;
 use sessiond::sessions::model::Session;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::ConnectOptions;
 use uuid::Uuid;
 
-use crate::common::{eventually, session_body, TestApp};
+use crate::common::{database_url, eventually, session_body, TestApp};
 
 /// A publication of the test schema's `sessions` and `task_runs` and a
 /// pgoutput slot reading it. Both live database-wide, so names are unique.
@@ -45,21 +47,28 @@ impl Slot {
     }
 
     /// Consumes what the slot holds: (LSN, xid, pgoutput message) per row.
-    async fn take(&self, app: &TestApp) -> Vec<(u64, u32, Vec<u8>)> {
+    /// pgoutput prints timestamps in the reading session's TimeZone, so this
+    /// reads on a connection of its own set to a zone west of UTC with half
+    /// hours (-03:30, -02:30 in summer): the parser must honour the offset.
+    async fn take(&self) -> Vec<(u64, u32, Vec<u8>)> {
+        let options: PgConnectOptions = database_url().parse().unwrap();
+        let mut conn = options.connect().await.unwrap();
+        // sqlx pins TimeZone to UTC at connect; set it afterwards.
+        sqlx::query("SET TimeZone = 'America/St_Johns'").execute(&mut conn).await.unwrap();
         let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
             "SELECT lsn::text, xid::text, data FROM pg_logical_slot_get_binary_changes($1, NULL, NULL,
                  'proto_version', '1', 'publication_names', $2)",
         )
         .bind(&self.name)
         .bind(&self.publication)
-        .fetch_all(app.db())
+        .fetch_all(&mut conn)
         .await
         .unwrap();
         rows.into_iter().map(|(lsn, xid, data)| (parse_lsn(&lsn).unwrap(), xid.parse().unwrap(), data)).collect()
     }
 
     /// A slot left behind would hold WAL forever: dropped whatever happened.
-    async fn drop(self, app: &TestApp) {
+    async fn remove(self, app: &TestApp) {
         let dropped = sqlx::query("SELECT pg_drop_replication_slot($1)").bind(&self.name).execute(app.db()).await;
         let unpublished =
             sqlx::query(&format!("DROP PUBLICATION IF EXISTS {}", self.publication)).execute(app.db()).await;
@@ -78,8 +87,8 @@ struct Stream {
     messages: Vec<Message>,
     transactions: usize,
     last_commit: u64,
-    /// (final LSN, xid) of the open transaction.
-    open: Option<(u64, u32)>,
+    /// (final LSN, xid, commit time) of the open transaction.
+    open: Option<(u64, u32, chrono::DateTime<chrono::Utc>)>,
 }
 
 impl Stream {
@@ -98,10 +107,10 @@ impl Stream {
                         "commit time {}",
                         b.commit_time
                     );
-                    self.open = Some((b.final_lsn, xid));
+                    self.open = Some((b.final_lsn, xid, b.commit_time));
                 }
                 Some(Event::Change(change)) => {
-                    let (final_lsn, open_xid) = self.open.expect("a change outside a transaction");
+                    let (final_lsn, open_xid, _) = self.open.expect("a change outside a transaction");
                     assert_eq!(open_xid, xid);
                     let version = match &change {
                         Change::Session(s) => s._version,
@@ -111,8 +120,9 @@ impl Stream {
                     self.changes.push(change);
                 }
                 Some(Event::Commit(c)) => {
-                    let (final_lsn, _) = self.open.take().expect("Commit outside a transaction");
+                    let (final_lsn, _, commit_time) = self.open.take().expect("Commit outside a transaction");
                     assert_eq!(c.commit_lsn, final_lsn, "Commit LSN = Begin's final LSN");
+                    assert_eq!(c.commit_time, commit_time, "Begin and Commit agree on the commit time");
                     assert!(c.commit_lsn > self.last_commit, "commit LSNs increase");
                     assert!(c.end_lsn > c.commit_lsn, "the commit record ends after it starts");
                     // The SQL interface files a commit under the end of its record.
@@ -195,7 +205,7 @@ async fn pgoutput_from_real_writes_decodes_to_backfill_rows() {
     let app = TestApp::spawn_without_sweeps().await;
     let slot = Slot::create(&app).await;
     let outcome = std::panic::AssertUnwindSafe(scenario(&app, &slot)).catch_unwind().await;
-    slot.drop(&app).await;
+    slot.remove(&app).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
@@ -274,7 +284,7 @@ async fn scenario(app: &TestApp, slot: &Slot) {
     // may still be committing changes right after the API answered).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let (decoded, mut expected) = loop {
-        stream.feed(&mut decoder, slot.take(app).await);
+        stream.feed(&mut decoder, slot.take().await);
         let decoded = stream.latest();
         let expected = expected_rows(app, &decoded).await;
         let live_match = expected.0.iter().all(|(id, row)| decoded.0.get(id) == Some(row))
@@ -327,6 +337,13 @@ async fn scenario(app: &TestApp, slot: &Slot) {
         _ => false,
     });
     assert!(retag_sent_unchanged, "no update sent metadata as an unchanged TOASTed value");
+    let zoned = stream.messages.iter().any(|m| match m {
+        Message::Insert(i) => {
+            i.new.0.iter().any(|d| matches!(d, Datum::Text(t) if t.ends_with("-03:30") || t.ends_with("-02:30")))
+        }
+        _ => false,
+    });
+    assert!(zoned, "timestamps came in the reading session's zone");
     let second_history = stream.session_history(second_id);
     assert_eq!(second_history.last().unwrap().tags, ["retagged"]);
     assert!(

@@ -1,9 +1,9 @@
 //! PostgreSQL's text output formats for the column types the replicated
 //! tables use, parsed into what the ClickHouse rows hold.
 //!
-//! Each parser accepts what the server prints with its defaults (`DateStyle`
-//! ISO, `extra_float_digits` irrelevant here) and refuses anything else, so a
-//! changed server setting shows as an error instead of a quietly wrong row.
+//! Each parser accepts what the server prints with its default `DateStyle`
+//! (ISO) in any `TimeZone`, and refuses anything else, so a changed server
+//! setting shows as an error instead of a quietly wrong row.
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveTime, TimeZone, Utc};
 use uuid::Uuid;
