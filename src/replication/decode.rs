@@ -111,6 +111,11 @@ impl Decoder {
         self.relations.get(&id)
     }
 
+    /// Between a Begin and its Commit: rows seen so far are not yet committed.
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
     /// What `message` means for the copy; `None` for messages that only feed
     /// the decoder (Relation), carry nothing for it (Origin, Type, logical
     /// messages) or concern other tables.
@@ -743,7 +748,9 @@ mod tests {
         );
         let commit =
             |lsn| Commit { flags: 0, commit_lsn: lsn, end_lsn: lsn + 0x30, commit_time: at("2026-01-01T00:00:00Z") };
+        assert!(d.in_transaction());
         assert_eq!(d.decode(Message::Commit(commit(0x50))), Ok(Some(Event::Commit(commit(0x50)))));
+        assert!(!d.in_transaction());
         assert_eq!(d.decode(Message::Commit(commit(0x50))), Err(ChangeError::OutsideTransaction("Commit")));
         assert_eq!(
             d.decode(insert(SESSIONS, tuple(SESSION_COLUMNS, &session_values()))),
