@@ -16,6 +16,7 @@
 //! - [`streams`]: session channels: the channel store (Redis Streams + Lua),
 //!   group commit, appends and their follow-ups, fan-out hub, SSE, routes.
 //! - [`waitpoints`]: runs waiting on a channel: the service, storage, routes.
+//! - [`replication`]: Postgres logical replication (pgoutput) decoded into ClickHouse rows.
 //! - [`jobs`]: durable background jobs: the outbox, apalis runtime, handlers,
 //!   cron schedules.
 //! - [`worker`]: a small library for task workers and the example echo agent.
@@ -31,6 +32,7 @@ pub mod http;
 pub mod ids;
 pub mod jobs;
 pub mod pubsub;
+pub mod replication;
 pub mod runs;
 pub mod sessions;
 pub mod streams;
