@@ -250,6 +250,16 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
     if state.config.clickhouse_migrate_on_start {
         crate::analytics::schema::migrate_in_background(state.analytics.clone());
     }
+    if state.config.replication_enabled && state.config.run_jobs {
+        let replicator = crate::replication::consumer::Replicator::new(
+            &state.config,
+            state.db.clone(),
+            state.redis.clone(),
+            state.jobs.clone(),
+            state.analytics.clone(),
+        );
+        tokio::spawn(replicator.run(shutdown.clone()));
+    }
     let app = crate::http::router(state);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shutdown;

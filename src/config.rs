@@ -133,6 +133,30 @@ pub struct Config {
     #[arg(long, env = "RUN_JOBS", default_value_t = true, action = clap::ArgAction::Set)]
     pub run_jobs: bool,
 
+    /// Keep ClickHouse current by logical replication from Postgres (needs
+    /// `wal_level=logical`).
+    #[arg(long, env = "SESSION_REPLICATION_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub replication_enabled: bool,
+
+    /// Name of this deployment's logical replication slot and publication
+    /// (default: `sessiond`, or `sessiond_<DATABASE_SCHEMA>`).
+    #[arg(long, env = "REPLICATION_SLOT")]
+    pub replication_slot: Option<String>,
+
+    /// A replication batch is flushed to ClickHouse at this many rows...
+    #[arg(long, env = "REPLICATION_BATCH_ROWS", default_value_t = 100)]
+    pub replication_batch_rows: usize,
+
+    /// ...or this long after its first row, in ms.
+    #[arg(long, env = "REPLICATION_BATCH_MS", default_value_t = 1_000)]
+    pub replication_batch_ms: u64,
+
+    /// How long the replication lease lasts without renewal, in ms. The holder
+    /// renews it every third of this and stops consuming once two thirds have
+    /// passed without a renewal, before anyone else may take it.
+    #[arg(long, env = "REPLICATION_LEASE_MS", default_value_t = 30_000)]
+    pub replication_lease_ms: u64,
+
     /// ClickHouse HTTP endpoint the session list and analytics read (the dev
     /// server from scripts/clickhouse.sh, or a real ClickHouse).
     #[arg(long, env = "CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
@@ -181,6 +205,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// The replication slot's (and publication's) name.
+    pub fn replication_slot_name(&self) -> String {
+        match (&self.replication_slot, &self.database_schema) {
+            (Some(name), _) => name.clone(),
+            (None, Some(schema)) => format!("sessiond_{schema}"),
+            (None, None) => "sessiond".into(),
+        }
+    }
+
     /// Defaults for tests and tools: every field at its default value.
     pub fn for_database(database_url: &str, schema: Option<String>) -> Self {
         Config {
@@ -214,6 +247,11 @@ impl Config {
             waitpoint_recheck_ms: 250,
             feed_safety_poll_ms: 1_000,
             run_jobs: true,
+            replication_enabled: false,
+            replication_slot: None,
+            replication_batch_rows: 100,
+            replication_batch_ms: 1_000,
+            replication_lease_ms: 30_000,
             clickhouse_url: "http://127.0.0.1:8123".into(),
             clickhouse_database: "sessiond".into(),
             clickhouse_user: None,

@@ -30,6 +30,7 @@ impl Table {
 #[derive(Debug, Clone, Copy)]
 pub enum Source {
     Backfill,
+    Replication,
 }
 
 #[derive(Row, Serialize)]
@@ -58,6 +59,7 @@ pub async fn advance(
 ) -> Result<(), AnalyticsError> {
     let source = match source {
         Source::Backfill => "backfill",
+        Source::Replication => "replication",
     };
     let mut insert = ch.write(ch.client().insert::<Mark>("sessiond_watermarks")).await?;
     ch.write(insert.write(&Mark { table_name: table.as_str(), watermark: at, lsn, source })).await?;

@@ -66,6 +66,9 @@ pub async fn execute(ctx: &JobContext, job: &Job) -> Outcome {
             let faults = backfill::Faults::default();
             Ok(backfill::run_chunk(&ctx.db, &ctx.analytics, &ctx.jobs, *backfill_id, *chunk, faults).await?)
         }
+        Job::ReplicationFlush { flush_id } => {
+            Ok(crate::replication::flush::execute(&ctx.db, &ctx.analytics, *flush_id).await?)
+        }
         Job::InputBootSweep => {
             let (booted, checked) = ctx.appender.boot_unread_input().await?;
             Ok(format!("{booted} runs booted for unread input ({checked} sessions checked)"))

@@ -64,6 +64,10 @@ pub enum Job {
         backfill_id: Uuid,
         chunk: i32,
     },
+    /// Writes one replication batch to ClickHouse (see `replication::flush`).
+    ReplicationFlush {
+        flush_id: Uuid,
+    },
 }
 
 impl Job {
@@ -79,6 +83,7 @@ impl Job {
             Job::RunHandoff(_) => "run-handoff",
             Job::InputBootSweep => "input-boot-sweep",
             Job::Backfill { .. } => "backfill",
+            Job::ReplicationFlush { .. } => "replication-flush",
         }
     }
 

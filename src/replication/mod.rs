@@ -2,14 +2,25 @@
 //!
 //! A logical slot with the `pgoutput` plugin streams every committed change of
 //! the published tables (`sessions`, `task_runs`). The transport (the
-//! replication connection, keepalives, standby status) hands over raw
-//! XLogData payloads; this module turns them into rows:
+//! replication connection, keepalives, standby status) is the
+//! `pgwire-replication` crate; it hands over raw XLogData payloads, which this
+//! module turns into rows and carries to ClickHouse at least once:
 //!
 //! - [`pgoutput`]: one payload → one typed [`pgoutput::Message`] (protocol
 //!   version 1, text-format tuples). Pure and strict.
 //! - [`decode`]: the message stream → [`decode::Event`]s: transaction
 //!   boundaries and one `SessionRow` / `RunRow` per row change, versioned
 //!   with the commit LSN.
+//! - [`slot`]: the publication and the slot (created if missing; a new slot
+//!   means a full backfill), and the slot's status.
+//! - [`lease`]: one consumer per slot across processes.
+//! - [`flush`]: batches as durable `replication-flush` jobs, and how far the
+//!   slot may confirm.
+//! - [`consumer`]: the loop that ties them together.
 
+pub mod consumer;
 pub mod decode;
+pub mod flush;
+pub mod lease;
 pub mod pgoutput;
+pub mod slot;

@@ -20,6 +20,7 @@ mod echo_agent;
 mod handoff;
 mod limits;
 mod official_client;
+mod replication;
 mod replication_decode;
 mod robustness;
 mod runs;

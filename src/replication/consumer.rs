@@ -1,0 +1,296 @@
+//! The replication consumer: while it holds the lease, it streams the slot,
+//! decodes each transaction into ClickHouse rows, and hands complete
+//! transactions to durable `replication-flush` jobs in batches (at
+//! `REPLICATION_BATCH_ROWS` rows or `REPLICATION_BATCH_MS` after a batch's
+//! first row). The slot's confirmed position follows the flushed batches, so
+//! a crash anywhere replays from the first batch not yet in ClickHouse.
+
+use std::time::{Duration, Instant};
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use super::decode::{Decoder, Event};
+use super::flush::{self, Batch};
+use super::lease::Lease;
+use super::pgoutput::{self, Begin, Commit, Message};
+use super::slot;
+use crate::analytics::backfill::{self, BackfillRequest, DEFAULT_CHUNK_SIZE};
+use crate::analytics::watermark::Table;
+use crate::analytics::ClickHouse;
+use crate::config::Config;
+use crate::jobs::Jobs;
+
+/// Everything the consumer uses.
+#[derive(Clone)]
+pub struct Replicator {
+    pub db: PgPool,
+    pub redis: ConnectionManager,
+    pub jobs: Jobs,
+    pub analytics: ClickHouse,
+    pub database_url: String,
+    pub schema: String,
+    pub slot: String,
+    pub redis_prefix: String,
+    pub batch_rows: usize,
+    pub batch_age: Duration,
+    pub lease_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("replication stream: {0}")]
+    Stream(#[from] pgwire_replication::PgWireError),
+    #[error("pgoutput: {0}")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("decoding a change: {0}")]
+    Change(#[from] super::decode::ChangeError),
+    #[error(transparent)]
+    Flush(#[from] flush::FlushError),
+    #[error(transparent)]
+    Store(#[from] crate::db::StoreError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("DATABASE_URL cannot be used for replication: {0}")]
+    Url(String),
+}
+
+impl Replicator {
+    pub fn new(config: &Config, db: PgPool, redis: ConnectionManager, jobs: Jobs, analytics: ClickHouse) -> Self {
+        Replicator {
+            db,
+            redis,
+            jobs,
+            analytics,
+            database_url: config.database_url.clone(),
+            schema: config.database_schema.clone().unwrap_or_else(|| "public".into()),
+            slot: config.replication_slot_name(),
+            redis_prefix: config.redis_prefix.clone(),
+            batch_rows: config.replication_batch_rows.max(1),
+            batch_age: Duration::from_millis(config.replication_batch_ms),
+            lease_ttl: Duration::from_millis(config.replication_lease_ms.max(300)),
+        }
+    }
+
+    /// Runs until `shutdown`: waits for the lease, consumes while holding it,
+    /// and starts over after any failure.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(200);
+        while !*shutdown.borrow() {
+            let lease = match Lease::try_acquire(&self.redis, &self.redis_prefix, &self.slot, self.lease_ttl).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    sleep_or_stop(self.lease_ttl / 3, &mut shutdown).await;
+                    continue;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "replication lease unavailable");
+                    sleep_or_stop(self.lease_ttl / 3, &mut shutdown).await;
+                    continue;
+                }
+            };
+            tracing::info!(slot = %self.slot, token = lease.token, "replication lease taken");
+            match self.consume(lease, &mut shutdown).await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(err) => {
+                    tracing::warn!(slot = %self.slot, error = %err, retry_in = ?backoff, "replication stopped");
+                    sleep_or_stop(backoff, &mut shutdown).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn consume(&self, mut lease: Lease, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReplicationError> {
+        if slot::drop_if_lost(&self.db, &self.slot).await? {
+            tracing::error!(slot = %self.slot, "replication slot lost its WAL; recreating it and backfilling");
+        }
+        if slot::ensure(&self.db, &self.slot, &self.schema).await? {
+            // Changes before the slot's creation never reach the stream.
+            tracing::info!(slot = %self.slot, "replication slot created; starting a full backfill");
+            let req = BackfillRequest {
+                tables: vec![Table::Sessions, Table::Runs],
+                from: None,
+                to: None,
+                chunk_size: DEFAULT_CHUNK_SIZE,
+            };
+            backfill::start(&self.db, &self.jobs, &req).await?;
+        }
+        let mut client = ReplicationClient::connect(self.stream_config()?).await?;
+        let result = self.stream(&mut client, &mut lease, shutdown).await;
+        client.stop();
+        lease.release().await;
+        result
+    }
+
+    fn stream_config(&self) -> Result<ReplicationConfig, ReplicationError> {
+        let url = reqwest::Url::parse(&self.database_url).map_err(|e| ReplicationError::Url(e.to_string()))?;
+        let decode = |s: &str| percent_decode(s).ok_or_else(|| ReplicationError::Url("bad percent-encoding".into()));
+        let host = url.host_str().unwrap_or("127.0.0.1").to_string();
+        let database = decode(url.path().trim_start_matches('/'))?;
+        let user = decode(url.username())?;
+        let password = decode(url.password().unwrap_or(""))?;
+        Ok(ReplicationConfig::new(host, user, password, database, self.slot.clone(), self.slot.clone())
+            .with_port(url.port().unwrap_or(5432))
+            // Feedback soon after the confirmed position moves, so the slot
+            // releases WAL and operators see a current confirmed LSN.
+            .with_status_interval(Duration::from_millis(500))
+            .with_wakeup_interval(Duration::from_secs(2))
+            .with_application_name(application_name(&self.slot)))
+    }
+
+    async fn stream(
+        &self,
+        client: &mut ReplicationClient,
+        lease: &mut Lease,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ReplicationError> {
+        let mut decoder = Decoder::new(self.schema.clone());
+        let mut batch = Batch::default();
+        let mut first_row_at: Option<Instant> = None;
+        // WAL position past which every change has been handed to a batch
+        // (seen at a keepalive outside a transaction with nothing buffered).
+        let mut idle_lsn: u64 = 0;
+        let mut confirmed: u64 = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut revive = tokio::time::interval(Duration::from_secs(2));
+        let mut renew = tokio::time::interval(lease.renew_every());
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                event = client.recv() => {
+                    let Some(event) = event? else { return Ok(()) };
+                    match event {
+                        ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                            let commit_time = pgoutput::timestamp(commit_time_micros)?;
+                            decoder.decode(Message::Begin(Begin { final_lsn: final_lsn.as_u64(), commit_time, xid }))?;
+                        }
+                        ReplicationEvent::XLogData { data, .. } => {
+                            match decoder.decode(pgoutput::decode(&data)?)? {
+                                Some(Event::Change(change)) => {
+                                    first_row_at.get_or_insert_with(Instant::now);
+                                    batch.push(change);
+                                }
+                                Some(Event::Truncate(tables)) => {
+                                    // No per-row deletes follow a TRUNCATE; ClickHouse keeps the rows
+                                    // until an operator rebuilds the copy.
+                                    tracing::error!(slot = %self.slot, ?tables, "tables truncated in Postgres; the clickhouse copy needs rebuilding");
+                                }
+                                _ => {}
+                            }
+                        }
+                        ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
+                            let commit_time = pgoutput::timestamp(commit_time_micros)?;
+                            let commit = Commit { flags: 0, commit_lsn: lsn.as_u64(), end_lsn: end_lsn.as_u64(), commit_time };
+                            decoder.decode(Message::Commit(commit))?;
+                            if batch.rows() > 0 {
+                                batch.commit(lsn.as_u64(), end_lsn.as_u64(), commit_time);
+                                if batch.rows() >= self.batch_rows {
+                                    self.flush(&mut batch, &mut first_row_at).await?;
+                                }
+                            } else {
+                                idle_lsn = idle_lsn.max(end_lsn.as_u64());
+                            }
+                        }
+                        ReplicationEvent::KeepAlive { wal_end, .. } => {
+                            if batch.rows() == 0 && !decoder.in_transaction() {
+                                idle_lsn = idle_lsn.max(wal_end.as_u64());
+                            }
+                        }
+                        ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+                    }
+                }
+                _ = tick.tick() => {
+                    if batch.commit_time.is_some() && first_row_at.is_some_and(|t| t.elapsed() >= self.batch_age) {
+                        self.flush(&mut batch, &mut first_row_at).await?;
+                    }
+                    confirmed = self.confirm(client, confirmed, idle_lsn, batch.rows() > 0).await?;
+                }
+                _ = revive.tick() => self.revive_failed_flushes().await?,
+                _ = renew.tick() => {
+                    if !lease.renew().await.unwrap_or(false) || !lease.held() {
+                        tracing::warn!(slot = %self.slot, "replication lease lost; stopping");
+                        return Ok(());
+                    }
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+            if !lease.held() {
+                tracing::warn!(slot = %self.slot, "replication lease not renewed in time; stopping");
+                return Ok(());
+            }
+        }
+    }
+
+    /// A flush never gives up: a batch whose job used up its attempts (say,
+    /// ClickHouse was down for a while) gets a fresh budget. Until it lands,
+    /// the slot does not move past it, and its age is what operators watch.
+    async fn revive_failed_flushes(&self) -> Result<(), ReplicationError> {
+        for job in flush::pending_jobs(&self.db, &self.slot).await? {
+            if self.jobs.retry(job).await?.is_some() {
+                tracing::warn!(slot = %self.slot, %job, "replication flush failed every attempt; retrying it");
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the batch's complete transactions to a durable flush job.
+    async fn flush(&self, batch: &mut Batch, first_row_at: &mut Option<Instant>) -> Result<(), ReplicationError> {
+        let full = std::mem::take(batch);
+        *first_row_at = None;
+        flush::record(&self.db, &self.jobs, &self.slot, &full).await?;
+        Ok(())
+    }
+
+    /// Moves the slot's confirmed position as far as ClickHouse holds every
+    /// change, and the list's watermark with it.
+    async fn confirm(
+        &self,
+        client: &ReplicationClient,
+        confirmed: u64,
+        idle_lsn: u64,
+        buffering: bool,
+    ) -> Result<u64, ReplicationError> {
+        let mut next = confirmed;
+        if let Some((lsn, at)) = flush::confirmable(&self.db, &self.slot).await? {
+            if lsn > next {
+                if let Err(err) = flush::advance_watermarks(&self.analytics, lsn, at).await {
+                    // The rows are in ClickHouse; only the list's overlay stays larger.
+                    tracing::warn!(error = %err, "could not move the clickhouse watermark");
+                }
+                next = lsn;
+            }
+        }
+        // Past the last change with nothing buffered or pending, the slot may
+        // confirm the quiet WAL too (so it retains none of it).
+        if !buffering && idle_lsn > next && flush::pending(&self.db, &self.slot).await? == 0 {
+            next = idle_lsn;
+        }
+        if next > confirmed {
+            client.update_applied_lsn(Lsn::from_u64(next));
+        }
+        Ok(next)
+    }
+}
+
+/// How the replication connection names itself in `pg_stat_replication`
+/// (Postgres keeps 63 bytes of it).
+pub fn application_name(slot: &str) -> String {
+    format!("sessiond:{slot}")
+}
+
+async fn sleep_or_stop(d: Duration, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes: Vec<u8> = form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned().into_bytes())?;
+    String::from_utf8(bytes).ok()
+}

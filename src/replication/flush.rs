@@ -1,0 +1,190 @@
+//! Replication batches on their way to ClickHouse (`replication_flushes`),
+//! and the `replication-flush` job that writes one.
+//!
+//! At-least-once: a batch is written to Postgres together with its job before
+//! the slot may move past it; the job may run more than once (ReplacingMergeTree
+//! absorbs the replay); the slot's confirmed position only moves to the end of
+//! the highest batch below which every batch is flushed.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::analytics::rows::{RunRow, SessionRow};
+use crate::analytics::watermark::{self, Table};
+use crate::analytics::{AnalyticsError, ClickHouse};
+use crate::db::StoreError;
+use crate::jobs::{self, Job, Jobs};
+use crate::replication::decode::Change;
+
+/// Complete transactions collected for one flush.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Batch {
+    pub sessions: Vec<SessionRow>,
+    pub runs: Vec<RunRow>,
+    /// Commit LSN of the first transaction.
+    pub start_lsn: Option<u64>,
+    /// End LSN and commit time of the last complete transaction.
+    pub end_lsn: u64,
+    pub commit_time: Option<DateTime<Utc>>,
+}
+
+impl Batch {
+    pub fn push(&mut self, change: Change) {
+        match change {
+            Change::Session(row) => self.sessions.push(row),
+            Change::Run(row) => self.runs.push(row),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.sessions.len() + self.runs.len()
+    }
+
+    /// Records a transaction as complete (its rows were pushed before).
+    pub fn commit(&mut self, commit_lsn: u64, end_lsn: u64, at: DateTime<Utc>) {
+        self.start_lsn.get_or_insert(commit_lsn);
+        self.end_lsn = end_lsn;
+        self.commit_time = Some(at);
+    }
+}
+
+/// An LSN as Postgres writes it (`X/Y`).
+pub fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Analytics(#[from] AnalyticsError),
+    #[error("replication batch {0} is unreadable: {1}")]
+    Corrupt(Uuid, String),
+}
+
+/// Writes the batch and its job in one transaction, then relays the job.
+/// Returns the batch's id.
+pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, batch: &Batch) -> Result<Uuid, FlushError> {
+    let (Some(start), Some(at)) = (batch.start_lsn, batch.commit_time) else {
+        return Err(FlushError::Corrupt(Uuid::nil(), "a batch without a complete transaction".into()));
+    };
+    let id = Uuid::now_v7();
+    let rows = serde_json::to_value(batch).map_err(|e| FlushError::Corrupt(id, e.to_string()))?;
+    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let job =
+        jobs::store::insert(&mut *tx, &Job::ReplicationFlush { flush_id: id }, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+    sqlx::query(
+        "INSERT INTO replication_flushes (id, slot, start_lsn, end_lsn, commit_time, row_count, rows, job_id)
+         VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, $6, $7, $8)",
+    )
+    .bind(id)
+    .bind(slot)
+    .bind(lsn_text(start))
+    .bind(lsn_text(batch.end_lsn))
+    .bind(at)
+    .bind(batch.rows() as i32)
+    .bind(rows)
+    .bind(job)
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::from)?;
+    tx.commit().await.map_err(StoreError::from)?;
+    jobs.relay(&[job]).await;
+    Ok(id)
+}
+
+/// The `replication-flush` job: writes the batch's rows to ClickHouse and
+/// marks it flushed.
+pub async fn execute(pool: &PgPool, ch: &ClickHouse, id: Uuid) -> Result<String, FlushError> {
+    let found: Option<(serde_json::Value, String)> =
+        sqlx::query_as("SELECT rows, status FROM replication_flushes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .map_err(StoreError::from)?;
+    let Some((rows, status)) = found else {
+        return Ok(format!("replication batch {id} is gone (confirmed and pruned)"));
+    };
+    if status == "flushed" {
+        return Ok(format!("replication batch {id} already flushed"));
+    }
+    let batch: Batch = serde_json::from_value(rows).map_err(|e| FlushError::Corrupt(id, e.to_string()))?;
+    write(ch, "sessions_v1", &batch.sessions).await?;
+    write(ch, "task_runs_v1", &batch.runs).await?;
+    sqlx::query("UPDATE replication_flushes SET status = 'flushed', flushed_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await
+        .map_err(StoreError::from)?;
+    Ok(format!("replication batch {id}: {} sessions, {} runs written", batch.sessions.len(), batch.runs.len()))
+}
+
+async fn write<T>(ch: &ClickHouse, table: &str, rows: &[T]) -> Result<(), AnalyticsError>
+where
+    T: clickhouse::RowOwned + clickhouse::RowWrite,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = ch.write(ch.client().insert::<T>(table)).await?;
+    for row in rows {
+        ch.write(insert.write(row)).await?;
+    }
+    ch.write(insert.end()).await
+}
+
+/// The end LSN and commit time of the highest flushed batch below which no
+/// batch is pending: how far the slot may confirm. Prunes the batches up to it.
+pub async fn confirmable(pool: &PgPool, slot: &str) -> Result<Option<(u64, DateTime<Utc>)>, StoreError> {
+    let found: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT f.end_lsn::text, f.commit_time FROM replication_flushes f
+         WHERE f.slot = $1 AND f.status = 'flushed'
+           AND NOT EXISTS (SELECT 1 FROM replication_flushes p
+                           WHERE p.slot = $1 AND p.status = 'pending' AND p.end_lsn <= f.end_lsn)
+         ORDER BY f.end_lsn DESC LIMIT 1",
+    )
+    .bind(slot)
+    .fetch_optional(pool)
+    .await?;
+    let Some((lsn, at)) = found else { return Ok(None) };
+    sqlx::query(
+        "DELETE FROM replication_flushes WHERE slot = $1 AND status = 'flushed' AND end_lsn <= $2::text::pg_lsn",
+    )
+    .bind(slot)
+    .bind(&lsn)
+    .execute(pool)
+    .await?;
+    let lsn = crate::analytics::rows::parse_lsn(&lsn).ok_or_else(|| StoreError::Corrupt(format!("LSN {lsn}")))?;
+    Ok(Some((lsn, at)))
+}
+
+/// The jobs of the slot's batches still waiting for ClickHouse.
+pub async fn pending_jobs(pool: &PgPool, slot: &str) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT job_id FROM replication_flushes WHERE slot = $1 AND status = 'pending'")
+        .bind(slot)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Whether any batch of the slot still waits for ClickHouse.
+pub async fn pending(pool: &PgPool, slot: &str) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM replication_flushes WHERE slot = $1 AND status = 'pending'")
+        .bind(slot)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Moves both tables' watermarks to `at`, but only for a table a full
+/// backfill has vouched for: replication alone never saw what was committed
+/// before its slot existed.
+pub async fn advance_watermarks(ch: &ClickHouse, lsn: u64, at: DateTime<Utc>) -> Result<(), AnalyticsError> {
+    for table in [Table::Sessions, Table::Runs] {
+        if watermark::read(ch, table).await?.is_some_and(|mark| mark < at) {
+            watermark::advance(ch, table, at, lsn, watermark::Source::Replication).await?;
+        }
+    }
+    Ok(())
+}
