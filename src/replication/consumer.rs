@@ -96,6 +96,9 @@ impl Replicator {
                 Ok(()) => backoff = Duration::from_millis(200),
                 Err(err) => {
                     tracing::warn!(slot = %self.slot, error = %err, retry_in = ?backoff, "replication stopped");
+                    if let Err(e) = super::health::record_error(&self.db, &self.slot, &err.to_string()).await {
+                        tracing::warn!(error = %e, "could not record the replication error");
+                    }
                     sleep_or_stop(backoff, &mut shutdown).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -172,6 +175,11 @@ impl Replicator {
                                 Some(Event::Change(change)) => {
                                     first_row_at.get_or_insert_with(Instant::now);
                                     batch.push(change);
+                                }
+                                Some(Event::Rekeyed(old, new)) => {
+                                    first_row_at.get_or_insert_with(Instant::now);
+                                    batch.push(old);
+                                    batch.push(new);
                                 }
                                 Some(Event::Truncate(tables)) => {
                                     // No per-row deletes follow a TRUNCATE; ClickHouse keeps the rows

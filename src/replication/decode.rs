@@ -37,6 +37,10 @@ pub enum Event {
     /// A transaction starts; its rows follow, versioned `final_lsn`.
     Begin(Begin),
     Change(Change),
+    /// An update moved a row within ClickHouse's sort key (a changed
+    /// `created_at`, say): ReplacingMergeTree replaces only rows with the same
+    /// key, so the old key's row is deleted (`.0`) beside the new row (`.1`).
+    Rekeyed(Change, Change),
     /// These tables were emptied. No per-row deletes follow: the copy must be
     /// rebuilt (a backfill), which is the consumer's call.
     Truncate(Vec<Table>),
@@ -163,7 +167,23 @@ impl Decoder {
         let version = self.version("a row change")?;
         let relation = self.relations.get(&relation_id).ok_or(ChangeError::UnknownRelation(relation_id))?;
         let Some(table) = table_of(&self.namespace, relation) else { return Ok(None) };
-        Ok(Some(Event::Change(row(table, relation, change, version)?)))
+        let new = row(table, relation, change, version)?;
+        if let RowChange::Update { old: Some(old @ OldTuple::Row(_)), .. } = change {
+            let before = row(table, relation, RowChange::Delete { old }, version)?;
+            if sort_key(&before) != sort_key(&new) {
+                return Ok(Some(Event::Rekeyed(before, new)));
+            }
+        }
+        Ok(Some(Event::Change(new)))
+    }
+}
+
+/// The columns of ClickHouse's sort key (its partition key is `created_at`'s
+/// month, so it is covered).
+fn sort_key(change: &Change) -> (&str, &str, &str, chrono::DateTime<chrono::Utc>, &str) {
+    match change {
+        Change::Session(r) => (&r.organization_id, &r.project_id, &r.environment_id, r.created_at, &r.session_id),
+        Change::Run(r) => (&r.organization_id, &r.project_id, &r.environment_id, r.created_at, &r.run_id),
     }
 }
 
@@ -635,6 +655,33 @@ mod tests {
         let missing = ChangeError::Unchanged { table: "sessions", column: "metadata" };
         assert_eq!(d.decode(update(None)), Err(missing.clone()));
         assert_eq!(d.decode(update(Some(OldTuple::Key(old)))), Err(missing));
+    }
+
+    #[test]
+    fn an_update_that_moves_the_sort_key_also_deletes_the_old_key() {
+        let mut d = decoder_in_transaction(10);
+        let old = tuple(SESSION_COLUMNS, &session_values());
+        let mut moved = session_values();
+        for (name, value) in moved.iter_mut() {
+            if *name == "created_at" {
+                *value = t("2025-11-20 00:00:00+00");
+            }
+        }
+        let new = tuple(SESSION_COLUMNS, &moved);
+        let event =
+            d.decode(Message::Update(Update { relation_id: SESSIONS, old: Some(OldTuple::Row(old.clone())), new }));
+        let mut expected = session();
+        expected.created_at = at("2025-11-20T00:00:00Z");
+        assert_eq!(
+            event.unwrap(),
+            Some(Event::Rekeyed(
+                Change::Session(SessionRow { _is_deleted: 1, ..SessionRow::from_session(&session(), 10) }),
+                Change::Session(SessionRow::from_session(&expected, 10)),
+            ))
+        );
+        // An update inside the same sort key is a plain change.
+        let same = Message::Update(Update { relation_id: SESSIONS, old: Some(OldTuple::Row(old.clone())), new: old });
+        assert!(matches!(d.decode(same).unwrap(), Some(Event::Change(_))));
     }
 
     #[test]

@@ -131,6 +131,7 @@ impl Stream {
                     self.transactions += 1;
                 }
                 Some(Event::Truncate(tables)) => panic!("unexpected truncate of {tables:?}"),
+                Some(Event::Rekeyed(old, _)) => panic!("no update here moves a sort key: {old:?}"),
                 None => {}
             }
         }
