@@ -68,6 +68,9 @@ pub enum Job {
     ReplicationFlush {
         flush_id: Uuid,
     },
+    /// Compares ClickHouse with Postgres and repairs the months that differ
+    /// (see `replication::reconcile`).
+    ReplicationReconcile,
 }
 
 impl Job {
@@ -84,6 +87,7 @@ impl Job {
             Job::InputBootSweep => "input-boot-sweep",
             Job::Backfill { .. } => "backfill",
             Job::ReplicationFlush { .. } => "replication-flush",
+            Job::ReplicationReconcile => "replication-reconcile",
         }
     }
 
@@ -94,9 +98,21 @@ impl Job {
             "session-expiry-sweep" => Some(Job::SessionExpirySweep),
             "waitpoint-timeout-sweep" => Some(Job::WaitpointTimeoutSweep),
             "input-boot-sweep" => Some(Job::InputBootSweep),
+            "replication-reconcile" => Some(Job::ReplicationReconcile),
             _ => None,
         }
     }
+}
+
+/// Why the job queue could not be checked or restored after a loss.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueLoss {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0:#}")]
+    Push(anyhow::Error),
 }
 
 /// Writes, relays and retries jobs.
@@ -181,6 +197,37 @@ impl Jobs {
             self.relay_and_mark(&[id]).await?;
         }
         Ok(row)
+    }
+
+    /// Puts every unfinished job back on the queue if Redis lost it (its
+    /// marker is gone: Redis restarted without its data, or was flushed), then
+    /// restores the marker. Returns how many jobs were pushed, or None if the
+    /// queue was intact.
+    ///
+    /// The ledger's `relayed_at` cannot tell which jobs were lost, so every
+    /// pending or running job is pushed, relayed or not. A job pushed again
+    /// that is still on the queue (pushed after the loss, or running now) runs
+    /// twice, which every job tolerates; one that succeeded meanwhile is
+    /// skipped by its attempt. The marker is written last: a server that dies
+    /// half way leaves it missing, and the next check starts over.
+    pub async fn recover_lost_queue(&self) -> Result<Option<usize>, QueueLoss> {
+        if self.queue.intact().await? {
+            return Ok(None);
+        }
+        let mut after = None;
+        let mut pushed = 0;
+        loop {
+            let ids = store::unfinished(&self.pool, after, 500).await?;
+            let Some(last) = ids.last() else { break };
+            after = Some(*last);
+            for id in &ids {
+                self.queue.push(*id).await.map_err(QueueLoss::Push)?;
+            }
+            store::mark_relayed(&self.pool, &ids).await?;
+            pushed += ids.len();
+        }
+        self.queue.mark_intact().await?;
+        Ok(Some(pushed))
     }
 
     /// Relays rows older than `grace_ms` that are still not on the queue.

@@ -55,6 +55,23 @@ impl JobQueue {
         format!("{}:wake", self.name)
     }
 
+    fn marker_key(&self) -> String {
+        format!("{}:intact", self.name)
+    }
+
+    /// Whether Redis still holds the queue's marker. The marker is written once
+    /// every unfinished job of the ledger is on the queue, and is lost with the
+    /// queue itself when Redis restarts without its data (or is flushed).
+    pub async fn intact(&self) -> redis::RedisResult<bool> {
+        let mut conn = self.redis.clone();
+        redis::cmd("EXISTS").arg(self.marker_key()).query_async(&mut conn).await
+    }
+
+    pub async fn mark_intact(&self) -> redis::RedisResult<()> {
+        let mut conn = self.redis.clone();
+        redis::cmd("SET").arg(self.marker_key()).arg(1).query_async(&mut conn).await
+    }
+
     /// Pushes an envelope for job `id` and wakes the workers.
     pub async fn push(&self, id: Uuid) -> anyhow::Result<()> {
         let task = TaskBuilder::new(JobEnvelope { id }).task_id(TaskId::from_ulid(Ulid::generate())).build();

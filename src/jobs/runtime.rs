@@ -93,17 +93,27 @@ pub fn start(
     .make_backoff();
     let retries = (super::DEFAULT_MAX_ATTEMPTS - 1) as usize;
 
-    let worker_name = format!("{}-jobs-{}", state.config.redis_prefix, Ulid::generate());
     let queue = state.jobs.queue().clone();
     let job_ctx = state.job_context();
-    let mut monitor = Monitor::new().register(move |_| {
-        WorkerBuilder::new(worker_name.clone())
-            .backend(queue.storage().poll_with_strategy(queue.poll_strategy(Duration::from_millis(250))))
-            .data(job_ctx.clone())
-            .concurrency(32)
-            .retry(RetryPolicy::retries(retries).with_backoff(backoff.clone()))
-            .build(run_job)
-    });
+    let prefix = state.config.redis_prefix.clone();
+    let job_worker = move || {
+        // A new name each time: apalis registers a worker by name, and
+        // refuses a name still fresh in its registry.
+        let name = format!("{prefix}-jobs-{}", Ulid::generate());
+        let (queue, job_ctx, backoff) = (queue.clone(), job_ctx.clone(), backoff.clone());
+        Monitor::new()
+            .register(move |_| {
+                WorkerBuilder::new(name.clone())
+                    .backend(queue.storage().poll_with_strategy(queue.poll_strategy(Duration::from_millis(250))))
+                    .data(job_ctx.clone())
+                    .concurrency(32)
+                    .retry(RetryPolicy::retries(retries).with_backoff(backoff.clone()))
+                    .build(run_job)
+            })
+            .shutdown_timeout(Duration::from_secs(10))
+    };
+    let jobs_runtime = tokio::spawn(supervise_job_worker(job_worker, shutdown.clone()));
+    let mut monitor = Monitor::new();
     for schedule in schedules {
         let ctx = CronCtx {
             redis: state.redis.clone(),
@@ -126,7 +136,8 @@ pub fn start(
     tokio::spawn(state.jobs.queue().clone().listen(client.clone()));
     tokio::spawn(state.hub.clone().listen(client));
 
-    // The outbox relay: jobs whose writer could not push them.
+    // The outbox relay: jobs whose writer could not push them, and every
+    // unfinished job again if Redis lost the queue.
     let relay_jobs = state.jobs.clone();
     let mut relay_stop = shutdown.clone();
     tokio::spawn(async move {
@@ -134,6 +145,13 @@ pub fn start(
             tokio::select! {
                 _ = relay_stop.changed() => break,
                 _ = tokio::time::sleep(Duration::from_millis(1_000)) => {}
+            }
+            match relay_jobs.recover_lost_queue().await {
+                Ok(None) => {}
+                Ok(Some(n)) => {
+                    tracing::warn!(jobs = n, "the job queue was missing from Redis; unfinished jobs relayed again")
+                }
+                Err(err) => tracing::warn!(%err, "could not check the job queue for lost jobs"),
             }
             match relay_jobs.relay_pending(RELAY_GRACE_MS).await {
                 Ok(0) => {}
@@ -143,15 +161,41 @@ pub fn start(
         }
     });
 
-    let mut stop = shutdown;
+    let stop = shutdown;
     let monitor = monitor.shutdown_timeout(Duration::from_secs(10));
     Ok(tokio::spawn(async move {
-        let signal = async move {
-            let _ = stop.wait_for(|s| *s).await;
-            Ok(())
-        };
-        if let Err(err) = monitor.run_with_signal(signal).await {
-            tracing::error!(%err, "job runtime stopped with an error");
+        if let Err(err) = monitor.run_with_signal(stopped(stop)).await {
+            tracing::error!(%err, "cron schedules stopped with an error");
         }
+        let _ = jobs_runtime.await;
     }))
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    let _ = stop.wait_for(|s| *s).await;
+    Ok(())
+}
+
+/// Runs the job worker until shutdown, starting a new one whenever it ends.
+///
+/// apalis ends a worker at the first error of its backend: Redis unreachable
+/// for a moment, or restarted without its data, which also loses the worker's
+/// registration, so that every later fetch fails. Left alone, the process
+/// would run no job again. A fresh worker (a new name, registered anew) starts
+/// after a pause, and picks up what the queue holds once Redis answers.
+async fn supervise_job_worker(worker: impl Fn() -> Monitor, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let ended = worker().run_with_signal(stopped(shutdown.clone())).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        match ended {
+            Ok(()) => tracing::warn!("the job worker stopped; starting a new one"),
+            Err(err) => tracing::warn!(%err, "the job worker failed; starting a new one"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }

@@ -118,6 +118,20 @@ pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<U
     .await?)
 }
 
+/// Unfinished jobs (pending or running) after `after` in id order, which is
+/// creation order (uuid v7): what a job queue that lost its data must carry
+/// again.
+pub async fn unfinished(pool: &PgPool, after: Option<Uuid>, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE status IN ('pending', 'running') AND ($1::uuid IS NULL OR id > $1)
+         ORDER BY id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Starts an attempt of a job that has not succeeded yet: bumps the counter,
 /// logs the attempt, and returns the row (its `attempts` is this attempt's
 /// number). None if the job is gone or already succeeded (a duplicate delivery).

@@ -134,3 +134,42 @@ async fn acknowledged_records_survive_redis_sigkill_and_restart() {
     drop(redis);
     eprintln!("durability test took {:?}", started.elapsed());
 }
+
+/// Redis restarted without its data (here: flushed) takes the job queue with
+/// it, while the ledger still shows the jobs as relayed. The first server to
+/// notice (its queue marker is gone) relays every unfinished job again.
+#[tokio::test]
+async fn jobs_lost_with_the_queue_are_relayed_again() {
+    use crate::common::{dequeue_one, session_body, TestApp};
+    let dir = TempDir::new();
+    let redis = start_fresh(&dir.0).await;
+    let url = redis.url();
+    // A server that writes and relays jobs but runs none: they wait on the queue.
+    let writer = TestApp::spawn_with(|c| {
+        c.redis_url = url;
+        c.run_jobs = false;
+    })
+    .await;
+    let s = writer.create_session(session_body(Some("lost-queue"))).await;
+    let run_id = s["runId"].as_str().expect("runId").to_string();
+    let job: Uuid = crate::common::eventually(10, "the trigger-run job to be marked relayed", || async {
+        sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'trigger-run' AND relayed_at IS NOT NULL")
+            .fetch_optional(writer.db())
+            .await
+            .unwrap()
+    })
+    .await;
+
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+
+    // A server that runs jobs finds the queue gone and relays the job again.
+    let runner = writer.peer(|c| c.run_jobs = true).await;
+    crate::common::eventually(15, "the lost job to run", || async {
+        let row = sessiond::jobs::store::find(runner.db(), job).await.unwrap().expect("job row");
+        (row.status == sessiond::jobs::store::JobStatus::Succeeded).then_some(())
+    })
+    .await;
+    let run = dequeue_one(&runner.worker()).await;
+    assert_eq!(run.id, run_id);
+}
