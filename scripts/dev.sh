@@ -41,6 +41,9 @@ export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 export CLICKHOUSE_URL=${CLICKHOUSE_URL:-http://127.0.0.1:8123}
 export LISTEN_ADDR=${LISTEN_ADDR:-127.0.0.1:3030}
+# ClickHouse follows Postgres by logical replication (a new slot starts with
+# a full backfill, so the list is served from ClickHouse within seconds).
+export SESSION_REPLICATION_ENABLED=${SESSION_REPLICATION_ENABLED:-1}
 
 ensure_cargo
 say "building sessiond (release)"
@@ -50,10 +53,12 @@ BIN="${CARGO_TARGET_DIR:-target}/release/sessiond"
 say "running migrations"
 "$BIN" migrate
 "$BIN" env bootstrap-dev
-# The session list is served from ClickHouse once a backfill vouches for it;
-# serve runs the queued backfill jobs (cheap when there is little to copy).
 "$BIN" clickhouse migrate
-"$BIN" clickhouse backfill
+case "$SESSION_REPLICATION_ENABLED" in
+1 | true | yes | on) ;;
+# Without replication, a backfill (run by serve's job workers) fills the copy once.
+*) "$BIN" clickhouse backfill ;;
+esac
 
 say "base URL:  http://$LISTEN_ADDR"
 say "ClickHouse: $CLICKHOUSE_URL"

@@ -15,6 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Fixed on purpose: every URL in the scripts and README assumes these.
 PG_PORT=5432
 REDIS_PORT=6379
+PG_REPLICATION_SLOTS=32
 PG_TCP_URL="postgres://postgres:postgres@127.0.0.1:${PG_PORT}/postgres"
 DATABASE_ADMIN_URL=${DATABASE_ADMIN_URL:-$PG_TCP_URL}
 
@@ -93,11 +94,13 @@ configure_postgres_replication() { # VERSION NAME
         pg_socket_sql 'ALTER SYSTEM SET wal_level = logical'
         changed=1
     fi
+    # The test suite runs up to 8 tests at once, each replicating test through
+    # a slot (and a WAL sender) of its own; a dev server adds one more.
     for setting in max_replication_slots max_wal_senders; do
         value=$(pg_socket_sql "SHOW $setting")
-        if ((value < 10)); then
-            say "setting $setting = 10 (was $value)"
-            pg_socket_sql "ALTER SYSTEM SET $setting = 10"
+        if ((value < PG_REPLICATION_SLOTS)); then
+            say "setting $setting = $PG_REPLICATION_SLOTS (was $value)"
+            pg_socket_sql "ALTER SYSTEM SET $setting = $PG_REPLICATION_SLOTS"
             changed=1
         fi
     done

@@ -163,6 +163,8 @@ impl AppState {
             appender: self.appender.clone(),
             jobs: self.jobs.clone(),
             analytics: self.analytics.clone(),
+            replication_slot: self.config.replication_enabled.then(|| self.config.replication_slot_name()),
+            overlay_margin: Duration::from_millis(self.config.list_overlay_margin_ms),
             heartbeat_timeout_ms: self.config.run_heartbeat_timeout_ms,
         }
     }

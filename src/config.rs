@@ -135,7 +135,9 @@ pub struct Config {
 
     /// Keep ClickHouse current by logical replication from Postgres (needs
     /// `wal_level=logical`).
-    #[arg(long, env = "SESSION_REPLICATION_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    /// `1`/`0`, `true`/`false`, `yes`/`no` or `on`/`off`.
+    #[arg(long, env = "SESSION_REPLICATION_ENABLED", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub replication_enabled: bool,
 
     /// Name of this deployment's logical replication slot and publication
@@ -194,13 +196,15 @@ pub struct Config {
 
     /// The list overlays Postgres rows changed up to this long before
     /// ClickHouse's watermark, covering transactions that stamped `updated_at`
-    /// before the watermark but committed after it, in ms.
-    #[arg(long, env = "LIST_OVERLAY_MARGIN_MS", default_value_t = 10_000)]
+    /// before the watermark but committed after it, in ms. sessiond's own
+    /// transactions on `sessions` last milliseconds; the overlay grows with
+    /// this times the write rate (2 s at 500 creates/s: about 1,000 rows).
+    #[arg(long, env = "LIST_OVERLAY_MARGIN_MS", default_value_t = 2_000)]
     pub list_overlay_margin_ms: u64,
 
     /// Most changed rows the list overlays onto a ClickHouse page; beyond it
     /// ClickHouse lags too far and the list answers from Postgres.
-    #[arg(long, env = "LIST_OVERLAY_MAX_ROWS", default_value_t = 1_000)]
+    #[arg(long, env = "LIST_OVERLAY_MAX_ROWS", default_value_t = 2_000)]
     pub list_overlay_max_rows: usize,
 }
 
@@ -260,8 +264,8 @@ impl Config {
             clickhouse_timeout_ms: 2_000,
             clickhouse_retry_after_ms: 5_000,
             clickhouse_migrate_on_start: true,
-            list_overlay_margin_ms: 10_000,
-            list_overlay_max_rows: 1_000,
+            list_overlay_margin_ms: 2_000,
+            list_overlay_max_rows: 2_000,
         }
     }
 }

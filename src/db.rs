@@ -104,3 +104,39 @@ pub fn push_created_range(
         b.push(format!(" AND {alias}.created_at <= ")).push_bind(to);
     }
 }
+
+/// Digests of `table`'s rows created before `cutoff`, per environment and
+/// month (see `analytics::digest`, whose ClickHouse query computes the same
+/// over the copy). `table` is `sessions` or `task_runs`, which share these
+/// columns. A whole-table scan: it runs on a schedule, not per request.
+pub async fn created_digests(
+    pool: &PgPool,
+    table: &'static str,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<crate::analytics::digest::Digest>, StoreError> {
+    let sql = format!(
+        "SELECT runtime_environment_id::text AS environment_id,
+                (extract(year FROM created_at AT TIME ZONE 'UTC') * 100
+                 + extract(month FROM created_at AT TIME ZONE 'UTC'))::int AS month,
+                count(*) AS rows,
+                coalesce((extract(epoch FROM max(updated_at) FILTER (WHERE updated_at < $1)) * 1000000)::bigint, 0)
+                    AS newest_update_us,
+                coalesce(sum((extract(epoch FROM updated_at) * 1000000)::bigint) FILTER (WHERE updated_at < $1), 0)::text
+                    AS update_sum
+         FROM {table} WHERE created_at < $1 GROUP BY 1, 2 ORDER BY 1, 2"
+    );
+    Ok(sqlx::query_as(&sql).bind(cutoff).fetch_all(pool).await?)
+}
+
+/// Ids of `table`'s rows of one environment created in [`from`, `to`).
+pub async fn created_ids(
+    pool: &PgPool,
+    table: &'static str,
+    environment_id: uuid::Uuid,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<uuid::Uuid>, StoreError> {
+    let sql =
+        format!("SELECT id FROM {table} WHERE runtime_environment_id = $1 AND created_at >= $2 AND created_at < $3");
+    Ok(sqlx::query_scalar(&sql).bind(environment_id).bind(from).bind(to).fetch_all(pool).await?)
+}

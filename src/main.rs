@@ -40,6 +40,9 @@ enum Command {
     /// The ClickHouse copy the session list and analytics read.
     #[command(subcommand)]
     Clickhouse(ClickhouseCommand),
+    /// Logical replication into ClickHouse.
+    #[command(subcommand)]
+    Replication(ReplicationCommand),
     /// Run a task worker against a sessiond server (the example echo agent).
     Worker {
         /// Task identifier to serve (only `echo-agent` ships).
@@ -83,6 +86,16 @@ enum SessionsCommand {
         /// Session friendly id or external id.
         session: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ReplicationCommand {
+    /// The slot's lag, confirmed position and retained WAL, pending flushes,
+    /// the last error and the last reconciliation, as JSON.
+    Status,
+    /// Queue a reconciliation of ClickHouse against Postgres now (a server
+    /// with replication on runs it).
+    Reconcile,
 }
 
 #[derive(Subcommand)]
@@ -184,6 +197,25 @@ async fn main() -> anyhow::Result<()> {
         Command::Jobs(cmd) => jobs_command(cmd, config, pool).await?,
         Command::Sessions(cmd) => sessions_command(cmd, config, pool).await?,
         Command::Clickhouse(cmd) => clickhouse_command(cmd, config, pool).await?,
+        Command::Replication(cmd) => replication_command(cmd, config, pool).await?,
+    }
+    Ok(())
+}
+
+async fn replication_command(cmd: ReplicationCommand, config: Config, pool: sqlx::PgPool) -> anyhow::Result<()> {
+    db::migrate(&pool).await?;
+    let (_, redis) = app::connect_redis(&config).await?;
+    match cmd {
+        ReplicationCommand::Status => {
+            let slot = config.replication_slot_name();
+            let health = sessiond::replication::health::status(&pool, &redis, &config.redis_prefix, &slot).await?;
+            println!("{}", serde_json::to_string_pretty(&health)?);
+        }
+        ReplicationCommand::Reconcile => {
+            let jobs = app::jobs(&config, pool.clone(), redis);
+            let id = jobs.submit(&sessiond::jobs::Job::ReplicationReconcile).await?;
+            println!("reconciliation queued as job {id}");
+        }
     }
     Ok(())
 }

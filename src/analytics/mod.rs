@@ -11,6 +11,8 @@
 //! - [`backfill`]: copying existing rows in resumable chunks, one durable job
 //!   per chunk.
 //! - [`watermark`]: how far ClickHouse is known to be complete.
+//! - [`digest`]: per environment and month, what the copy holds, for
+//!   comparing it with Postgres.
 //! - [`session_list`]: the session list served from ClickHouse, with the
 //!   read-your-writes overlay and the Postgres fallback.
 //!
@@ -18,6 +20,7 @@
 //! ClickHouse in production, the chDB dev server in development and tests.
 
 pub mod backfill;
+pub mod digest;
 pub mod rows;
 pub mod schema;
 pub mod session_list;
@@ -31,6 +34,11 @@ use clickhouse::Compression;
 
 use crate::config::{ClickHouseCompression, Config};
 use crate::db::StoreError;
+
+/// A time as ClickHouse parses a `DateTime64(6, 'UTC')` parameter.
+pub fn ch_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnalyticsError {
@@ -114,12 +122,29 @@ impl ClickHouse {
         self.timed(self.inner.timeout, request).await
     }
 
-    /// Runs one write (or DDL) with the longer write timeout.
+    /// Runs one write (or DDL, or a read over a whole table) with the longer
+    /// write timeout.
     pub async fn write<T>(
         &self,
         request: impl Future<Output = clickhouse::error::Result<T>>,
     ) -> Result<T, AnalyticsError> {
         self.timed(WRITE_TIMEOUT, request).await
+    }
+
+    /// Inserts `rows` into `table` as one INSERT (nothing for no rows): the
+    /// one way backfill chunks, replication flushes and repairs write.
+    pub async fn insert_rows<T>(&self, table: &str, rows: &[T]) -> Result<(), AnalyticsError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowWrite,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self.write(self.client().insert::<T>(table)).await?;
+        for row in rows {
+            self.write(insert.write(row)).await?;
+        }
+        self.write(insert.end()).await
     }
 
     async fn timed<T>(

@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::watermark::{self, Table};
-use super::{AnalyticsError, ClickHouse};
+use super::{ch_time, AnalyticsError, ClickHouse};
 use crate::db::StoreError;
 use crate::sessions::list::{
     paginate, Direction, EnvScope, ListPage, ListQuery, ListSource, PgSessionList, Served, SessionListRepository,
@@ -34,8 +34,9 @@ use crate::sessions::model::{Session, SessionStatus};
 use crate::sessions::store as session_store;
 
 /// How long a read watermark is reused. A stale watermark is only older, so it
-/// costs a larger overlay, never a wrong answer.
-const WATERMARK_TTL: Duration = Duration::from_secs(1);
+/// costs a larger overlay, never a wrong answer: the overlay spans this, the
+/// margin and replication's lag, times the write rate.
+const WATERMARK_TTL: Duration = Duration::from_millis(250);
 
 pub struct ClickHouseSessionList {
     pg: PgSessionList,
@@ -278,11 +279,6 @@ fn page_sql(
 struct Micros {
     #[serde(with = "clickhouse::serde::chrono::datetime64::micros")]
     created_at: DateTime<Utc>,
-}
-
-/// A time as ClickHouse parses a DateTime64(6) parameter.
-fn ch_time(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
 }
 
 /// A parameter value; every value reaches ClickHouse as a bound parameter,

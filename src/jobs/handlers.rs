@@ -29,6 +29,11 @@ pub struct JobContext {
     pub appender: Appender,
     pub jobs: Jobs,
     pub analytics: ClickHouse,
+    /// This process's replication slot while replication is on (reconciliation
+    /// only means something then), and the list's overlay margin, which the
+    /// reconciliation's cutoff leaves to changes still on their way.
+    pub replication_slot: Option<String>,
+    pub overlay_margin: std::time::Duration,
     /// A run this long without a heartbeat is crashed; the run sweep re-pushes
     /// queued runs popped at least this long ago (and 5 s at least).
     pub heartbeat_timeout_ms: u64,
@@ -68,6 +73,15 @@ pub async fn execute(ctx: &JobContext, job: &Job) -> Outcome {
         }
         Job::ReplicationFlush { flush_id } => {
             Ok(crate::replication::flush::execute(&ctx.db, &ctx.analytics, *flush_id).await?)
+        }
+        Job::ReplicationReconcile => {
+            let Some(slot) = &ctx.replication_slot else {
+                return Ok("replication is off; nothing to reconcile".into());
+            };
+            let summary =
+                crate::replication::reconcile::run(&ctx.db, &ctx.analytics, &ctx.jobs, ctx.overlay_margin).await?;
+            crate::replication::health::record_reconcile(&ctx.db, slot, &summary).await?;
+            Ok(summary)
         }
         Job::InputBootSweep => {
             let (booted, checked) = ctx.appender.boot_unread_input().await?;

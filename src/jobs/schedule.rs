@@ -51,7 +51,16 @@ mod tests {
     fn the_shipped_schedules_parse() {
         let s = parse(DEFAULT_SCHEDULES).unwrap();
         let names: Vec<_> = s.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, vec!["input-boot-sweep", "run-sweep", "session-expiry-sweep", "waitpoint-timeout-sweep"]);
+        assert_eq!(
+            names,
+            vec![
+                "input-boot-sweep",
+                "replication-reconcile",
+                "run-sweep",
+                "session-expiry-sweep",
+                "waitpoint-timeout-sweep"
+            ]
+        );
     }
 
     #[test]

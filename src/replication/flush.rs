@@ -55,6 +55,16 @@ pub fn lsn_text(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
+/// Where a batch stands (`replication_flushes.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum FlushStatus {
+    /// Recorded with its job; not yet in ClickHouse.
+    Pending,
+    /// In ClickHouse; pruned once the slot confirms past it.
+    Flushed,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FlushError {
     #[error(transparent)]
@@ -99,7 +109,7 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, batch: &Batch) -> Re
 /// The `replication-flush` job: writes the batch's rows to ClickHouse and
 /// marks it flushed.
 pub async fn execute(pool: &PgPool, ch: &ClickHouse, id: Uuid) -> Result<String, FlushError> {
-    let found: Option<(serde_json::Value, String)> =
+    let found: Option<(serde_json::Value, FlushStatus)> =
         sqlx::query_as("SELECT rows, status FROM replication_flushes WHERE id = $1")
             .bind(id)
             .fetch_optional(pool)
@@ -108,32 +118,27 @@ pub async fn execute(pool: &PgPool, ch: &ClickHouse, id: Uuid) -> Result<String,
     let Some((rows, status)) = found else {
         return Ok(format!("replication batch {id} is gone (confirmed and pruned)"));
     };
-    if status == "flushed" {
+    if status == FlushStatus::Flushed {
         return Ok(format!("replication batch {id} already flushed"));
     }
     let batch: Batch = serde_json::from_value(rows).map_err(|e| FlushError::Corrupt(id, e.to_string()))?;
-    write(ch, "sessions_v1", &batch.sessions).await?;
-    write(ch, "task_runs_v1", &batch.runs).await?;
-    sqlx::query("UPDATE replication_flushes SET status = 'flushed', flushed_at = now() WHERE id = $1")
-        .bind(id)
-        .execute(pool)
-        .await
-        .map_err(StoreError::from)?;
+    ch.insert_rows("sessions_v1", &batch.sessions).await?;
+    ch.insert_rows("task_runs_v1", &batch.runs).await?;
+    // Marked flushed, and the slot's health notes the flush and its lag.
+    sqlx::query(
+        "WITH f AS (
+             UPDATE replication_flushes SET status = 'flushed', flushed_at = now() WHERE id = $1
+             RETURNING slot, commit_time)
+         INSERT INTO replication_state (slot, last_flush_at, last_flush_lag_ms)
+         SELECT slot, now(), greatest(0, (extract(epoch FROM now() - commit_time) * 1000)::bigint) FROM f
+         ON CONFLICT (slot) DO UPDATE
+             SET last_flush_at = excluded.last_flush_at, last_flush_lag_ms = excluded.last_flush_lag_ms",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .map_err(StoreError::from)?;
     Ok(format!("replication batch {id}: {} sessions, {} runs written", batch.sessions.len(), batch.runs.len()))
-}
-
-async fn write<T>(ch: &ClickHouse, table: &str, rows: &[T]) -> Result<(), AnalyticsError>
-where
-    T: clickhouse::RowOwned + clickhouse::RowWrite,
-{
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut insert = ch.write(ch.client().insert::<T>(table)).await?;
-    for row in rows {
-        ch.write(insert.write(row)).await?;
-    }
-    ch.write(insert.end()).await
 }
 
 /// The end LSN and commit time of the highest flushed batch below which no

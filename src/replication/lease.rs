@@ -26,6 +26,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
+fn lease_key(prefix: &str, slot: &str) -> String {
+    format!("{prefix}:replication:{slot}:lease")
+}
+
+/// The fencing token of whoever holds the lease on `slot` now, if anyone.
+pub async fn holder(redis: &ConnectionManager, prefix: &str, slot: &str) -> redis::RedisResult<Option<u64>> {
+    let mut conn = redis.clone();
+    redis::cmd("GET").arg(lease_key(prefix, slot)).query_async(&mut conn).await
+}
+
 pub struct Lease {
     redis: ConnectionManager,
     key: String,
@@ -44,7 +54,7 @@ impl Lease {
         ttl: Duration,
     ) -> redis::RedisResult<Option<Lease>> {
         let mut conn = redis.clone();
-        let key = format!("{prefix}:replication:{slot}:lease");
+        let key = lease_key(prefix, slot);
         let token: u64 =
             redis::cmd("INCR").arg(format!("{prefix}:replication:{slot}:fence")).query_async(&mut conn).await?;
         let taken_at = Instant::now();

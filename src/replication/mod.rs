@@ -17,10 +17,16 @@
 //! - [`flush`]: batches as durable `replication-flush` jobs, and how far the
 //!   slot may confirm.
 //! - [`consumer`]: the loop that ties them together.
+//! - [`reconcile`]: the scheduled comparison of ClickHouse with Postgres,
+//!   repairing the ranges that differ.
+//! - [`health`]: lag, retained WAL, pending flushes and the last error, as
+//!   data for operators.
 
 pub mod consumer;
 pub mod decode;
 pub mod flush;
+pub mod health;
 pub mod lease;
 pub mod pgoutput;
+pub mod reconcile;
 pub mod slot;

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use crate::db::StoreError;
 
 /// Where a slot stands, as Postgres reports it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct SlotStatus {
     pub slot_name: String,
     pub active: bool,

@@ -10,6 +10,7 @@ use serde_json::json;
 use sessiond::analytics::rows::SessionRow;
 use sessiond::analytics::watermark::{self, Table};
 use sessiond::config::Config;
+use sessiond::replication::health::{self, ReplicationHealth};
 use sessiond::replication::slot;
 
 use crate::common::{eventually, session_body, TestApp};
@@ -61,6 +62,28 @@ async fn replicated(app: &TestApp, friendly: &str) -> Option<SessionRow> {
     .await
 }
 
+async fn health(app: &TestApp) -> ReplicationHealth {
+    let slot = app.state.config.replication_slot_name();
+    health::status(app.db(), &app.state.redis, &app.state.config.redis_prefix, &slot).await.unwrap()
+}
+
+/// Waits until every change is in ClickHouse and the watermark has passed it.
+async fn settled(app: &TestApp) {
+    eventually(20, "replication to settle", || async {
+        let newest: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+            "SELECT max(t) FROM (SELECT max(updated_at) AS t FROM sessions
+                                 UNION ALL SELECT max(updated_at) FROM task_runs) changes",
+        )
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+        let mark = watermark::read(&app.state.analytics, Table::Sessions).await.unwrap();
+        let passed = mark.zip(newest).is_some_and(|(mark, newest)| mark >= newest);
+        (passed && health(app).await.pending_flushes == 0).then_some(())
+    })
+    .await;
+}
+
 async fn ready(tweak: impl FnOnce(&mut Config)) -> TestApp {
     let app = TestApp::spawn_with(|c| {
         replicating(c);
@@ -110,6 +133,25 @@ async fn inserts_updates_closes_and_deletes_replicate() {
         .unwrap();
     assert_eq!(runs, 1);
 
+    // A change to a sort-key column (created_at) leaves one visible row.
+    sqlx::query("UPDATE sessions SET created_at = created_at - interval '40 days' WHERE friendly_id = $1")
+        .bind(&friendly)
+        .execute(app.db())
+        .await
+        .unwrap();
+    let moved = replicated(&app, &friendly).await.expect("moved");
+    assert_eq!(moved.created_at, closed.created_at - chrono::Duration::days(40));
+    let visible: u64 = app
+        .state
+        .analytics
+        .client()
+        .query("SELECT count() FROM sessions_v1 FINAL WHERE friendly_id = {f:String}")
+        .param("f", &friendly)
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(visible, 1, "no duplicate under the old key");
+
     // A delete: the row vanishes under FINAL.
     sqlx::query("DELETE FROM session_runs").execute(app.db()).await.unwrap();
     sqlx::query("UPDATE task_runs SET session_id = NULL").execute(app.db()).await.unwrap();
@@ -119,6 +161,19 @@ async fn inserts_updates_closes_and_deletes_replicate() {
     // The list is served by ClickHouse, and the watermark follows the commits.
     let mark = watermark::read(&app.state.analytics, Table::Sessions).await.unwrap().unwrap();
     assert!(mark >= closed.updated_at - chrono::Duration::seconds(1), "watermark {mark} vs {}", closed.updated_at);
+
+    // Health: the slot streams to a lease holder and retains little WAL;
+    // every batch is flushed.
+    let h = eventually(10, "health to settle", || async {
+        let h = health(&app).await;
+        (h.pending_flushes == 0 && h.slot.as_ref().is_some_and(|s| s.active)).then_some(h)
+    })
+    .await;
+    let slot = h.slot.as_ref().unwrap();
+    assert!(slot.confirmed_flush_lsn.is_some(), "{h:?}");
+    assert_eq!(slot.wal_status.as_deref(), Some("reserved"), "{h:?}");
+    assert!(h.lease_token.is_some(), "{h:?}");
+    assert!(h.last_flush_at.is_some() && h.last_flush_lag_ms.is_some_and(|ms| ms >= 0), "{h:?}");
     finish(app).await;
 }
 
@@ -164,11 +219,20 @@ async fn the_backlog_arrives_after_clickhouse_returns() {
         (failed > 0).then_some(())
     })
     .await;
+    // Health shows the backlog while ClickHouse is away.
+    let stalled = eventually(10, "health to show the pending flushes and their error", || async {
+        let h = health(&app).await;
+        (h.pending_flushes > 0 && h.last_error.is_some()).then_some(h)
+    })
+    .await;
+    assert!(stalled.pending_rows >= 3, "{stalled:?}");
+    assert!(stalled.oldest_pending_age_ms.is_some(), "{stalled:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     private.restart().await;
     for id in &ids {
         replicated(&app, id).await.expect("arrived after ClickHouse returned");
     }
+    eventually(20, "the backlog to drain", || async { (health(&app).await.pending_flushes == 0).then_some(()) }).await;
     finish(app).await;
 }
 
@@ -179,12 +243,21 @@ async fn one_of_two_servers_consumes_and_the_other_takes_over() {
     let name = first.state.config.replication_slot_name();
     let s = first.create_session(session_body(Some("two-1"))).await;
     replicated(&first, s["id"].as_str().unwrap()).await.expect("replicated");
-    let walsenders: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE application_name = $1")
-        .bind(sessiond::replication::consumer::application_name(&name))
-        .fetch_one(first.db())
-        .await
-        .unwrap();
-    assert_eq!(walsenders, 1, "exactly one consumer streams the slot");
+    let walsenders = || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE application_name = $1")
+            .bind(sessiond::replication::consumer::application_name(&name))
+            .fetch_one(first.db())
+            .await
+            .unwrap();
+        n
+    };
+    // A consumer may be between two streams for a moment (a lease renewal
+    // late on a loaded machine); one streams, never two.
+    eventually(10, "one consumer to stream the slot", || async { (walsenders().await == 1).then_some(()) }).await;
+    for _ in 0..10 {
+        assert!(walsenders().await <= 1, "two consumers stream the slot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The first server goes away (its lease expires); the second takes over.
     drop(first);
@@ -240,4 +313,118 @@ async fn the_lease_has_one_holder_and_expires_when_not_renewed() {
     assert!(!first.renew().await.unwrap(), "the old holder cannot renew the new holder's lease");
     second.release().await;
     assert!(Lease::try_acquire(&redis, &prefix, "slot", ttl).await.unwrap().is_some(), "released");
+}
+
+/// Redis restarted without its data takes pending flush jobs with it; the
+/// ledger relays them again, long before their own retry would come.
+#[tokio::test]
+async fn flush_jobs_lost_with_redis_are_relayed_again() {
+    use crate::common::redis_proc::{start_fresh, TempDir};
+    let dir = TempDir::new();
+    let redis = start_fresh(&dir.0).await;
+    let redis_url = redis.url();
+    let mut private = crate::common::clickhouse::PrivateClickHouse::start().await;
+    let ch_url = private.url();
+    let app = ready(move |c| {
+        c.clickhouse_url = ch_url;
+        c.redis_url = redis_url;
+    })
+    .await;
+    // From here on a failed attempt waits 30 s (and more) for its retry.
+    let app = app.restart(|c| c.job_retry_base_ms = 30_000).await;
+    private.stop().await;
+    let s = app.create_session(session_body(Some("lost-flush"))).await;
+    let job: uuid::Uuid = eventually(20, "a flush attempt to fail", || async {
+        sqlx::query_scalar(
+            "SELECT j.id FROM jobs j JOIN job_attempts a ON a.job_id = j.id
+             WHERE j.kind = 'replication-flush' AND a.status = 'failed' LIMIT 1",
+        )
+        .fetch_optional(app.db())
+        .await
+        .unwrap()
+    })
+    .await;
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    private.restart().await;
+    // Well inside the 30 s its own retry waits.
+    eventually(15, "the lost flush job to run again", || async {
+        let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().expect("job row");
+        (row.status == sessiond::jobs::store::JobStatus::Succeeded).then_some(())
+    })
+    .await;
+    replicated(&app, s["id"].as_str().unwrap()).await.expect("replicated");
+    eventually(15, "no batch left pending", || async { (health(&app).await.pending_flushes == 0).then_some(()) }).await;
+    finish(app).await;
+}
+
+/// The scheduled reconciliation finds the months where ClickHouse differs
+/// from Postgres (a lost update, a lost insert, a lost delete) and repairs
+/// them; run again, it finds nothing.
+#[tokio::test]
+async fn reconciliation_repairs_what_clickhouse_lost() {
+    use sessiond::analytics::rows::parse_lsn;
+    // No sweeps: nothing changes the rows behind the test's back.
+    let app = ready(|c| {
+        c.list_overlay_margin_ms = 0;
+        c.job_schedules_file = Some(crate::common::schedules_file(&[]));
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let s = app.create_session(session_body(Some(&format!("rec-{i}")))).await;
+        ids.push(s["id"].as_str().unwrap().to_string());
+    }
+    let mut rows = Vec::new();
+    for id in &ids {
+        rows.push(replicated(&app, id).await.expect("replicated"));
+    }
+    settled(&app).await;
+    // Nothing differs yet.
+    let job = sessiond::jobs::Job::ReplicationReconcile;
+    let clean = app.sweep(job.clone()).await;
+    assert!(clean.starts_with("sessions: 0 of "), "{clean}");
+    assert!(clean.contains("runs: 0 of "), "{clean}");
+
+    // Damage the copy as lost changes would, versioned as if written now.
+    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(app.db()).await.unwrap();
+    let now = parse_lsn(&lsn).unwrap();
+    let mut stale = rows[0].clone();
+    stale.tags = vec!["stale".into()];
+    stale.updated_at -= chrono::Duration::seconds(5);
+    stale._version = now;
+    let gone = SessionRow { _is_deleted: 1, _version: now, ..rows[1].clone() };
+    let ghost_id = uuid::Uuid::new_v4().to_string();
+    let ghost = SessionRow {
+        session_id: ghost_id.clone(),
+        friendly_id: "session_ghost".into(),
+        external_id: None,
+        _version: now,
+        ..rows[2].clone()
+    };
+    app.state.analytics.insert_rows("sessions_v1", &[stale, gone, ghost]).await.unwrap();
+    assert!(in_clickhouse(&app, &ids[1]).await.is_none(), "the insert is lost");
+
+    let found = app.sweep(job.clone()).await;
+    assert!(found.starts_with("sessions: 1 of "), "{found}");
+    assert!(found.contains("1 rows marked deleted, 1 months backfilled"), "{found}");
+    // The month's backfill restores the lost update and insert; the marker
+    // removed the row Postgres never had.
+    for id in &ids {
+        replicated(&app, id).await.expect("repaired");
+    }
+    assert!(in_clickhouse(&app, "session_ghost").await.is_none(), "the ghost is gone");
+    eventually(20, "the repair to finish", || async {
+        let running: i64 = sqlx::query_scalar("SELECT count(*) FROM clickhouse_backfills WHERE status = 'running'")
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+        (running == 0).then_some(())
+    })
+    .await;
+    let again = app.sweep(job).await;
+    assert!(again.starts_with("sessions: 0 of "), "{again}");
+    let h = health(&app).await;
+    assert_eq!(h.last_reconcile.as_deref(), Some(again.as_str()));
+    finish(app).await;
 }

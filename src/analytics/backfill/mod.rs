@@ -110,7 +110,7 @@ pub async fn run_chunk(
             pause(&faults).await;
             let last = rows.last().map(|s| (s.created_at, s.id));
             let copy: Vec<SessionRow> = rows.iter().map(|s| SessionRow::from_session(s, version)).collect();
-            write_rows(ch, "sessions_v1", copy).await?;
+            ch.insert_rows("sessions_v1", &copy).await?;
             (rows.len(), last)
         }
         Table::Runs => {
@@ -119,7 +119,7 @@ pub async fn run_chunk(
             pause(&faults).await;
             let last = rows.last().map(|r| (r.created_at, r.id));
             let copy: Vec<RunRow> = rows.iter().map(|r| RunRow::from_run(r, version)).collect();
-            write_rows(ch, "task_runs_v1", copy).await?;
+            ch.insert_rows("task_runs_v1", &copy).await?;
             (rows.len(), last)
         }
     };
@@ -160,18 +160,4 @@ async fn pause(faults: &Faults) {
         barrier.wait().await;
         barrier.wait().await;
     }
-}
-
-async fn write_rows<T>(ch: &ClickHouse, table: &str, rows: Vec<T>) -> Result<(), AnalyticsError>
-where
-    T: clickhouse::RowOwned + clickhouse::RowWrite,
-{
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut insert = ch.write(ch.client().insert::<T>(table)).await?;
-    for row in &rows {
-        ch.write(insert.write(row)).await?;
-    }
-    ch.write(insert.end()).await
 }

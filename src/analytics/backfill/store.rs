@@ -121,3 +121,22 @@ pub async fn record_chunk(
     .fetch_optional(conn)
     .await?)
 }
+
+/// Whether a running backfill of `target` already covers [`from`, `to`] (a
+/// full one covers everything).
+pub async fn running_covers(
+    pool: &PgPool,
+    target: Table,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM clickhouse_backfills WHERE target = $1 AND status = 'running'
+                          AND (created_from IS NULL OR created_from <= $2) AND (created_to IS NULL OR created_to >= $3))",
+    )
+    .bind(target)
+    .bind(from)
+    .bind(to)
+    .fetch_one(pool)
+    .await?)
+}

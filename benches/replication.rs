@@ -1,0 +1,230 @@
+//! Replication benchmark: how long a committed create takes to become a
+//! visible row in ClickHouse, at a steady create rate, with the session list
+//! served from ClickHouse throughout.
+//!
+//! A server in this process replicates its own schema through its own slot
+//! (the defaults: batches of `REPLICATION_BATCH_ROWS` = 100 rows or
+//! `REPLICATION_BATCH_MS` = 1 s). Creates are sent at BENCH_RATE per second
+//! (default 500) for BENCH_SECS seconds (default 20). A poller asks
+//! ClickHouse every POLL for sessions of a higher version than it has seen,
+//! and a lister asks for the first list page every 250 ms, counting which
+//! store answered. Latency runs from the create's request being sent (its
+//! commit is before its answer, so this is an upper bound) to the poll that
+//! first found its row, which adds up to one POLL.
+//!
+//! Run: `cargo bench --bench replication` with the ClickHouse dev server up
+//! (`scripts/clickhouse.sh`). Drops its schema, slot and ClickHouse database.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::Method;
+use serde_json::json;
+use sessiond::analytics::watermark::{self, Table};
+
+mod common;
+
+const POLL: Duration = Duration::from_millis(20);
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct Seen {
+    external_id: Option<String>,
+    _version: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let rate: u64 = std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let secs: u64 = std::env::var("BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let ch_url = std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    let server = common::BenchServer::start(|c| {
+        c.clickhouse_url = ch_url.clone();
+        c.clickhouse_database = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        c.replication_enabled = true;
+    })
+    .await?;
+    let config = server.state.config.clone();
+    println!(
+        "replication: batches of {} rows or {} ms; list overlay margin {} ms, at most {} rows",
+        config.replication_batch_rows,
+        config.replication_batch_ms,
+        config.list_overlay_margin_ms,
+        config.list_overlay_max_rows
+    );
+    let ch = server.state.analytics.clone();
+    sessiond::analytics::schema::migrate(&ch).await?;
+    // The new slot's first backfill vouches for the copy.
+    let started = Instant::now();
+    while watermark::read(&ch, Table::Sessions).await?.is_none() {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "no watermark after 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let stop = Arc::new(tokio::sync::Notify::new());
+
+    // The poller: rows of a higher version than the last poll's highest.
+    let poller = {
+        let ch = ch.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut seen: HashMap<String, Instant> = HashMap::new();
+            let mut newest = 0u64;
+            let mut tick = tokio::time::interval(POLL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.notified() => return seen,
+                }
+                let rows: Vec<Seen> = match ch
+                    .client()
+                    .query("SELECT external_id, _version FROM sessions_v1 WHERE _version > {v:UInt64}")
+                    .param("v", newest)
+                    .fetch_all()
+                    .await
+                {
+                    Ok(rows) => rows,
+                    Err(err) => {
+                        eprintln!("poll failed: {err}");
+                        continue;
+                    }
+                };
+                let now = Instant::now();
+                for row in rows {
+                    newest = newest.max(row._version);
+                    if let Some(ext) = row.external_id {
+                        seen.entry(ext).or_insert(now);
+                    }
+                }
+            }
+        })
+    };
+
+    // The lister: which store answers the first page while the load runs.
+    let lister = {
+        let base = server.base.clone();
+        let key = server.key.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut sources: HashMap<String, u64> = HashMap::new();
+            let mut took = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.notified() => return (sources, took),
+                }
+                let t = Instant::now();
+                let source =
+                    match client.get(format!("{base}/api/v1/sessions?page[size]=20")).bearer_auth(&key).send().await {
+                        Ok(resp) if resp.status().is_success() => resp
+                            .headers()
+                            .get("x-sessiond-list-source")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("none")
+                            .to_string(),
+                        Ok(resp) => format!("status {}", resp.status()),
+                        Err(_) => "error".into(),
+                    };
+                if source == "clickhouse" {
+                    took.push(t.elapsed());
+                }
+                *sources.entry(source).or_default() += 1;
+            }
+        })
+    };
+
+    // The load: one create every 1/rate s, each on its own task.
+    let client = common::FastClient::new(&server.base, &server.key);
+    let total = rate * secs;
+    let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let load_started = Instant::now();
+    let mut creates = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        tick.tick().await;
+        let client = client.clone();
+        let (sent, acked) = (sent.clone(), acked.clone());
+        creates.push(tokio::spawn(async move {
+            let ext = format!("repl-{i}");
+            let body = json!({"type": "bench", "taskIdentifier": "echo", "externalId": ext, "tags": ["bench"]});
+            sent.lock().unwrap().insert(ext.clone(), Instant::now());
+            let ok =
+                matches!(client.send(Method::POST, "/api/v1/sessions", Bytes::from(body.to_string())).await, Ok(201));
+            if ok {
+                acked.lock().unwrap().insert(ext, Instant::now());
+            }
+        }));
+    }
+    for c in creates {
+        c.await?;
+    }
+    let load_secs = load_started.elapsed().as_secs_f64();
+
+    // Everything acknowledged must arrive.
+    let waited = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let count: u64 = ch
+            .client()
+            .query("SELECT count() FROM sessions_v1 FINAL WHERE type = 'bench'")
+            .fetch_one()
+            .await
+            .unwrap_or(0);
+        if count as usize >= acked.lock().unwrap().len() || waited.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+    }
+    tokio::time::sleep(POLL * 3).await;
+    stop.notify_waiters();
+    let seen = poller.await?;
+    let (sources, list_took) = lister.await?;
+
+    let sent = sent.lock().unwrap().clone();
+    let acked = acked.lock().unwrap().clone();
+    let mut from_send = Vec::new();
+    let mut from_ack = Vec::new();
+    let mut lost = 0;
+    for (ext, at) in &acked {
+        match seen.get(ext) {
+            Some(visible) => {
+                from_send.push(visible.saturating_duration_since(sent[ext]));
+                from_ack.push(visible.saturating_duration_since(*at));
+            }
+            None => lost += 1,
+        }
+    }
+    let errors = total as usize - acked.len();
+    println!(
+        "{} creates in {load_secs:.1}s ({:.0}/s acknowledged), {errors} errors, {lost} acknowledged but never visible",
+        total,
+        acked.len() as f64 / load_secs
+    );
+    common::summary("create sent → visible in clickhouse", "replication.visible", from_send);
+    common::summary("create answered → visible in clickhouse", "replication.visible_after_ack", from_ack);
+    common::figure("replication.create_rate", acked.len() as f64 / load_secs, "creates/s");
+    common::figure("replication.lost", lost as f64, "rows");
+    let answered: u64 = sources.values().sum();
+    let by_clickhouse = sources.get("clickhouse").copied().unwrap_or(0);
+    println!("list answers during the load: {sources:?}");
+    common::figure("replication.list_from_clickhouse", by_clickhouse as f64 / answered.max(1) as f64, "share");
+    common::summary("list page from clickhouse under load", "replication.list", list_took);
+
+    // Clean up: the server first (it holds the slot), then slot, copy and schema.
+    let slot = config.replication_slot_name();
+    let pool = server.pool.clone();
+    let drop_db = format!("DROP DATABASE IF EXISTS {}", sessiond::analytics::schema::quote_ident(ch.database()));
+    server.finish().await?;
+    for _ in 0..50 {
+        if sessiond::replication::slot::drop(&pool, &slot).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ch.server().query(&drop_db).execute().await?;
+    Ok(())
+}
