@@ -4,13 +4,13 @@
 //!
 //! A server in this process replicates its own schema through its own slot
 //! (the defaults: batches of `REPLICATION_BATCH_ROWS` = 100 rows or
-//! `REPLICATION_BATCH_MS` = 1 s). Creates are sent at BENCH_RATE per second
+//! `REPLICATION_BATCH_MS` = 1 s; BENCH_BATCH_ROWS sets another size). Creates are sent at BENCH_RATE per second
 //! (default 500) for BENCH_SECS seconds (default 20). A poller asks
-//! ClickHouse every POLL for sessions of a higher version than it has seen,
+//! ClickHouse every BENCH_POLL_MS for sessions of a higher version than it has seen,
 //! and a lister asks for the first list page every 250 ms, counting which
 //! store answered. Latency runs from the create's request being sent (its
 //! commit is before its answer, so this is an upper bound) to the poll that
-//! first found its row, which adds up to one POLL.
+//! first found its row, which adds up to one poll interval.
 //!
 //! Run: `cargo bench --bench replication` with the ClickHouse dev server up
 //! (`scripts/clickhouse.sh`). Drops its schema, slot and ClickHouse database.
@@ -26,7 +26,11 @@ use sessiond::analytics::watermark::{self, Table};
 
 mod common;
 
-const POLL: Duration = Duration::from_millis(20);
+/// How often the poller asks ClickHouse (BENCH_POLL_MS, default 100): each
+/// poll reads the whole table, so polling faster loads the dev server.
+fn poll_every() -> Duration {
+    Duration::from_millis(std::env::var("BENCH_POLL_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(100))
+}
 
 #[derive(clickhouse::Row, serde::Deserialize)]
 struct Seen {
@@ -43,6 +47,11 @@ async fn main() -> anyhow::Result<()> {
         c.clickhouse_url = ch_url.clone();
         c.clickhouse_database = format!("bench_{}", uuid::Uuid::new_v4().simple());
         c.replication_enabled = true;
+        if let Some(rows) = std::env::var("BENCH_BATCH_ROWS").ok().and_then(|v| v.parse().ok()) {
+            c.replication_batch_rows = rows;
+        }
+        // The bench applies the schema itself, before the first backfill needs it.
+        c.clickhouse_migrate_on_start = false;
     })
     .await?;
     let config = server.state.config.clone();
@@ -56,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
     let ch = server.state.analytics.clone();
     sessiond::analytics::schema::migrate(&ch).await?;
     // The new slot's first backfill vouches for the copy.
+    eprintln!("schema applied; waiting for the first backfill");
     let started = Instant::now();
     while watermark::read(&ch, Table::Sessions).await?.is_none() {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "no watermark after 60 s");
@@ -64,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
 
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let stop = Arc::new(tokio::sync::Notify::new());
+    // Stays set once set (a Notify would miss a task busy with a query).
+    let stop = tokio_util::sync::CancellationToken::new();
 
     // The poller: rows of a higher version than the last poll's highest.
     let poller = {
@@ -73,11 +84,11 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move {
             let mut seen: HashMap<String, Instant> = HashMap::new();
             let mut newest = 0u64;
-            let mut tick = tokio::time::interval(POLL);
+            let mut tick = tokio::time::interval(poll_every());
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = stop.notified() => return seen,
+                    _ = stop.cancelled() => return seen,
                 }
                 let rows: Vec<Seen> = match ch
                     .client()
@@ -116,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = stop.notified() => return (sources, took),
+                    _ = stop.cancelled() => return (sources, took),
                 }
                 let t = Instant::now();
                 let source =
@@ -143,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
     let total = rate * secs;
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    eprintln!("sending {total} creates");
     let load_started = Instant::now();
     let mut creates = Vec::with_capacity(total as usize);
     for i in 0..total {
@@ -151,12 +163,18 @@ async fn main() -> anyhow::Result<()> {
         let (sent, acked) = (sent.clone(), acked.clone());
         creates.push(tokio::spawn(async move {
             let ext = format!("repl-{i}");
-            let body = json!({"type": "bench", "taskIdentifier": "echo", "externalId": ext, "tags": ["bench"]});
+            let body = json!({
+                "type": "bench", "taskIdentifier": "echo", "externalId": ext, "tags": ["bench"],
+                "triggerConfig": {"basePayload": {"i": i}}
+            });
             sent.lock().unwrap().insert(ext.clone(), Instant::now());
-            let ok =
-                matches!(client.send(Method::POST, "/api/v1/sessions", Bytes::from(body.to_string())).await, Ok(201));
-            if ok {
-                acked.lock().unwrap().insert(ext, Instant::now());
+            match client.send(Method::POST, "/api/v1/sessions", Bytes::from(body.to_string())).await {
+                Ok(201) => {
+                    acked.lock().unwrap().insert(ext, Instant::now());
+                }
+                Ok(status) if i == 0 => eprintln!("the first create answered {status}"),
+                Err(err) if i == 0 => eprintln!("the first create failed: {err}"),
+                _ => {}
             }
         }));
     }
@@ -164,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
         c.await?;
     }
     let load_secs = load_started.elapsed().as_secs_f64();
+    eprintln!("load done in {load_secs:.1}s; waiting for every acknowledged create to arrive");
 
     // Everything acknowledged must arrive.
     let waited = Instant::now();
@@ -179,8 +198,8 @@ async fn main() -> anyhow::Result<()> {
             break;
         }
     }
-    tokio::time::sleep(POLL * 3).await;
-    stop.notify_waiters();
+    tokio::time::sleep(poll_every() * 3).await;
+    stop.cancel();
     let seen = poller.await?;
     let (sources, list_took) = lister.await?;
 
@@ -199,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let errors = total as usize - acked.len();
+    anyhow::ensure!(!acked.is_empty(), "no create was acknowledged");
     println!(
         "{} creates in {load_secs:.1}s ({:.0}/s acknowledged), {errors} errors, {lost} acknowledged but never visible",
         total,

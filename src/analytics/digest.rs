@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use clickhouse::Row;
 use serde::Deserialize;
 
-use super::rows::{RunRow, SessionRow};
+use super::rows::{RunRow, SessionRow, Versioned};
 use super::watermark::Table;
 use super::{ch_time, AnalyticsError, ClickHouse};
 
@@ -97,23 +97,21 @@ pub async fn tombstone(
         .param("from", ch_time(from))
         .param("to", ch_time(to));
     match table {
-        Table::Sessions => {
-            let mut rows: Vec<SessionRow> = ch.write(query.fetch_all()).await?;
-            for row in &mut rows {
-                row._version = version;
-                row._is_deleted = 1;
-            }
-            ch.insert_rows(copy, &rows).await?;
-            Ok(rows.len())
-        }
-        Table::Runs => {
-            let mut rows: Vec<RunRow> = ch.write(query.fetch_all()).await?;
-            for row in &mut rows {
-                row._version = version;
-                row._is_deleted = 1;
-            }
-            ch.insert_rows(copy, &rows).await?;
-            Ok(rows.len())
-        }
+        Table::Sessions => mark_deleted::<SessionRow>(ch, copy, query, version).await,
+        Table::Runs => mark_deleted::<RunRow>(ch, copy, query, version).await,
     }
+}
+
+async fn mark_deleted<T: Versioned>(
+    ch: &ClickHouse,
+    copy: &str,
+    query: clickhouse::query::Query,
+    version: u64,
+) -> Result<usize, AnalyticsError> {
+    let mut rows: Vec<T> = ch.write(query.fetch_all()).await?;
+    for row in &mut rows {
+        row.tombstone(version);
+    }
+    ch.insert_rows(copy, &rows).await?;
+    Ok(rows.len())
 }

@@ -116,6 +116,26 @@ impl RunRow {
     }
 }
 
+/// A row of the copy that can be marked deleted.
+pub trait Versioned: clickhouse::RowOwned + clickhouse::RowRead + clickhouse::RowWrite {
+    /// This row as deleted (`_is_deleted = 1`) by the change numbered `version`.
+    fn tombstone(&mut self, version: u64);
+}
+
+impl Versioned for SessionRow {
+    fn tombstone(&mut self, version: u64) {
+        self._version = version;
+        self._is_deleted = 1;
+    }
+}
+
+impl Versioned for RunRow {
+    fn tombstone(&mut self, version: u64) {
+        self._version = version;
+        self._is_deleted = 1;
+    }
+}
+
 /// A Postgres LSN (`XXXXXXXX/YYYYYYYY`, two hex halves) as the u64 that
 /// versions ClickHouse rows: later WAL positions are larger numbers.
 pub fn parse_lsn(text: &str) -> Option<u64> {

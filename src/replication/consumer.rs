@@ -50,6 +50,8 @@ pub enum ReplicationError {
     #[error(transparent)]
     Flush(#[from] flush::FlushError),
     #[error(transparent)]
+    Analytics(#[from] crate::analytics::AnalyticsError),
+    #[error(transparent)]
     Store(#[from] crate::db::StoreError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
@@ -107,6 +109,14 @@ impl Replicator {
     }
 
     async fn consume(&self, mut lease: Lease, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReplicationError> {
+        if slot::status(&self.db, &self.slot).await?.is_none() {
+            // A new slot starts with a full backfill, which needs the copy's
+            // tables: otherwise its chunks could spend their attempts on a
+            // ClickHouse that `serve` is still migrating. (An existing slot
+            // streams even while ClickHouse is away: its batches wait in
+            // Postgres, not in the slot's WAL.)
+            crate::analytics::schema::migrate(&self.analytics).await?;
+        }
         if slot::drop_if_lost(&self.db, &self.slot).await? {
             tracing::error!(slot = %self.slot, "replication slot lost its WAL; recreating it and backfilling");
         }
@@ -157,6 +167,9 @@ impl Replicator {
         // (seen at a keepalive outside a transaction with nothing buffered).
         let mut idle_lsn: u64 = 0;
         let mut confirmed: u64 = 0;
+        // The newest confirmed batch's end and commit time, while the list's
+        // watermark has not been moved to it.
+        let mut mark = None;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut revive = tokio::time::interval(Duration::from_secs(2));
         let mut renew = tokio::time::interval(lease.renew_every());
@@ -214,9 +227,9 @@ impl Replicator {
                     if batch.commit_time.is_some() && first_row_at.is_some_and(|t| t.elapsed() >= self.batch_age) {
                         self.flush(&mut batch, &mut first_row_at).await?;
                     }
-                    confirmed = self.confirm(client, confirmed, idle_lsn, batch.rows() > 0).await?;
+                    confirmed = self.confirm(client, confirmed, idle_lsn, batch.rows() > 0, &mut mark).await?;
                 }
-                _ = revive.tick() => self.revive_failed_flushes().await?,
+                _ = revive.tick() => self.revive_failed_copies().await?,
                 _ = renew.tick() => {
                     if !lease.renew().await.unwrap_or(false) || !lease.held() {
                         tracing::warn!(slot = %self.slot, "replication lease lost; stopping");
@@ -235,10 +248,19 @@ impl Replicator {
     /// A flush never gives up: a batch whose job used up its attempts (say,
     /// ClickHouse was down for a while) gets a fresh budget. Until it lands,
     /// the slot does not move past it, and its age is what operators watch.
-    async fn revive_failed_flushes(&self) -> Result<(), ReplicationError> {
+    ///
+    /// So does a running backfill's chunk: the first backfill of a slot is
+    /// what vouches for the copy, and without it the list never leaves
+    /// Postgres.
+    async fn revive_failed_copies(&self) -> Result<(), ReplicationError> {
         for job in flush::pending_jobs(&self.db, &self.slot).await? {
             if self.jobs.retry(job).await?.is_some() {
                 tracing::warn!(slot = %self.slot, %job, "replication flush failed every attempt; retrying it");
+            }
+        }
+        for job in crate::analytics::backfill::store::failed_chunk_jobs(&self.db).await? {
+            if self.jobs.retry(job).await?.is_some() {
+                tracing::warn!(%job, "a backfill chunk failed every attempt; retrying it");
             }
         }
         Ok(())
@@ -260,15 +282,21 @@ impl Replicator {
         confirmed: u64,
         idle_lsn: u64,
         buffering: bool,
+        mark: &mut Option<(u64, chrono::DateTime<chrono::Utc>)>,
     ) -> Result<u64, ReplicationError> {
         let mut next = confirmed;
         if let Some((lsn, at)) = flush::confirmable(&self.db, &self.slot).await? {
             if lsn > next {
-                if let Err(err) = flush::advance_watermarks(&self.analytics, lsn, at).await {
-                    // The rows are in ClickHouse; only the list's overlay stays larger.
-                    tracing::warn!(error = %err, "could not move the clickhouse watermark");
-                }
                 next = lsn;
+                *mark = Some((lsn, at));
+            }
+        }
+        // The watermark follows; a failed move is tried again next tick (the
+        // rows are in ClickHouse, only the list's overlay stays larger).
+        if let Some((lsn, at)) = *mark {
+            match flush::advance_watermarks(&self.analytics, lsn, at).await {
+                Ok(()) => *mark = None,
+                Err(err) => tracing::warn!(error = %err, "could not move the clickhouse watermark; will retry"),
             }
         }
         // Past the last change with nothing buffered or pending, the slot may

@@ -55,6 +55,15 @@ impl TestApp {
         sessiond::analytics::schema::migrate(&self.state.analytics).await.expect("clickhouse schema");
     }
 
+    /// Waits until job `id` has succeeded.
+    pub async fn job_succeeded(&self, secs: u64, what: &str, id: uuid::Uuid) {
+        eventually(secs, what, || async {
+            let row = sessiond::jobs::store::find(self.db(), id).await.unwrap().expect("job row");
+            (row.status == sessiond::jobs::store::JobStatus::Succeeded).then_some(())
+        })
+        .await
+    }
+
     /// Moves a run's clock back by `secs`: when it was created, started and
     /// last heard of, as if that much time had passed.
     pub async fn age_run(&self, run: &str, secs: i64) {

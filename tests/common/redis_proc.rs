@@ -61,6 +61,12 @@ impl RedisProc {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// Empties this Redis, as a restart without its data would.
+    pub async fn flush_all(&self) {
+        let mut conn = redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
     }

@@ -160,16 +160,11 @@ async fn jobs_lost_with_the_queue_are_relayed_again() {
     })
     .await;
 
-    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    redis.flush_all().await;
 
     // A server that runs jobs finds the queue gone and relays the job again.
     let runner = writer.peer(|c| c.run_jobs = true).await;
-    crate::common::eventually(15, "the lost job to run", || async {
-        let row = sessiond::jobs::store::find(runner.db(), job).await.unwrap().expect("job row");
-        (row.status == sessiond::jobs::store::JobStatus::Succeeded).then_some(())
-    })
-    .await;
+    runner.job_succeeded(15, "the lost job to run", job).await;
     let run = dequeue_one(&runner.worker()).await;
     assert_eq!(run.id, run_id);
 }

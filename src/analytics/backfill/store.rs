@@ -140,3 +140,16 @@ pub async fn running_covers(
     .fetch_one(pool)
     .await?)
 }
+
+/// Jobs of running backfills' chunks that used every attempt (ClickHouse was
+/// away for longer than their retries): replication retries them, since a
+/// backfill that stops half way never finishes on its own.
+pub async fn failed_chunk_jobs(pool: &PgPool) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT j.id FROM jobs j
+         JOIN clickhouse_backfills b ON b.id = (j.payload->>'backfill_id')::uuid AND b.status = 'running'
+         WHERE j.kind = 'backfill' AND j.status = 'failed'",
+    )
+    .fetch_all(pool)
+    .await?)
+}
