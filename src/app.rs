@@ -130,7 +130,9 @@ pub async fn connect_redis(config: &Config) -> anyhow::Result<(redis::Client, Co
 
 /// The job outbox alone, for commands that only queue jobs.
 pub fn jobs(config: &Config, db: PgPool, redis: ConnectionManager) -> Jobs {
-    Jobs::new(db, JobQueue::new(redis, &config.redis_prefix))
+    let engine = JobQueue::new(redis.clone(), &config.redis_prefix, crate::jobs::Lane::Engine);
+    let analytics = JobQueue::new(redis, &config.redis_prefix, crate::jobs::Lane::Analytics);
+    Jobs::new(db, engine, analytics)
 }
 
 /// The run manager alone, for commands that trigger runs.

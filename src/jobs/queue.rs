@@ -34,8 +34,13 @@ pub struct JobQueue {
 }
 
 impl JobQueue {
-    pub fn new(redis: ConnectionManager, prefix: &str) -> Self {
-        let name = format!("{prefix}:jobs");
+    /// The queue of `lane`: `<prefix>:jobs` for the run engine, and
+    /// `<prefix>:jobs:analytics` for copies into ClickHouse.
+    pub fn new(redis: ConnectionManager, prefix: &str, lane: super::Lane) -> Self {
+        let name = match lane {
+            super::Lane::Engine => format!("{prefix}:jobs"),
+            super::Lane::Analytics => format!("{prefix}:jobs:analytics"),
+        };
         let config = QueueConfig::default()
             .queue(&name)
             // The heartbeat is also apalis' own fallback wake-up, and a dead

@@ -93,26 +93,35 @@ pub fn start(
     .make_backoff();
     let retries = (super::DEFAULT_MAX_ATTEMPTS - 1) as usize;
 
-    let queue = state.jobs.queue().clone();
-    let job_ctx = state.job_context();
-    let prefix = state.config.redis_prefix.clone();
-    let job_worker = move || {
-        // A new name each time: apalis registers a worker by name, and
-        // refuses a name still fresh in its registry.
-        let name = format!("{prefix}-jobs-{}", Ulid::generate());
-        let (queue, job_ctx, backoff) = (queue.clone(), job_ctx.clone(), backoff.clone());
-        Monitor::new()
-            .register(move |_| {
-                WorkerBuilder::new(name.clone())
-                    .backend(queue.storage().poll_with_strategy(queue.poll_strategy(Duration::from_millis(250))))
-                    .data(job_ctx.clone())
-                    .concurrency(32)
-                    .retry(RetryPolicy::retries(retries).with_backoff(backoff.clone()))
-                    .build(run_job)
-            })
-            .shutdown_timeout(Duration::from_secs(10))
-    };
-    let jobs_runtime = tokio::spawn(supervise_job_worker(job_worker, shutdown.clone()));
+    // One supervised worker per lane (see `Lane`), each polling its own queue.
+    let mut lanes = Vec::new();
+    for lane in super::Lane::ALL {
+        let queue = state.jobs.queue(lane).clone();
+        let job_ctx = state.job_context();
+        let backoff = backoff.clone();
+        let prefix = state.config.redis_prefix.clone();
+        let lane_name = match lane {
+            super::Lane::Engine => "jobs",
+            super::Lane::Analytics => "analytics-jobs",
+        };
+        let job_worker = move || {
+            // A new name each time: apalis registers a worker by name, and
+            // refuses a name still fresh in its registry.
+            let name = format!("{prefix}-{lane_name}-{}", Ulid::generate());
+            let (queue, job_ctx, backoff) = (queue.clone(), job_ctx.clone(), backoff.clone());
+            Monitor::new()
+                .register(move |_| {
+                    WorkerBuilder::new(name.clone())
+                        .backend(queue.storage().poll_with_strategy(queue.poll_strategy(Duration::from_millis(250))))
+                        .data(job_ctx.clone())
+                        .concurrency(32)
+                        .retry(RetryPolicy::retries(retries).with_backoff(backoff.clone()))
+                        .build(run_job)
+                })
+                .shutdown_timeout(Duration::from_secs(10))
+        };
+        lanes.push(tokio::spawn(supervise_job_worker(job_worker, shutdown.clone())));
+    }
     let mut monitor = Monitor::new();
     for schedule in schedules {
         let ctx = CronCtx {
@@ -133,7 +142,9 @@ pub fn start(
 
     let client = state.redis_client.clone();
     tokio::spawn(state.run_queue.clone().listen(client.clone()));
-    tokio::spawn(state.jobs.queue().clone().listen(client.clone()));
+    for lane in super::Lane::ALL {
+        tokio::spawn(state.jobs.queue(lane).clone().listen(client.clone()));
+    }
     tokio::spawn(state.hub.clone().listen(client));
 
     // The outbox relay: jobs whose writer could not push them, and every
@@ -167,7 +178,9 @@ pub fn start(
         if let Err(err) = monitor.run_with_signal(stopped(stop)).await {
             tracing::error!(%err, "cron schedules stopped with an error");
         }
-        let _ = jobs_runtime.await;
+        for lane in lanes {
+            let _ = lane.await;
+        }
     }))
 }
 

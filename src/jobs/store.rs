@@ -107,9 +107,9 @@ pub async fn mark_relayed(pool: &PgPool, ids: &[Uuid]) -> Result<(), StoreError>
 
 /// Jobs written but not on the queue yet, older than `grace_ms` (younger ones are
 /// still being relayed by the request that wrote them).
-pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<Uuid>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE relayed_at IS NULL AND created_at < now() - make_interval(secs => $1::float8 / 1000)
+pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<(Uuid, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, kind FROM jobs WHERE relayed_at IS NULL AND created_at < now() - make_interval(secs => $1::float8 / 1000)
          ORDER BY created_at LIMIT $2",
     )
     .bind(grace_ms)
@@ -121,9 +121,9 @@ pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<U
 /// Unfinished jobs (pending or running) after `after` in id order, which is
 /// creation order (uuid v7): what a job queue that lost its data must carry
 /// again.
-pub async fn unfinished(pool: &PgPool, after: Option<Uuid>, limit: i64) -> Result<Vec<Uuid>, StoreError> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE status IN ('pending', 'running') AND ($1::uuid IS NULL OR id > $1)
+pub async fn unfinished(pool: &PgPool, after: Option<Uuid>, limit: i64) -> Result<Vec<(Uuid, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, kind FROM jobs WHERE status IN ('pending', 'running') AND ($1::uuid IS NULL OR id > $1)
          ORDER BY id LIMIT $2",
     )
     .bind(after)

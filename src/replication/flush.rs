@@ -102,7 +102,7 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, batch: &Batch) -> Re
     .await
     .map_err(StoreError::from)?;
     tx.commit().await.map_err(StoreError::from)?;
-    jobs.relay(&[job]).await;
+    jobs.relay_in(jobs::Lane::Analytics, &[job]).await;
     Ok(id)
 }
 

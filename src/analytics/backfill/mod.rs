@@ -79,7 +79,7 @@ pub async fn create(pool: &PgPool, req: &BackfillRequest) -> Result<(Vec<Backfil
 /// Creates the backfills and queues their first chunks.
 pub async fn start(pool: &PgPool, jobs: &Jobs, req: &BackfillRequest) -> Result<Vec<Backfill>, StoreError> {
     let (backfills, job_ids) = create(pool, req).await?;
-    jobs.relay_now(&job_ids).await?;
+    jobs.relay_now(jobs::Lane::Analytics, &job_ids).await?;
     Ok(backfills)
 }
 
@@ -145,7 +145,7 @@ pub async fn run_chunk(
     };
     tx.commit().await.map_err(StoreError::from)?;
     if let Some(job) = next {
-        jobs.relay(&[job]).await;
+        jobs.relay_in(jobs::Lane::Analytics, &[job]).await;
     }
     Ok(format!(
         "backfill {id} ({}): chunk {chunk} copied {copied} rows ({} in all){}",
