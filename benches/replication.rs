@@ -6,7 +6,7 @@
 //! (the defaults: batches of `REPLICATION_BATCH_ROWS` = 100 rows or
 //! `REPLICATION_BATCH_MS` = 1 s; BENCH_BATCH_ROWS sets another size). Creates are sent at BENCH_RATE per second
 //! (default 500) for BENCH_SECS seconds (default 20). A poller asks
-//! ClickHouse every BENCH_POLL_MS for sessions of a higher version than it has seen,
+//! ClickHouse every BENCH_POLL_MS for sessions of a higher version than it had seen 2 s before,
 //! and a lister asks for the first list page every 250 ms, counting which
 //! store answered. Latency runs from the create's request being sent (its
 //! commit is before its answer, so this is an upper bound) to the poll that
@@ -77,13 +77,16 @@ async fn main() -> anyhow::Result<()> {
     // Stays set once set (a Notify would miss a task busy with a query).
     let stop = tokio_util::sync::CancellationToken::new();
 
-    // The poller: rows of a higher version than the last poll's highest.
+    // The poller: rows of a higher version than the highest seen 2 s ago.
+    // Flushes run concurrently, so a batch of lower versions can land after
+    // one of higher versions; the look-back finds it.
     let poller = {
         let ch = ch.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let mut seen: HashMap<String, Instant> = HashMap::new();
             let mut newest = 0u64;
+            let mut history: std::collections::VecDeque<(Instant, u64)> = Default::default();
             let mut tick = tokio::time::interval(poll_every());
             loop {
                 tokio::select! {
@@ -93,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
                 let rows: Vec<Seen> = match ch
                     .client()
                     .query("SELECT external_id, _version FROM sessions_v1 WHERE _version > {v:UInt64}")
-                    .param("v", newest)
+                    .param("v", history.front().map_or(0, |(_, v)| *v))
                     .fetch_all()
                     .await
                 {
@@ -109,6 +112,10 @@ async fn main() -> anyhow::Result<()> {
                     if let Some(ext) = row.external_id {
                         seen.entry(ext).or_insert(now);
                     }
+                }
+                history.push_back((now, newest));
+                while history.len() > 1 && history[1].0.elapsed() >= Duration::from_secs(2) {
+                    history.pop_front();
                 }
             }
         })
