@@ -84,8 +84,8 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, batch: &Batch) -> Re
     let id = Uuid::now_v7();
     let rows = serde_json::to_value(batch).map_err(|e| FlushError::Corrupt(id, e.to_string()))?;
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
-    let job =
-        jobs::store::insert(&mut *tx, &Job::ReplicationFlush { flush_id: id }, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+    let flush = Job::ReplicationFlush { flush_id: id };
+    let job = jobs::store::insert(&mut *tx, &flush, jobs::DEFAULT_MAX_ATTEMPTS).await?;
     sqlx::query(
         "INSERT INTO replication_flushes (id, slot, start_lsn, end_lsn, commit_time, row_count, rows, job_id)
          VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, $6, $7, $8)",
@@ -102,7 +102,7 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, batch: &Batch) -> Re
     .await
     .map_err(StoreError::from)?;
     tx.commit().await.map_err(StoreError::from)?;
-    jobs.relay_in(jobs::Lane::Analytics, &[job]).await;
+    jobs.relay_in(flush.lane(), &[job]).await;
     Ok(id)
 }
 

@@ -79,7 +79,9 @@ pub async fn create(pool: &PgPool, req: &BackfillRequest) -> Result<(Vec<Backfil
 /// Creates the backfills and queues their first chunks.
 pub async fn start(pool: &PgPool, jobs: &Jobs, req: &BackfillRequest) -> Result<Vec<Backfill>, StoreError> {
     let (backfills, job_ids) = create(pool, req).await?;
-    jobs.relay_now(jobs::Lane::Analytics, &job_ids).await?;
+    // Every chunk job has one kind, so one lane.
+    let lane = Job::Backfill { backfill_id: Uuid::nil(), chunk: 0 }.lane();
+    jobs.relay_now(lane, &job_ids).await?;
     Ok(backfills)
 }
 
@@ -141,11 +143,11 @@ pub async fn run_chunk(
         None
     } else {
         let job = Job::Backfill { backfill_id: id, chunk: chunk + 1 };
-        Some(jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?)
+        Some((jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?, job.lane()))
     };
     tx.commit().await.map_err(StoreError::from)?;
-    if let Some(job) = next {
-        jobs.relay_in(jobs::Lane::Analytics, &[job]).await;
+    if let Some((job, lane)) = next {
+        jobs.relay_in(lane, &[job]).await;
     }
     Ok(format!(
         "backfill {id} ({}): chunk {chunk} copied {copied} rows ({} in all){}",
