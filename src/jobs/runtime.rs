@@ -152,10 +152,16 @@ pub fn start(
     let relay_jobs = state.jobs.clone();
     let mut relay_stop = shutdown.clone();
     tokio::spawn(async move {
+        // The first check runs at once, before this process has submitted
+        // much: a fresh Redis (or key prefix) has no marker yet, and every
+        // job found unfinished then is pushed again.
+        let mut first = true;
         loop {
-            tokio::select! {
-                _ = relay_stop.changed() => break,
-                _ = tokio::time::sleep(Duration::from_millis(1_000)) => {}
+            if !std::mem::take(&mut first) {
+                tokio::select! {
+                    _ = relay_stop.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(1_000)) => {}
+                }
             }
             match relay_jobs.recover_lost_queue().await {
                 Ok(None) => {}

@@ -132,15 +132,28 @@ pub async fn unfinished(pool: &PgPool, after: Option<Uuid>, limit: i64) -> Resul
     .await?)
 }
 
-/// Starts an attempt of a job that has not succeeded yet: bumps the counter,
-/// logs the attempt, and returns the row (its `attempts` is this attempt's
-/// number). None if the job is gone or already succeeded (a duplicate delivery).
-/// One statement, so the job runtime's bookkeeping costs one round trip.
+/// How long an attempt may stay `running` before it counts as abandoned (far
+/// longer than any job runs; a job's attempt is bounded by its own timeouts).
+pub const ABANDONED_AFTER_SECS: i64 = 600;
+
+/// Starts an attempt of an unfinished job: bumps the counter, logs the
+/// attempt, and returns the row (its `attempts` is this attempt's number).
+/// None if the job is gone, finished, or has spent its attempts.
+///
+/// A job can be delivered twice (the lost-queue recovery pushes every
+/// unfinished job, including one waiting out its retry backoff), and each copy
+/// retries on its own; the budget check here is what keeps the two copies
+/// together to `max_attempts`. The one exception is a last attempt still
+/// `running` after [`ABANDONED_AFTER_SECS`]: its process died, and the job runs
+/// once more rather than stay `running` for ever. One statement, so the job
+/// runtime's bookkeeping costs one round trip.
 pub async fn begin_attempt(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError> {
     Ok(sqlx::query_as(&format!(
         "WITH j AS (
              UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = now()
-             WHERE id = $1 AND status <> 'succeeded'
+             WHERE id = $1 AND (
+                 (status IN ('pending', 'running') AND attempts < max_attempts)
+                 OR (status = 'running' AND updated_at < now() - make_interval(secs => {ABANDONED_AFTER_SECS})))
              RETURNING {JOB_COLUMNS}),
          a AS (INSERT INTO job_attempts (job_id, attempt, status) SELECT id, attempts, 'running' FROM j)
          SELECT {JOB_COLUMNS} FROM j"

@@ -469,6 +469,45 @@ async fn a_job_that_keeps_failing_ends_failed_and_retry_runs_it_again() {
     assert!(app.state.jobs.retry(job).await.unwrap().is_none());
 }
 
+/// A job delivered twice (the lost-queue recovery pushes every unfinished job,
+/// one waiting out its backoff included) still gets no more than its attempt
+/// budget between both copies; only a last attempt abandoned for ten minutes
+/// (its process died) runs once more.
+#[tokio::test]
+async fn duplicate_deliveries_share_one_attempt_budget() {
+    use sessiond::jobs::store::{self, JobStatus};
+    let app = TestApp::spawn().await;
+    let run_id = Uuid::now_v7();
+    // Keep this server's own runtime off the job: the queue's marker is set
+    // (no recovery push) and the row is marked relayed (no relay push).
+    app.state.jobs.recover_lost_queue().await.unwrap();
+    let job = store::insert(app.db(), &sessiond::jobs::Job::CancelRun { run_id }, 2).await.unwrap();
+    store::mark_relayed(app.db(), &[job]).await.unwrap();
+    let first = store::begin_attempt(app.db(), job).await.unwrap().expect("first attempt");
+    assert_eq!(first.attempts, 1);
+    // A second copy starts while the first is running: it is attempt 2, the last.
+    let second = store::begin_attempt(app.db(), job).await.unwrap().expect("second copy");
+    assert_eq!(second.attempts, 2);
+    store::finish_attempt(app.db(), job, 1, Some("boom"), false).await.unwrap();
+    // The first copy retries: the budget is spent, so it does not start.
+    assert!(store::begin_attempt(app.db(), job).await.unwrap().is_none());
+    // The second copy's process dies mid-attempt; ten minutes later a
+    // redelivery runs it once more.
+    assert!(store::begin_attempt(app.db(), job).await.unwrap().is_none());
+    sqlx::query("UPDATE jobs SET status = 'running', updated_at = now() - interval '11 minutes' WHERE id = $1")
+        .bind(job)
+        .execute(app.db())
+        .await
+        .unwrap();
+    let revived = store::begin_attempt(app.db(), job).await.unwrap().expect("abandoned attempt revived");
+    assert_eq!(revived.attempts, 3);
+    store::finish_attempt(app.db(), job, 3, Some("boom"), true).await.unwrap();
+    // A failed job is not started by a stray delivery either.
+    assert!(store::begin_attempt(app.db(), job).await.unwrap().is_none());
+    let row = store::find(app.db(), job).await.unwrap().unwrap();
+    assert_eq!((row.status, row.attempts), (JobStatus::Failed, 3));
+}
+
 #[tokio::test]
 async fn manual_trigger_replaces_the_live_run() {
     let app = TestApp::spawn().await;
