@@ -38,6 +38,10 @@ struct Seen {
     _version: u64,
 }
 
+/// One second of the WAL sampler: WAL written, sent, recorded in batches and
+/// confirmed (bytes), the last flush's lag (ms), and the pending flushes.
+type Sample = (i64, Option<i64>, Option<i64>, Option<i64>, Option<i64>, i64);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let rate: u64 = std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
@@ -156,6 +160,41 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
+    // The WAL sampler: once a second, how far Postgres has written, how far
+    // the slot's walsender has sent, how far the consumer has recorded
+    // batches, and how far the slot confirmed. It tells a walsender that
+    // cannot keep up from a consumer that cannot.
+    let sampler = {
+        let pool = server.pool.clone();
+        let slot = config.replication_slot_name();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return samples,
+                }
+                let row: Result<Sample, _> = sqlx::query_as(
+                    "SELECT (pg_current_wal_lsn() - '0/0')::bigint,
+                            (SELECT (sent_lsn - '0/0')::bigint FROM pg_stat_replication WHERE application_name = $1),
+                            (SELECT (max(end_lsn) - '0/0')::bigint FROM replication_flushes),
+                            (SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $2),
+                            (SELECT last_flush_lag_ms FROM replication_state WHERE slot = $2),
+                            (SELECT count(*) FROM replication_flushes WHERE status = 'pending')",
+                )
+                .bind(sessiond::replication::consumer::application_name(&slot))
+                .bind(&slot)
+                .fetch_one(&pool)
+                .await;
+                if let Ok(row) = row {
+                    samples.push(row);
+                }
+            }
+        })
+    };
+
     // The load: one create every 1/rate s, each on its own task.
     let client = common::FastClient::new(&server.base, &server.key);
     let total = rate * secs;
@@ -209,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
     stop.cancel();
     let seen = poller.await?;
     let (sources, list_took) = lister.await?;
+    let samples = sampler.await?;
 
     let sent = sent.lock().unwrap().clone();
     let acked = acked.lock().unwrap().clone();
@@ -240,6 +280,48 @@ async fn main() -> anyhow::Result<()> {
     println!("list answers during the load: {sources:?}");
     common::figure("replication.list_from_clickhouse", by_clickhouse as f64 / answered.max(1) as f64, "share");
     common::summary("list page from clickhouse under load", "replication.list", list_took);
+    // Per second: WAL written (KiB/s) and how far behind it, in KiB, the
+    // walsender's send, the consumer's recorded batches and the slot's
+    // confirmed position are.
+    println!("wal per second: written KiB/s | sent behind | recorded behind | confirmed behind (KiB) | last flush lag ms | pending flushes");
+    let kib = |a: i64, b: Option<i64>| b.map_or("-".to_string(), |b| format!("{}", (a - b) / 1024));
+    let mut peak_sent = 0;
+    let mut peak_recorded = 0;
+    for pair in samples.windows(2) {
+        let ((prev, ..), (wal, sent, recorded, confirmed, lag, pending)) = (pair[0], pair[1]);
+        peak_sent = peak_sent.max(sent.map_or(0, |s| wal - s));
+        peak_recorded = peak_recorded.max(recorded.map_or(0, |r| wal - r));
+        println!(
+            "  {:>7} | {:>7} | {:>7} | {:>7} | {:>7} | {:>4}",
+            (wal - prev) / 1024,
+            kib(wal, sent),
+            kib(wal, recorded),
+            kib(wal, confirmed),
+            lag.map_or("-".to_string(), |l| l.to_string()),
+            pending
+        );
+    }
+    let (flushes, attempts): (i64, Option<i64>) =
+        sqlx::query_as("SELECT count(*), sum(attempts)::bigint FROM jobs WHERE kind = 'replication-flush'")
+            .fetch_one(&server.pool)
+            .await?;
+    println!("{flushes} replication flushes ({} attempts)", attempts.unwrap_or(0));
+    // Where a flush's time goes once recorded: waiting for a worker, then
+    // writing to ClickHouse.
+    let (wait, run): (Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM a.started_at - j.created_at) * 1000),
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM a.finished_at - a.started_at) * 1000)
+         FROM jobs j JOIN job_attempts a ON a.job_id = j.id AND a.attempt = 1 WHERE j.kind = 'replication-flush'",
+    )
+    .fetch_one(&server.pool)
+    .await?;
+    println!(
+        "flush job p50: recorded → started {:.0} ms, started → finished {:.0} ms",
+        wait.unwrap_or(0.0),
+        run.unwrap_or(0.0)
+    );
+    common::figure("replication.walsender_behind_peak", peak_sent as f64 / 1024.0, "KiB");
+    common::figure("replication.recorded_behind_peak", peak_recorded as f64 / 1024.0, "KiB");
 
     // Clean up: the server first (it holds the slot), then slot, copy and schema.
     let slot = config.replication_slot_name();

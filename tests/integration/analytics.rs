@@ -317,6 +317,44 @@ async fn the_overlay_shows_fresh_creates_closes_and_updates_at_once() {
     assert!(!ids(&old).contains(&"session_seed1".to_string()), "the stale copy's tag no longer matches");
 }
 
+/// An overlay near LIST_OVERLAY_MAX_ROWS (a write burst while ClickHouse
+/// lags) is still served by ClickHouse, and right: its ids are too many for a
+/// URL, so they must not travel in one.
+#[tokio::test]
+async fn a_large_overlay_is_served_by_clickhouse() {
+    let app = TestApp::spawn_with(|c| c.list_overlay_max_rows = 3_000).await;
+    app.clickhouse_ready().await;
+    seed(&app, 30).await;
+    backfill_all(&app, 100).await;
+    // 2,500 sessions ClickHouse has not seen, changed now: all in the overlay.
+    let env = &app.a.env;
+    sqlx::query(
+        "INSERT INTO sessions (id, friendly_id, type, task_identifier, trigger_config, tags, metadata,
+             organization_id, project_id, runtime_environment_id, environment_type, created_at, updated_at)
+         SELECT gen_random_uuid(), 'session_burst' || i, 'chat', 'agent-a', '{}'::jsonb,
+             CASE WHEN i % 2 = 0 THEN ARRAY['burst'] ELSE '{}' END, '{}'::jsonb, $1, $2, $3, 'DEVELOPMENT',
+             timestamptz '2026-02-01 00:00:00+00' + i * interval '1 second', now()
+         FROM generate_series(1, 2500) i",
+    )
+    .bind(env.organization_id)
+    .bind(env.project_id)
+    .bind(env.id)
+    .execute(app.db())
+    .await
+    .unwrap();
+    for filter in ["page[size]=25", "filter[tags]=burst&page[size]=10", "filter[tags]=red&page[size]=10"] {
+        let (status, body, source) = list(&app, filter).await;
+        assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"), "{filter}");
+        let q = ListQuery::parse(filter, chrono::Utc::now()).unwrap();
+        let pg = PgSessionList { pool: app.db().clone() }.list(scope(&app), &q).await.unwrap().value;
+        let expected: Vec<String> = pg.sessions.iter().map(|s| s.friendly_id.clone()).collect();
+        assert_eq!(ids(&body), expected, "{filter}: the first page matches Postgres");
+    }
+    let q = ListQuery::parse("filter[tags]=burst", chrono::Utc::now()).unwrap();
+    let count = app.state.session_list.count(scope(&app), &q).await.unwrap();
+    assert_eq!((count.value, count.source.as_str()), (1_250, "clickhouse"));
+}
+
 #[tokio::test]
 async fn a_killed_backfill_resumes_where_it_stopped() {
     // No job runtime: the test runs each chunk's job itself.
