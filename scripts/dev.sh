@@ -60,7 +60,18 @@ case "$SESSION_REPLICATION_ENABLED" in
 *) "$BIN" clickhouse backfill ;;
 esac
 
+# A dev operator for the dashboard, created on the first run; its password is
+# generated once and kept beside the master key.
+OPERATOR_EMAIL=dev@sessiond.local
+OPERATOR_FILE=.sessiond/dev-operator-password
+mkdir -p .sessiond
+if [[ ! -s "$OPERATOR_FILE" ]]; then
+    (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$OPERATOR_FILE")
+fi
+SESSIOND_OPERATOR_PASSWORD=$(cat "$OPERATOR_FILE") "$BIN" operators create \
+    --email "$OPERATOR_EMAIL" --role admin --if-missing
+
 say "base URL:  http://$LISTEN_ADDR"
 say "ClickHouse: $CLICKHOUSE_URL"
-# The dashboard URL is printed here once the dashboard lands.
+say "dashboard: http://$LISTEN_ADDR/dashboard  (sign in as $OPERATOR_EMAIL, password $(cat "$OPERATOR_FILE"))"
 exec "$BIN" serve

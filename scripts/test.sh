@@ -10,6 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TEST_DB=sessiond_test
 ADMIN_URL=${DATABASE_ADMIN_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}
 CLIENT_DIR=tests/official-client
+BROWSER_DIR=tests/browser
 
 # Reads SQL from stdin, where psql expands :'db' (literal) and :"db" (name).
 admin_psql() { psql -X -Atqw -v ON_ERROR_STOP=1 -v db="$TEST_DB" "$ADMIN_URL"; }
@@ -55,27 +56,42 @@ ensure_node() {
     fi
 }
 
-# npm ci only when the lock file changed since the last successful install;
-# the stamp is written last, so an interrupted install is retried.
-install_client_deps() {
-    [[ -f "$CLIENT_DIR/package-lock.json" ]] || return 0
-    local stamp="$CLIENT_DIR/node_modules/.sessiond-installed"
-    if [[ -f "$stamp" && ! "$CLIENT_DIR/package-lock.json" -nt "$stamp" ]]; then
+# npm_ci DIR: npm ci only when the lock file changed since the last
+# successful install; the stamp is written last, so an interrupted install is
+# retried.
+npm_ci() {
+    local dir=$1
+    [[ -f "$dir/package-lock.json" ]] || return 0
+    local stamp="$dir/node_modules/.sessiond-installed"
+    if [[ -f "$stamp" && ! "$dir/package-lock.json" -nt "$stamp" ]]; then
         return 0
     fi
-    say "npm ci in $CLIENT_DIR"
-    (cd "$CLIENT_DIR" && npm ci --no-audit --no-fund)
+    say "npm ci in $dir"
+    (cd "$dir" && npm ci --no-audit --no-fund)
     touch "$stamp"
 }
 
-# Extra tools some tests need. Later changes add here:
-#   - Chromium + ChromeDriver (apt_install chromium chromium-driver) for
-#     the dashboard's browser tests
-# Keep each install guarded by a presence check so reruns stay fast.
+install_client_deps() {
+    npm_ci "$CLIENT_DIR"
+}
+
+# playwright-core for the dashboard's browser test (tests/browser); it brings
+# no browser of its own and drives the Chromium that prepare_extras installs.
+install_browser_deps() {
+    npm_ci "$BROWSER_DIR"
+}
+
+# Extra tools some tests need. Keep each install guarded by a presence check
+# so reruns stay fast.
 prepare_extras() {
     # The chDB venv, even when CLICKHOUSE_URL points at a real ClickHouse:
     # some tests start private dev servers of their own.
     bash scripts/clickhouse.sh install
+    # Debian's Chromium for the dashboard's browser test. playwright-core
+    # talks to it over CDP, so no ChromeDriver (and no browser download).
+    if [[ ! -x /usr/bin/chromium ]]; then
+        apt_install chromium
+    fi
 }
 
 # Every test keeps its Redis keys under test:<schema>; drop those of earlier
@@ -99,6 +115,7 @@ reset_test_keys
 reset_test_clickhouse
 ensure_node
 install_client_deps
+install_browser_deps
 prepare_extras
 
 export DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/$TEST_DB"

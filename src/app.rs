@@ -56,6 +56,7 @@ pub struct Inner {
     pub appender: Appender,
     pub dispatcher: Dispatcher,
     pub analytics: ClickHouse,
+    pub dashboard: crate::dashboard::auth::DashboardAuth,
 }
 
 #[derive(Clone)]
@@ -75,6 +76,7 @@ impl AppState {
         let envs = EnvCache::new(Duration::from_millis(config.auth_cache_ttl_ms));
         let auth = Authenticator::new(db.clone(), master_key, envs, config.jwt_leeway_secs);
         let analytics = ClickHouse::new(&config);
+        let dashboard = crate::dashboard::auth::DashboardAuth::new(&config, db.clone());
         let session_list = Arc::new(ClickHouseSessionList::new(
             PgSessionList { pool: db.clone() },
             analytics.clone(),
@@ -117,6 +119,7 @@ impl AppState {
             appender,
             dispatcher,
             analytics,
+            dashboard,
         })))
     }
 }
@@ -197,6 +200,7 @@ from_state! {
     Appender => appender,
     Dispatcher => dispatcher,
     ClickHouse => analytics,
+    crate::dashboard::auth::DashboardAuth => dashboard,
 }
 
 impl FromRef<AppState> for ChannelAccess {

@@ -140,6 +140,17 @@ pub struct Config {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub replication_enabled: bool,
 
+    /// Mark the dashboard's cookies `Secure` (served over HTTPS only). Set it
+    /// wherever the dashboard is reached over TLS; plain-HTTP development
+    /// leaves it off.
+    #[arg(long, env = "DASHBOARD_COOKIE_SECURE", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub dashboard_cookie_secure: bool,
+
+    /// How long a dashboard sign-in lasts, in hours.
+    #[arg(long, env = "DASHBOARD_SESSION_HOURS", default_value_t = 12)]
+    pub dashboard_session_hours: i64,
+
     /// Name of this deployment's logical replication slot and publication
     /// (default: `sessiond`, or `sessiond_<DATABASE_SCHEMA>`).
     #[arg(long, env = "REPLICATION_SLOT")]
@@ -252,6 +263,8 @@ impl Config {
             feed_safety_poll_ms: 1_000,
             run_jobs: true,
             replication_enabled: false,
+            dashboard_cookie_secure: false,
+            dashboard_session_hours: 12,
             replication_slot: None,
             replication_batch_rows: 100,
             replication_batch_ms: 1_000,

@@ -43,6 +43,9 @@ enum Command {
     /// Logical replication into ClickHouse.
     #[command(subcommand)]
     Replication(ReplicationCommand),
+    /// Dashboard operator accounts.
+    #[command(subcommand)]
+    Operators(OperatorsCommand),
     /// Run a task worker against a sessiond server (the example echo agent).
     Worker {
         /// Task identifier to serve (only `echo-agent` ships).
@@ -85,6 +88,22 @@ enum SessionsCommand {
         env: Uuid,
         /// Session friendly id or external id.
         session: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorsCommand {
+    /// Create an operator. The password is read from SESSIOND_OPERATOR_PASSWORD,
+    /// else from the first line of standard input (never from a flag, which
+    /// would leave it in the shell history and the process list).
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long, value_enum)]
+        role: sessiond::operators::Role,
+        /// Succeed without changes if the email already has an account.
+        #[arg(long)]
+        if_missing: bool,
     },
 }
 
@@ -198,6 +217,30 @@ async fn main() -> anyhow::Result<()> {
         Command::Sessions(cmd) => sessions_command(cmd, config, pool).await?,
         Command::Clickhouse(cmd) => clickhouse_command(cmd, config, pool).await?,
         Command::Replication(cmd) => replication_command(cmd, config, pool).await?,
+        Command::Operators(cmd) => operators_command(cmd, &pool).await?,
+    }
+    Ok(())
+}
+
+async fn operators_command(cmd: OperatorsCommand, pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    use sessiond::operators::{self, OperatorError};
+    db::migrate(pool).await?;
+    match cmd {
+        OperatorsCommand::Create { email, role, if_missing } => {
+            let password = match std::env::var("SESSIOND_OPERATOR_PASSWORD") {
+                Ok(p) => p,
+                Err(_) => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            match operators::create(pool, &email, &password, role).await {
+                Ok(op) => println!("operator {} created ({})", op.email, op.role.as_str()),
+                Err(OperatorError::Exists) if if_missing => println!("operator {email} exists"),
+                Err(err) => anyhow::bail!("{err}"),
+            }
+        }
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::runs::routes::router())
         .merge(crate::streams::routes::router())
         .merge(crate::waitpoints::routes::router())
+        .merge(crate::dashboard::router())
         .fallback(|| async { ApiError::NotFound("Not found".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)

@@ -151,6 +151,25 @@ pub async fn find(pool: &PgPool, env_id: Uuid, friendly_id: &str) -> Result<Opti
     Ok(sqlx::query_as(&sql).bind(env_id).bind(friendly_id).fetch_optional(pool).await?)
 }
 
+/// Every run a session triggered, oldest first, with why it was triggered
+/// (`session_runs.reason`).
+pub async fn for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<(Run, TriggerReason)>, StoreError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        run: Run,
+        reason: TriggerReason,
+    }
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT {RUN_COLUMNS}, sr.reason FROM session_runs sr JOIN task_runs t ON t.id = sr.run_id
+         WHERE sr.session_id = $1 ORDER BY sr.created_at, sr.id LIMIT 500"
+    ))
+    .bind(session_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.run, r.reason)).collect())
+}
+
 pub async fn find_by_id(conn: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Option<Run>, StoreError> {
     let sql = format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE t.id = $1");
     Ok(sqlx::query_as(&sql).bind(id).fetch_optional(conn).await?)

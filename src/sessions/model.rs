@@ -53,6 +53,14 @@ impl SessionStatus {
         }
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Active => "ACTIVE",
+            SessionStatus::Closed => "CLOSED",
+            SessionStatus::Expired => "EXPIRED",
+        }
+    }
+
     /// Status is derived, never stored: closing wins over expiry, and a session
     /// is expired once `expires_at` is not in the future.
     pub fn derive(closed_at: Option<DateTime<Utc>>, expires_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Self {

@@ -173,6 +173,16 @@ pub async fn find(pool: &PgPool, env_id: Uuid, key: &str) -> Result<Option<Sessi
     Ok(sqlx::query_as(&sql).bind(env_id).bind(key).fetch_optional(pool).await?)
 }
 
+/// Finds a session by friendly id in any environment: for operators, who see
+/// every environment (the API always scopes to the caller's).
+pub async fn find_for_operator(pool: &PgPool, friendly_id: &str) -> Result<Option<Session>, StoreError> {
+    let sql = format!(
+        "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id
+         WHERE s.friendly_id = $1"
+    );
+    Ok(sqlx::query_as(&sql).bind(friendly_id).fetch_optional(pool).await?)
+}
+
 pub async fn find_by_id(pool: &PgPool, env_id: Uuid, id: Uuid) -> Result<Option<Session>, StoreError> {
     let sql = format!(
         "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id
@@ -253,22 +263,9 @@ pub async fn close(
     reason: Option<&str>,
     calling_run: Option<&str>,
 ) -> Result<Option<(Session, Option<Uuid>)>, StoreError> {
-    let sql = returning_session(
-        "UPDATE sessions SET closed_at = now(), closed_reason = $3, updated_at = now()
-         WHERE runtime_environment_id = $1 AND id = $2 AND closed_at IS NULL
-         RETURNING *",
-    );
     let mut tx = pool.begin().await?;
-    let closed: Option<Session> =
-        sqlx::query_as(&sql).bind(env_id).bind(id).bind(reason).fetch_optional(&mut *tx).await?;
-    match closed {
-        Some(s) => {
-            let job = Job::CloseChannels {
-                session_id: s.id,
-                reason: reason.map(String::from),
-                notify_in: s.close_wakes_in(calling_run),
-            };
-            let job_id = jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+    match close_in(&mut tx, env_id, id, reason, calling_run).await? {
+        Some((s, job_id)) => {
             tx.commit().await?;
             Ok(Some((s, Some(job_id))))
         }
@@ -277,6 +274,33 @@ pub async fn close(
             Ok(find_by_id(pool, env_id, id).await?.map(|s| (s, None)))
         }
     }
+}
+
+/// Closes an open session inside the caller's transaction (an operator's
+/// close writes its audit row in the same one) and writes the job that seals
+/// its channels. None if the session is not open (or not there).
+pub async fn close_in(
+    tx: &mut sqlx::PgConnection,
+    env_id: Uuid,
+    id: Uuid,
+    reason: Option<&str>,
+    calling_run: Option<&str>,
+) -> Result<Option<(Session, Uuid)>, StoreError> {
+    let sql = returning_session(
+        "UPDATE sessions SET closed_at = now(), closed_reason = $3, updated_at = now()
+         WHERE runtime_environment_id = $1 AND id = $2 AND closed_at IS NULL
+         RETURNING *",
+    );
+    let closed: Option<Session> =
+        sqlx::query_as(&sql).bind(env_id).bind(id).bind(reason).fetch_optional(&mut *tx).await?;
+    let Some(s) = closed else { return Ok(None) };
+    let job = Job::CloseChannels {
+        session_id: s.id,
+        reason: reason.map(String::from),
+        notify_in: s.close_wakes_in(calling_run),
+    };
+    let job_id = jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+    Ok(Some((s, job_id)))
 }
 
 /// Current runs, not yet final, of sessions whose `expires_at` has passed.

@@ -135,6 +135,8 @@ pub async fn rotate_key(pool: &PgPool, master: &MasterKey, env_id: Uuid) -> Resu
 #[derive(Debug, sqlx::FromRow)]
 pub struct EnvListing {
     pub id: Uuid,
+    pub organization_id: Uuid,
+    pub project_id: Uuid,
     pub organization: String,
     pub project: String,
     pub env_type: String,
@@ -145,7 +147,8 @@ pub struct EnvListing {
 
 pub async fn list(pool: &PgPool) -> Result<Vec<EnvListing>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT e.id, o.slug AS organization, p.slug AS project, e.env_type, e.api_key_hint,
+        "SELECT e.id, e.organization_id, e.project_id, o.slug AS organization, p.slug AS project, e.env_type,
+                e.api_key_hint,
                 e.created_at, e.key_rotated_at
          FROM runtime_environments e
          JOIN projects p ON p.id = e.project_id

@@ -192,3 +192,57 @@ async fn clickhouse_migrate_backfill_and_progress() {
     let n: u64 = app.state.analytics.client().query("SELECT count() FROM sessions_v1 FINAL").fetch_one().await.unwrap();
     assert_eq!(n, 3);
 }
+
+/// `sessiond operators create`: the password from the environment or stdin,
+/// never a flag; a duplicate is an error unless `--if-missing`; a short
+/// password is refused; the account then signs in.
+#[tokio::test]
+async fn operators_create_from_the_cli() {
+    use std::io::Write;
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let master = "22".repeat(32);
+    let run = |args: &[&str], password_env: Option<&str>, stdin: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessiond"));
+        cmd.args(args)
+            .env("DATABASE_URL", common::database_url())
+            .env("DATABASE_SCHEMA", &schema)
+            .env("SESSIOND_MASTER_KEY", &master)
+            .env("RUST_LOG", "warn")
+            .env_remove("SESSIOND_OPERATOR_PASSWORD")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(p) = password_env {
+            cmd.env("SESSIOND_OPERATOR_PASSWORD", p);
+        }
+        let mut child = cmd.spawn().expect("run sessiond");
+        if let Some(input) = stdin {
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let create = ["operators", "create", "--email", "Ops@Example.com", "--role", "admin"];
+    let (ok, out) = run(&create, Some("a long enough password"), None);
+    assert!(ok && out.contains("operator ops@example.com created (admin)"), "{out}");
+    let (ok, out) = run(&create, Some("a long enough password"), None);
+    assert!(!ok && out.contains("exists"), "{out}");
+    let (ok, out) = run(&[&create[..], &["--if-missing"]].concat(), Some("a long enough password"), None);
+    assert!(ok && out.contains("exists"), "{out}");
+    let viewer = ["operators", "create", "--email", "viewer@example.com", "--role", "viewer"];
+    let (ok, out) = run(&viewer, None, Some("short\n"));
+    assert!(!ok && out.contains("at least 12"), "{out}");
+    let (ok, out) = run(&viewer, None, Some("from standard input\n"));
+    assert!(ok, "{out}");
+
+    let mut config = Config::for_database(&common::database_url(), Some(schema.clone()));
+    config.database_max_connections = 1;
+    let pool = sessiond::db::connect(&config).await.unwrap();
+    let op = sessiond::operators::authenticate(&pool, "viewer@example.com", "from standard input").await.unwrap();
+    assert_eq!(op.map(|o| o.role), Some(sessiond::operators::Role::Viewer));
+    assert!(sessiond::operators::authenticate(&pool, "ops@example.com", "wrong").await.unwrap().is_none());
+}

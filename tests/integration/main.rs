@@ -14,6 +14,8 @@ mod auth;
 mod chat;
 mod cli;
 mod clickhouse_dev;
+mod dashboard;
+mod dashboard_browser;
 mod dependencies;
 mod durability;
 mod echo_agent;

@@ -1,0 +1,75 @@
+//! Dashboard errors: each becomes a page (or, for htmx requests, a fragment)
+//! with a status, never a raw body; internal errors are logged and shown as
+//! a generic message.
+
+use askama::Template;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+
+use crate::db::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DashboardError {
+    /// Not signed in: to the login page.
+    #[error("sign in first")]
+    SignIn,
+    #[error("your role cannot do this")]
+    Forbidden,
+    #[error("the form expired or did not come from this dashboard; reload the page and try again")]
+    Csrf,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<StoreError> for DashboardError {
+    fn from(err: StoreError) -> Self {
+        DashboardError::Internal(err.into())
+    }
+}
+
+impl From<askama::Error> for DashboardError {
+    fn from(err: askama::Error) -> Self {
+        DashboardError::Internal(err.into())
+    }
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/error.html")]
+struct ErrorPage<'a> {
+    status: u16,
+    title: &'a str,
+    message: String,
+}
+
+impl IntoResponse for DashboardError {
+    fn into_response(self) -> Response {
+        let (status, title) = match &self {
+            DashboardError::SignIn => return Redirect::to("/dashboard/login").into_response(),
+            DashboardError::Forbidden => (StatusCode::FORBIDDEN, "Not allowed"),
+            DashboardError::Csrf => (StatusCode::FORBIDDEN, "Form expired"),
+            DashboardError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
+            DashboardError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Check the form"),
+            DashboardError::Internal(err) => {
+                tracing::error!(error = %format!("{err:#}"), "dashboard request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong")
+            }
+        };
+        let message = match &self {
+            DashboardError::Internal(_) => {
+                "The server could not complete this request. It has been logged; try again.".into()
+            }
+            other => other.to_string(),
+        };
+        let page = ErrorPage { status: status.as_u16(), title, message };
+        match page.render() {
+            Ok(body) => (status, Html(body)).into_response(),
+            Err(_) => (status, title.to_string()).into_response(),
+        }
+    }
+}
+
+pub type PageResult<T> = Result<T, DashboardError>;

@@ -1,0 +1,55 @@
+//! The operator dashboard: server-rendered pages (askama templates in
+//! `templates/dashboard/`, htmx from `static/`) under `/dashboard`.
+//!
+//! - [`auth`]: sign-in, the signed session cookie, CSRF, roles.
+//! - [`pages`]: the pages and actions, thin over the domain services.
+//! - [`live`]: a session channel's tail as server-sent HTML, for htmx.
+//! - [`assets`]: the vendored static files, served from the binary.
+//! - [`error`]: dashboard errors as pages, never a raw body.
+//!
+//! Every response carries a strict Content-Security-Policy: scripts and
+//! styles from this origin only, no inline code, no framing.
+
+pub mod assets;
+pub mod auth;
+pub mod error;
+pub mod live;
+pub mod pages;
+
+use axum::extract::Request;
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::app::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/dashboard", get(|| async { Redirect::to("/dashboard/sessions") }))
+        .route("/dashboard/login", get(auth::login_page).post(auth::login))
+        .route("/dashboard/logout", post(auth::logout))
+        .route("/dashboard/sessions", get(pages::sessions))
+        .route("/dashboard/sessions/{session}", get(pages::session))
+        .route("/dashboard/sessions/{session}/close", post(pages::close_session))
+        .route("/dashboard/sessions/{session}/{io}/tail", get(live::tail))
+        .route("/dashboard/audit", get(pages::audit))
+        .route("/dashboard/static/{file}", get(assets::serve))
+        .layer(axum::middleware::from_fn(security_headers))
+}
+
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+    connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; \
+    frame-ancestors 'none'";
+
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
+    resp
+}

@@ -1,0 +1,396 @@
+//! The dashboard's pages and actions. Each handler authenticates (the
+//! [`Signed`] extractor), validates, authorizes, calls the domain, and renders
+//! a template; filters and cursors live in the URL, so a link shows what the
+//! operator saw.
+
+use std::sync::Arc;
+
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::Form;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::assets::ASSET_VERSION;
+use super::auth::{csrf_token, CsrfForm, Signed};
+use super::error::{DashboardError, PageResult};
+use crate::jobs::Jobs;
+use crate::operators::audit;
+use crate::runs::store as run_store;
+use crate::sessions::list::{Cursor, EnvScope, ListQuery, SessionListRepository};
+use crate::sessions::model::Session;
+use crate::sessions::store as session_store;
+use crate::tenancy::store::{self as tenancy_store, EnvListing};
+
+/// Rows per dashboard page.
+const PAGE_SIZE: usize = 25;
+
+/// What every page's frame shows: who is signed in, their token for forms,
+/// which page is current.
+pub struct Frame {
+    pub email: String,
+    pub role: &'static str,
+    pub can_act: bool,
+    pub csrf: String,
+    pub current: &'static str,
+    pub v: &'static str,
+}
+
+impl Frame {
+    fn new(signed: &Signed, current: &'static str) -> Self {
+        Frame {
+            email: signed.operator.email.clone(),
+            role: signed.operator.role.as_str(),
+            can_act: signed.can_act(),
+            csrf: signed.csrf.clone(),
+            current,
+            v: ASSET_VERSION,
+        }
+    }
+}
+
+fn render(page: impl Template) -> PageResult<Response> {
+    Ok(Html(page.render()?).into_response())
+}
+
+/// An RFC 3339 time for `<time datetime>` (dashboard.js shows it relative).
+pub fn iso(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+/// One environment in the switcher.
+pub struct EnvChoice {
+    pub id: String,
+    pub label: String,
+    pub selected: bool,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct SessionFilters {
+    #[serde(default)]
+    env: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    task: String,
+    #[serde(default)]
+    tag: String,
+    #[serde(default)]
+    external_id: String,
+    /// Dates (YYYY-MM-DD, UTC): created on or after `from`, before the day after `to`.
+    #[serde(default)]
+    from: String,
+    #[serde(default)]
+    to: String,
+    #[serde(default)]
+    after: String,
+    #[serde(default)]
+    before: String,
+}
+
+impl SessionFilters {
+    /// The same query the API's list takes, so the dashboard and the API share
+    /// one parser, one set of rules and one repository.
+    fn to_list_query(&self) -> PageResult<ListQuery> {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("page[size]", &PAGE_SIZE.to_string());
+        for (name, value) in [
+            ("filter[status]", &self.status),
+            ("filter[type]", &self.kind),
+            ("filter[taskIdentifier]", &self.task),
+            ("filter[tags]", &self.tag),
+            ("filter[externalId]", &self.external_id),
+            ("page[after]", &self.after),
+            ("page[before]", &self.before),
+        ] {
+            if !value.trim().is_empty() {
+                q.append_pair(name, value.trim());
+            }
+        }
+        let day = |name: &str, value: &str, next: bool| -> PageResult<Option<String>> {
+            if value.trim().is_empty() {
+                return Ok(None);
+            }
+            let date = NaiveDate::parse_from_str(value.trim(), "%Y-%m-%d")
+                .map_err(|_| DashboardError::BadRequest(format!("{name} must be a date (YYYY-MM-DD)")))?;
+            let date = if next { date.succ_opt().unwrap_or(date) } else { date };
+            let ms = date.and_hms_opt(0, 0, 0).map(|d| d.and_utc().timestamp_millis() - i64::from(next));
+            Ok(ms.map(|ms| ms.to_string()))
+        };
+        if let Some(ms) = day("from", &self.from, false)? {
+            q.append_pair("filter[createdAt][from]", &ms);
+        }
+        if let Some(ms) = day("to", &self.to, true)? {
+            q.append_pair("filter[createdAt][to]", &ms);
+        }
+        ListQuery::parse(&q.finish(), Utc::now()).map_err(|e| DashboardError::BadRequest(e.to_string()))
+    }
+
+    /// This page's URL with a cursor replaced: the pager's links.
+    fn with_cursor(&self, after: Option<&Cursor>, before: Option<&Cursor>) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in [
+            ("env", &self.env),
+            ("status", &self.status),
+            ("type", &self.kind),
+            ("task", &self.task),
+            ("tag", &self.tag),
+            ("external_id", &self.external_id),
+            ("from", &self.from),
+            ("to", &self.to),
+        ] {
+            if !value.is_empty() {
+                q.append_pair(name, value);
+            }
+        }
+        if let Some(c) = after {
+            q.append_pair("after", &c.encode());
+        }
+        if let Some(c) = before {
+            q.append_pair("before", &c.encode());
+        }
+        format!("/dashboard/sessions?{}", q.finish())
+    }
+}
+
+pub struct SessionRow {
+    pub id: String,
+    pub status: &'static str,
+    pub kind: String,
+    pub task: String,
+    pub external_id: String,
+    pub tags: Vec<String>,
+    pub current_run: String,
+    pub created_at: String,
+}
+
+impl SessionRow {
+    fn of(s: &Session) -> Self {
+        SessionRow {
+            id: s.friendly_id.clone(),
+            status: s.status(Utc::now()).as_str(),
+            kind: s.kind.clone(),
+            task: s.task_identifier.clone(),
+            external_id: s.external_id.clone().unwrap_or_default(),
+            tags: s.tags.clone(),
+            current_run: s.current_run_friendly_id.clone().unwrap_or_default(),
+            created_at: iso(&s.created_at),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/sessions.html")]
+struct SessionsPage {
+    frame: Frame,
+    envs: Vec<EnvChoice>,
+    f: SessionFilters,
+    rows: Vec<SessionRow>,
+    next: Option<String>,
+    previous: Option<String>,
+    source: &'static str,
+    /// The list alone, for htmx's live refresh.
+    fragment: bool,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Fragment {
+    #[serde(default)]
+    fragment: Option<String>,
+}
+
+/// The environment the operator picked, else the first one.
+fn pick_env(envs: &[EnvListing], wanted: &str) -> PageResult<Option<EnvScope>> {
+    let chosen = if wanted.is_empty() {
+        envs.first()
+    } else {
+        let id =
+            Uuid::parse_str(wanted).map_err(|_| DashboardError::BadRequest("env must be an environment id".into()))?;
+        Some(envs.iter().find(|e| e.id == id).ok_or_else(|| DashboardError::NotFound("No such environment".into()))?)
+    };
+    Ok(chosen.map(|e| EnvScope { organization_id: e.organization_id, project_id: e.project_id, environment_id: e.id }))
+}
+
+pub async fn sessions(
+    State(db): State<PgPool>,
+    State(list): State<Arc<dyn SessionListRepository>>,
+    signed: Signed,
+    Query(mut f): Query<SessionFilters>,
+    Query(fragment): Query<Fragment>,
+) -> PageResult<Response> {
+    let q = f.to_list_query()?;
+    let envs = tenancy_store::list(&db).await?;
+    let scope = pick_env(&envs, &f.env)?;
+    if let Some(scope) = &scope {
+        f.env = scope.environment_id.to_string();
+    }
+    let choices = envs
+        .iter()
+        .map(|e| EnvChoice {
+            id: e.id.to_string(),
+            label: format!("{} / {} / {}", e.organization, e.project, e.env_type),
+            selected: f.env == e.id.to_string(),
+        })
+        .collect();
+    let (rows, next, previous, source) = match scope {
+        Some(scope) => {
+            let served = list.list(scope, &q).await?;
+            let page = served.value;
+            let next = page.next.as_ref().map(|c| f.with_cursor(Some(c), None));
+            let previous = page.previous.as_ref().map(|c| f.with_cursor(None, Some(c)));
+            (page.sessions.iter().map(SessionRow::of).collect(), next, previous, served.source.as_str())
+        }
+        None => (Vec::new(), None, None, "postgres"),
+    };
+    render(SessionsPage {
+        frame: Frame::new(&signed, "sessions"),
+        envs: choices,
+        f,
+        rows,
+        next,
+        previous,
+        source,
+        fragment: fragment.fragment.is_some(),
+    })
+}
+
+pub struct RunRow {
+    pub id: String,
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub attempts: String,
+    pub created_at: String,
+    pub error: String,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/session.html")]
+struct SessionPage {
+    frame: Frame,
+    s: SessionRow,
+    closed_reason: String,
+    expires_at: Option<String>,
+    closed_at: Option<String>,
+    metadata: String,
+    environment: String,
+    runs: Vec<RunRow>,
+    open: bool,
+}
+
+pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<String>) -> PageResult<Response> {
+    let s = session_store::find_for_operator(&db, &id)
+        .await?
+        .ok_or_else(|| DashboardError::NotFound(format!("No session {id}")))?;
+    let runs = run_store::for_session(&db, s.id)
+        .await?
+        .into_iter()
+        .map(|(r, reason)| RunRow {
+            id: r.friendly_id,
+            status: r.status.as_str(),
+            reason: reason.as_str(),
+            attempts: format!("{} of {}", r.attempt_number, r.max_attempts),
+            created_at: iso(&r.created_at),
+            error: r.error.as_ref().map(pretty).unwrap_or_default(),
+        })
+        .collect();
+    render(SessionPage {
+        frame: Frame::new(&signed, "sessions"),
+        closed_reason: s.closed_reason.clone().unwrap_or_default(),
+        expires_at: s.expires_at.as_ref().map(iso),
+        closed_at: s.closed_at.as_ref().map(iso),
+        metadata: s.metadata.as_ref().map(pretty).unwrap_or_default(),
+        environment: s.runtime_environment_id.to_string(),
+        open: s.closed_at.is_none(),
+        s: SessionRow::of(&s),
+        runs,
+    })
+}
+
+/// Closes a session as an operator: the close and its audit row commit
+/// together; the channels are sealed by the close's job.
+pub async fn close_session(
+    State(db): State<PgPool>,
+    State(jobs): State<Jobs>,
+    signed: Signed,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> PageResult<Response> {
+    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
+    let s = session_store::find_for_operator(&db, &id)
+        .await?
+        .ok_or_else(|| DashboardError::NotFound(format!("No session {id}")))?;
+    let mut tx = db.begin().await.map_err(crate::db::StoreError::from)?;
+    let closed =
+        session_store::close_in(&mut tx, s.runtime_environment_id, s.id, Some("closed by an operator"), None).await?;
+    if let Some((_, job)) = closed {
+        audit::record(&mut *tx, signed.operator.id, "session.close", &format!("session:{id}"), json!({ "job": job }))
+            .await?;
+        tx.commit().await.map_err(crate::db::StoreError::from)?;
+        jobs.relay(&[job]).await;
+        tracing::info!(operator = %signed.operator.email, session = %id, "operator closed a session");
+    }
+    let mut resp = Redirect::to(&format!("/dashboard/sessions/{id}")).into_response();
+    *resp.status_mut() = StatusCode::SEE_OTHER;
+    Ok(resp)
+}
+
+pub struct AuditRow {
+    pub at: String,
+    pub operator: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/audit.html")]
+struct AuditPage {
+    frame: Frame,
+    rows: Vec<AuditRow>,
+    next: Option<String>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct AuditQuery {
+    #[serde(default)]
+    after: String,
+}
+
+pub async fn audit(State(db): State<PgPool>, signed: Signed, Query(q): Query<AuditQuery>) -> PageResult<Response> {
+    let after = if q.after.is_empty() {
+        None
+    } else {
+        let parsed = q
+            .after
+            .split_once('_')
+            .and_then(|(t, id)| Some((DateTime::from_timestamp_micros(t.parse().ok()?)?, Uuid::parse_str(id).ok()?)));
+        Some(parsed.ok_or_else(|| DashboardError::BadRequest("after is not a cursor of this page".into()))?)
+    };
+    let mut entries = audit::page(&db, after, PAGE_SIZE as i64 + 1).await?;
+    let next = (entries.len() > PAGE_SIZE).then(|| {
+        entries.truncate(PAGE_SIZE);
+        entries.last().map(|e| format!("/dashboard/audit?after={}_{}", e.created_at.timestamp_micros(), e.id))
+    });
+    let rows = entries
+        .into_iter()
+        .map(|e| AuditRow {
+            at: iso(&e.created_at),
+            operator: e.operator_email,
+            action: e.action,
+            target: e.target,
+            detail: if e.detail == json!({}) { String::new() } else { e.detail.to_string() },
+        })
+        .collect();
+    render(AuditPage { frame: Frame::new(&signed, "audit"), rows, next: next.flatten() })
+}

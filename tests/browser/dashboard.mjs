@@ -1,0 +1,439 @@
+// Drives the operator dashboard in Debian's headless Chromium (playwright-core
+// talks to it over CDP; no browser download, no ChromeDriver).
+//
+// Run by the Rust integration test `dashboard_browser`, which starts the
+// server, seeds data and passes the environment below. See README.md.
+//
+// stdout protocol (parsed by the Rust test):
+//   ok - <check name>
+//   not ok - <check name>: <error>
+//   waiting-for-out          (check 6: append a live-marker-... record now)
+//   <P> passed, <F> failed   (last line; exit code 1 if F > 0)
+// Diagnostics (browser console errors, screenshot paths) go to stderr.
+
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+const TIMEOUT = 5_000; // default for every wait
+const NAV_TIMEOUT = 10_000;
+const SERVER_WAIT = 10_000; // for the login page to answer 200 at start
+const LIVE_READY_TIMEOUT = 10_000; // the SSE connection to open
+const OUT_TIMEOUT = 15_000; // the appended .out record to show up
+const WATCHDOG = 110_000; // the whole run, should anything hang (the Rust test gives it 120 s)
+
+// ---- output ----
+
+let passed = 0;
+let failed = 0;
+
+function emit(line) {
+    return new Promise((resolve) => process.stdout.write(line + '\n', () => resolve()));
+}
+
+// Capped: a caller that reads stderr only after stdout ends must not see the
+// pipe fill up (and this process block on it) because a page logs in a loop.
+const DIAG_LINES = 100;
+let diagLines = 0;
+
+function diag(message) {
+    diagLines++;
+    if (diagLines > DIAG_LINES) {
+        return;
+    }
+    const line = diagLines === DIAG_LINES ? '(more diagnostics left out)' : String(message).slice(0, 300);
+    process.stderr.write('# ' + line + '\n');
+}
+
+// One line, no terminal colours, no Playwright call log.
+function describe(err) {
+    const text = String((err && err.message) || err)
+        .replace(/\u001b\[[0-9;]*m/g, '')
+        .split('\n')
+        .map((l) => l.trim())
+        .filter(Boolean)[0] || 'unknown error';
+    return text.length > 300 ? text.slice(0, 297) + '...' : text;
+}
+
+async function finish() {
+    await emit(`${passed} passed, ${failed} failed`);
+    process.exitCode = failed > 0 ? 1 : 0;
+}
+
+// ---- environment ----
+
+const REQUIRED = [
+    'DASHBOARD_URL',
+    'ADMIN_EMAIL',
+    'ADMIN_PASSWORD',
+    'VIEWER_EMAIL',
+    'VIEWER_PASSWORD',
+    'FILTER_TAG',
+    'FILTER_MATCHES',
+    'LIVE_SESSION',
+];
+const missing = REQUIRED.filter((name) => !process.env[name]);
+if (missing.length > 0) {
+    failed++;
+    await emit(`not ok - environment: missing ${missing.join(', ')}`);
+    await finish();
+    process.exit();
+}
+
+const BASE = process.env.DASHBOARD_URL.replace(/\/+$/, '');
+const ADMIN = { email: process.env.ADMIN_EMAIL, password: process.env.ADMIN_PASSWORD };
+const VIEWER = { email: process.env.VIEWER_EMAIL, password: process.env.VIEWER_PASSWORD };
+const FILTER_TAG = process.env.FILTER_TAG;
+const FILTER_MATCHES = Number.parseInt(process.env.FILTER_MATCHES, 10);
+const LIVE_SESSION = process.env.LIVE_SESSION;
+const SCREENSHOT_DIR =
+    process.env.SCREENSHOT_DIR || path.join(os.tmpdir(), 'sessiond-dashboard-screenshots');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+
+const SESSION_ROWS = 'table#sessions tbody tr[data-session-id]';
+const LOGOUT_FORM = 'form[action="/dashboard/logout"]';
+const sessionPath = '/dashboard/sessions/' + encodeURIComponent(LIVE_SESSION);
+
+mkdirSync(SCREENSHOT_DIR, { recursive: true });
+
+const watchdog = setTimeout(async () => {
+    failed++;
+    await emit(`not ok - watchdog: the run took longer than ${WATCHDOG / 1000} s`);
+    await finish();
+    process.exit();
+}, WATCHDOG);
+watchdog.unref();
+
+// ---- helpers ----
+
+let shotNumber = 0;
+
+function slug(name) {
+    return name
+        .toLowerCase()
+        .replace(/[^a-z0-9]+/g, '-')
+        .replace(/^-+|-+$/g, '');
+}
+
+// Full-page screenshot NN-<name>.png; a failed screenshot fails no check.
+async function shot(page, name) {
+    shotNumber++;
+    const file = path.join(SCREENSHOT_DIR, `${String(shotNumber).padStart(2, '0')}-${slug(name)}.png`);
+    try {
+        await page.screenshot({ path: file, fullPage: true, timeout: TIMEOUT });
+        diag(`screenshot ${file}`);
+    } catch (err) {
+        diag(`screenshot ${file} failed: ${describe(err)}`);
+    }
+}
+
+// Runs one check, reports it, and screenshots `page` afterwards (pass or fail).
+async function check(name, page, fn) {
+    try {
+        await fn();
+        passed++;
+        await emit(`ok - ${name}`);
+    } catch (err) {
+        failed++;
+        await emit(`not ok - ${name}: ${describe(err)}`);
+    }
+    if (page) {
+        await shot(page, name);
+    }
+}
+
+function assert(condition, message) {
+    if (!condition) {
+        throw new Error(message);
+    }
+}
+
+function pathname(page) {
+    return new URL(page.url()).pathname;
+}
+
+async function waitForServer() {
+    const deadline = Date.now() + SERVER_WAIT;
+    let last = 'no answer';
+    while (Date.now() < deadline) {
+        try {
+            const res = await fetch(BASE + '/dashboard/login', {
+                redirect: 'manual',
+                signal: AbortSignal.timeout(2_000),
+            });
+            await res.arrayBuffer();
+            if (res.status === 200) {
+                return;
+            }
+            last = `status ${res.status}`;
+        } catch (err) {
+            last = describe(err.cause || err);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 200)); // retry interval
+    }
+    throw new Error(`GET ${BASE}/dashboard/login did not answer 200 within ${SERVER_WAIT / 1000} s (${last})`);
+}
+
+async function newPage(browser, who) {
+    const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+    context.setDefaultTimeout(TIMEOUT);
+    context.setDefaultNavigationTimeout(NAV_TIMEOUT);
+    const page = await context.newPage();
+    page.on('console', (msg) => {
+        if (msg.type() === 'error' || msg.type() === 'warning') {
+            diag(`${who} console ${msg.type()}: ${msg.text()}`);
+        }
+    });
+    page.on('pageerror', (err) => diag(`${who} page error: ${describe(err)}`));
+    // A data-confirm form asks confirm(); the operator says yes.
+    page.on('dialog', (dialog) => {
+        diag(`${who} ${dialog.type()} accepted: ${dialog.message()}`);
+        dialog.accept().catch(() => {});
+    });
+    return page;
+}
+
+async function goto(page, urlPath) {
+    const res = await page.goto(BASE + urlPath);
+    assert(res, `no response for ${urlPath}`);
+    assert(res.status() < 400, `GET ${urlPath} answered ${res.status()}`);
+    return res;
+}
+
+// waitForSelector with an error that names the selector and the page.
+async function expectSelector(page, selector, options = {}) {
+    try {
+        return await page.waitForSelector(selector, options);
+    } catch {
+        const seconds = (options.timeout ?? TIMEOUT) / 1000;
+        throw new Error(`no ${selector} on ${page.url()} within ${seconds} s`);
+    }
+}
+
+async function headingOf(page) {
+    const h1 = await expectSelector(page, 'h1');
+    return ((await h1.textContent()) || '').trim();
+}
+
+// Submits a form the way a click on its submit button would (submit event,
+// validation) and waits for the page that comes back.
+async function submitForm(page, selector) {
+    const form = page.locator(selector).first();
+    await form.waitFor({ state: 'attached' });
+    const loaded = page.waitForEvent('load', { timeout: NAV_TIMEOUT });
+    await form.evaluate((f) => f.requestSubmit());
+    await loaded;
+}
+
+async function fillLogin(page, email, password) {
+    await page.fill('form#login input[name=email]', email);
+    await page.fill('form#login input[name=password]', password);
+    await submitForm(page, 'form#login');
+}
+
+async function logIn(page, who) {
+    await goto(page, '/dashboard/login');
+    await fillLogin(page, who.email, who.password);
+    if (!pathname(page).endsWith('/dashboard/sessions')) {
+        const error = await page.locator('.error').first().textContent({ timeout: 500 }).catch(() => null);
+        throw new Error(
+            `logging in as ${who.email} landed on ${page.url()}` + (error ? ` (.error: ${error.trim()})` : ''),
+        );
+    }
+}
+
+async function sessionIds(page) {
+    return page.$$eval(SESSION_ROWS, (rows) => rows.map((r) => r.getAttribute('data-session-id')));
+}
+
+async function waitForRowCount(page, expected) {
+    try {
+        await page.waitForFunction(
+            ({ selector, n }) => document.querySelectorAll(selector).length === n,
+            { selector: SESSION_ROWS, n: expected },
+            { timeout: TIMEOUT },
+        );
+    } catch {
+        const actual = await page.locator(SESSION_ROWS).count();
+        throw new Error(`expected ${expected} rows in table#sessions, found ${actual}`);
+    }
+}
+
+async function assertNoActionButtons(page, where) {
+    const count = await page.locator('button[data-action]').count();
+    assert(count === 0, `${where} has ${count} button[data-action] element(s) for a viewer`);
+}
+
+// ---- the run ----
+
+let browser;
+try {
+    await waitForServer();
+    browser = await chromium.launch({
+        executablePath: CHROMIUM,
+        headless: true,
+        args: ['--no-sandbox'],
+    });
+} catch (err) {
+    failed++;
+    await emit(`not ok - start: ${describe(err)}`);
+    if (browser) {
+        await browser.close().catch(() => {});
+    }
+    await finish();
+    process.exit();
+}
+
+try {
+    const admin = await newPage(browser, 'admin');
+
+    await check('login page', admin, async () => {
+        const res = await goto(admin, '/dashboard/login');
+        assert(res.status() === 200, `GET /dashboard/login answered ${res.status()}`);
+        const headers = await res.allHeaders();
+        const csp = headers['content-security-policy'];
+        assert(csp, 'no content-security-policy header');
+        assert(csp.includes("default-src 'self'"), `content-security-policy lacks default-src 'self': ${csp}`);
+        await expectSelector(admin, 'form#login');
+        await expectSelector(admin, 'form#login input[name=email]');
+        await expectSelector(admin, 'form#login input[name=password]');
+        const csrf = await expectSelector(admin, 'form#login input[name=csrf]', { state: 'attached' });
+        const type = await csrf.getAttribute('type');
+        assert(type === 'hidden', `input[name=csrf] has type ${type}, not hidden`);
+        const value = await csrf.getAttribute('value');
+        assert(value, 'input[name=csrf] has no value');
+    });
+
+    await check('wrong password is refused', admin, async () => {
+        await goto(admin, '/dashboard/login');
+        await fillLogin(admin, ADMIN.email, ADMIN.password + '-wrong');
+        assert(pathname(admin) === '/dashboard/login', `landed on ${admin.url()}`);
+        await expectSelector(admin, '.error');
+        await expectSelector(admin, 'form#login');
+    });
+
+    await check('admin logs in', admin, async () => {
+        await logIn(admin, ADMIN);
+        await expectSelector(admin, 'nav a[href="/dashboard/sessions"]', { state: 'attached' });
+        await expectSelector(admin, 'nav a[href="/dashboard/audit"]', { state: 'attached' });
+        await expectSelector(admin, LOGOUT_FORM, { state: 'attached' });
+    });
+
+    await check('sessions list', admin, async () => {
+        if (pathname(admin) !== '/dashboard/sessions') {
+            await goto(admin, '/dashboard/sessions');
+        }
+        await expectSelector(admin, SESSION_ROWS);
+        const count = await admin.locator('time[datetime]').count();
+        assert(count > 0, 'no time[datetime] element on the page');
+        // dashboard.js gives every <time> a title; wait for it to have run.
+        try {
+            await admin.waitForFunction(() =>
+                Array.from(document.querySelectorAll('time[datetime]')).every((t) => t.title.trim() !== ''),
+            );
+        } catch {
+            throw new Error('time[datetime] elements have no title (did dashboard.js run?)');
+        }
+        const raw = await admin.$$eval('time[datetime]', (times) =>
+            times
+                .filter((t) => t.textContent.trim() === t.getAttribute('datetime').trim())
+                .map((t) => t.getAttribute('datetime')),
+        );
+        assert(raw.length === 0, `time element still shows its raw datetime: ${raw[0]}`);
+    });
+
+    await check('filter sessions by tag', admin, async () => {
+        assert(Number.isInteger(FILTER_MATCHES), `FILTER_MATCHES is not a number: ${process.env.FILTER_MATCHES}`);
+        if (pathname(admin) !== '/dashboard/sessions') {
+            await goto(admin, '/dashboard/sessions');
+        }
+        await admin.fill('form#filters input[name=tag]', FILTER_TAG);
+        await admin.locator('form#filters').evaluate((f) => f.requestSubmit());
+        // Plain GET form or htmx with hx-push-url: either way the URL says it.
+        await admin.waitForURL((url) => url.searchParams.get('tag') === FILTER_TAG, { timeout: NAV_TIMEOUT });
+        await waitForRowCount(admin, FILTER_MATCHES);
+        const before = await sessionIds(admin);
+
+        await admin.reload();
+        assert(
+            new URL(admin.url()).searchParams.get('tag') === FILTER_TAG,
+            `after reload the URL lost the filter: ${admin.url()}`,
+        );
+        await waitForRowCount(admin, FILTER_MATCHES);
+        const after = await sessionIds(admin);
+        const same = JSON.stringify([...before].sort()) === JSON.stringify([...after].sort());
+        assert(same, `after reload other rows are shown: [${before.join(', ')}] then [${after.join(', ')}]`);
+    });
+
+    await check('session page shows live .out', admin, async () => {
+        await goto(admin, sessionPath);
+        const h1 = await headingOf(admin);
+        assert(h1.includes(LIVE_SESSION), `h1 is "${h1}", not about ${LIVE_SESSION}`);
+        await expectSelector(admin, '#out-tail[data-live-ready]', {
+            state: 'attached',
+            timeout: LIVE_READY_TIMEOUT,
+        });
+        await emit('waiting-for-out');
+        try {
+            await admin.waitForFunction(
+                () => /live-marker-./.test(document.querySelector('#out-tail')?.textContent || ''),
+                null,
+                { timeout: OUT_TIMEOUT },
+            );
+        } catch {
+            throw new Error(`#out-tail showed no live-marker- record within ${OUT_TIMEOUT / 1000} s`);
+        }
+    });
+
+    await check('admin sees actions', admin, async () => {
+        if (pathname(admin) !== sessionPath) {
+            await goto(admin, sessionPath);
+        }
+        await expectSelector(admin, 'button[data-action="close"]', { state: 'attached' });
+    });
+
+    await check('logout', admin, async () => {
+        if (!(await admin.locator(LOGOUT_FORM).count())) {
+            await goto(admin, '/dashboard/sessions');
+        }
+        await submitForm(admin, LOGOUT_FORM);
+        assert(pathname(admin) === '/dashboard/login', `logout landed on ${admin.url()}`);
+        const res = await goto(admin, '/dashboard/sessions');
+        assert(pathname(admin) === '/dashboard/login', `after logout /dashboard/sessions shows ${admin.url()}`);
+        assert(res.request().redirectedFrom(), 'the login page came without a redirect');
+    });
+
+    await admin.context().close();
+
+    // A fresh context: no cookie of the admin's carries over.
+    const viewer = await newPage(browser, 'viewer');
+
+    await check('viewer sees no actions', viewer, async () => {
+        await logIn(viewer, VIEWER);
+        await goto(viewer, sessionPath);
+        const h1 = await headingOf(viewer);
+        assert(h1.includes(LIVE_SESSION), `h1 is "${h1}", not about ${LIVE_SESSION}`);
+        await assertNoActionButtons(viewer, sessionPath);
+        await shot(viewer, 'viewer session page');
+        await goto(viewer, '/dashboard/sessions');
+        await expectSelector(viewer, SESSION_ROWS);
+        await assertNoActionButtons(viewer, '/dashboard/sessions');
+    });
+
+    await check('audit page', viewer, async () => {
+        await goto(viewer, '/dashboard/audit');
+        assert(pathname(viewer) === '/dashboard/audit', `/dashboard/audit shows ${viewer.url()}`);
+        await expectSelector(viewer, 'table#audit', { state: 'attached' });
+    });
+
+    await viewer.context().close();
+} catch (err) {
+    // Only setup outside a check (a context or page) lands here.
+    failed++;
+    await emit(`not ok - run: ${describe(err)}`);
+} finally {
+    await browser.close().catch(() => {});
+}
+
+await finish();

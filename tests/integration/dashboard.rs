@@ -1,0 +1,324 @@
+//! The operator dashboard over HTTP: sign-in, the cookie and CSRF rules, the
+//! roles, pages, the audited close, and the live channel tail.
+
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE};
+use reqwest::{redirect, StatusCode};
+use sessiond::operators::{self, Role};
+
+use crate::common::{eventually, session_body, TestApp};
+
+pub const ADMIN: (&str, &str) = ("admin@example.com", "admin password 1");
+pub const VIEWER: (&str, &str) = ("viewer@example.com", "viewer password 1");
+
+pub async fn with_operators(app: &TestApp) {
+    operators::create(app.db(), ADMIN.0, ADMIN.1, Role::Admin).await.unwrap();
+    operators::create(app.db(), VIEWER.0, VIEWER.1, Role::Viewer).await.unwrap();
+}
+
+/// A browser-like client of the dashboard: no redirects followed, the session
+/// cookie and CSRF token kept by hand.
+pub struct Operator {
+    http: reqwest::Client,
+    base: String,
+    pub cookie: String,
+    pub csrf: String,
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder().redirect(redirect::Policy::none()).build().unwrap()
+}
+
+fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .find_map(|pair| pair.strip_prefix(&format!("{name}=")).map(str::to_string))
+}
+
+/// The value of the first `name="csrf"` hidden field in a page.
+fn csrf_field(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").expect("a csrf field") + "name=\"csrf\" value=\"".len();
+    html[at..].split('"').next().unwrap().to_string()
+}
+
+/// GETs the login form, posts the credentials; the response of the post.
+async fn try_login(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
+    let http = no_redirects();
+    let form = http.get(format!("{}/dashboard/login", app.base)).send().await.unwrap();
+    let login_cookie = set_cookie(&form, "sessiond_login").expect("a login cookie");
+    let csrf = csrf_field(&form.text().await.unwrap());
+    http.post(format!("{}/dashboard/login", app.base))
+        .header(COOKIE, format!("sessiond_login={login_cookie}"))
+        .form(&[("email", email), ("password", password), ("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap()
+}
+
+impl Operator {
+    pub async fn login(app: &TestApp, (email, password): (&str, &str)) -> Operator {
+        let resp = try_login(app, email, password).await;
+        assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+        assert_eq!(resp.headers()[LOCATION], "/dashboard/sessions");
+        let cookie = set_cookie(&resp, "sessiond_dashboard").expect("a session cookie");
+        let mut op = Operator { http: no_redirects(), base: app.base.clone(), cookie, csrf: String::new() };
+        let (_, page) = op.get("/dashboard/sessions").await;
+        op.csrf = csrf_field(&page);
+        op
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, String) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header(COOKIE, format!("sessiond_dashboard={}", self.cookie))
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), resp.text().await.unwrap())
+    }
+
+    pub async fn post(&self, path: &str, csrf: Option<&str>) -> reqwest::Response {
+        let form: Vec<(&str, &str)> = csrf.map(|c| vec![("csrf", c)]).unwrap_or_default();
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header(COOKIE, format!("sessiond_dashboard={}", self.cookie))
+            .form(&form)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+async fn is_closed(app: &TestApp, friendly: &str) -> bool {
+    sqlx::query_scalar::<_, bool>("SELECT closed_at IS NOT NULL FROM sessions WHERE friendly_id = $1")
+        .bind(friendly)
+        .fetch_one(app.db())
+        .await
+        .unwrap()
+}
+
+async fn audit_rows(app: &TestApp) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT action, target FROM audit_log ORDER BY created_at").fetch_all(app.db()).await.unwrap()
+}
+
+#[tokio::test]
+async fn sign_in_with_a_password_and_a_signed_cookie() {
+    let app = TestApp::spawn().await;
+    with_operators(&app).await;
+    let http = no_redirects();
+
+    let form = http.get(format!("{}/dashboard/login", app.base)).send().await.unwrap();
+    assert_eq!(form.status(), StatusCode::OK);
+    let csp = form.headers()[CONTENT_SECURITY_POLICY].to_str().unwrap().to_string();
+    assert!(
+        csp.contains("default-src 'self'") && csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    let login_cookie = form.headers()[SET_COOKIE].to_str().unwrap().to_string();
+    assert!(login_cookie.contains("HttpOnly") && login_cookie.contains("SameSite=Strict"), "{login_cookie}");
+
+    // Wrong password, unknown email, a login form without its cookie: refused, no session.
+    let wrong = try_login(&app, ADMIN.0, "not the password").await;
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    assert!(set_cookie(&wrong, "sessiond_dashboard").is_none());
+    assert!(wrong.text().await.unwrap().contains("Wrong email or password"));
+    assert_eq!(try_login(&app, "nobody@example.com", ADMIN.1).await.status(), StatusCode::UNAUTHORIZED);
+    let forged = http
+        .post(format!("{}/dashboard/login", app.base))
+        .form(&[("email", ADMIN.0), ("password", ADMIN.1), ("csrf", "guess")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    assert!(set_cookie(&forged, "sessiond_dashboard").is_none());
+
+    // Signed in: case-insensitive email, a cookie that is HttpOnly and Strict.
+    let ok = try_login(&app, "ADMIN@example.com", ADMIN.1).await;
+    assert_eq!(ok.status(), StatusCode::SEE_OTHER);
+    let raw = ok.headers().get_all(SET_COOKIE).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>();
+    let session = raw.iter().find(|c| c.starts_with("sessiond_dashboard=")).unwrap();
+    assert!(session.contains("HttpOnly") && session.contains("SameSite=Strict") && session.contains("Path=/dashboard"));
+
+    // Pages need the cookie; a tampered one is refused like none.
+    let anonymous = http.get(format!("{}/dashboard/sessions", app.base)).send().await.unwrap();
+    assert_eq!(
+        (anonymous.status(), &anonymous.headers()[LOCATION]),
+        (StatusCode::SEE_OTHER, &"/dashboard/login".parse().unwrap())
+    );
+    let mut op = Operator::login(&app, ADMIN).await;
+    assert_eq!(op.get("/dashboard/sessions").await.0, StatusCode::OK);
+    let good = op.cookie.clone();
+    let (id, sig) = good.split_once('.').unwrap();
+    let flipped = if sig.starts_with('0') { "1" } else { "0" };
+    op.cookie = format!("{id}.{flipped}{}", &sig[1..]);
+    assert_eq!(op.get("/dashboard/sessions").await.0, StatusCode::SEE_OTHER);
+    op.cookie = format!("{}.{sig}", uuid::Uuid::new_v4());
+    assert_eq!(op.get("/dashboard/sessions").await.0, StatusCode::SEE_OTHER);
+    op.cookie = good;
+
+    // Logout needs the CSRF token, and revokes the cookie for good.
+    assert_eq!(op.post("/dashboard/logout", None).await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(op.get("/dashboard/sessions").await.0, StatusCode::OK);
+    let out = op.post("/dashboard/logout", Some(&op.csrf.clone())).await;
+    assert_eq!((out.status(), out.headers()[LOCATION].to_str().unwrap()), (StatusCode::SEE_OTHER, "/dashboard/login"));
+    assert_eq!(op.get("/dashboard/sessions").await.0, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn api_credentials_and_the_dashboard_cookie_do_not_cross() {
+    let app = TestApp::spawn().await;
+    with_operators(&app).await;
+    let op = Operator::login(&app, ADMIN).await;
+    // An API key on the dashboard: not signed in.
+    let resp =
+        no_redirects().get(format!("{}/dashboard/sessions", app.base)).bearer_auth(&app.a.key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    // The dashboard cookie on the API: unauthorized.
+    let resp = no_redirects()
+        .get(format!("{}/api/v1/sessions", app.base))
+        .header(COOKIE, format!("sessiond_dashboard={}", op.cookie))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn the_sessions_page_filters_pages_and_switches_environments() {
+    let app = TestApp::spawn().await;
+    with_operators(&app).await;
+    for i in 0..30 {
+        let mut body = session_body(Some(&format!("ext-{i}")));
+        body["tags"] = serde_json::json!(if i % 3 == 0 { vec!["vip"] } else { vec!["plain"] });
+        app.create_session(body).await;
+    }
+    let op = Operator::login(&app, VIEWER).await;
+    let env = app.a.env.id;
+    let rows = |html: &str| html.matches("<tr data-session-id=").count();
+
+    let (status, page) = op.get(&format!("/dashboard/sessions?env={env}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(rows(&page), 25, "a page holds 25");
+    let end = page.find("\" rel=\"next\"").expect("a link to older sessions");
+    let start = page[..end].rfind("href=\"").unwrap() + "href=\"".len();
+    let next = page[start..end].replace("&#38;", "&").replace("&amp;", "&");
+    assert!(next.contains("after="), "{next}");
+    let (_, older) = op.get(&next).await;
+    assert_eq!(rows(&older), 5);
+
+    let (_, vip) = op.get(&format!("/dashboard/sessions?env={env}&tag=vip")).await;
+    assert_eq!(rows(&vip), 10);
+    let (_, one) = op.get(&format!("/dashboard/sessions?env={env}&external_id=ext-7")).await;
+    assert_eq!(rows(&one), 1);
+    let (_, closed) = op.get(&format!("/dashboard/sessions?env={env}&status=CLOSED")).await;
+    assert_eq!(rows(&closed), 0);
+    assert!(closed.contains("class=\"empty\""), "an empty state says what to do");
+    // The other environment has none of them.
+    let (_, other) = op.get(&format!("/dashboard/sessions?env={}", app.b.env.id)).await;
+    assert_eq!(rows(&other), 0);
+    // Bad input is a page with a 4xx, never a raw error.
+    let (status, bad) = op.get(&format!("/dashboard/sessions?env={env}&from=yesterday")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(bad.contains("must be a date") && bad.contains("<html"), "{bad}");
+    let (status, _) = op.get("/dashboard/sessions?env=not-an-id").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn closing_needs_an_admin_and_the_token_and_is_audited_in_its_transaction() {
+    let app = TestApp::spawn().await;
+    with_operators(&app).await;
+    let s = app.create_session(session_body(Some("to-close"))).await;
+    let id = s["id"].as_str().unwrap().to_string();
+    let close = format!("/dashboard/sessions/{id}/close");
+
+    let viewer = Operator::login(&app, VIEWER).await;
+    let (_, page) = viewer.get(&format!("/dashboard/sessions/{id}")).await;
+    assert!(page.contains(&id) && !page.contains("data-action"), "a viewer sees no action buttons");
+    assert_eq!(viewer.post(&close, Some(&viewer.csrf.clone())).await.status(), StatusCode::FORBIDDEN);
+
+    let admin = Operator::login(&app, ADMIN).await;
+    let (_, page) = admin.get(&format!("/dashboard/sessions/{id}")).await;
+    assert!(page.contains("data-action=\"close\""));
+    assert_eq!(admin.post(&close, None).await.status(), StatusCode::FORBIDDEN, "no CSRF token");
+    assert_eq!(admin.post(&close, Some("wrong")).await.status(), StatusCode::FORBIDDEN, "another token");
+    assert_eq!(
+        admin.post(&close, Some(&viewer.csrf.clone())).await.status(),
+        StatusCode::FORBIDDEN,
+        "another session's token"
+    );
+    assert!(!is_closed(&app, &id).await);
+    assert!(audit_rows(&app).await.is_empty());
+
+    // The audit insert fails: the close is rolled back with it, and the
+    // operator gets an error page, not a raw 500 body.
+    sqlx::query("ALTER TABLE audit_log RENAME TO audit_log_gone").execute(app.db()).await.unwrap();
+    let failed = admin.post(&close, Some(&admin.csrf.clone())).await;
+    assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = failed.text().await.unwrap();
+    assert!(body.contains("<html") && !body.contains("audit_log"), "{body}");
+    assert!(!is_closed(&app, &id).await, "the close did not commit without its audit row");
+    sqlx::query("ALTER TABLE audit_log_gone RENAME TO audit_log").execute(app.db()).await.unwrap();
+
+    let done = admin.post(&close, Some(&admin.csrf.clone())).await;
+    assert_eq!(done.status(), StatusCode::SEE_OTHER);
+    assert!(is_closed(&app, &id).await);
+    assert_eq!(audit_rows(&app).await, vec![("session.close".to_string(), format!("session:{id}"))]);
+    // The channels get sealed by the close's job, as after an API close.
+    eventually(10, "channels sealed", || async {
+        sqlx::query_scalar::<_, bool>("SELECT channels_closed_at IS NOT NULL FROM sessions WHERE friendly_id = $1")
+            .bind(&id)
+            .fetch_one(app.db())
+            .await
+            .unwrap()
+            .then_some(())
+    })
+    .await;
+    let (_, audit) = viewer.get("/dashboard/audit").await;
+    assert!(audit.contains("session.close") && audit.contains(ADMIN.0), "the audit page shows the action");
+}
+
+#[tokio::test]
+async fn the_session_page_tails_out_live() {
+    let app = TestApp::spawn().await;
+    with_operators(&app).await;
+    let s = app.create_session(session_body(Some("tail"))).await;
+    let id = s["id"].as_str().unwrap().to_string();
+    assert_eq!(app.append(&id, "out", &app.a.key, "<b>before</b>", &[]).await.0, StatusCode::OK);
+    let op = Operator::login(&app, VIEWER).await;
+    let mut stream = op
+        .http
+        .get(format!("{}/dashboard/sessions/{id}/out/tail", app.base))
+        .header(COOKIE, format!("sessiond_dashboard={}", op.cookie))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut seen = String::new();
+    read_until(&mut stream, "before", &mut seen).await;
+    assert!(
+        seen.contains("event: record") && seen.contains("&#60;b&#62;before&#60;/b&#62;"),
+        "records are escaped HTML: {seen}"
+    );
+    assert_eq!(app.append(&id, "out", &app.a.key, "live-marker-1", &[]).await.0, StatusCode::OK);
+    read_until(&mut stream, "live-marker-1", &mut seen).await;
+    // Not signed in: no stream.
+    let anonymous = no_redirects().get(format!("{}/dashboard/sessions/{id}/out/tail", app.base)).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::SEE_OTHER);
+}
+
+async fn read_until(stream: &mut reqwest::Response, needle: &str, seen: &mut String) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !seen.contains(needle) {
+            let chunk = stream.chunk().await.unwrap().expect("the stream stays open");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{needle:?} never arrived; got {seen:?}"));
+}

@@ -1,0 +1,92 @@
+//! The dashboard in headless Chromium (Debian's, driven by playwright-core;
+//! scripts/test.sh installs both): `tests/browser/dashboard.mjs` signs in,
+//! filters, watches an `.out` record arrive live, checks the viewer's view,
+//! and saves a screenshot of each page under
+//! `target/test-artifacts/dashboard/`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::common::{session_body, TestApp};
+use crate::dashboard::{with_operators, ADMIN, VIEWER};
+
+/// Checks the script runs; update with the script.
+const CHECKS: usize = 10;
+
+fn browser_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "run `npm ci` in tests/browser (scripts/test.sh does this)"
+    );
+    dir
+}
+
+#[tokio::test]
+async fn the_dashboard_in_a_browser() {
+    let app = TestApp::spawn().await;
+    with_operators(&app).await;
+    for i in 0..12 {
+        let mut body = session_body(Some(&format!("browser-{i}")));
+        body["tags"] = serde_json::json!(if i % 4 == 0 { vec!["gold"] } else { vec!["tin"] });
+        app.create_session(body).await;
+    }
+    let live = app.create_session(session_body(Some("browser-live"))).await;
+    let live = live["id"].as_str().unwrap().to_string();
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/dashboard");
+    std::fs::create_dir_all(&shots).unwrap();
+
+    let dir = browser_dir();
+    let mut child = tokio::process::Command::new("node")
+        .arg(dir.join("dashboard.mjs"))
+        .current_dir(&dir)
+        .env("DASHBOARD_URL", &app.base)
+        .env("ADMIN_EMAIL", ADMIN.0)
+        .env("ADMIN_PASSWORD", ADMIN.1)
+        .env("VIEWER_EMAIL", VIEWER.0)
+        .env("VIEWER_PASSWORD", VIEWER.1)
+        .env("FILTER_TAG", "gold")
+        .env("FILTER_MATCHES", "3")
+        .env("LIVE_SESSION", &live)
+        .env("SCREENSHOT_DIR", &shots)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run node");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = Vec::new();
+    let run = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line == "waiting-for-out" {
+                // The page is subscribed: a record appended now must appear live.
+                let (status, _) = app.append(&live, "out", &app.a.key, "live-marker-42", &[]).await;
+                assert_eq!(status, 200);
+            }
+            out.push(line);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), run).await.expect("the browser checks finished in time");
+    let status = child.wait().await.unwrap();
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = e.read_to_string(&mut stderr).await;
+    }
+    let stdout = out.join("\n");
+    println!("{stdout}\n{stderr}");
+    assert!(status.success(), "browser checks failed:\n{stdout}\n{stderr}");
+    assert_eq!(
+        out.iter().rev().find(|l| l.ends_with(" failed")).map(String::as_str),
+        Some(&*format!("{CHECKS} passed, 0 failed"))
+    );
+    assert_eq!(out.iter().filter(|l| l.starts_with("ok - ")).count(), CHECKS, "{stdout}");
+    let pngs = std::fs::read_dir(&shots)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png"))
+        .count();
+    assert!(pngs >= 6, "a screenshot of each page ({pngs} found)");
+}
