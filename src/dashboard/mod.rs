@@ -33,6 +33,7 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/sessions", get(pages::sessions))
         .route("/dashboard/sessions/{session}", get(pages::session))
         .route("/dashboard/sessions/{session}/close", post(pages::close_session))
+        .route("/dashboard/sessions/{session}/trigger", post(pages::trigger_run))
         .route("/dashboard/sessions/{session}/{io}/tail", get(live::tail))
         .route("/dashboard/audit", get(pages::audit))
         .route("/dashboard/static/{file}", get(assets::serve))

@@ -23,6 +23,7 @@ use crate::operators::audit;
 use crate::runs::store as run_store;
 use crate::sessions::list::{Cursor, EnvScope, ListQuery, SessionListRepository};
 use crate::sessions::model::Session;
+use crate::sessions::run_manager::{RunManager, RunManagerError};
 use crate::sessions::store as session_store;
 use crate::tenancy::store::{self as tenancy_store, EnvListing};
 
@@ -339,6 +340,33 @@ pub async fn close_session(
         tx.commit().await.map_err(crate::db::StoreError::from)?;
         jobs.relay(&[job]).await;
         tracing::info!(operator = %signed.operator.email, session = %id, "operator closed a session");
+    }
+    let mut resp = Redirect::to(&format!("/dashboard/sessions/{id}")).into_response();
+    *resp.status_mut() = StatusCode::SEE_OTHER;
+    Ok(resp)
+}
+
+/// Triggers a fresh run for a session (a manual trigger: it replaces the live
+/// run, fenced like any hand-off), audited in the trigger's transaction.
+pub async fn trigger_run(
+    State(db): State<PgPool>,
+    State(runs): State<RunManager>,
+    signed: Signed,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> PageResult<Response> {
+    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
+    let s = session_store::find_for_operator(&db, &id)
+        .await?
+        .ok_or_else(|| DashboardError::NotFound(format!("No session {id}")))?;
+    match runs.trigger_manual_as(s.runtime_environment_id, s.id, Some(signed.operator.id)).await {
+        Ok(run) => tracing::info!(operator = %signed.operator.email, session = %id, %run, "operator triggered a run"),
+        Err(RunManagerError::Closed) => {
+            return Err(DashboardError::BadRequest("The session is closed; a closed session runs nothing".into()))
+        }
+        Err(RunManagerError::NotFound) => return Err(DashboardError::NotFound(format!("No session {id}"))),
+        Err(err) => return Err(DashboardError::Internal(err.into())),
     }
     let mut resp = Redirect::to(&format!("/dashboard/sessions/{id}")).into_response();
     *resp.status_mut() = StatusCode::SEE_OTHER;

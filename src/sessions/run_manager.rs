@@ -143,6 +143,7 @@ impl RunManager {
         s: &Session,
         reason: TriggerReason,
         expect_current: Option<Uuid>,
+        by_operator: Option<Uuid>,
     ) -> Result<Option<String>, RunManagerError> {
         let config: TriggerConfig =
             serde_json::from_value(s.trigger_config.clone()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -183,6 +184,12 @@ impl RunManager {
             return Ok(None);
         }
         store::insert_audit(&mut tx, s.id, run.id, reason).await?;
+        if let Some(operator) = by_operator {
+            // An operator's trigger is audited in the trigger's own transaction.
+            let detail = json!({ "run": run.friendly_id });
+            let target = format!("session:{}", s.friendly_id);
+            crate::operators::audit::record(&mut *tx, operator, "session.trigger", &target, detail).await?;
+        }
         let mut job_ids =
             vec![jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
         if let Some((previous_id, _)) = previous {
@@ -214,7 +221,7 @@ impl RunManager {
             if let Some(run) = self.current_run_alive(&s).await? {
                 return Ok(Ensured::Alive(run));
             }
-            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Continuation, None).await? {
+            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Continuation, None, None).await? {
                 return Ok(Ensured::Triggered(run));
             }
         }
@@ -242,7 +249,7 @@ impl RunManager {
             if current != calling_run {
                 return Ok(Handoff { run_id: current, swapped: false });
             }
-            if let Some(run) = self.trigger_and_claim(&s, reason, s.current_run_id).await? {
+            if let Some(run) = self.trigger_and_claim(&s, reason, s.current_run_id, None).await? {
                 return Ok(Handoff { run_id: run, swapped: true });
             }
         }
@@ -252,12 +259,23 @@ impl RunManager {
     /// Operator action: start a fresh run now (reason manual); the current one is
     /// replaced and fenced, so the session still has exactly one live run.
     pub async fn trigger_manual(&self, env_id: Uuid, session_id: Uuid) -> Result<String, RunManagerError> {
+        self.trigger_manual_as(env_id, session_id, None).await
+    }
+
+    /// [`RunManager::trigger_manual`] on behalf of a dashboard operator, whose
+    /// audit row commits with the new run.
+    pub async fn trigger_manual_as(
+        &self,
+        env_id: Uuid,
+        session_id: Uuid,
+        operator: Option<Uuid>,
+    ) -> Result<String, RunManagerError> {
         for _ in 0..MAX_CLAIM_ATTEMPTS {
             let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
             if !is_open(&s) {
                 return Err(RunManagerError::Closed);
             }
-            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Manual, None).await? {
+            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Manual, None, operator).await? {
                 return Ok(run);
             }
         }

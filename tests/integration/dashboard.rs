@@ -322,3 +322,48 @@ async fn read_until(stream: &mut reqwest::Response, needle: &str, seen: &mut Str
     .await
     .unwrap_or_else(|_| panic!("{needle:?} never arrived; got {seen:?}"));
 }
+
+#[tokio::test]
+async fn an_admin_triggers_a_fresh_run_audited_with_it() {
+    let app = TestApp::spawn().await;
+    with_operators(&app).await;
+    let s = app.create_session(session_body(Some("to-trigger"))).await;
+    let id = s["id"].as_str().unwrap().to_string();
+    let first_run = s["runId"].as_str().unwrap().to_string();
+    let trigger = format!("/dashboard/sessions/{id}/trigger");
+
+    let viewer = Operator::login(&app, VIEWER).await;
+    assert_eq!(viewer.post(&trigger, Some(&viewer.csrf.clone())).await.status(), StatusCode::FORBIDDEN);
+    let admin = Operator::login(&app, ADMIN).await;
+    assert_eq!(admin.post(&trigger, None).await.status(), StatusCode::FORBIDDEN, "no CSRF token");
+    let current = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT r.friendly_id FROM sessions s JOIN task_runs r ON r.id = s.current_run_id WHERE s.friendly_id = $1",
+        )
+        .bind(&id)
+        .fetch_one(app.db())
+        .await
+        .unwrap()
+    };
+    assert_eq!(current().await, first_run, "refused triggers changed nothing");
+    assert!(audit_rows(&app).await.is_empty());
+
+    let done = admin.post(&trigger, Some(&admin.csrf.clone())).await;
+    assert_eq!(done.status(), StatusCode::SEE_OTHER);
+    let second = current().await;
+    assert_ne!(second, first_run);
+    assert_eq!(audit_rows(&app).await, vec![("session.trigger".to_string(), format!("session:{id}"))]);
+    let detail: serde_json::Value =
+        sqlx::query_scalar("SELECT detail FROM audit_log").fetch_one(app.db()).await.unwrap();
+    assert_eq!(detail["run"], second.as_str(), "the audit row names the run it made");
+    let (_, page) = admin.get(&format!("/dashboard/sessions/{id}")).await;
+    assert!(page.contains(&second) && page.contains("manual"), "the timeline shows the manual run");
+
+    // A closed session runs nothing: a 4xx page, no new run, no audit row.
+    let (status, _) = app.post(&format!("/api/v1/sessions/{id}/close"), &app.a.key, serde_json::json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let refused = admin.post(&trigger, Some(&admin.csrf.clone())).await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(current().await, second);
+    assert_eq!(audit_rows(&app).await.len(), 1);
+}
