@@ -210,7 +210,6 @@ pub async fn login(
     tracing::info!(operator = %operator.email, "operator signed in");
     let value = format!("{id}.{}", auth.sign(&id.to_string()));
     let mut resp = Redirect::to("/dashboard/sessions").into_response();
-    *resp.status_mut() = StatusCode::SEE_OTHER;
     let h = resp.headers_mut();
     h.append(header::SET_COOKIE, auth.cookie(SESSION_COOKIE, &value, "/dashboard", auth.session_hours * 3600));
     h.append(header::SET_COOKIE, auth.cookie(LOGIN_COOKIE, "", "/dashboard/login", 0));
@@ -231,7 +230,6 @@ pub async fn logout(
     signed.check_csrf(csrf_token(form.csrf.as_deref(), &headers))?;
     store::close_session(&auth.db, signed.session_id).await?;
     let mut resp = Redirect::to("/dashboard/login").into_response();
-    *resp.status_mut() = StatusCode::SEE_OTHER;
     resp.headers_mut().append(header::SET_COOKIE, auth.cookie(SESSION_COOKIE, "", "/dashboard", 0));
     Ok(resp)
 }

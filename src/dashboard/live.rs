@@ -19,7 +19,6 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::auth::Signed;
 use super::error::{DashboardError, PageResult};
-use crate::sessions::store as session_store;
 use crate::streams::hub::Hub;
 use crate::streams::store::ChannelStore;
 use crate::streams::{ChannelKey, Io, Record};
@@ -46,9 +45,7 @@ pub async fn tail(
         "out" => Io::Out,
         _ => return Err(DashboardError::NotFound("A session has the channels in and out".into())),
     };
-    let session = session_store::find_for_operator(&db, &id)
-        .await?
-        .ok_or_else(|| DashboardError::NotFound(format!("No session {id}")))?;
+    let session = super::pages::find_session(&db, &id).await?;
     let key = ChannelKey { session_id: session.id, io };
     // Joined before the first read, so nothing appended after it is missed.
     let feed = hub.feed(key);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::Form;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -288,10 +288,13 @@ struct SessionPage {
     open: bool,
 }
 
+/// The session an operator asked for, by friendly id, in any environment.
+pub(super) async fn find_session(db: &PgPool, id: &str) -> PageResult<Session> {
+    session_store::find_for_operator(db, id).await?.ok_or_else(|| DashboardError::NotFound(format!("No session {id}")))
+}
+
 pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<String>) -> PageResult<Response> {
-    let s = session_store::find_for_operator(&db, &id)
-        .await?
-        .ok_or_else(|| DashboardError::NotFound(format!("No session {id}")))?;
+    let s = find_session(&db, &id).await?;
     let runs = run_store::for_session(&db, s.id)
         .await?
         .into_iter()
@@ -328,9 +331,7 @@ pub async fn close_session(
     Form(form): Form<CsrfForm>,
 ) -> PageResult<Response> {
     signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
-    let s = session_store::find_for_operator(&db, &id)
-        .await?
-        .ok_or_else(|| DashboardError::NotFound(format!("No session {id}")))?;
+    let s = find_session(&db, &id).await?;
     let mut tx = db.begin().await.map_err(crate::db::StoreError::from)?;
     let closed =
         session_store::close_in(&mut tx, s.runtime_environment_id, s.id, Some("closed by an operator"), None).await?;
@@ -341,9 +342,7 @@ pub async fn close_session(
         jobs.relay(&[job]).await;
         tracing::info!(operator = %signed.operator.email, session = %id, "operator closed a session");
     }
-    let mut resp = Redirect::to(&format!("/dashboard/sessions/{id}")).into_response();
-    *resp.status_mut() = StatusCode::SEE_OTHER;
-    Ok(resp)
+    Ok(Redirect::to(&format!("/dashboard/sessions/{id}")).into_response())
 }
 
 /// Triggers a fresh run for a session (a manual trigger: it replaces the live
@@ -357,9 +356,7 @@ pub async fn trigger_run(
     Form(form): Form<CsrfForm>,
 ) -> PageResult<Response> {
     signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
-    let s = session_store::find_for_operator(&db, &id)
-        .await?
-        .ok_or_else(|| DashboardError::NotFound(format!("No session {id}")))?;
+    let s = find_session(&db, &id).await?;
     match runs.trigger_manual_as(s.runtime_environment_id, s.id, Some(signed.operator.id)).await {
         Ok(run) => tracing::info!(operator = %signed.operator.email, session = %id, %run, "operator triggered a run"),
         Err(RunManagerError::Closed) => {
@@ -368,9 +365,7 @@ pub async fn trigger_run(
         Err(RunManagerError::NotFound) => return Err(DashboardError::NotFound(format!("No session {id}"))),
         Err(err) => return Err(DashboardError::Internal(err.into())),
     }
-    let mut resp = Redirect::to(&format!("/dashboard/sessions/{id}")).into_response();
-    *resp.status_mut() = StatusCode::SEE_OTHER;
-    Ok(resp)
+    Ok(Redirect::to(&format!("/dashboard/sessions/{id}")).into_response())
 }
 
 pub struct AuditRow {

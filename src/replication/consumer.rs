@@ -179,12 +179,11 @@ impl Replicator {
         lease: &mut Lease,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ReplicationError> {
-        let progress = std::sync::Arc::new(std::sync::Mutex::new(Progress::default()));
+        let progress = SharedProgress::default();
         let (batches, queued) = tokio::sync::mpsc::channel::<Batch>(RECORD_QUEUE);
         let (confirmed_tx, mut confirmed_rx) = watch::channel(0u64);
-        let recorder = AbortOnDrop(tokio::spawn(self.clone().record_batches(queued, progress.clone())));
-        let confirmer = AbortOnDrop(tokio::spawn(self.clone().confirm_flushed(progress.clone(), confirmed_tx)));
-        let (mut recorder, mut confirmer) = (recorder, confirmer);
+        let mut recorder = AbortOnDrop(tokio::spawn(self.clone().record_batches(queued, progress.clone())));
+        let mut confirmer = AbortOnDrop(tokio::spawn(self.clone().confirm_flushed(progress.clone(), confirmed_tx)));
 
         let mut decoder = Decoder::new(self.schema.clone());
         let mut batch = Batch::default();
@@ -229,12 +228,12 @@ impl Replicator {
                                 batch.commit(lsn.as_u64(), end_lsn.as_u64(), commit_time);
                                 close = batch.rows() >= self.batch_rows;
                             } else {
-                                progress.lock().unwrap_or_else(|e| e.into_inner()).quiet(end_lsn.as_u64());
+                                progress.lock().quiet(end_lsn.as_u64());
                             }
                         }
                         ReplicationEvent::KeepAlive { wal_end, .. } => {
                             if batch.rows() == 0 && !decoder.in_transaction() {
-                                progress.lock().unwrap_or_else(|e| e.into_inner()).quiet(wal_end.as_u64());
+                                progress.lock().quiet(wal_end.as_u64());
                             }
                         }
                         ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
@@ -264,14 +263,14 @@ impl Replicator {
                 // crash starts before that transaction.
                 let full = std::mem::take(&mut batch);
                 first_row_at = None;
-                progress.lock().unwrap_or_else(|e| e.into_inner()).queued += 1;
+                progress.lock().queued += 1;
                 // A full queue holds the stream here (the slot keeps the WAL)
                 // until the recorder catches up.
                 if batches.send(full).await.is_err() {
                     return Err(helper_ended("recorder", Ok(Ok(()))));
                 }
             }
-            progress.lock().unwrap_or_else(|e| e.into_inner()).buffering = batch.rows() > 0;
+            progress.lock().buffering = batch.rows() > 0;
             if !lease.held() {
                 tracing::warn!(slot = %self.slot, "replication lease not renewed in time; stopping");
                 return Ok(());
@@ -285,7 +284,7 @@ impl Replicator {
     async fn record_batches(
         self,
         mut queued: tokio::sync::mpsc::Receiver<Batch>,
-        progress: std::sync::Arc<std::sync::Mutex<Progress>>,
+        progress: SharedProgress,
     ) -> Result<(), ReplicationError> {
         let most = self.batch_rows.saturating_mul(MERGE_ROWS_FACTOR);
         let mut carry: Option<Batch> = None;
@@ -314,7 +313,7 @@ impl Replicator {
             let started = Instant::now();
             flush::record(&self.db, &self.jobs, &self.slot, &merged).await?;
             tracing::debug!(slot = %self.slot, rows = merged.rows(), batches = count, took = ?started.elapsed(), "replication batch recorded");
-            progress.lock().unwrap_or_else(|e| e.into_inner()).queued -= count;
+            progress.lock().queued -= count;
         }
     }
 
@@ -324,7 +323,7 @@ impl Replicator {
     /// failed copies.
     async fn confirm_flushed(
         self,
-        progress: std::sync::Arc<std::sync::Mutex<Progress>>,
+        progress: SharedProgress,
         confirmed_tx: watch::Sender<u64>,
     ) -> Result<(), ReplicationError> {
         let mut confirmed = 0u64;
@@ -344,7 +343,7 @@ impl Replicator {
             // Read before the database is asked: quiet WAL seen by now had
             // every change before it handed to a batch, and a batch counted
             // as recorded here is in `replication_flushes` below.
-            let seen = *progress.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = *progress.lock();
             let mut next = confirmed;
             if let Some((lsn, at)) = flush::confirmable(&self.db, &self.slot).await? {
                 if lsn > next {
@@ -419,6 +418,18 @@ struct Progress {
 impl Progress {
     fn quiet(&mut self, lsn: u64) {
         self.quiet_lsn = self.quiet_lsn.max(lsn);
+    }
+}
+
+/// [`Progress`] shared by the stream and its helpers.
+#[derive(Clone, Default)]
+struct SharedProgress(std::sync::Arc<std::sync::Mutex<Progress>>);
+
+impl SharedProgress {
+    /// A panic while holding the lock leaves plain numbers behind, still
+    /// usable, so a poisoned lock is taken as it is.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
