@@ -31,7 +31,6 @@ use uuid::Uuid;
 
 use crate::analytics::backfill::{self, BackfillRequest, DEFAULT_CHUNK_SIZE};
 use crate::analytics::digest::{self, Digest};
-use crate::analytics::rows::parse_lsn;
 use crate::analytics::watermark::{self, Table};
 use crate::analytics::{AnalyticsError, ClickHouse};
 use crate::db::{self, StoreError};
@@ -46,8 +45,6 @@ pub enum ReconcileError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Analytics(#[from] AnalyticsError),
-    #[error("Postgres returned an unreadable WAL position {0:?}")]
-    BadLsn(String),
 }
 
 /// What one table's reconciliation found and did.
@@ -157,10 +154,9 @@ async fn remove_extra_rows(
     Ok(digest::tombstone(ch, table, &extra, environment, from, to, lsn).await?)
 }
 
-async fn current_lsn(pool: &PgPool) -> Result<u64, ReconcileError> {
-    let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-    let text = crate::sessions::store::current_wal_lsn(&mut conn).await?;
-    parse_lsn(&text).ok_or(ReconcileError::BadLsn(text))
+async fn current_lsn(pool: &PgPool) -> Result<u64, StoreError> {
+    let mut conn = pool.acquire().await?;
+    crate::sessions::store::current_wal_lsn(&mut conn).await
 }
 
 fn pg_table(table: Table) -> &'static str {

@@ -388,8 +388,10 @@ pub async fn find_many(pool: &PgPool, env_id: Uuid, ids: &[Uuid]) -> Result<Vec<
     Ok(sqlx::query_as(&sql).bind(env_id).bind(ids).fetch_all(pool).await?)
 }
 
-/// The current WAL position, as text (`X/Y`): what a backfill chunk reads
-/// before its SELECT, so a later live change always carries a higher version.
-pub async fn current_wal_lsn(conn: &mut PgConnection) -> Result<String, StoreError> {
-    Ok(sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(conn).await?)
+/// The current WAL position as a number (the byte offset `X/Y` stands for):
+/// what a backfill chunk reads before its SELECT, so a later live change
+/// always carries a higher version.
+pub async fn current_wal_lsn(conn: &mut PgConnection) -> Result<u64, StoreError> {
+    let lsn: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0')::bigint").fetch_one(conn).await?;
+    u64::try_from(lsn).map_err(|_| StoreError::Corrupt(format!("WAL position {lsn}")))
 }

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::rows::{parse_lsn, RunRow, SessionRow};
+use super::rows::{RunRow, SessionRow};
 use super::watermark::{self, Table};
 use super::{AnalyticsError, ClickHouse};
 use crate::db::StoreError;
@@ -34,8 +34,6 @@ pub enum BackfillError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Analytics(#[from] AnalyticsError),
-    #[error("Postgres returned an unreadable WAL position {0:?}")]
-    BadLsn(String),
     #[error("stopped before recording the chunk (injected fault)")]
     Injected,
 }
@@ -103,8 +101,7 @@ pub async fn run_chunk(
     }
     let limit = i64::from(b.chunk_size);
     let mut conn = pool.acquire().await.map_err(StoreError::from)?;
-    let lsn = session_store::current_wal_lsn(&mut conn).await?;
-    let version = parse_lsn(&lsn).ok_or_else(|| BackfillError::BadLsn(lsn.clone()))?;
+    let version = session_store::current_wal_lsn(&mut conn).await?;
     let (copied, last) = match b.target {
         Table::Sessions => {
             let rows = session_store::export_chunk(&mut conn, b.cursor(), b.created_from, b.created_to, limit).await?;
