@@ -152,16 +152,15 @@ pub fn start(
     let relay_jobs = state.jobs.clone();
     let mut relay_stop = shutdown.clone();
     tokio::spawn(async move {
-        // The first check runs at once, before this process has submitted
-        // much: a fresh Redis (or key prefix) has no marker yet, and every
-        // job found unfinished then is pushed again.
-        let mut first = true;
+        // The first tick is at once, so the first check runs before this
+        // process has submitted much: a fresh Redis (or key prefix) has no
+        // marker yet, and every job found unfinished then is pushed again.
+        let mut tick = tokio::time::interval(Duration::from_millis(1_000));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if !std::mem::take(&mut first) {
-                tokio::select! {
-                    _ = relay_stop.changed() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(1_000)) => {}
-                }
+            tokio::select! {
+                _ = relay_stop.changed() => break,
+                _ = tick.tick() => {}
             }
             match relay_jobs.recover_lost_queue().await {
                 Ok(None) => {}
