@@ -504,10 +504,9 @@ mod tests {
     #[test]
     fn a_batch_behind_the_confirmed_slot_still_moves_the_watermark() {
         let at = Utc::now();
-        let mut state = Confirmation::default();
         // Quiet WAL at 500 was confirmed while the batch ending at 300 was
         // flushed between the two queries: the slot is past it already.
-        state.confirmed = 500;
+        let mut state = Confirmation { confirmed: 500, ..Default::default() };
         state.flushed(300, at);
         assert_eq!(state.mark, Some((300, at)));
         state.watermark_moved(300);
