@@ -6,6 +6,8 @@
 
 pub mod cache;
 pub mod jwt;
+pub mod minting;
+pub mod routes;
 pub mod scopes;
 
 use std::sync::Arc;

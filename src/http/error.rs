@@ -27,6 +27,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("Unauthorized: missing required scopes")]
     Forbidden,
+    /// Forbidden, with the reason the caller needs to fix its request.
+    #[error("{0}")]
+    Refused(String),
     #[error("{0}")]
     NotFound(String),
     #[error("Method not allowed")]
@@ -69,6 +72,16 @@ impl From<redis::RedisError> for ApiError {
 }
 
 // How each domain error reads over HTTP. Every mapping lives here.
+
+impl From<crate::auth::minting::MintError> for ApiError {
+    fn from(err: crate::auth::minting::MintError) -> Self {
+        use crate::auth::minting::MintError;
+        match err {
+            MintError::Invalid(v) => ApiError::Validation(v),
+            MintError::NotAllowed(why) => ApiError::Refused(why),
+        }
+    }
+}
 
 impl From<AuthError> for ApiError {
     fn from(err: AuthError) -> Self {
@@ -200,7 +213,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::Refused(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

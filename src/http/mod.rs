@@ -19,7 +19,6 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
-use crate::auth::Auth;
 use error::ApiError;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -33,7 +32,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/healthz", get(|| async { Json(json!({"ok": true})) }))
         .route("/readyz", get(health::readyz))
-        .route("/api/v1/auth/jwt/claims", get(jwt_claims).post(jwt_claims))
+        .merge(crate::auth::routes::router())
         .merge(crate::sessions::routes::router())
         .merge(crate::runs::routes::router())
         .merge(crate::streams::routes::router())
@@ -87,12 +86,6 @@ fn cors() -> CorsLayer {
         ])
         .max_age(Duration::from_secs(3600))
         .vary([header::ORIGIN])
-}
-
-/// Claims the official SDK signs into the public tokens it mints itself.
-async fn jwt_claims(auth: Auth) -> Result<Json<serde_json::Value>, ApiError> {
-    auth.require_secret_key()?;
-    Ok(Json(json!({ "sub": auth.env.id.to_string(), "pub": true })))
 }
 
 #[cfg(test)]

@@ -350,3 +350,73 @@ async fn cors_preflight_on_every_api_route_and_none_on_the_dashboard() {
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.headers().get("access-control-allow-origin").is_none());
 }
+
+/// `POST /api/v1/auth/public-tokens` (the official client's `createPublicToken`):
+/// a secret key mints what it asks for; a run's token only read/write on its own
+/// session for an hour at most; a browser's token nothing.
+#[tokio::test]
+async fn public_tokens_are_minted_within_the_caller_s_rights() {
+    let app = TestApp::spawn().await;
+    let (session, run) = crate::common::running_session(&app, "mint").await;
+    let (other, _) = crate::common::running_session(&app, "mint-other").await;
+    let mint = |token: String, body: Value| {
+        let app = &app;
+        async move { app.post("/api/v1/auth/public-tokens", &token, body).await }
+    };
+    let claims = |token: &str| jwt::verify(token, &app.a.env.secret_key, 0).unwrap();
+
+    // A run mints a token for its own session, and the token works on it.
+    let scopes = json!([format!("read:sessions:{session}"), format!("write:sessions:{session}")]);
+    let (status, body) = mint(run.token.clone(), json!({"scopes": scopes, "expirationTime": "1h"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let minted = body["token"].as_str().unwrap().to_string();
+    let c = claims(&minted);
+    assert_eq!(c.scopes, vec![format!("read:sessions:{session}"), format!("write:sessions:{session}")]);
+    assert!((3590..=3610).contains(&(c.exp - chrono::Utc::now().timestamp())), "an hour: {}", c.exp);
+    assert_eq!(app.get(&format!("/api/v1/sessions/{session}"), &minted).await.0, StatusCode::OK);
+    assert_eq!(app.get(&format!("/api/v1/sessions/{other}"), &minted).await.0, StatusCode::FORBIDDEN);
+    // No expiration named: 15 minutes. A Unix time is taken as one.
+    let (_, body) = mint(run.token.clone(), json!({"scopes": [format!("read:sessions:{session}")]})).await;
+    let c = claims(body["token"].as_str().unwrap());
+    assert!((890..=910).contains(&(c.exp - chrono::Utc::now().timestamp())), "15 min: {}", c.exp);
+    let at = chrono::Utc::now().timestamp() + 600;
+    let (_, body) =
+        mint(run.token.clone(), json!({"scopes": [format!("read:sessions:{session}")], "expirationTime": at})).await;
+    assert_eq!(claims(body["token"].as_str().unwrap()).exp, at);
+
+    // Beyond the run's rights: refused, with the reason.
+    for scope in
+        [format!("read:sessions:{other}"), "read:sessions".into(), "admin".into(), format!("write:runs:{}", run.id)]
+    {
+        let (status, body) = mint(run.token.clone(), json!({"scopes": [scope]})).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{scope}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("own session"), "{body}");
+    }
+    let (status, body) =
+        mint(run.token.clone(), json!({"scopes": [format!("read:sessions:{session}")], "expirationTime": "2h"})).await;
+    assert_eq!((status, body["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("expirationTime")), "{body}");
+
+    // A browser's session token mints nothing; the secret key mints anything.
+    let created = app.create_session(session_body(Some("mint-browser"))).await;
+    let browser = created["publicAccessToken"].as_str().unwrap().to_string();
+    let (status, _) =
+        mint(browser, json!({"scopes": [format!("read:sessions:{}", created["id"].as_str().unwrap())]})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = mint(app.a.key.clone(), json!({"scopes": ["read:sessions"], "expirationTime": "2d"})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(claims(body["token"].as_str().unwrap()).scopes, vec!["read:sessions".to_string()]);
+
+    // Bad input: 422 naming the field; no credential: 401.
+    for (body, field) in [
+        (json!({"scopes": []}), "scopes"),
+        (json!({"scopes": ["delete:everything"]}), "scopes"),
+        (json!({"scopes": ["read:all"], "expirationTime": "soon"}), "expirationTime"),
+        (json!({"scopes": ["read:all"], "expirationTime": 1}), "expirationTime"),
+        (json!({"scopes": ["read:all"], "oneTimeUse": true}), "oneTimeUse"),
+    ] {
+        let (status, answer) = mint(app.a.key.clone(), body.clone()).await;
+        assert_eq!((status, answer["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(field)), "{body}");
+    }
+    let (status, _) = mint("".into(), json!({"scopes": ["read:all"]})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}

@@ -25,7 +25,7 @@ fn client_dir() -> PathBuf {
 
 /// How many checks each script runs; update with the scripts.
 const CONTROL_PLANE_CHECKS: usize = 19;
-const REALTIME_CHECKS: usize = 22;
+const REALTIME_CHECKS: usize = 23;
 
 /// Runs `node <script>` from tests/official-client against `app` (environment A).
 async fn run_script(app: &TestApp, script: &str) -> Output {

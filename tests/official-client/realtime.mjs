@@ -431,6 +431,23 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
       }
     });
 
+    await check("createPublicToken with the run's token mints read/write on its own session, and no more", async () => {
+      const asRun = new ApiClient(baseUrl, nodeRun.token);
+      const { token } = await asRun.createPublicToken({
+        scopes: [`read:sessions:${nodeSession.id}`, `write:sessions:${nodeSession.id}`],
+        expirationTime: "1h",
+      });
+      assertJwt(token);
+      const minted = new ApiClient(baseUrl, token);
+      const { records } = await minted.readSessionStreamRecords(nodeSession.id, "in");
+      assert.equal(records.length, 1, "the minted token reads the run's session");
+      await expectApiError(() => asRun.createPublicToken({ scopes: [`read:sessions:${session.id}`] }), 403);
+      await expectApiError(
+        () => asRun.createPublicToken({ scopes: [`read:sessions:${nodeSession.id}`], expirationTime: "2h" }),
+        422
+      );
+    });
+
     await check("the node-task run completes", async () => {
       clearInterval(heartbeat);
       heartbeat = undefined;

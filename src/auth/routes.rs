@@ -1,0 +1,49 @@
+//! The auth endpoints: the claims the official SDK signs its own public
+//! tokens with, and public tokens the server mints (see [`super::minting`]).
+
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::minting::{self, Expiration};
+use super::{jwt, Auth};
+use crate::app::AppState;
+use crate::http::error::ApiResult;
+use crate::http::extract::ApiJson;
+use crate::validation::ValidationError;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/auth/jwt/claims", get(jwt_claims).post(jwt_claims))
+        .route("/api/v1/auth/public-tokens", post(public_tokens))
+}
+
+/// Claims the official SDK signs into the public tokens it mints itself.
+async fn jwt_claims(auth: Auth) -> ApiResult<Json<Value>> {
+    auth.require_secret_key()?;
+    Ok(Json(json!({ "sub": auth.env.id.to_string(), "pub": true })))
+}
+
+/// The official client's `CreatePublicTokenRequestBody`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PublicTokenBody {
+    scopes: Vec<String>,
+    expiration_time: Option<Expiration>,
+    #[serde(default)]
+    one_time_use: bool,
+    /// Column choices for run subscriptions; sessions have none to skip.
+    #[serde(default, rename = "realtime")]
+    _realtime: Option<Value>,
+}
+
+async fn public_tokens(auth: Auth, ApiJson(body): ApiJson<PublicTokenBody>) -> ApiResult<Json<Value>> {
+    if body.one_time_use {
+        return Err(ValidationError::new("oneTimeUse", "one-time tokens are not supported").into());
+    }
+    let grant = minting::grant(&auth.principal, &body.scopes, body.expiration_time.as_ref(), Utc::now())?;
+    let token = jwt::mint(auth.env.id, &auth.env.secret_key, grant.scopes, grant.ttl_secs);
+    Ok(Json(json!({ "token": token })))
+}
