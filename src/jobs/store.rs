@@ -189,9 +189,11 @@ pub async fn begin_attempt(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, St
 
 /// Ends an attempt. A failure leaves the job `pending` (it will be retried) until
 /// `final_failure`, when it becomes `failed` and stays visible with its error.
-/// A job canceled meanwhile (a second copy's attempt failed and the operator
-/// canceled the retry) stays canceled; the attempt's own row still says how
-/// it went.
+/// Only a job still under way (`pending` or `running`) changes: with two
+/// copies of a job running at once (see [`begin_attempt`]), a failure that
+/// ends after the other copy's success leaves the job succeeded, and a job an
+/// operator canceled meanwhile stays canceled. The attempt's own row always
+/// says how it went.
 pub async fn finish_attempt(
     pool: &PgPool,
     id: Uuid,
@@ -210,7 +212,7 @@ pub async fn finish_attempt(
              UPDATE job_attempts SET status = $3, error = $4, finished_at = now() WHERE job_id = $1 AND attempt = $2)
          UPDATE jobs SET status = $5, last_error = coalesce($4, last_error), updated_at = now(),
              finished_at = CASE WHEN $5 IN ('succeeded', 'failed') THEN now() ELSE NULL END
-         WHERE id = $1 AND status <> 'canceled'",
+         WHERE id = $1 AND status IN ('pending', 'running')",
     )
     .bind(id)
     .bind(attempt)

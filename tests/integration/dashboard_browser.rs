@@ -40,6 +40,9 @@ async fn the_dashboard_in_a_browser() {
     // Probe jobs (they fail on purpose) that have failed every attempt: one
     // whose next attempt succeeds, for the admin to retry, and one that
     // stays failed, for the viewer's look.
+    // The queue's marker first, so the server's lost-queue check pushes
+    // neither a second time.
+    app.state.jobs.recover_lost_queue().await.unwrap();
     let probe = failed_probe(&app, 2).await;
     let stuck = failed_probe(&app, 99).await;
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/dashboard");

@@ -12,8 +12,11 @@ use sessiond::jobs::store::{self, JobStatus};
 use sessiond::jobs::{Job, Lane};
 use uuid::Uuid;
 
-use crate::common::{eventually, TestApp};
+use crate::common::{eventually, schedules_file, TestApp};
 use crate::dashboard::{audit_rows, with_operators, Operator, ADMIN, VIEWER};
+
+// Every test's server runs no cron, so the ledger holds only the jobs a test
+// writes.
 
 /// A job row as a test needs it, written straight into the ledger: already
 /// relayed, so neither the relay loop nor a queue recovery pushes it (the
@@ -95,7 +98,7 @@ fn location(resp: &reqwest::Response) -> String {
 
 #[tokio::test]
 async fn the_jobs_list_filters_pages_and_searches_every_attempt() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
     with_operators(&app).await;
     quiet(&app).await;
     let mut failed = Vec::new();
@@ -155,7 +158,7 @@ async fn the_jobs_list_filters_pages_and_searches_every_attempt() {
 
 #[tokio::test]
 async fn a_job_page_shows_every_attempt_and_only_admins_get_its_actions() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
     with_operators(&app).await;
     quiet(&app).await;
     let failed = seed(&app, "run-sweep", "failed", Some("the last <error>")).await;
@@ -187,7 +190,7 @@ async fn a_job_page_shows_every_attempt_and_only_admins_get_its_actions() {
 
 #[tokio::test]
 async fn retry_and_cancel_need_an_admin_and_the_token_and_are_audited_in_their_transaction() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
     with_operators(&app).await;
     quiet(&app).await;
     let failed = seed(&app, "probe", "failed", Some("boom")).await;
@@ -272,7 +275,7 @@ async fn retry_and_cancel_need_an_admin_and_the_token_and_are_audited_in_their_t
 
 #[tokio::test]
 async fn retry_selected_touches_only_the_ticked_failed_or_canceled_jobs() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
     with_operators(&app).await;
     quiet(&app).await;
     let a = seed(&app, "probe", "failed", Some("boom")).await;
@@ -321,7 +324,7 @@ async fn retry_selected_touches_only_the_ticked_failed_or_canceled_jobs() {
 
 #[tokio::test]
 async fn retry_all_matching_touches_exactly_the_filtered_set_as_previewed() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
     with_operators(&app).await;
     quiet(&app).await;
     // Matching: failed probes whose last error, or an earlier attempt's, says timeout.
@@ -420,8 +423,13 @@ async fn retry_all_matching_touches_exactly_the_filtered_set_as_previewed() {
 
 #[tokio::test]
 async fn a_probe_fails_on_purpose_and_succeeds_after_a_retry_from_the_dashboard() {
-    let app = TestApp::spawn_with(|c| c.job_retry_base_ms = 10).await;
+    let app = TestApp::spawn_with(|c| {
+        c.job_retry_base_ms = 10;
+        c.job_schedules_file = Some(schedules_file(&[]));
+    })
+    .await;
     with_operators(&app).await;
+    quiet(&app).await;
     let job = app.state.jobs.submit_with_attempts(&Job::Probe { fail_first: 3 }, 2).await.unwrap();
     let failed = eventually(10, "the probe failed its 2 attempts", || async {
         let r = row(&app, job).await;
@@ -436,7 +444,10 @@ async fn a_probe_fails_on_purpose_and_succeeds_after_a_retry_from_the_dashboard(
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     app.job_succeeded(10, "the probe after a retry", job).await;
     let done = row(&app, job).await;
-    assert_eq!((done.attempts, done.max_attempts), (4, 7), "attempt 3 failed, attempt 4 succeeded");
+    assert_eq!(done.max_attempts, 7, "a fresh budget on top of the 2 spent");
+    let attempts = store::attempts(app.db(), job).await.unwrap();
+    let failed_then_ok: Vec<bool> = attempts.iter().take(4).map(|a| a.error.is_none()).collect();
+    assert_eq!(failed_then_ok, [false, false, false, true], "attempt 3 failed, attempt 4 succeeded");
     let (_, page) = admin.get(&format!("/dashboard/jobs/{job}")).await;
     for n in 1..=3 {
         assert!(page.contains(&format!("probe: failing attempt {n} of 3 on purpose")), "attempt {n}: {page}");
@@ -446,7 +457,8 @@ async fn a_probe_fails_on_purpose_and_succeeds_after_a_retry_from_the_dashboard(
 
 #[tokio::test]
 async fn the_cli_submits_a_probe() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_without_sweeps().await;
+    quiet(&app).await;
     let schema = sqlx::query_scalar::<_, String>("SELECT current_schema()").fetch_one(app.db()).await.unwrap();
     let cli = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
