@@ -331,8 +331,7 @@ pub async fn retry(
         drop(tx);
         return Err(refusal(&db, id, "only a failed or canceled job can be retried").await);
     };
-    audit::record(&mut *tx, signed.operator.id, "job.retry", &format!("job:{id}"), json!({ "kind": row.kind }))
-        .await?;
+    audit::record(&mut *tx, signed.operator.id, "job.retry", &format!("job:{id}"), json!({ "kind": row.kind })).await?;
     tx.commit().await.map_err(StoreError::from)?;
     relay(&jobs, &[(id, row.kind.clone())]).await;
     tracing::info!(operator = %signed.operator.email, job = %id, kind = %row.kind, "operator retried a job");

@@ -101,19 +101,6 @@ fn probe(fail_first: u32, attempt: u32) -> Outcome {
     Ok(format!("probe: succeeded on attempt {attempt}, after {fail_first} failed on purpose"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::probe;
-
-    #[test]
-    fn a_probe_fails_its_first_attempts_then_succeeds() {
-        assert_eq!(probe(2, 1).unwrap_err().to_string(), "probe: failing attempt 1 of 2 on purpose");
-        assert_eq!(probe(2, 2).unwrap_err().to_string(), "probe: failing attempt 2 of 2 on purpose");
-        assert!(probe(2, 3).is_ok());
-        assert!(probe(0, 1).is_ok());
-    }
-}
-
 /// Crash detection (missed heartbeats), maxDuration, queued-run ttl, and
 /// re-pushing due QUEUED runs (retries whose delay passed, lost pops).
 async fn run_sweep(ctx: &JobContext) -> Outcome {
@@ -149,4 +136,17 @@ async fn session_expiry_sweep(ctx: &JobContext) -> Outcome {
         "{canceled} runs of expired sessions canceled, {} channels closed, {pruned} old jobs pruned",
         expired_sessions.len()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe;
+
+    #[test]
+    fn a_probe_fails_its_first_attempts_then_succeeds() {
+        assert_eq!(probe(2, 1).unwrap_err().to_string(), "probe: failing attempt 1 of 2 on purpose");
+        assert_eq!(probe(2, 2).unwrap_err().to_string(), "probe: failing attempt 2 of 2 on purpose");
+        assert!(probe(2, 3).is_ok());
+        assert!(probe(0, 1).is_ok());
+    }
 }

@@ -368,15 +368,13 @@ pub async fn page(pool: &PgPool, filter: &JobFilter, at: PageAt, size: usize) ->
 /// the database's clock at that moment: the preview's time, which the retry
 /// is then held to ([`retry_matching`]).
 pub async fn count_matching(pool: &PgPool, filter: &JobFilter) -> Result<(i64, DateTime<Utc>), StoreError> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT count(*), now() FROM jobs WHERE {FILTER_WHERE} AND status = ANY($4::text[])"
-    ))
-    .bind(&filter.kind)
-    .bind(filter.status)
-    .bind(filter.pattern())
-    .bind(filter.retry_statuses())
-    .fetch_one(pool)
-    .await?)
+    Ok(sqlx::query_as(&format!("SELECT count(*), now() FROM jobs WHERE {FILTER_WHERE} AND status = ANY($4::text[])"))
+        .bind(&filter.kind)
+        .bind(filter.status)
+        .bind(filter.pattern())
+        .bind(filter.retry_statuses())
+        .fetch_one(pool)
+        .await?)
 }
 
 /// Retries every job `filter` matches that had already failed (or been

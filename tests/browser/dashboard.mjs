@@ -498,13 +498,14 @@ try {
         const boxes = await viewer.locator('input[name=ids]').count();
         assert(boxes === 0, `the viewer's jobs list has ${boxes} checkbox(es)`);
         await shot(viewer, 'viewer jobs list');
+        const res = await goto(viewer, '/dashboard/jobs/retry-matching?kind=probe').catch((err) => err);
+        assert(res instanceof Error && /403/.test(res.message), 'the viewer opened the retry-all preview');
+        // Last, so that the check's screenshot is of the failed job's page.
         const stuckPath = '/dashboard/jobs/' + encodeURIComponent(STUCK_JOB);
         await goto(viewer, stuckPath);
         const status = ((await viewer.locator('#job-status').textContent()) || '').trim();
         assert(status === 'failed', `#job-status says "${status}", not failed`);
         await assertNoActionButtons(viewer, stuckPath);
-        const res = await goto(viewer, '/dashboard/jobs/retry-matching?kind=probe').catch((err) => err);
-        assert(res instanceof Error && /403/.test(res.message), 'the viewer opened the retry-all preview');
     });
 
     await check('audit page', viewer, async () => {

@@ -302,7 +302,13 @@ async fn retry_selected_touches_only_the_ticked_failed_or_canceled_jobs() {
     assert!(!was_retried(&app, a).await, "rolled back with its audit row");
     sqlx::query("ALTER TABLE audit_log_gone RENAME TO audit_log").execute(app.db()).await.unwrap();
 
-    let form = [("csrf", admin.csrf.as_str()), ("status", "failed"), ("ids", a_s.as_str()), ("ids", c_s.as_str()), ("ids", done_s.as_str())];
+    let form = [
+        ("csrf", admin.csrf.as_str()),
+        ("status", "failed"),
+        ("ids", a_s.as_str()),
+        ("ids", c_s.as_str()),
+        ("ids", done_s.as_str()),
+    ];
     let resp = admin.post_form(path, &form).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&resp), "/dashboard/jobs?status=failed&retried=2");
@@ -368,7 +374,10 @@ async fn retry_all_matching_touches_exactly_the_filtered_set_as_previewed() {
         }
     };
     let resp = viewer
-        .post_form("/dashboard/jobs/retry-matching", &[("csrf", viewer.csrf.as_str()), ("kind", "probe"), ("as_of", as_of.as_str())])
+        .post_form(
+            "/dashboard/jobs/retry-matching",
+            &[("csrf", viewer.csrf.as_str()), ("kind", "probe"), ("as_of", as_of.as_str())],
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(post(form("", &as_of)).await.status(), StatusCode::FORBIDDEN, "no CSRF token");
