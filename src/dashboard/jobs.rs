@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::auth::{csrf_token, Signed};
@@ -315,48 +315,90 @@ async fn refusal(db: &PgPool, id: Uuid, rule: &str) -> DashboardError {
     }
 }
 
-/// Retries one failed or canceled job.
-pub async fn retry(
+/// What an operator does to one job from its page.
+#[derive(Debug, Clone, Copy)]
+enum OneJob {
+    Retry,
+    Cancel,
+}
+
+impl OneJob {
+    fn audit_action(self) -> &'static str {
+        match self {
+            OneJob::Retry => "job.retry",
+            OneJob::Cancel => "job.cancel",
+        }
+    }
+
+    /// Why the action changed nothing, after the job's status.
+    fn rule(self) -> &'static str {
+        match self {
+            OneJob::Retry => "only a failed or canceled job can be retried",
+            OneJob::Cancel => "only a pending job (not started yet) can be canceled",
+        }
+    }
+
+    /// The job page's notice afterwards (`?done=`).
+    fn done(self) -> &'static str {
+        match self {
+            OneJob::Retry => "retry",
+            OneJob::Cancel => "cancel",
+        }
+    }
+
+    /// Changes the job; its kind, or None if the action does not apply to it.
+    async fn apply(self, conn: &mut PgConnection, id: Uuid) -> Result<Option<String>, StoreError> {
+        Ok(match self {
+            OneJob::Retry => store::reset_for_retry(conn, id).await?.map(|row| row.kind),
+            OneJob::Cancel => store::cancel_pending(conn, id).await?,
+        })
+    }
+}
+
+/// Retries one failed or canceled job (`POST …/retry`), or cancels a
+/// pending one (`POST …/cancel`): it will not start.
+pub async fn act(
     State(db): State<PgPool>,
     State(jobs): State<Jobs>,
     signed: Signed,
-    Path(id): Path<String>,
+    Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
     Form(form): Form<ActionForm>,
 ) -> PageResult<Response> {
-    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
-    let id = parse_id(&id)?;
-    let mut tx = db.begin().await.map_err(StoreError::from)?;
-    let Some(row) = store::reset_for_retry(&mut *tx, id).await? else {
-        drop(tx);
-        return Err(refusal(&db, id, "only a failed or canceled job can be retried").await);
+    let what = match action.as_str() {
+        "retry" => OneJob::Retry,
+        "cancel" => OneJob::Cancel,
+        _ => return Err(DashboardError::NotFound(format!("Jobs have no action {action:?}"))),
     };
-    audit::record(&mut *tx, signed.operator.id, "job.retry", &format!("job:{id}"), json!({ "kind": row.kind })).await?;
-    tx.commit().await.map_err(StoreError::from)?;
-    relay(&jobs, &[(id, row.kind.clone())]).await;
-    tracing::info!(operator = %signed.operator.email, job = %id, kind = %row.kind, "operator retried a job");
-    Ok(Redirect::to(&form.filters.job_url(id, &[("done", "retry")])).into_response())
+    act_on_job(&db, &jobs, &signed, &id, &headers, form, what).await
 }
 
-/// Cancels a pending job: it will not start.
-pub async fn cancel(
-    State(db): State<PgPool>,
-    signed: Signed,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<ActionForm>,
+/// One job's action and its audit row in one transaction; a retried job is
+/// relayed once that commits. Back to the job's page, filters kept.
+async fn act_on_job(
+    db: &PgPool,
+    jobs: &Jobs,
+    signed: &Signed,
+    id: &str,
+    headers: &HeaderMap,
+    form: ActionForm,
+    what: OneJob,
 ) -> PageResult<Response> {
-    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
-    let id = parse_id(&id)?;
+    signed.authorize_action(csrf_token(form.csrf.as_deref(), headers))?;
+    let id = parse_id(id)?;
     let mut tx = db.begin().await.map_err(StoreError::from)?;
-    if !store::cancel_pending(&mut *tx, id).await? {
+    let Some(kind) = what.apply(&mut tx, id).await? else {
         drop(tx);
-        return Err(refusal(&db, id, "only a pending job (not started yet) can be canceled").await);
-    }
-    audit::record(&mut *tx, signed.operator.id, "job.cancel", &format!("job:{id}"), json!({})).await?;
+        return Err(refusal(db, id, what.rule()).await);
+    };
+    let action = what.audit_action();
+    audit::record(&mut *tx, signed.operator.id, action, &format!("job:{id}"), json!({ "kind": kind })).await?;
     tx.commit().await.map_err(StoreError::from)?;
-    tracing::info!(operator = %signed.operator.email, job = %id, "operator canceled a job");
-    Ok(Redirect::to(&form.filters.job_url(id, &[("done", "cancel")])).into_response())
+    if let OneJob::Retry = what {
+        relay(jobs, &[(id, kind.clone())]).await;
+    }
+    tracing::info!(operator = %signed.operator.email, job = %id, %kind, action, "operator acted on a job");
+    Ok(Redirect::to(&form.filters.job_url(id, &[("done", what.done())])).into_response())
 }
 
 /// Retries the jobs ticked on the list (a form of repeated `ids` fields,

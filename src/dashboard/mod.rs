@@ -43,8 +43,7 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/jobs/retry-selected", post(jobs::retry_selected))
         .route("/dashboard/jobs/retry-matching", get(jobs::retry_matching_preview).post(jobs::retry_matching))
         .route("/dashboard/jobs/{job}", get(jobs::job))
-        .route("/dashboard/jobs/{job}/retry", post(jobs::retry))
-        .route("/dashboard/jobs/{job}/cancel", post(jobs::cancel))
+        .route("/dashboard/jobs/{job}/{action}", post(jobs::act))
         .route("/dashboard/static/{file}", get(assets::serve))
         .layer(axum::middleware::from_fn(security_headers))
 }

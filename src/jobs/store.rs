@@ -259,19 +259,17 @@ pub async fn retry_selected(conn: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<V
 }
 
 /// Cancels a job that has not started (`pending`: queued, or waiting out a
-/// retry's backoff); a delivery of it then does nothing. False if the job is
-/// gone or not pending (running jobs finish their attempt; finished ones
-/// stay as they ended).
-pub async fn cancel_pending(conn: impl PgExecutor<'_>, id: Uuid) -> Result<bool, StoreError> {
-    Ok(sqlx::query(
+/// retry's backoff); a delivery of it then does nothing. Returns its kind;
+/// None if the job is gone or not pending (running jobs finish their attempt;
+/// finished ones stay as they ended).
+pub async fn cancel_pending(conn: impl PgExecutor<'_>, id: Uuid) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar(
         "UPDATE jobs SET status = 'canceled', finished_at = now(), updated_at = now()
-         WHERE id = $1 AND status = 'pending'",
+         WHERE id = $1 AND status = 'pending' RETURNING kind",
     )
     .bind(id)
-    .execute(conn)
-    .await?
-    .rows_affected()
-        == 1)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// Which jobs an operator is looking at: a kind, a status, and text searched

@@ -59,6 +59,25 @@ async fn attempt_error(app: &TestApp, job: Uuid, attempt: i32, error: &str) {
     .unwrap();
 }
 
+/// A server with no cron, the two operators, and a quiet queue.
+async fn jobs_app() -> TestApp {
+    let app = TestApp::spawn_without_sweeps().await;
+    with_operators(&app).await;
+    quiet(&app).await;
+    app
+}
+
+/// Renames the audit log away (`gone`) or back: while it is away, every
+/// action's audit insert fails, and the action must roll back with it.
+async fn audit_log_gone(app: &TestApp, gone: bool) {
+    let sql = if gone {
+        "ALTER TABLE audit_log RENAME TO audit_log_gone"
+    } else {
+        "ALTER TABLE audit_log_gone RENAME TO audit_log"
+    };
+    sqlx::query(sql).execute(app.db()).await.unwrap();
+}
+
 /// Keeps the server's own runtime off seeded rows: the queue's marker is set
 /// now, so no lost-queue recovery pushes every unfinished job.
 async fn quiet(app: &TestApp) {
@@ -98,9 +117,7 @@ fn location(resp: &reqwest::Response) -> String {
 
 #[tokio::test]
 async fn the_jobs_list_filters_pages_and_searches_every_attempt() {
-    let app = TestApp::spawn_without_sweeps().await;
-    with_operators(&app).await;
-    quiet(&app).await;
+    let app = jobs_app().await;
     let mut failed = Vec::new();
     for _ in 0..28 {
         failed.push(seed(&app, "probe", "failed", Some("probe: failing attempt 5 of 9 on purpose")).await);
@@ -158,9 +175,7 @@ async fn the_jobs_list_filters_pages_and_searches_every_attempt() {
 
 #[tokio::test]
 async fn a_job_page_shows_every_attempt_and_only_admins_get_its_actions() {
-    let app = TestApp::spawn_without_sweeps().await;
-    with_operators(&app).await;
-    quiet(&app).await;
+    let app = jobs_app().await;
     let failed = seed(&app, "run-sweep", "failed", Some("the last <error>")).await;
     for n in 1..=2 {
         attempt_error(&app, failed, n, &format!("attempt {n} broke")).await;
@@ -190,9 +205,7 @@ async fn a_job_page_shows_every_attempt_and_only_admins_get_its_actions() {
 
 #[tokio::test]
 async fn retry_and_cancel_need_an_admin_and_the_token_and_are_audited_in_their_transaction() {
-    let app = TestApp::spawn_without_sweeps().await;
-    with_operators(&app).await;
-    quiet(&app).await;
+    let app = jobs_app().await;
     let failed = seed(&app, "probe", "failed", Some("boom")).await;
     let pending = seed(&app, "probe", "pending", None).await;
     let retry = format!("/dashboard/jobs/{failed}/retry");
@@ -210,7 +223,7 @@ async fn retry_and_cancel_need_an_admin_and_the_token_and_are_audited_in_their_t
     assert!(audit_rows(&app).await.is_empty());
 
     // The audit insert fails: the action rolls back with it.
-    sqlx::query("ALTER TABLE audit_log RENAME TO audit_log_gone").execute(app.db()).await.unwrap();
+    audit_log_gone(&app, true).await;
     for path in [&retry, &cancel] {
         let resp = admin.post(path, Some(&admin.csrf.clone())).await;
         assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -219,7 +232,7 @@ async fn retry_and_cancel_need_an_admin_and_the_token_and_are_audited_in_their_t
     }
     assert!(!was_retried(&app, failed).await && row(&app, failed).await.status == JobStatus::Failed);
     assert_eq!(row(&app, pending).await.status, JobStatus::Pending, "the cancel did not commit alone");
-    sqlx::query("ALTER TABLE audit_log_gone RENAME TO audit_log").execute(app.db()).await.unwrap();
+    audit_log_gone(&app, false).await;
 
     // Retry: back in line with a fresh budget, relayed, and it runs.
     let done = admin.post_form(&retry, &[("csrf", admin.csrf.as_str()), ("kind", "probe"), ("q", "a b")]).await;
@@ -255,6 +268,8 @@ async fn retry_and_cancel_need_an_admin_and_the_token_and_are_audited_in_their_t
     assert_eq!(resp.status(), StatusCode::CONFLICT);
     let resp = admin.post(&format!("/dashboard/jobs/{}/cancel", Uuid::now_v7()), Some(&admin.csrf.clone())).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = admin.post(&format!("/dashboard/jobs/{failed}/explode"), Some(&admin.csrf.clone())).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "no such action");
 
     // A canceled job can be retried: it runs after all.
     let resp = admin.post(&format!("/dashboard/jobs/{pending}/retry"), Some(&admin.csrf.clone())).await;
@@ -275,9 +290,7 @@ async fn retry_and_cancel_need_an_admin_and_the_token_and_are_audited_in_their_t
 
 #[tokio::test]
 async fn retry_selected_touches_only_the_ticked_failed_or_canceled_jobs() {
-    let app = TestApp::spawn_without_sweeps().await;
-    with_operators(&app).await;
-    quiet(&app).await;
+    let app = jobs_app().await;
     let a = seed(&app, "probe", "failed", Some("boom")).await;
     let b = seed(&app, "probe", "failed", Some("boom")).await;
     let c = seed(&app, "probe", "canceled", None).await;
@@ -296,11 +309,11 @@ async fn retry_selected_touches_only_the_ticked_failed_or_canceled_jobs() {
     let resp = admin.post_form(path, &[("csrf", admin.csrf.as_str()), ("ids", done_s.as_str())]).await;
     assert_eq!(resp.status(), StatusCode::CONFLICT, "nothing retryable selected");
 
-    sqlx::query("ALTER TABLE audit_log RENAME TO audit_log_gone").execute(app.db()).await.unwrap();
+    audit_log_gone(&app, true).await;
     let resp = admin.post_form(path, &[("csrf", admin.csrf.as_str()), ("ids", a_s.as_str())]).await;
     assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert!(!was_retried(&app, a).await, "rolled back with its audit row");
-    sqlx::query("ALTER TABLE audit_log_gone RENAME TO audit_log").execute(app.db()).await.unwrap();
+    audit_log_gone(&app, false).await;
 
     let form = [
         ("csrf", admin.csrf.as_str()),
@@ -330,9 +343,7 @@ async fn retry_selected_touches_only_the_ticked_failed_or_canceled_jobs() {
 
 #[tokio::test]
 async fn retry_all_matching_touches_exactly_the_filtered_set_as_previewed() {
-    let app = TestApp::spawn_without_sweeps().await;
-    with_operators(&app).await;
-    quiet(&app).await;
+    let app = jobs_app().await;
     // Matching: failed probes whose last error, or an earlier attempt's, says timeout.
     let m1 = seed(&app, "probe", "failed", Some("Connection TIMEOUT to upstream")).await;
     let m2 = seed(&app, "probe", "failed", Some("read timeout")).await;
@@ -383,10 +394,10 @@ async fn retry_all_matching_touches_exactly_the_filtered_set_as_previewed() {
     assert_eq!(post(form("", &as_of)).await.status(), StatusCode::FORBIDDEN, "no CSRF token");
     assert_eq!(post(form(&admin.csrf, "")).await.status(), StatusCode::BAD_REQUEST, "no preview time");
 
-    sqlx::query("ALTER TABLE audit_log RENAME TO audit_log_gone").execute(app.db()).await.unwrap();
+    audit_log_gone(&app, true).await;
     assert_eq!(post(form(&admin.csrf, &as_of)).await.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert!(!was_retried(&app, m1).await, "rolled back with its audit row");
-    sqlx::query("ALTER TABLE audit_log_gone RENAME TO audit_log").execute(app.db()).await.unwrap();
+    audit_log_gone(&app, false).await;
 
     let resp = post(form(&admin.csrf, &as_of)).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
