@@ -75,8 +75,20 @@ enum JobsCommand {
     },
     /// One job and every attempt, with errors.
     Show { id: Uuid },
-    /// Run a failed job again with a fresh attempt budget.
+    /// Run a failed or canceled job again with a fresh attempt budget.
     Retry { id: Uuid },
+    /// Submit a probe job, a test seam that fails its first N attempts on
+    /// purpose, then succeeds: checks the job pipeline and the dashboard's
+    /// retry end to end. Prints the job id.
+    Probe {
+        /// Attempts that fail before one succeeds.
+        #[arg(long = "fail", default_value_t = 0)]
+        fail: u32,
+        /// The job's attempt budget (1 to 5); at most `fail` leaves it failed.
+        #[arg(long, default_value_t = jobs::DEFAULT_MAX_ATTEMPTS,
+              value_parser = clap::value_parser!(i32).range(1..=i64::from(jobs::DEFAULT_MAX_ATTEMPTS)))]
+        max_attempts: i32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -338,8 +350,14 @@ async fn jobs_command(cmd: JobsCommand, config: Config, pool: sqlx::PgPool) -> a
             let jobs = app::jobs(&config, pool, redis);
             match jobs.retry(id).await? {
                 Some(j) => println!("job {} ({}) queued again", j.id, j.kind),
-                None => anyhow::bail!("job {id} does not exist or has not failed"),
+                None => anyhow::bail!("job {id} does not exist, or is neither failed nor canceled"),
             }
+        }
+        JobsCommand::Probe { fail, max_attempts } => {
+            let (_, redis) = app::connect_redis(&config).await?;
+            let jobs = app::jobs(&config, pool, redis);
+            let id = jobs.submit_with_attempts(&jobs::Job::Probe { fail_first: fail }, max_attempts).await?;
+            println!("{id}");
         }
     }
     Ok(())

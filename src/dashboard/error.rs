@@ -21,6 +21,10 @@ pub enum DashboardError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    /// The action does not fit the thing's current state (say, canceling a
+    /// job that already ran).
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -53,6 +57,7 @@ impl IntoResponse for DashboardError {
             DashboardError::Csrf => (StatusCode::FORBIDDEN, "Form expired"),
             DashboardError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
             DashboardError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Check the form"),
+            DashboardError::Conflict(_) => (StatusCode::CONFLICT, "Not possible now"),
             DashboardError::Internal(err) => {
                 tracing::error!(error = %format!("{err:#}"), "dashboard request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong")

@@ -3,6 +3,7 @@
 //!
 //! - [`auth`]: sign-in, the signed session cookie, CSRF, roles.
 //! - [`pages`]: the pages and actions, thin over the domain services.
+//! - [`jobs`]: the job ledger's pages and the operator's retries and cancels.
 //! - [`live`]: a session channel's tail as server-sent HTML, for htmx.
 //! - [`assets`]: the vendored static files, served from the binary.
 //! - [`error`]: dashboard errors as pages, never a raw body.
@@ -13,6 +14,7 @@
 pub mod assets;
 pub mod auth;
 pub mod error;
+pub mod jobs;
 pub mod live;
 pub mod pages;
 
@@ -36,6 +38,12 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/sessions/{session}/trigger", post(pages::trigger_run))
         .route("/dashboard/sessions/{session}/{io}/tail", get(live::tail))
         .route("/dashboard/audit", get(pages::audit))
+        // Jobs: the list, one job, and the operator's retries and cancels.
+        .route("/dashboard/jobs", get(jobs::list))
+        .route("/dashboard/jobs/retry-selected", post(jobs::retry_selected))
+        .route("/dashboard/jobs/retry-matching", get(jobs::retry_matching_preview).post(jobs::retry_matching))
+        .route("/dashboard/jobs/{job}", get(jobs::job))
+        .route("/dashboard/jobs/{job}/{action}", post(jobs::act))
         .route("/dashboard/static/{file}", get(assets::serve))
         .layer(axum::middleware::from_fn(security_headers))
 }

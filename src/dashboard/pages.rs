@@ -28,7 +28,7 @@ use crate::sessions::store as session_store;
 use crate::tenancy::store::{self as tenancy_store, EnvListing};
 
 /// Rows per dashboard page.
-const PAGE_SIZE: usize = 25;
+pub(super) const PAGE_SIZE: usize = 25;
 
 /// What every page's frame shows: who is signed in, their token for forms,
 /// which page is current.
@@ -42,7 +42,7 @@ pub struct Frame {
 }
 
 impl Frame {
-    fn new(signed: &Signed, current: &'static str) -> Self {
+    pub(super) fn new(signed: &Signed, current: &'static str) -> Self {
         Frame {
             email: signed.operator.email.clone(),
             role: signed.operator.role.as_str(),
@@ -54,7 +54,7 @@ impl Frame {
     }
 }
 
-fn render(page: impl Template) -> PageResult<Response> {
+pub(super) fn render(page: impl Template) -> PageResult<Response> {
     Ok(Html(page.render()?).into_response())
 }
 
@@ -63,7 +63,7 @@ pub fn iso(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-fn pretty(v: &serde_json::Value) -> String {
+pub(super) fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 

@@ -39,7 +39,9 @@ pub struct JobContext {
     pub heartbeat_timeout_ms: u64,
 }
 
-pub async fn execute(ctx: &JobContext, job: &Job) -> Outcome {
+/// Runs `job`; `attempt` is this attempt's number, from 1 (it keeps counting
+/// across retries).
+pub async fn execute(ctx: &JobContext, job: &Job, attempt: u32) -> Outcome {
     match job {
         Job::TriggerRun { run_id } => match run_store::mark_enqueued(&ctx.db, *run_id).await? {
             Some(due) => {
@@ -87,7 +89,16 @@ pub async fn execute(ctx: &JobContext, job: &Job) -> Outcome {
             let (booted, checked) = ctx.appender.boot_unread_input().await?;
             Ok(format!("{booted} runs booted for unread input ({checked} sessions checked)"))
         }
+        Job::Probe { fail_first } => probe(*fail_first, attempt),
     }
+}
+
+/// The probe job (a test seam): fails attempts 1 to `fail_first`, then succeeds.
+fn probe(fail_first: u32, attempt: u32) -> Outcome {
+    if attempt <= fail_first {
+        anyhow::bail!("probe: failing attempt {attempt} of {fail_first} on purpose");
+    }
+    Ok(format!("probe: succeeded on attempt {attempt}, after {fail_first} failed on purpose"))
 }
 
 /// Crash detection (missed heartbeats), maxDuration, queued-run ttl, and
@@ -125,4 +136,17 @@ async fn session_expiry_sweep(ctx: &JobContext) -> Outcome {
         "{canceled} runs of expired sessions canceled, {} channels closed, {pruned} old jobs pruned",
         expired_sessions.len()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe;
+
+    #[test]
+    fn a_probe_fails_its_first_attempts_then_succeeds() {
+        assert_eq!(probe(2, 1).unwrap_err().to_string(), "probe: failing attempt 1 of 2 on purpose");
+        assert_eq!(probe(2, 2).unwrap_err().to_string(), "probe: failing attempt 2 of 2 on purpose");
+        assert!(probe(2, 3).is_ok());
+        assert!(probe(0, 1).is_ok());
+    }
 }

@@ -72,6 +72,13 @@ pub enum Job {
     /// Compares ClickHouse with Postgres and repairs the months that differ
     /// (see `replication::reconcile`).
     ReplicationReconcile,
+    /// A test seam: fails its first `fail_first` attempts on purpose, then
+    /// succeeds. It checks the job pipeline (attempts, backoff, the failed
+    /// state) and the dashboard's retry end to end, without breaking
+    /// anything real (`sessiond jobs probe`).
+    Probe {
+        fail_first: u32,
+    },
 }
 
 impl Job {
@@ -89,8 +96,26 @@ impl Job {
             Job::Backfill { .. } => "backfill",
             Job::ReplicationFlush { .. } => "replication-flush",
             Job::ReplicationReconcile => "replication-reconcile",
+            Job::Probe { .. } => "probe",
         }
     }
+
+    /// Every kind, as stored in `jobs.kind`: what the dashboard's kind filter offers.
+    pub const KINDS: [&'static str; 13] = [
+        "trigger-run",
+        "cancel-run",
+        "run-handoff",
+        "run-sweep",
+        "session-expiry-sweep",
+        "waitpoint-drain",
+        "close-channels",
+        "waitpoint-timeout-sweep",
+        "input-boot-sweep",
+        "backfill",
+        "replication-flush",
+        "replication-reconcile",
+        "probe",
+    ];
 
     /// The job a cron schedule of this name enqueues.
     pub fn for_schedule(name: &str) -> Option<Job> {
@@ -221,6 +246,12 @@ impl Jobs {
         store::mark_relayed(&self.pool, &pushed).await
     }
 
+    /// Relays committed rows of any lanes, given with their kinds (a retry of
+    /// many jobs), and marks them relayed before returning.
+    pub async fn relay_committed(&self, jobs: &[(Uuid, String)]) -> Result<(), StoreError> {
+        self.relay_kinds(jobs).await
+    }
+
     /// Relays rows of any lanes, given with their kinds.
     async fn relay_kinds(&self, jobs: &[(Uuid, String)]) -> Result<(), StoreError> {
         for lane in Lane::ALL {
@@ -234,13 +265,20 @@ impl Jobs {
 
     /// Writes a job on its own (no surrounding state change) and relays it.
     pub async fn submit(&self, job: &Job) -> Result<Uuid, StoreError> {
-        let id = store::insert(&self.pool, job, DEFAULT_MAX_ATTEMPTS).await?;
+        self.submit_with_attempts(job, DEFAULT_MAX_ATTEMPTS).await
+    }
+
+    /// [`Jobs::submit`] with its own attempt budget (at most
+    /// [`DEFAULT_MAX_ATTEMPTS`]: the worker's retry policy redelivers a job
+    /// that many times per push).
+    pub async fn submit_with_attempts(&self, job: &Job, max_attempts: i32) -> Result<Uuid, StoreError> {
+        let id = store::insert(&self.pool, job, max_attempts).await?;
         self.relay_and_mark(job.lane(), &[id]).await?;
         Ok(id)
     }
 
-    /// Runs a failed job again with a fresh attempt budget. None if the job does
-    /// not exist or is not failed.
+    /// Runs a failed or canceled job again with a fresh attempt budget. None if
+    /// the job does not exist or is neither failed nor canceled.
     pub async fn retry(&self, id: Uuid) -> Result<Option<store::JobRow>, StoreError> {
         let row = store::reset_for_retry(&self.pool, id).await?;
         if let Some(row) = &row {
@@ -304,5 +342,38 @@ mod tests {
         assert_eq!(serde_json::from_value::<Job>(v).unwrap(), Job::TriggerRun { run_id: id });
         assert_eq!(Job::for_schedule("run-sweep"), Some(Job::RunSweep));
         assert_eq!(Job::for_schedule("nope"), None);
+    }
+
+    #[test]
+    fn every_kind_is_listed_and_probes_run_on_the_engine_lane() {
+        let probe = Job::Probe { fail_first: 2 };
+        assert_eq!(serde_json::to_value(&probe).unwrap(), serde_json::json!({ "kind": "probe", "fail_first": 2 }));
+        assert_eq!(probe.lane(), Lane::Engine);
+        let id = Uuid::now_v7();
+        let every = [
+            Job::TriggerRun { run_id: id },
+            Job::CancelRun { run_id: id },
+            Job::RunSweep,
+            Job::SessionExpirySweep,
+            Job::DrainWaitpoints { session_id: id, io: crate::streams::Io::In, seq_num: 1, waitpoint_ids: vec![] },
+            Job::CloseChannels { session_id: id, reason: None, notify_in: false },
+            Job::WaitpointTimeoutSweep,
+            Job::RunHandoff(crate::sessions::run_manager::HandoffStep {
+                session_id: id,
+                version: 1,
+                run: "run_1".into(),
+                control: None,
+            }),
+            Job::InputBootSweep,
+            Job::Backfill { backfill_id: id, chunk: 0 },
+            Job::ReplicationFlush { flush_id: id },
+            Job::ReplicationReconcile,
+            probe,
+        ];
+        let mut kinds: Vec<&str> = every.iter().map(Job::kind).collect();
+        kinds.sort_unstable();
+        let mut listed = Job::KINDS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(kinds, listed, "Job::KINDS lists every kind once");
     }
 }

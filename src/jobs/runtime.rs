@@ -31,7 +31,7 @@ async fn run_job(envelope: JobEnvelope, ctx: Data<JobContext>) -> Result<(), Box
     };
     let attempt = row.attempts;
     let result = match row.job() {
-        Ok(job) => handlers::execute(&ctx, &job).await,
+        Ok(job) => handlers::execute(&ctx, &job, u32::try_from(attempt).unwrap_or_default()).await,
         Err(err) => Err(err.into()),
     };
     match result {

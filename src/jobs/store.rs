@@ -8,7 +8,9 @@ use super::Job;
 use crate::db::StoreError;
 
 /// Where a job stands: `pending` (queued, or waiting for a retry), `running`,
-/// then `succeeded` or, once its attempts are spent, `failed`.
+/// then `succeeded` or, once its attempts are spent, `failed`. An operator can
+/// cancel a pending job (`canceled`: it never starts); a failed or canceled
+/// job can be retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 #[serde(rename_all = "lowercase")]
@@ -17,6 +19,31 @@ pub enum JobStatus {
     Running,
     Succeeded,
     Failed,
+    Canceled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] =
+        [JobStatus::Pending, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Canceled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether an operator may run the job again.
+    pub fn retryable(self) -> bool {
+        matches!(self, JobStatus::Failed | JobStatus::Canceled)
+    }
 }
 
 /// How one attempt of a job went (`job_attempts.status`).
@@ -31,12 +58,7 @@ pub enum AttemptStatus {
 
 impl std::fmt::Display for JobStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            JobStatus::Pending => "pending",
-            JobStatus::Running => "running",
-            JobStatus::Succeeded => "succeeded",
-            JobStatus::Failed => "failed",
-        })
+        f.write_str(self.as_str())
     }
 }
 
@@ -105,11 +127,12 @@ pub async fn mark_relayed(pool: &PgPool, ids: &[Uuid]) -> Result<(), StoreError>
     Ok(())
 }
 
-/// Jobs written but not on the queue yet, older than `grace_ms` (younger ones are
-/// still being relayed by the request that wrote them).
+/// Pending jobs written but not on the queue yet, older than `grace_ms`
+/// (younger ones are still being relayed by the request that wrote them). A
+/// canceled job is never pushed again.
 pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<(Uuid, String)>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT id, kind FROM jobs WHERE relayed_at IS NULL AND created_at < now() - make_interval(secs => $1::float8 / 1000)
+        "SELECT id, kind FROM jobs WHERE relayed_at IS NULL AND status = 'pending' AND created_at < now() - make_interval(secs => $1::float8 / 1000)
          ORDER BY created_at LIMIT $2",
     )
     .bind(grace_ms)
@@ -118,9 +141,9 @@ pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<(
     .await?)
 }
 
-/// Unfinished jobs (pending or running) after `after` in id order, which is
-/// creation order (uuid v7): what a job queue that lost its data must carry
-/// again.
+/// Unfinished jobs (pending or running; not canceled ones) after `after` in id
+/// order, which is creation order (uuid v7): what a job queue that lost its
+/// data must carry again.
 pub async fn unfinished(pool: &PgPool, after: Option<Uuid>, limit: i64) -> Result<Vec<(Uuid, String)>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT id, kind FROM jobs WHERE status IN ('pending', 'running') AND ($1::uuid IS NULL OR id > $1)
@@ -138,7 +161,8 @@ pub const ABANDONED_AFTER_SECS: i64 = 600;
 
 /// Starts an attempt of an unfinished job: bumps the counter, logs the
 /// attempt, and returns the row (its `attempts` is this attempt's number).
-/// None if the job is gone, finished, or has spent its attempts.
+/// None if the job is gone, finished, canceled, or has spent its attempts: a
+/// delivery of a canceled job does nothing.
 ///
 /// A job can be delivered twice (the lost-queue recovery pushes every
 /// unfinished job, including one waiting out its retry backoff), and each copy
@@ -165,6 +189,11 @@ pub async fn begin_attempt(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, St
 
 /// Ends an attempt. A failure leaves the job `pending` (it will be retried) until
 /// `final_failure`, when it becomes `failed` and stays visible with its error.
+/// Only a job still under way (`pending` or `running`) changes: with two
+/// copies of a job running at once (see [`begin_attempt`]), a failure that
+/// ends after the other copy's success leaves the job succeeded, and a job an
+/// operator canceled meanwhile stays canceled. The attempt's own row always
+/// says how it went.
 pub async fn finish_attempt(
     pool: &PgPool,
     id: Uuid,
@@ -183,7 +212,7 @@ pub async fn finish_attempt(
              UPDATE job_attempts SET status = $3, error = $4, finished_at = now() WHERE job_id = $1 AND attempt = $2)
          UPDATE jobs SET status = $5, last_error = coalesce($4, last_error), updated_at = now(),
              finished_at = CASE WHEN $5 IN ('succeeded', 'failed') THEN now() ELSE NULL END
-         WHERE id = $1",
+         WHERE id = $1 AND status IN ('pending', 'running')",
     )
     .bind(id)
     .bind(attempt)
@@ -195,16 +224,178 @@ pub async fn finish_attempt(
     Ok(())
 }
 
-/// Puts a failed job back in line: a fresh retry budget, and not yet relayed.
-pub async fn reset_for_retry(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError> {
+/// What a retry sets: back in line (`pending`, not yet relayed) with a fresh
+/// budget of attempts on top of those spent, whose numbers keep counting.
+fn retry_set() -> String {
+    format!(
+        "status = 'pending', relayed_at = NULL, max_attempts = attempts + {}, finished_at = NULL, updated_at = now()",
+        super::DEFAULT_MAX_ATTEMPTS
+    )
+}
+
+/// Puts a failed or canceled job back in line (see [`retry_set`]); the caller
+/// relays it once this commits. None if the job does not exist or is neither
+/// failed nor canceled.
+pub async fn reset_for_retry(conn: impl PgExecutor<'_>, id: Uuid) -> Result<Option<JobRow>, StoreError> {
     Ok(sqlx::query_as(&format!(
-        "UPDATE jobs SET status = 'pending', relayed_at = NULL, max_attempts = attempts + $2,
-            finished_at = NULL, updated_at = now()
-         WHERE id = $1 AND status = 'failed' RETURNING {JOB_COLUMNS}"
+        "UPDATE jobs SET {} WHERE id = $1 AND status IN ('failed', 'canceled') RETURNING {JOB_COLUMNS}",
+        retry_set()
     ))
     .bind(id)
-    .bind(super::DEFAULT_MAX_ATTEMPTS)
-    .fetch_optional(pool)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Retries those of `ids` that are failed or canceled; returns them with
+/// their kinds (for the relay).
+pub async fn retry_selected(conn: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<(Uuid, String)>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "UPDATE jobs SET {} WHERE id = ANY($1) AND status IN ('failed', 'canceled') RETURNING id, kind",
+        retry_set()
+    ))
+    .bind(ids)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Cancels a job that has not started (`pending`: queued, or waiting out a
+/// retry's backoff); a delivery of it then does nothing. Returns its kind;
+/// None if the job is gone or not pending (running jobs finish their attempt;
+/// finished ones stay as they ended).
+pub async fn cancel_pending(conn: impl PgExecutor<'_>, id: Uuid) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE jobs SET status = 'canceled', finished_at = now(), updated_at = now()
+         WHERE id = $1 AND status = 'pending' RETURNING kind",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Which jobs an operator is looking at: a kind, a status, and text searched
+/// (case-insensitively) in the last error and in every attempt's error.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    pub kind: Option<String>,
+    pub status: Option<JobStatus>,
+    pub search: Option<String>,
+}
+
+impl JobFilter {
+    /// The search as an ILIKE pattern: the text, its wildcards escaped.
+    fn pattern(&self) -> Option<String> {
+        self.search.as_deref().map(|q| {
+            let escaped = q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+            format!("%{escaped}%")
+        })
+    }
+
+    /// The statuses a retry of everything this filter matches touches: failed
+    /// jobs, or the canceled ones when the filter asks for those.
+    fn retry_statuses(&self) -> Vec<&'static str> {
+        match self.status {
+            None | Some(JobStatus::Failed) => vec![JobStatus::Failed.as_str()],
+            Some(JobStatus::Canceled) => vec![JobStatus::Canceled.as_str()],
+            Some(_) => Vec::new(),
+        }
+    }
+}
+
+/// The filter's conditions on `jobs`, over binds $1 (kind), $2 (status) and
+/// $3 (the search pattern). The search reads every attempt's error (a job's
+/// earlier attempts may have failed differently from its last); it has no
+/// index, and runs over what the kind and status leave.
+const FILTER_WHERE: &str = "($1::text IS NULL OR kind = $1) AND ($2::text IS NULL OR status = $2)
+     AND ($3::text IS NULL OR last_error ILIKE $3
+          OR EXISTS (SELECT 1 FROM job_attempts a WHERE a.job_id = jobs.id AND a.error ILIKE $3))";
+
+/// Which page of a filtered list: the newest, the one older than a job, or
+/// the one newer than a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageAt {
+    Newest,
+    Older(Uuid),
+    Newer(Uuid),
+}
+
+/// One page of jobs, newest first, and the cursors next to it.
+#[derive(Debug, Clone)]
+pub struct JobPage {
+    pub jobs: Vec<JobRow>,
+    /// The last job shown, if older ones match.
+    pub older: Option<Uuid>,
+    /// The first job shown, if newer ones match.
+    pub newer: Option<Uuid>,
+}
+
+/// A keyset page (no OFFSET) of the jobs `filter` matches, newest first by id
+/// (uuid v7: creation order), `size` jobs at most. One row more is read, to
+/// know whether another page follows.
+pub async fn page(pool: &PgPool, filter: &JobFilter, at: PageAt, size: usize) -> Result<JobPage, StoreError> {
+    let (cursor, newer_side) = match at {
+        PageAt::Newest => (None, false),
+        PageAt::Older(id) => (Some(id), false),
+        PageAt::Newer(id) => (Some(id), true),
+    };
+    let (compare, order) = if newer_side { (">", "ASC") } else { ("<", "DESC") };
+    let mut jobs: Vec<JobRow> = sqlx::query_as(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE {FILTER_WHERE} AND ($4::uuid IS NULL OR id {compare} $4)
+         ORDER BY id {order} LIMIT $5"
+    ))
+    .bind(&filter.kind)
+    .bind(filter.status)
+    .bind(filter.pattern())
+    .bind(cursor)
+    .bind(size as i64 + 1)
+    .fetch_all(pool)
+    .await?;
+    let more = jobs.len() > size;
+    jobs.truncate(size);
+    if newer_side {
+        jobs.reverse();
+    }
+    let (older, newer) = match at {
+        PageAt::Newest => (more.then(|| jobs.last().map(|j| j.id)).flatten(), None),
+        PageAt::Older(_) => (more.then(|| jobs.last().map(|j| j.id)).flatten(), jobs.first().map(|j| j.id)),
+        PageAt::Newer(_) => (jobs.last().map(|j| j.id), more.then(|| jobs.first().map(|j| j.id)).flatten()),
+    };
+    Ok(JobPage { jobs, older, newer })
+}
+
+/// How many jobs a retry of everything `filter` matches would touch now, and
+/// the database's clock at that moment: the preview's time, which the retry
+/// is then held to ([`retry_matching`]).
+pub async fn count_matching(pool: &PgPool, filter: &JobFilter) -> Result<(i64, DateTime<Utc>), StoreError> {
+    Ok(sqlx::query_as(&format!("SELECT count(*), now() FROM jobs WHERE {FILTER_WHERE} AND status = ANY($4::text[])"))
+        .bind(&filter.kind)
+        .bind(filter.status)
+        .bind(filter.pattern())
+        .bind(filter.retry_statuses())
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Retries every job `filter` matches that had already failed (or been
+/// canceled, if the filter asks for those) at `as_of`, the time of the
+/// preview the operator confirmed: a job that fails after it is left alone,
+/// so the retry touches no more than what was shown. Returns the jobs with
+/// their kinds, for the relay once this commits.
+pub async fn retry_matching(
+    conn: impl PgExecutor<'_>,
+    filter: &JobFilter,
+    as_of: DateTime<Utc>,
+) -> Result<Vec<(Uuid, String)>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "UPDATE jobs SET {} WHERE {FILTER_WHERE} AND status = ANY($4::text[]) AND finished_at <= $5
+         RETURNING id, kind",
+        retry_set()
+    ))
+    .bind(&filter.kind)
+    .bind(filter.status)
+    .bind(filter.pattern())
+    .bind(filter.retry_statuses())
+    .bind(as_of)
+    .fetch_all(conn)
     .await?)
 }
 

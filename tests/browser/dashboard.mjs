@@ -8,6 +8,11 @@
 //   ok - <check name>
 //   not ok - <check name>: <error>
 //   waiting-for-out          (check 6: append a live-marker-... record now)
+//
+// Jobs (PROBE_JOB, STUCK_JOB): the Rust test submits two probe jobs (the
+// job kind that fails on purpose) and waits until both have failed every
+// attempt. The admin retries PROBE_JOB from its page (its next attempt
+// succeeds); STUCK_JOB stays failed, for the viewer's look at a job page.
 //   <P> passed, <F> failed   (last line; exit code 1 if F > 0)
 // Diagnostics (browser console errors, screenshot paths) go to stderr.
 
@@ -21,6 +26,8 @@ const NAV_TIMEOUT = 10_000;
 const SERVER_WAIT = 10_000; // for the login page to answer 200 at start
 const LIVE_READY_TIMEOUT = 10_000; // the SSE connection to open
 const OUT_TIMEOUT = 15_000; // the appended .out record to show up
+const JOB_TIMEOUT = 15_000; // a retried job to reach succeeded
+const JOB_POLL = 500; // reload interval while waiting for it
 const WATCHDOG = 110_000; // the whole run, should anything hang (the Rust test gives it 120 s)
 
 // ---- output ----
@@ -72,6 +79,8 @@ const REQUIRED = [
     'FILTER_TAG',
     'FILTER_MATCHES',
     'LIVE_SESSION',
+    'PROBE_JOB',
+    'STUCK_JOB',
 ];
 const missing = REQUIRED.filter((name) => !process.env[name]);
 if (missing.length > 0) {
@@ -87,6 +96,8 @@ const VIEWER = { email: process.env.VIEWER_EMAIL, password: process.env.VIEWER_P
 const FILTER_TAG = process.env.FILTER_TAG;
 const FILTER_MATCHES = Number.parseInt(process.env.FILTER_MATCHES, 10);
 const LIVE_SESSION = process.env.LIVE_SESSION;
+const PROBE_JOB = process.env.PROBE_JOB;
+const STUCK_JOB = process.env.STUCK_JOB;
 const SCREENSHOT_DIR =
     process.env.SCREENSHOT_DIR || path.join(os.tmpdir(), 'sessiond-dashboard-screenshots');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -94,6 +105,8 @@ const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SESSION_ROWS = 'table#sessions tbody tr[data-session-id]';
 const LOGOUT_FORM = 'form[action="/dashboard/logout"]';
 const sessionPath = '/dashboard/sessions/' + encodeURIComponent(LIVE_SESSION);
+const FAILED_PROBES = '/dashboard/jobs?kind=probe&status=failed';
+const probePath = '/dashboard/jobs/' + encodeURIComponent(PROBE_JOB);
 
 mkdirSync(SCREENSHOT_DIR, { recursive: true });
 
@@ -393,6 +406,63 @@ try {
         await expectSelector(admin, 'button[data-action="close"]', { state: 'attached' });
     });
 
+    // ---- jobs (admin): a failed probe job, retried from its page ----
+
+    await check('jobs list of failed probes', admin, async () => {
+        await goto(admin, FAILED_PROBES);
+        await expectSelector(admin, 'nav a[href="/dashboard/jobs"][aria-current="page"]', { state: 'attached' });
+        const row = `table#jobs tr[data-job-id="${PROBE_JOB}"]`;
+        await expectSelector(admin, row);
+        const badge = ((await admin.locator(`${row} .badge`).textContent()) || '').trim();
+        assert(badge === 'failed', `the probe job's row says "${badge}", not failed`);
+        await expectSelector(admin, `${row} input[type=checkbox][name=ids]`);
+        await expectSelector(admin, 'button[data-action="retry-selected"]');
+    });
+
+    await check('retry-all confirmation page', admin, async () => {
+        await goto(admin, FAILED_PROBES);
+        await submitForm(admin, 'form#retry-matching');
+        assert(pathname(admin) === '/dashboard/jobs/retry-matching', `landed on ${admin.url()}`);
+        const text = ((await admin.locator('#retry-preview').textContent()) || '').replace(/\s+/g, ' ');
+        assert(/Retry 2 failed jobs of kind probe\?/.test(text), `the preview says: ${text.slice(0, 200)}`);
+        await expectSelector(admin, 'button[data-action="retry-matching-confirm"]');
+    });
+
+    await check('job detail before retry', admin, async () => {
+        await goto(admin, FAILED_PROBES);
+        await admin.click(`tr[data-job-id="${PROBE_JOB}"] a`);
+        await admin.waitForURL((url) => url.pathname === probePath, { timeout: NAV_TIMEOUT });
+        const status = ((await admin.locator('#job-status').textContent()) || '').trim();
+        assert(status === 'failed', `#job-status says "${status}", not failed`);
+        const attempts = await admin.locator('table#attempts tbody tr').count();
+        assert(attempts >= 1, 'no attempt rows');
+        const errors = (await admin.locator('table#attempts').textContent()) || '';
+        assert(errors.includes('on purpose'), 'the attempts show no probe error');
+        await expectSelector(admin, 'button[data-action="retry"]');
+    });
+
+    await check('retry a failed job from its page', admin, async () => {
+        if (pathname(admin) !== probePath) {
+            await goto(admin, probePath);
+        }
+        // The button's form asks confirm(); the dialog handler says yes.
+        const loaded = admin.waitForEvent('load', { timeout: NAV_TIMEOUT });
+        await admin.click('button[data-action="retry"]');
+        await loaded;
+        assert(pathname(admin) === probePath, `the retry landed on ${admin.url()}`);
+        const deadline = Date.now() + JOB_TIMEOUT;
+        let status = '';
+        for (;;) {
+            status = ((await admin.locator('#job-status').textContent()) || '').trim();
+            if (status === 'succeeded' || Date.now() > deadline) {
+                break;
+            }
+            await new Promise((resolve) => setTimeout(resolve, JOB_POLL));
+            await admin.reload();
+        }
+        assert(status === 'succeeded', `#job-status still says "${status}" after ${JOB_TIMEOUT / 1000} s`);
+    });
+
     await check('logout', admin, async () => {
         if (!(await admin.locator(LOGOUT_FORM).count())) {
             await goto(admin, '/dashboard/sessions');
@@ -419,6 +489,23 @@ try {
         await goto(viewer, '/dashboard/sessions');
         await expectSelector(viewer, SESSION_ROWS);
         await assertNoActionButtons(viewer, '/dashboard/sessions');
+    });
+
+    await check('viewer sees no job actions', viewer, async () => {
+        await goto(viewer, FAILED_PROBES);
+        await expectSelector(viewer, `table#jobs tr[data-job-id="${STUCK_JOB}"]`);
+        await assertNoActionButtons(viewer, FAILED_PROBES);
+        const boxes = await viewer.locator('input[name=ids]').count();
+        assert(boxes === 0, `the viewer's jobs list has ${boxes} checkbox(es)`);
+        await shot(viewer, 'viewer jobs list');
+        const res = await goto(viewer, '/dashboard/jobs/retry-matching?kind=probe').catch((err) => err);
+        assert(res instanceof Error && /403/.test(res.message), 'the viewer opened the retry-all preview');
+        // Last, so that the check's screenshot is of the failed job's page.
+        const stuckPath = '/dashboard/jobs/' + encodeURIComponent(STUCK_JOB);
+        await goto(viewer, stuckPath);
+        const status = ((await viewer.locator('#job-status').textContent()) || '').trim();
+        assert(status === 'failed', `#job-status says "${status}", not failed`);
+        await assertNoActionButtons(viewer, stuckPath);
     });
 
     await check('audit page', viewer, async () => {

@@ -47,7 +47,7 @@ impl TestApp {
 
     /// Runs one sweep (or any job) now, as its cron tick would; returns its summary.
     pub async fn sweep(&self, job: sessiond::jobs::Job) -> String {
-        sessiond::jobs::handlers::execute(&self.state.job_context(), &job).await.expect("sweep")
+        sessiond::jobs::handlers::execute(&self.state.job_context(), &job, 1).await.expect("sweep")
     }
 
     /// Applies the ClickHouse schema to this test's database.

@@ -84,10 +84,15 @@ impl Operator {
 
     pub async fn post(&self, path: &str, csrf: Option<&str>) -> reqwest::Response {
         let form: Vec<(&str, &str)> = csrf.map(|c| vec![("csrf", c)]).unwrap_or_default();
+        self.post_form(path, &form).await
+    }
+
+    /// POSTs a form of any fields (the CSRF token among them, or not).
+    pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
         self.http
             .post(format!("{}{path}", self.base))
             .header(COOKIE, format!("sessiond_dashboard={}", self.cookie))
-            .form(&form)
+            .form(form)
             .send()
             .await
             .unwrap()
@@ -102,7 +107,7 @@ async fn is_closed(app: &TestApp, friendly: &str) -> bool {
         .unwrap()
 }
 
-async fn audit_rows(app: &TestApp) -> Vec<(String, String)> {
+pub async fn audit_rows(app: &TestApp) -> Vec<(String, String)> {
     sqlx::query_as("SELECT action, target FROM audit_log ORDER BY created_at").fetch_all(app.db()).await.unwrap()
 }
 

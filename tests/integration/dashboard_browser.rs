@@ -1,7 +1,8 @@
 //! The dashboard in headless Chromium (Debian's, driven by playwright-core;
 //! scripts/test.sh installs both): `tests/browser/dashboard.mjs` signs in,
-//! filters, watches an `.out` record arrive live, checks the viewer's view,
-//! and saves a screenshot of each page under
+//! filters, watches an `.out` record arrive live, retries a failed probe job
+//! from its page and sees it succeed, checks the viewer's view, and saves a
+//! screenshot of each page under
 //! `target/test-artifacts/dashboard/`.
 
 use std::path::{Path, PathBuf};
@@ -10,11 +11,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::common::{session_body, TestApp};
+use crate::common::{eventually, session_body, TestApp};
 use crate::dashboard::{with_operators, ADMIN, VIEWER};
 
 /// Checks the script runs; update with the script.
-const CHECKS: usize = 10;
+const CHECKS: usize = 15;
 
 fn browser_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
@@ -36,6 +37,14 @@ async fn the_dashboard_in_a_browser() {
     }
     let live = app.create_session(session_body(Some("browser-live"))).await;
     let live = live["id"].as_str().unwrap().to_string();
+    // Probe jobs (they fail on purpose) that have failed every attempt: one
+    // whose next attempt succeeds, for the admin to retry, and one that
+    // stays failed, for the viewer's look.
+    // The queue's marker first, so the server's lost-queue check pushes
+    // neither a second time.
+    app.state.jobs.recover_lost_queue().await.unwrap();
+    let probe = failed_probe(&app, 2).await;
+    let stuck = failed_probe(&app, 99).await;
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/dashboard");
     std::fs::create_dir_all(&shots).unwrap();
 
@@ -51,6 +60,8 @@ async fn the_dashboard_in_a_browser() {
         .env("FILTER_TAG", "gold")
         .env("FILTER_MATCHES", "3")
         .env("LIVE_SESSION", &live)
+        .env("PROBE_JOB", probe.to_string())
+        .env("STUCK_JOB", stuck.to_string())
         .env("SCREENSHOT_DIR", &shots)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -89,4 +100,17 @@ async fn the_dashboard_in_a_browser() {
         .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png"))
         .count();
     assert!(pngs >= 6, "a screenshot of each page ({pngs} found)");
+}
+
+/// A probe job that fails its first `fail_first` attempts, with a budget of
+/// two, once it has failed both.
+async fn failed_probe(app: &TestApp, fail_first: u32) -> uuid::Uuid {
+    use sessiond::jobs::store::{self, JobStatus};
+    let id = app.state.jobs.submit_with_attempts(&sessiond::jobs::Job::Probe { fail_first }, 2).await.unwrap();
+    eventually(10, "the probe failed its attempts", || async {
+        let row = store::find(app.db(), id).await.unwrap().expect("job row");
+        (row.status == JobStatus::Failed).then_some(())
+    })
+    .await;
+    id
 }

@@ -16,6 +16,7 @@ mod cli;
 mod clickhouse_dev;
 mod dashboard;
 mod dashboard_browser;
+mod dashboard_jobs;
 mod dependencies;
 mod durability;
 mod echo_agent;
