@@ -3,6 +3,9 @@
 //!
 //! - [`auth`]: sign-in, the signed session cookie, CSRF, roles.
 //! - [`pages`]: the pages and actions, thin over the domain services.
+//! - [`runs`]: the runs list, a run's page and its cancel.
+//! - [`handoffs`]: failed handoffs and their retry.
+//! - [`paging`]: keyset cursors in the pages' URLs.
 //! - [`live`]: a session channel's tail as server-sent HTML, for htmx.
 //! - [`assets`]: the vendored static files, served from the binary.
 //! - [`error`]: dashboard errors as pages, never a raw body.
@@ -13,8 +16,11 @@
 pub mod assets;
 pub mod auth;
 pub mod error;
+pub mod handoffs;
 pub mod live;
 pub mod pages;
+pub mod paging;
+pub mod runs;
 
 use axum::extract::Request;
 use axum::http::{header, HeaderValue};
@@ -36,6 +42,11 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/sessions/{session}/trigger", post(pages::trigger_run))
         .route("/dashboard/sessions/{session}/{io}/tail", get(live::tail))
         .route("/dashboard/audit", get(pages::audit))
+        .route("/dashboard/runs", get(runs::list))
+        .route("/dashboard/runs/{run}", get(runs::show))
+        .route("/dashboard/runs/{run}/cancel", post(runs::cancel))
+        .route("/dashboard/handoffs", get(handoffs::list))
+        .route("/dashboard/handoffs/{session}/retry", post(handoffs::retry))
         .route("/dashboard/static/{file}", get(assets::serve))
         .layer(axum::middleware::from_fn(security_headers))
 }

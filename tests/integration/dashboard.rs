@@ -102,7 +102,7 @@ async fn is_closed(app: &TestApp, friendly: &str) -> bool {
         .unwrap()
 }
 
-async fn audit_rows(app: &TestApp) -> Vec<(String, String)> {
+pub async fn audit_rows(app: &TestApp) -> Vec<(String, String)> {
     sqlx::query_as("SELECT action, target FROM audit_log ORDER BY created_at").fetch_all(app.db()).await.unwrap()
 }
 

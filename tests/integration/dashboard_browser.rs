@@ -1,8 +1,8 @@
 //! The dashboard in headless Chromium (Debian's, driven by playwright-core;
 //! scripts/test.sh installs both): `tests/browser/dashboard.mjs` signs in,
-//! filters, watches an `.out` record arrive live, checks the viewer's view,
-//! and saves a screenshot of each page under
-//! `target/test-artifacts/dashboard/`.
+//! filters, watches an `.out` record arrive live, opens the runs pages and
+//! retries a failed handoff, checks the viewer's view, and saves a screenshot
+//! of each page under `target/test-artifacts/dashboard/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,9 +12,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::common::{session_body, TestApp};
 use crate::dashboard::{with_operators, ADMIN, VIEWER};
+use crate::dashboard_runs::failed_manual_handoff;
 
 /// Checks the script runs; update with the script.
-const CHECKS: usize = 10;
+const CHECKS: usize = 15;
 
 fn browser_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
@@ -36,6 +37,8 @@ async fn the_dashboard_in_a_browser() {
     }
     let live = app.create_session(session_body(Some("browser-live"))).await;
     let live = live["id"].as_str().unwrap().to_string();
+    let (handoff, _) = failed_manual_handoff(&app, "browser-handoff-retried").await;
+    let (handoff_kept, _) = failed_manual_handoff(&app, "browser-handoff-kept").await;
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/dashboard");
     std::fs::create_dir_all(&shots).unwrap();
 
@@ -51,6 +54,8 @@ async fn the_dashboard_in_a_browser() {
         .env("FILTER_TAG", "gold")
         .env("FILTER_MATCHES", "3")
         .env("LIVE_SESSION", &live)
+        .env("HANDOFF_SESSION", &handoff)
+        .env("HANDOFF_KEEP", &handoff_kept)
         .env("SCREENSHOT_DIR", &shots)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -16,6 +16,7 @@ mod cli;
 mod clickhouse_dev;
 mod dashboard;
 mod dashboard_browser;
+mod dashboard_runs;
 mod dependencies;
 mod durability;
 mod echo_agent;
