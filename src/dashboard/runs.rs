@@ -15,6 +15,7 @@ use super::error::{DashboardError, PageResult};
 use super::pages::{env_choices, iso, pick_env, pretty, render, EnvChoice, Frame, PAGE_SIZE};
 use super::paging;
 use crate::db::StoreError;
+use crate::jobs::store as job_store;
 use crate::jobs::Jobs;
 use crate::operators::audit;
 use crate::runs::store::{self as run_store, Run, RunFilter};
@@ -169,6 +170,8 @@ struct RunPage {
     worker: String,
     heartbeat_deadline: Option<String>,
     alive: bool,
+    /// Its trigger-run job failed for good: QUEUED, yet never queued.
+    stuck: Option<String>,
     available_at: String,
     cancel_requested_at: Option<String>,
     superseded_by: String,
@@ -203,6 +206,10 @@ pub async fn show(State(db): State<PgPool>, signed: Signed, Path(id): Path<Strin
             completed_at: w.completed_at.as_ref().map(iso),
         })
         .collect();
+    let trigger_failed = match r.status {
+        RunStatus::Queued => job_store::failed_triggers(&db, &[r.id]).await?.into_iter().next(),
+        _ => None,
+    };
     let json_or_empty = |v: &Option<serde_json::Value>| v.as_ref().map(pretty).unwrap_or_default();
     render(RunPage {
         frame: Frame::new(&signed, "runs"),
@@ -210,7 +217,8 @@ pub async fn show(State(db): State<PgPool>, signed: Signed, Path(id): Path<Strin
         reason: reason.map_or("", |why| why.as_str()),
         worker: r.worker_id.clone().unwrap_or_default(),
         heartbeat_deadline: r.heartbeat_deadline.as_ref().map(iso),
-        alive: r.is_alive(Utc::now()),
+        alive: r.can_serve(trigger_failed.is_some(), Utc::now()),
+        stuck: trigger_failed.map(|f| f.last_error.unwrap_or_default()),
         available_at: iso(&r.available_at),
         cancel_requested_at: r.cancel_requested_at.as_ref().map(iso),
         superseded_by: r.superseded_by.clone().unwrap_or_default(),

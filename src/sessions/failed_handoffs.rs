@@ -168,7 +168,10 @@ pub async fn scan(
     examine_at_most: usize,
     want: usize,
 ) -> Result<Scan, FailedHandoffError> {
-    let sessions = store::open_page(db, before, examine_at_most as i64).await?;
+    // One more than examined, to know whether any remain.
+    let mut sessions = store::open_page(db, before, examine_at_most as i64 + 1).await?;
+    let more = sessions.len() > examine_at_most;
+    sessions.truncate(examine_at_most);
     let facts = Facts::of(db, &sessions).await?;
     let now = Utc::now();
     let mut found = Vec::new();
@@ -182,7 +185,7 @@ pub async fn scan(
             }
         }
     }
-    let more = examined < sessions.len() || sessions.len() == examine_at_most;
+    let more = more || examined < sessions.len();
     let next = sessions.get(examined.saturating_sub(1)).filter(|_| more).map(|s| (s.created_at, s.id));
     Ok(Scan { found, examined, next })
 }

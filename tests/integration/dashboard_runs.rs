@@ -312,6 +312,8 @@ async fn the_handoffs_page_lists_both_kinds_and_a_retry_replaces_the_stuck_run_o
     let input = row(&page, &waiting);
     assert!(input.contains("unanswered input") && input.contains(&ended) && input.contains("COMPLETED"), "{input}");
     assert!(!page.contains(&idle) && !page.contains("data-action"), "a viewer sees no retry button");
+    let (_, stuck_page) = viewer.get(&format!("/dashboard/runs/{stuck}")).await;
+    assert!(stuck_page.contains("not alive") && stuck_page.contains("stuck: its trigger-run job failed"));
 
     // A scan examines a bounded number of sessions and goes on from the last.
     let mut after = None;
