@@ -10,12 +10,10 @@ use std::collections::HashMap;
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Form;
 use sqlx::PgPool;
 
-use super::auth::{csrf_token, CsrfForm, Signed};
+use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{env_label, find_session, iso, render, run_manager_error, Frame, PAGE_SIZE};
 use super::paging;
@@ -93,12 +91,9 @@ pub async fn list(
 pub async fn retry(
     State(db): State<PgPool>,
     State(runs): State<RunManager>,
-    signed: Signed,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    Authorized(signed): Authorized,
 ) -> PageResult<Response> {
-    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
     let s = find_session(&db, &id).await?;
     if s.status(chrono::Utc::now()) != SessionStatus::Active {
         return Err(run_manager_error(&id, RunManagerError::Closed));

@@ -8,16 +8,14 @@ use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::Form;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::assets::ASSET_VERSION;
-use super::auth::{csrf_token, CsrfForm, Signed};
+use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
 use super::paging;
 use crate::jobs::Jobs;
@@ -358,12 +356,9 @@ pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<St
 pub async fn close_session(
     State(db): State<PgPool>,
     State(jobs): State<Jobs>,
-    signed: Signed,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    Authorized(signed): Authorized,
 ) -> PageResult<Response> {
-    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
     let s = find_session(&db, &id).await?;
     let mut tx = db.begin().await.map_err(crate::db::StoreError::from)?;
     let closed =
@@ -383,12 +378,9 @@ pub async fn close_session(
 pub async fn trigger_run(
     State(db): State<PgPool>,
     State(runs): State<RunManager>,
-    signed: Signed,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    Authorized(signed): Authorized,
 ) -> PageResult<Response> {
-    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
     let s = find_session(&db, &id).await?;
     let run = runs
         .trigger_manual_as(s.runtime_environment_id, s.id, Some(signed.operator.id))

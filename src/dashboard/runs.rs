@@ -3,14 +3,12 @@
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Form;
 use chrono::Utc;
 use serde_json::json;
 use sqlx::PgPool;
 
-use super::auth::{csrf_token, CsrfForm, Signed};
+use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{env_choices, iso, pick_env, pretty, render, EnvChoice, Frame, PAGE_SIZE};
 use super::paging;
@@ -236,12 +234,9 @@ pub async fn show(State(db): State<PgPool>, signed: Signed, Path(id): Path<Strin
 pub async fn cancel(
     State(db): State<PgPool>,
     State(jobs): State<Jobs>,
-    signed: Signed,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    Authorized(signed): Authorized,
 ) -> PageResult<Response> {
-    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
     let r = find_run(&db, &id).await?;
     if r.status.is_final() {
         return Err(DashboardError::BadRequest(format!("{id} is {}: a finished run cannot be canceled", r.status)));

@@ -142,6 +142,16 @@ impl RunManager {
         RunManager { db, jobs, channels }
     }
 
+    /// The session as it is now, if it is open. Always read from the primary:
+    /// a stale read would retry a claim with an old version.
+    async fn open_session(&self, env_id: Uuid, session_id: Uuid) -> Result<Session, RunManagerError> {
+        let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
+        if !is_open(&s) {
+            return Err(RunManagerError::Closed);
+        }
+        Ok(s)
+    }
+
     async fn current_run_alive(&self, s: &Session) -> Result<Option<String>, StoreError> {
         let Some(run_id) = s.current_run_id else { return Ok(None) };
         let run = run_store::find_by_id(&self.db, run_id).await?;
@@ -252,11 +262,7 @@ impl RunManager {
     /// Makes sure the session has a live run, triggering a continuation if not.
     pub async fn ensure_run(&self, env_id: Uuid, session_id: Uuid) -> Result<Ensured, RunManagerError> {
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            // Always the primary: a stale read would retry with an old version.
-            let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
-            if !is_open(&s) {
-                return Err(RunManagerError::Closed);
-            }
+            let s = self.open_session(env_id, session_id).await?;
             if let Some(run) = self.current_run_alive(&s).await? {
                 return Ok(Ensured::Alive(run));
             }
@@ -280,10 +286,7 @@ impl RunManager {
         reason: TriggerReason,
     ) -> Result<Handoff, RunManagerError> {
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
-            if !is_open(&s) {
-                return Err(RunManagerError::Closed);
-            }
+            let s = self.open_session(env_id, session_id).await?;
             let current = s.current_run_friendly_id.clone().unwrap_or_default();
             if current != calling_run {
                 return Ok(Handoff { run_id: current, swapped: false });
@@ -311,10 +314,7 @@ impl RunManager {
     ) -> Result<String, RunManagerError> {
         let by = operator.map(|operator| OperatorClaim { operator, action: "session.trigger", detail: Map::new() });
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
-            if !is_open(&s) {
-                return Err(RunManagerError::Closed);
-            }
+            let s = self.open_session(env_id, session_id).await?;
             if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Manual, None, by.as_ref()).await? {
                 return Ok(run);
             }
@@ -339,10 +339,7 @@ impl RunManager {
         detail.insert("reason".into(), json!(reason.as_str()));
         let by = OperatorClaim { operator, action: "handoff.retry", detail };
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
-            if !is_open(&s) {
-                return Err(RunManagerError::Closed);
-            }
+            let s = self.open_session(env_id, session_id).await?;
             if let Some(run) = self.current_run_serving(&s).await? {
                 return Ok(Ensured::Alive(run));
             }
