@@ -159,7 +159,7 @@ async fn examine(
     }))
 }
 
-/// Examines up to `examine` open sessions older than `before` (newest first),
+/// Examines up to `examine_at_most` open sessions older than `before` (newest first),
 /// stopping early once `want` are found.
 pub async fn scan(
     db: &sqlx::PgPool,
