@@ -1,5 +1,5 @@
 //! HTTP plumbing shared by every route: the router with its layers (request ids,
-//! tracing, CORS, body limit), JSON fallbacks, and the error and extractor types.
+//! tracing, CORS for the API only, body limit), JSON fallbacks, and the error and extractor types.
 
 pub mod conn;
 pub mod error;
@@ -27,7 +27,10 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
     let body_timeout = Duration::from_millis(state.config.body_read_timeout_ms);
-    Router::new()
+    // The API answers any origin (its callers hold bearer tokens); the
+    // dashboard, whose credential is a cookie, is outside that CORS layer, so
+    // no other origin's script is ever invited to read its pages.
+    let api = Router::new()
         .route("/healthz", get(|| async { Json(json!({"ok": true})) }))
         .route("/readyz", get(health::readyz))
         .route("/api/v1/auth/jwt/claims", get(jwt_claims).post(jwt_claims))
@@ -35,13 +38,15 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::runs::routes::router())
         .merge(crate::streams::routes::router())
         .merge(crate::waitpoints::routes::router())
-        .merge(crate::dashboard::router())
         .fallback(|| async { ApiError::NotFound("Not found".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(cors());
+    Router::new()
+        .merge(api)
+        .merge(crate::dashboard::router())
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(body_timeout, conn::body_deadline))
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(cors())
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {

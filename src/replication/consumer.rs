@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -326,10 +327,7 @@ impl Replicator {
         progress: SharedProgress,
         confirmed_tx: watch::Sender<u64>,
     ) -> Result<(), ReplicationError> {
-        let mut confirmed = 0u64;
-        // The newest confirmed batch's end and commit time, while the list's
-        // watermark has not been moved to it.
-        let mut mark = None;
+        let mut state = Confirmation::default();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut revive = tokio::time::interval(Duration::from_secs(2));
         loop {
@@ -344,18 +342,16 @@ impl Replicator {
             // every change before it handed to a batch, and a batch counted
             // as recorded here is in `replication_flushes` below.
             let seen = *progress.lock();
-            let mut next = confirmed;
+            let mut next = state.confirmed;
             if let Some((lsn, at)) = flush::confirmable(&self.db, &self.slot).await? {
-                if lsn > next {
-                    next = lsn;
-                    mark = Some((lsn, at));
-                }
+                next = next.max(lsn);
+                state.flushed(lsn, at);
             }
             // The watermark follows; a failed move is tried again next tick (the
             // rows are in ClickHouse, only the list's overlay stays larger).
-            if let Some((lsn, at)) = mark {
+            if let Some((lsn, at)) = state.mark {
                 match flush::advance_watermarks(&self.analytics, lsn, at).await {
-                    Ok(()) => mark = None,
+                    Ok(()) => state.watermark_moved(lsn),
                     Err(err) => tracing::warn!(error = %err, "could not move the clickhouse watermark; will retry"),
                 }
             }
@@ -368,9 +364,9 @@ impl Replicator {
             {
                 next = seen.quiet_lsn;
             }
-            if next > confirmed {
-                confirmed = next;
-                let _ = confirmed_tx.send(confirmed);
+            if next > state.confirmed {
+                state.confirmed = next;
+                let _ = confirmed_tx.send(next);
             }
         }
     }
@@ -394,6 +390,37 @@ impl Replicator {
             }
         }
         Ok(())
+    }
+}
+
+/// The confirmer's own progress: how far the slot is confirmed, and how far
+/// the list's watermark has followed. The two are kept apart: a batch flushed
+/// between the confirmer's `confirmable` and `pending` queries lets the slot
+/// confirm the quiet WAL past it before `confirmable` ever returns it, and
+/// judged against the slot's position its commit time would never reach the
+/// watermark (seen in CI: the watermark stayed behind a test's last write).
+#[derive(Debug, Default)]
+struct Confirmation {
+    confirmed: u64,
+    /// The end of the last batch the watermark was moved to.
+    watermarked: u64,
+    /// A flushed batch's end and commit time the watermark has yet to reach.
+    mark: Option<(u64, DateTime<Utc>)>,
+}
+
+impl Confirmation {
+    /// The highest flushed batch with none pending below it.
+    fn flushed(&mut self, lsn: u64, at: DateTime<Utc>) {
+        if lsn > self.watermarked && self.mark.is_none_or(|(m, _)| lsn > m) {
+            self.mark = Some((lsn, at));
+        }
+    }
+
+    fn watermark_moved(&mut self, lsn: u64) {
+        self.watermarked = self.watermarked.max(lsn);
+        if self.mark.is_some_and(|(m, _)| m <= lsn) {
+            self.mark = None;
+        }
     }
 }
 
@@ -468,4 +495,29 @@ fn percent_decode(s: &str) -> Option<String> {
         .next()
         .map(|(_, v)| v.into_owned().into_bytes())?;
     String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_behind_the_confirmed_slot_still_moves_the_watermark() {
+        let at = Utc::now();
+        // Quiet WAL at 500 was confirmed while the batch ending at 300 was
+        // flushed between the two queries: the slot is past it already.
+        let mut state = Confirmation { confirmed: 500, ..Default::default() };
+        state.flushed(300, at);
+        assert_eq!(state.mark, Some((300, at)));
+        state.watermark_moved(300);
+        assert_eq!(state.mark, None);
+        // Seen again (not pruned yet), it asks for nothing more; a newer one does.
+        state.flushed(300, at);
+        assert_eq!(state.mark, None);
+        state.flushed(400, at);
+        assert_eq!(state.mark, Some((400, at)));
+        // A failed move keeps the newest batch to move to.
+        state.flushed(450, at);
+        assert_eq!(state.mark, Some((450, at)));
+    }
 }

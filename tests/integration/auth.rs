@@ -313,7 +313,7 @@ async fn rotated_keys_stop_working() {
 }
 
 #[tokio::test]
-async fn cors_preflight_on_every_route() {
+async fn cors_preflight_on_every_api_route_and_none_on_the_dashboard() {
     let app = TestApp::spawn().await;
     for path in ["/api/v1/sessions", "/api/v1/sessions/x", "/api/v1/sessions/x/close", "/api/v1/auth/jwt/claims"] {
         let r = app.preflight(path, "authorization,content-type,x-trigger-api-version,trigger-version").await;
@@ -333,4 +333,20 @@ async fn cors_preflight_on_every_route() {
         .await
         .unwrap();
     assert_eq!(r.headers()["access-control-allow-origin"], "*");
+
+    // The dashboard's credential is a cookie: it invites no other origin.
+    for path in ["/dashboard/login", "/dashboard/sessions"] {
+        let r = app.preflight(path, "content-type,x-csrf-token").await;
+        assert!(r.headers().get("access-control-allow-origin").is_none(), "{path}: {:?}", r.headers());
+        assert!(r.headers().get("access-control-allow-methods").is_none(), "{path}");
+    }
+    let r = app
+        .client
+        .get(format!("{}/dashboard/login", app.base))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
 }
