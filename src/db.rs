@@ -105,6 +105,49 @@ pub fn push_created_range(
     }
 }
 
+/// A position in a newest-first list keyed on `(created_at, id)`: the newest
+/// rows, the rows older than a row, or the rows newer than it (the page
+/// before, read oldest first and turned around by [`Keyset::arrange`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keyset {
+    Newest,
+    Older(chrono::DateTime<chrono::Utc>, uuid::Uuid),
+    Newer(chrono::DateTime<chrono::Utc>, uuid::Uuid),
+}
+
+impl Keyset {
+    /// Appends this position's range, the order and `LIMIT limit` to a query
+    /// whose WHERE clause is open. Row comparisons, so an index on
+    /// `(…, created_at DESC, id DESC)` serves both directions.
+    pub fn push(&self, b: &mut sqlx::QueryBuilder<'_, sqlx::Postgres>, alias: &str, limit: i64) {
+        let (op, order) = match self {
+            Keyset::Newest => ("", "DESC"),
+            Keyset::Older(..) => ("<", "DESC"),
+            Keyset::Newer(..) => (">", "ASC"),
+        };
+        if let Keyset::Older(at, id) | Keyset::Newer(at, id) = *self {
+            b.push(format!(" AND ({alias}.created_at, {alias}.id) {op} (")).push_bind(at).push(", ").push_bind(id);
+            b.push(")");
+        }
+        b.push(format!(" ORDER BY {alias}.created_at {order}, {alias}.id {order} LIMIT {}", limit.max(1)));
+    }
+
+    /// Rows read with [`Keyset::push`] (asking one more than `size`), newest
+    /// first and cut to `size`, with whether there are older and newer rows.
+    pub fn arrange<T>(&self, mut rows: Vec<T>, size: usize) -> (Vec<T>, bool, bool) {
+        let more = rows.len() > size;
+        rows.truncate(size);
+        match self {
+            Keyset::Newest => (rows, more, false),
+            Keyset::Older(..) => (rows, more, true),
+            Keyset::Newer(..) => {
+                rows.reverse();
+                (rows, true, more)
+            }
+        }
+    }
+}
+
 /// Digests of `table`'s rows created before `cutoff`, per environment and
 /// month (see `analytics::digest`, whose ClickHouse query computes the same
 /// over the copy). `table` is `sessions` or `task_runs`, which share these

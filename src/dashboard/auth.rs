@@ -12,7 +12,7 @@
 //!   cookies: neither credential works on the other side.
 
 use askama::Template;
-use axum::extract::{FromRef, FromRequestParts, State};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -219,6 +219,31 @@ pub async fn login(
 #[derive(serde::Deserialize)]
 pub struct CsrfForm {
     pub csrf: Option<String>,
+}
+
+/// An operator allowed to act: signed in, an admin, and the request carries
+/// this session's CSRF token (the form's `csrf` field, or htmx's header).
+/// It reads the form body, so it is a handler's last argument. A body that
+/// is no form is refused like a missing token.
+pub struct Authorized(pub Signed);
+
+impl<S> FromRequest<S> for Authorized
+where
+    DashboardAuth: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = DashboardError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let signed = Signed::from_request_parts(&mut parts, state).await?;
+        let headers = parts.headers.clone();
+        let Form(form) = Form::<CsrfForm>::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(|_| DashboardError::Csrf)?;
+        signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
+        Ok(Authorized(signed))
+    }
 }
 
 pub async fn logout(

@@ -4,6 +4,9 @@
 //! - [`auth`]: sign-in, the signed session cookie, CSRF, roles.
 //! - [`pages`]: the pages and actions, thin over the domain services.
 //! - [`jobs`]: the job ledger's pages and the operator's retries and cancels.
+//! - [`runs`]: the runs list, a run's page and its cancel.
+//! - [`handoffs`]: failed handoffs and their retry.
+//! - [`paging`]: keyset cursors in the pages' URLs.
 //! - [`live`]: a session channel's tail as server-sent HTML, for htmx.
 //! - [`assets`]: the vendored static files, served from the binary.
 //! - [`error`]: dashboard errors as pages, never a raw body.
@@ -15,8 +18,11 @@ pub mod assets;
 pub mod auth;
 pub mod error;
 pub mod jobs;
+pub mod handoffs;
 pub mod live;
 pub mod pages;
+pub mod paging;
+pub mod runs;
 
 use axum::extract::Request;
 use axum::http::{header, HeaderValue};
@@ -44,6 +50,11 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/jobs/retry-matching", get(jobs::retry_matching_preview).post(jobs::retry_matching))
         .route("/dashboard/jobs/{job}", get(jobs::job))
         .route("/dashboard/jobs/{job}/{action}", post(jobs::act))
+        .route("/dashboard/runs", get(runs::list))
+        .route("/dashboard/runs/{run}", get(runs::show))
+        .route("/dashboard/runs/{run}/cancel", post(runs::cancel))
+        .route("/dashboard/handoffs", get(handoffs::list))
+        .route("/dashboard/handoffs/{session}/retry", post(handoffs::retry))
         .route("/dashboard/static/{file}", get(assets::serve))
         .layer(axum::middleware::from_fn(security_headers))
 }

@@ -3,21 +3,21 @@
 //! a template; filters and cursors live in the URL, so a link shows what the
 //! operator saw.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::Form;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::assets::ASSET_VERSION;
-use super::auth::{csrf_token, CsrfForm, Signed};
+use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
+use super::paging;
 use crate::jobs::Jobs;
 use crate::operators::audit;
 use crate::runs::store as run_store;
@@ -26,6 +26,7 @@ use crate::sessions::model::Session;
 use crate::sessions::run_manager::{RunManager, RunManagerError};
 use crate::sessions::store as session_store;
 use crate::tenancy::store::{self as tenancy_store, EnvListing};
+use crate::waitpoints::store as waitpoint_store;
 
 /// Rows per dashboard page.
 pub(super) const PAGE_SIZE: usize = 25;
@@ -72,6 +73,18 @@ pub struct EnvChoice {
     pub id: String,
     pub label: String,
     pub selected: bool,
+}
+
+/// How an environment is named on the pages.
+pub(super) fn env_label(e: &EnvListing) -> String {
+    format!("{} / {} / {}", e.organization, e.project, e.env_type)
+}
+
+/// The switcher's choices, `selected` (an environment id) picked.
+pub(super) fn env_choices(envs: &[EnvListing], selected: &str) -> Vec<EnvChoice> {
+    envs.iter()
+        .map(|e| EnvChoice { id: e.id.to_string(), label: env_label(e), selected: selected == e.id.to_string() })
+        .collect()
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -211,7 +224,7 @@ pub struct Fragment {
 }
 
 /// The environment the operator picked, else the first one.
-fn pick_env(envs: &[EnvListing], wanted: &str) -> PageResult<Option<EnvScope>> {
+pub(super) fn pick_env(envs: &[EnvListing], wanted: &str) -> PageResult<Option<EnvScope>> {
     let chosen = if wanted.is_empty() {
         envs.first()
     } else {
@@ -235,14 +248,7 @@ pub async fn sessions(
     if let Some(scope) = &scope {
         f.env = scope.environment_id.to_string();
     }
-    let choices = envs
-        .iter()
-        .map(|e| EnvChoice {
-            id: e.id.to_string(),
-            label: format!("{} / {} / {}", e.organization, e.project, e.env_type),
-            selected: f.env == e.id.to_string(),
-        })
-        .collect();
+    let choices = env_choices(&envs, &f.env);
     let (rows, next, previous, source) = match scope {
         Some(scope) => {
             let served = list.list(scope, &q).await?;
@@ -285,7 +291,18 @@ struct SessionPage {
     metadata: String,
     environment: String,
     runs: Vec<RunRow>,
+    waiting: Vec<PendingWaitpoint>,
     open: bool,
+}
+
+/// A WAITING waitpoint on one of the session's channels.
+pub struct PendingWaitpoint {
+    pub id: String,
+    pub run: String,
+    pub channel: &'static str,
+    pub after_seq: i64,
+    pub created_at: String,
+    pub timeout_at: Option<String>,
 }
 
 /// The session an operator asked for, by friendly id, in any environment.
@@ -295,8 +312,21 @@ pub(super) async fn find_session(db: &PgPool, id: &str) -> PageResult<Session> {
 
 pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<String>) -> PageResult<Response> {
     let s = find_session(&db, &id).await?;
-    let runs = run_store::for_session(&db, s.id)
+    let runs = run_store::for_session(&db, s.id).await?;
+    let run_ids: HashMap<Uuid, String> = runs.iter().map(|(r, _)| (r.id, r.friendly_id.clone())).collect();
+    let waiting = waitpoint_store::waiting_for_session(&db, s.id)
         .await?
+        .into_iter()
+        .map(|w| PendingWaitpoint {
+            id: w.friendly_id,
+            run: run_ids.get(&w.run_id).cloned().unwrap_or_else(|| w.run_id.to_string()),
+            channel: w.io.as_str(),
+            after_seq: w.after_seq,
+            created_at: iso(&w.created_at),
+            timeout_at: w.timeout_at.as_ref().map(iso),
+        })
+        .collect();
+    let runs = runs
         .into_iter()
         .map(|(r, reason)| RunRow {
             id: r.friendly_id,
@@ -317,6 +347,7 @@ pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<St
         open: s.closed_at.is_none(),
         s: SessionRow::of(&s),
         runs,
+        waiting,
     })
 }
 
@@ -325,12 +356,9 @@ pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<St
 pub async fn close_session(
     State(db): State<PgPool>,
     State(jobs): State<Jobs>,
-    signed: Signed,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    Authorized(signed): Authorized,
 ) -> PageResult<Response> {
-    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
     let s = find_session(&db, &id).await?;
     let mut tx = db.begin().await.map_err(crate::db::StoreError::from)?;
     let closed =
@@ -350,22 +378,28 @@ pub async fn close_session(
 pub async fn trigger_run(
     State(db): State<PgPool>,
     State(runs): State<RunManager>,
-    signed: Signed,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    Authorized(signed): Authorized,
 ) -> PageResult<Response> {
-    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
     let s = find_session(&db, &id).await?;
-    match runs.trigger_manual_as(s.runtime_environment_id, s.id, Some(signed.operator.id)).await {
-        Ok(run) => tracing::info!(operator = %signed.operator.email, session = %id, %run, "operator triggered a run"),
-        Err(RunManagerError::Closed) => {
-            return Err(DashboardError::BadRequest("The session is closed; a closed session runs nothing".into()))
-        }
-        Err(RunManagerError::NotFound) => return Err(DashboardError::NotFound(format!("No session {id}"))),
-        Err(err) => return Err(DashboardError::Internal(err.into())),
-    }
+    let run = runs
+        .trigger_manual_as(s.runtime_environment_id, s.id, Some(signed.operator.id))
+        .await
+        .map_err(|err| run_manager_error(&id, err))?;
+    tracing::info!(operator = %signed.operator.email, session = %id, %run, "operator triggered a run");
     Ok(Redirect::to(&format!("/dashboard/sessions/{id}")).into_response())
+}
+
+/// A run manager's refusal as a page: a closed session is the operator's
+/// mistake (400), anything else the server's.
+pub(super) fn run_manager_error(session: &str, err: RunManagerError) -> DashboardError {
+    match err {
+        RunManagerError::Closed => {
+            DashboardError::BadRequest(format!("{session} is closed or expired; a closed session runs nothing"))
+        }
+        RunManagerError::NotFound => DashboardError::NotFound(format!("No session {session}")),
+        err => DashboardError::Internal(err.into()),
+    }
 }
 
 pub struct AuditRow {
@@ -391,19 +425,11 @@ pub struct AuditQuery {
 }
 
 pub async fn audit(State(db): State<PgPool>, signed: Signed, Query(q): Query<AuditQuery>) -> PageResult<Response> {
-    let after = if q.after.is_empty() {
-        None
-    } else {
-        let parsed = q
-            .after
-            .split_once('_')
-            .and_then(|(t, id)| Some((DateTime::from_timestamp_micros(t.parse().ok()?)?, Uuid::parse_str(id).ok()?)));
-        Some(parsed.ok_or_else(|| DashboardError::BadRequest("after is not a cursor of this page".into()))?)
-    };
+    let after = paging::decode("after", &q.after)?;
     let mut entries = audit::page(&db, after, PAGE_SIZE as i64 + 1).await?;
     let next = (entries.len() > PAGE_SIZE).then(|| {
         entries.truncate(PAGE_SIZE);
-        entries.last().map(|e| format!("/dashboard/audit?after={}_{}", e.created_at.timestamp_micros(), e.id))
+        entries.last().map(|e| format!("/dashboard/audit?after={}", paging::encode(&e.created_at, e.id)))
     });
     let rows = entries
         .into_iter()

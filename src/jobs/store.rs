@@ -436,3 +436,28 @@ pub async fn prune_succeeded(pool: &PgPool) -> Result<u64, StoreError> {
         .await?
         .rows_affected())
 }
+
+/// A `trigger-run` job that spent its attempts: its run was never queued.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FailedTrigger {
+    pub run_id: Uuid,
+    pub job_id: Uuid,
+    pub last_error: Option<String>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// The failed `trigger-run` jobs of `run_ids`, the newest per run (a run has
+/// one: it is written with the run, and a retry reuses the row). Walks
+/// `jobs_failed_trigger_run_idx`.
+pub async fn failed_triggers(pool: &PgPool, run_ids: &[Uuid]) -> Result<Vec<FailedTrigger>, StoreError> {
+    let keys: Vec<String> = run_ids.iter().map(Uuid::to_string).collect();
+    Ok(sqlx::query_as(
+        "SELECT DISTINCT ON (payload->>'run_id') (payload->>'run_id')::uuid AS run_id, id AS job_id, last_error,
+                finished_at
+         FROM jobs WHERE kind = 'trigger-run' AND status = 'failed' AND payload->>'run_id' = ANY($1)
+         ORDER BY payload->>'run_id', created_at DESC",
+    )
+    .bind(keys)
+    .fetch_all(pool)
+    .await?)
+}

@@ -530,6 +530,7 @@ mod tests {
             started_at: Some(at("2026-01-01T00:00:01Z")),
             completed_at: None,
             superseded_by: Some("run_next".into()),
+            worker_id: None,
         }
     }
 

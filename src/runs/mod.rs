@@ -4,7 +4,9 @@
 //! - [`queue`]: per-(environment, task) run queues in Redis and the wake-up signal
 //!   long-polling workers wait on.
 //! - [`routes`]: the worker protocol (dequeue, heartbeat, complete, fail, cancel).
+//! - [`cancel`]: a run's cancel as a durable job, for the API and the dashboard.
 
+pub mod cancel;
 pub mod dispatch;
 pub mod queue;
 pub mod routes;
@@ -27,6 +29,19 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    /// Every status, in lifecycle order (for filters).
+    pub const ALL: [RunStatus; 9] = [
+        RunStatus::Queued,
+        RunStatus::Executing,
+        RunStatus::Waiting,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Canceled,
+        RunStatus::Crashed,
+        RunStatus::Expired,
+        RunStatus::TimedOut,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Queued => "QUEUED",

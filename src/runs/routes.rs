@@ -20,7 +20,7 @@ use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiJson, DataJson, PathId};
-use crate::jobs::{Job, Jobs};
+use crate::jobs::Jobs;
 use crate::validation::{check_len, ValidationError};
 
 pub fn router() -> Router<AppState> {
@@ -248,6 +248,7 @@ async fn cancel(
 ) -> ApiResult<Json<CancelResponse>> {
     authorize_run(&auth, Action::Write, &run)?;
     let found = store::find(&db, auth.env.id, &run).await?.ok_or_else(not_found)?;
-    let job_id = jobs.submit(&Job::CancelRun { run_id: found.id }).await?;
+    let job_id = super::cancel::request(&db, found.id).await?;
+    jobs.relay(&[job_id]).await;
     Ok(Json(CancelResponse { id: found.friendly_id, job_id }))
 }

@@ -5,7 +5,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{session_payload, Continuation, RunSettings, RunStatus, TriggerReason};
-use crate::db::StoreError;
+use crate::db::{Keyset, StoreError};
 use crate::ids;
 
 /// A run about to be inserted, built from a session's trigger config.
@@ -126,11 +126,20 @@ pub struct Run {
     pub completed_at: Option<DateTime<Utc>>,
     /// The run that replaced this one (a hand-off), if any.
     pub superseded_by: Option<String>,
+    /// The worker that claimed the run last (as it named itself on dequeue).
+    pub worker_id: Option<String>,
 }
 
 impl Run {
     pub fn is_alive(&self, now: DateTime<Utc>) -> bool {
         super::is_alive(self.status, self.heartbeat_deadline, now)
+    }
+
+    /// Alive and able to serve its session: a QUEUED run whose trigger-run job
+    /// failed for good (`trigger_failed`) counts as stuck, not alive, as
+    /// nothing pushed it to a worker.
+    pub fn can_serve(&self, trigger_failed: bool, now: DateTime<Utc>) -> bool {
+        self.is_alive(now) && !(self.status == RunStatus::Queued && trigger_failed)
     }
 }
 
@@ -138,7 +147,7 @@ const RUN_COLUMNS: &str = "t.id, t.friendly_id, t.organization_id, t.project_id,
     t.task_identifier, t.session_id, (SELECT friendly_id FROM sessions WHERE id = t.session_id) AS session_friendly_id, \
     t.payload, t.status, t.attempt_number, t.max_attempts, t.max_duration_secs, t.ttl_secs, t.heartbeat_deadline, \
     t.cancel_requested_at, t.available_at, t.output, t.error, t.created_at, t.updated_at, t.started_at, t.completed_at, \
-    t.superseded_by";
+    t.superseded_by, t.worker_id";
 
 /// Wraps a `task_runs` UPDATE ... RETURNING * so rows come back as [`Run`]s.
 fn returning_runs(sql: &str) -> String {
@@ -149,6 +158,52 @@ pub async fn find(pool: &PgPool, env_id: Uuid, friendly_id: &str) -> Result<Opti
     let sql =
         format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE t.runtime_environment_id = $1 AND t.friendly_id = $2");
     Ok(sqlx::query_as(&sql).bind(env_id).bind(friendly_id).fetch_optional(pool).await?)
+}
+
+/// A run by friendly id in any environment: for operators, who see them all.
+pub async fn find_for_operator(pool: &PgPool, friendly_id: &str) -> Result<Option<Run>, StoreError> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE t.friendly_id = $1");
+    Ok(sqlx::query_as(&sql).bind(friendly_id).fetch_optional(pool).await?)
+}
+
+/// Runs by id, in no particular order.
+pub async fn find_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Run>, StoreError> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE t.id = ANY($1)");
+    Ok(sqlx::query_as(&sql).bind(ids).fetch_all(pool).await?)
+}
+
+/// Which of an environment's runs a list shows.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub status: Option<RunStatus>,
+    pub task: Option<String>,
+    pub session_id: Option<Uuid>,
+}
+
+/// A page of an environment's runs, newest first, at `at` (up to `limit`
+/// rows; see [`Keyset`]). Walks `task_runs_env_created_idx`, or
+/// `task_runs_session_idx` for one session's runs.
+pub async fn page(
+    pool: &PgPool,
+    env_id: Uuid,
+    filter: &RunFilter,
+    at: Keyset,
+    limit: i64,
+) -> Result<Vec<Run>, StoreError> {
+    let mut b =
+        sqlx::QueryBuilder::new(format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE t.runtime_environment_id = "));
+    b.push_bind(env_id);
+    if let Some(status) = filter.status {
+        b.push(" AND t.status = ").push_bind(status);
+    }
+    if let Some(task) = &filter.task {
+        b.push(" AND t.task_identifier = ").push_bind(task.clone());
+    }
+    if let Some(session) = filter.session_id {
+        b.push(" AND t.session_id = ").push_bind(session);
+    }
+    at.push(&mut b, "t", limit);
+    Ok(b.build_query_as().fetch_all(pool).await?)
 }
 
 /// Every run a session triggered, oldest first, with why it was triggered
@@ -306,20 +361,23 @@ pub async fn cancel(conn: impl sqlx::PgExecutor<'_>, run_id: Uuid) -> Result<boo
 
 /// Replaces `run_id` by `by` (a friendly id): cancels it if it is not final and
 /// records who took over, in the caller's transaction (the claim's), so the
-/// swap and the fence on the old run commit together.
-pub async fn supersede(conn: &mut PgConnection, run_id: Uuid, by: &str) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE task_runs SET superseded_by = $2, updated_at = now(),
+/// swap and the fence on the old run commit together. Returns whether it
+/// canceled the run (it was not final yet), for the operator's audit row.
+pub async fn supersede(conn: &mut PgConnection, run_id: Uuid, by: &str) -> Result<bool, StoreError> {
+    let canceled: Option<bool> = sqlx::query_scalar(
+        "WITH old AS (SELECT id AS old_id, status AS old_status FROM task_runs WHERE id = $1 FOR UPDATE)
+         UPDATE task_runs SET superseded_by = $2, updated_at = now(),
             status = CASE WHEN status IN ('QUEUED', 'EXECUTING', 'WAITING') THEN 'CANCELED' ELSE status END,
             cancel_requested_at = CASE WHEN status IN ('QUEUED', 'EXECUTING', 'WAITING') THEN now() ELSE cancel_requested_at END,
             completed_at = coalesce(completed_at, now()), heartbeat_deadline = NULL
-         WHERE id = $1",
+         FROM old WHERE id = old_id
+         RETURNING old_status IN ('QUEUED', 'EXECUTING', 'WAITING')",
     )
     .bind(run_id)
     .bind(by)
-    .execute(conn)
+    .fetch_optional(conn)
     .await?;
-    Ok(())
+    Ok(canceled.unwrap_or(false))
 }
 
 /// Locks a run's row for a wait being created (see `waitpoints::store::create`)

@@ -6,10 +6,12 @@
 //! - [`lookup`]: a short-lived session cache for the realtime hot path.
 //! - [`access`]: resolve a session and authorize the caller on it or its channels.
 //! - [`list`]: list filters, opaque cursors, and the list repository.
-//! - [`run_manager`]: one live run per session: ensure-run, hand-off, manual trigger.
+//! - [`run_manager`]: one live run per session: ensure-run, hand-off, manual trigger, handoff retry.
+//! - [`failed_handoffs`]: open sessions left with no run to serve them, for operators.
 //! - [`routes`]: the control-plane HTTP handlers.
 
 pub mod access;
+pub mod failed_handoffs;
 pub mod list;
 pub mod lookup;
 pub mod model;

@@ -17,16 +17,17 @@
 //! same transaction repeats that step if this process dies before it.
 
 use chrono::Utc;
-use serde_json::json;
+use serde_json::{json, Map, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::failed_handoffs::HandoffReason;
 use super::model::Session;
 use super::store;
 use crate::db::StoreError;
 use crate::jobs::{self, Job, Jobs};
 use crate::runs::store::{self as run_store, NewRun, RunOwner};
-use crate::runs::{Continuation, TriggerReason};
+use crate::runs::{Continuation, RunStatus, TriggerReason};
 use crate::sessions::validate::TriggerConfig;
 use crate::streams::store::{handoff_part, ChannelError, ChannelStore};
 use crate::streams::{ChannelKey, Io, CONTROL_HEADER};
@@ -108,6 +109,18 @@ pub async fn apply_handoff(channels: &ChannelStore, step: &HandoffStep) -> Resul
     Ok(())
 }
 
+/// An operator's action that a claim carries out (a manual trigger, a handoff
+/// retry). Its audit row is written in the claim's own transaction, so the
+/// new run and its record stand or fall together; the row's detail names the
+/// new run (`run`) and the run the claim canceled (`canceled`, null if none)
+/// besides the action's own fields.
+#[derive(Debug, Clone)]
+pub struct OperatorClaim {
+    pub operator: Uuid,
+    pub action: &'static str,
+    pub detail: Map<String, Value>,
+}
+
 /// Result of a handoff request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handoff {
@@ -129,10 +142,45 @@ impl RunManager {
         RunManager { db, jobs, channels }
     }
 
+    /// The session as it is now, if it is open. Always read from the primary:
+    /// a stale read would retry a claim with an old version.
+    async fn open_session(&self, env_id: Uuid, session_id: Uuid) -> Result<Session, RunManagerError> {
+        let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
+        if !is_open(&s) {
+            return Err(RunManagerError::Closed);
+        }
+        Ok(s)
+    }
+
     async fn current_run_alive(&self, s: &Session) -> Result<Option<String>, StoreError> {
         let Some(run_id) = s.current_run_id else { return Ok(None) };
         let run = run_store::find_by_id(&self.db, run_id).await?;
         Ok(run.filter(|r| r.is_alive(Utc::now())).map(|r| r.friendly_id))
+    }
+
+    /// The current run if it can serve the session: alive, and not a QUEUED
+    /// run whose trigger-run job failed for good (see `Run::can_serve`).
+    async fn current_run_serving(&self, s: &Session) -> Result<Option<String>, StoreError> {
+        let Some(run_id) = s.current_run_id else { return Ok(None) };
+        let Some(run) = run_store::find_by_id(&self.db, run_id).await? else { return Ok(None) };
+        let failed =
+            run.status == RunStatus::Queued && !jobs::store::failed_triggers(&self.db, &[run_id]).await?.is_empty();
+        Ok(run.can_serve(failed, Utc::now()).then_some(run.friendly_id))
+    }
+
+    /// The `.in` seq the newest finished turn answered (see `Continuation`).
+    async fn last_answered(&self, session_id: Uuid) -> Result<Option<u64>, ChannelError> {
+        self.channels.last_answered_seq(ChannelKey { session_id, io: Io::Out }, RESUME_SCAN_RECORDS).await
+    }
+
+    /// Does `.in` hold records past the last one a finished turn answered?
+    /// Those are what a session with no live run is left waiting on.
+    pub async fn has_unanswered_input(&self, session_id: Uuid) -> Result<bool, ChannelError> {
+        let next = self.channels.next_seq(ChannelKey { session_id, io: Io::In }).await?;
+        if next == 0 {
+            return Ok(false);
+        }
+        Ok(self.last_answered(session_id).await?.is_none_or(|answered| answered + 1 < next))
     }
 
     /// Triggers a run for `s` and claims it if `s` is still at `s.current_run_version`
@@ -143,7 +191,7 @@ impl RunManager {
         s: &Session,
         reason: TriggerReason,
         expect_current: Option<Uuid>,
-        by_operator: Option<Uuid>,
+        by_operator: Option<&OperatorClaim>,
     ) -> Result<Option<String>, RunManagerError> {
         let config: TriggerConfig =
             serde_json::from_value(s.trigger_config.clone()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -151,10 +199,7 @@ impl RunManager {
         let continuation = match &previous {
             Some((_, previous_run_id)) => Some(Continuation {
                 previous_run_id: previous_run_id.clone(),
-                resume_after_in_seq: self
-                    .channels
-                    .last_answered_seq(ChannelKey { session_id: s.id, io: Io::Out }, RESUME_SCAN_RECORDS)
-                    .await?,
+                resume_after_in_seq: self.last_answered(s.id).await?,
             }),
             None => None,
         };
@@ -184,18 +229,22 @@ impl RunManager {
             return Ok(None);
         }
         store::insert_audit(&mut tx, s.id, run.id, reason).await?;
-        if let Some(operator) = by_operator {
-            // An operator's trigger is audited in the trigger's own transaction.
-            let detail = json!({ "run": run.friendly_id });
-            let target = format!("session:{}", s.friendly_id);
-            crate::operators::audit::record(&mut *tx, operator, "session.trigger", &target, detail).await?;
-        }
         let mut job_ids =
             vec![jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
-        if let Some((previous_id, _)) = previous {
-            run_store::supersede(&mut tx, previous_id, &run.friendly_id).await?;
+        let mut canceled = None;
+        if let Some((previous_id, previous_run)) = &previous {
+            if run_store::supersede(&mut tx, *previous_id, &run.friendly_id).await? {
+                canceled = Some(previous_run.clone());
+            }
             let output = json!({"canceled": true, "reason": "superseded", "supersededBy": run.friendly_id});
-            waitpoint_store::cancel_for_run(&mut tx, previous_id, &output).await?;
+            waitpoint_store::cancel_for_run(&mut tx, *previous_id, &output).await?;
+        }
+        if let Some(by) = by_operator {
+            let mut detail = by.detail.clone();
+            detail.insert("run".into(), json!(run.friendly_id));
+            detail.insert("canceled".into(), json!(canceled));
+            let target = format!("session:{}", s.friendly_id);
+            crate::operators::audit::record(&mut *tx, by.operator, by.action, &target, Value::Object(detail)).await?;
         }
         if previous.is_some() || step.control.is_some() {
             job_ids
@@ -213,11 +262,7 @@ impl RunManager {
     /// Makes sure the session has a live run, triggering a continuation if not.
     pub async fn ensure_run(&self, env_id: Uuid, session_id: Uuid) -> Result<Ensured, RunManagerError> {
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            // Always the primary: a stale read would retry with an old version.
-            let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
-            if !is_open(&s) {
-                return Err(RunManagerError::Closed);
-            }
+            let s = self.open_session(env_id, session_id).await?;
             if let Some(run) = self.current_run_alive(&s).await? {
                 return Ok(Ensured::Alive(run));
             }
@@ -241,10 +286,7 @@ impl RunManager {
         reason: TriggerReason,
     ) -> Result<Handoff, RunManagerError> {
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
-            if !is_open(&s) {
-                return Err(RunManagerError::Closed);
-            }
+            let s = self.open_session(env_id, session_id).await?;
             let current = s.current_run_friendly_id.clone().unwrap_or_default();
             if current != calling_run {
                 return Ok(Handoff { run_id: current, swapped: false });
@@ -270,13 +312,39 @@ impl RunManager {
         session_id: Uuid,
         operator: Option<Uuid>,
     ) -> Result<String, RunManagerError> {
+        let by = operator.map(|operator| OperatorClaim { operator, action: "session.trigger", detail: Map::new() });
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            let s = store::find_by_id(&self.db, env_id, session_id).await?.ok_or(RunManagerError::NotFound)?;
-            if !is_open(&s) {
-                return Err(RunManagerError::Closed);
-            }
-            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Manual, None, operator).await? {
+            let s = self.open_session(env_id, session_id).await?;
+            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Manual, None, by.as_ref()).await? {
                 return Ok(run);
+            }
+        }
+        Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))
+    }
+
+    /// Operator action: retries a failed handoff (see `failed_handoffs`),
+    /// listed for `reason`. Like [`RunManager::ensure_run`] it only reports a
+    /// run that can serve the session, so it never makes a second live run;
+    /// otherwise it triggers a continuation, whose claim cancels a run stuck in
+    /// QUEUED and writes the operator's audit row (`handoff.retry`), all in one
+    /// transaction.
+    pub async fn retry_handoff(
+        &self,
+        env_id: Uuid,
+        session_id: Uuid,
+        operator: Uuid,
+        reason: HandoffReason,
+    ) -> Result<Ensured, RunManagerError> {
+        let mut detail = Map::new();
+        detail.insert("reason".into(), json!(reason.as_str()));
+        let by = OperatorClaim { operator, action: "handoff.retry", detail };
+        for _ in 0..MAX_CLAIM_ATTEMPTS {
+            let s = self.open_session(env_id, session_id).await?;
+            if let Some(run) = self.current_run_serving(&s).await? {
+                return Ok(Ensured::Alive(run));
+            }
+            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Continuation, None, Some(&by)).await? {
+                return Ok(Ensured::Triggered(run));
             }
         }
         Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::model::Session;
 use super::validate::{NewSession, Patch, SessionPatch};
-use crate::db::StoreError;
+use crate::db::{Keyset, StoreError};
 use crate::ids::{self, SESSION_PREFIX};
 use crate::jobs::{self, Job};
 use crate::runs::store::{self as run_store, NewRun, RunOwner};
@@ -163,6 +163,20 @@ pub async fn insert_audit(
     Ok(())
 }
 
+/// Why each of `run_ids` was triggered, for runs of `session_ids` (walks
+/// `session_runs_session_idx`): `(run id, reason)` pairs.
+pub async fn trigger_reasons(
+    pool: &PgPool,
+    session_ids: &[Uuid],
+    run_ids: &[Uuid],
+) -> Result<Vec<(Uuid, TriggerReason)>, StoreError> {
+    Ok(sqlx::query_as("SELECT run_id, reason FROM session_runs WHERE session_id = ANY($1) AND run_id = ANY($2)")
+        .bind(session_ids)
+        .bind(run_ids)
+        .fetch_all(pool)
+        .await?)
+}
+
 /// Finds a session by friendly id (`session_…`) or, otherwise, by external id.
 pub async fn find(pool: &PgPool, env_id: Uuid, key: &str) -> Result<Option<Session>, StoreError> {
     let column = if key.starts_with(SESSION_PREFIX) { "friendly_id" } else { "external_id" };
@@ -301,6 +315,23 @@ pub async fn close_in(
     };
     let job_id = jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?;
     Ok(Some((s, job_id)))
+}
+
+/// Up to `limit` open sessions (neither closed nor expired) of every
+/// environment, newest first, older than `before` (walks
+/// `sessions_open_created_idx`).
+pub async fn open_page(
+    pool: &PgPool,
+    before: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<Session>, StoreError> {
+    let mut b = sqlx::QueryBuilder::new(format!(
+        "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id
+         WHERE s.closed_at IS NULL AND (s.expires_at IS NULL OR s.expires_at > now())"
+    ));
+    let at = before.map_or(Keyset::Newest, |(t, id)| Keyset::Older(t, id));
+    at.push(&mut b, "s", limit);
+    Ok(b.build_query_as().fetch_all(pool).await?)
 }
 
 /// Current runs, not yet final, of sessions whose `expires_at` has passed.

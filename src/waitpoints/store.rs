@@ -22,6 +22,17 @@ pub enum WaitpointStatus {
     Canceled,
 }
 
+impl WaitpointStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitpointStatus::Waiting => "WAITING",
+            WaitpointStatus::Completed => "COMPLETED",
+            WaitpointStatus::TimedOut => "TIMED_OUT",
+            WaitpointStatus::Canceled => "CANCELED",
+        }
+    }
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Waitpoint {
     pub id: Uuid,
@@ -182,10 +193,21 @@ pub async fn time_out_due(pool: &PgPool) -> Result<Vec<Waitpoint>, StoreError> {
     Ok(timed_out)
 }
 
-/// Waiting waitpoints on a session's channels.
+/// Waiting waitpoints on a session's channels, oldest first.
 pub async fn waiting_for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<Waitpoint>, StoreError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM waitpoints WHERE session_id = $1 AND status = 'WAITING'"))
-        .bind(session_id)
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM waitpoints WHERE session_id = $1 AND status = 'WAITING' ORDER BY created_at"
+    ))
+    .bind(session_id)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A run's waitpoints of every status, oldest first, at most `limit`.
+pub async fn for_run(pool: &PgPool, run_id: Uuid, limit: i64) -> Result<Vec<Waitpoint>, StoreError> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM waitpoints WHERE run_id = $1 ORDER BY created_at LIMIT $2"))
+        .bind(run_id)
+        .bind(limit)
         .fetch_all(pool)
         .await?)
 }

@@ -81,6 +81,8 @@ const REQUIRED = [
     'LIVE_SESSION',
     'PROBE_JOB',
     'STUCK_JOB',
+    'HANDOFF_SESSION',
+    'HANDOFF_KEEP',
 ];
 const missing = REQUIRED.filter((name) => !process.env[name]);
 if (missing.length > 0) {
@@ -98,11 +100,17 @@ const FILTER_MATCHES = Number.parseInt(process.env.FILTER_MATCHES, 10);
 const LIVE_SESSION = process.env.LIVE_SESSION;
 const PROBE_JOB = process.env.PROBE_JOB;
 const STUCK_JOB = process.env.STUCK_JOB;
+// Two failed handoffs: the admin retries the first; the second stays listed.
+const HANDOFF_SESSION = process.env.HANDOFF_SESSION;
+const HANDOFF_KEEP = process.env.HANDOFF_KEEP;
 const SCREENSHOT_DIR =
     process.env.SCREENSHOT_DIR || path.join(os.tmpdir(), 'sessiond-dashboard-screenshots');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
 const SESSION_ROWS = 'table#sessions tbody tr[data-session-id]';
+const RUN_ROWS = 'table#runs tbody tr[data-run-id]';
+const RUN_LINKS = RUN_ROWS + ' a[href^="/dashboard/runs/"]';
+const handoffRow = (session) => `table#handoffs tbody tr[data-session-id="${session}"]`;
 const LOGOUT_FORM = 'form[action="/dashboard/logout"]';
 const sessionPath = '/dashboard/sessions/' + encodeURIComponent(LIVE_SESSION);
 const FAILED_PROBES = '/dashboard/jobs?kind=probe&status=failed';
@@ -463,6 +471,52 @@ try {
         assert(status === 'succeeded', `#job-status still says "${status}" after ${JOB_TIMEOUT / 1000} s`);
     });
 
+    // ---- runs, a run, failed handoffs and a retry ----
+
+    await check('runs list', admin, async () => {
+        await goto(admin, '/dashboard/runs');
+        await expectSelector(admin, RUN_ROWS);
+        await expectSelector(admin, 'nav a[href="/dashboard/runs"][aria-current="page"]', { state: 'attached' });
+        await expectSelector(admin, 'form#filters select[name=status]');
+    });
+
+    await check('run page by keyboard', admin, async () => {
+        if (pathname(admin) !== '/dashboard/runs') {
+            await goto(admin, '/dashboard/runs');
+        }
+        // The newest run is the second handoff's stuck one: QUEUED, cancelable.
+        const link = admin.locator(RUN_LINKS).first();
+        const runId = ((await link.textContent()) || '').trim();
+        await link.focus();
+        const loaded = admin.waitForEvent('load', { timeout: NAV_TIMEOUT });
+        await admin.keyboard.press('Enter');
+        await loaded;
+        const h1 = await headingOf(admin);
+        assert(h1.includes(runId), `h1 is "${h1}", not about ${runId}`);
+        await expectSelector(admin, 'pre#run-payload');
+        await expectSelector(admin, 'button[data-action="cancel"]', { state: 'attached' });
+    });
+
+    await check('failed handoffs', admin, async () => {
+        await goto(admin, '/dashboard/handoffs');
+        await expectSelector(admin, handoffRow(HANDOFF_SESSION));
+        await expectSelector(admin, handoffRow(HANDOFF_KEEP));
+        await expectSelector(admin, handoffRow(HANDOFF_SESSION) + ' button[data-action="retry"]');
+    });
+
+    await check('retry a failed handoff', admin, async () => {
+        if (pathname(admin) !== '/dashboard/handoffs') {
+            await goto(admin, '/dashboard/handoffs');
+        }
+        await submitForm(admin, handoffRow(HANDOFF_SESSION) + ' form');
+        assert(pathname(admin) === '/dashboard/handoffs', `the retry landed on ${admin.url()}`);
+        const left = await admin.locator(handoffRow(HANDOFF_SESSION)).count();
+        assert(left === 0, `${HANDOFF_SESSION} is still listed after its retry`);
+        await expectSelector(admin, handoffRow(HANDOFF_KEEP));
+    });
+
+    // ---- end of runs and handoffs ----
+
     await check('logout', admin, async () => {
         if (!(await admin.locator(LOGOUT_FORM).count())) {
             await goto(admin, '/dashboard/sessions');
@@ -506,6 +560,21 @@ try {
         const status = ((await viewer.locator('#job-status').textContent()) || '').trim();
         assert(status === 'failed', `#job-status says "${status}", not failed`);
         await assertNoActionButtons(viewer, stuckPath);
+    });
+
+    await check('viewer sees no actions on runs and handoffs', viewer, async () => {
+        await goto(viewer, '/dashboard/runs');
+        await expectSelector(viewer, RUN_ROWS);
+        await assertNoActionButtons(viewer, '/dashboard/runs');
+        // The newest run is the retry's continuation: QUEUED, so an admin could cancel it.
+        const href = await viewer.locator(RUN_LINKS).first().getAttribute('href');
+        await goto(viewer, href);
+        await expectSelector(viewer, 'pre#run-payload');
+        await assertNoActionButtons(viewer, href);
+        await shot(viewer, 'viewer run page');
+        await goto(viewer, '/dashboard/handoffs');
+        await expectSelector(viewer, handoffRow(HANDOFF_KEEP));
+        await assertNoActionButtons(viewer, '/dashboard/handoffs');
     });
 
     await check('audit page', viewer, async () => {

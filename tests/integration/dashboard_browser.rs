@@ -1,9 +1,9 @@
 //! The dashboard in headless Chromium (Debian's, driven by playwright-core;
 //! scripts/test.sh installs both): `tests/browser/dashboard.mjs` signs in,
-//! filters, watches an `.out` record arrive live, retries a failed probe job
-//! from its page and sees it succeed, checks the viewer's view, and saves a
-//! screenshot of each page under
-//! `target/test-artifacts/dashboard/`.
+//! filters, watches an `.out` record arrive live, opens the runs pages and
+//! retries a failed handoff, retries a failed probe job from its page and
+//! sees it succeed, checks the viewer's view, and saves a screenshot of each
+//! page under `target/test-artifacts/dashboard/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,9 +13,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::common::{eventually, session_body, TestApp};
 use crate::dashboard::{with_operators, ADMIN, VIEWER};
+use crate::dashboard_runs::failed_manual_handoff;
 
 /// Checks the script runs; update with the script.
-const CHECKS: usize = 15;
+const CHECKS: usize = 20;
 
 fn browser_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
@@ -45,6 +46,8 @@ async fn the_dashboard_in_a_browser() {
     app.state.jobs.recover_lost_queue().await.unwrap();
     let probe = failed_probe(&app, 2).await;
     let stuck = failed_probe(&app, 99).await;
+    let (handoff, _) = failed_manual_handoff(&app, "browser-handoff-retried").await;
+    let (handoff_kept, _) = failed_manual_handoff(&app, "browser-handoff-kept").await;
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/dashboard");
     std::fs::create_dir_all(&shots).unwrap();
 
@@ -62,6 +65,8 @@ async fn the_dashboard_in_a_browser() {
         .env("LIVE_SESSION", &live)
         .env("PROBE_JOB", probe.to_string())
         .env("STUCK_JOB", stuck.to_string())
+        .env("HANDOFF_SESSION", &handoff)
+        .env("HANDOFF_KEEP", &handoff_kept)
         .env("SCREENSHOT_DIR", &shots)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
