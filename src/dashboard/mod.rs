@@ -17,8 +17,8 @@
 pub mod assets;
 pub mod auth;
 pub mod error;
-pub mod jobs;
 pub mod handoffs;
+pub mod jobs;
 pub mod live;
 pub mod pages;
 pub mod paging;
