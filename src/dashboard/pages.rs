@@ -291,6 +291,8 @@ struct SessionPage {
     metadata: String,
     environment: String,
     runs: Vec<RunRow>,
+    /// The runs list filtered to this session, when it has more runs than shown.
+    all_runs: Option<String>,
     waiting: Vec<PendingWaitpoint>,
     open: bool,
 }
@@ -312,7 +314,16 @@ pub(super) async fn find_session(db: &PgPool, id: &str) -> PageResult<Session> {
 
 pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<String>) -> PageResult<Response> {
     let s = find_session(&db, &id).await?;
-    let runs = run_store::for_session(&db, s.id).await?;
+    let mut runs = run_store::for_session(&db, s.id, PAGE_SIZE as i64 + 1).await?;
+    // The newest page of runs, shown oldest first as a timeline; the rest are
+    // one link away in the paged runs list.
+    let all_runs = (runs.len() > PAGE_SIZE).then(|| {
+        runs.truncate(PAGE_SIZE);
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("env", &s.runtime_environment_id.to_string()).append_pair("session", &s.friendly_id);
+        format!("/dashboard/runs?{}", q.finish())
+    });
+    runs.reverse();
     let run_ids: HashMap<Uuid, String> = runs.iter().map(|(r, _)| (r.id, r.friendly_id.clone())).collect();
     let waiting = waitpoint_store::waiting_for_session(&db, s.id)
         .await?
@@ -347,6 +358,7 @@ pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<St
         open: s.closed_at.is_none(),
         s: SessionRow::of(&s),
         runs,
+        all_runs,
         waiting,
     })
 }

@@ -206,9 +206,10 @@ pub async fn page(
     Ok(b.build_query_as().fetch_all(pool).await?)
 }
 
-/// Every run a session triggered, oldest first, with why it was triggered
-/// (`session_runs.reason`).
-pub async fn for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<(Run, TriggerReason)>, StoreError> {
+/// The newest `limit` runs a session triggered, newest first, with why each was
+/// triggered (`session_runs.reason`). A session that exits idle gets a run per
+/// conversation burst, so the whole history is for the paged runs list.
+pub async fn for_session(pool: &PgPool, session_id: Uuid, limit: i64) -> Result<Vec<(Run, TriggerReason)>, StoreError> {
     #[derive(sqlx::FromRow)]
     struct Row {
         #[sqlx(flatten)]
@@ -217,9 +218,10 @@ pub async fn for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<(Run, Tr
     }
     let rows: Vec<Row> = sqlx::query_as(&format!(
         "SELECT {RUN_COLUMNS}, sr.reason FROM session_runs sr JOIN task_runs t ON t.id = sr.run_id
-         WHERE sr.session_id = $1 ORDER BY sr.created_at, sr.id LIMIT 500"
+         WHERE sr.session_id = $1 ORDER BY sr.created_at DESC, sr.id DESC LIMIT $2"
     ))
     .bind(session_id)
+    .bind(limit)
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(|r| (r.run, r.reason)).collect())

@@ -50,6 +50,13 @@ async fn the_dashboard_in_a_browser() {
     let (handoff_kept, _) = failed_manual_handoff(&app, "browser-handoff-kept").await;
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts/dashboard");
     std::fs::create_dir_all(&shots).unwrap();
+    // This run's screenshots only: numbering moves when checks are added.
+    for entry in std::fs::read_dir(&shots).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "png") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
 
     let dir = browser_dir();
     let mut child = tokio::process::Command::new("node")

@@ -410,3 +410,35 @@ async fn the_handoffs_page_lists_both_kinds_and_a_retry_replaces_the_stuck_run_o
     assert_eq!(runs_of(&app, &closed).await.len(), 2);
     assert_eq!(audit_details(&app, "handoff.retry").await.len(), 2);
 }
+
+/// A session's page shows its newest runs as a timeline and links to the
+/// paged runs list for the rest; the list, filtered to the session, has them all.
+#[tokio::test]
+async fn the_session_page_shows_its_newest_runs_and_links_to_every_run() {
+    let app = TestApp::spawn_without_sweeps().await;
+    with_operators(&app).await;
+    let s = app.create_session(session_body(Some("many-runs"))).await;
+    let id = s["id"].as_str().unwrap().to_string();
+    let sid = app.session_uuid(&id).await;
+    let mut newest = String::new();
+    for _ in 0..26 {
+        newest = app.state.runs.trigger_manual(app.a.env.id, sid).await.unwrap();
+    }
+    let op = Operator::login(&app, VIEWER).await;
+    let (_, page) = op.get(&format!("/dashboard/sessions/{id}")).await;
+    assert_eq!(count(&page, "<tr data-run-id="), 25, "the newest 25 of 27 runs");
+    assert!(!page.contains(s["runId"].as_str().unwrap()), "the first run is on the runs list only");
+    let last_row = page.rfind("<tr data-run-id=").unwrap();
+    assert!(page[last_row..].starts_with(&format!("<tr data-run-id=\"{newest}\"")), "oldest first, newest last");
+    let link = format!("/dashboard/runs?env={}&amp;session={id}", app.a.env.id);
+    assert!(page.contains(&link) || page.contains(&link.replace("&amp;", "&#38;")), "a link to every run");
+
+    let (_, first) = op.get(&format!("/dashboard/runs?env={}&session={id}", app.a.env.id)).await;
+    assert_eq!(count(&first, "<tr data-run-id="), 25);
+    assert!(first.contains("rel=\"next\""), "the rest are a page away");
+
+    // A session with few runs has no such link.
+    let few = app.create_session(session_body(Some("few-runs"))).await;
+    let (_, page) = op.get(&format!("/dashboard/sessions/{}", few["id"].as_str().unwrap())).await;
+    assert!(!page.contains("id=\"more-runs\""));
+}
