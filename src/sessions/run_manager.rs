@@ -260,15 +260,32 @@ impl RunManager {
     }
 
     /// Makes sure the session has a live run, triggering a continuation if not.
+    ///
+    /// A caller that lost the claim to another adopts the winner's run, and
+    /// moves the channels' fence to it before answering: the winner does so
+    /// only after its commit, and a caller answered in between could see the
+    /// replaced run still write (two boots of one `.in` append, the request's
+    /// and the sweep's, race like this).
     pub async fn ensure_run(&self, env_id: Uuid, session_id: Uuid) -> Result<Ensured, RunManagerError> {
+        let mut lost = false;
         for _ in 0..MAX_CLAIM_ATTEMPTS {
             let s = self.open_session(env_id, session_id).await?;
             if let Some(run) = self.current_run_alive(&s).await? {
+                if lost {
+                    let step = HandoffStep {
+                        session_id: s.id,
+                        version: i64::from(s.current_run_version),
+                        run: run.clone(),
+                        control: None,
+                    };
+                    apply_handoff(&self.channels, &step).await?;
+                }
                 return Ok(Ensured::Alive(run));
             }
             if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Continuation, None, None).await? {
                 return Ok(Ensured::Triggered(run));
             }
+            lost = true;
         }
         Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))
     }
