@@ -6,6 +6,7 @@
 //! - [`jobs`]: the job ledger's pages and the operator's retries and cancels.
 //! - [`runs`]: the runs list, a run's page and its cancel.
 //! - [`handoffs`]: failed handoffs and their retry.
+//! - [`schedules`]: the cron sweeps, their next fire and last jobs.
 //! - [`paging`]: keyset cursors in the pages' URLs.
 //! - [`live`]: a session channel's tail as server-sent HTML, for htmx.
 //! - [`assets`]: the vendored static files, served from the binary.
@@ -23,6 +24,7 @@ pub mod live;
 pub mod pages;
 pub mod paging;
 pub mod runs;
+pub mod schedules;
 
 use axum::extract::Request;
 use axum::http::{header, HeaderValue};
@@ -55,6 +57,8 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/runs/{run}/cancel", post(runs::cancel))
         .route("/dashboard/handoffs", get(handoffs::list))
         .route("/dashboard/handoffs/{session}/retry", post(handoffs::retry))
+        // Operations: the cron schedules.
+        .route("/dashboard/schedules", get(schedules::list))
         .route("/dashboard/static/{file}", get(assets::serve))
         .layer(axum::middleware::from_fn(security_headers))
 }

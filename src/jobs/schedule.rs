@@ -19,20 +19,43 @@ pub struct Schedule {
     pub name: String,
     pub cron: cron::Schedule,
     pub job: Job,
+    /// The `#` lines inside the schedule's table, for the dashboard.
+    pub comment: String,
 }
 
 /// Parses schedules; every name must be a known sweep and every expression valid.
 pub fn parse(text: &str) -> anyhow::Result<Vec<Schedule>> {
     let entries: BTreeMap<String, Entry> = toml::from_str(text)?;
+    let mut comments = comments(text);
     entries
         .into_iter()
         .map(|(name, e)| {
             let job = Job::for_schedule(&name).ok_or_else(|| anyhow::anyhow!("unknown schedule {name:?}"))?;
             let cron = cron::Schedule::from_str(&e.cron)
                 .map_err(|err| anyhow::anyhow!("schedule {name:?}: bad cron {:?}: {err}", e.cron))?;
-            Ok(Schedule { name, cron, job })
+            let comment = comments.remove(&name).unwrap_or_default();
+            Ok(Schedule { name, cron, job, comment })
         })
         .collect()
+}
+
+/// The comment lines of each `[name]` table, joined. TOML parsers drop
+/// comments; a line scan is enough for this file's flat format.
+fn comments(text: &str) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    let mut table: Option<&str> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            table = Some(name.trim());
+        } else if let (Some(name), Some(c)) = (table, line.strip_prefix('#')) {
+            let entry = out.entry(name.to_string()).or_default();
+            if !entry.is_empty() {
+                entry.push(' ');
+            }
+            entry.push_str(c.trim());
+        }
+    }
+    out
 }
 
 /// The schedules in `path`, or the built-in defaults.
@@ -61,6 +84,17 @@ mod tests {
                 "waitpoint-timeout-sweep"
             ]
         );
+    }
+
+    #[test]
+    fn comments_belong_to_their_table() {
+        let s = parse(
+            "# file\n[run-sweep]\n# one\n# two\ncron = \"* * * * * *\"\n[input-boot-sweep]\ncron = \"* * * * * *\"",
+        )
+        .unwrap();
+        assert_eq!(s[0].name, "input-boot-sweep");
+        assert_eq!(s[0].comment, "");
+        assert_eq!(s[1].comment, "one two");
     }
 
     #[test]

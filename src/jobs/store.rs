@@ -116,6 +116,22 @@ pub async fn find(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError>
     Ok(sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1")).bind(id).fetch_optional(pool).await?)
 }
 
+/// The newest `per_kind` jobs of each of `kinds` (a schedule's last runs),
+/// newest first within a kind; one index walk per kind (`jobs_kind_idx`).
+pub async fn newest_of_kinds(pool: &PgPool, kinds: &[&str], per_kind: i64) -> Result<Vec<JobRow>, StoreError> {
+    let columns = JOB_COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ");
+    Ok(sqlx::query_as(&format!(
+        "SELECT {columns} FROM unnest($1::text[]) k(kind)
+         CROSS JOIN LATERAL (SELECT * FROM jobs WHERE jobs.kind = k.kind
+                             ORDER BY created_at DESC, id DESC LIMIT $2) j
+         ORDER BY j.kind, j.created_at DESC, j.id DESC"
+    ))
+    .bind(kinds)
+    .bind(per_kind)
+    .fetch_all(pool)
+    .await?)
+}
+
 pub async fn mark_relayed(pool: &PgPool, ids: &[Uuid]) -> Result<(), StoreError> {
     if ids.is_empty() {
         return Ok(());

@@ -17,6 +17,7 @@ mod clickhouse_dev;
 mod dashboard;
 mod dashboard_browser;
 mod dashboard_jobs;
+mod dashboard_ops;
 mod dashboard_runs;
 mod dependencies;
 mod durability;

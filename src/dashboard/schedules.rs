@@ -1,0 +1,80 @@
+//! The schedules page: each cron sweep the server loaded, when it fires next,
+//! and its newest jobs in the ledger (each linked to its job page).
+
+use std::collections::HashMap;
+
+use askama::Template;
+use axum::extract::State;
+use axum::response::Response;
+use chrono::Utc;
+use sqlx::PgPool;
+
+use super::auth::Signed;
+use super::error::{DashboardError, PageResult};
+use super::pages::{iso, render, Frame};
+use crate::app::AppState;
+use crate::jobs::schedule;
+use crate::jobs::store as job_store;
+
+/// Jobs shown per schedule: enough to see a pattern of failures.
+const LAST_RUNS: i64 = 5;
+
+pub struct LastRun {
+    pub id: String,
+    pub status: &'static str,
+    pub at: String,
+    pub error: String,
+}
+
+pub struct ScheduleRow {
+    pub name: String,
+    pub kind: &'static str,
+    pub cron: String,
+    pub comment: String,
+    pub next: Option<String>,
+    pub runs: Vec<LastRun>,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/schedules.html")]
+struct SchedulesPage {
+    frame: Frame,
+    source: String,
+    runs_jobs: bool,
+    rows: Vec<ScheduleRow>,
+}
+
+pub async fn list(State(state): State<AppState>, signed: Signed) -> PageResult<Response> {
+    let db: &PgPool = &state.db;
+    let path = state.config.job_schedules_file.as_deref();
+    // The file as the server read it at start: it is read only then, and
+    // was valid (or the server would not have started).
+    let schedules = schedule::load(path).map_err(DashboardError::Internal)?;
+    let kinds: Vec<&str> = schedules.iter().map(|s| s.job.kind()).collect();
+    let mut by_kind: HashMap<String, Vec<LastRun>> = HashMap::new();
+    for j in job_store::newest_of_kinds(db, &kinds, LAST_RUNS).await? {
+        by_kind.entry(j.kind.clone()).or_default().push(LastRun {
+            id: j.id.to_string(),
+            status: j.status.as_str(),
+            at: iso(&j.finished_at.unwrap_or(j.created_at)),
+            error: j.last_error.clone().unwrap_or_default(),
+        });
+    }
+    let rows = schedules
+        .into_iter()
+        .map(|s| ScheduleRow {
+            kind: s.job.kind(),
+            cron: s.cron.to_string(),
+            next: s.cron.upcoming(Utc).next().as_ref().map(iso),
+            runs: by_kind.remove(s.job.kind()).unwrap_or_default(),
+            comment: s.comment,
+            name: s.name,
+        })
+        .collect();
+    render(SchedulesPage {
+        frame: Frame::new(&signed, "schedules"),
+        source: path.map_or_else(|| "jobs/schedules.toml (built in)".to_string(), str::to_string),
+        runs_jobs: state.config.run_jobs,
+        rows,
+    })
+}
