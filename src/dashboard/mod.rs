@@ -7,6 +7,7 @@
 //! - [`runs`]: the runs list, a run's page and its cancel.
 //! - [`handoffs`]: failed handoffs and their retry.
 //! - [`schedules`]: the cron sweeps, their next fire and last jobs.
+//! - [`replication`]: replication health, backfills, and starting one.
 //! - [`paging`]: keyset cursors in the pages' URLs.
 //! - [`live`]: a session channel's tail as server-sent HTML, for htmx.
 //! - [`assets`]: the vendored static files, served from the binary.
@@ -23,6 +24,7 @@ pub mod jobs;
 pub mod live;
 pub mod pages;
 pub mod paging;
+pub mod replication;
 pub mod runs;
 pub mod schedules;
 
@@ -57,8 +59,10 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/runs/{run}/cancel", post(runs::cancel))
         .route("/dashboard/handoffs", get(handoffs::list))
         .route("/dashboard/handoffs/{session}/retry", post(handoffs::retry))
-        // Operations: the cron schedules.
+        // Operations: schedules, replication and backfills.
         .route("/dashboard/schedules", get(schedules::list))
+        .route("/dashboard/replication", get(replication::show))
+        .route("/dashboard/replication/backfill", post(replication::start_backfill))
         .route("/dashboard/static/{file}", get(assets::serve))
         .layer(axum::middleware::from_fn(security_headers))
 }

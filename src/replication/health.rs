@@ -105,6 +105,34 @@ pub async fn status(
     })
 }
 
+/// A batch recorded but not yet in ClickHouse, with its flush job's state:
+/// a job with failed attempts is what an operator looks into.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PendingFlush {
+    pub id: uuid::Uuid,
+    pub created_at: DateTime<Utc>,
+    pub commit_time: DateTime<Utc>,
+    pub row_count: i32,
+    pub job_id: uuid::Uuid,
+    pub attempts: Option<i32>,
+    pub last_error: Option<String>,
+}
+
+/// The oldest `limit` pending flushes of `slot` (the oldest holds the
+/// watermark back), failing ones included.
+pub async fn pending_flushes(pool: &PgPool, slot_name: &str, limit: i64) -> Result<Vec<PendingFlush>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT f.id, f.created_at, f.commit_time, f.row_count, f.job_id, j.attempts, j.last_error
+         FROM replication_flushes f LEFT JOIN jobs j ON j.id = f.job_id
+         WHERE f.slot = $1 AND f.status = 'pending'
+         ORDER BY f.created_at, f.id LIMIT $2",
+    )
+    .bind(slot_name)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
     #[error(transparent)]

@@ -3,11 +3,30 @@
 //! environments with key rotation: roles, CSRF, the audit row in the
 //! action's transaction, and the new key shown once.
 
+use reqwest::header::LOCATION;
 use reqwest::StatusCode;
+use sessiond::analytics::backfill::{self, BackfillStatus};
 use uuid::Uuid;
 
-use crate::common::{eventually, TestApp};
-use crate::dashboard::{with_operators, Operator, VIEWER};
+use crate::common::{eventually, session_body, TestApp};
+use crate::dashboard::{audit_rows, with_operators, Operator, ADMIN, VIEWER};
+use crate::replication::{finish, replicating};
+
+/// Renames `audit_log` away for the length of `f`: the action's audit insert
+/// fails, so the action must roll back with it.
+async fn without_audit_log<T>(app: &TestApp, f: impl std::future::Future<Output = T>) -> T {
+    sqlx::query("ALTER TABLE audit_log RENAME TO audit_log_gone").execute(app.db()).await.unwrap();
+    let out = f.await;
+    sqlx::query("ALTER TABLE audit_log_gone RENAME TO audit_log").execute(app.db()).await.unwrap();
+    out
+}
+
+/// A 500 that is a dashboard page and names no SQL.
+async fn assert_error_page(resp: reqwest::Response) {
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("<html") && !body.contains("audit_log"), "{body}");
+}
 
 const SCHEDULES: &str = "\
 [run-sweep]
@@ -59,4 +78,103 @@ async fn the_schedules_page_shows_each_sweep_its_next_fire_and_last_jobs() {
     assert!(page.contains("aria-current=\"page\">Schedules"));
     assert!(!page.contains("data-action"), "nothing to act on");
     std::fs::remove_file(path).ok();
+}
+
+/// Backfills and backfill chunk jobs written so far.
+async fn backfill_counts(app: &TestApp) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM clickhouse_backfills), (SELECT count(*) FROM jobs WHERE kind = 'backfill')",
+    )
+    .fetch_one(app.db())
+    .await
+    .unwrap()
+}
+
+/// Starts a backfill from the page as `admin` after the refusals every action
+/// owes (viewer, missing token, audit insert failing): each leaves nothing.
+/// (A server replicating through a new slot starts a backfill of its own.)
+async fn start_backfill_checked(app: &TestApp, admin: &Operator, viewer: &Operator) {
+    let start = "/dashboard/replication/backfill";
+    let before = backfill_counts(app).await;
+    assert_eq!(viewer.post(start, Some(&viewer.csrf.clone())).await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(admin.post(start, None).await.status(), StatusCode::FORBIDDEN, "no CSRF token");
+    assert_eq!(admin.post(start, Some(&viewer.csrf.clone())).await.status(), StatusCode::FORBIDDEN);
+    without_audit_log(app, async { assert_error_page(admin.post(start, Some(&admin.csrf.clone())).await).await }).await;
+    assert_eq!(backfill_counts(app).await, before, "refused starts wrote no backfill, nor a chunk job");
+    assert!(audit_rows(app).await.is_empty());
+
+    let done = admin.post(start, Some(&admin.csrf.clone())).await;
+    assert_eq!(
+        (done.status(), done.headers()[LOCATION].to_str().unwrap()),
+        (StatusCode::SEE_OTHER, "/dashboard/replication")
+    );
+    assert_eq!(audit_rows(app).await, vec![("clickhouse.backfill".to_string(), "clickhouse".to_string())]);
+    let backfills = backfill::store::list(app.db(), 2).await.unwrap();
+    assert_eq!(backfill_counts(app).await.0, before.0 + 2, "one per table");
+    assert!(backfills.iter().all(|b| b.is_full()));
+    let detail: serde_json::Value =
+        sqlx::query_scalar("SELECT detail FROM audit_log").fetch_one(app.db()).await.unwrap();
+    assert_eq!(detail["backfills"].as_array().unwrap().len(), 2, "{detail}");
+}
+
+/// Waits until every backfill completed and the page says so with its rows.
+async fn backfills_done(app: &TestApp, op: &Operator) -> String {
+    eventually(30, "the backfills to complete", || async {
+        let all = backfill::store::list(app.db(), 10).await.unwrap();
+        all.iter().all(|b| b.status == BackfillStatus::Completed).then_some(())
+    })
+    .await;
+    let (status, page) = op.get("/dashboard/replication").await;
+    assert_eq!(status, StatusCode::OK);
+    let rows = page.matches("<tr data-backfill-id=").count();
+    assert!(rows >= 2 && page.matches("badge completed").count() == rows, "{page}");
+    page
+}
+
+#[tokio::test]
+async fn with_replication_off_the_page_says_so_and_a_backfill_runs_to_completion() {
+    let app = TestApp::spawn().await;
+    app.clickhouse_ready().await;
+    with_operators(&app).await;
+    for i in 0..3 {
+        app.create_session(session_body(Some(&format!("ops-{i}")))).await;
+    }
+    let viewer = Operator::login(&app, VIEWER).await;
+    let (status, page) = viewer.get("/dashboard/replication").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("id=\"replication-off\""), "replication off, said plainly");
+    assert!(page.contains("No backfill has run") && !page.contains("data-action"), "a viewer gets no button");
+    let admin = Operator::login(&app, ADMIN).await;
+    let (_, page) = admin.get("/dashboard/replication").await;
+    assert!(page.contains("data-action=\"start-backfill\"") && page.contains("data-confirm="));
+
+    start_backfill_checked(&app, &admin, &viewer).await;
+    let page = backfills_done(&app, &viewer).await;
+    // Three sessions and their three runs, one table each.
+    assert!(page.contains("<td class=\"num\">3</td>"), "rows copied shown: {page}");
+    assert!(page.contains("every row"));
+}
+
+#[tokio::test]
+async fn with_replication_on_the_page_shows_the_slot_flushes_and_backfills() {
+    let app = TestApp::spawn_with(replicating).await;
+    app.clickhouse_ready().await;
+    with_operators(&app).await;
+    let slot = app.state.config.replication_slot_name();
+    app.create_session(session_body(Some("ops-replicated"))).await;
+    let viewer = Operator::login(&app, VIEWER).await;
+    let page = eventually(20, "a flush to show on the page", || async {
+        let (_, page) = viewer.get("/dashboard/replication").await;
+        (page.contains("from commit to visible") && page.contains("badge executing\">active")).then_some(page)
+    })
+    .await;
+    assert!(page.contains(&slot) && !page.contains("replication-off"));
+    assert!(page.contains("fencing token"), "the lease holder");
+    assert!(page.contains("Confirmed LSN") && page.contains("Retained WAL"));
+    assert!(!page.contains("data-action"));
+
+    let admin = Operator::login(&app, ADMIN).await;
+    start_backfill_checked(&app, &admin, &viewer).await;
+    backfills_done(&app, &admin).await;
+    finish(app).await;
 }

@@ -15,7 +15,7 @@ use sessiond::replication::slot;
 
 use crate::common::{eventually, session_body, TestApp};
 
-fn replicating(c: &mut Config) {
+pub fn replicating(c: &mut Config) {
     c.replication_enabled = true;
     c.replication_batch_ms = 50;
     // Long enough that a renewal late on a loaded machine (eight tests at
@@ -26,7 +26,7 @@ fn replicating(c: &mut Config) {
 
 /// Stops the server and drops its slot and publication (a slot left behind
 /// would keep WAL forever).
-async fn finish(app: TestApp) {
+pub async fn finish(app: TestApp) {
     let db = app.db().clone();
     let name = app.state.config.replication_slot_name();
     drop(app);

@@ -13,7 +13,7 @@
 pub mod store;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::rows::{RunRow, SessionRow};
@@ -62,25 +62,46 @@ pub struct Faults {
 /// transaction; returns them and the job ids (not yet relayed).
 pub async fn create(pool: &PgPool, req: &BackfillRequest) -> Result<(Vec<Backfill>, Vec<Uuid>), StoreError> {
     let mut tx = pool.begin().await?;
+    let created = create_in(&mut tx, req).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// [`create`] inside the caller's transaction, so what the caller writes
+/// with it (an operator's audit row) commits or rolls back together.
+pub async fn create_in(
+    conn: &mut PgConnection,
+    req: &BackfillRequest,
+) -> Result<(Vec<Backfill>, Vec<Uuid>), StoreError> {
     let mut backfills = Vec::new();
     let mut job_ids = Vec::new();
     for table in &req.tables {
-        let b = store::insert(&mut tx, *table, req.from, req.to, req.chunk_size.max(1)).await?;
+        let b = store::insert(conn, *table, req.from, req.to, req.chunk_size.max(1)).await?;
         let job = Job::Backfill { backfill_id: b.id, chunk: 0 };
-        job_ids.push(jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?);
+        job_ids.push(jobs::store::insert(&mut *conn, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?);
         backfills.push(b);
     }
-    tx.commit().await?;
     Ok((backfills, job_ids))
 }
 
 /// Creates the backfills and queues their first chunks.
 pub async fn start(pool: &PgPool, jobs: &Jobs, req: &BackfillRequest) -> Result<Vec<Backfill>, StoreError> {
     let (backfills, job_ids) = create(pool, req).await?;
+    queue(jobs, &job_ids).await?;
+    Ok(backfills)
+}
+
+/// Pushes committed first-chunk jobs to their queue.
+pub async fn queue(jobs: &Jobs, job_ids: &[Uuid]) -> Result<(), StoreError> {
     // Every chunk job has one kind, so one lane.
     let lane = Job::Backfill { backfill_id: Uuid::nil(), chunk: 0 }.lane();
-    jobs.relay_now(lane, &job_ids).await?;
-    Ok(backfills)
+    jobs.relay_now(lane, job_ids).await
+}
+
+/// A backfill of every row of both tables, as `sessiond clickhouse backfill`
+/// starts without flags.
+pub fn full() -> BackfillRequest {
+    BackfillRequest { tables: vec![Table::Sessions, Table::Runs], from: None, to: None, chunk_size: DEFAULT_CHUNK_SIZE }
 }
 
 /// Copies chunk number `chunk` of backfill `id` (the `backfill` job).

@@ -1,0 +1,207 @@
+//! The replication page: the health `sessiond replication status` prints
+//! (slot, lag, lease, pending and failing flushes, the last flush and
+//! reconciliation) and the ClickHouse backfills with their progress; and the
+//! operator's "start a backfill", audited in the backfill's transaction.
+
+use askama::Template;
+use axum::extract::State;
+use axum::response::{IntoResponse, Redirect, Response};
+use serde_json::json;
+
+use super::auth::{Authorized, Signed};
+use super::error::{DashboardError, PageResult};
+use super::pages::{iso, render, Frame, PAGE_SIZE};
+use crate::analytics::backfill::{self, Backfill, BackfillStatus};
+use crate::app::AppState;
+use crate::db::StoreError;
+use crate::operators::audit;
+use crate::replication::health::{self, ReplicationHealth};
+
+/// What Postgres says of the slot, as shown.
+pub struct SlotView {
+    pub active: bool,
+    pub wal_status: String,
+    pub confirmed_lsn: String,
+    pub retained: String,
+    pub lag: String,
+}
+
+pub struct FlushRow {
+    pub id: String,
+    pub created_at: String,
+    pub age: String,
+    pub rows: i32,
+    pub job: String,
+    pub attempts: i32,
+    pub error: String,
+}
+
+pub struct HealthView {
+    pub slot_name: String,
+    pub slot: Option<SlotView>,
+    pub lease: Option<u64>,
+    pub pending_flushes: i64,
+    pub pending_rows: i64,
+    pub oldest_pending: Option<String>,
+    pub flushes: Vec<FlushRow>,
+    /// More are pending than listed.
+    pub more_flushes: bool,
+    pub last_flush_at: Option<String>,
+    pub last_flush_lag: Option<String>,
+    pub last_error: String,
+    pub last_error_at: Option<String>,
+    pub reconciled_at: Option<String>,
+    pub last_reconcile: String,
+}
+
+pub struct BackfillRow {
+    pub id: String,
+    pub table: &'static str,
+    pub range: String,
+    pub chunk_size: i32,
+    pub chunks_done: i32,
+    pub rows_copied: i64,
+    pub status: &'static str,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/replication.html")]
+struct ReplicationPage {
+    frame: Frame,
+    health: Option<HealthView>,
+    backfills: Vec<BackfillRow>,
+    running: bool,
+    /// More backfills exist than shown.
+    capped: bool,
+}
+
+/// Bytes as an operator reads them.
+fn bytes(n: i64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v.abs() >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Milliseconds as an operator reads them.
+fn millis(ms: i64) -> String {
+    match ms {
+        ms if ms < 1_000 => format!("{ms} ms"),
+        ms if ms < 120_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        ms => format!("{} min", ms / 60_000),
+    }
+}
+
+fn health_view(h: ReplicationHealth, flushes: Vec<health::PendingFlush>) -> HealthView {
+    let now = chrono::Utc::now();
+    HealthView {
+        slot: h.slot.map(|s| SlotView {
+            active: s.active,
+            wal_status: s.wal_status.unwrap_or_default(),
+            confirmed_lsn: s.confirmed_flush_lsn.unwrap_or_default(),
+            retained: s.retained_wal_bytes.map(bytes).unwrap_or_default(),
+            lag: s.lag_bytes.map(bytes).unwrap_or_default(),
+        }),
+        slot_name: h.slot_name,
+        lease: h.lease_token,
+        pending_flushes: h.pending_flushes,
+        pending_rows: h.pending_rows,
+        oldest_pending: h.oldest_pending_age_ms.map(millis),
+        more_flushes: (flushes.len() as i64) < h.pending_flushes,
+        flushes: flushes
+            .into_iter()
+            .map(|f| FlushRow {
+                id: f.id.to_string(),
+                created_at: iso(&f.created_at),
+                age: millis((now - f.created_at).num_milliseconds()),
+                rows: f.row_count,
+                job: f.job_id.to_string(),
+                attempts: f.attempts.unwrap_or_default(),
+                error: f.last_error.unwrap_or_default(),
+            })
+            .collect(),
+        last_flush_at: h.last_flush_at.as_ref().map(iso),
+        last_flush_lag: h.last_flush_lag_ms.map(millis),
+        last_error: h.last_error.unwrap_or_default(),
+        last_error_at: h.last_error_at.as_ref().map(iso),
+        reconciled_at: h.reconciled_at.as_ref().map(iso),
+        last_reconcile: h.last_reconcile.unwrap_or_default(),
+    }
+}
+
+fn backfill_row(b: &Backfill) -> BackfillRow {
+    let range = match (b.created_from, b.created_to) {
+        (None, None) => "every row".to_string(),
+        (from, to) => format!(
+            "created {} … {}",
+            from.as_ref().map_or("the start".into(), iso),
+            to.as_ref().map_or("now".into(), iso)
+        ),
+    };
+    BackfillRow {
+        id: b.id.to_string(),
+        table: b.target.as_str(),
+        range,
+        chunk_size: b.chunk_size,
+        chunks_done: b.chunks_done,
+        rows_copied: b.rows_copied,
+        status: b.status.as_str(),
+        started_at: iso(&b.started_at),
+        finished_at: b.completed_at.as_ref().map(iso),
+    }
+}
+
+pub async fn show(State(state): State<AppState>, signed: Signed) -> PageResult<Response> {
+    let health = if state.config.replication_enabled {
+        let slot = state.config.replication_slot_name();
+        let h = health::status(&state.db, &state.redis, &state.config.redis_prefix, &slot)
+            .await
+            .map_err(|e| DashboardError::Internal(e.into()))?;
+        let flushes = health::pending_flushes(&state.db, &slot, PAGE_SIZE as i64).await?;
+        Some(health_view(h, flushes))
+    } else {
+        None
+    };
+    let backfills = backfill::store::list(&state.db, PAGE_SIZE as i64).await?;
+    render(ReplicationPage {
+        frame: Frame::new(&signed, "replication"),
+        health,
+        running: backfills.iter().any(|b| b.status == BackfillStatus::Running),
+        capped: backfills.len() >= PAGE_SIZE,
+        backfills: backfills.iter().map(backfill_row).collect(),
+    })
+}
+
+/// Starts a full backfill of both tables (as `sessiond clickhouse backfill`
+/// does): the backfills, their first chunks' jobs and the audit row commit
+/// together; the jobs are queued after the commit.
+pub async fn start_backfill(State(state): State<AppState>, Authorized(signed): Authorized) -> PageResult<Response> {
+    let mut tx = state.db.begin().await.map_err(StoreError::from)?;
+    let (backfills, jobs) = backfill::create_in(&mut tx, &backfill::full()).await?;
+    let ids: Vec<String> = backfills.iter().map(|b| b.id.to_string()).collect();
+    audit::record(
+        &mut *tx,
+        signed.operator.id,
+        "clickhouse.backfill",
+        "clickhouse",
+        json!({ "backfills": ids, "jobs": jobs }),
+    )
+    .await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    // Committed: a failed push is picked up by the relay of unrelayed jobs.
+    if let Err(err) = backfill::queue(&state.jobs, &jobs).await {
+        tracing::warn!(%err, "backfill jobs committed but not pushed yet; the relay will");
+    }
+    tracing::info!(operator = %signed.operator.email, ?ids, "operator started a backfill");
+    Ok(Redirect::to("/dashboard/replication").into_response())
+}
