@@ -123,6 +123,12 @@ impl Authenticator {
         Authenticator { db, master_key: Arc::new(master_key), envs: Arc::new(envs), leeway_secs }
     }
 
+    /// The key environments' secrets are sealed with (the dashboard's key
+    /// rotation seals the new one).
+    pub fn master_key(&self) -> &MasterKey {
+        &self.master_key
+    }
+
     /// The caller an `Authorization` header value names.
     pub async fn authenticate(&self, header: Option<&str>) -> Result<Auth, AuthError> {
         let token = header

@@ -8,6 +8,7 @@
 //! - [`handoffs`]: failed handoffs and their retry.
 //! - [`schedules`]: the cron sweeps, their next fire and last jobs.
 //! - [`replication`]: replication health, backfills, and starting one.
+//! - [`environments`]: environments, key hints, and key rotation.
 //! - [`paging`]: keyset cursors in the pages' URLs.
 //! - [`live`]: a session channel's tail as server-sent HTML, for htmx.
 //! - [`assets`]: the vendored static files, served from the binary.
@@ -18,6 +19,7 @@
 
 pub mod assets;
 pub mod auth;
+pub mod environments;
 pub mod error;
 pub mod handoffs;
 pub mod jobs;
@@ -59,10 +61,12 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/runs/{run}/cancel", post(runs::cancel))
         .route("/dashboard/handoffs", get(handoffs::list))
         .route("/dashboard/handoffs/{session}/retry", post(handoffs::retry))
-        // Operations: schedules, replication and backfills.
+        // Operations: schedules, replication and backfills, environments' keys.
         .route("/dashboard/schedules", get(schedules::list))
         .route("/dashboard/replication", get(replication::show))
         .route("/dashboard/replication/backfill", post(replication::start_backfill))
+        .route("/dashboard/environments", get(environments::list))
+        .route("/dashboard/environments/{env}/rotate-key", post(environments::rotate_key))
         .route("/dashboard/static/{file}", get(assets::serve))
         .layer(axum::middleware::from_fn(security_headers))
 }

@@ -110,10 +110,33 @@ pub async fn create_environment(
 /// Replaces an environment's key. The old key stops authenticating at once
 /// (servers forget cached keys within a few seconds).
 pub async fn rotate_key(pool: &PgPool, master: &MasterKey, env_id: Uuid) -> Result<Option<SecretKey>, StoreError> {
-    let env_type: Option<String> = sqlx::query_scalar("SELECT env_type FROM runtime_environments WHERE id = $1")
+    let mut conn = pool.acquire().await?;
+    rotate_key_in(&mut conn, master, env_id).await
+}
+
+/// The hint of an environment's current key, the row locked until the
+/// caller's transaction ends (a rotation that must replace exactly the key
+/// the operator saw).
+pub async fn lock_key_hint(conn: &mut sqlx::PgConnection, env_id: Uuid) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT api_key_hint FROM runtime_environments WHERE id = $1 FOR UPDATE")
         .bind(env_id)
-        .fetch_optional(pool)
-        .await?;
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// [`rotate_key`] on the caller's connection or transaction (an operator's
+/// rotation commits with its audit row). Locks the row, so two rotations at
+/// once end with the later key.
+pub async fn rotate_key_in(
+    conn: &mut sqlx::PgConnection,
+    master: &MasterKey,
+    env_id: Uuid,
+) -> Result<Option<SecretKey>, StoreError> {
+    let env_type: Option<String> =
+        sqlx::query_scalar("SELECT env_type FROM runtime_environments WHERE id = $1 FOR UPDATE")
+            .bind(env_id)
+            .fetch_optional(&mut *conn)
+            .await?;
     let Some(env_type) = env_type.as_deref().and_then(EnvType::parse) else {
         return Ok(None);
     };
@@ -127,7 +150,7 @@ pub async fn rotate_key(pool: &PgPool, master: &MasterKey, env_id: Uuid) -> Resu
     .bind(&keys::hash(key.expose())[..])
     .bind(master.seal(env_id, &key))
     .bind(keys::hint(&key))
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     Ok(Some(key))
 }

@@ -3,7 +3,9 @@
 //! environments with key rotation: roles, CSRF, the audit row in the
 //! action's transaction, and the new key shown once.
 
-use reqwest::header::LOCATION;
+use std::time::Duration;
+
+use reqwest::header::{CACHE_CONTROL, LOCATION};
 use reqwest::StatusCode;
 use sessiond::analytics::backfill::{self, BackfillStatus};
 use uuid::Uuid;
@@ -177,4 +179,80 @@ async fn with_replication_on_the_page_shows_the_slot_flushes_and_backfills() {
     start_backfill_checked(&app, &admin, &viewer).await;
     backfills_done(&app, &admin).await;
     finish(app).await;
+}
+
+/// The new key on the page that answered the rotation.
+fn shown_key(page: &str) -> String {
+    let at = page.find("id=\"new-key\"").expect("the new key") + "id=\"new-key\"".len();
+    let rest = &page[at..];
+    let start = rest.find('>').unwrap() + 1;
+    rest[start..].split('<').next().unwrap().trim().to_string()
+}
+
+fn hint_field(page: &str, env: Uuid) -> String {
+    let row = &page[page.find(&format!("data-env-id=\"{env}\"")).unwrap()..];
+    let at = row.find("name=\"hint\" value=\"").unwrap() + "name=\"hint\" value=\"".len();
+    row[at..].split('"').next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn rotating_a_key_shows_the_new_key_once_and_the_old_one_stops_working() {
+    let app = TestApp::spawn_with(|c| c.auth_cache_ttl_ms = 200).await;
+    with_operators(&app).await;
+    let env = app.a.env.id;
+    let old = app.a.key.clone();
+    assert_eq!(app.get("/api/v1/sessions", &old).await.0, StatusCode::OK, "the old key works, and is cached");
+    let rotate = format!("/dashboard/environments/{env}/rotate-key");
+
+    let viewer = Operator::login(&app, VIEWER).await;
+    let (status, page) = viewer.get("/dashboard/environments").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains(&env.to_string()) && page.contains(&app.b.env.id.to_string()));
+    assert!(page.contains("org-a") && page.contains(&old[..12]), "organization and key hint");
+    assert!(!page.contains(&old) && !page.contains(&app.b.key), "never a key");
+    assert!(!page.contains("data-action"), "a viewer gets no button");
+
+    let admin = Operator::login(&app, ADMIN).await;
+    let (_, page) = admin.get("/dashboard/environments").await;
+    assert!(page.contains("data-action=\"rotate-key\"") && !page.contains(&old));
+    let hint = hint_field(&page, env);
+    assert_eq!(
+        viewer.post_form(&rotate, &[("csrf", &viewer.csrf), ("hint", &hint)]).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(admin.post_form(&rotate, &[("hint", &hint)]).await.status(), StatusCode::FORBIDDEN, "no token");
+    without_audit_log(&app, async {
+        assert_error_page(admin.post_form(&rotate, &[("csrf", &admin.csrf), ("hint", &hint)]).await).await
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.get("/api/v1/sessions", &old).await.0, StatusCode::OK, "refused rotations changed no key");
+    assert!(audit_rows(&app).await.is_empty());
+
+    let done = admin.post_form(&rotate, &[("csrf", &admin.csrf), ("hint", &hint)]).await;
+    assert_eq!(done.status(), StatusCode::OK);
+    assert_eq!(done.headers()[CACHE_CONTROL], "no-store");
+    let page = done.text().await.unwrap();
+    let new = shown_key(&page);
+    assert!(new.starts_with("tr_dev_") && new != old, "{new}");
+    assert_eq!(audit_rows(&app).await, vec![("environment.rotate_key".to_string(), format!("environment:{env}"))]);
+    let detail: String = sqlx::query_scalar("SELECT detail::text FROM audit_log").fetch_one(app.db()).await.unwrap();
+    assert!(!detail.contains(&new), "the audit row holds no key: {detail}");
+
+    // Shown once: the list shows its hint only, and the same form again
+    // (a reload of the response) rotates nothing.
+    let (_, list) = admin.get("/dashboard/environments").await;
+    assert!(!list.contains(&new) && list.contains(&new[..12]));
+    let again = admin.post_form(&rotate, &[("csrf", &admin.csrf), ("hint", &hint)]).await;
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    assert!(!again.text().await.unwrap().contains(&new));
+    assert_eq!(audit_rows(&app).await.len(), 1);
+
+    // Past the key cache's lifetime the old key is refused; the new one works.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.get("/api/v1/sessions", &old).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.get("/api/v1/sessions", &new).await.0, StatusCode::OK);
+    let bad =
+        admin.post_form("/dashboard/environments/nope/rotate-key", &[("csrf", &admin.csrf), ("hint", &hint)]).await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 }
