@@ -83,6 +83,7 @@ const REQUIRED = [
     'STUCK_JOB',
     'HANDOFF_SESSION',
     'HANDOFF_KEEP',
+    'ROTATE_ENV',
 ];
 const missing = REQUIRED.filter((name) => !process.env[name]);
 if (missing.length > 0) {
@@ -103,6 +104,10 @@ const STUCK_JOB = process.env.STUCK_JOB;
 // Two failed handoffs: the admin retries the first; the second stays listed.
 const HANDOFF_SESSION = process.env.HANDOFF_SESSION;
 const HANDOFF_KEEP = process.env.HANDOFF_KEEP;
+// Operations pages: the admin rotates ROTATE_ENV's key (an environment no
+// other check uses) and starts a full backfill (replication is off).
+const ROTATE_ENV = process.env.ROTATE_ENV;
+const BACKFILL_TIMEOUT = 20_000; // a started backfill to complete
 const SCREENSHOT_DIR =
     process.env.SCREENSHOT_DIR || path.join(os.tmpdir(), 'sessiond-dashboard-screenshots');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -517,6 +522,64 @@ try {
 
     // ---- end of runs and handoffs ----
 
+    // ---- operations: schedules, replication and backfills, environments ----
+
+    await check('schedules page', admin, async () => {
+        // Through the bar's Operations menu, by keyboard.
+        await goto(admin, '/dashboard/runs');
+        await admin.focus('nav .nav-menu summary');
+        await admin.keyboard.press('Enter');
+        await expectSelector(admin, 'nav .nav-menu a[href="/dashboard/schedules"]', { state: 'visible' });
+        await shot(admin, 'operations menu');
+        const loaded = admin.waitForEvent('load', { timeout: NAV_TIMEOUT });
+        await admin.click('nav .nav-menu a[href="/dashboard/schedules"]');
+        await loaded;
+        await expectSelector(admin, 'nav a[href="/dashboard/schedules"][aria-current="page"]', { state: 'attached' });
+        await expectSelector(admin, 'table#schedules tr[data-schedule="run-sweep"]');
+        await expectSelector(admin, 'table#schedules tr[data-schedule="run-sweep"] a[href^="/dashboard/jobs/"]');
+        const next = await admin.locator('table#schedules time[datetime]').count();
+        assert(next > 0, 'no next fire time on the schedules page');
+    });
+
+    await check('start a backfill and watch it complete', admin, async () => {
+        await goto(admin, '/dashboard/replication');
+        await expectSelector(admin, '#replication-off');
+        const loaded = admin.waitForEvent('load', { timeout: NAV_TIMEOUT });
+        await admin.click('button[data-action="start-backfill"]');
+        await loaded;
+        assert(pathname(admin) === '/dashboard/replication', `the start landed on ${admin.url()}`);
+        const deadline = Date.now() + BACKFILL_TIMEOUT;
+        let states = [];
+        for (;;) {
+            states = await admin.$$eval('table#backfills tbody tr .badge', (b) => b.map((x) => x.textContent.trim()));
+            if ((states.length >= 2 && states.every((s) => s === 'completed')) || Date.now() > deadline) {
+                break;
+            }
+            await new Promise((resolve) => setTimeout(resolve, JOB_POLL));
+            await admin.reload();
+        }
+        assert(states.length >= 2, `${states.length} backfill rows, not one per table`);
+        assert(states.every((s) => s === 'completed'), `backfills still ${states.join(', ')}`);
+    });
+
+    let rotatedKey = '';
+    await check('rotate a key and see it once', admin, async () => {
+        await goto(admin, '/dashboard/environments');
+        const row = `table#environments tr[data-env-id="${ROTATE_ENV}"]`;
+        await expectSelector(admin, row + ' button[data-action="rotate-key"]');
+        const loaded = admin.waitForEvent('load', { timeout: NAV_TIMEOUT });
+        await admin.click(row + ' button[data-action="rotate-key"]');
+        await loaded;
+        rotatedKey = ((await admin.locator('pre#new-key').textContent()) || '').trim();
+        assert(/^tr_[a-z]+_/.test(rotatedKey), `pre#new-key shows "${rotatedKey.slice(0, 12)}…", not a key`);
+        assert(!admin.url().includes(rotatedKey), 'the new key is in the URL');
+        await shot(admin, 'new key shown once');
+        await goto(admin, '/dashboard/environments');
+        const html = await admin.content();
+        assert(!html.includes(rotatedKey), 'the environments page shows the key again');
+        await expectSelector(admin, `${row} code`);
+    });
+
     await check('logout', admin, async () => {
         if (!(await admin.locator(LOGOUT_FORM).count())) {
             await goto(admin, '/dashboard/sessions');
@@ -575,6 +638,19 @@ try {
         await goto(viewer, '/dashboard/handoffs');
         await expectSelector(viewer, handoffRow(HANDOFF_KEEP));
         await assertNoActionButtons(viewer, '/dashboard/handoffs');
+    });
+
+    await check('viewer sees no actions on operations pages', viewer, async () => {
+        for (const where of ['/dashboard/schedules', '/dashboard/replication', '/dashboard/environments']) {
+            await goto(viewer, where);
+            await expectSelector(viewer, 'h1');
+            await assertNoActionButtons(viewer, where);
+            if (rotatedKey) {
+                assert(!(await viewer.content()).includes(rotatedKey), `${where} shows the rotated key`);
+            }
+            await shot(viewer, 'viewer ' + where.split('/').pop());
+        }
+        await expectSelector(viewer, 'table#environments');
     });
 
     await check('audit page', viewer, async () => {

@@ -2,7 +2,8 @@
 //! scripts/test.sh installs both): `tests/browser/dashboard.mjs` signs in,
 //! filters, watches an `.out` record arrive live, opens the runs pages and
 //! retries a failed handoff, retries a failed probe job from its page and
-//! sees it succeed, checks the viewer's view, and saves a screenshot of each
+//! sees it succeed, opens the schedules, starts a backfill and watches it
+//! complete, rotates a key and sees it once, checks the viewer's view, and saves a screenshot of each
 //! page under `target/test-artifacts/dashboard/`.
 
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use crate::dashboard::{with_operators, ADMIN, VIEWER};
 use crate::dashboard_runs::failed_manual_handoff;
 
 /// Checks the script runs; update with the script.
-const CHECKS: usize = 20;
+const CHECKS: usize = 24;
 
 fn browser_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
@@ -30,6 +31,8 @@ fn browser_dir() -> PathBuf {
 #[tokio::test]
 async fn the_dashboard_in_a_browser() {
     let app = TestApp::spawn().await;
+    // The operations checks start a backfill into ClickHouse.
+    app.clickhouse_ready().await;
     with_operators(&app).await;
     for i in 0..12 {
         let mut body = session_body(Some(&format!("browser-{i}")));
@@ -74,6 +77,7 @@ async fn the_dashboard_in_a_browser() {
         .env("STUCK_JOB", stuck.to_string())
         .env("HANDOFF_SESSION", &handoff)
         .env("HANDOFF_KEEP", &handoff_kept)
+        .env("ROTATE_ENV", app.b.env.id.to_string())
         .env("SCREENSHOT_DIR", &shots)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
