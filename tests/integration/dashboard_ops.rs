@@ -175,6 +175,34 @@ async fn with_replication_on_the_page_shows_the_slot_flushes_and_backfills() {
     assert!(page.contains("Confirmed LSN") && page.contains("Retained WAL"));
     assert!(!page.contains("data-action"));
 
+    // A batch whose flush keeps failing (ClickHouse away): listed with its
+    // age, rows and the job's error, linked to the job. Its job waits an hour
+    // for its next attempt, so nothing runs it meanwhile.
+    let job = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, payload, status, attempts, max_attempts, last_error, relayed_at, run_at)
+         VALUES ($1, 'probe', '{\"kind\": \"probe\", \"fail_first\": 99}', 'pending', 2, 5,
+                 'clickhouse is away on purpose', now(), now() + interval '1 hour')",
+    )
+    .bind(job)
+    .execute(app.db())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO replication_flushes (id, slot, start_lsn, end_lsn, commit_time, row_count, rows, job_id, created_at)
+         VALUES ($1, $2, '0/1', '0/2', now(), 7, '[]', $3, now() - interval '90 seconds')",
+    )
+    .bind(Uuid::now_v7())
+    .bind(&slot)
+    .bind(job)
+    .execute(app.db())
+    .await
+    .unwrap();
+    let (_, page) = viewer.get("/dashboard/replication").await;
+    assert!(page.contains("table id=\"flushes\"") && page.contains(&format!("/dashboard/jobs/{job}")), "{page}");
+    assert!(page.contains("clickhouse is away on purpose") && page.contains("<td class=\"num\">7</td>"));
+    assert!(page.contains("rows), the oldest"), "the oldest pending batch's age: {page}");
+
     let admin = Operator::login(&app, ADMIN).await;
     start_backfill_checked(&app, &admin, &viewer).await;
     backfills_done(&app, &admin).await;
