@@ -219,6 +219,21 @@ impl FromRef<AppState> for RunTimings {
     }
 }
 
+impl FromRef<AppState> for crate::dashboard::OpsSettings {
+    fn from_ref(state: &AppState) -> Self {
+        let c = &state.config;
+        crate::dashboard::OpsSettings {
+            auth_cache_ttl_ms: c.auth_cache_ttl_ms,
+            replication: c.replication_enabled.then(|| crate::dashboard::ReplicationTarget {
+                slot: c.replication_slot_name(),
+                redis_prefix: c.redis_prefix.clone(),
+            }),
+            schedules_file: c.job_schedules_file.clone(),
+            run_jobs: c.run_jobs,
+        }
+    }
+}
+
 impl FromRef<AppState> for RealtimeSettings {
     fn from_ref(state: &AppState) -> Self {
         RealtimeSettings {

@@ -9,12 +9,14 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 use axum::Form;
 use serde_json::json;
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::auth::{csrf_token, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{env_label, iso, render, Frame};
-use crate::app::AppState;
+use super::OpsSettings;
+use crate::auth::Authenticator;
 use crate::db::StoreError;
 use crate::operators::audit;
 use crate::tenancy::keys;
@@ -52,12 +54,12 @@ struct EnvironmentsPage {
     cache_secs: f64,
 }
 
-pub async fn list(State(state): State<AppState>, signed: Signed) -> PageResult<Response> {
-    let rows = tenancy_store::list(&state.db).await?.iter().map(EnvRow::of).collect();
+pub async fn list(State(db): State<PgPool>, State(ops): State<OpsSettings>, signed: Signed) -> PageResult<Response> {
+    let rows = tenancy_store::list(&db).await?.iter().map(EnvRow::of).collect();
     render(EnvironmentsPage {
         frame: Frame::new(&signed, "environments"),
         rows,
-        cache_secs: state.config.auth_cache_ttl_ms as f64 / 1000.0,
+        cache_secs: ops.auth_cache_ttl_ms as f64 / 1000.0,
     })
 }
 
@@ -83,7 +85,9 @@ pub struct RotateForm {
 /// Rotates an environment's key as an operator: the new key and the audit
 /// row (which names the key's hint, never the key) commit together.
 pub async fn rotate_key(
-    State(state): State<AppState>,
+    State(db): State<PgPool>,
+    State(auth): State<Authenticator>,
+    State(ops): State<OpsSettings>,
     Path(env): Path<String>,
     signed: Signed,
     headers: HeaderMap,
@@ -91,10 +95,10 @@ pub async fn rotate_key(
 ) -> PageResult<Response> {
     signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
     let id = Uuid::parse_str(&env).map_err(|_| DashboardError::BadRequest("Not an environment id".into()))?;
-    let listing = tenancy_store::list(&state.db).await?;
+    let listing = tenancy_store::list(&db).await?;
     let e =
         listing.iter().find(|e| e.id == id).ok_or_else(|| DashboardError::NotFound(format!("No environment {id}")))?;
-    let mut tx = state.db.begin().await.map_err(StoreError::from)?;
+    let mut tx = db.begin().await.map_err(StoreError::from)?;
     if tenancy_store::lock_key_hint(&mut tx, id).await?.as_deref() != Some(form.hint.as_str()) {
         return Err(DashboardError::Conflict(
             "This key was rotated since the page was loaded (a resubmitted form?); nothing changed. \
@@ -102,7 +106,7 @@ pub async fn rotate_key(
                 .into(),
         ));
     }
-    let key = tenancy_store::rotate_key_in(&mut tx, state.auth.master_key(), id)
+    let key = tenancy_store::rotate_key_in(&mut tx, auth.master_key(), id)
         .await?
         .ok_or_else(|| DashboardError::NotFound(format!("No environment {id}")))?;
     let hint = keys::hint(&key);
@@ -121,7 +125,7 @@ pub async fn rotate_key(
         label: env_label(e),
         env: id.to_string(),
         key: key.expose().to_string(),
-        cache_secs: state.config.auth_cache_ttl_ms as f64 / 1000.0,
+        cache_secs: ops.auth_cache_ttl_ms as f64 / 1000.0,
     })?;
     // The only copy: not in history, not in any cache.
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

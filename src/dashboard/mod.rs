@@ -39,6 +39,28 @@ use axum::Router;
 
 use crate::app::AppState;
 
+/// What the operations pages read of the server's configuration (see
+/// `FromRef` in `app.rs`), so their handlers take that and the services they
+/// use rather than the whole state.
+#[derive(Debug, Clone)]
+pub struct OpsSettings {
+    /// How long a server keeps an authenticated environment (and so how long
+    /// a rotated key lingers).
+    pub auth_cache_ttl_ms: u64,
+    /// The slot and Redis prefix of this deployment's replication, if on.
+    pub replication: Option<ReplicationTarget>,
+    /// The schedules file the server loaded (None: the built-in one).
+    pub schedules_file: Option<String>,
+    /// Whether this process runs the job workers and cron schedules.
+    pub run_jobs: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicationTarget {
+    pub slot: String,
+    pub redis_prefix: String,
+}
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/dashboard", get(|| async { Redirect::to("/dashboard/sessions") }))

@@ -6,14 +6,17 @@
 use askama::Template;
 use axum::extract::State;
 use axum::response::{IntoResponse, Redirect, Response};
+use redis::aio::ConnectionManager;
 use serde_json::json;
+use sqlx::PgPool;
 
 use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{iso, render, Frame, PAGE_SIZE};
+use super::OpsSettings;
 use crate::analytics::backfill::{self, Backfill, BackfillStatus};
-use crate::app::AppState;
 use crate::db::StoreError;
+use crate::jobs::Jobs;
 use crate::operators::audit;
 use crate::replication::health::{self, ReplicationHealth};
 
@@ -161,18 +164,23 @@ fn backfill_row(b: &Backfill) -> BackfillRow {
     }
 }
 
-pub async fn show(State(state): State<AppState>, signed: Signed) -> PageResult<Response> {
-    let health = if state.config.replication_enabled {
-        let slot = state.config.replication_slot_name();
-        let h = health::status(&state.db, &state.redis, &state.config.redis_prefix, &slot)
-            .await
-            .map_err(|e| DashboardError::Internal(e.into()))?;
-        let flushes = health::pending_flushes(&state.db, &slot, PAGE_SIZE as i64).await?;
-        Some(health_view(h, flushes))
-    } else {
-        None
+pub async fn show(
+    State(db): State<PgPool>,
+    State(redis): State<ConnectionManager>,
+    State(ops): State<OpsSettings>,
+    signed: Signed,
+) -> PageResult<Response> {
+    let health = match &ops.replication {
+        Some(target) => {
+            let h = health::status(&db, &redis, &target.redis_prefix, &target.slot)
+                .await
+                .map_err(|e| DashboardError::Internal(e.into()))?;
+            let flushes = health::pending_flushes(&db, &target.slot, PAGE_SIZE as i64).await?;
+            Some(health_view(h, flushes))
+        }
+        None => None,
     };
-    let backfills = backfill::store::list(&state.db, PAGE_SIZE as i64).await?;
+    let backfills = backfill::store::list(&db, PAGE_SIZE as i64).await?;
     render(ReplicationPage {
         frame: Frame::new(&signed, "replication"),
         health,
@@ -185,21 +193,25 @@ pub async fn show(State(state): State<AppState>, signed: Signed) -> PageResult<R
 /// Starts a full backfill of both tables (as `sessiond clickhouse backfill`
 /// does): the backfills, their first chunks' jobs and the audit row commit
 /// together; the jobs are queued after the commit.
-pub async fn start_backfill(State(state): State<AppState>, Authorized(signed): Authorized) -> PageResult<Response> {
-    let mut tx = state.db.begin().await.map_err(StoreError::from)?;
-    let (backfills, jobs) = backfill::create_in(&mut tx, &backfill::full()).await?;
+pub async fn start_backfill(
+    State(db): State<PgPool>,
+    State(jobs): State<Jobs>,
+    Authorized(signed): Authorized,
+) -> PageResult<Response> {
+    let mut tx = db.begin().await.map_err(StoreError::from)?;
+    let (backfills, queued) = backfill::create_in(&mut tx, &backfill::full()).await?;
     let ids: Vec<String> = backfills.iter().map(|b| b.id.to_string()).collect();
     audit::record(
         &mut *tx,
         signed.operator.id,
         "clickhouse.backfill",
         "clickhouse",
-        json!({ "backfills": ids, "jobs": jobs }),
+        json!({ "backfills": ids, "jobs": queued }),
     )
     .await?;
     tx.commit().await.map_err(StoreError::from)?;
     // Committed: a failed push is picked up by the relay of unrelayed jobs.
-    if let Err(err) = backfill::queue(&state.jobs, &jobs).await {
+    if let Err(err) = backfill::queue(&jobs, &queued).await {
         tracing::warn!(%err, "backfill jobs committed but not pushed yet; the relay will");
     }
     tracing::info!(operator = %signed.operator.email, ?ids, "operator started a backfill");

@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use super::auth::Signed;
 use super::error::{DashboardError, PageResult};
 use super::pages::{iso, render, Frame};
-use crate::app::AppState;
+use super::OpsSettings;
 use crate::jobs::schedule;
 use crate::jobs::store as job_store;
 
@@ -44,15 +44,14 @@ struct SchedulesPage {
     rows: Vec<ScheduleRow>,
 }
 
-pub async fn list(State(state): State<AppState>, signed: Signed) -> PageResult<Response> {
-    let db: &PgPool = &state.db;
-    let path = state.config.job_schedules_file.as_deref();
+pub async fn list(State(db): State<PgPool>, State(ops): State<OpsSettings>, signed: Signed) -> PageResult<Response> {
+    let path = ops.schedules_file.as_deref();
     // The file as the server read it at start: it is read only then, and
     // was valid (or the server would not have started).
     let schedules = schedule::load(path).map_err(DashboardError::Internal)?;
     let kinds: Vec<&str> = schedules.iter().map(|s| s.job.kind()).collect();
     let mut by_kind: HashMap<String, Vec<LastRun>> = HashMap::new();
-    for j in job_store::newest_of_kinds(db, &kinds, LAST_RUNS).await? {
+    for j in job_store::newest_of_kinds(&db, &kinds, LAST_RUNS).await? {
         by_kind.entry(j.kind.clone()).or_default().push(LastRun {
             id: j.id.to_string(),
             status: j.status.as_str(),
@@ -74,7 +73,7 @@ pub async fn list(State(state): State<AppState>, signed: Signed) -> PageResult<R
     render(SchedulesPage {
         frame: Frame::new(&signed, "schedules"),
         source: path.map_or_else(|| "jobs/schedules.toml (built in)".to_string(), str::to_string),
-        runs_jobs: state.config.run_jobs,
+        runs_jobs: ops.run_jobs,
         rows,
     })
 }
