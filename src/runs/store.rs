@@ -42,7 +42,6 @@ impl NewRun {
     pub fn for_session(
         owner: RunOwner<'_>,
         settings: &RunSettings,
-        reason: TriggerReason,
         continuation: Option<&Continuation>,
     ) -> Self {
         NewRun {
@@ -56,7 +55,6 @@ impl NewRun {
             payload: session_payload(
                 &settings.base_payload,
                 owner.session_friendly_id,
-                reason,
                 settings.idle_timeout_secs,
                 continuation,
             ),

@@ -490,7 +490,7 @@ async fn an_append_to_in_boots_a_run_when_none_is_alive() {
     let (_, now) = app.get(&format!("/api/v1/sessions/{s}"), &app.a.key).await;
     assert_ne!(now["currentRunId"], created["runId"]);
     let next = w.dequeue(&["echo-agent".to_string()], 1, Duration::from_secs(10)).await.unwrap().remove(0);
-    assert_eq!(next.payload["trigger"], "continuation");
+    assert_eq!((&next.payload["continuation"], &next.payload["previousRunId"]), (&json!(true), &created["runId"]));
     // The record was durable before the run existed: the new run reads it.
     let (_, recs) = app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &next.token).await;
     assert_eq!(recs["records"][0]["data"], "hello");
