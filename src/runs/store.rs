@@ -39,11 +39,7 @@ pub struct RunOwner<'a> {
 }
 
 impl NewRun {
-    pub fn for_session(
-        owner: RunOwner<'_>,
-        settings: &RunSettings,
-        continuation: Option<&Continuation>,
-    ) -> Self {
+    pub fn for_session(owner: RunOwner<'_>, settings: &RunSettings, continuation: Option<&Continuation>) -> Self {
         NewRun {
             id: Uuid::now_v7(),
             friendly_id: ids::new_run_id(),

@@ -79,8 +79,8 @@ impl ChatAgent for Echo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::chat::session::{serve, ServeOptions};
     use crate::worker::channels::{MemoryChannels, Record, SessionChannels};
+    use crate::worker::chat::session::{serve, ServeOptions};
     use serde_json::json;
     use tokio_util::sync::CancellationToken;
 
@@ -107,7 +107,10 @@ mod tests {
         out.iter()
             .filter(|r| r.header("trigger-control") == Some("turn-complete"))
             .map(|r| {
-                (r.header("session-in-event-id").unwrap().parse().unwrap(), r.header("public-access-token").map(String::from))
+                (
+                    r.header("session-in-event-id").unwrap().parse().unwrap(),
+                    r.header("public-access-token").map(String::from),
+                )
             })
             .collect()
     }

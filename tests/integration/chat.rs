@@ -53,8 +53,7 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     // The browser holds only the session token, addressed by its own chat id.
     let mut sub = app.sse("/realtime/v1/sessions/chat-42/out", &pat, &[("timeout-seconds", "60")]).await;
 
-    app.append("chat-42", "in", &pat, &chat_message("hello there"), &[("x-part-id", "m1")])
-        .await;
+    app.append("chat-42", "in", &pat, &chat_message("hello there"), &[("x-part-id", "m1")]).await;
     assert_eq!(read_turn(&mut sub).await, ("echo: hello there".to_string(), "0".to_string()));
     // Between turns the run waits on .in through a waitpoint.
     eventually(10, "run waiting", || async { (app.run_status(&first_run).await == "WAITING").then_some(()) }).await;
@@ -63,8 +62,7 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     eventually(15, "idle exit", || async { (app.run_status(&first_run).await == "COMPLETED").then_some(()) }).await;
 
     // The next message boots a continuation; the same subscription gets the reply.
-    app.append("chat-42", "in", &pat, &chat_message("still there?"), &[("x-part-id", "m2")])
-        .await;
+    app.append("chat-42", "in", &pat, &chat_message("still there?"), &[("x-part-id", "m2")]).await;
     assert_eq!(read_turn(&mut sub).await, ("echo: still there?".to_string(), "1".to_string()));
     let (_, session) = app.get("/api/v1/sessions/chat-42", &pat).await;
     assert_ne!(session["currentRunId"], first_run.as_str());

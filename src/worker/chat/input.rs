@@ -70,7 +70,9 @@ pub struct MessagePayload {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum ChatInput {
-    Message { payload: MessagePayload },
+    Message {
+        payload: MessagePayload,
+    },
     Stop,
     /// A kind this library does not handle (handover records, newer kinds).
     #[serde(other)]

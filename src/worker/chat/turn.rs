@@ -5,11 +5,11 @@
 use super::chunk::{envelope, UiChunk};
 use crate::worker::channels::SessionChannels;
 
-/// Header naming a control record's subtype (its body is empty).
-pub use crate::streams::CONTROL_HEADER;
 /// Header of `turn-complete`: the `.in` seq this turn answered (a message, or
 /// the stop that ended it). The server resumes the next run after it.
 pub use crate::streams::ANSWERED_HEADER as SESSION_IN_EVENT_ID_HEADER;
+/// Header naming a control record's subtype (its body is empty).
+pub use crate::streams::CONTROL_HEADER;
 /// Header of `turn-complete`: a fresh token for the browser's next requests.
 pub const PUBLIC_ACCESS_TOKEN_HEADER: &str = "public-access-token";
 pub const TURN_COMPLETE: &str = "turn-complete";
@@ -92,8 +92,7 @@ mod tests {
     #[test]
     fn part_ids_are_unique_within_and_across_runs() {
         let (mut a, mut b) = (PartIds::default(), PartIds::default());
-        let ids: std::collections::HashSet<String> =
-            (0..100).flat_map(|_| [a.next("part"), b.next("part")]).collect();
+        let ids: std::collections::HashSet<String> = (0..100).flat_map(|_| [a.next("part"), b.next("part")]).collect();
         assert_eq!(ids.len(), 200);
     }
 
