@@ -153,6 +153,13 @@ async fn checked(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
     Ok(body)
 }
 
+impl HttpChannels {
+    /// A GET on the server with the run's token.
+    async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        checked(self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?).await
+    }
+}
+
 fn record_from_output(output: &serde_json::Value) -> Option<Record> {
     if output.get("sessionClosed").and_then(serde_json::Value::as_bool) == Some(true) {
         return Some(Record {
@@ -187,14 +194,8 @@ impl SessionChannels for HttpChannels {
         .await?;
         let waitpoint = created["waitpointId"].as_str().unwrap_or_default().to_string();
         loop {
-            let state = checked(
-                self.http
-                    .get(format!("{}/api/v1/runs/{}/waitpoints/{waitpoint}?waitSeconds=30", self.base, self.run_id))
-                    .bearer_auth(&self.token)
-                    .send()
-                    .await?,
-            )
-            .await?;
+            let state =
+                self.get(&format!("/api/v1/runs/{}/waitpoints/{waitpoint}?waitSeconds=30", self.run_id)).await?;
             match state["status"].as_str() {
                 Some("WAITING") => continue,
                 Some("COMPLETED") => return Ok(record_from_output(&state["output"])),
@@ -218,14 +219,7 @@ impl SessionChannels for HttpChannels {
     }
 
     async fn has_input_after(&self, seq: u64) -> anyhow::Result<bool> {
-        let page = checked(
-            self.http
-                .get(format!("{}/realtime/v1/sessions/{}/in/records?afterEventId={seq}", self.base, self.session))
-                .bearer_auth(&self.token)
-                .send()
-                .await?,
-        )
-        .await?;
+        let page = self.get(&format!("/realtime/v1/sessions/{}/in/records?afterEventId={seq}", self.session)).await?;
         Ok(page["records"].as_array().is_some_and(|r| !r.is_empty()))
     }
 
@@ -248,14 +242,7 @@ impl SessionChannels for HttpChannels {
         let mut out = Vec::new();
         loop {
             let after = out.last().map(|r: &Record| format!("?afterEventId={}", r.seq)).unwrap_or_default();
-            let page = checked(
-                self.http
-                    .get(format!("{}/realtime/v1/sessions/{}/out/records{after}", self.base, self.session))
-                    .bearer_auth(&self.token)
-                    .send()
-                    .await?,
-            )
-            .await?;
+            let page = self.get(&format!("/realtime/v1/sessions/{}/out/records{after}", self.session)).await?;
             let records = page["records"].as_array().cloned().unwrap_or_default();
             if records.is_empty() {
                 return Ok(out);
