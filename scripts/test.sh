@@ -11,6 +11,7 @@ TEST_DB=sessiond_test
 ADMIN_URL=${DATABASE_ADMIN_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}
 CLIENT_DIR=tests/official-client
 BROWSER_DIR=tests/browser
+CHAT_CLIENT_DIR=tests/chat-client
 
 # Reads SQL from stdin, where psql expands :'db' (literal) and :"db" (name).
 admin_psql() { psql -X -Atqw -v ON_ERROR_STOP=1 -v db="$TEST_DB" "$ADMIN_URL"; }
@@ -73,6 +74,8 @@ npm_ci() {
 
 install_client_deps() {
     npm_ci "$CLIENT_DIR"
+    # The official chat clients (@trigger.dev/sdk + ai) for chat_clients.rs.
+    npm_ci "$CHAT_CLIENT_DIR"
 }
 
 # playwright-core for the dashboard's browser test (tests/browser); it brings

@@ -10,6 +10,7 @@ use crate::analytics::backfill;
 use crate::analytics::ClickHouse;
 use crate::runs::queue::RunQueue;
 use crate::runs::store as run_store;
+use crate::runs::RunStatus;
 use crate::sessions::run_manager::{self, RunManager};
 use crate::streams::effects::Appender;
 use crate::streams::store::ChannelStore;
@@ -107,6 +108,9 @@ async fn run_sweep(ctx: &JobContext) -> Outcome {
     let swept = run_store::sweep(&ctx.db).await?;
     for r in &swept {
         tracing::info!(run = %r.friendly_id, status = %r.status, "run swept");
+        if let (RunStatus::Crashed, Some(session)) = (r.status, r.session_id) {
+            replace_crashed(ctx, r, session).await;
+        }
     }
     let stale_ms = (ctx.heartbeat_timeout_ms as i64).max(5_000);
     let due = run_store::take_due(&ctx.db, stale_ms, 500).await?;
@@ -114,6 +118,22 @@ async fn run_sweep(ctx: &JobContext) -> Outcome {
         ctx.run_queue.push(run.runtime_environment_id, &run.task_identifier, run.id).await?;
     }
     Ok(format!("{} runs finalised, {} pushed", swept.len(), due.len()))
+}
+
+/// A run that died mid-turn leaves its message unanswered, and no client
+/// sends it again: a continuation answers it (it resumes after the last
+/// answered `.in` record). A failure here leaves the session to the failed
+/// hand-offs page rather than failing the sweep.
+async fn replace_crashed(ctx: &JobContext, r: &run_store::SweptRun, session: uuid::Uuid) {
+    match ctx.runs.has_unanswered_input(session).await {
+        Ok(true) => {
+            if let Err(err) = ctx.runs.ensure_run(r.runtime_environment_id, session).await {
+                tracing::warn!(run = %r.friendly_id, %err, "could not replace a crashed run");
+            }
+        }
+        Ok(false) => {}
+        Err(err) => tracing::warn!(run = %r.friendly_id, %err, "could not read the crashed run's session input"),
+    }
 }
 
 /// Sessions past `expires_at` get no new runs; this cancels the runs they still

@@ -181,21 +181,22 @@ pub struct Continuation {
     pub resume_after_in_seq: Option<u64>,
 }
 
-/// A run's payload: the session's `basePayload` with the server's runtime fields
-/// merged on top (`sessionId`, `trigger` = the reason this run exists,
+/// A run's payload: the session's `basePayload` as the client gave it (its
+/// `trigger`, e.g. AgentChat's `"preload"`, included: the SDK's agents read
+/// it) with the server's runtime fields added (`sessionId`,
 /// `idleTimeoutInSeconds` when the session sets one, and for a run replacing
 /// another `continuation: true`, `previousRunId` and `resumeAfterInSeq`), so a
-/// task can tell a first run from a continuation without extra calls.
+/// task tells a first run from a continuation the way the SDK's agents do. Why
+/// the run exists (initial, continuation, upgrade, manual) is in the audit
+/// table (`session_runs.reason`).
 pub fn session_payload(
     base: &Map<String, Value>,
     session_friendly_id: &str,
-    reason: TriggerReason,
     idle_timeout_secs: Option<i64>,
     continuation: Option<&Continuation>,
 ) -> Value {
     let mut payload = base.clone();
     payload.insert("sessionId".into(), Value::String(session_friendly_id.into()));
-    payload.insert("trigger".into(), Value::String(reason.as_str().into()));
     if let Some(idle) = idle_timeout_secs {
         payload.insert("idleTimeoutInSeconds".into(), Value::from(idle));
     }
@@ -240,22 +241,21 @@ mod tests {
     }
 
     #[test]
-    fn payload_merges_runtime_fields_over_the_base() {
-        let base = json!({"chatId": "c1", "trigger": "user value"});
-        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Initial, None, None);
-        assert_eq!(p, json!({"chatId": "c1", "trigger": "initial", "sessionId": "session_x"}));
-        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Initial, Some(30), None);
+    fn payload_keeps_the_base_and_adds_runtime_fields() {
+        let base = json!({"chatId": "c1", "trigger": "preload"});
+        let p = session_payload(base.as_object().unwrap(), "session_x", None, None);
+        assert_eq!(p, json!({"chatId": "c1", "trigger": "preload", "sessionId": "session_x"}));
+        let p = session_payload(base.as_object().unwrap(), "session_x", Some(30), None);
         assert_eq!(p["idleTimeoutInSeconds"], 30);
         let takeover = Continuation { previous_run_id: "run_a".into(), resume_after_in_seq: Some(4) };
-        let p = session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Upgrade, None, Some(&takeover));
+        let p = session_payload(base.as_object().unwrap(), "session_x", None, Some(&takeover));
         assert_eq!(
             p,
-            json!({"chatId": "c1", "trigger": "upgrade", "sessionId": "session_x",
+            json!({"chatId": "c1", "trigger": "preload", "sessionId": "session_x",
                    "continuation": true, "previousRunId": "run_a", "resumeAfterInSeq": 4})
         );
         let fresh = Continuation { previous_run_id: "run_a".into(), resume_after_in_seq: None };
-        let p =
-            session_payload(base.as_object().unwrap(), "session_x", TriggerReason::Continuation, None, Some(&fresh));
+        let p = session_payload(base.as_object().unwrap(), "session_x", None, Some(&fresh));
         assert!(p.get("resumeAfterInSeq").is_none() && p["continuation"] == true);
     }
 }

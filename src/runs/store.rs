@@ -39,12 +39,7 @@ pub struct RunOwner<'a> {
 }
 
 impl NewRun {
-    pub fn for_session(
-        owner: RunOwner<'_>,
-        settings: &RunSettings,
-        reason: TriggerReason,
-        continuation: Option<&Continuation>,
-    ) -> Self {
+    pub fn for_session(owner: RunOwner<'_>, settings: &RunSettings, continuation: Option<&Continuation>) -> Self {
         NewRun {
             id: Uuid::now_v7(),
             friendly_id: ids::new_run_id(),
@@ -56,7 +51,6 @@ impl NewRun {
             payload: session_payload(
                 &settings.base_payload,
                 owner.session_friendly_id,
-                reason,
                 settings.idle_timeout_secs,
                 continuation,
             ),
@@ -419,6 +413,7 @@ pub async fn resume_unless_waiting(conn: &mut PgConnection, run_id: Uuid) -> Res
 pub struct SweptRun {
     pub id: Uuid,
     pub friendly_id: String,
+    pub runtime_environment_id: Uuid,
     pub session_id: Option<Uuid>,
     pub status: RunStatus,
 }
@@ -430,7 +425,7 @@ pub async fn sweep(pool: &PgPool) -> Result<Vec<SweptRun>, StoreError> {
         "UPDATE task_runs SET status = 'CRASHED', completed_at = now(), updated_at = now(),
             error = jsonb_build_object('message', 'heartbeat deadline missed')
          WHERE status IN ('EXECUTING', 'WAITING') AND heartbeat_deadline < now()
-         RETURNING id, friendly_id, session_id, status",
+         RETURNING id, friendly_id, runtime_environment_id, session_id, status",
     )
     .fetch_all(pool)
     .await?;
@@ -439,7 +434,7 @@ pub async fn sweep(pool: &PgPool) -> Result<Vec<SweptRun>, StoreError> {
             error = jsonb_build_object('message', 'maxDuration exceeded')
          WHERE status IN ('EXECUTING', 'WAITING') AND max_duration_secs IS NOT NULL
            AND started_at + make_interval(secs => max_duration_secs) < now()
-         RETURNING id, friendly_id, session_id, status",
+         RETURNING id, friendly_id, runtime_environment_id, session_id, status",
     )
     .fetch_all(pool)
     .await?;
@@ -448,7 +443,7 @@ pub async fn sweep(pool: &PgPool) -> Result<Vec<SweptRun>, StoreError> {
             error = jsonb_build_object('message', 'ttl passed while queued')
          WHERE status = 'QUEUED' AND attempt_number = 0 AND ttl_secs IS NOT NULL
            AND created_at + make_interval(secs => ttl_secs) < now()
-         RETURNING id, friendly_id, session_id, status",
+         RETURNING id, friendly_id, runtime_environment_id, session_id, status",
     )
     .fetch_all(pool)
     .await?;

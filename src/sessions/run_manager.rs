@@ -213,7 +213,6 @@ impl RunManager {
                 task_identifier: &s.task_identifier,
             },
             &config.run_settings(),
-            reason,
             continuation.as_ref(),
         );
         let step = HandoffStep {

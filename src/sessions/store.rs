@@ -55,7 +55,6 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
             task_identifier: &new.task_identifier,
         },
         &new.trigger_config.run_settings(),
-        TriggerReason::Initial,
         None,
     );
     let trigger_config = serde_json::to_value(&new.trigger_config).map_err(|e| StoreError::Corrupt(e.to_string()))?;

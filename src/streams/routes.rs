@@ -179,6 +179,10 @@ struct AppendResponse {
     ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<&'static str>,
+    /// The record's seq (a retry gets the one stored first). The chat
+    /// transport matches a turn's `turn-complete` (its `session-in-event-id`)
+    /// against the seq of the message it sent.
+    seq: u64,
 }
 
 /// Appends one record (the raw body). The record is durable before anything
@@ -206,7 +210,7 @@ async fn append(
     let session = sessions.load(&auth, &path.session, path.io, Action::Write).await?;
     let new = NewAppend { io: path.io, body, headers: &record_headers, part_id, acting_run: auth.acting_run() };
     let appended = appender.append(auth.env.id, &session, new).await.map_err(ApiError::from)?;
-    Ok(Json(AppendResponse { ok: true, message: appended.duplicate.then_some(DUPLICATE) }))
+    Ok(Json(AppendResponse { ok: true, message: appended.duplicate.then_some(DUPLICATE), seq: appended.seq_num }))
 }
 
 const DUPLICATE: &str = "duplicate part id: already appended";

@@ -30,6 +30,14 @@ pub trait SessionChannels: Send + Sync {
     async fn append_output(&self, body: &str, headers: &[(String, String)]) -> anyhow::Result<()>;
     /// Every `.out` record so far (an agent reads it to resume where the last run stopped).
     async fn read_output(&self) -> anyhow::Result<Vec<Record>>;
+    /// Is an `.in` record after `seq` already stored? (Without waiting.)
+    async fn has_input_after(&self, seq: u64) -> anyhow::Result<bool>;
+    /// A fresh public token for the session's clients (read and write on the
+    /// session), handed out on each `turn-complete`. None where there is no
+    /// server to mint one.
+    async fn turn_token(&self) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// Makes the channels of the session a run serves.
@@ -43,6 +51,7 @@ pub struct MemoryChannels {
     input: Mutex<Vec<Record>>,
     output: Mutex<Vec<Record>>,
     arrived: Notify,
+    token: Mutex<Option<String>>,
 }
 
 impl MemoryChannels {
@@ -59,6 +68,11 @@ impl MemoryChannels {
 
     pub fn output(&self) -> Vec<Record> {
         self.output.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The token [`SessionChannels::turn_token`] hands out from now on.
+    pub fn set_turn_token(&self, token: &str) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.to_string());
     }
 }
 
@@ -90,6 +104,14 @@ impl SessionChannels for MemoryChannels {
     async fn read_output(&self) -> anyhow::Result<Vec<Record>> {
         Ok(self.output())
     }
+
+    async fn has_input_after(&self, seq: u64) -> anyhow::Result<bool> {
+        Ok(self.input.lock().unwrap_or_else(|e| e.into_inner()).len() as u64 > seq.saturating_add(1))
+    }
+
+    async fn turn_token(&self) -> anyhow::Result<Option<String>> {
+        Ok(self.token.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
 }
 
 /// Channels over the server's HTTP API, with the run's own token: `.in` is read
@@ -102,6 +124,10 @@ pub struct HttpChannels {
     session: String,
     token: String,
 }
+
+/// How long the token handed out at the end of a turn lives: the longest a
+/// run may mint.
+const TURN_TOKEN_TTL: &str = "1h";
 
 /// Makes [`HttpChannels`] for each run.
 pub struct HttpChannelFactory {
@@ -127,12 +153,19 @@ async fn checked(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
     Ok(body)
 }
 
+impl HttpChannels {
+    /// A GET on the server with the run's token.
+    async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        checked(self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?).await
+    }
+}
+
 fn record_from_output(output: &serde_json::Value) -> Option<Record> {
     if output.get("sessionClosed").and_then(serde_json::Value::as_bool) == Some(true) {
         return Some(Record {
             seq: u64::MAX,
             body: String::new(),
-            headers: vec![(super::echo::CONTROL_HEADER.into(), "session-closed".into())],
+            headers: vec![(crate::streams::CONTROL_HEADER.into(), "session-closed".into())],
         });
     }
     Some(Record {
@@ -161,14 +194,8 @@ impl SessionChannels for HttpChannels {
         .await?;
         let waitpoint = created["waitpointId"].as_str().unwrap_or_default().to_string();
         loop {
-            let state = checked(
-                self.http
-                    .get(format!("{}/api/v1/runs/{}/waitpoints/{waitpoint}?waitSeconds=30", self.base, self.run_id))
-                    .bearer_auth(&self.token)
-                    .send()
-                    .await?,
-            )
-            .await?;
+            let state =
+                self.get(&format!("/api/v1/runs/{}/waitpoints/{waitpoint}?waitSeconds=30", self.run_id)).await?;
             match state["status"].as_str() {
                 Some("WAITING") => continue,
                 Some("COMPLETED") => return Ok(record_from_output(&state["output"])),
@@ -191,18 +218,31 @@ impl SessionChannels for HttpChannels {
         Ok(())
     }
 
+    async fn has_input_after(&self, seq: u64) -> anyhow::Result<bool> {
+        let page = self.get(&format!("/realtime/v1/sessions/{}/in/records?afterEventId={seq}", self.session)).await?;
+        Ok(page["records"].as_array().is_some_and(|r| !r.is_empty()))
+    }
+
+    /// Minted with the run's own token, which may mint exactly this.
+    async fn turn_token(&self) -> anyhow::Result<Option<String>> {
+        let scopes = [format!("read:sessions:{}", self.session), format!("write:sessions:{}", self.session)];
+        let minted = checked(
+            self.http
+                .post(format!("{}/api/v1/auth/public-tokens", self.base))
+                .bearer_auth(&self.token)
+                .json(&serde_json::json!({ "scopes": scopes, "expirationTime": TURN_TOKEN_TTL }))
+                .send()
+                .await?,
+        )
+        .await?;
+        Ok(minted["token"].as_str().map(String::from))
+    }
+
     async fn read_output(&self) -> anyhow::Result<Vec<Record>> {
         let mut out = Vec::new();
         loop {
             let after = out.last().map(|r: &Record| format!("?afterEventId={}", r.seq)).unwrap_or_default();
-            let page = checked(
-                self.http
-                    .get(format!("{}/realtime/v1/sessions/{}/out/records{after}", self.base, self.session))
-                    .bearer_auth(&self.token)
-                    .send()
-                    .await?,
-            )
-            .await?;
+            let page = self.get(&format!("/realtime/v1/sessions/{}/out/records{after}", self.session)).await?;
             let records = page["records"].as_array().cloned().unwrap_or_default();
             if records.is_empty() {
                 return Ok(out);

@@ -1,143 +1,241 @@
-//! The example agent: a chat-like task that echoes each `.in` message back on
-//! `.out` as a stream of chunks, ends each turn with a turn-complete control
-//! record, waits on `.in` between turns, and exits after its idle timeout.
+//! The example agent (`sessiond worker --task echo-agent`), built on the chat
+//! protocol ([`super::chat`]): it answers each user message with
+//! `echo: <the message's text>`, streamed as one text part in several deltas
+//! (a word each), between `start` and `finish`.
+//!
+//! Test seam: a message whose metadata (the client's `clientData`) sets
+//! `echoDelayMs` has its deltas paced that far apart, so a test can stop a
+//! long turn in the middle or kill the worker mid-turn.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::channels::{ChannelFactory, Record, SessionChannels};
+use super::channels::ChannelFactory;
+use super::chat::{ChatAgent, ChatTask, FinishReason, KnownChunk, MessagePayload, Trigger, Turn, TurnWriter};
 use super::{RunContext, TaskHandler};
 
 pub const TASK: &str = "echo-agent";
-/// Header naming the control subtype of a control record (empty body).
-pub const CONTROL_HEADER: &str = "trigger-control";
-pub use crate::streams::ANSWERED_HEADER;
-const DEFAULT_IDLE_SECS: u64 = 60;
+/// The longest pause the `echoDelayMs` seam allows between deltas.
+const MAX_DELAY: Duration = Duration::from_secs(5);
 
+/// The echo agent as a worker task, on the session channels `channels` makes.
 pub struct EchoAgent {
     pub channels: Arc<dyn ChannelFactory>,
-}
-
-/// The user text in an `.in` record: the SDK wraps chunks as
-/// `{"data": <chunk>, "id": <partId>}`, where the chunk may be a string, a JSON
-/// string of an object, or an object with `text`/`content`.
-pub fn message_text(body: &str) -> String {
-    fn from_value(v: &Value) -> Option<String> {
-        match v {
-            Value::String(s) => match serde_json::from_str::<Value>(s) {
-                Ok(inner @ Value::Object(_)) => from_value(&inner),
-                _ => Some(s.clone()),
-            },
-            Value::Object(m) => m
-                .get("data")
-                .and_then(from_value)
-                .or_else(|| m.get("text").and_then(from_value))
-                .or_else(|| m.get("content").and_then(from_value)),
-            _ => None,
-        }
-    }
-    serde_json::from_str::<Value>(body).ok().and_then(|v| from_value(&v)).unwrap_or_else(|| body.to_string())
-}
-
-/// The `.out` records answering one message: text-delta chunks, then the
-/// turn-complete control record.
-pub fn reply_records(input: &Record) -> Vec<(String, Vec<(String, String)>)> {
-    let text = format!("echo: {}", message_text(&input.body));
-    let mut records: Vec<(String, Vec<(String, String)>)> = text
-        .split_inclusive(' ')
-        .enumerate()
-        .map(|(i, word)| {
-            let chunk = json!({"type": "text-delta", "delta": word});
-            (json!({"data": chunk, "id": format!("echo-{}-{i}", input.seq)}).to_string(), Vec::new())
-        })
-        .collect();
-    records.push((
-        String::new(),
-        vec![(CONTROL_HEADER.into(), "turn-complete".into()), (ANSWERED_HEADER.into(), input.seq.to_string())],
-    ));
-    records
-}
-
-/// Where a run starts reading `.in`: after the seq the server says the last
-/// finished turn answered (`resumeAfterInSeq`, set on a run that replaces
-/// another).
-pub fn resume_after(payload: &Value) -> Option<u64> {
-    payload.get("resumeAfterInSeq").and_then(Value::as_u64)
-}
-
-/// The last `.in` seq a previous run answered, read from `.out`.
-pub fn last_answered(output: &[Record]) -> Option<u64> {
-    output.iter().filter_map(|r| r.header(ANSWERED_HEADER)?.parse().ok()).max()
 }
 
 #[async_trait]
 impl TaskHandler for EchoAgent {
     async fn run(&self, ctx: RunContext) -> anyhow::Result<Value> {
-        let channels: Arc<dyn SessionChannels> = self.channels.for_run(&ctx.run);
-        let idle = Duration::from_secs(
-            ctx.run.payload.get("idleTimeoutInSeconds").and_then(Value::as_u64).unwrap_or(DEFAULT_IDLE_SECS),
-        );
-        let mut last = match resume_after(&ctx.run.payload) {
-            Some(seq) => Some(seq),
-            // No resume point from the server (a first run, or channels it
-            // cannot see such as in-memory ones): read our own answers.
-            None => last_answered(&channels.read_output().await?),
-        };
-        let mut turns = 0u64;
-        loop {
-            let next = tokio::select! {
-                _ = ctx.cancel.cancelled() => return Ok(json!({"exit": "canceled", "turns": turns})),
-                next = channels.next_input(last, idle) => next?,
-            };
-            let Some(record) = next else {
-                return Ok(json!({"exit": "idle", "turns": turns}));
-            };
-            last = Some(record.seq);
-            if record.header(CONTROL_HEADER) == Some("session-closed") {
-                return Ok(json!({"exit": "session-closed", "turns": turns}));
+        ChatTask { agent: Echo, channels: self.channels.clone() }.run(ctx).await
+    }
+}
+
+/// The echo agent's answers.
+pub struct Echo;
+
+/// What the echo agent answers to a message.
+pub fn reply_text(payload: &MessagePayload) -> String {
+    let said = match (&payload.trigger, &payload.message, &payload.action) {
+        (Trigger::Action, _, Some(action)) => format!("action {action}"),
+        (_, Some(message), _) => message.text(),
+        // regenerate-message carries no message, and this agent keeps no history.
+        _ => String::from("(nothing to repeat)"),
+    };
+    format!("echo: {said}")
+}
+
+/// The text split into deltas: a word each, spaces kept.
+pub fn deltas(text: &str) -> Vec<&str> {
+    text.split_inclusive(' ').collect()
+}
+
+fn pace(metadata: &Value) -> Duration {
+    metadata.get("echoDelayMs").and_then(Value::as_u64).map(Duration::from_millis).unwrap_or_default().min(MAX_DELAY)
+}
+
+#[async_trait]
+impl ChatAgent for Echo {
+    async fn respond(&self, turn: &Turn, out: &mut TurnWriter<'_>) -> anyhow::Result<()> {
+        let text = reply_text(&turn.payload);
+        let delay = pace(&turn.payload.metadata);
+        let message_id = out.new_id("msg");
+        out.write(KnownChunk::Start { message_id: Some(message_id), message_metadata: None }).await?;
+        let id = out.new_id("text");
+        out.write(KnownChunk::TextStart { id: id.clone() }).await?;
+        for delta in deltas(&text) {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
             }
-            if record.header(CONTROL_HEADER).is_some() {
-                continue;
-            }
-            for (body, headers) in reply_records(&record) {
-                channels.append_output(&body, &headers).await?;
-            }
-            turns += 1;
+            out.write(KnownChunk::TextDelta { id: id.clone(), delta: delta.to_string() }).await?;
         }
+        out.write(KnownChunk::TextEnd { id }).await?;
+        out.write(KnownChunk::Finish { finish_reason: Some(FinishReason::Stop), message_metadata: None }).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::channels::{MemoryChannels, Record, SessionChannels};
+    use crate::worker::chat::session::{serve, ServeOptions};
+    use serde_json::json;
+    use tokio_util::sync::CancellationToken;
 
-    #[test]
-    fn extracts_text_from_sdk_envelopes() {
-        assert_eq!(message_text(r#"{"data":"hello","id":"p1"}"#), "hello");
-        assert_eq!(message_text(r#"{"data":{"text":"hi there"},"id":"p1"}"#), "hi there");
-        assert_eq!(message_text(r#"{"data":"{\"content\":\"nested\"}","id":"p"}"#), "nested");
-        assert_eq!(message_text("plain words"), "plain words");
+    fn message(text: &str, metadata: Value) -> String {
+        json!({"kind": "message", "payload": {
+            "message": {"id": "u", "role": "user", "parts": [{"type": "text", "text": text}]},
+            "chatId": "c", "trigger": "submit-message", "metadata": metadata
+        }})
+        .to_string()
+    }
+
+    fn chunks(out: &[Record]) -> Vec<Value> {
+        out.iter()
+            .filter(|r| !r.body.is_empty())
+            .map(|r| serde_json::from_str::<Value>(&r.body).unwrap()["data"].clone())
+            .collect()
+    }
+
+    fn text(out: &[Record]) -> String {
+        chunks(out).iter().filter_map(|c| c["delta"].as_str().map(String::from)).collect()
+    }
+
+    fn turn_ends(out: &[Record]) -> Vec<(u64, Option<String>)> {
+        out.iter()
+            .filter(|r| r.header("trigger-control") == Some("turn-complete"))
+            .map(|r| {
+                (
+                    r.header("session-in-event-id").unwrap().parse().unwrap(),
+                    r.header("public-access-token").map(String::from),
+                )
+            })
+            .collect()
+    }
+
+    fn options(resume_after: Option<u64>) -> ServeOptions {
+        ServeOptions { resume_after, idle: Duration::from_millis(300) }
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
     }
 
     #[test]
-    fn replies_end_with_turn_complete_naming_the_input() {
-        let input = Record { seq: 7, body: r#"{"data":"a b"}"#.into(), headers: vec![] };
-        let out = reply_records(&input);
-        assert_eq!(out.len(), 4); // "echo: ", "a ", "b", control
-        let (body, headers) = out.last().unwrap();
-        assert!(body.is_empty());
-        assert!(headers.contains(&("trigger-control".into(), "turn-complete".into())));
-        assert!(headers.contains(&(ANSWERED_HEADER.into(), "7".into())));
-        let records: Vec<Record> = out
+    fn replies_echo_the_text_of_each_trigger() {
+        let parse = |body: String| match crate::worker::chat::ChatInput::parse(&body).unwrap() {
+            crate::worker::chat::ChatInput::Message { payload } => payload,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reply_text(&parse(message("a b", Value::Null))), "echo: a b");
+        let action = json!({"kind": "message", "payload": {"trigger": "action", "action": {"t": 1}}}).to_string();
+        assert_eq!(reply_text(&parse(action)), r#"echo: action {"t":1}"#);
+        assert_eq!(deltas("echo: a b"), vec!["echo: ", "a ", "b"]);
+        assert_eq!(pace(&json!({"echoDelayMs": 60000})), MAX_DELAY);
+    }
+
+    #[tokio::test]
+    async fn each_message_is_one_turn_of_ui_chunks_ending_in_turn_complete() {
+        let ch = Arc::new(MemoryChannels::default());
+        ch.set_turn_token("pat-1");
+        ch.send_input(&message("hello there", Value::Null), &[]);
+        ch.send_input(&message("again", Value::Null), &[]);
+        let outcome = serve(&Echo, ch.clone(), options(None), CancellationToken::new()).await.unwrap();
+        assert_eq!((outcome.exit, outcome.turns), (crate::worker::chat::Exit::Idle, 2));
+        let out = ch.output();
+        assert_eq!(turn_ends(&out), vec![(0, Some("pat-1".into())), (1, Some("pat-1".into()))]);
+        let first_end = out.iter().position(|r| r.header("trigger-control").is_some()).unwrap();
+        let types: Vec<String> =
+            chunks(&out[..first_end]).iter().map(|c| c["type"].as_str().unwrap().to_string()).collect();
+        assert_eq!(types, ["start", "text-start", "text-delta", "text-delta", "text-delta", "text-end", "finish"]);
+        assert_eq!(text(&out[..first_end]), "echo: hello there");
+        assert_eq!(text(&out[first_end..]), "echo: again");
+        // Every record has its own part id; the text part's id is shared by its chunks.
+        let ids: std::collections::HashSet<String> = out
             .iter()
-            .enumerate()
-            .map(|(i, (b, h))| Record { seq: i as u64, body: b.clone(), headers: h.clone() })
+            .filter(|r| !r.body.is_empty())
+            .map(|r| serde_json::from_str::<Value>(&r.body).unwrap()["id"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(last_answered(&records), Some(7));
-        assert_eq!(resume_after(&json!({"resumeAfterInSeq": 7})), Some(7));
-        assert_eq!(resume_after(&json!({"trigger": "initial"})), None);
+        assert_eq!(ids.len(), out.len() - 2);
+        let all = chunks(&out);
+        assert_eq!(all[1]["id"], all[2]["id"]);
+        assert_ne!(all[1]["id"], all[8]["id"], "each turn has its own text part");
+    }
+
+    #[tokio::test]
+    async fn stop_ends_the_turn_at_once_and_the_next_message_is_answered() {
+        let ch = Arc::new(MemoryChannels::default());
+        let long = "one two three four five six seven eight nine ten";
+        ch.send_input(&message(long, json!({"echoDelayMs": 40})), &[]);
+        let serving = tokio::spawn({
+            let ch = ch.clone();
+            async move { serve(&Echo, ch, options(None), CancellationToken::new()).await.unwrap() }
+        });
+        until("a few deltas", || text(&ch.output()).len() >= "echo: one two ".len()).await;
+        let stop = ch.send_input(r#"{"kind":"stop"}"#, &[]);
+        until("the stopped turn's end", || !turn_ends(&ch.output()).is_empty()).await;
+        let stopped = ch.output();
+        assert_eq!(turn_ends(&stopped), vec![(stop, None)], "the turn-complete names the stop record");
+        let partial = text(&stopped);
+        assert!(partial.len() < format!("echo: {long}").len() && format!("echo: {long}").starts_with(&partial));
+        // The agent waits for, and answers, the next message normally.
+        let next = ch.send_input(&message("after", Value::Null), &[]);
+        until("the next turn", || turn_ends(&ch.output()).len() == 2).await;
+        let out = ch.output();
+        assert_eq!(turn_ends(&out)[1].0, next);
+        assert_eq!(text(&out[stopped.len()..]), "echo: after");
+        let outcome = serving.await.unwrap();
+        assert_eq!(outcome.turns, 2);
+    }
+
+    #[tokio::test]
+    async fn close_ends_the_run_unless_the_conversation_went_on() {
+        let close = json!({"kind": "message", "payload": {"chatId": "c", "trigger": "close"}}).to_string();
+        let ch = Arc::new(MemoryChannels::default());
+        ch.send_input(&message("hi", Value::Null), &[]);
+        ch.send_input(&close, &[]);
+        let outcome = serve(&Echo, ch.clone(), options(None), CancellationToken::new()).await.unwrap();
+        assert_eq!((outcome.exit, outcome.turns), (crate::worker::chat::Exit::Closed, 1));
+
+        // A continuation replays the close, but a message follows it: the
+        // close is history, the message is answered, and "hi" is not again.
+        ch.send_input(&message("back again", Value::Null), &[]);
+        let resume = crate::worker::chat::session::last_answered(&ch.output());
+        assert_eq!(resume, Some(0));
+        let outcome = serve(&Echo, ch.clone(), options(resume), CancellationToken::new()).await.unwrap();
+        assert_eq!((outcome.exit, outcome.turns), (crate::worker::chat::Exit::Idle, 1));
+        assert_eq!(turn_ends(&ch.output()).iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(text(&ch.output()), "echo: hiecho: back again");
+    }
+
+    #[tokio::test]
+    async fn a_continuation_answers_an_interrupted_message_once_and_skips_answered_ones() {
+        let ch = Arc::new(MemoryChannels::default());
+        ch.send_input(&message("first", Value::Null), &[]);
+        serve(&Echo, ch.clone(), options(None), CancellationToken::new()).await.unwrap();
+        // The next run dies mid-turn: chunks but no turn-complete.
+        ch.send_input(&message("second", Value::Null), &[]);
+        ch.append_output(r#"{"data":{"type":"start"},"id":"dead-1"}"#, &[]).await.unwrap();
+        let resume = crate::worker::chat::session::last_answered(&ch.output());
+        let outcome = serve(&Echo, ch.clone(), options(resume), CancellationToken::new()).await.unwrap();
+        assert_eq!(outcome.turns, 1);
+        assert_eq!(turn_ends(&ch.output()).iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1]);
+        // Cancel ends a run waiting between turns.
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let outcome = serve(&Echo, ch.clone(), options(Some(1)), cancel).await.unwrap();
+        assert_eq!(outcome.exit, crate::worker::chat::Exit::Canceled);
+        // The session's close, as the waitpoint reports it, ends the run.
+        ch.send_input("", &[("trigger-control".into(), "session-closed".into())]);
+        let outcome = serve(&Echo, ch.clone(), options(Some(1)), CancellationToken::new()).await.unwrap();
+        assert_eq!(outcome.exit, crate::worker::chat::Exit::SessionClosed);
     }
 }

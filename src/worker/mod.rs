@@ -4,9 +4,11 @@
 //! A [`Worker`] long-polls for runs of its tasks, heartbeats each run while its
 //! [`TaskHandler`] works, stops the handler when the server says cancel, and
 //! reports the result. Channel I/O for session streams sits behind
-//! [`channels::SessionChannels`].
+//! [`channels::SessionChannels`]; [`chat`] speaks Trigger.dev's chat protocol
+//! on top of it, so agents answer the official chat clients.
 
 pub mod channels;
+pub mod chat;
 pub mod client;
 pub mod echo;
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod clickhouse;
+pub mod node;
 pub mod redis_proc;
 
 use std::time::Duration;
@@ -512,4 +513,13 @@ fn resp_command_len(buf: &[u8]) -> Option<usize> {
         at = data + len + 2;
     }
     (at <= buf.len()).then_some(at)
+}
+
+/// A user message record as the official chat clients append it to `.in`.
+pub fn chat_message(text: &str) -> String {
+    serde_json::json!({"kind": "message", "payload": {
+        "message": {"id": format!("u-{}", uuid::Uuid::new_v4().simple()), "role": "user", "parts": [{"type": "text", "text": text}]},
+        "chatId": "test", "trigger": "submit-message"
+    }})
+    .to_string()
 }

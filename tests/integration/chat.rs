@@ -7,7 +7,7 @@ use crate::common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{eventually, SseRecord, TestApp};
+use crate::common::{chat_message, eventually, SseRecord, TestApp};
 use serde_json::{json, Value};
 use sessiond::worker::channels::HttpChannelFactory;
 use sessiond::worker::echo::EchoAgent;
@@ -27,7 +27,9 @@ async fn read_turn(sub: &mut common::SseClient) -> (String, String) {
                 return (text, answered);
             }
             let v: Value = serde_json::from_str(&r.body).unwrap();
-            text.push_str(v["data"]["delta"].as_str().unwrap());
+            if v["data"]["type"] == "text-delta" {
+                text.push_str(v["data"]["delta"].as_str().unwrap());
+            }
         }
     }
 }
@@ -51,8 +53,7 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     // The browser holds only the session token, addressed by its own chat id.
     let mut sub = app.sse("/realtime/v1/sessions/chat-42/out", &pat, &[("timeout-seconds", "60")]).await;
 
-    app.append("chat-42", "in", &pat, &json!({"data": "hello there", "id": "m1"}).to_string(), &[("x-part-id", "m1")])
-        .await;
+    app.append("chat-42", "in", &pat, &chat_message("hello there"), &[("x-part-id", "m1")]).await;
     assert_eq!(read_turn(&mut sub).await, ("echo: hello there".to_string(), "0".to_string()));
     // Between turns the run waits on .in through a waitpoint.
     eventually(10, "run waiting", || async { (app.run_status(&first_run).await == "WAITING").then_some(()) }).await;
@@ -61,8 +62,7 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     eventually(15, "idle exit", || async { (app.run_status(&first_run).await == "COMPLETED").then_some(()) }).await;
 
     // The next message boots a continuation; the same subscription gets the reply.
-    app.append("chat-42", "in", &pat, &json!({"data": "still there?", "id": "m2"}).to_string(), &[("x-part-id", "m2")])
-        .await;
+    app.append("chat-42", "in", &pat, &chat_message("still there?"), &[("x-part-id", "m2")]).await;
     assert_eq!(read_turn(&mut sub).await, ("echo: still there?".to_string(), "1".to_string()));
     let (_, session) = app.get("/api/v1/sessions/chat-42", &pat).await;
     assert_ne!(session["currentRunId"], first_run.as_str());

@@ -7,11 +7,13 @@ use crate::common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{dequeue_one, eventually, session_body, tasks, TestApp};
+use crate::common::{chat_message, dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::worker::channels::{ChannelFactory, HttpChannelFactory};
-use sessiond::worker::echo::{reply_records, EchoAgent};
+use sessiond::worker::chat::turn::{complete_turn, PartIds, TurnWriter};
+use sessiond::worker::chat::{ChatAgent, ChatInput, Turn};
+use sessiond::worker::echo::{Echo, EchoAgent};
 use sessiond::worker::Worker;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -110,7 +112,7 @@ async fn a_hand_off_fences_the_old_run_and_the_new_one_resumes_after_the_last_an
     let s = app.create_session(session_body(Some("fence"))).await;
     let session = s["id"].as_str().unwrap().to_string();
     let browser = s["publicAccessToken"].as_str().unwrap();
-    let (status, _) = app.append(&session, "in", browser, &json!({"data": "one", "id": "m1"}).to_string(), &[]).await;
+    let (status, _) = app.append(&session, "in", browser, &chat_message("one"), &[]).await;
     assert_eq!(status, StatusCode::OK);
 
     // Worker A: run 1 answers message 0 as the example agent would, then waits on `.in`.
@@ -118,9 +120,11 @@ async fn a_hand_off_fences_the_old_run_and_the_new_one_resumes_after_the_last_an
     let run1 = dequeue_one(&worker_a).await;
     let channels1 = HttpChannelFactory { base_url: app.base.clone() }.for_run(&run1);
     let input = channels1.next_input(None, Duration::from_secs(5)).await.unwrap().expect("message 0");
-    for (body, headers) in reply_records(&input) {
-        channels1.append_output(&body, &headers).await.unwrap();
-    }
+    let ChatInput::Message { payload } = ChatInput::parse(&input.body).unwrap() else { panic!("a message") };
+    let turn = Turn { in_seq: input.seq, payload };
+    let mut ids = PartIds::default();
+    Echo.respond(&turn, &mut TurnWriter::new(channels1.as_ref(), &mut ids)).await.unwrap();
+    complete_turn(channels1.as_ref(), input.seq).await.unwrap();
     let (status, wait) = app
         .post(
             &format!("/api/v1/runs/{}/session-streams/wait", run1.id),
@@ -170,7 +174,7 @@ async fn a_hand_off_fences_the_old_run_and_the_new_one_resumes_after_the_last_an
 
     // The new run knows where to pick up.
     let payload = payload_of(&app, &run2).await;
-    assert_eq!(payload["trigger"], "upgrade");
+    assert!(payload.get("trigger").is_none(), "the basePayload has no trigger and the server adds none");
     assert_eq!(payload["continuation"], true);
     assert_eq!(payload["previousRunId"], run1.id);
     assert_eq!(payload["resumeAfterInSeq"], 0);
@@ -179,7 +183,7 @@ async fn a_hand_off_fences_the_old_run_and_the_new_one_resumes_after_the_last_an
     let stop = CancellationToken::new();
     let agent = Arc::new(EchoAgent { channels: Arc::new(HttpChannelFactory { base_url: app.base.clone() }) });
     let worker_b = tokio::spawn(Worker::new(app.worker(), tasks(), 1).run(agent, stop.clone()));
-    let (status, _) = app.append(&session, "in", browser, &json!({"data": "two", "id": "m2"}).to_string(), &[]).await;
+    let (status, _) = app.append(&session, "in", browser, &chat_message("two"), &[]).await;
     assert_eq!(status, StatusCode::OK);
     eventually(15, "run 2 answers message 1", || async {
         let out = channel(&app, &session, "out").await;

@@ -12,6 +12,7 @@ mod common;
 mod analytics;
 mod auth;
 mod chat;
+mod chat_clients;
 mod cli;
 mod clickhouse_dev;
 mod dashboard;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{eventually, running_session, session_body, SseClient, SseRecord, TestApp};
+use crate::common::{chat_message, eventually, running_session, session_body, SseClient, SseRecord, TestApp};
 use base64::Engine;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -28,7 +28,9 @@ async fn read_turn(sub: &mut SseClient) -> (String, String) {
                 return (text, answered);
             }
             let v: Value = serde_json::from_str(&r.body).unwrap();
-            text.push_str(v["data"]["delta"].as_str().unwrap());
+            if v["data"]["type"] == "text-delta" {
+                text.push_str(v["data"]["delta"].as_str().unwrap());
+            }
         }
     }
 }
@@ -60,12 +62,14 @@ async fn records_holding_nul_reach_a_waiting_run_and_the_echo_agent_answers_them
 
     // The run waits on .in through a waitpoint; each record below completes it.
     eventually(10, "run waiting", waiting).await;
-    let (status, _) = app.append("nul-chat", "in", &pat, "raw\0byte", &[("x-part-id", "m1")]).await;
+    let first = chat_message("raw\0byte");
+    let (status, _) = app.append("nul-chat", "in", &pat, &first, &[("x-part-id", "m1")]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(read_turn(&mut sub).await, ("echo: raw\0byte".to_string(), "0".to_string()));
 
     eventually(10, "run waiting again", waiting).await;
-    let envelope = json!({"data": "a\u{0}b", "id": "m2"}).to_string();
+    // The same record in the stream envelope, as a JSON string.
+    let envelope = json!({"data": chat_message("a\u{0}b"), "id": "m2"}).to_string();
     assert!(envelope.contains("\\u0000"));
     let (status, _) = app
         .append(
@@ -81,7 +85,7 @@ async fn records_holding_nul_reach_a_waiting_run_and_the_echo_agent_answers_them
 
     // The session is not poisoned: the same run answers the next message.
     eventually(10, "run waiting once more", waiting).await;
-    app.append("nul-chat", "in", &pat, &json!({"data": "after", "id": "m3"}).to_string(), &[("x-part-id", "m3")]).await;
+    app.append("nul-chat", "in", &pat, &chat_message("after"), &[("x-part-id", "m3")]).await;
     assert_eq!(read_turn(&mut sub).await, ("echo: after".to_string(), "2".to_string()));
     eventually(10, "the same run waiting for more", waiting).await;
     let outputs: Vec<Value> =
@@ -89,7 +93,7 @@ async fn records_holding_nul_reach_a_waiting_run_and_the_echo_agent_answers_them
             .fetch_all(app.db())
             .await
             .unwrap();
-    assert_eq!(outputs[0]["body"], "raw\0byte");
+    assert_eq!(outputs[0]["body"], first);
     assert_eq!(outputs[1]["body"], envelope);
     assert_eq!(outputs[1]["headers"], json!([["note", "x\u{0}y"]]));
     assert_eq!(failed_jobs(&app).await, vec![]);

@@ -29,7 +29,7 @@ async fn create_dequeue_complete_then_continuation() {
     assert_eq!(run.id, s["runId"]);
     assert_eq!(run.attempt_number, 1);
     assert_eq!(run.session_id.as_deref(), s["id"].as_str());
-    assert_eq!(run.payload["trigger"], "initial");
+    assert!(run.payload.get("continuation").is_none() && run.payload.get("trigger").is_none(), "{}", run.payload);
     assert_eq!(run.payload["chatId"], "flow");
     assert_eq!(app.run_status(&run.id).await, "EXECUTING");
 
@@ -54,7 +54,7 @@ async fn create_dequeue_complete_then_continuation() {
     assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "continuation"]);
     let next = dequeue_one(&w).await;
     assert_eq!(next.id, again["runId"]);
-    assert_eq!(next.payload["trigger"], "continuation");
+    assert_eq!((&next.payload["continuation"], &next.payload["previousRunId"]), (&json!(true), &s["runId"]));
 }
 
 #[tokio::test]
@@ -142,7 +142,7 @@ async fn end_and_continue_swaps_only_for_the_current_run() {
     assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "upgrade"]);
     let next = dequeue_one(&w).await;
     assert_eq!(next.id, handoff.run_id);
-    assert_eq!(next.payload["trigger"], "upgrade");
+    assert_eq!((&next.payload["continuation"], &next.payload["previousRunId"]), (&json!(true), &json!(run.id)));
 
     // The old run is stale now: no swap, and it learns who holds the session.
     let stale = w.end_and_continue(&run, "upgrade").await.unwrap();

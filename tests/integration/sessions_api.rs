@@ -39,7 +39,7 @@ async fn create_inserts_session_first_run_claim_and_audit() {
     .unwrap();
     assert_eq!(status, "QUEUED");
     assert_eq!(version, 1);
-    assert_eq!(run_payload, json!({"chatId": "chat-1", "sessionId": body["id"], "trigger": "initial"}));
+    assert_eq!(run_payload, json!({"chatId": "chat-1", "sessionId": body["id"]}));
     let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM session_runs").fetch_all(app.db()).await.unwrap();
     assert_eq!(reasons, vec!["initial"]);
     let max_attempts: i32 = sqlx::query_scalar("SELECT max_attempts FROM task_runs").fetch_one(app.db()).await.unwrap();

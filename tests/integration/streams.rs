@@ -30,7 +30,7 @@ async fn append_then_read_records_unwrapped() {
         let (status, body) = app
             .append(&s, "out", &app.a.key, &envelope(json!({"type": "text-delta", "delta": i}), &format!("p{i}")), &[])
             .await;
-        assert_eq!((status, body), (StatusCode::OK, json!({"ok": true})));
+        assert_eq!((status, body), (StatusCode::OK, json!({"ok": true, "seq": i})));
     }
     let (status, _) = app.append(&s, "out", &app.a.key, "", &[("x-trigger-control", "turn-complete")]).await;
     assert_eq!(status, StatusCode::OK);
@@ -105,7 +105,9 @@ async fn a_retried_part_id_is_written_once() {
     assert_eq!((s1, b1["ok"].clone()), (StatusCode::OK, json!(true)));
     assert_eq!((s2, b2["ok"].clone()), (StatusCode::OK, json!(true)));
     assert!(b2["message"].as_str().unwrap().contains("duplicate"));
-    app.append(&s, "out", &app.a.key, "other", &[("x-part-id", "part-2")]).await;
+    assert_eq!((&b1["seq"], &b2["seq"]), (&json!(0), &json!(0)), "a retry answers the seq stored first");
+    let (_, b3) = app.append(&s, "out", &app.a.key, "other", &[("x-part-id", "part-2")]).await;
+    assert_eq!(b3["seq"], 1);
     let (_, body) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
     assert_eq!(body["records"].as_array().unwrap().len(), 2);
 }
@@ -490,7 +492,7 @@ async fn an_append_to_in_boots_a_run_when_none_is_alive() {
     let (_, now) = app.get(&format!("/api/v1/sessions/{s}"), &app.a.key).await;
     assert_ne!(now["currentRunId"], created["runId"]);
     let next = w.dequeue(&["echo-agent".to_string()], 1, Duration::from_secs(10)).await.unwrap().remove(0);
-    assert_eq!(next.payload["trigger"], "continuation");
+    assert_eq!((&next.payload["continuation"], &next.payload["previousRunId"]), (&json!(true), &created["runId"]));
     // The record was durable before the run existed: the new run reads it.
     let (_, recs) = app.get(&format!("/realtime/v1/sessions/{s}/in/records"), &next.token).await;
     assert_eq!(recs["records"][0]["data"], "hello");
@@ -525,7 +527,7 @@ async fn initialize_hands_out_a_channel_scoped_write_token() {
     let token = h["x-write-token"].to_str().unwrap().to_string();
     let r = app.client.post(&url).bearer_auth(&token).body(envelope(json!("direct"), "w1")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.json::<Value>().await.unwrap(), json!({"ok": true}));
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"ok": true, "seq": 0}));
     let (_, recs) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
     assert_eq!(
         recs["records"],

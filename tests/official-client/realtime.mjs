@@ -10,8 +10,8 @@
 // so a wire-shape mismatch shows up as an ApiSchemaValidationError.
 //
 // It needs a worker serving task "echo-agent" (the example echo agent, which
-// answers each `.in` message on `.out` with text-delta chunks and a
-// turn-complete control record, and exits after the session's
+// answers each chat message on `.in` with AI SDK UI message chunks on `.out`,
+// ends each turn with a turn-complete control record, and exits after the session's
 // idleTimeoutInSeconds). tests/official_client.rs runs one in-process. The
 // "node-task" run used for the waitpoint checks is dequeued by this script.
 //
@@ -95,6 +95,17 @@ function consume(stream) {
   return state;
 }
 
+// A user message record as the official chat clients append it to `.in`.
+const chatMessage = (text, chatId) =>
+  JSON.stringify({
+    kind: "message",
+    payload: { message: { id: `u-${text}`, role: "user", parts: [{ type: "text", text }] }, chatId, trigger: "submit-message" },
+  });
+
+// The echo agent's chunks for one turn of a one-word message.
+const TURN_CHUNK_TYPES = ["start", "text-start", "text-delta", "text-delta", "text-end", "finish"];
+const range = (from, to) => Array.from({ length: to - from }, (_, i) => from + i);
+
 const textOf = (chunks) =>
   chunks
     .filter((c) => c?.type === "text-delta")
@@ -167,19 +178,19 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
 
     await check("appendToSessionStream(.in) returns ok", async () => {
       // The client sends `part` as the raw request body (plus a fresh X-Part-Id).
-      const res = await api.appendToSessionStream(externalId, "in", JSON.stringify({ data: "hello", id: "m1" }));
+      const res = await api.appendToSessionStream(externalId, "in", chatMessage("hello", chatId));
       assert.equal(res.ok, true);
     });
 
-    await check('the subscription streams text-delta chunks "echo: hello" and a turn-complete control', async () => {
+    await check('the subscription streams UI message chunks "echo: hello" and a turn-complete control', async () => {
       await until(
         "turn-complete #1 and the text",
         () => live.controls.length >= 1 && textOf(liveState.chunks) === "echo: hello",
         { describe: () => safeJson({ chunks: liveState.chunks, controls: live.controls, error: String(liveState.error) }) }
       );
       assert.equal(liveState.error, undefined, "no stream error");
-      assert.ok(liveState.chunks.every((c) => c?.type === "text-delta"), `only text-delta chunks: ${safeJson(liveState.chunks)}`);
-      assert.equal(liveState.chunks.length, 2, '"echo: " and "hello"');
+      assert.deepEqual(liveState.chunks.map((c) => c?.type), TURN_CHUNK_TYPES, safeJson(liveState.chunks));
+      assert.deepEqual(textOf(liveState.chunks.slice(2, 3)), "echo: ", "one delta a word");
       assert.equal(live.controls.length, 1, "one control");
       const control = live.controls[0];
       assert.equal(control.subtype, "turn-complete");
@@ -188,10 +199,11 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
       assert.equal(typeof control.timestamp, "number");
       // onPart sees every record, data and control, with seq_num ids in order.
       const ids = live.parts.map((p) => p.id);
-      assert.deepEqual(ids, ["0", "1", "2"], "onPart ids");
-      assert.equal(control.seqNum, 2);
-      assert.ok(live.parts[0].recordId?.startsWith("echo-0-"), `recordId from the envelope: ${live.parts[0].recordId}`);
-      turns.push({ seqs: [0, 1, 2], controlSeq: 2 });
+      assert.deepEqual(ids, range(0, 7).map(String), "onPart ids");
+      assert.equal(control.seqNum, 6);
+      const recordIds = live.parts.slice(0, 6).map((p) => p.recordId);
+      assert.equal(new Set(recordIds).size, 6, `a unique record id from each envelope: ${safeJson(recordIds)}`);
+      turns.push({ seqs: range(0, 7), controlSeq: 6 });
     });
 
     // --- 4. idle exit, continuation, same subscription -------------------------------
@@ -217,7 +229,7 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
     });
 
     await check("a second message boots a new run and the same subscription gets its reply", async () => {
-      const res = await api.appendToSessionStream(externalId, "in", JSON.stringify({ data: "again", id: "m2" }));
+      const res = await api.appendToSessionStream(externalId, "in", chatMessage("again", chatId));
       assert.equal(res.ok, true);
       await until(
         "turn-complete #2 and the text",
@@ -225,13 +237,13 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
         { describe: () => safeJson({ chunks: liveState.chunks, controls: live.controls, error: String(liveState.error) }) }
       );
       assert.equal(liveState.ended, false, "the subscription is still open");
-      assert.equal(textOf(liveState.chunks.slice(2)), "echo: again");
+      assert.equal(textOf(liveState.chunks.slice(6)), "echo: again");
       const control = live.controls[1];
       assert.equal(control.subtype, "turn-complete");
       assert.equal(header(control.headers, "session-in-event-id"), "1", "answers .in seq 1");
-      assert.equal(control.seqNum, 5);
-      assert.deepEqual(live.parts.map((p) => p.id), ["0", "1", "2", "3", "4", "5"], "onPart ids");
-      turns.push({ seqs: [3, 4, 5], controlSeq: 5 });
+      assert.equal(control.seqNum, 13);
+      assert.deepEqual(live.parts.map((p) => p.id), range(0, 14).map(String), "onPart ids");
+      turns.push({ seqs: range(7, 14), controlSeq: 13 });
 
       const s = await api.retrieveSession(externalId);
       assert.ok(s.currentRunId?.startsWith("run_"), `currentRunId: ${s.currentRunId}`);
@@ -250,20 +262,16 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
 
     await check('readSessionStreamRecords(id, "out") returns every record, unwrapped', async () => {
       const { records } = await api.readSessionStreamRecords(session.id, "out");
-      assert.deepEqual(records.map((r) => r.seqNum), [0, 1, 2, 3, 4, 5]);
+      assert.deepEqual(records.map((r) => r.seqNum), range(0, 14));
       const data = records.filter((r) => !header(r.headers, "trigger-control"));
+      assert.deepEqual(data.map((r) => r.data.type), [...TURN_CHUNK_TYPES, ...TURN_CHUNK_TYPES]);
       assert.deepEqual(
-        data.map((r) => r.data),
-        [
-          { type: "text-delta", delta: "echo: " },
-          { type: "text-delta", delta: "hello" },
-          { type: "text-delta", delta: "echo: " },
-          { type: "text-delta", delta: "again" },
-        ]
+        data.filter((r) => r.data.type === "text-delta").map((r) => r.data.delta),
+        ["echo: ", "hello", "echo: ", "again"]
       );
-      assert.deepEqual(data.map((r) => r.id), ["echo-0-0", "echo-0-1", "echo-1-0", "echo-1-1"], "ids from the envelope");
+      assert.equal(new Set(data.map((r) => r.id)).size, 12, "a unique id from each envelope");
       const controls = records.filter((r) => header(r.headers, "trigger-control"));
-      assert.deepEqual(controls.map((r) => r.seqNum), [2, 5]);
+      assert.deepEqual(controls.map((r) => r.seqNum), [6, 13]);
       for (const c of controls) {
         assert.equal(header(c.headers, "trigger-control"), "turn-complete");
         assert.equal(c.data, null, "a control record has no data");
@@ -275,8 +283,8 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
         afterEventId: String(turns[0].controlSeq),
       });
       assert.deepEqual(records.map((r) => r.seqNum), turns[1].seqs);
-      const after5 = await api.readSessionStreamRecords(externalId, "out", { afterEventId: "5" });
-      assert.deepEqual(after5.records, []);
+      const afterLast = await api.readSessionStreamRecords(externalId, "out", { afterEventId: "13" });
+      assert.deepEqual(afterLast.records, []);
     });
 
     // --- 6. resume ---------------------------------------------------------------------
@@ -309,7 +317,7 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
       assert.ok(Date.now() - started < 8_000, `ended after the window (${Date.now() - started} ms)`);
       assert.deepEqual(parts.map((p) => p.id), turns[1].seqs.map(String), "exactly the records after the cursor");
       assert.equal(textOf(state.chunks), "echo: again");
-      assert.deepEqual(controls.map((c) => [c.subtype, c.seqNum]), [["turn-complete", 5]]);
+      assert.deepEqual(controls.map((c) => [c.subtype, c.seqNum]), [["turn-complete", 13]]);
     });
 
     await check('subscribeToSessionStream from "latest" sees no old records', async () => {
@@ -332,11 +340,11 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
 
     await check("a client holding only the session's publicAccessToken reads .out", async () => {
       const browser = new ApiClient(baseUrl, session.publicAccessToken);
-      const { records } = await browser.readSessionStreamRecords(externalId, "out", { afterEventId: "2" });
+      const { records } = await browser.readSessionStreamRecords(externalId, "out", { afterEventId: String(turns[0].controlSeq) });
       assert.deepEqual(records.map((r) => r.seqNum), turns[1].seqs);
       const parts = [];
       const stream = await browser.subscribeToSessionStream(externalId, "out", {
-        lastEventId: "4",
+        lastEventId: "11",
         timeoutInSeconds: 1,
         onPart: (p) => parts.push(p),
       });
@@ -344,7 +352,7 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
       await Promise.race([state.done, sleep(10_000)]);
       assert.equal(state.ended, true, "stream ended");
       assert.equal(state.error, undefined, "no error");
-      assert.deepEqual(parts.map((p) => p.id), ["5"]);
+      assert.deepEqual(parts.map((p) => p.id), ["12", "13"]);
     });
 
     // --- 7. session-stream waitpoints ---------------------------------------------------
@@ -461,7 +469,7 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
       const closed = await api.closeSession(session.id, { reason: "done" });
       assert.ok(closed.closedAt instanceof Date, "closedAt set");
       await expectApiError(
-        () => api.appendToSessionStream(externalId, "in", JSON.stringify({ data: "late", id: "m3" }), NO_RETRY),
+        () => api.appendToSessionStream(externalId, "in", chatMessage("late", chatId), NO_RETRY),
         400
       );
       await expectApiError(() => api.appendToSessionStream(session.id, "out", "{}", NO_RETRY), 400);
@@ -470,7 +478,7 @@ async function checks({ api, baseUrl, secretKey, suffix }) {
 
     await check("a closed session's records stay readable", async () => {
       const { records } = await api.readSessionStreamRecords(externalId, "out");
-      assert.deepEqual(records.slice(0, 6).map((r) => r.seqNum), [0, 1, 2, 3, 4, 5]);
+      assert.deepEqual(records.slice(0, 14).map((r) => r.seqNum), range(0, 14));
     });
   } catch (err) {
     if (heartbeat) clearInterval(heartbeat);
