@@ -82,6 +82,7 @@ impl TestApp {
     }
 
     pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+        server_logs();
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         let mut config = Config::for_database(&database_url(), Some(schema.clone()));
         config.redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
@@ -522,4 +523,16 @@ pub fn chat_message(text: &str) -> String {
         "chatId": "test", "trigger": "submit-message"
     }})
     .to_string()
+}
+
+/// The servers' warnings and errors, in the output of the test that logged
+/// them (libtest shows it when the test fails): a failure in CI then says what
+/// the server saw. `RUST_LOG` overrides the filter.
+fn server_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("sessiond=warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    });
 }
