@@ -56,6 +56,19 @@ impl TestApp {
         sessiond::analytics::schema::migrate(&self.state.analytics).await.expect("clickhouse schema");
     }
 
+    /// Waits until this server's job runtime has done its start-up check of
+    /// the job queue (it writes the queue's marker last). Until then the check
+    /// may push every unfinished job once more, so a test that counts a job's
+    /// deliveries or attempts waits for it before writing jobs. A test that
+    /// wrote the marker itself would race the check still in flight.
+    pub async fn job_queue_ready(&self) {
+        let queue = self.state.jobs.queue(sessiond::jobs::Lane::Engine);
+        eventually(10, "the job runtime's start-up queue check", || async {
+            queue.intact().await.unwrap().then_some(())
+        })
+        .await
+    }
+
     /// Waits until job `id` has succeeded.
     pub async fn job_succeeded(&self, secs: u64, what: &str, id: uuid::Uuid) {
         eventually(secs, what, || async {

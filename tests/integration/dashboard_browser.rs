@@ -44,9 +44,9 @@ async fn the_dashboard_in_a_browser() {
     // Probe jobs (they fail on purpose) that have failed every attempt: one
     // whose next attempt succeeds, for the admin to retry, and one that
     // stays failed, for the viewer's look.
-    // The queue's marker first, so the server's lost-queue check pushes
-    // neither a second time.
-    app.state.jobs.recover_lost_queue().await.unwrap();
+    // The server's start-up queue check done first, so it pushes neither a
+    // second time.
+    app.job_queue_ready().await;
     let probe = failed_probe(&app, 2).await;
     let stuck = failed_probe(&app, 99).await;
     let (handoff, _) = failed_manual_handoff(&app, "browser-handoff-retried").await;

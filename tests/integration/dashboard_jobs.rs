@@ -78,10 +78,10 @@ async fn audit_log_gone(app: &TestApp, gone: bool) {
     sqlx::query(sql).execute(app.db()).await.unwrap();
 }
 
-/// Keeps the server's own runtime off seeded rows: the queue's marker is set
-/// now, so no lost-queue recovery pushes every unfinished job.
+/// Keeps the server's own runtime off seeded rows: its start-up check of the
+/// job queue is done, so no lost-queue recovery pushes every unfinished job.
 async fn quiet(app: &TestApp) {
-    app.state.jobs.recover_lost_queue().await.unwrap();
+    app.job_queue_ready().await;
 }
 
 async fn row(app: &TestApp, id: Uuid) -> store::JobRow {

@@ -431,6 +431,9 @@ async fn a_job_that_keeps_failing_ends_failed_and_retry_runs_it_again() {
         .fetch_one(app.db())
         .await
         .unwrap();
+    // A recovery push would deliver the job twice and its attempts would not
+    // be spread by the backoff.
+    app.job_queue_ready().await;
     // Break what the cancel-run job needs, so every attempt fails inside Postgres.
     sqlx::query("ALTER TABLE task_runs RENAME COLUMN cancel_requested_at TO cancel_requested_gone")
         .execute(app.db())
@@ -478,9 +481,9 @@ async fn duplicate_deliveries_share_one_attempt_budget() {
     use sessiond::jobs::store::{self, JobStatus};
     let app = TestApp::spawn().await;
     let run_id = Uuid::now_v7();
-    // Keep this server's own runtime off the job: the queue's marker is set
-    // (no recovery push) and the row is marked relayed (no relay push).
-    app.state.jobs.recover_lost_queue().await.unwrap();
+    // Keep this server's own runtime off the job: its start-up queue check is
+    // done (no recovery push) and the row is marked relayed (no relay push).
+    app.job_queue_ready().await;
     let job = store::insert(app.db(), &sessiond::jobs::Job::CancelRun { run_id }, 2).await.unwrap();
     store::mark_relayed(app.db(), &[job]).await.unwrap();
     let first = store::begin_attempt(app.db(), job).await.unwrap().expect("first attempt");
