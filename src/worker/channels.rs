@@ -153,10 +153,31 @@ async fn checked(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
     Ok(body)
 }
 
+/// Tries of an idempotent request before its error is the run's.
+const TRIES: u32 = 4;
+
+/// Sends an idempotent request (a read, or an append that carries its part
+/// id on every try), trying again after a dropped connection or a 5xx: a
+/// server that answered 503 while Redis was slow, or restarted, would
+/// otherwise fail the run, and with it the turn the client is waiting for.
+async fn send_idempotent(make: impl Fn() -> reqwest::RequestBuilder) -> anyhow::Result<serde_json::Value> {
+    let mut delay = Duration::from_millis(50);
+    for _ in 1..TRIES {
+        match make().send().await {
+            Ok(resp) if !resp.status().is_server_error() => return checked(resp).await,
+            Ok(resp) => tracing::warn!(status = %resp.status(), "worker request failed; trying again"),
+            Err(err) => tracing::warn!(%err, "worker request failed; trying again"),
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+    }
+    checked(make().send().await?).await
+}
+
 impl HttpChannels {
     /// A GET on the server with the run's token.
     async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        checked(self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?).await
+        send_idempotent(|| self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token)).await
     }
 }
 
@@ -205,16 +226,22 @@ impl SessionChannels for HttpChannels {
     }
 
     async fn append_output(&self, body: &str, headers: &[(String, String)]) -> anyhow::Result<()> {
-        let mut req = self
-            .http
-            .post(format!("{}/realtime/v1/sessions/{}/out/append", self.base, self.session))
-            .bearer_auth(&self.token)
-            .header("x-part-id", uuid::Uuid::new_v4().simple().to_string())
-            .body(body.to_string());
-        if !headers.is_empty() {
-            req = req.header("x-record-headers", serde_json::to_string(headers)?);
-        }
-        checked(req.send().await?).await?;
+        // One part id for every try: the server stores the record once.
+        let part = uuid::Uuid::new_v4().simple().to_string();
+        let headers = (!headers.is_empty()).then(|| serde_json::to_string(headers)).transpose()?;
+        send_idempotent(|| {
+            let req = self
+                .http
+                .post(format!("{}/realtime/v1/sessions/{}/out/append", self.base, self.session))
+                .bearer_auth(&self.token)
+                .header("x-part-id", &part)
+                .body(body.to_string());
+            match &headers {
+                Some(h) => req.header("x-record-headers", h),
+                None => req,
+            }
+        })
+        .await?;
         Ok(())
     }
 
@@ -226,14 +253,13 @@ impl SessionChannels for HttpChannels {
     /// Minted with the run's own token, which may mint exactly this.
     async fn turn_token(&self) -> anyhow::Result<Option<String>> {
         let scopes = [format!("read:sessions:{}", self.session), format!("write:sessions:{}", self.session)];
-        let minted = checked(
+        // Minting twice is harmless: the turn hands out the last one.
+        let minted = send_idempotent(|| {
             self.http
                 .post(format!("{}/api/v1/auth/public-tokens", self.base))
                 .bearer_auth(&self.token)
                 .json(&serde_json::json!({ "scopes": scopes, "expirationTime": TURN_TOKEN_TTL }))
-                .send()
-                .await?,
-        )
+        })
         .await?;
         Ok(minted["token"].as_str().map(String::from))
     }
@@ -256,5 +282,68 @@ impl SessionChannels for HttpChannels {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::post;
+    use axum::{Json, Router};
+
+    use super::*;
+
+    /// Part ids of the appends a fake server saw, per session.
+    type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+    /// `.out` appends: the first to session "flaky" answers 503; every one to
+    /// "conflict" answers 409; the rest 200.
+    async fn fake_append(
+        State(seen): State<Seen>,
+        Path(session): Path<String>,
+        headers: HeaderMap,
+    ) -> (StatusCode, Json<serde_json::Value>) {
+        let part = headers.get("x-part-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        let mut seen = seen.lock().unwrap();
+        let first = !seen.iter().any(|(s, _)| *s == session);
+        seen.push((session.clone(), part));
+        match session.as_str() {
+            "flaky" if first => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"error": "retry"}))),
+            "conflict" => (StatusCode::CONFLICT, Json(serde_json::json!({"error": "superseded"}))),
+            _ => (StatusCode::OK, Json(serde_json::json!({"ok": true}))),
+        }
+    }
+
+    fn channels(base: &str, session: &str) -> HttpChannels {
+        HttpChannels {
+            http: reqwest::Client::new(),
+            base: base.to_string(),
+            run_id: "run_x".into(),
+            session: session.into(),
+            token: "t".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_append_is_tried_again_after_a_5xx_with_its_part_id_and_never_after_a_4xx() {
+        let seen = Seen::default();
+        let app = Router::new()
+            .route("/realtime/v1/sessions/{session}/out/append", post(fake_append))
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        channels(&base, "flaky").append_output("x", &[]).await.expect("the second try lands");
+        let flaky: Vec<String> =
+            seen.lock().unwrap().iter().filter(|(s, _)| s == "flaky").map(|(_, p)| p.clone()).collect();
+        assert_eq!(flaky.len(), 2);
+        assert_eq!(flaky[0], flaky[1], "one part id, so the server stores the record once");
+
+        assert!(channels(&base, "conflict").append_output("x", &[]).await.is_err());
+        assert_eq!(seen.lock().unwrap().iter().filter(|(s, _)| s == "conflict").count(), 1, "a 409 is final");
     }
 }

@@ -25,7 +25,9 @@ const KILLED_WORKER_CHECKS: usize = 2;
 #[tokio::test]
 async fn agent_chat_and_the_use_chat_transport_talk_to_the_example_agent() {
     let dir = client_dir();
-    let app = TestApp::spawn().await;
+    // Crashes are the other test's subject: here a heartbeat late under a
+    // loaded machine must not end a run mid-turn (the suite's default is 1.5 s).
+    let app = TestApp::spawn_with(|c| c.run_heartbeat_timeout_ms = 10_000).await;
     let stop = CancellationToken::new();
     let agent = EchoAgent { channels: Arc::new(HttpChannelFactory { base_url: app.base.clone() }) };
     let worker =
