@@ -300,7 +300,7 @@ pub struct ActionForm {
 /// Relays jobs put back in line by a committed action. Should the push fail,
 /// the rows stay unrelayed and the relay loop pushes them within seconds.
 async fn relay(jobs: &Jobs, retried: &[(Uuid, String)]) {
-    if let Err(err) = jobs.relay_committed(retried).await {
+    if let Err(err) = jobs.relay_kinds(retried).await {
         tracing::warn!(%err, jobs = retried.len(), "could not relay retried jobs; the relay loop will");
     }
 }
@@ -356,7 +356,9 @@ impl OneJob {
 }
 
 /// Retries one failed or canceled job (`POST …/retry`), or cancels a
-/// pending one (`POST …/cancel`): it will not start.
+/// pending one (`POST …/cancel`): it will not start. The action and its
+/// audit row commit in one transaction; a retried job is relayed once that
+/// commits. Back to the job's page, filters kept.
 pub async fn act(
     State(db): State<PgPool>,
     State(jobs): State<Jobs>,
@@ -370,32 +372,18 @@ pub async fn act(
         "cancel" => OneJob::Cancel,
         _ => return Err(DashboardError::NotFound(format!("Jobs have no action {action:?}"))),
     };
-    act_on_job(&db, &jobs, &signed, &id, &headers, form, what).await
-}
-
-/// One job's action and its audit row in one transaction; a retried job is
-/// relayed once that commits. Back to the job's page, filters kept.
-async fn act_on_job(
-    db: &PgPool,
-    jobs: &Jobs,
-    signed: &Signed,
-    id: &str,
-    headers: &HeaderMap,
-    form: ActionForm,
-    what: OneJob,
-) -> PageResult<Response> {
-    signed.authorize_action(csrf_token(form.csrf.as_deref(), headers))?;
-    let id = parse_id(id)?;
+    signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
+    let id = parse_id(&id)?;
     let mut tx = db.begin().await.map_err(StoreError::from)?;
     let Some(kind) = what.apply(&mut tx, id).await? else {
         drop(tx);
-        return Err(refusal(db, id, what.rule()).await);
+        return Err(refusal(&db, id, what.rule()).await);
     };
     let action = what.audit_action();
     audit::record(&mut *tx, signed.operator.id, action, &format!("job:{id}"), json!({ "kind": kind })).await?;
     tx.commit().await.map_err(StoreError::from)?;
     if let OneJob::Retry = what {
-        relay(jobs, &[(id, kind.clone())]).await;
+        relay(&jobs, &[(id, kind.clone())]).await;
     }
     tracing::info!(operator = %signed.operator.email, job = %id, %kind, action, "operator acted on a job");
     Ok(Redirect::to(&form.filters.job_url(id, &[("done", what.done())])).into_response())
@@ -486,10 +474,7 @@ pub async fn retry_matching_preview(
     }
     let filter = f.parse()?;
     let (count, as_of) = store::count_matching(&db, &filter).await?;
-    let unretryable = match filter.status {
-        Some(JobStatus::Pending | JobStatus::Running | JobStatus::Succeeded) => filter.status.map(JobStatus::as_str),
-        _ => None,
-    };
+    let unretryable = if filter.retries_anything() { None } else { filter.status.map(JobStatus::as_str) };
     render(ConfirmPage {
         frame: Frame::new(&signed, "jobs"),
         what: describe(count, &filter),

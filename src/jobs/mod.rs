@@ -246,14 +246,10 @@ impl Jobs {
         store::mark_relayed(&self.pool, &pushed).await
     }
 
-    /// Relays committed rows of any lanes, given with their kinds (a retry of
-    /// many jobs), and marks them relayed before returning.
-    pub async fn relay_committed(&self, jobs: &[(Uuid, String)]) -> Result<(), StoreError> {
-        self.relay_kinds(jobs).await
-    }
-
-    /// Relays rows of any lanes, given with their kinds.
-    async fn relay_kinds(&self, jobs: &[(Uuid, String)]) -> Result<(), StoreError> {
+    /// Relays committed rows of any lanes, given with their kinds (the relay
+    /// loop's catch-up, a retry of many jobs), and marks them relayed before
+    /// returning.
+    pub async fn relay_kinds(&self, jobs: &[(Uuid, String)]) -> Result<(), StoreError> {
         for lane in Lane::ALL {
             let ids: Vec<Uuid> = jobs.iter().filter(|(_, k)| Lane::of_kind(k) == lane).map(|(id, _)| *id).collect();
             if !ids.is_empty() {

@@ -117,14 +117,15 @@ pub async fn find(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError>
 }
 
 /// The newest `per_kind` jobs of each of `kinds` (a schedule's last runs),
-/// newest first within a kind; one index walk per kind (`jobs_kind_idx`).
+/// newest first within a kind (by id: uuid v7, creation order); one walk of
+/// `jobs_kind_id_idx` per kind, which a sweep's thousands of jobs a day make
+/// worth having instead of a sort.
 pub async fn newest_of_kinds(pool: &PgPool, kinds: &[&str], per_kind: i64) -> Result<Vec<JobRow>, StoreError> {
     let columns = JOB_COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ");
     Ok(sqlx::query_as(&format!(
         "SELECT {columns} FROM unnest($1::text[]) k(kind)
-         CROSS JOIN LATERAL (SELECT * FROM jobs WHERE jobs.kind = k.kind
-                             ORDER BY created_at DESC, id DESC LIMIT $2) j
-         ORDER BY j.kind, j.created_at DESC, j.id DESC"
+         CROSS JOIN LATERAL (SELECT * FROM jobs WHERE jobs.kind = k.kind ORDER BY id DESC LIMIT $2) j
+         ORDER BY j.kind, j.id DESC"
     ))
     .bind(kinds)
     .bind(per_kind)
@@ -304,6 +305,12 @@ impl JobFilter {
             let escaped = q.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
             format!("%{escaped}%")
         })
+    }
+
+    /// Whether a retry of everything this filter matches can touch any job
+    /// (not when it asks for pending, running or succeeded ones).
+    pub fn retries_anything(&self) -> bool {
+        !self.retry_statuses().is_empty()
     }
 
     /// The statuses a retry of everything this filter matches touches: failed
