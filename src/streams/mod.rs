@@ -85,6 +85,10 @@ pub struct Record {
 pub const CONTROL_HEADER: &str = "trigger-control";
 /// Header of a turn-complete record naming the `.in` seq its turn answered.
 pub const ANSWERED_HEADER: &str = "session-in-event-id";
+/// Control subtype that ends a turn (agents write it; clients stop reading there).
+pub const TURN_COMPLETE: &str = "turn-complete";
+/// Control subtype the server writes on `.in` when a session closes.
+pub const SESSION_CLOSED: &str = "session-closed";
 
 impl Record {
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -115,7 +119,7 @@ impl Record {
     /// Does this record end a turn? Either a `turn-complete` control record, or
     /// (older agents) a data chunk of type `trigger:turn-complete`.
     pub fn is_turn_complete(&self) -> bool {
-        self.control() == Some("turn-complete")
+        self.control() == Some(TURN_COMPLETE)
             || self
                 .envelope_data()
                 .and_then(|d| d.get("type").and_then(Value::as_str).map(|t| t == "trigger:turn-complete"))

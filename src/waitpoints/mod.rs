@@ -284,7 +284,7 @@ impl Waitpoints {
         notify_in: bool,
     ) -> Result<(), WaitError> {
         if notify_in {
-            let mut headers = vec![(CONTROL_HEADER.to_string(), "session-closed".to_string())];
+            let mut headers = vec![(CONTROL_HEADER.to_string(), crate::streams::SESSION_CLOSED.to_string())];
             if let Some(r) = reason {
                 headers.push(("session-closed-reason".into(), r.to_string()));
             }

@@ -186,7 +186,7 @@ fn record_from_output(output: &serde_json::Value) -> Option<Record> {
         return Some(Record {
             seq: u64::MAX,
             body: String::new(),
-            headers: vec![(crate::streams::CONTROL_HEADER.into(), "session-closed".into())],
+            headers: vec![(crate::streams::CONTROL_HEADER.into(), crate::streams::SESSION_CLOSED.into())],
         });
     }
     Some(Record {

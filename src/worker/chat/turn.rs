@@ -9,11 +9,9 @@ use crate::worker::channels::SessionChannels;
 /// the stop that ended it). The server resumes the next run after it.
 pub use crate::streams::ANSWERED_HEADER as SESSION_IN_EVENT_ID_HEADER;
 /// Header naming a control record's subtype (its body is empty).
-pub use crate::streams::CONTROL_HEADER;
+pub use crate::streams::{CONTROL_HEADER, SESSION_CLOSED, TURN_COMPLETE};
 /// Header of `turn-complete`: a fresh token for the browser's next requests.
 pub const PUBLIC_ACCESS_TOKEN_HEADER: &str = "public-access-token";
-pub const TURN_COMPLETE: &str = "turn-complete";
-pub const SESSION_CLOSED: &str = "session-closed";
 
 /// Part ids for one run: a random prefix (so a retried attempt of the same run
 /// never repeats an id a client already saw and would drop) and a counter.
