@@ -4,73 +4,42 @@
 // Run by the Rust integration test `dashboard_browser`, which starts the
 // server, seeds data and passes the environment below. See README.md.
 //
-// stdout protocol (parsed by the Rust test):
-//   ok - <check name>
-//   not ok - <check name>: <error>
+// stdout: harness.mjs's protocol, plus one line for the Rust test to act on:
 //   waiting-for-out          (check 6: append a live-marker-... record now)
 //
 // Jobs (PROBE_JOB, STUCK_JOB): the Rust test submits two probe jobs (the
 // job kind that fails on purpose) and waits until both have failed every
 // attempt. The admin retries PROBE_JOB from its page (its next attempt
 // succeeds); STUCK_JOB stays failed, for the viewer's look at a job page.
-//   <P> passed, <F> failed   (last line; exit code 1 if F > 0)
-// Diagnostics (browser console errors, screenshot paths) go to stderr.
 
-import { chromium } from 'playwright-core';
-import { mkdirSync } from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
+import {
+    TIMEOUT,
+    NAV_TIMEOUT,
+    assert,
+    check,
+    describe,
+    emit,
+    expectSelector,
+    fillLogin,
+    finish,
+    goto,
+    headingOf,
+    logIn,
+    newPage,
+    pathname,
+    requireEnv,
+    shot,
+    start,
+    submitForm,
+} from './harness.mjs';
 
-const TIMEOUT = 5_000; // default for every wait
-const NAV_TIMEOUT = 10_000;
-const SERVER_WAIT = 10_000; // for the login page to answer 200 at start
 const LIVE_READY_TIMEOUT = 10_000; // the SSE connection to open
 const OUT_TIMEOUT = 15_000; // the appended .out record to show up
 const JOB_TIMEOUT = 15_000; // a retried job to reach succeeded
 const JOB_POLL = 500; // reload interval while waiting for it
 const WATCHDOG = 110_000; // the whole run, should anything hang (the Rust test gives it 120 s)
 
-// ---- output ----
-
-let passed = 0;
-let failed = 0;
-
-function emit(line) {
-    return new Promise((resolve) => process.stdout.write(line + '\n', () => resolve()));
-}
-
-// Capped: a caller that reads stderr only after stdout ends must not see the
-// pipe fill up (and this process block on it) because a page logs in a loop.
-const DIAG_LINES = 100;
-let diagLines = 0;
-
-function diag(message) {
-    diagLines++;
-    if (diagLines > DIAG_LINES) {
-        return;
-    }
-    const line = diagLines === DIAG_LINES ? '(more diagnostics left out)' : String(message).slice(0, 300);
-    process.stderr.write('# ' + line + '\n');
-}
-
-// One line, no terminal colours, no Playwright call log.
-function describe(err) {
-    const text = String((err && err.message) || err)
-        .replace(/\u001b\[[0-9;]*m/g, '')
-        .split('\n')
-        .map((l) => l.trim())
-        .filter(Boolean)[0] || 'unknown error';
-    return text.length > 300 ? text.slice(0, 297) + '...' : text;
-}
-
-async function finish() {
-    await emit(`${passed} passed, ${failed} failed`);
-    process.exitCode = failed > 0 ? 1 : 0;
-}
-
-// ---- environment ----
-
-const REQUIRED = [
+await requireEnv([
     'DASHBOARD_URL',
     'ADMIN_EMAIL',
     'ADMIN_PASSWORD',
@@ -84,16 +53,8 @@ const REQUIRED = [
     'HANDOFF_SESSION',
     'HANDOFF_KEEP',
     'ROTATE_ENV',
-];
-const missing = REQUIRED.filter((name) => !process.env[name]);
-if (missing.length > 0) {
-    failed++;
-    await emit(`not ok - environment: missing ${missing.join(', ')}`);
-    await finish();
-    process.exit();
-}
+]);
 
-const BASE = process.env.DASHBOARD_URL.replace(/\/+$/, '');
 const ADMIN = { email: process.env.ADMIN_EMAIL, password: process.env.ADMIN_PASSWORD };
 const VIEWER = { email: process.env.VIEWER_EMAIL, password: process.env.VIEWER_PASSWORD };
 const FILTER_TAG = process.env.FILTER_TAG;
@@ -108,9 +69,6 @@ const HANDOFF_KEEP = process.env.HANDOFF_KEEP;
 // other check uses) and starts a full backfill (replication is off).
 const ROTATE_ENV = process.env.ROTATE_ENV;
 const BACKFILL_TIMEOUT = 20_000; // a started backfill to complete
-const SCREENSHOT_DIR =
-    process.env.SCREENSHOT_DIR || path.join(os.tmpdir(), 'sessiond-dashboard-screenshots');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
 const SESSION_ROWS = 'table#sessions tbody tr[data-session-id]';
 const RUN_ROWS = 'table#runs tbody tr[data-run-id]';
@@ -121,153 +79,7 @@ const sessionPath = '/dashboard/sessions/' + encodeURIComponent(LIVE_SESSION);
 const FAILED_PROBES = '/dashboard/jobs?kind=probe&status=failed';
 const probePath = '/dashboard/jobs/' + encodeURIComponent(PROBE_JOB);
 
-mkdirSync(SCREENSHOT_DIR, { recursive: true });
-
-const watchdog = setTimeout(async () => {
-    failed++;
-    await emit(`not ok - watchdog: the run took longer than ${WATCHDOG / 1000} s`);
-    await finish();
-    process.exit();
-}, WATCHDOG);
-watchdog.unref();
-
 // ---- helpers ----
-
-let shotNumber = 0;
-
-function slug(name) {
-    return name
-        .toLowerCase()
-        .replace(/[^a-z0-9]+/g, '-')
-        .replace(/^-+|-+$/g, '');
-}
-
-// Full-page screenshot NN-<name>.png; a failed screenshot fails no check.
-async function shot(page, name) {
-    shotNumber++;
-    const file = path.join(SCREENSHOT_DIR, `${String(shotNumber).padStart(2, '0')}-${slug(name)}.png`);
-    try {
-        await page.screenshot({ path: file, fullPage: true, timeout: TIMEOUT });
-        diag(`screenshot ${file}`);
-    } catch (err) {
-        diag(`screenshot ${file} failed: ${describe(err)}`);
-    }
-}
-
-// Runs one check, reports it, and screenshots `page` afterwards (pass or fail).
-async function check(name, page, fn) {
-    try {
-        await fn();
-        passed++;
-        await emit(`ok - ${name}`);
-    } catch (err) {
-        failed++;
-        await emit(`not ok - ${name}: ${describe(err)}`);
-    }
-    if (page) {
-        await shot(page, name);
-    }
-}
-
-function assert(condition, message) {
-    if (!condition) {
-        throw new Error(message);
-    }
-}
-
-function pathname(page) {
-    return new URL(page.url()).pathname;
-}
-
-async function waitForServer() {
-    const deadline = Date.now() + SERVER_WAIT;
-    let last = 'no answer';
-    while (Date.now() < deadline) {
-        try {
-            const res = await fetch(BASE + '/dashboard/login', {
-                redirect: 'manual',
-                signal: AbortSignal.timeout(2_000),
-            });
-            await res.arrayBuffer();
-            if (res.status === 200) {
-                return;
-            }
-            last = `status ${res.status}`;
-        } catch (err) {
-            last = describe(err.cause || err);
-        }
-        await new Promise((resolve) => setTimeout(resolve, 200)); // retry interval
-    }
-    throw new Error(`GET ${BASE}/dashboard/login did not answer 200 within ${SERVER_WAIT / 1000} s (${last})`);
-}
-
-async function newPage(browser, who) {
-    const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-    context.setDefaultTimeout(TIMEOUT);
-    context.setDefaultNavigationTimeout(NAV_TIMEOUT);
-    const page = await context.newPage();
-    page.on('console', (msg) => {
-        if (msg.type() === 'error' || msg.type() === 'warning') {
-            diag(`${who} console ${msg.type()}: ${msg.text()}`);
-        }
-    });
-    page.on('pageerror', (err) => diag(`${who} page error: ${describe(err)}`));
-    // A data-confirm form asks confirm(); the operator says yes.
-    page.on('dialog', (dialog) => {
-        diag(`${who} ${dialog.type()} accepted: ${dialog.message()}`);
-        dialog.accept().catch(() => {});
-    });
-    return page;
-}
-
-async function goto(page, urlPath) {
-    const res = await page.goto(BASE + urlPath);
-    assert(res, `no response for ${urlPath}`);
-    assert(res.status() < 400, `GET ${urlPath} answered ${res.status()}`);
-    return res;
-}
-
-// waitForSelector with an error that names the selector and the page.
-async function expectSelector(page, selector, options = {}) {
-    try {
-        return await page.waitForSelector(selector, options);
-    } catch {
-        const seconds = (options.timeout ?? TIMEOUT) / 1000;
-        throw new Error(`no ${selector} on ${page.url()} within ${seconds} s`);
-    }
-}
-
-async function headingOf(page) {
-    const h1 = await expectSelector(page, 'h1');
-    return ((await h1.textContent()) || '').trim();
-}
-
-// Submits a form the way a click on its submit button would (submit event,
-// validation) and waits for the page that comes back.
-async function submitForm(page, selector) {
-    const form = page.locator(selector).first();
-    await form.waitFor({ state: 'attached' });
-    const loaded = page.waitForEvent('load', { timeout: NAV_TIMEOUT });
-    await form.evaluate((f) => f.requestSubmit());
-    await loaded;
-}
-
-async function fillLogin(page, email, password) {
-    await page.fill('form#login input[name=email]', email);
-    await page.fill('form#login input[name=password]', password);
-    await submitForm(page, 'form#login');
-}
-
-async function logIn(page, who) {
-    await goto(page, '/dashboard/login');
-    await fillLogin(page, who.email, who.password);
-    if (!pathname(page).endsWith('/dashboard/sessions')) {
-        const error = await page.locator('.error').first().textContent({ timeout: 500 }).catch(() => null);
-        throw new Error(
-            `logging in as ${who.email} landed on ${page.url()}` + (error ? ` (.error: ${error.trim()})` : ''),
-        );
-    }
-}
 
 async function sessionIds(page) {
     return page.$$eval(SESSION_ROWS, (rows) => rows.map((r) => r.getAttribute('data-session-id')));
@@ -293,23 +105,7 @@ async function assertNoActionButtons(page, where) {
 
 // ---- the run ----
 
-let browser;
-try {
-    await waitForServer();
-    browser = await chromium.launch({
-        executablePath: CHROMIUM,
-        headless: true,
-        args: ['--no-sandbox'],
-    });
-} catch (err) {
-    failed++;
-    await emit(`not ok - start: ${describe(err)}`);
-    if (browser) {
-        await browser.close().catch(() => {});
-    }
-    await finish();
-    process.exit();
-}
+const browser = await start(WATCHDOG);
 
 try {
     const admin = await newPage(browser, 'admin');

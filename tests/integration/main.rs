@@ -11,6 +11,7 @@ mod common;
 
 mod analytics;
 mod auth;
+mod browser;
 mod chat;
 mod chat_clients;
 mod cli;
