@@ -2,7 +2,9 @@
 # Start everything for local development and run the server in the foreground:
 # services, master key, release build, migrations, the dev environment.
 # bootstrap-dev prints the dev environment's secret key; this script prints
-# the URLs. Run it again any time: every step is idempotent.
+# the URLs, and runs an echo-agent worker beside the server (for the
+# dashboard's playground), stopped with it. Run it again any time: every
+# step is idempotent.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib.sh
@@ -71,7 +73,52 @@ fi
 SESSIOND_OPERATOR_PASSWORD=$(cat "$OPERATOR_FILE") "$BIN" operators create \
     --email "$OPERATOR_EMAIL" --role admin --if-missing
 
+# The example agent, so the dashboard's playground answers: an echo-agent
+# worker against this server with the dev environment's key (read from the
+# environment, not the command line, so `ps` does not show it).
+DEV_KEY=$(RUST_LOG=error "$BIN" env bootstrap-dev --key-only | grep -E '^tr_dev_' | tail -n 1) ||
+    die "could not read the dev environment's key"
+
 say "base URL:  http://$LISTEN_ADDR"
 say "ClickHouse: $CLICKHOUSE_URL"
 say "dashboard: http://$LISTEN_ADDR/dashboard  (sign in as $OPERATOR_EMAIL, password $(cat "$OPERATOR_FILE"))"
-exec "$BIN" serve
+say "playground: http://$LISTEN_ADDR/dashboard/playground  (an echo-agent worker answers)"
+
+# Plain bash (/dev/tcp): does the server answer /healthz yet?
+server_up() {
+    local reply
+    reply=$(
+        exec 2>/dev/null
+        exec 3<>"/dev/tcp/${LISTEN_ADDR%:*}/${LISTEN_ADDR##*:}" &&
+            printf 'GET /healthz HTTP/1.0\r\nHost: %s\r\n\r\n' "$LISTEN_ADDR" >&3 &&
+            timeout 2 cat <&3
+    ) || return 1
+    [[ "$reply" == "HTTP/1."?" 200"* ]]
+}
+
+# Up, or not yet; a server that exited is an error (its log says why).
+server_ready() {
+    server_up && return 0
+    kill -0 "$SERVER_PID" 2>/dev/null || die "the server exited"
+    return 1
+}
+
+# The server and the worker run in the background; stopping this script
+# (Ctrl-C, kill) stops both, and so does the server stopping by itself.
+SERVER_PID=
+WORKER_PID=
+stop_all() {
+    trap - INT TERM EXIT
+    [[ -z "$WORKER_PID" ]] || kill "$WORKER_PID" 2>/dev/null || true
+    [[ -z "$SERVER_PID" ]] || kill "$SERVER_PID" 2>/dev/null || true
+    wait 2>/dev/null || true
+}
+trap stop_all INT TERM EXIT
+
+"$BIN" serve &
+SERVER_PID=$!
+wait_until 60 "the server to answer /healthz" server_ready
+say "starting the echo-agent worker"
+SESSIOND_SECRET_KEY=$DEV_KEY "$BIN" worker --task echo-agent --url "http://$LISTEN_ADDR" &
+WORKER_PID=$!
+wait "$SERVER_PID"

@@ -180,7 +180,12 @@ enum EnvCommand {
     /// Replace an environment's secret key; the old key stops working.
     RotateKey { env_id: Uuid },
     /// Make sure the local dev environment exists and print its key.
-    BootstrapDev,
+    BootstrapDev {
+        /// Print the secret key alone, for scripts (`scripts/dev.sh` hands it
+        /// to the echo-agent worker).
+        #[arg(long)]
+        key_only: bool,
+    },
 }
 
 fn parse_env_type(s: &str) -> Result<EnvType, String> {
@@ -302,13 +307,17 @@ async fn env_command(cmd: EnvCommand, config: &Config, pool: &sqlx::PgPool) -> a
             Some(key) => println!("new secret key: {}", key.expose()),
             None => anyhow::bail!("no environment {env_id}"),
         },
-        EnvCommand::BootstrapDev => {
+        EnvCommand::BootstrapDev { key_only } => {
             let env = match tenancy::find_by_slugs(pool, &master, "dev", "dev", EnvType::Dev).await? {
                 Some(env) => env,
                 None => tenancy::create_environment(pool, &master, "dev", "dev", EnvType::Dev).await?.0,
             };
-            println!("dev environment: {}", env.id);
-            println!("dev secret key:  {}", env.secret_key.expose());
+            if key_only {
+                println!("{}", env.secret_key.expose());
+            } else {
+                println!("dev environment: {}", env.id);
+                println!("dev secret key:  {}", env.secret_key.expose());
+            }
         }
     }
     Ok(())

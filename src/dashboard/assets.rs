@@ -9,6 +9,7 @@ const FILES: &[(&str, &str, &[u8])] = &[
     ("htmx.min.js", "text/javascript; charset=utf-8", include_bytes!("../../static/htmx.min.js")),
     ("htmx-ext-sse.js", "text/javascript; charset=utf-8", include_bytes!("../../static/htmx-ext-sse.js")),
     ("dashboard.js", "text/javascript; charset=utf-8", include_bytes!("../../static/dashboard.js")),
+    ("playground.js", "text/javascript; charset=utf-8", include_bytes!("../../static/playground.js")),
     ("dashboard.css", "text/css; charset=utf-8", include_bytes!("../../static/dashboard.css")),
 ];
 

@@ -9,6 +9,8 @@
 //! - [`schedules`]: the cron sweeps, their next fire and last jobs.
 //! - [`replication`]: replication health, backfills, and starting one.
 //! - [`environments`]: environments, key hints, and key rotation.
+//! - [`playground`]: start or reopen a session and talk to its agent through
+//!   the public realtime endpoints, with a token scoped to that session.
 //! - [`paging`]: keyset cursors in the pages' URLs.
 //! - [`live`]: a session channel's tail as server-sent HTML, for htmx.
 //! - [`assets`]: the vendored static files, served from the binary.
@@ -26,6 +28,7 @@ pub mod jobs;
 pub mod live;
 pub mod pages;
 pub mod paging;
+pub mod playground;
 pub mod replication;
 pub mod runs;
 pub mod schedules;
@@ -89,6 +92,9 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/replication/backfill", post(replication::start_backfill))
         .route("/dashboard/environments", get(environments::list))
         .route("/dashboard/environments/{env}/rotate-key", post(environments::rotate_key))
+        // The agent playground: start or reopen a session, then talk to it.
+        .route("/dashboard/playground", get(playground::index).post(playground::start))
+        .route("/dashboard/playground/{session}", get(playground::conversation))
         .route("/dashboard/static/{file}", get(assets::serve))
         .layer(axum::middleware::from_fn(security_headers))
 }
