@@ -22,6 +22,7 @@ import {
     newPage,
     pathname,
     requireEnv,
+    shot,
     start,
     submitForm,
 } from './harness.mjs';
@@ -152,7 +153,10 @@ let sessionPath = '';
 
 await check('desktop: an admin starts a session in the playground', desk, async () => {
     await logIn(desk, ADMIN);
+    await goto(desk, '/dashboard/playground');
+    await shot(desk, 'desktop start form');
     await startSession(desk);
+    assert(await desk.isHidden('#pg-stop'), 'no Stop button while nothing is answered');
     sessionPath = pathname(desk);
 });
 
@@ -195,6 +199,7 @@ await check('phone: the start form fits and starts a session', phone, async () =
     await logIn(phone, ADMIN);
     await goto(phone, '/dashboard/playground');
     await assertNoSidewaysScroll(phone);
+    await shot(phone, 'phone start form');
     await startSession(phone);
     assert(pathname(phone) !== sessionPath, 'a new session');
     assert(await phone.isVisible('[role="tab"][data-tab="pg-in"]'), 'tabs for the panes');
