@@ -287,6 +287,10 @@
 
     function endTurn(record) {
         if (current) {
+            // A turn that ends before its message finished was stopped.
+            if (current.li.dataset.done !== 'true') {
+                current.li.appendChild(el('span', 'pg-cut', 'stopped'));
+            }
             current.li.dataset.done = 'true';
             current = null;
         }

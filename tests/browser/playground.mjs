@@ -2,7 +2,8 @@
 // echo-agent, holds a two-turn conversation (each reply streams in over the
 // public realtime endpoints and renders as a bubble; the raw .in and .out
 // panes show the records), reloads and reopens the session and sees its
-// history, then does the same in a 390 px window without sideways scroll.
+// history, stops a slow reply, then does the same in a 390 px window without
+// sideways scroll.
 //
 // Run by the Rust test in tests/integration/dashboard_playground.rs, which
 // starts the server and an echo-agent worker for PLAYGROUND_ENV.
@@ -189,6 +190,55 @@ await check('desktop: reopening by external id shows the history', desk, async (
     await submitForm(desk, 'form#playground-start');
     assert(pathname(desk) === sessionPath, `reopened ${sessionPath}, not ${pathname(desk)}`);
     await historyShown(desk);
+});
+
+await check('desktop: Stop cuts a slow reply short', desk, async () => {
+    // Another client of the session (with the page's own token) sends a
+    // message whose metadata paces the echo agent's deltas (its test seam),
+    // so the page has a turn in progress to stop.
+    const long = 'one two three four five six seven eight nine ten eleven twelve';
+    const sent = await desk.evaluate(async (text) => {
+        const cfg = document.getElementById('playground').dataset;
+        const res = await fetch(cfg.inUrl + '/append', {
+            method: 'POST',
+            headers: { Authorization: 'Bearer ' + cfg.token, 'Content-Type': 'application/json', 'X-Part-Id': 'paced-1' },
+            body: JSON.stringify({
+                kind: 'message',
+                payload: {
+                    message: { id: 'paced', role: 'user', parts: [{ type: 'text', text }] },
+                    chatId: cfg.chatId,
+                    trigger: 'submit-message',
+                    metadata: { echoDelayMs: 400 },
+                },
+            }),
+        });
+        return res.status;
+    }, long);
+    assert(sent === 200, `the paced message was appended (${sent})`);
+    try {
+        await desk.waitForFunction(
+            () => {
+                const replies = document.querySelectorAll('#pg-messages > li.pg-msg.assistant .pg-text');
+                return replies.length === 3 && replies[2].textContent.length > 0;
+            },
+            null,
+            { timeout: REPLY_TIMEOUT },
+        );
+    } catch {
+        throw new Error(`the third reply did not start: ${JSON.stringify(await conversation(desk))}`);
+    }
+    assert(await desk.isVisible('#pg-thinking'), 'the answering indicator shows during the turn');
+    assert(await desk.isVisible('#pg-stop'), 'a Stop button during the turn');
+    await desk.click('#pg-stop');
+    await desk.waitForFunction(turnsShown, 3, { timeout: REPLY_TIMEOUT });
+    const c = await conversation(desk);
+    const reply = c.bubbles.filter((b) => b.role === 'assistant')[2].text;
+    const full = `echo: ${long}`;
+    assert(full.startsWith(reply) && reply.length < full.length, `a prefix of the answer: ${reply}`);
+    assert((await desk.locator('#pg-messages > li.pg-stop-note').count()) === 1, 'the stop is shown');
+    assert((await desk.locator('#pg-messages > li.pg-msg.assistant .pg-cut').count()) === 1, 'the reply is marked stopped');
+    assert(await desk.isHidden('#pg-thinking'), 'the indicator is gone');
+    assert(await desk.isHidden('#pg-stop'), 'the Stop button is gone');
 });
 
 // ---- 390 px ----

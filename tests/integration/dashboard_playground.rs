@@ -21,7 +21,7 @@ use crate::common::{self, chat_message, eventually, session_body, TestApp};
 use crate::dashboard::{audit_rows, with_operators, Operator, ADMIN, VIEWER};
 
 /// Checks `playground.mjs` runs; update with the script.
-const CHECKS: usize = 8;
+const CHECKS: usize = 9;
 
 async fn session_count(app: &TestApp) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM sessions").fetch_one(app.db()).await.unwrap()
@@ -222,6 +222,14 @@ async fn the_conversation_page_carries_a_token_for_its_session_only() {
     let (status, _) = admin.get("/dashboard/playground/nope").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
+    // A closed session's conversation is shown read-only.
+    let (status, _) = app.post(&format!("/api/v1/sessions/{other}/close"), &app.a.key, json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, page) = admin.get(&format!("/dashboard/playground/{other}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(data_attr(&page, "can-send").as_deref(), Some("false"));
+    assert!(page.contains("read-only") && !page.contains("id=\"pg-composer\""), "{page}");
+
     // The session page links to the playground for an admin.
     let (_, page) = admin.get(&format!("/dashboard/sessions/{mine}")).await;
     assert!(page.contains(&format!("href=\"/dashboard/playground/{mine}\"")), "{page}");
@@ -287,12 +295,13 @@ async fn a_two_turn_conversation_in_the_playground_in_a_browser() {
 
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(15), worker).await.expect("worker stops").unwrap();
-    // What the page showed is what the channels hold: two answered turns.
+    // What the pages showed is what the channels hold: at 1280 px two turns
+    // and a stopped one, at 390 px two turns.
     let sessions: Vec<String> = sqlx::query_scalar("SELECT friendly_id FROM sessions WHERE 'playground' = ANY(tags)")
         .fetch_all(app.db())
         .await
         .unwrap();
-    assert_eq!(sessions.len(), 2, "one session at 1280 px, one at 390 px: {sessions:?}");
+    let mut turns = Vec::new();
     for s in &sessions {
         let (status, out) = app.get(&format!("/realtime/v1/sessions/{s}/out/records"), &app.a.key).await;
         assert_eq!(status, StatusCode::OK);
@@ -304,8 +313,10 @@ async fn a_two_turn_conversation_in_the_playground_in_a_browser() {
                 r["headers"].as_array().is_some_and(|h| h.contains(&json!(["trigger-control", "turn-complete"])))
             })
             .count();
-        assert_eq!(ends, 2, "{s} answered two turns: {out}");
+        turns.push(ends);
     }
+    turns.sort();
+    assert_eq!(turns, vec![2, 3], "turns answered per playground session");
     let pngs = browser::screenshot_count(&shots);
     assert!(pngs >= CHECKS, "a screenshot after each check ({pngs} found)");
 }
