@@ -1,5 +1,7 @@
-// The agent playground's conversation page (templates/dashboard/
-// playground_session.html). It talks to the session's public realtime
+// The agent playground. On the start form (templates/dashboard/
+// playground.html) it points the task field's suggestions at the selected
+// environment's tasks. On the conversation page (templates/dashboard/
+// playground_session.html) it talks to the session's public realtime
 // endpoints exactly as a customer's browser app would, with the public token
 // the server put in #playground's data-token (never in a URL):
 //
@@ -20,6 +22,18 @@
 // the page sends is in one readable file.
 (function () {
     'use strict';
+
+    // The start form: the task field suggests the selected environment's
+    // tasks (one <datalist id="tasks-{env}"> each).
+    var start = document.getElementById('playground-start');
+    if (start) {
+        var envSelect = start.querySelector('select[name="env"]');
+        var taskInput = start.querySelector('input[name="task"]');
+        envSelect.addEventListener('change', function () {
+            taskInput.setAttribute('list', 'tasks-' + envSelect.value);
+        });
+        return;
+    }
 
     var root = document.getElementById('playground');
     if (!root || !window.fetch || !window.ReadableStream) {
@@ -138,7 +152,20 @@
         tabs[t].addEventListener('click', function (ev) {
             selectTab(ev.currentTarget.dataset.tab);
         });
+        // Arrow keys move between tabs (only the selected one is in the Tab order).
+        tabs[t].addEventListener('keydown', function (ev) {
+            var step = { ArrowRight: 1, ArrowLeft: -1 }[ev.key];
+            if (!step) {
+                return;
+            }
+            var list = Array.prototype.slice.call(tabs);
+            var next = list[(list.indexOf(ev.currentTarget) + step + list.length) % list.length];
+            selectTab(next.dataset.tab);
+            next.focus();
+            ev.preventDefault();
+        });
     }
+    selectTab('pg-chat');
 
     // ---- the raw panes ----
 

@@ -27,6 +27,7 @@ use crate::auth::{jwt, Authenticator, Principal};
 use crate::ids::{id_problem, SESSION_PREFIX};
 use crate::jobs::Jobs;
 use crate::operators::audit;
+use crate::runs::store as run_store;
 use crate::sessions::model::Session;
 use crate::sessions::store::{self as session_store, CreateOutcome};
 use crate::sessions::validate::{self, CreateSessionBody};
@@ -46,11 +47,25 @@ const TAG: &str = "playground";
 /// page adopts, as the official transport does.
 const TOKEN_TTL: &str = "15m";
 
+/// Most task identifiers suggested per environment.
+const SUGGESTED_TASKS: i64 = 50;
+
+/// The task identifiers an environment has run, for the task field's datalist.
+pub struct EnvTasks {
+    pub env: String,
+    pub tasks: Vec<String>,
+}
+
 #[derive(Template)]
 #[template(path = "dashboard/playground.html")]
 struct StartPage {
     frame: Frame,
     envs: Vec<EnvChoice>,
+    /// One datalist per environment; `static/playground.js` points the task
+    /// field at the selected environment's.
+    tasks: Vec<EnvTasks>,
+    /// The selected environment's datalist.
+    selected: String,
     task: &'static str,
 }
 
@@ -58,9 +73,19 @@ struct StartPage {
 pub async fn index(State(db): State<PgPool>, signed: Signed) -> PageResult<Response> {
     let envs = tenancy_store::list(&db).await?;
     let selected = envs.first().map(|e| e.id.to_string()).unwrap_or_default();
+    let mut tasks = Vec::with_capacity(envs.len());
+    for e in &envs {
+        let mut seen = run_store::task_identifiers(&db, e.id, SUGGESTED_TASKS).await?;
+        if !seen.iter().any(|t| t == DEFAULT_TASK) {
+            seen.insert(0, DEFAULT_TASK.to_string());
+        }
+        tasks.push(EnvTasks { env: e.id.to_string(), tasks: seen });
+    }
     render(StartPage {
         frame: Frame::new(&signed, "playground"),
         envs: env_choices(&envs, &selected),
+        tasks,
+        selected,
         task: DEFAULT_TASK,
     })
 }

@@ -505,3 +505,23 @@ pub async fn export_chunk(
     b.push(format!(" ORDER BY t.created_at, t.id LIMIT {}", limit.max(1)));
     Ok(b.build_query_as().fetch_all(conn).await?)
 }
+
+/// Up to `limit` distinct task identifiers an environment has run, in order:
+/// a skip scan of `task_runs_env_task_status_idx` (one index probe per task),
+/// so it stays cheap however many runs there are. The playground suggests them.
+pub async fn task_identifiers(pool: &PgPool, env_id: Uuid, limit: i64) -> Result<Vec<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "WITH RECURSIVE t(task) AS (
+             SELECT min(task_identifier) FROM task_runs WHERE runtime_environment_id = $1
+             UNION ALL
+             SELECT (SELECT min(task_identifier) FROM task_runs
+                     WHERE runtime_environment_id = $1 AND task_identifier > t.task)
+             FROM t WHERE t.task IS NOT NULL
+         )
+         SELECT task FROM t WHERE task IS NOT NULL LIMIT $2",
+    )
+    .bind(env_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}

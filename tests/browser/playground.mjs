@@ -72,6 +72,8 @@ async function startSession(page) {
     await page.selectOption('form#playground-start select[name=env]', PLAYGROUND_ENV);
     const task = await page.inputValue('form#playground-start input[name=task]');
     assert(task === 'echo-agent', `the default task is echo-agent, not ${task}`);
+    const list = await page.getAttribute('form#playground-start input[name=task]', 'list');
+    assert(list === `tasks-${PLAYGROUND_ENV}`, `the task suggestions are the environment's: ${list}`);
     await submitForm(page, 'form#playground-start');
     assert(/^\/dashboard\/playground\/session_/.test(pathname(page)), `landed on ${page.url()}`);
     await expectSelector(page, READY, { timeout: LIVE_TIMEOUT });
@@ -269,8 +271,11 @@ await check('phone: the raw .in and .out tabs show the records', phone, async ()
     await phone.click('[role="tab"][data-tab="pg-in"]');
     assert(await phone.isVisible('#pg-in') && (await phone.isHidden('#pg-chat')), 'the .in tab');
     await assertNoSidewaysScroll(phone);
-    await phone.click('[role="tab"][data-tab="pg-out"]');
+    // The keyboard moves between tabs too.
+    await phone.press('[role="tab"][data-tab="pg-in"]', 'ArrowRight');
     assert(await phone.isVisible('#pg-out') && (await phone.isHidden('#pg-in')), 'the .out tab');
+    const focused = await phone.evaluate(() => document.activeElement.dataset.tab);
+    assert(focused === 'pg-out', `the .out tab has the focus, not ${focused}`);
     await assertNoSidewaysScroll(phone);
     await rawPanesShow(phone, TURNS);
 });

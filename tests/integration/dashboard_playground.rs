@@ -75,14 +75,27 @@ async fn an_admin_starts_a_session_whose_first_run_is_queued_and_audited() {
     with_operators(&app).await;
     let admin = Operator::login(&app, ADMIN).await;
     let env = app.a.env.id.to_string();
+    let mut other_task = session_body(None);
+    other_task["taskIdentifier"] = json!("support-bot");
+    app.create_session(other_task).await;
+    let before = session_count(&app).await;
 
     let (status, page) = admin.get("/dashboard/playground").await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains("id=\"playground-start\"") && page.contains(&env), "{page}");
     assert!(page.contains("value=\"echo-agent\""), "the example agent is the default task");
+    // The task field suggests the tasks each environment has run.
+    let datalist = |env: &str| {
+        let at = page.find(&format!("<datalist id=\"tasks-{env}\">")).expect("a datalist per environment");
+        page[at..].split("</datalist>").next().unwrap().to_string()
+    };
+    let (in_a, in_b) = (datalist(&env), datalist(&app.b.env.id.to_string()));
+    assert!(in_a.contains("value=\"support-bot\"") && in_a.contains("value=\"echo-agent\""), "{in_a}");
+    assert!(!in_b.contains("support-bot") && in_b.contains("value=\"echo-agent\""), "{in_b}");
 
     let resp = admin.post_form("/dashboard/playground", &start_form(Some(&admin.csrf), &env, "echo-agent", "")).await;
     let id = conversation_of(&resp);
+    assert_eq!(session_count(&app).await, before + 1);
     let (task, env_id, tags, external, run_status): (String, uuid::Uuid, Vec<String>, Option<String>, String) =
         sqlx::query_as(
             "SELECT s.task_identifier, s.runtime_environment_id, s.tags, s.external_id, r.status
