@@ -163,6 +163,7 @@ const TOUR = [
         usable: async (p) => {
             await assertTappable(p, 'form#filters input[name=tag]');
             await assertTappable(p, 'form#filters button[type=submit]');
+            await assertTappable(p, 'form#filters label.toggle');
             await assertTappable(p, `${SESSION_ROWS} a`);
         },
     },
