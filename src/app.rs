@@ -24,6 +24,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::jobs::handlers::JobContext;
 use crate::jobs::queue::JobQueue;
+use crate::jobs::schedule::Schedule;
 use crate::jobs::{self, Jobs};
 use crate::runs::dispatch::Dispatcher;
 use crate::runs::queue::RunQueue;
@@ -57,6 +58,9 @@ pub struct Inner {
     pub dispatcher: Dispatcher,
     pub analytics: ClickHouse,
     pub dashboard: crate::dashboard::auth::DashboardAuth,
+    /// The cron schedules, read once here: the runtime ticks these and the
+    /// dashboard shows these, even if the file changes while the server runs.
+    pub schedules: Arc<[Schedule]>,
 }
 
 #[derive(Clone)]
@@ -72,6 +76,7 @@ impl std::ops::Deref for AppState {
 impl AppState {
     /// Connects to Redis and assembles the state around an open Postgres pool.
     pub async fn connect(config: Config, db: PgPool, master_key: MasterKey) -> anyhow::Result<Self> {
+        let schedules = jobs::schedule::load(config.job_schedules_file.as_deref())?.into();
         let (redis_client, redis) = connect_redis(&config).await?;
         let envs = EnvCache::new(Duration::from_millis(config.auth_cache_ttl_ms));
         let auth = Authenticator::new(db.clone(), master_key, envs, config.jwt_leeway_secs);
@@ -120,6 +125,7 @@ impl AppState {
             dispatcher,
             analytics,
             dashboard,
+            schedules,
         })))
     }
 }
@@ -229,6 +235,7 @@ impl FromRef<AppState> for crate::dashboard::OpsSettings {
                 redis_prefix: c.redis_prefix.clone(),
             }),
             schedules_file: c.job_schedules_file.clone(),
+            schedules: state.schedules.clone(),
             run_jobs: c.run_jobs,
         }
     }
@@ -267,9 +274,11 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
 
     let connections = conn::Registry::new(conn::Limits::from_config(&state.config)?);
     let reaper = tokio::spawn(connections.clone().reap_idle());
-    let schedules = jobs::schedule::load(state.config.job_schedules_file.as_deref())?;
-    let runtime =
-        if state.config.run_jobs { Some(jobs::runtime::start(&state, schedules, shutdown.clone())?) } else { None };
+    let runtime = if state.config.run_jobs {
+        Some(jobs::runtime::start(&state, state.schedules.to_vec(), shutdown.clone())?)
+    } else {
+        None
+    };
     if state.config.clickhouse_migrate_on_start {
         crate::analytics::schema::migrate_in_background(state.analytics.clone());
     }

@@ -33,6 +33,8 @@ pub mod replication;
 pub mod runs;
 pub mod schedules;
 
+use std::sync::Arc;
+
 use axum::extract::Request;
 use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
@@ -41,6 +43,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::app::AppState;
+use crate::jobs::schedule::Schedule;
 
 /// What the operations pages read of the server's configuration (see
 /// `FromRef` in `app.rs`), so their handlers take that and the services they
@@ -54,6 +57,9 @@ pub struct OpsSettings {
     pub replication: Option<ReplicationTarget>,
     /// The schedules file the server loaded (None: the built-in one).
     pub schedules_file: Option<String>,
+    /// The schedules as loaded at start: what the cron runtime ticks, even
+    /// after the file has changed.
+    pub schedules: Arc<[Schedule]>,
     /// Whether this process runs the job workers and cron schedules.
     pub run_jobs: bool,
 }

@@ -4,7 +4,7 @@
 //! operator's "start a backfill", audited in the backfill's transaction.
 
 use askama::Template;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use redis::aio::ConnectionManager;
 use serde_json::json;
@@ -13,9 +13,9 @@ use sqlx::PgPool;
 use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{iso, render, Frame, PAGE_SIZE};
-use super::OpsSettings;
-use crate::analytics::backfill::{self, Backfill, BackfillStatus};
-use crate::db::StoreError;
+use super::{paging, OpsSettings};
+use crate::analytics::backfill::{self, Backfill};
+use crate::db::{Keyset, StoreError};
 use crate::jobs::Jobs;
 use crate::operators::audit;
 use crate::replication::health::{self, ReplicationHealth};
@@ -76,8 +76,27 @@ struct ReplicationPage {
     health: Option<HealthView>,
     backfills: Vec<BackfillRow>,
     running: bool,
-    /// More backfills exist than shown.
-    capped: bool,
+    /// A page of backfills other than the newest.
+    paged: bool,
+    /// The pager's links.
+    newer: Option<String>,
+    older: Option<String>,
+}
+
+/// The backfills list's keyset cursors (see `paging`).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct BackfillPage {
+    #[serde(default)]
+    after: String,
+    #[serde(default)]
+    before: String,
+}
+
+/// The page's URL starting after (older than) or before (newer than) `b`.
+fn backfills_link(name: &str, b: &Backfill) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    q.append_pair(name, &paging::encode(&b.started_at, b.id));
+    format!("/dashboard/replication?{}#backfills-title", q.finish())
 }
 
 /// Bytes as an operator reads them.
@@ -169,7 +188,9 @@ pub async fn show(
     State(redis): State<ConnectionManager>,
     State(ops): State<OpsSettings>,
     signed: Signed,
+    Query(p): Query<BackfillPage>,
 ) -> PageResult<Response> {
+    let at = paging::keyset(&p.after, &p.before)?;
     let health = match &ops.replication {
         Some(target) => {
             let h = health::status(&db, &redis, &target.redis_prefix, &target.slot)
@@ -180,12 +201,17 @@ pub async fn show(
         }
         None => None,
     };
-    let backfills = backfill::store::list(&db, PAGE_SIZE as i64).await?;
+    let backfills = backfill::store::page(&db, at, PAGE_SIZE as i64 + 1).await?;
+    let (backfills, more_older, more_newer) = at.arrange(backfills, PAGE_SIZE);
+    // Of every backfill, not only this page's.
+    let running = backfill::store::any_running(&db).await?;
     render(ReplicationPage {
         frame: Frame::new(&signed, "replication"),
         health,
-        running: backfills.iter().any(|b| b.status == BackfillStatus::Running),
-        capped: backfills.len() >= PAGE_SIZE,
+        running,
+        paged: at != Keyset::Newest,
+        newer: backfills.first().filter(|_| more_newer).map(|b| backfills_link("before", b)),
+        older: backfills.last().filter(|_| more_older).map(|b| backfills_link("after", b)),
         backfills: backfills.iter().map(backfill_row).collect(),
     })
 }

@@ -10,10 +10,9 @@ use chrono::Utc;
 use sqlx::PgPool;
 
 use super::auth::Signed;
-use super::error::{DashboardError, PageResult};
+use super::error::PageResult;
 use super::pages::{iso, render, Frame};
 use super::OpsSettings;
-use crate::jobs::schedule;
 use crate::jobs::store as job_store;
 
 /// Jobs shown per schedule: enough to see a pattern of failures.
@@ -45,10 +44,9 @@ struct SchedulesPage {
 }
 
 pub async fn list(State(db): State<PgPool>, State(ops): State<OpsSettings>, signed: Signed) -> PageResult<Response> {
-    let path = ops.schedules_file.as_deref();
-    // The file as the server read it at start: it is read only then, and
-    // was valid (or the server would not have started).
-    let schedules = schedule::load(path).map_err(DashboardError::Internal)?;
+    // What the server loaded at start (and so what its cron ticks), not the
+    // file as it is now.
+    let schedules = &ops.schedules;
     let kinds: Vec<&str> = schedules.iter().map(|s| s.job.kind()).collect();
     let mut by_kind: HashMap<String, Vec<LastRun>> = HashMap::new();
     for j in job_store::newest_of_kinds(&db, &kinds, LAST_RUNS).await? {
@@ -60,19 +58,22 @@ pub async fn list(State(db): State<PgPool>, State(ops): State<OpsSettings>, sign
         });
     }
     let rows = schedules
-        .into_iter()
+        .iter()
         .map(|s| ScheduleRow {
             kind: s.job.kind(),
             cron: s.cron.to_string(),
             next: s.cron.upcoming(Utc).next().as_ref().map(iso),
             runs: by_kind.remove(s.job.kind()).unwrap_or_default(),
-            comment: s.comment,
-            name: s.name,
+            comment: s.comment.clone(),
+            name: s.name.clone(),
         })
         .collect();
     render(SchedulesPage {
         frame: Frame::new(&signed, "schedules"),
-        source: path.map_or_else(|| "jobs/schedules.toml (built in)".to_string(), str::to_string),
+        source: ops
+            .schedules_file
+            .as_deref()
+            .map_or_else(|| "jobs/schedules.toml (built in)".to_string(), str::to_string),
         runs_jobs: ops.run_jobs,
         rows,
     })

@@ -13,13 +13,19 @@
 // succeeds); STUCK_JOB stays failed, for the viewer's look at a job page.
 
 import {
+    BASE,
+    DESKTOP,
+    PHONE,
     TIMEOUT,
     NAV_TIMEOUT,
     assert,
+    assertFits,
+    assertNoSidewaysScroll,
+    assertTappable,
     check,
-    describe,
     emit,
     expectSelector,
+    fail,
     fillLogin,
     finish,
     goto,
@@ -101,6 +107,213 @@ async function waitForRowCount(page, expected) {
 async function assertNoActionButtons(page, where) {
     const count = await page.locator('button[data-action]').count();
     assert(count === 0, `${where} has ${count} button[data-action] element(s) for a viewer`);
+}
+
+// ---- the tour: every page at 1280 px and at 390 px ----
+
+// One entry a page, in one list (pages added later go here too): where it
+// is (`path`, a function of the page when it depends on the data, or `open`
+// when an action leads there), the status it answers, and `usable`: what a
+// phone must be able to do there besides not scrolling sideways. Each entry
+// is one check, with the screenshots tour-<name>-1280 and tour-<name>-390.
+const TOUR = [
+    {
+        name: 'login',
+        path: '/dashboard/login',
+        signedOut: true,
+        usable: async (p) => {
+            await assertTappable(p, 'form#login input[name=email]');
+            await assertTappable(p, 'form#login button[type=submit]');
+        },
+    },
+    {
+        name: 'nav',
+        path: '/dashboard/runs',
+        desktop: async (p) => {
+            assert(!(await p.locator('nav .nav-toggle').isVisible()), 'the Menu button shows at 1280 px');
+            await expectSelector(p, 'nav a[href="/dashboard/audit"]', { state: 'visible' });
+            // Either side of the width where the bar folds, and a tablet's:
+            // the bar fits (folded or not), and the runs table scrolls in its box.
+            try {
+                for (const width of [1001, 1000, 768]) {
+                    await p.setViewportSize({ width, height: DESKTOP.height });
+                    await assertNoSidewaysScroll(p);
+                }
+                await shot(p, 'tour nav 768');
+            } finally {
+                await p.setViewportSize(DESKTOP);
+            }
+        },
+        usable: async (p) => {
+            // Folded behind the Menu button; opened, every link is a row.
+            const audit = p.locator('nav a[href="/dashboard/audit"]');
+            assert(!(await audit.isVisible()), 'the links show before the menu is opened');
+            await assertTappable(p, 'nav .nav-toggle');
+            await p.click('nav .nav-toggle');
+            await assertTappable(p, 'nav a[href="/dashboard/sessions"]');
+            await assertTappable(p, 'nav a[href="/dashboard/audit"]');
+            await p.click('nav .nav-menu summary');
+            await assertTappable(p, 'nav a[href="/dashboard/environments"]');
+            await assertTappable(p, 'nav form[action="/dashboard/logout"] button');
+        },
+    },
+    {
+        name: 'sessions',
+        path: '/dashboard/sessions',
+        usable: async (p) => {
+            await assertTappable(p, 'form#filters input[name=tag]');
+            await assertTappable(p, 'form#filters button[type=submit]');
+            await assertTappable(p, 'form#filters label.toggle');
+            await assertTappable(p, `${SESSION_ROWS} a`);
+        },
+    },
+    {
+        name: 'session',
+        path: sessionPath,
+        usable: async (p) => {
+            await assertTappable(p, 'button[data-action="close"]');
+            await assertFits(p, '#out-tail');
+        },
+    },
+    {
+        name: 'runs',
+        path: '/dashboard/runs',
+        usable: async (p) => {
+            await assertTappable(p, 'form#filters button[type=submit]');
+            await assertTappable(p, RUN_LINKS);
+        },
+    },
+    {
+        name: 'run',
+        path: async (p) => {
+            await goto(p, '/dashboard/runs');
+            return p.locator(RUN_LINKS).first().getAttribute('href');
+        },
+        usable: (p) => assertFits(p, 'pre#run-payload'),
+    },
+    {
+        name: 'jobs',
+        path: FAILED_PROBES,
+        usable: async (p) => {
+            await assertTappable(p, 'form#filters button[type=submit]');
+            await assertTappable(p, `table#jobs tr[data-job-id="${STUCK_JOB}"] label.tick`);
+            await assertTappable(p, 'button[data-action="retry-selected"]');
+        },
+    },
+    {
+        name: 'job',
+        path: '/dashboard/jobs/' + encodeURIComponent(STUCK_JOB),
+        usable: async (p) => {
+            await assertTappable(p, 'button[data-action="retry"]');
+            await assertFits(p, 'table#attempts');
+        },
+    },
+    {
+        name: 'jobs-retry',
+        path: FAILED_PROBES.replace('/dashboard/jobs?', '/dashboard/jobs/retry-matching?'),
+        usable: (p) => assertTappable(p, 'button[data-action="retry-matching-confirm"]'),
+    },
+    {
+        name: 'handoffs',
+        path: '/dashboard/handoffs',
+        usable: (p) => assertTappable(p, handoffRow(HANDOFF_KEEP) + ' button[data-action="retry"]'),
+    },
+    {
+        name: 'schedules',
+        path: '/dashboard/schedules',
+        usable: async (p) => {
+            await assertFits(p, 'table#schedules tr[data-schedule="run-sweep"]');
+            await assertTappable(p, 'table#schedules tr[data-schedule="run-sweep"] ul.last-runs a');
+        },
+    },
+    {
+        name: 'replication',
+        path: '/dashboard/replication',
+        usable: async (p) => {
+            await assertTappable(p, 'button[data-action="start-backfill"]');
+            await assertFits(p, 'table#backfills');
+        },
+    },
+    {
+        name: 'environments',
+        path: '/dashboard/environments',
+        usable: (p) => assertTappable(p, `table#environments tr[data-env-id="${ROTATE_ENV}"] button[data-action="rotate-key"]`),
+    },
+    {
+        name: 'key-rotated',
+        // Rotates ROTATE_ENV's key once more (confirm() says yes).
+        open: async (p) => {
+            await goto(p, '/dashboard/environments');
+            const loaded = p.waitForEvent('load', { timeout: NAV_TIMEOUT });
+            await p.click(`table#environments tr[data-env-id="${ROTATE_ENV}"] button[data-action="rotate-key"]`);
+            await loaded;
+            await expectSelector(p, 'pre#new-key');
+        },
+        usable: (p) => assertFits(p, 'pre#new-key'),
+    },
+    {
+        name: 'audit',
+        path: '/dashboard/audit',
+        usable: (p) => assertFits(p, 'table#audit'),
+    },
+    {
+        name: 'error',
+        path: '/dashboard/sessions/session_nosuchsession',
+        status: 404,
+        usable: async (p) => {
+            await assertFits(p, 'p.error');
+            await assertTappable(p, 'p.back a');
+        },
+    },
+];
+
+/// Shows `entry` on `page`: its path (answering its status) or its action.
+async function visit(page, entry) {
+    if (entry.open) {
+        await entry.open(page);
+    } else {
+        const where = typeof entry.path === 'function' ? await entry.path(page) : entry.path;
+        const res = await page.goto(BASE + where);
+        const status = entry.status ?? 200;
+        assert(res && res.status() === status, `GET ${where} answered ${res && res.status()}, not ${status}`);
+    }
+    await expectSelector(page, 'h1');
+}
+
+/// Each tour entry at both widths: admin pages signed in as the admin, the
+/// rest in contexts without a cookie.
+async function tour() {
+    const pages = {};
+    for (const [width, viewport] of [
+        ['1280', DESKTOP],
+        ['390', PHONE],
+    ]) {
+        const admin = await newPage(browser, `admin ${width}`, viewport);
+        await logIn(admin, ADMIN);
+        pages[width] = { admin, anon: await newPage(browser, `signed out ${width}`, viewport) };
+    }
+    for (const entry of TOUR) {
+        await check(`tour ${entry.name}`, null, async () => {
+            for (const width of ['1280', '390']) {
+                const page = entry.signedOut ? pages[width].anon : pages[width].admin;
+                await visit(page, entry);
+                try {
+                    await assertNoSidewaysScroll(page);
+                    if (width === '1280') {
+                        await entry.desktop?.(page);
+                    } else {
+                        await (entry.usable ?? ((p) => assertFits(p, 'h1')))(page);
+                    }
+                } finally {
+                    await shot(page, `tour ${entry.name} ${width}`);
+                }
+            }
+        });
+    }
+    for (const { admin, anon } of Object.values(pages)) {
+        await admin.context().close();
+        await anon.context().close();
+    }
 }
 
 // ---- the run ----
@@ -456,10 +669,10 @@ try {
     });
 
     await viewer.context().close();
+    await tour();
 } catch (err) {
     // Only setup outside a check (a context or page) lands here.
-    failed++;
-    await emit(`not ok - run: ${describe(err)}`);
+    await fail('run', err);
 } finally {
     await browser.close().catch(() => {});
 }

@@ -61,10 +61,15 @@ export async function finish() {
     process.exitCode = failed > 0 ? 1 : 0;
 }
 
-/// Reports a failure outside any check (setup) and ends the run.
-export async function abort(what, err) {
+/// Reports a failure outside any check (a script's own setup) and goes on.
+export async function fail(what, err) {
     failed++;
     await emit(`not ok - ${what}: ${describe(err)}`);
+}
+
+/// Reports a failure outside any check (setup) and ends the run.
+export async function abort(what, err) {
+    await fail(what, err);
     await finish();
     process.exit();
 }
@@ -265,4 +270,44 @@ export async function assertNoSidewaysScroll(page) {
         width: window.innerWidth,
     }));
     assert(scroll <= width, `${pathname(page)} is ${scroll} px wide in a ${width} px window`);
+}
+
+/// Fails unless `selector`'s first match, scrolled into view, is visible, at
+/// least 40 px each way (a thumb hits it) and inside the window's width.
+export async function assertTappable(page, selector) {
+    const box = await visibleBox(page, selector);
+    assert(
+        box.width >= 40 && box.height >= 40,
+        `${selector} is ${Math.round(box.width)}x${Math.round(box.height)} px on ${pathname(page)}, under 40 px`,
+    );
+}
+
+/// Fails unless `selector`'s first match, scrolled into view, is visible,
+/// inside the window's width, and does not scroll sideways itself (its text
+/// wraps: JSON, ids, keys).
+export async function assertFits(page, selector) {
+    await visibleBox(page, selector);
+    const { scroll, client } = await page
+        .locator(selector)
+        .first()
+        .evaluate((el) => ({ scroll: el.scrollWidth, client: el.clientWidth }));
+    assert(scroll <= client + 1, `${selector} on ${pathname(page)} holds ${scroll} px in ${client} px`);
+}
+
+async function visibleBox(page, selector) {
+    const el = page.locator(selector).first();
+    try {
+        await el.waitFor({ state: 'visible' });
+    } catch {
+        throw new Error(`${selector} is not visible on ${page.url()}`);
+    }
+    await el.scrollIntoViewIfNeeded();
+    const box = await el.boundingBox();
+    assert(box, `${selector} has no box on ${pathname(page)}`);
+    const width = page.viewportSize().width;
+    assert(
+        box.x >= 0 && box.x + box.width <= width + 0.5,
+        `${selector} spans ${Math.round(box.x)}-${Math.round(box.x + box.width)} px of a ${width} px window on ${pathname(page)}`,
+    );
+    return box;
 }

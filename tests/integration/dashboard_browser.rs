@@ -2,8 +2,10 @@
 //! filters, watches an `.out` record arrive live, opens the runs pages and
 //! retries a failed handoff, retries a failed probe job from its page and
 //! sees it succeed, opens the schedules, starts a backfill and watches it
-//! complete, rotates a key and sees it once, checks the viewer's view, and saves a screenshot of each
-//! page under `target/test-artifacts/dashboard/`.
+//! complete, rotates a key and sees it once, checks the viewer's view, and
+//! tours every page at 1280 px and at 390 px (no sideways scroll, the page's
+//! main control tappable on a phone), saving a screenshot of each page at
+//! both widths under `target/test-artifacts/dashboard/`.
 
 use std::time::Duration;
 
@@ -13,7 +15,7 @@ use crate::dashboard::{with_operators, ADMIN, VIEWER};
 use crate::dashboard_runs::failed_manual_handoff;
 
 /// Checks the script runs; update with the script.
-const CHECKS: usize = 24;
+const CHECKS: usize = 40;
 
 #[tokio::test]
 async fn the_dashboard_in_a_browser() {
@@ -65,8 +67,19 @@ async fn the_dashboard_in_a_browser() {
         }
     })
     .await;
-    let pngs = browser::screenshot_count(&shots);
-    assert!(pngs >= 6, "a screenshot of each page ({pngs} found)");
+    assert!(browser::screenshot_count(&shots) >= 6, "a screenshot of each check");
+    // The tour's: each page at both widths.
+    let names: Vec<String> = std::fs::read_dir(&shots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("-tour-"))
+        .collect();
+    let desktop: Vec<&String> = names.iter().filter(|n| n.ends_with("-1280.png")).collect();
+    assert!(desktop.len() >= 15, "every page at 1280 px: {names:?}");
+    for d in desktop {
+        let page = &d[d.find("-tour-").unwrap()..d.len() - "-1280.png".len()];
+        assert!(names.iter().any(|n| n.ends_with(&format!("{page}-390.png"))), "{page} at 390 px: {names:?}");
+    }
 }
 
 /// A probe job that fails its first `fail_first` attempts, with a budget of

@@ -82,6 +82,43 @@ async fn the_schedules_page_shows_each_sweep_its_next_fire_and_last_jobs() {
     std::fs::remove_file(path).ok();
 }
 
+#[tokio::test]
+async fn the_schedules_page_shows_what_the_server_loaded_after_the_file_changes() {
+    let path = std::env::temp_dir().join(format!("sessiond-ops-schedules-{}.toml", Uuid::now_v7()));
+    std::fs::write(&path, SCHEDULES).unwrap();
+    let file = path.to_str().unwrap().to_string();
+    let app = TestApp::spawn_with(|c| c.job_schedules_file = Some(file)).await;
+    with_operators(&app).await;
+    let viewer = Operator::login(&app, VIEWER).await;
+    let loaded = |page: &str| {
+        page.contains("data-schedule=\"run-sweep\"")
+            && page.contains("data-schedule=\"session-expiry-sweep\"")
+            && page.contains("0 0 3 * * *")
+            && page.contains("Finds crashed runs and due retries.")
+            && !page.contains("data-schedule=\"waitpoint-timeout-sweep\"")
+    };
+    let (status, page) = viewer.get("/dashboard/schedules").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(loaded(&page), "{page}");
+
+    // Edited after the start: the cron still runs what was loaded, and so
+    // does the page show it.
+    std::fs::write(&path, "[waitpoint-timeout-sweep]\ncron = \"0 0 4 * * *\"\n").unwrap();
+    let (status, page) = viewer.get("/dashboard/schedules").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(loaded(&page) && !page.contains("0 0 4 * * *"), "the edit shows nowhere: {page}");
+
+    // Deleted, or made unreadable as TOML: still the loaded ones, no error.
+    std::fs::write(&path, "this is [ not toml").unwrap();
+    let (status, page) = viewer.get("/dashboard/schedules").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(loaded(&page), "{page}");
+    std::fs::remove_file(&path).unwrap();
+    let (status, page) = viewer.get("/dashboard/schedules").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(loaded(&page), "{page}");
+}
+
 /// Backfills and backfill chunk jobs written so far.
 async fn backfill_counts(app: &TestApp) -> (i64, i64) {
     sqlx::query_as(
@@ -153,7 +190,7 @@ async fn with_replication_off_the_page_says_so_and_a_backfill_runs_to_completion
     start_backfill_checked(&app, &admin, &viewer).await;
     let page = backfills_done(&app, &viewer).await;
     // Three sessions and their three runs, one table each.
-    assert!(page.contains("<td class=\"num\">3</td>"), "rows copied shown: {page}");
+    assert!(page.contains("data-label=\"Rows copied\" class=\"num\">3</td>"), "rows copied shown: {page}");
     assert!(page.contains("every row"));
 }
 
@@ -200,7 +237,9 @@ async fn with_replication_on_the_page_shows_the_slot_flushes_and_backfills() {
     .unwrap();
     let (_, page) = viewer.get("/dashboard/replication").await;
     assert!(page.contains("table id=\"flushes\"") && page.contains(&format!("/dashboard/jobs/{job}")), "{page}");
-    assert!(page.contains("clickhouse is away on purpose") && page.contains("<td class=\"num\">7</td>"));
+    assert!(
+        page.contains("clickhouse is away on purpose") && page.contains("data-label=\"Rows\" class=\"num\">7</td>")
+    );
     assert!(page.contains("rows), the oldest"), "the oldest pending batch's age: {page}");
 
     let admin = Operator::login(&app, ADMIN).await;
@@ -283,4 +322,74 @@ async fn rotating_a_key_shows_the_new_key_once_and_the_old_one_stops_working() {
     let bad =
         admin.post_form("/dashboard/environments/nope/rotate-key", &[("csrf", &admin.csrf), ("hint", &hint)]).await;
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}
+
+/// The `href` of the pager link marked `rel`, unescaped (askama escapes `&`).
+fn pager_link(page: &str, rel: &str) -> Option<String> {
+    let pager = &page[page.rfind("class=\"pager\"")?..];
+    let at = pager.find(&format!("rel=\"{rel}\""))?;
+    let href = pager[..at].rsplit("href=\"").next()?;
+    Some(href.split('"').next()?.replace("&amp;", "&").replace("&#x2B;", "+"))
+}
+
+/// The backfill ids a page lists, in its order.
+fn backfill_ids(page: &str) -> Vec<String> {
+    page.split("<tr data-backfill-id=\"").skip(1).map(|r| r.split('"').next().unwrap().to_string()).collect()
+}
+
+#[tokio::test]
+async fn the_backfills_list_pages_older_and_newer() {
+    let app = TestApp::spawn().await;
+    with_operators(&app).await;
+    // 30 finished backfills, a second apart, and two started in the same
+    // instant (as a full backfill's pair is), which only the id orders.
+    for i in 0..30 {
+        sqlx::query(
+            "INSERT INTO clickhouse_backfills (id, target, chunk_size, status, started_at, completed_at)
+             VALUES ($1, 'sessions', 500, 'completed', now() - make_interval(secs => $2), now())",
+        )
+        .bind(Uuid::now_v7())
+        .bind(f64::from(100 - i))
+        .execute(app.db())
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO clickhouse_backfills (id, target, chunk_size, status, started_at, completed_at)
+         SELECT x, 'runs', 500, 'completed', now() - interval '1 hour', now() FROM unnest($1::uuid[]) x",
+    )
+    .bind(vec![Uuid::now_v7(), Uuid::now_v7()])
+    .execute(app.db())
+    .await
+    .unwrap();
+    let all: Vec<String> =
+        sqlx::query_scalar("SELECT id::text FROM clickhouse_backfills ORDER BY started_at DESC, id DESC")
+            .fetch_all(app.db())
+            .await
+            .unwrap();
+    assert_eq!(all.len(), 32);
+    let viewer = Operator::login(&app, VIEWER).await;
+
+    let (status, first) = viewer.get("/dashboard/replication").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backfill_ids(&first), all[..25], "the newest 25, newest first");
+    assert_eq!(pager_link(&first, "prev"), None, "nothing newer than the newest");
+    let older = pager_link(&first, "next").expect("an older link");
+    assert!(older.starts_with("/dashboard/replication?after="), "{older}");
+
+    let (status, second) = viewer.get(&older).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backfill_ids(&second), all[25..], "the rest, the same-instant pair included");
+    assert_eq!(pager_link(&second, "next"), None, "nothing older than the oldest");
+    let newer = pager_link(&second, "prev").expect("a newer link");
+    assert!(newer.starts_with("/dashboard/replication?before="), "{newer}");
+
+    let (status, back) = viewer.get(&newer).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(backfill_ids(&back), all[..25], "newer than the second page is the first");
+    assert_eq!(pager_link(&back, "prev"), None);
+    assert!(pager_link(&back, "next").is_some());
+
+    let (status, _) = viewer.get("/dashboard/replication?after=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a cursor that is none");
 }

@@ -5,7 +5,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::analytics::watermark::Table;
-use crate::db::StoreError;
+use crate::db::{Keyset, StoreError};
 
 /// Where a backfill stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
@@ -89,6 +89,33 @@ pub async fn list(pool: &PgPool, limit: i64) -> Result<Vec<Backfill>, StoreError
     Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM clickhouse_backfills ORDER BY started_at DESC LIMIT $1"))
         .bind(limit)
         .fetch_all(pool)
+        .await?)
+}
+
+/// A page of backfills, newest started first, at `at` (up to `limit` rows;
+/// see [`Keyset`], here on `started_at`: a full backfill starts its two rows
+/// in one transaction, so the id breaks the tie).
+pub async fn page(pool: &PgPool, at: Keyset, limit: i64) -> Result<Vec<Backfill>, StoreError> {
+    let mut b = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM clickhouse_backfills WHERE true"));
+    let order = match at {
+        Keyset::Newest => "DESC",
+        Keyset::Older(t, id) => {
+            b.push(" AND (started_at, id) < (").push_bind(t).push(", ").push_bind(id).push(")");
+            "DESC"
+        }
+        Keyset::Newer(t, id) => {
+            b.push(" AND (started_at, id) > (").push_bind(t).push(", ").push_bind(id).push(")");
+            "ASC"
+        }
+    };
+    b.push(format!(" ORDER BY started_at {order}, id {order} LIMIT ")).push_bind(limit.max(1));
+    Ok(b.build_query_as().fetch_all(pool).await?)
+}
+
+/// Whether any backfill is still running (the start button warns of it).
+pub async fn any_running(pool: &PgPool) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM clickhouse_backfills WHERE status = 'running')")
+        .fetch_one(pool)
         .await?)
 }
 
