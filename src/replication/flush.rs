@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::analytics::overview;
 use crate::analytics::rows::{RunRow, SessionRow};
 use crate::analytics::watermark::{self, Table};
 use crate::analytics::{AnalyticsError, ClickHouse};
@@ -119,24 +120,32 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, batch: &Batch) -> Re
 /// The `replication-flush` job: writes the batch's rows to ClickHouse and
 /// marks it flushed.
 pub async fn execute(pool: &PgPool, ch: &ClickHouse, id: Uuid) -> Result<String, FlushError> {
-    let found: Option<(serde_json::Value, FlushStatus)> =
-        sqlx::query_as("SELECT rows, status FROM replication_flushes WHERE id = $1")
+    let found: Option<(serde_json::Value, FlushStatus, String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT rows, status, slot, commit_time FROM replication_flushes WHERE id = $1")
             .bind(id)
             .fetch_optional(pool)
             .await
             .map_err(StoreError::from)?;
-    let Some((rows, status)) = found else {
+    let Some((rows, status, slot, commit_time)) = found else {
         return Ok(format!("replication batch {id} is gone (confirmed and pruned)"));
     };
     if status == FlushStatus::Flushed {
         return Ok(format!("replication batch {id} already flushed"));
     }
     let batch: Batch = serde_json::from_value(rows).map_err(|e| FlushError::Corrupt(id, e.to_string()))?;
-    // The two tables at once: a flush's time is mostly these round trips.
-    let (sessions, runs) =
-        tokio::join!(ch.insert_rows("sessions_v1", &batch.sessions), ch.insert_rows("task_runs_v1", &batch.runs));
+    // The two tables and the lag sample the overview charts at once: a
+    // flush's time is mostly these round trips. A replayed flush writes its
+    // sample again, which only repeats a point of the chart.
+    let now = Utc::now();
+    let lag_ms = u64::try_from((now - commit_time).num_milliseconds()).unwrap_or(0);
+    let (sessions, runs, sample) = tokio::join!(
+        ch.insert_rows("sessions_v1", &batch.sessions),
+        ch.insert_rows("task_runs_v1", &batch.runs),
+        overview::record_lag(ch, &slot, now, lag_ms, batch.rows()),
+    );
     sessions?;
     runs?;
+    sample?;
     // Marked flushed, and the slot's health notes the flush and its lag.
     sqlx::query(
         "WITH f AS (
