@@ -11,7 +11,7 @@ pub const HEIGHT: f64 = 220.0;
 
 /// The plot area inside the `viewBox`: room for the y labels on the left and
 /// the x labels and axis title below.
-const LEFT: f64 = 48.0;
+const LEFT: f64 = 56.0;
 const RIGHT: f64 = 8.0;
 const TOP: f64 = 10.0;
 const BOTTOM: f64 = 40.0;
@@ -244,15 +244,19 @@ impl BarChart {
     }
 }
 
-/// One row of a horizontal bar chart.
+/// One row of a horizontal bar chart: its label above its bar, so a long
+/// label (a job kind) never squeezes the bar, at any width.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub label: String,
     pub value: u64,
-    /// The label's baseline and the bar's top.
+    /// The label's baseline, the bar's top and length, and where the value
+    /// is written (just past the bar's end).
     pub y: f64,
     pub bar_y: f64,
     pub width: f64,
+    pub value_x: f64,
+    pub value_y: f64,
     pub title: String,
 }
 
@@ -262,37 +266,41 @@ pub struct HBarChart {
     pub plot: Plot,
     pub height: f64,
     pub bar_height: f64,
-    pub label_x: f64,
     pub rows: Vec<Row>,
     pub x_ticks: Vec<Tick>,
     pub total: u64,
     pub empty: bool,
 }
 
-const ROW_HEIGHT: f64 = 26.0;
+/// A row: the label's line, then the bar.
+const ROW_HEIGHT: f64 = 36.0;
+const LABEL_LINE: f64 = 16.0;
 
 impl HBarChart {
     /// `rows` as (label, value), drawn in the order given; the chart is as tall
     /// as its rows need.
     pub fn new(rows: &[(String, u64)], unit: &str) -> Self {
-        // Labels (job kinds) get the left third; bars the rest.
         let plot =
-            Plot { left: 150.0, right: WIDTH - 24.0, top: TOP, bottom: TOP + ROW_HEIGHT * rows.len().max(1) as f64 };
+            Plot { left: 12.0, right: WIDTH - 40.0, top: TOP, bottom: TOP + ROW_HEIGHT * rows.len().max(1) as f64 };
         let max = rows.iter().map(|(_, v)| *v).max().unwrap_or(0);
         let (top, ticks) = scale(max);
         let span = plot.right - plot.left;
-        let bar_height = r(ROW_HEIGHT * 0.65);
+        let bar_height = ROW_HEIGHT - LABEL_LINE - 6.0;
         let rows: Vec<Row> = rows
             .iter()
             .enumerate()
             .map(|(i, (name, value))| {
                 let row_top = plot.top + ROW_HEIGHT * i as f64;
+                let bar_y = row_top + LABEL_LINE;
+                let width = r(span * (*value as f64 / top as f64));
                 Row {
                     label: name.clone(),
                     value: *value,
-                    y: r(row_top + ROW_HEIGHT * 0.5 + 4.0),
-                    bar_y: r(row_top + (ROW_HEIGHT - bar_height) / 2.0),
-                    width: r(span * (*value as f64 / top as f64)),
+                    y: r(row_top + LABEL_LINE - 4.0),
+                    bar_y: r(bar_y),
+                    width,
+                    value_x: r(plot.left + width + 4.0),
+                    value_y: r(bar_y + bar_height - 3.0),
                     title: format!("{name}: {value} {unit}"),
                 }
             })
@@ -302,16 +310,7 @@ impl HBarChart {
             .map(|t| Tick { pos: r(plot.left + span * (*t as f64 / top as f64)), label: count_label(*t) })
             .collect();
         let total = rows.iter().map(|r| r.value).sum();
-        HBarChart {
-            height: r(plot.bottom + BOTTOM),
-            label_x: plot.left - 6.0,
-            bar_height,
-            empty: total == 0,
-            plot,
-            rows,
-            x_ticks,
-            total,
-        }
+        HBarChart { height: r(plot.bottom + BOTTOM), bar_height, empty: total == 0, plot, rows, x_ticks, total }
     }
 }
 

@@ -133,30 +133,27 @@ pub async fn execute(pool: &PgPool, ch: &ClickHouse, id: Uuid) -> Result<String,
         return Ok(format!("replication batch {id} already flushed"));
     }
     let batch: Batch = serde_json::from_value(rows).map_err(|e| FlushError::Corrupt(id, e.to_string()))?;
-    // The two tables and the lag sample the overview charts at once: a
-    // flush's time is mostly these round trips. A replayed flush writes its
-    // sample again, which only repeats a point of the chart.
-    let now = Utc::now();
-    let lag_ms = u64::try_from((now - commit_time).num_milliseconds()).unwrap_or(0);
-    let (sessions, runs, sample) = tokio::join!(
-        ch.insert_rows("sessions_v1", &batch.sessions),
-        ch.insert_rows("task_runs_v1", &batch.runs),
-        overview::record_lag(ch, &slot, now, lag_ms, batch.rows()),
-    );
+    // The two tables at once: a flush's time is mostly these round trips.
+    let (sessions, runs) =
+        tokio::join!(ch.insert_rows("sessions_v1", &batch.sessions), ch.insert_rows("task_runs_v1", &batch.runs));
     sessions?;
     runs?;
-    sample?;
-    // Marked flushed, and the slot's health notes the flush and its lag.
+    // The rows are visible: from commit to now is the flush's lag. It goes to
+    // the history the overview charts (a replayed flush only repeats a point)
+    // and, the same figure, to the slot's health.
+    let now = Utc::now();
+    let lag_ms = u64::try_from((now - commit_time).num_milliseconds()).unwrap_or(0);
+    overview::record_lag(ch, &slot, now, lag_ms, batch.rows()).await?;
     sqlx::query(
         "WITH f AS (
-             UPDATE replication_flushes SET status = 'flushed', flushed_at = now() WHERE id = $1
-             RETURNING slot, commit_time)
+             UPDATE replication_flushes SET status = 'flushed', flushed_at = now() WHERE id = $1 RETURNING slot)
          INSERT INTO replication_state (slot, last_flush_at, last_flush_lag_ms)
-         SELECT slot, now(), greatest(0, (extract(epoch FROM now() - commit_time) * 1000)::bigint) FROM f
+         SELECT slot, now(), $2 FROM f
          ON CONFLICT (slot) DO UPDATE
              SET last_flush_at = excluded.last_flush_at, last_flush_lag_ms = excluded.last_flush_lag_ms",
     )
     .bind(id)
+    .bind(i64::try_from(lag_ms).unwrap_or(i64::MAX))
     .execute(pool)
     .await
     .map_err(StoreError::from)?;

@@ -64,7 +64,7 @@ function chartsDrawn(drawn, minWidth, maxWidth) {
         assert(c.marks > 0 && c.titled === c.marks, `chart ${c.id}: ${c.marks} marks, ${c.titled} with a tooltip`);
         assert(c.label, `chart ${c.id}: no text alternative`);
         assert(c.width >= minWidth && c.width <= maxWidth, `chart ${c.id} is ${c.width} px wide`);
-        assert(c.height > 80, `chart ${c.id} is ${c.height} px tall`);
+        assert(c.height > 60, `chart ${c.id} is ${c.height} px tall`);
     }
 }
 
