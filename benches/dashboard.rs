@@ -177,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
     for (name, path) in &cases {
         let body = http.get(format!("{}{path}", served.base)).header(COOKIE, &signed).send().await?.text().await?;
         anyhow::ensure!(!body.contains("Analytics unavailable"), "{name}: ClickHouse did not answer");
+        anyhow::ensure!(!body.contains("Served by postgres"), "{name}: the list fell back to Postgres");
     }
     let baseline_url = format!("{}{baseline_path}", served.base);
     time_get(&http, &baseline_url, (AUTHORIZATION, &bearer), requests / 5 + 1).await?;
