@@ -8,7 +8,9 @@
 //! and runs into ClickHouse; signs an operator in; then times, one request at
 //! a time, BENCH_REQUESTS (default 100) of each page with the session cookie,
 //! and the same number of `GET /api/v1/sessions` as the baseline. Prints
-//! p50/p99/max and each p99 as a ratio of the baseline's. Target: p99 ≤ 150 ms.
+//! p50/p99/max and each p99 as a ratio of the baseline's (target: p99 ≤ 150
+//! ms); then times each of the overview's ClickHouse reads alone, to show
+//! where its time goes.
 //!
 //! Run: `cargo bench --bench dashboard` (release) with the ClickHouse dev
 //! server up (`scripts/clickhouse.sh`); CLICKHOUSE_URL picks another one. Uses
@@ -18,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{AUTHORIZATION, COOKIE, LOCATION, SET_COOKIE};
 use sessiond::analytics::backfill::{self, BackfillRequest, BackfillStatus};
+use sessiond::analytics::overview::{self, Bucket};
 use sessiond::analytics::watermark::Table;
 use sessiond::operators::{self, Role};
+use sessiond::sessions::list::EnvScope;
 
 mod common;
 
@@ -198,7 +202,38 @@ async fn main() -> anyhow::Result<()> {
         common::figure(&format!("dashboard.{name}.p99_ratio"), p99 / base99, "x");
     }
 
+    // Where the overview's time goes: each of its ClickHouse reads alone.
     let ch = served.state.analytics.clone();
+    let scope = EnvScope { organization_id: env.0, project_id: env.1, environment_id: env.2 };
+    let now = chrono::Utc::now();
+    for (window, since, bucket) in
+        [("24h", now - chrono::Duration::hours(24), Bucket::Hour), ("7d", now - chrono::Duration::days(7), Bucket::Day)]
+    {
+        let mut sessions = Vec::new();
+        let mut runs = Vec::new();
+        for _ in 0..requests {
+            let t = Instant::now();
+            overview::sessions_per_bucket(&ch, scope, since, bucket).await?;
+            sessions.push(t.elapsed());
+            let t = Instant::now();
+            overview::runs_per_bucket(&ch, scope, since, bucket).await?;
+            runs.push(t.elapsed());
+        }
+        common::summary(
+            &format!("clickhouse sessions per bucket {window}"),
+            &format!("dashboard.ch.sessions_{window}"),
+            sessions,
+        );
+        common::summary(&format!("clickhouse runs per bucket {window}"), &format!("dashboard.ch.runs_{window}"), runs);
+    }
+    let mut open = Vec::new();
+    for _ in 0..requests {
+        let t = Instant::now();
+        overview::open_sessions(&ch, scope).await?;
+        open.push(t.elapsed());
+    }
+    common::summary("clickhouse open sessions", "dashboard.ch.open_sessions", open);
+
     let drop = format!("DROP DATABASE IF EXISTS {}", sessiond::analytics::schema::quote_ident(ch.database()));
     ch.server().query(&drop).execute().await?;
     served.finish().await

@@ -93,9 +93,9 @@ fn scoped(ch: &ClickHouse, sql: &str, env: EnvScope) -> clickhouse::query::Query
         .param("env", env.environment_id.to_string())
 }
 
-/// Reads the overview's aggregates: the reads run at once, each under
-/// the read timeout; any failure fails the whole (the page then says
-/// analytics are unavailable rather than showing a partial picture).
+/// Reads the overview's aggregates: the reads run at once, each under the
+/// read timeout; any failure fails the whole (the page then says analytics
+/// are unavailable rather than showing a partial picture).
 pub async fn aggregates(
     ch: &ClickHouse,
     env: EnvScope,
@@ -103,34 +103,19 @@ pub async fn aggregates(
     bucket: Bucket,
     slot: Option<&str>,
 ) -> Result<Aggregates, AnalyticsError> {
-    let start = bucket.start_of();
-    let sessions_sql = format!(
-        "SELECT toUInt32(toUnixTimestamp({start}(created_at))) AS bucket, count() AS n
-         FROM sessions_v1 FINAL WHERE {ENV} AND created_at >= {{since:DateTime64(6, 'UTC')}}
-         GROUP BY bucket ORDER BY bucket{FINAL_PER_PARTITION}"
-    );
-    let runs_sql = format!(
-        "SELECT toUInt32(toUnixTimestamp({start}(created_at))) AS bucket, toString(status) AS status, count() AS n
-         FROM task_runs_v1 FINAL WHERE {ENV} AND created_at >= {{since:DateTime64(6, 'UTC')}}
-         GROUP BY bucket, status ORDER BY bucket, status{FINAL_PER_PARTITION}"
-    );
-    // The same derivation as SessionStatus::derive: open is neither closed nor expired.
-    let open_sql = format!(
-        "SELECT count() FROM sessions_v1 FINAL
-         WHERE {ENV} AND closed_at IS NULL AND (expires_at IS NULL OR expires_at > now64(6)){FINAL_PER_PARTITION}"
-    );
-    let since_text = ch_time(since);
-    let sessions = ch.read(scoped(ch, &sessions_sql, env).param("since", &since_text).fetch_all::<BucketCount>());
-    let runs = ch.read(scoped(ch, &runs_sql, env).param("since", &since_text).fetch_all::<StatusCount>());
-    let open = ch.read(scoped(ch, &open_sql, env).fetch_one::<u64>());
     let lag = async {
         match slot {
             Some(slot) => lag_points(ch, slot, since, bucket).await.map(Some),
             None => Ok(None),
         }
     };
-    let mark = watermark::read(ch, Table::Sessions);
-    let (sessions, runs, open_sessions, lag, mark) = tokio::join!(sessions, runs, open, lag, mark);
+    let (sessions, runs, open_sessions, lag, mark) = tokio::join!(
+        sessions_per_bucket(ch, env, since, bucket),
+        runs_per_bucket(ch, env, since, bucket),
+        open_sessions(ch, env),
+        lag,
+        watermark::read(ch, Table::Sessions),
+    );
     Ok(Aggregates {
         sessions: sessions?,
         runs: runs?,
@@ -138,6 +123,48 @@ pub async fn aggregates(
         lag: lag?,
         complete: mark?.is_some(),
     })
+}
+
+/// Sessions created per bucket since `since`.
+pub async fn sessions_per_bucket(
+    ch: &ClickHouse,
+    env: EnvScope,
+    since: DateTime<Utc>,
+    bucket: Bucket,
+) -> Result<Vec<BucketCount>, AnalyticsError> {
+    let sql = format!(
+        "SELECT toUInt32(toUnixTimestamp({}(created_at))) AS bucket, count() AS n
+         FROM sessions_v1 FINAL WHERE {ENV} AND created_at >= {{since:DateTime64(6, 'UTC')}}
+         GROUP BY bucket ORDER BY bucket{FINAL_PER_PARTITION}",
+        bucket.start_of()
+    );
+    ch.read(scoped(ch, &sql, env).param("since", ch_time(since)).fetch_all()).await
+}
+
+/// Runs created per bucket since `since`, by their current status.
+pub async fn runs_per_bucket(
+    ch: &ClickHouse,
+    env: EnvScope,
+    since: DateTime<Utc>,
+    bucket: Bucket,
+) -> Result<Vec<StatusCount>, AnalyticsError> {
+    let sql = format!(
+        "SELECT toUInt32(toUnixTimestamp({}(created_at))) AS bucket, toString(status) AS status, count() AS n
+         FROM task_runs_v1 FINAL WHERE {ENV} AND created_at >= {{since:DateTime64(6, 'UTC')}}
+         GROUP BY bucket, status ORDER BY bucket, status{FINAL_PER_PARTITION}",
+        bucket.start_of()
+    );
+    ch.read(scoped(ch, &sql, env).param("since", ch_time(since)).fetch_all()).await
+}
+
+/// Sessions of the environment neither closed nor expired now: the one read
+/// over the whole environment (the same derivation as SessionStatus::derive).
+pub async fn open_sessions(ch: &ClickHouse, env: EnvScope) -> Result<u64, AnalyticsError> {
+    let sql = format!(
+        "SELECT count() FROM sessions_v1 FINAL
+         WHERE {ENV} AND closed_at IS NULL AND (expires_at IS NULL OR expires_at > now64(6)){FINAL_PER_PARTITION}"
+    );
+    ch.read(scoped(ch, &sql, env).fetch_one()).await
 }
 
 /// The worst lag and the number of flushes per bucket since `since`.

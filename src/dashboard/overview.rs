@@ -173,24 +173,26 @@ pub async fn show(
     let since = window.start(now);
     let slot = ops.replication.as_ref().map(|r| r.slot.as_str());
 
-    let aggregates = match scope {
-        Some(scope) => read_aggregates(&ch, scope, since, window.bucket(), slot).await,
-        None => Some(Aggregates::default()),
-    };
-    let failures = job_store::failures_by_kind(&db, since).await?;
-    let lag_now = match &ops.replication {
-        Some(target) => {
-            let h = health::status(&db, &redis, &target.redis_prefix, &target.slot)
-                .await
-                .map_err(|e| DashboardError::Internal(e.into()))?;
-            Some(LagNow {
-                last_flush_lag: h.last_flush_lag_ms.map(|ms| charts::millis_label(ms.max(0) as u64)),
-                last_flush_at: h.last_flush_at.as_ref().map(super::pages::iso),
-                pending_flushes: h.pending_flushes,
-            })
+    // ClickHouse's reads and Postgres's at once: the page waits for the slower.
+    let aggregates = async {
+        match scope {
+            Some(scope) => read_aggregates(&ch, scope, since, window.bucket(), slot).await,
+            None => Some(Aggregates::default()),
         }
-        None => None,
     };
+    let lag_now = async {
+        let Some(target) = &ops.replication else { return Ok(None) };
+        let h = health::status(&db, &redis, &target.redis_prefix, &target.slot)
+            .await
+            .map_err(|e| DashboardError::Internal(e.into()))?;
+        Ok::<_, DashboardError>(Some(LagNow {
+            last_flush_lag: h.last_flush_lag_ms.map(|ms| charts::millis_label(ms.max(0) as u64)),
+            last_flush_at: h.last_flush_at.as_ref().map(super::pages::iso),
+            pending_flushes: h.pending_flushes,
+        }))
+    };
+    let (aggregates, failures, lag_now) = tokio::join!(aggregates, job_store::failures_by_kind(&db, since), lag_now);
+    let (failures, lag_now) = (failures?, lag_now?);
 
     let categories = window.categories(since);
     let (sessions_created, open_sessions, runs_by_status, bars, lag, incomplete) = match aggregates {
