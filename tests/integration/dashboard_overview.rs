@@ -265,10 +265,10 @@ async fn the_overview_counts_and_charts_one_environment_from_clickhouse() {
     assert_eq!(bars(&b, "chart-sessions").values().sum::<u64>(), 2);
 }
 
-#[tokio::test]
-async fn without_clickhouse_the_overview_still_renders_what_postgres_knows() {
+/// The page with ClickHouse at `url`, which never answers in time.
+async fn overview_without_clickhouse(url: String) {
     let app = TestApp::spawn_with(|c| {
-        c.clickhouse_url = "http://127.0.0.1:9".into();
+        c.clickhouse_url = url;
         c.clickhouse_timeout_ms = 500;
     })
     .await;
@@ -278,17 +278,42 @@ async fn without_clickhouse_the_overview_still_renders_what_postgres_knows() {
     }
     fail_job(&app, "probe", "1 minute").await;
     let viewer = Operator::login(&app, VIEWER).await;
-    for _ in 0..2 {
-        // The second read skips ClickHouse (it failed moments ago).
+    for round in 0..2 {
+        // The second read skips ClickHouse (it failed moments ago): at once.
+        let started = std::time::Instant::now();
         let (status, page) = viewer.get("/dashboard/overview").await;
         assert_eq!(status, StatusCode::OK, "{page}");
+        if round == 1 {
+            assert!(started.elapsed() < Duration::from_millis(450), "{:?}", started.elapsed());
+        }
         assert_eq!(count(&page, "sessions-created"), Some(3), "counted by Postgres");
         assert_eq!(count(&page, "open-sessions"), None);
         assert_eq!(count(&page, "failed-jobs"), Some(1));
         assert!(section(&page, "chart-sessions").contains("Analytics unavailable"));
         assert!(section(&page, "chart-runs").contains("Analytics unavailable"));
+        assert!(section(&page, "chart-lag").contains("chart-off"));
         assert!(section(&page, "chart-failures").contains("data-kind=\"probe\""), "Postgres still charts failures");
     }
+}
+
+#[tokio::test]
+async fn with_clickhouse_down_the_overview_still_renders_what_postgres_knows() {
+    overview_without_clickhouse("http://127.0.0.1:9".into()).await;
+}
+
+#[tokio::test]
+async fn with_clickhouse_silent_the_overview_renders_after_the_read_timeout() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    overview_without_clickhouse(url).await;
+    held.abort();
 }
 
 #[tokio::test]
@@ -323,6 +348,15 @@ async fn a_replication_flush_records_its_lag_and_the_overview_charts_it() {
     assert!(lag.contains("<polyline class=\"lag-line\""));
     assert!(!page.contains("replication off"));
     assert!(page.contains("data-count=\"replication-lag\""));
+
+    // An environment with nothing in the window: empty states, not empty axes.
+    let (status, empty) = viewer.get(&format!("/dashboard/overview?env={}", app.b.env.id)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(count(&empty, "sessions-created"), Some(0));
+    assert!(section(&empty, "chart-sessions").contains("No sessions were created in this window."));
+    assert!(section(&empty, "chart-runs").contains("No runs were created in this window."));
+    assert!(section(&empty, "chart-failures").contains("No job failed in the last 24 hours."));
+    assert!(!section(&empty, "chart-sessions").contains("<svg"));
     finish(app).await;
 }
 
