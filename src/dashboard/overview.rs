@@ -63,6 +63,14 @@ impl Window {
         }
     }
 
+    /// What one bucket is, in titles ("per hour").
+    fn per(self) -> &'static str {
+        match self {
+            Window::Day => "hour",
+            Window::Week => "day",
+        }
+    }
+
     fn buckets(self) -> i64 {
         match self {
             Window::Day => 24,
@@ -137,24 +145,25 @@ struct OverviewPage {
     envs: Vec<EnvChoice>,
     window: &'static str,
     window_label: &'static str,
-    /// Headline counts; None: not known (ClickHouse away).
-    sessions_created: Option<u64>,
-    open_sessions: Option<u64>,
-    runs_by_status: Option<Vec<(&'static str, u64)>>,
+    /// From ClickHouse, or counted by Postgres while ClickHouse is away.
+    sessions_created: u64,
     failed_jobs: u64,
     /// None: replication is off.
     lag_now: Option<LagNow>,
-    /// None: ClickHouse could not answer; the charts say so.
-    bars: Option<Vec<BarCard>>,
-    /// Replication is off: no lag to chart.
     lag_off: bool,
-    lag: Option<LagCard>,
-    /// ClickHouse has never been fully backfilled: its charts may miss history.
-    incomplete: bool,
+    /// None: ClickHouse could not answer; the page says so.
+    analytics: Option<AnalyticsView>,
     failures: HBarChart,
     failures_desc: String,
     viewbox_width: f64,
     viewbox_height: f64,
+}
+
+impl OverviewPage {
+    /// The lag chart, when ClickHouse answered and replication is on.
+    fn lag_card(&self) -> Option<&LagCard> {
+        self.analytics.as_ref().and_then(|a| a.lag.as_ref())
+    }
 }
 
 pub async fn show(
@@ -180,135 +189,159 @@ pub async fn show(
             None => Some(Aggregates::default()),
         }
     };
-    let lag_now = async {
-        let Some(target) = &ops.replication else { return Ok(None) };
-        let h = health::status(&db, &redis, &target.redis_prefix, &target.slot)
-            .await
-            .map_err(|e| DashboardError::Internal(e.into()))?;
-        Ok::<_, DashboardError>(Some(LagNow {
-            last_flush_lag: h.last_flush_lag_ms.map(|ms| charts::millis_label(ms.max(0) as u64)),
-            last_flush_at: h.last_flush_at.as_ref().map(super::pages::iso),
-            pending_flushes: h.pending_flushes,
-        }))
-    };
-    let (aggregates, failures, lag_now) = tokio::join!(aggregates, job_store::failures_by_kind(&db, since), lag_now);
+    let (aggregates, failures, lag_now) =
+        tokio::join!(aggregates, job_store::failures_by_kind(&db, since), lag_now(&db, &redis, &ops));
     let (failures, lag_now) = (failures?, lag_now?);
 
     let categories = window.categories(since);
-    let (sessions_created, open_sessions, runs_by_status, bars, lag, incomplete) = match aggregates {
-        Some(a) => {
-            let sessions = Series {
-                name: "sessions".into(),
-                class: "s-sessions".into(),
-                values: per_bucket(&categories, a.sessions.iter().map(|c| (c.bucket, c.n))),
-            };
-            let runs: Vec<Series> = RunStatus::ALL
-                .iter()
-                .map(|status| Series {
-                    name: status.as_str().into(),
-                    class: format!("s-{}", status.as_str().to_lowercase()),
-                    values: per_bucket(
-                        &categories,
-                        a.runs.iter().filter(|r| r.status == status.as_str()).map(|r| (r.bucket, r.n)),
-                    ),
-                })
-                .collect();
-            let sessions_chart = BarChart::stacked(&categories, std::slice::from_ref(&sessions), "sessions");
-            let runs_chart = BarChart::stacked(&categories, &runs, "runs");
-            let per = match window.bucket() {
-                Bucket::Hour => "hour",
-                Bucket::Day => "day",
-            };
-            let by_status: Vec<(&'static str, u64)> = RunStatus::ALL
-                .iter()
-                .zip(&runs)
-                .map(|(s, series)| (s.as_str(), series.values.iter().sum::<u64>()))
-                .filter(|(_, n)| *n > 0)
-                .collect();
-            let bars = vec![
-                BarCard {
-                    id: "sessions",
-                    title: format!("Sessions created per {per}"),
-                    desc: describe_bars(&sessions_chart, &categories, "sessions created", window),
-                    y_title: "sessions",
-                    x_title: "time (UTC)",
-                    empty: "No sessions were created in this window.",
-                    chart: sessions_chart,
-                    legend: false,
-                },
-                BarCard {
-                    id: "runs",
-                    title: format!("Runs per {per}, by current status"),
-                    desc: format!(
-                        "{} Current statuses: {}.",
-                        describe_bars(&runs_chart, &categories, "runs created", window),
-                        by_status.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ")
-                    ),
-                    y_title: "runs",
-                    x_title: "time (UTC), by creation",
-                    empty: "No runs were created in this window.",
-                    chart: runs_chart,
-                    legend: true,
-                },
-            ];
-            let lag = a.lag.map(|points| {
-                let values = per_bucket_opt(&categories, points.iter().map(|p| (p.bucket, p.max_lag_ms)));
-                let chart = LineChart::new(&categories, &values, charts::millis_label);
-                let flushes: u64 = points.iter().map(|p| p.flushes).sum();
-                let desc = if chart.empty {
-                    format!("No replication flushes in the {}.", window.label())
-                } else {
-                    format!(
-                        "Worst replication lag per {per} over the {}: at most {} across {flushes} flushes.",
-                        window.label(),
-                        charts::millis_label(chart.max)
-                    )
-                };
-                LagCard { desc, chart }
-            });
-            (Some(sessions.values.iter().sum()), Some(a.open_sessions), Some(by_status), Some(bars), lag, !a.complete)
+    let analytics = aggregates.map(|a| AnalyticsView::new(a, window, &categories));
+    let sessions_created = match (&analytics, scope) {
+        (Some(view), _) => view.sessions_created,
+        // Postgres counts what an index range makes cheap; the rest waits for ClickHouse.
+        (None, Some(scope)) => {
+            session_store::count_created_since(&db, scope.environment_id, since).await?.max(0) as u64
         }
-        None => {
-            // Postgres counts what an index range makes cheap; the rest waits for ClickHouse.
-            let created = match scope {
-                Some(scope) => session_store::count_created_since(&db, scope.environment_id, since).await?,
-                None => 0,
-            };
-            (Some(created.max(0) as u64), None, None, None, None, false)
-        }
+        (None, None) => 0,
     };
-
-    let failure_rows: Vec<(String, u64)> = failures.into_iter().map(|(kind, n)| (kind, n.max(0) as u64)).collect();
-    let failures = HBarChart::new(&failure_rows, "failed jobs");
-    let failures_desc = if failures.empty {
-        format!("No job failed in the {}.", window.label())
-    } else {
-        format!(
-            "{} jobs failed in the {}: {}.",
-            failures.total,
-            window.label(),
-            failure_rows.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
-        )
-    };
+    let (failures, failures_desc) = failures_chart(failures, window);
     render(OverviewPage {
         frame: Frame::new(&signed, "overview"),
         envs: env_choices(&envs, &env),
         window: window.as_str(),
         window_label: window.label(),
         sessions_created,
-        open_sessions,
-        runs_by_status,
         failed_jobs: failures.total,
         lag_now,
-        bars,
         lag_off: ops.replication.is_none(),
-        lag,
-        incomplete,
+        analytics,
         failures,
         failures_desc,
         viewbox_width: charts::WIDTH,
         viewbox_height: charts::HEIGHT,
     })
+}
+
+/// What the page draws from ClickHouse's aggregates.
+pub struct AnalyticsView {
+    pub sessions_created: u64,
+    pub open_sessions: u64,
+    /// Runs created in the window by current status, the empty ones left out.
+    pub runs_by_status: Vec<(&'static str, u64)>,
+    /// Sessions per bucket, then runs per bucket by status.
+    pub bars: Vec<BarCard>,
+    /// None: replication is off, so no samples were read.
+    pub lag: Option<LagCard>,
+    /// ClickHouse has never been fully backfilled: its charts may miss history.
+    pub incomplete: bool,
+}
+
+impl AnalyticsView {
+    fn new(a: Aggregates, window: Window, categories: &[Category]) -> Self {
+        let sessions = Series {
+            name: "sessions".into(),
+            class: "s-sessions".into(),
+            values: per_bucket(categories, a.sessions.iter().map(|c| (c.bucket, c.n))),
+        };
+        let runs: Vec<Series> = RunStatus::ALL
+            .iter()
+            .map(|status| Series {
+                name: status.as_str().into(),
+                class: format!("s-{}", status.as_str().to_lowercase()),
+                values: per_bucket(
+                    categories,
+                    a.runs.iter().filter(|r| r.status == status.as_str()).map(|r| (r.bucket, r.n)),
+                ),
+            })
+            .collect();
+        let runs_by_status: Vec<(&'static str, u64)> = RunStatus::ALL
+            .iter()
+            .zip(&runs)
+            .map(|(s, series)| (s.as_str(), series.values.iter().sum::<u64>()))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        let sessions_chart = BarChart::stacked(categories, std::slice::from_ref(&sessions), "sessions");
+        let runs_chart = BarChart::stacked(categories, &runs, "runs");
+        let per = window.per();
+        let bars = vec![
+            BarCard {
+                id: "sessions",
+                title: format!("Sessions created per {per}"),
+                desc: describe_bars(&sessions_chart, categories, "sessions created", window),
+                y_title: "sessions",
+                x_title: "time (UTC)",
+                empty: "No sessions were created in this window.",
+                chart: sessions_chart,
+                legend: false,
+            },
+            BarCard {
+                id: "runs",
+                title: format!("Runs per {per}, by current status"),
+                desc: format!(
+                    "{} Current statuses: {}.",
+                    describe_bars(&runs_chart, categories, "runs created", window),
+                    runs_by_status.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ")
+                ),
+                y_title: "runs",
+                x_title: "time (UTC), by creation",
+                empty: "No runs were created in this window.",
+                chart: runs_chart,
+                legend: true,
+            },
+        ];
+        let lag = a.lag.map(|points| {
+            let values = per_bucket_opt(categories, points.iter().map(|p| (p.bucket, p.max_lag_ms)));
+            let chart = LineChart::new(categories, &values, charts::millis_label);
+            let flushes: u64 = points.iter().map(|p| p.flushes).sum();
+            let desc = if chart.empty {
+                format!("No replication flushes in the {}.", window.label())
+            } else {
+                format!(
+                    "Worst replication lag per {per} over the {}: at most {} across {flushes} flushes.",
+                    window.label(),
+                    charts::millis_label(chart.max)
+                )
+            };
+            LagCard { desc, chart }
+        });
+        AnalyticsView {
+            sessions_created: sessions.values.iter().sum(),
+            open_sessions: a.open_sessions,
+            runs_by_status,
+            bars,
+            lag,
+            incomplete: !a.complete,
+        }
+    }
+}
+
+/// The failures chart (kinds, most first) and its text alternative.
+fn failures_chart(failures: Vec<(String, i64)>, window: Window) -> (HBarChart, String) {
+    let rows: Vec<(String, u64)> = failures.into_iter().map(|(kind, n)| (kind, n.max(0) as u64)).collect();
+    let chart = HBarChart::new(&rows, "failed jobs");
+    let desc = if chart.empty {
+        format!("No job failed in the {}.", window.label())
+    } else {
+        format!(
+            "{} jobs failed in the {}: {}.",
+            chart.total,
+            window.label(),
+            rows.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+        )
+    };
+    (chart, desc)
+}
+
+/// Replication's lag now, from its health (None: replication is off).
+async fn lag_now(db: &PgPool, redis: &ConnectionManager, ops: &OpsSettings) -> PageResult<Option<LagNow>> {
+    let Some(target) = &ops.replication else { return Ok(None) };
+    let h = health::status(db, redis, &target.redis_prefix, &target.slot)
+        .await
+        .map_err(|e| DashboardError::Internal(e.into()))?;
+    Ok(Some(LagNow {
+        last_flush_lag: h.last_flush_lag_ms.map(|ms| charts::millis_label(ms.max(0) as u64)),
+        last_flush_at: h.last_flush_at.as_ref().map(super::pages::iso),
+        pending_flushes: h.pending_flushes,
+    }))
 }
 
 /// The aggregates, or None when ClickHouse cannot answer now (logged): the
