@@ -333,6 +333,19 @@ async fn a_replication_flush_records_its_lag_and_the_overview_charts_it() {
     assert!(flushes >= 1);
     // The lag of a flush a moment after its commit: under the test's patience.
     assert!(points.iter().all(|p| p.max_lag_ms < 20_000), "{points:?}");
+    // Each sample is the figure replication's health records for its flush.
+    let recorded: Vec<i64> = sqlx::query_scalar("SELECT last_flush_lag_ms FROM replication_state WHERE slot = $1")
+        .bind(&slot)
+        .fetch_all(app.db())
+        .await
+        .unwrap();
+    assert_eq!(recorded.len(), 1);
+    let newest_sample = eventually(10, "the newest flush's sample", || async {
+        let points = overview::lag_points(&app.state.analytics, &slot, since, Bucket::Hour).await.unwrap();
+        points.iter().map(|p| p.max_lag_ms).max().filter(|max| *max >= recorded[0] as u64)
+    })
+    .await;
+    assert!(newest_sample >= recorded[0] as u64);
     // Another slot's samples are not this one's.
     assert!(overview::lag_points(&app.state.analytics, "another-slot", since, Bucket::Hour).await.unwrap().is_empty());
 
