@@ -13,6 +13,8 @@
 //! - [`watermark`]: how far ClickHouse is known to be complete.
 //! - [`digest`]: per environment and month, what the copy holds, for
 //!   comparing it with Postgres.
+//! - [`overview`]: the dashboard overview's aggregates, and the replication
+//!   lag samples its chart reads.
 //! - [`session_list`]: the session list served from ClickHouse, with the
 //!   read-your-writes overlay and the Postgres fallback.
 //!
@@ -21,6 +23,7 @@
 
 pub mod backfill;
 pub mod digest;
+pub mod overview;
 pub mod rows;
 pub mod schema;
 pub mod session_list;

@@ -16,6 +16,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "sessions_v1", include_str!("../../clickhouse-schema/0001_sessions_v1.sql")),
     (2, "task_runs_v1", include_str!("../../clickhouse-schema/0002_task_runs_v1.sql")),
     (3, "watermarks", include_str!("../../clickhouse-schema/0003_watermarks.sql")),
+    (4, "replication_lag", include_str!("../../clickhouse-schema/0004_replication_lag.sql")),
 ];
 
 const LEDGER: &str = "CREATE TABLE IF NOT EXISTS sessiond_schema_migrations

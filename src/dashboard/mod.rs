@@ -2,6 +2,8 @@
 //! `templates/dashboard/`, htmx from `static/`) under `/dashboard`.
 //!
 //! - [`auth`]: sign-in, the signed session cookie, CSRF, roles.
+//! - [`overview`]: an environment's counts and charts over a window.
+//! - [`charts`]: series into SVG geometry for the overview's charts.
 //! - [`pages`]: the pages and actions, thin over the domain services.
 //! - [`jobs`]: the job ledger's pages and the operator's retries and cancels.
 //! - [`runs`]: the runs list, a run's page and its cancel.
@@ -21,11 +23,13 @@
 
 pub mod assets;
 pub mod auth;
+pub mod charts;
 pub mod environments;
 pub mod error;
 pub mod handoffs;
 pub mod jobs;
 pub mod live;
+pub mod overview;
 pub mod pages;
 pub mod paging;
 pub mod playground;
@@ -72,9 +76,10 @@ pub struct ReplicationTarget {
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/dashboard", get(|| async { Redirect::to("/dashboard/sessions") }))
+        .route("/dashboard", get(|| async { Redirect::to("/dashboard/overview") }))
         .route("/dashboard/login", get(auth::login_page).post(auth::login))
         .route("/dashboard/logout", post(auth::logout))
+        .route("/dashboard/overview", get(overview::show))
         .route("/dashboard/sessions", get(pages::sessions))
         .route("/dashboard/sessions/{session}", get(pages::session))
         .route("/dashboard/sessions/{session}/close", post(pages::close_session))

@@ -241,6 +241,20 @@ pub async fn finish_attempt(
     Ok(())
 }
 
+/// Jobs that failed for good since `since`, per kind, most first: the
+/// dashboard overview's failures chart. `jobs_status_idx` (status,
+/// updated_at) serves it: a failed job's `updated_at` is its final failure.
+pub async fn failures_by_kind(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT kind, count(*) FROM jobs WHERE status = $1 AND updated_at >= $2
+         GROUP BY kind ORDER BY count(*) DESC, kind",
+    )
+    .bind(JobStatus::Failed)
+    .bind(since)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// What a retry sets: back in line (`pending`, not yet relayed) with a fresh
 /// budget of attempts on top of those spent, whose numbers keep counting.
 fn retry_set() -> String {

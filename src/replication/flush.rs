@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::analytics::overview;
 use crate::analytics::rows::{RunRow, SessionRow};
 use crate::analytics::watermark::{self, Table};
 use crate::analytics::{AnalyticsError, ClickHouse};
@@ -119,13 +120,13 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, batch: &Batch) -> Re
 /// The `replication-flush` job: writes the batch's rows to ClickHouse and
 /// marks it flushed.
 pub async fn execute(pool: &PgPool, ch: &ClickHouse, id: Uuid) -> Result<String, FlushError> {
-    let found: Option<(serde_json::Value, FlushStatus)> =
-        sqlx::query_as("SELECT rows, status FROM replication_flushes WHERE id = $1")
+    let found: Option<(serde_json::Value, FlushStatus, String)> =
+        sqlx::query_as("SELECT rows, status, slot FROM replication_flushes WHERE id = $1")
             .bind(id)
             .fetch_optional(pool)
             .await
             .map_err(StoreError::from)?;
-    let Some((rows, status)) = found else {
+    let Some((rows, status, slot)) = found else {
         return Ok(format!("replication batch {id} is gone (confirmed and pruned)"));
     };
     if status == FlushStatus::Flushed {
@@ -137,20 +138,31 @@ pub async fn execute(pool: &PgPool, ch: &ClickHouse, id: Uuid) -> Result<String,
         tokio::join!(ch.insert_rows("sessions_v1", &batch.sessions), ch.insert_rows("task_runs_v1", &batch.runs));
     sessions?;
     runs?;
-    // Marked flushed, and the slot's health notes the flush and its lag.
-    sqlx::query(
+    // Marked flushed, and the slot's health notes the flush and its lag
+    // (Postgres's clock on both ends: commit to visible).
+    let lag_ms: Option<Option<i64>> = sqlx::query_scalar(
         "WITH f AS (
              UPDATE replication_flushes SET status = 'flushed', flushed_at = now() WHERE id = $1
              RETURNING slot, commit_time)
          INSERT INTO replication_state (slot, last_flush_at, last_flush_lag_ms)
          SELECT slot, now(), greatest(0, (extract(epoch FROM now() - commit_time) * 1000)::bigint) FROM f
          ON CONFLICT (slot) DO UPDATE
-             SET last_flush_at = excluded.last_flush_at, last_flush_lag_ms = excluded.last_flush_lag_ms",
+             SET last_flush_at = excluded.last_flush_at, last_flush_lag_ms = excluded.last_flush_lag_ms
+         RETURNING last_flush_lag_ms",
     )
     .bind(id)
-    .execute(pool)
+    .fetch_optional(pool)
     .await
     .map_err(StoreError::from)?;
+    // The same figure joins the lag history the overview charts (none if the
+    // batch was pruned meanwhile). The flush is done either way: a lost
+    // sample costs a point of a chart, not a replay.
+    if let Some(lag_ms) = lag_ms.flatten() {
+        let lag = u64::try_from(lag_ms).unwrap_or(0);
+        if let Err(err) = overview::record_lag(ch, &slot, Utc::now(), lag, batch.rows()).await {
+            tracing::warn!(error = %err, flush = %id, "replication lag sample not recorded");
+        }
+    }
     Ok(format!("replication batch {id}: {} sessions, {} runs written", batch.sessions.len(), batch.runs.len()))
 }
 

@@ -391,6 +391,21 @@ pub async fn export_chunk(
     Ok(b.build_query_as().fetch_all(conn).await?)
 }
 
+/// How many of an environment's sessions were created at or after `since`
+/// (the dashboard overview's count while ClickHouse is away; an index range
+/// of `sessions_env_created_idx`).
+pub async fn count_created_since(
+    pool: &PgPool,
+    env_id: Uuid,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM sessions WHERE runtime_environment_id = $1 AND created_at >= $2")
+        .bind(env_id)
+        .bind(since)
+        .fetch_one(pool)
+        .await?)
+}
+
 /// Ids of an environment's sessions changed at or after `since`, at most
 /// `limit` (the list's overlay; walks `sessions_env_updated_idx`).
 pub async fn changed_since(

@@ -131,11 +131,11 @@ const TOUR = [
         path: '/dashboard/runs',
         desktop: async (p) => {
             assert(!(await p.locator('nav .nav-toggle').isVisible()), 'the Menu button shows at 1280 px');
-            await expectSelector(p, 'nav a[href="/dashboard/audit"]', { state: 'visible' });
+            await expectSelector(p, 'nav a[href="/dashboard/playground"]', { state: 'visible' });
             // Either side of the width where the bar folds, and a tablet's:
             // the bar fits (folded or not), and the runs table scrolls in its box.
             try {
-                for (const width of [1001, 1000, 768]) {
+                for (const width of [1181, 1180, 768]) {
                     await p.setViewportSize({ width, height: DESKTOP.height });
                     await assertNoSidewaysScroll(p);
                 }
@@ -146,15 +146,25 @@ const TOUR = [
         },
         usable: async (p) => {
             // Folded behind the Menu button; opened, every link is a row.
-            const audit = p.locator('nav a[href="/dashboard/audit"]');
-            assert(!(await audit.isVisible()), 'the links show before the menu is opened');
+            const runs = p.locator('nav a[href="/dashboard/runs"]');
+            assert(!(await runs.isVisible()), 'the links show before the menu is opened');
             await assertTappable(p, 'nav .nav-toggle');
             await p.click('nav .nav-toggle');
-            await assertTappable(p, 'nav a[href="/dashboard/sessions"]');
-            await assertTappable(p, 'nav a[href="/dashboard/audit"]');
+            await assertTappable(p, 'nav a[href="/dashboard/overview"]');
+            await assertTappable(p, 'nav a[href="/dashboard/playground"]');
             await p.click('nav .nav-menu summary');
             await assertTappable(p, 'nav a[href="/dashboard/environments"]');
+            await assertTappable(p, 'nav a[href="/dashboard/audit"]');
             await assertTappable(p, 'nav form[action="/dashboard/logout"] button');
+        },
+    },
+    {
+        name: 'overview',
+        path: '/dashboard/overview',
+        usable: async (p) => {
+            await assertTappable(p, 'form#overview-filters button[type=submit]');
+            await assertFits(p, '#chart-sessions');
+            await assertFits(p, '#chart-failures');
         },
     },
     {
@@ -250,6 +260,14 @@ const TOUR = [
             await expectSelector(p, 'pre#new-key');
         },
         usable: (p) => assertFits(p, 'pre#new-key'),
+    },
+    {
+        name: 'playground',
+        path: '/dashboard/playground',
+        usable: async (p) => {
+            await assertTappable(p, 'form#playground-start input[name=task]');
+            await assertTappable(p, 'button[data-action="playground-start"]');
+        },
     },
     {
         name: 'audit',

@@ -87,7 +87,7 @@ async fn schema_applies_once_and_records_each_file() {
     let app = TestApp::spawn().await;
     let ch = &app.state.analytics;
     let first = schema::migrate(ch).await.unwrap();
-    assert_eq!(first, vec!["sessions_v1", "task_runs_v1", "watermarks"]);
+    assert_eq!(first, vec!["sessions_v1", "task_runs_v1", "watermarks", "replication_lag"]);
     assert!(schema::migrate(ch).await.unwrap().is_empty(), "a second run applies nothing");
     let tables: Vec<String> = ch
         .client()
@@ -95,7 +95,10 @@ async fn schema_applies_once_and_records_each_file() {
         .fetch_all()
         .await
         .unwrap();
-    assert_eq!(tables, vec!["sessiond_schema_migrations", "sessiond_watermarks", "sessions_v1", "task_runs_v1"]);
+    assert_eq!(
+        tables,
+        vec!["replication_lag_v1", "sessiond_schema_migrations", "sessiond_watermarks", "sessions_v1", "task_runs_v1"]
+    );
     let engine: String = ch
         .client()
         .query("SELECT engine_full FROM system.tables WHERE database = currentDatabase() AND name = 'sessions_v1'")

@@ -179,7 +179,7 @@ async fn clickhouse_migrate_backfill_and_progress() {
     for i in 0..3 {
         app.create_session(common::session_body(Some(&format!("cli-{i}")))).await;
     }
-    assert!(sessiond_beside(&app, &["clickhouse", "migrate"]).await.contains("3 applied now"));
+    assert!(sessiond_beside(&app, &["clickhouse", "migrate"]).await.contains("4 applied now"));
     assert!(sessiond_beside(&app, &["clickhouse", "migrate"]).await.contains("0 applied now"));
     let args = ["clickhouse", "backfill", "--sessions", "--chunk-size", "2", "--wait"];
     let out = tokio::time::timeout(std::time::Duration::from_secs(60), sessiond_beside(&app, &args))

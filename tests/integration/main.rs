@@ -20,6 +20,7 @@ mod dashboard;
 mod dashboard_browser;
 mod dashboard_jobs;
 mod dashboard_ops;
+mod dashboard_overview;
 mod dashboard_playground;
 mod dashboard_runs;
 mod dependencies;

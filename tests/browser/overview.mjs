@@ -1,0 +1,127 @@
+// The overview page in Debian's headless Chromium: its four charts with data
+// at 1280 px, the same page at 390 px (no sideways scroll, every chart
+// visible and scaled to the screen), and switching the window to 7 days
+// through the form.
+//
+// Run by the Rust test `dashboard_overview::the_overview_in_a_browser`, which
+// seeds sessions, runs, failed jobs and replication lag samples and passes
+// the environment below. stdout: harness.mjs's protocol.
+
+import {
+    DESKTOP,
+    PHONE,
+    assert,
+    assertNoSidewaysScroll,
+    check,
+    expectSelector,
+    finish,
+    goto,
+    headingOf,
+    logIn,
+    newPage,
+    requireEnv,
+    start,
+    submitForm,
+} from './harness.mjs';
+
+const WATCHDOG = 80_000; // the whole run (the Rust test gives it 90 s)
+const CHARTS = ['sessions', 'runs', 'failures', 'lag'];
+
+const env = await requireEnv(['DASHBOARD_URL', 'ADMIN_EMAIL', 'ADMIN_PASSWORD', 'ENV_ID', 'SESSIONS_CREATED']);
+const ADMIN = { email: env.ADMIN_EMAIL, password: env.ADMIN_PASSWORD };
+const PAGE = `/dashboard/overview?env=${env.ENV_ID}`;
+
+/// What each chart draws: its SVG's size on screen and its marks with their titles.
+async function charts(page) {
+    return page.evaluate((ids) => {
+        return ids.map((id) => {
+            const card = document.getElementById(`chart-${id}`);
+            const svg = card && card.querySelector('svg.chart');
+            const box = svg ? svg.getBoundingClientRect() : null;
+            const marks = svg ? [...svg.querySelectorAll('g.bar rect, g.hbar rect, circle.lag-point')] : [];
+            return {
+                id,
+                present: Boolean(card),
+                svg: Boolean(svg),
+                width: box ? box.width : 0,
+                height: box ? box.height : 0,
+                label: svg ? svg.getAttribute('aria-labelledby') : null,
+                marks: marks.length,
+                titled: marks.filter((m) => (m.querySelector('title')?.textContent || '').includes(':')).length,
+                bars: svg ? svg.querySelectorAll('g.bar').length : 0,
+                total: [...(svg ? svg.querySelectorAll('g.bar') : [])].reduce(
+                    (sum, g) => sum + Number(g.getAttribute('data-total')),
+                    0,
+                ),
+            };
+        });
+    }, CHARTS);
+}
+
+function chartsDrawn(drawn, minWidth, maxWidth) {
+    for (const c of drawn) {
+        assert(c.present && c.svg, `chart ${c.id}: no SVG (${JSON.stringify(c)})`);
+        assert(c.marks > 0 && c.titled === c.marks, `chart ${c.id}: ${c.marks} marks, ${c.titled} with a tooltip`);
+        assert(c.label, `chart ${c.id}: no text alternative`);
+        assert(c.width >= minWidth && c.width <= maxWidth, `chart ${c.id} is ${c.width} px wide`);
+        assert(c.height > 60, `chart ${c.id} is ${c.height} px tall`);
+    }
+}
+
+const browser = await start(WATCHDOG);
+
+const desktop = await newPage(browser, 'desktop', DESKTOP);
+await check('the overview at 1280 px shows four charts with data', desktop, async () => {
+    await logIn(desktop, ADMIN);
+    await goto(desktop, PAGE);
+    assert((await headingOf(desktop)) === 'Overview', 'the heading');
+    await expectSelector(desktop, 'nav a[href="/dashboard/overview"][aria-current="page"]', { state: 'attached' });
+    const drawn = await charts(desktop);
+    chartsDrawn(drawn, 400, 1280);
+    const sessions = drawn.find((c) => c.id === 'sessions');
+    assert(sessions.bars === 24, `24 hourly bars, not ${sessions.bars}`);
+    assert(String(sessions.total) === env.SESSIONS_CREATED, `the bars add up to ${sessions.total}`);
+    const created = await desktop.getAttribute('[data-count="sessions-created"]', 'data-value');
+    assert(created === env.SESSIONS_CREATED, `sessions created says ${created}`);
+    // Two charts side by side at this width.
+    const tops = await desktop.evaluate(() =>
+        ['sessions', 'runs'].map((id) => document.getElementById(`chart-${id}`).getBoundingClientRect().top),
+    );
+    assert(tops[0] === tops[1], `the first two charts share a row (${tops})`);
+});
+
+await check('a bar shows its value as a tooltip', desktop, async () => {
+    const title = await desktop.locator('#chart-sessions g.bar rect title').last().textContent();
+    assert(/UTC: \d+ sessions$/.test(title), `tooltip "${title}"`);
+    const legend = await desktop.locator('#chart-runs ul.legend li').count();
+    assert(legend >= 2, `the runs legend has ${legend} statuses`);
+});
+
+const phone = await newPage(browser, 'phone', PHONE);
+await check('the overview at 390 px: no sideways scroll, every chart visible', phone, async () => {
+    await logIn(phone, ADMIN);
+    await goto(phone, PAGE);
+    await assertNoSidewaysScroll(phone);
+    chartsDrawn(await charts(phone), 250, PHONE.width);
+    for (const id of CHARTS) {
+        await phone.locator(`#chart-${id} svg.chart`).scrollIntoViewIfNeeded();
+        assert(await phone.locator(`#chart-${id} svg.chart`).isVisible(), `chart ${id} is visible`);
+    }
+    await phone.evaluate(() => window.scrollTo(0, 0));
+});
+
+await check('switching the window to 7 days through the form', desktop, async () => {
+    await desktop.selectOption('#overview-filters select[name="window"]', '7d');
+    await submitForm(desktop, '#overview-filters');
+    const url = new URL(desktop.url());
+    assert(url.searchParams.get('window') === '7d', `the URL says ${url.search}`);
+    assert(url.searchParams.get('env') === env.ENV_ID, 'the environment stays picked');
+    const sessions = (await charts(desktop)).find((c) => c.id === 'sessions');
+    assert(sessions.bars === 7, `7 daily bars, not ${sessions.bars}`);
+    assert(String(sessions.total) === env.SESSIONS_CREATED, `the bars add up to ${sessions.total}`);
+    const title = await desktop.locator('#chart-sessions h2').textContent();
+    assert(title.includes('per day'), `title "${title}"`);
+});
+
+await browser.close();
+await finish();
