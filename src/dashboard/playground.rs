@@ -6,8 +6,8 @@
 //! token, so the playground exercises exactly what a browser client sees.
 //!
 //! Admin only: starting creates a session and triggers its first run, and the
-//! conversation page carries a token that writes to the session. Starting and
-//! reopening are audited.
+//! conversation page carries a token that writes to the session. A start's
+//! audit row commits with the session it created; a reopen is audited too.
 
 use askama::Template;
 use axum::extract::{Path, State};
@@ -24,6 +24,7 @@ use super::error::{DashboardError, PageResult};
 use super::pages::{env_choices, env_label, find_session, iso, render, EnvChoice, Frame};
 use crate::auth::minting::{self, Expiration};
 use crate::auth::{jwt, Authenticator, Principal};
+use crate::db::StoreError;
 use crate::ids::{id_problem, SESSION_PREFIX};
 use crate::jobs::Jobs;
 use crate::operators::audit;
@@ -119,29 +120,30 @@ pub async fn start(
         .ok_or_else(|| DashboardError::NotFound(format!("No environment {env_id}")))?;
     let reopen = form.reopen.trim();
     let (session, action) = if reopen.is_empty() {
-        (create(&db, &jobs, &env, &form.task).await?, "playground.start")
+        (create(&db, &jobs, &env, &form.task, signed.operator.id).await?, "playground.start")
     } else {
-        (find_to_reopen(&db, &env, reopen).await?, "playground.reopen")
+        let session = find_to_reopen(&db, &env, reopen).await?;
+        audit::record(&db, signed.operator.id, "playground.reopen", &target(&session), audit_detail(&env, &session))
+            .await?;
+        (session, "playground.reopen")
     };
-    audit::record(
-        &db,
-        signed.operator.id,
-        action,
-        &format!("session:{}", session.friendly_id),
-        json!({ "environment": env.id, "task": session.task_identifier, "run": session.current_run_friendly_id }),
-    )
-    .await?;
     tracing::info!(operator = %signed.operator.email, session = %session.friendly_id, action, "operator used the playground");
     Ok(Redirect::to(&format!("/dashboard/playground/{}", session.friendly_id)).into_response())
+}
+
+fn target(session: &Session) -> String {
+    format!("session:{}", session.friendly_id)
+}
+
+fn audit_detail(env: &Environment, session: &Session) -> serde_json::Value {
+    json!({ "environment": env.id, "task": session.task_identifier, "run": session.current_run_friendly_id })
 }
 
 /// Creates a chat session of `task` as the API's create does (the same
 /// validation, the same transaction with its first run, the trigger job
 /// relayed), named by a fresh external id that also serves as the chat id.
-///
-/// The audit row is written after the create's own transaction (the store
-/// owns it): a failure there answers 500 with the session already made.
-async fn create(db: &PgPool, jobs: &Jobs, env: &Environment, task: &str) -> PageResult<Session> {
+/// The operator's audit row commits in that transaction.
+async fn create(db: &PgPool, jobs: &Jobs, env: &Environment, task: &str, operator: Uuid) -> PageResult<Session> {
     let chat_id = format!("playground-{}", &Uuid::new_v4().simple().to_string()[..12]);
     let body: CreateSessionBody = serde_json::from_value(json!({
         "type": SESSION_TYPE,
@@ -152,8 +154,12 @@ async fn create(db: &PgPool, jobs: &Jobs, env: &Environment, task: &str) -> Page
     }))
     .map_err(|e| DashboardError::Internal(e.into()))?;
     let new = validate::create(body).map_err(|e| DashboardError::BadRequest(e.to_string()))?;
-    match session_store::create(db, env, &new).await? {
+    let mut tx = db.begin().await.map_err(StoreError::from)?;
+    match session_store::create_in(&mut tx, env, &new).await? {
         CreateOutcome::Created(session, job) => {
+            audit::record(&mut *tx, operator, "playground.start", &target(&session), audit_detail(env, &session))
+                .await?;
+            tx.commit().await.map_err(StoreError::from)?;
             jobs.relay(&[job]).await;
             Ok(session)
         }

@@ -43,6 +43,30 @@ pub enum CreateOutcome {
 /// upsert: whether the row is new is read from the upsert's result, never from a
 /// separate pre-read that a concurrent create could race.
 pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Result<CreateOutcome, StoreError> {
+    let mut tx = pool.begin().await?;
+    let outcome = create_in(&mut tx, env, new).await?;
+    tx.commit().await?;
+    Ok(match outcome {
+        // Re-read in a fresh statement: when the upsert waited on a concurrent
+        // first create, its snapshot predates that create's run, so the joined
+        // run id may be missing.
+        CreateOutcome::Cached(session) => {
+            let fresh = find_by_id(pool, env.id, session.id).await?;
+            CreateOutcome::Cached(fresh.unwrap_or(session))
+        }
+        other => other,
+    })
+}
+
+/// [`create`] inside the caller's transaction, so a caller can commit its own
+/// rows (an operator's audit row) with the session. The caller commits; a
+/// `Cached` session is as the upsert saw it (re-read it after the commit, as
+/// `create` does, for its current run).
+pub async fn create_in(
+    tx: &mut PgConnection,
+    env: &Environment,
+    new: &NewSession,
+) -> Result<CreateOutcome, StoreError> {
     let session_id = Uuid::now_v7();
     let friendly_id = ids::new_session_id();
     let run = NewRun::for_session(
@@ -59,7 +83,6 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
     );
     let trigger_config = serde_json::to_value(&new.trigger_config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
 
-    let mut tx = pool.begin().await?;
     // The new row claims its first run at insert (version 1). On a conflict with a
     // live row only the trigger config is refreshed; a closed or expired row is
     // left as is and no row comes back.
@@ -101,21 +124,14 @@ pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Resul
         .bind(&new.external_id)
         .fetch_optional(&mut *tx)
         .await?;
-        tx.rollback().await?;
         return Ok(if closed == Some(false) { CreateOutcome::Expired } else { CreateOutcome::Closed });
     };
     if session.id != session_id {
-        tx.commit().await?;
-        // Re-read in a fresh statement: when this upsert waited on a concurrent
-        // first create, its snapshot predates that create's run, so the joined
-        // run id above may be missing.
-        let fresh = find_by_id(pool, env.id, session.id).await?;
-        return Ok(CreateOutcome::Cached(fresh.unwrap_or(session)));
+        return Ok(CreateOutcome::Cached(session));
     }
-    run_store::insert(&mut tx, &run).await?;
-    insert_audit(&mut tx, session.id, run.id, TriggerReason::Initial).await?;
+    run_store::insert(&mut *tx, &run).await?;
+    insert_audit(&mut *tx, session.id, run.id, TriggerReason::Initial).await?;
     let job = jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?;
-    tx.commit().await?;
     session.current_run_friendly_id = Some(run.friendly_id);
     Ok(CreateOutcome::Created(session, job))
 }
