@@ -81,18 +81,10 @@ async fn time_get(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let n: i64 = std::env::var("BENCH_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let requests: usize = std::env::var("BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
-    let ch_url = std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
-    let served = common::BenchServer::start(|c| {
-        c.clickhouse_url = ch_url.clone();
-        c.clickhouse_database = format!("bench_{}", uuid::Uuid::new_v4().simple());
-    })
-    .await?;
-    let env: (uuid::Uuid, uuid::Uuid, uuid::Uuid) =
-        sqlx::query_as("SELECT organization_id, project_id, id FROM runtime_environments")
-            .fetch_one(&served.pool)
-            .await?;
+    let n: i64 = common::env_or("BENCH_SESSIONS", 1_000_000);
+    let requests: usize = common::env_or("BENCH_REQUESTS", 100);
+    let served = common::BenchServer::start(common::own_clickhouse).await?;
+    let env = served.env_ids().await?;
     sessiond::analytics::schema::migrate(&served.state.analytics).await?;
 
     let t = Instant::now();

@@ -29,7 +29,7 @@ mod common;
 /// How often the poller asks ClickHouse (BENCH_POLL_MS, default 100): each
 /// poll reads the whole table, so polling faster loads the dev server.
 fn poll_every() -> Duration {
-    Duration::from_millis(std::env::var("BENCH_POLL_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(100))
+    Duration::from_millis(common::env_or("BENCH_POLL_MS", 100))
 }
 
 #[derive(clickhouse::Row, serde::Deserialize)]
@@ -44,12 +44,10 @@ type Sample = (i64, Option<i64>, Option<i64>, Option<i64>, Option<i64>, i64);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rate: u64 = std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
-    let secs: u64 = std::env::var("BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
-    let ch_url = std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    let rate: u64 = common::env_or("BENCH_RATE", 500);
+    let secs: u64 = common::env_or("BENCH_SECS", 20);
     let server = common::BenchServer::start(|c| {
-        c.clickhouse_url = ch_url.clone();
-        c.clickhouse_database = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        common::own_clickhouse(c);
         c.replication_enabled = true;
         if let Some(rows) = std::env::var("BENCH_BATCH_ROWS").ok().and_then(|v| v.parse().ok()) {
             c.replication_batch_rows = rows;

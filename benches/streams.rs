@@ -84,7 +84,7 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
     let request = format!(
         "GET /realtime/v1/sessions/{sid}/out HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nTimeout-Seconds: 120\r\n\r\n"
     );
-    let n_subs: usize = std::env::var("BENCH_SUBSCRIBERS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let n_subs: usize = common::env_or("BENCH_SUBSCRIBERS", 100);
     for _ in 0..n_subs {
         let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         conn.set_nodelay(true)?;

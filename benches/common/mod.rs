@@ -24,6 +24,18 @@ pub fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/sessiond_test".into())
 }
 
+/// `name` from the environment, parsed, or `default` (unset or unparsable).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Points `config` at the ClickHouse of CLICKHOUSE_URL (the dev server by
+/// default) and a database of this run's own, dropped with nothing else.
+pub fn own_clickhouse(config: &mut Config) {
+    config.clickhouse_url = std::env::var("CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    config.clickhouse_database = format!("bench_{}", uuid::Uuid::new_v4().simple());
+}
+
 impl BenchServer {
     /// A server in this process, over a fresh schema and Redis prefix.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
@@ -54,6 +66,13 @@ impl BenchServer {
         let state = AppState::connect(config, pool.clone(), master).await?;
         let (stop, _) = tokio::sync::watch::channel(false);
         Ok(BenchServer { base: String::new(), key: key.expose().to_string(), schema, master_hex, pool, state, stop })
+    }
+
+    /// The bench environment's (organization, project, environment) ids.
+    pub async fn env_ids(&self) -> anyhow::Result<(uuid::Uuid, uuid::Uuid, uuid::Uuid)> {
+        Ok(sqlx::query_as("SELECT organization_id, project_id, id FROM runtime_environments")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// Stops the server, drops the schema and deletes the run's Redis keys.
