@@ -1,7 +1,8 @@
 // The overview page in Debian's headless Chromium: its four charts with data
 // at 1280 px, the same page at 390 px (no sideways scroll, every chart
-// visible and scaled to the screen), and switching the window to 7 days
-// through the form.
+// visible and scaled to the screen), switching the window to 7 days
+// through the form, and the replication page while replicating at both
+// widths.
 //
 // Run by the Rust test `dashboard_overview::the_overview_in_a_browser`, which
 // seeds sessions, runs, failed jobs and replication lag samples and passes
@@ -11,6 +12,7 @@ import {
     DESKTOP,
     PHONE,
     assert,
+    assertFits,
     assertNoSidewaysScroll,
     check,
     expectSelector,
@@ -20,6 +22,7 @@ import {
     logIn,
     newPage,
     requireEnv,
+    shot,
     start,
     submitForm,
 } from './harness.mjs';
@@ -121,6 +124,21 @@ await check('switching the window to 7 days through the form', desktop, async ()
     assert(String(sessions.total) === env.SESSIONS_CREATED, `the bars add up to ${sessions.total}`);
     const title = await desktop.locator('#chart-sessions h2').textContent();
     assert(title.includes('per day'), `title "${title}"`);
+});
+
+// This server replicates (the dashboard script's does not): the replication
+// page's slot health, with the flush the Rust test waited for, at both widths.
+await check('the replication page while replicating, at 1280 and 390 px', phone, async () => {
+    for (const page of [desktop, phone]) {
+        await goto(page, '/dashboard/replication');
+        const health = await (await expectSelector(page, 'dl#replication-health')).textContent();
+        assert(health.includes('Confirmed LSN'), 'the slot is shown');
+        await expectSelector(page, 'dl#replication-health time', { state: 'attached' });
+        assert(!(await page.locator('#replication-off').count()), 'the page says replication is off');
+        await assertNoSidewaysScroll(page);
+    }
+    await shot(desktop, 'replication while replicating 1280');
+    await assertFits(phone, 'dl#replication-health');
 });
 
 await browser.close();

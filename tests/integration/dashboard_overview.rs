@@ -374,7 +374,7 @@ async fn a_replication_flush_records_its_lag_and_the_overview_charts_it() {
 }
 
 /// Checks the script runs; update with the script.
-const CHECKS: usize = 4;
+const CHECKS: usize = 5;
 
 #[tokio::test]
 async fn the_overview_in_a_browser() {
