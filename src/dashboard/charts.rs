@@ -113,13 +113,19 @@ pub fn count_label(n: u64) -> String {
     }
 }
 
-/// Milliseconds as a tick label: 250 ms, 1.5 s, 3 min.
+/// Milliseconds as an operator reads them (tick labels, lags, flush ages):
+/// 250 ms, 1.5 s, 3 min.
 pub fn millis_label(ms: u64) -> String {
     match ms {
         ms if ms < 1_000 => format!("{ms} ms"),
         ms if ms < 120_000 => trim(ms as f64 / 1_000.0, " s"),
         ms => trim(ms as f64 / 60_000.0, " min"),
     }
+}
+
+/// [`millis_label`] of a span that can come out negative (two clocks), read as 0.
+pub fn signed_millis_label(ms: i64) -> String {
+    millis_label(ms.max(0) as u64)
 }
 
 fn trim(v: f64, unit: &str) -> String {
@@ -409,6 +415,8 @@ mod tests {
         assert_eq!(millis_label(250), "250 ms");
         assert_eq!(millis_label(1_500), "1.5 s");
         assert_eq!(millis_label(180_000), "3 min");
+        assert_eq!(signed_millis_label(-5), "0 ms");
+        assert_eq!(signed_millis_label(2_000), "2 s");
     }
 
     #[test]

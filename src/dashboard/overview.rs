@@ -338,7 +338,7 @@ async fn lag_now(db: &PgPool, redis: &ConnectionManager, ops: &OpsSettings) -> P
         .await
         .map_err(|e| DashboardError::Internal(e.into()))?;
     Ok(Some(LagNow {
-        last_flush_lag: h.last_flush_lag_ms.map(|ms| charts::millis_label(ms.max(0) as u64)),
+        last_flush_lag: h.last_flush_lag_ms.map(charts::signed_millis_label),
         last_flush_at: h.last_flush_at.as_ref().map(super::pages::iso),
         pending_flushes: h.pending_flushes,
     }))

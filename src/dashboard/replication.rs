@@ -13,7 +13,7 @@ use sqlx::PgPool;
 use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{iso, render, Frame, PAGE_SIZE};
-use super::{paging, OpsSettings};
+use super::{charts, paging, OpsSettings};
 use crate::analytics::backfill::{self, Backfill};
 use crate::db::{Keyset, StoreError};
 use crate::jobs::Jobs;
@@ -115,15 +115,6 @@ fn bytes(n: i64) -> String {
     }
 }
 
-/// Milliseconds as an operator reads them.
-fn millis(ms: i64) -> String {
-    match ms {
-        ms if ms < 1_000 => format!("{ms} ms"),
-        ms if ms < 120_000 => format!("{:.1} s", ms as f64 / 1000.0),
-        ms => format!("{} min", ms / 60_000),
-    }
-}
-
 fn health_view(h: ReplicationHealth, flushes: Vec<health::PendingFlush>) -> HealthView {
     let now = chrono::Utc::now();
     HealthView {
@@ -138,14 +129,14 @@ fn health_view(h: ReplicationHealth, flushes: Vec<health::PendingFlush>) -> Heal
         lease: h.lease_token,
         pending_flushes: h.pending_flushes,
         pending_rows: h.pending_rows,
-        oldest_pending: h.oldest_pending_age_ms.map(millis),
+        oldest_pending: h.oldest_pending_age_ms.map(charts::signed_millis_label),
         more_flushes: (flushes.len() as i64) < h.pending_flushes,
         flushes: flushes
             .into_iter()
             .map(|f| FlushRow {
                 id: f.id.to_string(),
                 created_at: iso(&f.created_at),
-                age: millis((now - f.created_at).num_milliseconds()),
+                age: charts::signed_millis_label((now - f.created_at).num_milliseconds()),
                 rows: f.row_count,
                 job: f.job_id.to_string(),
                 attempts: f.attempts.unwrap_or_default(),
@@ -153,7 +144,7 @@ fn health_view(h: ReplicationHealth, flushes: Vec<health::PendingFlush>) -> Heal
             })
             .collect(),
         last_flush_at: h.last_flush_at.as_ref().map(iso),
-        last_flush_lag: h.last_flush_lag_ms.map(millis),
+        last_flush_lag: h.last_flush_lag_ms.map(charts::signed_millis_label),
         last_error: h.last_error.unwrap_or_default(),
         last_error_at: h.last_error_at.as_ref().map(iso),
         reconciled_at: h.reconciled_at.as_ref().map(iso),
