@@ -36,4 +36,5 @@ mod robustness;
 mod runs;
 mod sessions_api;
 mod streams;
+mod transactions;
 mod waitpoints;
