@@ -29,6 +29,7 @@ mod echo_agent;
 mod handoff;
 mod limits;
 mod official_client;
+mod reconcile;
 mod replication;
 mod replication_decode;
 mod robustness;
