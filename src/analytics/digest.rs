@@ -27,7 +27,7 @@ impl Grain {
     fn clickhouse_key(self) -> &'static str {
         match self {
             Grain::Month => "toInt64(toYYYYMM(created_at, 'UTC'))",
-            Grain::Hour => "intDiv(toUnixTimestamp64Micro(created_at), 3600000000)",
+            Grain::Hour => "toInt64(intDiv(toUnixTimestamp64Micro(created_at), 3600000000))",
         }
     }
 
