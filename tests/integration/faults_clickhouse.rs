@@ -12,7 +12,7 @@ use sessiond::jobs::Job;
 use crate::common::clickhouse::PrivateClickHouse;
 use crate::common::faults::{assert_copy_equal, list_check, report, stuck_jobs, CreateLoad};
 use crate::common::{schedules_file, TestApp};
-use crate::reconcile::{figure, seed_hours, seeded_ids, UpdateLoad, PER_HOUR};
+use crate::reconcile::{figure, seed_hours, seeded_ids, seeds_copied, UpdateLoad, PER_HOUR};
 use crate::replication::{finish, ready, settled};
 
 async fn pending_flushes(app: &TestApp) -> i64 {
@@ -102,7 +102,7 @@ async fn rows_deleted_in_clickhouse() {
     let app = ready(|c| c.job_schedules_file = Some(schedules_file(&[]))).await;
     let hours = [1, 2, 3, 4];
     seed_hours(&app, &hours).await;
-    settled(&app).await;
+    seeds_copied(&app).await;
     let lost: Vec<String> = seeded_ids(&app, 3).await.into_iter().take(25).collect();
     // The updates leave the lost rows alone: an update would bring one back.
     let others: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM sessions WHERE NOT (id::text = ANY($1))")

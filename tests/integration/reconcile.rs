@@ -10,7 +10,7 @@ use std::time::Duration;
 use sessiond::analytics::rows::SessionRow;
 use sessiond::jobs::Job;
 
-use crate::common::{schedules_file, TestApp};
+use crate::common::{eventually, schedules_file, TestApp};
 use crate::replication::{finish, ready, settled};
 
 /// Rows each seeded hour holds.
@@ -41,6 +41,26 @@ pub async fn seed_hours(app: &TestApp, hours_ago: &[i32]) {
         .await
         .unwrap();
     }
+}
+
+/// Waits until the copy holds as many sessions as Postgres, then for
+/// replication to settle. Seeded rows are older than the watermark, so
+/// [`settled`] alone does not wait for them.
+pub async fn seeds_copied(app: &TestApp) {
+    eventually(20, "the seeded sessions to replicate", || async {
+        let pg: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions").fetch_one(app.db()).await.unwrap();
+        let ch: u64 = app
+            .state
+            .analytics
+            .client()
+            .query("SELECT count() FROM sessions_v1 FINAL")
+            .fetch_one()
+            .await
+            .unwrap();
+        (ch == pg as u64).then_some(())
+    })
+    .await;
+    settled(app).await;
 }
 
 /// The ids of the sessions seeded `hours_ago`.
@@ -139,7 +159,7 @@ async fn in_clickhouse(app: &TestApp, ids: &[String]) -> Vec<SessionRow> {
 async fn an_equal_copy_under_concurrent_updates_copies_nothing() {
     let app = quiet().await;
     seed_hours(&app, &[0, 1, 2]).await;
-    settled(&app).await;
+    seeds_copied(&app).await;
     let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM sessions").fetch_all(app.db()).await.unwrap();
     let load = UpdateLoad::start(app.db().clone(), ids, 150);
     let job = Job::ReplicationReconcile;
@@ -163,7 +183,7 @@ async fn an_equal_copy_under_concurrent_updates_copies_nothing() {
 async fn rows_lost_from_the_copy_are_restored_by_copying_their_hour() {
     let app = quiet().await;
     seed_hours(&app, &[1, 2, 3, 4]).await;
-    settled(&app).await;
+    seeds_copied(&app).await;
     let lost: Vec<String> = seeded_ids(&app, 3).await.into_iter().take(12).collect();
     let sql = format!(
         "ALTER TABLE sessions_v1 DELETE WHERE session_id IN ({})",
@@ -192,7 +212,7 @@ async fn rows_postgres_lacks_are_marked_deleted_in_the_copy() {
     use sessiond::analytics::rows::parse_lsn;
     let app = quiet().await;
     seed_hours(&app, &[1, 2]).await;
-    settled(&app).await;
+    seeds_copied(&app).await;
     let template = in_clickhouse(&app, &seeded_ids(&app, 2).await[..1]).await.remove(0);
     let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(app.db()).await.unwrap();
     let ghosts: Vec<SessionRow> = (0..5)
