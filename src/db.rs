@@ -162,11 +162,8 @@ pub async fn created_digests(
     cutoff: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<crate::analytics::digest::Digest>, StoreError> {
     let key = grain.postgres_key();
-    let within = if scope.is_some() {
-        " AND runtime_environment_id = $2 AND created_at >= $3 AND created_at < $4"
-    } else {
-        ""
-    };
+    let within =
+        if scope.is_some() { " AND runtime_environment_id = $2 AND created_at >= $3 AND created_at < $4" } else { "" };
     let sql = format!(
         "SELECT runtime_environment_id::text AS environment_id, {key} AS bucket, count(*) AS rows,
                 coalesce((extract(epoch FROM max(updated_at)) * 1000000)::bigint, 0) AS newest_update_us,

@@ -122,7 +122,8 @@ async fn rows_deleted_in_clickhouse() {
     let took = Instant::now();
     let summary = app.sweep(Job::ReplicationReconcile).await;
     let took = took.elapsed();
-    let (compared, copied) = (figure(&summary, "sessions", "rows compared"), figure(&summary, "sessions", "rows copied"));
+    let (compared, copied) =
+        (figure(&summary, "sessions", "rows compared"), figure(&summary, "sessions", "rows copied"));
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(updates);
     let (acked, _) = creates.stop().await;

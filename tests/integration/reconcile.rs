@@ -49,14 +49,8 @@ pub async fn seed_hours(app: &TestApp, hours_ago: &[i32]) {
 pub async fn seeds_copied(app: &TestApp) {
     eventually(20, "the seeded sessions to replicate", || async {
         let pg: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions").fetch_one(app.db()).await.unwrap();
-        let ch: u64 = app
-            .state
-            .analytics
-            .client()
-            .query("SELECT count() FROM sessions_v1 FINAL")
-            .fetch_one()
-            .await
-            .unwrap();
+        let ch: u64 =
+            app.state.analytics.client().query("SELECT count() FROM sessions_v1 FINAL").fetch_one().await.unwrap();
         (ch == pg as u64).then_some(())
     })
     .await;
