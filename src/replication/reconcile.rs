@@ -21,7 +21,9 @@
 //! 3. per hour that still differs, again with the ids Postgres changed after
 //!    the cutoff left out of the copy's digest as well: the copy may still
 //!    hold those at an older version from before the cutoff, which step 1 and
-//!    2 count on one side only.
+//!    2 count on one side only. A row the copy holds changed after the cutoff
+//!    that Postgres did not list was changed after Postgres was read: both
+//!    are read again (a few times, then the hour counts as differing).
 //!
 //! Hours are the unit because a repair is a range of creation within one
 //! environment, which both stores read by index: an hour holds a small part
@@ -104,8 +106,8 @@ pub struct Outcome {
     /// Hours repaired here, by environment and first instant.
     pub repaired: Vec<(String, DateTime<Utc>)>,
     /// Hours handed to a ranged backfill (too large to copy here), and hours
-    /// left alone because a running backfill covers them or this run had
-    /// repaired enough.
+    /// left to a later run: a running backfill covers them, or this run had
+    /// looked into or repaired as many as it takes.
     pub backfilled: usize,
     pub deferred: usize,
 }
@@ -182,6 +184,7 @@ pub async fn reconcile(
     }
 
     let mut repairs = Vec::new();
+    let unchecked = hours.len().saturating_sub(MAX_HOURS);
     for (environment_id, hour) in hours.into_iter().take(MAX_HOURS) {
         let Some((from, to)) = Grain::Hour.range(hour) else { continue };
         let scope = Scope { environment_id, from, to: to.min(cutoff) };
@@ -190,7 +193,7 @@ pub async fn reconcile(
         }
     }
     outcome.differing = repairs.len();
-    outcome.deferred = repairs.len().saturating_sub(MAX_REPAIRS);
+    outcome.deferred = unchecked + repairs.len().saturating_sub(MAX_REPAIRS);
     for scope in repairs.into_iter().take(MAX_REPAIRS) {
         // Backfill ranges are inclusive.
         let last = scope.to - Duration::microseconds(1);
@@ -243,11 +246,14 @@ async fn repair(
     outcome: &mut Outcome,
 ) -> Result<(), ReconcileError> {
     let env = Uuid::parse_str(&scope.environment_id).ok();
+    // The copy first: a row it holds was committed in Postgres before, so
+    // Postgres read after it lists the row unless it was deleted.
+    let copied = digest::ids(ch, table, scope).await?;
     let present = match env {
         Some(env) => db::created_ids(pool, pg_table(table), env, scope.from, scope.to).await?,
         None => Vec::new(),
     };
-    outcome.tombstoned += remove_extra_rows(pool, ch, table, scope, &present).await?;
+    outcome.tombstoned += remove_extra_rows(pool, ch, table, scope, copied, &present).await?;
     if present.len() > MAX_INLINE_ROWS {
         let last = scope.to - Duration::microseconds(1);
         let req = BackfillRequest {
@@ -295,18 +301,16 @@ async fn copy_rows(
     }
 }
 
-/// Marks deleted the copy's rows in `scope` whose ids are not in `present`.
+/// Marks deleted the rows of `copied` (the copy's ids in `scope`) that are
+/// not in `present` (Postgres's).
 async fn remove_extra_rows(
     pool: &PgPool,
     ch: &ClickHouse,
     table: Table,
     scope: &Scope,
+    copied: Vec<String>,
     present: &[Uuid],
 ) -> Result<usize, ReconcileError> {
-    let copied = digest::ids(ch, table, scope).await?;
-    if copied.is_empty() {
-        return Ok(0);
-    }
     let present: BTreeSet<String> = present.iter().map(|id| id.to_string()).collect();
     let extra: Vec<String> = copied.into_iter().filter(|id| !present.contains(id)).collect();
     if extra.is_empty() {
