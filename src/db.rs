@@ -167,27 +167,56 @@ impl Keyset {
     }
 }
 
-/// Digests of `table`'s rows created before `cutoff`, per environment and
-/// month (see `analytics::digest`, whose ClickHouse query computes the same
+/// Digests at `grain` of `table`'s rows created before `cutoff` (of one
+/// environment created in [`from`, `to`) if `scope` is given) and not changed
+/// since (see `analytics::digest`, whose ClickHouse query computes the same
 /// over the copy). `table` is `sessions` or `task_runs`, which share these
-/// columns. A whole-table scan: it runs on a schedule, not per request.
+/// columns. Without a scope, a whole-table scan: it runs on a schedule, not
+/// per request; with one, a range of the environment's creation index.
 pub async fn created_digests(
     pool: &PgPool,
     table: &'static str,
+    grain: crate::analytics::digest::Grain,
+    scope: Option<(uuid::Uuid, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>,
     cutoff: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<crate::analytics::digest::Digest>, StoreError> {
+    let key = grain.postgres_key();
+    let within =
+        if scope.is_some() { " AND runtime_environment_id = $2 AND created_at >= $3 AND created_at < $4" } else { "" };
     let sql = format!(
-        "SELECT runtime_environment_id::text AS environment_id,
-                (extract(year FROM created_at AT TIME ZONE 'UTC') * 100
-                 + extract(month FROM created_at AT TIME ZONE 'UTC'))::int AS month,
-                count(*) AS rows,
-                coalesce((extract(epoch FROM max(updated_at) FILTER (WHERE updated_at < $1)) * 1000000)::bigint, 0)
-                    AS newest_update_us,
-                coalesce(sum((extract(epoch FROM updated_at) * 1000000)::bigint) FILTER (WHERE updated_at < $1), 0)::text
-                    AS update_sum
-         FROM {table} WHERE created_at < $1 GROUP BY 1, 2 ORDER BY 1, 2"
+        "SELECT runtime_environment_id::text AS environment_id, {key} AS bucket, count(*) AS rows,
+                coalesce((extract(epoch FROM max(updated_at)) * 1000000)::bigint, 0) AS newest_update_us,
+                coalesce(sum((extract(epoch FROM updated_at) * 1000000)::bigint), 0)::text AS update_sum
+         FROM {table} WHERE created_at < $1 AND updated_at < $1{within} GROUP BY 1, 2 ORDER BY 1, 2"
     );
-    Ok(sqlx::query_as(&sql).bind(cutoff).fetch_all(pool).await?)
+    let mut query = sqlx::query_as(&sql).bind(cutoff);
+    if let Some((env, from, to)) = scope {
+        query = query.bind(env).bind(from).bind(to);
+    }
+    Ok(query.fetch_all(pool).await?)
+}
+
+/// The digest of one environment's rows created in [`from`, `to`) and not
+/// changed since `cutoff`, with the ids of those changed since, read in one
+/// snapshot (see `analytics::digest::bucket_digest`).
+pub async fn bucket_digest(
+    pool: &PgPool,
+    table: &'static str,
+    environment_id: uuid::Uuid,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<crate::analytics::digest::BucketDigest, StoreError> {
+    let sql = format!(
+        "SELECT count(*) FILTER (WHERE updated_at < $4) AS rows,
+                coalesce((extract(epoch FROM max(updated_at) FILTER (WHERE updated_at < $4)) * 1000000)::bigint, 0)
+                    AS newest_update_us,
+                coalesce(sum((extract(epoch FROM updated_at) * 1000000)::bigint) FILTER (WHERE updated_at < $4), 0)::text
+                    AS update_sum,
+                coalesce(array_agg(id::text) FILTER (WHERE updated_at >= $4), '{{}}') AS changed
+         FROM {table} WHERE runtime_environment_id = $1 AND created_at >= $2 AND created_at < $3"
+    );
+    Ok(sqlx::query_as(&sql).bind(environment_id).bind(from).bind(to).bind(cutoff).fetch_one(pool).await?)
 }
 
 /// Ids of `table`'s rows of one environment created in [`from`, `to`).

@@ -1,43 +1,84 @@
 //! Reconciliation: the scheduled `replication-reconcile` job compares
-//! ClickHouse's copy with Postgres and repairs the ranges that differ.
+//! ClickHouse's copy with Postgres and re-copies the buckets that differ.
 //!
 //! Replication is at-least-once and a lost slot is healed by a full
 //! backfill, so this normally finds nothing. It is the check that catches a
 //! change lost any other way (a TRUNCATE, a hand edit of either store, a bug).
 //!
-//! Per table, both stores digest the rows created before the cutoff per
-//! environment and month of creation (the partition): their number, the
-//! newest `updated_at` and the sum of every `updated_at` (see
-//! [`digest::Digest`]). The cutoff is the table's watermark less the list's
-//! overlay margin, so changes still on their way count as little as possible.
-//! For every month whose digest differs:
+//! Both stores digest the rows created before the cutoff and not changed
+//! since (their number, the newest `updated_at` and the sum of every
+//! `updated_at`, see [`digest::Digest`]). The cutoff is the table's watermark
+//! less the list's overlay margin: every change before it is in the copy.
+//! A row changed after it is left out on both sides, so changes still on
+//! their way under load do not make a bucket differ. Three steps narrow the
+//! comparison down:
 //!
-//! 1. rows the copy holds in that month but Postgres does not are marked
+//! 1. per environment and month of creation, over the whole table: a few
+//!    groups per environment, one scan on each side;
+//! 2. per hour, within the environment-months that differ: an index range in
+//!    Postgres (`*_env_created_idx`) and in ClickHouse (the sort key starts
+//!    with the environment and `created_at`), so it reads only those months;
+//! 3. per hour that still differs, again with the ids Postgres changed after
+//!    the cutoff left out of the copy's digest as well: the copy may still
+//!    hold those at an older version from before the cutoff, which step 1 and
+//!    2 count on one side only. A row the copy holds changed after the cutoff
+//!    that Postgres did not list was changed after Postgres was read: both
+//!    are read again (a few times, then the hour counts as differing).
+//!
+//! Hours are the unit because a repair is a range of creation within one
+//! environment, which both stores read by index: an hour holds a small part
+//! of a month (re-copying whole months under load moved 170k rows for
+//! nothing), while a finer grain would multiply the groups step 2 returns
+//! without making the common repair smaller.
+//!
+//! For every hour that differs:
+//!
+//! 1. rows the copy holds in that hour but Postgres does not are marked
 //!    deleted in ClickHouse, versioned with the current WAL position;
-//! 2. the month is backfilled (unless a running backfill covers it). Its
-//!    chunks read a later WAL position, so their rows outrank both the
-//!    markers and any stale copy.
+//! 2. the hour's rows are copied again from Postgres in chunks, each
+//!    versioned with a WAL position read before its rows, so they outrank the
+//!    markers and any stale copy while a live change made meanwhile outranks
+//!    them. An hour too large to copy here is handed to a ranged backfill.
 //!
-//! A digest can also differ because of a change committed after the cutoff
-//! whose new version has not reached ClickHouse yet (an update to an old
-//! row). The repair then rewrites rows that were not wrong, which costs work
+//! A row deleted in Postgres after the cutoff whose deletion has not reached
+//! ClickHouse yet still makes its hour differ (Postgres keeps no trace of
+//! it). The repair then rewrites rows that were not wrong, which costs work
 //! but never correctness.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
+use chrono::{DateTime, Duration, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::analytics::backfill::{self, BackfillRequest, DEFAULT_CHUNK_SIZE};
-use crate::analytics::digest::{self, Digest};
+use crate::analytics::digest::{self, BucketDigest, Digest, Grain, Scope};
+use crate::analytics::rows::{RunRow, SessionRow};
 use crate::analytics::watermark::{self, Table};
 use crate::analytics::{AnalyticsError, ClickHouse};
 use crate::db::{self, StoreError};
 use crate::jobs::Jobs;
+use crate::runs::store as run_store;
+use crate::sessions::store as session_store;
 
-/// Most months one run repairs (the next run takes the rest).
-const MAX_REPAIRS: usize = 24;
+/// Most environment-months one run looks into by the hour, most hours it
+/// compares again with late changes left out, and most hours it repairs
+/// (the next run takes the rest).
+const MAX_MONTHS: usize = 24;
+const MAX_HOURS: usize = 240;
+const MAX_REPAIRS: usize = 48;
+/// Reads of an hour's two digests before it counts as differing: a read
+/// races a change that Postgres made after its read and the copy already
+/// holds, which the next read sees.
+const ROUNDS: usize = 3;
+/// More rows changed after the cutoff in one hour than this, and the hour
+/// counts as differing rather than sending their ids to ClickHouse.
+const MAX_LEFT_OUT: usize = 50_000;
+/// An hour with more rows than this is handed to a ranged backfill (durable
+/// and chunked by jobs) instead of being copied inside this job.
+const MAX_INLINE_ROWS: usize = 100_000;
+/// Ids per tombstone query.
+const TOMBSTONE_CHUNK: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -50,13 +91,45 @@ pub enum ReconcileError {
 /// What one table's reconciliation found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outcome {
-    /// Environment-months compared, and those that differed.
-    pub compared: usize,
+    /// Postgres rows the digests covered (created before the cutoff and not
+    /// changed since), and the environment-months they fell in.
+    pub rows_compared: i64,
+    pub months: usize,
+    /// Hours looked into (within months that differed), and those that
+    /// still differed with late changes left out.
+    pub hours: usize,
     pub differing: usize,
     /// Rows of the copy marked deleted (Postgres no longer has them).
     pub tombstoned: usize,
-    /// Months backfilled (each a ranged backfill), by their first day.
-    pub backfilled: Vec<DateTime<Utc>>,
+    /// Rows copied again from Postgres.
+    pub copied: usize,
+    /// Hours repaired here, by environment and first instant.
+    pub repaired: Vec<(String, DateTime<Utc>)>,
+    /// Hours handed to a ranged backfill (too large to copy here), and hours
+    /// left to a later run: a running backfill covers them, or this run had
+    /// looked into or repaired as many as it takes.
+    pub backfilled: usize,
+    pub deferred: usize,
+}
+
+impl Outcome {
+    /// One line for the job log, `replication_state.last_reconcile` and
+    /// `sessiond replication status`.
+    pub fn summary(&self, table: Table) -> String {
+        format!(
+            "{}: {} rows compared over {} environment-months and {} hours, {} hours differ, {} rows marked deleted, \
+             {} rows copied, {} hours backfilled, {} hours deferred",
+            table.as_str(),
+            self.rows_compared,
+            self.months,
+            self.hours,
+            self.differing,
+            self.tombstoned,
+            self.copied,
+            self.backfilled,
+            self.deferred
+        )
+    }
 }
 
 /// Reconciles both tables; returns a summary for the job log and health.
@@ -70,14 +143,7 @@ pub async fn run(
     for table in [Table::Sessions, Table::Runs] {
         parts.push(match reconcile(pool, ch, jobs, table, margin).await? {
             None => format!("{}: no watermark yet", table.as_str()),
-            Some(o) => format!(
-                "{}: {} of {} months differ, {} rows marked deleted, {} months backfilled",
-                table.as_str(),
-                o.differing,
-                o.compared,
-                o.tombstoned,
-                o.backfilled.len()
-            ),
+            Some(o) => o.summary(table),
         });
     }
     Ok(parts.join("; "))
@@ -94,64 +160,168 @@ pub async fn reconcile(
 ) -> Result<Option<Outcome>, ReconcileError> {
     let Some(mark) = watermark::read(ch, table).await? else { return Ok(None) };
     let cutoff = mark - Duration::from_std(margin).unwrap_or_else(|_| Duration::zero());
-    let pg_table = pg_table(table);
-    let ours = db::created_digests(pool, pg_table, cutoff).await?;
-    let theirs = digest::digests(ch, table, cutoff).await?;
-    let differing = differing(&ours, &theirs);
+    let pg = pg_table(table);
+    let ours = db::created_digests(pool, pg, Grain::Month, None, cutoff).await?;
+    let theirs = digest::digests(ch, table, Grain::Month, None, cutoff).await?;
     let mut outcome = Outcome {
-        compared: keys(&ours).union(&keys(&theirs)).count(),
-        differing: differing.len(),
+        rows_compared: ours.iter().map(|d| d.rows).sum(),
+        months: keys(&ours).union(&keys(&theirs)).count(),
         ..Outcome::default()
     };
-    let mut months = BTreeSet::new();
-    for (environment, month) in differing.into_iter().take(MAX_REPAIRS) {
-        let Some((from, to)) = month_range(month) else { continue };
-        let to = to.min(cutoff);
-        outcome.tombstoned += remove_extra_rows(pool, ch, table, &environment, from, to).await?;
-        months.insert(from);
+
+    let mut hours = Vec::new();
+    for (environment_id, month) in differing(&ours, &theirs).into_iter().take(MAX_MONTHS) {
+        let Some((from, to)) = Grain::Month.range(month) else { continue };
+        let scope = Scope { environment_id, from, to: to.min(cutoff) };
+        let ours = match Uuid::parse_str(&scope.environment_id) {
+            Ok(env) => db::created_digests(pool, pg, Grain::Hour, Some((env, scope.from, scope.to)), cutoff).await?,
+            // An environment id that is not a uuid has no rows in Postgres at all.
+            Err(_) => Vec::new(),
+        };
+        let theirs = digest::digests(ch, table, Grain::Hour, Some(&scope), cutoff).await?;
+        outcome.hours += keys(&ours).union(&keys(&theirs)).count();
+        hours.extend(differing(&ours, &theirs));
     }
-    for from in months {
-        let Some((_, next)) = month_range(yyyymm(from)) else { continue };
+
+    let mut repairs = Vec::new();
+    let unchecked = hours.len().saturating_sub(MAX_HOURS);
+    for (environment_id, hour) in hours.into_iter().take(MAX_HOURS) {
+        let Some((from, to)) = Grain::Hour.range(hour) else { continue };
+        let scope = Scope { environment_id, from, to: to.min(cutoff) };
+        if differs(pool, ch, table, &scope, cutoff).await? {
+            repairs.push(scope);
+        }
+    }
+    outcome.differing = repairs.len();
+    outcome.deferred = unchecked + repairs.len().saturating_sub(MAX_REPAIRS);
+    for scope in repairs.into_iter().take(MAX_REPAIRS) {
         // Backfill ranges are inclusive.
-        let to = next - Duration::microseconds(1);
-        if backfill::store::running_covers(pool, table, from, to).await? {
+        let last = scope.to - Duration::microseconds(1);
+        if backfill::store::running_covers(pool, table, scope.from, last).await? {
+            outcome.deferred += 1;
             continue;
         }
-        let req =
-            BackfillRequest { tables: vec![table], from: Some(from), to: Some(to), chunk_size: DEFAULT_CHUNK_SIZE };
-        backfill::start(pool, jobs, &req).await?;
-        outcome.backfilled.push(from);
+        repair(pool, ch, jobs, table, &scope, &mut outcome).await?;
     }
     Ok(Some(outcome))
 }
 
-/// Marks deleted the copy's rows of one environment created in [`from`,
-/// `to`) that Postgres does not have.
+/// Whether one hour differs once the rows changed after the cutoff in either
+/// store are left out of both digests.
+async fn differs(
+    pool: &PgPool,
+    ch: &ClickHouse,
+    table: Table,
+    scope: &Scope,
+    cutoff: DateTime<Utc>,
+) -> Result<bool, ReconcileError> {
+    let env = Uuid::parse_str(&scope.environment_id).ok();
+    for _ in 0..ROUNDS {
+        let ours = match env {
+            Some(env) => db::bucket_digest(pool, pg_table(table), env, scope.from, scope.to, cutoff).await?,
+            None => BucketDigest { rows: 0, newest_update_us: 0, update_sum: "0".into(), changed: Vec::new() },
+        };
+        if ours.changed.len() > MAX_LEFT_OUT {
+            return Ok(true);
+        }
+        let theirs = digest::bucket_digest(ch, table, scope, cutoff, &ours.changed).await?;
+        if !theirs.changed.is_empty() {
+            // The copy holds a change Postgres made after it was read (or a
+            // row Postgres no longer has): read both again.
+            continue;
+        }
+        return Ok(!ours.same_rows(&theirs));
+    }
+    Ok(true)
+}
+
+/// Marks deleted the copy's rows in `scope` that Postgres lacks and copies
+/// Postgres's rows in `scope` again.
+async fn repair(
+    pool: &PgPool,
+    ch: &ClickHouse,
+    jobs: &Jobs,
+    table: Table,
+    scope: &Scope,
+    outcome: &mut Outcome,
+) -> Result<(), ReconcileError> {
+    let env = Uuid::parse_str(&scope.environment_id).ok();
+    // The copy first: a row it holds was committed in Postgres before, so
+    // Postgres read after it lists the row unless it was deleted.
+    let copied = digest::ids(ch, table, scope).await?;
+    let present = match env {
+        Some(env) => db::created_ids(pool, pg_table(table), env, scope.from, scope.to).await?,
+        None => Vec::new(),
+    };
+    outcome.tombstoned += remove_extra_rows(pool, ch, table, scope, copied, &present).await?;
+    if present.len() > MAX_INLINE_ROWS {
+        let last = scope.to - Duration::microseconds(1);
+        let req = BackfillRequest {
+            tables: vec![table],
+            from: Some(scope.from),
+            to: Some(last),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+        };
+        backfill::start(pool, jobs, &req).await?;
+        outcome.backfilled += 1;
+        return Ok(());
+    }
+    for ids in present.chunks(DEFAULT_CHUNK_SIZE as usize) {
+        outcome.copied += copy_rows(pool, ch, table, env, ids).await?;
+    }
+    outcome.repaired.push((scope.environment_id.clone(), scope.from));
+    Ok(())
+}
+
+/// Copies rows `ids` from Postgres, versioned with the WAL position read
+/// before them (as a backfill chunk is); returns how many still existed.
+async fn copy_rows(
+    pool: &PgPool,
+    ch: &ClickHouse,
+    table: Table,
+    env: Option<Uuid>,
+    ids: &[Uuid],
+) -> Result<usize, ReconcileError> {
+    let version = current_lsn(pool).await?;
+    let (copy, _) = digest::copy_of(table);
+    match (table, env) {
+        (Table::Sessions, Some(env)) => {
+            let rows = session_store::find_many(pool, env, ids).await?;
+            let copied: Vec<SessionRow> = rows.iter().map(|s| SessionRow::from_session(s, version)).collect();
+            ch.insert_rows(copy, &copied).await?;
+            Ok(copied.len())
+        }
+        (Table::Runs, Some(_)) => {
+            let rows = run_store::find_many(pool, ids).await?;
+            let copied: Vec<RunRow> = rows.iter().map(|r| RunRow::from_run(r, version)).collect();
+            ch.insert_rows(copy, &copied).await?;
+            Ok(copied.len())
+        }
+        (_, None) => Ok(0),
+    }
+}
+
+/// Marks deleted the rows of `copied` (the copy's ids in `scope`) that are
+/// not in `present` (Postgres's).
 async fn remove_extra_rows(
     pool: &PgPool,
     ch: &ClickHouse,
     table: Table,
-    environment: &str,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
+    scope: &Scope,
+    copied: Vec<String>,
+    present: &[Uuid],
 ) -> Result<usize, ReconcileError> {
-    let copied = digest::ids(ch, table, environment, from, to).await?;
-    if copied.is_empty() {
-        return Ok(0);
-    }
-    // An environment id that is not a uuid has no rows in Postgres at all.
-    let present: BTreeSet<String> = match Uuid::parse_str(environment) {
-        Ok(env) => {
-            db::created_ids(pool, pg_table(table), env, from, to).await?.into_iter().map(|id| id.to_string()).collect()
-        }
-        Err(_) => BTreeSet::new(),
-    };
+    let present: BTreeSet<String> = present.iter().map(|id| id.to_string()).collect();
     let extra: Vec<String> = copied.into_iter().filter(|id| !present.contains(id)).collect();
     if extra.is_empty() {
         return Ok(0);
     }
     let lsn = current_lsn(pool).await?;
-    Ok(digest::tombstone(ch, table, &extra, environment, from, to, lsn).await?)
+    let mut marked = 0;
+    for ids in extra.chunks(TOMBSTONE_CHUNK) {
+        marked += digest::tombstone(ch, table, ids, scope, lsn).await?;
+    }
+    Ok(marked)
 }
 
 async fn current_lsn(pool: &PgPool) -> Result<u64, StoreError> {
@@ -166,46 +336,33 @@ fn pg_table(table: Table) -> &'static str {
     }
 }
 
-type Key = (String, i32);
+type Key = (String, i64);
 
 fn keys(digests: &[Digest]) -> BTreeSet<Key> {
-    digests.iter().map(|d| (d.environment_id.clone(), d.month)).collect()
+    digests.iter().map(|d| (d.environment_id.clone(), d.bucket)).collect()
 }
 
-/// The (environment, month) pairs whose digests differ, or that only one
+/// The (environment, bucket) pairs whose digests differ, or that only one
 /// store has.
 fn differing(ours: &[Digest], theirs: &[Digest]) -> Vec<Key> {
     let index = |ds: &[Digest]| -> BTreeMap<Key, Digest> {
-        ds.iter().map(|d| ((d.environment_id.clone(), d.month), d.clone())).collect()
+        ds.iter().map(|d| ((d.environment_id.clone(), d.bucket), d.clone())).collect()
     };
     let (ours, theirs) = (index(ours), index(theirs));
     let all: BTreeSet<&Key> = ours.keys().chain(theirs.keys()).collect();
     all.into_iter().filter(|k| ours.get(*k) != theirs.get(*k)).cloned().collect()
 }
 
-/// The first instant of month `YYYYMM` and of the month after it.
-fn month_range(yyyymm: i32) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
-    let (year, month) = (yyyymm / 100, (yyyymm % 100) as u32);
-    let start = Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0).single()?;
-    let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
-    let next = Utc.with_ymd_and_hms(ny, nm, 1, 0, 0, 0).single()?;
-    Some((start, next))
-}
-
-fn yyyymm(t: DateTime<Utc>) -> i32 {
-    t.year() * 100 + t.month() as i32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn d(env: &str, month: i32, rows: i64, newest: i64, sum: &str) -> Digest {
-        Digest { environment_id: env.into(), month, rows, newest_update_us: newest, update_sum: sum.into() }
+    fn d(env: &str, bucket: i64, rows: i64, newest: i64, sum: &str) -> Digest {
+        Digest { environment_id: env.into(), bucket, rows, newest_update_us: newest, update_sum: sum.into() }
     }
 
     #[test]
-    fn months_differ_on_any_part_of_the_digest_or_when_one_side_lacks_them() {
+    fn buckets_differ_on_any_part_of_the_digest_or_when_one_side_lacks_them() {
         let ours = vec![d("a", 202611, 3, 10, "30"), d("a", 202612, 1, 5, "5"), d("b", 202612, 2, 7, "9")];
         let theirs = vec![d("a", 202611, 3, 10, "30"), d("a", 202612, 1, 5, "4"), d("c", 202612, 1, 1, "1")];
         assert_eq!(
@@ -216,12 +373,12 @@ mod tests {
     }
 
     #[test]
-    fn month_ranges_cover_whole_months_and_roll_over_the_year() {
-        let (from, to) = month_range(202612).unwrap();
-        assert_eq!(from, Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap());
-        assert_eq!(to, Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap());
-        assert_eq!(yyyymm(from), 202612);
-        assert_eq!(month_range(202613), None);
-        assert_eq!(month_range(202600), None);
+    fn the_summary_names_rows_compared_and_copied() {
+        let o = Outcome { rows_compared: 1200, months: 2, hours: 6, differing: 1, copied: 200, ..Outcome::default() };
+        assert_eq!(
+            o.summary(Table::Sessions),
+            "sessions: 1200 rows compared over 2 environment-months and 6 hours, 1 hours differ, \
+             0 rows marked deleted, 200 rows copied, 0 hours backfilled, 0 hours deferred"
+        );
     }
 }

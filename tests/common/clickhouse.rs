@@ -81,6 +81,17 @@ impl PrivateClickHouse {
         }
     }
 
+    /// Kills the server with SIGKILL, as a crash would (nothing flushed, no
+    /// goodbye to clients), and reaps it. [`restart`](Self::restart) starts
+    /// it again on the same port and data.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // std's Child::kill sends SIGKILL on Unix.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops and starts the server again on the same port and data dir.
     pub async fn restart(&mut self) {
         self.stop().await;
