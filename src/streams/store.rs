@@ -529,11 +529,11 @@ impl ChannelStore {
     /// The counter of a channel Redis has lost (or never had): its floor from
     /// Postgres, installed as the counter so the next append continues from it.
     /// A channel that never leased a number (no floor, no keys) is left alone.
-    async fn restore(&self, key: ChannelKey, held: Option<u64>) -> Result<u64, ChannelError> {
+    async fn restore(&self, key: ChannelKey, has_keys: bool) -> Result<u64, ChannelError> {
         for _ in 0..LEASE_ROUNDS {
             let epoch = self.current_epoch().await?;
             let floor = self.floors.floor(key).await?;
-            if floor == 0 && held.is_none() {
+            if floor == 0 && !has_keys {
                 return Ok(0);
             }
             if let Some(next) = self.install(key, &epoch, Lease::at(floor)).await? {
@@ -604,7 +604,7 @@ impl ChannelStore {
             redis::cmd("MGET").arg(self.counter_key(key)).arg(self.reserved_key(key)).query_async(&mut conn).await?;
         match (next, reserved) {
             (Some(next), Some(_)) => Ok(next),
-            (held, reserved) => self.restore(key, held.or(reserved)).await,
+            (next, reserved) => self.restore(key, next.is_some() || reserved.is_some()).await,
         }
     }
 
