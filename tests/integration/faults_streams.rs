@@ -346,28 +346,3 @@ async fn ten_thousand_appends_write_postgres_a_handful_of_times() {
     println!("STREAMS floor: appends=10000 pg_writes={writes} secs={secs:.2} appends_per_sec={:.0}", 10_000.0 / secs);
     assert!(writes <= 6, "blocks doubling from 1k: {writes} writes");
 }
-
-#[tokio::test]
-async fn tmp_timing_only() {
-    let app = TestApp::spawn().await;
-    for round in 0..3 {
-        let s = app.create_session(session_body(Some(&format!("floor-t{round}")))).await["id"].as_str().unwrap().to_string();
-        let key = sessiond::streams::ChannelKey { session_id: app.session_uuid(&s).await, io: sessiond::streams::Io::Out };
-        let store = app.state.channels.clone();
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..16)
-            .map(|w| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    for i in 0..625 {
-                        store.append(key, &format!("{w}-{i}"), &[], None).await.expect("append");
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap();
-        }
-        println!("TIMING round={round} secs={:.2} per_sec={:.0}", t.elapsed().as_secs_f64(), 10_000.0 / t.elapsed().as_secs_f64());
-    }
-}
