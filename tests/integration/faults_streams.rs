@@ -199,7 +199,11 @@ async fn redis_restarted_empty_never_reuses_or_rewinds_channel_numbers() {
     // What a client must never see, collected so the figures print first.
     let mut problems: Vec<String> = Vec::new();
     if !reused.is_empty() {
-        problems.push(format!("{} numbers acknowledged twice, e.g. {:?}", reused.len(), &reused[..reused.len().min(8)]));
+        problems.push(format!(
+            "{} numbers acknowledged twice, e.g. {:?}",
+            reused.len(),
+            &reused[..reused.len().min(8)]
+        ));
     }
     if first_after <= max_before {
         problems.push(format!("after the loss {first_after}, before it up to {max_before}"));
@@ -227,7 +231,11 @@ async fn redis_restarted_empty_never_reuses_or_rewinds_channel_numbers() {
             let got: Vec<u64> = resumed[1..].iter().map(|r| r.seq_num).collect();
             let acked: Vec<u64> = by_seq.range(gap_to + 1..).map(|(seq, _)| *seq).collect();
             if got != acked {
-                problems.push(format!("the resume got {} records, {} were acknowledged after the gap", got.len(), acked.len()));
+                problems.push(format!(
+                    "the resume got {} records, {} were acknowledged after the gap",
+                    got.len(),
+                    acked.len()
+                ));
             }
         }
     }
