@@ -40,14 +40,16 @@ use super::{ChannelKey, Record};
 ///
 /// Returns `{timestamp, (outcome, seq) per record, waitpoint ids drained...}`
 /// with outcome 0 written, 1 duplicate, 2 refused (closed), 3 refused (the
-/// writing run was superseded). When the group could pass the channel's
-/// reservation, or Redis has lost the channel (counter or reservation
-/// missing), nothing is written and the reply is `{-1, counter}`: the caller
-/// leases more numbers from Postgres and calls again (see [`super::floor`]). A record whose part id was seen within the
+/// writing run was superseded). A record whose part id was seen within the
 /// window is not written again and answers the seq it got then (a repeat
 /// inside the group included), even after the close or a hand-off, so a retry
 /// still gets its acknowledgement. The group's first new record completes the
 /// channel's pending waitpoints.
+///
+/// When the group could pass the channel's reservation, or Redis has lost the
+/// channel (counter or reservation missing), nothing is written and the reply
+/// is `{-1, counter}`: the caller leases more numbers from Postgres and calls
+/// again (see [`super::floor`]).
 ///
 /// The fence (`<version> <run>`, set by the run manager when a run replaces
 /// another) is checked here, in the same atomic step as the write: a run that
@@ -256,6 +258,9 @@ pub enum ChannelError {
     /// The sequence floor in Postgres could not be read or raised.
     #[error("sequence floor: {0}")]
     Floor(#[from] FloorError),
+    /// Every lease asked for was refused or used up by others first.
+    #[error("no sequence numbers could be leased for the channel")]
+    NoLease,
 }
 
 /// The outcome of an append.
@@ -488,7 +493,7 @@ impl ChannelStore {
                 None => return parse_append_reply(&reply, records.len()),
             }
         }
-        Err(ChannelError::Corrupt("no sequence numbers could be leased".into()))
+        Err(ChannelError::NoLease)
     }
 
     /// The epoch leases are asked under (written when Redis has none).
@@ -540,7 +545,7 @@ impl ChannelStore {
                 return Ok(next);
             }
         }
-        Err(ChannelError::Corrupt("the channel's sequence floor could not be restored".into()))
+        Err(ChannelError::NoLease)
     }
 
     /// Has the channel been closed (appends refused)?
