@@ -354,3 +354,27 @@ async fn ten_thousand_appends_write_postgres_a_handful_of_times() {
     println!("STREAMS floor: appends=10000 pg_writes={writes} secs={secs:.2} appends_per_sec={:.0}", 10_000.0 / secs);
     assert!(writes <= 6, "blocks doubling from 1k: {writes} writes");
 }
+
+/// A channel written before sequence floors existed has a counter in Redis but
+/// no reservation and no floor: it carries on densely from its counter.
+#[tokio::test]
+async fn a_channel_from_before_floors_continues_from_its_counter() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("floor-upgrade"))).await["id"].as_str().unwrap().to_string();
+    for i in 0..3 {
+        let (_, v) = app.append(&s, "out", &app.a.key, &format!("r{i}"), &[]).await;
+        assert_eq!(v["seq"], i);
+    }
+    let key = sessiond::streams::ChannelKey { session_id: app.session_uuid(&s).await, io: sessiond::streams::Io::Out };
+    let stream = app.state.channels.stream_key(key);
+    let reserved = format!("{}:r", stream.trim_end_matches(":s"));
+    let _: i64 = redis::cmd("DEL").arg(&reserved).query_async(&mut app.state.redis.clone()).await.unwrap();
+    sqlx::query("DELETE FROM channel_seq_floors").execute(app.db()).await.unwrap();
+
+    assert_eq!(app.state.channels.next_seq(key).await.unwrap(), 3);
+    let (_, v) = app.append(&s, "out", &app.a.key, "r3", &[]).await;
+    assert_eq!(v["seq"], 3, "{v}");
+    let floor: i64 =
+        sqlx::query_scalar("SELECT reserved_upto FROM channel_seq_floors").fetch_one(app.db()).await.unwrap();
+    assert!(floor > 3, "the floor is leased above the counter: {floor}");
+}
