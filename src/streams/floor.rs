@@ -31,6 +31,10 @@
 //! (`<p>:seq-epoch`, a random value written when missing) is read before the
 //! raise and checked by the install, which refuses a lease whose epoch is gone;
 //! the caller then asks again.
+//!
+//! What this does not catch: a Redis brought back from an older snapshot (not
+//! empty, but behind), whose epoch and counters come back with it; with the
+//! project's `appendfsync always` a crash leaves none behind.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
