@@ -78,8 +78,8 @@ pub fn keepalive_frame() -> Bytes {
 }
 
 /// The control record announcing that records `from..=to` can no longer be
-/// delivered: trimmed, expired, or lost with Redis's data. It takes the seq_num of the last missing record so a
-/// client's cursor moves past the gap.
+/// delivered: trimmed, expired, or lost with Redis's data. It takes the
+/// seq_num of the last missing record so a client's cursor moves past the gap.
 pub fn gap_record(from: u64, to: u64) -> Record {
     Record {
         seq_num: to,
