@@ -90,7 +90,8 @@ impl AppState {
         ));
         let run_queue = RunQueue::new(redis.clone(), &config.redis_prefix);
         let jobs = jobs(&config, db.clone(), redis.clone());
-        let channels = ChannelStore::new(redis.clone(), &config.redis_prefix, config.append_dedupe_window_secs * 1000);
+        let channels =
+            ChannelStore::new(redis.clone(), db.clone(), &config.redis_prefix, config.append_dedupe_window_secs * 1000);
         let hub = Hub::new(channels.clone(), Duration::from_millis(config.feed_safety_poll_ms));
         let runs = RunManager::new(db.clone(), jobs.clone(), channels.clone());
         let waitpoints = Waitpoints::new(
@@ -147,7 +148,7 @@ pub fn jobs(config: &Config, db: PgPool, redis: ConnectionManager) -> Jobs {
 /// The run manager alone, for commands that trigger runs.
 pub fn run_manager(config: &Config, db: PgPool, redis: ConnectionManager) -> RunManager {
     let jobs = jobs(config, db.clone(), redis.clone());
-    let channels = ChannelStore::new(redis, &config.redis_prefix, config.append_dedupe_window_secs * 1000);
+    let channels = ChannelStore::new(redis, db.clone(), &config.redis_prefix, config.append_dedupe_window_secs * 1000);
     RunManager::new(db, jobs, channels)
 }
 

@@ -20,7 +20,7 @@ use super::store::{Appended, ChannelError, ChannelStore, NewRecord};
 use super::ChannelKey;
 
 /// Most records one script call carries.
-const MAX_BATCH_RECORDS: usize = 64;
+pub(super) const MAX_BATCH_RECORDS: usize = 64;
 /// Most body bytes one script call carries (a single bigger record goes alone).
 const MAX_BATCH_BYTES: usize = 1 << 20;
 

@@ -97,11 +97,14 @@ impl FeedState {
         }
     }
 
-    /// Broadcasts the records read from Redis that come next, in order.
+    /// Broadcasts the records read from Redis that come next, in order. A read
+    /// is the channel as it is: numbers it skips are numbers no record will
+    /// take (left unused after Redis lost the channel, see
+    /// [`super::floor`]), so the feed moves past them.
     fn deliver_read(&self, records: &[Record]) {
         let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
         for r in records {
-            if Some(r.seq_num) == *next {
+            if next.is_some_and(|n| r.seq_num >= n) {
                 *next = Some(r.seq_num + 1);
                 let _ = self.tx.send(Arc::new(Encoded::new(r)));
             }

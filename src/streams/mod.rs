@@ -1,8 +1,11 @@
 //! Session channels: the durable `.in` / `.out` streams a session owns.
 //!
 //! - [`store`]: records in Redis Streams, appended by one Lua script that assigns
-//!   dense sequence numbers, dedupes retries, refuses writes after close, and
-//!   drains the channel's pending waitpoints, all atomically.
+//!   sequence numbers (dense while Redis keeps its data), dedupes retries,
+//!   refuses writes after close, and drains the channel's pending waitpoints,
+//!   all atomically.
+//! - [`floor`]: sequence numbers leased from Postgres a block at a time, so
+//!   they never go backwards when Redis loses a channel.
 //! - [`effects`]: what a durable append sets off (waitpoint drain, run boot).
 //! - [`group_commit`]: concurrent appends to one channel share one script call.
 //! - [`hub`]: one upstream reader per active channel per process, fanning new
@@ -12,6 +15,7 @@
 //! - [`routes`]: the realtime HTTP routes.
 
 pub mod effects;
+pub mod floor;
 pub mod group_commit;
 pub mod hub;
 pub mod routes;

@@ -245,15 +245,26 @@ async fn records(
     let after = parse_cursor("afterEventId", q.after_event_id.as_deref())?;
     let session = sessions.load(&auth, &path.session, path.io, Action::Read).await?;
     let key = ChannelKey { session_id: session.id, io: path.io };
-    let records = channels.read_after(key, after, MAX_RECORDS_READ).await?;
+    let mut records = channels.read_after(key, after, MAX_RECORDS_READ).await?;
     // As for Last-Event-ID: an id the channel never reached is refused, as
     // following it would skip the records that later take those numbers.
-    if let (Some(a), true) = (after, records.is_empty()) {
-        let next_seq = channels.next_seq(key).await?;
-        if a >= next_seq {
-            return Err(ApiError::BadRequest(format!(
-                "afterEventId {a} is past the end of the stream (next is {next_seq})"
-            )));
+    if let Some(a) = after {
+        let first = match records.first() {
+            Some(r) => r.seq_num,
+            None => {
+                let next_seq = channels.next_seq(key).await?;
+                if a >= next_seq {
+                    return Err(ApiError::BadRequest(format!(
+                        "afterEventId {a} is past the end of the stream (next is {next_seq})"
+                    )));
+                }
+                next_seq
+            }
+        };
+        // Numbers after the cursor that are gone (expired, or lost with
+        // Redis's data) are signalled as SSE does, so the cursor moves past them.
+        if let Some(gap) = sse::gap_before(Some(a), first) {
+            records.insert(0, gap);
         }
     }
     let views: Vec<RecordView> = records.into_iter().map(record_view).collect();

@@ -77,9 +77,9 @@ pub fn keepalive_frame() -> Bytes {
     Bytes::from_static(b": keep-alive\n\n")
 }
 
-/// The control record announcing that records `from..=to` were trimmed and can
-/// no longer be delivered. It takes the seq_num of the last missing record so a
-/// client's cursor moves past the gap.
+/// The control record announcing that records `from..=to` can no longer be
+/// delivered: trimmed, expired, or lost with Redis's data. It takes the
+/// seq_num of the last missing record so a client's cursor moves past the gap.
 pub fn gap_record(from: u64, to: u64) -> Record {
     Record {
         seq_num: to,
@@ -91,6 +91,15 @@ pub fn gap_record(from: u64, to: u64) -> Record {
         ],
         timestamp: chrono::Utc::now().timestamp_millis(),
     }
+}
+
+/// The gap a read that resumes after `cursor` and finds `first` next reveals:
+/// records trimmed, or numbers lost with Redis's data (see [`super::floor`]).
+/// Only for a client that has a cursor; one reading from the start gets what
+/// is there.
+pub fn gap_before(cursor: Option<u64>, first: u64) -> Option<Record> {
+    let from = cursor?.checked_add(1)?;
+    (first > from).then(|| gap_record(from, first - 1))
 }
 
 pub struct Subscription {
@@ -165,10 +174,7 @@ impl Subscription {
             if c >= next {
                 return Err(SubscribeError::PastEnd { cursor: c, next });
             }
-            let oldest = store.oldest_seq(key).await?;
-            if oldest > c + 1 {
-                gap = Some(gap_record(c + 1, oldest - 1));
-            }
+            gap = gap_before(Some(c), store.oldest_seq(key).await?);
         }
         let settled = req.peek_settled && store.last(key).await?.is_some_and(|r| r.is_turn_complete());
         // Fail now (503) rather than with a stream that fails at once if Redis
@@ -245,7 +251,12 @@ impl State {
                     Some(records) => Ok(records),
                     None => self.sub.store.read_after(self.sub.key, self.sub.cursor, BACKLOG_BATCH).await,
                 } {
-                    Ok(records) if !records.is_empty() => {
+                    Ok(mut records) if !records.is_empty() => {
+                        // A live subscriber across a Redis loss: the numbers it
+                        // never got are signalled, in the same frame.
+                        if let Some(gap) = gap_before(self.sub.cursor, records[0].seq_num) {
+                            records.insert(0, gap);
+                        }
                         self.sub.cursor = records.last().map(|r| r.seq_num);
                         return Some(batch_frame(&records));
                     }
@@ -395,5 +406,15 @@ mod tests {
         assert_eq!(g.seq_num, 9);
         assert_eq!(g.control(), Some("stream-gap"));
         assert_eq!(g.header("gap-from"), Some("2"));
+    }
+
+    #[test]
+    fn gaps_are_signalled_only_for_skipped_numbers_after_a_cursor() {
+        assert!(gap_before(Some(4), 5).is_none());
+        assert!(gap_before(Some(4), 3).is_none());
+        assert!(gap_before(None, 1_000).is_none());
+        let g = gap_before(Some(57), 1_000).unwrap();
+        assert_eq!((g.seq_num, g.header("gap-from"), g.header("gap-to")), (999, Some("58"), Some("999")));
+        assert!(gap_before(Some(u64::MAX), 0).is_none());
     }
 }

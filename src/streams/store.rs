@@ -8,27 +8,32 @@
 //! | --- | --- |
 //! | `<p>:ch:{s:io}:s` | the stream; fields `b` body, `h` headers (JSON pairs), `t` ms |
 //! | `<p>:ch:{s:io}:n` | next sequence number counter (INCR) |
+//! | `<p>:ch:{s:io}:r` | numbers below this are leased from Postgres (see [`super::floor`]) |
 //! | `<p>:ch:{s:io}:closed` | present once the session is closed: appends refused |
 //! | `<p>:ch:{s:io}:w` | ids of waitpoints pending on the channel |
 //! | `<p>:ch:{s:io}:p:<part>` | seq of an append with that `X-Part-Id` (dedupe window) |
 //! | `<p>:ch:{s:io}:run` | the fence: `<run version> <run>`, the only run whose token may write |
 //! | `<p>:boot-intents` | sorted set: `<env>:<session>` → newest `.in` seq no run is known to read yet |
+//! | `<p>:seq-epoch` | a random value, gone when Redis loses its data (see [`super::floor`]) |
 //!
-//! The boot-intent set is the one key outside a channel's slot (the `.in`
-//! append script touches it): fine on one Redis node, which is what sessiond
-//! runs on; a Redis Cluster deployment would need one set per shard.
+//! The boot-intent set and the epoch are the keys outside a channel's slot
+//! (the `.in` append script touches the set, a lease's install the epoch): fine
+//! on one Redis node, which is what sessiond runs on; a Redis Cluster
+//! deployment would need one of each per shard.
 
 use redis::aio::ConnectionManager;
 use redis::{Script, Value as RedisValue};
+use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::floor::{FloorError, Lease, SeqFloors};
 use super::group_commit::Lanes;
 use super::{ChannelKey, Record};
 
 /// Appends a group of records in order; see the module docs for the keys.
 ///
-/// KEYS: stream, counter, closed, waiters, fence, boot intents, then one
-/// part-id key per record (unused when the record has none). ARGV: dedupe
+/// KEYS: stream, counter, closed, waiters, fence, boot intents, reservation,
+/// then one part-id key per record (unused when the record has none). ARGV: dedupe
 /// window (ms), notify channel, notify tag, boot-intent member ('' for none),
 /// then five per record: body, headers JSON, has part id ('1'/'0'), announce
 /// inline ('1'/'0'), writing run ('' when not written by a run).
@@ -40,6 +45,11 @@ use super::{ChannelKey, Record};
 /// inside the group included), even after the close or a hand-off, so a retry
 /// still gets its acknowledgement. The group's first new record completes the
 /// channel's pending waitpoints.
+///
+/// When the group could pass the channel's reservation, or Redis has lost the
+/// channel (counter or reservation missing), nothing is written and the reply
+/// is `{-1, counter}`: the caller leases more numbers from Postgres and calls
+/// again (see [`super::floor`]).
 ///
 /// The fence (`<version> <run>`, set by the run manager when a run replaces
 /// another) is checked here, in the same atomic step as the write: a run that
@@ -56,6 +66,11 @@ use super::{ChannelKey, Record};
 /// read back; announcements go out after the records are stored, and Redis
 /// sends them only once the write is as durable as the fsync setting makes it.
 const APPEND: &str = r#"
+local count = (#ARGV - 4) / 5
+local counter, reserved = redis.call('GET', KEYS[2]), redis.call('GET', KEYS[7])
+if not counter or not reserved or tonumber(counter) + count > tonumber(reserved) then
+  return {-1, tonumber(counter or 0)}
+end
 local closed = redis.call('EXISTS', KEYS[3]) == 1
 local fence = redis.call('GET', KEYS[5])
 local fenced_run = fence and string.match(fence, '^%d+ (.+)$')
@@ -63,10 +78,10 @@ local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local reply = {ts}
 local last_seq = nil
-for i = 1, (#ARGV - 4) / 5 do
+for i = 1, count do
   local a = 4 + (i - 1) * 5
   local body, headers, has_part, writer = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1', ARGV[a + 5]
-  local seen = has_part and redis.call('GET', KEYS[6 + i])
+  local seen = has_part and redis.call('GET', KEYS[7 + i])
   if seen then
     table.insert(reply, 1)
     table.insert(reply, tonumber(seen))
@@ -79,7 +94,7 @@ for i = 1, (#ARGV - 4) / 5 do
   else
     local seq = redis.call('INCR', KEYS[2]) - 1
     redis.call('XADD', KEYS[1], seq .. '-1', 'b', body, 'h', headers, 't', ts)
-    if has_part then redis.call('SET', KEYS[6 + i], seq, 'PX', ARGV[1]) end
+    if has_part then redis.call('SET', KEYS[7 + i], seq, 'PX', ARGV[1]) end
     table.insert(reply, 0)
     table.insert(reply, seq)
     last_seq = seq
@@ -99,6 +114,35 @@ if last_seq then
   end
 end
 return reply
+"#;
+
+/// Installs a lease of sequence numbers (see [`super::floor`]). KEYS: counter,
+/// reservation, epoch; ARGV: epoch the lease was asked under, from, upto.
+/// Refused (-1) when the epoch is gone: Redis lost its data since, and the
+/// lease may be older than numbers acknowledged in between. A channel Redis
+/// still has only gets its reservation raised; a lost one restarts its
+/// counter at the lease (never below what is left of its keys). Returns the
+/// counter.
+const INSTALL_LEASE: &str = r#"
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+local counter, reserved = redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])
+local from, upto = tonumber(ARGV[2]), tonumber(ARGV[3])
+if counter and reserved then
+  if upto > tonumber(reserved) then redis.call('SET', KEYS[2], ARGV[3]) end
+  return tonumber(counter)
+end
+from = math.max(from, tonumber(counter or 0), tonumber(reserved or 0))
+upto = math.max(upto, tonumber(reserved or 0))
+redis.call('SET', KEYS[1], string.format('%.0f', from))
+redis.call('SET', KEYS[2], string.format('%.0f', upto))
+return from
+"#;
+
+/// Reads the epoch, first writing ARGV[1] when there is none (Redis is new or
+/// lost its data).
+const EPOCH: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
 "#;
 
 /// Moves a channel's fence to a newer run: `SET` only when ARGV[1] (the
@@ -132,17 +176,24 @@ return redis.call('PTTL', KEYS[1])
 "#;
 
 /// Marks a channel closed; its records (and any pending set and fence) expire
-/// after the retention period (ARGV[1]), its counter and closed marker after ARGV[2]
-/// (longer): until then a resume from before the expired history still gets
-/// its gap signal, and the marker still refuses appends.
+/// after the retention period (ARGV[1]), its counter, reservation and closed
+/// marker after ARGV[2] (longer): until then a resume from before the expired
+/// history still gets its gap signal, and the marker still refuses appends.
 const CLOSE: &str = r#"
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
 for _, i in ipairs({1, 4, 5}) do
   if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+for _, i in ipairs({2, 6}) do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+end
 return 1
 "#;
+
+/// How many times an append or a read asks for a lease before giving up (a
+/// lease is refused only when Redis lost its data meanwhile, or another
+/// process's appends used it up first).
+const LEASE_ROUNDS: usize = 5;
 
 /// How much longer than its records a closed channel's counter and closed
 /// marker are kept.
@@ -204,6 +255,12 @@ pub enum ChannelError {
     Redis(#[from] redis::RedisError),
     #[error("corrupt channel data: {0}")]
     Corrupt(String),
+    /// The sequence floor in Postgres could not be read or raised.
+    #[error("sequence floor: {0}")]
+    Floor(#[from] FloorError),
+    /// Every lease asked for was refused or used up by others first.
+    #[error("no sequence numbers could be leased for the channel")]
+    NoLease,
 }
 
 /// The outcome of an append.
@@ -259,9 +316,12 @@ pub struct ChannelStore(std::sync::Arc<StoreInner>);
 
 pub struct StoreInner {
     redis: ConnectionManager,
+    floors: SeqFloors,
     prefix: String,
     dedupe_window_ms: u64,
     append: Script,
+    install_lease: Script,
+    epoch: Script,
     register: Script,
     close: Script,
     set_fence: Script,
@@ -277,12 +337,16 @@ impl std::ops::Deref for ChannelStore {
 }
 
 impl ChannelStore {
-    pub fn new(redis: ConnectionManager, prefix: &str, dedupe_window_ms: u64) -> Self {
+    /// `db` holds the channels' sequence floors (see [`super::floor`]).
+    pub fn new(redis: ConnectionManager, db: PgPool, prefix: &str, dedupe_window_ms: u64) -> Self {
         ChannelStore(std::sync::Arc::new(StoreInner {
             redis,
+            floors: SeqFloors::new(db),
             prefix: prefix.to_string(),
             dedupe_window_ms,
             append: Script::new(APPEND),
+            install_lease: Script::new(INSTALL_LEASE),
+            epoch: Script::new(EPOCH),
             register: Script::new(REGISTER_WAITER),
             close: Script::new(CLOSE),
             set_fence: Script::new(SET_FENCE),
@@ -301,6 +365,14 @@ impl ChannelStore {
 
     fn counter_key(&self, key: ChannelKey) -> String {
         format!("{}:n", self.base(key))
+    }
+
+    fn reserved_key(&self, key: ChannelKey) -> String {
+        format!("{}:r", self.base(key))
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{}:seq-epoch", self.prefix)
     }
 
     fn closed_key(&self, key: ChannelKey) -> String {
@@ -337,6 +409,11 @@ impl ChannelStore {
     /// The group-commit lanes (their stats show how well appends group).
     pub fn lanes(&self) -> &Lanes {
         &self.lanes
+    }
+
+    /// The sequence floors (their write count shows what appends cost Postgres).
+    pub fn floors(&self) -> &SeqFloors {
+        &self.floors
     }
 
     /// Appends one record as the server (no run fence, no boot intent).
@@ -388,7 +465,8 @@ impl ChannelStore {
             .key(self.closed_key(key))
             .key(self.waiters_key(key))
             .key(self.fence_key(key))
-            .key(self.boot_intents_key());
+            .key(self.boot_intents_key())
+            .key(self.reserved_key(key));
         for record in records {
             invocation.key(self.part_key(key, record.part_id.as_deref().unwrap_or("-")));
         }
@@ -406,8 +484,68 @@ impl ChannelStore {
                 .arg(record.writer_run.as_deref().unwrap_or(""));
         }
         let mut conn = self.redis.clone();
-        let reply: Vec<RedisValue> = invocation.invoke_async(&mut conn).await?;
-        parse_append_reply(&reply, records.len())
+        for _ in 0..LEASE_ROUNDS {
+            let reply: Vec<RedisValue> = invocation.invoke_async(&mut conn).await?;
+            match needs_lease(&reply)? {
+                Some(next) => {
+                    self.lease(key, next).await?;
+                }
+                None => return parse_append_reply(&reply, records.len()),
+            }
+        }
+        Err(ChannelError::NoLease)
+    }
+
+    /// The epoch leases are asked under (written when Redis has none).
+    async fn current_epoch(&self) -> Result<String, ChannelError> {
+        let mut conn = self.redis.clone();
+        let fresh = Uuid::new_v4().simple().to_string();
+        Ok(self.epoch.key(self.epoch_key()).arg(fresh).invoke_async(&mut conn).await?)
+    }
+
+    /// Installs `lease` if Redis has not lost its data since `epoch` was read;
+    /// returns the channel's counter then.
+    async fn install(&self, key: ChannelKey, epoch: &str, lease: Lease) -> Result<Option<u64>, ChannelError> {
+        let mut conn = self.redis.clone();
+        let next: i64 = self
+            .install_lease
+            .key(self.counter_key(key))
+            .key(self.reserved_key(key))
+            .key(self.epoch_key())
+            .arg(epoch)
+            .arg(lease.from)
+            .arg(lease.upto)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(u64::try_from(next).ok())
+    }
+
+    /// Leases a block of numbers above `next` (the counter the append script
+    /// saw) from Postgres and installs it.
+    async fn lease(&self, key: ChannelKey, next: u64) -> Result<(), ChannelError> {
+        let epoch = self.current_epoch().await?;
+        let lease = self.floors.raise(key, next).await?;
+        if self.install(key, &epoch, lease).await?.is_none() {
+            tracing::warn!(channel = %Self::notify_tag(key), "redis lost its data while leasing sequence numbers");
+        }
+        Ok(())
+    }
+
+    /// The counter of a channel Redis has lost (or never had): its floor from
+    /// Postgres, installed as the counter so the next append continues from it.
+    /// A channel that never leased a number (no floor, no keys) is left alone.
+    async fn restore(&self, key: ChannelKey, has_keys: bool) -> Result<u64, ChannelError> {
+        for _ in 0..LEASE_ROUNDS {
+            let epoch = self.current_epoch().await?;
+            let floor = self.floors.floor(key).await?;
+            if floor == 0 && !has_keys {
+                return Ok(0);
+            }
+            if let Some(next) = self.install(key, &epoch, Lease::at(floor)).await? {
+                return Ok(next);
+            }
+        }
+        Err(ChannelError::NoLease)
     }
 
     /// Has the channel been closed (appends refused)?
@@ -462,11 +600,17 @@ impl ChannelStore {
         entries.into_iter().next().map(parse_entry).transpose()
     }
 
-    /// The sequence number the next append will get (= records ever appended).
+    /// The sequence number the next append will get at the earliest. After
+    /// Redis lost the channel, that is its floor from Postgres (see
+    /// [`super::floor`]): above every number acknowledged before the loss.
     pub async fn next_seq(&self, key: ChannelKey) -> Result<u64, ChannelError> {
         let mut conn = self.redis.clone();
-        let n: Option<u64> = redis::cmd("GET").arg(self.counter_key(key)).query_async(&mut conn).await?;
-        Ok(n.unwrap_or(0))
+        let (next, reserved): (Option<u64>, Option<u64>) =
+            redis::cmd("MGET").arg(self.counter_key(key)).arg(self.reserved_key(key)).query_async(&mut conn).await?;
+        match (next, reserved) {
+            (Some(next), Some(_)) => Ok(next),
+            (next, reserved) => self.restore(key, next.is_some() || reserved.is_some()).await,
+        }
     }
 
     /// The oldest sequence number still retained (= `next_seq` when none are).
@@ -542,6 +686,7 @@ impl ChannelStore {
             .key(self.closed_key(key))
             .key(self.waiters_key(key))
             .key(self.fence_key(key))
+            .key(self.reserved_key(key))
             .arg(retention_ms.max(1))
             .arg(retention_ms.max(1) + CLOSED_MARKER_GRACE_MS)
             .invoke_async(&mut conn)
@@ -622,6 +767,15 @@ impl ChannelStore {
             out.push((k, ttl));
         }
         Ok(out)
+    }
+}
+
+/// The counter the append script saw when it asked for a lease (`{-1, next}`).
+fn needs_lease(reply: &[RedisValue]) -> Result<Option<u64>, ChannelError> {
+    let int = |v: &RedisValue| redis::from_redis_value_ref::<i64>(v).map_err(|e| ChannelError::Corrupt(e.to_string()));
+    match reply {
+        [flag, next] if int(flag)? == -1 => Ok(Some(u64::try_from(int(next)?).unwrap_or(0))),
+        _ => Ok(None),
     }
 }
 

@@ -23,10 +23,19 @@ const TASKS: u64 = 10;
 /// What an acknowledged append stored: timestamp, body, headers.
 type Acked = (i64, String, Vec<(String, String)>);
 
-async fn store_on(redis: &RedisProc) -> ChannelStore {
+async fn store_on(redis: &RedisProc, db: &sqlx::PgPool) -> ChannelStore {
     let client = redis::Client::open(redis.url()).expect("redis url");
     let conn = ConnectionManager::new(client).await.expect("connect to private redis");
-    ChannelStore::new(conn, "durtest", 60_000)
+    ChannelStore::new(conn, db.clone(), "durtest", 60_000)
+}
+
+/// A Postgres schema of its own, for the channels' sequence floors.
+async fn floor_db() -> sqlx::PgPool {
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let config = sessiond::config::Config::for_database(&crate::common::database_url(), Some(schema));
+    let pool = sessiond::db::connect(&config).await.expect("connect to Postgres");
+    sessiond::db::migrate(&pool).await.expect("migrate");
+    pool
 }
 
 fn record_headers(task: u64, i: u64) -> Vec<(String, String)> {
@@ -39,7 +48,8 @@ async fn acknowledged_records_survive_redis_sigkill_and_restart() {
     let dir = TempDir::new();
     let mut redis = start_fresh(&dir.0).await;
     let port = redis.port;
-    let store = store_on(&redis).await;
+    let db = floor_db().await;
+    let store = store_on(&redis, &db).await;
 
     {
         let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
@@ -101,7 +111,7 @@ async fn acknowledged_records_survive_redis_sigkill_and_restart() {
             redis.log()
         );
     }
-    let store = store_on(&redis).await;
+    let store = store_on(&redis, &db).await;
 
     let records = store.read_after(key, None, 10_000).await.expect("read after restart");
     assert_eq!(records.len() as u64, RECORDS, "every acknowledged record is back");

@@ -28,6 +28,7 @@ mod durability;
 mod echo_agent;
 mod faults;
 mod faults_clickhouse;
+mod faults_streams;
 mod handoff;
 mod limits;
 mod official_client;

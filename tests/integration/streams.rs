@@ -851,7 +851,10 @@ async fn held_store(app: &TestApp) -> (sessiond::streams::store::ChannelStore, t
     let (port, hold) = holding_proxy(upstream).await;
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let proxied = redis::aio::ConnectionManager::new(client).await.unwrap();
-    (sessiond::streams::store::ChannelStore::new(proxied, &app.state.config.redis_prefix, 60_000), hold)
+    (
+        sessiond::streams::store::ChannelStore::new(proxied, app.db().clone(), &app.state.config.redis_prefix, 60_000),
+        hold,
+    )
 }
 
 /// A TCP proxy to Redis that can hold back what clients send (not what Redis
