@@ -173,7 +173,11 @@ async fn inserts_updates_closes_and_deletes_replicate() {
     .await;
     let slot = h.slot.as_ref().unwrap();
     assert!(slot.confirmed_flush_lsn.is_some(), "{h:?}");
-    assert_eq!(slot.wal_status.as_deref(), Some("reserved"), "{h:?}");
+    assert_eq!(slot.wal_status, Some(slot::WalStatus::Reserved), "{h:?}");
+    // The slot was created by this server: its generation's copy is complete
+    // once the first backfill has run.
+    let generation = h.generation.as_ref().expect("the slot's generation");
+    assert!(generation.generation >= 1 && generation.incomplete.is_empty(), "{h:?}");
     assert!(h.lease_token.is_some(), "{h:?}");
     assert!(h.last_flush_at.is_some() && h.last_flush_lag_ms.is_some_and(|ms| ms >= 0), "{h:?}");
     finish(app).await;
