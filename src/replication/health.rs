@@ -294,7 +294,8 @@ mod tests {
     #[test]
     fn alerts_at_half_and_four_fifths_of_the_bound() {
         let mb = 1 << 20;
-        let at = |retained: i64| WalAlert::assess(Some(&slot(Some(retained), slot::WalStatus::Reserved)), Some(100 * mb));
+        let at =
+            |retained: i64| WalAlert::assess(Some(&slot(Some(retained), slot::WalStatus::Reserved)), Some(100 * mb));
         assert_eq!(at(0), WalAlert::Ok);
         assert_eq!(at(50 * mb - 1), WalAlert::Ok);
         assert_eq!(at(50 * mb), WalAlert::Warning);
@@ -304,6 +305,9 @@ mod tests {
         assert_eq!(WalAlert::assess(Some(&slot(Some(mb), slot::WalStatus::Reserved)), None), WalAlert::Unbounded);
         assert_eq!(WalAlert::assess(Some(&slot(None, slot::WalStatus::Lost)), Some(mb)), WalAlert::Lost);
         assert_eq!(WalAlert::assess(None, Some(mb)), WalAlert::Ok);
-        assert_eq!(WalAlert::assess(Some(&slot(Some(i64::MAX), slot::WalStatus::Extended)), Some(i64::MAX)), WalAlert::Critical);
+        assert_eq!(
+            WalAlert::assess(Some(&slot(Some(i64::MAX), slot::WalStatus::Extended)), Some(i64::MAX)),
+            WalAlert::Critical
+        );
     }
 }

@@ -226,9 +226,8 @@ pub async fn status(pool: &PgPool, name: &str) -> Result<Option<SlotStatus>, Sto
 /// retain before Postgres invalidates it. None: unlimited (-1, the default),
 /// when a stopped consumer lets WAL fill the disk.
 pub async fn wal_bound(pool: &PgPool) -> Result<Option<i64>, StoreError> {
-    let bytes: i64 = sqlx::query_scalar("SELECT pg_size_bytes(current_setting('max_slot_wal_keep_size'))")
-        .fetch_one(pool)
-        .await?;
+    let bytes: i64 =
+        sqlx::query_scalar("SELECT pg_size_bytes(current_setting('max_slot_wal_keep_size'))").fetch_one(pool).await?;
     Ok((bytes >= 0).then_some(bytes))
 }
 

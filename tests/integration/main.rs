@@ -27,6 +27,7 @@ mod dependencies;
 mod durability;
 mod echo_agent;
 mod faults;
+mod faults_replication;
 mod handoff;
 mod limits;
 mod official_client;
