@@ -163,32 +163,34 @@ pub async fn copy_incomplete(pool: &PgPool, table: Table) -> Result<bool, StoreE
 }
 
 /// The current generation of `slot` and how far its copy is.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct Generation {
     pub generation: i64,
     pub started_at: Option<DateTime<Utc>>,
     pub slot_created_at: Option<DateTime<Utc>>,
     /// Tables the generation's backfill has yet to complete: while `sessions`
     /// is among them, lists answer from Postgres.
+    #[sqlx(skip)]
     pub incomplete: Vec<Table>,
 }
 
 /// The generation of `slot` (None: never recorded, e.g. replication never ran).
 pub async fn generation(pool: &PgPool, slot: &str) -> Result<Option<Generation>, StoreError> {
-    let row: Option<(i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT slot_generation, generation_started_at, slot_created_at FROM replication_state WHERE slot = $1",
+    let found: Option<Generation> = sqlx::query_as(
+        "SELECT slot_generation AS generation, generation_started_at AS started_at, slot_created_at
+         FROM replication_state WHERE slot = $1",
     )
     .bind(slot)
     .fetch_optional(pool)
     .await?;
-    let Some((generation, started_at, slot_created_at)) = row else { return Ok(None) };
-    let incomplete = sqlx::query_scalar(&format!(
+    let Some(mut generation) = found else { return Ok(None) };
+    generation.incomplete = sqlx::query_scalar(&format!(
         "SELECT t.target FROM replication_state s, {TABLES} WHERE s.slot = $1 AND {INCOMPLETE} ORDER BY t.target DESC"
     ))
     .bind(slot)
     .fetch_all(pool)
     .await?;
-    Ok(Some(Generation { generation, started_at, slot_created_at, incomplete }))
+    Ok(Some(generation))
 }
 
 /// Tables of `slot`'s current generation that are incomplete with no full
