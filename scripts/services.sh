@@ -130,7 +130,7 @@ configure_postgres_replication() { # VERSION NAME
 # script created or started. It takes effect on reload: no restart.
 configure_postgres_wal_bound() {
     local current wanted
-    [[ "$PG_SLOT_WAL_KEEP_SIZE" =~ ^[0-9]+(kB|MB|GB|TB)?$ ]] ||
+    [[ "$PG_SLOT_WAL_KEEP_SIZE" =~ ^[0-9]+(kB|MB|GB|TB)$ ]] ||
         die "PG_SLOT_WAL_KEEP_SIZE=$PG_SLOT_WAL_KEEP_SIZE is not a size like 4GB or 512MB"
     current=$(pg_socket_sql "SELECT pg_size_bytes(current_setting('max_slot_wal_keep_size'))")
     wanted=$(pg_socket_sql "SELECT pg_size_bytes('$PG_SLOT_WAL_KEEP_SIZE')")
