@@ -76,8 +76,9 @@ impl ClickHouseSessionList {
     /// at `t1 <= t2`. That watermark stays a true claim however long it is
     /// reused (everything committed before it is in ClickHouse), so a set flag
     /// is seen before any list could be wrong, cache or not. Read the other
-    /// way round, a flag cleared, set and a watermark moved in between would
-    /// slip through.
+    /// way round (flag first), a generation begun and its first flushes
+    /// landed between the two reads would pair a clear flag with a watermark
+    /// already past the gap.
     async fn watermark(&self) -> Result<Option<DateTime<Utc>>, AnalyticsError> {
         if let Some((at, mark)) = *self.cached() {
             if at.elapsed() < WATERMARK_TTL {
