@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Bring up the local services sessiond needs and create databases:
-#   PostgreSQL on 127.0.0.1:5432 (wal_level=logical, login postgres:postgres)
+#   PostgreSQL on 127.0.0.1:5432 (wal_level=logical, login postgres:postgres,
+#              max_slot_wal_keep_size=$PG_SLOT_WAL_KEEP_SIZE, 4GB by default, on a
+#              server this script creates or starts)
 #   Redis      on 127.0.0.1:6379 (append-only file on)
 #   ClickHouse on 127.0.0.1:8123 (chDB dev server; see scripts/clickhouse.sh,
 #              which leaves a CLICKHOUSE_URL pointing elsewhere alone)
@@ -16,6 +18,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PG_PORT=5432
 REDIS_PORT=6379
 PG_REPLICATION_SLOTS=32
+# Most WAL a replication slot may hold back before Postgres invalidates it
+# (max_slot_wal_keep_size). Unlimited, a stopped consumer keeps WAL until the
+# disk is full (measured: ~2.1 MiB/s under load); past the bound the slot is
+# lost and sessiond heals it by recreating it and backfilling, lists answering
+# from Postgres meanwhile. Applied only to a PostgreSQL this script creates or
+# starts, never to a server someone else runs (it is only reported there).
+PG_SLOT_WAL_KEEP_SIZE=${PG_SLOT_WAL_KEEP_SIZE:-4GB}
+# Set by start_postgres / setup_postgres when this script brought the server up.
+PG_OURS=0
 PG_TCP_URL="postgres://postgres:postgres@127.0.0.1:${PG_PORT}/postgres"
 DATABASE_ADMIN_URL=${DATABASE_ADMIN_URL:-$PG_TCP_URL}
 
@@ -80,6 +91,7 @@ start_postgres() { # VERSION NAME
     if [[ "$status" != online* ]]; then
         say "starting PostgreSQL cluster $1/$2"
         pg_ctl_cluster start "$1" "$2"
+        PG_OURS=1
     fi
     wait_until 30 "PostgreSQL on 127.0.0.1:$PG_PORT" pg_tcp_ready
 }
@@ -114,6 +126,32 @@ configure_postgres_replication() { # VERSION NAME
     fi
 }
 
+# The bound on WAL a slot retains (PG_SLOT_WAL_KEEP_SIZE), on a server this
+# script created or started. It takes effect on reload: no restart.
+configure_postgres_wal_bound() {
+    local current wanted
+    [[ "$PG_SLOT_WAL_KEEP_SIZE" =~ ^[0-9]+(kB|MB|GB|TB)$ ]] ||
+        die "PG_SLOT_WAL_KEEP_SIZE=$PG_SLOT_WAL_KEEP_SIZE is not a size like 4GB or 512MB"
+    current=$(pg_socket_sql "SELECT pg_size_bytes(current_setting('max_slot_wal_keep_size'))")
+    wanted=$(pg_socket_sql "SELECT pg_size_bytes('$PG_SLOT_WAL_KEEP_SIZE')")
+    [[ "$current" == "$wanted" ]] && return 0
+    if ((!PG_OURS)); then
+        if [[ "$current" == -1 ]]; then
+            say "warning: PostgreSQL on port $PG_PORT (not started by this script) has no max_slot_wal_keep_size:" \
+                "a stopped sessiond keeps WAL until the disk fills; consider ALTER SYSTEM SET max_slot_wal_keep_size = '$PG_SLOT_WAL_KEEP_SIZE'"
+        fi
+        return 0
+    fi
+    say "setting max_slot_wal_keep_size = $PG_SLOT_WAL_KEEP_SIZE (was $(pg_socket_sql 'SHOW max_slot_wal_keep_size'))"
+    pg_socket_sql "ALTER SYSTEM SET max_slot_wal_keep_size = '$PG_SLOT_WAL_KEEP_SIZE'"
+    pg_socket_sql 'SELECT pg_reload_conf()' >/dev/null
+    wait_until 10 "max_slot_wal_keep_size to apply" pg_wal_bound_applied "$wanted"
+}
+
+pg_wal_bound_applied() {
+    [[ "$(pg_socket_sql "SELECT pg_size_bytes(current_setting('max_slot_wal_keep_size'))")" == "$1" ]]
+}
+
 pg_tcp_login_works() {
     psql -X -Atqw "$PG_TCP_URL" -c 'SELECT 1' >/dev/null 2>&1
 }
@@ -145,11 +183,17 @@ setup_postgres() {
     local cluster
     ensure_postgres_installed
     need_cmd psql
+    # A cluster created here is ours to configure (ensure_postgres_cluster
+    # runs in a subshell, so it is told apart by what exists before).
+    if [[ -z "$(pg_cluster_on_port)" ]]; then
+        PG_OURS=1
+    fi
     cluster=$(ensure_postgres_cluster)
     # shellcheck disable=SC2086 # "VERSION NAME" splits into two arguments
     start_postgres $cluster
     # shellcheck disable=SC2086
     configure_postgres_replication $cluster
+    configure_postgres_wal_bound
     ensure_postgres_password
     ensure_databases "$@"
     say "PostgreSQL ready on 127.0.0.1:$PG_PORT (cluster $cluster)"

@@ -13,8 +13,10 @@
 //!
 //! The two sets are disjoint, so merging them in cursor order and cutting at
 //! the page size gives the page Postgres alone would give. With no watermark
-//! (never backfilled), too many changed rows (ClickHouse far behind), or a
-//! ClickHouse error or timeout, the whole answer comes from Postgres.
+//! (never backfilled), a copy incomplete since a new replication slot (see
+//! [`crate::replication::slot::copy_incomplete`]), too many changed rows
+//! (ClickHouse far behind), or a ClickHouse error or timeout, the whole answer
+//! comes from Postgres.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -26,6 +28,7 @@ use uuid::Uuid;
 use super::watermark::{self, Table};
 use super::{ch_time, AnalyticsError, ClickHouse};
 use crate::db::StoreError;
+use crate::replication::slot;
 use crate::sessions::list::{
     paginate, Direction, EnvScope, ListPage, ListQuery, ListSource, PgSessionList, Served, SessionListRepository,
     MAX_PAGE_SIZE,
@@ -62,17 +65,34 @@ impl ClickHouseSessionList {
         }
     }
 
+    /// The watermark the list may trust: None while there is none, or while
+    /// the copy is incomplete since a new slot (its flushes move the
+    /// watermark past rows only the backfill brings).
+    ///
+    /// The watermark is read first and the flag after it, and the two are
+    /// kept together: a flag found clear at `t2` means any slot generation
+    /// still healing began after `t2` (the consumer commits the flag before it
+    /// creates the slot), so none of its flushes had moved the watermark read
+    /// at `t1 <= t2`. That watermark stays a true claim however long it is
+    /// reused (everything committed before it is in ClickHouse), so a set flag
+    /// is seen before any list could be wrong, cache or not. Read the other
+    /// way round (flag first), a generation begun and its first flushes
+    /// landed between the two reads would pair a clear flag with a watermark
+    /// already past the gap.
     async fn watermark(&self) -> Result<Option<DateTime<Utc>>, AnalyticsError> {
         if let Some((at, mark)) = *self.cached() {
             if at.elapsed() < WATERMARK_TTL {
                 return Ok(mark);
             }
         }
-        let mark = watermark::read(&self.ch, Table::Sessions).await?;
-        // Only a found watermark is kept: until one exists, each list asks, so
-        // the first list after a backfill already uses it.
-        *self.cached() = mark.map(|m| (Instant::now(), Some(m)));
-        Ok(mark)
+        let Some(mark) = watermark::read(&self.ch, Table::Sessions).await? else { return Ok(None) };
+        if slot::copy_incomplete(&self.pg.pool, Table::Sessions).await? {
+            return Ok(None);
+        }
+        // Only a trusted watermark is kept: until one exists, each list asks,
+        // so the first list after a backfill already uses it.
+        *self.cached() = Some((Instant::now(), Some(mark)));
+        Ok(Some(mark))
     }
 
     fn cached(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Option<DateTime<Utc>>)>> {

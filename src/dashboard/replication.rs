@@ -1,6 +1,7 @@
 //! The replication page: the health `sessiond replication status` prints
-//! (slot, lag, lease, pending and failing flushes, the last flush and
-//! reconciliation) and the ClickHouse backfills with their progress; and the
+//! (slot, retained WAL against its bound with the 50%/80% alert, the slot's
+//! generation and whether its copy is complete, lag, lease, pending and
+//! failing flushes, the last flush and reconciliation) and the ClickHouse backfills with their progress; and the
 //! operator's "start a backfill", audited in the backfill's transaction.
 
 use askama::Template;
@@ -18,7 +19,7 @@ use crate::analytics::backfill::{self, Backfill};
 use crate::db::{Keyset, StoreError};
 use crate::jobs::Jobs;
 use crate::operators::audit;
-use crate::replication::health::{self, ReplicationHealth};
+use crate::replication::health::{self, ReplicationHealth, WalAlert};
 
 /// What Postgres says of the slot, as shown.
 pub struct SlotView {
@@ -27,6 +28,28 @@ pub struct SlotView {
     pub confirmed_lsn: String,
     pub retained: String,
     pub lag: String,
+    /// What may still be written before the slot is in danger.
+    pub safe_wal: Option<String>,
+}
+
+/// Retained WAL against the bound, as shown.
+pub struct WalView {
+    /// `max_slot_wal_keep_size`, or None: unlimited.
+    pub bound: Option<String>,
+    /// Retained WAL as a share of the bound, in whole percent.
+    pub percent: Option<i64>,
+    /// `ok`, `warning` (50%), `critical` (80%), `lost` or `unbounded`.
+    pub alert: &'static str,
+    /// The alert's badge class.
+    pub badge: &'static str,
+}
+
+/// The slot's generation and its copy, as shown.
+pub struct GenerationView {
+    pub generation: i64,
+    pub slot_created_at: Option<String>,
+    /// Tables whose copy the generation's backfill has yet to complete.
+    pub incomplete: String,
 }
 
 pub struct FlushRow {
@@ -42,6 +65,8 @@ pub struct FlushRow {
 pub struct HealthView {
     pub slot_name: String,
     pub slot: Option<SlotView>,
+    pub wal: WalView,
+    pub generation: Option<GenerationView>,
     pub lease: Option<u64>,
     pub pending_flushes: i64,
     pub pending_rows: i64,
@@ -115,15 +140,39 @@ fn bytes(n: i64) -> String {
     }
 }
 
+fn wal_view(w: &health::WalRetention) -> WalView {
+    let percent = match (w.retained_bytes, w.bound_bytes) {
+        (Some(r), Some(b)) if b > 0 => Some((i128::from(r) * 100 / i128::from(b)) as i64),
+        _ => None,
+    };
+    WalView {
+        bound: w.bound_bytes.map(bytes),
+        percent,
+        alert: w.alert.as_str(),
+        badge: match w.alert {
+            WalAlert::Ok => "succeeded",
+            WalAlert::Warning | WalAlert::Unbounded => "queued",
+            WalAlert::Critical | WalAlert::Lost => "failed",
+        },
+    }
+}
+
 fn health_view(h: ReplicationHealth, flushes: Vec<health::PendingFlush>) -> HealthView {
     let now = chrono::Utc::now();
     HealthView {
+        wal: wal_view(&h.wal),
+        generation: h.generation.map(|g| GenerationView {
+            generation: g.generation,
+            slot_created_at: g.slot_created_at.as_ref().map(iso),
+            incomplete: g.incomplete.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", "),
+        }),
         slot: h.slot.map(|s| SlotView {
             active: s.active,
-            wal_status: s.wal_status.unwrap_or_default(),
+            wal_status: s.wal_status.map(|w| w.as_str()).unwrap_or_default().to_string(),
             confirmed_lsn: s.confirmed_flush_lsn.unwrap_or_default(),
             retained: s.retained_wal_bytes.map(bytes).unwrap_or_default(),
             lag: s.lag_bytes.map(bytes).unwrap_or_default(),
+            safe_wal: s.safe_wal_size.map(bytes),
         }),
         slot_name: h.slot_name,
         lease: h.lease_token,

@@ -1,6 +1,12 @@
 //! Readiness: whether this process can serve requests now. `/healthz` (in the
 //! router) only says the process is up; `/readyz` also checks its dependencies,
 //! so a load balancer can stop sending traffic while Postgres or Redis is away.
+//!
+//! With replication on, `/readyz` also reports the slot's retained WAL against
+//! its bound, the alert (warning at 50%, critical at 80%, lost) and whether
+//! the copy is complete. These never make the process unready: a slot in
+//! danger is an operator's alarm, not a reason to stop serving (the list
+//! answers from Postgres while the copy heals).
 
 use std::time::Duration;
 
@@ -9,6 +15,8 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiResult};
+use crate::dashboard::OpsSettings;
+use crate::replication::health::{self, WalAlert};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
@@ -16,7 +24,11 @@ use sqlx::PgPool;
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// 200 when Postgres and Redis both answer within a second, else 503.
-pub async fn readyz(State(db): State<PgPool>, State(redis): State<ConnectionManager>) -> ApiResult<Json<Value>> {
+pub async fn readyz(
+    State(db): State<PgPool>,
+    State(redis): State<ConnectionManager>,
+    State(ops): State<OpsSettings>,
+) -> ApiResult<Json<Value>> {
     let postgres = async {
         let ping = sqlx::query("SELECT 1").execute(&db);
         matches!(tokio::time::timeout(READY_TIMEOUT, ping).await, Ok(Ok(_)))
@@ -32,5 +44,19 @@ pub async fn readyz(State(db): State<PgPool>, State(redis): State<ConnectionMana
         tracing::warn!(postgres, redis, "not ready: a dependency did not answer");
         return Err(ApiError::Unavailable);
     }
-    Ok(Json(json!({ "ready": true, "postgres": "ok", "redis": "ok" })))
+    let mut body = json!({ "ready": true, "postgres": "ok", "redis": "ok" });
+    if let Some(target) = &ops.replication {
+        body["replication"] = match tokio::time::timeout(READY_TIMEOUT, health::summary(&db, &target.slot)).await {
+            Ok(Ok(summary)) => {
+                if matches!(summary.wal.alert, WalAlert::Warning | WalAlert::Critical | WalAlert::Lost) {
+                    tracing::warn!(slot = %target.slot, alert = summary.wal.alert.as_str(),
+                        retained = ?summary.wal.retained_bytes, bound = ?summary.wal.bound_bytes,
+                        "replication slot's retained WAL needs attention");
+                }
+                serde_json::to_value(summary).unwrap_or(Value::Null)
+            }
+            _ => json!({ "slot_name": target.slot, "unknown": true }),
+        };
+    }
+    Ok(Json(body))
 }

@@ -19,7 +19,6 @@ use super::lease::Lease;
 use super::pgoutput::{self, Begin, Commit, Message};
 use super::slot;
 use crate::analytics::backfill::{self, BackfillRequest, DEFAULT_CHUNK_SIZE};
-use crate::analytics::watermark::Table;
 use crate::analytics::ClickHouse;
 use crate::config::Config;
 use crate::jobs::Jobs;
@@ -44,6 +43,8 @@ pub struct Replicator {
 pub enum ReplicationError {
     #[error("replication stream: {0}")]
     Stream(#[from] pgwire_replication::PgWireError),
+    #[error("replication slot {0}; recreating it")]
+    SlotLost(String),
     #[error("pgoutput: {0}")]
     Decode(#[from] pgoutput::DecodeError),
     #[error("decoding a change: {0}")]
@@ -126,14 +127,8 @@ impl Replicator {
         if slot::ensure(&self.db, &self.slot, &self.schema).await? {
             // Changes before the slot's creation never reach the stream.
             tracing::info!(slot = %self.slot, "replication slot created; starting a full backfill");
-            let req = BackfillRequest {
-                tables: vec![Table::Sessions, Table::Runs],
-                from: None,
-                to: None,
-                chunk_size: DEFAULT_CHUNK_SIZE,
-            };
-            backfill::start(&self.db, &self.jobs, &req).await?;
         }
+        self.start_generation_backfill().await?;
         let mut client = ReplicationClient::connect(self.stream_config()?).await?;
         let result = self.stream(&mut client, &mut lease, shutdown).await;
         client.stop();
@@ -192,6 +187,8 @@ impl Replicator {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut renew = tokio::time::interval(lease.renew_every());
         renew.tick().await;
+        let mut watch_slot = tokio::time::interval(SLOT_CHECK_EVERY);
+        watch_slot.tick().await;
         loop {
             let mut close = false;
             tokio::select! {
@@ -256,6 +253,7 @@ impl Replicator {
                         return Ok(());
                     }
                 }
+                _ = watch_slot.tick() => self.check_slot().await?,
                 _ = shutdown.changed() => return Ok(()),
             }
             if close {
@@ -371,6 +369,33 @@ impl Replicator {
         }
     }
 
+    /// Starts a full backfill of the tables the slot's current generation has
+    /// yet to copy, unless one is running: right after the slot is created,
+    /// and again if the process died before starting it or an operator
+    /// canceled it (until one completes, lists answer from Postgres).
+    async fn start_generation_backfill(&self) -> Result<(), ReplicationError> {
+        let tables = slot::backfill_needed(&self.db, &self.slot).await?;
+        if !tables.is_empty() {
+            tracing::info!(slot = %self.slot, ?tables, "the slot's generation needs a full backfill; starting it");
+            let req = BackfillRequest { tables, from: None, to: None, chunk_size: DEFAULT_CHUNK_SIZE };
+            backfill::start(&self.db, &self.jobs, &req).await?;
+        }
+        Ok(())
+    }
+
+    /// Checked while streaming: a slot invalidated for its WAL (`lost`, past
+    /// `max_slot_wal_keep_size`) or dropped ends the stream with an error, and
+    /// the next start drops, recreates and backfills it. Postgres usually ends
+    /// the stream of a slot it invalidates itself; this catches the rest
+    /// without waiting for a read to fail.
+    async fn check_slot(&self) -> Result<(), ReplicationError> {
+        match slot::status(&self.db, &self.slot).await? {
+            Some(s) if !s.lost() => Ok(()),
+            Some(_) => Err(ReplicationError::SlotLost(format!("{} lost its WAL", self.slot))),
+            None => Err(ReplicationError::SlotLost(format!("{} was dropped", self.slot))),
+        }
+    }
+
     /// A flush never gives up: a batch whose job used up its attempts (say,
     /// ClickHouse was down for a while) gets a fresh budget. Until it lands,
     /// the slot does not move past it, and its age is what operators watch.
@@ -423,6 +448,9 @@ impl Confirmation {
         }
     }
 }
+
+/// How often the stream checks that its slot is neither lost nor dropped.
+const SLOT_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Closed batches waiting for the recorder before the stream waits for it.
 const RECORD_QUEUE: usize = 64;

@@ -1,8 +1,9 @@
-//! Replication health as data: what the dashboard, metrics and `sessiond
-//! replication status` read. It joins what Postgres says of the slot (lag,
-//! retained WAL, confirmed position) with what the consumer and its flushes
-//! recorded (`replication_state`, `replication_flushes`) and who holds the
-//! lease.
+//! Replication health as data: what the dashboard, metrics, `/readyz` and
+//! `sessiond replication status` read. It joins what Postgres says of the
+//! slot (lag, retained WAL against `max_slot_wal_keep_size`, `wal_status`,
+//! confirmed position) with what the consumer and its flushes recorded
+//! (`replication_state`, `replication_flushes`), the slot's generation and
+//! whether its copy is complete, and who holds the lease.
 
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
@@ -10,8 +11,104 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use super::lease;
-use super::slot::{self, SlotStatus};
+use super::slot::{self, Generation, SlotStatus};
 use crate::db::StoreError;
+
+/// How close the slot's retained WAL is to the bound past which Postgres
+/// invalidates the slot (and replication must be healed by a backfill).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WalAlert {
+    /// Below half the bound.
+    Ok,
+    /// At or above 50% of the bound.
+    Warning,
+    /// At or above 80% of the bound (or past it: `unreserved`).
+    Critical,
+    /// The slot was invalidated: its WAL is gone.
+    Lost,
+    /// No bound (`max_slot_wal_keep_size = -1`): a stopped consumer lets WAL
+    /// grow until the disk is full.
+    Unbounded,
+}
+
+impl WalAlert {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WalAlert::Ok => "ok",
+            WalAlert::Warning => "warning",
+            WalAlert::Critical => "critical",
+            WalAlert::Lost => "lost",
+            WalAlert::Unbounded => "unbounded",
+        }
+    }
+
+    /// The alert for `retained` bytes under `bound` (None: unlimited).
+    pub fn assess(slot: Option<&SlotStatus>, bound: Option<i64>) -> WalAlert {
+        if slot.is_some_and(SlotStatus::lost) {
+            return WalAlert::Lost;
+        }
+        let Some(bound) = bound else { return WalAlert::Unbounded };
+        let retained = slot.and_then(|s| s.retained_wal_bytes).unwrap_or(0);
+        // In i128: a bound near i64::MAX must not overflow the products.
+        let (retained, bound) = (i128::from(retained), i128::from(bound.max(1)));
+        if retained * 5 >= bound * 4 {
+            WalAlert::Critical
+        } else if retained * 2 >= bound {
+            WalAlert::Warning
+        } else {
+            WalAlert::Ok
+        }
+    }
+}
+
+/// The slot's retained WAL against its bound.
+#[derive(Debug, Clone, Serialize)]
+pub struct WalRetention {
+    pub retained_bytes: Option<i64>,
+    /// `max_slot_wal_keep_size` in bytes; None: unlimited.
+    pub bound_bytes: Option<i64>,
+    /// What may still be written before the slot is in danger (Postgres's
+    /// `safe_wal_size`).
+    pub safe_wal_size: Option<i64>,
+    pub wal_status: Option<slot::WalStatus>,
+    pub alert: WalAlert,
+}
+
+/// What `/readyz` shows of replication: cheap (two Postgres reads), no Redis.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicationSummary {
+    pub slot_name: String,
+    pub slot_exists: bool,
+    pub wal: WalRetention,
+    /// The slot's copy is complete: lists may be served by ClickHouse.
+    pub copy_complete: bool,
+    pub generation: Option<i64>,
+}
+
+fn retention(slot: Option<&SlotStatus>, bound: Option<i64>) -> WalRetention {
+    WalRetention {
+        retained_bytes: slot.and_then(|s| s.retained_wal_bytes),
+        bound_bytes: bound,
+        safe_wal_size: slot.and_then(|s| s.safe_wal_size),
+        wal_status: slot.and_then(|s| s.wal_status),
+        alert: WalAlert::assess(slot, bound),
+    }
+}
+
+/// The slot's WAL retention and its copy's generation.
+pub async fn summary(pool: &PgPool, slot_name: &str) -> Result<ReplicationSummary, StoreError> {
+    let slot = slot::status(pool, slot_name).await?;
+    let bound = slot::wal_bound(pool).await?;
+    let generation = slot::generation(pool, slot_name).await?;
+    Ok(ReplicationSummary {
+        slot_name: slot_name.to_string(),
+        slot_exists: slot.is_some(),
+        wal: retention(slot.as_ref(), bound),
+        copy_complete: generation.as_ref().is_none_or(|g| g.incomplete.is_empty()),
+        generation: generation.map(|g| g.generation),
+    })
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplicationHealth {
@@ -19,6 +116,11 @@ pub struct ReplicationHealth {
     /// None: the slot does not exist (replication never started, or the slot
     /// was dropped and not yet recreated).
     pub slot: Option<SlotStatus>,
+    /// Retained WAL against `max_slot_wal_keep_size`, with its alert.
+    pub wal: WalRetention,
+    /// The slot's generation (one per slot created) and which tables its
+    /// backfill has yet to copy; None before replication first ran.
+    pub generation: Option<Generation>,
     /// The fencing token of the current lease holder, if any process holds it.
     pub lease_token: Option<u64>,
     /// Batches recorded but not yet in ClickHouse, their rows, and the age of
@@ -60,6 +162,8 @@ pub async fn status(
     slot_name: &str,
 ) -> Result<ReplicationHealth, HealthError> {
     let slot = slot::status(pool, slot_name).await?;
+    let wal = retention(slot.as_ref(), slot::wal_bound(pool).await?);
+    let generation = slot::generation(pool, slot_name).await?;
     let r: Recorded = sqlx::query_as(
         "SELECT
              (SELECT count(*) FROM replication_flushes WHERE slot = $1 AND status = 'pending') AS pending_flushes,
@@ -92,6 +196,8 @@ pub async fn status(
     Ok(ReplicationHealth {
         slot_name: slot_name.to_string(),
         slot,
+        wal,
+        generation,
         lease_token: lease::holder(redis, redis_prefix, slot_name).await?,
         pending_flushes: r.pending_flushes,
         pending_rows: r.pending_rows,
@@ -166,4 +272,42 @@ pub async fn record_reconcile(pool: &PgPool, slot: &str, summary: &str) -> Resul
     .execute(pool)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(retained: Option<i64>, wal_status: slot::WalStatus) -> SlotStatus {
+        SlotStatus {
+            slot_name: "s".into(),
+            active: true,
+            confirmed_flush_lsn: None,
+            restart_lsn: None,
+            wal_status: Some(wal_status),
+            retained_wal_bytes: retained,
+            safe_wal_size: None,
+            lag_bytes: None,
+        }
+    }
+
+    #[test]
+    fn alerts_at_half_and_four_fifths_of_the_bound() {
+        let mb = 1 << 20;
+        let at =
+            |retained: i64| WalAlert::assess(Some(&slot(Some(retained), slot::WalStatus::Reserved)), Some(100 * mb));
+        assert_eq!(at(0), WalAlert::Ok);
+        assert_eq!(at(50 * mb - 1), WalAlert::Ok);
+        assert_eq!(at(50 * mb), WalAlert::Warning);
+        assert_eq!(at(80 * mb - 1), WalAlert::Warning);
+        assert_eq!(at(80 * mb), WalAlert::Critical);
+        assert_eq!(at(150 * mb), WalAlert::Critical);
+        assert_eq!(WalAlert::assess(Some(&slot(Some(mb), slot::WalStatus::Reserved)), None), WalAlert::Unbounded);
+        assert_eq!(WalAlert::assess(Some(&slot(None, slot::WalStatus::Lost)), Some(mb)), WalAlert::Lost);
+        assert_eq!(WalAlert::assess(None, Some(mb)), WalAlert::Ok);
+        assert_eq!(
+            WalAlert::assess(Some(&slot(Some(i64::MAX), slot::WalStatus::Extended)), Some(i64::MAX)),
+            WalAlert::Critical
+        );
+    }
 }

@@ -29,6 +29,7 @@ mod echo_agent;
 mod faults;
 mod faults_clickhouse;
 mod faults_streams;
+mod faults_replication;
 mod handoff;
 mod limits;
 mod official_client;

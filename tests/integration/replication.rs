@@ -173,7 +173,11 @@ async fn inserts_updates_closes_and_deletes_replicate() {
     .await;
     let slot = h.slot.as_ref().unwrap();
     assert!(slot.confirmed_flush_lsn.is_some(), "{h:?}");
-    assert_eq!(slot.wal_status.as_deref(), Some("reserved"), "{h:?}");
+    assert_eq!(slot.wal_status, Some(slot::WalStatus::Reserved), "{h:?}");
+    // The slot was created by this server: its generation's copy is complete
+    // once the first backfill has run.
+    let generation = h.generation.as_ref().expect("the slot's generation");
+    assert!(generation.generation >= 1 && generation.incomplete.is_empty(), "{h:?}");
     assert!(h.lease_token.is_some(), "{h:?}");
     assert!(h.last_flush_at.is_some() && h.last_flush_lag_ms.is_some_and(|ms| ms >= 0), "{h:?}");
     finish(app).await;
@@ -428,4 +432,79 @@ async fn reconciliation_repairs_what_clickhouse_lost() {
     let h = health(&app).await;
     assert_eq!(h.last_reconcile.as_deref(), Some(again.as_str()));
     finish(app).await;
+}
+
+/// A slot's generation: its copy is incomplete from before the slot exists
+/// until a full backfill that started after the slot completes. A ranged
+/// backfill, or a full one that started earlier, does not complete it; a
+/// generation whose backfill was canceled asks for another.
+#[tokio::test]
+async fn a_new_slots_copy_is_complete_only_after_a_full_backfill_started_after_it() {
+    use sessiond::analytics::backfill::{self, BackfillRequest, BackfillStatus};
+
+    let app = TestApp::spawn().await;
+    app.clickhouse_ready().await;
+    let (db, name) = (app.db().clone(), app.state.config.replication_slot_name());
+    let schema = app.state.config.database_schema.clone().unwrap();
+    app.create_session(session_body(Some("gen-1"))).await;
+    // A full backfill that finished before the slot existed vouches for nothing after.
+    let early = backfill::start(&db, &app.state.jobs, &backfill::full()).await.unwrap();
+    let done = |ids: Vec<uuid::Uuid>| {
+        let db = db.clone();
+        async move {
+            eventually(20, "the backfills to complete", || async {
+                let mut all = true;
+                for id in &ids {
+                    let b = backfill::store::find(&db, *id).await.unwrap().unwrap();
+                    all &= b.status == BackfillStatus::Completed;
+                }
+                all.then_some(())
+            })
+            .await
+        }
+    };
+    done(early.iter().map(|b| b.id).collect()).await;
+    assert!(!slot::copy_incomplete(&db, Table::Sessions).await.unwrap(), "no generation yet: nothing to heal");
+
+    assert!(slot::ensure(&db, &name, &schema).await.unwrap(), "the slot is created");
+    let g = slot::generation(&db, &name).await.unwrap().unwrap();
+    assert_eq!((g.generation, g.incomplete.clone()), (1, vec![Table::Sessions, Table::Runs]), "{g:?}");
+    assert!(slot::copy_incomplete(&db, Table::Sessions).await.unwrap());
+    assert_eq!(slot::backfill_needed(&db, &name).await.unwrap(), vec![Table::Sessions, Table::Runs]);
+
+    // A ranged backfill does not complete it.
+    let now = chrono::Utc::now();
+    let ranged = BackfillRequest {
+        tables: vec![Table::Sessions],
+        from: Some(now - chrono::Duration::days(1)),
+        to: Some(now),
+        chunk_size: 100,
+    };
+    let ranged = backfill::start(&db, &app.state.jobs, &ranged).await.unwrap();
+    done(ranged.iter().map(|b| b.id).collect()).await;
+    assert!(slot::copy_incomplete(&db, Table::Sessions).await.unwrap(), "a ranged backfill heals nothing");
+
+    // A full one that started after the slot does, table by table.
+    let full = backfill::start(&db, &app.state.jobs, &backfill::full()).await.unwrap();
+    assert!(slot::backfill_needed(&db, &name).await.unwrap().is_empty(), "one is running");
+    done(full.iter().map(|b| b.id).collect()).await;
+    assert!(!slot::copy_incomplete(&db, Table::Sessions).await.unwrap());
+    assert!(slot::generation(&db, &name).await.unwrap().unwrap().incomplete.is_empty());
+
+    // The next generation's backfill canceled: another is asked for.
+    slot::drop(&db, &name).await.unwrap();
+    assert!(slot::ensure(&db, &name, &schema).await.unwrap());
+    assert_eq!(slot::generation(&db, &name).await.unwrap().unwrap().generation, 2);
+    let held = backfill::hold_chunks(app.state.analytics.database());
+    let second = backfill::start(&db, &app.state.jobs, &backfill::full()).await.unwrap();
+    assert!(slot::backfill_needed(&db, &name).await.unwrap().is_empty());
+    sqlx::query("UPDATE clickhouse_backfills SET status = 'canceled' WHERE id = ANY($1)")
+        .bind(second.iter().map(|b| b.id).collect::<Vec<_>>())
+        .execute(&db)
+        .await
+        .unwrap();
+    drop(held);
+    assert_eq!(slot::backfill_needed(&db, &name).await.unwrap(), vec![Table::Sessions, Table::Runs]);
+    assert!(slot::copy_incomplete(&db, Table::Sessions).await.unwrap());
+    slot::drop(&db, &name).await.unwrap();
 }

@@ -120,6 +120,7 @@ pub async fn run_chunk(
         // Delivered again after it was recorded, or the backfill is over.
         return Ok(format!("chunk {chunk} of backfill {id} already recorded"));
     }
+    held(ch.database()).await;
     let limit = i64::from(b.chunk_size);
     let mut conn = pool.acquire().await.map_err(StoreError::from)?;
     let version = session_store::current_wal_lsn(&mut conn).await?;
@@ -179,5 +180,46 @@ async fn pause(faults: &Faults) {
     if let Some(barrier) = &faults.pause_after_read {
         barrier.wait().await;
         barrier.wait().await;
+    }
+}
+
+/// Held chunks per ClickHouse database (see [`hold_chunks`]).
+type Holds = std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<bool>>>;
+
+fn holds() -> std::sync::MutexGuard<'static, std::collections::HashMap<String, tokio::sync::watch::Receiver<bool>>> {
+    static HOLDS: std::sync::OnceLock<Holds> = std::sync::OnceLock::new();
+    HOLDS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A test seam: while the returned hold lives, every chunk of a backfill into
+/// ClickHouse database `database` waits before it reads anything, so a test
+/// keeps a backfill running (a healing slot's window) for as long as it needs,
+/// however fast the machine. Keyed by database, so tests sharing the process
+/// hold only their own backfills; a server never takes one.
+pub fn hold_chunks(database: &str) -> ChunkHold {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    holds().insert(database.to_string(), rx);
+    ChunkHold { database: database.to_string(), _release: tx }
+}
+
+/// Releases the held chunks when dropped.
+pub struct ChunkHold {
+    database: String,
+    _release: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for ChunkHold {
+    fn drop(&mut self) {
+        holds().remove(&self.database);
+        // Dropping the sender wakes the waiting chunks.
+    }
+}
+
+async fn held(database: &str) {
+    let hold = holds().get(database).cloned();
+    if let Some(mut hold) = hold {
+        tracing::info!(database, "backfill chunk held by a test");
+        // Ends with an error once the hold's sender is dropped: released.
+        let _ = hold.changed().await;
     }
 }
