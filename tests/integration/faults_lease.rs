@@ -1,0 +1,463 @@
+//! The replication lease under faults: a holder killed outright is replaced
+//! within seconds (not a whole lease), a holder paused past its lease comes
+//! back to refused writes, and a stale token's writes are refused while a
+//! Redis FLUSHALL never lowers the token.
+//!
+//! The holder that dies is a `sessiond serve` process of its own (the built
+//! binary), sharing the test server's schema, Redis prefix and ClickHouse
+//! database; the server that takes over is the in-process one.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sessiond::replication::flush::{self, Batch, FlushError};
+use sessiond::replication::lease::{self, Lease, Waiter};
+use sessiond::replication::slot;
+use tokio::process::{Child, Command};
+
+use crate::common::faults::{assert_copy_equal, stuck_jobs};
+use crate::common::{eventually, session_body, TestApp};
+use crate::replication::{finish, replicating};
+
+/// The test server (no consumer of its own) and a log of every batch ever
+/// recorded, in the order the inserts happened, kept by a trigger (the table
+/// itself is pruned as the slot confirms).
+async fn server(lease_ms: u64) -> TestApp {
+    let app = TestApp::spawn_with(|c| {
+        replicating(c);
+        c.replication_enabled = false;
+        c.replication_lease_ms = lease_ms;
+    })
+    .await;
+    app.clickhouse_ready().await;
+    let schema = app.state.config.database_schema.clone().unwrap();
+    for sql in [
+        "CREATE TABLE flush_log (n bigserial PRIMARY KEY, fence bigint NOT NULL, start_lsn pg_lsn NOT NULL,
+                                 end_lsn pg_lsn NOT NULL)"
+            .to_string(),
+        format!(
+            "CREATE FUNCTION log_flush() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                 INSERT INTO \"{schema}\".flush_log (fence, start_lsn, end_lsn)
+                 VALUES (NEW.fence, NEW.start_lsn, NEW.end_lsn);
+                 RETURN NEW;
+             END $$"
+        ),
+        "CREATE TRIGGER log_flush AFTER INSERT ON replication_flushes FOR EACH ROW EXECUTE FUNCTION log_flush()"
+            .to_string(),
+    ] {
+        sqlx::query(&sql).execute(app.db()).await.unwrap();
+    }
+    app
+}
+
+/// A `sessiond serve` of the same deployment that replicates; its log goes
+/// to a file beside the test's temporary files.
+fn spawn_holder(app: &TestApp, lease_ms: u64, log: &std::path::Path) -> Child {
+    let c = &app.state.config;
+    let out = std::fs::File::create(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .arg("serve")
+        .env("DATABASE_URL", &c.database_url)
+        .env("DATABASE_SCHEMA", c.database_schema.as_deref().unwrap())
+        .env("REDIS_URL", &c.redis_url)
+        .env("REDIS_PREFIX", &c.redis_prefix)
+        .env("CLICKHOUSE_URL", &c.clickhouse_url)
+        .env("CLICKHOUSE_DATABASE", &c.clickhouse_database)
+        .env("CLICKHOUSE_MIGRATE_ON_START", "false")
+        .env("CLICKHOUSE_RETRY_AFTER_MS", "100")
+        .env("SESSIOND_MASTER_KEY", c.master_key.as_deref().unwrap())
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("JOB_SCHEDULES_FILE", c.job_schedules_file.as_deref().unwrap())
+        .env("JOB_RETRY_BASE_MS", "50")
+        .env("SESSION_REPLICATION_ENABLED", "1")
+        .env("REPLICATION_BATCH_MS", "50")
+        .env("REPLICATION_LEASE_MS", lease_ms.to_string())
+        .env("RUST_LOG", "sessiond=info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start sessiond serve")
+}
+
+/// The slot's fencing token in Postgres.
+async fn fence(app: &TestApp) -> i64 {
+    let slot = app.state.config.replication_slot_name();
+    sqlx::query_scalar("SELECT fence FROM replication_state WHERE slot = $1")
+        .bind(slot)
+        .fetch_optional(app.db())
+        .await
+        .unwrap()
+        .unwrap_or(0)
+}
+
+/// Sessions created without pause by a few clients until stopped: each
+/// acknowledged one with when it was acknowledged.
+struct Load {
+    acked: Arc<Mutex<Vec<(String, Instant)>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(app: &TestApp, clients: usize) -> Load {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let tasks = (0..clients)
+            .map(|c| {
+                let (base, key, client, acked, rx) =
+                    (app.base.clone(), app.a.key.clone(), app.client.clone(), acked.clone(), rx.clone());
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while !*rx.borrow() {
+                        let body = session_body(Some(&format!("lease-{c}-{i}")));
+                        i += 1;
+                        let resp = client.post(format!("{base}/api/v1/sessions")).bearer_auth(&key).json(&body).send();
+                        let Ok(resp) = resp.await else { continue };
+                        if resp.status().is_success() {
+                            let v: serde_json::Value = resp.json().await.unwrap();
+                            acked.lock().unwrap().push((v["id"].as_str().unwrap().to_string(), Instant::now()));
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+            })
+            .collect();
+        Load { acked, stop, tasks }
+    }
+
+    fn acked_after(&self, t: Instant) -> Vec<String> {
+        self.acked.lock().unwrap().iter().filter(|(_, at)| *at > t).map(|(id, _)| id.clone()).collect()
+    }
+
+    async fn stop(self) -> usize {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let n = self.acked.lock().unwrap().len();
+        n
+    }
+}
+
+/// How many of `ids` ClickHouse holds.
+async fn in_clickhouse(app: &TestApp, ids: &[String]) -> u64 {
+    app.state
+        .analytics
+        .client()
+        .query("SELECT count() FROM sessions_v1 FINAL WHERE friendly_id IN {ids:Array(String)}")
+        .param("ids", ids)
+        .fetch_one()
+        .await
+        .unwrap()
+}
+
+/// Samples the slot's confirmed position and the recorded confirmation
+/// (position and token) every 100 ms, failing on any step back.
+fn watch_confirmations(app: &TestApp) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<usize>) {
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let (db, slot) = (app.db().clone(), app.state.config.replication_slot_name());
+    let task = tokio::spawn(async move {
+        let mut last: (Option<String>, Option<String>, Option<i64>) = (None, None, None);
+        let mut samples = 0;
+        let lsn = |s: &Option<String>| s.as_deref().and_then(sessiond::analytics::rows::parse_lsn).unwrap_or(0);
+        while !*rx.borrow() {
+            let now: (Option<String>, Option<String>, Option<i64>) = sqlx::query_as(
+                "SELECT (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1),
+                        (SELECT confirmed_lsn::text FROM replication_state WHERE slot = $1),
+                        (SELECT confirmed_fence FROM replication_state WHERE slot = $1)",
+            )
+            .bind(&slot)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            assert!(lsn(&now.0) >= lsn(&last.0), "the slot's confirmed position went back: {last:?} → {now:?}");
+            assert!(lsn(&now.1) >= lsn(&last.1), "the recorded confirmation went back: {last:?} → {now:?}");
+            assert!(now.2 >= last.2, "a lower token confirmed after a higher one: {last:?} → {now:?}");
+            last = now;
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        samples
+    });
+    (stop, task)
+}
+
+/// Every batch recorded, in order: tokens never go down, and one holder's
+/// batches follow each other in the WAL. Returns (batches, tokens seen).
+async fn check_flush_order(app: &TestApp) -> (usize, Vec<i64>) {
+    let log: Vec<(i64, String, String)> =
+        sqlx::query_as("SELECT fence, start_lsn::text, end_lsn::text FROM flush_log ORDER BY n")
+            .fetch_all(app.db())
+            .await
+            .unwrap();
+    let lsn = |s: &str| sessiond::analytics::rows::parse_lsn(s).unwrap();
+    let mut tokens: Vec<i64> = Vec::new();
+    for pair in log.windows(2) {
+        let ((f0, _, e0), (f1, s1, _)) = (&pair[0], &pair[1]);
+        assert!(f1 >= f0, "a batch of token {f1} recorded after one of token {f0}: {log:?}");
+        if f1 == f0 {
+            assert!(lsn(s1) >= lsn(e0), "token {f0}'s batches out of WAL order: {log:?}");
+        }
+    }
+    for (f, _, _) in &log {
+        if tokens.last() != Some(f) {
+            tokens.push(*f);
+        }
+    }
+    (log.len(), tokens)
+}
+
+fn tokens_text(tokens: &[i64]) -> String {
+    tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Waits until the separate holder streams the slot with token 1 and the
+/// first backfill vouched for the copy.
+async fn holder_streaming(app: &TestApp, log: &std::path::Path) {
+    let slot = app.state.config.replication_slot_name();
+    let what = format!("the separate holder to stream (log {})", log.display());
+    eventually(40, &what, || async {
+        let active: Option<bool> = sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(&slot)
+            .fetch_optional(app.db())
+            .await
+            .unwrap();
+        let mark = sessiond::analytics::watermark::read(&app.state.analytics, sessiond::analytics::watermark::Table::Sessions)
+            .await
+            .ok()
+            .flatten();
+        (active == Some(true) && mark.is_some() && fence(app).await == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_of_order() {
+    let started = Instant::now();
+    // A lease far longer than the 3 s allowed: only the takeover of an idle
+    // slot can meet it.
+    let lease_ms = 20_000;
+    let app = server(lease_ms).await;
+    let dir = crate::common::redis_proc::TempDir::new();
+    let log = dir.0.join("holder.log");
+    let mut holder = spawn_holder(&app, lease_ms, &log);
+    holder_streaming(&app, &log).await;
+    let second = app.peer(|c| c.replication_enabled = true).await;
+    let (stop_watch, watcher) = watch_confirmations(&app);
+
+    let load = Load::start(&app, 4);
+    // A holder that streams is left alone: the waiter only takes over an idle slot.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(fence(&app).await, 1, "taken over from a live holder");
+    let before = load.acked_after(started).len();
+    assert!(before > 0, "no load");
+
+    holder.start_kill().unwrap();
+    let killed = Instant::now();
+    holder.wait().await.unwrap();
+    // Resumed: a session acknowledged after the kill is in ClickHouse.
+    let mut took_over = None;
+    let resumed = loop {
+        if took_over.is_none() && fence(&app).await >= 2 {
+            took_over = Some(killed.elapsed());
+        }
+        let after = load.acked_after(killed);
+        if !after.is_empty() && in_clickhouse(&app, &after).await > 0 {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "replication did not resume within 30 s of the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let creates = load.stop().await;
+
+    let copy = assert_copy_equal(&second.state, 45).await;
+    let stuck = stuck_jobs(second.db(), 30).await;
+    let _ = stop_watch.send(true);
+    let samples = watcher.await.unwrap();
+    let (batches, tokens) = check_flush_order(&app).await;
+    println!(
+        "FAULT lease-holder-killed: resume_ms={} takeover_ms={} lease_ms={lease_ms} creates={creates} \
+         sessions={} runs={} batches={batches} tokens={} confirm_samples={samples} stuck_jobs={stuck} total_s={:.1}",
+        resumed.as_millis(),
+        took_over.map_or("-".into(), |t| t.as_millis().to_string()),
+        copy.sessions,
+        copy.runs,
+        tokens_text(&tokens),
+        started.elapsed().as_secs_f64(),
+    );
+    assert!(resumed <= Duration::from_secs(3), "replication resumed {resumed:?} after the kill");
+    assert_eq!(stuck, 0, "stuck jobs");
+    assert!(tokens.first() == Some(&1) && tokens.last() >= Some(&2), "tokens {tokens:?}");
+    drop(app);
+    finish(second).await;
+}
+
+#[tokio::test]
+async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
+    let started = Instant::now();
+    let lease_ms = 3_000;
+    let app = server(lease_ms).await;
+    let dir = crate::common::redis_proc::TempDir::new();
+    let log = dir.0.join("holder.log");
+    let mut holder = spawn_holder(&app, lease_ms, &log);
+    holder_streaming(&app, &log).await;
+    let second = app.peer(|c| c.replication_enabled = true).await;
+    let (stop_watch, watcher) = watch_confirmations(&app);
+    let load = Load::start(&app, 2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Stopped, the holder keeps its connection (the slot stays active) but
+    // cannot renew: the lease expires and the other server takes over,
+    // ending the paused holder's stream.
+    let pid = holder.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let paused = Instant::now();
+    eventually(20, "the other server to take over", || async { (fence(&app).await >= 2).then_some(()) }).await;
+    let took_over = paused.elapsed();
+    let resumed = eventually(20, "replication to resume", || async {
+        let after = load.acked_after(paused + took_over);
+        (!after.is_empty() && in_clickhouse(&app, &after).await > 0).then_some(paused.elapsed())
+    })
+    .await;
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    // Back, the old holder finds its lease and token gone and stops; the
+    // slot streams to one connection, and the token stays the new holder's.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let creates = load.stop().await;
+    let name = sessiond::replication::consumer::application_name(&app.state.config.replication_slot_name());
+    let walsenders: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE application_name = $1")
+        .bind(&name)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    let fence_now = fence(&app).await;
+    let copy = assert_copy_equal(&second.state, 45).await;
+    let stuck = stuck_jobs(second.db(), 30).await;
+    let _ = stop_watch.send(true);
+    let samples = watcher.await.unwrap();
+    let (batches, tokens) = check_flush_order(&app).await;
+    holder.start_kill().unwrap();
+    holder.wait().await.unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let refused = text.matches("superseded").count();
+    let stopped = text.contains("replication lease taken over; stopped")
+        || text.contains("replication lease lost; stopping")
+        || text.contains("replication lease not renewed in time; stopping")
+        || text.contains("replication stopped");
+    println!(
+        "FAULT lease-holder-paused: takeover_ms={} resume_ms={} lease_ms={lease_ms} creates={creates} sessions={} \
+         runs={} batches={batches} tokens={} stale_refusals={refused} walsenders={walsenders} \
+         confirm_samples={samples} stuck_jobs={stuck} total_s={:.1}",
+        took_over.as_millis(),
+        resumed.as_millis(),
+        copy.sessions,
+        copy.runs,
+        tokens_text(&tokens),
+        started.elapsed().as_secs_f64(),
+    );
+    assert_eq!(fence_now, 2, "the old holder took the slot back");
+    assert_eq!(walsenders, 1, "one connection streams the slot");
+    assert!(stopped, "the old holder did not stop; its log:\n{text}");
+    assert_eq!(stuck, 0, "stuck jobs");
+    drop(app);
+    finish(second).await;
+}
+
+fn batch(start: u64, end: u64) -> Batch {
+    let mut b = Batch::default();
+    b.commit(start, end, chrono::Utc::now());
+    b
+}
+
+/// A superseded token can neither record a batch nor prune nor confirm, a
+/// takeover and a stale write never interleave, and a FLUSHALL of Redis
+/// (which frees the lease) does not lower the token.
+#[tokio::test]
+async fn a_stale_token_is_refused_and_flushall_does_not_lower_it() {
+    use crate::common::redis_proc::{start_fresh, TempDir};
+    let dir = TempDir::new();
+    let redis = start_fresh(&dir.0).await;
+    let url = redis.url();
+    let app = TestApp::spawn_with(move |c| c.redis_url = url).await;
+    let (db, r, prefix) = (app.db(), &app.state.redis, app.state.config.redis_prefix.as_str());
+    let jobs = &app.state.jobs;
+    let slot = "fenced";
+    let ttl = Duration::from_secs(30);
+
+    let mut old = Lease::try_acquire(db, r, prefix, slot, ttl).await.unwrap().expect("free lease");
+    flush::record(db, jobs, slot, old.token, &batch(100, 200)).await.expect("the holder records");
+    flush::confirm(db, slot, old.token, 200).await.expect("the holder confirms");
+    // Redis loses everything; another process takes the lease at once.
+    redis.flush_all().await;
+    let new = Lease::try_acquire(db, r, prefix, slot, ttl).await.unwrap().expect("lease freed by FLUSHALL");
+    assert!(new.token > old.token, "FLUSHALL lowered the token: {} after {}", new.token, old.token);
+    assert_eq!(lease::holder(r, prefix, slot).await.unwrap(), Some(new.token));
+
+    // The old holder, back from a pause: every write is refused.
+    let stale = |r: Result<_, FlushError>| matches!(r, Err(FlushError::Superseded { .. }));
+    assert!(stale(flush::record(db, jobs, slot, old.token, &batch(210, 300)).await.map(|_| ())));
+    assert!(stale(flush::confirmable(db, slot, old.token).await.map(|_| ())));
+    assert!(stale(flush::confirm(db, slot, old.token, 300).await));
+    assert!(!old.renew().await.unwrap(), "the old holder renewed the new one's lease");
+    let recorded: Vec<i64> =
+        sqlx::query_scalar("SELECT fence FROM replication_flushes WHERE slot = $1 ORDER BY id").bind(slot).fetch_all(db).await.unwrap();
+    assert_eq!(recorded, vec![old.token as i64], "only the first batch, under the old token");
+    // The new holder's writes go through.
+    flush::record(db, jobs, slot, new.token, &batch(210, 300)).await.expect("the new holder records");
+    flush::confirm(db, slot, new.token, 150).await.expect("the new holder confirms");
+    let (confirmed, by): (String, i64) =
+        sqlx::query_as("SELECT confirmed_lsn::text, confirmed_fence FROM replication_state WHERE slot = $1")
+            .bind(slot)
+            .fetch_one(db)
+            .await
+            .unwrap();
+    assert_eq!((confirmed.as_str(), by), (flush::lsn_text(200).as_str(), new.token as i64), "never back");
+
+    // A takeover under way (its new token not yet committed): the holder's
+    // write waits for it, then is refused, rather than slipping in between.
+    let mut takeover = db.begin().await.unwrap();
+    sqlx::query("UPDATE replication_state SET fence = fence + 1 WHERE slot = $1")
+        .bind(slot)
+        .execute(&mut *takeover)
+        .await
+        .unwrap();
+    let write = {
+        let (db, jobs, token) = (db.clone(), jobs.clone(), new.token);
+        tokio::spawn(async move { flush::record(&db, &jobs, slot, token, &batch(310, 400)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "the write did not wait for the takeover");
+    takeover.commit().await.unwrap();
+    let written = write.await.unwrap();
+    assert!(stale(written.map(|_| ())), "a write raced past a takeover");
+    new.release().await;
+}
+
+/// A waiter takes over a held lease when the slot streams to nobody at two
+/// polls in a row, and not before; not while the slot is missing.
+#[tokio::test]
+async fn a_waiter_takes_over_an_idle_slot_after_two_polls() {
+    let app = TestApp::spawn().await;
+    let (db, r, prefix) = (app.db(), &app.state.redis, app.state.config.redis_prefix.as_str());
+    let name = format!("lease_{}", uuid::Uuid::new_v4().simple());
+    let ttl = Duration::from_secs(30);
+    let mut dead = Lease::try_acquire(db, r, prefix, &name, ttl).await.unwrap().expect("free lease");
+    let mut waiter = Waiter::new(db.clone(), r.clone(), prefix, &name, ttl);
+    // No slot yet (its holder may be creating it): nothing to take over.
+    for _ in 0..3 {
+        assert!(waiter.poll().await.unwrap().is_none());
+    }
+    // A slot nobody streams: the first idle poll only notes it.
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')").bind(&name).execute(db).await.unwrap();
+    assert!(waiter.poll().await.unwrap().is_none(), "taken over at the first idle poll");
+    let taken = waiter.poll().await.unwrap().expect("taken over at the second idle poll");
+    assert!(taken.token > dead.token);
+    assert_eq!(lease::holder(r, prefix, &name).await.unwrap(), Some(taken.token));
+    assert!(!dead.renew().await.unwrap(), "the dead holder's lease is gone");
+    taken.release().await;
+    slot::drop(db, &name).await.unwrap();
+}
