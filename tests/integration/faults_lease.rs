@@ -137,8 +137,8 @@ impl Load {
         for t in self.tasks {
             t.await.unwrap();
         }
-        let n = self.acked.lock().unwrap().len();
-        n
+        let acked = self.acked.lock().unwrap();
+        acked.len()
     }
 }
 
