@@ -94,7 +94,7 @@ impl Replicator {
                 }
                 Err(err) => {
                     tracing::warn!(%err, "replication lease unavailable");
-                    sleep_or_stop(Waiter::POLL, &mut shutdown).await;
+                    sleep_or_stop(Duration::from_secs(1), &mut shutdown).await;
                     continue;
                 }
             };
@@ -152,6 +152,7 @@ impl Replicator {
                 return Err(err.into());
             }
         };
+        tracing::debug!(slot = %self.slot, token = lease.token, "replication stream started");
         let result = self.stream(&mut client, &mut lease, shutdown).await;
         client.stop();
         lease.release().await;

@@ -5,9 +5,9 @@
 //! lease's time and counts itself the holder only until two thirds have
 //! passed since its last renewal; after that it stops consuming. A waiter
 //! takes a free lease at once, and takes a held one over when Postgres shows
-//! the slot streaming to nobody (inactive, or its walsender gone) in two
-//! polls [`Waiter::POLL`] apart: a holder killed outright is replaced in
-//! about two seconds instead of a whole lease.
+//! the slot streaming to nobody (inactive, or its walsender gone) at every
+//! poll for [`Waiter::IDLE_FOR`]: a holder killed outright is replaced in
+//! little more than a second instead of a whole lease.
 //!
 //! Correctness does not rest on Redis (which can lose the lease, or grant it
 //! twice around a takeover): every acquisition takes the next token from the
@@ -241,20 +241,26 @@ impl Lease {
 }
 
 /// Waits for the lease on one slot: takes it when free, or over from a
-/// holder whose slot Postgres shows idle at two consecutive polls.
+/// holder whose slot Postgres shows idle at consecutive polls spanning
+/// [`Waiter::IDLE_FOR`].
 pub struct Waiter {
     db: PgPool,
     redis: ConnectionManager,
     prefix: String,
     slot: String,
     ttl: Duration,
-    /// The lease's value at the previous poll, if the slot was idle then.
-    idle_under: Option<String>,
+    /// The lease's value when the slot was first seen idle under it, and
+    /// when; cleared by any poll that finds the slot streaming.
+    idle_under: Option<(String, Instant)>,
 }
 
 impl Waiter {
-    /// How often a waiter polls.
-    pub const POLL: Duration = Duration::from_secs(1);
+    /// How often a waiter polls: a few cheap queries.
+    pub const POLL: Duration = Duration::from_millis(250);
+    /// How long the slot must stay idle under one holder before a waiter
+    /// takes over: longer than a holder takes between two streams of its own
+    /// (it reconnects within milliseconds), shorter than any lease.
+    pub const IDLE_FOR: Duration = Duration::from_secs(1);
 
     pub fn new(db: PgPool, redis: ConnectionManager, prefix: &str, slot: &str, ttl: Duration) -> Self {
         Waiter { db, redis, prefix: prefix.to_string(), slot: slot.to_string(), ttl, idle_under: None }
@@ -276,11 +282,16 @@ impl Waiter {
                 return Ok(None);
             }
         };
-        // Idle twice under the same holder: it is not streaming, and not
-        // between two streams of its own for long.
-        if self.idle_under.as_deref() != Some(idle_under.as_str()) {
-            self.idle_under = Some(idle_under);
-            return Ok(None);
+        // Idle throughout under the same holder: it is not streaming, and not
+        // between two streams of its own.
+        match &self.idle_under {
+            Some((value, since)) if *value == idle_under && since.elapsed() >= Self::IDLE_FOR => {}
+            Some((value, _)) if *value == idle_under => return Ok(None),
+            _ => {
+                tracing::debug!(slot = %self.slot, "replication slot idle under its lease holder");
+                self.idle_under = Some((idle_under, Instant::now()));
+                return Ok(None);
+            }
         }
         self.idle_under = None;
         let lease = Lease::take_over(&self.db, &self.redis, &self.prefix, &self.slot, &idle_under, self.ttl).await?;

@@ -8,7 +8,6 @@
 //! database; the server that takes over is the in-process one.
 
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sessiond::replication::flush::{self, Batch, FlushError};
@@ -16,8 +15,8 @@ use sessiond::replication::lease::{self, Lease, Waiter};
 use sessiond::replication::slot;
 use tokio::process::{Child, Command};
 
-use crate::common::faults::{assert_copy_equal, stuck_jobs};
-use crate::common::{eventually, session_body, TestApp};
+use crate::common::faults::{assert_copy_equal, list_check, report, stuck_jobs, CreateLoad};
+use crate::common::{eventually, TestApp};
 use crate::replication::{finish, replicating};
 
 /// The test server (no consumer of its own) and a log of every batch ever
@@ -93,62 +92,20 @@ async fn fence(app: &TestApp) -> i64 {
         .unwrap_or(0)
 }
 
-/// Sessions created without pause by a few clients until stopped: each
-/// acknowledged one with when it was acknowledged.
-struct Load {
-    acked: Arc<Mutex<Vec<(String, Instant)>>>,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+/// Postgres's WAL position now: a row ClickHouse holds versioned past it was
+/// committed later, so only a stream running since can have brought it.
+async fn wal_now(app: &TestApp) -> u64 {
+    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(app.db()).await.unwrap();
+    sessiond::analytics::rows::parse_lsn(&lsn).unwrap()
 }
 
-impl Load {
-    fn start(app: &TestApp, clients: usize) -> Load {
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let tasks = (0..clients)
-            .map(|c| {
-                let (base, key, client, acked, rx) =
-                    (app.base.clone(), app.a.key.clone(), app.client.clone(), acked.clone(), rx.clone());
-                tokio::spawn(async move {
-                    let mut i = 0;
-                    while !*rx.borrow() {
-                        let body = session_body(Some(&format!("lease-{c}-{i}")));
-                        i += 1;
-                        let resp = client.post(format!("{base}/api/v1/sessions")).bearer_auth(&key).json(&body).send();
-                        let Ok(resp) = resp.await else { continue };
-                        if resp.status().is_success() {
-                            let v: serde_json::Value = resp.json().await.unwrap();
-                            acked.lock().unwrap().push((v["id"].as_str().unwrap().to_string(), Instant::now()));
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                })
-            })
-            .collect();
-        Load { acked, stop, tasks }
-    }
-
-    fn acked_after(&self, t: Instant) -> Vec<String> {
-        self.acked.lock().unwrap().iter().filter(|(_, at)| *at > t).map(|(id, _)| id.clone()).collect()
-    }
-
-    async fn stop(self) -> usize {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        let acked = self.acked.lock().unwrap();
-        acked.len()
-    }
-}
-
-/// How many of `ids` ClickHouse holds.
-async fn in_clickhouse(app: &TestApp, ids: &[String]) -> u64 {
+/// How many session rows ClickHouse holds from commits past `lsn`.
+async fn in_clickhouse_after(app: &TestApp, lsn: u64) -> u64 {
     app.state
         .analytics
         .client()
-        .query("SELECT count() FROM sessions_v1 FINAL WHERE friendly_id IN {ids:Array(String)}")
-        .param("ids", ids)
+        .query("SELECT count() FROM sessions_v1 WHERE _version > {lsn:UInt64}")
+        .param("lsn", lsn)
         .fetch_one()
         .await
         .unwrap()
@@ -248,49 +205,59 @@ async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_o
     let second = app.peer(|c| c.replication_enabled = true).await;
     let (stop_watch, watcher) = watch_confirmations(&app);
 
-    let load = Load::start(&app, 4);
+    let load = CreateLoad::start(&app.base, &app.a.key, 100, "lease-killed");
     // A holder that streams is left alone: the waiter only takes over an idle slot.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(fence(&app).await, 1, "taken over from a live holder");
-    let before = load.acked_after(started).len();
-    assert!(before > 0, "no load");
+    assert!(!load.acked().is_empty(), "no load");
 
     holder.start_kill().unwrap();
     let killed = Instant::now();
     holder.wait().await.unwrap();
-    // Resumed: a session acknowledged after the kill is in ClickHouse.
+    let at_kill = wal_now(&app).await;
+    // Resumed: a change committed after the kill is in ClickHouse.
     let mut took_over = None;
     let resumed = loop {
         if took_over.is_none() && fence(&app).await >= 2 {
             took_over = Some(killed.elapsed());
         }
-        let after = load.acked_after(killed);
-        if !after.is_empty() && in_clickhouse(&app, &after).await > 0 {
+        if in_clickhouse_after(&app, at_kill).await > 0 {
             break killed.elapsed();
         }
         assert!(killed.elapsed() < Duration::from_secs(30), "replication did not resume within 30 s of the kill");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let creates = load.stop().await;
+    let (acked, refused) = load.stop().await;
 
     let copy = assert_copy_equal(&second.state, 45).await;
     let stuck = stuck_jobs(second.db(), 30).await;
+    let listed = list_check(&second, &second.a.key, &acked).await;
     let _ = stop_watch.send(true);
     let samples = watcher.await.unwrap();
     let (batches, tokens) = check_flush_order(&app).await;
-    println!(
-        "FAULT lease-holder-killed: resume_ms={} takeover_ms={} lease_ms={lease_ms} creates={creates} \
-         sessions={} runs={} batches={batches} tokens={} confirm_samples={samples} stuck_jobs={stuck} total_s={:.1}",
-        resumed.as_millis(),
-        took_over.map_or("-".into(), |t| t.as_millis().to_string()),
-        copy.sessions,
-        copy.runs,
-        tokens_text(&tokens),
-        started.elapsed().as_secs_f64(),
+    report(
+        "lease-holder-killed",
+        &[
+            ("resume_ms", resumed.as_millis().to_string()),
+            ("takeover_ms", took_over.map_or("-".into(), |t| t.as_millis().to_string())),
+            ("lease_ms", lease_ms.to_string()),
+            ("acked", acked.len().to_string()),
+            ("refused", refused.to_string()),
+            ("sessions", copy.sessions.to_string()),
+            ("runs", copy.runs.to_string()),
+            ("batches", batches.to_string()),
+            ("tokens", tokens_text(&tokens)),
+            ("confirm_samples", samples.to_string()),
+            ("stuck_jobs", stuck.to_string()),
+            ("list_missing", listed.missing.to_string()),
+            ("list_source", listed.source.clone()),
+            ("total_s", format!("{:.1}", started.elapsed().as_secs_f64())),
+        ],
     );
     assert!(resumed <= Duration::from_secs(3), "replication resumed {resumed:?} after the kill");
     assert_eq!(stuck, 0, "stuck jobs");
+    assert!(!listed.wrong(), "the list left out acknowledged sessions: {listed:?}");
     assert!(tokens.first() == Some(&1) && tokens.last() >= Some(&2), "tokens {tokens:?}");
     drop(app);
     finish(second).await;
@@ -307,7 +274,7 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     holder_streaming(&app, &log).await;
     let second = app.peer(|c| c.replication_enabled = true).await;
     let (stop_watch, watcher) = watch_confirmations(&app);
-    let load = Load::start(&app, 2);
+    let load = CreateLoad::start(&app.base, &app.a.key, 50, "lease-paused");
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // Stopped, the holder keeps its connection (the slot stays active) but
@@ -318,16 +285,16 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     let paused = Instant::now();
     eventually(20, "the other server to take over", || async { (fence(&app).await >= 2).then_some(()) }).await;
     let took_over = paused.elapsed();
+    let at_takeover = wal_now(&app).await;
     let resumed = eventually(20, "replication to resume", || async {
-        let after = load.acked_after(paused + took_over);
-        (!after.is_empty() && in_clickhouse(&app, &after).await > 0).then_some(paused.elapsed())
+        (in_clickhouse_after(&app, at_takeover).await > 0).then_some(paused.elapsed())
     })
     .await;
     assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
     // Back, the old holder finds its lease and token gone and stops; the
     // slot streams to one connection, and the token stays the new holder's.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let creates = load.stop().await;
+    let (acked, refused) = load.stop().await;
     let name = sessiond::replication::consumer::application_name(&app.state.config.replication_slot_name());
     let walsenders: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE application_name = $1")
         .bind(&name)
@@ -337,32 +304,42 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     let fence_now = fence(&app).await;
     let copy = assert_copy_equal(&second.state, 45).await;
     let stuck = stuck_jobs(second.db(), 30).await;
+    let listed = list_check(&second, &second.a.key, &acked).await;
     let _ = stop_watch.send(true);
     let samples = watcher.await.unwrap();
     let (batches, tokens) = check_flush_order(&app).await;
     holder.start_kill().unwrap();
     holder.wait().await.unwrap();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let refused = text.matches("superseded").count();
-    let stopped = text.contains("replication lease taken over; stopped")
-        || text.contains("replication lease lost; stopping")
-        || text.contains("replication lease not renewed in time; stopping")
-        || text.contains("replication stopped");
-    println!(
-        "FAULT lease-holder-paused: takeover_ms={} resume_ms={} lease_ms={lease_ms} creates={creates} sessions={} \
-         runs={} batches={batches} tokens={} stale_refusals={refused} walsenders={walsenders} \
-         confirm_samples={samples} stuck_jobs={stuck} total_s={:.1}",
-        took_over.as_millis(),
-        resumed.as_millis(),
-        copy.sessions,
-        copy.runs,
-        tokens_text(&tokens),
-        started.elapsed().as_secs_f64(),
+    let stale_refusals = text.matches("superseded by").count();
+    let stopped = ["replication lease taken over; stopped", "replication lease lost; stopping", "replication lease not renewed in time; stopping", "replication stopped"]
+        .iter()
+        .any(|line| text.contains(line));
+    report(
+        "lease-holder-paused",
+        &[
+            ("takeover_ms", took_over.as_millis().to_string()),
+            ("resume_ms", resumed.as_millis().to_string()),
+            ("lease_ms", lease_ms.to_string()),
+            ("acked", acked.len().to_string()),
+            ("refused", refused.to_string()),
+            ("sessions", copy.sessions.to_string()),
+            ("runs", copy.runs.to_string()),
+            ("batches", batches.to_string()),
+            ("tokens", tokens_text(&tokens)),
+            ("stale_refusals", stale_refusals.to_string()),
+            ("walsenders", walsenders.to_string()),
+            ("confirm_samples", samples.to_string()),
+            ("stuck_jobs", stuck.to_string()),
+            ("list_missing", listed.missing.to_string()),
+            ("total_s", format!("{:.1}", started.elapsed().as_secs_f64())),
+        ],
     );
     assert_eq!(fence_now, 2, "the old holder took the slot back");
     assert_eq!(walsenders, 1, "one connection streams the slot");
     assert!(stopped, "the old holder did not stop; its log:\n{text}");
     assert_eq!(stuck, 0, "stuck jobs");
+    assert!(!listed.wrong(), "the list left out acknowledged sessions: {listed:?}");
     drop(app);
     finish(second).await;
 }
@@ -437,8 +414,8 @@ async fn a_stale_token_is_refused_and_flushall_does_not_lower_it() {
     new.release().await;
 }
 
-/// A waiter takes over a held lease when the slot streams to nobody at two
-/// polls in a row, and not before; not while the slot is missing.
+/// A waiter takes over a held lease when the slot streams to nobody at its
+/// polls for a second, and not before; not while the slot is missing.
 #[tokio::test]
 async fn a_waiter_takes_over_an_idle_slot_after_two_polls() {
     let app = TestApp::spawn().await;
@@ -451,10 +428,15 @@ async fn a_waiter_takes_over_an_idle_slot_after_two_polls() {
     for _ in 0..3 {
         assert!(waiter.poll().await.unwrap().is_none());
     }
-    // A slot nobody streams: the first idle poll only notes it.
+    // A slot nobody streams: the first idle poll only notes it, and so does
+    // any poll before it has been idle for a second.
     sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')").bind(&name).execute(db).await.unwrap();
+    let idle = Instant::now();
     assert!(waiter.poll().await.unwrap().is_none(), "taken over at the first idle poll");
-    let taken = waiter.poll().await.unwrap().expect("taken over at the second idle poll");
+    tokio::time::sleep(Waiter::POLL).await;
+    assert!(waiter.poll().await.unwrap().is_none(), "taken over before the slot was idle for long");
+    tokio::time::sleep(Waiter::IDLE_FOR.saturating_sub(idle.elapsed())).await;
+    let taken = waiter.poll().await.unwrap().expect("taken over once idle for a second");
     assert!(taken.token > dead.token);
     assert_eq!(lease::holder(r, prefix, &name).await.unwrap(), Some(taken.token));
     assert!(!dead.renew().await.unwrap(), "the dead holder's lease is gone");
