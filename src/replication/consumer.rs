@@ -85,7 +85,8 @@ impl Replicator {
         let mut backoff = Duration::from_millis(200);
         let mut waiter =
             Waiter::new(self.db.clone(), self.redis.clone(), &self.redis_prefix, &self.slot, self.lease_ttl);
-        while !*shutdown.borrow() {
+        // A dropped sender stops it too (a server torn down without a signal).
+        while !*shutdown.borrow() && shutdown.has_changed().is_ok() {
             let lease = match waiter.poll().await {
                 Ok(Some(lease)) => lease,
                 Ok(None) => {

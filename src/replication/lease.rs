@@ -46,6 +46,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
+/// How long a fenced write's transaction may sit idle before Postgres ends
+/// it: far longer than a live writer pauses between its statements, and no
+/// longer than a takeover from a stopped holder waits for its lease anyway.
+pub const STALLED_WRITE: Duration = Duration::from_secs(3);
+
 fn lease_key(prefix: &str, slot: &str) -> String {
     format!("{prefix}:replication:{slot}:lease")
 }
@@ -86,11 +91,21 @@ pub async fn next_fence(pool: &PgPool, slot: &str) -> Result<u64, StoreError> {
 /// the transaction ends, so a takeover's [`next_fence`] waits for the write,
 /// and a write that waited for a takeover sees the new token: the two never
 /// interleave.
+///
+/// A writer paused mid-transaction (a stopped process) would hold that lock,
+/// and every takeover with it, until it came back: Postgres ends such a
+/// transaction once it has sat idle for [`STALLED_WRITE`], and the write is
+/// lost with it, as a superseded write should be.
 pub async fn superseded(conn: &mut PgConnection, slot: &str, token: u64) -> Result<Option<u64>, StoreError> {
-    let current: Option<i64> = sqlx::query_scalar("SELECT fence FROM replication_state WHERE slot = $1 FOR SHARE")
-        .bind(slot)
-        .fetch_optional(conn)
-        .await?;
+    let current: Option<(i64, String)> = sqlx::query_as(
+        "SELECT fence, set_config('idle_in_transaction_session_timeout', $2, true)
+         FROM replication_state WHERE slot = $1 FOR SHARE",
+    )
+    .bind(slot)
+    .bind(format!("{}ms", STALLED_WRITE.as_millis()))
+    .fetch_optional(conn)
+    .await?;
+    let current = current.map(|(fence, _)| fence);
     let current = current.unwrap_or(0) as u64;
     Ok((current == 0 || current > token).then_some(current))
 }

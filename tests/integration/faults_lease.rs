@@ -7,7 +7,6 @@
 //! binary), sharing the test server's schema, Redis prefix and ClickHouse
 //! database; the server that takes over is the in-process one.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use sessiond::replication::flush::{self, Batch, FlushError};
@@ -74,7 +73,7 @@ fn spawn_holder(app: &TestApp, lease_ms: u64, log: &std::path::Path) -> Child {
         .env("REPLICATION_LEASE_MS", lease_ms.to_string())
         .env("RUST_LOG", "sessiond=info")
         .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
+        .stdout(out.try_clone().unwrap())
         .stderr(out)
         .kill_on_drop(true)
         .spawn()
