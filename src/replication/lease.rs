@@ -325,13 +325,8 @@ fn claim_value() -> String {
 
 async fn swap(redis: &ConnectionManager, key: &str, from: &str, to: &str, ttl: Duration) -> redis::RedisResult<bool> {
     let mut conn = redis.clone();
-    let swapped: i64 = redis::Script::new(SWAP)
-        .key(key)
-        .arg(from)
-        .arg(to)
-        .arg(ttl.as_millis() as u64)
-        .invoke_async(&mut conn)
-        .await?;
+    let swapped: i64 =
+        redis::Script::new(SWAP).key(key).arg(from).arg(to).arg(ttl.as_millis() as u64).invoke_async(&mut conn).await?;
     Ok(swapped == 1)
 }
 

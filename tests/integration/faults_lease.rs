@@ -181,10 +181,11 @@ async fn holder_streaming(app: &TestApp, log: &std::path::Path) {
             .fetch_optional(app.db())
             .await
             .unwrap();
-        let mark = sessiond::analytics::watermark::read(&app.state.analytics, sessiond::analytics::watermark::Table::Sessions)
-            .await
-            .ok()
-            .flatten();
+        let mark =
+            sessiond::analytics::watermark::read(&app.state.analytics, sessiond::analytics::watermark::Table::Sessions)
+                .await
+                .ok()
+                .flatten();
         (active == Some(true) && mark.is_some() && fence(app).await == 1).then_some(())
     })
     .await;
@@ -311,9 +312,14 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     holder.wait().await.unwrap();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let stale_refusals = text.matches("superseded by").count();
-    let stopped = ["replication lease taken over; stopped", "replication lease lost; stopping", "replication lease not renewed in time; stopping", "replication stopped"]
-        .iter()
-        .any(|line| text.contains(line));
+    let stopped = [
+        "replication lease taken over; stopped",
+        "replication lease lost; stopping",
+        "replication lease not renewed in time; stopping",
+        "replication stopped",
+    ]
+    .iter()
+    .any(|line| text.contains(line));
     report(
         "lease-holder-paused",
         &[
@@ -379,8 +385,11 @@ async fn a_stale_token_is_refused_and_flushall_does_not_lower_it() {
     assert!(stale(flush::confirmable(db, slot, old.token).await.map(|_| ())));
     assert!(stale(flush::confirm(db, slot, old.token, 300).await));
     assert!(!old.renew().await.unwrap(), "the old holder renewed the new one's lease");
-    let recorded: Vec<i64> =
-        sqlx::query_scalar("SELECT fence FROM replication_flushes WHERE slot = $1 ORDER BY id").bind(slot).fetch_all(db).await.unwrap();
+    let recorded: Vec<i64> = sqlx::query_scalar("SELECT fence FROM replication_flushes WHERE slot = $1 ORDER BY id")
+        .bind(slot)
+        .fetch_all(db)
+        .await
+        .unwrap();
     assert_eq!(recorded, vec![old.token as i64], "only the first batch, under the old token");
     // The new holder's writes go through.
     flush::record(db, jobs, slot, new.token, &batch(210, 300)).await.expect("the new holder records");
