@@ -153,6 +153,12 @@ impl Replicator {
                 return Err(err.into());
             }
         };
+        // The steps above can take a while on a busy database: the stream
+        // starts with a lease renewed now, not one already two thirds gone.
+        if !lease.renew().await? {
+            client.stop();
+            return Ok(());
+        }
         tracing::debug!(slot = %self.slot, token = lease.token, "replication stream started");
         let result = self.stream(&mut client, &mut lease, shutdown).await;
         client.stop();

@@ -74,23 +74,33 @@ pub async fn holder(redis: &ConnectionManager, prefix: &str, slot: &str) -> redi
 
 /// Takes the slot's next fencing token. From here on, every holder with a
 /// lower one is refused.
+///
+/// The row is locked `FOR UPDATE`, the one lock that waits for the writers'
+/// `FOR KEY SHARE` ([`superseded`]): writers never wait for each other, nor
+/// for a flush noting itself in the same row, only for a takeover.
 pub async fn next_fence(pool: &PgPool, slot: &str) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO replication_state (slot) VALUES ($1) ON CONFLICT (slot) DO NOTHING")
+        .bind(slot)
+        .execute(&mut *tx)
+        .await?;
     let token: i64 = sqlx::query_scalar(
-        "INSERT INTO replication_state (slot, fence) VALUES ($1, 1)
-         ON CONFLICT (slot) DO UPDATE SET fence = replication_state.fence + 1
-         RETURNING fence",
+        "WITH held AS (SELECT slot FROM replication_state WHERE slot = $1 FOR UPDATE)
+         UPDATE replication_state r SET fence = r.fence + 1 FROM held WHERE r.slot = held.slot
+         RETURNING r.fence",
     )
     .bind(slot)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(token as u64)
 }
 
 /// Inside a writer's transaction: the slot's current token if `token` is
-/// lower (or the slot has none), else None. The row stays share-locked until
-/// the transaction ends, so a takeover's [`next_fence`] waits for the write,
-/// and a write that waited for a takeover sees the new token: the two never
-/// interleave.
+/// lower (or the slot has none), else None. The row stays locked (`FOR KEY
+/// SHARE`) until the transaction ends, so a takeover's [`next_fence`] waits
+/// for the write, and a write that waited for a takeover sees the new token:
+/// the two never interleave.
 ///
 /// A writer paused mid-transaction (a stopped process) would hold that lock,
 /// and every takeover with it, until it came back: Postgres ends such a
@@ -99,7 +109,7 @@ pub async fn next_fence(pool: &PgPool, slot: &str) -> Result<u64, StoreError> {
 pub async fn superseded(conn: &mut PgConnection, slot: &str, token: u64) -> Result<Option<u64>, StoreError> {
     let current: Option<(i64, String)> = sqlx::query_as(
         "SELECT fence, set_config('idle_in_transaction_session_timeout', $2, true)
-         FROM replication_state WHERE slot = $1 FOR SHARE",
+         FROM replication_state WHERE slot = $1 FOR KEY SHARE",
     )
     .bind(slot)
     .bind(format!("{}ms", STALLED_WRITE.as_millis()))

@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use sessiond::analytics::watermark;
 use sessiond::replication::flush::{self, Batch, FlushError};
 use sessiond::replication::lease::{self, Lease, Waiter};
 use sessiond::replication::slot;
@@ -78,6 +79,60 @@ fn spawn_holder(app: &TestApp, lease_ms: u64, log: &std::path::Path) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("start sessiond serve")
+}
+
+/// The server that takes over: a process of the same deployment with a
+/// connection pool of its own (as a separate process would have, so the test
+/// load on the test server's pool does not hold its consumer up), its job
+/// runtime, and replication on. Stops when the sender is dropped.
+async fn standby(app: &TestApp) -> (sessiond::app::AppState, tokio::sync::watch::Sender<bool>) {
+    let mut config = app.state.config.clone();
+    config.replication_enabled = true;
+    config.database_max_connections = 12;
+    let pool = sessiond::db::connect(&config).await.unwrap();
+    let master = sessiond::app::master_key(&config).unwrap();
+    let state = sessiond::app::AppState::connect(config, pool, master).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let serving = state.clone();
+    tokio::spawn(async move { sessiond::app::serve(listener, serving, rx).await });
+    (state, stop)
+}
+
+/// Drops the test's slot and publication when the test ends, passed or
+/// failed (a failed case's slot would keep WAL on the shared server for
+/// good; slots are few).
+struct DropSlot {
+    url: String,
+    slot: String,
+}
+
+impl Drop for DropSlot {
+    fn drop(&mut self) {
+        let (url, slot) = (self.url.clone(), self.slot.clone());
+        let dropping = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let db = sqlx::PgPool::connect(&url).await.unwrap();
+                let deadline = Instant::now() + Duration::from_secs(20);
+                // The test's runtime is blocked here: a stream still open is
+                // ended rather than waited for.
+                loop {
+                    let _ = sqlx::query(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    )
+                    .bind(&slot)
+                    .execute(&db)
+                    .await;
+                    if slot::drop(&db, &slot).await.is_ok() || Instant::now() > deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+        });
+        let _ = dropping.join();
+    }
 }
 
 /// The slot's fencing token in Postgres.
@@ -174,21 +229,23 @@ fn tokens_text(tokens: &[i64]) -> String {
 /// first backfill vouched for the copy.
 async fn holder_streaming(app: &TestApp, log: &std::path::Path) {
     let slot = app.state.config.replication_slot_name();
-    let what = format!("the separate holder to stream (log {})", log.display());
-    eventually(40, &what, || async {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
         let active: Option<bool> = sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
             .bind(&slot)
             .fetch_optional(app.db())
             .await
             .unwrap();
-        let mark =
-            sessiond::analytics::watermark::read(&app.state.analytics, sessiond::analytics::watermark::Table::Sessions)
-                .await
-                .ok()
-                .flatten();
-        (active == Some(true) && mark.is_some() && fence(app).await == 1).then_some(())
-    })
-    .await;
+        let mark = watermark::read(&app.state.analytics, watermark::Table::Sessions).await.ok().flatten();
+        if active == Some(true) && mark.is_some() && fence(app).await == 1 {
+            return;
+        }
+        if Instant::now() > deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("the separate holder did not start streaming; its log:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -198,14 +255,15 @@ async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_o
     // slot can meet it.
     let lease_ms = 20_000;
     let app = server(lease_ms).await;
+    let _slot = DropSlot { url: app.state.config.database_url.clone(), slot: app.state.config.replication_slot_name() };
     let dir = crate::common::redis_proc::TempDir::new();
     let log = dir.0.join("holder.log");
     let mut holder = spawn_holder(&app, lease_ms, &log);
     holder_streaming(&app, &log).await;
-    let second = app.peer(|c| c.replication_enabled = true).await;
+    let (second, stop_second) = standby(&app).await;
     let (stop_watch, watcher) = watch_confirmations(&app);
 
-    let load = CreateLoad::start(&app.base, &app.a.key, 100, "lease-killed");
+    let load = CreateLoad::start(&app.base, &app.a.key, 50, "lease-killed");
     // A holder that streams is left alone: the waiter only takes over an idle slot.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(fence(&app).await, 1, "taken over from a live holder");
@@ -230,9 +288,9 @@ async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_o
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (acked, refused) = load.stop().await;
 
-    let copy = assert_copy_equal(&second.state, 45).await;
-    let stuck = stuck_jobs(second.db(), 30).await;
-    let listed = list_check(&second, &second.a.key, &acked).await;
+    let copy = assert_copy_equal(&app.state, 45).await;
+    let stuck = stuck_jobs(app.db(), 30).await;
+    let listed = list_check(&app, &app.a.key, &acked).await;
     let _ = stop_watch.send(true);
     let samples = watcher.await.unwrap();
     let (batches, tokens) = check_flush_order(&app).await;
@@ -259,8 +317,8 @@ async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_o
     assert_eq!(stuck, 0, "stuck jobs");
     assert!(!listed.wrong(), "the list left out acknowledged sessions: {listed:?}");
     assert!(tokens.first() == Some(&1) && tokens.last() >= Some(&2), "tokens {tokens:?}");
-    drop(app);
-    finish(second).await;
+    drop((stop_second, second));
+    finish(app).await;
 }
 
 #[tokio::test]
@@ -268,11 +326,12 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     let started = Instant::now();
     let lease_ms = 3_000;
     let app = server(lease_ms).await;
+    let _slot = DropSlot { url: app.state.config.database_url.clone(), slot: app.state.config.replication_slot_name() };
     let dir = crate::common::redis_proc::TempDir::new();
     let log = dir.0.join("holder.log");
     let mut holder = spawn_holder(&app, lease_ms, &log);
     holder_streaming(&app, &log).await;
-    let second = app.peer(|c| c.replication_enabled = true).await;
+    let (second, stop_second) = standby(&app).await;
     let (stop_watch, watcher) = watch_confirmations(&app);
     let load = CreateLoad::start(&app.base, &app.a.key, 50, "lease-paused");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -302,9 +361,9 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
         .await
         .unwrap();
     let fence_now = fence(&app).await;
-    let copy = assert_copy_equal(&second.state, 45).await;
-    let stuck = stuck_jobs(second.db(), 30).await;
-    let listed = list_check(&second, &second.a.key, &acked).await;
+    let copy = assert_copy_equal(&app.state, 45).await;
+    let stuck = stuck_jobs(app.db(), 30).await;
+    let listed = list_check(&app, &app.a.key, &acked).await;
     let _ = stop_watch.send(true);
     let samples = watcher.await.unwrap();
     let (batches, tokens) = check_flush_order(&app).await;
@@ -345,8 +404,8 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     assert!(stopped, "the old holder did not stop; its log:\n{text}");
     assert_eq!(stuck, 0, "stuck jobs");
     assert!(!listed.wrong(), "the list left out acknowledged sessions: {listed:?}");
-    drop(app);
-    finish(second).await;
+    drop((stop_second, second));
+    finish(app).await;
 }
 
 fn batch(start: u64, end: u64) -> Batch {
@@ -402,16 +461,33 @@ async fn a_stale_token_is_refused_and_flushall_does_not_lower_it() {
             .unwrap();
     assert_eq!((confirmed.as_str(), by), (flush::lsn_text(200).as_str(), new.token as i64), "never back");
 
-    // A takeover under way (its new token not yet committed): the holder's
-    // write waits for it, then is refused, rather than slipping in between.
+    // A write under way holds the takeover back: the write belongs to the
+    // term it began in, and the new token exists only after it.
+    let mut writing = db.begin().await.unwrap();
+    assert_eq!(lease::superseded(&mut writing, slot, new.token).await.unwrap(), None);
+    let takeover = {
+        let db = db.clone();
+        tokio::spawn(async move { lease::next_fence(&db, slot).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!takeover.is_finished(), "the takeover did not wait for the write under way");
+    writing.commit().await.unwrap();
+    let newer = takeover.await.unwrap().unwrap();
+    assert_eq!(newer, new.token + 1);
+    // A takeover under way (locked as `next_fence` locks, its token not yet
+    // committed) holds the write back, which then is refused rather than
+    // slipping in between.
     let mut takeover = db.begin().await.unwrap();
-    sqlx::query("UPDATE replication_state SET fence = fence + 1 WHERE slot = $1")
-        .bind(slot)
-        .execute(&mut *takeover)
-        .await
-        .unwrap();
+    sqlx::query(
+        "WITH held AS (SELECT slot FROM replication_state WHERE slot = $1 FOR UPDATE)
+         UPDATE replication_state r SET fence = r.fence + 1 FROM held WHERE r.slot = held.slot",
+    )
+    .bind(slot)
+    .execute(&mut *takeover)
+    .await
+    .unwrap();
     let write = {
-        let (db, jobs, token) = (db.clone(), jobs.clone(), new.token);
+        let (db, jobs, token) = (db.clone(), jobs.clone(), newer);
         tokio::spawn(async move { flush::record(&db, &jobs, slot, token, &batch(310, 400)).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
