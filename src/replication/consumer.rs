@@ -143,8 +143,11 @@ impl Replicator {
             backfill::start(&self.db, &self.jobs, &req).await?;
         }
         // A superseded holder paused with the slot still streaming to it.
-        if lease.evict_superseded(&self.db).await? > 0 {
-            tracing::warn!(slot = %self.slot, token = lease.token, "ended a superseded holder's stream");
+        // (If it cannot be ended, the stream below fails and is retried.)
+        match lease.evict_superseded(&self.db).await {
+            Ok(0) => {}
+            Ok(_) => tracing::warn!(slot = %self.slot, token = lease.token, "ended a superseded holder's stream"),
+            Err(err) => tracing::warn!(slot = %self.slot, error = %err, "could not end a superseded holder's stream"),
         }
         let mut client = match ReplicationClient::connect(self.stream_config()?).await {
             Ok(client) => client,

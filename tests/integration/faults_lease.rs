@@ -399,6 +399,15 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
             ("total_s", format!("{:.1}", started.elapsed().as_secs_f64())),
         ],
     );
+    if stuck > 0 {
+        let jobs: Vec<(String, String, i32, Option<String>)> = sqlx::query_as(
+            "SELECT kind, status, attempts, last_error FROM jobs WHERE status IN ('pending', 'running') ORDER BY id",
+        )
+        .fetch_all(app.db())
+        .await
+        .unwrap();
+        eprintln!("unfinished jobs: {jobs:?}\nthe old holder's log:\n{text}");
+    }
     assert_eq!(fence_now, 2, "the old holder took the slot back");
     assert_eq!(walsenders, 1, "one connection streams the slot");
     assert!(stopped, "the old holder did not stop; its log:\n{text}");
