@@ -111,7 +111,7 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, token: u64, batch: &
     };
     let id = Uuid::now_v7();
     let rows = serde_json::to_value(batch).map_err(|e| FlushError::Corrupt(id, e.to_string()))?;
-    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(pool).await.map_err(StoreError::from)?;
     hold_fence(&mut tx, slot, token).await?;
     let flush = Job::ReplicationFlush { flush_id: id };
     let job = jobs::store::insert(&mut *tx, &flush, jobs::DEFAULT_MAX_ATTEMPTS).await?;
@@ -190,7 +190,7 @@ pub async fn execute(pool: &PgPool, ch: &ClickHouse, id: Uuid) -> Result<String,
 /// it. Refused to a superseded `token`, so a holder learns it lost the slot
 /// within one confirmer tick.
 pub async fn confirmable(pool: &PgPool, slot: &str, token: u64) -> Result<Option<(u64, DateTime<Utc>)>, FlushError> {
-    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(pool).await.map_err(StoreError::from)?;
     hold_fence(&mut tx, slot, token).await?;
     let found: Option<(String, DateTime<Utc>)> = sqlx::query_as(
         "SELECT f.end_lsn::text, f.commit_time FROM replication_flushes f

@@ -79,7 +79,7 @@ pub async fn holder(redis: &ConnectionManager, prefix: &str, slot: &str) -> redi
 /// `FOR KEY SHARE` ([`superseded`]): writers never wait for each other, nor
 /// for a flush noting itself in the same row, only for a takeover.
 pub async fn next_fence(pool: &PgPool, slot: &str) -> Result<u64, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     sqlx::query("INSERT INTO replication_state (slot) VALUES ($1) ON CONFLICT (slot) DO NOTHING")
         .bind(slot)
         .execute(&mut *tx)
