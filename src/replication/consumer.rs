@@ -90,7 +90,7 @@ impl Replicator {
             let lease = match waiter.poll().await {
                 Ok(Some(lease)) => lease,
                 Ok(None) => {
-                    sleep_or_stop(Waiter::POLL, &mut shutdown).await;
+                    sleep_or_stop(waiter.next_poll_in(), &mut shutdown).await;
                     continue;
                 }
                 Err(err) => {

@@ -5,8 +5,8 @@
 //! lease's time and counts itself the holder only until two thirds have
 //! passed since its last renewal; after that it stops consuming. A waiter
 //! takes a free lease at once, and takes a held one over when Postgres shows
-//! the slot streaming to nobody (inactive, or its walsender gone) at every
-//! poll for [`Waiter::IDLE_FOR`]: a holder killed outright is replaced in
+//! the slot streaming to nobody (inactive, or its walsender gone) at two
+//! polls [`Waiter::IDLE_FOR`] apart: a holder killed outright is replaced in
 //! little more than a second instead of a whole lease.
 //!
 //! Correctness does not rest on Redis (which can lose the lease, or grant it
@@ -266,8 +266,8 @@ impl Lease {
 }
 
 /// Waits for the lease on one slot: takes it when free, or over from a
-/// holder whose slot Postgres shows idle at consecutive polls spanning
-/// [`Waiter::IDLE_FOR`].
+/// holder whose slot Postgres shows idle at two polls [`Waiter::IDLE_FOR`]
+/// apart (and at any poll between).
 pub struct Waiter {
     db: PgPool,
     redis: ConnectionManager,
@@ -280,7 +280,7 @@ pub struct Waiter {
 }
 
 impl Waiter {
-    /// How often a waiter polls: a few cheap queries.
+    /// How often a waiter polls while the slot streams: a few cheap queries.
     pub const POLL: Duration = Duration::from_millis(250);
     /// How long the slot must stay idle under one holder before a waiter
     /// takes over: longer than a holder takes between two streams of its own
@@ -289,6 +289,16 @@ impl Waiter {
 
     pub fn new(db: PgPool, redis: ConnectionManager, prefix: &str, slot: &str, ttl: Duration) -> Self {
         Waiter { db, redis, prefix: prefix.to_string(), slot: slot.to_string(), ttl, idle_under: None }
+    }
+
+    /// How long to wait before the next poll: [`Self::POLL`], or, once the
+    /// slot was seen idle, until it has been for [`Self::IDLE_FOR`] (polls in
+    /// between would only add their own latency to a takeover).
+    pub fn next_poll_in(&self) -> Duration {
+        match &self.idle_under {
+            Some((_, since)) => Self::IDLE_FOR.saturating_sub(since.elapsed()).max(Duration::from_millis(10)),
+            None => Self::POLL,
+        }
     }
 
     /// One poll: the lease if it was free, or taken over now.
