@@ -284,7 +284,7 @@ impl Waiter {
     pub const POLL: Duration = Duration::from_millis(250);
     /// How long the slot must stay idle under one holder before a waiter
     /// takes over: longer than a holder takes between two streams of its own
-    /// (it reconnects within milliseconds), shorter than any lease.
+    /// (it reconnects within milliseconds), far shorter than a lease.
     pub const IDLE_FOR: Duration = Duration::from_secs(1);
 
     pub fn new(db: PgPool, redis: ConnectionManager, prefix: &str, slot: &str, ttl: Duration) -> Self {
@@ -317,8 +317,8 @@ impl Waiter {
                 return Ok(None);
             }
         };
-        // Idle throughout under the same holder: it is not streaming, and not
-        // between two streams of its own.
+        // Idle at both polls under the same holder: it is not streaming, and
+        // not between two streams of its own.
         match &self.idle_under {
             Some((value, since)) if *value == idle_under && since.elapsed() >= Self::IDLE_FOR => {}
             Some((value, _)) if *value == idle_under => return Ok(None),
