@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::decode::{Decoder, Event};
 use super::flush::{self, Batch};
-use super::lease::Lease;
+use super::lease::{Lease, Waiter};
 use super::pgoutput::{self, Begin, Commit, Message};
 use super::slot;
 use crate::analytics::backfill::{self, BackfillRequest, DEFAULT_CHUNK_SIZE};
@@ -84,22 +84,30 @@ impl Replicator {
     /// and starts over after any failure.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(200);
-        while !*shutdown.borrow() {
-            let lease = match Lease::try_acquire(&self.redis, &self.redis_prefix, &self.slot, self.lease_ttl).await {
+        let mut waiter =
+            Waiter::new(self.db.clone(), self.redis.clone(), &self.redis_prefix, &self.slot, self.lease_ttl);
+        // A dropped sender stops it too (a server torn down without a signal).
+        while !*shutdown.borrow() && shutdown.has_changed().is_ok() {
+            let lease = match waiter.poll().await {
                 Ok(Some(lease)) => lease,
                 Ok(None) => {
-                    sleep_or_stop(self.lease_ttl / 3, &mut shutdown).await;
+                    sleep_or_stop(waiter.next_poll_in(), &mut shutdown).await;
                     continue;
                 }
                 Err(err) => {
                     tracing::warn!(%err, "replication lease unavailable");
-                    sleep_or_stop(self.lease_ttl / 3, &mut shutdown).await;
+                    sleep_or_stop(Duration::from_secs(1), &mut shutdown).await;
                     continue;
                 }
             };
             tracing::info!(slot = %self.slot, token = lease.token, "replication lease taken");
             match self.consume(lease, &mut shutdown).await {
                 Ok(()) => backoff = Duration::from_millis(200),
+                // Another process holds the slot now: not a failure, and
+                // nothing to back off from.
+                Err(ReplicationError::Flush(flush::FlushError::Superseded { token, current })) => {
+                    tracing::warn!(slot = %self.slot, token, current, "replication lease taken over; stopped");
+                }
                 Err(err) => {
                     tracing::warn!(slot = %self.slot, error = %err, retry_in = ?backoff, "replication stopped");
                     if let Err(e) = super::health::record_error(&self.db, &self.slot, &err.to_string()).await {
@@ -129,7 +137,27 @@ impl Replicator {
             tracing::info!(slot = %self.slot, "replication slot created; starting a full backfill");
         }
         self.start_generation_backfill().await?;
-        let mut client = ReplicationClient::connect(self.stream_config()?).await?;
+        // A superseded holder paused with the slot still streaming to it.
+        // (If it cannot be ended, the stream below fails and is retried.)
+        match lease.evict_superseded(&self.db).await {
+            Ok(0) => {}
+            Ok(_) => tracing::warn!(slot = %self.slot, token = lease.token, "ended a superseded holder's stream"),
+            Err(err) => tracing::warn!(slot = %self.slot, error = %err, "could not end a superseded holder's stream"),
+        }
+        let mut client = match ReplicationClient::connect(self.stream_config()?).await {
+            Ok(client) => client,
+            Err(err) => {
+                lease.release().await;
+                return Err(err.into());
+            }
+        };
+        // The steps above can take a while on a busy database: the stream
+        // starts with a lease renewed now, not one already two thirds gone.
+        if !lease.renew().await? {
+            client.stop();
+            return Ok(());
+        }
+        tracing::debug!(slot = %self.slot, token = lease.token, "replication stream started");
         let result = self.stream(&mut client, &mut lease, shutdown).await;
         client.stop();
         lease.release().await;
@@ -178,8 +206,10 @@ impl Replicator {
         let progress = SharedProgress::default();
         let (batches, queued) = tokio::sync::mpsc::channel::<Batch>(RECORD_QUEUE);
         let (confirmed_tx, mut confirmed_rx) = watch::channel(0u64);
-        let mut recorder = AbortOnDrop(tokio::spawn(self.clone().record_batches(queued, progress.clone())));
-        let mut confirmer = AbortOnDrop(tokio::spawn(self.clone().confirm_flushed(progress.clone(), confirmed_tx)));
+        let token = lease.token;
+        let mut recorder = AbortOnDrop(tokio::spawn(self.clone().record_batches(queued, progress.clone(), token)));
+        let mut confirmer =
+            AbortOnDrop(tokio::spawn(self.clone().confirm_flushed(progress.clone(), confirmed_tx, token)));
 
         let mut decoder = Decoder::new(self.schema.clone());
         let mut batch = Batch::default();
@@ -284,6 +314,7 @@ impl Replicator {
         self,
         mut queued: tokio::sync::mpsc::Receiver<Batch>,
         progress: SharedProgress,
+        token: u64,
     ) -> Result<(), ReplicationError> {
         let most = self.batch_rows.saturating_mul(MERGE_ROWS_FACTOR);
         let mut carry: Option<Batch> = None;
@@ -310,7 +341,7 @@ impl Replicator {
                 }
             }
             let started = Instant::now();
-            flush::record(&self.db, &self.jobs, &self.slot, &merged).await?;
+            flush::record(&self.db, &self.jobs, &self.slot, token, &merged).await?;
             tracing::debug!(slot = %self.slot, rows = merged.rows(), batches = count, took = ?started.elapsed(), "replication batch recorded");
             progress.lock().queued -= count;
         }
@@ -324,6 +355,7 @@ impl Replicator {
         self,
         progress: SharedProgress,
         confirmed_tx: watch::Sender<u64>,
+        token: u64,
     ) -> Result<(), ReplicationError> {
         let mut state = Confirmation::default();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -341,7 +373,7 @@ impl Replicator {
             // as recorded here is in `replication_flushes` below.
             let seen = *progress.lock();
             let mut next = state.confirmed;
-            if let Some((lsn, at)) = flush::confirmable(&self.db, &self.slot).await? {
+            if let Some((lsn, at)) = flush::confirmable(&self.db, &self.slot, token).await? {
                 next = next.max(lsn);
                 state.flushed(lsn, at);
             }
@@ -363,6 +395,8 @@ impl Replicator {
                 next = seen.quiet_lsn;
             }
             if next > state.confirmed {
+                // Noted (and fenced) before the slot is told.
+                flush::confirm(&self.db, &self.slot, token, next).await?;
                 state.confirmed = next;
                 let _ = confirmed_tx.send(next);
             }

@@ -5,6 +5,11 @@
 //! the slot may move past it; the job may run more than once (ReplacingMergeTree
 //! absorbs the replay); the slot's confirmed position only moves to the end of
 //! the highest batch below which every batch is flushed.
+//!
+//! What the consumer writes here carries its lease's fencing token and is
+//! refused to a superseded holder in the same transaction
+//! ([`lease::superseded`]): a holder that lost the slot can neither record a
+//! batch nor move the slot's confirmed position.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,6 +23,7 @@ use crate::analytics::{AnalyticsError, ClickHouse};
 use crate::db::StoreError;
 use crate::jobs::{self, Job, Jobs};
 use crate::replication::decode::Change;
+use crate::replication::lease;
 
 /// Complete transactions collected for one flush.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -84,22 +90,34 @@ pub enum FlushError {
     Analytics(#[from] AnalyticsError),
     #[error("replication batch {0} is unreadable: {1}")]
     Corrupt(Uuid, String),
+    /// The writer's lease was taken over: it must stop consuming.
+    #[error("replication token {token} superseded by {current}")]
+    Superseded { token: u64, current: u64 },
 }
 
-/// Writes the batch and its job in one transaction, then relays the job.
-/// Returns the batch's id.
-pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, batch: &Batch) -> Result<Uuid, FlushError> {
+/// Locks the slot's fence for the transaction, refusing a superseded `token`.
+async fn hold_fence(conn: &mut sqlx::PgConnection, slot: &str, token: u64) -> Result<(), FlushError> {
+    match lease::superseded(conn, slot, token).await? {
+        Some(current) => Err(FlushError::Superseded { token, current }),
+        None => Ok(()),
+    }
+}
+
+/// Writes the batch and its job in one transaction, then relays the job,
+/// unless `token` was superseded. Returns the batch's id.
+pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, token: u64, batch: &Batch) -> Result<Uuid, FlushError> {
     let (Some(start), Some(at)) = (batch.start_lsn, batch.commit_time) else {
         return Err(FlushError::Corrupt(Uuid::nil(), "a batch without a complete transaction".into()));
     };
     let id = Uuid::now_v7();
     let rows = serde_json::to_value(batch).map_err(|e| FlushError::Corrupt(id, e.to_string()))?;
-    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(pool).await.map_err(StoreError::from)?;
+    hold_fence(&mut tx, slot, token).await?;
     let flush = Job::ReplicationFlush { flush_id: id };
     let job = jobs::store::insert(&mut *tx, &flush, jobs::DEFAULT_MAX_ATTEMPTS).await?;
     sqlx::query(
-        "INSERT INTO replication_flushes (id, slot, start_lsn, end_lsn, commit_time, row_count, rows, job_id)
-         VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, $6, $7, $8)",
+        "INSERT INTO replication_flushes (id, slot, start_lsn, end_lsn, commit_time, row_count, rows, job_id, fence)
+         VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, $6, $7, $8, $9)",
     )
     .bind(id)
     .bind(slot)
@@ -109,6 +127,7 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, batch: &Batch) -> Re
     .bind(batch.rows() as i32)
     .bind(rows)
     .bind(job)
+    .bind(token as i64)
     .execute(&mut *tx)
     .await
     .map_err(StoreError::from)?;
@@ -167,8 +186,12 @@ pub async fn execute(pool: &PgPool, ch: &ClickHouse, id: Uuid) -> Result<String,
 }
 
 /// The end LSN and commit time of the highest flushed batch below which no
-/// batch is pending: how far the slot may confirm. Prunes the batches up to it.
-pub async fn confirmable(pool: &PgPool, slot: &str) -> Result<Option<(u64, DateTime<Utc>)>, StoreError> {
+/// batch is pending: how far the slot may confirm. Prunes the batches up to
+/// it. Refused to a superseded `token`, so a holder learns it lost the slot
+/// within one confirmer tick.
+pub async fn confirmable(pool: &PgPool, slot: &str, token: u64) -> Result<Option<(u64, DateTime<Utc>)>, FlushError> {
+    let mut tx = crate::db::begin(pool).await.map_err(StoreError::from)?;
+    hold_fence(&mut tx, slot, token).await?;
     let found: Option<(String, DateTime<Utc>)> = sqlx::query_as(
         "SELECT f.end_lsn::text, f.commit_time FROM replication_flushes f
          WHERE f.slot = $1 AND f.status = 'flushed'
@@ -177,18 +200,48 @@ pub async fn confirmable(pool: &PgPool, slot: &str) -> Result<Option<(u64, DateT
          ORDER BY f.end_lsn DESC LIMIT 1",
     )
     .bind(slot)
-    .fetch_optional(pool)
-    .await?;
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(StoreError::from)?;
     let Some((lsn, at)) = found else { return Ok(None) };
     sqlx::query(
         "DELETE FROM replication_flushes WHERE slot = $1 AND status = 'flushed' AND end_lsn <= $2::text::pg_lsn",
     )
     .bind(slot)
     .bind(&lsn)
-    .execute(pool)
-    .await?;
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::from)?;
+    tx.commit().await.map_err(StoreError::from)?;
     let lsn = crate::analytics::rows::parse_lsn(&lsn).ok_or_else(|| StoreError::Corrupt(format!("LSN {lsn}")))?;
     Ok(Some((lsn, at)))
+}
+
+/// Notes that the holder of `token` confirms the slot up to `lsn`, before it
+/// tells the slot; refused to a superseded token. The recorded position
+/// never goes back (a new holder starts behind what its predecessor saw).
+pub async fn confirm(pool: &PgPool, slot: &str, token: u64, lsn: u64) -> Result<(), FlushError> {
+    // One statement: its row lock is the one a takeover's new token waits for.
+    let confirmed: Option<i64> = sqlx::query_scalar(
+        "UPDATE replication_state
+         SET confirmed_lsn = greatest(confirmed_lsn, $2::text::pg_lsn), confirmed_fence = $3
+         WHERE slot = $1 AND fence <= $3 RETURNING fence",
+    )
+    .bind(slot)
+    .bind(lsn_text(lsn))
+    .bind(token as i64)
+    .fetch_optional(pool)
+    .await
+    .map_err(StoreError::from)?;
+    if confirmed.is_some() {
+        return Ok(());
+    }
+    let current: Option<i64> = sqlx::query_scalar("SELECT fence FROM replication_state WHERE slot = $1")
+        .bind(slot)
+        .fetch_optional(pool)
+        .await
+        .map_err(StoreError::from)?;
+    Err(FlushError::Superseded { token, current: current.unwrap_or(0) as u64 })
 }
 
 /// The jobs of the slot's batches still waiting for ClickHouse.

@@ -30,6 +30,7 @@ mod faults;
 mod faults_clickhouse;
 mod faults_streams;
 mod faults_replication;
+mod faults_lease;
 mod handoff;
 mod limits;
 mod official_client;

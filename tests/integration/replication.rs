@@ -301,24 +301,24 @@ async fn a_slot_dropped_under_a_running_server_is_recreated_and_backfilled() {
 #[tokio::test]
 async fn the_lease_has_one_holder_and_expires_when_not_renewed() {
     use sessiond::replication::lease::Lease;
-    let (_, redis) =
-        sessiond::app::connect_redis(&Config::for_database(&crate::common::database_url(), None)).await.unwrap();
-    let prefix = format!("test:lease-{}", uuid::Uuid::new_v4().simple());
+    // A server of its own for the fence's table; it does not replicate.
+    let app = TestApp::spawn().await;
+    let (db, redis, prefix) = (app.db(), &app.state.redis, app.state.config.redis_prefix.as_str());
     let ttl = Duration::from_millis(600);
-    let mut first = Lease::try_acquire(&redis, &prefix, "slot", ttl).await.unwrap().expect("free lease");
-    assert!(Lease::try_acquire(&redis, &prefix, "slot", ttl).await.unwrap().is_none(), "one holder at a time");
+    let mut first = Lease::try_acquire(db, redis, prefix, "slot", ttl).await.unwrap().expect("free lease");
+    assert!(Lease::try_acquire(db, redis, prefix, "slot", ttl).await.unwrap().is_none(), "one holder at a time");
     assert!(first.renew().await.unwrap() && first.held());
     // Unrenewed, the holder stops counting itself the holder (at 2/3 of the
     // time) before anyone else can take the lease (at its end).
     tokio::time::sleep(ttl * 2 / 3 + Duration::from_millis(20)).await;
     assert!(!first.held());
-    assert!(Lease::try_acquire(&redis, &prefix, "slot", ttl).await.unwrap().is_none(), "not yet expired");
+    assert!(Lease::try_acquire(db, redis, prefix, "slot", ttl).await.unwrap().is_none(), "not yet expired");
     tokio::time::sleep(ttl / 3 + Duration::from_millis(50)).await;
-    let second = Lease::try_acquire(&redis, &prefix, "slot", ttl).await.unwrap().expect("expired lease is free");
+    let second = Lease::try_acquire(db, redis, prefix, "slot", ttl).await.unwrap().expect("expired lease is free");
     assert!(second.token > first.token, "each term has a higher fencing token");
     assert!(!first.renew().await.unwrap(), "the old holder cannot renew the new holder's lease");
     second.release().await;
-    assert!(Lease::try_acquire(&redis, &prefix, "slot", ttl).await.unwrap().is_some(), "released");
+    assert!(Lease::try_acquire(db, redis, prefix, "slot", ttl).await.unwrap().is_some(), "released");
 }
 
 /// Redis restarted without its data takes pending flush jobs with it; the
