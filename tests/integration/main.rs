@@ -27,6 +27,7 @@ mod dependencies;
 mod durability;
 mod echo_agent;
 mod handoff;
+mod job_relay;
 mod limits;
 mod official_client;
 mod replication;
