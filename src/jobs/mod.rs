@@ -376,8 +376,7 @@ impl Jobs {
         let next = if (candidates.len() as i64) < SWEEP_BATCH { None } else { candidates.last().map(|c| c.id) };
         let mut lost = Vec::new();
         for lane in Lane::ALL {
-            let of_lane: Vec<&store::Stamped> =
-                candidates.iter().filter(|c| Lane::of_kind(&c.kind) == lane).collect();
+            let of_lane: Vec<&store::Stamped> = candidates.iter().filter(|c| Lane::of_kind(&c.kind) == lane).collect();
             let tasks: Vec<String> = of_lane.iter().filter_map(|c| c.task_id.clone()).collect();
             let unheld = self.queue(lane).unheld(&tasks).await?;
             lost.extend(

@@ -104,7 +104,8 @@ impl JobRow {
     }
 }
 
-const JOB_COLUMNS: &str = "id, kind, payload, status, attempts, max_attempts, last_error, run_at, relayed_at, created_at, \
+const JOB_COLUMNS: &str =
+    "id, kind, payload, status, attempts, max_attempts, last_error, run_at, relayed_at, created_at, \
      updated_at, finished_at, generation, task_id";
 
 /// The version every job is written at; a retry bumps it.

@@ -90,8 +90,13 @@ async fn the_sweep_pushes_again_a_pending_job_whose_task_is_gone() {
     let kept = stamped(kept_task.clone()).await;
     let keys = apalis_redis::Config::default().queue(format!("{}:jobs", app.state.config.redis_prefix));
     let mut redis = app.state.redis.clone();
-    let _: () =
-        redis::cmd("ZADD").arg(keys.workers_set()).arg(4_102_444_800u64).arg("holder").query_async(&mut redis).await.unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(keys.workers_set())
+        .arg(4_102_444_800u64)
+        .arg("holder")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     let inflight = format!("{}:holder", keys.inflight_jobs_set());
     let _: () = redis::cmd("SADD").arg(&inflight).arg(&kept_task).query_async(&mut redis).await.unwrap();
     // Both quiet for longer than the sweep waits.
@@ -143,7 +148,8 @@ async fn unheld_reads_where_apalis_keeps_a_task() {
     assert_eq!(unheld(vec![queued.clone()]).await, vec![queued.clone()], "held nowhere");
     let _: () = redis::cmd("RPUSH").arg(keys.active_jobs_list()).arg(&queued).query_async(&mut redis).await.unwrap();
     assert!(unheld(vec![queued.clone()]).await.is_empty(), "queued");
-    let _: () = redis::cmd("LREM").arg(keys.active_jobs_list()).arg(0).arg(&queued).query_async(&mut redis).await.unwrap();
+    let _: () =
+        redis::cmd("LREM").arg(keys.active_jobs_list()).arg(0).arg(&queued).query_async(&mut redis).await.unwrap();
     let _: () = redis::cmd("ZADD").arg(keys.workers_set()).arg(1).arg("w1").query_async(&mut redis).await.unwrap();
     let inflight = format!("{}:w1", keys.inflight_jobs_set());
     let _: () = redis::cmd("SADD").arg(&inflight).arg(&queued).query_async(&mut redis).await.unwrap();
@@ -205,7 +211,6 @@ async fn an_attempt_that_ends_after_all_records_its_outcome() {
     store::begin_attempt(app.db(), job).await.unwrap().expect("attempt 2");
     store::finish_attempt(app.db(), job, 1, Some("boom"), false).await.unwrap();
     store::finish_attempt(app.db(), job, 2, None, false).await.unwrap();
-    let statuses: Vec<AttemptStatus> =
-        store::attempts(app.db(), job).await.unwrap().iter().map(|a| a.status).collect();
+    let statuses: Vec<AttemptStatus> = store::attempts(app.db(), job).await.unwrap().iter().map(|a| a.status).collect();
     assert_eq!(statuses, vec![AttemptStatus::Failed, AttemptStatus::Succeeded]);
 }
