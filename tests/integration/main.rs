@@ -26,6 +26,7 @@ mod dashboard_runs;
 mod dependencies;
 mod durability;
 mod echo_agent;
+mod faults;
 mod handoff;
 mod job_relay;
 mod limits;
