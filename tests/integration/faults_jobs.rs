@@ -6,75 +6,19 @@
 //! acknowledged session missing from the list. Each prints its `FAULT` line.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::StatusCode;
 use sessiond::analytics::watermark::{self, Table};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::common::clickhouse::PrivateClickHouse;
-use crate::common::faults::{assert_copy_equal, list_check, stuck_jobs};
+use crate::common::faults::{assert_copy_equal, list_check, report, stuck_jobs, CreateLoad};
 use crate::common::redis_proc::{start_fresh, RedisProc, TempDir};
-use crate::common::{eventually, session_body, TestApp};
+use crate::common::{eventually, TestApp};
 use crate::replication::{finish, replicating};
 
 /// Creates a second the load makes: modest, as the issue's cases ask.
-const CREATES_PER_SEC: u64 = 25;
-
-/// A create load in the background: the friendly ids of the sessions whose
-/// create was acknowledged, and how many creates were refused (Redis away).
-struct Load {
-    acked: Arc<Mutex<Vec<String>>>,
-    refused: Arc<Mutex<usize>>,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Load {
-    fn start(app: &TestApp, tag: &str) -> Load {
-        let (stop, mut stopped) = watch::channel(false);
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let refused = Arc::new(Mutex::new(0));
-        // A client of its own with a short timeout: a create that hangs while
-        // Redis is away counts as refused, and the load goes on.
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-        let (url, key, tag) = (format!("{}/api/v1/sessions", app.base), app.a.key.clone(), tag.to_string());
-        let (acked_in, refused_in) = (acked.clone(), refused.clone());
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(1_000 / CREATES_PER_SEC));
-            for i in 0.. {
-                tokio::select! {
-                    _ = stopped.changed() => break,
-                    _ = tick.tick() => {}
-                }
-                let sent = http.post(&url).bearer_auth(&key).json(&session_body(Some(&format!("{tag}-{i}")))).send();
-                let id = match sent.await {
-                    Ok(resp) if resp.status() == StatusCode::CREATED => {
-                        resp.json::<serde_json::Value>().await.ok().and_then(|v| v["id"].as_str().map(String::from))
-                    }
-                    _ => None,
-                };
-                match id {
-                    Some(id) => acked_in.lock().unwrap().push(id),
-                    None => *refused_in.lock().unwrap() += 1,
-                }
-            }
-        });
-        Load { acked, refused, stop, task }
-    }
-
-    /// Stops the load; returns the acknowledged ids and the refused count.
-    async fn stop(self) -> (Vec<String>, usize) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-        let acked = self.acked.lock().unwrap().clone();
-        let refused = *self.refused.lock().unwrap();
-        (acked, refused)
-    }
-}
+const CREATES_PER_SEC: u32 = 25;
 
 /// A replicating server on a private Redis and a private ClickHouse, its
 /// first backfill done (the watermark exists).
@@ -121,13 +65,22 @@ async fn restart_empty(redis: &mut RedisProc, dir: &TempDir) {
     *redis = fresh;
 }
 
-/// The checks every case ends with; returns (stuck jobs, wrong list answers,
-/// sessions and runs compared).
-async fn heal_checks(app: &TestApp, acked: &[String]) -> (i64, usize, u64, u64) {
-    let copy = assert_copy_equal(&app.state, 45).await;
+/// What the checks every case ends with found.
+struct Healed {
+    stuck: i64,
+    wrong_lists: usize,
+    sessions: usize,
+    runs: usize,
+}
+
+/// The checks every case ends with: no job left unfinished, the copy equal
+/// row by row, and every acknowledged session listed.
+async fn heal_checks(app: &TestApp, acked: &[String]) -> Healed {
     let stuck = stuck_jobs(app.db(), 30).await;
+    let copy = assert_copy_equal(&app.state, 45).await;
     let list = list_check(app, &app.a.key, acked).await;
-    (stuck, list.missing, copy.sessions as u64, copy.runs as u64)
+    assert!(list.failed.is_none(), "the list refused: {list:?}");
+    Healed { stuck, wrong_lists: usize::from(list.wrong()), sessions: copy.sessions, runs: copy.runs }
 }
 
 /// Redis killed under load and restarted empty: the ledger puts every
@@ -139,7 +92,7 @@ async fn redis_restarted_empty_under_load() {
     let mut redis = start_fresh(&dir.0).await;
     let clickhouse = PrivateClickHouse::start().await;
     let app = replicating_app(&redis, &clickhouse).await;
-    let load = Load::start(&app, "redis-empty");
+    let load = CreateLoad::start(&app.base, &app.a.key, CREATES_PER_SEC, "redis-empty");
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     let before = tasks(&app).await;
@@ -148,17 +101,25 @@ async fn redis_restarted_empty_under_load() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (acked, refused) = load.stop().await;
 
-    let (stuck, missing, sessions, runs) = heal_checks(&app, &acked).await;
+    let healed = heal_checks(&app, &acked).await;
     let heal_ms = restarted.elapsed().as_millis();
     let repushed = repushed(&app, &before).await;
-    println!(
-        "FAULT redis-restarted-empty: creates={} refused={refused} jobs_repushed={repushed} heal_ms={heal_ms} \
-         stuck_jobs={stuck} wrong_list_answers={missing} sessions={sessions} runs={runs} total_ms={}",
-        acked.len(),
-        started.elapsed().as_millis()
+    report(
+        "redis-restarted-empty",
+        &[
+            ("creates", acked.len().to_string()),
+            ("refused", refused.to_string()),
+            ("jobs_repushed", repushed.to_string()),
+            ("heal_ms", heal_ms.to_string()),
+            ("stuck_jobs", healed.stuck.to_string()),
+            ("wrong_list_answers", healed.wrong_lists.to_string()),
+            ("sessions", healed.sessions.to_string()),
+            ("runs", healed.runs.to_string()),
+            ("total_ms", started.elapsed().as_millis().to_string()),
+        ],
     );
-    assert_eq!(stuck, 0, "stuck jobs");
-    assert_eq!(missing, 0, "acknowledged sessions missing from the list");
+    assert_eq!(healed.stuck, 0, "stuck jobs");
+    assert_eq!(healed.wrong_lists, 0, "acknowledged sessions missing from the list");
     assert!(repushed > 0, "the recovery pushed the unfinished jobs again");
     finish(app).await;
 }
@@ -174,18 +135,14 @@ async fn redis_restarted_empty_while_clickhouse_is_down() {
     let mut redis = start_fresh(&dir.0).await;
     let mut clickhouse = PrivateClickHouse::start().await;
     let app = replicating_app(&redis, &clickhouse).await;
-    let load = Load::start(&app, "ch-down-redis-empty");
+    let load = CreateLoad::start(&app.base, &app.a.key, CREATES_PER_SEC, "ch-down-redis-empty");
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     clickhouse.stop().await;
     // Flushes fail, spend their attempts (50 ms backoff: about a second) and
     // are revived with a fresh budget every 2 s.
     let revived_before = eventually(30, "a flush to spend its attempts and be revived", || async {
-        let revived: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'replication-flush' AND generation > 0")
-                .fetch_one(app.db())
-                .await
-                .unwrap();
+        let revived = revived_flushes(&app).await;
         (revived > 0).then_some(revived)
     })
     .await;
@@ -198,22 +155,34 @@ async fn redis_restarted_empty_while_clickhouse_is_down() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (acked, refused) = load.stop().await;
 
-    let (stuck, missing, sessions, runs) = heal_checks(&app, &acked).await;
+    let healed = heal_checks(&app, &acked).await;
     let heal_ms = back.elapsed().as_millis();
     let repushed = repushed(&app, &before).await;
-    let revived: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'replication-flush' AND generation > 0")
-            .fetch_one(app.db())
-            .await
-            .unwrap();
-    println!(
-        "FAULT redis-restarted-empty-clickhouse-down: creates={} refused={refused} flushes_revived={revived} \
-         revived_before_redis_loss={revived_before} jobs_repushed={repushed} heal_ms={heal_ms} stuck_jobs={stuck} \
-         wrong_list_answers={missing} sessions={sessions} runs={runs} total_ms={}",
-        acked.len(),
-        started.elapsed().as_millis()
+    report(
+        "redis-restarted-empty-clickhouse-down",
+        &[
+            ("creates", acked.len().to_string()),
+            ("refused", refused.to_string()),
+            ("flushes_revived", revived_flushes(&app).await.to_string()),
+            ("revived_before_redis_loss", revived_before.to_string()),
+            ("jobs_repushed", repushed.to_string()),
+            ("heal_ms", heal_ms.to_string()),
+            ("stuck_jobs", healed.stuck.to_string()),
+            ("wrong_list_answers", healed.wrong_lists.to_string()),
+            ("sessions", healed.sessions.to_string()),
+            ("runs", healed.runs.to_string()),
+            ("total_ms", started.elapsed().as_millis().to_string()),
+        ],
     );
-    assert_eq!(stuck, 0, "stuck jobs");
-    assert_eq!(missing, 0, "acknowledged sessions missing from the list");
+    assert_eq!(healed.stuck, 0, "stuck jobs");
+    assert_eq!(healed.wrong_lists, 0, "acknowledged sessions missing from the list");
     finish(app).await;
+}
+
+/// Flush jobs the consumer revived: a retry gives a fresh budget on top of the default.
+async fn revived_flushes(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'replication-flush' AND max_attempts > 5")
+        .fetch_one(app.db())
+        .await
+        .unwrap()
 }

@@ -27,6 +27,7 @@ mod dependencies;
 mod durability;
 mod echo_agent;
 mod faults;
+mod faults_jobs;
 mod handoff;
 mod job_relay;
 mod limits;
