@@ -25,12 +25,23 @@ const RELAY_GRACE_MS: i64 = 2_000;
 /// still on the queue ([`Jobs::sweep_unheld`]).
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-/// Runs one job: logs the attempt, executes, logs the outcome. On the last
-/// allowed attempt a failure is final (AbortError), so apalis stops retrying.
+/// Runs one job's attempt in a task of its own, so that it always ends and
+/// is recorded. apalis drops the futures of a worker that stops (its Redis
+/// lost or restarted empty: see [`supervise_job_worker`]); an attempt cut off
+/// there stayed `running`, and when it was the job's last, the job with it,
+/// which nothing but the ten-minute abandonment rule would run again (seen in
+/// the fault case of Redis restarted empty while ClickHouse was down).
 async fn run_job(envelope: JobEnvelope, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+    let ctx = JobContext::clone(&ctx);
+    tokio::spawn(attempt(envelope.id, ctx)).await?
+}
+
+/// One attempt: logs it, executes, logs the outcome. On the last allowed
+/// attempt a failure is final (AbortError), so apalis stops retrying.
+async fn attempt(id: uuid::Uuid, ctx: JobContext) -> Result<(), BoxDynError> {
     // Gone, or already succeeded (delivered twice, e.g. relayed again before a
     // crash was noticed): nothing to do.
-    let Some(row) = store::begin_attempt(&ctx.db, envelope.id).await? else {
+    let Some(row) = store::begin_attempt(&ctx.db, id).await? else {
         return Ok(());
     };
     let attempt = row.attempts;

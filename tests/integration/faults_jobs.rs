@@ -73,10 +73,27 @@ struct Healed {
     runs: usize,
 }
 
+/// The unfinished jobs and their attempts, for a failure's message.
+async fn unfinished(app: &TestApp) -> String {
+    let rows: Vec<(Uuid, String, String, i32, i32, i32, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT j.id, j.kind, j.status, j.attempts, j.max_attempts, j.generation, j.task_id,
+                (SELECT string_agg(a.attempt || ':' || a.status || '@' || a.started_at::text, ' ' ORDER BY a.attempt)
+                 FROM job_attempts a WHERE a.job_id = j.id)
+         FROM jobs j WHERE j.status IN ('pending', 'running') ORDER BY j.id",
+    )
+    .fetch_all(app.db())
+    .await
+    .unwrap();
+    rows.iter().map(|r| format!("{r:?}")).collect::<Vec<_>>().join("\n")
+}
+
 /// The checks every case ends with: no job left unfinished, the copy equal
 /// row by row, and every acknowledged session listed.
 async fn heal_checks(app: &TestApp, acked: &[String]) -> Healed {
     let stuck = stuck_jobs(app.db(), 30).await;
+    if stuck > 0 {
+        eprintln!("stuck jobs:\n{}", unfinished(app).await);
+    }
     let copy = assert_copy_equal(&app.state, 45).await;
     let list = list_check(app, &app.a.key, acked).await;
     assert!(list.failed.is_none(), "the list refused: {list:?}");
