@@ -369,9 +369,14 @@ impl Jobs {
     /// the queue no longer holds, and which no attempt is running: a push
     /// whose copy was dropped (delivered while its job could not run), or
     /// lost with Redis' data behind a queue marker written back. Nothing else
-    /// would ever send them. Returns how many were pushed and where the next
-    /// sweep goes on (None: from the start).
+    /// would ever send them. A pending job with no attempt left is ended
+    /// `failed` instead ([`store::fail_spent`]). Returns how many were pushed
+    /// and where the next sweep goes on (None: from the start).
     pub async fn sweep_unheld(&self, after: Option<Uuid>) -> Result<(usize, Option<Uuid>), QueueLoss> {
+        let spent = store::fail_spent(&self.pool, SWEEP_QUIET_SECS).await?;
+        if spent > 0 {
+            tracing::warn!(jobs = spent, "pending jobs with every attempt spent were left failed");
+        }
         let candidates = store::unheld_candidates(&self.pool, after, SWEEP_QUIET_SECS, SWEEP_BATCH).await?;
         let next = if (candidates.len() as i64) < SWEEP_BATCH { None } else { candidates.last().map(|c| c.id) };
         let mut lost = Vec::new();

@@ -239,7 +239,7 @@ pub async fn unheld_candidates(
 ) -> Result<Vec<Stamped>, StoreError> {
     Ok(sqlx::query_as(&format!(
         "SELECT id, kind, generation, task_id FROM jobs j
-         WHERE status = 'pending' AND relayed_at IS NOT NULL AND ($1::uuid IS NULL OR id > $1)
+         WHERE status = 'pending' AND attempts < max_attempts AND relayed_at IS NOT NULL AND ($1::uuid IS NULL OR id > $1)
            AND updated_at < now() - make_interval(secs => $2::float8)
            AND relayed_at < now() - make_interval(secs => $2::float8)
            AND NOT EXISTS (SELECT 1 FROM job_attempts a WHERE a.job_id = j.id AND a.status = 'running'
@@ -251,6 +251,27 @@ pub async fn unheld_candidates(
     .bind(limit)
     .fetch_all(pool)
     .await?)
+}
+
+/// Ends as `failed` the pending jobs with every attempt spent, quiet for
+/// `quiet_secs` and with no attempt running: no delivery can start them
+/// (see [`begin_attempt`]), so pushing them again would change nothing. Left
+/// pending they would count as under way for good; failed, an operator (or,
+/// for a flush, the replication consumer) retries them. It takes two copies
+/// of a job and a process that died during the last attempt to get here.
+/// Returns how many.
+pub async fn fail_spent(pool: &PgPool, quiet_secs: i64) -> Result<u64, StoreError> {
+    Ok(sqlx::query(&format!(
+        "UPDATE jobs j SET status = 'failed', finished_at = now(), updated_at = now()
+         WHERE status = 'pending' AND attempts >= max_attempts
+           AND updated_at < now() - make_interval(secs => $1::float8)
+           AND NOT EXISTS (SELECT 1 FROM job_attempts a WHERE a.job_id = j.id AND a.status = 'running'
+                           AND a.started_at > now() - make_interval(secs => {ABANDONED_AFTER_SECS}))"
+    ))
+    .bind(quiet_secs as f64)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Unfinished jobs (pending or running; not canceled ones) after `after` in id

@@ -214,3 +214,38 @@ async fn an_attempt_that_ends_after_all_records_its_outcome() {
     let statuses: Vec<AttemptStatus> = store::attempts(app.db(), job).await.unwrap().iter().map(|a| a.status).collect();
     assert_eq!(statuses, vec![AttemptStatus::Failed, AttemptStatus::Succeeded]);
 }
+
+/// A pending job with every attempt spent (a duplicate copy's failure landed
+/// after the last attempt began, whose process then died) can never start
+/// again: the sweep ends it `failed`, where a retry can reach it, rather than
+/// push it for ever. One whose last attempt still runs is left alone.
+#[tokio::test]
+async fn the_sweep_fails_a_pending_job_with_no_attempt_left() {
+    let app = quiet_app().await;
+    let spent = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 2).await.unwrap();
+    let running = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 2).await.unwrap();
+    for job in [spent, running] {
+        let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task: "gone".into() };
+        store::mark_relayed(app.db(), &[stamp]).await.unwrap();
+        store::begin_attempt(app.db(), job).await.unwrap().expect("attempt 1");
+        store::begin_attempt(app.db(), job).await.unwrap().expect("attempt 2, the last");
+        store::finish_attempt(app.db(), job, 1, Some("boom"), false).await.unwrap();
+    }
+    // The spent job's last attempt died long ago (and was closed); the other's runs.
+    sqlx::query("UPDATE job_attempts SET status = 'abandoned', finished_at = now() WHERE job_id = $1")
+        .bind(spent)
+        .execute(app.db())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE jobs SET updated_at = now() - interval '20 seconds' WHERE id = ANY($1)")
+        .bind(vec![spent, running])
+        .execute(app.db())
+        .await
+        .unwrap();
+    assert!(store::begin_attempt(app.db(), spent).await.unwrap().is_none(), "no delivery can start it");
+    app.state.jobs.sweep_unheld(None).await.unwrap();
+    assert_eq!(row(&app, spent).await.status, JobStatus::Failed);
+    assert_eq!(row(&app, running).await.status, JobStatus::Pending);
+    assert!(app.state.jobs.retry(spent).await.unwrap().is_some(), "a failed job can be retried");
+    app.job_succeeded(10, "the retried job", spent).await;
+}
