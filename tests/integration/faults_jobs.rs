@@ -73,9 +73,12 @@ struct Healed {
     runs: usize,
 }
 
+/// A job under way: id, kind, status, attempts, budget, generation, task, and its attempts.
+type UnfinishedJob = (Uuid, String, String, i32, i32, i32, Option<String>, Option<String>);
+
 /// The unfinished jobs and their attempts, for a failure's message.
 async fn unfinished(app: &TestApp) -> String {
-    let rows: Vec<(Uuid, String, String, i32, i32, i32, Option<String>, Option<String>)> = sqlx::query_as(
+    let rows: Vec<UnfinishedJob> = sqlx::query_as(
         "SELECT j.id, j.kind, j.status, j.attempts, j.max_attempts, j.generation, j.task_id,
                 (SELECT string_agg(a.attempt || ':' || a.status || '@' || a.started_at::text, ' ' ORDER BY a.attempt)
                  FROM job_attempts a WHERE a.job_id = j.id)
