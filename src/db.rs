@@ -52,6 +52,25 @@ pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
+/// Starts a transaction that stays correct when its caller is dropped.
+///
+/// sqlx 0.8's `Pool::begin` is not cancel-safe on Postgres (transact-rs/sqlx
+/// #4393): a future dropped while its BEGIN is in flight returns the
+/// connection to the pool inside a transaction that nothing rolls back. The
+/// next borrower's statements then run inside it, hold its locks, and their
+/// "committed" writes vanish when the connection closes. Callers are dropped
+/// often enough (a client hanging up on a handler, an aborted task, a
+/// timeout) that this is a real way to lose an acknowledged write. Here the
+/// BEGIN runs in a task of its own, which finishes even if the caller is
+/// gone; a transaction nobody collects is then dropped and rolled back like
+/// any other. The cost is one task spawn per transaction.
+pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.begin().await })
+        .await
+        .map_err(|e| sqlx::Error::Protocol(format!("beginning a transaction: {e}")))?
+}
+
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::migrate!("./migrations").run(pool).await?;
     Ok(())

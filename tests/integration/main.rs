@@ -38,4 +38,5 @@ mod robustness;
 mod runs;
 mod sessions_api;
 mod streams;
+mod transactions;
 mod waitpoints;
