@@ -26,11 +26,12 @@ const RELAY_GRACE_MS: i64 = 2_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs one job's attempt in a task of its own, so that it always ends and
-/// is recorded. apalis drops the futures of a worker that stops (its Redis
-/// lost or restarted empty: see [`supervise_job_worker`]); an attempt cut off
-/// there stayed `running`, and when it was the job's last, the job with it,
-/// which nothing but the ten-minute abandonment rule would run again (seen in
-/// the fault case of Redis restarted empty while ClickHouse was down).
+/// is recorded. A worker that stops (its Redis lost or restarted empty: see
+/// [`supervise_job_worker`]) can drop the futures it runs; an attempt cut off
+/// so stayed `running`, and when it was the job's last, the job with it, which
+/// nothing but the ten-minute abandonment rule would run again (seen in the
+/// fault case of Redis restarted empty while ClickHouse was down: a flush
+/// left `running` at attempt 5 of 5).
 async fn run_job(envelope: JobEnvelope, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
     let ctx = JobContext::clone(&ctx);
     tokio::spawn(attempt(envelope.id, ctx)).await?
