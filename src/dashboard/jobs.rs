@@ -19,7 +19,7 @@ use super::auth::{csrf_token, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{iso, pretty, render, Frame, PAGE_SIZE};
 use crate::db::StoreError;
-use crate::jobs::store::{self, JobFilter, JobRow, JobStatus, PageAt};
+use crate::jobs::store::{self, AttemptStatus, JobFilter, JobRow, JobStatus, PageAt};
 use crate::jobs::{Job, Jobs};
 use crate::operators::audit;
 
@@ -247,6 +247,9 @@ pub struct Done {
     done: String,
 }
 
+/// What an abandoned attempt's row says in place of an error.
+const ABANDONED_NOTE: &str = "Abandoned: its process stopped before it ended; closed when a later attempt started.";
+
 /// How long an attempt took, to the millisecond.
 fn took(from: DateTime<Utc>, to: Option<DateTime<Utc>>) -> String {
     to.map(|to| format!("{:.3} s", (to - from).num_milliseconds() as f64 / 1000.0)).unwrap_or_default()
@@ -264,13 +267,22 @@ pub async fn job(
     let attempts = store::attempts(&db, id)
         .await?
         .into_iter()
-        .map(|a| AttemptView {
-            number: a.attempt,
-            status: a.status.to_string(),
-            started_at: iso(&a.started_at),
-            finished_at: a.finished_at.as_ref().map(iso),
-            took: took(a.started_at, a.finished_at),
-            error: a.error.unwrap_or_default(),
+        .map(|a| {
+            // An abandoned attempt's end is when a later one closed it, not
+            // when its work stopped: no duration is shown for it.
+            let abandoned = a.status == AttemptStatus::Abandoned;
+            AttemptView {
+                number: a.attempt,
+                status: a.status.to_string(),
+                started_at: iso(&a.started_at),
+                finished_at: a.finished_at.as_ref().map(iso),
+                took: if abandoned { String::new() } else { took(a.started_at, a.finished_at) },
+                error: match a.error {
+                    Some(e) => e,
+                    None if abandoned => ABANDONED_NOTE.into(),
+                    None => String::new(),
+                },
+            }
         })
         .collect();
     let notice = match done.done.as_str() {

@@ -170,23 +170,36 @@ impl Job {
 }
 
 /// Writes, relays and retries jobs.
+///
+/// Every push is stamped on the job's row afterwards (`relayed_at`, and the
+/// task it made), and only on the version of the job it carried
+/// ([`store::mark_relayed`]): a retry between a push and its stamp makes a new
+/// version that stays unrelayed until a push of its own is stamped.
 #[derive(Clone)]
 pub struct Jobs {
     pool: PgPool,
     engine: JobQueue,
     analytics: JobQueue,
-    /// Ids pushed by the hot paths, marked relayed in batches (one UPDATE for
-    /// many creates instead of one commit each).
-    relayed: tokio::sync::mpsc::UnboundedSender<Uuid>,
+    /// Pushes made by the hot paths, stamped in batches (one UPDATE for many
+    /// creates instead of one commit each).
+    relayed: tokio::sync::mpsc::UnboundedSender<store::Pushed>,
 }
 
-/// Most ids marked relayed by one UPDATE.
+/// Most pushes stamped by one UPDATE.
 const MARK_BATCH: usize = 1_000;
+
+/// Most pending jobs one sweep asks Redis about.
+const SWEEP_BATCH: i64 = 500;
+
+/// How long a pending job must have been left alone (and relayed) before the
+/// sweep checks that the queue holds its task: a push in flight has stamped by
+/// then, and a job just put back in line is the relay's.
+pub const SWEEP_QUIET_SECS: i64 = 10;
 
 impl Jobs {
     /// Must be called inside a Tokio runtime: starts the relayed-marks batcher.
     pub fn new(pool: PgPool, engine: JobQueue, analytics: JobQueue) -> Self {
-        let (relayed, mut marks) = tokio::sync::mpsc::unbounded_channel::<Uuid>();
+        let (relayed, mut marks) = tokio::sync::mpsc::unbounded_channel::<store::Pushed>();
         let batch_pool = pool.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MARK_BATCH);
@@ -209,54 +222,66 @@ impl Jobs {
         }
     }
 
-    /// Pushes jobs onto their lane's queue; returns the ones pushed. A failed
-    /// push is only logged: the row stays unrelayed and the relay loop pushes
-    /// it again.
-    async fn push(&self, lane: Lane, ids: &[Uuid]) -> Vec<Uuid> {
-        let mut pushed = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.queue(lane).push(*id).await {
-                Ok(()) => pushed.push(*id),
+    /// Pushes one version of a job onto `lane`'s queue.
+    async fn push_one(&self, lane: Lane, id: Uuid, generation: i32) -> anyhow::Result<store::Pushed> {
+        let task = self.queue(lane).push(id).await?;
+        Ok(store::Pushed { id, generation, task })
+    }
+
+    /// Pushes versions of jobs (lane, id, generation); returns the pushes
+    /// made. A failed push is only logged: the row stays unrelayed and the
+    /// relay loop pushes it again.
+    async fn push(&self, versions: Vec<(Lane, Uuid, i32)>) -> Vec<store::Pushed> {
+        let mut pushed = Vec::with_capacity(versions.len());
+        for (lane, id, generation) in versions {
+            match self.push_one(lane, id, generation).await {
+                Ok(p) => pushed.push(p),
                 Err(err) => tracing::warn!(job = %id, %err, "job relay failed; will retry"),
             }
         }
         pushed
     }
 
-    /// Relays committed run-engine job rows (the hot path): pushed now,
-    /// marked relayed in the background.
+    /// Rows of `lane` just written: at their first generation.
+    fn fresh(lane: Lane, ids: &[Uuid]) -> Vec<(Lane, Uuid, i32)> {
+        ids.iter().map(|id| (lane, *id, store::FIRST_GENERATION)).collect()
+    }
+
+    /// Relays run-engine job rows just committed (the hot path): pushed now,
+    /// stamped in the background. The rows must be fresh inserts (at
+    /// [`store::FIRST_GENERATION`]); a retried job goes through
+    /// [`Jobs::relay_kinds`] or [`Jobs::retry`].
     pub async fn relay(&self, ids: &[Uuid]) {
         self.relay_in(Lane::Engine, ids).await
     }
 
-    /// Relays committed job rows of `lane`, as [`Jobs::relay`].
+    /// Relays job rows of `lane` just committed, as [`Jobs::relay`].
     pub async fn relay_in(&self, lane: Lane, ids: &[Uuid]) {
-        for id in self.push(lane, ids).await {
-            let _ = self.relayed.send(id);
+        for pushed in self.push(Self::fresh(lane, ids)).await {
+            let _ = self.relayed.send(pushed);
         }
     }
 
-    /// Relays and marks before returning (for callers that may exit right after).
+    /// Relays rows just written and stamps them before returning (for callers
+    /// that may exit right after).
     pub async fn relay_now(&self, lane: Lane, ids: &[Uuid]) -> Result<(), StoreError> {
-        self.relay_and_mark(lane, ids).await
-    }
-
-    async fn relay_and_mark(&self, lane: Lane, ids: &[Uuid]) -> Result<(), StoreError> {
-        let pushed = self.push(lane, ids).await;
+        let pushed = self.push(Self::fresh(lane, ids)).await;
         store::mark_relayed(&self.pool, &pushed).await
     }
 
-    /// Relays committed rows of any lanes, given with their kinds (the relay
-    /// loop's catch-up, a retry of many jobs), and marks them relayed before
-    /// returning.
+    /// Pushes versions read from the ledger and stamps them before returning.
+    async fn relay_versions(&self, jobs: &[store::Queued]) -> Result<(), StoreError> {
+        let pushed = self.push(jobs.iter().map(|j| (Lane::of_kind(&j.kind), j.id, j.generation)).collect()).await;
+        store::mark_relayed(&self.pool, &pushed).await
+    }
+
+    /// Relays committed rows of any lanes, given with their kinds (a retry of
+    /// many jobs), and stamps them before returning. Each job's generation is
+    /// read before its push; jobs no longer pending are not pushed.
     pub async fn relay_kinds(&self, jobs: &[(Uuid, String)]) -> Result<(), StoreError> {
-        for lane in Lane::ALL {
-            let ids: Vec<Uuid> = jobs.iter().filter(|(_, k)| Lane::of_kind(k) == lane).map(|(id, _)| *id).collect();
-            if !ids.is_empty() {
-                self.relay_and_mark(lane, &ids).await?;
-            }
-        }
-        Ok(())
+        let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
+        let versions = store::pending_versions(&self.pool, &ids).await?;
+        self.relay_versions(&versions).await
     }
 
     /// Writes a job on its own (no surrounding state change) and relays it.
@@ -269,16 +294,19 @@ impl Jobs {
     /// that many times per push).
     pub async fn submit_with_attempts(&self, job: &Job, max_attempts: i32) -> Result<Uuid, StoreError> {
         let id = store::insert(&self.pool, job, max_attempts).await?;
-        self.relay_and_mark(job.lane(), &[id]).await?;
+        self.relay_now(job.lane(), &[id]).await?;
         Ok(id)
     }
 
     /// Runs a failed or canceled job again with a fresh attempt budget. None if
-    /// the job does not exist or is neither failed nor canceled.
+    /// the job does not exist or is neither failed nor canceled. Should the
+    /// caller stop between the reset and the push, the new version is left
+    /// unrelayed, and the relay loop pushes it.
     pub async fn retry(&self, id: Uuid) -> Result<Option<store::JobRow>, StoreError> {
         let row = store::reset_for_retry(&self.pool, id).await?;
         if let Some(row) = &row {
-            self.relay_and_mark(Lane::of_kind(&row.kind), &[id]).await?;
+            let version = store::Queued { id, kind: row.kind.clone(), generation: row.generation };
+            self.relay_versions(&[version]).await?;
         }
         Ok(row)
     }
@@ -292,9 +320,12 @@ impl Jobs {
     /// pending or running job is pushed, relayed or not. A job pushed again
     /// that is still on the queue (pushed after the loss, or running now) runs
     /// twice, which every job tolerates; one that succeeded meanwhile is
-    /// skipped by its attempt. The marker is written last: a server that dies
-    /// half way leaves it missing, and the next check starts over. One marker
-    /// (on the engine's queue) stands for both lanes: they live in one Redis.
+    /// skipped by its attempt. Each page is stamped after its push, on the
+    /// versions read before it: a job retried in between (it failed while
+    /// the page was on its way) keeps its own, empty, stamp. The marker is
+    /// written last: a server that dies half way leaves it missing, and the
+    /// next check starts over. One marker (on the engine's queue) stands for
+    /// both lanes: they live in one Redis.
     pub async fn recover_lost_queue(&self) -> Result<Option<usize>, QueueLoss> {
         if self.engine.intact().await? {
             return Ok(None);
@@ -303,26 +334,68 @@ impl Jobs {
         let mut pushed = 0;
         loop {
             let jobs = store::unfinished(&self.pool, after, 500).await?;
-            let Some((last, _)) = jobs.last() else { break };
-            after = Some(*last);
-            for (id, kind) in &jobs {
-                self.queue(Lane::of_kind(kind)).push(*id).await.map_err(QueueLoss::Push)?;
-            }
-            let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
-            store::mark_relayed(&self.pool, &ids).await?;
-            pushed += ids.len();
+            let Some(last) = jobs.last() else { break };
+            after = Some(last.id);
+            let page = self.push_page(&jobs).await?;
+            store::mark_relayed(&self.pool, &page).await?;
+            pushed += page.len();
         }
         self.engine.mark_intact().await?;
         Ok(Some(pushed))
+    }
+
+    /// The lost-queue recovery's push of one page of versions (stopping at
+    /// the first failure); the recovery stamps what it returns. Public as a
+    /// seam: a test runs a retry between the two halves.
+    pub async fn push_page(&self, jobs: &[store::Queued]) -> Result<Vec<store::Pushed>, QueueLoss> {
+        let mut pushed = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let lane = Lane::of_kind(&job.kind);
+            pushed.push(self.push_one(lane, job.id, job.generation).await.map_err(QueueLoss::Push)?);
+        }
+        Ok(pushed)
     }
 
     /// Relays rows older than `grace_ms` that are still not on the queue.
     pub async fn relay_pending(&self, grace_ms: i64) -> Result<usize, StoreError> {
         let jobs = store::unrelayed(&self.pool, grace_ms, 500).await?;
         if !jobs.is_empty() {
-            self.relay_kinds(&jobs).await?;
+            self.relay_versions(&jobs).await?;
         }
         Ok(jobs.len())
+    }
+
+    /// Pushes again pending jobs after `after` (id order) whose stamped task
+    /// the queue no longer holds, and which no attempt is running: a push
+    /// whose copy was dropped (delivered while its job could not run), or
+    /// lost with Redis' data behind a queue marker written back. Nothing else
+    /// would ever send them. A pending job with no attempt left is ended
+    /// `failed` instead ([`store::fail_spent`]). Returns how many were pushed
+    /// and where the next sweep goes on (None: from the start).
+    pub async fn sweep_unheld(&self, after: Option<Uuid>) -> Result<(usize, Option<Uuid>), QueueLoss> {
+        let spent = store::fail_spent(&self.pool, SWEEP_QUIET_SECS).await?;
+        if spent > 0 {
+            tracing::warn!(jobs = spent, "pending jobs with every attempt spent were left failed");
+        }
+        let candidates = store::unheld_candidates(&self.pool, after, SWEEP_QUIET_SECS, SWEEP_BATCH).await?;
+        let next = if (candidates.len() as i64) < SWEEP_BATCH { None } else { candidates.last().map(|c| c.id) };
+        let mut lost = Vec::new();
+        for lane in Lane::ALL {
+            let of_lane: Vec<&store::Stamped> = candidates.iter().filter(|c| Lane::of_kind(&c.kind) == lane).collect();
+            let tasks: Vec<String> = of_lane.iter().filter_map(|c| c.task_id.clone()).collect();
+            let unheld = self.queue(lane).unheld(&tasks).await?;
+            lost.extend(
+                of_lane
+                    .into_iter()
+                    .filter(|c| c.task_id.as_ref().is_none_or(|t| unheld.contains(t)))
+                    .map(store::Stamped::queued),
+            );
+        }
+        for job in &lost {
+            tracing::warn!(job = %job.id, kind = %job.kind, "a pending job's task is gone from the queue; pushing it again");
+        }
+        self.relay_versions(&lost).await?;
+        Ok((lost.len(), next))
     }
 }
 

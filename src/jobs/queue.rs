@@ -6,6 +6,7 @@
 //! workers poll on that signal, with a slow interval as the fallback.
 
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct JobEnvelope {
 #[derive(Clone)]
 pub struct JobQueue {
     storage: RedisStorage<JobEnvelope>,
+    /// apalis' key names for this queue, which [`JobQueue::unheld`] reads.
+    config: QueueConfig,
     redis: ConnectionManager,
     name: String,
     wake: watch::Sender<u64>,
@@ -47,9 +50,9 @@ impl JobQueue {
             // worker's tasks are recovered after heartbeat × missed.
             .heartbeat_interval(Duration::from_secs(5))
             .missed_heartbeats(3);
-        let storage = RedisStorage::new(redis.clone()).with_config(config);
+        let storage = RedisStorage::new(redis.clone()).with_config(config.clone());
         let (wake, _) = watch::channel(0);
-        JobQueue { storage, redis, name, wake }
+        JobQueue { storage, config, redis, name, wake }
     }
 
     pub fn storage(&self) -> RedisStorage<JobEnvelope> {
@@ -77,14 +80,40 @@ impl JobQueue {
         redis::cmd("SET").arg(self.marker_key()).arg(1).query_async(&mut conn).await
     }
 
-    /// Pushes an envelope for job `id` and wakes the workers.
-    pub async fn push(&self, id: Uuid) -> anyhow::Result<()> {
-        let task = TaskBuilder::new(JobEnvelope { id }).task_id(TaskId::from_ulid(Ulid::generate())).build();
+    /// Pushes an envelope for job `id` and wakes the workers. Returns the
+    /// apalis task id, which the relayed stamp records.
+    pub async fn push(&self, id: Uuid) -> anyhow::Result<String> {
+        let task_id = Ulid::generate();
+        let task = TaskBuilder::new(JobEnvelope { id }).task_id(TaskId::from_ulid(task_id)).build();
         self.storage.clone().push_task(task).await.map_err(|e| anyhow::anyhow!("push job {id}: {e}"))?;
         let mut conn = self.redis.clone();
         let _: () = redis::cmd("PUBLISH").arg(self.wake_channel()).arg(1).query_async(&mut conn).await?;
         self.wake.send_modify(|n| *n = n.wrapping_add(1));
-        Ok(())
+        Ok(task_id.to_string())
+    }
+
+    /// Those of `tasks` the queue no longer holds. apalis-redis keeps a task
+    /// it still owes a worker in one of three places: the scheduled set (every
+    /// push lands there, due at once; a retry too), the active list (moved
+    /// there by a fetch on its way to a worker), or the inflight set of
+    /// the worker that fetched it (running, or waiting out a retry's backoff
+    /// in the worker; a dead worker's set is put back on the list by the
+    /// others). A task in none of them is done, dead, or was lost with Redis'
+    /// data. One script, so a task moving between them is never missed.
+    pub async fn unheld(&self, tasks: &[String]) -> redis::RedisResult<Vec<String>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.redis.clone();
+        let mut call = UNHELD_SCRIPT.prepare_invoke();
+        call.key(self.config.active_jobs_list())
+            .key(self.config.scheduled_jobs_set())
+            .key(self.config.workers_set())
+            .arg(self.config.inflight_jobs_set());
+        for task in tasks {
+            call.arg(task);
+        }
+        call.invoke_async(&mut conn).await
     }
 
     /// The poll strategy workers of this queue use.
@@ -98,6 +127,44 @@ impl JobQueue {
         crate::pubsub::follow(client, self.wake_channel(), "job queue", |_| bump(), || {}).await
     }
 }
+
+/// Returns the task ids of ARGV[2..] held nowhere (see [`JobQueue::unheld`]).
+/// The active list is read into a set once, and only if a task is in neither
+/// of the other two: a backlog makes it long.
+static UNHELD_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local workers = redis.call('zrange', KEYS[3], 0, -1)
+local active = nil
+local lost = {}
+for i = 2, #ARGV do
+    local task = ARGV[i]
+    local held = redis.call('zscore', KEYS[2], task) ~= false
+    if not held then
+        for _, worker in ipairs(workers) do
+            if redis.call('sismember', ARGV[1] .. ':' .. worker, task) == 1 then
+                held = true
+                break
+            end
+        end
+    end
+    if not held then
+        if active == nil then
+            active = {}
+            for _, queued in ipairs(redis.call('lrange', KEYS[1], 0, -1)) do
+                active[queued] = true
+            end
+        end
+        held = active[task] == true
+    end
+    if not held then
+        table.insert(lost, task)
+    end
+end
+return lost
+",
+    )
+});
 
 /// Polls when a wake-up arrives, and every `every` regardless.
 ///

@@ -21,12 +21,28 @@ use crate::app::AppState;
 /// pushes it (the writer normally does it within milliseconds).
 const RELAY_GRACE_MS: i64 = 2_000;
 
-/// Runs one job: logs the attempt, executes, logs the outcome. On the last
-/// allowed attempt a failure is final (AbortError), so apalis stops retrying.
+/// How often the relay loop checks that every quiet pending job's task is
+/// still on the queue ([`Jobs::sweep_unheld`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs one job's attempt in a task of its own, so that it always ends and
+/// is recorded. A worker that stops (its Redis lost or restarted empty: see
+/// [`supervise_job_worker`]) can drop the futures it runs; an attempt cut off
+/// so stayed `running`, and when it was the job's last, the job with it, which
+/// nothing but the ten-minute abandonment rule would run again (seen in the
+/// fault case of Redis restarted empty while ClickHouse was down: a flush
+/// left `running` at attempt 5 of 5).
 async fn run_job(envelope: JobEnvelope, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+    let ctx = JobContext::clone(&ctx);
+    tokio::spawn(attempt(envelope.id, ctx)).await?
+}
+
+/// One attempt: logs it, executes, logs the outcome. On the last allowed
+/// attempt a failure is final (AbortError), so apalis stops retrying.
+async fn attempt(id: uuid::Uuid, ctx: JobContext) -> Result<(), BoxDynError> {
     // Gone, or already succeeded (delivered twice, e.g. relayed again before a
     // crash was noticed): nothing to do.
-    let Some(row) = store::begin_attempt(&ctx.db, envelope.id).await? else {
+    let Some(row) = store::begin_attempt(&ctx.db, id).await? else {
         return Ok(());
     };
     let attempt = row.attempts;
@@ -147,8 +163,9 @@ pub fn start(
     }
     tokio::spawn(state.hub.clone().listen(client));
 
-    // The outbox relay: jobs whose writer could not push them, and every
-    // unfinished job again if Redis lost the queue.
+    // The outbox relay: jobs whose writer could not push them, every
+    // unfinished job again if Redis lost the queue, and (every 10 s) pending
+    // jobs whose task the queue no longer holds.
     let relay_jobs = state.jobs.clone();
     let mut relay_stop = shutdown.clone();
     tokio::spawn(async move {
@@ -157,10 +174,25 @@ pub fn start(
         // marker yet, and every job found unfinished then is pushed again.
         let mut tick = tokio::time::interval(Duration::from_millis(1_000));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut swept_to = None;
         loop {
             tokio::select! {
                 _ = relay_stop.changed() => break,
                 _ = tick.tick() => {}
+                _ = sweep.tick() => {
+                    match relay_jobs.sweep_unheld(swept_to).await {
+                        Ok((n, next)) => {
+                            swept_to = next;
+                            if n > 0 {
+                                tracing::warn!(jobs = n, "pending jobs the queue no longer held were pushed again");
+                            }
+                        }
+                        Err(err) => tracing::warn!(%err, "could not sweep the queue for pending jobs it lost"),
+                    }
+                    continue;
+                }
             }
             match relay_jobs.recover_lost_queue().await {
                 Ok(None) => {}

@@ -54,6 +54,11 @@ pub enum AttemptStatus {
     Running,
     Succeeded,
     Failed,
+    /// Still `running` when a later attempt of its job started: its process
+    /// died (or lost its queue) before it could end it. An attempt that does
+    /// end after all (a duplicate delivery running beside the later one)
+    /// records how it went over this.
+    Abandoned,
 }
 
 impl std::fmt::Display for JobStatus {
@@ -68,6 +73,7 @@ impl std::fmt::Display for AttemptStatus {
             AttemptStatus::Running => "running",
             AttemptStatus::Succeeded => "succeeded",
             AttemptStatus::Failed => "failed",
+            AttemptStatus::Abandoned => "abandoned",
         })
     }
 }
@@ -86,6 +92,10 @@ pub struct JobRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The job's version, bumped by every retry (see [`mark_relayed`]).
+    pub generation: i32,
+    /// The apalis task of the last push stamped on this version.
+    pub task_id: Option<String>,
 }
 
 impl JobRow {
@@ -95,7 +105,28 @@ impl JobRow {
 }
 
 const JOB_COLUMNS: &str =
-    "id, kind, payload, status, attempts, max_attempts, last_error, run_at, relayed_at, created_at, updated_at, finished_at";
+    "id, kind, payload, status, attempts, max_attempts, last_error, run_at, relayed_at, created_at, \
+     updated_at, finished_at, generation, task_id";
+
+/// The version every job is written at; a retry bumps it.
+pub const FIRST_GENERATION: i32 = 0;
+
+/// One version of a job to put on the queue: its id, its kind (which picks
+/// the lane) and the generation read before the push.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Queued {
+    pub id: Uuid,
+    pub kind: String,
+    pub generation: i32,
+}
+
+/// A push that happened: the version it carried and the apalis task it made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    pub id: Uuid,
+    pub generation: i32,
+    pub task: String,
+}
 
 /// Writes a job into the outbox. Call inside the transaction of the state change
 /// that causes it, so the job exists if and only if the change committed.
@@ -133,23 +164,46 @@ pub async fn newest_of_kinds(pool: &PgPool, kinds: &[&str], per_kind: i64) -> Re
     .await?)
 }
 
-pub async fn mark_relayed(pool: &PgPool, ids: &[Uuid]) -> Result<(), StoreError> {
-    if ids.is_empty() {
+/// Stamps pushes as relayed, each only where its job is still at the
+/// generation the push carried: a retry in between (a new version, put back in
+/// line unrelayed) keeps its own stamp empty, so the relay loop pushes it,
+/// however late the older push's stamp lands. The stamp records the task, for
+/// [`unheld_candidates`]; `relayed_at` keeps the version's first push.
+pub async fn mark_relayed(pool: &PgPool, pushed: &[Pushed]) -> Result<(), StoreError> {
+    if pushed.is_empty() {
         return Ok(());
     }
-    sqlx::query("UPDATE jobs SET relayed_at = now() WHERE id = ANY($1) AND relayed_at IS NULL")
-        .bind(ids)
-        .execute(pool)
-        .await?;
+    let ids: Vec<Uuid> = pushed.iter().map(|p| p.id).collect();
+    let generations: Vec<i32> = pushed.iter().map(|p| p.generation).collect();
+    let tasks: Vec<&str> = pushed.iter().map(|p| p.task.as_str()).collect();
+    sqlx::query(
+        "UPDATE jobs SET relayed_at = coalesce(jobs.relayed_at, now()), task_id = p.task
+         FROM unnest($1::uuid[], $2::int[], $3::text[]) AS p(id, generation, task)
+         WHERE jobs.id = p.id AND jobs.generation = p.generation",
+    )
+    .bind(ids)
+    .bind(generations)
+    .bind(tasks)
+    .execute(pool)
+    .await?;
     Ok(())
+}
+
+/// The current generation of those of `ids` still pending: read before a push
+/// whose caller knows only the ids and kinds (a committed retry).
+pub async fn pending_versions(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Queued>, StoreError> {
+    Ok(sqlx::query_as("SELECT id, kind, generation FROM jobs WHERE id = ANY($1) AND status = 'pending'")
+        .bind(ids)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// Pending jobs written but not on the queue yet, older than `grace_ms`
 /// (younger ones are still being relayed by the request that wrote them). A
 /// canceled job is never pushed again.
-pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<(Uuid, String)>, StoreError> {
+pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<Queued>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT id, kind FROM jobs WHERE relayed_at IS NULL AND status = 'pending' AND created_at < now() - make_interval(secs => $1::float8 / 1000)
+        "SELECT id, kind, generation FROM jobs WHERE relayed_at IS NULL AND status = 'pending' AND created_at < now() - make_interval(secs => $1::float8 / 1000)
          ORDER BY created_at LIMIT $2",
     )
     .bind(grace_ms)
@@ -158,12 +212,74 @@ pub async fn unrelayed(pool: &PgPool, grace_ms: i64, limit: i64) -> Result<Vec<(
     .await?)
 }
 
+/// A pending job the sweep checks: the version and the task its stamp names.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Stamped {
+    pub id: Uuid,
+    pub kind: String,
+    pub generation: i32,
+    pub task_id: Option<String>,
+}
+
+impl Stamped {
+    pub fn queued(&self) -> Queued {
+        Queued { id: self.id, kind: self.kind.clone(), generation: self.generation }
+    }
+}
+
+/// Pending jobs after `after` (id order) that carry a relayed stamp, have not
+/// changed for `quiet_secs`, and have no attempt running: each should have a
+/// task on the queue, which the sweep asks Redis. An attempt older than
+/// [`ABANDONED_AFTER_SECS`] does not count as running.
+pub async fn unheld_candidates(
+    pool: &PgPool,
+    after: Option<Uuid>,
+    quiet_secs: i64,
+    limit: i64,
+) -> Result<Vec<Stamped>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT id, kind, generation, task_id FROM jobs j
+         WHERE status = 'pending' AND attempts < max_attempts AND relayed_at IS NOT NULL AND ($1::uuid IS NULL OR id > $1)
+           AND updated_at < now() - make_interval(secs => $2::float8)
+           AND relayed_at < now() - make_interval(secs => $2::float8)
+           AND NOT EXISTS (SELECT 1 FROM job_attempts a WHERE a.job_id = j.id AND a.status = 'running'
+                           AND a.started_at > now() - make_interval(secs => {ABANDONED_AFTER_SECS}))
+         ORDER BY id LIMIT $3"
+    ))
+    .bind(after)
+    .bind(quiet_secs as f64)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Ends as `failed` the pending jobs with every attempt spent, quiet for
+/// `quiet_secs` and with no attempt running: no delivery can start them
+/// (see [`begin_attempt`]), so pushing them again would change nothing. Left
+/// pending they would count as under way for good; failed, an operator (or,
+/// for a flush, the replication consumer) retries them. It takes two copies
+/// of a job and a process that died during the last attempt to get here.
+/// Returns how many.
+pub async fn fail_spent(pool: &PgPool, quiet_secs: i64) -> Result<u64, StoreError> {
+    Ok(sqlx::query(&format!(
+        "UPDATE jobs j SET status = 'failed', finished_at = now(), updated_at = now()
+         WHERE status = 'pending' AND attempts >= max_attempts
+           AND updated_at < now() - make_interval(secs => $1::float8)
+           AND NOT EXISTS (SELECT 1 FROM job_attempts a WHERE a.job_id = j.id AND a.status = 'running'
+                           AND a.started_at > now() - make_interval(secs => {ABANDONED_AFTER_SECS}))"
+    ))
+    .bind(quiet_secs as f64)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Unfinished jobs (pending or running; not canceled ones) after `after` in id
 /// order, which is creation order (uuid v7): what a job queue that lost its
 /// data must carry again.
-pub async fn unfinished(pool: &PgPool, after: Option<Uuid>, limit: i64) -> Result<Vec<(Uuid, String)>, StoreError> {
+pub async fn unfinished(pool: &PgPool, after: Option<Uuid>, limit: i64) -> Result<Vec<Queued>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT id, kind FROM jobs WHERE status IN ('pending', 'running') AND ($1::uuid IS NULL OR id > $1)
+        "SELECT id, kind, generation FROM jobs WHERE status IN ('pending', 'running') AND ($1::uuid IS NULL OR id > $1)
          ORDER BY id LIMIT $2",
     )
     .bind(after)
@@ -186,8 +302,13 @@ pub const ABANDONED_AFTER_SECS: i64 = 600;
 /// retries on its own; the budget check here is what keeps the two copies
 /// together to `max_attempts`. The one exception is a last attempt still
 /// `running` after [`ABANDONED_AFTER_SECS`]: its process died, and the job runs
-/// once more rather than stay `running` for ever. One statement, so the job
-/// runtime's bookkeeping costs one round trip.
+/// once more rather than stay `running` for ever.
+///
+/// Earlier attempts of the job still `running` are closed as
+/// [`AttemptStatus::Abandoned`]: a process that died mid-attempt never ends
+/// its own, and the ledger would show it running for good although the job
+/// went on (and perhaps succeeded). One statement, so the job runtime's
+/// bookkeeping costs one round trip.
 pub async fn begin_attempt(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError> {
     Ok(sqlx::query_as(&format!(
         "WITH j AS (
@@ -196,7 +317,9 @@ pub async fn begin_attempt(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, St
                  (status IN ('pending', 'running') AND attempts < max_attempts)
                  OR (status = 'running' AND updated_at < now() - make_interval(secs => {ABANDONED_AFTER_SECS})))
              RETURNING {JOB_COLUMNS}),
-         a AS (INSERT INTO job_attempts (job_id, attempt, status) SELECT id, attempts, 'running' FROM j)
+         a AS (INSERT INTO job_attempts (job_id, attempt, status) SELECT id, attempts, 'running' FROM j),
+         c AS (UPDATE job_attempts SET status = 'abandoned', finished_at = now()
+               WHERE job_id = (SELECT id FROM j) AND status = 'running')
          SELECT {JOB_COLUMNS} FROM j"
     ))
     .bind(id)
@@ -255,11 +378,12 @@ pub async fn failures_by_kind(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec
     .await?)
 }
 
-/// What a retry sets: back in line (`pending`, not yet relayed) with a fresh
-/// budget of attempts on top of those spent, whose numbers keep counting.
+/// What a retry sets: back in line (`pending`, not yet relayed) as a new
+/// version (see [`mark_relayed`]), with a fresh budget of attempts on top of
+/// those spent, whose numbers keep counting.
 fn retry_set() -> String {
     format!(
-        "status = 'pending', relayed_at = NULL, max_attempts = attempts + {}, finished_at = NULL, updated_at = now()",
+        "status = 'pending', relayed_at = NULL, task_id = NULL, generation = generation + 1, max_attempts = attempts + {}, finished_at = NULL, updated_at = now()",
         super::DEFAULT_MAX_ATTEMPTS
     )
 }

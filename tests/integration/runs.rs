@@ -485,7 +485,8 @@ async fn duplicate_deliveries_share_one_attempt_budget() {
     // done (no recovery push) and the row is marked relayed (no relay push).
     app.job_queue_ready().await;
     let job = store::insert(app.db(), &sessiond::jobs::Job::CancelRun { run_id }, 2).await.unwrap();
-    store::mark_relayed(app.db(), &[job]).await.unwrap();
+    let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task: "none".into() };
+    store::mark_relayed(app.db(), &[stamp]).await.unwrap();
     let first = store::begin_attempt(app.db(), job).await.unwrap().expect("first attempt");
     assert_eq!(first.attempts, 1);
     // A second copy starts while the first is running: it is attempt 2, the last.
