@@ -64,6 +64,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
 /// BEGIN runs in a task of its own, which finishes even if the caller is
 /// gone; a transaction nobody collects is then dropped and rolled back like
 /// any other. The cost is one task spawn per transaction.
+#[allow(clippy::disallowed_methods)] // the one sanctioned caller
 pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     let pool = pool.clone();
     tokio::spawn(async move { pool.begin().await })

@@ -98,7 +98,7 @@ pub async fn rotate_key(
     let listing = tenancy_store::list(&db).await?;
     let e =
         listing.iter().find(|e| e.id == id).ok_or_else(|| DashboardError::NotFound(format!("No environment {id}")))?;
-    let mut tx = db.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
     if tenancy_store::lock_key_hint(&mut tx, id).await?.as_deref() != Some(form.hint.as_str()) {
         return Err(DashboardError::Conflict(
             "This key was rotated since the page was loaded (a resubmitted form?); nothing changed. \

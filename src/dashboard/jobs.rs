@@ -386,7 +386,7 @@ pub async fn act(
     };
     signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
     let id = parse_id(&id)?;
-    let mut tx = db.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
     let Some(kind) = what.apply(&mut tx, id).await? else {
         drop(tx);
         return Err(refusal(&db, id, what.rule()).await);
@@ -432,7 +432,7 @@ pub async fn retry_selected(
     if ids.len() > MAX_SELECTED {
         return Err(DashboardError::BadRequest(format!("Retry at most {MAX_SELECTED} jobs at once")));
     }
-    let mut tx = db.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
     let retried = store::retry_selected(&mut *tx, &ids).await?;
     if retried.is_empty() {
         return Err(DashboardError::Conflict(
@@ -522,7 +522,7 @@ pub async fn retry_matching(
     let as_of = DateTime::parse_from_rfc3339(form.as_of.trim())
         .map_err(|_| DashboardError::BadRequest("The preview's time is missing; open the preview again".into()))?
         .with_timezone(&Utc);
-    let mut tx = db.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
     let retried = store::retry_matching(&mut *tx, &filter, as_of).await?;
     if !retried.is_empty() {
         let detail = json!({

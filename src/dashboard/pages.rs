@@ -372,7 +372,7 @@ pub async fn close_session(
     Authorized(signed): Authorized,
 ) -> PageResult<Response> {
     let s = find_session(&db, &id).await?;
-    let mut tx = db.begin().await.map_err(crate::db::StoreError::from)?;
+    let mut tx = crate::db::begin(&db).await.map_err(crate::db::StoreError::from)?;
     let closed =
         session_store::close_in(&mut tx, s.runtime_environment_id, s.id, Some("closed by an operator"), None).await?;
     if let Some((_, job)) = closed {

@@ -154,7 +154,7 @@ async fn create(db: &PgPool, jobs: &Jobs, env: &Environment, task: &str, operato
     }))
     .map_err(|e| DashboardError::Internal(e.into()))?;
     let new = validate::create(body).map_err(|e| DashboardError::BadRequest(e.to_string()))?;
-    let mut tx = db.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(db).await.map_err(StoreError::from)?;
     match session_store::create_in(&mut tx, env, &new).await? {
         CreateOutcome::Created(session, job) => {
             audit::record(&mut *tx, operator, "playground.start", &target(&session), audit_detail(env, &session))

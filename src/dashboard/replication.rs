@@ -264,7 +264,7 @@ pub async fn start_backfill(
     State(jobs): State<Jobs>,
     Authorized(signed): Authorized,
 ) -> PageResult<Response> {
-    let mut tx = db.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
     let (backfills, queued) = backfill::create_in(&mut tx, &backfill::full()).await?;
     let ids: Vec<String> = backfills.iter().map(|b| b.id.to_string()).collect();
     audit::record(

@@ -241,7 +241,7 @@ pub async fn cancel(
     if r.status.is_final() {
         return Err(DashboardError::BadRequest(format!("{id} is {}: a finished run cannot be canceled", r.status)));
     }
-    let mut tx = db.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
     let job = runs::cancel::request(&mut *tx, r.id).await?;
     audit::record(&mut *tx, signed.operator.id, "run.cancel", &format!("run:{id}"), json!({ "job": job })).await?;
     tx.commit().await.map_err(StoreError::from)?;

@@ -221,7 +221,7 @@ impl RunManager {
             run: run.friendly_id.clone(),
             control: (reason == TriggerReason::Upgrade).then(|| "upgrade-required".to_string()),
         };
-        let mut tx = self.db.begin().await.map_err(StoreError::from)?;
+        let mut tx = crate::db::begin(&self.db).await.map_err(StoreError::from)?;
         run_store::insert(&mut tx, &run).await?;
         if !store::claim_run(&mut tx, s.id, run.id, s.current_run_version, expect_current).await? {
             tx.rollback().await.map_err(StoreError::from)?;

@@ -43,7 +43,7 @@ pub enum CreateOutcome {
 /// upsert: whether the row is new is read from the upsert's result, never from a
 /// separate pre-read that a concurrent create could race.
 pub async fn create(pool: &PgPool, env: &Environment, new: &NewSession) -> Result<CreateOutcome, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let outcome = create_in(&mut tx, env, new).await?;
     tx.commit().await?;
     Ok(match outcome {
@@ -292,7 +292,7 @@ pub async fn close(
     reason: Option<&str>,
     calling_run: Option<&str>,
 ) -> Result<Option<(Session, Option<Uuid>)>, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     match close_in(&mut tx, env_id, id, reason, calling_run).await? {
         Some((s, job_id)) => {
             tx.commit().await?;

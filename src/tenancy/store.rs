@@ -68,7 +68,7 @@ pub async fn create_environment(
     project_slug: &str,
     env_type: EnvType,
 ) -> Result<(Environment, SecretKey), StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let org_id: Uuid = sqlx::query_scalar(
         "INSERT INTO organizations (id, slug, title) VALUES ($1, $2, $2)
          ON CONFLICT (slug) DO UPDATE SET slug = EXCLUDED.slug RETURNING id",

@@ -87,7 +87,7 @@ pub enum Created {
 /// the run superseded, never a wait left pending on a replaced run.
 pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, StoreError> {
     for _ in 0..2 {
-        let mut tx = pool.begin().await?;
+        let mut tx = crate::db::begin(pool).await?;
         let (status, superseded_by) = run_store::lock_for_wait(&mut tx, new.run_id).await?;
         if superseded_by.is_some() || !matches!(status, RunStatus::Executing | RunStatus::Waiting) {
             return Ok(Created::RunNotActive { status, superseded_by });
@@ -161,7 +161,7 @@ pub async fn find_by_id(pool: &PgPool, id: Uuid) -> Result<Option<Waitpoint>, St
 /// completions (the drain job, the worker's wait, close) settle on one output.
 /// Returns whether this call completed it.
 pub async fn complete(pool: &PgPool, id: Uuid, output: &serde_json::Value) -> Result<bool, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let run: Option<Uuid> = sqlx::query_scalar(
         "UPDATE waitpoints SET status = 'COMPLETED', output = $2, completed_at = now()
          WHERE id = $1 AND status = 'WAITING' RETURNING run_id",
@@ -179,7 +179,7 @@ pub async fn complete(pool: &PgPool, id: Uuid, output: &serde_json::Value) -> Re
 
 /// Times out waitpoints past `timeout_at`; returns them (for Redis cleanup).
 pub async fn time_out_due(pool: &PgPool) -> Result<Vec<Waitpoint>, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let timed_out: Vec<Waitpoint> = sqlx::query_as(&format!(
         "UPDATE waitpoints SET status = 'TIMED_OUT', completed_at = now()
          WHERE status = 'WAITING' AND timeout_at <= now() RETURNING {COLUMNS}"

@@ -474,7 +474,7 @@ async fn a_stale_token_is_refused_and_flushall_does_not_lower_it() {
 
     // A write under way holds the takeover back: the write belongs to the
     // term it began in, and the new token exists only after it.
-    let mut writing = db.begin().await.unwrap();
+    let mut writing = sessiond::db::begin(db).await.unwrap();
     assert_eq!(lease::superseded(&mut writing, slot, new.token).await.unwrap(), None);
     let takeover = {
         let db = db.clone();
@@ -488,7 +488,7 @@ async fn a_stale_token_is_refused_and_flushall_does_not_lower_it() {
     // A takeover under way (locked as `next_fence` locks, its token not yet
     // committed) holds the write back, which then is refused rather than
     // slipping in between.
-    let mut takeover = db.begin().await.unwrap();
+    let mut takeover = sessiond::db::begin(db).await.unwrap();
     sqlx::query(
         "WITH held AS (SELECT slot FROM replication_state WHERE slot = $1 FOR UPDATE)
          UPDATE replication_state r SET fence = r.fence + 1 FROM held WHERE r.slot = held.slot",

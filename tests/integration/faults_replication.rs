@@ -257,7 +257,7 @@ async fn a_64_mb_wal_bound_exceeded() {
     // (decoding must start before it), as a stalled consumer would; each WAL
     // switch after a small write then adds a 16 MB segment the slot retains.
     sqlx::query("CREATE TABLE wal_pin (n int)").execute(app.db()).await.unwrap();
-    let mut pin = app.db().begin().await.unwrap();
+    let mut pin = sessiond::db::begin(app.db()).await.unwrap();
     sqlx::query("INSERT INTO wal_pin VALUES (1)").execute(&mut *pin).await.unwrap();
     let hold = backfill::hold_chunks(app.state.analytics.database());
     let mut alerts = Vec::new();

@@ -411,7 +411,7 @@ async fn unrelayed_jobs_are_relayed_later() {
         .fetch_one(app.db())
         .await
         .unwrap();
-    let mut tx = app.db().begin().await.unwrap();
+    let mut tx = sessiond::db::begin(app.db()).await.unwrap();
     let job = sessiond::jobs::store::insert(&mut *tx, &sessiond::jobs::Job::CancelRun { run_id }, 5).await.unwrap();
     tx.commit().await.unwrap();
     eventually(15, "relayed job ran", || async {

@@ -61,7 +61,7 @@ pub struct Faults {
 /// Writes one backfill per table and the jobs of their first chunks, in one
 /// transaction; returns them and the job ids (not yet relayed).
 pub async fn create(pool: &PgPool, req: &BackfillRequest) -> Result<(Vec<Backfill>, Vec<Uuid>), StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::begin(pool).await?;
     let created = create_in(&mut tx, req).await?;
     tx.commit().await?;
     Ok(created)
@@ -154,7 +154,7 @@ pub async fn run_chunk(
     if faults.stop_before_commit {
         return Err(BackfillError::Injected);
     }
-    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::db::begin(pool).await.map_err(StoreError::from)?;
     let Some(recorded) = store::record_chunk(&mut tx, id, chunk, last, copied as i64, finished).await? else {
         return Ok(format!("chunk {chunk} of backfill {id} was recorded meanwhile"));
     };
