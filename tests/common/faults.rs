@@ -25,6 +25,14 @@ pub fn report(case: &str, figures: &[(&str, String)]) {
     println!("FAULT {case}: {}", line.join(" "));
 }
 
+/// How long a case's load or fault phase lasts: `secs` normally, ten times as
+/// long under `FAULTS_FULL=1`, the soak variant of the same case (a longer
+/// outage under more writes; a case then takes minutes instead of seconds).
+pub fn phase(secs: f64) -> Duration {
+    let full = std::env::var("FAULTS_FULL").is_ok_and(|v| v == "1");
+    Duration::from_secs_f64(if full { secs * 10.0 } else { secs })
+}
+
 /// A Postgres server of the test's own (`wal_level=logical`), for cases that
 /// kill it or change server-wide settings the shared one must keep. Its data
 /// lives in a temporary directory; the whole process group is killed and the

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use sessiond::jobs::Job;
 
 use crate::common::clickhouse::PrivateClickHouse;
-use crate::common::faults::{assert_copy_equal, list_check, report, stuck_jobs, CreateLoad};
+use crate::common::faults::{assert_copy_equal, list_check, phase, report, stuck_jobs, CreateLoad};
 use crate::common::{schedules_file, TestApp};
 use crate::reconcile::{figure, seed_hours, seeded_ids, seeds_copied, UpdateLoad, PER_HOUR};
 use crate::replication::{finish, ready, settled};
@@ -33,12 +33,12 @@ async fn clickhouse_killed_under_load() {
     let url = private.url();
     let app = ready(move |c| c.clickhouse_url = url).await;
     let load = CreateLoad::start(&app.base, &app.a.key, 40, "ch-killed");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(phase(3.0)).await;
 
     private.kill9();
     let killed = Instant::now();
     let (mut checks, mut wrong, mut from_postgres, mut most_pending) = (0, 0, 0, 0);
-    while killed.elapsed() < Duration::from_secs(15) {
+    while killed.elapsed() < phase(15.0) {
         let expected = load.acked();
         let check = list_check(&app, &app.a.key, &expected).await;
         checks += 1;

@@ -17,7 +17,7 @@ use sessiond::analytics::watermark::{self, Table};
 use uuid::Uuid;
 
 use crate::common::clickhouse::PrivateClickHouse;
-use crate::common::faults::{assert_copy_equal, list_check, report, stuck_jobs, CreateLoad};
+use crate::common::faults::{assert_copy_equal, list_check, phase, report, stuck_jobs, CreateLoad};
 use crate::common::redis_proc::{start_fresh, RedisProc, TempDir};
 use crate::common::{eventually, TestApp};
 use crate::replication::{finish, replicating};
@@ -127,13 +127,13 @@ async fn redis_restarted_empty_under_load() {
     let clickhouse = PrivateClickHouse::start().await;
     let app = replicating_app(&redis, &clickhouse).await;
     let load = CreateLoad::start(&app.base, &app.a.key, CREATES_PER_SEC, "redis-empty");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(phase(4.0)).await;
 
     let before = tasks(&app).await;
     restart_empty(&mut redis, &empty_dir).await;
     let restarted = Instant::now();
     let requeued = requeued(&app, restarted).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(phase(4.0)).await;
     let (acked, refused) = load.stop().await;
 
     let healed = heal_checks(&app, &acked).await;
@@ -185,7 +185,7 @@ async fn redis_restarted_empty_while_clickhouse_is_down() {
     restart_empty(&mut redis, &empty_dir).await;
     let requeued = requeued(&app, Instant::now()).await;
     // The recovery has pushed while revives keep resetting failed flushes.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(phase(3.0)).await;
     clickhouse.restart().await;
     let back = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;

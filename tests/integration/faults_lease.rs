@@ -15,7 +15,7 @@ use sessiond::replication::lease::{self, Lease, Waiter};
 use sessiond::replication::slot;
 use tokio::process::{Child, Command};
 
-use crate::common::faults::{assert_copy_equal, list_check, report, stuck_jobs, CreateLoad};
+use crate::common::faults::{assert_copy_equal, list_check, phase, report, stuck_jobs, CreateLoad};
 use crate::common::{eventually, TestApp};
 use crate::replication::{finish, replicating};
 
@@ -267,7 +267,7 @@ async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_o
 
     let load = CreateLoad::start(&app.base, &app.a.key, 50, "lease-killed");
     // A holder that streams is left alone: the waiter only takes over an idle slot.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(phase(3.0)).await;
     assert_eq!(fence(&app).await, 1, "taken over from a live holder");
     assert!(!load.acked().is_empty(), "no load");
 

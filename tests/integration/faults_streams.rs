@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::faults::phase;
 use crate::common::redis_proc::{start_fresh, RedisProc, TempDir};
 use crate::common::{session_body, SseRecord, TestApp};
 use reqwest::StatusCode;
@@ -171,7 +172,7 @@ async fn redis_restarted_empty_never_reuses_or_rewinds_channel_numbers() {
         })
         .collect();
 
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(phase(1.5)).await;
     let killed_at = Instant::now();
     redis.kill9();
     drop(redis);
@@ -180,7 +181,7 @@ async fn redis_restarted_empty_never_reuses_or_rewinds_channel_numbers() {
     let mut redis = RedisProc::spawn(&empty_dir.0, port);
     assert!(redis.wait_ready(Duration::from_secs(10)).await, "redis did not come back: {}", redis.log());
     let ready_at = Instant::now();
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    tokio::time::sleep(phase(2.0)).await;
     stop_append.store(true, Ordering::Relaxed);
     let (mut acks, mut failed) = (Vec::new(), 0);
     for w in writers {
@@ -293,7 +294,6 @@ async fn redis_restarted_empty_never_reuses_or_rewinds_channel_numbers() {
     );
     assert!(problems.is_empty(), "{} problems: {:#?}", problems.len(), &problems[..problems.len().min(12)]);
     assert!(pg_writes < 20, "Postgres written per block, not per append: {pg_writes} for {} appends", acks.len());
-    assert!(started.elapsed() < Duration::from_secs(90), "took {:?}", started.elapsed());
     drop(redis);
 }
 
