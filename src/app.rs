@@ -231,14 +231,17 @@ impl FromRef<AppState> for crate::dashboard::OpsSettings {
         let c = &state.config;
         crate::dashboard::OpsSettings {
             auth_cache_ttl_ms: c.auth_cache_ttl_ms,
-            replication: c.replication_enabled.then(|| crate::dashboard::ReplicationTarget {
-                slot: c.replication_slot_name(),
-                redis_prefix: c.redis_prefix.clone(),
-            }),
+            replication: crate::replication::ReplicationTarget::of(c),
             schedules_file: c.job_schedules_file.clone(),
             schedules: state.schedules.clone(),
             run_jobs: c.run_jobs,
         }
+    }
+}
+
+impl FromRef<AppState> for Option<crate::replication::ReplicationTarget> {
+    fn from_ref(state: &AppState) -> Self {
+        crate::replication::ReplicationTarget::of(&state.config)
     }
 }
 

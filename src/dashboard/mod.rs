@@ -68,11 +68,7 @@ pub struct OpsSettings {
     pub run_jobs: bool,
 }
 
-#[derive(Debug, Clone)]
-pub struct ReplicationTarget {
-    pub slot: String,
-    pub redis_prefix: String,
-}
+pub use crate::replication::ReplicationTarget;
 
 pub fn router() -> Router<AppState> {
     Router::new()

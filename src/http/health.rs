@@ -15,8 +15,8 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, ApiResult};
-use crate::dashboard::OpsSettings;
 use crate::replication::health::{self, WalAlert};
+use crate::replication::ReplicationTarget;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
@@ -27,7 +27,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(1);
 pub async fn readyz(
     State(db): State<PgPool>,
     State(redis): State<ConnectionManager>,
-    State(ops): State<OpsSettings>,
+    State(replication): State<Option<ReplicationTarget>>,
 ) -> ApiResult<Json<Value>> {
     let postgres = async {
         let ping = sqlx::query("SELECT 1").execute(&db);
@@ -45,7 +45,7 @@ pub async fn readyz(
         return Err(ApiError::Unavailable);
     }
     let mut body = json!({ "ready": true, "postgres": "ok", "redis": "ok" });
-    if let Some(target) = &ops.replication {
+    if let Some(target) = &replication {
         body["replication"] = match tokio::time::timeout(READY_TIMEOUT, health::summary(&db, &target.slot)).await {
             Ok(Ok(summary)) => {
                 if matches!(summary.wal.alert, WalAlert::Warning | WalAlert::Critical | WalAlert::Lost) {

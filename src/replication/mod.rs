@@ -30,3 +30,22 @@ pub mod lease;
 pub mod pgoutput;
 pub mod reconcile;
 pub mod slot;
+
+/// Where this deployment replicates: its slot (and publication), and the
+/// Redis prefix its lease lives under. Operators' pages and `/readyz` read
+/// the slot's health through it.
+#[derive(Debug, Clone)]
+pub struct ReplicationTarget {
+    pub slot: String,
+    pub redis_prefix: String,
+}
+
+impl ReplicationTarget {
+    /// The target of a deployment with replication on; None with it off.
+    pub fn of(config: &crate::config::Config) -> Option<ReplicationTarget> {
+        config.replication_enabled.then(|| ReplicationTarget {
+            slot: config.replication_slot_name(),
+            redis_prefix: config.redis_prefix.clone(),
+        })
+    }
+}
