@@ -185,84 +185,93 @@ struct TableDiff {
     problems: Vec<String>,
 }
 
-async fn session_diff(state: &AppState) -> TableDiff {
+/// A row of the copy, as far as the comparison needs it.
+trait CopyRow: PartialEq + std::fmt::Debug + clickhouse::RowOwned + clickhouse::RowRead {
+    fn id(&self) -> &str;
+    fn version(&self) -> u64;
+}
+
+impl CopyRow for SessionRow {
+    fn id(&self) -> &str {
+        &self.session_id
+    }
+    fn version(&self) -> u64 {
+        self._version
+    }
+}
+
+impl CopyRow for RunRow {
+    fn id(&self) -> &str {
+        &self.run_id
+    }
+    fn version(&self) -> u64 {
+        self._version
+    }
+}
+
+/// Postgres's sessions by id (every one: a test's schema is small).
+async fn postgres_sessions(state: &AppState) -> BTreeMap<String, sessiond::sessions::model::Session> {
     let mut conn = state.db.acquire().await.expect("a Postgres connection");
-    let mut pg = BTreeMap::new();
-    let mut after = None;
+    let (mut rows, mut after) = (BTreeMap::new(), None);
     loop {
         let chunk = sessiond::sessions::store::export_chunk(&mut conn, after, None, None, 5_000)
             .await
             .expect("read sessions from Postgres");
         let Some(last) = chunk.last() else { break };
         after = Some((last.created_at, last.id));
-        for s in chunk {
-            pg.insert(s.id.to_string(), s);
-        }
+        rows.extend(chunk.into_iter().map(|s| (s.id.to_string(), s)));
     }
-    let ch: Vec<SessionRow> = state
-        .analytics
-        .client()
-        .query("SELECT ?fields FROM sessions_v1 FINAL WHERE _is_deleted = 0")
-        .fetch_all()
-        .await
-        .unwrap_or_default();
-    let mut diff = TableDiff { rows: pg.len(), problems: Vec::new() };
-    let mut seen = HashSet::new();
-    for row in ch {
-        seen.insert(row.session_id.clone());
-        match pg.get(&row.session_id) {
-            None => diff.problems.push(format!("session {} is in ClickHouse but not in Postgres", row.session_id)),
-            Some(s) => {
-                let expected = SessionRow::from_session(s, row._version);
-                if expected != row {
-                    diff.problems.push(format!("session {} differs: postgres {expected:?} clickhouse {row:?}", s.id));
-                }
-            }
-        }
-    }
-    for id in pg.keys().filter(|id| !seen.contains(*id)) {
-        diff.problems.push(format!("session {id} is in Postgres but not in ClickHouse"));
-    }
-    diff
+    rows
 }
 
-async fn run_diff(state: &AppState) -> TableDiff {
+/// Postgres's runs by id.
+async fn postgres_runs(state: &AppState) -> BTreeMap<String, sessiond::runs::store::Run> {
     let mut conn = state.db.acquire().await.expect("a Postgres connection");
-    let mut pg = BTreeMap::new();
-    let mut after = None;
+    let (mut rows, mut after) = (BTreeMap::new(), None);
     loop {
         let chunk = sessiond::runs::store::export_chunk(&mut conn, after, None, None, 5_000)
             .await
             .expect("read runs from Postgres");
         let Some(last) = chunk.last() else { break };
         after = Some((last.created_at, last.id));
-        for r in chunk {
-            pg.insert(r.id.to_string(), r);
-        }
+        rows.extend(chunk.into_iter().map(|r| (r.id.to_string(), r)));
     }
-    let ch: Vec<RunRow> = state
+    rows
+}
+
+/// Compares the copy's live rows of `table` with Postgres's, `expected`
+/// turning a Postgres row into the copy's row at a given version. A copy
+/// that cannot be read counts as empty (every row missing).
+async fn table_diff<P, R: CopyRow>(
+    state: &AppState,
+    table: &str,
+    kind: &str,
+    pg: BTreeMap<String, P>,
+    expected: impl Fn(&P, u64) -> R,
+) -> TableDiff {
+    let ch: Vec<R> = state
         .analytics
         .client()
-        .query("SELECT ?fields FROM task_runs_v1 FINAL WHERE _is_deleted = 0")
+        .query(&format!("SELECT ?fields FROM {table} FINAL WHERE _is_deleted = 0"))
         .fetch_all()
         .await
         .unwrap_or_default();
     let mut diff = TableDiff { rows: pg.len(), problems: Vec::new() };
     let mut seen = HashSet::new();
     for row in ch {
-        seen.insert(row.run_id.clone());
-        match pg.get(&row.run_id) {
-            None => diff.problems.push(format!("run {} is in ClickHouse but not in Postgres", row.run_id)),
-            Some(r) => {
-                let expected = RunRow::from_run(r, row._version);
-                if expected != row {
-                    diff.problems.push(format!("run {} differs: postgres {expected:?} clickhouse {row:?}", r.id));
+        seen.insert(row.id().to_string());
+        match pg.get(row.id()) {
+            None => diff.problems.push(format!("{kind} {} is in ClickHouse but not in Postgres", row.id())),
+            Some(p) => {
+                let want = expected(p, row.version());
+                if want != row {
+                    diff.problems.push(format!("{kind} {} differs: postgres {want:?} clickhouse {row:?}", row.id()));
                 }
             }
         }
     }
     for id in pg.keys().filter(|id| !seen.contains(*id)) {
-        diff.problems.push(format!("run {id} is in Postgres but not in ClickHouse"));
+        diff.problems.push(format!("{kind} {id} is in Postgres but not in ClickHouse"));
     }
     diff
 }
@@ -271,7 +280,9 @@ async fn run_diff(state: &AppState) -> TableDiff {
 /// `task_runs_v1` under FINAL, deleted rows left out) and this app's Postgres
 /// schema, row by row and every column but the version, with the row counts.
 pub async fn copy_differences(state: &AppState) -> (CopyFigures, Vec<String>) {
-    let (sessions, runs) = (session_diff(state).await, run_diff(state).await);
+    let sessions =
+        table_diff(state, "sessions_v1", "session", postgres_sessions(state).await, SessionRow::from_session).await;
+    let runs = table_diff(state, "task_runs_v1", "run", postgres_runs(state).await, RunRow::from_run).await;
     let figures = CopyFigures { sessions: sessions.rows, runs: runs.rows };
     (figures, sessions.problems.into_iter().chain(runs.problems).collect())
 }

@@ -6,13 +6,11 @@
 use std::time::{Duration, Instant};
 
 use sessiond::analytics::rows::SessionRow;
-use sessiond::analytics::watermark::{self, Table};
 
 use crate::common::faults::{
     assert_copy_equal, copy_differences, list_check, report, stuck_jobs, CreateLoad, PrivatePostgres,
 };
-use crate::common::{eventually, TestApp};
-use crate::replication::replicating;
+use crate::replication::ready;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fault_verdicts_pass_on_a_healthy_copy_and_catch_a_lost_row() {
@@ -20,16 +18,7 @@ async fn the_fault_verdicts_pass_on_a_healthy_copy_and_catch_a_lost_row() {
     let mut pg = PrivatePostgres::start(&[]).await;
     pg.create_database("sessiond").await;
     let url = pg.url("sessiond");
-    let app = TestApp::spawn_with(|c| {
-        replicating(c);
-        c.database_url = url;
-    })
-    .await;
-    app.clickhouse_ready().await;
-    eventually(20, "the first backfill's watermark", || async {
-        watermark::read(&app.state.analytics, Table::Sessions).await.ok().flatten()
-    })
-    .await;
+    let app = ready(|c| c.database_url = url).await;
 
     let load = CreateLoad::start(&app.base, &app.a.key, 40, "fault-harness");
     tokio::time::sleep(Duration::from_secs(3)).await;

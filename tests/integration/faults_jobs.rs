@@ -13,14 +13,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use sessiond::analytics::watermark::{self, Table};
 use uuid::Uuid;
 
 use crate::common::clickhouse::PrivateClickHouse;
 use crate::common::faults::{assert_copy_equal, list_check, phase, report, stuck_jobs, CreateLoad};
 use crate::common::redis_proc::{start_fresh, RedisProc, TempDir};
 use crate::common::{eventually, TestApp};
-use crate::replication::{finish, replicating};
+use crate::replication::finish;
 
 /// Creates a second the load makes: modest, as the cases ask.
 const CREATES_PER_SEC: u32 = 25;
@@ -29,18 +28,11 @@ const CREATES_PER_SEC: u32 = 25;
 /// first backfill done (the watermark exists).
 async fn replicating_app(redis: &RedisProc, clickhouse: &PrivateClickHouse) -> TestApp {
     let (redis_url, ch_url) = (redis.url(), clickhouse.url());
-    let app = TestApp::spawn_with(move |c| {
-        replicating(c);
+    crate::replication::ready(move |c| {
         c.redis_url = redis_url;
         c.clickhouse_url = ch_url;
     })
-    .await;
-    app.clickhouse_ready().await;
-    eventually(30, "the first backfill's watermark", || async {
-        watermark::read(&app.state.analytics, Table::Sessions).await.ok().flatten()
-    })
-    .await;
-    app
+    .await
 }
 
 /// Every job's last stamped task, to count afterwards the ones pushed again.

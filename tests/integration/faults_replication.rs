@@ -21,7 +21,6 @@ use crate::common::faults::{
 };
 use crate::common::{eventually, TestApp};
 use crate::dashboard::{with_operators, Operator, VIEWER};
-use crate::replication::replicating;
 
 /// Lists checked while a slot heals: how many, how many were wrong (a 200
 /// leaving out an acknowledged session) and how many Postgres answered.
@@ -57,18 +56,11 @@ impl Lists {
 /// (a short overlay margin makes the healing window's wrong answers show
 /// within a second rather than two), with its first backfill done.
 async fn replicating_app(tweak: impl FnOnce(&mut sessiond::config::Config)) -> TestApp {
-    let app = TestApp::spawn_with(|c| {
-        replicating(c);
+    crate::replication::ready(|c| {
         c.list_overlay_margin_ms = 300;
         tweak(c);
     })
-    .await;
-    app.clickhouse_ready().await;
-    eventually(30, "the first backfill's watermark", || async {
-        watermark::read(&app.state.analytics, Table::Sessions).await.ok().flatten()
-    })
-    .await;
-    app
+    .await
 }
 
 async fn generation(app: &TestApp) -> slot::Generation {

@@ -95,7 +95,7 @@ pub async fn ready(tweak: impl FnOnce(&mut Config)) -> TestApp {
     app.clickhouse_ready().await;
     // The slot is new: the consumer starts a full backfill, whose end vouches
     // for ClickHouse (the watermark).
-    eventually(20, "the first backfill's watermark", || async {
+    eventually(30, "the first backfill's watermark", || async {
         watermark::read(&app.state.analytics, Table::Sessions).await.ok().flatten()
     })
     .await;
