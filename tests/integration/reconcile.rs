@@ -229,3 +229,47 @@ async fn rows_postgres_lacks_are_marked_deleted_in_the_copy() {
     assert_eq!(figure(&again, "sessions", "hours differ"), 0, "{again}");
     finish(app).await;
 }
+
+/// While a new slot generation's backfill has not completed the copy, the
+/// watermark runs ahead of what the copy holds: a reconciliation then compares
+/// nothing (it would queue repairs of the very gap that backfill copies), and
+/// compares again once the copy is complete.
+#[tokio::test]
+async fn a_copy_still_healing_is_not_reconciled() {
+    let app = quiet().await;
+    seed_hours(&app, &[1, 2]).await;
+    seeds_copied(&app).await;
+    let lost: Vec<String> = seeded_ids(&app, 2).await.into_iter().take(3).collect();
+    let sql = format!(
+        "ALTER TABLE sessions_v1 DELETE WHERE session_id IN ({})",
+        lost.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(", ")
+    );
+    app.state.analytics.client().query(&sql).with_option("mutations_sync", "2").execute().await.unwrap();
+    // As after a slot was recreated: no full backfill has started since.
+    let slot = app.state.config.replication_slot_name();
+    let created: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("UPDATE replication_state SET slot_created_at = now() WHERE slot = $1 RETURNING now()")
+            .bind(&slot)
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+
+    let healing = app.sweep(Job::ReplicationReconcile).await;
+    assert!(healing.contains("sessions: copy healing"), "{healing}");
+    assert!(healing.contains("runs: copy healing"), "{healing}");
+    assert_eq!(ranged_backfills(&app).await, 0, "{healing}");
+    assert!(in_clickhouse(&app, &lost).await.is_empty(), "nothing was copied: {healing}");
+
+    // The copy complete again (its slot older than its last full backfill):
+    // the next reconciliation compares and repairs.
+    sqlx::query("UPDATE replication_state SET slot_created_at = $2 - interval '1 day' WHERE slot = $1")
+        .bind(&slot)
+        .bind(created)
+        .execute(app.db())
+        .await
+        .unwrap();
+    let found = app.sweep(Job::ReplicationReconcile).await;
+    assert_eq!(figure(&found, "sessions", "hours differ"), 1, "{found}");
+    assert_eq!(in_clickhouse(&app, &lost).await.len(), lost.len(), "the lost rows are back: {found}");
+    finish(app).await;
+}
