@@ -151,6 +151,8 @@ struct OverviewPage {
     /// None: replication is off.
     lag_now: Option<LagNow>,
     lag_off: bool,
+    /// A new replication slot's backfill is still copying what it missed.
+    healing: bool,
     /// None: ClickHouse could not answer; the page says so.
     analytics: Option<AnalyticsView>,
     failures: HBarChart,
@@ -189,9 +191,19 @@ pub async fn show(
             None => Some(Aggregates::default()),
         }
     };
-    let (aggregates, failures, lag_now) =
-        tokio::join!(aggregates, job_store::failures_by_kind(&db, since), lag_now(&db, &redis, &ops));
-    let (failures, lag_now) = (failures?, lag_now?);
+    // A new slot generation whose backfill has not completed: the charts miss
+    // what it has yet to copy, whatever the watermark says.
+    let healing = async {
+        match ops.replication {
+            Some(_) => {
+                crate::replication::slot::copy_incomplete(&db, crate::analytics::watermark::Table::Sessions).await
+            }
+            None => Ok(false),
+        }
+    };
+    let (aggregates, failures, lag_now, healing) =
+        tokio::join!(aggregates, job_store::failures_by_kind(&db, since), lag_now(&db, &redis, &ops), healing);
+    let (failures, lag_now, healing) = (failures?, lag_now?, healing?);
 
     let categories = window.categories(since);
     let analytics = aggregates.map(|a| AnalyticsView::new(a, window, &categories));
@@ -213,6 +225,7 @@ pub async fn show(
         failed_jobs: failures.total,
         lag_now,
         lag_off: ops.replication.is_none(),
+        healing,
         analytics,
         failures,
         failures_desc,
