@@ -139,6 +139,12 @@ status=0
 # neighbours instead. FAULTS_FULL=1 turns on their longer soak variants.
 cargo test --no-fail-fast --lib --bins --tests -- --test-threads=8 --skip faults "$@" || status=$?
 say "cargo test (fault cases)"
+figures=target/test-artifacts/faults.txt
+rm -f "$figures"
 cargo test --no-fail-fast --test integration -- --test-threads=2 faults "$@" || status=$?
+if [[ -f "$figures" ]]; then
+    say "fault case figures"
+    cat "$figures"
+fi
 say "cargo test exited with status $status"
 exit "$status"

@@ -22,7 +22,20 @@ use super::{session_body, TestApp};
 /// `FAULT` and compared with earlier runs.
 pub fn report(case: &str, figures: &[(&str, String)]) {
     let line: Vec<String> = figures.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("FAULT {case}: {}", line.join(" "));
+    report_line(&format!("FAULT {case}: {}", line.join(" ")));
+}
+
+/// Prints a figures line, and appends it to `target/test-artifacts/faults.txt`
+/// too: the test harness keeps a passing test's output to itself, and
+/// `scripts/test.sh` shows that file after the fault cases ran.
+pub fn report_line(line: &str) {
+    use std::io::Write;
+    println!("{line}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    let _ = std::fs::create_dir_all(&dir);
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("faults.txt")) {
+        let _ = writeln!(file, "{line}");
+    }
 }
 
 /// How long a case's load or fault phase lasts: `secs` normally, ten times as

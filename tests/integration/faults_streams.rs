@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::faults::phase;
+use crate::common::faults::{phase, report_line};
 use crate::common::redis_proc::{start_fresh, RedisProc, TempDir};
 use crate::common::{session_body, SseRecord, TestApp};
 use reqwest::StatusCode;
@@ -282,7 +282,7 @@ async fn redis_restarted_empty_never_reuses_or_rewinds_channel_numbers() {
         }
     }
     let pg_writes = app.state.channels.floors().writes();
-    println!(
+    report_line(&format!(
         "FAULT redis-empty-streams: appends={} max_before={max_before} first_after={first_after} pg_writes={pg_writes} \
          gaps_signalled={gaps_signalled} reused={} failed_appends={failed} follower_records={} follower_connections={} \
          secs={:.1}",
@@ -291,7 +291,7 @@ async fn redis_restarted_empty_never_reuses_or_rewinds_channel_numbers() {
         followed.bodies.len(),
         followed.connections,
         started.elapsed().as_secs_f64()
-    );
+    ));
     assert!(problems.is_empty(), "{} problems: {:#?}", problems.len(), &problems[..problems.len().min(12)]);
     assert!(pg_writes < 20, "Postgres written per block, not per append: {pg_writes} for {} appends", acks.len());
     drop(redis);
