@@ -196,7 +196,6 @@ async fn the_slot_dropped_under_load() {
     let app = replicating_app(|_| {}).await;
     with_operators(&app).await;
     let viewer = Operator::login(&app, VIEWER).await;
-    let name = app.state.config.replication_slot_name();
     let load = CreateLoad::start(&app.base, &app.a.key, 15, "slot-dropped");
     tokio::time::sleep(phase(1.0)).await;
     let mut wal_peak = retained(&app).await.unwrap_or(0);
@@ -206,17 +205,7 @@ async fn the_slot_dropped_under_load() {
     // was written since its last batch, and until the next slot exists, only
     // a backfill can bring.
     let fault_at = Instant::now();
-    eventually(10, "the slot to be dropped", || async {
-        sqlx::query(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
-        )
-        .bind(&name)
-        .execute(app.db())
-        .await
-        .unwrap();
-        sqlx::query("SELECT pg_drop_replication_slot($1)").bind(&name).execute(app.db()).await.ok()
-    })
-    .await;
+    crate::replication::drop_slot_under(&app).await;
     let healed = heal(&app, &load, hold, before, fault_at, &viewer).await;
     wal_peak = wal_peak.max(retained(&app).await.unwrap_or(0));
     verdict("the slot dropped under load", &app, load, healed, wal_peak).await;

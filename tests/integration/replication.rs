@@ -64,6 +64,23 @@ async fn replicated(app: &TestApp, friendly: &str) -> Option<SessionRow> {
     .await
 }
 
+/// Ends the server's replication stream and drops its slot before the
+/// consumer reconnects (retried: the consumer may win the race once).
+pub async fn drop_slot_under(app: &TestApp) {
+    let name = app.state.config.replication_slot_name();
+    eventually(10, "the slot to be dropped", || async {
+        sqlx::query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+        )
+        .bind(&name)
+        .execute(app.db())
+        .await
+        .unwrap();
+        sqlx::query("SELECT pg_drop_replication_slot($1)").bind(&name).execute(app.db()).await.ok()
+    })
+    .await;
+}
+
 async fn health(app: &TestApp) -> ReplicationHealth {
     let slot = app.state.config.replication_slot_name();
     health::status(app.db(), &app.state.redis, &app.state.config.redis_prefix, &slot).await.unwrap()
@@ -275,21 +292,10 @@ async fn one_of_two_servers_consumes_and_the_other_takes_over() {
 #[tokio::test]
 async fn a_slot_dropped_under_a_running_server_is_recreated_and_backfilled() {
     let app = ready(|_| {}).await;
-    let name = app.state.config.replication_slot_name();
     let a = app.create_session(session_body(Some("slot-1"))).await;
     replicated(&app, a["id"].as_str().unwrap()).await.expect("replicated");
     // Cut the stream and drop the slot before the consumer reconnects.
-    eventually(10, "the slot to be dropped", || async {
-        sqlx::query(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
-        )
-        .bind(&name)
-        .execute(app.db())
-        .await
-        .unwrap();
-        sqlx::query("SELECT pg_drop_replication_slot($1)").bind(&name).execute(app.db()).await.ok()
-    })
-    .await;
+    drop_slot_under(&app).await;
     // Written while no slot exists: only the healing backfill can bring it.
     let b = app.create_session(session_body(Some("slot-2"))).await;
     replicated(&app, b["id"].as_str().unwrap()).await.expect("healed by a backfill");
