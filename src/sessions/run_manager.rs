@@ -174,13 +174,15 @@ impl RunManager {
     }
 
     /// Does `.in` hold records past the last one a finished turn answered?
-    /// Those are what a session with no live run is left waiting on.
+    /// Those are what a session with no live run is left waiting on. The
+    /// newest record decides, not the channel's counter: after Redis lost its
+    /// data the counter restarts at the channel's floor with no record under
+    /// it, and a run booted for that gap would find nothing to read.
     pub async fn has_unanswered_input(&self, session_id: Uuid) -> Result<bool, ChannelError> {
-        let next = self.channels.next_seq(ChannelKey { session_id, io: Io::In }).await?;
-        if next == 0 {
+        let Some(newest) = self.channels.last(ChannelKey { session_id, io: Io::In }).await? else {
             return Ok(false);
-        }
-        Ok(self.last_answered(session_id).await?.is_none_or(|answered| answered + 1 < next))
+        };
+        Ok(self.last_answered(session_id).await?.is_none_or(|answered| answered < newest.seq_num))
     }
 
     /// Triggers a run for `s` and claims it if `s` is still at `s.current_run_version`

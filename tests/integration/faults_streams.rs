@@ -378,3 +378,33 @@ async fn a_channel_from_before_floors_continues_from_its_counter() {
         sqlx::query_scalar("SELECT reserved_upto FROM channel_seq_floors").fetch_one(app.db()).await.unwrap();
     assert!(floor > 3, "the floor is leased above the counter: {floor}");
 }
+
+/// `.in` records lost with Redis leave nothing for a run to answer: the
+/// counter restarts at the channel's floor with no record under it, and a
+/// crashed run's replacement (or the failed hand-offs page) must not see
+/// "unanswered input" in that gap and boot a run that finds nothing to read.
+#[tokio::test]
+async fn input_lost_with_redis_is_not_unanswered() {
+    let dir = TempDir::new();
+    let mut redis = start_fresh(&dir.0).await;
+    let port = redis.port;
+    let url = redis.url();
+    let app = TestApp::spawn_with(|c| c.redis_url = url).await;
+    let s = app.create_session(session_body(Some("lost-input"))).await["id"].as_str().unwrap().to_string();
+    let (status, _) = app.append(&s, "in", &app.a.key, "hello", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let session = app.session_uuid(&s).await;
+    assert!(app.state.runs.has_unanswered_input(session).await.unwrap(), "a message nobody answered yet");
+
+    redis.kill9();
+    drop(redis);
+    let empty_dir = TempDir::new();
+    let mut redis = RedisProc::spawn(&empty_dir.0, port);
+    assert!(redis.wait_ready(Duration::from_secs(10)).await, "redis did not come back: {}", redis.log());
+    let unanswered = crate::common::eventually(10, "Redis to answer again", || async {
+        app.state.runs.has_unanswered_input(session).await.ok()
+    })
+    .await;
+    assert!(!unanswered, "nothing is left in .in to answer");
+    drop(redis);
+}
