@@ -121,6 +121,33 @@ impl Replicator {
     }
 
     async fn consume(&self, mut lease: Lease, shutdown: &mut watch::Receiver<bool>) -> Result<(), ReplicationError> {
+        // A failure before the stream starts (Postgres refusing the slot,
+        // ClickHouse away for a new slot's backfill, no free slot) releases
+        // the lease at once: held, it would keep every other process waiting
+        // out its whole term for a holder that streams nothing.
+        let mut client = match self.connect(&lease).await {
+            Ok(client) => client,
+            Err(err) => {
+                lease.release().await;
+                return Err(err);
+            }
+        };
+        // The steps above can take a while on a busy database: the stream
+        // starts with a lease renewed now, not one already two thirds gone.
+        if !lease.renew().await? {
+            client.stop();
+            return Ok(());
+        }
+        tracing::debug!(slot = %self.slot, token = lease.token, "replication stream started");
+        let result = self.stream(&mut client, &mut lease, shutdown).await;
+        client.stop();
+        lease.release().await;
+        result
+    }
+
+    /// Readies the slot (recreated if lost, a new generation backfilled) and
+    /// opens the replication stream to it.
+    async fn connect(&self, lease: &Lease) -> Result<ReplicationClient, ReplicationError> {
         if slot::status(&self.db, &self.slot).await?.is_none() {
             // A new slot starts with a full backfill, which needs the copy's
             // tables: otherwise its chunks could spend their attempts on a
@@ -144,24 +171,7 @@ impl Replicator {
             Ok(_) => tracing::warn!(slot = %self.slot, token = lease.token, "ended a superseded holder's stream"),
             Err(err) => tracing::warn!(slot = %self.slot, error = %err, "could not end a superseded holder's stream"),
         }
-        let mut client = match ReplicationClient::connect(self.stream_config()?).await {
-            Ok(client) => client,
-            Err(err) => {
-                lease.release().await;
-                return Err(err.into());
-            }
-        };
-        // The steps above can take a while on a busy database: the stream
-        // starts with a lease renewed now, not one already two thirds gone.
-        if !lease.renew().await? {
-            client.stop();
-            return Ok(());
-        }
-        tracing::debug!(slot = %self.slot, token = lease.token, "replication stream started");
-        let result = self.stream(&mut client, &mut lease, shutdown).await;
-        client.stop();
-        lease.release().await;
-        result
+        Ok(ReplicationClient::connect(self.stream_config()?).await?)
     }
 
     fn stream_config(&self) -> Result<ReplicationConfig, ReplicationError> {

@@ -514,3 +514,28 @@ async fn a_new_slots_copy_is_complete_only_after_a_full_backfill_started_after_i
     assert!(slot::copy_incomplete(&db, Table::Sessions).await.unwrap());
     slot::drop(&db, &name).await.unwrap();
 }
+
+/// A holder that cannot start its stream (here: a new slot's backfill needs
+/// ClickHouse's tables, and ClickHouse is unreachable) lets the lease go at
+/// once instead of keeping every other process waiting out its whole term.
+#[tokio::test]
+async fn a_holder_that_cannot_start_streaming_releases_the_lease() {
+    use sessiond::replication::lease;
+    let app = TestApp::spawn_with(|c| {
+        replicating(c);
+        c.replication_lease_ms = 60_000;
+        c.clickhouse_url = "http://127.0.0.1:1".into();
+    })
+    .await;
+    let (prefix, name) = (app.state.config.redis_prefix.clone(), app.state.config.replication_slot_name());
+    eventually(20, "the consumer's failure to be recorded", || async {
+        health(&app).await.last_error.filter(|e| !e.is_empty())
+    })
+    .await;
+    // Between its retries the lease is free (held, it would be for 60 s).
+    eventually(10, "the lease to be released", || async {
+        lease::holder(&app.state.redis, &prefix, &name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    finish(app).await;
+}
