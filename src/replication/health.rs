@@ -96,15 +96,25 @@ fn retention(slot: Option<&SlotStatus>, bound: Option<i64>) -> WalRetention {
     }
 }
 
+/// What both the summary and the full health start from: the slot as
+/// Postgres reports it, its WAL retention, and its copy's generation.
+async fn slot_state(
+    pool: &PgPool,
+    slot_name: &str,
+) -> Result<(Option<SlotStatus>, WalRetention, Option<Generation>), StoreError> {
+    let slot = slot::status(pool, slot_name).await?;
+    let wal = retention(slot.as_ref(), slot::wal_bound(pool).await?);
+    let generation = slot::generation(pool, slot_name).await?;
+    Ok((slot, wal, generation))
+}
+
 /// The slot's WAL retention and its copy's generation.
 pub async fn summary(pool: &PgPool, slot_name: &str) -> Result<ReplicationSummary, StoreError> {
-    let slot = slot::status(pool, slot_name).await?;
-    let bound = slot::wal_bound(pool).await?;
-    let generation = slot::generation(pool, slot_name).await?;
+    let (slot, wal, generation) = slot_state(pool, slot_name).await?;
     Ok(ReplicationSummary {
         slot_name: slot_name.to_string(),
         slot_exists: slot.is_some(),
-        wal: retention(slot.as_ref(), bound),
+        wal,
         copy_complete: generation.as_ref().is_none_or(|g| g.incomplete.is_empty()),
         generation: generation.map(|g| g.generation),
     })
@@ -161,9 +171,7 @@ pub async fn status(
     redis_prefix: &str,
     slot_name: &str,
 ) -> Result<ReplicationHealth, HealthError> {
-    let slot = slot::status(pool, slot_name).await?;
-    let wal = retention(slot.as_ref(), slot::wal_bound(pool).await?);
-    let generation = slot::generation(pool, slot_name).await?;
+    let (slot, wal, generation) = slot_state(pool, slot_name).await?;
     let r: Recorded = sqlx::query_as(
         "SELECT
              (SELECT count(*) FROM replication_flushes WHERE slot = $1 AND status = 'pending') AS pending_flushes,
