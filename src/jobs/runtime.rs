@@ -156,12 +156,12 @@ pub fn start(
         });
     }
 
-    let client = state.redis_client.clone();
-    tokio::spawn(state.run_queue.clone().listen(client.clone()));
+    // Wake-ups for this process's own job workers. (What requests wait on,
+    // the channel feed and the run queue, every process follows: see
+    // `app::follow_wakeups`.)
     for lane in super::Lane::ALL {
-        tokio::spawn(state.jobs.queue(lane).clone().listen(client.clone()));
+        tokio::spawn(state.jobs.queue(lane).clone().listen(state.redis_client.clone()));
     }
-    tokio::spawn(state.hub.clone().listen(client));
 
     // The outbox relay: jobs whose writer could not push them, every
     // unfinished job again if Redis lost the queue, and (every 10 s) pending

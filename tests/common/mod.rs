@@ -6,6 +6,7 @@ pub mod clickhouse;
 pub mod faults;
 pub mod node;
 pub mod redis_proc;
+pub mod server_proc;
 
 use std::time::Duration;
 

@@ -45,3 +45,4 @@ mod sessions_api;
 mod streams;
 mod transactions;
 mod waitpoints;
+mod wakeups;
