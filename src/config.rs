@@ -129,7 +129,8 @@ pub struct Config {
     pub feed_safety_poll_ms: u64,
 
     /// Run the job workers, cron schedules and outbox relay in this process
-    /// (`false` for a process that only serves the API).
+    /// (`false` for a process that only serves the API). The wake-ups that
+    /// requests wait on (channel feed, run queue) are followed either way.
     #[arg(long, env = "RUN_JOBS", default_value_t = true, action = clap::ArgAction::Set)]
     pub run_jobs: bool,
 
