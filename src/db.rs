@@ -8,7 +8,8 @@ use sqlx::PgPool;
 use crate::config::Config;
 
 /// Storage-layer failure. Unique violations are surfaced by constraint name so the
-/// domain can turn them into conflicts; everything else is an internal error.
+/// domain can turn them into conflicts; Postgres being away is told apart by
+/// [`StoreError::is_unavailable`]; everything else is an internal error.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("unique constraint {0} violated")]
@@ -30,6 +31,72 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether Postgres was away (see [`unavailable`]) rather than the query wrong.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Database(err) if postgres_unavailable(err))
+    }
+}
+
+/// Whether a failure, anywhere along its chain of causes, is a storage
+/// dependency (Postgres or Redis) being away or refusing writes for now. Such
+/// a request may well succeed if sent again, so it is answered 503 with
+/// `Retry-After`, never 500 (a bug). The one classification: every layer keeps
+/// its storage error as a source, and the HTTP and dashboard mappings ask this.
+pub fn unavailable(err: &anyhow::Error) -> bool {
+    err.chain().any(cause_unavailable)
+}
+
+fn cause_unavailable(cause: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(err) = cause.downcast_ref::<redis::RedisError>() {
+        return redis_unavailable(err);
+    }
+    if let Some(err) = cause.downcast_ref::<sqlx::Error>() {
+        return postgres_unavailable(err);
+    }
+    // Errors shared between waiters (the sequence floor's) hold it in an Arc.
+    if let Some(err) = cause.downcast_ref::<std::sync::Arc<sqlx::Error>>() {
+        return postgres_unavailable(err);
+    }
+    false
+}
+
+/// Redis could not be reached or answer in time (refused, reset, timed out),
+/// or it answered but refuses work for now: out of memory under `noeviction`
+/// (OOM), a failed snapshot stopping writes (MISCONF), a read-only replica
+/// (READONLY), still loading its data (LOADING), or a replica, cluster or
+/// script not ready (MASTERDOWN, TRYAGAIN, CLUSTERDOWN, NOREPLICAS, BUSY).
+/// Anything else (a script or type error) is a bug, not an outage.
+pub fn redis_unavailable(err: &redis::RedisError) -> bool {
+    const REFUSING: [&str; 9] =
+        ["OOM", "MISCONF", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "BUSY"];
+    err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || matches!(err.retry_method(), redis::RetryMethod::WaitAndRetry)
+        || err.code().is_some_and(|code| REFUSING.contains(&code))
+}
+
+/// Postgres could not be reached (refused, reset, no pooled connection in
+/// time), is shutting down, restarting or recovering (SQLSTATE 57P01-57P05),
+/// lost the connection (class 08), lacks resources (class 53: too many
+/// connections, disk full, out of memory) or is a read-only standby (25006).
+/// Constraint violations and other query errors are not outages.
+pub fn postgres_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") || code == "25006"
+        }),
+        _ => false,
+    }
+}
+
 pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
     let mut options = PgConnectOptions::from_str(&config.database_url)?;
     if let Some(schema) = &config.database_schema {
@@ -46,7 +113,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
     }
     let pool = PgPoolOptions::new()
         .max_connections(config.database_max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
+        .acquire_timeout(std::time::Duration::from_millis(config.database_acquire_timeout_ms))
         .connect_with(options)
         .await?;
     Ok(pool)

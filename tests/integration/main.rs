@@ -44,5 +44,6 @@ mod runs;
 mod sessions_api;
 mod streams;
 mod transactions;
+mod unavailable;
 mod waitpoints;
 mod wakeups;
