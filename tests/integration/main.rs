@@ -30,6 +30,7 @@ mod faults;
 mod faults_clickhouse;
 mod faults_jobs;
 mod faults_lease;
+mod faults_postgres;
 mod faults_replication;
 mod faults_streams;
 mod handoff;
