@@ -9,7 +9,7 @@ use crate::config::Config;
 
 /// Storage-layer failure. Unique violations are surfaced by constraint name so the
 /// domain can turn them into conflicts; Postgres being away is told apart by
-/// [`StoreError::is_unavailable`]; everything else is an internal error.
+/// [`unavailable`] (503); everything else is an internal error.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("unique constraint {0} violated")]
@@ -28,13 +28,6 @@ impl From<sqlx::Error> for StoreError {
             }
         }
         StoreError::Database(err)
-    }
-}
-
-impl StoreError {
-    /// Whether Postgres was away (see [`unavailable`]) rather than the query wrong.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Database(err) if postgres_unavailable(err))
     }
 }
 

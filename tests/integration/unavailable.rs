@@ -241,12 +241,12 @@ async fn with_redis_killed_every_route_class_answers_503_with_retry_after_then_w
     for call in write_calls(&app, &f).into_iter().chain(read_calls(&app, &f, &f.session)) {
         assert_unavailable(call.what, &call.send(&app).await);
     }
-    assert_dashboard_unavailable(&app, &op, &f.session).await;
     assert_eq!(postgres_rows(&app).await, before, "a refused request wrote to Postgres");
 
     // The close (measured at 500 before): the row is closed and its sealing
     // job queued in the ledger, but the answer waits for the seal: 503.
     assert_unavailable("close", &close_call(&app, &f).send(&app).await);
+    assert_dashboard_unavailable(&app, &op, &f.session).await;
     // A create does not need Redis: its trigger job waits in the ledger.
     let (status, created) = app.post("/api/v1/sessions", &app.a.key, session_body(Some("killed-create"))).await;
     assert_eq!(status, StatusCode::CREATED, "create while Redis is down: {created}");
