@@ -44,6 +44,8 @@ struct Shared {
     /// Creates never acknowledged (every try refused until the end).
     unresolved_creates: Arc<Mutex<Vec<String>>>,
     acked_closes: Arc<Mutex<Vec<String>>>,
+    /// (session, sequence number) of every acknowledged append.
+    acked_appends: Arc<Mutex<Vec<(String, u64)>>>,
 }
 
 enum Outcome {
@@ -132,8 +134,13 @@ async fn appends(app: Arc<TestApp>, s: Shared, sessions: Vec<String>, stop: Inst
             .post(format!("{}/realtime/v1/sessions/{session}/out/append", app.base))
             .bearer_auth(&app.a.key)
             .body(format!("record {n}"));
-        if let Outcome::Retry = s.send("append", req).await {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        match s.send("append", req).await {
+            Outcome::Ok(body) => {
+                let seq = body["seq"].as_u64().expect("an acknowledged append's seq");
+                s.acked_appends.lock().unwrap().push((session.clone(), seq));
+            }
+            Outcome::Retry => tokio::time::sleep(Duration::from_millis(100)).await,
+            Outcome::Failed => {}
         }
     }
 }
@@ -161,6 +168,23 @@ async fn closes(app: Arc<TestApp>, s: Shared, stop: Instant, give_up: Instant) {
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The sequence numbers `session`'s `.out` holds, read page by page.
+async fn stored_seqs(app: &TestApp, session: &str) -> HashSet<u64> {
+    let mut seqs = HashSet::new();
+    let mut after: Option<u64> = None;
+    loop {
+        let cursor = after.map(|a| format!("?afterEventId={a}")).unwrap_or_default();
+        let (status, body) = app.get(&format!("/realtime/v1/sessions/{session}/out/records{cursor}"), &app.a.key).await;
+        assert_eq!(status, StatusCode::OK, "records of {session}: {body}");
+        let page: Vec<u64> = body["records"].as_array().unwrap().iter().filter_map(|r| r["seqNum"].as_u64()).collect();
+        if page.is_empty() {
+            return seqs;
+        }
+        after = page.iter().max().copied();
+        seqs.extend(page);
     }
 }
 
@@ -268,6 +292,13 @@ async fn faults_postgres_restart_mid_transaction_gives_clean_503s_and_no_half_wr
         .unwrap();
         unsealed += i64::from(!sealed);
     }
+    // Every acknowledged append is still there.
+    let appended = s.acked_appends.lock().unwrap().clone();
+    let mut lost_appends = 0;
+    for session in &targets {
+        let stored = stored_seqs(&app, session).await;
+        lost_appends += appended.iter().filter(|(s, seq)| s == session && !stored.contains(seq)).count();
+    }
     // The server is whole again: a create answers at once.
     eventually(10, "a create after the faults", || async {
         let (status, _) = app.post("/api/v1/sessions", &app.a.key, session_body(None)).await;
@@ -282,6 +313,8 @@ async fn faults_postgres_restart_mid_transaction_gives_clean_503s_and_no_half_wr
             ("acked", t.acked.to_string()),
             ("creates_acked", acked.len().to_string()),
             ("closes_acked", closed.len().to_string()),
+            ("appends_acked", appended.len().to_string()),
+            ("appends_lost", lost_appends.to_string()),
             ("503s", t.unavailable.to_string()),
             ("500s", t.server_errors.len().to_string()),
             ("other_errors", t.other.len().to_string()),
@@ -302,5 +335,6 @@ async fn faults_postgres_restart_mid_transaction_gives_clean_503s_and_no_half_wr
     assert!(unacked.is_empty(), "sessions whose create was never acknowledged: {unacked:?}");
     assert_eq!(orphans, 0, "orphan rows");
     assert_eq!(unsealed, 0, "acknowledged closes not sealed");
+    assert_eq!(lost_appends, 0, "acknowledged appends lost");
     assert!(!acked.is_empty() && !closed.is_empty());
 }

@@ -247,6 +247,10 @@ async fn with_redis_killed_every_route_class_answers_503_with_retry_after_then_w
     // job queued in the ledger, but the answer waits for the seal: 503.
     assert_unavailable("close", &close_call(&app, &f).send(&app).await);
     assert_dashboard_unavailable(&app, &op, &f.session).await;
+    // An update does not need Redis.
+    let (status, updated) =
+        app.patch(&format!("/api/v1/sessions/{}", f.queued_session), &app.a.key, json!({"metadata": {"k": 1}})).await;
+    assert_eq!(status, StatusCode::OK, "update while Redis is down: {updated}");
     // A create does not need Redis: its trigger job waits in the ledger.
     let (status, created) = app.post("/api/v1/sessions", &app.a.key, session_body(Some("killed-create"))).await;
     assert_eq!(status, StatusCode::CREATED, "create while Redis is down: {created}");
