@@ -292,3 +292,52 @@ pub async fn created_ids(
         format!("SELECT id FROM {table} WHERE runtime_environment_id = $1 AND created_at >= $2 AND created_at < $3");
     Ok(sqlx::query_scalar(&sql).bind(environment_id).bind(from).bind(to).fetch_all(pool).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server's error reply, as the client would return it.
+    fn reply(line: &str) -> redis::RedisError {
+        match redis::parse_redis_value(format!("-{line}\r\n").as_bytes()) {
+            Ok(redis::Value::ServerError(err)) => err.into(),
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn redis_refusing_writes_is_unavailable_and_a_bad_command_is_not() {
+        for line in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+            "READONLY You can't write against a read only replica.",
+            "LOADING Redis is loading the dataset in memory",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+            "NOREPLICAS Not enough good replicas to write.",
+            "BUSY Redis is busy running a script.",
+        ] {
+            assert!(redis_unavailable(&reply(line)), "{line}");
+            let wrapped = anyhow::Error::new(reply(line)).context("appending");
+            assert!(unavailable(&wrapped), "{line} behind a context");
+        }
+        for line in [
+            "ERR wrong number of arguments for 'set' command",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "NOSCRIPT No matching script.",
+        ] {
+            assert!(!redis_unavailable(&reply(line)), "{line}");
+        }
+    }
+
+    #[test]
+    fn postgres_away_is_unavailable_and_a_bad_query_is_not() {
+        let refused = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(postgres_unavailable(&refused));
+        assert!(postgres_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(unavailable(&anyhow::Error::new(StoreError::from(sqlx::Error::PoolTimedOut))));
+        assert!(!postgres_unavailable(&sqlx::Error::RowNotFound));
+        assert!(!unavailable(&anyhow::Error::new(StoreError::Corrupt("bad row".into()))));
+    }
+}
