@@ -16,6 +16,11 @@ pub struct Config {
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 20)]
     pub database_max_connections: u32,
 
+    /// How long a request waits for a pooled Postgres connection, in ms. While
+    /// Postgres is down or restarting, requests answer 503 after this long.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub database_acquire_timeout_ms: u64,
+
     /// Redis connection string.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
@@ -236,6 +241,7 @@ impl Config {
             database_url: database_url.to_string(),
             database_schema: schema,
             database_max_connections: 10,
+            database_acquire_timeout_ms: 10_000,
             redis_url: "redis://127.0.0.1:6379".into(),
             listen_addr: "127.0.0.1:0".into(),
             master_key: None,

@@ -8,7 +8,8 @@ use sqlx::PgPool;
 use crate::config::Config;
 
 /// Storage-layer failure. Unique violations are surfaced by constraint name so the
-/// domain can turn them into conflicts; everything else is an internal error.
+/// domain can turn them into conflicts; Postgres being away is told apart by
+/// [`unavailable`] (503); everything else is an internal error.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("unique constraint {0} violated")]
@@ -30,6 +31,65 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// Whether a failure, anywhere along its chain of causes, is a storage
+/// dependency (Postgres or Redis) being away or refusing writes for now. Such
+/// a request may well succeed if sent again, so it is answered 503 with
+/// `Retry-After`, never 500 (a bug). The one classification: every layer keeps
+/// its storage error as a source, and the HTTP and dashboard mappings ask this.
+pub fn unavailable(err: &anyhow::Error) -> bool {
+    err.chain().any(cause_unavailable)
+}
+
+fn cause_unavailable(cause: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(err) = cause.downcast_ref::<redis::RedisError>() {
+        return redis_unavailable(err);
+    }
+    if let Some(err) = cause.downcast_ref::<sqlx::Error>() {
+        return postgres_unavailable(err);
+    }
+    // Errors shared between waiters (the sequence floor's) hold it in an Arc.
+    if let Some(err) = cause.downcast_ref::<std::sync::Arc<sqlx::Error>>() {
+        return postgres_unavailable(err);
+    }
+    false
+}
+
+/// Redis could not be reached or answer in time (refused, reset, timed out),
+/// or it answered but refuses work for now: out of memory under `noeviction`
+/// (OOM), a failed snapshot stopping writes (MISCONF), a read-only replica
+/// (READONLY), still loading its data (LOADING), or a replica, cluster or
+/// script not ready (MASTERDOWN, TRYAGAIN, CLUSTERDOWN, NOREPLICAS, BUSY).
+/// Anything else (a script or type error) is a bug, not an outage.
+pub fn redis_unavailable(err: &redis::RedisError) -> bool {
+    const REFUSING: [&str; 9] =
+        ["OOM", "MISCONF", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "BUSY"];
+    err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || matches!(err.retry_method(), redis::RetryMethod::WaitAndRetry)
+        || err.code().is_some_and(|code| REFUSING.contains(&code))
+}
+
+/// Postgres could not be reached (refused, reset, no pooled connection in
+/// time), is shutting down, restarting or recovering (SQLSTATE 57P01-57P05),
+/// lost the connection (class 08), lacks resources (class 53: too many
+/// connections, disk full, out of memory) or is a read-only standby (25006).
+/// Constraint violations and other query errors are not outages.
+pub fn postgres_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("53") || code.starts_with("57P") || code == "25006"
+        }),
+        _ => false,
+    }
+}
+
 pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
     let mut options = PgConnectOptions::from_str(&config.database_url)?;
     if let Some(schema) = &config.database_schema {
@@ -46,7 +106,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<PgPool> {
     }
     let pool = PgPoolOptions::new()
         .max_connections(config.database_max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
+        .acquire_timeout(std::time::Duration::from_millis(config.database_acquire_timeout_ms))
         .connect_with(options)
         .await?;
     Ok(pool)
@@ -231,4 +291,53 @@ pub async fn created_ids(
     let sql =
         format!("SELECT id FROM {table} WHERE runtime_environment_id = $1 AND created_at >= $2 AND created_at < $3");
     Ok(sqlx::query_scalar(&sql).bind(environment_id).bind(from).bind(to).fetch_all(pool).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server's error reply, as the client would return it.
+    fn reply(line: &str) -> redis::RedisError {
+        match redis::parse_redis_value(format!("-{line}\r\n").as_bytes()) {
+            Ok(redis::Value::ServerError(err)) => err.into(),
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn redis_refusing_writes_is_unavailable_and_a_bad_command_is_not() {
+        for line in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+            "READONLY You can't write against a read only replica.",
+            "LOADING Redis is loading the dataset in memory",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+            "NOREPLICAS Not enough good replicas to write.",
+            "BUSY Redis is busy running a script.",
+        ] {
+            assert!(redis_unavailable(&reply(line)), "{line}");
+            let wrapped = anyhow::Error::new(reply(line)).context("appending");
+            assert!(unavailable(&wrapped), "{line} behind a context");
+        }
+        for line in [
+            "ERR wrong number of arguments for 'set' command",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "NOSCRIPT No matching script.",
+        ] {
+            assert!(!redis_unavailable(&reply(line)), "{line}");
+        }
+    }
+
+    #[test]
+    fn postgres_away_is_unavailable_and_a_bad_query_is_not() {
+        let refused = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(postgres_unavailable(&refused));
+        assert!(postgres_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(unavailable(&anyhow::Error::new(StoreError::from(sqlx::Error::PoolTimedOut))));
+        assert!(!postgres_unavailable(&sqlx::Error::RowNotFound));
+        assert!(!unavailable(&anyhow::Error::new(StoreError::Corrupt("bad row".into()))));
+    }
 }

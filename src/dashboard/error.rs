@@ -1,6 +1,7 @@
 //! Dashboard errors: each becomes a page (or, for htmx requests, a fragment)
 //! with a status, never a raw body; internal errors are logged and shown as
-//! a generic message.
+//! a generic message. Those caused by a dependency being away
+//! ([`crate::db::unavailable`]) are a 503 page with `Retry-After`.
 
 use askama::Template;
 use axum::http::StatusCode;
@@ -58,22 +59,31 @@ impl IntoResponse for DashboardError {
             DashboardError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
             DashboardError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Check the form"),
             DashboardError::Conflict(_) => (StatusCode::CONFLICT, "Not possible now"),
+            DashboardError::Internal(err) if crate::db::unavailable(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "dashboard request: dependency unavailable");
+                (StatusCode::SERVICE_UNAVAILABLE, "Temporarily unavailable")
+            }
             DashboardError::Internal(err) => {
                 tracing::error!(error = %format!("{err:#}"), "dashboard request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong")
             }
         };
         let message = match &self {
+            DashboardError::Internal(_) if status == StatusCode::SERVICE_UNAVAILABLE => {
+                "A service the dashboard depends on is briefly unavailable; try again in a moment.".into()
+            }
             DashboardError::Internal(_) => {
                 "The server could not complete this request. It has been logged; try again.".into()
             }
             other => other.to_string(),
         };
         let page = ErrorPage { status: status.as_u16(), title, message };
-        match page.render() {
+        let mut response = match page.render() {
             Ok(body) => (status, Html(body)).into_response(),
             Err(_) => (status, title.to_string()).into_response(),
-        }
+        };
+        crate::http::error::retry_after(status, response.headers_mut());
+        response
     }
 }
 

@@ -1,6 +1,8 @@
 //! The API layer's error: every failure a handler can return, and the single
 //! place that decides its status code and JSON body. Internal errors are logged
-//! here with their cause and answered with a generic message.
+//! here with their cause and answered with a generic message; those caused by
+//! a dependency being away ([`crate::db::unavailable`]) answer 503 with
+//! `Retry-After` however deep in a domain error the cause sits.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -42,7 +44,8 @@ pub enum ApiError {
     RequestTimeout,
     #[error(transparent)]
     Validation(#[from] ValidationError),
-    /// A dependency (Redis) cannot be reached: the request may succeed later.
+    /// A dependency (Postgres, Redis) is away or refusing writes: the request
+    /// may succeed later. An `Internal` error with such a cause reads as this.
     #[error("Service temporarily unavailable, retry shortly")]
     Unavailable,
     #[error("internal error: {0}")]
@@ -57,10 +60,6 @@ impl From<StoreError> for ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(err: anyhow::Error) -> Self {
-        if err.chain().any(|cause| cause.downcast_ref::<redis::RedisError>().is_some_and(redis_unavailable)) {
-            tracing::warn!(error = %err, "redis unavailable");
-            return ApiError::Unavailable;
-        }
         ApiError::Internal(err)
     }
 }
@@ -189,12 +188,6 @@ impl From<DispatchError> for ApiError {
     }
 }
 
-/// Whether a Redis error means Redis could not be reached or answer in time
-/// (as opposed to a bug, such as a script or type error).
-fn redis_unavailable(err: &redis::RedisError) -> bool {
-    err.is_io_error() || err.is_timeout() || matches!(err.retry_method(), redis::RetryMethod::WaitAndRetry)
-}
-
 /// Asks the client to retry a 503 after a second; dependencies come back or
 /// the client gives up on its own schedule.
 pub fn retry_after(status: StatusCode, headers: &mut axum::http::HeaderMap) {
@@ -221,15 +214,30 @@ impl ApiError {
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(err) if crate::db::unavailable(err) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// This error as answered: an internal error caused by a dependency being
+    /// away becomes [`ApiError::Unavailable`] (logged as a warning, with its
+    /// cause), so no wrapping layer can turn an outage into a 500.
+    pub fn classified(self) -> ApiError {
+        match self {
+            ApiError::Internal(err) if crate::db::unavailable(&err) => {
+                tracing::warn!(error = %format!("{err:#}"), "dependency unavailable");
+                ApiError::Unavailable
+            }
+            other => other,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status();
-        let body = match &self {
+        let this = self.classified();
+        let status = this.status();
+        let body = match &this {
             ApiError::Internal(err) => {
                 tracing::error!(error = ?err, "internal error");
                 json!({ "error": "Something went wrong" })

@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use apalis::prelude::{PollSnapshot, PollStrategy, TaskBuilder, TaskId, TaskSink};
+use apalis::prelude::{PollSnapshot, PollStrategy, TaskBuilder, TaskId, TaskSink, TaskSinkError};
 use apalis_redis::{Config as QueueConfig, RedisStorage};
 use futures::{Stream, StreamExt};
 use redis::aio::ConnectionManager;
@@ -85,7 +85,13 @@ impl JobQueue {
     pub async fn push(&self, id: Uuid) -> anyhow::Result<String> {
         let task_id = Ulid::generate();
         let task = TaskBuilder::new(JobEnvelope { id }).task_id(TaskId::from_ulid(task_id)).build();
-        self.storage.clone().push_task(task).await.map_err(|e| anyhow::anyhow!("push job {id}: {e}"))?;
+        // Keeps a Redis error as the cause, so an outage is told from a bug.
+        self.storage.clone().push_task(task).await.map_err(|e| match e {
+            TaskSinkError::PushError(apalis_redis::Error::Database(err)) => {
+                anyhow::Error::new(err).context(format!("push job {id}"))
+            }
+            other => anyhow::anyhow!("push job {id}: {other}"),
+        })?;
         let mut conn = self.redis.clone();
         let _: () = redis::cmd("PUBLISH").arg(self.wake_channel()).arg(1).query_async(&mut conn).await?;
         self.wake.send_modify(|n| *n = n.wrapping_add(1));

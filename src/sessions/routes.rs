@@ -143,8 +143,9 @@ async fn close(
     // A close is acknowledged only once the channels are sealed, so no write
     // lands after it: the seal marker, which the append script checks, stops
     // appends on every server, whatever their lookup caches still say. A seal
-    // that fails answers 500 (the job keeps trying), and a retry (closed,
-    // `channels_closed_at` still null) seals again before it answers.
+    // that fails answers 503 while Redis is away, 500 otherwise (the job keeps
+    // trying either way), and a retry (closed, `channels_closed_at` still
+    // null) seals again before it answers.
     let sealed = match closed.channels_closed_at {
         Some(_) => Ok(()),
         None => {
@@ -155,8 +156,9 @@ async fn close(
     if let Some(job) = job {
         jobs.relay(&[job]).await;
     }
+    // The cause stays in the chain: Redis away is classified 503, not 500.
     sealed.map_err(|err| {
-        ApiError::Internal(
+        ApiError::from(
             anyhow::Error::from(err).context(format!("sealing the channels of closed session {}", closed.friendly_id)),
         )
     })?;

@@ -84,7 +84,7 @@ pub fn raised(stored: Option<u64>, next: u64, block: u64) -> u64 {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FloorError {
     #[error("postgres: {0}")]
-    Db(std::sync::Arc<sqlx::Error>),
+    Db(#[source] std::sync::Arc<sqlx::Error>),
     #[error("sequence number out of range: {0}")]
     Range(u64),
 }

@@ -107,8 +107,9 @@ struct AppendError(ApiError);
 
 impl IntoResponse for AppendError {
     fn into_response(self) -> Response {
-        let status = self.0.status();
-        let message = match &self.0 {
+        let error = self.0.classified();
+        let status = error.status();
+        let message = match &error {
             ApiError::Internal(err) => {
                 tracing::error!(error = ?err, "append failed");
                 "Something went wrong".to_string()
