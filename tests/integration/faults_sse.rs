@@ -109,6 +109,12 @@ async fn follow(
         if done || Instant::now() > deadline {
             break;
         }
+        if requests > 0 {
+            // A client's retry delay: appends pile up meanwhile, so resumes
+            // start with multi-record backlog frames (cut too, mid-frame).
+            let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 0..60);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
         requests += 1;
         let mut req = client
             .get(format!("{base}{path}"))
