@@ -184,8 +184,7 @@ fn decide(seen: &[u8], plan: Plan) -> Decision {
     // The complete chunks so far, and where the first incomplete one starts.
     let mut at = header_end;
     let mut chunks = Vec::new();
-    loop {
-        let Some(line_end) = find(seen, at, b"\r\n") else { break };
+    while let Some(line_end) = find(seen, at, b"\r\n") {
         let size_text = String::from_utf8_lossy(&seen[at..line_end]);
         let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16) else {
             return Decision::PassThrough;
