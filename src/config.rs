@@ -37,8 +37,10 @@ pub struct Config {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Clock leeway for JWT `exp`/`nbf`, in seconds (at most 60).
-    #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 30)]
+    /// Clock leeway for JWT `exp`/`nbf`, in seconds (at most 60). A token
+    /// minted on one process is judged by another's clock: 60 s lets every
+    /// host be up to 30 s off true time (two such hosts differ by 60 s).
+    #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 60)]
     pub jwt_leeway_secs: u64,
 
     /// How long an authenticated environment is cached in-process, in milliseconds.
@@ -223,6 +225,18 @@ pub struct Config {
     /// ClickHouse lags too far and the list answers from Postgres.
     #[arg(long, env = "LIST_OVERLAY_MAX_ROWS", default_value_t = 2_000)]
     pub list_overlay_max_rows: usize,
+
+    /// Test seam: `1` allows the test-only settings below. Two settings, both
+    /// named as tests', so a production environment cannot shift its clock by
+    /// one stray variable.
+    #[arg(long, env = "SESSIOND_TEST_MODE", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), hide = true)]
+    pub test_mode: bool,
+
+    /// Test seam (with `SESSIOND_TEST_MODE=1` only): shifts this process's
+    /// clock (see `clock`) by this many ms, to play a host whose clock is off.
+    #[arg(long, env = "SESSIOND_TEST_CLOCK_OFFSET_MS", default_value_t = 0, allow_hyphen_values = true, hide = true)]
+    pub test_clock_offset_ms: i64,
 }
 
 impl Config {
@@ -233,6 +247,11 @@ impl Config {
             (None, Some(schema)) => format!("sessiond_{schema}"),
             (None, None) => "sessiond".into(),
         }
+    }
+
+    /// The clock shift `serve` applies: the setting, honoured in test mode only.
+    pub fn test_clock_offset(&self) -> Option<i64> {
+        (self.test_mode && self.test_clock_offset_ms != 0).then_some(self.test_clock_offset_ms)
     }
 
     /// Defaults for tests and tools: every field at its default value.
@@ -246,7 +265,7 @@ impl Config {
             listen_addr: "127.0.0.1:0".into(),
             master_key: None,
             max_body_bytes: 1024 * 1024,
-            jwt_leeway_secs: 30,
+            jwt_leeway_secs: 60,
             auth_cache_ttl_ms: 5000,
             redis_prefix: "sessiond".into(),
             run_heartbeat_timeout_ms: 30_000,
@@ -286,6 +305,8 @@ impl Config {
             clickhouse_migrate_on_start: true,
             list_overlay_margin_ms: 2_000,
             list_overlay_max_rows: 2_000,
+            test_mode: false,
+            test_clock_offset_ms: 0,
         }
     }
 }

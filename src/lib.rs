@@ -26,6 +26,7 @@
 pub mod analytics;
 pub mod app;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod dashboard;
 pub mod db;

@@ -218,6 +218,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => {
             db::migrate(&pool).await?;
             let master = app::master_key(&config)?;
+            if let Some(ms) = config.test_clock_offset() {
+                sessiond::clock::set_test_offset_ms(ms);
+                tracing::warn!(offset_ms = ms, "TEST MODE: this process's clock is shifted");
+            }
             let listener = TcpListener::bind(&config.listen_addr).await?;
             let addr = listener.local_addr()?;
             let state = AppState::connect(config, pool, master).await?;

@@ -27,6 +27,11 @@ pub struct Claims {
     pub exp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<i64>,
+    /// Not before: minted tokens carry their `iat` here, so a process whose
+    /// clock runs behind the minter's by more than the leeway refuses them
+    /// by name ("not yet valid") instead of the skew going unnoticed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
     #[serde(default)]
     pub iss: String,
     #[serde(default)]
@@ -41,6 +46,13 @@ pub enum TokenError {
     Invalid(String),
     #[error("not a public token")]
     NotPublic,
+    /// Genuine (its signature verified) but past `exp` by more than the leeway.
+    #[error("token expired {0} s ago by this server's clock")]
+    Expired(i64),
+    /// Genuine but its `nbf` is more than the leeway ahead of this server's
+    /// clock: the minter's clock runs ahead of ours.
+    #[error("token not valid for another {0} s by this server's clock")]
+    NotYetValid(i64),
 }
 
 /// Reads `sub` without verifying anything, to find which environment's key
@@ -66,25 +78,36 @@ pub fn verify(token: &str, key: &SecretKey, leeway_secs: u64) -> Result<Claims, 
     validation.set_issuer(&[ISSUER]);
     validation.set_audience(&[AUDIENCE]);
     validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
-    validation.leeway = leeway_secs.min(MAX_LEEWAY_SECS);
-    validation.validate_nbf = true;
+    // Time is judged below, by this process's clock (see `crate::clock`);
+    // the library would read the system clock itself.
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
     let data = jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(key.expose().as_bytes()), &validation)
         .map_err(|e| TokenError::Invalid(e.to_string()))?;
-    if !data.claims.public {
+    let claims = data.claims;
+    let (now, leeway) = (crate::clock::now().timestamp(), leeway_secs.min(MAX_LEEWAY_SECS) as i64);
+    if claims.exp < now - leeway {
+        return Err(TokenError::Expired(now - claims.exp));
+    }
+    if let Some(nbf) = claims.nbf.filter(|nbf| *nbf > now + leeway) {
+        return Err(TokenError::NotYetValid(nbf - now));
+    }
+    if !claims.public {
         return Err(TokenError::NotPublic);
     }
-    Ok(data.claims)
+    Ok(claims)
 }
 
 /// Mints a public token for `env_id` carrying `scopes`, valid for `ttl_secs`.
 pub fn mint(env_id: Uuid, key: &SecretKey, scopes: Vec<String>, ttl_secs: i64) -> String {
-    let now = chrono::Utc::now().timestamp();
+    let now = crate::clock::now().timestamp();
     let claims = Claims {
         sub: env_id.to_string(),
         public: true,
         scopes,
         exp: now + ttl_secs,
         iat: Some(now),
+        nbf: Some(now),
         iss: ISSUER.into(),
         aud: serde_json::Value::String(AUDIENCE.into()),
     };
@@ -148,6 +171,35 @@ mod tests {
         assert!(verify(&t, &key(), 3600).is_err());
         let recent = mint(env, &key(), vec![], -10);
         assert!(verify(&recent, &key(), 30).is_ok());
+    }
+
+    #[test]
+    fn time_failures_name_their_cause() {
+        let env = Uuid::new_v4();
+        assert!(
+            matches!(verify(&mint(env, &key(), vec![], -120), &key(), 60), Err(TokenError::Expired(s)) if s >= 120)
+        );
+        let now = chrono::Utc::now().timestamp();
+        let early = Claims {
+            sub: env.to_string(),
+            public: true,
+            scopes: vec![],
+            exp: now + 600,
+            iat: Some(now + 90),
+            nbf: Some(now + 90),
+            iss: ISSUER.into(),
+            aud: serde_json::Value::String(AUDIENCE.into()),
+        };
+        let encode = |c: &Claims| {
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), c, &EncodingKey::from_secret(b"tr_dev_testkey"))
+                .unwrap()
+        };
+        assert!(matches!(verify(&encode(&early), &key(), 60), Err(TokenError::NotYetValid(s)) if s >= 89));
+        let within = Claims { nbf: Some(now + 30), ..early.clone() };
+        assert!(verify(&encode(&within), &key(), 60).is_ok());
+        // A forged token's time is never reported: the signature fails first.
+        let forged = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &early, &EncodingKey::from_secret(b"guess"));
+        assert!(matches!(verify(&forged.unwrap(), &key(), 60), Err(TokenError::Invalid(_))));
     }
 
     #[test]

@@ -104,6 +104,13 @@ pub enum AuthError {
     /// cannot probe which environment ids exist.
     #[error("Invalid or expired public access token")]
     BadToken,
+    /// A genuine token (its signature verified, so naming the cause tells a
+    /// prober nothing) whose time is up, or not yet come, by this server's
+    /// clock: the cause is named so a clock skew between hosts is visible.
+    #[error("Public access token expired {0} s ago by this server's clock; mint a new one, or check the clocks of the hosts that minted and verified it")]
+    TokenExpired(i64),
+    #[error("Public access token not yet valid: it starts {0} s from now by this server's clock, beyond the allowed leeway; the clock of the host that minted it runs ahead of this server's")]
+    TokenNotYetValid(i64),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -146,7 +153,11 @@ impl Authenticator {
         let env = self.envs.by_id(&self.db, &self.master_key, env_id).await?.ok_or(AuthError::BadToken)?;
         let claims = jwt::verify(token, &env.secret_key, self.leeway_secs).map_err(|err| {
             tracing::debug!(%err, "rejected public token");
-            AuthError::BadToken
+            match err {
+                jwt::TokenError::Expired(secs) => AuthError::TokenExpired(secs),
+                jwt::TokenError::NotYetValid(secs) => AuthError::TokenNotYetValid(secs),
+                _ => AuthError::BadToken,
+            }
         })?;
         Ok(Auth { env, principal: Principal::PublicToken { scopes: claims.scopes } })
     }

@@ -3,7 +3,6 @@
 
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -43,7 +42,7 @@ async fn public_tokens(auth: Auth, ApiJson(body): ApiJson<PublicTokenBody>) -> A
     if body.one_time_use {
         return Err(ValidationError::new("oneTimeUse", "one-time tokens are not supported").into());
     }
-    let grant = minting::grant(&auth.principal, &body.scopes, body.expiration_time.as_ref(), Utc::now())?;
+    let grant = minting::grant(&auth.principal, &body.scopes, body.expiration_time.as_ref(), crate::clock::now())?;
     let token = jwt::mint(auth.env.id, &auth.env.secret_key, grant.scopes, grant.ttl_secs);
     Ok(Json(json!({ "token": token })))
 }

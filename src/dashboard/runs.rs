@@ -4,7 +4,6 @@
 use askama::Template;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
-use chrono::Utc;
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -215,7 +214,7 @@ pub async fn show(State(db): State<PgPool>, signed: Signed, Path(id): Path<Strin
         reason: reason.map_or("", |why| why.as_str()),
         worker: r.worker_id.clone().unwrap_or_default(),
         heartbeat_deadline: r.heartbeat_deadline.as_ref().map(iso),
-        alive: r.can_serve(trigger_failed.is_some(), Utc::now()),
+        alive: r.serving(trigger_failed.is_some()),
         stuck: trigger_failed.map(|f| f.last_error.unwrap_or_default()),
         available_at: iso(&r.available_at),
         cancel_requested_at: r.cancel_requested_at.as_ref().map(iso),

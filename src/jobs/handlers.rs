@@ -2,7 +2,6 @@
 //! conditional updates, and queue pushes tolerate duplicates (a popped run that
 //! is no longer QUEUED is dropped at claim time).
 
-use chrono::Utc;
 use sqlx::PgPool;
 
 use super::{Job, Jobs};
@@ -139,7 +138,7 @@ async fn replace_crashed(ctx: &JobContext, r: &run_store::SweptRun, session: uui
 /// Sessions past `expires_at` get no new runs; this cancels the runs they still
 /// have. Conditional updates make a second pass (or a second server) a no-op.
 async fn session_expiry_sweep(ctx: &JobContext) -> Outcome {
-    let expired = crate::sessions::store::expired_with_live_runs(&ctx.db, Utc::now(), 500).await?;
+    let expired = crate::sessions::store::expired_with_live_runs(&ctx.db, 500).await?;
     let mut canceled = 0;
     for run_id in &expired {
         if run_store::cancel(&ctx.db, *run_id).await? {

@@ -531,6 +531,7 @@ mod tests {
             completed_at: None,
             superseded_by: Some("run_next".into()),
             worker_id: None,
+            read_at: at("2026-01-01T00:00:02Z"),
         }
     }
 

@@ -122,11 +122,26 @@ pub struct Run {
     pub superseded_by: Option<String>,
     /// The worker that claimed the run last (as it named itself on dequeue).
     pub worker_id: Option<String>,
+    /// Postgres' clock when the row was read. The heartbeat deadline is
+    /// written by Postgres' `now()`, so whether it has passed is judged by
+    /// the same clock ([`Run::alive`]), never by a process's own, which may
+    /// be off by more than the heartbeat timeout.
+    pub read_at: DateTime<Utc>,
 }
 
 impl Run {
     pub fn is_alive(&self, now: DateTime<Utc>) -> bool {
         super::is_alive(self.status, self.heartbeat_deadline, now)
+    }
+
+    /// Alive when the row was read, by Postgres' clock (see `read_at`).
+    pub fn alive(&self) -> bool {
+        self.is_alive(self.read_at)
+    }
+
+    /// [`Run::can_serve`] when the row was read, by Postgres' clock.
+    pub fn serving(&self, trigger_failed: bool) -> bool {
+        self.can_serve(trigger_failed, self.read_at)
     }
 
     /// Alive and able to serve its session: a QUEUED run whose trigger-run job
@@ -141,7 +156,7 @@ const RUN_COLUMNS: &str = "t.id, t.friendly_id, t.organization_id, t.project_id,
     t.task_identifier, t.session_id, (SELECT friendly_id FROM sessions WHERE id = t.session_id) AS session_friendly_id, \
     t.payload, t.status, t.attempt_number, t.max_attempts, t.max_duration_secs, t.ttl_secs, t.heartbeat_deadline, \
     t.cancel_requested_at, t.available_at, t.output, t.error, t.created_at, t.updated_at, t.started_at, t.completed_at, \
-    t.superseded_by, t.worker_id";
+    t.superseded_by, t.worker_id, now() AS read_at";
 
 /// Wraps a `task_runs` UPDATE ... RETURNING * so rows come back as [`Run`]s.
 fn returning_runs(sql: &str) -> String {

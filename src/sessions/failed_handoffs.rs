@@ -124,8 +124,8 @@ enum Verdict {
     CheckInput,
 }
 
-fn verdict(run: Option<&Run>, trigger_failed: bool, reason: Option<TriggerReason>, now: DateTime<Utc>) -> Verdict {
-    if run.is_some_and(|r| r.can_serve(trigger_failed, now)) {
+fn verdict(run: Option<&Run>, trigger_failed: bool, reason: Option<TriggerReason>) -> Verdict {
+    if run.is_some_and(|r| r.serving(trigger_failed)) {
         return Verdict::Served;
     }
     match reason.and_then(HandoffReason::of_trigger) {
@@ -134,16 +134,11 @@ fn verdict(run: Option<&Run>, trigger_failed: bool, reason: Option<TriggerReason
     }
 }
 
-async fn examine(
-    runs: &RunManager,
-    s: &Session,
-    facts: &Facts,
-    now: DateTime<Utc>,
-) -> Result<Option<FailedHandoff>, FailedHandoffError> {
+async fn examine(runs: &RunManager, s: &Session, facts: &Facts) -> Result<Option<FailedHandoff>, FailedHandoffError> {
     let run = s.current_run_id.and_then(|id| facts.runs.get(&id));
     let failed = s.current_run_id.and_then(|id| facts.failed.get(&id));
     let reason = s.current_run_id.and_then(|id| facts.reasons.get(&id)).copied();
-    let reason = match verdict(run, failed.is_some(), reason, now) {
+    let reason = match verdict(run, failed.is_some(), reason) {
         Verdict::Served => return Ok(None),
         Verdict::Failed(reason) => reason,
         Verdict::CheckInput if runs.has_unanswered_input(s.id).await? => HandoffReason::UnansweredInput,
@@ -173,12 +168,11 @@ pub async fn scan(
     let more = sessions.len() > examine_at_most;
     sessions.truncate(examine_at_most);
     let facts = Facts::of(db, &sessions).await?;
-    let now = Utc::now();
     let mut found = Vec::new();
     let mut examined = 0;
     for s in &sessions {
         examined += 1;
-        if let Some(f) = examine(runs, s, &facts, now).await? {
+        if let Some(f) = examine(runs, s, &facts).await? {
             found.push(f);
             if found.len() == want {
                 break;
@@ -202,7 +196,7 @@ pub async fn diagnose(
         return Ok(None);
     }
     let facts = Facts::of(db, std::slice::from_ref(s)).await?;
-    examine(runs, s, &facts, now).await
+    examine(runs, s, &facts).await
 }
 
 #[cfg(test)]
@@ -239,6 +233,7 @@ mod tests {
             completed_at: None,
             superseded_by: None,
             worker_id: None,
+            read_at: now,
         }
     }
 
@@ -247,18 +242,14 @@ mod tests {
         let now = Utc::now();
         let queued = run(RunStatus::Queued, None);
         let manual = Some(TriggerReason::Manual);
-        assert_eq!(verdict(Some(&queued), false, manual, now), Verdict::Served);
-        assert_eq!(verdict(Some(&queued), true, manual, now), Verdict::Failed(HandoffReason::Manual));
+        assert_eq!(verdict(Some(&queued), false, manual), Verdict::Served);
+        assert_eq!(verdict(Some(&queued), true, manual), Verdict::Failed(HandoffReason::Manual));
         // A first run's failed trigger is no hand-off: only unanswered input lists it.
-        assert_eq!(verdict(Some(&queued), true, Some(TriggerReason::Initial), now), Verdict::CheckInput);
+        assert_eq!(verdict(Some(&queued), true, Some(TriggerReason::Initial)), Verdict::CheckInput);
         let executing = run(RunStatus::Executing, Some(now + Duration::seconds(5)));
-        assert_eq!(
-            verdict(Some(&executing), true, manual, now),
-            Verdict::Served,
-            "a live run serves, whatever its job"
-        );
+        assert_eq!(verdict(Some(&executing), true, manual), Verdict::Served, "a live run serves, whatever its job");
         let crashed = run(RunStatus::Crashed, None);
-        assert_eq!(verdict(Some(&crashed), false, Some(TriggerReason::Upgrade), now), Verdict::CheckInput);
-        assert_eq!(verdict(None, false, None, now), Verdict::CheckInput);
+        assert_eq!(verdict(Some(&crashed), false, Some(TriggerReason::Upgrade)), Verdict::CheckInput);
+        assert_eq!(verdict(None, false, None), Verdict::CheckInput);
     }
 }

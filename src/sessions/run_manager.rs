@@ -155,7 +155,7 @@ impl RunManager {
     async fn current_run_alive(&self, s: &Session) -> Result<Option<String>, StoreError> {
         let Some(run_id) = s.current_run_id else { return Ok(None) };
         let run = run_store::find_by_id(&self.db, run_id).await?;
-        Ok(run.filter(|r| r.is_alive(Utc::now())).map(|r| r.friendly_id))
+        Ok(run.filter(|r| r.alive()).map(|r| r.friendly_id))
     }
 
     /// The current run if it can serve the session: alive, and not a QUEUED
@@ -165,7 +165,7 @@ impl RunManager {
         let Some(run) = run_store::find_by_id(&self.db, run_id).await? else { return Ok(None) };
         let failed =
             run.status == RunStatus::Queued && !jobs::store::failed_triggers(&self.db, &[run_id]).await?.is_empty();
-        Ok(run.can_serve(failed, Utc::now()).then_some(run.friendly_id))
+        Ok(run.serving(failed).then_some(run.friendly_id))
     }
 
     /// The `.in` seq the newest finished turn answered (see `Continuation`).

@@ -350,17 +350,14 @@ pub async fn open_page(
 }
 
 /// Current runs, not yet final, of sessions whose `expires_at` has passed.
-pub async fn expired_with_live_runs(
-    pool: &PgPool,
-    now: chrono::DateTime<chrono::Utc>,
-    limit: i64,
-) -> Result<Vec<Uuid>, StoreError> {
+pub async fn expired_with_live_runs(pool: &PgPool, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+    // Postgres' clock, like every other expiry query: a process whose clock
+    // runs ahead must not cancel runs of sessions that have not expired.
     Ok(sqlx::query_scalar(
         "SELECT r.id FROM sessions s JOIN task_runs r ON r.id = s.current_run_id
-         WHERE s.expires_at <= $1 AND s.closed_at IS NULL AND r.status IN ('QUEUED', 'EXECUTING', 'WAITING')
-         LIMIT $2",
+         WHERE s.expires_at <= now() AND s.closed_at IS NULL AND r.status IN ('QUEUED', 'EXECUTING', 'WAITING')
+         LIMIT $1",
     )
-    .bind(now)
     .bind(limit)
     .fetch_all(pool)
     .await?)

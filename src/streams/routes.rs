@@ -86,7 +86,7 @@ async fn initialize(
     );
     let append_url =
         format!("{}/realtime/v1/sessions/{}/{}/append", base_url(&settings, &headers), session.friendly_id, path.io);
-    let expires = chrono::Utc::now() + chrono::Duration::seconds(WRITE_TOKEN_TTL_SECS);
+    let expires = crate::clock::now() + chrono::Duration::seconds(WRITE_TOKEN_TTL_SECS);
     let mut resp = Json(json!({"version": "v2"})).into_response();
     let h = resp.headers_mut();
     for (name, value) in [

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod clickhouse;
+pub mod cutting_proxy;
 pub mod faults;
 pub mod node;
 pub mod redis_proc;

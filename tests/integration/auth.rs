@@ -208,12 +208,19 @@ async fn a_token_for_an_unknown_environment_reads_like_any_bad_token() {
     let path = "/api/v1/sessions";
     let unknown_env = sign(&claims(uuid::Uuid::new_v4(), &["read:sessions"], 600), "tr_dev_guess", Algorithm::HS256);
     let wrong_key = sign(&claims(app.a.env.id, &["read:sessions"], 600), "tr_dev_guess", Algorithm::HS256);
-    let expired = sign(&claims(app.a.env.id, &["read:sessions"], -3600), &app.a.key, Algorithm::HS256);
+    let expired_forged = sign(&claims(app.a.env.id, &["read:sessions"], -3600), "tr_dev_guess", Algorithm::HS256);
     let (status, reference) = app.get(path, &unknown_env).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    for (name, t) in [("wrong key", wrong_key), ("expired", expired), ("malformed", "a.b.c".to_string())] {
+    for (name, t) in [("wrong key", wrong_key), ("expired, forged", expired_forged), ("malformed", "a.b.c".to_string())]
+    {
         assert_eq!(app.get(path, &t).await, (StatusCode::UNAUTHORIZED, reference.clone()), "{name}");
     }
+    // Only a genuine token (signed with the environment's key, which a prober
+    // does not have) is told its time is up, so clock skew shows by name.
+    let expired = sign(&claims(app.a.env.id, &["read:sessions"], -3600), &app.a.key, Algorithm::HS256);
+    let (status, body) = app.get(path, &expired).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("expired") && e.contains("clock")), "{body}");
 }
 
 #[tokio::test]
