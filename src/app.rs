@@ -33,11 +33,11 @@ use crate::sessions::access::ChannelAccess;
 use crate::sessions::list::{PgSessionList, SessionListRepository};
 use crate::sessions::lookup::SessionLookup;
 use crate::sessions::run_manager::RunManager;
+use crate::shutdown::Drain;
 use crate::streams::effects::Appender;
 use crate::streams::hub::Hub;
 use crate::streams::store::ChannelStore;
 use crate::streams::RealtimeSettings;
-use crate::shutdown::Drain;
 use crate::tenancy::keys::MasterKey;
 use crate::waitpoints::Waitpoints;
 

@@ -26,4 +26,10 @@ impl Drain {
     pub async fn started(&self) {
         self.0.cancelled().await
     }
+
+    /// [`Drain::started`] as a future to keep and poll again: a long-lived
+    /// waiter (an SSE response) registers once, not once per frame.
+    pub fn started_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.0.clone().cancelled_owned()
+    }
 }

@@ -7,9 +7,9 @@ use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
 use apalis::layers::retry::{HasherRng, RetryPolicy};
 use apalis::prelude::{AbortError, BackendExt, BoxDynError, Data, Monitor, WorkerBuilder, WorkerBuilderExt};
 use apalis_cron::{CronScheduler, Tick};
-use tokio::sync::watch;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 
 use tokio::task::{AbortHandle, JoinHandle};
 use ulid::Ulid;
@@ -317,8 +317,11 @@ pub fn start(
         // The workers take no new task once stopped; attempts under way get
         // the rest of the grace (apalis may have let go of them already: each
         // runs in a task of its own), then are handed back.
-        for lane in lanes {
-            let _ = tokio::time::timeout_at(deadline, lane).await;
+        for mut lane in lanes {
+            if tokio::time::timeout_at(deadline, &mut lane).await.is_err() {
+                // No retry of a cut-off attempt may start behind the hand-back.
+                lane.abort();
+            }
         }
         while !running.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

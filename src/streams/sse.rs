@@ -370,6 +370,7 @@ impl State {
 /// The body of an SSE response for `sub`.
 pub fn stream(sub: Subscription) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     let rx = sub.feed.subscribe();
+    let sub_drain = sub.drain.started_owned();
     let now = Instant::now();
     let state = State {
         deadline: Box::pin(tokio::time::sleep_until(now + sub.window)),
@@ -379,22 +380,23 @@ pub fn stream(sub: Subscription) -> impl Stream<Item = Result<Bytes, Infallible>
         phase: Phase::Backlog,
         rechecked: false,
     };
-    futures::stream::unfold(state, |mut state| async move {
+    // Resolves when the process begins draining; one waiter for the stream's life.
+    let draining = Box::pin(sub_drain);
+    futures::stream::unfold((state, draining), |(mut state, mut draining)| async move {
         if matches!(state.phase, Phase::Done) {
             return None;
         }
-        let drain = state.sub.drain.clone();
         // Frames ready at once still go out first (what this process has);
         // then a draining process ends the stream with an error.
         let frame = tokio::select! {
             biased;
             frame = state.next_frame() => frame?,
-            _ = drain.started() => {
+            _ = &mut draining => {
                 state.phase = Phase::Done;
                 draining_frame()
             }
         };
-        Some((Ok(frame), state))
+        Some((Ok(frame), (state, draining)))
     })
 }
 

@@ -204,6 +204,7 @@ async fn subscriber(
                             let expected = last.map_or(0, |l| l + 1);
                             if control || seq > expected {
                                 figures.gaps.fetch_add(1, Ordering::Relaxed);
+                                eprintln!("GAP {session}: got {r} expecting {expected}");
                             }
                             if last.is_some_and(|l| seq <= l) {
                                 figures.dups.fetch_add(1, Ordering::Relaxed);
@@ -272,8 +273,16 @@ async fn chat_driver(
             assert_eq!(status, StatusCode::OK, "chat read: {page}");
             for r in page["records"].as_array().cloned().unwrap_or_default() {
                 after = r["seqNum"].as_u64();
-                let answers = r["headers"].as_array().into_iter().flatten().any(|h| h[0] == "session-in-event-id" && h[1] == seq.as_str());
-                let complete = r["headers"].as_array().into_iter().flatten().any(|h| h[0] == "trigger-control" && h[1] == "turn-complete");
+                let answers = r["headers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|h| h[0] == "session-in-event-id" && h[1] == seq.as_str());
+                let complete = r["headers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|h| h[0] == "trigger-control" && h[1] == "turn-complete");
                 if answers && complete {
                     break 'wait true;
                 }
@@ -289,12 +298,16 @@ async fn chat_driver(
     }
 }
 
+/// An appender: its session, where its subscriber must get to (set when
+/// the appender stops), and the task returning what it had acknowledged.
+type AppenderTask = (String, Arc<Mutex<Option<u64>>>, tokio::task::JoinHandle<Vec<(u64, String)>>);
+
 /// The load: appenders with a subscriber each, chat sessions with a live
 /// echo worker; all through the balancer.
 struct Load {
     stop: Arc<AtomicBool>,
     figures: Arc<Figures>,
-    appenders: Vec<(String, Arc<Mutex<Option<u64>>>, tokio::task::JoinHandle<Vec<(u64, String)>>)>,
+    appenders: Vec<AppenderTask>,
     subscribers: Vec<tokio::task::JoinHandle<Vec<(u64, String)>>>,
     chats: Vec<tokio::task::JoinHandle<()>>,
     worker_stop: CancellationToken,
@@ -330,8 +343,14 @@ impl Load {
                 until.clone(),
                 figures.clone(),
             )));
-            let task =
-                tokio::spawn(appender(d.client.clone(), base.clone(), key.clone(), ext.clone(), stop.clone(), figures.clone()));
+            let task = tokio::spawn(appender(
+                d.client.clone(),
+                base.clone(),
+                key.clone(),
+                ext.clone(),
+                stop.clone(),
+                figures.clone(),
+            ));
             appenders.push((ext, until, task));
         }
         let mut chat_tasks = Vec::new();
@@ -511,10 +530,7 @@ async fn faults_processes_rolling_restart_of_three_loses_nothing() {
     assert_eq!(lost, 0, "acknowledged records lost");
     assert_eq!(figures.gaps.load(Ordering::Relaxed), 0, "SSE gaps");
     assert_eq!(figures.dups.load(Ordering::Relaxed), 0, "SSE duplicates");
-    assert!(
-        figures.sse_error_events.load(Ordering::Relaxed) >= 1,
-        "a drain ends its SSE responses with event: error"
-    );
+    assert!(figures.sse_error_events.load(Ordering::Relaxed) >= 1, "a drain ends its SSE responses with event: error");
     assert_eq!(sent, answered, "unanswered turns: {:?}", figures.turn_failures.lock().unwrap());
     assert!(sent >= 3, "too few chat turns: {sent}");
     assert_eq!(crashed, 0, "runs CRASHED");
@@ -602,7 +618,7 @@ async fn faults_processes_sigkill_mid_job_is_recovered_within_the_orphan_bound()
     .await
     .unwrap();
     // The attempt blocks on its run's row until the lock goes.
-    let mut lock = app.db().begin().await.unwrap();
+    let mut lock = sessiond::db::begin(app.db()).await.unwrap();
     sqlx::query("SELECT 1 FROM task_runs WHERE friendly_id = $1 FOR UPDATE")
         .bind(&run)
         .execute(&mut *lock)
@@ -631,10 +647,7 @@ async fn faults_processes_sigkill_mid_job_is_recovered_within_the_orphan_bound()
             .fetch_all(app.db())
             .await
             .unwrap();
-    report(
-        "sigkill_mid_job",
-        &[("recovered_ms", recovered_ms.to_string()), ("attempts", statuses.join(","))],
-    );
+    report("sigkill_mid_job", &[("recovered_ms", recovered_ms.to_string()), ("attempts", statuses.join(","))]);
     assert!(recovered_ms <= 25_000, "the job was run again only after {recovered_ms} ms");
     assert_eq!(statuses, ["abandoned", "succeeded"]);
     drop(survivor);

@@ -107,7 +107,7 @@ async fn sigterm_hands_back_a_job_attempt_it_cannot_finish() {
     .fetch_one(app.db())
     .await
     .unwrap();
-    let mut lock = app.db().begin().await.unwrap();
+    let mut lock = sessiond::db::begin(app.db()).await.unwrap();
     sqlx::query("SELECT 1 FROM task_runs WHERE friendly_id = $1 FOR UPDATE")
         .bind(&run)
         .execute(&mut *lock)
