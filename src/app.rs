@@ -33,6 +33,7 @@ use crate::sessions::access::ChannelAccess;
 use crate::sessions::list::{PgSessionList, SessionListRepository};
 use crate::sessions::lookup::SessionLookup;
 use crate::sessions::run_manager::RunManager;
+use crate::shutdown::Drain;
 use crate::streams::effects::Appender;
 use crate::streams::hub::Hub;
 use crate::streams::store::ChannelStore;
@@ -61,6 +62,8 @@ pub struct Inner {
     /// The cron schedules, read once here: the runtime ticks these and the
     /// dashboard shows these, even if the file changes while the server runs.
     pub schedules: Arc<[Schedule]>,
+    /// Begun on SIGTERM (see [`crate::shutdown`]).
+    pub drain: Drain,
 }
 
 #[derive(Clone)]
@@ -92,7 +95,8 @@ impl AppState {
         let jobs = jobs(&config, db.clone(), redis.clone());
         let channels =
             ChannelStore::new(redis.clone(), db.clone(), &config.redis_prefix, config.append_dedupe_window_secs * 1000);
-        let hub = Hub::new(channels.clone(), Duration::from_millis(config.feed_safety_poll_ms));
+        let drain = Drain::default();
+        let hub = Hub::with_drain(channels.clone(), Duration::from_millis(config.feed_safety_poll_ms), drain.clone());
         let runs = RunManager::new(db.clone(), jobs.clone(), channels.clone());
         let waitpoints = Waitpoints::new(
             db.clone(),
@@ -107,7 +111,8 @@ impl AppState {
             run_queue.clone(),
             config.run_heartbeat_timeout_ms,
             Duration::from_millis(config.dequeue_recheck_ms),
-        );
+        )
+        .with_drain(drain.clone());
         Ok(AppState(Arc::new(Inner {
             config,
             db,
@@ -127,6 +132,7 @@ impl AppState {
             analytics,
             dashboard,
             schedules,
+            drain,
         })))
     }
 }
@@ -208,6 +214,7 @@ from_state! {
     Dispatcher => dispatcher,
     ClickHouse => analytics,
     crate::dashboard::auth::DashboardAuth => dashboard,
+    Drain => drain,
 }
 
 impl FromRef<AppState> for ChannelAccess {
@@ -274,12 +281,13 @@ fn follow_wakeups(state: &AppState) {
     tokio::spawn(state.hub.clone().listen(state.redis_client.clone()));
 }
 
-/// How long shutdown waits for open connections (SSE subscribers included)
-/// before dropping them.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// Serves HTTP and runs the job runtime until `shutdown` turns true, then stops
-/// both, letting in-flight requests and jobs finish.
+/// Serves HTTP and runs the job runtime until `shutdown` turns true, then
+/// drains (see [`crate::shutdown`]) and returns within `SHUTDOWN_GRACE_MS`:
+/// `/readyz` turns 503 and the listener closes at once; idle keep-alive
+/// connections close, SSE responses end with an error frame and long polls
+/// answer; in-flight requests (appends) finish; job attempts finish or are
+/// handed back; the replicator stops and releases its lease, so another
+/// process takes the slot at once rather than after the lease's term.
 ///
 /// Connections are served by hyper's HTTP/1.1 connection directly rather than
 /// `axum::serve`, whose HTTP/1+2 auto-detecting connection costs about 50 KB per
@@ -299,7 +307,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
     if state.config.clickhouse_migrate_on_start {
         crate::analytics::schema::migrate_in_background(state.analytics.clone());
     }
-    if state.config.replication_enabled && state.config.run_jobs {
+    let replicator = if state.config.replication_enabled && state.config.run_jobs {
         let replicator = crate::replication::consumer::Replicator::new(
             &state.config,
             state.db.clone(),
@@ -307,8 +315,12 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
             state.jobs.clone(),
             state.analytics.clone(),
         );
-        tokio::spawn(replicator.run(shutdown.clone()));
-    }
+        Some(tokio::spawn(replicator.run(shutdown.clone())))
+    } else {
+        None
+    };
+    let drain = state.drain.clone();
+    let grace = Duration::from_millis(state.config.shutdown_grace_ms);
     let app = crate::http::router(state);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shutdown;
@@ -330,13 +342,35 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
         let Some(registration) = connections.admit() else { continue };
         tokio::spawn(conn::serve_connection(stream, registration, app.clone(), &graceful));
     }
+    // First: readiness turns 503, subscribers and long polls are told.
+    drain.begin();
+    let started = tokio::time::Instant::now();
+    let deadline = started + grace;
     drop(listener);
-    reaper.abort();
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
-        tracing::warn!("connections still open after the shutdown grace period; dropping them");
-    }
-    if let Some(runtime) = runtime {
-        let _ = runtime.await;
-    }
+    tracing::info!(grace_ms = grace.as_millis() as u64, "draining");
+    let connections_closed = async {
+        // Closes idle keep-alive connections now, the others once their
+        // response is written.
+        if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
+            tracing::warn!("connections still open after the shutdown grace period; dropping them");
+        }
+        reaper.abort();
+    };
+    let jobs_done = async {
+        if let Some(runtime) = runtime {
+            // The runtime hands back what is unfinished at the grace's end;
+            // a moment more for that bookkeeping.
+            let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), runtime).await;
+        }
+    };
+    let replicator_stopped = async {
+        if let Some(replicator) = replicator {
+            if tokio::time::timeout_at(deadline, replicator).await.is_err() {
+                tracing::warn!("the replicator did not stop within the shutdown grace period");
+            }
+        }
+    };
+    tokio::join!(connections_closed, jobs_done, replicator_stopped);
+    tracing::info!(drain_ms = started.elapsed().as_millis() as u64, "drained");
     Ok(())
 }

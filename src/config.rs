@@ -141,6 +141,11 @@ pub struct Config {
     #[arg(long, env = "RUN_JOBS", default_value_t = true, action = clap::ArgAction::Set)]
     pub run_jobs: bool,
 
+    /// After SIGTERM, how long the process has to drain (in-flight requests,
+    /// job attempts, the replicator) before it exits, in ms.
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+
     /// Keep ClickHouse current by logical replication from Postgres (needs
     /// `wal_level=logical`).
     /// `1`/`0`, `true`/`false`, `yes`/`no` or `on`/`off`.
@@ -288,6 +293,7 @@ impl Config {
             waitpoint_recheck_ms: 250,
             feed_safety_poll_ms: 1_000,
             run_jobs: true,
+            shutdown_grace_ms: 10_000,
             replication_enabled: false,
             dashboard_cookie_secure: false,
             dashboard_session_hours: 12,

@@ -38,6 +38,7 @@ pub mod pubsub;
 pub mod replication;
 pub mod runs;
 pub mod sessions;
+pub mod shutdown;
 pub mod streams;
 pub mod tenancy;
 pub mod validation;

@@ -23,12 +23,17 @@ use sqlx::PgPool;
 /// How long each dependency has to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// 200 when Postgres and Redis both answer within a second, else 503.
+/// 200 when Postgres and Redis both answer within a second, else 503; 503
+/// at once while the process drains (see [`crate::shutdown`]).
 pub async fn readyz(
+    State(drain): State<crate::shutdown::Drain>,
     State(db): State<PgPool>,
     State(redis): State<ConnectionManager>,
     State(replication): State<Option<ReplicationTarget>>,
 ) -> ApiResult<Json<Value>> {
+    if drain.is_draining() {
+        return Err(ApiError::Unavailable);
+    }
     let postgres = async {
         let ping = sqlx::query("SELECT 1").execute(&db);
         matches!(tokio::time::timeout(READY_TIMEOUT, ping).await, Ok(Ok(_)))

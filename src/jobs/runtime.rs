@@ -7,8 +7,11 @@ use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
 use apalis::layers::retry::{HasherRng, RetryPolicy};
 use apalis::prelude::{AbortError, BackendExt, BoxDynError, Data, Monitor, WorkerBuilder, WorkerBuilderExt};
 use apalis_cron::{CronScheduler, Tick};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+
+use tokio::task::{AbortHandle, JoinHandle};
 use ulid::Ulid;
 
 use super::handlers::{self, JobContext};
@@ -32,20 +35,102 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// nothing but the ten-minute abandonment rule would run again (seen in the
 /// fault case of Redis restarted empty while ClickHouse was down: a flush
 /// left `running` at attempt 5 of 5).
-async fn run_job(envelope: JobEnvelope, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+///
+/// The attempt is registered in [`Running`] while it runs, so that a process
+/// shutting down can hand back what is unfinished at the end of its grace.
+async fn run_job(envelope: JobEnvelope, ctx: Data<JobContext>, running: Data<Running>) -> Result<(), BoxDynError> {
     let ctx = JobContext::clone(&ctx);
-    tokio::spawn(attempt(envelope.id, ctx)).await?
+    let running = Running::clone(&running);
+    let slot = running.enter(envelope.id);
+    let task = {
+        let running = running.clone();
+        tokio::spawn(async move {
+            let result = attempt(envelope.id, ctx, &running, slot).await;
+            running.leave(slot);
+            result
+        })
+    };
+    running.set_abort(slot, task.abort_handle());
+    task.await?
+}
+
+/// The job attempts running in this process: what a shutdown hands back
+/// (see [`hand_back`]).
+#[derive(Clone, Default)]
+pub struct Running(Arc<Mutex<RunningInner>>);
+
+#[derive(Default)]
+struct RunningInner {
+    next: u64,
+    attempts: HashMap<u64, RunningAttempt>,
+}
+
+struct RunningAttempt {
+    job: uuid::Uuid,
+    /// Its number once begun (the ledger's `job_attempts.attempt`).
+    attempt: Option<i32>,
+    abort: Option<AbortHandle>,
+}
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunningInner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enter(&self, job: uuid::Uuid) -> u64 {
+        let mut inner = self.lock();
+        inner.next += 1;
+        let slot = inner.next;
+        inner.attempts.insert(slot, RunningAttempt { job, attempt: None, abort: None });
+        slot
+    }
+
+    fn set_abort(&self, slot: u64, abort: AbortHandle) {
+        if let Some(a) = self.lock().attempts.get_mut(&slot) {
+            a.abort = Some(abort);
+        }
+    }
+
+    fn begun(&self, slot: u64, attempt: i32) {
+        if let Some(a) = self.lock().attempts.get_mut(&slot) {
+            a.attempt = Some(attempt);
+        }
+    }
+
+    fn leave(&self, slot: u64) {
+        self.lock().attempts.remove(&slot);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().attempts.is_empty()
+    }
+
+    /// Stops every attempt still running and returns the begun ones (job, attempt).
+    fn abort_all(&self) -> Vec<(uuid::Uuid, i32)> {
+        let mut inner = self.lock();
+        inner
+            .attempts
+            .drain()
+            .filter_map(|(_, a)| {
+                if let Some(abort) = a.abort {
+                    abort.abort();
+                }
+                Some((a.job, a.attempt?))
+            })
+            .collect()
+    }
 }
 
 /// One attempt: logs it, executes, logs the outcome. On the last allowed
 /// attempt a failure is final (AbortError), so apalis stops retrying.
-async fn attempt(id: uuid::Uuid, ctx: JobContext) -> Result<(), BoxDynError> {
+async fn attempt(id: uuid::Uuid, ctx: JobContext, running: &Running, slot: u64) -> Result<(), BoxDynError> {
     // Gone, or already succeeded (delivered twice, e.g. relayed again before a
     // crash was noticed): nothing to do.
     let Some(row) = store::begin_attempt(&ctx.db, id).await? else {
         return Ok(());
     };
     let attempt = row.attempts;
+    running.begun(slot, attempt);
     let result = match row.job() {
         Ok(job) => handlers::execute(&ctx, &job, u32::try_from(attempt).unwrap_or_default()).await,
         Err(err) => Err(err.into()),
@@ -108,6 +193,8 @@ pub fn start(
     )?
     .make_backoff();
     let retries = (super::DEFAULT_MAX_ATTEMPTS - 1) as usize;
+    let grace = Duration::from_millis(state.config.shutdown_grace_ms);
+    let running = Running::default();
 
     // One supervised worker per lane (see `Lane`), each polling its own queue.
     let mut lanes = Vec::new();
@@ -120,21 +207,23 @@ pub fn start(
             super::Lane::Engine => "jobs",
             super::Lane::Analytics => "analytics-jobs",
         };
+        let running = running.clone();
         let job_worker = move || {
             // A new name each time: apalis registers a worker by name, and
             // refuses a name still fresh in its registry.
             let name = format!("{prefix}-{lane_name}-{}", Ulid::generate());
-            let (queue, job_ctx, backoff) = (queue.clone(), job_ctx.clone(), backoff.clone());
+            let (queue, job_ctx, backoff, running) = (queue.clone(), job_ctx.clone(), backoff.clone(), running.clone());
             Monitor::new()
                 .register(move |_| {
                     WorkerBuilder::new(name.clone())
                         .backend(queue.storage().poll_with_strategy(queue.poll_strategy(Duration::from_millis(250))))
                         .data(job_ctx.clone())
+                        .data(running.clone())
                         .concurrency(32)
                         .retry(RetryPolicy::retries(retries).with_backoff(backoff.clone()))
                         .build(run_job)
                 })
-                .shutdown_timeout(Duration::from_secs(10))
+                .shutdown_timeout(grace)
         };
         lanes.push(tokio::spawn(supervise_job_worker(job_worker, shutdown.clone())));
     }
@@ -210,15 +299,60 @@ pub fn start(
     });
 
     let stop = shutdown;
-    let monitor = monitor.shutdown_timeout(Duration::from_secs(10));
+    let monitor = monitor.shutdown_timeout(grace);
+    let jobs = state.jobs.clone();
+    let db = state.db.clone();
+    let mut stop_at = stop.clone();
     Ok(tokio::spawn(async move {
-        if let Err(err) = monitor.run_with_signal(stopped(stop)).await {
-            tracing::error!(%err, "cron schedules stopped with an error");
+        let cron = async {
+            if let Err(err) = monitor.run_with_signal(stopped(stop)).await {
+                tracing::error!(%err, "cron schedules stopped with an error");
+            }
+        };
+        let deadline = async {
+            let _ = stop_at.wait_for(|s| *s).await;
+            tokio::time::Instant::now() + grace
+        };
+        let ((), deadline) = tokio::join!(cron, deadline);
+        // The workers take no new task once stopped; attempts under way get
+        // the rest of the grace (apalis may have let go of them already: each
+        // runs in a task of its own), then are handed back.
+        for mut lane in lanes {
+            if tokio::time::timeout_at(deadline, &mut lane).await.is_err() {
+                // No retry of a cut-off attempt may start behind the hand-back.
+                lane.abort();
+            }
         }
-        for lane in lanes {
-            let _ = lane.await;
+        while !running.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        hand_back(&db, &jobs, &running).await;
     }))
+}
+
+/// Hands back the job attempts still running at the end of the grace: each
+/// is stopped, logged `abandoned` with a budget of attempts one larger (the
+/// cut-off attempt does not count against the job), left `pending` and
+/// pushed again, so that another process runs it at once instead of after
+/// apalis' recovery of this worker's tasks (heartbeat × missed).
+async fn hand_back(db: &sqlx::PgPool, jobs: &Jobs, running: &Running) {
+    let cut = running.abort_all();
+    if cut.is_empty() {
+        return;
+    }
+    let mut handed = Vec::new();
+    for (job, attempt) in cut {
+        match store::hand_back_attempt(db, job, attempt).await {
+            Ok(Some(kind)) => handed.push((job, kind)),
+            Ok(None) => {}
+            Err(err) => tracing::warn!(%job, attempt, %err, "could not hand back a job attempt"),
+        }
+    }
+    tracing::info!(jobs = handed.len(), "job attempts unfinished at shutdown handed back");
+    if let Err(err) = jobs.relay_kinds(&handed).await {
+        // Left unrelayed: the relay loop of another process pushes them.
+        tracing::warn!(%err, "could not push handed-back jobs; the relay will");
+    }
 }
 
 async fn stopped(mut stop: watch::Receiver<bool>) -> std::io::Result<()> {

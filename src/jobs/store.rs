@@ -327,6 +327,27 @@ pub async fn begin_attempt(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, St
     .await?)
 }
 
+/// Hands back attempt `attempt` of job `id`, cut off by a shutdown: the
+/// attempt is logged `abandoned`, and the job, if that attempt was its latest
+/// and it is still `running`, goes back to `pending` unrelayed, with one more
+/// attempt in its budget (the cut-off one does not count against it). Returns
+/// the job's kind if the job was handed back.
+pub async fn hand_back_attempt(pool: &PgPool, id: Uuid, attempt: i32) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "WITH a AS (
+             UPDATE job_attempts SET status = 'abandoned', error = 'handed back at shutdown', finished_at = now()
+             WHERE job_id = $1 AND attempt = $2 AND status = 'running' RETURNING job_id)
+         UPDATE jobs SET status = 'pending', max_attempts = max_attempts + 1, relayed_at = NULL, task_id = NULL,
+             updated_at = now()
+         WHERE id IN (SELECT job_id FROM a) AND attempts = $2 AND status = 'running'
+         RETURNING kind",
+    )
+    .bind(id)
+    .bind(attempt)
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// Ends an attempt. A failure leaves the job `pending` (it will be retried) until
 /// `final_failure`, when it becomes `failed` and stays visible with its error.
 /// Only a job still under way (`pending` or `running`) changes: with two

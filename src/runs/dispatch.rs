@@ -41,11 +41,18 @@ pub struct Dispatcher {
     queue: RunQueue,
     heartbeat_timeout_ms: u64,
     fallback_poll: Duration,
+    /// A draining process answers its long polls at once (empty).
+    drain: crate::shutdown::Drain,
 }
 
 impl Dispatcher {
     pub fn new(db: PgPool, queue: RunQueue, heartbeat_timeout_ms: u64, fallback_poll: Duration) -> Self {
-        Dispatcher { db, queue, heartbeat_timeout_ms, fallback_poll }
+        Dispatcher { db, queue, heartbeat_timeout_ms, fallback_poll, drain: Default::default() }
+    }
+
+    /// The dispatcher of a process that drains with `drain`.
+    pub fn with_drain(self, drain: crate::shutdown::Drain) -> Self {
+        Dispatcher { drain, ..self }
     }
 
     pub fn heartbeat_timeout_ms(&self) -> u64 {
@@ -70,13 +77,14 @@ impl Dispatcher {
                 continue;
             }
             let now = tokio::time::Instant::now();
-            if now >= deadline {
+            if now >= deadline || self.drain.is_draining() {
                 return Ok(Vec::new());
             }
             let nap = (deadline - now).min(self.fallback_poll);
             tokio::select! {
                 _ = wake.changed() => {}
                 _ = tokio::time::sleep(nap) => {}
+                _ = self.drain.started() => {}
             }
         }
     }

@@ -148,6 +148,8 @@ struct HubInner {
     /// reconnecting); `FEED_SAFETY_POLL_MS`.
     safety_poll: Duration,
     feeds: Mutex<HashMap<ChannelKey, Weak<Feed>>>,
+    /// The process's drain: subscribers end (with an error frame) once it begins.
+    drain: crate::shutdown::Drain,
 }
 
 #[derive(Clone)]
@@ -155,7 +157,17 @@ pub struct Hub(Arc<HubInner>);
 
 impl Hub {
     pub fn new(store: ChannelStore, safety_poll: Duration) -> Self {
-        Hub(Arc::new(HubInner { store, safety_poll, feeds: Mutex::new(HashMap::new()) }))
+        Self::with_drain(store, safety_poll, crate::shutdown::Drain::default())
+    }
+
+    /// A hub whose subscribers end when `drain` begins.
+    pub fn with_drain(store: ChannelStore, safety_poll: Duration, drain: crate::shutdown::Drain) -> Self {
+        Hub(Arc::new(HubInner { store, safety_poll, feeds: Mutex::new(HashMap::new()), drain }))
+    }
+
+    /// The drain its subscribers and long polls follow.
+    pub fn drain(&self) -> &crate::shutdown::Drain {
+        &self.0.drain
     }
 
     /// The feed of `key`, started if nobody was subscribed.

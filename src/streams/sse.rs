@@ -73,6 +73,14 @@ pub fn batch_frame(records: &[Record]) -> Bytes {
     frame_of(records.last().map_or(0, |r| r.seq_num), json.iter().map(String::as_str))
 }
 
+/// The frame a draining process ends its SSE responses with. An error, not a
+/// clean end: the official client takes a clean end as final, and resumes
+/// after an error with `Last-Event-ID` (through the load balancer, on another
+/// process).
+pub fn draining_frame() -> Bytes {
+    Bytes::from_static(b"event: error\ndata: {\"error\":\"server shutting down; reconnect with Last-Event-ID\"}\n\n")
+}
+
 pub fn keepalive_frame() -> Bytes {
     Bytes::from_static(b": keep-alive\n\n")
 }
@@ -118,6 +126,8 @@ pub struct Subscription {
     /// The first backlog read, done before answering so that an unreachable
     /// Redis is a 503 rather than a stream that fails at once.
     pub first_read: Option<Vec<Record>>,
+    /// The process's drain: the stream ends with [`draining_frame`] once it begins.
+    pub drain: crate::shutdown::Drain,
 }
 
 /// Why a subscription could not start.
@@ -196,6 +206,7 @@ impl Subscription {
             keepalive: req.keepalive,
             gap,
             first_read,
+            drain: hub.drain().clone(),
         })
     }
 }
@@ -359,6 +370,7 @@ impl State {
 /// The body of an SSE response for `sub`.
 pub fn stream(sub: Subscription) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     let rx = sub.feed.subscribe();
+    let sub_drain = sub.drain.started_owned();
     let now = Instant::now();
     let state = State {
         deadline: Box::pin(tokio::time::sleep_until(now + sub.window)),
@@ -368,9 +380,23 @@ pub fn stream(sub: Subscription) -> impl Stream<Item = Result<Bytes, Infallible>
         phase: Phase::Backlog,
         rechecked: false,
     };
-    futures::stream::unfold(state, |mut state| async move {
-        let frame = state.next_frame().await?;
-        Some((Ok(frame), state))
+    // Resolves when the process begins draining; one waiter for the stream's life.
+    let draining = Box::pin(sub_drain);
+    futures::stream::unfold((state, draining), |(mut state, mut draining)| async move {
+        if matches!(state.phase, Phase::Done) {
+            return None;
+        }
+        // Frames ready at once still go out first (what this process has);
+        // then a draining process ends the stream with an error.
+        let frame = tokio::select! {
+            biased;
+            frame = state.next_frame() => frame?,
+            _ = &mut draining => {
+                state.phase = Phase::Done;
+                draining_frame()
+            }
+        };
+        Some((Ok(frame), (state, draining)))
     })
 }
 

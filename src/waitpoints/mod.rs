@@ -252,7 +252,10 @@ impl Waitpoints {
         loop {
             self.check_arrived(&w).await?;
             let current = store::find_by_id(&self.db, w.id).await?.unwrap_or(w.clone());
-            if current.status != WaitpointStatus::Waiting || tokio::time::Instant::now() >= deadline {
+            // A draining process answers WAITING at once; the worker polls again
+            // (through the load balancer, on another process).
+            let draining = self.hub.drain().is_draining();
+            if current.status != WaitpointStatus::Waiting || tokio::time::Instant::now() >= deadline || draining {
                 return Ok(current);
             }
             // Woken by the next record on the channel; the fallback poll catches
@@ -261,6 +264,7 @@ impl Waitpoints {
                 _ = rx.recv() => {}
                 _ = tokio::time::sleep(self.fallback_poll) => {}
                 _ = tokio::time::sleep_until(deadline) => {}
+                _ = self.hub.drain().started() => {}
             }
         }
     }

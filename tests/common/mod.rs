@@ -2,6 +2,7 @@
 //! schema, so tests run in parallel without seeing each other's rows.
 #![allow(dead_code)]
 
+pub mod balancer;
 pub mod clickhouse;
 pub mod cutting_proxy;
 pub mod faults;

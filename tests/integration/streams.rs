@@ -781,6 +781,7 @@ async fn the_long_poll_window_ends_on_time_while_records_remain() {
         keepalive: Duration::from_secs(30),
         gap: None,
         first_read: None,
+        drain: Default::default(),
     };
     let mut frames = Box::pin(sse::stream(sub));
     let started = Instant::now();
@@ -916,6 +917,7 @@ async fn a_record_between_the_backlog_read_and_the_feed_start_is_not_missed() {
         keepalive: Duration::from_secs(30),
         gap: None,
         first_read: Some(first_read),
+        drain: Default::default(),
     };
     let reader = tokio::spawn(async move {
         let mut frames = Box::pin(sse::stream(sub));
