@@ -220,7 +220,7 @@ pub async fn conversation(
         .map(env_label)
         .unwrap_or_else(|| env.id.to_string());
     let (token, expires) = session_token(&env, &s.friendly_id)?;
-    let now = Utc::now();
+    let now = crate::clock::now();
     let base = format!("/realtime/v1/sessions/{}", s.friendly_id);
     render(ConversationPage {
         frame: Frame::new(&signed, "playground"),
@@ -242,7 +242,7 @@ pub async fn conversation(
 /// `POST /api/v1/auth/public-tokens` mints one for the environment's key.
 fn session_token(env: &Environment, session: &str) -> PageResult<(String, chrono::DateTime<Utc>)> {
     let scopes = vec![format!("read:sessions:{session}"), format!("write:sessions:{session}")];
-    let now = Utc::now();
+    let now = crate::clock::now();
     let grant = minting::grant(&Principal::SecretKey, &scopes, Some(&Expiration::In(TOKEN_TTL.into())), now)
         .map_err(|e| DashboardError::Internal(e.into()))?;
     let token = jwt::mint(env.id, &env.secret_key, grant.scopes, grant.ttl_secs);

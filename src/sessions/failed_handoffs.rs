@@ -191,7 +191,7 @@ pub async fn diagnose(
     runs: &RunManager,
     s: &Session,
 ) -> Result<Option<FailedHandoff>, FailedHandoffError> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     if s.status(now) != super::SessionStatus::Active {
         return Ok(None);
     }

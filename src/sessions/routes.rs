@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::Utc;
 use serde::Serialize;
 
 use std::sync::Arc;
@@ -184,7 +183,7 @@ async fn list(
     auth: Auth,
     RawQuery(query): RawQuery,
 ) -> ApiResult<impl IntoResponse> {
-    let query = ListQuery::parse(query.as_deref().unwrap_or(""), Utc::now())?;
+    let query = ListQuery::parse(query.as_deref().unwrap_or(""), crate::clock::now())?;
     if !auth.can_list_sessions(&query.task_identifiers) {
         return Err(ApiError::Forbidden);
     }

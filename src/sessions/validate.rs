@@ -252,7 +252,7 @@ pub fn create(body: CreateSessionBody) -> Validated<NewSession> {
         trigger_config,
         tags,
         metadata: body.metadata.map(Value::Object),
-        expires_at: body.expires_at.map(|d| future("expiresAt", d.0, Utc::now())).transpose()?,
+        expires_at: body.expires_at.map(|d| future("expiresAt", d.0, crate::clock::now())).transpose()?,
     })
 }
 

@@ -137,7 +137,7 @@ impl Waitpoints {
     /// completes it at once. Returns the waitpoint and whether it was cached
     /// (the same idempotency key).
     pub async fn create(&self, env_id: Uuid, req: WaitRequest<'_>) -> Result<(Waitpoint, bool), WaitError> {
-        let now = Utc::now();
+        let now = crate::clock::now();
         let session = req.session;
         if let Some(refusal) = session.write_refusal(now) {
             return Err(WaitError::SessionClosed(refusal));
@@ -189,7 +189,7 @@ impl Waitpoints {
             // the waitpoints it found, maybe before this one existed: do it here.
             if self.channels.is_sealed(key).await? {
                 let fresh = sessions_store::find_by_id(&self.db, env_id, session.id).await?;
-                let reason = fresh.as_ref().and_then(|s| s.close_reason(Utc::now()));
+                let reason = fresh.as_ref().and_then(|s| s.close_reason(crate::clock::now()));
                 self.complete_with(&waitpoint, &closed_output(reason.as_deref())).await?;
             }
         }
@@ -232,7 +232,7 @@ impl Waitpoints {
                 continue;
             }
             tracing::debug!(waitpoint = %w.friendly_id, %io, seq_num, after_seq = w.after_seq, "drained waitpoint waits on");
-            self.channels.register_waiter(key, w.id, pending_ttl_ms(w.timeout_at, Utc::now())).await?;
+            self.channels.register_waiter(key, w.id, pending_ttl_ms(w.timeout_at, crate::clock::now())).await?;
             // A record appended while it was out of the set has drained without it.
             if self.check_arrived(&w).await? {
                 completed += 1;

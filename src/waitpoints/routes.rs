@@ -80,7 +80,7 @@ async fn create(
         Some(Tags::Many(t)) => t,
     };
     check_tags("tags", &tags)?;
-    let now = Utc::now();
+    let now = crate::clock::now();
     let timeout_at = body
         .timeout
         .as_deref()

@@ -101,7 +101,7 @@ pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, St
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(w) = existing {
-                if w.idempotency_key_expires_at.is_none_or(|e| e > Utc::now()) {
+                if w.idempotency_key_expires_at.is_none_or(|e| e > crate::clock::now()) {
                     tx.commit().await?;
                     return Ok(Created::Waitpoint(w, true));
                 }
