@@ -192,7 +192,7 @@ impl SessionRow {
     fn of(s: &Session) -> Self {
         SessionRow {
             id: s.friendly_id.clone(),
-            status: s.status(crate::clock::now()).as_str(),
+            status: s.status_now().as_str(),
             kind: s.kind.clone(),
             task: s.task_identifier.clone(),
             external_id: s.external_id.clone().unwrap_or_default(),

@@ -220,16 +220,15 @@ pub async fn conversation(
         .map(env_label)
         .unwrap_or_else(|| env.id.to_string());
     let (token, expires) = session_token(&env, &s.friendly_id)?;
-    let now = crate::clock::now();
     let base = format!("/realtime/v1/sessions/{}", s.friendly_id);
     render(ConversationPage {
         frame: Frame::new(&signed, "playground"),
         chat_id: s.external_id.clone().unwrap_or_else(|| s.friendly_id.clone()),
         external_id: s.external_id.clone().unwrap_or_default(),
         task: s.task_identifier.clone(),
-        status: s.status(now).as_str(),
+        status: s.status_now().as_str(),
         environment: label,
-        open: s.write_refusal(now).is_none(),
+        open: s.write_refusal().is_none(),
         token,
         token_expires: iso(&expires),
         in_url: format!("{base}/in"),

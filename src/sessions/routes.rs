@@ -72,6 +72,9 @@ async fn create(
                 "A closed session already uses this externalId; closing is final, use a new externalId".into(),
             ))
         }
+        CreateOutcome::ExpiryPast => {
+            return Err(crate::validation::ValidationError::new("expiresAt", "must be in the future").into())
+        }
         CreateOutcome::Expired => {
             return Err(ApiError::Conflict(
                 "An expired session already uses this externalId; expiry is final, use a new externalId".into(),

@@ -72,8 +72,9 @@ impl Ensured {
     }
 }
 
+/// Open by Postgres' clock, the one that wrote `expires_at` (see `crate::clock`).
 fn is_open(s: &Session) -> bool {
-    s.closed_at.is_none() && s.expires_at.is_none_or(|e| e > crate::clock::now())
+    s.status_now() == super::SessionStatus::Active
 }
 
 /// What a claimed hand-off still has to do outside Postgres (see the module
