@@ -1,13 +1,16 @@
-//! The process's wall clock: what "now" means for what this process decides
-//! by itself — minting tokens (`iat`, `nbf`, `exp`) and judging a token's
-//! `exp`/`nbf`, and the expiry a mint request names in Unix seconds.
+//! The process's wall clock: every wall-clock read of the server goes
+//! through [`now`], so a test can play a host whose clock is off. What this
+//! process decides by itself uses it — minting tokens (`iat`, `nbf`, `exp`)
+//! and judging a token's `exp`/`nbf`, the expiry a mint request names in Unix
+//! seconds, timestamps it only shows or logs.
 //!
-//! Everything that compares against a time Postgres wrote (run heartbeat
-//! deadlines, session expiry in SQL, job `updated_at`, waitpoint timeouts in
-//! the sweeps, operator sessions) is judged by Postgres' `now()` instead, and
-//! the leases Redis keeps (replication lease, run-queue and dedupe keys) by
-//! Redis TTLs: no process clock enters those, so a skewed process cannot
-//! make them flap.
+//! Time decisions about rows Postgres stores never use it: run heartbeat
+//! deadlines, session expiry (in SQL, or against the row's `read_at`, the
+//! Postgres time it was read at), waitpoint timeouts and idempotency-key
+//! expiries (relative ones turned into timestamps by `now()` at insert),
+//! job `updated_at`, operator sessions — all by Postgres' `now()`; the leases
+//! Redis keeps (replication lease, run-queue and dedupe keys) by Redis TTLs.
+//! So a skewed process cannot make them flap, fire early or late.
 //!
 //! Tests shift this clock to play a process on a host whose clock is off
 //! (see [`crate::config::Config::test_clock_offset_ms`]); it is a

@@ -205,8 +205,7 @@ pub async fn login(
         tracing::info!("dashboard sign-in refused");
         return login_form(&auth, StatusCode::UNAUTHORIZED, &form.email, Some("Wrong email or password."));
     };
-    let expires = chrono::Utc::now() + chrono::Duration::hours(auth.session_hours);
-    let id = store::open_session(&auth.db, operator.id, &random_token(), expires).await?;
+    let id = store::open_session(&auth.db, operator.id, &random_token(), auth.session_hours).await?;
     tracing::info!(operator = %operator.email, "operator signed in");
     let value = format!("{id}.{}", auth.sign(&id.to_string()));
     let mut resp = Redirect::to("/dashboard/sessions").into_response();

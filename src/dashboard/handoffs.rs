@@ -95,7 +95,7 @@ pub async fn retry(
     Authorized(signed): Authorized,
 ) -> PageResult<Response> {
     let s = find_session(&db, &id).await?;
-    if s.status(chrono::Utc::now()) != SessionStatus::Active {
+    if s.status_now() != SessionStatus::Active {
         return Err(run_manager_error(&id, RunManagerError::Closed));
     }
     let Some(failed) = failed_handoffs::diagnose(&db, &runs, &s).await? else {

@@ -180,7 +180,7 @@ pub async fn show(
     let envs = tenancy_store::list(&db).await?;
     let scope = pick_env(&envs, &q.env)?;
     let env = scope.map(|s| s.environment_id.to_string()).unwrap_or_default();
-    let now = Utc::now();
+    let now = crate::clock::now();
     let since = window.start(now);
     let slot = ops.replication.as_ref().map(|r| r.slot.as_str());
 

@@ -147,7 +147,7 @@ impl SessionFilters {
         if let Some(ms) = day("to", &self.to, true)? {
             q.append_pair("filter[createdAt][to]", &ms);
         }
-        ListQuery::parse(&q.finish(), Utc::now()).map_err(|e| DashboardError::BadRequest(e.to_string()))
+        ListQuery::parse(&q.finish(), crate::clock::now()).map_err(|e| DashboardError::BadRequest(e.to_string()))
     }
 
     /// This page's URL with a cursor replaced: the pager's links.
@@ -192,7 +192,7 @@ impl SessionRow {
     fn of(s: &Session) -> Self {
         SessionRow {
             id: s.friendly_id.clone(),
-            status: s.status(Utc::now()).as_str(),
+            status: s.status_now().as_str(),
             kind: s.kind.clone(),
             task: s.task_identifier.clone(),
             external_id: s.external_id.clone().unwrap_or_default(),

@@ -220,16 +220,15 @@ pub async fn conversation(
         .map(env_label)
         .unwrap_or_else(|| env.id.to_string());
     let (token, expires) = session_token(&env, &s.friendly_id)?;
-    let now = Utc::now();
     let base = format!("/realtime/v1/sessions/{}", s.friendly_id);
     render(ConversationPage {
         frame: Frame::new(&signed, "playground"),
         chat_id: s.external_id.clone().unwrap_or_else(|| s.friendly_id.clone()),
         external_id: s.external_id.clone().unwrap_or_default(),
         task: s.task_identifier.clone(),
-        status: s.status(now).as_str(),
+        status: s.status_now().as_str(),
         environment: label,
-        open: s.write_refusal(now).is_none(),
+        open: s.write_refusal().is_none(),
         token,
         token_expires: iso(&expires),
         in_url: format!("{base}/in"),
@@ -242,7 +241,7 @@ pub async fn conversation(
 /// `POST /api/v1/auth/public-tokens` mints one for the environment's key.
 fn session_token(env: &Environment, session: &str) -> PageResult<(String, chrono::DateTime<Utc>)> {
     let scopes = vec![format!("read:sessions:{session}"), format!("write:sessions:{session}")];
-    let now = Utc::now();
+    let now = crate::clock::now();
     let grant = minting::grant(&Principal::SecretKey, &scopes, Some(&Expiration::In(TOKEN_TTL.into())), now)
         .map_err(|e| DashboardError::Internal(e.into()))?;
     let token = jwt::mint(env.id, &env.secret_key, grant.scopes, grant.ttl_secs);

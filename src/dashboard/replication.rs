@@ -158,7 +158,7 @@ fn wal_view(w: &health::WalRetention) -> WalView {
 }
 
 fn health_view(h: ReplicationHealth, flushes: Vec<health::PendingFlush>) -> HealthView {
-    let now = chrono::Utc::now();
+    let now = crate::clock::now();
     HealthView {
         wal: wal_view(&h.wal),
         generation: h.generation.map(|g| GenerationView {

@@ -167,6 +167,13 @@ struct CronCtx {
 
 /// One tick of a schedule. Every server ticks; the first to take the tick's lock
 /// enqueues the sweep job.
+///
+/// Clock skew: apalis fires a tick by the host's clock, so a skewed process
+/// ticks early or late by its skew, but the tick's timestamp (the lock key) is
+/// the scheduled time, the same on every process. Skew under the lock's 60 s
+/// is therefore tolerated (one enqueue per tick); beyond it a late process may
+/// enqueue the tick again, which the sweeps absorb (they act on what is due by
+/// Postgres' `now()`, so a repeat finds nothing more to do).
 async fn cron_tick(tick: Tick, ctx: Data<CronCtx>) -> Result<(), BoxDynError> {
     let key = format!("{}:{}", ctx.lock_prefix, tick.get_timestamp());
     let mut conn = ctx.redis.clone();

@@ -1,6 +1,5 @@
 //! SQL that owns `operators` and `operator_sessions`.
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -37,21 +36,18 @@ pub async fn find_with_hash(pool: &PgPool, email: &str) -> Result<Option<(Operat
     Ok(row.map(|r| (r.operator, r.password_hash)))
 }
 
-/// Opens a signed-in session; also drops expired ones (sign-ins are rare, so
-/// this keeps the table small without a sweep).
-pub async fn open_session(
-    pool: &PgPool,
-    operator: Uuid,
-    csrf_token: &str,
-    expires_at: DateTime<Utc>,
-) -> Result<Uuid, StoreError> {
+/// Opens a signed-in session for `hours`, its expiry set by Postgres' clock
+/// (the one [`session`] judges it by); also drops expired ones (sign-ins are
+/// rare, so this keeps the table small without a sweep).
+pub async fn open_session(pool: &PgPool, operator: Uuid, csrf_token: &str, hours: i64) -> Result<Uuid, StoreError> {
     let id = Uuid::new_v4();
     sqlx::query("DELETE FROM operator_sessions WHERE expires_at < now()").execute(pool).await?;
-    sqlx::query("INSERT INTO operator_sessions (id, operator_id, csrf_token, expires_at) VALUES ($1, $2, $3, $4)")
+    sqlx::query("INSERT INTO operator_sessions (id, operator_id, csrf_token, expires_at) VALUES ($1, $2, $3, now() + $4::bigint * interval '1 hour')",
+    )
         .bind(id)
         .bind(operator)
         .bind(csrf_token)
-        .bind(expires_at)
+        .bind(hours)
         .execute(pool)
         .await?;
     Ok(id)

@@ -473,6 +473,8 @@ mod tests {
             created_at: at("2026-01-01T00:00:00.123456Z"),
             updated_at: at("2026-01-02T03:04:05.000006Z"),
             channels_closed_at: None,
+            read_at: at("2026-01-02T03:04:06Z"),
+            read_instant: Default::default(),
         }
     }
 

@@ -178,7 +178,7 @@ pub async fn execute(pool: &PgPool, ch: &ClickHouse, id: Uuid) -> Result<String,
     // sample costs a point of a chart, not a replay.
     if let Some(lag_ms) = lag_ms.flatten() {
         let lag = u64::try_from(lag_ms).unwrap_or(0);
-        if let Err(err) = overview::record_lag(ch, &slot, Utc::now(), lag, batch.rows()).await {
+        if let Err(err) = overview::record_lag(ch, &slot, crate::clock::now(), lag, batch.rows()).await {
             tracing::warn!(error = %err, flush = %id, "replication lag sample not recorded");
         }
     }

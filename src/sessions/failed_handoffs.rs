@@ -191,8 +191,7 @@ pub async fn diagnose(
     runs: &RunManager,
     s: &Session,
 ) -> Result<Option<FailedHandoff>, FailedHandoffError> {
-    let now = Utc::now();
-    if s.status(now) != super::SessionStatus::Active {
+    if s.status_now() != super::SessionStatus::Active {
         return Ok(None);
     }
     let facts = Facts::of(db, std::slice::from_ref(s)).await?;

@@ -1,6 +1,8 @@
 //! The session row and how it is shown on the wire.
 
-use chrono::{DateTime, Utc};
+use std::time::Instant;
+
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -33,6 +35,25 @@ pub struct Session {
     /// waits; null until then, even on a closed row.
     #[sqlx(default)]
     pub channels_closed_at: Option<DateTime<Utc>>,
+    /// Postgres' `now()` when the row was read: expiry is judged by the clock
+    /// that wrote `expires_at` and that the expiry sweep uses, never this
+    /// process's (see `crate::clock`).
+    pub read_at: DateTime<Utc>,
+    /// When this process decoded the row, to age `read_at` by monotonic time
+    /// while the row is held (the lookup cache keeps rows up to a second).
+    #[sqlx(skip)]
+    pub read_instant: ReadInstant,
+}
+
+/// The monotonic instant a row was decoded at (its `Default` is "now", which
+/// is when sqlx builds a skipped field).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadInstant(pub Instant);
+
+impl Default for ReadInstant {
+    fn default() -> Self {
+        ReadInstant(Instant::now())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,14 +100,28 @@ impl Session {
         SessionStatus::derive(self.closed_at, self.expires_at, now)
     }
 
+    /// Postgres' clock now, as this row tells it: the time it was read at plus
+    /// the monotonic time since, so a row held a while is not judged as of
+    /// its read.
+    pub fn db_now(&self) -> DateTime<Utc> {
+        let held = TimeDelta::from_std(self.read_instant.0.elapsed()).unwrap_or(TimeDelta::MAX);
+        self.read_at.checked_add_signed(held).unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+
+    /// The status now, by Postgres' clock (see [`Session::db_now`]).
+    pub fn status_now(&self) -> SessionStatus {
+        self.status(self.db_now())
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed_at.is_some()
     }
 
     /// Why the session takes no more writes (records, waits), if it does not:
     /// it is closed, or expired even if the expiry sweep has not reached it yet.
-    pub fn write_refusal(&self, now: DateTime<Utc>) -> Option<&'static str> {
-        match self.status(now) {
+    /// Judged by Postgres' clock (see [`Session::db_now`]).
+    pub fn write_refusal(&self) -> Option<&'static str> {
+        match self.status_now() {
             SessionStatus::Active => None,
             SessionStatus::Closed => Some("Session is closed"),
             SessionStatus::Expired => Some("Session is expired"),
@@ -95,8 +130,8 @@ impl Session {
 
     /// The reason its channels were closed with: the close's own, or
     /// "expired" for a session the expiry sweep closes.
-    pub fn close_reason(&self, now: DateTime<Utc>) -> Option<String> {
-        match self.status(now) {
+    pub fn close_reason(&self) -> Option<String> {
+        match self.status_now() {
             SessionStatus::Closed => self.closed_reason.clone(),
             SessionStatus::Expired => Some("expired".into()),
             SessionStatus::Active => None,

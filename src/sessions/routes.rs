@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::Utc;
 use serde::Serialize;
 
 use std::sync::Arc;
@@ -72,6 +71,9 @@ async fn create(
             return Err(ApiError::Conflict(
                 "A closed session already uses this externalId; closing is final, use a new externalId".into(),
             ))
+        }
+        CreateOutcome::ExpiryPast => {
+            return Err(crate::validation::ValidationError::new("expiresAt", "must be in the future").into())
         }
         CreateOutcome::Expired => {
             return Err(ApiError::Conflict(
@@ -184,7 +186,7 @@ async fn list(
     auth: Auth,
     RawQuery(query): RawQuery,
 ) -> ApiResult<impl IntoResponse> {
-    let query = ListQuery::parse(query.as_deref().unwrap_or(""), Utc::now())?;
+    let query = ListQuery::parse(query.as_deref().unwrap_or(""), crate::clock::now())?;
     if !auth.can_list_sessions(&query.task_identifiers) {
         return Err(ApiError::Forbidden);
     }

@@ -16,7 +16,6 @@
 //! its `upgrade-required` record to `.out`. A `run-handoff` job written in the
 //! same transaction repeats that step if this process dies before it.
 
-use chrono::Utc;
 use serde_json::{json, Map, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -73,8 +72,9 @@ impl Ensured {
     }
 }
 
+/// Open by Postgres' clock, the one that wrote `expires_at` (see `crate::clock`).
 fn is_open(s: &Session) -> bool {
-    s.closed_at.is_none() && s.expires_at.is_none_or(|e| e > Utc::now())
+    s.status_now() == super::SessionStatus::Active
 }
 
 /// What a claimed hand-off still has to do outside Postgres (see the module

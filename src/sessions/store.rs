@@ -18,7 +18,7 @@ use crate::tenancy::Environment;
 pub const SESSION_SELECT: &str = "s.id, s.friendly_id, s.external_id, s.type, s.task_identifier, s.trigger_config, \
      s.tags, s.metadata, s.organization_id, s.project_id, s.runtime_environment_id, s.environment_type, \
      s.current_run_id, s.current_run_version, r.friendly_id AS current_run_friendly_id, s.closed_at, \
-     s.closed_reason, s.expires_at, s.created_at, s.updated_at, s.channels_closed_at";
+     s.closed_reason, s.expires_at, s.created_at, s.updated_at, s.channels_closed_at, now() AS read_at";
 
 /// Wraps a data-modifying statement `sql` (which must `RETURNING *`) so the
 /// result comes back as a full [`Session`].
@@ -36,6 +36,11 @@ pub enum CreateOutcome {
     Closed,
     /// An expired (not closed) session holds this external id; nothing was changed.
     Expired,
+    /// The expiry asked for is not ahead of Postgres' clock: a session born
+    /// expired could never be written to, and its external id would be taken
+    /// for good. Judged here, not by the process's clock, since the expiry
+    /// sweep and every write check use Postgres' (see `crate::clock`).
+    ExpiryPast,
 }
 
 /// Creates a session, its first QUEUED run, the run claim and the audit row in one
@@ -82,6 +87,13 @@ pub async fn create_in(
         None,
     );
     let trigger_config = serde_json::to_value(&new.trigger_config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    if let Some(expires_at) = new.expires_at {
+        let past: bool =
+            sqlx::query_scalar("SELECT $1::timestamptz <= now()").bind(expires_at).fetch_one(&mut *tx).await?;
+        if past {
+            return Ok(CreateOutcome::ExpiryPast);
+        }
+    }
 
     // The new row claims its first run at insert (version 1). On a conflict with a
     // live row only the trigger config is refreshed; a closed or expired row is

@@ -17,7 +17,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use chrono::Utc;
 use uuid::Uuid;
 
 use super::store::{client_part, Appended, ChannelError, ChannelStore, Writer};
@@ -109,7 +108,7 @@ impl Appender {
     pub async fn append(&self, env_id: Uuid, session: &Session, new: NewAppend<'_>) -> Result<Appended, AppendError> {
         let key = ChannelKey { session_id: session.id, io: new.io };
         let part_id = new.part_id.map(client_part);
-        if let Some(refusal) = session.write_refusal(Utc::now()) {
+        if let Some(refusal) = session.write_refusal() {
             if let Some(part) = &part_id {
                 if let Some(seq_num) = self.channels.part_seq(key, part).await? {
                     return Ok(Appended { seq_num, timestamp: 0, duplicate: true, drained_waitpoints: Vec::new() });

@@ -71,7 +71,7 @@ async fn initialize(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let session = sessions.load(&auth, &path.session, path.io, Action::Write).await?;
-    if let Some(refusal) = session.write_refusal(chrono::Utc::now()) {
+    if let Some(refusal) = session.write_refusal() {
         return Err(ApiError::BadRequest(refusal.into()));
     }
     // The row may be a second old (lookup cache); the seal is not.

@@ -97,7 +97,7 @@ pub fn gap_record(from: u64, to: u64) -> Record {
             ("gap-from".into(), from.to_string()),
             ("gap-to".into(), to.to_string()),
         ],
-        timestamp: chrono::Utc::now().timestamp_millis(),
+        timestamp: crate::clock::now().timestamp_millis(),
     }
 }
 

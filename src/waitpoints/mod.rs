@@ -34,23 +34,57 @@ pub const DEFAULT_PENDING_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Idempotency keys live this long unless the caller says otherwise.
 pub const DEFAULT_IDEMPOTENCY_TTL_SECS: i64 = 24 * 3600;
 
-/// A timeout as a duration (`30s`, `1h`) from `now`, or an absolute ISO-8601 time
-/// (in the range of client timestamps). `None` for anything else.
-pub fn parse_deadline(value: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    if let Some(secs) = parse_duration_secs(value) {
-        return duration(secs).and_then(|d| now.checked_add_signed(d));
-    }
-    DateTime::parse_from_rfc3339(value.trim()).ok().map(|d| d.with_timezone(&Utc)).filter(|t| timestamp_in_range(*t))
+/// When a wait times out, as the caller said it: a duration from now, or an
+/// absolute time. A duration is turned into a timestamp by Postgres at insert
+/// (`now() + interval`), the clock its timeout sweep compares with, so a
+/// process whose clock is off neither delays the timeout nor fires it early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// Seconds from the insert, by Postgres' clock.
+    In(i64),
+    At(DateTime<Utc>),
 }
 
-/// When an idempotency key given now stops holding: after `ttl` (a duration,
-/// [`DEFAULT_IDEMPOTENCY_TTL_SECS`] when absent). `None` for a bad duration.
-pub fn idempotency_expiry(ttl: Option<&str>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+impl Deadline {
+    /// The duration, if relative (bound for the SQL `now() + interval`).
+    pub fn relative_secs(self) -> Option<i64> {
+        match self {
+            Deadline::In(secs) => Some(secs),
+            Deadline::At(_) => None,
+        }
+    }
+
+    /// The time, if absolute.
+    pub fn absolute(self) -> Option<DateTime<Utc>> {
+        match self {
+            Deadline::In(_) => None,
+            Deadline::At(t) => Some(t),
+        }
+    }
+}
+
+/// A timeout as a duration (`30s`, `1h`), or an absolute ISO-8601 time (in the
+/// range of client timestamps). `None` for anything else.
+pub fn parse_deadline(value: &str) -> Option<Deadline> {
+    if let Some(secs) = parse_duration_secs(value) {
+        return duration(secs).map(|_| Deadline::In(secs));
+    }
+    DateTime::parse_from_rfc3339(value.trim())
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
+        .filter(|t| timestamp_in_range(*t))
+        .map(Deadline::At)
+}
+
+/// How long an idempotency key holds, in seconds: `ttl` (a duration),
+/// [`DEFAULT_IDEMPOTENCY_TTL_SECS`] when absent; `None` for a bad duration.
+/// Postgres turns it into the key's expiry at insert, like a [`Deadline::In`].
+pub fn idempotency_ttl_secs(ttl: Option<&str>) -> Option<i64> {
     let secs = match ttl {
         Some(t) => parse_duration_secs(t)?,
         None => DEFAULT_IDEMPOTENCY_TTL_SECS,
     };
-    duration(secs).and_then(|d| now.checked_add_signed(d))
+    duration(secs).map(|_| secs)
 }
 
 /// What a waitpoint ended by its session's close completes with.
@@ -67,7 +101,8 @@ pub fn channel_of(w: &Waitpoint) -> ChannelKey {
     ChannelKey { session_id: w.session_id, io: w.io }
 }
 
-/// How long a waitpoint's entry in the channel's pending set must last.
+/// How long a waitpoint's entry in the channel's pending set must last, from
+/// `now` (the Postgres time its row was read at, the clock of `timeout_at`).
 pub fn pending_ttl_ms(timeout_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> u64 {
     timeout_at
         .map(|t| u64::try_from((t - now).num_milliseconds()).unwrap_or(0).max(1).saturating_add(60_000))
@@ -107,9 +142,10 @@ pub struct WaitRequest<'a> {
     /// channel's tail now.
     pub last_seq_num: Option<i64>,
     pub idempotency_key: Option<&'a str>,
-    pub idempotency_key_expires_at: DateTime<Utc>,
+    /// How long the key holds (see [`idempotency_ttl_secs`]).
+    pub idempotency_key_ttl_secs: i64,
     pub tags: &'a [String],
-    pub timeout_at: Option<DateTime<Utc>>,
+    pub timeout: Option<Deadline>,
 }
 
 /// Waitpoints on session channels (see the module docs), with what they use:
@@ -137,9 +173,8 @@ impl Waitpoints {
     /// completes it at once. Returns the waitpoint and whether it was cached
     /// (the same idempotency key).
     pub async fn create(&self, env_id: Uuid, req: WaitRequest<'_>) -> Result<(Waitpoint, bool), WaitError> {
-        let now = Utc::now();
         let session = req.session;
-        if let Some(refusal) = session.write_refusal(now) {
+        if let Some(refusal) = session.write_refusal() {
             return Err(WaitError::SessionClosed(refusal));
         }
         let run = run_store::find(&self.db, env_id, req.run).await?.ok_or(WaitError::RunNotFound)?;
@@ -166,9 +201,9 @@ impl Waitpoints {
                 io: req.io,
                 after_seq,
                 idempotency_key: req.idempotency_key,
-                idempotency_key_expires_at: req.idempotency_key.map(|_| req.idempotency_key_expires_at),
+                idempotency_key_ttl_secs: req.idempotency_key.map(|_| req.idempotency_key_ttl_secs),
                 tags: req.tags,
-                timeout_at: req.timeout_at,
+                timeout: req.timeout,
             },
         )
         .await?;
@@ -180,7 +215,9 @@ impl Waitpoints {
             }
         };
         if !cached {
-            self.channels.register_waiter(key, waitpoint.id, pending_ttl_ms(req.timeout_at, now)).await?;
+            self.channels
+                .register_waiter(key, waitpoint.id, pending_ttl_ms(waitpoint.timeout_at, waitpoint.read_at))
+                .await?;
             // The race-check: a record that landed before the registration.
             if let Err(err) = self.check_arrived(&waitpoint).await {
                 tracing::warn!(waitpoint = %waitpoint.friendly_id, session = %session.friendly_id, io = %req.io, error = %err, "race-check failed");
@@ -189,7 +226,7 @@ impl Waitpoints {
             // the waitpoints it found, maybe before this one existed: do it here.
             if self.channels.is_sealed(key).await? {
                 let fresh = sessions_store::find_by_id(&self.db, env_id, session.id).await?;
-                let reason = fresh.as_ref().and_then(|s| s.close_reason(Utc::now()));
+                let reason = fresh.as_ref().and_then(|s| s.close_reason());
                 self.complete_with(&waitpoint, &closed_output(reason.as_deref())).await?;
             }
         }
@@ -232,7 +269,7 @@ impl Waitpoints {
                 continue;
             }
             tracing::debug!(waitpoint = %w.friendly_id, %io, seq_num, after_seq = w.after_seq, "drained waitpoint waits on");
-            self.channels.register_waiter(key, w.id, pending_ttl_ms(w.timeout_at, Utc::now())).await?;
+            self.channels.register_waiter(key, w.id, pending_ttl_ms(w.timeout_at, w.read_at)).await?;
             // A record appended while it was out of the set has drained without it.
             if self.check_arrived(&w).await? {
                 completed += 1;
@@ -323,21 +360,22 @@ mod tests {
 
     #[test]
     fn deadlines_from_durations_or_dates() {
-        let now = Utc::now();
-        assert_eq!(parse_deadline("30s", now), Some(now + chrono::Duration::seconds(30)));
-        assert_eq!(parse_deadline("2030-01-01T00:00:00Z", now).map(|d| d.timestamp()), Some(1_893_456_000));
-        assert_eq!(parse_deadline("soon", now), None);
+        assert_eq!(parse_deadline("30s"), Some(Deadline::In(30)));
+        assert_eq!(
+            parse_deadline("2030-01-01T00:00:00Z").and_then(Deadline::absolute).map(|d| d.timestamp()),
+            Some(1_893_456_000)
+        );
+        assert_eq!(parse_deadline("soon"), None);
     }
 
     #[test]
     fn out_of_range_deadlines_and_ttls_are_refused() {
-        let now = Utc::now();
         // Panicked in chrono (Duration::seconds out of bounds) before the bound.
-        assert_eq!(parse_deadline("9223372036854775807", now), None);
-        assert_eq!(idempotency_expiry(Some("9223372036854775807s"), now), None);
-        assert_eq!(idempotency_expiry(Some("15250284452w"), now), None);
-        assert_eq!(parse_deadline("1969-12-31T23:59:59Z", now), None);
-        assert_eq!(idempotency_expiry(None, now), Some(now + chrono::Duration::seconds(DEFAULT_IDEMPOTENCY_TTL_SECS)));
+        assert_eq!(parse_deadline("9223372036854775807"), None);
+        assert_eq!(idempotency_ttl_secs(Some("9223372036854775807s")), None);
+        assert_eq!(idempotency_ttl_secs(Some("15250284452w")), None);
+        assert_eq!(parse_deadline("1969-12-31T23:59:59Z"), None);
+        assert_eq!(idempotency_ttl_secs(None), Some(DEFAULT_IDEMPOTENCY_TTL_SECS));
     }
 
     mod props {
@@ -350,29 +388,31 @@ mod tests {
             fn deadlines_never_panic_and_stay_representable(input in ".{0,40}", secs in any::<i64>()) {
                 let now = Utc::now();
                 for text in [input.clone(), secs.to_string(), format!("{secs}s")] {
-                    if let Some(t) = parse_deadline(&text, now) {
-                        prop_assert!(t.timestamp_millis() <= MAX_TIMESTAMP_MILLIS);
-                        // The pending-set TTL derived from it cannot overflow either.
-                        prop_assert!(pending_ttl_ms(Some(t), now) >= 60_001);
+                    match parse_deadline(&text) {
+                        Some(Deadline::At(t)) => {
+                            prop_assert!(t.timestamp_millis() <= MAX_TIMESTAMP_MILLIS);
+                            // The pending-set TTL derived from it cannot overflow either.
+                            prop_assert!(pending_ttl_ms(Some(t), now) >= 60_001);
+                        }
+                        Some(Deadline::In(d)) => prop_assert!((0..=MAX_DURATION_SECS).contains(&d)),
+                        None => {}
                     }
-                    let _ = idempotency_expiry(Some(&text), now);
+                    let _ = idempotency_ttl_secs(Some(&text));
                 }
             }
 
             #[test]
-            fn durations_in_range_are_exact_offsets(secs in any::<i64>()) {
-                let now = Utc::now();
-                let expected = (0..=MAX_DURATION_SECS).contains(&secs).then(|| now + chrono::Duration::seconds(secs));
-                prop_assert_eq!(parse_deadline(&format!("{secs}s"), now), expected);
-                prop_assert_eq!(idempotency_expiry(Some(&secs.to_string()), now), expected);
+            fn durations_in_range_are_taken_as_given(secs in any::<i64>()) {
+                let expected = (0..=MAX_DURATION_SECS).contains(&secs).then_some(secs);
+                prop_assert_eq!(parse_deadline(&format!("{secs}s")).and_then(Deadline::relative_secs), expected);
+                prop_assert_eq!(idempotency_ttl_secs(Some(&secs.to_string())), expected);
             }
 
             #[test]
             fn absolute_deadlines_round_trip_in_range(ms in 0i64..=MAX_TIMESTAMP_MILLIS) {
-                let now = Utc::now();
                 let t = crate::validation::timestamp_from_millis(ms).unwrap();
                 let text = t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-                prop_assert_eq!(parse_deadline(&text, now), Some(t));
+                prop_assert_eq!(parse_deadline(&text), Some(Deadline::At(t)));
             }
         }
     }

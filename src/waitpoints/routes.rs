@@ -80,16 +80,15 @@ async fn create(
         Some(Tags::Many(t)) => t,
     };
     check_tags("tags", &tags)?;
-    let now = Utc::now();
-    let timeout_at = body
+    let timeout = body
         .timeout
         .as_deref()
         .map(|t| {
-            super::parse_deadline(t, now)
+            super::parse_deadline(t)
                 .ok_or_else(|| ValidationError::new("timeout", "must be a duration such as 30s or an ISO-8601 date"))
         })
         .transpose()?;
-    let key_expires_at = super::idempotency_expiry(body.idempotency_key_ttl.as_deref(), now)
+    let key_ttl_secs = super::idempotency_ttl_secs(body.idempotency_key_ttl.as_deref())
         .ok_or_else(|| ValidationError::new("idempotencyKeyTTL", "must be a duration such as 1h (at most 68 years)"))?;
     if body.last_seq_num.is_some_and(|n| n < -1) {
         return Err(ValidationError::new("lastSeqNum", "must be -1 or more").into());
@@ -105,9 +104,9 @@ async fn create(
         io,
         last_seq_num: body.last_seq_num,
         idempotency_key: body.idempotency_key.as_deref(),
-        idempotency_key_expires_at: key_expires_at,
+        idempotency_key_ttl_secs: key_ttl_secs,
         tags: &tags,
-        timeout_at,
+        timeout,
     };
     let (waitpoint, cached) = waitpoints.create(auth.env.id, request).await?;
     Ok(Json(CreateResponse { waitpoint_id: waitpoint.friendly_id, is_cached: cached }))

@@ -50,10 +50,14 @@ pub struct Waitpoint {
     pub output: Option<serde_json::Value>,
     pub created_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// Postgres' `now()` when the row was read: what `timeout_at` and
+    /// `idempotency_key_expires_at` are compared with, never this process's
+    /// clock (see `crate::clock`).
+    pub read_at: DateTime<Utc>,
 }
 
 const COLUMNS: &str = "id, friendly_id, runtime_environment_id, run_id, session_id, io, status, after_seq, \
-    idempotency_key, idempotency_key_expires_at, tags, timeout_at, output, created_at, completed_at";
+    idempotency_key, idempotency_key_expires_at, tags, timeout_at, output, created_at, completed_at, now() AS read_at";
 
 pub struct NewWaitpoint<'a> {
     pub env_id: Uuid,
@@ -62,9 +66,10 @@ pub struct NewWaitpoint<'a> {
     pub io: Io,
     pub after_seq: i64,
     pub idempotency_key: Option<&'a str>,
-    pub idempotency_key_expires_at: Option<DateTime<Utc>>,
+    /// How long the key holds, from the insert by Postgres' clock.
+    pub idempotency_key_ttl_secs: Option<i64>,
     pub tags: &'a [String],
-    pub timeout_at: Option<DateTime<Utc>>,
+    pub timeout: Option<crate::waitpoints::Deadline>,
 }
 
 /// What [`create`] did.
@@ -101,7 +106,7 @@ pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, St
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(w) = existing {
-                if w.idempotency_key_expires_at.is_none_or(|e| e > Utc::now()) {
+                if w.idempotency_key_expires_at.is_none_or(|e| e > w.read_at) {
                     tx.commit().await?;
                     return Ok(Created::Waitpoint(w, true));
                 }
@@ -114,7 +119,9 @@ pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, St
         let inserted: Result<Waitpoint, sqlx::Error> = sqlx::query_as(&format!(
             "INSERT INTO waitpoints (id, friendly_id, runtime_environment_id, run_id, session_id, io, after_seq,
                  idempotency_key, idempotency_key_expires_at, tags, timeout_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {COLUMNS}"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + $9::bigint * interval '1 second', $10,
+                 COALESCE($11::timestamptz, now() + $12::bigint * interval '1 second'))
+             RETURNING {COLUMNS}"
         ))
         .bind(Uuid::now_v7())
         .bind(crate::ids::new_waitpoint_id())
@@ -124,9 +131,10 @@ pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, St
         .bind(new.io)
         .bind(new.after_seq)
         .bind(new.idempotency_key)
-        .bind(new.idempotency_key_expires_at)
+        .bind(new.idempotency_key_ttl_secs)
         .bind(new.tags)
-        .bind(new.timeout_at)
+        .bind(new.timeout.and_then(|t| t.absolute()))
+        .bind(new.timeout.and_then(|t| t.relative_secs()))
         .fetch_one(&mut *tx)
         .await;
         match inserted.map_err(StoreError::from) {

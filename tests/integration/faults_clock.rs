@@ -4,13 +4,16 @@
 //! the skewed process keeps its run alive and its session's run in place
 //! (no CRASHED, no hand-off) while input arrives through both processes; and
 //! a process off by more than the JWT leeway refuses the other's tokens with
-//! a 401 that names the cause.
+//! a 401 that names the cause. On the skewed process, a wait with a relative
+//! timeout ends after that timeout by Postgres' clock (not the skew later,
+//! nor at once), and a session keeps taking writes until its expiry and
+//! refuses them after it.
 
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use sessiond::worker::WorkerClient;
+use sessiond::worker::{AssignedRun, WorkerClient};
 
 use crate::common::faults::{phase, report};
 use crate::common::server_proc::ServerProc;
@@ -53,6 +56,87 @@ struct Skewed {
     appends: usize,
     handoffs: i64,
     status: String,
+    /// A "3s" wait: `timeout_at - created_at` and `completed_at - created_at`, ms.
+    wait_timeout_ms: i64,
+    wait_timed_out_ms: i64,
+    /// The session's last accepted and first refused write, ms from its expiry.
+    last_write_ms: i64,
+    first_refusal_ms: i64,
+}
+
+/// The relative timeout the skewed process is asked for.
+const WAIT_TIMEOUT_SECS: i64 = 3;
+
+/// A wait with a relative timeout, created and long-polled on the skewed
+/// process until it ends (the run heartbeating meanwhile); returns its
+/// `timeout_at - created_at` and `completed_at - created_at` in ms.
+async fn timed_wait(app: &TestApp, skewed: &str, worker: &WorkerClient, run: &AssignedRun, s: &str) -> (i64, i64) {
+    let body = json!({"session": s, "io": "in", "timeout": format!("{WAIT_TIMEOUT_SECS}s")});
+    let path = format!("/api/v1/runs/{}/session-streams/wait", run.id);
+    let (status, v) = call(skewed, Method::POST, &path, &run.token, Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "wait: {v}");
+    let w = v["waitpointId"].as_str().unwrap().to_string();
+    // Long enough for the timeout, a sweep and a loaded machine; far short of
+    // the 33 s a timeout computed by a clock 30 s ahead would take.
+    let until = Instant::now() + Duration::from_secs(12);
+    let last = loop {
+        let path = format!("/api/v1/runs/{}/waitpoints/{w}?waitSeconds=1", run.id);
+        let (status, v) = call(skewed, Method::GET, &path, &run.token, None).await;
+        assert_eq!(status, StatusCode::OK, "poll: {v}");
+        if v["status"] != "WAITING" || Instant::now() >= until {
+            break v;
+        }
+        let _ = worker.heartbeat(run).await;
+    };
+    assert_eq!(last["status"], "TIMED_OUT", "a {WAIT_TIMEOUT_SECS}s wait on the skewed process: {last}");
+    let (timeout, done): (f64, f64) = sqlx::query_as(
+        "SELECT extract(epoch FROM timeout_at - created_at)::float8, extract(epoch FROM completed_at - created_at)::float8
+         FROM waitpoints WHERE friendly_id = $1",
+    )
+    .bind(&w)
+    .fetch_one(app.db())
+    .await
+    .unwrap();
+    ((timeout * 1000.0) as i64, (done * 1000.0) as i64)
+}
+
+/// A session created on the skewed process to expire a few seconds ahead
+/// (by the right clock), written to on it until refused; returns the last
+/// accepted and the first refused write in ms from the expiry.
+async fn writes_until_expiry(skewed: &str, key: &str, ext: &str) -> (i64, i64) {
+    let expires = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let mut body = session_body(Some(&format!("{ext}-expiring")));
+    body["expiresAt"] = json!(expires.to_rfc3339());
+    let (status, created) = call(skewed, Method::POST, "/api/v1/sessions", key, Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "a session expiring in 4 s, created on the skewed process: {created}");
+    let s = created["id"].as_str().unwrap().to_string();
+    let from_expiry = || (chrono::Utc::now() - expires).num_milliseconds();
+    let (mut last_ok, mut i) = (None, 0);
+    let refused = loop {
+        let resp = reqwest::Client::new()
+            .post(format!("{skewed}/realtime/v1/sessions/{s}/in/append"))
+            .bearer_auth(key)
+            .header("x-part-id", format!("exp-{i}"))
+            .body(input(i))
+            .send()
+            .await
+            .unwrap();
+        let (at, status) = (from_expiry(), resp.status());
+        match status {
+            StatusCode::OK => last_ok = Some(at),
+            // Redis slow on a loaded machine: the same part again.
+            StatusCode::SERVICE_UNAVAILABLE => continue,
+            _ => break Some(at),
+        }
+        if at > 6_000 {
+            break None;
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let last_ok = last_ok.expect("the expiring session took no write at all");
+    let refused = refused.expect("the session still took writes 6 s after its expiry");
+    (last_ok, refused)
 }
 
 async fn with_offset(app: &TestApp, offset_ms: i64) -> Skewed {
@@ -134,8 +218,20 @@ async fn with_offset(app: &TestApp, offset_ms: i64) -> Skewed {
         ("EXECUTING", Some(run.id.as_str()), 0),
         "offset {offset_ms}: the heartbeating run must stay the session's, alive"
     );
+    let (wait_timeout_ms, wait_timed_out_ms) = timed_wait(app, &skewed, &worker, &run, &s).await;
     worker.complete(&run, json!({"ok": true})).await.expect("complete");
-    Skewed { cross_tokens, heartbeats, appends, handoffs, status }
+    let (last_write_ms, first_refusal_ms) = writes_until_expiry(&skewed, key, &ext).await;
+    Skewed {
+        cross_tokens,
+        heartbeats,
+        appends,
+        handoffs,
+        status,
+        wait_timeout_ms,
+        wait_timed_out_ms,
+        last_write_ms,
+        first_refusal_ms,
+    }
 }
 
 #[tokio::test]
@@ -179,9 +275,33 @@ async fn faults_clock_offset_of_30s_on_one_process() {
             ("beyond_offset_s", beyond_secs.to_string()),
             ("beyond_minted_ahead", early_status.as_u16().to_string()),
             ("beyond_minted_behind", late_status.as_u16().to_string()),
+            ("wait_timeout_s", WAIT_TIMEOUT_SECS.to_string()),
+            ("wait_timeout_at_ms", format!("{}/{}", plus.wait_timeout_ms, minus.wait_timeout_ms)),
+            ("wait_timed_out_ms", format!("{}/{}", plus.wait_timed_out_ms, minus.wait_timed_out_ms)),
+            ("expiry_last_write_ms", format!("{}/{}", plus.last_write_ms, minus.last_write_ms)),
+            ("expiry_first_refusal_ms", format!("{}/{}", plus.first_refusal_ms, minus.first_refusal_ms)),
             ("total_ms", started.elapsed().as_millis().to_string()),
         ],
     );
+    for (offset, k) in [("+30", &plus), ("-30", &minus)] {
+        let timeout_ms = WAIT_TIMEOUT_SECS * 1000;
+        // Set by Postgres at insert: the timeout asked for, to the clock tick.
+        assert!((k.wait_timeout_ms - timeout_ms).abs() <= 500, "offset {offset}: timeout_at {}", k.wait_timeout_ms);
+        // Ended by the per-second sweep after it, not before.
+        assert!(
+            (timeout_ms..=timeout_ms + 4_000).contains(&k.wait_timed_out_ms),
+            "offset {offset}: a {timeout_ms} ms wait timed out after {} ms",
+            k.wait_timed_out_ms
+        );
+        // Writes until its expiry (within a request's round trip and the
+        // pause between writes), refused from it on.
+        assert!(k.last_write_ms >= -1_000, "offset {offset}: the last write was {} ms before expiry", k.last_write_ms);
+        assert!(
+            (0..=1_500).contains(&k.first_refusal_ms),
+            "offset {offset}: the first refusal came {} ms from expiry",
+            k.first_refusal_ms
+        );
+    }
     assert_eq!(early_status, StatusCode::UNAUTHORIZED, "{early_body}");
     assert!(early_body["error"].as_str().is_some_and(|e| e.contains("not yet valid")), "{early_body}");
     assert_eq!(late_status, StatusCode::UNAUTHORIZED, "{late_body}");

@@ -298,9 +298,9 @@ async fn insert_waiting(app: &TestApp, run: &AssignedRun, session: &str, after_s
             io: sessiond::streams::Io::In,
             after_seq,
             idempotency_key: None,
-            idempotency_key_expires_at: None,
+            idempotency_key_ttl_secs: None,
             tags: &[],
-            timeout_at: None,
+            timeout: None,
         },
     )
     .await
