@@ -32,6 +32,7 @@ mod faults_jobs;
 mod faults_lease;
 mod faults_replication;
 mod faults_streams;
+mod faults_worker;
 mod handoff;
 mod job_relay;
 mod limits;
