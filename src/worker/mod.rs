@@ -102,13 +102,8 @@ pub async fn execute(client: WorkerClient, handler: Arc<dyn TaskHandler>, run: A
     let server_stopped = CancellationToken::new();
     // Set once the run needs no more beats.
     let ended = CancellationToken::new();
-    let beat = tokio::spawn(heartbeats(
-        client.clone(),
-        run.clone(),
-        cancel.clone(),
-        server_stopped.clone(),
-        ended.clone(),
-    ));
+    let beat =
+        tokio::spawn(heartbeats(client.clone(), run.clone(), cancel.clone(), server_stopped.clone(), ended.clone()));
     let ctx = RunContext { run: run.clone(), cancel: cancel.clone(), client: client.clone() };
     // Its own task, so a panic is this attempt's failure, not the worker's.
     let result = match tokio::spawn(async move { handler.run(ctx).await }).await {

@@ -49,9 +49,7 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Transport(_) => true,
-            ClientError::Status { status, .. } => {
-                *status >= 500 || *status == StatusCode::TOO_MANY_REQUESTS.as_u16()
-            }
+            ClientError::Status { status, .. } => *status >= 500 || *status == StatusCode::TOO_MANY_REQUESTS.as_u16(),
             ClientError::Decode(_) => false,
         }
     }
@@ -138,7 +136,10 @@ mod tests {
     use super::*;
 
     /// `/{status}/{fails}`: answers `status` to the first `fails` tries, then 200.
-    async fn flaky(State(tries): State<Arc<AtomicUsize>>, Path((status, fails)): Path<(u16, usize)>) -> impl IntoResponse {
+    async fn flaky(
+        State(tries): State<Arc<AtomicUsize>>,
+        Path((status, fails)): Path<(u16, usize)>,
+    ) -> impl IntoResponse {
         let n = tries.fetch_add(1, Ordering::SeqCst);
         let mut headers = HeaderMap::new();
         if n < fails {
@@ -163,8 +164,9 @@ mod tests {
     async fn five_hundreds_are_tried_again_and_other_4xx_never() {
         let http = reqwest::Client::new();
         let (base, tries) = fake().await;
-        let got: String =
-            send_json(|| http.get(format!("{base}/503/3")), Duration::from_secs(5)).await.expect("the fourth try lands");
+        let got: String = send_json(|| http.get(format!("{base}/503/3")), Duration::from_secs(5))
+            .await
+            .expect("the fourth try lands");
         assert_eq!((got.as_str(), tries.load(Ordering::SeqCst)), ("yes", 4));
 
         let (base, tries) = fake().await;
@@ -188,7 +190,8 @@ mod tests {
         // A port nobody listens on: every try is refused at once.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let started = Instant::now();
-        let err = send(|| http.get(format!("http://127.0.0.1:{port}/")), Duration::from_millis(1500)).await.unwrap_err();
+        let err =
+            send(|| http.get(format!("http://127.0.0.1:{port}/")), Duration::from_millis(1500)).await.unwrap_err();
         let took = started.elapsed();
         assert!(matches!(err, ClientError::Transport(_)), "{err}");
         assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(4), "gave up after {took:?}");

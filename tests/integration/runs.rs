@@ -243,7 +243,11 @@ async fn complete_and_fail_are_idempotent_by_attempt() {
     let first = dequeue_one(&w).await;
     let failed = w.fail(&first, json!({"message": "boom"}), true).await.unwrap();
     assert_eq!(failed["status"], "QUEUED");
-    assert_eq!(w.fail(&first, json!({"message": "boom"}), true).await.unwrap(), failed, "a repeat answers as the first");
+    assert_eq!(
+        w.fail(&first, json!({"message": "boom"}), true).await.unwrap(),
+        failed,
+        "a repeat answers as the first"
+    );
 
     let second = dequeue_one(&w).await;
     assert_eq!((second.id.as_str(), second.attempt_number), (first.id.as_str(), 2));
@@ -274,7 +278,8 @@ async fn a_handler_that_panics_fails_its_attempts_instead_of_leaving_the_run_to_
     let app = TestApp::spawn().await;
     let s = app.create_session(session_body(Some("panics"))).await; // maxAttempts 3
     let stop = tokio_util::sync::CancellationToken::new();
-    let worker = tokio::spawn(sessiond::worker::Worker::new(app.worker(), tasks(), 4).run(Arc::new(Panics), stop.clone()));
+    let worker =
+        tokio::spawn(sessiond::worker::Worker::new(app.worker(), tasks(), 4).run(Arc::new(Panics), stop.clone()));
     let run = s["runId"].as_str().unwrap().to_string();
     eventually(20, "every attempt failed", || async { (app.run_status(&run).await == "FAILED").then_some(()) }).await;
     let (attempts, error): (i32, Value) =
@@ -595,8 +600,9 @@ async fn dequeue_validates_its_input() {
     let (status, _) = app.post("/api/v1/worker/dequeue", &app.a.key, json!({"tasks": ["x"], "maxRuns": 0})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let too_many = sessiond::worker::client::MAX_DEQUEUE_RUNS + 1;
-    let (status, _) =
-        app.post("/api/v1/worker/dequeue", &app.a.key, json!({"tasks": ["x"], "maxRuns": too_many, "waitSeconds": 0})).await;
+    let (status, _) = app
+        .post("/api/v1/worker/dequeue", &app.a.key, json!({"tasks": ["x"], "maxRuns": too_many, "waitSeconds": 0}))
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     // The worker library asks for no more than the server allows, whatever its free slots.
     let none = app.worker().dequeue(&["x".to_string()], 200, Duration::ZERO).await.expect("200 free slots dequeue");
