@@ -3,7 +3,7 @@
 //! reads). A server restart or failover, or a 503 while Redis is slow, must not
 //! end a run that is otherwise fine: a call is tried again after a transport
 //! error, a 5xx or a 429 (waiting at least its `Retry-After`), with jittered
-//! exponential backoff capped at [`MAX_DELAY`], for as long as it can still
+//! exponential backoff capped at a second ([`MAX_DELAY`] and its jitter), for as long as it can still
 //! matter: a run's calls for its heartbeat timeout (past it the server has
 //! declared the run crashed anyway). Any other 4xx is the server's final word
 //! and is never repeated. Callers make requests that are safe to repeat (an
@@ -19,9 +19,9 @@ use reqwest::{RequestBuilder, StatusCode};
 
 /// The first pause after a failed try.
 pub const FIRST_DELAY: Duration = Duration::from_millis(50);
-/// The longest pause between two tries (before jitter): a restarted server is
-/// noticed within this.
-pub const MAX_DELAY: Duration = Duration::from_secs(1);
+/// The longest pause between two tries before jitter (which adds up to as much
+/// again): a restarted server is noticed within a second.
+pub const MAX_DELAY: Duration = Duration::from_millis(500);
 /// The longest `Retry-After` honoured: beyond it the server is asking for more
 /// than a run can give.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);

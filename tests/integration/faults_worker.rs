@@ -24,10 +24,13 @@ use crate::common::faults::{phase, report};
 use crate::common::server_proc::ServerProc;
 use crate::common::{chat_message, TestApp};
 
-/// The server's heartbeat timeout in this case: well past a restart (about a
-/// second or two here), short enough that a run left without beats shows up
-/// CRASHED within the case.
-const HEARTBEAT_TIMEOUT_MS: u64 = 6_000;
+/// The server's heartbeat timeout in this case: past the longest outage plus a
+/// heartbeat interval and a retry pause, short enough that a run left without
+/// beats shows up CRASHED within the case.
+const HEARTBEAT_TIMEOUT_MS: u64 = 7_000;
+/// How long the server stays dead at each kill: an immediate restart, then
+/// outages like a failover's.
+const OUTAGES_MS: [u64; 3] = [0, 1_000, 2_000];
 /// Chat sessions made before the load, and while it runs.
 const SESSIONS_FIRST: usize = 6;
 const SESSIONS_LATER: usize = 3;
@@ -157,7 +160,7 @@ async fn faults_worker_kill9_and_restart_under_chat_load_crashes_no_run_and_answ
     );
 
     let load = phase(30.0);
-    let restarts: u32 = 3;
+    let restarts = OUTAGES_MS.len() as u32;
     let stop_load = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     let start_client = |i: usize| {
@@ -173,9 +176,11 @@ async fn faults_worker_kill9_and_restart_under_chat_load_crashes_no_run_and_answ
     // Restarts spread over the load, a new session created after each.
     let mut max_down_ms = 0u64;
     let gap = load / (restarts + 1);
-    for r in 0..restarts as usize {
+    for (r, outage) in OUTAGES_MS.into_iter().enumerate() {
         tokio::time::sleep(gap).await;
         let down = Instant::now();
+        server.kill9().await;
+        tokio::time::sleep(Duration::from_millis(outage)).await;
         server.restart().await;
         max_down_ms = max_down_ms.max(down.elapsed().as_millis() as u64);
         if r < SESSIONS_LATER {
