@@ -96,6 +96,33 @@ pub fn is_alive(
     }
 }
 
+/// How a worker ended an attempt (`complete` or `fail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Completed,
+    Failed,
+}
+
+impl Outcome {
+    /// Does the run's row show that `attempt` (the run's current one when
+    /// None) already ended with this outcome? Then a report of it is a repeat
+    /// (its answer lost to a restart, say) and answers as the first did. A
+    /// failed attempt that had attempts left sent the run back to QUEUED at the
+    /// same attempt number, and only a failure does that, so a later attempt
+    /// number also proves an earlier attempt failed.
+    pub fn already_reported(self, status: RunStatus, current_attempt: i32, attempt: Option<i32>) -> bool {
+        let attempt = attempt.unwrap_or(current_attempt);
+        match self {
+            Outcome::Completed => status == RunStatus::Completed && current_attempt == attempt,
+            Outcome::Failed => {
+                attempt >= 1
+                    && ((current_attempt == attempt && matches!(status, RunStatus::Failed | RunStatus::Queued))
+                        || current_attempt > attempt)
+            }
+        }
+    }
+}
+
 /// Delay before retry `attempt` (1-based, the attempt that just failed):
 /// exponential from `base_ms`, capped, with up to 25% jitter so retries of many
 /// runs do not land together.
@@ -127,6 +154,10 @@ impl TriggerReason {
         }
     }
 }
+
+/// The most runs one dequeue hands out. The worker library asks for no more
+/// than this (its free slots may be many more); the server refuses more.
+pub const MAX_DEQUEUE_RUNS: usize = 50;
 
 /// A run handed to a worker: what to run, and the credentials to run it with.
 /// The worker library deserialises the same type (`worker::AssignedRun`).
@@ -229,6 +260,21 @@ mod tests {
             assert!(st.is_final() && !is_alive(st, Some(now + Duration::hours(1)), now));
             assert_eq!(st.as_str(), s);
         }
+    }
+
+    #[test]
+    fn a_report_repeats_only_the_same_outcome_of_the_same_attempt() {
+        use RunStatus::*;
+        let done = Outcome::Completed;
+        assert!(done.already_reported(Completed, 2, Some(2)) && done.already_reported(Completed, 2, None));
+        assert!(!done.already_reported(Completed, 3, Some(2)), "another attempt completed");
+        assert!(!done.already_reported(Failed, 2, Some(2)) && !done.already_reported(Crashed, 2, None));
+        let failed = Outcome::Failed;
+        assert!(failed.already_reported(Queued, 1, Some(1)) && failed.already_reported(Failed, 3, None));
+        assert!(failed.already_reported(Executing, 2, Some(1)), "attempt 1 failed, attempt 2 runs");
+        assert!(!failed.already_reported(Completed, 2, Some(2)) && !failed.already_reported(Canceled, 1, Some(1)));
+        assert!(!failed.already_reported(Queued, 0, Some(1)), "a run not yet claimed reported nothing");
+        assert!(!failed.already_reported(Queued, 0, None), "nor without an attempt number");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use sqlx::PgPool;
 
 use super::dispatch::{DequeueRequest, Dispatcher};
 use super::store::{self, Run, Transition};
-use super::{DequeuedRun, RunStatus, RunTimings};
+use super::{DequeuedRun, RunStatus, RunTimings, MAX_DEQUEUE_RUNS};
 use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
@@ -107,8 +107,8 @@ async fn dequeue(
         check_len(&format!("tasks[{i}]"), t, 1, 128)?;
     }
     let max = body.max_runs.unwrap_or(1);
-    if !(1..=50).contains(&max) {
-        return Err(ValidationError::new("maxRuns", "must be from 1 to 50").into());
+    if !(1..=MAX_DEQUEUE_RUNS).contains(&max) {
+        return Err(ValidationError::new("maxRuns", format!("must be from 1 to {MAX_DEQUEUE_RUNS}")).into());
     }
     let wait = Duration::from_secs(body.wait_seconds.unwrap_or(10).min(MAX_DEQUEUE_WAIT_SECS));
     let request = DequeueRequest {
@@ -190,9 +190,14 @@ fn transition_result(t: Transition) -> ApiResult<Json<RunView>> {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct CompleteBody {
     #[serde(default)]
     output: Option<Value>,
+    /// The attempt being reported (the run's current one when absent): a
+    /// repeat for the same attempt answers as the first did.
+    #[serde(default)]
+    attempt_number: Option<i32>,
 }
 
 async fn complete(
@@ -202,14 +207,18 @@ async fn complete(
     DataJson(body): DataJson<CompleteBody>,
 ) -> ApiResult<Json<RunView>> {
     authorize_run(&auth, Action::Write, &run)?;
-    transition_result(store::complete(&db, auth.env.id, &run, body.output.as_ref()).await?)
+    transition_result(store::complete(&db, auth.env.id, &run, body.attempt_number, body.output.as_ref()).await?)
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct FailBody {
     error: Value,
     #[serde(default = "yes")]
     retryable: bool,
+    /// As for complete.
+    #[serde(default)]
+    attempt_number: Option<i32>,
 }
 
 fn yes() -> bool {
@@ -228,7 +237,8 @@ async fn fail(
     authorize_run(&auth, Action::Write, &run)?;
     let current = store::find(&db, auth.env.id, &run).await?.ok_or_else(not_found)?;
     let delay = super::retry_delay_ms(current.attempt_number, timings.retry_base_ms, timings.retry_max_ms);
-    transition_result(store::fail(&db, auth.env.id, &run, &body.error, body.retryable, delay as i64).await?)
+    let failed = store::fail(&db, auth.env.id, &run, body.attempt_number, &body.error, body.retryable, delay as i64);
+    transition_result(failed.await?)
 }
 
 #[derive(Serialize)]

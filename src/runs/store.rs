@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{session_payload, Continuation, RunSettings, RunStatus, TriggerReason};
+use super::{session_payload, Continuation, Outcome, RunSettings, RunStatus, TriggerReason};
 use crate::db::{Keyset, StoreError};
 use crate::ids;
 
@@ -279,10 +279,30 @@ async fn settle(
     friendly_id: &str,
     updated: Option<Run>,
 ) -> Result<Transition, StoreError> {
+    settle_report(pool, env_id, friendly_id, updated, None).await
+}
+
+/// [`settle`] for a worker's report of `outcome` for `attempt`: a run whose
+/// row shows that report already made is done (the repeat answers as the
+/// first did), anything else refused.
+async fn settle_report(
+    pool: &PgPool,
+    env_id: Uuid,
+    friendly_id: &str,
+    updated: Option<Run>,
+    report: Option<(Outcome, Option<i32>)>,
+) -> Result<Transition, StoreError> {
     if let Some(run) = updated {
         return Ok(Transition::Done(run));
     }
     Ok(match find(pool, env_id, friendly_id).await? {
+        Some(run)
+            if report.is_some_and(|(outcome, attempt)| {
+                outcome.already_reported(run.status, run.attempt_number, attempt)
+            }) =>
+        {
+            Transition::Done(run)
+        }
         Some(run) => Transition::Refused(run),
         None => Transition::NotFound,
     })
@@ -304,33 +324,41 @@ pub async fn heartbeat(
     settle(pool, env_id, friendly_id, updated).await
 }
 
+/// Completes `attempt` of a live run (the current attempt when None). A
+/// repeat for an attempt already completed is done, not refused.
 pub async fn complete(
     pool: &PgPool,
     env_id: Uuid,
     friendly_id: &str,
+    attempt: Option<i32>,
     output: Option<&serde_json::Value>,
 ) -> Result<Transition, StoreError> {
     let sql = returning_runs(
         "UPDATE task_runs SET status = 'COMPLETED', output = $3, completed_at = now(), heartbeat_deadline = NULL,
             updated_at = now()
          WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
+           AND ($4::int4 IS NULL OR attempt_number = $4)
          RETURNING *",
     );
     let updated = sqlx::query_as(&sql)
         .bind(env_id)
         .bind(friendly_id)
         .bind(output.map(crate::db::JsonDoc))
+        .bind(attempt)
         .fetch_optional(pool)
         .await?;
-    settle(pool, env_id, friendly_id, updated).await
+    settle_report(pool, env_id, friendly_id, updated, Some((Outcome::Completed, attempt))).await
 }
 
-/// Records a failed attempt: back to QUEUED after `retry_delay_ms` while attempts
-/// remain and the failure is retryable, FAILED otherwise.
+/// Records a failed attempt (`attempt`, the current one when None): back to
+/// QUEUED after `retry_delay_ms` while attempts remain and the failure is
+/// retryable, FAILED otherwise. A repeat for an attempt already failed is
+/// done, not refused, and never fails a later attempt.
 pub async fn fail(
     pool: &PgPool,
     env_id: Uuid,
     friendly_id: &str,
+    attempt: Option<i32>,
     error: &serde_json::Value,
     retryable: bool,
     retry_delay_ms: i64,
@@ -343,6 +371,7 @@ pub async fn fail(
             completed_at = CASE WHEN $4 AND attempt_number < max_attempts THEN NULL ELSE now() END,
             enqueued_at = NULL, heartbeat_deadline = NULL, error = $3, updated_at = now()
          WHERE runtime_environment_id = $1 AND friendly_id = $2 AND status IN ('EXECUTING', 'WAITING')
+           AND ($6::int4 IS NULL OR attempt_number = $6)
          RETURNING *",
     );
     let updated = sqlx::query_as(&sql)
@@ -351,9 +380,10 @@ pub async fn fail(
         .bind(crate::db::JsonDoc(error))
         .bind(retryable)
         .bind(retry_delay_ms)
+        .bind(attempt)
         .fetch_optional(pool)
         .await?;
-    settle(pool, env_id, friendly_id, updated).await
+    settle_report(pool, env_id, friendly_id, updated, Some((Outcome::Failed, attempt))).await
 }
 
 /// Cancels a run that is not final yet. Idempotent: returns false when there was

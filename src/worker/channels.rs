@@ -7,6 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
+use super::retry;
+
 /// One record on a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -123,6 +125,8 @@ pub struct HttpChannels {
     run_id: String,
     session: String,
     token: String,
+    /// How long each call keeps trying (see [`super::retry`]).
+    budget: Duration,
 }
 
 /// How long the token handed out at the end of a turn lives: the longest a
@@ -137,47 +141,29 @@ pub struct HttpChannelFactory {
 impl ChannelFactory for HttpChannelFactory {
     fn for_run(&self, run: &super::AssignedRun) -> std::sync::Arc<dyn SessionChannels> {
         std::sync::Arc::new(HttpChannels {
-            http: reqwest::Client::new(),
+            // Above the longest long-poll (30 s), so only a hung connection times out.
+            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap_or_default(),
             base: self.base_url.trim_end_matches('/').to_string(),
             run_id: run.id.clone(),
             session: run.session_id.clone().unwrap_or_default(),
             token: run.token.clone(),
+            budget: super::client::run_budget(run),
         })
     }
-}
-
-async fn checked(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-    anyhow::ensure!(status.is_success(), "server answered {status}: {body}");
-    Ok(body)
-}
-
-/// Tries of an idempotent request before its error is the run's.
-const TRIES: u32 = 4;
-
-/// Sends an idempotent request (a read, or an append that carries its part
-/// id on every try), trying again after a dropped connection or a 5xx: a
-/// server that answered 503 while Redis was slow, or restarted, would
-/// otherwise fail the run, and with it the turn the client is waiting for.
-async fn send_idempotent(make: impl Fn() -> reqwest::RequestBuilder) -> anyhow::Result<serde_json::Value> {
-    let mut delay = Duration::from_millis(50);
-    for _ in 1..TRIES {
-        match make().send().await {
-            Ok(resp) if !resp.status().is_server_error() => return checked(resp).await,
-            Ok(resp) => tracing::warn!(status = %resp.status(), "worker request failed; trying again"),
-            Err(err) => tracing::warn!(%err, "worker request failed; trying again"),
-        }
-        tokio::time::sleep(delay).await;
-        delay *= 2;
-    }
-    checked(make().send().await?).await
 }
 
 impl HttpChannels {
     /// A GET on the server with the run's token.
     async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        send_idempotent(|| self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token)).await
+        let url = format!("{}{path}", self.base);
+        Ok(retry::send_json(|| self.http.get(&url).bearer_auth(&self.token), self.budget).await?)
+    }
+
+    /// A POST of `body` on the server with the run's token; `body` makes it
+    /// safe to repeat.
+    async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        Ok(retry::send_json(|| self.http.post(&url).bearer_auth(&self.token).json(body), self.budget).await?)
     }
 }
 
@@ -199,20 +185,19 @@ fn record_from_output(output: &serde_json::Value) -> Option<Record> {
 #[async_trait]
 impl SessionChannels for HttpChannels {
     async fn next_input(&self, after: Option<u64>, timeout: Duration) -> anyhow::Result<Option<Record>> {
-        let created = checked(
-            self.http
-                .post(format!("{}/api/v1/runs/{}/session-streams/wait", self.base, self.run_id))
-                .bearer_auth(&self.token)
-                .json(&serde_json::json!({
-                    "session": self.session,
-                    "io": "in",
-                    "lastSeqNum": after.map(|a| a as i64).unwrap_or(-1),
-                    "timeout": format!("{}s", timeout.as_secs().max(1)),
-                }))
-                .send()
-                .await?,
-        )
-        .await?;
+        // One key for every try: a repeat whose first answer was lost returns
+        // the same waitpoint instead of a second one.
+        let key = format!("{}:{}", self.run_id, uuid::Uuid::new_v4().simple());
+        let body = serde_json::json!({
+            "session": self.session,
+            "io": "in",
+            "lastSeqNum": after.map(|a| a as i64).unwrap_or(-1),
+            "timeout": format!("{}s", timeout.as_secs().max(1)),
+            "idempotencyKey": key,
+            // Only this call's tries share it.
+            "idempotencyKeyTTL": "1h",
+        });
+        let created = self.post(&format!("/api/v1/runs/{}/session-streams/wait", self.run_id), &body).await?;
         let waitpoint = created["waitpointId"].as_str().unwrap_or_default().to_string();
         loop {
             let state =
@@ -229,19 +214,15 @@ impl SessionChannels for HttpChannels {
         // One part id for every try: the server stores the record once.
         let part = uuid::Uuid::new_v4().simple().to_string();
         let headers = (!headers.is_empty()).then(|| serde_json::to_string(headers)).transpose()?;
-        send_idempotent(|| {
-            let req = self
-                .http
-                .post(format!("{}/realtime/v1/sessions/{}/out/append", self.base, self.session))
-                .bearer_auth(&self.token)
-                .header("x-part-id", &part)
-                .body(body.to_string());
+        let url = format!("{}/realtime/v1/sessions/{}/out/append", self.base, self.session);
+        let append = || {
+            let req = self.http.post(&url).bearer_auth(&self.token).header("x-part-id", &part).body(body.to_string());
             match &headers {
                 Some(h) => req.header("x-record-headers", h),
                 None => req,
             }
-        })
-        .await?;
+        };
+        retry::send(append, self.budget).await?;
         Ok(())
     }
 
@@ -254,13 +235,8 @@ impl SessionChannels for HttpChannels {
     async fn turn_token(&self) -> anyhow::Result<Option<String>> {
         let scopes = [format!("read:sessions:{}", self.session), format!("write:sessions:{}", self.session)];
         // Minting twice is harmless: the turn hands out the last one.
-        let minted = send_idempotent(|| {
-            self.http
-                .post(format!("{}/api/v1/auth/public-tokens", self.base))
-                .bearer_auth(&self.token)
-                .json(&serde_json::json!({ "scopes": scopes, "expirationTime": TURN_TOKEN_TTL }))
-        })
-        .await?;
+        let body = serde_json::json!({ "scopes": scopes, "expirationTime": TURN_TOKEN_TTL });
+        let minted = self.post("/api/v1/auth/public-tokens", &body).await?;
         Ok(minted["token"].as_str().map(String::from))
     }
 
@@ -324,6 +300,7 @@ mod tests {
             run_id: "run_x".into(),
             session: session.into(),
             token: "t".into(),
+            budget: Duration::from_secs(2),
         }
     }
 

@@ -6,8 +6,22 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::retry;
+
 /// A run handed to this worker: the server's dequeue answer, read back.
 pub use crate::runs::DequeuedRun as AssignedRun;
+/// The most runs one dequeue may ask for (the server refuses more).
+pub use crate::runs::MAX_DEQUEUE_RUNS;
+
+/// How long a dequeue keeps trying through a server restart before the
+/// worker's loop pauses and asks again.
+const DEQUEUE_BUDGET: Duration = Duration::from_secs(30);
+
+/// How long a call about `run` keeps trying: its heartbeat timeout, past which
+/// the server has declared the run crashed.
+pub fn run_budget(run: &AssignedRun) -> Duration {
+    Duration::from_millis(run.heartbeat_timeout_ms.max(1))
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -24,13 +38,7 @@ pub struct Handoff {
     pub swapped: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("request failed: {0}")]
-    Transport(#[from] reqwest::Error),
-    #[error("server answered {status}: {body}")]
-    Status { status: u16, body: String },
-}
+pub use super::retry::ClientError;
 
 #[derive(Clone)]
 pub struct WorkerClient {
@@ -64,59 +72,46 @@ impl WorkerClient {
         &self.base
     }
 
-    async fn send<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
-        let resp = req.send().await?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(ClientError::Status { status: status.as_u16(), body });
-        }
-        Ok(resp.json().await?)
-    }
-
     /// Long-polls for up to `max` runs of `tasks`; empty after `wait` with no work.
     pub async fn dequeue(&self, tasks: &[String], max: usize, wait: Duration) -> Result<Vec<AssignedRun>, ClientError> {
         #[derive(Deserialize)]
         struct Reply {
             runs: Vec<AssignedRun>,
         }
-        let body = DequeueRequest { tasks, max_runs: max, wait_seconds: wait.as_secs(), worker_id: &self.worker_id };
-        let req =
-            self.http.post(format!("{}/api/v1/worker/dequeue", self.base)).bearer_auth(&self.secret_key).json(&body);
-        Ok(self.send::<Reply>(req).await?.runs)
+        // Never more than the server allows: it refuses the whole request otherwise.
+        let max_runs = max.clamp(1, MAX_DEQUEUE_RUNS);
+        let body = DequeueRequest { tasks, max_runs, wait_seconds: wait.as_secs(), worker_id: &self.worker_id };
+        let url = format!("{}/api/v1/worker/dequeue", self.base);
+        let reply: Reply =
+            retry::send_json(|| self.http.post(&url).bearer_auth(&self.secret_key).json(&body), DEQUEUE_BUDGET).await?;
+        Ok(reply.runs)
     }
 
     pub async fn heartbeat(&self, run: &AssignedRun) -> Result<HeartbeatReply, ClientError> {
-        let req = self.http.post(format!("{}/api/v1/runs/{}/heartbeat", self.base, run.id)).bearer_auth(&run.token);
-        self.send(req).await
+        let url = format!("{}/api/v1/runs/{}/heartbeat", self.base, run.id);
+        retry::send_json(|| self.http.post(&url).bearer_auth(&run.token), run_budget(run)).await
     }
 
+    /// Reports the attempt's output. Carries the attempt number, so a repeat
+    /// (its answer lost to a restart) answers as the first did.
     pub async fn complete(&self, run: &AssignedRun, output: Value) -> Result<Value, ClientError> {
-        let req = self
-            .http
-            .post(format!("{}/api/v1/runs/{}/complete", self.base, run.id))
-            .bearer_auth(&run.token)
-            .json(&json!({ "output": output }));
-        self.send(req).await
+        let url = format!("{}/api/v1/runs/{}/complete", self.base, run.id);
+        let body = json!({ "output": output, "attemptNumber": run.attempt_number });
+        retry::send_json(|| self.http.post(&url).bearer_auth(&run.token).json(&body), run_budget(run)).await
     }
 
+    /// Reports the attempt as failed; idempotent by attempt like [`Self::complete`].
     pub async fn fail(&self, run: &AssignedRun, error: Value, retryable: bool) -> Result<Value, ClientError> {
-        let req = self
-            .http
-            .post(format!("{}/api/v1/runs/{}/fail", self.base, run.id))
-            .bearer_auth(&run.token)
-            .json(&json!({ "error": error, "retryable": retryable }));
-        self.send(req).await
+        let url = format!("{}/api/v1/runs/{}/fail", self.base, run.id);
+        let body = json!({ "error": error, "retryable": retryable, "attemptNumber": run.attempt_number });
+        retry::send_json(|| self.http.post(&url).bearer_auth(&run.token).json(&body), run_budget(run)).await
     }
 
     /// Hands the run's session to a fresh run (e.g. to pick up a new version).
     pub async fn end_and_continue(&self, run: &AssignedRun, reason: &str) -> Result<Handoff, ClientError> {
         let session = run.session_id.as_deref().unwrap_or_default();
-        let req = self
-            .http
-            .post(format!("{}/api/v1/sessions/{}/end-and-continue", self.base, session))
-            .bearer_auth(&run.token)
-            .json(&json!({ "callingRunId": run.id, "reason": reason }));
-        self.send(req).await
+        let url = format!("{}/api/v1/sessions/{}/end-and-continue", self.base, session);
+        let body = json!({ "callingRunId": run.id, "reason": reason });
+        retry::send_json(|| self.http.post(&url).bearer_auth(&run.token).json(&body), run_budget(run)).await
     }
 }

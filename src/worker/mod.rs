@@ -11,6 +11,7 @@ pub mod channels;
 pub mod chat;
 pub mod client;
 pub mod echo;
+pub mod retry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +60,7 @@ impl Worker {
                     _ = in_flight.join_next() => continue,
                 }
             }
+            // The client asks for no more than the server hands out at once.
             let runs = tokio::select! {
                 _ = stop.cancelled() => break,
                 r = self.client.dequeue(&self.tasks, free, Duration::from_secs(10)) => r,
@@ -87,45 +89,73 @@ impl Worker {
     }
 }
 
-/// Runs one assigned run: heartbeats beside the handler, cancels it when told,
-/// then reports completion or failure.
+/// Runs one assigned run: heartbeats beside the handler until the run has
+/// ended, cancels the handler when the server says so, then reports
+/// completion or failure (a handler's error or panic is a failure).
+///
+/// The heartbeat outlives the handler: it stops only once the final report
+/// is acknowledged (or given up on), the server says the run is over, or the
+/// worker shuts down, so a report retried through a server restart never
+/// finds its run crashed for want of beats.
 pub async fn execute(client: WorkerClient, handler: Arc<dyn TaskHandler>, run: AssignedRun, cancel: CancellationToken) {
-    let beat = {
-        let (client, run, cancel) = (client.clone(), run.clone(), cancel.clone());
-        tokio::spawn(async move {
-            let every = Duration::from_millis(run.heartbeat_interval_ms.max(10));
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                match client.heartbeat(&run).await {
-                    Ok(reply) if reply.cancel => {
-                        tracing::info!(run = %run.id, status = %reply.status, "server stopped the run");
-                        cancel.cancel();
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(err) => tracing::warn!(run = %run.id, %err, "heartbeat failed"),
-                }
-            }
-        })
-    };
+    // Set when the server answers a beat with "stop": the run is final there.
+    let server_stopped = CancellationToken::new();
+    // Set once the run needs no more beats.
+    let ended = CancellationToken::new();
+    let beat =
+        tokio::spawn(heartbeats(client.clone(), run.clone(), cancel.clone(), server_stopped.clone(), ended.clone()));
     let ctx = RunContext { run: run.clone(), cancel: cancel.clone(), client: client.clone() };
-    let result = handler.run(ctx).await;
-    let stopped = cancel.is_cancelled();
-    cancel.cancel();
-    let _ = beat.await;
-    if stopped {
-        // The server already holds a final state (canceled, timed out) or we are
-        // shutting down; the heartbeat deadline settles the latter.
+    // Its own task, so a panic is this attempt's failure, not the worker's.
+    let result = match tokio::spawn(async move { handler.run(ctx).await }).await {
+        Ok(result) => result,
+        Err(err) => Err(anyhow::anyhow!("the handler stopped abnormally: {err}")),
+    };
+    if server_stopped.is_cancelled() || cancel.is_cancelled() {
+        // The server already holds a final state (canceled, timed out), or we
+        // are shutting down; the heartbeat deadline settles the latter.
+        ended.cancel();
+        let _ = beat.await;
         return;
     }
     let report = match result {
         Ok(output) => client.complete(&run, output).await.map(|_| ()),
         Err(err) => client.fail(&run, json!({ "message": format!("{err:#}") }), true).await.map(|_| ()),
     };
+    ended.cancel();
+    let _ = beat.await;
     if let Err(err) = report {
         tracing::warn!(run = %run.id, %err, "could not report the run's result");
+    }
+}
+
+/// Beats every heartbeat interval until `ended`; when the server answers that
+/// the run is over, says so (`server_stopped`) and cancels the handler.
+async fn heartbeats(
+    client: WorkerClient,
+    run: AssignedRun,
+    cancel: CancellationToken,
+    server_stopped: CancellationToken,
+    ended: CancellationToken,
+) {
+    let every = Duration::from_millis(run.heartbeat_interval_ms.max(10));
+    loop {
+        tokio::select! {
+            _ = ended.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let beat = tokio::select! {
+            _ = ended.cancelled() => return,
+            beat = client.heartbeat(&run) => beat,
+        };
+        match beat {
+            Ok(reply) if reply.cancel => {
+                tracing::info!(run = %run.id, status = %reply.status, "server stopped the run");
+                server_stopped.cancel();
+                cancel.cancel();
+                return;
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(run = %run.id, %err, "heartbeat failed"),
+        }
     }
 }

@@ -36,6 +36,7 @@ mod faults_processes;
 mod faults_replication;
 mod faults_sse;
 mod faults_streams;
+mod faults_worker;
 mod handoff;
 mod job_relay;
 mod limits;

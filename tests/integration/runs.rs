@@ -42,8 +42,11 @@ async fn create_dequeue_complete_then_continuation() {
     let done = w.complete(&run, json!({"ok": true})).await.unwrap();
     assert_eq!(done["status"], "COMPLETED");
     assert_eq!(done["output"], json!({"ok": true}));
-    // Completing twice is refused.
-    assert!(w.complete(&run, json!(null)).await.is_err());
+    // Completing the same attempt again (its answer lost, say) answers as the
+    // first did; failing it after is a different outcome, refused.
+    assert_eq!(w.complete(&run, json!({"ok": true})).await.unwrap(), done);
+    let refused = w.fail(&run, json!({"message": "late"}), true).await.unwrap_err();
+    assert_eq!(refused.status(), Some(409), "{refused}");
 
     // Next activity (here: create again) boots a continuation.
     let again = app.create_session(session_body(Some("flow"))).await;
@@ -230,6 +233,65 @@ async fn failed_attempts_retry_up_to_max_attempts_then_fail() {
     assert_eq!(error["message"], "boom 3");
     // Nothing more to dequeue.
     assert!(w.dequeue(&tasks(), 1, Duration::from_secs(1)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn complete_and_fail_are_idempotent_by_attempt() {
+    let app = TestApp::spawn().await;
+    app.create_session(session_body(Some("repeat"))).await; // maxAttempts 3
+    let w = app.worker();
+    let first = dequeue_one(&w).await;
+    let failed = w.fail(&first, json!({"message": "boom"}), true).await.unwrap();
+    assert_eq!(failed["status"], "QUEUED");
+    assert_eq!(
+        w.fail(&first, json!({"message": "boom"}), true).await.unwrap(),
+        failed,
+        "a repeat answers as the first"
+    );
+
+    let second = dequeue_one(&w).await;
+    assert_eq!((second.id.as_str(), second.attempt_number), (first.id.as_str(), 2));
+    // A repeat of attempt 1's failure arriving late never fails attempt 2.
+    w.fail(&first, json!({"message": "boom"}), true).await.expect("attempt 1 did fail");
+    assert_eq!(app.run_status(&second.id).await, "EXECUTING");
+    // Nor does attempt 1 complete: it failed.
+    assert_eq!(w.complete(&first, json!("late")).await.unwrap_err().status(), Some(409));
+
+    let done = w.complete(&second, json!({"n": 2})).await.unwrap();
+    assert_eq!(w.complete(&second, json!({"n": 2})).await.unwrap(), done);
+    assert_eq!(w.fail(&second, json!({"message": "x"}), false).await.unwrap_err().status(), Some(409));
+    assert_eq!(app.run_status(&second.id).await, "COMPLETED");
+}
+
+/// A handler that panics.
+struct Panics;
+
+#[async_trait::async_trait]
+impl TaskHandler for Panics {
+    async fn run(&self, _ctx: RunContext) -> anyhow::Result<Value> {
+        panic!("the handler broke");
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_fails_its_attempts_instead_of_leaving_the_run_to_crash() {
+    let app = TestApp::spawn().await;
+    let s = app.create_session(session_body(Some("panics"))).await; // maxAttempts 3
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker =
+        tokio::spawn(sessiond::worker::Worker::new(app.worker(), tasks(), 4).run(Arc::new(Panics), stop.clone()));
+    let run = s["runId"].as_str().unwrap().to_string();
+    eventually(20, "every attempt failed", || async { (app.run_status(&run).await == "FAILED").then_some(()) }).await;
+    let (attempts, error): (i32, Value) =
+        sqlx::query_as("SELECT attempt_number, error FROM task_runs WHERE friendly_id = $1")
+            .bind(&run)
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert_eq!(attempts, 3);
+    assert!(error["message"].as_str().unwrap().contains("the handler broke"), "{error}");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), worker).await.expect("worker stops").unwrap();
 }
 
 #[tokio::test]
@@ -537,6 +599,14 @@ async fn dequeue_validates_its_input() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _) = app.post("/api/v1/worker/dequeue", &app.a.key, json!({"tasks": ["x"], "maxRuns": 0})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let too_many = sessiond::worker::client::MAX_DEQUEUE_RUNS + 1;
+    let (status, _) = app
+        .post("/api/v1/worker/dequeue", &app.a.key, json!({"tasks": ["x"], "maxRuns": too_many, "waitSeconds": 0}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // The worker library asks for no more than the server allows, whatever its free slots.
+    let none = app.worker().dequeue(&["x".to_string()], 200, Duration::ZERO).await.expect("200 free slots dequeue");
+    assert!(none.is_empty());
     let s = app.create_session(session_body(Some("pat"))).await;
     let (status, _) = app
         .post("/api/v1/worker/dequeue", s["publicAccessToken"].as_str().unwrap(), json!({"tasks": ["echo-agent"]}))
