@@ -269,13 +269,13 @@ async fn scenario(app: &TestApp, slot: &Slot) {
     })
     .await;
     let deleted_session: Session =
-        sqlx::query_as("DELETE FROM sessions WHERE id = $1 RETURNING *, NULL::text AS current_run_friendly_id")
+        sqlx::query_as("DELETE FROM sessions WHERE id = $1 RETURNING *, NULL::text AS current_run_friendly_id, now() AS read_at")
             .bind(third_id)
             .fetch_one(app.db())
             .await
             .unwrap();
     let deleted_run: Run =
-        sqlx::query_as("DELETE FROM task_runs WHERE id = $1 RETURNING *, NULL::text AS session_friendly_id")
+        sqlx::query_as("DELETE FROM task_runs WHERE id = $1 RETURNING *, NULL::text AS session_friendly_id, now() AS read_at")
             .bind(third_run)
             .fetch_one(app.db())
             .await
