@@ -31,6 +31,9 @@ pub struct DequeueRequest<'a> {
     pub max_runs: usize,
     pub wait: Duration,
     pub worker_id: Option<&'a str>,
+    /// The worker's key for this logical dequeue, the same on every retry of
+    /// it: a repeat is answered with the runs the first try claimed.
+    pub key: Option<&'a str>,
 }
 
 /// Dispatches queued runs to workers, with what it uses: the database, the
@@ -61,7 +64,20 @@ impl Dispatcher {
 
     /// Long-polls for up to `max_runs` runs of the given tasks: the runs claimed
     /// for this worker, or none once `wait` passes.
+    ///
+    /// With a key that already claimed runs still EXECUTING for this worker,
+    /// answers those again and pops nothing: the first answer was lost (the
+    /// server died or the connection was cut after the claim), and popping new
+    /// runs would leave those claimed by nobody who knows it, to crash at
+    /// their heartbeat deadline.
     pub async fn dequeue(&self, req: DequeueRequest<'_>) -> Result<Vec<Run>, DispatchError> {
+        if let Some(key) = req.key {
+            let again =
+                store::reclaim(&self.db, req.env_id, key, req.worker_id, self.heartbeat_timeout_ms as i64).await?;
+            if !again.is_empty() {
+                return Ok(again);
+            }
+        }
         let keys: Vec<String> = req.tasks.iter().map(|t| self.queue.key(req.env_id, t)).collect();
         let deadline = tokio::time::Instant::now() + req.wait;
         let timeout_ms = self.heartbeat_timeout_ms as i64;
@@ -70,7 +86,8 @@ impl Dispatcher {
             wake.borrow_and_update();
             let ids = self.queue.pop(&keys, req.max_runs).await?;
             if !ids.is_empty() {
-                let runs = store::claim_for_execution(&self.db, req.env_id, &ids, timeout_ms, req.worker_id).await?;
+                let runs =
+                    store::claim_for_execution(&self.db, req.env_id, &ids, timeout_ms, req.worker_id, req.key).await?;
                 if !runs.is_empty() {
                     return Ok(runs);
                 }

@@ -82,6 +82,10 @@ struct DequeueBody {
     wait_seconds: Option<u64>,
     #[serde(default)]
     worker_id: Option<String>,
+    /// The worker's key for this logical dequeue, sent again on each retry of
+    /// it; a repeat gets the runs the first try claimed (see `Dispatcher::dequeue`).
+    #[serde(default)]
+    request_id: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -110,6 +114,9 @@ async fn dequeue(
     if !(1..=MAX_DEQUEUE_RUNS).contains(&max) {
         return Err(ValidationError::new("maxRuns", format!("must be from 1 to {MAX_DEQUEUE_RUNS}")).into());
     }
+    if let Some(key) = &body.request_id {
+        check_len("requestId", key, 1, 128)?;
+    }
     let wait = Duration::from_secs(body.wait_seconds.unwrap_or(10).min(MAX_DEQUEUE_WAIT_SECS));
     let request = DequeueRequest {
         env_id: auth.env.id,
@@ -117,6 +124,7 @@ async fn dequeue(
         max_runs: max,
         wait,
         worker_id: body.worker_id.as_deref(),
+        key: body.request_id.as_deref(),
     };
     let runs = dispatcher.dequeue(request).await?;
     let timeout = dispatcher.heartbeat_timeout_ms();

@@ -244,22 +244,64 @@ pub async fn find_by_id(conn: impl sqlx::PgExecutor<'_>, id: Uuid) -> Result<Opt
 /// Hands popped run ids to a worker. Only runs still QUEUED, due and not
 /// canceled move to EXECUTING; anything else popped (a duplicate queue entry,
 /// a run canceled meanwhile) is dropped, so one run never reaches two workers.
+/// Records the request's `dequeue_key` (NULL without one, which also clears a
+/// key left by an earlier attempt), so a retry of the same request whose
+/// answer was lost finds these runs again ([`reclaim`]).
 pub async fn claim_for_execution(
     pool: &PgPool,
     env_id: Uuid,
     ids: &[Uuid],
     heartbeat_timeout_ms: i64,
     worker_id: Option<&str>,
+    dequeue_key: Option<&str>,
 ) -> Result<Vec<Run>, StoreError> {
     let sql = returning_runs(
         "UPDATE task_runs SET status = 'EXECUTING', attempt_number = attempt_number + 1,
             heartbeat_deadline = now() + make_interval(secs => $3::float8 / 1000),
-            started_at = coalesce(started_at, now()), worker_id = $4, updated_at = now()
+            started_at = coalesce(started_at, now()), worker_id = $4, dequeue_key = $5, updated_at = now()
          WHERE id = ANY($1) AND runtime_environment_id = $2 AND status = 'QUEUED'
            AND available_at <= now() AND cancel_requested_at IS NULL
          RETURNING *",
     );
-    Ok(sqlx::query_as(&sql).bind(ids).bind(env_id).bind(heartbeat_timeout_ms).bind(worker_id).fetch_all(pool).await?)
+    Ok(sqlx::query_as(&sql)
+        .bind(ids)
+        .bind(env_id)
+        .bind(heartbeat_timeout_ms)
+        .bind(worker_id)
+        .bind(dequeue_key)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// The runs an earlier dequeue with `dequeue_key` claimed for `worker_id` and
+/// that are still EXECUTING that same attempt (every claim rewrites the key, so
+/// a later attempt never matches): the repeat of a dequeue whose answer never
+/// reached the worker. Their heartbeat deadline restarts, as the worker only
+/// learns of them now. Walks `task_runs_dequeue_key_idx`.
+pub async fn reclaim(
+    pool: &PgPool,
+    env_id: Uuid,
+    dequeue_key: &str,
+    worker_id: Option<&str>,
+    heartbeat_timeout_ms: i64,
+) -> Result<Vec<Run>, StoreError> {
+    let sql = returning_runs(
+        "UPDATE task_runs SET heartbeat_deadline = now() + make_interval(secs => $4::float8 / 1000),
+            updated_at = now()
+         WHERE runtime_environment_id = $1 AND dequeue_key = $2 AND status = 'EXECUTING'
+           AND worker_id IS NOT DISTINCT FROM $3 AND cancel_requested_at IS NULL
+         RETURNING *",
+    );
+    let mut runs: Vec<Run> = sqlx::query_as(&sql)
+        .bind(env_id)
+        .bind(dequeue_key)
+        .bind(worker_id)
+        .bind(heartbeat_timeout_ms)
+        .fetch_all(pool)
+        .await?;
+    // RETURNING has no order of its own; answer repeats in a stable one.
+    runs.sort_by_key(|r| r.id);
+    Ok(runs)
 }
 
 /// Outcome of a transition requested by a worker.

@@ -55,6 +55,10 @@ struct DequeueRequest<'a> {
     max_runs: usize,
     wait_seconds: u64,
     worker_id: &'a str,
+    /// One per logical dequeue, the same on each retry of it: a retry after an
+    /// answer lost to a restart or a cut connection gets the runs the first
+    /// try claimed, rather than leaving them to crash unheard of.
+    request_id: &'a str,
 }
 
 impl WorkerClient {
@@ -80,7 +84,14 @@ impl WorkerClient {
         }
         // Never more than the server allows: it refuses the whole request otherwise.
         let max_runs = max.clamp(1, MAX_DEQUEUE_RUNS);
-        let body = DequeueRequest { tasks, max_runs, wait_seconds: wait.as_secs(), worker_id: &self.worker_id };
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let body = DequeueRequest {
+            tasks,
+            max_runs,
+            wait_seconds: wait.as_secs(),
+            worker_id: &self.worker_id,
+            request_id: &request_id,
+        };
         let url = format!("{}/api/v1/worker/dequeue", self.base);
         let reply: Reply =
             retry::send_json(|| self.http.post(&url).bearer_auth(&self.secret_key).json(&body), DEQUEUE_BUDGET).await?;
@@ -113,5 +124,55 @@ impl WorkerClient {
         let url = format!("{}/api/v1/sessions/{}/end-and-continue", self.base, session);
         let body = json!({ "callingRunId": run.id, "reason": reason });
         retry::send_json(|| self.http.post(&url).bearer_auth(&run.token).json(&body), run_budget(run)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use axum::{Json, Router};
+
+    use super::*;
+
+    type Bodies = Arc<Mutex<Vec<Value>>>;
+
+    /// Records every dequeue body; answers 503 to every first try of a
+    /// request id (as if the server died before answering), 200 to a repeat.
+    async fn flaky_dequeue(State(bodies): State<Bodies>, Json(body): Json<Value>) -> (StatusCode, Json<Value>) {
+        let mut seen = bodies.lock().unwrap();
+        let repeat = seen.iter().any(|b| b["requestId"] == body["requestId"]);
+        seen.push(body);
+        if repeat {
+            (StatusCode::OK, Json(json!({ "runs": [] })))
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": "restarting" })))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dequeue_sends_one_request_id_on_every_retry_and_a_new_one_per_call() {
+        let bodies = Bodies::default();
+        let app = Router::new().route("/api/v1/worker/dequeue", post(flaky_dequeue)).with_state(bodies.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let client = WorkerClient::new(&base, "tr_dev_test");
+        let tasks = vec!["t".to_string()];
+        for _ in 0..2 {
+            let runs = client.dequeue(&tasks, 1, Duration::from_secs(1)).await.expect("the retry lands");
+            assert!(runs.is_empty());
+        }
+        let seen = bodies.lock().unwrap();
+        let ids: Vec<&str> = seen.iter().map(|b| b["requestId"].as_str().expect("a requestId")).collect();
+        assert_eq!(ids.len(), 4, "two calls, each tried twice: {ids:?}");
+        assert_eq!(ids[0], ids[1], "a retry repeats its call's key");
+        assert_eq!(ids[2], ids[3], "a retry repeats its call's key");
+        assert_ne!(ids[0], ids[2], "each call has its own key");
+        assert!(!ids[0].is_empty());
     }
 }

@@ -613,3 +613,51 @@ async fn dequeue_validates_its_input() {
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+/// A raw dequeue of one run as `worker` with `requestId` `key`, waiting up to `wait` seconds.
+async fn keyed_dequeue(app: &TestApp, worker: &str, key: &str, wait: u64) -> Vec<Value> {
+    let body = json!({"tasks": tasks(), "maxRuns": 1, "waitSeconds": wait, "workerId": worker, "requestId": key});
+    let (status, json) = app.post("/api/v1/worker/dequeue", &app.a.key, body).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    json["runs"].as_array().unwrap().clone()
+}
+
+/// A dequeue whose answer was lost (the server killed or the connection cut
+/// after the claim) is sent again with the same `requestId`: it gets the runs
+/// the first try claimed, same attempt, and never new ones; another key, or
+/// another worker with the key, never gets them.
+#[tokio::test]
+async fn a_repeated_dequeue_key_answers_the_runs_it_already_claimed() {
+    let app = TestApp::spawn().await;
+    let first = app.create_session(session_body(Some("lost-answer"))).await;
+    let got = keyed_dequeue(&app, "w1", "K", 10).await;
+    assert_eq!((got.len(), &got[0]["id"], &got[0]["attemptNumber"]), (1, &first["runId"], &json!(1)));
+    // More work arrives; the answer above is lost and the worker library tries
+    // again with the same key: it gets the run it already holds, not new work.
+    let second = app.create_session(session_body(Some("other"))).await;
+    let again = keyed_dequeue(&app, "w1", "K", 0).await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!((&again[0]["id"], &again[0]["attemptNumber"]), (&first["runId"], &json!(1)));
+    assert_eq!(again[0]["payload"], got[0]["payload"]);
+    // Another key gets other work, never the run K holds.
+    let other = keyed_dequeue(&app, "w1", "K2", 10).await;
+    assert_eq!((other.len(), &other[0]["id"]), (1, &second["runId"]));
+    // Another worker using the same key does not get it either.
+    assert!(keyed_dequeue(&app, "w2", "K", 0).await.is_empty());
+
+    // The repeat's token drives the run to its end.
+    let run = again[0]["id"].as_str().unwrap();
+    let token = again[0]["token"].as_str().unwrap();
+    let (status, hb) = app.post(&format!("/api/v1/runs/{run}/heartbeat"), token, json!({})).await;
+    assert_eq!((status, &hb["ok"]), (StatusCode::OK, &json!(true)), "{hb}");
+    let (status, done) =
+        app.post(&format!("/api/v1/runs/{run}/complete"), token, json!({"output": 1, "attemptNumber": 1})).await;
+    assert_eq!((status, &done["status"]), (StatusCode::OK, &json!("COMPLETED")), "{done}");
+    // A finished run is never answered again.
+    assert!(keyed_dequeue(&app, "w1", "K", 0).await.is_empty());
+
+    let (status, _) = app
+        .post("/api/v1/worker/dequeue", &app.a.key, json!({"tasks": tasks(), "waitSeconds": 0, "requestId": ""}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
