@@ -171,11 +171,11 @@ async fn expected_rows(
     app: &TestApp,
     decoded: &(HashMap<String, SessionRow>, HashMap<String, RunRow>),
 ) -> (HashMap<String, SessionRow>, HashMap<String, RunRow>) {
-    let sessions: Vec<Session> = sqlx::query_as("SELECT s.*, NULL::text AS current_run_friendly_id FROM sessions s")
+    let sessions: Vec<Session> = sqlx::query_as("SELECT s.*, NULL::text AS current_run_friendly_id, now() AS read_at FROM sessions s")
         .fetch_all(app.db())
         .await
         .unwrap();
-    let runs: Vec<Run> = sqlx::query_as("SELECT t.*, NULL::text AS session_friendly_id FROM task_runs t")
+    let runs: Vec<Run> = sqlx::query_as("SELECT t.*, NULL::text AS session_friendly_id, now() AS read_at FROM task_runs t")
         .fetch_all(app.db())
         .await
         .unwrap();
