@@ -6,6 +6,7 @@ pub mod balancer;
 pub mod clickhouse;
 pub mod cutting_proxy;
 pub mod faults;
+pub mod held_job;
 pub mod node;
 pub mod redis_proc;
 pub mod server_proc;

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::balancer::Balancer;
 use crate::common::faults::{phase, report};
+use crate::common::held_job::HeldJob;
 use crate::common::server_proc::ServerProc;
 use crate::common::{chat_message, eventually, fast_schedules, session_body, TestApp};
 
@@ -626,56 +627,17 @@ async fn faults_processes_sigkill_of_one_of_three_under_load() {
 /// heartbeat of a live worker (every 5 s), so within about 20 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_processes_sigkill_mid_job_is_recovered_within_the_orphan_bound() {
-    let app = TestApp::spawn_with(|c| {
-        c.run_jobs = false;
-        c.job_schedules_file = Some(crate::common::schedules_file(&[]));
-    })
-    .await;
-    // No runtime here writes the queue's marker: without it the processes
-    // below would take the queue for lost and push the job a second time.
-    app.state.jobs.queue(sessiond::jobs::Lane::Engine).mark_intact().await.unwrap();
-    let mut body = session_body(Some("killed-mid-job"));
-    body["taskIdentifier"] = json!("task-killed-mid-job");
-    let created = app.create_session(body).await;
-    let run = created["runId"].as_str().unwrap().to_string();
-    let job: uuid::Uuid = sqlx::query_scalar(
-        "SELECT j.id FROM jobs j JOIN task_runs r ON r.id = (j.payload->>'run_id')::uuid
-         WHERE j.kind = 'trigger-run' AND r.friendly_id = $1",
-    )
-    .bind(&run)
-    .fetch_one(app.db())
-    .await
-    .unwrap();
-    // The attempt blocks on its run's row until the lock goes.
-    let mut lock = sessiond::db::begin(app.db()).await.unwrap();
-    sqlx::query("SELECT 1 FROM task_runs WHERE friendly_id = $1 FOR UPDATE")
-        .bind(&run)
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-    let mut victim = ServerProc::start(&app, &[]).await;
-    eventually(15, "the attempt under way", || async {
-        let running: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM job_attempts WHERE job_id = $1 AND status = 'running'")
-                .bind(job)
-                .fetch_one(app.db())
-                .await
-                .unwrap();
-        (running == 1).then_some(())
-    })
-    .await;
-    let survivor = ServerProc::start(&app, &[]).await;
+    let held = HeldJob::start("task-killed-mid-job").await;
+    let (app, job) = (&held.app, held.job);
+    let mut victim = ServerProc::start(app, &[]).await;
+    held.attempt_under_way().await;
+    let survivor = ServerProc::start(app, &[]).await;
     victim.kill9().await;
     let killed = Instant::now();
-    lock.rollback().await.unwrap();
+    held.release().await;
     app.job_succeeded(phase(30.0).as_secs(), "the killed process's job, run by the survivor", job).await;
     let recovered_ms = killed.elapsed().as_millis() as u64;
-    let statuses: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM job_attempts WHERE job_id = $1 ORDER BY attempt")
-            .bind(job)
-            .fetch_all(app.db())
-            .await
-            .unwrap();
+    let statuses = held.attempt_statuses().await;
     report("sigkill_mid_job", &[("recovered_ms", recovered_ms.to_string()), ("attempts", statuses.join(","))]);
     assert!(recovered_ms <= 25_000, "the job was run again only after {recovered_ms} ms");
     assert_eq!(statuses, ["abandoned", "succeeded"]);

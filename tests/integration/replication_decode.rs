@@ -171,14 +171,16 @@ async fn expected_rows(
     app: &TestApp,
     decoded: &(HashMap<String, SessionRow>, HashMap<String, RunRow>),
 ) -> (HashMap<String, SessionRow>, HashMap<String, RunRow>) {
-    let sessions: Vec<Session> = sqlx::query_as("SELECT s.*, NULL::text AS current_run_friendly_id, now() AS read_at FROM sessions s")
-        .fetch_all(app.db())
-        .await
-        .unwrap();
-    let runs: Vec<Run> = sqlx::query_as("SELECT t.*, NULL::text AS session_friendly_id, now() AS read_at FROM task_runs t")
-        .fetch_all(app.db())
-        .await
-        .unwrap();
+    let sessions: Vec<Session> =
+        sqlx::query_as("SELECT s.*, NULL::text AS current_run_friendly_id, now() AS read_at FROM sessions s")
+            .fetch_all(app.db())
+            .await
+            .unwrap();
+    let runs: Vec<Run> =
+        sqlx::query_as("SELECT t.*, NULL::text AS session_friendly_id, now() AS read_at FROM task_runs t")
+            .fetch_all(app.db())
+            .await
+            .unwrap();
     let version_of_session = |id: &str| decoded.0.get(id).map_or(0, |r| r._version);
     let version_of_run = |id: &str| decoded.1.get(id).map_or(0, |r| r._version);
     (
@@ -268,18 +270,20 @@ async fn scenario(app: &TestApp, slot: &Slot) {
         enqueued.map(|_| ())
     })
     .await;
-    let deleted_session: Session =
-        sqlx::query_as("DELETE FROM sessions WHERE id = $1 RETURNING *, NULL::text AS current_run_friendly_id, now() AS read_at")
-            .bind(third_id)
-            .fetch_one(app.db())
-            .await
-            .unwrap();
-    let deleted_run: Run =
-        sqlx::query_as("DELETE FROM task_runs WHERE id = $1 RETURNING *, NULL::text AS session_friendly_id, now() AS read_at")
-            .bind(third_run)
-            .fetch_one(app.db())
-            .await
-            .unwrap();
+    let deleted_session: Session = sqlx::query_as(
+        "DELETE FROM sessions WHERE id = $1 RETURNING *, NULL::text AS current_run_friendly_id, now() AS read_at",
+    )
+    .bind(third_id)
+    .fetch_one(app.db())
+    .await
+    .unwrap();
+    let deleted_run: Run = sqlx::query_as(
+        "DELETE FROM task_runs WHERE id = $1 RETURNING *, NULL::text AS session_friendly_id, now() AS read_at",
+    )
+    .bind(third_run)
+    .fetch_one(app.db())
+    .await
+    .unwrap();
 
     // Read the slot until the decoded rows match Postgres (background jobs
     // may still be committing changes right after the API answered).

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use reqwest::StatusCode;
 
+use crate::common::held_job::HeldJob;
 use crate::common::server_proc::ServerProc;
 use crate::common::{session_body, tasks, TestApp};
 
@@ -86,45 +87,10 @@ async fn a_draining_process_is_not_ready_and_answers_long_polls_at_once() {
 /// `trigger-run` held on its run's row lock, which the test keeps.
 #[tokio::test]
 async fn sigterm_hands_back_a_job_attempt_it_cannot_finish() {
-    // The test's own server runs no jobs: the process below takes the job.
-    let app = TestApp::spawn_with(|c| {
-        c.run_jobs = false;
-        c.job_schedules_file = Some(crate::common::schedules_file(&[]));
-    })
-    .await;
-    // No runtime here writes the queue's marker: without it the process
-    // below would take the queue for lost and push the job a second time.
-    app.state.jobs.queue(sessiond::jobs::Lane::Engine).mark_intact().await.unwrap();
-    let mut body = session_body(Some("held"));
-    body["taskIdentifier"] = serde_json::json!("task-held");
-    let created = app.create_session(body).await;
-    let run = created["runId"].as_str().unwrap().to_string();
-    let job: uuid::Uuid = sqlx::query_scalar(
-        "SELECT j.id FROM jobs j JOIN task_runs r ON r.id = (j.payload->>'run_id')::uuid
-         WHERE j.kind = 'trigger-run' AND r.friendly_id = $1",
-    )
-    .bind(&run)
-    .fetch_one(app.db())
-    .await
-    .unwrap();
-    let mut lock = sessiond::db::begin(app.db()).await.unwrap();
-    sqlx::query("SELECT 1 FROM task_runs WHERE friendly_id = $1 FOR UPDATE")
-        .bind(&run)
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-
-    let mut proc = ServerProc::start(&app, &[("SHUTDOWN_GRACE_MS", "1500")]).await;
-    crate::common::eventually(15, "the attempt under way", || async {
-        let running: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM job_attempts WHERE job_id = $1 AND status = 'running'")
-                .bind(job)
-                .fetch_one(app.db())
-                .await
-                .unwrap();
-        (running == 1).then_some(())
-    })
-    .await;
+    let held = HeldJob::start("task-held").await;
+    let (app, job) = (&held.app, held.job);
+    let mut proc = ServerProc::start(app, &[("SHUTDOWN_GRACE_MS", "1500")]).await;
+    held.attempt_under_way().await;
     let started = Instant::now();
     proc.terminate();
     let exit = proc.wait_exit(Duration::from_secs(6)).await.expect("exited");
@@ -159,16 +125,10 @@ async fn sigterm_hands_back_a_job_attempt_it_cannot_finish() {
 
     // The lock goes; the next process runs the job at once (pushed again,
     // not left to apalis' recovery of the dead worker's tasks).
-    lock.rollback().await.unwrap();
+    held.release().await;
     proc.restart().await;
     app.job_succeeded(10, "the handed-back job", job).await;
-    let statuses: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM job_attempts WHERE job_id = $1 ORDER BY attempt")
-            .bind(job)
-            .fetch_all(app.db())
-            .await
-            .unwrap();
-    assert_eq!(statuses, ["abandoned", "succeeded"]);
+    assert_eq!(held.attempt_statuses().await, ["abandoned", "succeeded"]);
 }
 
 /// A replicating process told to stop releases the replication lease (and
