@@ -130,25 +130,16 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn is_alive(&self, now: DateTime<Utc>) -> bool {
-        super::is_alive(self.status, self.heartbeat_deadline, now)
-    }
-
     /// Alive when the row was read, by Postgres' clock (see `read_at`).
     pub fn alive(&self) -> bool {
-        self.is_alive(self.read_at)
+        super::is_alive(self.status, self.heartbeat_deadline, self.read_at)
     }
 
-    /// [`Run::can_serve`] when the row was read, by Postgres' clock.
+    /// Alive and able to serve its session, when the row was read: a QUEUED
+    /// run whose trigger-run job failed for good (`trigger_failed`) counts as
+    /// stuck, not alive, as nothing pushed it to a worker.
     pub fn serving(&self, trigger_failed: bool) -> bool {
-        self.can_serve(trigger_failed, self.read_at)
-    }
-
-    /// Alive and able to serve its session: a QUEUED run whose trigger-run job
-    /// failed for good (`trigger_failed`) counts as stuck, not alive, as
-    /// nothing pushed it to a worker.
-    pub fn can_serve(&self, trigger_failed: bool, now: DateTime<Utc>) -> bool {
-        self.is_alive(now) && !(self.status == RunStatus::Queued && trigger_failed)
+        self.alive() && !(self.status == RunStatus::Queued && trigger_failed)
     }
 }
 

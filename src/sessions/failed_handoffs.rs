@@ -3,7 +3,7 @@
 //!
 //! No run serves a session when it has no current run, or the current run is
 //! not alive, or it is a QUEUED run whose trigger-run job spent its attempts
-//! (nothing ever queued it; see `Run::can_serve`). Such a session is a failed
+//! (nothing ever queued it; see `Run::serving`). Such a session is a failed
 //! handoff when
 //! - its current run replaced another (continuation, upgrade or manual) and
 //!   that run's trigger-run job failed for good, or

@@ -159,7 +159,7 @@ impl RunManager {
     }
 
     /// The current run if it can serve the session: alive, and not a QUEUED
-    /// run whose trigger-run job failed for good (see `Run::can_serve`).
+    /// run whose trigger-run job failed for good (see `Run::serving`).
     async fn current_run_serving(&self, s: &Session) -> Result<Option<String>, StoreError> {
         let Some(run_id) = s.current_run_id else { return Ok(None) };
         let Some(run) = run_store::find_by_id(&self.db, run_id).await? else { return Ok(None) };
