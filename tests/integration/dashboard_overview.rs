@@ -4,7 +4,11 @@
 //! ClickHouse; and the page in a browser at desktop and phone widths.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use chrono::DurationRound;
 
 use reqwest::header::LOCATION;
 use reqwest::StatusCode;
@@ -14,7 +18,7 @@ use sessiond::analytics::watermark::Table;
 use uuid::Uuid;
 
 use crate::browser;
-use crate::common::{eventually, session_body, TestApp};
+use crate::common::{eventually, schedules_file, session_body, TestApp};
 use crate::dashboard::{with_operators, Operator, ADMIN, VIEWER};
 use crate::replication::{finish, replicating};
 
@@ -94,7 +98,12 @@ async fn fail_job(app: &TestApp, kind: &str, ago: &str) {
 /// Copies every session and run into ClickHouse and waits for it.
 async fn backfilled(app: &TestApp) {
     let req = BackfillRequest { tables: vec![Table::Sessions, Table::Runs], from: None, to: None, chunk_size: 1_000 };
-    let started = backfill::start(app.db(), &app.state.jobs, &req).await.unwrap();
+    backfill_done(app, &req).await;
+}
+
+/// Runs the backfills `req` asks for and waits for them to complete.
+async fn backfill_done(app: &TestApp, req: &BackfillRequest) {
+    let started = backfill::start(app.db(), &app.state.jobs, req).await.unwrap();
     eventually(30, "the backfills to complete", || async {
         for b in &started {
             let b = backfill::store::find(app.db(), b.id).await.unwrap().unwrap();
@@ -182,15 +191,21 @@ async fn signed_out_goes_to_sign_in_and_the_dashboard_opens_on_the_overview() {
     assert!(nav.find("/dashboard/overview").unwrap() < nav.find("/dashboard/sessions").unwrap());
     assert!(page.contains("href=\"/dashboard/overview\" aria-current=\"page\""));
 
-    // Bad input: a clear 400 page.
-    for bad in ["window=30d", "window=%3Cscript%3E", &format!("env={}", Uuid::new_v4())[..], "env=nope"] {
+    // Bad input: each its one status and its own sentence. Malformed input is
+    // a 400; a well-formed id of no environment is a 404, like any missing thing.
+    let unknown = format!("env={}", Uuid::new_v4());
+    let cases = [
+        ("window=30d", StatusCode::BAD_REQUEST, "window must be 24h or 7d"),
+        ("window=%3Cscript%3E", StatusCode::BAD_REQUEST, "window must be 24h or 7d"),
+        (unknown.as_str(), StatusCode::NOT_FOUND, "No such environment"),
+        ("env=nope", StatusCode::BAD_REQUEST, "env must be an environment id"),
+    ];
+    for (bad, want, says) in cases {
         let (status, page) = viewer.get(&format!("/dashboard/overview?{bad}")).await;
-        assert!(status == StatusCode::BAD_REQUEST || status == StatusCode::NOT_FOUND, "{bad}: {status}");
+        assert_eq!(status, want, "{bad}");
+        assert!(page.contains(says), "{bad}: {page}");
         assert!(!page.contains("<script>"), "{bad}");
     }
-    let (status, page) = viewer.get("/dashboard/overview?window=30d").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(page.contains("window must be 24h or 7d"));
 }
 
 #[tokio::test]
@@ -265,11 +280,121 @@ async fn the_overview_counts_and_charts_one_environment_from_clickhouse() {
     assert_eq!(bars(&b, "chart-sessions").values().sum::<u64>(), 2);
 }
 
-/// The page with ClickHouse at `url`, which never answers in time.
-async fn overview_without_clickhouse(url: String) {
+/// Until a full backfill vouches for ClickHouse's copy (the sessions
+/// watermark), the page charts what ClickHouse holds and says it may miss
+/// rows. A ranged backfill copies rows but vouches for nothing; a full one
+/// clears the notice.
+#[tokio::test]
+async fn before_a_full_backfill_the_overview_says_its_charts_may_miss_rows() {
+    let app = TestApp::spawn().await;
+    app.clickhouse_ready().await;
+    with_operators(&app).await;
+    for i in 0..2 {
+        app.create_session(session_body(Some(&format!("unvouched-{i}")))).await;
+    }
+    let viewer = Operator::login(&app, VIEWER).await;
+    let path = format!("/dashboard/overview?env={}", app.a.env.id);
+
+    // ClickHouse answers (charts, not "unavailable") with what it holds: nothing.
+    let (status, page) = viewer.get(&path).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("<p class=\"notice\" id=\"overview-incomplete\">"), "{page}");
+    assert!(!section(&page, "chart-sessions").contains("Analytics unavailable"));
+    assert_eq!(count(&page, "sessions-created"), Some(0), "nothing copied yet");
+
+    // Both sessions copied by a ranged backfill: the charts show them, and
+    // the notice stays, since nothing vouches for the rest of the history.
+    let now = chrono::Utc::now();
+    let ranged = BackfillRequest {
+        tables: vec![Table::Sessions, Table::Runs],
+        from: Some(now - chrono::Duration::hours(1)),
+        to: Some(now + chrono::Duration::hours(1)),
+        chunk_size: 100,
+    };
+    backfill_done(&app, &ranged).await;
+    let (_, page) = viewer.get(&path).await;
+    assert_eq!(count(&page, "sessions-created"), Some(2), "the ranged copy is charted");
+    assert!(page.contains("id=\"overview-incomplete\""), "a ranged backfill vouches for nothing");
+
+    backfilled(&app).await;
+    let (_, page) = viewer.get(&path).await;
+    assert_eq!(count(&page, "sessions-created"), Some(2));
+    assert!(!page.contains("overview-incomplete"), "a full backfill vouches for the copy");
+}
+
+/// A ClickHouse that is not one: it accepts connections and holds them
+/// without a word (`silent`) or closes them at once, and notes each one it
+/// accepted, so a test counts what reached it instead of timing answers.
+struct FakeClickHouse {
+    addr: SocketAddr,
+    accepted: Arc<Mutex<Vec<SocketAddr>>>,
+    /// The test's own marker connections (see [`Self::connections`]).
+    markers: Mutex<Vec<SocketAddr>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeClickHouse {
+    async fn start(silent: bool) -> FakeClickHouse {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let noted = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, peer)) = listener.accept().await {
+                noted.lock().unwrap().push(peer);
+                if silent {
+                    open.push(socket);
+                }
+            }
+        });
+        FakeClickHouse { addr, accepted, markers: Mutex::new(Vec::new()), task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The connections sessiond opened so far, all of them: the test opens a
+    /// marker connection of its own and waits until it is accepted. The
+    /// kernel hands out connections in the order they were established, so
+    /// every connection opened before the marker has been accepted by then.
+    async fn connections(&self) -> usize {
+        let marker = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let at = marker.local_addr().unwrap();
+        self.markers.lock().unwrap().push(at);
+        eventually(10, "the marker connection to be accepted", || async {
+            self.accepted.lock().unwrap().contains(&at).then_some(())
+        })
+        .await;
+        let markers = self.markers.lock().unwrap();
+        self.accepted.lock().unwrap().iter().filter(|peer| !markers.contains(peer)).count()
+    }
+}
+
+impl Drop for FakeClickHouse {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How long a failed ClickHouse is left alone in the cases below: long
+/// enough that the page read right after the failure is surely inside it.
+const COOL_DOWN_MS: u64 = 5_000;
+
+/// The page with ClickHouse at `url`, which fails or never answers in time:
+/// three page reads, one failing on ClickHouse, one inside the cool-down
+/// after it, one after the cool-down. `fake`, when ClickHouse is one, counts
+/// the connections that reach it: none during the cool-down, and at least one
+/// again after it. With nothing listening there is nothing to count; the
+/// handle's own memory of the failure shows the cool-down instead.
+async fn overview_without_clickhouse(url: String, fake: Option<&FakeClickHouse>) {
     let app = TestApp::spawn_with(|c| {
         c.clickhouse_url = url;
         c.clickhouse_timeout_ms = 500;
+        c.clickhouse_retry_after_ms = COOL_DOWN_MS;
+        // No sweep reaches for ClickHouse between the page reads.
+        c.job_schedules_file = Some(schedules_file(&[]));
     })
     .await;
     with_operators(&app).await;
@@ -277,14 +402,34 @@ async fn overview_without_clickhouse(url: String) {
         app.create_session(session_body(Some(&format!("no-ch-{i}")))).await;
     }
     fail_job(&app, "probe", "1 minute").await;
+    let ch = &app.state.analytics;
+    let cooled = || async {
+        eventually(COOL_DOWN_MS / 1_000 + 10, "the cool-down to end", || async { ch.healthy().then_some(()) }).await
+    };
+    // Signing in lands on the sessions list, which tries ClickHouse too: its
+    // failure's cool-down passes before the overview's first read.
     let viewer = Operator::login(&app, VIEWER).await;
-    for round in 0..2 {
-        // The second read skips ClickHouse (it failed moments ago): at once.
-        let started = std::time::Instant::now();
+    cooled().await;
+    let mut reached = match fake {
+        Some(fake) => fake.connections().await,
+        None => 0,
+    };
+    for round in 0..3 {
+        if round == 2 {
+            // The cool-down ends on its clock; then ClickHouse is tried again.
+            cooled().await;
+        }
         let (status, page) = viewer.get("/dashboard/overview").await;
         assert_eq!(status, StatusCode::OK, "{page}");
-        if round == 1 {
-            assert!(started.elapsed() < Duration::from_millis(450), "{:?}", started.elapsed());
+        assert!(!ch.healthy(), "round {round}: ClickHouse is cooling down after a failure");
+        if let Some(fake) = fake {
+            let now = fake.connections().await;
+            match round {
+                0 => assert!(now > reached, "the first page tried ClickHouse"),
+                1 => assert_eq!(now, reached, "no connection reached ClickHouse during the cool-down"),
+                _ => assert!(now > reached, "after the cool-down ClickHouse is tried again"),
+            }
+            reached = now;
         }
         assert_eq!(count(&page, "sessions-created"), Some(3), "counted by Postgres");
         assert_eq!(count(&page, "open-sessions"), None);
@@ -298,22 +443,20 @@ async fn overview_without_clickhouse(url: String) {
 
 #[tokio::test]
 async fn with_clickhouse_down_the_overview_still_renders_what_postgres_knows() {
-    overview_without_clickhouse("http://127.0.0.1:9".into()).await;
+    // Nothing listens on the discard port: every connection is refused.
+    overview_without_clickhouse("http://127.0.0.1:9".into(), None).await;
+}
+
+#[tokio::test]
+async fn with_clickhouse_closing_connections_the_overview_still_renders() {
+    let fake = FakeClickHouse::start(false).await;
+    overview_without_clickhouse(fake.url(), Some(&fake)).await;
 }
 
 #[tokio::test]
 async fn with_clickhouse_silent_the_overview_renders_after_the_read_timeout() {
-    // Accepts connections and never answers.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            open.push(socket);
-        }
-    });
-    overview_without_clickhouse(url).await;
-    held.abort();
+    let fake = FakeClickHouse::start(true).await;
+    overview_without_clickhouse(fake.url(), Some(&fake)).await;
 }
 
 #[tokio::test]
@@ -333,31 +476,43 @@ async fn a_replication_flush_records_its_lag_and_the_overview_charts_it() {
     assert!(flushes >= 1);
     // The lag of a flush a moment after its commit: under the test's patience.
     assert!(points.iter().all(|p| p.max_lag_ms < 20_000), "{points:?}");
-    // Each sample is the figure replication's health records for its flush.
-    let recorded: Vec<i64> = sqlx::query_scalar("SELECT last_flush_lag_ms FROM replication_state WHERE slot = $1")
-        .bind(&slot)
-        .fetch_all(app.db())
-        .await
-        .unwrap();
-    assert_eq!(recorded.len(), 1);
-    let newest_sample = eventually(10, "the newest flush's sample", || async {
-        let points = overview::lag_points(&app.state.analytics, &slot, since, Bucket::Hour).await.unwrap();
-        points.iter().map(|p| p.max_lag_ms).max().filter(|max| *max >= recorded[0] as u64)
+    // Each sample is the figure replication's health records for its flush:
+    // the newest sample is the newest flush's lag, exactly. Read while no
+    // flush moved the health (the same row before and after the sample), and
+    // once that flush's sample is in (it is written after the health, so it
+    // is sampled no earlier than the flush was noted).
+    let (recorded, newest_sample) = eventually(20, "the newest flush's sample", || async {
+        let before = last_flush(&app, &slot).await;
+        let sample = newest_lag_sample(&app, &slot).await;
+        let after = last_flush(&app, &slot).await;
+        let (at, lag) = before?;
+        let (sampled_at, lag_ms) = sample?;
+        (Some((at, lag)) == after && sampled_at >= at.duration_trunc(chrono::TimeDelta::milliseconds(1)).unwrap())
+            .then_some((lag, lag_ms))
     })
     .await;
-    assert!(newest_sample >= recorded[0] as u64);
+    assert_eq!(newest_sample, u64::try_from(recorded).unwrap(), "the sample is the lag replication recorded");
     // Another slot's samples are not this one's.
     assert!(overview::lag_points(&app.state.analytics, "another-slot", since, Bucket::Hour).await.unwrap().is_empty());
 
     let viewer = Operator::login(&app, VIEWER).await;
-    let (status, page) = viewer.get("/dashboard/overview").await;
-    assert_eq!(status, StatusCode::OK);
+    // The page draws each hour's worst sample: read between two equal reads
+    // of the samples, so no flush landed while it rendered.
+    let (page, points) = eventually(20, "a page read while the samples stood still", || async {
+        let before = overview::lag_points(&app.state.analytics, &slot, since, Bucket::Hour).await.unwrap();
+        let (status, page) = viewer.get("/dashboard/overview").await;
+        assert_eq!(status, StatusCode::OK);
+        let after = overview::lag_points(&app.state.analytics, &slot, since, Bucket::Hour).await.unwrap();
+        (before == after).then_some((page, after))
+    })
+    .await;
     let lag = section(&page, "chart-lag");
     let drawn = elements(lag, "<circle class=\"lag-point\"");
-    assert!(!drawn.is_empty(), "{lag}");
+    assert_eq!(drawn.len(), points.len(), "one point per hour with samples: {lag}");
     let newest = points.last().unwrap();
+    assert!(newest.max_lag_ms >= newest_sample, "the newest sample's hour holds it");
     let point = drawn.iter().find(|p| p["data-bucket"] == newest.bucket.to_string()).expect("the sample's hour");
-    assert!(point["data-value"].parse::<u64>().unwrap() >= newest.max_lag_ms);
+    assert_eq!(point["data-value"].parse::<u64>().unwrap(), newest.max_lag_ms);
     assert!(lag.contains("<polyline class=\"lag-line\""));
     assert!(!page.contains("replication off"));
     assert!(page.contains("data-count=\"replication-lag\""));
@@ -381,6 +536,41 @@ async fn a_replication_flush_records_its_lag_and_the_overview_charts_it() {
     assert!(section(&empty, "chart-failures").contains("No job failed in the last 24 hours."));
     assert!(!section(&empty, "chart-sessions").contains("<svg"));
     finish(app).await;
+}
+
+/// Replication's health for `slot`: when it noted its last flush, and that
+/// flush's lag (None until a flush).
+async fn last_flush(app: &TestApp, slot: &str) -> Option<(chrono::DateTime<chrono::Utc>, i64)> {
+    let row: Option<(Option<chrono::DateTime<chrono::Utc>>, Option<i64>)> =
+        sqlx::query_as("SELECT last_flush_at, last_flush_lag_ms FROM replication_state WHERE slot = $1")
+            .bind(slot)
+            .fetch_optional(app.db())
+            .await
+            .unwrap();
+    row.and_then(|(at, lag)| at.zip(lag))
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct LagSample {
+    #[serde(with = "clickhouse::serde::chrono::datetime64::millis")]
+    sampled_at: chrono::DateTime<chrono::Utc>,
+    lag_ms: u64,
+}
+
+/// The newest lag sample of `slot`: when it was sampled and its lag.
+async fn newest_lag_sample(app: &TestApp, slot: &str) -> Option<(chrono::DateTime<chrono::Utc>, u64)> {
+    let sample: Option<LagSample> = app
+        .state
+        .analytics
+        .client()
+        .query(
+            "SELECT ?fields FROM replication_lag_v1 WHERE slot = {slot:String} ORDER BY sampled_at DESC LIMIT 1",
+        )
+        .param("slot", slot)
+        .fetch_optional()
+        .await
+        .unwrap();
+    sample.map(|s| (s.sampled_at, s.lag_ms))
 }
 
 /// Checks the script runs; update with the script.

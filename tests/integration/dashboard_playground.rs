@@ -196,7 +196,9 @@ async fn the_conversation_page_carries_a_token_for_its_session_only() {
     let mine = app.create_session(session_body(Some("mine"))).await["id"].as_str().unwrap().to_string();
     let other = app.create_session(session_body(Some("other"))).await["id"].as_str().unwrap().to_string();
 
+    let asked = chrono::Utc::now().timestamp();
     let (status, page) = admin.get(&format!("/dashboard/playground/{mine}")).await;
+    let answered = chrono::Utc::now().timestamp();
     assert_eq!(status, StatusCode::OK);
     let token = data_attr(&page, "token").expect("a data-token");
     assert_eq!(data_attr(&page, "in-url").as_deref(), Some(&*format!("/realtime/v1/sessions/{mine}/in")));
@@ -207,8 +209,16 @@ async fn the_conversation_page_carries_a_token_for_its_session_only() {
     // Short-lived, and only this session's read and write.
     let c = decode_claims(&token);
     assert_eq!(c["scopes"], json!([format!("read:sessions:{mine}"), format!("write:sessions:{mine}")]));
-    let ttl = c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap();
-    assert!((60..=3600).contains(&ttl), "short-lived: {ttl} s");
+    // Fifteen minutes from when it was minted, by this host's clock (the
+    // server runs in this process): the seconds the request took, no more.
+    let (iat, exp) = (c["iat"].as_i64().unwrap(), c["exp"].as_i64().unwrap());
+    assert_eq!(exp - iat, 15 * 60, "a 15-minute token");
+    assert!((asked..=answered).contains(&iat), "minted during the request: {iat} not in {asked}..={answered}");
+    // The page says when it expires: the token's exp (the page and the token
+    // each read the clock, so a second may tick between them).
+    let shown = page.split("<time datetime=\"").nth(1).and_then(|t| t.split('"').next()).expect("the expiry shown");
+    let shown = chrono::DateTime::parse_from_rfc3339(shown).unwrap().timestamp();
+    assert!((exp - 1..=exp).contains(&shown), "the page shows the token's expiry: {shown}, exp {exp}");
 
     // The public API takes it for this session's .in and .out...
     let (status, _) = app.append(&mine, "in", &token, &chat_message("hello from the page"), &[]).await;
