@@ -2,7 +2,8 @@
 //! engine and real Postgres: schema, backfill (resume, versions), the list and
 //! its read-your-writes overlay, count and tags, and the Postgres fallback.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -245,13 +246,29 @@ async fn every_filter_and_both_directions_match_the_postgres_list() {
     for filter in filters {
         let from_clickhouse = walk_http(&app, filter).await;
         let from_postgres = walk_postgres(&app, filter).await;
-        assert!(!from_postgres.is_empty());
+        // Equal walks prove something only over rows: each filter matches
+        // some of the 120, and (but the empty one) not all of them, so a
+        // filter both stores ignored, or one that matched nothing, fails here.
+        assert!(!from_postgres[0].0.is_empty(), "filter {filter:?} matches no seeded session");
+        let matched = forward_rows(&from_postgres);
+        if filter.is_empty() {
+            assert_eq!(matched, 120);
+        } else {
+            assert!(matched < 120, "filter {filter:?} matched every session");
+        }
         assert_eq!(from_clickhouse, from_postgres, "filter {filter:?}");
     }
     // The unfiltered walk covers all 120 in order, forward.
     let pages = walk_http(&app, "").await;
     let forward: usize = pages.iter().take_while(|p| p.1.get("next").is_some()).map(|p| p.0.len()).sum();
     assert_eq!(forward + 1, 120, "17 full pages of 7 and a last page of 1");
+}
+
+/// The rows of a walk's forward pages: the pages up to and including the
+/// first without a next cursor.
+fn forward_rows(pages: &[(Vec<String>, Value)]) -> usize {
+    let last = pages.iter().position(|p| p.1.get("next").is_none()).expect("a last page");
+    pages[..=last].iter().map(|p| p.0.len()).sum()
 }
 
 #[tokio::test]
@@ -635,4 +652,247 @@ async fn a_ranged_backfill_copies_only_its_range_and_vouches_for_nothing() {
     // A partial copy sets no watermark: Postgres still serves the list.
     let (_, _, source) = list(&app, "").await;
     assert_eq!(source, "postgres");
+}
+
+/// What [`PageProxy`] does with a read of `sessions_v1` (a list page, its
+/// bound, a count, the tags) once it has passed its first few.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PageFault {
+    /// Passes it on, like every other request.
+    None,
+    /// Never answers: the read times out.
+    Stall,
+    /// Answers as ClickHouse answers a failed query (HTTP 500 and the
+    /// exception's code).
+    Fail,
+}
+
+struct ProxyState {
+    upstream: String,
+    http: reqwest::Client,
+    fault: Mutex<(PageFault, usize)>,
+    watermark_reads: AtomicUsize,
+    page_reads: AtomicUsize,
+}
+
+/// An HTTP proxy in front of the dev ClickHouse that passes every request
+/// (schema, inserts, the watermark's read) and can stall or fail the reads of
+/// `sessions_v1` after passing the first `n` of them: ClickHouse failing in
+/// the middle of a list, after the watermark was read fine. It counts both
+/// kinds of read, so a test sees what reached ClickHouse.
+struct PageProxy {
+    url: String,
+    state: Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PageProxy {
+    async fn start() -> PageProxy {
+        let state = Arc::new(ProxyState {
+            upstream: crate::common::clickhouse::clickhouse_url(),
+            http: reqwest::Client::new(),
+            fault: Mutex::new((PageFault::None, 0)),
+            watermark_reads: AtomicUsize::new(0),
+            page_reads: AtomicUsize::new(0),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let router = axum::Router::new().fallback(proxy_request).with_state(state.clone());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        PageProxy { url, state, task }
+    }
+
+    /// From now on, the reads of `sessions_v1` after the next `pass` meet `fault`.
+    fn fault(&self, fault: PageFault, pass: usize) {
+        let passed = self.page_reads();
+        *self.state.fault.lock().unwrap() = (fault, passed + pass);
+    }
+
+    fn watermark_reads(&self) -> usize {
+        self.state.watermark_reads.load(Ordering::SeqCst)
+    }
+
+    fn page_reads(&self) -> usize {
+        self.state.page_reads.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for PageProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn proxy_request(
+    axum::extract::State(p): axum::extract::State<Arc<ProxyState>>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    // A read's SQL is its body; an insert names its table in the URL and
+    // sends rows, so "FROM <table>" in the body is a read of it.
+    let sql = String::from_utf8_lossy(&body);
+    if sql.contains("FROM sessiond_watermarks") {
+        p.watermark_reads.fetch_add(1, Ordering::SeqCst);
+    }
+    if sql.contains("FROM sessions_v1") {
+        let n = p.page_reads.fetch_add(1, Ordering::SeqCst);
+        let (fault, from) = *p.fault.lock().unwrap();
+        if n >= from {
+            match fault {
+                PageFault::None => {}
+                PageFault::Stall => std::future::pending::<()>().await,
+                PageFault::Fail => {
+                    return (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [("x-clickhouse-exception-code", "999")],
+                        "Code: 999. DB::Exception: failed by the test's proxy",
+                    )
+                        .into_response()
+                }
+            }
+        }
+    }
+    let target = format!("{}{}", p.upstream, parts.uri.path_and_query().map(|q| q.as_str()).unwrap_or("/"));
+    let mut headers = parts.headers.clone();
+    for hop in ["host", "content-length", "connection", "transfer-encoding"] {
+        headers.remove(hop);
+    }
+    let resp = match p.http.request(parts.method, target).headers(headers).body(body).send().await {
+        Ok(resp) => resp,
+        Err(err) => return (StatusCode::BAD_GATEWAY, err.to_string()).into_response(),
+    };
+    let status = resp.status();
+    let mut headers = resp.headers().clone();
+    for hop in ["content-length", "connection", "transfer-encoding"] {
+        headers.remove(hop);
+    }
+    let bytes = resp.bytes().await.unwrap_or_default();
+    (status, headers, bytes).into_response()
+}
+
+/// The first page of `query` as Postgres alone answers it (friendly ids).
+async fn postgres_page(app: &TestApp, query: &str) -> Vec<String> {
+    let q = ListQuery::parse(query, chrono::Utc::now()).unwrap();
+    let page = PgSessionList { pool: app.db().clone() }.list(scope(app), &q).await.unwrap().value;
+    page.sessions.iter().map(|s| s.friendly_id.clone()).collect()
+}
+
+/// ClickHouse fails in the middle of a list: the watermark is read fine, then
+/// a read of `sessions_v1` (after `pass` that succeed) meets `fault`. The
+/// whole answer comes from Postgres, says so, and is the Postgres list; once
+/// ClickHouse answers again and the cool-down is over, it serves again.
+async fn a_list_failing_midway(fault: PageFault, pass: usize) {
+    let proxy = PageProxy::start().await;
+    let url = proxy.url.clone();
+    let app = TestApp::spawn_with(move |c| {
+        c.clickhouse_url = url;
+        // Room for the reads that pass on a loaded machine; the stalled one
+        // costs this once.
+        c.clickhouse_timeout_ms = 3_000;
+        c.clickhouse_retry_after_ms = 300;
+    })
+    .await;
+    app.clickhouse_ready().await;
+    seed(&app, 30).await;
+    backfill_all(&app, 100).await;
+    // Fresh rows too, so the answer ClickHouse would give merges the overlay.
+    let fresh = app.create_session(session_body(Some("midway-fresh"))).await;
+    let query = "page[size]=10";
+
+    // No list has run in this process: the watermark is not cached, so this
+    // list reads it first.
+    proxy.fault(fault, pass);
+    let (watermarks, pages) = (proxy.watermark_reads(), proxy.page_reads());
+    let (status, body, source) = list(&app, query).await;
+    assert_eq!((status, source.as_str()), (StatusCode::OK, "postgres"), "{body}");
+    assert_eq!(proxy.watermark_reads(), watermarks + 1, "the watermark was read, through ClickHouse");
+    assert_eq!(proxy.page_reads(), pages + pass + 1, "the page's reads reached ClickHouse up to the failing one");
+    assert_eq!(ids(&body), postgres_page(&app, query).await, "the Postgres list, whole");
+    assert_eq!(ids(&body)[0], fresh["id"].as_str().unwrap());
+    assert_eq!(body["data"].as_array().unwrap().len(), 10);
+
+    // ClickHouse is well again; after its cool-down it serves the same page.
+    proxy.fault(PageFault::None, 0);
+    let served = eventually(10, "clickhouse to serve the list again", || async {
+        let (status, again, source) = list(&app, query).await;
+        assert_eq!(status, StatusCode::OK);
+        (source == "clickhouse").then_some(again)
+    })
+    .await;
+    assert_eq!(ids(&served), ids(&body), "either store, the same page");
+}
+
+#[tokio::test]
+async fn clickhouse_timing_out_after_the_watermark_read_leaves_the_list_to_postgres() {
+    // The page's first read (its created_at bound) never answers.
+    a_list_failing_midway(PageFault::Stall, 0).await;
+}
+
+#[tokio::test]
+async fn clickhouse_failing_the_page_read_leaves_the_list_to_postgres() {
+    // The bound is read fine; the page read itself fails.
+    a_list_failing_midway(PageFault::Fail, 1).await;
+}
+
+/// The overlay's row cap (LIST_OVERLAY_MAX_ROWS): at the cap ClickHouse still
+/// serves, with every changed row from the overlay; one row more and it is too
+/// far behind, so Postgres serves list, count and tags without ClickHouse
+/// being asked for a page.
+#[tokio::test]
+async fn an_overlay_over_its_row_cap_leaves_the_list_to_postgres() {
+    const CAP: usize = 5;
+    let proxy = PageProxy::start().await;
+    let url = proxy.url.clone();
+    let app = TestApp::spawn_with(move |c| {
+        c.clickhouse_url = url;
+        c.list_overlay_max_rows = CAP;
+    })
+    .await;
+    app.clickhouse_ready().await;
+    seed(&app, 30).await;
+    backfill_all(&app, 100).await;
+    // Changed after the watermark: a tag ClickHouse's copy has never seen.
+    let db = app.db().clone();
+    let change = |i: usize| {
+        let db = db.clone();
+        async move {
+            sqlx::query("UPDATE sessions SET tags = ARRAY['capped'], updated_at = now() WHERE friendly_id = $1")
+                .bind(format!("session_seed{i}"))
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+    };
+    for i in 1..=CAP {
+        change(i).await;
+    }
+    let capped = "filter[tags]=capped&page[size]=50";
+    for query in [capped, "page[size]=10"] {
+        let (status, body, source) = list(&app, query).await;
+        assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"), "at the cap, {query}: {body}");
+        assert_eq!(ids(&body), postgres_page(&app, query).await, "{query}");
+    }
+    let (_, body, _) = list(&app, capped).await;
+    assert_eq!(ids(&body).len(), CAP, "every changed row, from the overlay");
+
+    change(CAP + 1).await;
+    let pages = proxy.page_reads();
+    for query in [capped, "page[size]=10"] {
+        let (status, body, source) = list(&app, query).await;
+        assert_eq!((status, source.as_str()), (StatusCode::OK, "postgres"), "over the cap, {query}: {body}");
+        assert_eq!(ids(&body), postgres_page(&app, query).await, "{query}");
+    }
+    let (_, body, _) = list(&app, capped).await;
+    assert_eq!(ids(&body).len(), CAP + 1);
+    let q = ListQuery::parse("filter[tags]=capped", chrono::Utc::now()).unwrap();
+    let count = app.state.session_list.count(scope(&app), &q).await.unwrap();
+    assert_eq!((count.source.as_str(), count.value), ("postgres", CAP as u64 + 1));
+    let tags = app.state.session_list.tags(scope(&app), "cap", 10).await.unwrap();
+    assert_eq!((tags.source.as_str(), tags.value), ("postgres", vec!["capped".to_string()]));
+    assert_eq!(proxy.page_reads(), pages, "over the cap ClickHouse is not asked for a page");
+    assert!(app.state.analytics.healthy(), "ClickHouse did not fail: it was passed over");
 }
