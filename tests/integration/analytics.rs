@@ -783,8 +783,9 @@ async fn postgres_page(app: &TestApp, query: &str) -> Vec<String> {
 
 /// ClickHouse fails in the middle of a list: the watermark is read fine, then
 /// a read of `sessions_v1` (after `pass` that succeed) meets `fault`. The
-/// whole answer comes from Postgres, says so, and is the Postgres list; once
-/// ClickHouse answers again and the cool-down is over, it serves again.
+/// whole answer comes from Postgres, says so, and is the Postgres list; the
+/// next list, inside the cool-down, asks ClickHouse nothing; once ClickHouse
+/// answers again and the cool-down is over, it serves again.
 async fn a_list_failing_midway(fault: PageFault, pass: usize) {
     let proxy = PageProxy::start().await;
     let url = proxy.url.clone();
@@ -793,7 +794,8 @@ async fn a_list_failing_midway(fault: PageFault, pass: usize) {
         // Room for the reads that pass on a loaded machine; the stalled one
         // costs this once.
         c.clickhouse_timeout_ms = 3_000;
-        c.clickhouse_retry_after_ms = 300;
+        // Surely longer than the next list takes on a loaded machine.
+        c.clickhouse_retry_after_ms = 5_000;
     })
     .await;
     app.clickhouse_ready().await;
@@ -815,9 +817,18 @@ async fn a_list_failing_midway(fault: PageFault, pass: usize) {
     assert_eq!(ids(&body)[0], fresh["id"].as_str().unwrap());
     assert_eq!(body["data"].as_array().unwrap().len(), 10);
 
+    // During the cool-down the next list goes straight to Postgres: not even
+    // the watermark is asked for.
+    let (watermarks, pages) = (proxy.watermark_reads(), proxy.page_reads());
+    let (status, during, source) = list(&app, query).await;
+    assert_eq!((status, source.as_str()), (StatusCode::OK, "postgres"), "{during}");
+    assert_eq!(ids(&during), ids(&body));
+    assert!(!app.state.analytics.healthy(), "still inside the cool-down");
+    assert_eq!((proxy.watermark_reads(), proxy.page_reads()), (watermarks, pages), "nothing reached ClickHouse");
+
     // ClickHouse is well again; after its cool-down it serves the same page.
     proxy.fault(PageFault::None, 0);
-    let served = eventually(10, "clickhouse to serve the list again", || async {
+    let served = eventually(20, "clickhouse to serve the list again", || async {
         let (status, again, source) = list(&app, query).await;
         assert_eq!(status, StatusCode::OK);
         (source == "clickhouse").then_some(again)

@@ -563,9 +563,7 @@ async fn newest_lag_sample(app: &TestApp, slot: &str) -> Option<(chrono::DateTim
         .state
         .analytics
         .client()
-        .query(
-            "SELECT ?fields FROM replication_lag_v1 WHERE slot = {slot:String} ORDER BY sampled_at DESC LIMIT 1",
-        )
+        .query("SELECT ?fields FROM replication_lag_v1 WHERE slot = {slot:String} ORDER BY sampled_at DESC LIMIT 1")
         .param("slot", slot)
         .fetch_optional()
         .await
