@@ -684,6 +684,41 @@ try {
         await goto(viewer, '/dashboard/audit');
         assert(pathname(viewer) === '/dashboard/audit', `/dashboard/audit shows ${viewer.url()}`);
         await expectSelector(viewer, 'table#audit', { state: 'attached' });
+        // The admin's actions above, each a row naming the admin, the action
+        // and its target, newest first; the viewer has done nothing.
+        const rows = await viewer.$$eval('table#audit tbody tr', (trs) =>
+            trs.map((tr) => {
+                const cells = [...tr.querySelectorAll('td')].map((td) => td.textContent.trim());
+                const at = tr.querySelector('time[datetime]')?.getAttribute('datetime') || '';
+                return { at, operator: cells[1], action: cells[2], target: cells[3], detail: cells[4] };
+            }),
+        );
+        const expected = [
+            ['job.retry', `job:${PROBE_JOB}`],
+            ['handoff.retry', `session:${HANDOFF_SESSION}`],
+            ['clickhouse.backfill', 'clickhouse'],
+            ['environment.rotate_key', `environment:${ROTATE_ENV}`],
+        ];
+        const found = (action, target) => rows.filter((r) => r.action === action && r.target === target);
+        for (const [action, target] of expected) {
+            const hits = found(action, target);
+            assert(hits.length === 1, `${hits.length} audit rows for ${action} on ${target}: ${JSON.stringify(rows)}`);
+            assert(hits[0].operator === ADMIN.email, `${action} is recorded as ${hits[0].operator}'s`);
+        }
+        const others = rows.filter((r) => r.operator !== ADMIN.email);
+        assert(others.length === 0, `audit rows by someone else: ${JSON.stringify(others)}`);
+        const times = rows.map((r) => Date.parse(r.at));
+        assert(times.every((t, i) => !Number.isNaN(t) && (i === 0 || t <= times[i - 1])), `not newest first: ${rows.map((r) => r.at)}`);
+        // Newest first: the key rotation came after the backfill, the retries before it.
+        const index = (action) => rows.findIndex((r) => r.action === action);
+        assert(index('environment.rotate_key') < index('clickhouse.backfill'), 'the rotation is not above the backfill');
+        assert(index('clickhouse.backfill') < index('handoff.retry'), 'the backfill is not above the handoff retry');
+        assert(index('handoff.retry') < index('job.retry'), 'the handoff retry is not above the job retry');
+        const rotation = found('environment.rotate_key', `environment:${ROTATE_ENV}`)[0];
+        assert(/"hint"/.test(rotation.detail), `the rotation's detail has no key hint: ${rotation.detail}`);
+        if (rotatedKey) {
+            assert(!rotation.detail.includes(rotatedKey), 'the audit log shows the rotated key');
+        }
     });
 
     await viewer.context().close();
