@@ -367,10 +367,11 @@ async fn worker_calls_are_tried_again_after_a_connection_dropped_mid_request_and
     use sessiond::worker::channels::ChannelFactory;
 
     // Dequeue: the server claimed the run; the retry, with the same request
-    // id, is handed that run rather than nothing.
+    // id, is handed that run rather than nothing. (A long wait, so the first
+    // try answers when it claims the run, however late the run is queued.)
     proxy.arm(Mishap::DropAnswer);
     let runs = WorkerClient::new(&proxy.base, &app.a.key)
-        .dequeue(&["echo-agent".to_string()], 1, Duration::from_secs(2))
+        .dequeue(&["echo-agent".to_string()], 1, Duration::from_secs(20))
         .await
         .expect("the dequeue is tried again");
     assert_eq!(proxy.dealt(), 1);
