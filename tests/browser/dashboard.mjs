@@ -685,6 +685,11 @@ try {
             await shot(viewer, 'viewer ' + where.split('/').pop());
         }
         await expectSelector(viewer, 'table#environments');
+        // The viewer reads the same hint the admin saw, not the key.
+        const hint = await viewer
+            .locator(`table#environments tr[data-env-id="${ROTATE_ENV}"] td[data-label="Key"] code`)
+            .textContent();
+        assert(!rotatedKey || hint.trim() === keyHint(rotatedKey), `the viewer sees the key hint "${hint}"`);
     });
 
     await check('audit page', viewer, async () => {
