@@ -5,7 +5,10 @@
 //!
 //! Test seam: a message whose metadata (the client's `clientData`) sets
 //! `echoDelayMs` has its deltas paced that far apart, so a test can stop a
-//! long turn in the middle or kill the worker mid-turn.
+//! long turn in the middle or kill the worker mid-turn. Any holder of a
+//! session token can set it, so the pauses of one turn add up to
+//! [`MAX_TURN_PACING`] at most: a long message cannot hold a worker's slot
+//! for minutes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +21,11 @@ use super::chat::{ChatAgent, ChatTask, FinishReason, KnownChunk, MessagePayload,
 use super::{RunContext, TaskHandler};
 
 pub const TASK: &str = "echo-agent";
-/// The longest pause the `echoDelayMs` seam allows between deltas.
-const MAX_DELAY: Duration = Duration::from_secs(5);
+/// The most the `echoDelayMs` seam may pause in one whole turn, all its
+/// deltas together; once spent, the rest of the turn streams unpaced (the
+/// early deltas keep the pace asked for, which is what a stop or a kill
+/// mid-turn needs).
+pub const MAX_TURN_PACING: Duration = Duration::from_secs(5);
 
 /// The echo agent as a worker task, on the session channels `channels` makes.
 pub struct EchoAgent {
@@ -52,22 +58,33 @@ pub fn deltas(text: &str) -> Vec<&str> {
     text.split_inclusive(' ').collect()
 }
 
-fn pace(metadata: &Value) -> Duration {
-    metadata.get("echoDelayMs").and_then(Value::as_u64).map(Duration::from_millis).unwrap_or_default().min(MAX_DELAY)
+/// The pause before each of `count` deltas: the pace the metadata asks for,
+/// until the turn's [`MAX_TURN_PACING`] is spent, then none.
+fn pauses(metadata: &Value, count: usize) -> Vec<Duration> {
+    let asked = metadata.get("echoDelayMs").and_then(Value::as_u64).map(Duration::from_millis).unwrap_or_default();
+    let mut left = MAX_TURN_PACING;
+    (0..count)
+        .map(|_| {
+            let pause = asked.min(left);
+            left -= pause;
+            pause
+        })
+        .collect()
 }
 
 #[async_trait]
 impl ChatAgent for Echo {
     async fn respond(&self, turn: &Turn, out: &mut TurnWriter<'_>) -> anyhow::Result<()> {
         let text = reply_text(&turn.payload);
-        let delay = pace(&turn.payload.metadata);
+        let deltas = deltas(&text);
+        let pauses = pauses(&turn.payload.metadata, deltas.len());
         let message_id = out.new_id("msg");
         out.write(KnownChunk::Start { message_id: Some(message_id), message_metadata: None }).await?;
         let id = out.new_id("text");
         out.write(KnownChunk::TextStart { id: id.clone() }).await?;
-        for delta in deltas(&text) {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+        for (delta, pause) in deltas.into_iter().zip(pauses) {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
             }
             out.write(KnownChunk::TextDelta { id: id.clone(), delta: delta.to_string() }).await?;
         }
@@ -139,7 +156,42 @@ mod tests {
         let action = json!({"kind": "message", "payload": {"trigger": "action", "action": {"t": 1}}}).to_string();
         assert_eq!(reply_text(&parse(action)), r#"echo: action {"t":1}"#);
         assert_eq!(deltas("echo: a b"), vec!["echo: ", "a ", "b"]);
-        assert_eq!(pace(&json!({"echoDelayMs": 60000})), MAX_DELAY);
+    }
+
+    #[test]
+    fn the_pauses_of_one_turn_add_up_to_five_seconds_at_most() {
+        let ms = |d: &[Duration]| d.iter().map(|p| p.as_millis() as u64).collect::<Vec<_>>();
+        // A short paced turn keeps its pace throughout.
+        assert_eq!(ms(&pauses(&json!({"echoDelayMs": 40}), 4)), [40, 40, 40, 40]);
+        assert_eq!(ms(&pauses(&Value::Null, 3)), [0, 0, 0]);
+        // A long one keeps it until five seconds are spent, then runs unpaced.
+        assert_eq!(ms(&pauses(&json!({"echoDelayMs": 2000}), 5)), [2000, 2000, 1000, 0, 0]);
+        let total: Duration = pauses(&json!({"echoDelayMs": u64::MAX}), 1000).iter().sum();
+        assert_eq!(total, MAX_TURN_PACING);
+        assert_eq!(pauses(&json!({"echoDelayMs": 60000}), 2)[0], MAX_TURN_PACING);
+    }
+
+    /// The whole turn, through the agent: a thousand words at the seam's
+    /// slowest pace are answered in full after 5 s of pauses (unbounded, the
+    /// turn would take over an hour and the timeout fails the test).
+    #[tokio::test]
+    async fn a_long_turn_at_the_slowest_pace_pauses_five_seconds_in_all() {
+        let ch = Arc::new(MemoryChannels::default());
+        let long: Vec<String> = (0..1000).map(|i| format!("w{i}")).collect();
+        let long = long.join(" ");
+        ch.send_input(&message(&long, json!({"echoDelayMs": 5000})), &[]);
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(60),
+            serve(&Echo, ch.clone(), options(None), CancellationToken::new()),
+        )
+        .await
+        .expect("the turn ends within a minute")
+        .unwrap();
+        assert!(started.elapsed() >= MAX_TURN_PACING, "paced: {:?}", started.elapsed());
+        assert_eq!(text(&ch.output()), format!("echo: {long}"));
+        assert_eq!(turn_ends(&ch.output()).len(), 1);
+        assert_eq!(outcome.turns, 1);
     }
 
     #[tokio::test]

@@ -76,6 +76,9 @@ const HANDOFF_KEEP = process.env.HANDOFF_KEEP;
 const ROTATE_ENV = process.env.ROTATE_ENV;
 const BACKFILL_TIMEOUT = 20_000; // a started backfill to complete
 
+/// What the dashboard shows of a secret key: its first 12 characters.
+const keyHint = (key) => `${[...key].slice(0, 12).join('')}…`;
+
 const SESSION_ROWS = 'table#sessions tbody tr[data-session-id]';
 const RUN_ROWS = 'table#runs tbody tr[data-run-id]';
 const RUN_LINKS = RUN_ROWS + ' a[href^="/dashboard/runs/"]';
@@ -604,7 +607,11 @@ try {
         await goto(admin, '/dashboard/environments');
         const html = await admin.content();
         assert(!html.includes(rotatedKey), 'the environments page shows the key again');
-        await expectSelector(admin, `${row} code`);
+        // The new key's hint (its first 12 characters), and when it was rotated.
+        const hint = ((await admin.locator(`${row} td[data-label="Key"] code`).textContent()) || '').trim();
+        assert(hint === keyHint(rotatedKey), `the key column shows "${hint}", not the new key's hint`);
+        const rotatedAt = await admin.locator(`${row} td[data-label="Key rotated"] time[datetime]`).getAttribute('datetime');
+        assert(!Number.isNaN(Date.parse(rotatedAt || '')), `no rotation time: ${rotatedAt}`);
     });
 
     await check('logout', admin, async () => {
@@ -678,12 +685,54 @@ try {
             await shot(viewer, 'viewer ' + where.split('/').pop());
         }
         await expectSelector(viewer, 'table#environments');
+        // The viewer reads the same hint the admin saw, not the key.
+        const hint = await viewer
+            .locator(`table#environments tr[data-env-id="${ROTATE_ENV}"] td[data-label="Key"] code`)
+            .textContent();
+        assert(!rotatedKey || hint.trim() === keyHint(rotatedKey), `the viewer sees the key hint "${hint}"`);
     });
 
     await check('audit page', viewer, async () => {
         await goto(viewer, '/dashboard/audit');
         assert(pathname(viewer) === '/dashboard/audit', `/dashboard/audit shows ${viewer.url()}`);
         await expectSelector(viewer, 'table#audit', { state: 'attached' });
+        // The admin's actions above, each a row naming the admin, the action
+        // and its target, newest first; the viewer has done nothing.
+        const rows = await viewer.$$eval('table#audit tbody tr', (trs) =>
+            trs.map((tr) => {
+                const cells = [...tr.querySelectorAll('td')].map((td) => td.textContent.trim());
+                const at = tr.querySelector('time[datetime]')?.getAttribute('datetime') || '';
+                return { at, operator: cells[1], action: cells[2], target: cells[3], detail: cells[4] };
+            }),
+        );
+        const expected = [
+            ['job.retry', `job:${PROBE_JOB}`],
+            ['handoff.retry', `session:${HANDOFF_SESSION}`],
+            ['clickhouse.backfill', 'clickhouse'],
+            ['environment.rotate_key', `environment:${ROTATE_ENV}`],
+        ];
+        const found = (action, target) => rows.filter((r) => r.action === action && r.target === target);
+        for (const [action, target] of expected) {
+            const hits = found(action, target);
+            assert(hits.length === 1, `${hits.length} audit rows for ${action} on ${target}: ${JSON.stringify(rows)}`);
+            assert(hits[0].operator === ADMIN.email, `${action} is recorded as ${hits[0].operator}'s`);
+        }
+        const others = rows.filter((r) => r.operator !== ADMIN.email);
+        assert(others.length === 0, `audit rows by someone else: ${JSON.stringify(others)}`);
+        const times = rows.map((r) => Date.parse(r.at));
+        assert(times.every((t, i) => !Number.isNaN(t) && (i === 0 || t <= times[i - 1])), `not newest first: ${rows.map((r) => r.at)}`);
+        // Newest first: the key rotation came after the backfill, the retries before it.
+        const index = (action) => rows.findIndex((r) => r.action === action);
+        assert(index('environment.rotate_key') < index('clickhouse.backfill'), 'the rotation is not above the backfill');
+        assert(index('clickhouse.backfill') < index('handoff.retry'), 'the backfill is not above the handoff retry');
+        assert(index('handoff.retry') < index('job.retry'), 'the handoff retry is not above the job retry');
+        const rotation = found('environment.rotate_key', `environment:${ROTATE_ENV}`)[0];
+        if (rotatedKey) {
+            const detail = JSON.stringify({ hint: keyHint(rotatedKey) });
+            assert(rotation.detail === detail, `the rotation's detail is ${rotation.detail}, not ${detail}`);
+        } else {
+            assert(/^\{"hint":"tr_[^"]*…"\}$/.test(rotation.detail), `the rotation's detail: ${rotation.detail}`);
+        }
     });
 
     await viewer.context().close();

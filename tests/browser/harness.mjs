@@ -8,6 +8,16 @@
 //   not ok - <check name>: <error>
 //   <P> passed, <F> failed   (last line; exit code 1 if F > 0)
 // Diagnostics (browser console errors, screenshot paths) go to stderr.
+//
+// A page's uncaught exception (`pageerror`) or console error fails the run:
+// the check during which it arrived fails with it, and one that arrives
+// outside any check is reported as `not ok - page errors` before the tally.
+// One console error is expected and allowed: Chromium's "Failed to load
+// resource: the server responded with a status of N" for the page's own
+// document, when a script opens a 401, 403 or 404 page on purpose (the
+// check that opens it asserts the status, or the page's error). The same
+// line for any other resource (a script, a stylesheet, an htmx request)
+// still fails. Console warnings are only logged.
 
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
@@ -56,7 +66,41 @@ export function describe(err) {
     return text.length > 300 ? text.slice(0, 297) + '...' : text;
 }
 
+// ---- errors the pages raised ----
+
+/// Uncaught exceptions and console errors of every page, in arrival order.
+const pageProblems = [];
+/// How many of them a check (or finish) has reported already.
+let problemsReported = 0;
+
+/// The problems not reported yet, marked reported.
+function takeProblems() {
+    const fresh = pageProblems.slice(problemsReported);
+    problemsReported = pageProblems.length;
+    return fresh;
+}
+
+function problemSummary(problems) {
+    const more = problems.length > 1 ? ` (and ${problems.length - 1} more)` : '';
+    return `${problems[0]}${more}`;
+}
+
+/// Is this console message Chromium's note that the page's own document
+/// answered an error status? (The one console error allowed: see the top.)
+function isDocumentStatus(page, msg) {
+    if (!/^Failed to load resource: the server responded with a status of 4\d\d\b/.test(msg.text())) {
+        return false;
+    }
+    const where = msg.location()?.url || '';
+    return where !== '' && where === page.url();
+}
+
 export async function finish() {
+    const late = takeProblems();
+    if (late.length > 0) {
+        failed++;
+        await emit(`not ok - page errors: ${problemSummary(late)}`);
+    }
     await emit(`${passed} passed, ${failed} failed`);
     process.exitCode = failed > 0 ? 1 : 0;
 }
@@ -118,6 +162,10 @@ export async function shot(page, name) {
 export async function check(name, page, fn) {
     try {
         await fn();
+        const problems = takeProblems();
+        if (problems.length > 0) {
+            throw new Error(problemSummary(problems));
+        }
         passed++;
         await emit(`ok - ${name}`);
     } catch (err) {
@@ -186,19 +234,28 @@ export async function start(watchdogMs) {
     return browser;
 }
 
-/// A page in a fresh context (its own cookies), logging the page's console
-/// errors and accepting every confirm() (the operator says yes).
+/// A page in a fresh context (its own cookies) whose uncaught exceptions and
+/// console errors fail the run (see the top), logging its console warnings,
+/// and accepting every confirm() (the operator says yes).
 export async function newPage(browser, who, viewport = DESKTOP) {
     const context = await browser.newContext({ viewport });
     context.setDefaultTimeout(TIMEOUT);
     context.setDefaultNavigationTimeout(NAV_TIMEOUT);
     const page = await context.newPage();
     page.on('console', (msg) => {
-        if (msg.type() === 'error' || msg.type() === 'warning') {
-            diag(`${who} console ${msg.type()}: ${msg.text()}`);
+        if (msg.type() !== 'error' && msg.type() !== 'warning') {
+            return;
+        }
+        const where = msg.location()?.url ? ` (${msg.location().url})` : '';
+        diag(`${who} console ${msg.type()}: ${msg.text()}${where}`);
+        if (msg.type() === 'error' && !isDocumentStatus(page, msg)) {
+            pageProblems.push(`${who} console error: ${msg.text().slice(0, 200)}${where}`);
         }
     });
-    page.on('pageerror', (err) => diag(`${who} page error: ${describe(err)}`));
+    page.on('pageerror', (err) => {
+        diag(`${who} page error: ${describe(err)}`);
+        pageProblems.push(`${who} page error: ${describe(err)}`);
+    });
     page.on('dialog', (dialog) => {
         diag(`${who} ${dialog.type()} accepted: ${dialog.message()}`);
         dialog.accept().catch(() => {});

@@ -126,15 +126,35 @@ await check('switching the window to 7 days through the form', desktop, async ()
     assert(title.includes('per day'), `title "${title}"`);
 });
 
+/// The replication page's health list: each label with its value's text.
+async function replicationHealth(page) {
+    return page.$$eval('dl#replication-health dt', (dts) =>
+        Object.fromEntries(
+            dts.map((dt) => [dt.textContent.trim(), (dt.nextElementSibling?.textContent || '').replace(/\s+/g, ' ').trim()]),
+        ),
+    );
+}
+
 // This server replicates (the dashboard script's does not): the replication
 // page's slot health, with the flush the Rust test waited for, at both widths.
 await check('the replication page while replicating, at 1280 and 390 px', phone, async () => {
     for (const page of [desktop, phone]) {
         await goto(page, '/dashboard/replication');
-        const health = await (await expectSelector(page, 'dl#replication-health')).textContent();
-        assert(health.includes('Confirmed LSN'), 'the slot is shown');
-        await expectSelector(page, 'dl#replication-health time', { state: 'attached' });
+        await expectSelector(page, 'dl#replication-health');
         assert(!(await page.locator('#replication-off').count()), 'the page says replication is off');
+        // Each label's value, not just the labels: a live slot, a confirmed
+        // position, the consumer's lease and the flush the Rust test waited for.
+        const f = await replicationHealth(page);
+        assert(/^sessiond_\S+ active$/.test(f['Slot']), `Slot: "${f['Slot']}", not an active sessiond slot`);
+        assert(/^[0-9A-F]+\/[0-9A-F]+$/.test(f['Confirmed LSN']), `Confirmed LSN: "${f['Confirmed LSN']}"`);
+        assert(/^fencing token \d+$/.test(f['Lease holder']), `Lease holder: "${f['Lease holder']}"`);
+        assert(/, .+ from commit to visible$/.test(f['Last flush']), `Last flush: "${f['Last flush']}"`);
+        const flushTime = await page.$$eval('dl#replication-health dt', (dts) =>
+            dts.find((dt) => dt.textContent.trim() === 'Last flush')?.nextElementSibling?.querySelector('time[datetime]')?.getAttribute('datetime'),
+        );
+        assert(flushTime && !Number.isNaN(Date.parse(flushTime)), `Last flush has no time: ${flushTime}`);
+        assert(/^slot generation \d+, created .+: complete$/.test(f['Copy']), `Copy: "${f['Copy']}"`);
+        assert(/^\d+ \(\d+ rows\)/.test(f['Pending flushes']), `Pending flushes: "${f['Pending flushes']}"`);
         await assertNoSidewaysScroll(page);
     }
     await shot(desktop, 'replication while replicating 1280');

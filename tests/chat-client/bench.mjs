@@ -35,7 +35,7 @@ for (let i = 0; i < warmup + turns; i++) {
     complete.push(ended - started);
   }
 }
-await chat.close();
+if ((await chat.close()) !== true) throw new Error("close was not accepted");
 
 const pct = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(sorted.length * p) - 1))];
 function summary(name, key, samples) {

@@ -13,7 +13,7 @@ import assert from "node:assert/strict";
 import { AgentChat, TriggerChatTransport } from "@trigger.dev/sdk/chat";
 import { sessions } from "@trigger.dev/sdk";
 import { readUIMessageStream, uiMessageChunkSchema } from "ai";
-import { check, claims, get, run, turnCompletes, until, words } from "./harness.mjs";
+import { check, claims, get, run, inputSeqs, turnCompletes, until, words } from "./harness.mjs";
 
 const AGENT = "echo-agent";
 const PACED = { echoDelayMs: 60 };
@@ -269,8 +269,13 @@ async function checks({ suffix }) {
     assert.equal(await paced.stopGeneration(id), true);
     reader.releaseLock();
     await until("the stopped turn's end", async () => (await turnCompletes(id)).length === 1);
+    // The agent honoured the stop: the turn's end names the stop record, .in's
+    // second (an agent that ignored it would answer message 0 in full).
+    assert.deepEqual(await inputSeqs(id), [0, 1], "the message, then the transport's stop");
+    assert.deepEqual((await turnCompletes(id)).map((e) => e.answered), [1], "the stopped turn's end names the stop record");
     const { reply } = await transportTurn(paced, id, h, "after the stop");
     assert.equal(reply.parts.find((p) => p.type === "text").text, "echo: after the stop");
+    assert.deepEqual((await turnCompletes(id)).map((e) => e.answered), [1, 2], "the next message answered once");
   });
 }
 

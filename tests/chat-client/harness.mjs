@@ -58,6 +58,12 @@ export async function turnCompletes(session) {
     .map((r) => ({ seq: r.seqNum, answered: Number(header(r, "session-in-event-id")), token: header(r, "public-access-token") }));
 }
 
+// The seqs of a session's `.in` records, oldest first.
+export async function inputSeqs(session) {
+  const { records } = await get(`/realtime/v1/sessions/${encodeURIComponent(session)}/in/records`);
+  return records.map((r) => r.seqNum);
+}
+
 // A JWT's claims, unverified (the server verified it when it was used).
 export function claims(token) {
   return JSON.parse(Buffer.from(token.split(".")[1], "base64url").toString());

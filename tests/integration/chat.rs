@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::{chat_message, eventually, SseRecord, TestApp};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::worker::channels::HttpChannelFactory;
 use sessiond::worker::echo::EchoAgent;
@@ -53,7 +54,8 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     // The browser holds only the session token, addressed by its own chat id.
     let mut sub = app.sse("/realtime/v1/sessions/chat-42/out", &pat, &[("timeout-seconds", "60")]).await;
 
-    app.append("chat-42", "in", &pat, &chat_message("hello there"), &[("x-part-id", "m1")]).await;
+    let (status, appended) = app.append("chat-42", "in", &pat, &chat_message("hello there"), &[("x-part-id", "m1")]).await;
+    assert_eq!((status, &appended["ok"], &appended["seq"]), (StatusCode::OK, &json!(true), &json!(0)), "{appended}");
     assert_eq!(read_turn(&mut sub).await, ("echo: hello there".to_string(), "0".to_string()));
     // Between turns the run waits on .in through a waitpoint.
     eventually(10, "run waiting", || async { (app.run_status(&first_run).await == "WAITING").then_some(()) }).await;
@@ -62,7 +64,9 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     eventually(15, "idle exit", || async { (app.run_status(&first_run).await == "COMPLETED").then_some(()) }).await;
 
     // The next message boots a continuation; the same subscription gets the reply.
-    app.append("chat-42", "in", &pat, &chat_message("still there?"), &[("x-part-id", "m2")]).await;
+    let (status, appended) =
+        app.append("chat-42", "in", &pat, &chat_message("still there?"), &[("x-part-id", "m2")]).await;
+    assert_eq!((status, &appended["ok"], &appended["seq"]), (StatusCode::OK, &json!(true), &json!(1)), "{appended}");
     assert_eq!(read_turn(&mut sub).await, ("echo: still there?".to_string(), "1".to_string()));
     let (_, session) = app.get("/api/v1/sessions/chat-42", &pat).await;
     assert_ne!(session["currentRunId"], first_run.as_str());
@@ -76,7 +80,9 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
 
     // Closing wakes the waiting agent with session-closed; it exits.
     let second_run = session["currentRunId"].as_str().unwrap().to_string();
-    app.post("/api/v1/sessions/chat-42/close", &app.a.key, json!({"reason": "bye"})).await;
+    let (status, closed) = app.post("/api/v1/sessions/chat-42/close", &app.a.key, json!({"reason": "bye"})).await;
+    assert_eq!((status, &closed["closedReason"]), (StatusCode::OK, &json!("bye")), "{closed}");
+    assert!(closed["closedAt"].is_string(), "{closed}");
     eventually(15, "agent exits on close", || async {
         (app.run_status(&second_run).await == "COMPLETED").then_some(())
     })

@@ -7,6 +7,10 @@
 //! message or session is lost. Prints `FAULT worker_kill9`: restarts, messages
 //! sent and answered, duplicate answers, runs, crashed runs, the longest
 //! restart downtime and the worker's retried calls.
+//!
+//! And, call by call: each worker-library call whose connection drops after
+//! the server acted (and a turn token mint refused with a 503) is tried again
+//! and answered as the first try would have been.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -251,4 +255,165 @@ async fn faults_worker_kill9_and_restart_under_chat_load_crashes_no_run_and_answ
     assert_eq!(duplicates, 0, "messages answered more than once: {answered:?}");
     assert_eq!(answered_count, messages, "messages left unanswered");
     assert!(messages >= sent.len() * 3, "the load sent too little to show anything: {messages}");
+}
+
+/// What a [`DroppingProxy`] does to the next connection it accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mishap {
+    /// Forwards the request, then closes both sides as soon as the server's
+    /// answer begins: the server has acted on the request, the client hears
+    /// nothing (a connection dropped mid-request, as a restart or a failover
+    /// does it).
+    DropAnswer,
+    /// Answers 503 itself, without forwarding (a proxy or a server in trouble).
+    Refuse,
+}
+
+/// A TCP proxy in front of the test server that spoils the next connections
+/// it accepts as armed (one mishap a connection), then passes everything
+/// through. Each call below goes through a fresh HTTP client, so its first
+/// try opens a new connection: arming one mishap spoils exactly that try.
+struct DroppingProxy {
+    base: String,
+    armed: Arc<std::sync::Mutex<Vec<Mishap>>>,
+    /// Mishaps dealt so far.
+    dealt: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl DroppingProxy {
+    async fn start(upstream: &str) -> DroppingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = DroppingProxy {
+            base: format!("http://{}", listener.local_addr().unwrap()),
+            armed: Default::default(),
+            dealt: Default::default(),
+        };
+        let (armed, dealt) = (proxy.armed.clone(), proxy.dealt.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mishap = armed.lock().unwrap().pop();
+                let (upstream, dealt) = (upstream.clone(), dealt.clone());
+                tokio::spawn(async move {
+                    if mishap == Some(Mishap::Refuse) {
+                        // Read the request head first, so the client is not cut off mid-write.
+                        let mut buf = [0u8; 16 * 1024];
+                        let _ = client.read(&mut buf).await;
+                        dealt.fetch_add(1, Ordering::SeqCst);
+                        let body = r#"{"error":"try again"}"#;
+                        let head = format!(
+                            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = client.write_all(format!("{head}{body}").as_bytes()).await;
+                        return;
+                    }
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let ((mut client_rx, mut client_tx), (mut server_rx, mut server_tx)) =
+                        (client.into_split(), server.into_split());
+                    let requests = async move {
+                        let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                        std::future::pending::<()>().await
+                    };
+                    let answers = async move {
+                        if mishap == Some(Mishap::DropAnswer) {
+                            // The first byte of the answer: the server has acted.
+                            let mut first = [0u8; 1];
+                            let _ = server_rx.read(&mut first).await;
+                            dealt.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+                    };
+                    tokio::select! { _ = requests => {}, _ = answers => {} }
+                });
+            }
+        });
+        proxy
+    }
+
+    /// Spoils the next connection with `mishap`.
+    fn arm(&self, mishap: Mishap) {
+        self.armed.lock().unwrap().push(mishap);
+    }
+
+    fn dealt(&self) -> usize {
+        self.dealt.load(Ordering::SeqCst)
+    }
+}
+
+/// The worker library's calls ride out a connection dropped after the server
+/// acted but before it answered: each is tried again (dequeue with its request
+/// id, an append with its part id, a heartbeat, the final report with its
+/// attempt) and the retry's answer is the one the lost answer would have been,
+/// with nothing done twice. A turn token mint is tried again too, after a
+/// dropped connection and after a 503 (a failed mint would end the turn
+/// without a fresh token, silently).
+#[tokio::test]
+async fn worker_calls_are_tried_again_after_a_connection_dropped_mid_request_and_mints_after_a_503() {
+    // A heartbeat timeout that a loaded machine cannot pass between the calls.
+    let app = TestApp::spawn_with(|c| c.run_heartbeat_timeout_ms = 10_000).await;
+    let proxy = DroppingProxy::start(&app.base).await;
+    let created = app
+        .create_session(json!({
+            "type": "chat.agent", "taskIdentifier": "echo-agent", "externalId": "cut-calls",
+            "triggerConfig": {"basePayload": {"chatId": "cut-calls"}}
+        }))
+        .await;
+    let run_id = created["runId"].as_str().unwrap().to_string();
+    let session = created["id"].as_str().unwrap().to_string();
+    let factory = HttpChannelFactory { base_url: proxy.base.clone() };
+    use sessiond::worker::channels::ChannelFactory;
+
+    // Dequeue: the server claimed the run; the retry, with the same request
+    // id, is handed that run rather than nothing. (A long wait, so the first
+    // try answers when it claims the run, however late the run is queued.)
+    proxy.arm(Mishap::DropAnswer);
+    let runs = WorkerClient::new(&proxy.base, &app.a.key)
+        .dequeue(&["echo-agent".to_string()], 1, Duration::from_secs(20))
+        .await
+        .expect("the dequeue is tried again");
+    assert_eq!(proxy.dealt(), 1);
+    assert_eq!(runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [run_id.as_str()]);
+    let run = &runs[0];
+
+    // An append: stored once, though sent twice.
+    proxy.arm(Mishap::DropAnswer);
+    factory.for_run(run).append_output(r#"{"data":{"type":"probe"},"id":"p-1"}"#, &[]).await.expect("the append lands");
+    assert_eq!(proxy.dealt(), 2);
+    let (status, page) = app.get(&format!("/realtime/v1/sessions/{session}/out/records"), &app.a.key).await;
+    assert_eq!(status, StatusCode::OK);
+    let seqs: Vec<&Value> = page["records"].as_array().unwrap().iter().map(|r| &r["seqNum"]).collect();
+    assert_eq!(seqs, [&json!(0)], "one record: {page}");
+
+    // Token mints: after a dropped connection, and after a 503.
+    for mishap in [Mishap::DropAnswer, Mishap::Refuse] {
+        let dealt = proxy.dealt();
+        proxy.arm(mishap);
+        let token = factory.for_run(run).turn_token().await.expect("the mint is tried again");
+        assert_eq!(proxy.dealt(), dealt + 1, "{mishap:?}");
+        let token = token.expect("a minted token");
+        let (status, _) = app.get(&format!("/realtime/v1/sessions/{session}/out/records"), &token).await;
+        assert_eq!(status, StatusCode::OK, "the minted token ({mishap:?}) reads the session");
+    }
+
+    // A heartbeat, then the final report: the run completes once, with its output.
+    proxy.arm(Mishap::DropAnswer);
+    let beat = WorkerClient::new(&proxy.base, &app.a.key).heartbeat(run).await.expect("the heartbeat lands");
+    assert!(beat.ok && !beat.cancel, "{beat:?}");
+    proxy.arm(Mishap::DropAnswer);
+    WorkerClient::new(&proxy.base, &app.a.key)
+        .complete(run, json!({"exit": "cut-test"}))
+        .await
+        .expect("the completion is tried again and answered as the first");
+    assert_eq!(proxy.dealt(), 6);
+    assert_eq!(app.run_status(&run_id).await, "COMPLETED");
+    let (attempts, output): (i32, Value) =
+        sqlx::query_as("SELECT attempt_number, output FROM task_runs WHERE friendly_id = $1")
+            .bind(&run_id)
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert_eq!((attempts, output), (1, json!({"exit": "cut-test"})));
 }
