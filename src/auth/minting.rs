@@ -9,11 +9,18 @@
 //!   could not already do.
 //! - Any other public token mints nothing: a browser's session token must not
 //!   outlive itself by minting a successor.
+//! - A run's token mints only while its run still serves the session (its
+//!   current run, alive): a session token carries no run fence, so one
+//!   minted by a superseded run would write past the hand-off's fence.
 
 use chrono::{DateTime, Utc};
 
+use serde::{Deserialize, Deserializer};
+
 use super::scopes;
 use super::Principal;
+use crate::runs::store::Run;
+use crate::runs::RunStatus;
 use crate::validation::{parse_duration_secs, ValidationError};
 
 /// How long a minted token lives when the request names no expiration (the
@@ -28,11 +35,24 @@ pub const MAX_TTL_SECS: i64 = 366 * 24 * 3600;
 const MAX_SCOPES: usize = 32;
 
 /// A request's `expirationTime`: Unix seconds, or a duration from now ("1h").
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Expiration {
     At(i64),
     In(String),
+}
+
+const EXPIRATION_FORMS: &str = "must be Unix seconds or a duration such as \"15m\" or \"1h\"";
+
+impl<'de> Deserialize<'de> for Expiration {
+    /// By hand rather than `untagged`, whose refusal names the Rust type.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Number(n) => n.as_i64().map(Expiration::At).ok_or_else(|| D::Error::custom(EXPIRATION_FORMS)),
+            serde_json::Value::String(text) => Ok(Expiration::In(text)),
+            _ => Err(D::Error::custom(EXPIRATION_FORMS)),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,6 +62,13 @@ pub enum MintError {
     /// The caller's credential may not mint this (or any) token.
     #[error("{0}")]
     NotAllowed(String),
+    /// The minting run no longer serves its session: another run (named)
+    /// replaced it.
+    #[error("Run was superseded by {0}: another run now serves its session and only it may mint tokens")]
+    Superseded(String),
+    /// The minting run ended (or is gone): nothing serves the session as it.
+    #[error("Run is {}: only a live run may mint tokens", .0.map_or("gone", |s| s.as_str()))]
+    RunNotLive(Option<RunStatus>),
 }
 
 /// What a granted request mints: its scopes and how long it lives.
@@ -129,6 +156,24 @@ pub fn grant(
         return Err(invalid("expirationTime", "may be at most 1 hour away for a token minted by a run"));
     }
     Ok(Grant { scopes: requested.to_vec(), ttl_secs })
+}
+
+/// May `run` (the run a token acts as; `None` if no such run exists) still
+/// mint, given its session's current run? Only the current run, alive by
+/// Postgres' clock: a superseded run is fenced off its session's channels,
+/// and a token it minted would carry no fence.
+pub fn run_may_mint(run: Option<&Run>, current_run: Option<&str>) -> Result<(), MintError> {
+    let run = run.ok_or(MintError::RunNotLive(None))?;
+    if let Some(by) = &run.superseded_by {
+        return Err(MintError::Superseded(by.clone()));
+    }
+    if !run.alive() {
+        return Err(MintError::RunNotLive(Some(run.status)));
+    }
+    match current_run {
+        Some(current) if current == run.friendly_id => Ok(()),
+        other => Err(MintError::Superseded(other.unwrap_or("another run").to_string())),
+    }
 }
 
 #[cfg(test)]

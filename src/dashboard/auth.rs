@@ -16,7 +16,7 @@ use axum::extract::{FromRef, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::Form;
+use super::error::Form;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;

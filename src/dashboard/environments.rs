@@ -7,7 +7,7 @@ use askama::Template;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
-use axum::Form;
+use super::error::Form;
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;

@@ -88,3 +88,31 @@ impl IntoResponse for DashboardError {
 }
 
 pub type PageResult<T> = Result<T, DashboardError>;
+
+/// A form body, for the dashboard's POSTs. A request that is no form (another
+/// content type, none, or fields that do not parse) is a 400 page like any
+/// other refused form, never axum's bare plain-text 415/422.
+pub struct Form<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for Form<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = DashboardError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::rejection::FormRejection;
+        match axum::Form::<T>::from_request(req, state).await {
+            Ok(axum::Form(value)) => Ok(Form(value)),
+            Err(FormRejection::InvalidFormContentType(_)) => Err(DashboardError::BadRequest(
+                "This action takes a form (application/x-www-form-urlencoded); submit it from the dashboard's page"
+                    .into(),
+            )),
+            Err(rejection) => {
+                tracing::debug!(%rejection, "dashboard form refused");
+                Err(DashboardError::BadRequest("The form could not be read; reload the page and try again".into()))
+            }
+        }
+    }
+}

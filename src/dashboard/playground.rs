@@ -13,7 +13,7 @@ use askama::Template;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Form;
+use super::error::Form;
 use chrono::Utc;
 use serde_json::json;
 use sqlx::PgPool;

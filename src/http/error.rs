@@ -38,6 +38,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0}")]
     Conflict(String),
+    /// A run acting for a session it no longer serves: 409 with a `code` a
+    /// worker can act on (stop), the same wherever the fence is met.
+    #[error("{message}")]
+    RunFenced { fence: RunFence, message: String },
     #[error("Request body is too large")]
     PayloadTooLarge,
     #[error("Request body was not received in time")]
@@ -50,6 +54,24 @@ pub enum ApiError {
     Unavailable,
     #[error("internal error: {0}")]
     Internal(anyhow::Error),
+}
+
+/// Why a run is refused as its session's run (the `code` of a 409).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunFence {
+    /// A hand-off replaced it: `run_superseded`.
+    Superseded,
+    /// It ended (or is gone): `run_not_live`.
+    NotLive,
+}
+
+impl RunFence {
+    pub fn code(self) -> &'static str {
+        match self {
+            RunFence::Superseded => "run_superseded",
+            RunFence::NotLive => "run_not_live",
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -72,12 +94,40 @@ impl From<redis::RedisError> for ApiError {
 
 // How each domain error reads over HTTP. Every mapping lives here.
 
+/// A path parameter that does not decode (`http::extract::ApiPath`): 400
+/// naming the parameter, never axum's plain-text rejection nor the Rust type
+/// it was to become.
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::PathRejection) -> Self {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        let key = match &rejection {
+            PathRejection::FailedToDeserializePathParams(e) => match e.kind() {
+                ErrorKind::InvalidUtf8InPathParam { key } => {
+                    return ApiError::BadRequest(format!("Invalid `{key}` in path: not valid UTF-8"))
+                }
+                ErrorKind::ParseErrorAtKey { key, .. } | ErrorKind::DeserializeError { key, .. } => Some(key.clone()),
+                _ => None,
+            },
+            // A route whose handler names parameters it does not have: a bug.
+            PathRejection::MissingPathParams(e) => return ApiError::Internal(anyhow::anyhow!("{e}")),
+            _ => None,
+        };
+        ApiError::BadRequest(match key {
+            Some(key) => format!("Invalid `{key}` in path"),
+            None => "Invalid path".into(),
+        })
+    }
+}
+
 impl From<crate::auth::minting::MintError> for ApiError {
     fn from(err: crate::auth::minting::MintError) -> Self {
         use crate::auth::minting::MintError;
         match err {
             MintError::Invalid(v) => ApiError::Validation(v),
             MintError::NotAllowed(why) => ApiError::Refused(why),
+            MintError::Superseded(_) => ApiError::RunFenced { fence: RunFence::Superseded, message: err.to_string() },
+            MintError::RunNotLive(_) => ApiError::RunFenced { fence: RunFence::NotLive, message: err.to_string() },
         }
     }
 }
@@ -125,9 +175,10 @@ impl From<ChannelError> for ApiError {
     fn from(err: ChannelError) -> Self {
         match err {
             ChannelError::Closed => ApiError::BadRequest("Session is closed".into()),
-            ChannelError::Superseded => ApiError::Conflict(
-                "This run was superseded by another run of the session and may no longer write to it".into(),
-            ),
+            ChannelError::Superseded => ApiError::RunFenced {
+                fence: RunFence::Superseded,
+                message: "This run was superseded by another run of the session and may no longer write to it".into(),
+            },
             ChannelError::Redis(err) => err.into(),
             other => ApiError::Internal(other.into()),
         }
@@ -199,7 +250,10 @@ pub fn retry_after(status: StatusCode, headers: &mut axum::http::HeaderMap) {
 impl ApiError {
     /// A run replaced by `by` (a hand-off) acting as its session's run.
     pub fn superseded(by: &str) -> ApiError {
-        ApiError::Conflict(format!("Run was superseded by {by}: another run now serves its session"))
+        ApiError::RunFenced {
+            fence: RunFence::Superseded,
+            message: format!("Run was superseded by {by}: another run now serves its session"),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -209,13 +263,22 @@ impl ApiError {
             ApiError::Forbidden | ApiError::Refused(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::RunFenced { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(err) if crate::db::unavailable(err) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The machine-readable `code` of this error, where one tells a client
+    /// what to do beyond the status.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            ApiError::RunFenced { fence, .. } => Some(fence.code()),
+            _ => None,
         }
     }
 
@@ -247,6 +310,7 @@ impl IntoResponse for ApiError {
                 "field": v.field,
                 "reason": v.message,
             }),
+            ApiError::RunFenced { fence, message } => json!({ "error": message, "code": fence.code() }),
             other => json!({ "error": other.to_string() }),
         };
         let mut response = (status, Json(body)).into_response();

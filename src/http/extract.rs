@@ -1,5 +1,9 @@
-//! Extractors shared by routes: a JSON body with precise 400/413/422 answers, and
-//! a validated path id.
+//! Extractors shared by routes: a JSON body with precise 400/413/422 answers,
+//! path parameters and query strings whose refusals are JSON too, and a
+//! validated path id. API routes take only these (never axum's own `Path`,
+//! `Query`, `Json` or `Form`, whose rejections are plain text), so every
+//! refusal reads in the API's error shape; how each reads is decided in
+//! `http/error.rs`.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
@@ -93,14 +97,116 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 let field = if path == "." { "body".to_string() } else { path };
                 // serde's messages carry the line/column; keep only the reason.
                 let msg = inner.to_string();
-                let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-                ApiError::Validation(ValidationError::new(field, msg))
+                let msg = msg.split(" at line ").next().unwrap_or(&msg);
+                ApiError::Validation(ValidationError::new(field, in_words(msg)))
             }
             _ => malformed(),
         }
     })?;
     de.end().map_err(|_| malformed())?;
     Ok(value)
+}
+
+/// serde's message for a value of the wrong shape, with the Rust type names
+/// it quotes ("expected u64", "struct CreateSessionBody", "untagged enum
+/// Expiration") put in the words of the JSON the client sent: a client knows
+/// objects, arrays and numbers, not the server's types.
+pub fn in_words(msg: &str) -> String {
+    if msg.contains("untagged enum") {
+        // serde says only that no form matched; the field's own deserializer
+        // says which forms it takes where that matters.
+        return "is not one of the accepted forms".into();
+    }
+    let words: Vec<&str> = msg.split(' ').collect();
+    let mut out: Vec<String> = Vec::with_capacity(words.len());
+    // Inside a quoted value the client sent (`string "a map"`), words are theirs.
+    let mut quoted = false;
+    let mut i = 0;
+    while i < words.len() {
+        let raw = words[i];
+        let was_quoted = quoted;
+        quoted ^= raw.matches(['"', '`']).count() % 2 == 1;
+        let (word, tail) = split_punctuation(raw);
+        let next_is_name = words.get(i + 1).is_some_and(|n| n.starts_with(|c: char| c.is_ascii_uppercase()));
+        let plain = match word {
+            _ if was_quoted || quoted => None,
+            "map" => Some("an object"),
+            "sequence" => Some("an array"),
+            "struct" if next_is_name => Some("an object"),
+            "enum" if next_is_name => Some("one of the accepted values"),
+            "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => Some("a whole number of 0 or more"),
+            "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => Some("a whole number"),
+            "f32" | "f64" => Some("a number"),
+            "unit" => Some("null"),
+            _ => None,
+        };
+        let Some(plain) = plain else {
+            out.push(raw.to_string());
+            i += 1;
+            continue;
+        };
+        // "a sequence", "a map": the article comes with the plain words.
+        if plain.starts_with('a') && out.last().is_some_and(|w| w == "a") {
+            out.pop();
+        }
+        if matches!(word, "struct" | "enum") {
+            // `struct Name,`: the name goes with its keyword.
+            out.push(format!("{plain}{}", split_punctuation(words[i + 1]).1));
+            i += 2;
+        } else {
+            out.push(format!("{plain}{tail}"));
+            i += 1;
+        }
+    }
+    out.join(" ")
+}
+
+/// `word,` → (`word`, `,`).
+fn split_punctuation(word: &str) -> (&str, &str) {
+    let end = word.trim_end_matches([',', '.', ';', ':']).len();
+    word.split_at(end)
+}
+
+/// Path parameters. A parameter that does not decode (not UTF-8, the wrong
+/// shape) is a JSON 400 naming it (see `From<PathRejection> for ApiError`).
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(value) = Path::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiPath(value))
+    }
+}
+
+/// A query string. A parameter of the wrong shape is 422 naming it, in the
+/// same words as a JSON body's fields.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parse_query(parts.uri.query().unwrap_or("")).map(ApiQuery)
+    }
+}
+
+pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." { "query".to_string() } else { path };
+        ApiError::Validation(ValidationError::new(field, in_words(&err.into_inner().to_string())))
+    })
 }
 
 /// A `:session`-style path id: a friendly id or an external id. Rejects ids that
@@ -199,6 +305,39 @@ mod tests {
                     prop_assert!(!id.is_empty() && id.chars().count() <= crate::ids::MAX_ID_CHARS && !id.chars().any(char::is_control));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn messages_name_no_rust_type() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Shapes {
+            n: Option<u64>,
+            i: Option<i32>,
+            list: Option<Vec<String>>,
+            inner: Option<Body>,
+        }
+        let reason = |body: &[u8]| match parse_json::<Shapes>(body) {
+            Err(ApiError::Validation(v)) => (v.field, v.message),
+            other => panic!("{other:?}"),
+        };
+        let cases: [(&[u8], &str, &str); 6] = [
+            (br#"{"n": -1}"#, "n", "invalid value: integer `-1`, expected a whole number of 0 or more"),
+            (br#"{"i": "x"}"#, "i", "invalid type: string \"x\", expected a whole number"),
+            (br#"{"i": "a map"}"#, "i", "invalid type: string \"a map\", expected a whole number"),
+            (br#"{"list": {}}"#, "list", "invalid type: an object, expected an array"),
+            (br#"{"inner": 5}"#, "inner", "invalid type: integer `5`, expected an object"),
+            (br#""text""#, "body", "invalid type: string \"text\", expected an object"),
+        ];
+        for (body, field, message) in cases {
+            assert_eq!(reason(body), (field.to_string(), message.to_string()));
+        }
+        let untagged = "data did not match any variant of untagged enum Expiration";
+        assert_eq!(in_words(untagged), "is not one of the accepted forms");
+        match parse_query::<Shapes>("n=soon") {
+            Err(ApiError::Validation(v)) => assert_eq!((v.field, v.message), ("n".into(), "invalid digit found in string".into())),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -78,8 +78,13 @@ struct DequeueBody {
     tasks: Vec<String>,
     #[serde(default)]
     max_runs: Option<usize>,
+    /// How long to wait for work, 0 or more: 10 when absent, and a larger
+    /// value is taken as [`MAX_DEQUEUE_WAIT_SECS`] (clamped, not refused: the
+    /// answer is then simply an empty list sooner, and the worker polls again).
     #[serde(default)]
     wait_seconds: Option<u64>,
+    /// The worker's name for itself, kept on the runs it claims (1 to
+    /// [`MAX_WORKER_ID_CHARS`] characters: it is stored and shown per run).
     #[serde(default)]
     worker_id: Option<String>,
     /// The worker's key for this logical dequeue, sent again on each retry of
@@ -93,7 +98,10 @@ struct DequeueResponse {
     runs: Vec<DequeuedRun>,
 }
 
+/// The longest one dequeue waits (`waitSeconds` above it is clamped).
 const MAX_DEQUEUE_WAIT_SECS: u64 = 30;
+/// The longest `workerId`: every claimed run stores it.
+pub const MAX_WORKER_ID_CHARS: usize = 128;
 
 /// Long-polls for up to `maxRuns` runs of the given tasks. Pops from the Redis
 /// queues, then claims in Postgres; waits on the queue wake signal (with a
@@ -116,6 +124,9 @@ async fn dequeue(
     }
     if let Some(key) = &body.request_id {
         check_len("requestId", key, 1, 128)?;
+    }
+    if let Some(worker) = &body.worker_id {
+        check_len("workerId", worker, 1, MAX_WORKER_ID_CHARS)?;
     }
     let wait = Duration::from_secs(body.wait_seconds.unwrap_or(10).min(MAX_DEQUEUE_WAIT_SECS));
     let request = DequeueRequest {

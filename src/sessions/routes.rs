@@ -2,6 +2,7 @@
 //! resolve and authorize, call the store, shape the answer.
 
 use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::handler::Handler;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -33,11 +34,18 @@ use crate::waitpoints::Waitpoints;
 /// Create's body limit, as upstream's: only metadata grows, and 32 KB is plenty
 /// (the other routes keep `MAX_BODY_BYTES`).
 pub const CREATE_MAX_BODY_BYTES: usize = 32 * 1024;
+/// Update's body limit, the same as create's: what a PATCH writes (tags,
+/// metadata, externalId) is served in every list page that shows the
+/// session, so a browser's token must not grow it past what create allows.
+pub const UPDATE_MAX_BODY_BYTES: usize = CREATE_MAX_BODY_BYTES;
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/sessions", post(create).layer(DefaultBodyLimit::max(CREATE_MAX_BODY_BYTES)).get(list))
-        .route("/api/v1/sessions/{session}", get(retrieve).patch(update))
+        .route(
+            "/api/v1/sessions/{session}",
+            get(retrieve).patch(update.layer(DefaultBodyLimit::max(UPDATE_MAX_BODY_BYTES))),
+        )
         .route("/api/v1/sessions/{session}/close", post(close))
         .route("/api/v1/sessions/{session}/end-and-continue", post(end_and_continue))
 }

@@ -13,6 +13,39 @@ use crate::validation::{
     MAX_DURATION_SECS,
 };
 
+/// The most a session's `metadata` may take, serialized as it is stored and
+/// served (create and update alike). It bounds each item of a list page: with
+/// create's 32 KB body (which bounds `triggerConfig`), an item is at most
+/// about 65 KB, and a page (at most `list::MAX_PAGE_SIZE` items) about 6.5 MB.
+pub const MAX_METADATA_BYTES: usize = 32 * 1024;
+
+/// 422 naming `field` if `metadata` serializes to more than [`MAX_METADATA_BYTES`].
+/// Measured as serialized, not as sent: a body may spell numbers shorter
+/// (`1e9` is stored and served as `1000000000.0`).
+pub fn check_metadata(field: &str, metadata: &Map<String, Value>) -> Validated<()> {
+    /// Counts bytes instead of keeping them.
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut size = Counter(0);
+    // Writing a JSON map cannot fail; a failure would mean it is unmeasurable.
+    let fits = serde_json::to_writer(&mut size, metadata).is_ok() && size.0 <= MAX_METADATA_BYTES;
+    if !fits {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {MAX_METADATA_BYTES} bytes as JSON (it is {} bytes)", size.0),
+        ));
+    }
+    Ok(())
+}
+
 const MACHINES: &[&str] = &["micro", "small-1x", "small-2x", "medium-1x", "medium-2x", "large-1x", "large-2x"];
 
 /// `SessionTriggerConfig`: drives every run the session schedules.
@@ -243,6 +276,9 @@ pub fn create(body: CreateSessionBody) -> Validated<NewSession> {
     let external_id = body.external_id.as_deref().map(|e| external_id("externalId", e)).transpose()?;
     let tags = body.tags.unwrap_or_default();
     check_tags("tags", &tags)?;
+    if let Some(metadata) = &body.metadata {
+        check_metadata("metadata", metadata)?;
+    }
     let mut trigger_config = body.trigger_config;
     trigger_config.validate()?;
     Ok(NewSession {
@@ -293,7 +329,10 @@ pub fn update(body: UpdateSessionBody) -> Validated<SessionPatch> {
         Patch::Missing => Patch::Missing,
     };
     let metadata = match body.metadata {
-        Patch::Value(m) => Patch::Value(Value::Object(m)),
+        Patch::Value(m) => {
+            check_metadata("metadata", &m)?;
+            Patch::Value(Value::Object(m))
+        }
         Patch::Null => Patch::Null,
         Patch::Missing => Patch::Missing,
     };
@@ -416,6 +455,19 @@ mod tests {
         assert_eq!(p.metadata, Patch::Missing);
         let b: UpdateSessionBody = serde_json::from_value(json!({"externalId": "session_x"})).unwrap();
         assert!(update(b).is_err());
+    }
+
+    #[test]
+    fn metadata_is_bounded_as_serialized() {
+        let mut v = base();
+        v["metadata"] = json!({"pad": "x".repeat(MAX_METADATA_BYTES - 10)});
+        assert!(create(body(v.clone())).is_ok(), "exactly the cap");
+        v["metadata"] = json!({"pad": "x".repeat(MAX_METADATA_BYTES - 9)});
+        assert_eq!(create(body(v)).unwrap_err().field, "metadata");
+        let patch = |m: Value| update(serde_json::from_value(json!({"metadata": m})).unwrap());
+        assert_eq!(patch(json!({"n": vec![1e9; 3000]})).unwrap_err().field, "metadata");
+        assert!(patch(json!({"n": vec![1; 3000]})).is_ok());
+        assert!(patch(Value::Null).is_ok());
     }
 
     #[test]

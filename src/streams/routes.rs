@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +20,7 @@ use super::{ChannelKey, Io, RealtimeSettings, Record};
 use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::validate_path_id;
+use crate::http::extract::{validate_path_id, ApiPath, ApiQuery};
 use crate::sessions::access::{channel_scope_id, ChannelAccess};
 use crate::validation::{parse_seq_num, MAX_SEQ_NUM};
 
@@ -41,8 +41,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ChannelPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path((session, io)): Path<(String, String)> =
-            Path::from_request_parts(parts, state).await.map_err(|_| ApiError::BadRequest("Invalid path".into()))?;
+        let ApiPath((session, io)) = ApiPath::<(String, String)>::from_request_parts(parts, state).await?;
         validate_path_id(&session)?;
         let io = Io::parse(&io).ok_or_else(|| ApiError::BadRequest("io must be \"in\" or \"out\"".into()))?;
         Ok(ChannelPath { session, io })
@@ -116,7 +115,11 @@ impl IntoResponse for AppendError {
             }
             other => other.to_string(),
         };
-        let mut resp = (status, Json(json!({"ok": false, "error": message}))).into_response();
+        let mut body = json!({"ok": false, "error": message});
+        if let Some(code) = error.code() {
+            body["code"] = json!(code);
+        }
+        let mut resp = (status, Json(body)).into_response();
         crate::http::error::retry_after(status, resp.headers_mut());
         resp
     }
@@ -241,7 +244,7 @@ async fn records(
     State(channels): State<ChannelStore>,
     auth: Auth,
     path: ChannelPath,
-    Query(q): Query<RecordsQuery>,
+    ApiQuery(q): ApiQuery<RecordsQuery>,
 ) -> ApiResult<Json<Value>> {
     let after = parse_cursor("afterEventId", q.after_event_id.as_deref())?;
     let session = sessions.load(&auth, &path.session, path.io, Action::Read).await?;

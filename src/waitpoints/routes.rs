@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -17,7 +17,7 @@ use super::{WaitRequest, Waitpoints};
 use crate::app::AppState;
 use crate::auth::{Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::{validate_path_id, ApiJson, PathId};
+use crate::http::extract::{validate_path_id, ApiJson, ApiPath, ApiQuery, PathId};
 use crate::runs::store as run_store;
 use crate::sessions::access::ChannelAccess;
 use crate::streams::Io;
@@ -29,11 +29,30 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/runs/{run}/waitpoints/{waitpoint}", get(wait))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// A waitpoint's `tags`: one tag or a list of them, as the SDK sends either.
+#[derive(Debug)]
 enum Tags {
     One(String),
     Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for Tags {
+    /// By hand rather than `untagged`, whose refusal names the Rust type.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(tag) => Ok(Tags::One(tag)),
+            Value::Array(items) => items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(tag) => Ok(tag),
+                    _ => Err(D::Error::custom("must be a string or an array of strings")),
+                })
+                .collect::<Result<_, _>>()
+                .map(Tags::Many),
+            _ => Err(D::Error::custom("must be a string or an array of strings")),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +134,9 @@ async fn create(
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WaitQuery {
+    /// How long this poll may wait, 0 or more: 30 when absent, and a larger
+    /// value is taken as [`MAX_WAIT_SECS`] (clamped, not refused, so a worker
+    /// asking for longer still gets a well-formed answer, just sooner).
     #[serde(default)]
     wait_seconds: Option<u64>,
 }
@@ -145,6 +167,8 @@ impl From<Waitpoint> for WaitpointView {
     }
 }
 
+/// The longest one waitpoint poll waits (`waitSeconds` above it is clamped):
+/// short enough that proxies do not cut the request, and the worker polls again.
 const MAX_WAIT_SECS: u64 = 60;
 
 /// The worker's long-poll: answers as soon as the waitpoint completes or times
@@ -153,8 +177,8 @@ async fn wait(
     State(db): State<PgPool>,
     State(waitpoints): State<Waitpoints>,
     auth: Auth,
-    Path((run_id, waitpoint_id)): Path<(String, String)>,
-    Query(q): Query<WaitQuery>,
+    ApiPath((run_id, waitpoint_id)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> ApiResult<Json<WaitpointView>> {
     validate_path_id(&run_id)?;
     validate_path_id(&waitpoint_id)?;

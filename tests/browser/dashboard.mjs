@@ -440,6 +440,18 @@ try {
         } catch {
             throw new Error(`#out-tail showed no live-marker- record within ${OUT_TIMEOUT / 1000} s`);
         }
+        // The record's CR and LF are its text, not SSE line ends: one record,
+        // shown exactly as appended.
+        const shown = await admin.evaluate(() =>
+            [...document.querySelectorAll('#out-tail .record')]
+                .map((r) => r.textContent)
+                .filter((t) => t.includes('live-marker-')),
+        );
+        const want = 'live-marker-42\nid: 7\r\nretry: 1\rend';
+        assert(
+            shown.length === 1 && shown[0].endsWith(` ${want}`),
+            `the live record reads ${JSON.stringify(shown)}, not one record ${JSON.stringify(want)}`,
+        );
     });
 
     await check('admin sees actions', admin, async () => {

@@ -60,8 +60,9 @@ async fn the_dashboard_in_a_browser() {
         let live = &live;
         async move {
             if line == "waiting-for-out" {
-                // The page is subscribed: a record appended now must appear live.
-                let (status, _) = app.append(live, "out", &app.a.key, "live-marker-42", &[]).await;
+                // The page is subscribed: a record appended now must appear
+                // live, its CR and LF shown as sent (not read as SSE framing).
+                let (status, _) = app.append(live, "out", &app.a.key, LIVE_RECORD, &[]).await;
                 assert_eq!(status, 200);
             }
         }
@@ -81,6 +82,9 @@ async fn the_dashboard_in_a_browser() {
         assert!(names.iter().any(|n| n.ends_with(&format!("{page}-390.png"))), "{page} at 390 px: {names:?}");
     }
 }
+
+/// The record the tail must show live; `dashboard.mjs` expects exactly this text.
+const LIVE_RECORD: &str = "live-marker-42\nid: 7\r\nretry: 1\rend";
 
 /// A probe job that fails its first `fail_first` attempts, with a budget of
 /// two, once it has failed both.

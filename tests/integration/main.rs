@@ -40,6 +40,7 @@ mod faults_worker;
 mod handoff;
 mod job_relay;
 mod limits;
+mod limits_probe;
 mod official_client;
 mod reconcile;
 mod replication;
