@@ -33,7 +33,23 @@ pub struct TestApp {
     pub a: TestEnv,
     pub b: TestEnv,
     pub client: reqwest::Client,
-    _shutdown: watch::Sender<bool>,
+    _shutdown: StopOnDrop,
+    /// The server's task: ends once it has drained (its job runtime and
+    /// replication consumer stopped).
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// Tells the server to stop when the test lets go of it, as SIGTERM would:
+/// a dropped test server must not leave its job runtime or replication
+/// consumer running (taking the lease again, recreating a slot the test
+/// dropped). (The server stops on a closed channel too; this does not lean
+/// on that.)
+struct StopOnDrop(watch::Sender<bool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
 }
 
 pub fn database_url() -> String {
@@ -152,7 +168,7 @@ impl TestApp {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = watch::channel(false);
         let serve_state = state.clone();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             if let Err(err) = app::serve(listener, serve_state, rx).await {
                 eprintln!("test server stopped: {err:#}");
             }
@@ -163,8 +179,23 @@ impl TestApp {
             a,
             b,
             client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
-            _shutdown: tx,
+            _shutdown: StopOnDrop(tx),
+            server,
         }
+    }
+
+    /// Stops this server and waits until it has drained: its job runtime and
+    /// replication consumer have stopped (the lease released), so nothing of
+    /// it touches the deployment afterwards. Fails the test if that takes
+    /// longer than the shutdown grace and a margin.
+    pub async fn stop(self) {
+        let grace = Duration::from_millis(self.state.config.shutdown_grace_ms);
+        let TestApp { server, _shutdown, .. } = self;
+        drop(_shutdown);
+        tokio::time::timeout(grace + Duration::from_secs(10), server)
+            .await
+            .expect("the server did not stop within its shutdown grace")
+            .expect("the server's task");
     }
 
     /// Stops this server (its jobs and cron included) and starts a fresh
@@ -172,7 +203,7 @@ impl TestApp {
     /// restart would; `tweak` adjusts the new server's configuration.
     pub async fn restart(self, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let TestApp { state, a, b, _shutdown, .. } = self;
-        let _ = _shutdown.send(true);
+        drop(_shutdown);
         let mut config = state.config.clone();
         tweak(&mut config);
         let master = app::master_key(&config).unwrap();
