@@ -278,13 +278,21 @@ async fn a_consumer_killed_mid_batch_loses_nothing() {
     .await;
     let mut consumer = own_consumer(&app);
     let killed_token = streaming_after(&app, 0).await;
+    let name = app.state.config.replication_slot_name();
+    let wal_now = || async {
+        let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(app.db()).await.unwrap();
+        sessiond::analytics::rows::parse_lsn(&lsn).unwrap()
+    };
     let mut ids = Vec::new();
+    let mut after_first = 0;
     for i in 0..5 {
         let s = app.create_session(session_body(Some(&format!("kill-{i}")))).await;
         ids.push(s["id"].as_str().unwrap().to_string());
+        if i == 0 {
+            after_first = wal_now().await;
+        }
     }
-    // Each create writes a session and its first run: the open batch holds
-    // all of them once the stream has read the last create's commit.
+    // Each create commits a session and its first run together.
     let rows = ids.len() * 2;
     tokio::time::timeout(Duration::from_secs(20), consumer.open_rows.wait_for(|n| *n >= rows))
         .await
@@ -293,6 +301,29 @@ async fn a_consumer_killed_mid_batch_loses_nothing() {
     for id in &ids {
         assert!(in_clickhouse(&app, id).await.is_none(), "{id} was flushed: the kill would not find it buffered");
     }
+    // With rows buffered, the slot must not confirm past them. The consumer
+    // reports its position every 500 ms; two reports after the rows were
+    // buffered carry whatever its confirmer made of them.
+    let buffered_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT now()").fetch_one(app.db()).await.unwrap();
+    eventually(20, "two position reports after the rows were buffered", || async {
+        let reported: Option<bool> = sqlx::query_scalar(
+            "SELECT reply_time > $2 + interval '1100 milliseconds' FROM pg_stat_replication WHERE application_name = $1",
+        )
+        .bind(sessiond::replication::consumer::application_name(&name))
+        .bind(buffered_at)
+        .fetch_optional(app.db())
+        .await
+        .unwrap();
+        (reported == Some(true)).then_some(())
+    })
+    .await;
+    let confirmed = slot::status(app.db(), &name).await.unwrap().and_then(|s| s.confirmed_flush_lsn);
+    let confirmed = confirmed.as_deref().and_then(sessiond::analytics::rows::parse_lsn).unwrap_or(0);
+    assert!(
+        confirmed < after_first,
+        "the slot confirmed {confirmed:X}, past the first buffered create (before {after_first:X})"
+    );
     consumer.task.abort();
     assert!(consumer.task.await.unwrap_err().is_cancelled());
     // Another server of the deployment takes the slot over (its holder gone
