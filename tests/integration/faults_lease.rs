@@ -86,8 +86,26 @@ fn spawn_holder(app: &TestApp, lease_ms: u64, log: &std::path::Path) -> Child {
 /// The server that takes over: a process of the same deployment with a
 /// connection pool of its own (as a separate process would have, so the test
 /// load on the test server's pool does not hold its consumer up), its job
-/// runtime, and replication on. Stops when the sender is dropped.
-async fn standby(app: &TestApp) -> (sessiond::app::AppState, tokio::sync::watch::Sender<bool>) {
+/// runtime, and replication on.
+struct Standby {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Standby {
+    /// Stops it and waits until it has drained (its consumer stopped), so
+    /// that nothing of it recreates the slot the test then drops.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the standby did not stop")
+            .expect("the standby's task")
+            .expect("the standby served");
+    }
+}
+
+async fn standby(app: &TestApp) -> Standby {
     let mut config = app.state.config.clone();
     config.replication_enabled = true;
     config.database_max_connections = 10;
@@ -96,9 +114,8 @@ async fn standby(app: &TestApp) -> (sessiond::app::AppState, tokio::sync::watch:
     let state = sessiond::app::AppState::connect(config, pool, master).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let serving = state.clone();
-    tokio::spawn(async move { sessiond::app::serve(listener, serving, rx).await });
-    (state, stop)
+    let task = tokio::spawn(async move { sessiond::app::serve(listener, state, rx).await });
+    Standby { stop, task }
 }
 
 /// Drops the test's slot and publication when the test ends, passed or
@@ -263,7 +280,7 @@ async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_o
     let log = dir.0.join("holder.log");
     let mut holder = spawn_holder(&app, lease_ms, &log);
     holder_streaming(&app, &log).await;
-    let (second, stop_second) = standby(&app).await;
+    let second = standby(&app).await;
     let (stop_watch, watcher) = watch_confirmations(&app);
 
     let load = CreateLoad::start(&app.base, &app.a.key, 50, "lease-killed");
@@ -320,7 +337,7 @@ async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_o
     assert_eq!(stuck, 0, "stuck jobs");
     assert!(!listed.wrong(), "the list left out acknowledged sessions: {listed:?}");
     assert!(tokens.first() == Some(&1) && tokens.last() >= Some(&2), "tokens {tokens:?}");
-    drop((stop_second, second));
+    second.stop().await;
     finish(app).await;
 }
 
@@ -334,7 +351,7 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     let log = dir.0.join("holder.log");
     let mut holder = spawn_holder(&app, lease_ms, &log);
     holder_streaming(&app, &log).await;
-    let (second, stop_second) = standby(&app).await;
+    let second = standby(&app).await;
     let (stop_watch, watcher) = watch_confirmations(&app);
     let load = CreateLoad::start(&app.base, &app.a.key, 50, "lease-paused");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -416,7 +433,7 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     assert!(stopped, "the old holder did not stop; its log:\n{text}");
     assert_eq!(stuck, 0, "stuck jobs");
     assert!(!listed.wrong(), "the list left out acknowledged sessions: {listed:?}");
-    drop((stop_second, second));
+    second.stop().await;
     finish(app).await;
 }
 

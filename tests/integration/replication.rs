@@ -50,12 +50,13 @@ async fn drop_slot_of_stopped(db: &sqlx::PgPool, name: &str) {
 /// test runs consumers itself ([`own_consumer`]), to close one's shutdown
 /// channel or abort it outright.
 async fn without_consumer(tweak: impl FnOnce(&mut Config)) -> TestApp {
-    let app = TestApp::spawn_with(|c| {
+    let mut app = TestApp::spawn_with(|c| {
         replicating(c);
         tweak(c);
         c.replication_enabled = false;
     })
     .await;
+    app.guard_slot();
     app.clickhouse_ready().await;
     app
 }
