@@ -270,10 +270,12 @@ async fn holder_streaming(app: &TestApp, log: &std::path::Path) {
 #[tokio::test]
 async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_of_order() {
     let started = Instant::now();
-    // A lease far longer than the 6 s allowed: only the takeover of an idle
+    // A lease far longer than the 10 s allowed: only the takeover of an idle
     // slot can meet it (two polls 1 s apart, then the new stream: about 2-4 s
-    // on the shared machine beside the other fault cases).
-    let lease_ms = 20_000;
+    // on the shared machine beside the other fault cases, 6.5 s seen with
+    // eight cases at once on two cores), while a takeover at the lease's
+    // expiry comes 20 s or more after the kill.
+    let lease_ms = 30_000;
     let app = server(lease_ms).await;
     let _slot = DropSlot { url: app.state.config.database_url.clone(), slot: app.state.config.replication_slot_name() };
     let dir = crate::common::redis_proc::TempDir::new();
@@ -333,7 +335,7 @@ async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_o
             ("total_s", format!("{:.1}", started.elapsed().as_secs_f64())),
         ],
     );
-    assert!(resumed <= Duration::from_secs(6), "replication resumed {resumed:?} after the kill");
+    assert!(resumed <= Duration::from_secs(10), "replication resumed {resumed:?} after the kill");
     assert_eq!(stuck, 0, "stuck jobs");
     assert!(!listed.wrong(), "the list left out acknowledged sessions: {listed:?}");
     assert!(tokens.first() == Some(&1) && tokens.last() >= Some(&2), "tokens {tokens:?}");

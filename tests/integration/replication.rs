@@ -449,13 +449,15 @@ async fn a_holder_aborted_without_a_release_is_taken_over() {
     let app = without_consumer(|c| c.replication_lease_ms = 6_000).await;
     let holder = own_consumer(&app);
     let aborted_token = streaming_after(&app, 0).await;
-    let second = app.peer(|c| c.replication_enabled = true).await;
     let s = app.create_session(session_body(Some("abort-1"))).await;
     replicated(&app, s["id"].as_str().unwrap()).await.expect("replicated by the first holder");
     holder.task.abort();
     assert!(holder.task.await.unwrap_err().is_cancelled());
     // Renewed every 2 s, the lease has some 4 s left: still the aborted one's.
     assert_eq!(lease_token(&app).await, Some(aborted_token), "the aborted holder's lease is gone at once");
+    // The other server comes up to a slot nobody streams, under a lease
+    // nobody renews.
+    let second = app.peer(|c| c.replication_enabled = true).await;
     let taken = streaming_after(&second, aborted_token).await;
     let s = second.create_session(session_body(Some("abort-2"))).await;
     replicated(&second, s["id"].as_str().unwrap()).await.expect("replicated by the new holder");
