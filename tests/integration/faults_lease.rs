@@ -536,6 +536,7 @@ async fn a_waiter_takes_over_an_idle_slot_after_two_polls() {
     let app = TestApp::spawn().await;
     let (db, r, prefix) = (app.db(), &app.state.redis, app.state.config.redis_prefix.as_str());
     let name = format!("lease_{}", uuid::Uuid::new_v4().simple());
+    let _slot = DropSlot { url: app.state.config.database_url.clone(), slot: name.clone() };
     let ttl = Duration::from_secs(30);
     let mut dead = Lease::try_acquire(db, r, prefix, &name, ttl).await.unwrap().expect("free lease");
     let mut waiter = Waiter::new(db.clone(), r.clone(), prefix, &name, ttl);

@@ -745,7 +745,9 @@ async fn reconciliation_repairs_what_clickhouse_lost() {
 async fn a_new_slots_copy_is_complete_only_after_a_full_backfill_started_after_it() {
     use sessiond::analytics::backfill::{self, BackfillRequest, BackfillStatus};
 
-    let app = TestApp::spawn().await;
+    let mut app = TestApp::spawn().await;
+    // It creates the slot itself: dropped at the end even if the test fails.
+    app.guard_slot();
     app.clickhouse_ready().await;
     let (db, name) = (app.db().clone(), app.state.config.replication_slot_name());
     let schema = app.state.config.database_schema.clone().unwrap();
