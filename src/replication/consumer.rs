@@ -37,6 +37,11 @@ pub struct Replicator {
     pub batch_rows: usize,
     pub batch_age: Duration,
     pub lease_ttl: Duration,
+    /// Rows read from the slot into the open batch, not yet handed to a
+    /// flush: what a crash right now would leave to the slot's replay. A
+    /// test kills the consumer once this shows rows, rather than guessing
+    /// when the stream has read them.
+    open_rows: std::sync::Arc<watch::Sender<usize>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +82,13 @@ impl Replicator {
             batch_rows: config.replication_batch_rows.max(1),
             batch_age: Duration::from_millis(config.replication_batch_ms),
             lease_ttl: Duration::from_millis(config.replication_lease_ms.max(300)),
+            open_rows: std::sync::Arc::new(watch::channel(0).0),
         }
+    }
+
+    /// Follows how many rows the open batch holds (see `open_rows`).
+    pub fn open_rows(&self) -> watch::Receiver<usize> {
+        self.open_rows.subscribe()
     }
 
     /// Runs until `shutdown`: waits for the lease, consumes while holding it,
@@ -214,6 +225,7 @@ impl Replicator {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ReplicationError> {
         let progress = SharedProgress::default();
+        self.open_rows.send_replace(0);
         let (batches, queued) = tokio::sync::mpsc::channel::<Batch>(RECORD_QUEUE);
         let (confirmed_tx, mut confirmed_rx) = watch::channel(0u64);
         let token = lease.token;
@@ -310,6 +322,8 @@ impl Replicator {
                 }
             }
             progress.lock().buffering = batch.rows() > 0;
+            let rows = batch.rows();
+            self.open_rows.send_if_modified(|open| std::mem::replace(open, rows) != rows);
             if !lease.held() {
                 tracing::warn!(slot = %self.slot, "replication lease not renewed in time; stopping");
                 return Ok(());

@@ -33,7 +33,64 @@ pub struct TestApp {
     pub a: TestEnv,
     pub b: TestEnv,
     pub client: reqwest::Client,
-    _shutdown: watch::Sender<bool>,
+    _shutdown: StopOnDrop,
+    /// The server's task: ends once it has drained (its job runtime and
+    /// replication consumer stopped).
+    server: tokio::task::JoinHandle<()>,
+    /// Shared by the servers of one deployment ([`TestApp::peer`]): the
+    /// last to go drops the deployment's replication slot.
+    slot_guard: Option<std::sync::Arc<SlotGuard>>,
+}
+
+/// Drops a deployment's replication slot and publication when the last of
+/// its test servers goes, the test passed or failed: a slot left behind
+/// keeps WAL on the shared Postgres for good, and slots are few. (A passing
+/// test drops its slot itself and checks that it is gone; this catches the
+/// rest.) The test's runtime is blocked meanwhile, so a stream still open is
+/// ended rather than waited for.
+struct SlotGuard {
+    database_url: String,
+    slot: String,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let (url, slot) = (self.database_url.clone(), self.slot.clone());
+        let dropping = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                let Ok(db) = sqlx::PgPool::connect(&url).await else { return };
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    let _ = sqlx::query(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    )
+                    .bind(&slot)
+                    .execute(&db)
+                    .await;
+                    let dropped = sessiond::replication::slot::drop(&db, &slot).await.is_ok();
+                    if dropped || tokio::time::Instant::now() > deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+        });
+        let _ = dropping.join();
+    }
+}
+
+/// Tells the server to stop when the test lets go of it, as SIGTERM would:
+/// a dropped test server must not leave its job runtime or replication
+/// consumer running (taking the lease again, recreating a slot the test
+/// dropped). (The server stops on a closed channel too; this does not lean
+/// on that.)
+struct StopOnDrop(watch::Sender<bool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(true);
+    }
 }
 
 pub fn database_url() -> String {
@@ -127,12 +184,30 @@ impl TestApp {
         let (env_b, key_b) = tenancy::create_environment(&pool, &master, "org-b", "proj", EnvType::Prod).await.unwrap();
 
         let state = AppState::connect(config, pool, master).await.expect("connect to Redis");
-        Self::serve(
+        let mut app = Self::serve(
             state,
             TestEnv { env: env_a, key: key_a.expose().to_string() },
             TestEnv { env: env_b, key: key_b.expose().to_string() },
         )
-        .await
+        .await;
+        if app.state.config.replication_enabled {
+            app.guard_slot();
+        }
+        app
+    }
+
+    /// Drops the deployment's replication slot when its last test server
+    /// goes (see [`SlotGuard`]); armed by every server started replicating,
+    /// and by a test that runs consumers of its own beside a server that
+    /// does not.
+    pub fn guard_slot(&mut self) {
+        let config = &self.state.config;
+        self.slot_guard.get_or_insert_with(|| {
+            std::sync::Arc::new(SlotGuard {
+                database_url: config.database_url.clone(),
+                slot: config.replication_slot_name(),
+            })
+        });
     }
 
     /// A second server process of the same deployment: this one's database
@@ -144,7 +219,12 @@ impl TestApp {
         let master = app::master_key(&config).unwrap();
         let state = AppState::connect(config, self.state.db.clone(), master).await.expect("connect to Redis");
         let env = |e: &TestEnv| TestEnv { env: e.env.clone(), key: e.key.clone() };
-        Self::serve(state, env(&self.a), env(&self.b)).await
+        let mut peer = Self::serve(state, env(&self.a), env(&self.b)).await;
+        peer.slot_guard = self.slot_guard.clone();
+        if peer.state.config.replication_enabled {
+            peer.guard_slot();
+        }
+        peer
     }
 
     async fn serve(state: AppState, a: TestEnv, b: TestEnv) -> TestApp {
@@ -152,7 +232,7 @@ impl TestApp {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = watch::channel(false);
         let serve_state = state.clone();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             if let Err(err) = app::serve(listener, serve_state, rx).await {
                 eprintln!("test server stopped: {err:#}");
             }
@@ -163,23 +243,44 @@ impl TestApp {
             a,
             b,
             client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
-            _shutdown: tx,
+            _shutdown: StopOnDrop(tx),
+            server,
+            slot_guard: None,
         }
+    }
+
+    /// Stops this server and waits until it has drained: its job runtime and
+    /// replication consumer have stopped (the lease released), so nothing of
+    /// it touches the deployment afterwards. Fails the test if that takes
+    /// longer than the shutdown grace and a margin.
+    pub async fn stop(self) {
+        let grace = Duration::from_millis(self.state.config.shutdown_grace_ms);
+        let TestApp { server, _shutdown, .. } = self;
+        drop(_shutdown);
+        tokio::time::timeout(grace + Duration::from_secs(10), server)
+            .await
+            .expect("the server did not stop within its shutdown grace")
+            .expect("the server's task");
     }
 
     /// Stops this server (its jobs and cron included) and starts a fresh
     /// process-like one on the same schema, Redis prefix and environments, as a
     /// restart would; `tweak` adjusts the new server's configuration.
     pub async fn restart(self, tweak: impl FnOnce(&mut Config)) -> TestApp {
-        let TestApp { state, a, b, _shutdown, .. } = self;
-        let _ = _shutdown.send(true);
+        let TestApp { state, a, b, _shutdown, slot_guard, .. } = self;
+        drop(_shutdown);
         let mut config = state.config.clone();
         tweak(&mut config);
         let master = app::master_key(&config).unwrap();
         let pool = sessiond::db::connect(&config).await.expect("connect to Postgres");
         drop(state);
         let state = AppState::connect(config, pool, master).await.expect("connect to Redis");
-        Self::serve(state, a, b).await
+        let mut app = Self::serve(state, a, b).await;
+        app.slot_guard = slot_guard;
+        if app.state.config.replication_enabled {
+            app.guard_slot();
+        }
+        app
     }
 
     /// Sends a request with an optional bearer token and JSON body; returns the

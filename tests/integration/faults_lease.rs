@@ -86,8 +86,26 @@ fn spawn_holder(app: &TestApp, lease_ms: u64, log: &std::path::Path) -> Child {
 /// The server that takes over: a process of the same deployment with a
 /// connection pool of its own (as a separate process would have, so the test
 /// load on the test server's pool does not hold its consumer up), its job
-/// runtime, and replication on. Stops when the sender is dropped.
-async fn standby(app: &TestApp) -> (sessiond::app::AppState, tokio::sync::watch::Sender<bool>) {
+/// runtime, and replication on.
+struct Standby {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Standby {
+    /// Stops it and waits until it has drained (its consumer stopped), so
+    /// that nothing of it recreates the slot the test then drops.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the standby did not stop")
+            .expect("the standby's task")
+            .expect("the standby served");
+    }
+}
+
+async fn standby(app: &TestApp) -> Standby {
     let mut config = app.state.config.clone();
     config.replication_enabled = true;
     config.database_max_connections = 10;
@@ -96,9 +114,8 @@ async fn standby(app: &TestApp) -> (sessiond::app::AppState, tokio::sync::watch:
     let state = sessiond::app::AppState::connect(config, pool, master).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let serving = state.clone();
-    tokio::spawn(async move { sessiond::app::serve(listener, serving, rx).await });
-    (state, stop)
+    let task = tokio::spawn(async move { sessiond::app::serve(listener, state, rx).await });
+    Standby { stop, task }
 }
 
 /// Drops the test's slot and publication when the test ends, passed or
@@ -253,17 +270,19 @@ async fn holder_streaming(app: &TestApp, log: &std::path::Path) {
 #[tokio::test]
 async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_of_order() {
     let started = Instant::now();
-    // A lease far longer than the 6 s allowed: only the takeover of an idle
+    // A lease far longer than the 10 s allowed: only the takeover of an idle
     // slot can meet it (two polls 1 s apart, then the new stream: about 2-4 s
-    // on the shared machine beside the other fault cases).
-    let lease_ms = 20_000;
+    // on the shared machine beside the other fault cases, 6.5 s seen with
+    // eight cases at once on two cores), while a takeover at the lease's
+    // expiry comes 20 s or more after the kill.
+    let lease_ms = 30_000;
     let app = server(lease_ms).await;
     let _slot = DropSlot { url: app.state.config.database_url.clone(), slot: app.state.config.replication_slot_name() };
     let dir = crate::common::redis_proc::TempDir::new();
     let log = dir.0.join("holder.log");
     let mut holder = spawn_holder(&app, lease_ms, &log);
     holder_streaming(&app, &log).await;
-    let (second, stop_second) = standby(&app).await;
+    let second = standby(&app).await;
     let (stop_watch, watcher) = watch_confirmations(&app);
 
     let load = CreateLoad::start(&app.base, &app.a.key, 50, "lease-killed");
@@ -316,11 +335,11 @@ async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_o
             ("total_s", format!("{:.1}", started.elapsed().as_secs_f64())),
         ],
     );
-    assert!(resumed <= Duration::from_secs(6), "replication resumed {resumed:?} after the kill");
+    assert!(resumed <= Duration::from_secs(10), "replication resumed {resumed:?} after the kill");
     assert_eq!(stuck, 0, "stuck jobs");
     assert!(!listed.wrong(), "the list left out acknowledged sessions: {listed:?}");
     assert!(tokens.first() == Some(&1) && tokens.last() >= Some(&2), "tokens {tokens:?}");
-    drop((stop_second, second));
+    second.stop().await;
     finish(app).await;
 }
 
@@ -334,7 +353,7 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     let log = dir.0.join("holder.log");
     let mut holder = spawn_holder(&app, lease_ms, &log);
     holder_streaming(&app, &log).await;
-    let (second, stop_second) = standby(&app).await;
+    let second = standby(&app).await;
     let (stop_watch, watcher) = watch_confirmations(&app);
     let load = CreateLoad::start(&app.base, &app.a.key, 50, "lease-paused");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -416,7 +435,7 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     assert!(stopped, "the old holder did not stop; its log:\n{text}");
     assert_eq!(stuck, 0, "stuck jobs");
     assert!(!listed.wrong(), "the list left out acknowledged sessions: {listed:?}");
-    drop((stop_second, second));
+    second.stop().await;
     finish(app).await;
 }
 
@@ -517,6 +536,7 @@ async fn a_waiter_takes_over_an_idle_slot_after_two_polls() {
     let app = TestApp::spawn().await;
     let (db, r, prefix) = (app.db(), &app.state.redis, app.state.config.redis_prefix.as_str());
     let name = format!("lease_{}", uuid::Uuid::new_v4().simple());
+    let _slot = DropSlot { url: app.state.config.database_url.clone(), slot: name.clone() };
     let ttl = Duration::from_secs(30);
     let mut dead = Lease::try_acquire(db, r, prefix, &name, ttl).await.unwrap().expect("free lease");
     let mut waiter = Waiter::new(db.clone(), r.clone(), prefix, &name, ttl);

@@ -137,11 +137,14 @@ async fn sigterm_hands_back_a_job_attempt_it_cannot_finish() {
 #[tokio::test]
 async fn sigterm_releases_the_replication_lease_before_exit() {
     use sessiond::replication::lease;
-    let app = TestApp::spawn_with(|c| {
+    let mut app = TestApp::spawn_with(|c| {
         crate::replication::replicating(c);
         c.replication_enabled = false;
     })
     .await;
+    // The process replicates through the deployment's slot: dropped at the
+    // end even if the test fails.
+    app.guard_slot();
     app.clickhouse_ready().await;
     let mut proc = ServerProc::start(
         &app,
