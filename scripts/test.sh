@@ -146,5 +146,16 @@ if [[ -f "$figures" ]]; then
     say "fault case figures"
     cat "$figures"
 fi
+# Every test that replicates drops its own slot, even when it fails; one
+# left behind would hold WAL forever on a developer's Postgres, so it fails
+# the run (and is named).
+leftover=$(admin_psql <<'SQL'
+SELECT string_agg(slot_name, ' ') FROM pg_replication_slots WHERE database = :'db';
+SQL
+)
+if [[ -n "$leftover" ]]; then
+    say "replication slots left behind by tests: $leftover"
+    status=1
+fi
 say "cargo test exited with status $status"
 exit "$status"

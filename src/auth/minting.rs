@@ -48,7 +48,9 @@ impl<'de> Deserialize<'de> for Expiration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         match serde_json::Value::deserialize(d)? {
-            serde_json::Value::Number(n) => n.as_i64().map(Expiration::At).ok_or_else(|| D::Error::custom(EXPIRATION_FORMS)),
+            serde_json::Value::Number(n) => {
+                n.as_i64().map(Expiration::At).ok_or_else(|| D::Error::custom(EXPIRATION_FORMS))
+            }
             serde_json::Value::String(text) => Ok(Expiration::In(text)),
             _ => Err(D::Error::custom(EXPIRATION_FORMS)),
         }

@@ -11,12 +11,12 @@
 //! - API keys and tokens are never looked at here, and the API never reads
 //!   cookies: neither credential works on the other side.
 
+use super::error::Form;
 use askama::Template;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use super::error::Form;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;

@@ -3,11 +3,11 @@
 //! the POST (not in a URL, not in the audit row, never cached), and the old
 //! one stops working once servers' key caches expire (`AUTH_CACHE_TTL_MS`).
 
+use super::error::Form;
 use askama::Template;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
-use super::error::Form;
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;

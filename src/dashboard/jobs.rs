@@ -4,12 +4,12 @@
 //! pending job. Each action commits with its audit row, and the jobs it put
 //! back in line are relayed to the queue only after that commit.
 
+use super::error::Form;
 use askama::Template;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
-use super::error::Form;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};

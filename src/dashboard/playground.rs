@@ -9,11 +9,11 @@
 //! conversation page carries a token that writes to the session. A start's
 //! audit row commits with the session it created; a reopen is audited too.
 
+use super::error::Form;
 use askama::Template;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
-use super::error::Form;
 use chrono::Utc;
 use serde_json::json;
 use sqlx::PgPool;

@@ -336,7 +336,9 @@ mod tests {
         let untagged = "data did not match any variant of untagged enum Expiration";
         assert_eq!(in_words(untagged), "is not one of the accepted forms");
         match parse_query::<Shapes>("n=soon") {
-            Err(ApiError::Validation(v)) => assert_eq!((v.field, v.message), ("n".into(), "invalid digit found in string".into())),
+            Err(ApiError::Validation(v)) => {
+                assert_eq!((v.field, v.message), ("n".into(), "invalid digit found in string".into()))
+            }
             other => panic!("{other:?}"),
         }
     }

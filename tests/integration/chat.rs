@@ -54,7 +54,8 @@ async fn chat_round_trip_across_runs_with_one_subscription() {
     // The browser holds only the session token, addressed by its own chat id.
     let mut sub = app.sse("/realtime/v1/sessions/chat-42/out", &pat, &[("timeout-seconds", "60")]).await;
 
-    let (status, appended) = app.append("chat-42", "in", &pat, &chat_message("hello there"), &[("x-part-id", "m1")]).await;
+    let (status, appended) =
+        app.append("chat-42", "in", &pat, &chat_message("hello there"), &[("x-part-id", "m1")]).await;
     assert_eq!((status, &appended["ok"], &appended["seq"]), (StatusCode::OK, &json!(true), &json!(0)), "{appended}");
     assert_eq!(read_turn(&mut sub).await, ("echo: hello there".to_string(), "0".to_string()));
     // Between turns the run waits on .in through a waitpoint.

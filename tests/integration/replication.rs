@@ -329,11 +329,12 @@ async fn a_consumer_killed_mid_batch_loses_nothing() {
     assert!(consumer.task.await.unwrap_err().is_cancelled());
     // Another server of the deployment takes the slot over (its holder gone
     // without a release) and replays the batch the kill lost.
-    let survivor = app.peer(|c| {
-        c.replication_enabled = true;
-        c.replication_batch_ms = 50;
-    })
-    .await;
+    let survivor = app
+        .peer(|c| {
+            c.replication_enabled = true;
+            c.replication_batch_ms = 50;
+        })
+        .await;
     assert!(streaming_after(&survivor, killed_token).await > killed_token);
     for id in &ids {
         replicated(&survivor, id).await.expect("replayed after the kill");
