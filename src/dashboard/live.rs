@@ -146,6 +146,18 @@ fn event(name: &str, html: &str) -> Bytes {
     Bytes::from(out)
 }
 
+/// A stream fed by a task through a small channel; the task ends when the
+/// client goes (its sends fail).
+fn async_stream<F, Fut>(run: F) -> impl futures::Stream<Item = Result<Bytes, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(run(tx));
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,16 +179,4 @@ mod tests {
         let frame = event("e", "a\rb\nc\r\nd\r\n");
         assert_eq!(&frame[..], b"event: e\ndata: a\ndata: b\ndata: c\ndata: d\n\n");
     }
-}
-
-/// A stream fed by a task through a small channel; the task ends when the
-/// client goes (its sends fail).
-fn async_stream<F, Fut>(run: F) -> impl futures::Stream<Item = Result<Bytes, Infallible>>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tokio::spawn(run(tx));
-    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
 }
