@@ -424,11 +424,14 @@ impl Filtered {
         self.binds.push(value);
     }
 
-    /// The query, with room to parse it: the filters' caps (see
+    /// The query, with room to parse it. The filters' caps (see
     /// [`crate::sessions::list::MAX_FILTER_VALUES`]) keep their values to
-    /// 32,256 characters, up to 258 KB escaped, and the overlay's ids add 39
-    /// bytes each, which together can pass ClickHouse's default 256 KiB. The setting travels in the URL;
-    /// it is a number of our own.
+    /// 32,256 characters, at most 129 KB in the SQL, and the overlay's ids
+    /// add 39 bytes each (LIST_OVERLAY_MAX_ROWS of them), which together can
+    /// pass ClickHouse's default 256 KiB: past it ClickHouse refuses the
+    /// query ("Max query size exceeded"). Only then is `max_query_size`
+    /// raised, so an ordinary list sends no setting; the setting travels in
+    /// the URL, and it is a number of our own.
     fn query(self, ch: &ClickHouse) -> clickhouse::query::Query {
         self.build(ch.client())
     }
@@ -442,7 +445,10 @@ impl Filtered {
                 Bound::Strs(v) => query.bind(v),
             };
         }
-        query.with_option("max_query_size", most.max(DEFAULT_MAX_QUERY_BYTES).to_string())
+        if most > DEFAULT_MAX_QUERY_BYTES {
+            query = query.with_option("max_query_size", most.to_string());
+        }
+        query
     }
 }
 

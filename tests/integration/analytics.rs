@@ -1118,3 +1118,36 @@ async fn list_filters_over_their_caps_are_refused_and_change_nothing() {
     assert_eq!(ids(&body), postgres_page(&app, &query).await);
     assert!(!ids(&body).is_empty(), "the seeded red sessions: {body}");
 }
+
+/// An overlay whose ids take the SQL past ClickHouse's default
+/// `max_query_size` (256 KiB; 7,000 ids are 273 KB) is still ClickHouse's:
+/// the list raises the setting for that query. ClickHouse refused it ("Max
+/// query size exceeded"), which sent every list to Postgres.
+#[tokio::test]
+async fn an_overlay_past_the_default_query_size_is_served_by_clickhouse() {
+    let app = TestApp::spawn_with(|c| c.list_overlay_max_rows = 8_000).await;
+    app.clickhouse_ready().await;
+    seed(&app, 30).await;
+    backfill_all(&app, 100).await;
+    let env = &app.a.env;
+    sqlx::query(
+        "INSERT INTO sessions (id, friendly_id, type, task_identifier, trigger_config, tags, metadata,
+             organization_id, project_id, runtime_environment_id, environment_type, created_at, updated_at)
+         SELECT gen_random_uuid(), 'session_burst' || i, 'chat', 'agent-a', '{}'::jsonb,
+             CASE WHEN i % 2 = 0 THEN ARRAY['burst'] ELSE '{}' END, '{}'::jsonb, $1, $2, $3, 'DEVELOPMENT',
+             timestamptz '2026-02-01 00:00:00+00' + i * interval '1 second', now()
+         FROM generate_series(1, 7000) i",
+    )
+    .bind(env.organization_id)
+    .bind(env.project_id)
+    .bind(env.id)
+    .execute(app.db())
+    .await
+    .unwrap();
+    for filter in ["filter[tags]=burst&page[size]=10", "filter[tags]=red&page[size]=10"] {
+        let (status, body, source) = list(&app, filter).await;
+        assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"), "{filter}: {body}");
+        assert_eq!(ids(&body), postgres_page(&app, filter).await, "{filter}");
+    }
+    assert!(app.state.analytics.healthy());
+}
