@@ -120,6 +120,20 @@ impl ClickHouseSessionList {
 
     /// Runs `from_clickhouse` if ClickHouse can serve, else (or if it fails)
     /// `from_postgres`. Postgres errors are errors either way.
+    ///
+    /// A failure of the request's own ([`super::Failure::Request`]: refused by
+    /// the client before sending, a 4xx from ClickHouse) is answered from
+    /// Postgres too, and only this request's: ClickHouse stays in use for the
+    /// next one (`ClickHouse::read` does not start the cool-down). Why not a
+    /// 4xx to the caller: the query passed the list's validation (its filters
+    /// are within their caps), so it is a valid list, and what ClickHouse
+    /// refused is its own limit or our SQL, which the caller can neither see
+    /// nor change; the same query must not succeed or fail by which store
+    /// happens to serve it. Why not a 5xx: Postgres, the source of truth,
+    /// answers every valid list (the overlay already runs the same filters
+    /// there), so the caller gets the right page at the cost of one Postgres
+    /// list, no more than while ClickHouse is away. It is logged as a warning
+    /// with its kind, so a refusal that recurs (a bug in the SQL) is seen.
     async fn serve<'a, T, C, P>(
         &'a self,
         env: EnvScope,
@@ -141,7 +155,8 @@ impl ClickHouseSessionList {
         match failure {
             AnalyticsError::Store(err) => Err(err),
             err => {
-                tracing::warn!(error = %err, "clickhouse unavailable; the session list is served by postgres");
+                let kind = err.failure();
+                tracing::warn!(error = %err, ?kind, "clickhouse failed; the session list is served by postgres");
                 from_postgres.await
             }
         }
@@ -215,8 +230,8 @@ impl ClickHouseSessionList {
             &everything,
             &overlay.ids,
         );
-        sql.push(" AND startsWith(tag, {prefix:String})");
-        sql.bind("prefix", Bound::Str(prefix.to_string()));
+        sql.push(" AND startsWith(tag, ?)");
+        sql.bind(Bound::Str(prefix.to_string()));
         sql.push(&format!(" ORDER BY tag LIMIT {}", limit.clamp(1, 10_000)));
         let mut tags: Vec<String> = self.ch.read(sql.query(&self.ch).fetch_all()).await?;
         if !overlay.ids.is_empty() {
@@ -276,19 +291,15 @@ fn page_sql(
         // The plain created_at comparison is what lets ClickHouse skip by the
         // sort key; the tuple breaks ties.
         sql.push(&format!(
-            " AND created_at {near} {{cursor_at:DateTime64(6, 'UTC')}} \
-             AND (created_at, session_id) {op} ({{cursor_at:DateTime64(6, 'UTC')}}, {{cursor_id:String}})"
+            " AND created_at {near} {TIME} AND (created_at, session_id) {op} ({TIME}, ?)"
         ));
-        sql.bind("cursor_at", Bound::Str(ch_time(c.created_at)));
-        sql.bind("cursor_id", Bound::Str(c.id.to_string()));
+        sql.bind(Bound::Str(ch_time(c.created_at)));
+        sql.bind(Bound::Str(ch_time(c.created_at)));
+        sql.bind(Bound::Str(c.id.to_string()));
     }
     if let Some(bound) = bound {
-        sql.push(if backwards {
-            " AND created_at <= {bound:DateTime64(6, 'UTC')}"
-        } else {
-            " AND created_at >= {bound:DateTime64(6, 'UTC')}"
-        });
-        sql.bind("bound", Bound::Str(ch_time(bound)));
+        sql.push(&format!(" AND created_at {} {TIME}", if backwards { "<=" } else { ">=" }));
+        sql.bind(Bound::Str(ch_time(bound)));
     }
     let order = if backwards { "ASC" } else { "DESC" };
     sql.push(&format!(" ORDER BY created_at {order}, session_id {order} LIMIT {limit} OFFSET {offset}"));
@@ -301,55 +312,79 @@ struct Micros {
     created_at: DateTime<Utc>,
 }
 
-/// A parameter value; every value reaches ClickHouse as a bound parameter,
-/// never as SQL text.
+/// A bound time, as the `DateTime64(6, 'UTC')` the table keeps: the
+/// literal's text is read in UTC, as a `{name:DateTime64(6, 'UTC')}`
+/// parameter's would be.
+const TIME: &str = "toDateTime64(?, 6, 'UTC')";
+
+/// ClickHouse's default `max_query_size`: the most SQL text it parses.
+const DEFAULT_MAX_QUERY_BYTES: usize = 256 * 1024;
+
+/// A value for one `?` of the SQL, in order.
+///
+/// Every value travels in the request's body, written into the SQL by the
+/// crate as an escaped literal (`?` binding), never as a server-side
+/// `{name:Type}` parameter: those go in the URL's query string, which the
+/// crate's HTTP stack refuses past 64 KiB (a filter of 5,000 tags) and
+/// which proxies and access logs keep. A literal and a parameter of the same
+/// text mean the same value: the crate escapes `\`, `'`, `` ` ``, tab and
+/// newline with a backslash, which ClickHouse's string literal reads back as
+/// the character itself.
 enum Bound {
     Str(String),
     Strs(Vec<String>),
 }
 
+impl Bound {
+    /// The most bytes the value can take in the SQL: every byte escaped,
+    /// quoted, with separators and brackets.
+    fn max_sql_bytes(&self) -> usize {
+        match self {
+            Bound::Str(v) => 2 * v.len() + 2,
+            Bound::Strs(vs) => vs.iter().map(|v| 2 * v.len() + 3).sum::<usize>() + 2,
+        }
+    }
+}
+
 /// SQL over `sessions_v1` scoped to one environment, with the query's filters
-/// and without the overlay's ids, and the parameters it binds.
+/// and without the overlay's ids, and the values of its `?`s in order.
 struct Filtered {
     sql: String,
-    params: Vec<(&'static str, Bound)>,
+    binds: Vec<Bound>,
 }
 
 impl Filtered {
     fn new(select: &str, env: EnvScope, q: &ListQuery, skip: &[Uuid]) -> Self {
         let mut f = Filtered {
-            sql: format!(
-                "{select} WHERE organization_id = {{org:String}} AND project_id = {{project:String}} \
-                 AND environment_id = {{env:String}}"
-            ),
-            params: Vec::new(),
+            sql: format!("{select} WHERE organization_id = ? AND project_id = ? AND environment_id = ?"),
+            binds: Vec::new(),
         };
-        f.bind("org", Bound::Str(env.organization_id.to_string()));
-        f.bind("project", Bound::Str(env.project_id.to_string()));
-        f.bind("env", Bound::Str(env.environment_id.to_string()));
+        f.bind(Bound::Str(env.organization_id.to_string()));
+        f.bind(Bound::Str(env.project_id.to_string()));
+        f.bind(Bound::Str(env.environment_id.to_string()));
         if !q.types.is_empty() {
-            f.push(" AND type IN {types:Array(String)}");
-            f.bind("types", Bound::Strs(q.types.clone()));
+            f.push(" AND type IN ?");
+            f.bind(Bound::Strs(q.types.clone()));
         }
         if !q.task_identifiers.is_empty() {
-            f.push(" AND task_identifier IN {tasks:Array(String)}");
-            f.bind("tasks", Bound::Strs(q.task_identifiers.clone()));
+            f.push(" AND task_identifier IN ?");
+            f.bind(Bound::Strs(q.task_identifiers.clone()));
         }
         if !q.tags.is_empty() {
-            f.push(" AND hasAny(tags, {tags:Array(String)})");
-            f.bind("tags", Bound::Strs(q.tags.clone()));
+            f.push(" AND hasAny(tags, ?)");
+            f.bind(Bound::Strs(q.tags.clone()));
         }
         if let Some(ext) = &q.external_id {
-            f.push(" AND external_id = {external_id:String}");
-            f.bind("external_id", Bound::Str(ext.clone()));
+            f.push(" AND external_id = ?");
+            f.bind(Bound::Str(ext.clone()));
         }
         if let Some(from) = q.created_from {
-            f.push(" AND created_at >= {created_from:DateTime64(6, 'UTC')}");
-            f.bind("created_from", Bound::Str(ch_time(from)));
+            f.push(&format!(" AND created_at >= {TIME}"));
+            f.bind(Bound::Str(ch_time(from)));
         }
         if let Some(to) = q.created_to {
-            f.push(" AND created_at <= {created_to:DateTime64(6, 'UTC')}");
-            f.bind("created_to", Bound::Str(ch_time(to)));
+            f.push(&format!(" AND created_at <= {TIME}"));
+            f.bind(Bound::Str(ch_time(to)));
         }
         if !q.statuses.is_empty() {
             // The same derivation as Postgres's (see SessionStatus::derive).
@@ -365,12 +400,9 @@ impl Filtered {
             f.push(&format!(" AND ({})", terms.join(" OR ")));
         }
         if !skip.is_empty() {
-            // The overlay's ids go into the SQL text, which travels in the
-            // request body. Bound, they would travel in the URL, which the
-            // crate's HTTP stack caps at 64 KiB (~1,700 ids) below the list's
-            // LIST_OVERLAY_MAX_ROWS; past it every list fell back to Postgres.
-            // Splicing is safe here: these are typed uuids of our own, whose
-            // text is hex digits and dashes, not caller input.
+            // The overlay's ids are spliced rather than bound: typed uuids of
+            // our own, whose text is hex digits and dashes, not caller input,
+            // up to LIST_OVERLAY_MAX_ROWS of them.
             let mut list = String::with_capacity(skip.len() * 39);
             for (i, id) in skip.iter().enumerate() {
                 list.push_str(if i == 0 { "'" } else { ",'" });
@@ -382,22 +414,78 @@ impl Filtered {
         f
     }
 
+    /// Appends SQL text; its `?`s are bound in order by [`Filtered::bind`].
+    /// No other `?` may appear in it (the crate would take it for a value).
     fn push(&mut self, sql: &str) {
         self.sql.push_str(sql);
     }
 
-    fn bind(&mut self, name: &'static str, value: Bound) {
-        self.params.push((name, value));
+    fn bind(&mut self, value: Bound) {
+        self.binds.push(value);
     }
 
+    /// The query, with room to parse it. The filters' caps (see
+    /// [`crate::sessions::list::MAX_FILTER_VALUES`]) keep their values to
+    /// 32,256 characters, at most 129 KB in the SQL, and the overlay's ids
+    /// add 39 bytes each (LIST_OVERLAY_MAX_ROWS of them), which together can
+    /// pass ClickHouse's default 256 KiB: past it ClickHouse refuses the
+    /// query ("Max query size exceeded"). Only then is `max_query_size`
+    /// raised, so an ordinary list sends no setting; the setting travels in
+    /// the URL, and it is a number of our own.
     fn query(self, ch: &ClickHouse) -> clickhouse::query::Query {
-        let mut query = ch.client().query(&self.sql);
-        for (name, value) in self.params {
+        self.build(ch.client())
+    }
+
+    fn build(self, client: &clickhouse::Client) -> clickhouse::query::Query {
+        let most = self.sql.len() + self.binds.iter().map(Bound::max_sql_bytes).sum::<usize>();
+        let mut query = client.query(&self.sql);
+        for value in self.binds {
             query = match value {
-                Bound::Str(v) => query.param(name, v),
-                Bound::Strs(v) => query.param(name, v),
+                Bound::Str(v) => query.bind(v),
+                Bound::Strs(v) => query.bind(v),
             };
         }
+        if most > DEFAULT_MAX_QUERY_BYTES {
+            query = query.with_option("max_query_size", most.to_string());
+        }
         query
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SQL a query sends, as the crate writes it into the body.
+    fn body_of(f: Filtered) -> String {
+        f.build(&clickhouse::Client::default()).sql_display().to_string()
+    }
+
+    #[test]
+    fn every_value_has_its_place_in_order() {
+        let env = EnvScope { organization_id: Uuid::nil(), project_id: Uuid::max(), environment_id: Uuid::nil() };
+        let q = ListQuery::parse(
+            "filter[type]=t1&filter[taskIdentifier]=k1&filter[tags]=g1,g2&filter[externalId]=x1\
+             &filter[createdAt][from]=0&filter[createdAt][to]=1000&filter[status]=CLOSED",
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        let sql = body_of(page_sql("SELECT session_id FROM sessions_v1 FINAL", env, &q, &[], None, 0, 5));
+        for expected in [
+            "type IN ['t1']",
+            "task_identifier IN ['k1']",
+            "hasAny(tags, ['g1','g2'])",
+            "external_id = 'x1'",
+            "created_at >= toDateTime64('1970-01-01 00:00:00.000000', 6, 'UTC')",
+            "created_at <= toDateTime64('1970-01-01 00:00:01.000000', 6, 'UTC')",
+            "project_id = 'ffffffff-ffff-ffff-ffff-ffffffffffff'",
+        ] {
+            assert!(sql.contains(expected), "{expected} in {sql}");
+        }
+        assert!(!sql.contains('{') && !sql.contains('?'), "every value bound in the text: {sql}");
+        // Hostile text stays one literal.
+        let q = ListQuery::parse("filter[tags]=a'b%5C%3F%7Bx%3AString%7D", chrono::Utc::now()).unwrap();
+        let sql = body_of(Filtered::new("SELECT 1 FROM sessions_v1", env, &q, &[]));
+        assert!(sql.ends_with(r"hasAny(tags, ['a\'b\\?{x:String}'])"), "{sql}");
     }
 }

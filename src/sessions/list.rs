@@ -18,6 +18,25 @@ use crate::validation::{
 pub const DEFAULT_PAGE_SIZE: i64 = 20;
 pub const MAX_PAGE_SIZE: i64 = 100;
 
+/// Most values one list filter (`filter[type]`, `filter[taskIdentifier]`,
+/// `filter[tags]`) takes, over all its parameters and commas.
+///
+/// Why caps at all: every value is sent to the store that answers the list
+/// (in ClickHouse's SQL text, in Postgres's bind parameters), so an
+/// uncapped filter is a way for one caller to make requests of any size; a
+/// 5,000-tag filter was refused by the ClickHouse client. With these caps
+/// and the value lengths below, one request's filter values stay under
+/// 32,256 characters.
+pub const MAX_FILTER_VALUES: usize = 100;
+/// The longest `filter[type]` value: the longest `type` a session can have.
+pub const MAX_FILTER_TYPE_CHARS: usize = 64;
+/// The longest `filter[taskIdentifier]` value, as `taskIdentifier` on create.
+pub const MAX_FILTER_TASK_CHARS: usize = 128;
+/// The longest `filter[tags]` value: the longest tag a session can have.
+pub const MAX_FILTER_TAG_CHARS: usize = 128;
+/// The longest `filter[externalId]`: the longest `externalId`.
+pub const MAX_FILTER_EXTERNAL_ID_CHARS: usize = crate::ids::MAX_ID_CHARS;
+
 /// A position in the (created_at DESC, id DESC) order, plus which request cursors
 /// produced the page it came from.
 ///
@@ -152,8 +171,21 @@ pub enum ListQueryError {
     BadCursor,
 }
 
-fn comma_list(out: &mut Vec<String>, value: &str) {
-    out.extend(value.split(',').map(str::trim).filter(|v| !v.is_empty()).map(String::from));
+/// Adds a comma-separated value to a list filter, within its caps: a value
+/// longer than any stored one could match nothing, and more than
+/// [`MAX_FILTER_VALUES`] values are refused (422 naming the filter) before
+/// any store is asked, so no request is sized by its caller.
+fn comma_list(out: &mut Vec<String>, field: &str, value: &str, max_chars: usize) -> Result<(), ValidationError> {
+    for v in value.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+        if v.chars().count() > max_chars {
+            return Err(ValidationError::new(field, format!("each value must be at most {max_chars} characters")));
+        }
+        if out.len() == MAX_FILTER_VALUES {
+            return Err(ValidationError::new(field, format!("at most {MAX_FILTER_VALUES} values are allowed")));
+        }
+        out.push(v.to_string());
+    }
+    Ok(())
 }
 
 fn epoch_ms(field: &str, value: &str) -> Result<DateTime<Utc>, ValidationError> {
@@ -187,16 +219,31 @@ impl ListQuery {
                 }
                 "page[after]" => after = Some(value.into_owned()),
                 "page[before]" => before = Some(value.into_owned()),
-                "filter[type]" => comma_list(&mut q.types, &value),
-                "filter[tags]" => comma_list(&mut q.tags, &value),
-                "filter[taskIdentifier]" => comma_list(&mut q.task_identifiers, &value),
-                "filter[externalId]" => q.external_id = Some(value.into_owned()),
+                "filter[type]" => comma_list(&mut q.types, &key, &value, MAX_FILTER_TYPE_CHARS)?,
+                "filter[tags]" => comma_list(&mut q.tags, &key, &value, MAX_FILTER_TAG_CHARS)?,
+                "filter[taskIdentifier]" => {
+                    comma_list(&mut q.task_identifiers, &key, &value, MAX_FILTER_TASK_CHARS)?
+                }
+                "filter[externalId]" => {
+                    if value.chars().count() > MAX_FILTER_EXTERNAL_ID_CHARS {
+                        return Err(ValidationError::new(
+                            "filter[externalId]",
+                            format!("must be at most {MAX_FILTER_EXTERNAL_ID_CHARS} characters"),
+                        )
+                        .into());
+                    }
+                    q.external_id = Some(value.into_owned())
+                }
                 "filter[status]" => {
                     for s in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                         let status = SessionStatus::parse(s).ok_or_else(|| {
                             ValidationError::new("filter[status]", "must be ACTIVE, CLOSED or EXPIRED")
                         })?;
-                        q.statuses.push(status);
+                        // Each status once: repeated, they would only
+                        // lengthen the SQL (there are three).
+                        if !q.statuses.contains(&status) {
+                            q.statuses.push(status);
+                        }
                     }
                 }
                 "filter[createdAt][period]" => {
@@ -477,6 +524,40 @@ mod tests {
         let c = Cursor { created_at: now, id: Uuid::now_v7(), origin: Origin::default() }.encode();
         assert_eq!(field(&format!("page[after]={c}&page[before]={c}")), "page[before]");
         assert!(matches!(ListQuery::parse("page[after]=zzz", now), Err(ListQueryError::BadCursor)));
+    }
+
+    #[test]
+    fn list_filters_are_capped_and_name_the_filter() {
+        let now = Utc::now();
+        let refused = |q: &str| match ListQuery::parse(q, now) {
+            Err(ListQueryError::Invalid(v)) => (v.field, v.message),
+            other => panic!("{q}: {other:?}"),
+        };
+        let values = |n: usize, len: usize| (0..n).map(|i| format!("{i:0>len$}")).collect::<Vec<_>>().join(",");
+        for (key, len) in [("filter[type]", 64), ("filter[taskIdentifier]", 128), ("filter[tags]", 128)] {
+            // At the caps, whether in one parameter or spread over repeats.
+            let q = ListQuery::parse(&format!("{key}={}", values(MAX_FILTER_VALUES, len)), now).unwrap();
+            let half = values(MAX_FILTER_VALUES / 2, len);
+            let q2 = ListQuery::parse(&format!("{key}={half}&{key}={half}"), now).unwrap();
+            for parsed in [q, q2] {
+                let n = parsed.types.len() + parsed.task_identifiers.len() + parsed.tags.len();
+                assert_eq!(n, MAX_FILTER_VALUES, "{key}");
+            }
+            let (field, message) = refused(&format!("{key}={}", values(MAX_FILTER_VALUES + 1, 1)));
+            assert_eq!((field.as_str(), message.as_str()), (key, "at most 100 values are allowed"));
+            let (field, _) = refused(&format!("{key}={half}&{key}={half},x"));
+            assert_eq!(field, key);
+            let (field, message) = refused(&format!("{key}=a,{}", "é".repeat(len + 1)));
+            assert_eq!(field, key);
+            assert!(message.contains(&len.to_string()), "{message}");
+            // Characters, not bytes.
+            assert!(ListQuery::parse(&format!("{key}={}", "é".repeat(len)), now).is_ok());
+        }
+        assert!(ListQuery::parse(&format!("filter[externalId]={}", "x".repeat(256)), now).is_ok());
+        assert_eq!(refused(&format!("filter[externalId]={}", "x".repeat(257))).0, "filter[externalId]");
+        // Statuses repeat into nothing.
+        let q = ListQuery::parse(&format!("filter[status]={}", ["ACTIVE"; 5_000].join(",")), now).unwrap();
+        assert_eq!(q.statuses, vec![SessionStatus::Active]);
     }
 
     #[test]

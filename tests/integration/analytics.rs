@@ -19,8 +19,13 @@ use crate::common::{eventually, session_body, TestApp};
 
 /// A list request's status, body and the store that served it.
 async fn list(app: &TestApp, query: &str) -> (StatusCode, Value, String) {
+    list_as(app, &app.a.key, query).await
+}
+
+/// [`list`] as the caller of the environment `key` belongs to.
+async fn list_as(app: &TestApp, key: &str, query: &str) -> (StatusCode, Value, String) {
     let resp =
-        app.client.get(format!("{}/api/v1/sessions?{query}", app.base)).bearer_auth(&app.a.key).send().await.unwrap();
+        app.client.get(format!("{}/api/v1/sessions?{query}", app.base)).bearer_auth(key).send().await.unwrap();
     let status = resp.status();
     let source =
         resp.headers().get("x-sessiond-list-source").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
@@ -665,6 +670,11 @@ enum PageFault {
     /// Answers as ClickHouse answers a failed query (HTTP 500 and the
     /// exception's code).
     Fail,
+    /// Answers as ClickHouse answers a query it judges bad (HTTP 400 and
+    /// SYNTAX_ERROR, as for one over `max_query_size`).
+    Refuse,
+    /// Answers 414 with no body, as a proxy refusing a long URL would.
+    TooLong,
 }
 
 struct ProxyState {
@@ -673,6 +683,8 @@ struct ProxyState {
     fault: Mutex<(PageFault, usize)>,
     watermark_reads: AtomicUsize,
     page_reads: AtomicUsize,
+    /// The path and query string of every request, in order.
+    urls: Mutex<Vec<String>>,
 }
 
 /// An HTTP proxy in front of the dev ClickHouse that passes every request
@@ -694,6 +706,7 @@ impl PageProxy {
             fault: Mutex::new((PageFault::None, 0)),
             watermark_reads: AtomicUsize::new(0),
             page_reads: AtomicUsize::new(0),
+            urls: Mutex::new(Vec::new()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -731,6 +744,7 @@ async fn proxy_request(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let (parts, body) = req.into_parts();
+    p.urls.lock().unwrap().push(parts.uri.path_and_query().map(|q| q.to_string()).unwrap_or_default());
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
     // A read's SQL is its body; an insert names its table in the URL and
     // sends rows, so "FROM <table>" in the body is a read of it.
@@ -753,6 +767,15 @@ async fn proxy_request(
                     )
                         .into_response()
                 }
+                PageFault::Refuse => {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        [("x-clickhouse-exception-code", "62")],
+                        "Code: 62. DB::Exception: Max query size exceeded: refused by the test's proxy. (SYNTAX_ERROR)",
+                    )
+                        .into_response()
+                }
+                PageFault::TooLong => return StatusCode::URI_TOO_LONG.into_response(),
             }
         }
     }
@@ -906,4 +929,225 @@ async fn an_overlay_over_its_row_cap_leaves_the_list_to_postgres() {
     assert_eq!((tags.source.as_str(), tags.value), ("postgres", vec!["capped".to_string()]));
     assert_eq!(proxy.page_reads(), pages, "over the cap ClickHouse is not asked for a page");
     assert!(app.state.analytics.healthy(), "ClickHouse did not fail: it was passed over");
+}
+
+/// One list of environment A meets `fault` on its page read (its created_at
+/// bound passed); then environment B lists. Returns the store that served B
+/// and whether ClickHouse is still in use. A's list is the Postgres list
+/// whatever the fault.
+async fn after_a_failed_page_read(fault: PageFault) -> (String, bool) {
+    let proxy = PageProxy::start().await;
+    let url = proxy.url.clone();
+    let app = TestApp::spawn_with(move |c| {
+        c.clickhouse_url = url;
+        c.clickhouse_timeout_ms = 3_000;
+        // Far longer than the test: a failure that takes ClickHouse out of
+        // use keeps it out for every later list here, however slow.
+        c.clickhouse_retry_after_ms = 600_000;
+    })
+    .await;
+    app.clickhouse_ready().await;
+    seed(&app, 30).await;
+    let (status, other) = app.post("/api/v1/sessions", &app.b.key, session_body(Some("other-env"))).await;
+    assert_eq!(status, StatusCode::CREATED, "{other}");
+    backfill_all(&app, 100).await;
+    let query = "page[size]=10";
+
+    proxy.fault(fault, 1);
+    let pages = proxy.page_reads();
+    let (status, body, source) = list(&app, query).await;
+    assert_eq!((status, source.as_str()), (StatusCode::OK, "postgres"), "{fault:?}: {body}");
+    assert_eq!(ids(&body), postgres_page(&app, query).await, "{fault:?}: the Postgres list, whole");
+    assert_eq!(proxy.page_reads(), pages + 2, "{fault:?}: the bound passed, the page met the fault");
+
+    proxy.fault(PageFault::None, 0);
+    let (status, body, source) = list_as(&app, &app.b.key, query).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(ids(&body), vec![other["id"].as_str().unwrap().to_string()], "{fault:?}: B's own session");
+    (source, app.state.analytics.healthy())
+}
+
+/// A request ClickHouse refuses (a 4xx: too large, bad syntax; or a URI a
+/// proxy finds too long) is that request's failure: it is answered from
+/// Postgres, and the next list, of another environment, is ClickHouse's.
+#[tokio::test]
+async fn a_list_clickhouse_refuses_fails_alone() {
+    for fault in [PageFault::Refuse, PageFault::TooLong] {
+        let (source, healthy) = after_a_failed_page_read(fault).await;
+        assert_eq!((source.as_str(), healthy), ("clickhouse", true), "{fault:?}");
+    }
+}
+
+/// A 5xx or no answer in time is ClickHouse's failure: every environment's
+/// lists go to Postgres for the cool-down.
+#[tokio::test]
+async fn clickhouse_failing_or_stalling_is_out_of_use_for_every_environment() {
+    for fault in [PageFault::Fail, PageFault::Stall] {
+        let (source, healthy) = after_a_failed_page_read(fault).await;
+        assert_eq!((source.as_str(), healthy), ("postgres", false), "{fault:?}");
+    }
+}
+
+/// The list filters at their caps (100 values of the longest type, task and
+/// tag, and the longest external id), with text hostile to SQL and to URLs:
+/// ClickHouse serves them, every page as Postgres gives it, and no filter
+/// value reaches ClickHouse in a URL. A third of each value is quotes, which
+/// a URL parameter spells in 6 characters (`\'`, percent-encoded) where the
+/// list's own URL spells them in 3: the caller's 55 KB request became a
+/// 78 KB parameter, over the 64 KiB the ClickHouse client sends, and every
+/// such list went to Postgres and took ClickHouse out of use for all.
+#[tokio::test]
+async fn list_filters_at_their_caps_are_served_by_clickhouse_with_no_value_in_a_url() {
+    use sessiond::sessions::list::{
+        MAX_FILTER_EXTERNAL_ID_CHARS, MAX_FILTER_TAG_CHARS, MAX_FILTER_TASK_CHARS, MAX_FILTER_TYPE_CHARS,
+        MAX_FILTER_VALUES,
+    };
+    let proxy = PageProxy::start().await;
+    let url = proxy.url.clone();
+    let app = TestApp::spawn_with(move |c| {
+        c.clickhouse_url = url;
+        c.list_overlay_margin_ms = 0;
+    })
+    .await;
+    app.clickhouse_ready().await;
+    // `len` characters: a marker no URL may show, then SQL and URL syntax,
+    // then a third quotes. No comma (it separates values), nothing to trim.
+    let value = |kind: &str, i: usize, len: usize| -> String {
+        let mut v = format!("{kind}{i:03}needle\\?{{x:String}}\t日");
+        let mut pad = "'xy".chars().cycle();
+        while v.chars().count() < len {
+            v.push(pad.next().unwrap());
+        }
+        v
+    };
+    let values = |kind: &str, len: usize| (0..MAX_FILTER_VALUES).map(|i| value(kind, i, len)).collect::<Vec<_>>();
+    let (types, tasks, tags) = (
+        values("ty", MAX_FILTER_TYPE_CHARS),
+        values("ta", MAX_FILTER_TASK_CHARS),
+        values("tg", MAX_FILTER_TAG_CHARS),
+    );
+    let external = value("ex", 0, MAX_FILTER_EXTERNAL_ID_CHARS).replace('\t', " ");
+    // Sessions matching the three list filters by one value each (one also
+    // by the external id), and near misses, each failing one filter.
+    let create = |kind: &str, task: &str, tags: Vec<&str>, ext: Option<&str>| {
+        let mut body = json!({"type": kind, "taskIdentifier": task, "tags": tags,
+            "triggerConfig": {"basePayload": {}}});
+        if let Some(ext) = ext {
+            body["externalId"] = json!(ext);
+        }
+        body
+    };
+    let bodies = vec![
+        create(&types[0], &tasks[0], vec![&tags[0]], Some(&external)),
+        create(&types[99], &tasks[50], vec!["other", &tags[99]], None),
+        create(&types[7], &tasks[99], vec![&tags[3]], Some("near-miss-ext")),
+        create("chat", &tasks[0], vec![&tags[0]], None),
+        create(&types[0], "echo-agent", vec![&tags[0]], None),
+        create(&types[0], &tasks[0], vec!["other"], None),
+    ];
+    for body in bodies {
+        app.create_session(body).await;
+    }
+    // Age the rows so ClickHouse (not the overlay) answers for them.
+    sqlx::query("UPDATE sessions SET updated_at = now() - interval '1 hour'").execute(app.db()).await.unwrap();
+    backfill_all(&app, 100).await;
+    let lists =
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("filter[type]", &types.join(","))
+            .append_pair("filter[taskIdentifier]", &tasks[..50].join(","))
+            .append_pair("filter[taskIdentifier]", &tasks[50..].join(","))
+            .append_pair("filter[tags]", &tags.join(","))
+            .finish();
+    let with_external = format!(
+        "{lists}&{}",
+        form_urlencoded::Serializer::new(String::new()).append_pair("filter[externalId]", &external).finish()
+    );
+    assert!((50_000..65_000).contains(&with_external.len()), "a list URL hyper takes: {}", with_external.len());
+    let urls_before = proxy.state.urls.lock().unwrap().len();
+    for (filter, expected) in [(lists.as_str(), 3), (with_external.as_str(), 1)] {
+        let from_clickhouse = walk_http(&app, filter).await;
+        let from_postgres = walk_postgres(&app, filter).await;
+        assert_eq!(forward_rows(&from_postgres), expected);
+        assert_eq!(from_clickhouse, from_postgres);
+    }
+    assert!(app.state.analytics.healthy());
+    let urls = proxy.state.urls.lock().unwrap()[urls_before..].to_vec();
+    assert!(urls.len() >= 4, "the lists' reads went through the proxy: {urls:?}");
+    for url in urls {
+        assert!(!url.contains("needle") && url.len() < 1_000, "a filter value in a URL: {url:.300}");
+    }
+}
+
+/// Over a cap, a list is refused with 422 naming the filter, before any
+/// store is asked, and leaves ClickHouse in use: the probe's 5,000 tags,
+/// 101 values, and a value longer than any stored one.
+#[tokio::test]
+async fn list_filters_over_their_caps_are_refused_and_change_nothing() {
+    let proxy = PageProxy::start().await;
+    let url = proxy.url.clone();
+    let app = TestApp::spawn_with(move |c| {
+        c.clickhouse_url = url;
+        c.clickhouse_retry_after_ms = 600_000;
+    })
+    .await;
+    app.clickhouse_ready().await;
+    seed(&app, 10).await;
+    backfill_all(&app, 100).await;
+    let many = |n: usize| (0..n).map(|i| format!("tag{i}")).collect::<Vec<_>>().join(",");
+    let over = [
+        (format!("filter[tags]={}", many(5_000)), "filter[tags]"),
+        (format!("filter[tags]={}&filter[tags]=one-more", many(100)), "filter[tags]"),
+        (format!("filter[type]={}", many(101)), "filter[type]"),
+        (format!("filter[taskIdentifier]=a,{}", "k".repeat(129)), "filter[taskIdentifier]"),
+        (format!("filter[tags]={}", "t".repeat(129)), "filter[tags]"),
+        (format!("filter[type]={}", "y".repeat(65)), "filter[type]"),
+        (format!("filter[externalId]={}", "e".repeat(257)), "filter[externalId]"),
+    ];
+    let reads = proxy.state.urls.lock().unwrap().len();
+    for (query, field) in &over {
+        let (status, body, _) = list(&app, query).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {body}");
+        assert_eq!(body["field"], *field, "{body}");
+        assert!(body["reason"].as_str().unwrap().contains("at most"), "{body}");
+    }
+    assert_eq!(proxy.state.urls.lock().unwrap().len(), reads, "no store was asked");
+    assert!(app.state.analytics.healthy());
+    let query = format!("filter[tags]={},red", many(99));
+    let (status, body, source) = list(&app, &query).await;
+    assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"), "{body}");
+    assert_eq!(ids(&body), postgres_page(&app, &query).await);
+    assert!(!ids(&body).is_empty(), "the seeded red sessions: {body}");
+}
+
+/// An overlay whose ids take the SQL past ClickHouse's default
+/// `max_query_size` (256 KiB; 7,000 ids are 273 KB) is still ClickHouse's:
+/// the list raises the setting for that query. ClickHouse refused it ("Max
+/// query size exceeded"), which sent every list to Postgres.
+#[tokio::test]
+async fn an_overlay_past_the_default_query_size_is_served_by_clickhouse() {
+    let app = TestApp::spawn_with(|c| c.list_overlay_max_rows = 8_000).await;
+    app.clickhouse_ready().await;
+    seed(&app, 30).await;
+    backfill_all(&app, 100).await;
+    let env = &app.a.env;
+    sqlx::query(
+        "INSERT INTO sessions (id, friendly_id, type, task_identifier, trigger_config, tags, metadata,
+             organization_id, project_id, runtime_environment_id, environment_type, created_at, updated_at)
+         SELECT gen_random_uuid(), 'session_burst' || i, 'chat', 'agent-a', '{}'::jsonb,
+             CASE WHEN i % 2 = 0 THEN ARRAY['burst'] ELSE '{}' END, '{}'::jsonb, $1, $2, $3, 'DEVELOPMENT',
+             timestamptz '2026-02-01 00:00:00+00' + i * interval '1 second', now()
+         FROM generate_series(1, 7000) i",
+    )
+    .bind(env.organization_id)
+    .bind(env.project_id)
+    .bind(env.id)
+    .execute(app.db())
+    .await
+    .unwrap();
+    for filter in ["filter[tags]=burst&page[size]=10", "filter[tags]=red&page[size]=10"] {
+        let (status, body, source) = list(&app, filter).await;
+        assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"), "{filter}: {body}");
+        assert_eq!(ids(&body), postgres_page(&app, filter).await, "{filter}");
+    }
+    assert!(app.state.analytics.healthy());
 }
