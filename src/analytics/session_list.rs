@@ -290,9 +290,7 @@ fn page_sql(
         let (op, near) = if dir == Direction::After { ("<", "<=") } else { (">", ">=") };
         // The plain created_at comparison is what lets ClickHouse skip by the
         // sort key; the tuple breaks ties.
-        sql.push(&format!(
-            " AND created_at {near} {TIME} AND (created_at, session_id) {op} ({TIME}, ?)"
-        ));
+        sql.push(&format!(" AND created_at {near} {TIME} AND (created_at, session_id) {op} ({TIME}, ?)"));
         sql.bind(Bound::Str(ch_time(c.created_at)));
         sql.bind(Bound::Str(ch_time(c.created_at)));
         sql.bind(Bound::Str(c.id.to_string()));

@@ -221,9 +221,7 @@ impl ListQuery {
                 "page[before]" => before = Some(value.into_owned()),
                 "filter[type]" => comma_list(&mut q.types, &key, &value, MAX_FILTER_TYPE_CHARS)?,
                 "filter[tags]" => comma_list(&mut q.tags, &key, &value, MAX_FILTER_TAG_CHARS)?,
-                "filter[taskIdentifier]" => {
-                    comma_list(&mut q.task_identifiers, &key, &value, MAX_FILTER_TASK_CHARS)?
-                }
+                "filter[taskIdentifier]" => comma_list(&mut q.task_identifiers, &key, &value, MAX_FILTER_TASK_CHARS)?,
                 "filter[externalId]" => {
                     if value.chars().count() > MAX_FILTER_EXTERNAL_ID_CHARS {
                         return Err(ValidationError::new(

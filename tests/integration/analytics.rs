@@ -24,8 +24,7 @@ async fn list(app: &TestApp, query: &str) -> (StatusCode, Value, String) {
 
 /// [`list`] as the caller of the environment `key` belongs to.
 async fn list_as(app: &TestApp, key: &str, query: &str) -> (StatusCode, Value, String) {
-    let resp =
-        app.client.get(format!("{}/api/v1/sessions?{query}", app.base)).bearer_auth(key).send().await.unwrap();
+    let resp = app.client.get(format!("{}/api/v1/sessions?{query}", app.base)).bearer_auth(key).send().await.unwrap();
     let status = resp.status();
     let source =
         resp.headers().get("x-sessiond-list-source").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
@@ -1021,11 +1020,8 @@ async fn list_filters_at_their_caps_are_served_by_clickhouse_with_no_value_in_a_
         v
     };
     let values = |kind: &str, len: usize| (0..MAX_FILTER_VALUES).map(|i| value(kind, i, len)).collect::<Vec<_>>();
-    let (types, tasks, tags) = (
-        values("ty", MAX_FILTER_TYPE_CHARS),
-        values("ta", MAX_FILTER_TASK_CHARS),
-        values("tg", MAX_FILTER_TAG_CHARS),
-    );
+    let (types, tasks, tags) =
+        (values("ty", MAX_FILTER_TYPE_CHARS), values("ta", MAX_FILTER_TASK_CHARS), values("tg", MAX_FILTER_TAG_CHARS));
     let external = value("ex", 0, MAX_FILTER_EXTERNAL_ID_CHARS).replace('\t', " ");
     // Sessions matching the three list filters by one value each (one also
     // by the external id), and near misses, each failing one filter.
@@ -1051,13 +1047,12 @@ async fn list_filters_at_their_caps_are_served_by_clickhouse_with_no_value_in_a_
     // Age the rows so ClickHouse (not the overlay) answers for them.
     sqlx::query("UPDATE sessions SET updated_at = now() - interval '1 hour'").execute(app.db()).await.unwrap();
     backfill_all(&app, 100).await;
-    let lists =
-        form_urlencoded::Serializer::new(String::new())
-            .append_pair("filter[type]", &types.join(","))
-            .append_pair("filter[taskIdentifier]", &tasks[..50].join(","))
-            .append_pair("filter[taskIdentifier]", &tasks[50..].join(","))
-            .append_pair("filter[tags]", &tags.join(","))
-            .finish();
+    let lists = form_urlencoded::Serializer::new(String::new())
+        .append_pair("filter[type]", &types.join(","))
+        .append_pair("filter[taskIdentifier]", &tasks[..50].join(","))
+        .append_pair("filter[taskIdentifier]", &tasks[50..].join(","))
+        .append_pair("filter[tags]", &tags.join(","))
+        .finish();
     let with_external = format!(
         "{lists}&{}",
         form_urlencoded::Serializer::new(String::new()).append_pair("filter[externalId]", &external).finish()
