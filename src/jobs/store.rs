@@ -575,6 +575,10 @@ pub async fn count_matching(pool: &PgPool, filter: &JobFilter) -> Result<Matchin
     Ok(MatchingPreview { count, as_of, snapshot })
 }
 
+/// How far, mod 2^32, a row's writer (`xmin`) is behind the preview
+/// snapshot's `xmax` (`s.top`); see [`retry_matching`].
+const BEHIND: &str = "((s.top % 4294967296 - jobs.xmin::text::bigint) % 4294967296 + 4294967296) % 4294967296";
+
 /// Retries every job `filter` matches whose failed (or, if the filter asks
 /// for those, canceled) row the preview (at `as_of`, in snapshot `seen`)
 /// saw, unchanged since: its row's
@@ -587,9 +591,12 @@ pub async fn count_matching(pool: &PgPool, filter: &JobFilter) -> Result<Matchin
 /// retries none of them again. Returns the jobs with their kinds, for the
 /// relay once this commits.
 ///
-/// A row's `xmin` is a 32-bit transaction id; it is widened to the 64-bit
-/// `xid8` that `pg_visible_in_snapshot` takes within the epoch of the
-/// snapshot's `xmax` (an unfrozen row's writer is less than 2^31 behind).
+/// A row's `xmin` is a 32-bit transaction id; `pg_visible_in_snapshot`
+/// takes a 64-bit `xid8`. How far (mod 2^32) the writer is behind the
+/// snapshot's `xmax` widens it: 0, or 2^31 and more, means a writer that got
+/// its id at or after the preview (a transaction that stamped its failure
+/// before the preview but wrote after it), never seen. A row untouched for
+/// 2^31 transactions also reads as unseen: retry it by selection instead.
 pub async fn retry_matching(
     conn: impl PgExecutor<'_>,
     filter: &JobFilter,
@@ -601,11 +608,8 @@ pub async fn retry_matching(
                            pg_snapshot_xmax($6::pg_snapshot)::text::bigint AS top)
          UPDATE jobs SET {} FROM s
          WHERE {FILTER_WHERE} AND status = ANY($4::text[]) AND finished_at <= $5
-           AND pg_visible_in_snapshot(
-                 (CASE WHEN ((s.top >> 32) << 32) + jobs.xmin::text::bigint > s.top
-                       THEN ((s.top >> 32) << 32) + jobs.xmin::text::bigint - 4294967296
-                       ELSE ((s.top >> 32) << 32) + jobs.xmin::text::bigint END)::text::xid8,
-                 s.snap)
+           AND {BEHIND} BETWEEN 1 AND 2147483647
+           AND pg_visible_in_snapshot((s.top - {BEHIND})::text::xid8, s.snap)
          RETURNING id, kind",
         retry_set()
     ))

@@ -641,31 +641,42 @@ async fn two_confirms_at_once_retry_each_job_once() {
     assert_eq!(audit_rows(&app).await.len(), 1, "one audited retry");
 }
 
-/// A failure is stamped when its statement starts and seen when it commits:
-/// one stamped before the preview but committed after it is not in the
-/// preview's count, so the confirm must not retry it either.
+/// A failure is stamped when its transaction starts and seen when it
+/// commits: one stamped before the preview but committed after it is not in
+/// the preview's count, so the confirm must not retry it either, whether its
+/// transaction took its id before the preview (it wrote before) or after
+/// (it began before and wrote after).
 #[tokio::test]
 async fn a_failure_committed_after_the_preview_is_not_retried_by_its_confirm() {
     let app = jobs_app().await;
     let shown = seed(&app, "probe", "failed", Some("late commit")).await;
-    let late = seed(&app, "probe", "running", None).await;
-    // The failure's transaction starts (and stamps) before the preview...
-    let mut failing = app.db().begin().await.unwrap();
-    sqlx::query("UPDATE jobs SET status = 'failed', last_error = 'late commit', finished_at = now() WHERE id = $1")
-        .bind(late)
-        .execute(&mut *failing)
-        .await
-        .unwrap();
+    let wrote_before = seed(&app, "probe", "running", None).await;
+    let wrote_after = seed(&app, "probe", "running", None).await;
+    let fail = "UPDATE jobs SET status = 'failed', last_error = 'late commit', finished_at = now() WHERE id = $1";
+    // Both failures' transactions start (and so stamp) before the preview;
+    // one writes before it...
+    let mut early = app.db().begin().await.unwrap();
+    sqlx::query(fail).bind(wrote_before).execute(&mut *early).await.unwrap();
+    let mut late = app.db().begin().await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut *late).await.unwrap();
     let admin = Operator::login(&app, ADMIN).await;
     let (_, page) = admin.get("/dashboard/jobs/retry-matching?kind=probe&status=failed&q=late+commit").await;
     assert!(page.contains("Retry 1 failed job of kind probe"), "{page}");
-    // ...and commits after it.
-    failing.commit().await.unwrap();
+    // ...the other after it, once other transactions have taken ids (on a
+    // busy server they do); both commit after it.
+    for _ in 0..3 {
+        sqlx::query("SELECT pg_current_xact_id()").execute(app.db()).await.unwrap();
+    }
+    sqlx::query(fail).bind(wrote_after).execute(&mut *late).await.unwrap();
+    early.commit().await.unwrap();
+    late.commit().await.unwrap();
 
     let resp = confirm_matching(&admin, "late commit", &page).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert!(was_retried(&app, shown).await);
-    let r = row(&app, late).await;
-    assert_eq!((r.status, r.max_attempts), (JobStatus::Failed, 5), "not shown, so not retried");
+    for id in [wrote_before, wrote_after] {
+        let r = row(&app, id).await;
+        assert_eq!((r.status, r.max_attempts), (JobStatus::Failed, 5), "{id}: not shown, so not retried");
+    }
     assert!(location(&resp).ends_with("&retried=1"), "{}", location(&resp));
 }
