@@ -581,11 +581,11 @@ const BEHIND: &str = "((s.top % 4294967296 - jobs.xmin::text::bigint) % 42949672
 
 /// Retries every job `filter` matches whose failed (or, if the filter asks
 /// for those, canceled) row the preview (at `as_of`, in snapshot `seen`)
-/// saw, unchanged since: its row's
-/// writer had committed in the preview's snapshot, and it had finished by
-/// the preview's time. A job that fails after the preview, even one stamped
-/// before it whose failure committed after, or one retried and failed again
-/// since, is left alone, so the retry touches no more than what was shown.
+/// saw, unchanged since: its row's writer had committed in the preview's
+/// snapshot, and it had finished by the preview's time. A job that fails
+/// after the preview, even one stamped before it whose failure committed
+/// after, or one retried and failed again since, is left alone, so the
+/// retry touches no more than what was shown.
 /// Of two confirms at once, the second finds the rows rewritten by the
 /// first (a new writer the snapshot never saw, and no longer failed) and
 /// retries none of them again. Returns the jobs with their kinds, for the
