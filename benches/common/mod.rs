@@ -135,6 +135,51 @@ pub fn figure(name: &str, value: f64, unit: &str) {
     println!("figure: {name} {value:.3} {unit}");
 }
 
+/// Timed samples of a read that one store is meant to answer, checked one by
+/// one: a ClickHouse read that fails or times out answers from Postgres (and
+/// so does every read of the cool-down after it), so a label checked once
+/// before timing could file seconds of Postgres answers under "clickhouse".
+/// Only the samples the meant store answered are kept; the others are
+/// counted by who answered them instead.
+#[derive(Debug, Default)]
+pub struct Labelled {
+    /// Latencies of the samples the meant store answered, sorted.
+    pub kept: Vec<Duration>,
+    /// Samples another store answered, by that store's name.
+    pub others: std::collections::BTreeMap<String, usize>,
+}
+
+impl Labelled {
+    /// Files one sample under `served`, which `meant` should have answered.
+    pub fn push(&mut self, meant: &str, served: &str, took: Duration) {
+        if served == meant {
+            self.kept.push(took);
+        } else {
+            *self.others.entry(served.to_string()).or_default() += 1;
+        }
+    }
+
+    /// How many samples another store answered.
+    pub fn fallbacks(&self) -> usize {
+        self.others.values().sum()
+    }
+
+    /// Sorts the kept samples (for [`pct_ms`]).
+    pub fn sorted(mut self) -> Self {
+        self.kept.sort();
+        self
+    }
+
+    /// "n=…, 3 fallbacks (postgres: 3)" for the human-readable lines.
+    pub fn describe(&self) -> String {
+        if self.others.is_empty() {
+            return format!("n={}, 0 fallbacks", self.kept.len());
+        }
+        let by: Vec<String> = self.others.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        format!("n={}, {} fallbacks ({})", self.kept.len(), self.fallbacks(), by.join(", "))
+    }
+}
+
 /// A lean HTTP/1.1 client for load generation (hyper directly: the client
 /// shares the machine's cores with the server, so its own cost matters).
 #[derive(Clone)]
@@ -159,6 +204,18 @@ impl FastClient {
 
     /// Sends a request and reads the whole answer; returns the status code.
     pub async fn send(&self, method: hyper::Method, path: &str, body: bytes::Bytes) -> anyhow::Result<u16> {
+        Ok(self.send_reading(method, path, body, None).await?.0)
+    }
+
+    /// Sends a request and reads the whole answer; returns the status code and
+    /// the value of response header `header` (when asked for one and present).
+    pub async fn send_reading(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: bytes::Bytes,
+        header: Option<&str>,
+    ) -> anyhow::Result<(u16, Option<String>)> {
         use http_body_util::BodyExt;
         let req = hyper::Request::builder()
             .method(method)
@@ -168,8 +225,9 @@ impl FastClient {
             .body(http_body_util::Full::new(body))?;
         let resp = self.inner.request(req).await?;
         let status = resp.status().as_u16();
+        let value = header.and_then(|h| resp.headers().get(h)).and_then(|v| v.to_str().ok()).map(str::to_string);
         resp.into_body().collect().await?;
-        Ok(status)
+        Ok((status, value))
     }
 }
 

@@ -456,6 +456,8 @@ struct ConfirmPage {
     /// "17 failed jobs of kind trigger-run matching 'timeout'".
     what: String,
     as_of: String,
+    /// The preview's database snapshot, which the confirm is held to.
+    seen: String,
     back: String,
     /// Set when the filter asks for jobs no retry applies to.
     unretryable: Option<&'static str>,
@@ -485,13 +487,14 @@ pub async fn retry_matching_preview(
         return Err(DashboardError::Forbidden);
     }
     let filter = f.parse()?;
-    let (count, as_of) = store::count_matching(&db, &filter).await?;
+    let preview = store::count_matching(&db, &filter).await?;
     let unretryable = if filter.retries_anything() { None } else { filter.status.map(JobStatus::as_str) };
     render(ConfirmPage {
         frame: Frame::new(&signed, "jobs"),
-        what: describe(count, &filter),
-        count,
-        as_of: as_of.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        what: describe(preview.count, &filter),
+        count: preview.count,
+        as_of: preview.as_of.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        seen: preview.snapshot,
         back: f.list_url(&[]),
         unretryable,
         f,
@@ -505,10 +508,30 @@ pub struct MatchingForm {
     filters: JobFilters,
     #[serde(default)]
     as_of: String,
+    #[serde(default)]
+    seen: String,
 }
 
-/// Retries every job the filter matches that had already failed at the
-/// preview's time, audited with the filter and the count.
+/// Whether `text` is a `pg_snapshot` as Postgres writes one (`xmin:xmax:`
+/// then the in-progress ids, comma-separated, each in `xmin..xmax`), so a
+/// tampered form is a 400, not a failed cast.
+fn is_snapshot(text: &str) -> bool {
+    let mut parts = text.split(':');
+    let (Some(xmin), Some(xmax), Some(xip), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let (Ok(xmin), Ok(xmax)) = (xmin.parse::<u64>(), xmax.parse::<u64>()) else {
+        return false;
+    };
+    xmin <= xmax
+        && xmax <= i64::MAX as u64
+        && (xip.is_empty() || xip.split(',').all(|x| x.parse::<u64>().is_ok_and(|x| xmin <= x && x < xmax)))
+}
+
+/// Retries every job the filter matches whose failure the preview saw
+/// (committed in its snapshot, unchanged since), audited with the filter and
+/// the count. See [`store::retry_matching`] for a failure racing the preview
+/// and for two confirms at once.
 pub async fn retry_matching(
     State(db): State<PgPool>,
     State(jobs): State<Jobs>,
@@ -522,8 +545,12 @@ pub async fn retry_matching(
     let as_of = DateTime::parse_from_rfc3339(form.as_of.trim())
         .map_err(|_| DashboardError::BadRequest("The preview's time is missing; open the preview again".into()))?
         .with_timezone(&Utc);
+    let seen = form.seen.trim();
+    if !is_snapshot(seen) {
+        return Err(DashboardError::BadRequest("The preview's snapshot is missing; open the preview again".into()));
+    }
     let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
-    let retried = store::retry_matching(&mut *tx, &filter, as_of).await?;
+    let retried = store::retry_matching(&mut *tx, &filter, as_of, seen).await?;
     if !retried.is_empty() {
         let detail = json!({
             "filter": { "kind": filter.kind, "status": filter.status, "q": filter.search },

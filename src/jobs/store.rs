@@ -544,31 +544,72 @@ pub async fn page(pool: &PgPool, filter: &JobFilter, at: PageAt, size: usize) ->
     Ok(JobPage { jobs, older, newer })
 }
 
-/// How many jobs a retry of everything `filter` matches would touch now, and
-/// the database's clock at that moment: the preview's time, which the retry
-/// is then held to ([`retry_matching`]).
-pub async fn count_matching(pool: &PgPool, filter: &JobFilter) -> Result<(i64, DateTime<Utc>), StoreError> {
-    Ok(sqlx::query_as(&format!("SELECT count(*), now() FROM jobs WHERE {FILTER_WHERE} AND status = ANY($4::text[])"))
-        .bind(&filter.kind)
-        .bind(filter.status)
-        .bind(filter.pattern())
-        .bind(filter.retry_statuses())
-        .fetch_one(pool)
-        .await?)
+/// What a preview of "retry everything `filter` matches" showed: how many
+/// jobs, at what time, and the database snapshot it counted them in.
+#[derive(Debug, Clone)]
+pub struct MatchingPreview {
+    pub count: i64,
+    /// The database's clock at the preview.
+    pub as_of: DateTime<Utc>,
+    /// The preview's snapshot (`pg_snapshot` text): which transactions had
+    /// committed when it counted. A failure is stamped when its statement
+    /// starts but seen only once it commits, so the time alone cannot tell
+    /// a failure the preview counted from one stamped just before it and
+    /// committed after; the snapshot can.
+    pub snapshot: String,
 }
 
-/// Retries every job `filter` matches that had already failed (or been
-/// canceled, if the filter asks for those) at `as_of`, the time of the
-/// preview the operator confirmed: a job that fails after it is left alone,
-/// so the retry touches no more than what was shown. Returns the jobs with
-/// their kinds, for the relay once this commits.
+/// How many jobs a retry of everything `filter` matches would touch now, the
+/// database's clock, and the snapshot they were counted in: the preview,
+/// which the retry is then held to ([`retry_matching`]).
+pub async fn count_matching(pool: &PgPool, filter: &JobFilter) -> Result<MatchingPreview, StoreError> {
+    let (count, as_of, snapshot) = sqlx::query_as(&format!(
+        "SELECT count(*), now(), pg_current_snapshot()::text FROM jobs WHERE {FILTER_WHERE} AND status = ANY($4::text[])"
+    ))
+    .bind(&filter.kind)
+    .bind(filter.status)
+    .bind(filter.pattern())
+    .bind(filter.retry_statuses())
+    .fetch_one(pool)
+    .await?;
+    Ok(MatchingPreview { count, as_of, snapshot })
+}
+
+/// How far, mod 2^32, a row's writer (`xmin`) is behind the preview
+/// snapshot's `xmax` (`s.top`); see [`retry_matching`].
+const BEHIND: &str = "((s.top % 4294967296 - jobs.xmin::text::bigint) % 4294967296 + 4294967296) % 4294967296";
+
+/// Retries every job `filter` matches whose failed (or, if the filter asks
+/// for those, canceled) row the preview (at `as_of`, in snapshot `seen`)
+/// saw, unchanged since: its row's writer had committed in the preview's
+/// snapshot, and it had finished by the preview's time. A job that fails
+/// after the preview, even one stamped before it whose failure committed
+/// after, or one retried and failed again since, is left alone, so the
+/// retry touches no more than what was shown.
+/// Of two confirms at once, the second finds the rows rewritten by the
+/// first (a new writer the snapshot never saw, and no longer failed) and
+/// retries none of them again. Returns the jobs with their kinds, for the
+/// relay once this commits.
+///
+/// A row's `xmin` is a 32-bit transaction id; `pg_visible_in_snapshot`
+/// takes a 64-bit `xid8`. How far (mod 2^32) the writer is behind the
+/// snapshot's `xmax` widens it: 0, or 2^31 and more, means a writer that got
+/// its id at or after the preview (a transaction that stamped its failure
+/// before the preview but wrote after it), never seen. A row untouched for
+/// 2^31 transactions also reads as unseen: retry it by selection instead.
 pub async fn retry_matching(
     conn: impl PgExecutor<'_>,
     filter: &JobFilter,
     as_of: DateTime<Utc>,
+    seen: &str,
 ) -> Result<Vec<(Uuid, String)>, StoreError> {
     Ok(sqlx::query_as(&format!(
-        "UPDATE jobs SET {} WHERE {FILTER_WHERE} AND status = ANY($4::text[]) AND finished_at <= $5
+        "WITH s AS (SELECT $6::pg_snapshot AS snap,
+                           pg_snapshot_xmax($6::pg_snapshot)::text::bigint AS top)
+         UPDATE jobs SET {} FROM s
+         WHERE {FILTER_WHERE} AND status = ANY($4::text[]) AND finished_at <= $5
+           AND {BEHIND} BETWEEN 1 AND 2147483647
+           AND pg_visible_in_snapshot((s.top - {BEHIND})::text::xid8, s.snap)
          RETURNING id, kind",
         retry_set()
     ))
@@ -577,6 +618,7 @@ pub async fn retry_matching(
     .bind(filter.pattern())
     .bind(filter.retry_statuses())
     .bind(as_of)
+    .bind(seen)
     .fetch_all(conn)
     .await?)
 }

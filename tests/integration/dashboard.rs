@@ -1,5 +1,7 @@
 //! The operator dashboard over HTTP: sign-in, the cookie and CSRF rules, the
-//! roles, pages, the audited close, and the live channel tail.
+//! roles, pages, the audited close, and the live channel tail. Every POST
+//! route, read from the router's source, is walked for sign-in, CSRF (field
+//! and htmx's `X-CSRF-Token` header) and role.
 
 use std::time::Duration;
 
@@ -89,13 +91,21 @@ impl Operator {
 
     /// POSTs a form of any fields (the CSRF token among them, or not).
     pub async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
-        self.http
+        self.post_htmx(path, form, None).await
+    }
+
+    /// POSTs a form as htmx does: the CSRF token, if any, in the
+    /// `X-CSRF-Token` header rather than among the fields.
+    pub async fn post_htmx(&self, path: &str, form: &[(&str, &str)], csrf_header: Option<&str>) -> reqwest::Response {
+        let mut req = self
+            .http
             .post(format!("{}{path}", self.base))
             .header(COOKIE, format!("sessiond_dashboard={}", self.cookie))
-            .form(form)
-            .send()
-            .await
-            .unwrap()
+            .form(form);
+        if let Some(token) = csrf_header {
+            req = req.header("x-csrf-token", token);
+        }
+        req.send().await.unwrap()
     }
 }
 
@@ -371,4 +381,167 @@ async fn an_admin_triggers_a_fresh_run_audited_with_it() {
     assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
     assert_eq!(current().await, second);
     assert_eq!(audit_rows(&app).await.len(), 1);
+}
+
+/// The dashboard's POST routes, read from the router's own source, so that a
+/// route added there is walked by [`every_post_route_needs_a_session_the_token_and_an_admin`]
+/// without anyone listing it: a new action that skips sign-in, CSRF or the
+/// role check fails that test. Every route is one `.route("…", …)` call in
+/// `router()`; a POST one names `post(` (or `any(`) in it.
+fn dashboard_post_routes() -> Vec<String> {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/dashboard/mod.rs")).unwrap();
+    let start = src.find("pub fn router()").expect("router() in src/dashboard/mod.rs");
+    let body = &src[start..];
+    let body = &body[..body.find(".layer(").expect("router() ends with its layers")];
+    // A nested or merged router's routes would escape this walk.
+    assert!(!body.contains(".nest(") && !body.contains(".merge("), "walk nested routers too");
+    let routes: Vec<String> = body
+        .split(".route(")
+        .skip(1)
+        .filter(|call| call.contains("post(") || call.contains("any("))
+        .map(|call| call.split('"').nth(1).expect("a route's path literal").to_string())
+        .collect();
+    // The reading itself is checked, so a change of style cannot empty it.
+    for known in ["/dashboard/sessions/{session}/close", "/dashboard/jobs/retry-matching", "/dashboard/logout"] {
+        assert!(routes.iter().any(|r| r == known), "{known} not found among {routes:?}");
+    }
+    routes
+}
+
+/// Whether a response is the sign-in redirect (what a dashboard request
+/// without a valid session gets, by design, rather than a 401).
+fn to_sign_in(resp: &reqwest::Response) -> bool {
+    resp.status() == StatusCode::SEE_OTHER && resp.headers().get(LOCATION).is_some_and(|l| l == "/dashboard/login")
+}
+
+/// The CSRF refusal and the role refusal are both 403; their pages differ.
+async fn refused(resp: reqwest::Response, title: &str) -> Result<(), String> {
+    let status = resp.status();
+    let body = resp.text().await.unwrap();
+    if status == StatusCode::FORBIDDEN && body.contains(title) {
+        Ok(())
+    } else {
+        Err(format!("{status} without {title:?}: {}", body.chars().take(300).collect::<String>()))
+    }
+}
+
+#[tokio::test]
+async fn every_post_route_needs_a_session_the_token_and_an_admin() {
+    let app = TestApp::spawn().await;
+    with_operators(&app).await;
+    // The sign-in form is the one POST without a session (its own CSRF is a
+    // double-submit cookie, tested with sign-in); a viewer may sign out.
+    const NO_SESSION_NEEDED: &[&str] = &["/dashboard/login"];
+    const VIEWER_MAY: &[&str] = &["/dashboard/logout"];
+    let session = app.create_session(session_body(Some("walked"))).await["id"].as_str().unwrap().to_string();
+    let job = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, payload, status, attempts, max_attempts, last_error, relayed_at, finished_at)
+         VALUES ($1, 'probe', '{\"kind\": \"probe\", \"fail_first\": 0}', 'failed', 5, 5, 'on purpose', now(), now())",
+    )
+    .bind(job)
+    .execute(app.db())
+    .await
+    .unwrap();
+    // Real things where the route names one; the checks come before any
+    // lookup, so a missing run or environment is refused all the same.
+    let fill = |route: &str| -> String {
+        let mut path = route.to_string();
+        for (param, value) in [
+            ("{session}", session.clone()),
+            ("{job}", job.to_string()),
+            ("{action}", "retry".to_string()),
+            ("{run}", "run_notthere".to_string()),
+            ("{env}", uuid::Uuid::new_v4().to_string()),
+        ] {
+            path = path.replace(param, &value);
+        }
+        assert!(!path.contains('{'), "give {route}'s parameter a value in this test");
+        path
+    };
+    let mut routes = dashboard_post_routes();
+    for exempt in NO_SESSION_NEEDED.iter().chain(VIEWER_MAY) {
+        assert!(routes.iter().any(|r| r == exempt), "the exemption {exempt} names no route any more");
+    }
+    routes.retain(|r| !NO_SESSION_NEEDED.contains(&r.as_str()));
+    // Signing out last, as it ends the session the other checks use.
+    routes.sort_by_key(|r| VIEWER_MAY.contains(&r.as_str()));
+
+    let viewer = Operator::login(&app, VIEWER).await;
+    let admin = Operator::login(&app, ADMIN).await;
+    let stranger = no_redirects();
+    let mut failures = Vec::new();
+    for route in &routes {
+        let path = fill(route);
+        let resp = stranger.post(format!("{}{path}", app.base)).form(&[("csrf", admin.csrf.as_str())]).send().await.unwrap();
+        if !to_sign_in(&resp) {
+            failures.push(format!("{route}: without a session answered {}", resp.status()));
+        }
+        let forged = stranger
+            .post(format!("{}{path}", app.base))
+            .header(COOKIE, format!("sessiond_dashboard={}.{}", uuid::Uuid::new_v4(), "0".repeat(64)))
+            .header("x-csrf-token", &admin.csrf)
+            .send()
+            .await
+            .unwrap();
+        if !to_sign_in(&forged) {
+            failures.push(format!("{route}: with a forged cookie answered {}", forged.status()));
+        }
+        for (what, resp) in [
+            ("no token", admin.post_htmx(&path, &[], None).await),
+            ("a wrong token in the header", admin.post_htmx(&path, &[], Some("wrong")).await),
+            ("another session's token in the header", admin.post_htmx(&path, &[], Some(&viewer.csrf)).await),
+            ("a wrong field over the right header", admin.post_htmx(&path, &[("csrf", "wrong")], Some(&admin.csrf)).await),
+        ] {
+            if let Err(e) = refused(resp, "Form expired").await {
+                failures.push(format!("{route}: an admin with {what}: {e}"));
+            }
+        }
+        if !VIEWER_MAY.contains(&route.as_str()) {
+            for (how, resp) in [
+                ("header", viewer.post_htmx(&path, &[], Some(&viewer.csrf)).await),
+                ("field", viewer.post_form(&path, &[("csrf", viewer.csrf.as_str())]).await),
+            ] {
+                if let Err(e) = refused(resp, "Not allowed").await {
+                    failures.push(format!("{route}: a viewer with the token in the {how}: {e}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} checks failed:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(audit_rows(&app).await, vec![], "no refused request acted");
+
+    // The token in htmx's header alone is accepted on every route: past
+    // every check (whatever the action then makes of the stand-in ids).
+    for route in &routes {
+        let path = fill(route);
+        let resp = admin.post_htmx(&path, &[], Some(&admin.csrf)).await;
+        let status = resp.status();
+        if route == "/dashboard/logout" {
+            assert!(to_sign_in(&resp), "signing out answered {status}");
+            assert!(admin.get("/dashboard/sessions").await.0 == StatusCode::SEE_OTHER, "the session ended");
+        } else {
+            let signed_out = to_sign_in(&resp);
+            let body = resp.text().await.unwrap();
+            assert!(
+                status != StatusCode::FORBIDDEN && !signed_out,
+                "{route}: the right token in the header was refused: {status} {body}"
+            );
+        }
+    }
+    assert!(was_acted_on(&app, job).await, "the job retry took the header's token");
+    assert!(is_closed(&app, &session).await, "the close took the header's token");
+    // The viewer may sign out, with the token in the header.
+    let resp = viewer.post_htmx("/dashboard/logout", &[], Some(&viewer.csrf)).await;
+    assert!(to_sign_in(&resp), "a viewer signs out: {}", resp.status());
+    assert_eq!(viewer.get("/dashboard/sessions").await.0, StatusCode::SEE_OTHER, "the viewer's session ended");
+}
+
+async fn was_acted_on(app: &TestApp, job: uuid::Uuid) -> bool {
+    sqlx::query_scalar::<_, String>("SELECT status FROM jobs WHERE id = $1")
+        .bind(job)
+        .fetch_one(app.db())
+        .await
+        .unwrap()
+        != "failed"
 }

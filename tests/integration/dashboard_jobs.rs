@@ -368,6 +368,7 @@ async fn retry_all_matching_touches_exactly_the_filtered_set_as_previewed() {
     // A job that fails after the preview is not part of what was confirmed.
     let late = seed(&app, "probe", "failed", Some("timeout, later")).await;
 
+    let seen = field(&page, "seen");
     let form = |csrf: &str, as_of: &str| {
         vec![
             ("csrf".to_string(), csrf.to_string()),
@@ -375,6 +376,7 @@ async fn retry_all_matching_touches_exactly_the_filtered_set_as_previewed() {
             ("status".to_string(), "failed".to_string()),
             ("q".to_string(), "timeout".to_string()),
             ("as_of".to_string(), as_of.to_string()),
+            ("seen".to_string(), seen.clone()),
         ]
     };
     let post = |f: Vec<(String, String)>| {
@@ -393,6 +395,12 @@ async fn retry_all_matching_touches_exactly_the_filtered_set_as_previewed() {
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(post(form("", &as_of)).await.status(), StatusCode::FORBIDDEN, "no CSRF token");
     assert_eq!(post(form(&admin.csrf, "")).await.status(), StatusCode::BAD_REQUEST, "no preview time");
+    for seen in ["", "junk", "9:5:", "5:9:12", "1:2:3:4"] {
+        let mut f = form(&admin.csrf, &as_of);
+        f.retain(|(k, _)| k != "seen");
+        f.push(("seen".to_string(), seen.to_string()));
+        assert_eq!(post(f).await.status(), StatusCode::BAD_REQUEST, "preview snapshot {seen:?}");
+    }
 
     audit_log_gone(&app, true).await;
     assert_eq!(post(form(&admin.csrf, &as_of)).await.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -500,4 +508,175 @@ async fn the_cli_submits_a_probe() {
     assert_eq!(row(&app, id).await.attempts, 2);
     let (ok, _) = cli(&["jobs", "probe", "--fail", "1", "--max-attempts", "9"]);
     assert!(!ok, "more attempts than a push is retried are refused");
+}
+
+/// The form a retry-all-matching confirm posts: the filter, and the
+/// preview's time and snapshot from the preview `page`.
+async fn confirm_matching(op: &Operator, q: &str, page: &str) -> reqwest::Response {
+    let (as_of, seen) = (field(page, "as_of"), field(page, "seen"));
+    op.post_form(
+        "/dashboard/jobs/retry-matching",
+        &[("csrf", op.csrf.as_str()), ("kind", "probe"), ("status", "failed"), ("q", q), ("as_of", &as_of), ("seen", &seen)],
+    )
+    .await
+}
+
+/// The confirm retries what had failed at the preview's time, and nothing
+/// that failed after it: a job the preview counted that was then retried
+/// (on its own page) and failed again is left failed with the budget that
+/// retry gave it, for the operator to see and preview anew. Its new failure
+/// is not what they confirmed, and it was already retried once since.
+#[tokio::test]
+async fn a_job_that_fails_again_after_the_preview_is_left_to_a_new_preview() {
+    let app = TestApp::spawn_with(|c| {
+        c.job_retry_base_ms = 10;
+        c.job_schedules_file = Some(schedules_file(&[]));
+    })
+    .await;
+    with_operators(&app).await;
+    quiet(&app).await;
+    let seeded = seed(&app, "probe", "failed", Some("probe: failing on purpose, seeded")).await;
+    let again = app.state.jobs.submit_with_attempts(&Job::Probe { fail_first: 100 }, 1).await.unwrap();
+    let first_failure = eventually(10, "the probe failed its attempt", || async {
+        let r = row(&app, again).await;
+        (r.status == JobStatus::Failed).then_some(r)
+    })
+    .await;
+    assert_eq!(first_failure.attempts, 1);
+
+    let admin = Operator::login(&app, ADMIN).await;
+    let (status, page) = admin.get("/dashboard/jobs/retry-matching?kind=probe&status=failed&q=on+purpose").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("Retry 2 failed jobs of kind probe"), "{page}");
+
+    // After the preview, the job is retried on its own and fails again.
+    let resp = admin.post(&format!("/dashboard/jobs/{again}/retry"), Some(&admin.csrf.clone())).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let failed_again = eventually(20, "the retried probe failed again", || async {
+        let r = row(&app, again).await;
+        (r.status == JobStatus::Failed && r.attempts > 1).then_some(r)
+    })
+    .await;
+    assert_eq!((failed_again.attempts, failed_again.max_attempts), (6, 6), "the single retry's budget, spent");
+
+    let resp = confirm_matching(&admin, "on purpose", &page).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert!(location(&resp).ends_with("&retried=1"), "{}", location(&resp));
+    assert!(was_retried(&app, seeded).await, "what had failed at the preview is retried");
+    let r = row(&app, again).await;
+    assert_eq!(
+        (r.status, r.max_attempts, r.generation),
+        (JobStatus::Failed, 6, failed_again.generation),
+        "the failure after the preview is left alone"
+    );
+    let detail: serde_json::Value =
+        sqlx::query_scalar("SELECT detail FROM audit_log WHERE action = 'job.retry_matching'")
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert_eq!(detail["count"], 1);
+
+    // A new preview shows it, and its confirm retries it.
+    let (_, page) = admin.get("/dashboard/jobs/retry-matching?kind=probe&status=failed&q=on+purpose").await;
+    assert!(page.contains("Retry 1 failed job of kind probe"), "{page}");
+    let resp = confirm_matching(&admin, "on purpose", &page).await;
+    assert!(location(&resp).ends_with("&retried=1"), "{}", location(&resp));
+    let r = row(&app, again).await;
+    assert_eq!((r.max_attempts, r.generation), (11, failed_again.generation + 1), "retried once more, once");
+}
+
+/// Two confirms of the same preview at once (a double click, two operators)
+/// retry each job once between them: the one that commits second finds the
+/// jobs no longer failed. Both are held on the jobs' row locks until both
+/// wait, so they truly overlap.
+#[tokio::test]
+async fn two_confirms_at_once_retry_each_job_once() {
+    let app = jobs_app().await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(seed(&app, "probe", "failed", Some("confirmed twice")).await);
+    }
+    let generation = row(&app, ids[0]).await.generation;
+    let admin = Operator::login(&app, ADMIN).await;
+    let other = Operator::login(&app, ADMIN).await;
+    let (_, page) = admin.get("/dashboard/jobs/retry-matching?kind=probe&status=failed&q=twice").await;
+    assert!(page.contains("Retry 20 failed jobs"), "{page}");
+
+    let mut holder = app.db().begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *holder).await.unwrap();
+    sqlx::query("SELECT id FROM jobs WHERE id = ANY($1) FOR UPDATE").bind(&ids).fetch_all(&mut *holder).await.unwrap();
+    let release = async {
+        eventually(20, "both confirms waiting on the jobs' locks", || async {
+            // The first waiter queues on the holder; the second, on the
+            // first's tuple lock.
+            let waiting: i64 = sqlx::query_scalar(
+                "WITH first AS (SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))
+                 SELECT count(*) FROM pg_stat_activity
+                 WHERE pid IN (SELECT pid FROM first) OR pg_blocking_pids(pid) && ARRAY(SELECT pid FROM first)",
+            )
+            .bind(holder_pid)
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+            (waiting == 2).then_some(())
+        })
+        .await;
+        holder.commit().await.unwrap();
+    };
+    let (a, b, ()) =
+        futures::join!(confirm_matching(&admin, "twice", &page), confirm_matching(&other, "twice", &page), release);
+    let mut counts: Vec<String> = [a, b]
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status(), StatusCode::SEE_OTHER);
+            location(r).rsplit("retried=").next().unwrap().to_string()
+        })
+        .collect();
+    counts.sort();
+    assert_eq!(counts, ["0", "20"], "one confirm retried them all, the other none");
+    for id in &ids {
+        let r = row(&app, *id).await;
+        assert_eq!((r.max_attempts, r.generation), (10, generation + 1), "{id} retried exactly once");
+    }
+    assert_eq!(audit_rows(&app).await.len(), 1, "one audited retry");
+}
+
+/// A failure is stamped when its transaction starts and seen when it
+/// commits: one stamped before the preview but committed after it is not in
+/// the preview's count, so the confirm must not retry it either, whether its
+/// transaction took its id before the preview (it wrote before) or after
+/// (it began before and wrote after).
+#[tokio::test]
+async fn a_failure_committed_after_the_preview_is_not_retried_by_its_confirm() {
+    let app = jobs_app().await;
+    let shown = seed(&app, "probe", "failed", Some("late commit")).await;
+    let wrote_before = seed(&app, "probe", "running", None).await;
+    let wrote_after = seed(&app, "probe", "running", None).await;
+    let fail = "UPDATE jobs SET status = 'failed', last_error = 'late commit', finished_at = now() WHERE id = $1";
+    // Both failures' transactions start (and so stamp) before the preview;
+    // one writes before it...
+    let mut early = app.db().begin().await.unwrap();
+    sqlx::query(fail).bind(wrote_before).execute(&mut *early).await.unwrap();
+    let mut late = app.db().begin().await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut *late).await.unwrap();
+    let admin = Operator::login(&app, ADMIN).await;
+    let (_, page) = admin.get("/dashboard/jobs/retry-matching?kind=probe&status=failed&q=late+commit").await;
+    assert!(page.contains("Retry 1 failed job of kind probe"), "{page}");
+    // ...the other after it, once other transactions have taken ids (on a
+    // busy server they do); both commit after it.
+    for _ in 0..3 {
+        sqlx::query("SELECT pg_current_xact_id()").execute(app.db()).await.unwrap();
+    }
+    sqlx::query(fail).bind(wrote_after).execute(&mut *late).await.unwrap();
+    early.commit().await.unwrap();
+    late.commit().await.unwrap();
+
+    let resp = confirm_matching(&admin, "late commit", &page).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert!(was_retried(&app, shown).await);
+    for id in [wrote_before, wrote_after] {
+        let r = row(&app, id).await;
+        assert_eq!((r.status, r.max_attempts), (JobStatus::Failed, 5), "{id}: not shown, so not retried");
+    }
+    assert!(location(&resp).ends_with("&retried=1"), "{}", location(&resp));
 }
