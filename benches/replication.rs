@@ -306,7 +306,9 @@ async fn main() -> anyhow::Result<()> {
         some.sort();
         println!("  missing, for example: {some:?}");
     }
-    println!("{unseen_by_poller} acknowledged creates arrived but the poller's look-back missed them (no latency for them)");
+    println!(
+        "{unseen_by_poller} acknowledged creates arrived but the poller's look-back missed them (no latency for them)"
+    );
     common::figure("replication.unseen_by_poller", unseen_by_poller as f64, "rows");
     common::summary("create sent → visible in clickhouse", "replication.visible", from_send);
     common::summary("create answered → visible in clickhouse", "replication.visible_after_ack", from_ack);

@@ -473,7 +473,8 @@ async fn every_post_route_needs_a_session_the_token_and_an_admin() {
     let mut failures = Vec::new();
     for route in &routes {
         let path = fill(route);
-        let resp = stranger.post(format!("{}{path}", app.base)).form(&[("csrf", admin.csrf.as_str())]).send().await.unwrap();
+        let resp =
+            stranger.post(format!("{}{path}", app.base)).form(&[("csrf", admin.csrf.as_str())]).send().await.unwrap();
         if !to_sign_in(&resp) {
             failures.push(format!("{route}: without a session answered {}", resp.status()));
         }
@@ -491,7 +492,10 @@ async fn every_post_route_needs_a_session_the_token_and_an_admin() {
             ("no token", admin.post_htmx(&path, &[], None).await),
             ("a wrong token in the header", admin.post_htmx(&path, &[], Some("wrong")).await),
             ("another session's token in the header", admin.post_htmx(&path, &[], Some(&viewer.csrf)).await),
-            ("a wrong field over the right header", admin.post_htmx(&path, &[("csrf", "wrong")], Some(&admin.csrf)).await),
+            (
+                "a wrong field over the right header",
+                admin.post_htmx(&path, &[("csrf", "wrong")], Some(&admin.csrf)).await,
+            ),
         ] {
             if let Err(e) = refused(resp, "Form expired").await {
                 failures.push(format!("{route}: an admin with {what}: {e}"));

@@ -516,7 +516,14 @@ async fn confirm_matching(op: &Operator, q: &str, page: &str) -> reqwest::Respon
     let (as_of, seen) = (field(page, "as_of"), field(page, "seen"));
     op.post_form(
         "/dashboard/jobs/retry-matching",
-        &[("csrf", op.csrf.as_str()), ("kind", "probe"), ("status", "failed"), ("q", q), ("as_of", &as_of), ("seen", &seen)],
+        &[
+            ("csrf", op.csrf.as_str()),
+            ("kind", "probe"),
+            ("status", "failed"),
+            ("q", q),
+            ("as_of", &as_of),
+            ("seen", &seen),
+        ],
     )
     .await
 }
@@ -602,7 +609,7 @@ async fn two_confirms_at_once_retry_each_job_once() {
     let (_, page) = admin.get("/dashboard/jobs/retry-matching?kind=probe&status=failed&q=twice").await;
     assert!(page.contains("Retry 20 failed jobs"), "{page}");
 
-    let mut holder = app.db().begin().await.unwrap();
+    let mut holder = sessiond::db::begin(app.db()).await.unwrap();
     let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *holder).await.unwrap();
     sqlx::query("SELECT id FROM jobs WHERE id = ANY($1) FOR UPDATE").bind(&ids).fetch_all(&mut *holder).await.unwrap();
     let release = async {
@@ -655,9 +662,9 @@ async fn a_failure_committed_after_the_preview_is_not_retried_by_its_confirm() {
     let fail = "UPDATE jobs SET status = 'failed', last_error = 'late commit', finished_at = now() WHERE id = $1";
     // Both failures' transactions start (and so stamp) before the preview;
     // one writes before it...
-    let mut early = app.db().begin().await.unwrap();
+    let mut early = sessiond::db::begin(app.db()).await.unwrap();
     sqlx::query(fail).bind(wrote_before).execute(&mut *early).await.unwrap();
-    let mut late = app.db().begin().await.unwrap();
+    let mut late = sessiond::db::begin(app.db()).await.unwrap();
     sqlx::query("SELECT 1").execute(&mut *late).await.unwrap();
     let admin = Operator::login(&app, ADMIN).await;
     let (_, page) = admin.get("/dashboard/jobs/retry-matching?kind=probe&status=failed&q=late+commit").await;
