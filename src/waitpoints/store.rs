@@ -253,13 +253,19 @@ pub async fn waiting_for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<
     .await?)
 }
 
-/// A run's waitpoints of every status, oldest first, at most `limit`.
-pub async fn for_run(pool: &PgPool, run_id: Uuid, limit: i64) -> Result<Vec<Waitpoint>, StoreError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM waitpoints WHERE run_id = $1 ORDER BY created_at LIMIT $2"))
-        .bind(run_id)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?)
+/// One page of a run's waitpoints of every status, newest first (see
+/// [`crate::db::Keyset`]), on the run's creation index; reads one more than
+/// `size` so the caller knows whether another page follows.
+pub async fn page_for_run(
+    pool: &PgPool,
+    run_id: Uuid,
+    at: crate::db::Keyset,
+    size: i64,
+) -> Result<Vec<Waitpoint>, StoreError> {
+    let mut b = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM waitpoints w WHERE w.run_id = "));
+    b.push_bind(run_id);
+    at.push(&mut b, "w", size + 1);
+    Ok(b.build_query_as().fetch_all(pool).await?)
 }
 
 /// Cancels the waits a superseded run left pending, in the hand-off's

@@ -324,3 +324,28 @@ async fn the_session_page_pages_its_pending_waitpoints() {
     let (status, _) = op.get(&format!("/dashboard/sessions/{s}?after=yesterday")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn the_run_page_pages_its_waitpoints_newest_first() {
+    let app = TestApp::spawn().await;
+    with_operators(&app).await;
+    let (s, run) = running_session(&app, "run-paged").await;
+    let mut created = Vec::new();
+    for i in 0..27 {
+        let (status, body) = wait_on(&app, &run, &s, &format!("run-page-{i}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        created.push(body["waitpointId"].as_str().unwrap().to_string());
+    }
+    let op = Operator::login(&app, ADMIN).await;
+    let (status, first) = op.get(&format!("/dashboard/runs/{}", run.id)).await;
+    assert_eq!(status, StatusCode::OK);
+    let page1 = waitpoint_rows(&first);
+    assert_eq!(page1.len(), 25, "one page of waitpoints");
+    // Newest first: the waits made last lead the page.
+    assert_eq!(page1[0], created[26]);
+    let (_, second) = op.get(&link(&first, "waitpoints-next").expect("a link to the older page")).await;
+    assert_eq!(waitpoint_rows(&second), vec![created[1].clone(), created[0].clone()]);
+    assert!(link(&second, "waitpoints-next").is_none());
+    let (_, back) = op.get(&link(&second, "waitpoints-previous").expect("a link back")).await;
+    assert_eq!(waitpoint_rows(&back), page1);
+}
