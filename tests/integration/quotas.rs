@@ -349,3 +349,62 @@ async fn the_run_page_pages_its_waitpoints_newest_first() {
     let (_, back) = op.get(&link(&second, "waitpoints-previous").expect("a link back")).await;
     assert_eq!(waitpoint_rows(&back), page1);
 }
+
+#[tokio::test]
+async fn waitpoint_long_polls_count_against_their_token_and_free_their_place_when_answered() {
+    let app = TestApp::spawn_with(|c| c.sse_max_per_token = 2).await;
+    let (s, run) = running_session(&app, "poll-cap").await;
+    let (status, body) = wait_on(&app, &run, &s, "poll").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let wp = body["waitpointId"].as_str().unwrap().to_string();
+    let path = format!("/api/v1/runs/{}/waitpoints/{wp}?waitSeconds=30", run.id);
+    let polls: Vec<_> = (0..2)
+        .map(|_| {
+            let request = app.client.get(format!("{}{path}", app.base)).bearer_auth(&run.token);
+            tokio::spawn(async move { request.send().await.map(|r| r.status()) })
+        })
+        .collect();
+    let permits = app.state.stream_permits.clone();
+    eventually(10, "both long-polls waiting", || async { (permits.held() == 2).then_some(()) }).await;
+    let resp = app.client.get(format!("{}{path}", app.base)).bearer_auth(&run.token).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!((body["code"].clone(), body["scope"].clone()), (json!("too_many_streams"), json!("token")), "{body}");
+    // A poll that does not wait holds nothing and is answered.
+    let (status, _) = app.get(&format!("/api/v1/runs/{}/waitpoints/{wp}?waitSeconds=0", run.id), &run.token).await;
+    assert_eq!(status, StatusCode::OK);
+    // A record completes the waitpoint: both polls answer and give their places back.
+    app.append(&s, "in", &app.a.key, "wake", &[]).await;
+    for poll in polls {
+        assert_eq!(poll.await.unwrap().unwrap(), StatusCode::OK);
+    }
+    eventually(10, "the long-polls' places given back", || async { (permits.held() == 0).then_some(()) }).await;
+}
+
+#[tokio::test]
+async fn the_dashboard_tail_takes_a_place_among_the_servers_long_lived_requests() {
+    let app = TestApp::spawn_with(|c| {
+        c.max_connections = 8;
+        c.sse_reserved_connections = 4;
+    })
+    .await;
+    with_operators(&app).await;
+    let op = Operator::login(&app, ADMIN).await;
+    let (s, _) = new_session(&app, "tail-cap").await;
+    let held: Vec<_> = futures::future::join_all((0..4).map(|_| sse_ok(&app, &s, &app.a.key))).await;
+    // The server's four long-lived places are taken: the tail waits its turn.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let tail = client
+        .get(format!("{}/dashboard/sessions/{s}/out/tail", app.base))
+        .header("cookie", format!("sessiond_dashboard={}", op.cookie))
+        .send()
+        .await
+        .expect("the tail is answered");
+    assert_eq!(tail.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(tail.headers().contains_key("retry-after"));
+    // The page itself, a short request, is served.
+    let (status, _) = op.get(&format!("/dashboard/sessions/{s}")).await;
+    assert_eq!(status, StatusCode::OK);
+    drop(held);
+}
