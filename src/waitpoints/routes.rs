@@ -202,7 +202,8 @@ async fn wait(
         .filter(|w| w.run_id == run.id)
         .ok_or_else(|| ApiError::NotFound("Waitpoint not found".into()))?;
     let wait = Duration::from_secs(q.wait_seconds.unwrap_or(30).min(MAX_WAIT_SECS));
-    let _permit = if wait.is_zero() {
+    // A poll answered at once (no wait, or the waitpoint already ended) holds nothing.
+    let _permit = if wait.is_zero() || w.status != WaitpointStatus::Waiting {
         None
     } else {
         Some(permits.acquire(Holder::of(&auth, &headers)).map_err(ApiError::TooManyStreams)?)
