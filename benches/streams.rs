@@ -355,6 +355,10 @@ async fn spawn_server(server: &common::BenchServer, http: &reqwest::Client) -> a
         .env("SESSIOND_MASTER_KEY", &server.master_hex)
         .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "warn")
+        // The fan-out and memory figures hold up to 10,100 subscribers of one
+        // session: above the per-session and per-environment caps.
+        .env("SSE_MAX_PER_SESSION", "20000")
+        .env("SSE_MAX_PER_ENVIRONMENT", "20000")
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().unwrap_or(0);

@@ -36,6 +36,7 @@ use crate::sessions::run_manager::RunManager;
 use crate::shutdown::Drain;
 use crate::streams::effects::Appender;
 use crate::streams::hub::Hub;
+use crate::streams::permits::{StreamCaps, StreamPermits};
 use crate::streams::store::ChannelStore;
 use crate::streams::RealtimeSettings;
 use crate::tenancy::keys::MasterKey;
@@ -56,6 +57,8 @@ pub struct Inner {
     pub runs: RunManager,
     pub waitpoints: Waitpoints,
     pub appender: Appender,
+    /// Places of the long-lived requests (SSE, long-polls, the live tail).
+    pub stream_permits: StreamPermits,
     pub dispatcher: Dispatcher,
     pub analytics: ClickHouse,
     pub dashboard: crate::dashboard::auth::DashboardAuth,
@@ -95,6 +98,7 @@ impl AppState {
         let jobs = jobs(&config, db.clone(), redis.clone());
         let channels =
             ChannelStore::new(redis.clone(), db.clone(), &config.redis_prefix, config.append_dedupe_window_secs * 1000);
+        channels.set_max_channel_bytes(config.max_channel_bytes);
         let drain = Drain::default();
         let hub = Hub::with_drain(channels.clone(), Duration::from_millis(config.feed_safety_poll_ms), drain.clone());
         let runs = RunManager::new(db.clone(), jobs.clone(), channels.clone());
@@ -104,6 +108,13 @@ impl AppState {
             hub.clone(),
             config.channel_retention_secs * 1000,
             Duration::from_millis(config.waitpoint_recheck_ms),
+        )
+        .with_max_pending_per_run(config.max_pending_waitpoints_per_run);
+        // The server's share is set again by `serve` once the connection cap
+        // has been fitted to the fd limit.
+        let stream_permits = StreamPermits::new(
+            StreamCaps::from_config(&config),
+            crate::http::conn::long_lived_cap(config.max_connections, config.sse_reserved_connections),
         );
         let appender = Appender::new(channels.clone(), jobs.clone(), runs.clone());
         let dispatcher = Dispatcher::new(
@@ -128,6 +139,7 @@ impl AppState {
             runs,
             waitpoints,
             appender,
+            stream_permits,
             dispatcher,
             analytics,
             dashboard,
@@ -211,6 +223,7 @@ from_state! {
     RunManager => runs,
     Waitpoints => waitpoints,
     Appender => appender,
+    StreamPermits => stream_permits,
     Dispatcher => dispatcher,
     ClickHouse => analytics,
     crate::dashboard::auth::DashboardAuth => dashboard,
@@ -296,7 +309,9 @@ fn follow_wakeups(state: &AppState) {
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     use crate::http::conn;
 
-    let connections = conn::Registry::new(conn::Limits::from_config(&state.config)?);
+    let limits = conn::Limits::from_config(&state.config)?;
+    state.stream_permits.set_server_cap(limits.long_lived);
+    let connections = conn::Registry::new(limits);
     let reaper = tokio::spawn(connections.clone().reap_idle());
     follow_wakeups(&state);
     let runtime = if state.config.run_jobs {

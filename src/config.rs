@@ -108,6 +108,39 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
 
+    /// Most concurrent SSE subscriptions (and waitpoint long-polls) one public
+    /// token holds on this process; 429 `too_many_streams` beyond it. A secret
+    /// key is the environment's own credential: the environment cap bounds it.
+    #[arg(long, env = "SSE_MAX_PER_TOKEN", default_value_t = 32)]
+    pub sse_max_per_token: usize,
+
+    /// Most concurrent SSE subscriptions to one session's channels on this
+    /// process, whoever holds them; 429 `too_many_streams` beyond it.
+    #[arg(long, env = "SSE_MAX_PER_SESSION", default_value_t = 64)]
+    pub sse_max_per_session: usize,
+
+    /// Most concurrent SSE subscriptions and waitpoint long-polls of one
+    /// environment on this process; 429 `too_many_streams` beyond it.
+    #[arg(long, env = "SSE_MAX_PER_ENVIRONMENT", default_value_t = 4096)]
+    pub sse_max_per_environment: usize,
+
+    /// Connections long-lived requests (SSE, waitpoint long-polls, the
+    /// dashboard's live tail) may never take, kept for short requests and
+    /// `/healthz`: long-lived requests get at most `MAX_CONNECTIONS` minus
+    /// this (at most half of the cap is reserved).
+    #[arg(long, env = "SSE_RESERVED_CONNECTIONS", default_value_t = 1024)]
+    pub sse_reserved_connections: usize,
+
+    /// Most bytes (record bodies plus their headers, as stored) one channel
+    /// holds; an append past it answers 409 `channel_full`. 0: no bound.
+    #[arg(long, env = "MAX_CHANNEL_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_channel_bytes: u64,
+
+    /// Most WAITING waitpoints one run may have; creating another answers 409
+    /// `too_many_waitpoints`.
+    #[arg(long, env = "MAX_PENDING_WAITPOINTS_PER_RUN", default_value_t = 100)]
+    pub max_pending_waitpoints_per_run: i64,
+
     /// How long connecting to Redis may take, in ms.
     #[arg(long, env = "REDIS_CONNECT_TIMEOUT_MS", default_value_t = 500)]
     pub redis_connect_timeout_ms: u64,
@@ -286,6 +319,12 @@ impl Config {
             body_read_timeout_ms: 30_000,
             idle_timeout_ms: 60_000,
             max_connections: 16_384,
+            sse_max_per_token: 32,
+            sse_max_per_session: 64,
+            sse_max_per_environment: 4096,
+            sse_reserved_connections: 1024,
+            max_channel_bytes: 32 * 1024 * 1024,
+            max_pending_waitpoints_per_run: 100,
             redis_connect_timeout_ms: 500,
             redis_response_timeout_ms: 500,
             redis_reconnect_retries: 1,

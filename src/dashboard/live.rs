@@ -28,6 +28,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::auth::Signed;
 use super::error::{DashboardError, PageResult};
 use crate::streams::hub::Hub;
+use crate::streams::permits::{Holder, StreamPermits};
 use crate::streams::store::ChannelStore;
 use crate::streams::{ChannelKey, Io, Record};
 
@@ -77,6 +78,7 @@ pub async fn tail(
     State(db): State<PgPool>,
     State(channels): State<ChannelStore>,
     State(hub): State<Hub>,
+    State(permits): State<StreamPermits>,
     _signed: Signed,
     Path((id, io)): Path<(String, String)>,
 ) -> PageResult<Response> {
@@ -86,6 +88,19 @@ pub async fn tail(
         _ => return Err(DashboardError::NotFound("A session has the channels in and out".into())),
     };
     let session = super::pages::find_session(&db, &id).await?;
+    // A tail holds its connection like an SSE subscription: it takes one of
+    // the server's long-lived places (operators are not counted against a
+    // tenant's token, session or environment). Over the cap, 429: htmx's SSE
+    // extension retries with its backoff.
+    let permit = match permits.acquire(Holder::default()) {
+        Ok(permit) => permit,
+        Err(_) => {
+            let mut resp = Response::new(Body::from("too many open streams; retry shortly"));
+            *resp.status_mut() = axum::http::StatusCode::TOO_MANY_REQUESTS;
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return Ok(resp);
+        }
+    };
     let key = ChannelKey { session_id: session.id, io };
     // Joined before the first read, so nothing appended after it is missed.
     let feed = hub.feed(key);
@@ -94,6 +109,7 @@ pub async fn tail(
     let mut cursor = next.checked_sub(TAIL + 1);
     let stream = async_stream(move |tx| async move {
         let _feed = feed;
+        let _permit = permit;
         loop {
             match channels.read_after(key, cursor, 100).await {
                 Ok(records) if !records.is_empty() => {

@@ -293,8 +293,23 @@ struct SessionPage {
     runs: Vec<RunRow>,
     /// The runs list filtered to this session, when it has more runs than shown.
     all_runs: Option<String>,
+    /// One page of the pending waitpoints (a run may have up to
+    /// `MAX_PENDING_WAITPOINTS_PER_RUN`, a session several runs' worth), newest
+    /// first, with the links to the older and newer pages.
     waiting: Vec<PendingWaitpoint>,
+    waiting_total: i64,
+    waiting_older: Option<String>,
+    waiting_newer: Option<String>,
     open: bool,
+}
+
+/// The session page's cursors: the page of pending waitpoints shown.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct SessionPageQuery {
+    #[serde(default)]
+    after: String,
+    #[serde(default)]
+    before: String,
 }
 
 /// A WAITING waitpoint on one of the session's channels.
@@ -312,7 +327,13 @@ pub(super) async fn find_session(db: &PgPool, id: &str) -> PageResult<Session> {
     session_store::find_for_operator(db, id).await?.ok_or_else(|| DashboardError::NotFound(format!("No session {id}")))
 }
 
-pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<String>) -> PageResult<Response> {
+pub async fn session(
+    State(db): State<PgPool>,
+    signed: Signed,
+    Path(id): Path<String>,
+    Query(q): Query<SessionPageQuery>,
+) -> PageResult<Response> {
+    let at = paging::keyset(&q.after, &q.before)?;
     let s = find_session(&db, &id).await?;
     let mut runs = run_store::for_session(&db, s.id, PAGE_SIZE as i64 + 1).await?;
     // The newest page of runs, shown oldest first as a timeline; the rest are
@@ -325,8 +346,19 @@ pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<St
     });
     runs.reverse();
     let run_ids: HashMap<Uuid, String> = runs.iter().map(|(r, _)| (r.id, r.friendly_id.clone())).collect();
-    let waiting = waitpoint_store::waiting_for_session(&db, s.id)
-        .await?
+    let page = waitpoint_store::waiting_page_for_session(&db, s.id, at, PAGE_SIZE as i64).await?;
+    let (page, older, newer) = at.arrange(page, PAGE_SIZE);
+    let here = |name: &str, cursor: String| {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair(name, &cursor);
+        format!("/dashboard/sessions/{}?{}#waitpoints", s.friendly_id, q.finish())
+    };
+    let waiting_older =
+        if older { page.last().map(|w| here("after", paging::encode(&w.created_at, w.id))) } else { None };
+    let waiting_newer =
+        if newer { page.first().map(|w| here("before", paging::encode(&w.created_at, w.id))) } else { None };
+    let waiting_total = waitpoint_store::count_waiting_for_session(&db, s.id).await?;
+    let waiting = page
         .into_iter()
         .map(|w| PendingWaitpoint {
             id: w.friendly_id,
@@ -360,6 +392,9 @@ pub async fn session(State(db): State<PgPool>, signed: Signed, Path(id): Path<St
         runs,
         all_runs,
         waiting,
+        waiting_total,
+        waiting_older,
+        waiting_newer,
     })
 }
 

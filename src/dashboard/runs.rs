@@ -21,8 +21,15 @@ use crate::sessions::store as session_store;
 use crate::tenancy::store as tenancy_store;
 use crate::waitpoints::store as waitpoint_store;
 
-/// Waitpoints shown on a run's page (a run waits a few times per turn).
-const RUN_WAITPOINTS: i64 = 200;
+/// The run page's cursors: the page of its waitpoints shown (a run waits a
+/// few times per turn, so a long-lived one has many).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct RunPageQuery {
+    #[serde(default)]
+    after: String,
+    #[serde(default)]
+    before: String,
+}
 
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct RunFilters {
@@ -175,7 +182,11 @@ struct RunPage {
     payload: String,
     output: String,
     error: String,
+    /// One page of its waitpoints, newest first, with the links to the
+    /// older and newer pages.
     waitpoints: Vec<WaitpointRow>,
+    waitpoints_older: Option<String>,
+    waitpoints_newer: Option<String>,
     cancelable: bool,
 }
 
@@ -184,14 +195,30 @@ async fn find_run(db: &PgPool, id: &str) -> PageResult<Run> {
     run_store::find_for_operator(db, id).await?.ok_or_else(|| DashboardError::NotFound(format!("No run {id}")))
 }
 
-pub async fn show(State(db): State<PgPool>, signed: Signed, Path(id): Path<String>) -> PageResult<Response> {
+pub async fn show(
+    State(db): State<PgPool>,
+    signed: Signed,
+    Path(id): Path<String>,
+    Query(q): Query<RunPageQuery>,
+) -> PageResult<Response> {
+    let at = paging::keyset(&q.after, &q.before)?;
     let r = find_run(&db, &id).await?;
     let reason = match r.session_id {
         Some(session) => session_store::trigger_reasons(&db, &[session], &[r.id]).await?.first().map(|(_, why)| *why),
         None => None,
     };
-    let waitpoints = waitpoint_store::for_run(&db, r.id, RUN_WAITPOINTS)
-        .await?
+    let page = waitpoint_store::page_for_run(&db, r.id, at, PAGE_SIZE as i64).await?;
+    let (page, older, newer) = at.arrange(page, PAGE_SIZE);
+    let here = |name: &str, cursor: String| {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair(name, &cursor);
+        format!("/dashboard/runs/{}?{}#waitpoints", r.friendly_id, q.finish())
+    };
+    let waitpoints_older =
+        if older { page.last().map(|w| here("after", paging::encode(&w.created_at, w.id))) } else { None };
+    let waitpoints_newer =
+        if newer { page.first().map(|w| here("before", paging::encode(&w.created_at, w.id))) } else { None };
+    let waitpoints = page
         .into_iter()
         .map(|w| WaitpointRow {
             id: w.friendly_id,
@@ -223,6 +250,8 @@ pub async fn show(State(db): State<PgPool>, signed: Signed, Path(id): Path<Strin
         output: json_or_empty(&r.output),
         error: json_or_empty(&r.error),
         waitpoints,
+        waitpoints_older,
+        waitpoints_newer,
         cancelable: !r.status.is_final(),
         r: RunRow::of(&r),
     })

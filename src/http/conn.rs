@@ -14,6 +14,11 @@
 //!   idles between requests); if every connection is busy, the newcomer is
 //!   closed. So a flood of idle sockets cannot lock out a new client, and
 //!   long-lived subscribers are never the ones dropped.
+//! - Long-lived requests (SSE, waitpoint long-polls, the dashboard's live
+//!   tail) may hold at most [`Limits::long_lived`] of those connections
+//!   (`crate::streams::permits`): the rest, `SSE_RESERVED_CONNECTIONS`, are
+//!   always left to short requests and `/healthz`, which the cap's shedding
+//!   then always finds room for.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -50,6 +55,15 @@ pub struct Limits {
     pub header_read: Duration,
     pub idle: Duration,
     pub max_connections: usize,
+    /// Connections long-lived requests may hold: the cap less the reserve.
+    pub long_lived: usize,
+}
+
+/// Connections long-lived requests may hold under a cap of `max_connections`
+/// with `reserved` kept for short requests: at most half the cap is reserved,
+/// and at least one long-lived request is allowed.
+pub fn long_lived_cap(max_connections: usize, reserved: usize) -> usize {
+    max_connections.saturating_sub(reserved.min(max_connections / 2)).max(1)
 }
 
 impl Limits {
@@ -79,10 +93,18 @@ impl Limits {
             }
             Err(err) => tracing::warn!(%err, "cannot read or raise the file-descriptor limit"),
         }
+        if config.sse_reserved_connections > max_connections / 2 {
+            tracing::warn!(
+                reserved = config.sse_reserved_connections,
+                max_connections,
+                "SSE_RESERVED_CONNECTIONS exceeds half the connection cap; reserving half"
+            );
+        }
         Ok(Limits {
             header_read: Duration::from_millis(config.header_read_timeout_ms.max(1)),
             idle: Duration::from_millis(config.idle_timeout_ms),
             max_connections,
+            long_lived: long_lived_cap(max_connections, config.sse_reserved_connections),
         })
     }
 }
@@ -411,7 +433,20 @@ mod tests {
     use super::*;
 
     fn limits(max_connections: usize) -> Limits {
-        Limits { header_read: Duration::from_secs(1), idle: Duration::from_secs(1), max_connections }
+        Limits {
+            header_read: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+            max_connections,
+            long_lived: long_lived_cap(max_connections, 0),
+        }
+    }
+
+    #[test]
+    fn the_reserve_is_at_most_half_the_cap_and_leaves_one_long_lived_place() {
+        assert_eq!(long_lived_cap(16_384, 1_024), 15_360);
+        assert_eq!(long_lived_cap(12, 4), 8);
+        assert_eq!(long_lived_cap(100, 1_024), 50);
+        assert_eq!(long_lived_cap(1, 1_024), 1);
     }
 
     fn closed(r: &Registration) -> bool {

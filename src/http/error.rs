@@ -16,6 +16,7 @@ use crate::sessions::access::AccessError;
 use crate::sessions::list::ListQueryError;
 use crate::sessions::run_manager::RunManagerError;
 use crate::streams::effects::{AppendError, EffectError};
+use crate::streams::permits::StreamScope;
 use crate::streams::sse::SubscribeError;
 use crate::streams::store::ChannelError;
 use crate::validation::ValidationError;
@@ -46,6 +47,15 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("Request body was not received in time")]
     RequestTimeout,
+    /// A long-lived request (SSE, a waitpoint long-poll) over one of its caps:
+    /// 429 `too_many_streams`, naming the cap, with `Retry-After`.
+    #[error("Too many open streams for this {}; close one or retry later", .0.as_str())]
+    TooManyStreams(StreamScope),
+    /// A quota is reached: 409 with its `code`, final for the official client
+    /// (`x-should-retry: false`), as retrying cannot help until something is
+    /// freed.
+    #[error("{}", .0.message())]
+    Quota(Quota),
     #[error(transparent)]
     Validation(#[from] ValidationError),
     /// A dependency (Postgres, Redis) is away or refusing writes: the request
@@ -70,6 +80,33 @@ impl RunFence {
         match self {
             RunFence::Superseded => "run_superseded",
             RunFence::NotLive => "run_not_live",
+        }
+    }
+}
+
+/// A quota a request would pass (the `code` of a 409).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// The channel holds its most bytes: `channel_full`.
+    ChannelFull { limit: u64 },
+    /// The run has its most WAITING waitpoints: `too_many_waitpoints`.
+    PendingWaitpoints { limit: i64 },
+}
+
+impl Quota {
+    pub fn code(self) -> &'static str {
+        match self {
+            Quota::ChannelFull { .. } => "channel_full",
+            Quota::PendingWaitpoints { .. } => "too_many_waitpoints",
+        }
+    }
+
+    fn message(self) -> String {
+        match self {
+            Quota::ChannelFull { limit } => format!("The channel is full: it holds at most {limit} bytes"),
+            Quota::PendingWaitpoints { limit } => {
+                format!("The run has {limit} pending waitpoints, its most; complete or time out one first")
+            }
         }
     }
 }
@@ -179,6 +216,7 @@ impl From<ChannelError> for ApiError {
                 fence: RunFence::Superseded,
                 message: "This run was superseded by another run of the session and may no longer write to it".into(),
             },
+            ChannelError::Full { limit } => ApiError::Quota(Quota::ChannelFull { limit }),
             ChannelError::Redis(err) => err.into(),
             other => ApiError::Internal(other.into()),
         }
@@ -215,6 +253,7 @@ impl From<WaitError> for ApiError {
             }
             WaitError::Superseded(by) => ApiError::superseded(&by),
             WaitError::RunNotActive(status) => ApiError::Conflict(format!("Run is {status}")),
+            WaitError::TooManyPending(limit) => ApiError::Quota(Quota::PendingWaitpoints { limit }),
             WaitError::Store(e) => e.into(),
             WaitError::Channel(e) => e.into(),
         }
@@ -239,10 +278,11 @@ impl From<DispatchError> for ApiError {
     }
 }
 
-/// Asks the client to retry a 503 after a second; dependencies come back or
-/// the client gives up on its own schedule.
+/// Asks the client to retry a 503 (or a 429: a stream over its cap) after a
+/// second; dependencies come back, streams end, or the client gives up on its
+/// own schedule.
 pub fn retry_after(status: StatusCode, headers: &mut axum::http::HeaderMap) {
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
         headers.insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
     }
 }
@@ -263,7 +303,8 @@ impl ApiError {
             ApiError::Forbidden | ApiError::Refused(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict(_) | ApiError::RunFenced { .. } => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::RunFenced { .. } | ApiError::Quota(_) => StatusCode::CONFLICT,
+            ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -278,6 +319,8 @@ impl ApiError {
     pub fn code(&self) -> Option<&'static str> {
         match self {
             ApiError::RunFenced { fence, .. } => Some(fence.code()),
+            ApiError::Quota(quota) => Some(quota.code()),
+            ApiError::TooManyStreams(_) => Some("too_many_streams"),
             _ => None,
         }
     }
@@ -311,6 +354,10 @@ impl IntoResponse for ApiError {
                 "reason": v.message,
             }),
             ApiError::RunFenced { fence, message } => json!({ "error": message, "code": fence.code() }),
+            ApiError::TooManyStreams(scope) => {
+                json!({ "error": this.to_string(), "code": "too_many_streams", "scope": scope.as_str() })
+            }
+            ApiError::Quota(quota) => json!({ "error": this.to_string(), "code": quota.code() }),
             other => json!({ "error": other.to_string() }),
         };
         let mut response = (status, Json(body)).into_response();

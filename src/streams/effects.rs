@@ -119,6 +119,7 @@ impl Appender {
         let writer = Writer {
             run: new.acting_run.map(String::from),
             boot_intent: (key.io == Io::In).then(|| boot_intent(env_id, key.session_id)),
+            counted: true,
         };
         let appended = self.channels.append_as(key, new.body, new.headers, part_id.as_deref(), &writer).await?;
         self.follow_up(env_id, key, appended.clone()).await?;

@@ -12,12 +12,15 @@
 //!   records out to every local subscriber.
 //! - [`sse`]: the SSE encoding the official client parses, and a subscriber's
 //!   backlog-then-live loop.
+//! - [`permits`]: caps on concurrent SSE subscriptions (and the other
+//!   long-lived requests) per token, session, environment and server.
 //! - [`routes`]: the realtime HTTP routes.
 
 pub mod effects;
 pub mod floor;
 pub mod group_commit;
 pub mod hub;
+pub mod permits;
 pub mod routes;
 pub mod sse;
 pub mod store;

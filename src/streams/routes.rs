@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::effects::{Appender, NewAppend};
 use super::hub::Hub;
+use super::permits::{self, Holder, StreamPermits};
 use super::sse::{self, SubscribeRequest, Subscription};
 use super::store::ChannelStore;
 use super::{ChannelKey, Io, RealtimeSettings, Record};
@@ -120,6 +121,10 @@ impl IntoResponse for AppendError {
             body["code"] = json!(code);
         }
         let mut resp = (status, Json(body)).into_response();
+        // As for every API 409: final (the official client retries 409 by default).
+        if status == StatusCode::CONFLICT {
+            resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         crate::http::error::retry_after(status, resp.headers_mut());
         resp
     }
@@ -306,6 +311,7 @@ async fn subscribe(
     State(channels): State<ChannelStore>,
     State(hub): State<Hub>,
     State(settings): State<RealtimeSettings>,
+    State(permits): State<StreamPermits>,
     auth: Auth,
     path: ChannelPath,
     headers: HeaderMap,
@@ -322,6 +328,11 @@ async fn subscribe(
         None => DEFAULT_WINDOW_SECS,
     };
     let session = sessions.load(&auth, &path.session, path.io, Action::Read).await?;
+    // Its place among the long-lived requests, before Redis is read; held by
+    // the response body until it ends or the client goes.
+    let permit = permits
+        .acquire(Holder::of(&auth, &headers).on_session(session.id))
+        .map_err(ApiError::TooManyStreams)?;
     let key = ChannelKey { session_id: session.id, io: path.io };
     let req = SubscribeRequest {
         last_event_id,
@@ -333,7 +344,7 @@ async fn subscribe(
     };
     let sub = Subscription::open(channels, &hub, key, req).await?;
     let settled = sub.settled;
-    let mut resp = Response::new(Body::from_stream(sse::stream(sub)));
+    let mut resp = Response::new(Body::from_stream(permits::holding(sse::stream(sub), permit)));
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

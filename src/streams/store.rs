@@ -13,6 +13,7 @@
 //! | `<p>:ch:{s:io}:w` | ids of waitpoints pending on the channel |
 //! | `<p>:ch:{s:io}:p:<part>` | seq of an append with that `X-Part-Id` (dedupe window) |
 //! | `<p>:ch:{s:io}:run` | the fence: `<run version> <run>`, the only run whose token may write |
+//! | `<p>:ch:{s:io}:b` | bytes the channel holds (bodies plus headers JSON), for its quota |
 //! | `<p>:boot-intents` | sorted set: `<env>:<session>` → newest `.in` seq no run is known to read yet |
 //! | `<p>:seq-epoch` | a random value, gone when Redis loses its data (see [`super::floor`]) |
 //!
@@ -33,14 +34,21 @@ use super::{ChannelKey, Record};
 /// Appends a group of records in order; see the module docs for the keys.
 ///
 /// KEYS: stream, counter, closed, waiters, fence, boot intents, reservation,
-/// then one part-id key per record (unused when the record has none). ARGV: dedupe
-/// window (ms), notify channel, notify tag, boot-intent member ('' for none),
-/// then five per record: body, headers JSON, has part id ('1'/'0'), announce
-/// inline ('1'/'0'), writing run ('' when not written by a run).
+/// bytes held, then one part-id key per record (unused when the record has
+/// none). ARGV: dedupe window (ms), notify channel, notify tag, boot-intent
+/// member ('' for none), the channel's quota in bytes (0: none), then six per
+/// record: body, headers JSON, has part id ('1'/'0'), announce inline
+/// ('1'/'0'), writing run ('' when not written by a run), counted against the
+/// quota ('1'/'0').
 ///
 /// Returns `{timestamp, (outcome, seq) per record, waitpoint ids drained...}`
 /// with outcome 0 written, 1 duplicate, 2 refused (closed), 3 refused (the
-/// writing run was superseded). A record whose part id was seen within the
+/// writing run was superseded), 4 refused (the channel's quota: the record
+/// would take the bytes held past it). The quota is checked and the bytes
+/// counted here, in the same atomic step as the write, so concurrent appends
+/// cannot overshoot it together; the server's own control records (the close,
+/// a hand-off) are counted but never refused, so a full channel can still be
+/// closed and handed off. A record whose part id was seen within the
 /// window is not written again and answers the seq it got then (a repeat
 /// inside the group included), even after the close or a hand-off, so a retry
 /// still gets its acknowledgement. The group's first new record completes the
@@ -66,7 +74,7 @@ use super::{ChannelKey, Record};
 /// read back; announcements go out after the records are stored, and Redis
 /// sends them only once the write is as durable as the fsync setting makes it.
 const APPEND: &str = r#"
-local count = (#ARGV - 4) / 5
+local count = (#ARGV - 5) / 6
 local counter, reserved = redis.call('GET', KEYS[2]), redis.call('GET', KEYS[7])
 if not counter or not reserved or tonumber(counter) + count > tonumber(reserved) then
   return {-1, tonumber(counter or 0)}
@@ -78,10 +86,14 @@ local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local reply = {ts}
 local last_seq = nil
+local quota = tonumber(ARGV[5])
+local held = tonumber(redis.call('GET', KEYS[8]) or '0')
+local held_before = held
 for i = 1, count do
-  local a = 4 + (i - 1) * 5
+  local a = 5 + (i - 1) * 6
   local body, headers, has_part, writer = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3] == '1', ARGV[a + 5]
-  local seen = has_part and redis.call('GET', KEYS[7 + i])
+  local size = #body + #headers
+  local seen = has_part and redis.call('GET', KEYS[8 + i])
   if seen then
     table.insert(reply, 1)
     table.insert(reply, tonumber(seen))
@@ -91,10 +103,14 @@ for i = 1, count do
   elseif writer ~= '' and fenced_run and fenced_run ~= writer then
     table.insert(reply, 3)
     table.insert(reply, 0)
+  elseif ARGV[a + 6] == '1' and quota > 0 and held + size > quota then
+    table.insert(reply, 4)
+    table.insert(reply, 0)
   else
     local seq = redis.call('INCR', KEYS[2]) - 1
     redis.call('XADD', KEYS[1], seq .. '-1', 'b', body, 'h', headers, 't', ts)
-    if has_part then redis.call('SET', KEYS[7 + i], seq, 'PX', ARGV[1]) end
+    held = held + size
+    if has_part then redis.call('SET', KEYS[8 + i], seq, 'PX', ARGV[1]) end
     table.insert(reply, 0)
     table.insert(reply, seq)
     last_seq = seq
@@ -105,6 +121,7 @@ for i = 1, count do
     end
   end
 end
+if held ~= held_before then redis.call('SET', KEYS[8], string.format('%.0f', held)) end
 if last_seq then
   if ARGV[4] ~= '' then redis.call('ZADD', KEYS[6], 'GT', last_seq, ARGV[4]) end
   local waiters = redis.call('SMEMBERS', KEYS[4])
@@ -175,13 +192,14 @@ if current < 0 or ttl > current then redis.call('PEXPIRE', KEYS[1], ttl) end
 return redis.call('PTTL', KEYS[1])
 "#;
 
-/// Marks a channel closed; its records (and any pending set and fence) expire
+/// Marks a channel closed; its records (and any pending set, fence and byte
+/// count) expire
 /// after the retention period (ARGV[1]), its counter, reservation and closed
 /// marker after ARGV[2] (longer): until then a resume from before the expired
 /// history still gets its gap signal, and the marker still refuses appends.
 const CLOSE: &str = r#"
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
-for _, i in ipairs({1, 4, 5}) do
+for _, i in ipairs({1, 4, 5, 7}) do
   if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
 end
 for _, i in ipairs({2, 6}) do
@@ -251,6 +269,9 @@ pub enum ChannelError {
     /// The writing run was replaced by another (a hand-off); it may not write.
     #[error("run was superseded by another run of the session")]
     Superseded,
+    /// The record would take the channel past its quota of `limit` bytes.
+    #[error("the channel is full: it holds at most {limit} bytes")]
+    Full { limit: u64 },
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("corrupt channel data: {0}")]
@@ -298,6 +319,9 @@ pub struct Writer {
     /// For `.in` appends: `<env>:<session>`, noted in the boot-intent set with
     /// the record (see [`APPEND`]).
     pub boot_intent: Option<String>,
+    /// Refused when it would take the channel past its quota: every client's
+    /// and run's record; never the server's own control records.
+    pub counted: bool,
 }
 
 /// A record on its way into a channel, encoded for the append script.
@@ -308,6 +332,7 @@ pub struct NewRecord {
     pub part_id: Option<String>,
     pub writer_run: Option<String>,
     pub boot_intent: Option<String>,
+    pub counted: bool,
 }
 
 /// Cheap to clone (every SSE subscriber holds one): the state is shared.
@@ -319,6 +344,8 @@ pub struct StoreInner {
     floors: SeqFloors,
     prefix: String,
     dedupe_window_ms: u64,
+    /// Most bytes one channel holds (0: no bound); see [`APPEND`].
+    max_channel_bytes: std::sync::atomic::AtomicU64,
     append: Script,
     install_lease: Script,
     epoch: Script,
@@ -344,6 +371,7 @@ impl ChannelStore {
             floors: SeqFloors::new(db),
             prefix: prefix.to_string(),
             dedupe_window_ms,
+            max_channel_bytes: std::sync::atomic::AtomicU64::new(0),
             append: Script::new(APPEND),
             install_lease: Script::new(INSTALL_LEASE),
             epoch: Script::new(EPOCH),
@@ -353,6 +381,12 @@ impl ChannelStore {
             clear_boot_intent: Script::new(CLEAR_BOOT_INTENT),
             lanes: Lanes::default(),
         }))
+    }
+
+    /// Bounds every channel at `bytes` (0: no bound): bodies plus headers
+    /// JSON, as stored, of the records written from now on.
+    pub fn set_max_channel_bytes(&self, bytes: u64) {
+        self.max_channel_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn base(&self, key: ChannelKey) -> String {
@@ -386,6 +420,11 @@ impl ChannelStore {
 
     pub fn waiters_key(&self, key: ChannelKey) -> String {
         format!("{}:w", self.base(key))
+    }
+
+    /// Bytes the channel holds, for its quota.
+    fn bytes_key(&self, key: ChannelKey) -> String {
+        format!("{}:b", self.base(key))
     }
 
     fn fence_key(&self, key: ChannelKey) -> String {
@@ -445,6 +484,7 @@ impl ChannelStore {
             part_id: part_id.map(String::from),
             writer_run: writer.run.clone(),
             boot_intent: writer.boot_intent.clone(),
+            counted: writer.counted,
         };
         self.lanes.append(self, key, record).await
     }
@@ -466,7 +506,8 @@ impl ChannelStore {
             .key(self.waiters_key(key))
             .key(self.fence_key(key))
             .key(self.boot_intents_key())
-            .key(self.reserved_key(key));
+            .key(self.reserved_key(key))
+            .key(self.bytes_key(key));
         for record in records {
             invocation.key(self.part_key(key, record.part_id.as_deref().unwrap_or("-")));
         }
@@ -474,14 +515,16 @@ impl ChannelStore {
             .arg(self.dedupe_window_ms)
             .arg(self.notify_channel())
             .arg(Self::notify_tag(key))
-            .arg(boot_intent.unwrap_or(""));
+            .arg(boot_intent.unwrap_or(""))
+            .arg(self.max_channel_bytes.load(std::sync::atomic::Ordering::Relaxed));
         for record in records {
             invocation
                 .arg(&record.body)
                 .arg(&record.headers_json)
                 .arg(if record.part_id.is_some() { "1" } else { "0" })
                 .arg(if record.body.len() <= MAX_INLINE_ANNOUNCEMENT { "1" } else { "0" })
-                .arg(record.writer_run.as_deref().unwrap_or(""));
+                .arg(record.writer_run.as_deref().unwrap_or(""))
+                .arg(if record.counted { "1" } else { "0" });
         }
         let mut conn = self.redis.clone();
         for _ in 0..LEASE_ROUNDS {
@@ -490,7 +533,10 @@ impl ChannelStore {
                 Some(next) => {
                     self.lease(key, next).await?;
                 }
-                None => return parse_append_reply(&reply, records.len()),
+                None => {
+                    let max_bytes = self.max_channel_bytes.load(std::sync::atomic::Ordering::Relaxed);
+                    return parse_append_reply(&reply, records.len(), max_bytes);
+                }
             }
         }
         Err(ChannelError::NoLease)
@@ -687,6 +733,7 @@ impl ChannelStore {
             .key(self.waiters_key(key))
             .key(self.fence_key(key))
             .key(self.reserved_key(key))
+            .key(self.bytes_key(key))
             .arg(retention_ms.max(1))
             .arg(retention_ms.max(1) + CLOSED_MARKER_GRACE_MS)
             .invoke_async(&mut conn)
@@ -780,7 +827,11 @@ fn needs_lease(reply: &[RedisValue]) -> Result<Option<u64>, ChannelError> {
 }
 
 /// Decodes the append script's reply (see [`APPEND`]) for `count` records.
-fn parse_append_reply(reply: &[RedisValue], count: usize) -> Result<Vec<Result<Appended, ChannelError>>, ChannelError> {
+fn parse_append_reply(
+    reply: &[RedisValue],
+    count: usize,
+    max_bytes: u64,
+) -> Result<Vec<Result<Appended, ChannelError>>, ChannelError> {
     let int = |i: usize| -> Result<i64, ChannelError> {
         let v = reply.get(i).ok_or_else(|| ChannelError::Corrupt("short append reply".into()))?;
         redis::from_redis_value_ref::<i64>(v).map_err(|e| ChannelError::Corrupt(e.to_string()))
@@ -803,6 +854,7 @@ fn parse_append_reply(reply: &[RedisValue], count: usize) -> Result<Vec<Result<A
             }
             1 => Ok(Appended { seq_num, timestamp: 0, duplicate: true, drained_waitpoints: Vec::new() }),
             3 => Err(ChannelError::Superseded),
+            4 => Err(ChannelError::Full { limit: max_bytes }),
             _ => Err(ChannelError::Closed),
         });
     }

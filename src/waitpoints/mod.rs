@@ -31,6 +31,8 @@ use store::{NewWaitpoint, Waitpoint, WaitpointStatus};
 
 /// Pending-set TTL when a waitpoint has no timeout.
 pub const DEFAULT_PENDING_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Most WAITING waitpoints per run unless configured (`MAX_PENDING_WAITPOINTS_PER_RUN`).
+pub const DEFAULT_MAX_PENDING_PER_RUN: i64 = 100;
 /// Idempotency keys live this long unless the caller says otherwise.
 pub const DEFAULT_IDEMPOTENCY_TTL_SECS: i64 = 24 * 3600;
 
@@ -126,6 +128,9 @@ pub enum WaitError {
     /// The run is not executing (queued, or final).
     #[error("Run is {0}")]
     RunNotActive(RunStatus),
+    /// The run already has this many WAITING waitpoints, its most.
+    #[error("the run has {0} pending waitpoints, its most")]
+    TooManyPending(i64),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -161,11 +166,27 @@ pub struct Waitpoints {
     /// The long-poll's re-check between feed wake-ups, for completions by
     /// other paths (timeouts, close, another server's drain).
     fallback_poll: Duration,
+    /// Most WAITING waitpoints one run may have: a run token must not be able
+    /// to fill the table (and the dashboard) with waits nothing will end.
+    max_pending_per_run: i64,
 }
 
 impl Waitpoints {
     pub fn new(db: PgPool, channels: ChannelStore, hub: Hub, retention_ms: u64, fallback_poll: Duration) -> Self {
-        Waitpoints { db, channels, hub, retention_ms, fallback_poll }
+        Waitpoints {
+            db,
+            channels,
+            hub,
+            retention_ms,
+            fallback_poll,
+            max_pending_per_run: DEFAULT_MAX_PENDING_PER_RUN,
+        }
+    }
+
+    /// Bounds each run's WAITING waitpoints at `max` (`MAX_PENDING_WAITPOINTS_PER_RUN`).
+    pub fn with_max_pending_per_run(mut self, max: i64) -> Self {
+        self.max_pending_per_run = max;
+        self
     }
 
     /// Suspends run `req.run` on a session channel until a record after
@@ -204,6 +225,7 @@ impl Waitpoints {
                 idempotency_key_ttl_secs: req.idempotency_key.map(|_| req.idempotency_key_ttl_secs),
                 tags: req.tags,
                 timeout: req.timeout,
+                max_pending: self.max_pending_per_run,
             },
         )
         .await?;
@@ -213,6 +235,7 @@ impl Waitpoints {
             store::Created::RunNotActive { status, superseded_by: None } => {
                 return Err(WaitError::RunNotActive(status))
             }
+            store::Created::TooManyPending => return Err(WaitError::TooManyPending(self.max_pending_per_run)),
         };
         if !cached {
             self.channels

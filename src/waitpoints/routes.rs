@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -20,6 +21,7 @@ use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{validate_path_id, ApiJson, ApiPath, ApiQuery, PathId};
 use crate::runs::store as run_store;
 use crate::sessions::access::ChannelAccess;
+use crate::streams::permits::{Holder, StreamPermits};
 use crate::streams::Io;
 use crate::validation::{check_len, check_tags, ValidationError};
 
@@ -173,9 +175,17 @@ const MAX_WAIT_SECS: u64 = 60;
 
 /// The worker's long-poll: answers as soon as the waitpoint completes or times
 /// out, or with WAITING after `waitSeconds` (then poll again).
+///
+/// A poll that may wait holds a connection like an SSE subscription does, so
+/// it takes a place among the long-lived requests (its token's, its
+/// environment's and the server's, not its session's: a session's
+/// subscribers must not lock out its run); over a cap it answers 429 with
+/// `Retry-After`, which the worker library waits out.
 async fn wait(
     State(db): State<PgPool>,
     State(waitpoints): State<Waitpoints>,
+    State(permits): State<StreamPermits>,
+    headers: HeaderMap,
     auth: Auth,
     ApiPath((run_id, waitpoint_id)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<WaitQuery>,
@@ -192,5 +202,11 @@ async fn wait(
         .filter(|w| w.run_id == run.id)
         .ok_or_else(|| ApiError::NotFound("Waitpoint not found".into()))?;
     let wait = Duration::from_secs(q.wait_seconds.unwrap_or(30).min(MAX_WAIT_SECS));
+    // A poll answered at once (no wait, or the waitpoint already ended) holds nothing.
+    let _permit = if wait.is_zero() || w.status != WaitpointStatus::Waiting {
+        None
+    } else {
+        Some(permits.acquire(Holder::of(&auth, &headers)).map_err(ApiError::TooManyStreams)?)
+    };
     Ok(Json(waitpoints.wait_for(w, wait).await?.into()))
 }

@@ -70,6 +70,8 @@ pub struct NewWaitpoint<'a> {
     pub idempotency_key_ttl_secs: Option<i64>,
     pub tags: &'a [String],
     pub timeout: Option<crate::waitpoints::Deadline>,
+    /// Most WAITING waitpoints the run may have, this one included.
+    pub max_pending: i64,
 }
 
 /// What [`create`] did.
@@ -81,6 +83,8 @@ pub enum Created {
     Waitpoint(Waitpoint, bool),
     /// The run cannot wait: it is not executing, or another run replaced it.
     RunNotActive { status: RunStatus, superseded_by: Option<String> },
+    /// The run already has its most WAITING waitpoints.
+    TooManyPending,
 }
 
 /// Creates a waitpoint and suspends its run (EXECUTING → WAITING), or returns
@@ -89,7 +93,10 @@ pub enum Created {
 ///
 /// The run's row is locked first: a hand-off that supersedes the run takes the
 /// same lock, so either it sees this waitpoint (and cancels it) or this sees
-/// the run superseded, never a wait left pending on a replaced run.
+/// the run superseded, never a wait left pending on a replaced run. The same
+/// lock makes the run's pending count exact: concurrent creates for one run
+/// take turns, so none can pass `max_pending` together. A key already held
+/// answers its waitpoint even at the quota (it adds nothing).
 pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, StoreError> {
     for _ in 0..2 {
         let mut tx = crate::db::begin(pool).await?;
@@ -115,6 +122,18 @@ pub async fn create(pool: &PgPool, new: &NewWaitpoint<'_>) -> Result<Created, St
                     .execute(&mut *tx)
                     .await?;
             }
+        }
+        // Counts at most `max_pending` rows, on the run's partial index of
+        // WAITING waitpoints.
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM waitpoints WHERE run_id = $1 AND status = 'WAITING' LIMIT $2) p",
+        )
+        .bind(new.run_id)
+        .bind(new.max_pending.max(0))
+        .fetch_one(&mut *tx)
+        .await?;
+        if pending >= new.max_pending {
+            return Ok(Created::TooManyPending);
         }
         let inserted: Result<Waitpoint, sqlx::Error> = sqlx::query_as(&format!(
             "INSERT INTO waitpoints (id, friendly_id, runtime_environment_id, run_id, session_id, io, after_seq,
@@ -201,6 +220,29 @@ pub async fn time_out_due(pool: &PgPool) -> Result<Vec<Waitpoint>, StoreError> {
     Ok(timed_out)
 }
 
+/// One page of the WAITING waitpoints on a session's channels, newest first
+/// (see [`crate::db::Keyset`]); reads one more than `size` so the caller
+/// knows whether another page follows.
+pub async fn waiting_page_for_session(
+    pool: &PgPool,
+    session_id: Uuid,
+    at: crate::db::Keyset,
+    size: i64,
+) -> Result<Vec<Waitpoint>, StoreError> {
+    let mut b = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM waitpoints w WHERE w.session_id = "));
+    b.push_bind(session_id).push(" AND w.status = 'WAITING'");
+    at.push(&mut b, "w", size + 1);
+    Ok(b.build_query_as().fetch_all(pool).await?)
+}
+
+/// How many WAITING waitpoints a session's channels have.
+pub async fn count_waiting_for_session(pool: &PgPool, session_id: Uuid) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM waitpoints WHERE session_id = $1 AND status = 'WAITING'")
+        .bind(session_id)
+        .fetch_one(pool)
+        .await?)
+}
+
 /// Waiting waitpoints on a session's channels, oldest first.
 pub async fn waiting_for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<Waitpoint>, StoreError> {
     Ok(sqlx::query_as(&format!(
@@ -211,13 +253,19 @@ pub async fn waiting_for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<
     .await?)
 }
 
-/// A run's waitpoints of every status, oldest first, at most `limit`.
-pub async fn for_run(pool: &PgPool, run_id: Uuid, limit: i64) -> Result<Vec<Waitpoint>, StoreError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM waitpoints WHERE run_id = $1 ORDER BY created_at LIMIT $2"))
-        .bind(run_id)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?)
+/// One page of a run's waitpoints of every status, newest first (see
+/// [`crate::db::Keyset`]), on the run's creation index; reads one more than
+/// `size` so the caller knows whether another page follows.
+pub async fn page_for_run(
+    pool: &PgPool,
+    run_id: Uuid,
+    at: crate::db::Keyset,
+    size: i64,
+) -> Result<Vec<Waitpoint>, StoreError> {
+    let mut b = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM waitpoints w WHERE w.run_id = "));
+    b.push_bind(run_id);
+    at.push(&mut b, "w", size + 1);
+    Ok(b.build_query_as().fetch_all(pool).await?)
 }
 
 /// Cancels the waits a superseded run left pending, in the hand-off's

@@ -42,6 +42,7 @@ mod job_relay;
 mod limits;
 mod limits_probe;
 mod official_client;
+mod quotas;
 mod reconcile;
 mod replication;
 mod replication_decode;

@@ -377,7 +377,9 @@ async fn live_records_arrive_byte_for_byte() {
 
 #[tokio::test]
 async fn a_thousand_subscribers_share_one_upstream_reader() {
-    let app = TestApp::spawn().await;
+    // A thousand subscribers of one session: above its default cap, which
+    // `quotas` tests; this one is about the fan-out.
+    let app = TestApp::spawn_with(|c| c.sse_max_per_session = 1_000).await;
     let s = new_session(&app, "fanout").await;
     let path = format!("/realtime/v1/sessions/{s}/out");
     // This test's runtime runs the server too: its task count shows leaks.

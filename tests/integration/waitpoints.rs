@@ -301,6 +301,7 @@ async fn insert_waiting(app: &TestApp, run: &AssignedRun, session: &str, after_s
             idempotency_key_ttl_secs: None,
             tags: &[],
             timeout: None,
+            max_pending: sessiond::waitpoints::DEFAULT_MAX_PENDING_PER_RUN,
         },
     )
     .await
