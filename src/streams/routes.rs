@@ -306,6 +306,8 @@ const MAX_WINDOW_SECS: u64 = 600;
 
 /// SSE subscription: backlog from the cursor, then live records, until the
 /// long-poll window ends (the client reconnects with `Last-Event-ID`).
+// Each argument is one axum extractor, a service or a part of the request.
+#[allow(clippy::too_many_arguments)]
 async fn subscribe(
     State(sessions): State<ChannelAccess>,
     State(channels): State<ChannelStore>,
@@ -330,9 +332,8 @@ async fn subscribe(
     let session = sessions.load(&auth, &path.session, path.io, Action::Read).await?;
     // Its place among the long-lived requests, before Redis is read; held by
     // the response body until it ends or the client goes.
-    let permit = permits
-        .acquire(Holder::of(&auth, &headers).on_session(session.id))
-        .map_err(ApiError::TooManyStreams)?;
+    let permit =
+        permits.acquire(Holder::of(&auth, &headers).on_session(session.id)).map_err(ApiError::TooManyStreams)?;
     let key = ChannelKey { session_id: session.id, io: path.io };
     let req = SubscribeRequest {
         last_event_id,

@@ -173,14 +173,7 @@ pub struct Waitpoints {
 
 impl Waitpoints {
     pub fn new(db: PgPool, channels: ChannelStore, hub: Hub, retention_ms: u64, fallback_poll: Duration) -> Self {
-        Waitpoints {
-            db,
-            channels,
-            hub,
-            retention_ms,
-            fallback_poll,
-            max_pending_per_run: DEFAULT_MAX_PENDING_PER_RUN,
-        }
+        Waitpoints { db, channels, hub, retention_ms, fallback_poll, max_pending_per_run: DEFAULT_MAX_PENDING_PER_RUN }
     }
 
     /// Bounds each run's WAITING waitpoints at `max` (`MAX_PENDING_WAITPOINTS_PER_RUN`).

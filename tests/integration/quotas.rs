@@ -79,10 +79,9 @@ async fn one_token_holds_at_most_its_cap_of_subscriptions_and_a_dropped_one_free
 
     // Disconnect every subscription of the token: the places come back.
     drop(held);
-    let first = eventually(10, "a place freed by the dropped subscriptions", || async {
-        try_sse(&app, &s, &token).await.ok()
-    })
-    .await;
+    let first =
+        eventually(10, "a place freed by the dropped subscriptions", || async { try_sse(&app, &s, &token).await.ok() })
+            .await;
     let mut again = vec![first];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while again.len() < 3 {
