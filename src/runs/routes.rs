@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -21,6 +22,7 @@ use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiJson, DataJson, PathId};
 use crate::jobs::Jobs;
+use crate::streams::permits::{Holder, StreamPermits};
 use crate::validation::{check_len, ValidationError};
 
 pub fn router() -> Router<AppState> {
@@ -108,7 +110,9 @@ pub const MAX_WORKER_ID_CHARS: usize = 128;
 /// periodic re-check) until work arrives or the wait ends.
 async fn dequeue(
     State(dispatcher): State<Dispatcher>,
+    State(permits): State<StreamPermits>,
     auth: Auth,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<DequeueBody>,
 ) -> ApiResult<Json<DequeueResponse>> {
     auth.require_secret_key()?;
@@ -129,6 +133,16 @@ async fn dequeue(
         check_len("workerId", worker, 1, MAX_WORKER_ID_CHARS)?;
     }
     let wait = Duration::from_secs(body.wait_seconds.unwrap_or(10).min(MAX_DEQUEUE_WAIT_SECS));
+    // A long-poll holds its connection like a subscription does: it takes a
+    // place among the long-lived requests (the environment's and the
+    // server's; a secret key has no token cap), so workers cannot use up the
+    // connections kept for short requests. Over a cap: 429 with
+    // `Retry-After`, which the worker library waits out.
+    let _permit = if wait.is_zero() {
+        None
+    } else {
+        Some(permits.acquire(Holder::of(&auth, &headers)).map_err(ApiError::TooManyStreams)?)
+    };
     let request = DequeueRequest {
         env_id: auth.env.id,
         tasks: &body.tasks,

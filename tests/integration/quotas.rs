@@ -407,3 +407,35 @@ async fn the_dashboard_tail_takes_a_place_among_the_servers_long_lived_requests(
     assert_eq!(status, StatusCode::OK);
     drop(held);
 }
+
+#[tokio::test]
+async fn worker_dequeue_long_polls_count_against_their_environment() {
+    let app = TestApp::spawn_with(|c| c.sse_max_per_environment = 2).await;
+    let url = format!("{}/api/v1/worker/dequeue", app.base);
+    let body = json!({"tasks": ["nothing-queued"], "waitSeconds": 30});
+    let polls: Vec<_> = (0..2)
+        .map(|_| {
+            let request = app.client.post(&url).bearer_auth(&app.a.key).json(&body);
+            tokio::spawn(async move { request.send().await.map(|r| r.status()) })
+        })
+        .collect();
+    let permits = app.state.stream_permits.clone();
+    eventually(10, "both dequeues waiting", || async { (permits.held() == 2).then_some(()) }).await;
+    let resp = app.client.post(&url).bearer_auth(&app.a.key).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    let refused: Value = resp.json().await.unwrap();
+    assert_eq!((refused["code"].clone(), refused["scope"].clone()), (json!("too_many_streams"), json!("environment")));
+    // Another environment has its own places; a dequeue that does not wait holds none.
+    let (status, _) =
+        app.post("/api/v1/worker/dequeue", &app.b.key, json!({"tasks": ["nothing-queued"], "waitSeconds": 1})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) =
+        app.post("/api/v1/worker/dequeue", &app.a.key, json!({"tasks": ["nothing-queued"], "waitSeconds": 0})).await;
+    assert_eq!(status, StatusCode::OK);
+    // Workers that go away mid-poll give their places back.
+    for poll in polls {
+        poll.abort();
+    }
+    eventually(10, "the dequeues' places given back", || async { (permits.held() == 0).then_some(()) }).await;
+}
