@@ -102,7 +102,18 @@ prepare_extras() {
 # its append-only file) run after run.
 reset_test_keys() {
     say "deleting Redis keys of earlier test runs"
-    redis-cli -h 127.0.0.1 -p 6379 --scan --pattern 'test:*' | xargs -r -n 500 redis-cli -h 127.0.0.1 -p 6379 unlink >/dev/null
+    # Inside Redis, one SCAN step at a time: a key may hold any bytes (the
+    # tests use task names with quotes, tabs and newlines), which a shell
+    # pipe of key names would mangle.
+    local cursor=0
+    # shellcheck disable=SC2016 # Lua, not shell
+    local step='local r = redis.call("SCAN", ARGV[1], "MATCH", ARGV[2], "COUNT", 1000)
+for _, k in ipairs(r[2]) do redis.call("UNLINK", k) end
+return r[1]'
+    while :; do
+        cursor=$(redis-cli -h 127.0.0.1 -p 6379 eval "$step" 0 "$cursor" 'test:*')
+        [[ "$cursor" == 0 ]] && break
+    done
 }
 
 # Tests keep their ClickHouse data in databases t_<uuid>, named like their
