@@ -249,10 +249,16 @@ fn now_ms() -> i64 {
 }
 
 enum Take {
-    Admit { refill: bool },
+    Admit {
+        refill: bool,
+    },
     /// No budget: wait for the lease in flight (`refill`: start it).
-    Wait { refill: bool },
-    Deny { reset_ms: i64 },
+    Wait {
+        refill: bool,
+    },
+    Deny {
+        reset_ms: i64,
+    },
 }
 
 impl RateLimits {
@@ -364,7 +370,7 @@ impl RateLimits {
         let want = {
             let buckets = self.0.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let budget = buckets.map.get(&key).map_or(0, |b| b.budget);
-            (lease - budget).clamp(1, 2 * lease)
+            (lease - budget).clamp(1, lease)
         };
         let now = now_ms();
         let granted = self.lease(&key, limit, want, now).await;
