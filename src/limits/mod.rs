@@ -214,23 +214,35 @@ struct Inner {
     lease_wait: Duration,
 }
 
-/// Grants up to `want` requests from the sliding second, if room is left.
+/// Grants up to `want` requests from the sliding window, if room is left;
+/// else answers how long until one request's room opens (so a 429's
+/// `x-ratelimit-reset` is when a retry passes, not a guess).
 /// KEYS: this window's counter, the previous window's. ARGV: limit, want,
-/// the previous window's weight in thousandths, the counters' lifetime (ms).
+/// ms elapsed in this window, the window's length in ms.
+/// Answers `{granted, wait_ms}`.
 const LEASE_SCRIPT: &str = r#"
 local limit = tonumber(ARGV[1])
 local want = tonumber(ARGV[2])
-local weight = tonumber(ARGV[3])
+local elapsed = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
-local room = limit - math.floor(prev * weight / 1000) - cur
-if room <= 0 then
-  return 0
+local room = limit - math.floor(prev * (window - elapsed) / window) - cur
+if room > 0 then
+  local grant = math.min(want, room)
+  redis.call('INCRBY', KEYS[1], grant)
+  redis.call('PEXPIRE', KEYS[1], 3 * window)
+  return {grant, 0}
 end
-local grant = math.min(want, room)
-redis.call('INCRBY', KEYS[1], grant)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return grant
+local wait
+if cur >= limit then
+  -- In the next window, once this one's weight falls below limit / cur.
+  wait = (window - elapsed) + math.floor(window * (1 - limit / cur)) + 1
+else
+  -- In this window, once the previous one's weight falls below (limit - cur) / prev.
+  wait = math.floor(window * (1 - (limit - cur) / prev)) - elapsed + 1
+end
+return {0, math.max(wait, 1)}
 "#;
 
 /// A lease: a tenth of the per-second limit, at least one request.
@@ -379,12 +391,9 @@ impl RateLimits {
             let b = buckets.map.entry(key).or_default();
             b.refilling = false;
             match granted {
-                Ok(granted) => {
-                    b.budget += granted;
-                    if granted < want {
-                        b.exhausted_until_ms = now + refill_period_ms(limit, self.0.settings.window_ms);
-                    }
-                }
+                // A short grant is spent; the next lease learns the wait.
+                Ok((granted, _)) if granted > 0 => b.budget += granted,
+                Ok((_, wait_ms)) => b.exhausted_until_ms = now + wait_ms.max(1),
                 Err(err) => {
                     tracing::warn!(%err, "rate-limit lease failed; granted locally");
                     b.budget += want;
@@ -395,11 +404,9 @@ impl RateLimits {
     }
 
     /// One round trip: the lease script on `key`'s two window counters.
-    async fn lease(&self, key: &Key, limit: u32, want: i64, now: i64) -> redis::RedisResult<i64> {
+    async fn lease(&self, key: &Key, limit: u32, want: i64, now: i64) -> redis::RedisResult<(i64, i64)> {
         let window_ms = i64::from(self.0.settings.window_ms);
         let window = now.div_euclid(window_ms);
-        // The previous window's share still inside the sliding window, in thousandths.
-        let weight = 1000 - now.rem_euclid(window_ms) * 1000 / window_ms;
         let base = format!("{}:rl:{{{}}}", self.0.prefix, key.tag());
         let mut redis = self.0.redis.clone();
         self.0
@@ -408,8 +415,8 @@ impl RateLimits {
             .key(format!("{base}:{}", window - 1))
             .arg(limit)
             .arg(want)
-            .arg(weight)
-            .arg(3 * window_ms)
+            .arg(now.rem_euclid(window_ms))
+            .arg(window_ms)
             .invoke_async(&mut redis)
             .await
     }
