@@ -232,3 +232,45 @@ async fn appends_take_no_redis_round_trip_for_the_limit() {
         "{APPENDS} appends cost {on_total} Redis commands with the limits on, {off_total} with them off"
     );
 }
+
+/// Builds one request of a route under test.
+type Request<'a> = Box<dyn Fn() -> reqwest::RequestBuilder + 'a>;
+
+/// Each limited route class is wired: list, SSE connect and a channel's
+/// initialize (a write-token mint) answer 429 `rate_limited` past their limit.
+#[tokio::test]
+async fn list_subscribe_and_initialize_are_limited() {
+    let app = TestApp::spawn_with(|c| {
+        c.rate_limit_list_per_sec = 2;
+        c.rate_limit_subscribe_per_sec = 2;
+        c.rate_limit_mint_per_sec = 2;
+        c.rate_limit_window_ms = 60_000;
+    })
+    .await;
+    let session = app.create_session(session_body(Some("classes"))).await;
+    let s = session["id"].as_str().unwrap().to_string();
+    let key = app.a.key.clone();
+    let channel = format!("{}/realtime/v1/sessions/{s}/out", app.base);
+    let routes: [(&str, Request); 3] = [
+        ("list", Box::new(|| app.client.get(format!("{}/api/v1/sessions", app.base)).bearer_auth(&key))),
+        ("subscribe", Box::new(|| app.client.get(&channel).bearer_auth(&key).header("timeout-seconds", "1"))),
+        ("initialize", Box::new(|| app.client.put(&channel).bearer_auth(&key))),
+    ];
+    for (name, request) in routes {
+        let mut admitted = 0;
+        let refused = loop {
+            assert!(admitted <= 3, "{name}: {admitted} admitted at a limit of 2");
+            // Headers only: a subscription's stream is dropped unread.
+            let resp = request().send().await.expect("request");
+            if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                break resp;
+            }
+            assert!(resp.status().is_success(), "{name}: {}", resp.status());
+            admitted += 1;
+        };
+        assert!(admitted >= 2, "{name}: refused after {admitted}, under the limit of 2");
+        assert_eq!(refused.headers()["x-ratelimit-limit"], "2", "{name}");
+        let body: Value = refused.json().await.expect("json");
+        assert_eq!(body["code"], json!("rate_limited"), "{name}: {body}");
+    }
+}
