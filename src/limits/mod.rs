@@ -291,7 +291,9 @@ impl RateLimits {
             Settings::from_config(config),
             redis,
             &config.redis_prefix,
-            Duration::from_millis(config.redis_response_timeout_ms.max(100)),
+            // Longer than a Redis reply may take, so a lease that fails (and
+            // is then granted locally) answers its waiters before they give up.
+            Duration::from_millis(config.redis_response_timeout_ms.max(100) + 250),
         )
     }
 
