@@ -59,6 +59,8 @@ pub struct Inner {
     pub appender: Appender,
     /// Places of the long-lived requests (SSE, long-polls, the live tail).
     pub stream_permits: StreamPermits,
+    /// Request-rate limits (see [`crate::limits`]).
+    pub rate_limits: crate::limits::RateLimits,
     pub dispatcher: Dispatcher,
     pub analytics: ClickHouse,
     pub dashboard: crate::dashboard::auth::DashboardAuth,
@@ -116,6 +118,7 @@ impl AppState {
             StreamCaps::from_config(&config),
             crate::http::conn::long_lived_cap(config.max_connections, config.sse_reserved_connections),
         );
+        let rate_limits = crate::limits::RateLimits::from_config(&config, redis.clone());
         let appender = Appender::new(channels.clone(), jobs.clone(), runs.clone());
         let dispatcher = Dispatcher::new(
             db.clone(),
@@ -140,6 +143,7 @@ impl AppState {
             waitpoints,
             appender,
             stream_permits,
+            rate_limits,
             dispatcher,
             analytics,
             dashboard,
@@ -224,6 +228,7 @@ from_state! {
     Waitpoints => waitpoints,
     Appender => appender,
     StreamPermits => stream_permits,
+    crate::limits::RateLimits => rate_limits,
     Dispatcher => dispatcher,
     ClickHouse => analytics,
     crate::dashboard::auth::DashboardAuth => dashboard,

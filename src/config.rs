@@ -141,6 +141,43 @@ pub struct Config {
     #[arg(long, env = "MAX_PENDING_WAITPOINTS_PER_RUN", default_value_t = 100)]
     pub max_pending_waitpoints_per_run: i64,
 
+    /// Request-rate limits (see [`crate::limits`]): off, no route is limited.
+    #[arg(long, env = "RATE_LIMITS_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub rate_limits_enabled: bool,
+
+    /// Session creates one environment may make per second, across all
+    /// processes; 429 `rate_limited` beyond it. 0: no limit.
+    #[arg(long, env = "RATE_LIMIT_CREATE_PER_SEC", default_value_t = 1_000)]
+    pub rate_limit_create_per_sec: u32,
+
+    /// Channel appends one environment may make per second, across all processes.
+    #[arg(long, env = "RATE_LIMIT_APPEND_PER_SEC", default_value_t = 20_000)]
+    pub rate_limit_append_per_sec: u32,
+
+    /// SSE connects (subscriptions opened) one environment may make per second.
+    #[arg(long, env = "RATE_LIMIT_SUBSCRIBE_PER_SEC", default_value_t = 2_000)]
+    pub rate_limit_subscribe_per_sec: u32,
+
+    /// Session lists one environment may make per second.
+    #[arg(long, env = "RATE_LIMIT_LIST_PER_SEC", default_value_t = 1_000)]
+    pub rate_limit_list_per_sec: u32,
+
+    /// Token mints (public tokens, channel write tokens) one environment may
+    /// make per second.
+    #[arg(long, env = "RATE_LIMIT_MINT_PER_SEC", default_value_t = 1_000)]
+    pub rate_limit_mint_per_sec: u32,
+
+    /// Requests of the limited classes together one public (browser) token may
+    /// make per second, across all processes. 0: no limit.
+    #[arg(long, env = "RATE_LIMIT_PUBLIC_TOKEN_PER_SEC", default_value_t = 500)]
+    pub rate_limit_public_token_per_sec: u32,
+
+    /// Test seam: the length of a rate-limit window, in ms (the limits above
+    /// are per window). Tests lengthen it so that a slow machine spreading a
+    /// burst over more than a second cannot let a second window's allowance in.
+    #[arg(long, env = "RATE_LIMIT_WINDOW_MS", default_value_t = 1_000, hide = true)]
+    pub rate_limit_window_ms: u32,
+
     /// How long connecting to Redis may take, in ms.
     #[arg(long, env = "REDIS_CONNECT_TIMEOUT_MS", default_value_t = 500)]
     pub redis_connect_timeout_ms: u64,
@@ -325,6 +362,14 @@ impl Config {
             sse_reserved_connections: 1024,
             max_channel_bytes: 32 * 1024 * 1024,
             max_pending_waitpoints_per_run: 100,
+            rate_limits_enabled: true,
+            rate_limit_create_per_sec: 1_000,
+            rate_limit_append_per_sec: 20_000,
+            rate_limit_subscribe_per_sec: 2_000,
+            rate_limit_list_per_sec: 1_000,
+            rate_limit_mint_per_sec: 1_000,
+            rate_limit_public_token_per_sec: 500,
+            rate_limit_window_ms: 1_000,
             redis_connect_timeout_ms: 500,
             redis_response_timeout_ms: 500,
             redis_reconnect_retries: 1,

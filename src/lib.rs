@@ -15,6 +15,8 @@
 //!   the worker protocol.
 //! - [`streams`]: session channels: the channel store (Redis Streams + Lua),
 //!   group commit, appends and their follow-ups, fan-out hub, SSE, routes.
+//! - [`limits`]: request-rate limits per environment and route class, and
+//!   per public token, leased from Redis so requests only touch memory.
 //! - [`waitpoints`]: runs waiting on a channel: the service, storage, routes.
 //! - [`replication`]: Postgres logical replication (pgoutput) decoded into ClickHouse rows.
 //! - [`jobs`]: durable background jobs: the outbox, apalis runtime, handlers,
@@ -33,6 +35,7 @@ pub mod db;
 pub mod http;
 pub mod ids;
 pub mod jobs;
+pub mod limits;
 pub mod operators;
 pub mod pubsub;
 pub mod replication;

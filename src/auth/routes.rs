@@ -43,8 +43,10 @@ struct PublicTokenBody {
 async fn public_tokens(
     State(db): State<PgPool>,
     auth: Auth,
+    limits: crate::limits::Limits,
     ApiJson(body): ApiJson<PublicTokenBody>,
 ) -> ApiResult<Json<Value>> {
+    limits.admit(&auth, crate::limits::RouteClass::Mint).await?;
     if body.one_time_use {
         return Err(ValidationError::new("oneTimeUse", "one-time tokens are not supported").into());
     }

@@ -56,6 +56,10 @@ pub enum ApiError {
     /// freed.
     #[error("{}", .0.message())]
     Quota(Quota),
+    /// A request-rate limit is reached (see [`crate::limits`]): 429
+    /// `rate_limited` with the `x-ratelimit-*` headers and `Retry-After`.
+    #[error("{}", .0.message())]
+    RateLimited(crate::limits::RateLimited),
     #[error(transparent)]
     Validation(#[from] ValidationError),
     /// A dependency (Postgres, Redis) is away or refusing writes: the request
@@ -304,7 +308,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) | ApiError::RunFenced { .. } | ApiError::Quota(_) => StatusCode::CONFLICT,
-            ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyStreams(_) | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -321,7 +325,17 @@ impl ApiError {
             ApiError::RunFenced { fence, .. } => Some(fence.code()),
             ApiError::Quota(quota) => Some(quota.code()),
             ApiError::TooManyStreams(_) => Some("too_many_streams"),
+            ApiError::RateLimited(_) => Some("rate_limited"),
             _ => None,
+        }
+    }
+
+    /// Headers this error adds to its answer: `Retry-After` on a 503 or 429,
+    /// and a rate limit's `x-ratelimit-*` (which set their own `Retry-After`).
+    pub fn write_headers(&self, headers: &mut axum::http::HeaderMap) {
+        retry_after(self.status(), headers);
+        if let ApiError::RateLimited(limited) = self {
+            limited.write_headers(headers);
         }
     }
 
@@ -358,6 +372,7 @@ impl IntoResponse for ApiError {
                 json!({ "error": this.to_string(), "code": "too_many_streams", "scope": scope.as_str() })
             }
             ApiError::Quota(quota) => json!({ "error": this.to_string(), "code": quota.code() }),
+            ApiError::RateLimited(_) => json!({ "error": this.to_string(), "code": "rate_limited" }),
             other => json!({ "error": other.to_string() }),
         };
         let mut response = (status, Json(body)).into_response();
@@ -365,7 +380,7 @@ impl IntoResponse for ApiError {
         if status == StatusCode::CONFLICT {
             response.headers_mut().insert("x-should-retry", axum::http::HeaderValue::from_static("false"));
         }
-        retry_after(status, response.headers_mut());
+        this.write_headers(response.headers_mut());
         response
     }
 }

@@ -83,6 +83,11 @@ fn cors() -> CorsLayer {
             HeaderName::from_static("x-append-url"),
             HeaderName::from_static("x-write-token"),
             HeaderName::from_static("x-write-token-expires-at"),
+            // A 429's rate limit, for browser callers' retries.
+            HeaderName::from_static("x-ratelimit-limit"),
+            HeaderName::from_static("x-ratelimit-remaining"),
+            HeaderName::from_static("x-ratelimit-reset"),
+            header::RETRY_AFTER,
         ])
         .max_age(Duration::from_secs(3600))
         .vary([header::ORIGIN])

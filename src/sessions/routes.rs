@@ -29,6 +29,7 @@ use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiJson, PathId};
 use crate::jobs::Jobs;
+use crate::limits::{Limits, RouteClass};
 use crate::waitpoints::Waitpoints;
 
 /// Create's body limit, as upstream's: only metadata grows, and 32 KB is plenty
@@ -65,9 +66,11 @@ async fn create(
     State(jobs): State<Jobs>,
     State(runs): State<RunManager>,
     auth: Auth,
+    limits: Limits,
     ApiJson(body): ApiJson<CreateSessionBody>,
 ) -> ApiResult<(StatusCode, Json<CreatedSession>)> {
     auth.require_secret_key()?;
+    limits.admit(&auth, RouteClass::Create).await?;
     let new = validate::create(body)?;
     let (mut session, status, is_cached) = match store::create(&db, &auth.env, &new).await? {
         CreateOutcome::Created(s, job) => {
@@ -192,8 +195,10 @@ struct ListResponse {
 async fn list(
     State(sessions): State<Arc<dyn SessionListRepository>>,
     auth: Auth,
+    limits: Limits,
     RawQuery(query): RawQuery,
 ) -> ApiResult<impl IntoResponse> {
+    limits.admit(&auth, RouteClass::List).await?;
     let query = ListQuery::parse(query.as_deref().unwrap_or(""), crate::clock::now())?;
     if !auth.can_list_sessions(&query.task_identifiers) {
         return Err(ApiError::Forbidden);

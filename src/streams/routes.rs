@@ -22,6 +22,7 @@ use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{validate_path_id, ApiPath, ApiQuery};
+use crate::limits::{Limits, RouteClass};
 use crate::sessions::access::{channel_scope_id, ChannelAccess};
 use crate::validation::{parse_seq_num, MAX_SEQ_NUM};
 
@@ -67,9 +68,11 @@ async fn initialize(
     State(channels): State<ChannelStore>,
     State(settings): State<RealtimeSettings>,
     auth: Auth,
+    limits: Limits,
     path: ChannelPath,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    limits.admit(&auth, RouteClass::Mint).await?;
     let session = sessions.load(&auth, &path.session, path.io, Action::Write).await?;
     if let Some(refusal) = session.write_refusal() {
         return Err(ApiError::BadRequest(refusal.into()));
@@ -125,7 +128,7 @@ impl IntoResponse for AppendError {
         if status == StatusCode::CONFLICT {
             resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
-        crate::http::error::retry_after(status, resp.headers_mut());
+        error.write_headers(resp.headers_mut());
         resp
     }
 }
@@ -201,10 +204,12 @@ async fn append(
     State(sessions): State<ChannelAccess>,
     State(appender): State<Appender>,
     auth: Auth,
+    limits: Limits,
     path: ChannelPath,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Json<AppendResponse>, AppendError> {
+    limits.admit(&auth, RouteClass::Append).await?;
     let record_headers = record_headers(&headers)?;
     let part_id = match headers.get("x-part-id") {
         Some(v) => Some(
@@ -315,9 +320,11 @@ async fn subscribe(
     State(settings): State<RealtimeSettings>,
     State(permits): State<StreamPermits>,
     auth: Auth,
+    limits: Limits,
     path: ChannelPath,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    limits.admit(&auth, RouteClass::Subscribe).await?;
     let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let last_event_id = parse_cursor("Last-Event-ID", header_str("last-event-id"))?;
     let window = match header_str("timeout-seconds") {

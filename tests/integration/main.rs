@@ -43,6 +43,7 @@ mod limits;
 mod limits_probe;
 mod official_client;
 mod quotas;
+mod rate_limits;
 mod reconcile;
 mod replication;
 mod replication_decode;

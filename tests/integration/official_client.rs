@@ -30,6 +30,17 @@ async fn official_client_control_plane() {
     assert_all_passed(&output, CONTROL_PLANE_CHECKS);
 }
 
+/// The client retries a 429 after `x-ratelimit-reset` (epoch ms), which it
+/// reads before any backoff of its own: a burst over a low create limit
+/// passes whole (see tests/official-client/rate-limit.mjs).
+#[tokio::test]
+async fn official_client_waits_out_rate_limits() {
+    let dir = client_dir();
+    let app = TestApp::spawn_with(|c| c.rate_limit_create_per_sec = 2).await;
+    let output = node::run_script(&app, dir, "rate-limit.mjs", &[]).await;
+    assert_all_passed(&output, 1);
+}
+
 #[tokio::test]
 async fn official_client_realtime() {
     let dir = client_dir();
