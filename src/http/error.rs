@@ -44,6 +44,10 @@ pub enum ApiError {
     RunFenced { fence: RunFence, message: String },
     #[error("Request body is too large")]
     PayloadTooLarge,
+    /// Too many failed credentials from this client: 429 with
+    /// `Retry-After` (whole seconds).
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after_secs: u64 },
     #[error("Request body was not received in time")]
     RequestTimeout,
     #[error(transparent)]
@@ -265,6 +269,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) | ApiError::RunFenced { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -319,6 +324,9 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert("x-should-retry", axum::http::HeaderValue::from_static("false"));
         }
         retry_after(status, response.headers_mut());
+        if let ApiError::TooManyRequests { retry_after_secs, .. } = &this {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, (*retry_after_secs).into());
+        }
         response
     }
 }
