@@ -87,9 +87,19 @@ impl AppState {
         let schedules = jobs::schedule::load(config.job_schedules_file.as_deref())?.into();
         let (redis_client, redis) = connect_redis(&config).await?;
         let envs = EnvCache::new(Duration::from_millis(config.auth_cache_ttl_ms));
-        let auth = Authenticator::new(db.clone(), master_key, envs, config.jwt_leeway_secs);
+        let failed_tokens = crate::auth::AddressThrottle {
+            throttle: crate::auth::throttle::Throttle::new(
+                redis.clone(),
+                &config.redis_prefix,
+                "bearer-addr",
+                crate::auth::throttle::Policy::per_address(config.auth_failures_per_minute),
+            ),
+            trusted_proxies: config.trusted_proxies.clone().into(),
+        };
+        let auth =
+            Authenticator::new(db.clone(), master_key, envs, config.jwt_leeway_secs).with_throttle(failed_tokens);
         let analytics = ClickHouse::new(&config);
-        let dashboard = crate::dashboard::auth::DashboardAuth::new(&config, db.clone());
+        let dashboard = crate::dashboard::auth::DashboardAuth::new(&config, db.clone(), redis.clone());
         let session_list = Arc::new(ClickHouseSessionList::new(
             PgSessionList { pool: db.clone() },
             analytics.clone(),
@@ -345,7 +355,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = shutdown;
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(err) => {
@@ -360,7 +370,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
         };
         // At the cap with every connection inside a request: refuse this one.
         let Some(registration) = connections.admit() else { continue };
-        tokio::spawn(conn::serve_connection(stream, registration, app.clone(), &graceful));
+        tokio::spawn(conn::serve_connection(stream, peer, registration, app.clone(), &graceful));
     }
     // First: readiness turns 503, subscribers and long polls are told.
     drain.begin();

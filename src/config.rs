@@ -301,6 +301,20 @@ pub struct Config {
     #[arg(long, env = "LIST_OVERLAY_MAX_ROWS", default_value_t = 2_000)]
     pub list_overlay_max_rows: usize,
 
+    /// Addresses (or CIDR ranges, comma-separated) of reverse proxies whose
+    /// `X-Forwarded-For` is believed. A request from anywhere else is judged
+    /// by its peer address alone, so a client cannot pick the address it is
+    /// throttled under. Behind a proxy that is not listed, every client
+    /// shares the proxy's address (and its failure budget).
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Failed sign-ins (dashboard) or failed bearer tokens (API) one client
+    /// address may have in a minute; the next attempt waits, 429 with
+    /// `Retry-After`: 1 min, doubling per repeat up to 15 min.
+    #[arg(long, env = "AUTH_FAILURES_PER_MINUTE", default_value_t = 10)]
+    pub auth_failures_per_minute: u32,
+
     /// Test seam: `1` allows the test-only settings below. Two settings, both
     /// named as tests', so a production environment cannot shift its clock by
     /// one stray variable.
@@ -395,10 +409,20 @@ impl Config {
             clickhouse_migrate_on_start: true,
             list_overlay_margin_ms: 2_000,
             list_overlay_max_rows: 2_000,
+            trusted_proxies: Vec::new(),
+            auth_failures_per_minute: 10,
             test_mode: false,
             test_clock_offset_ms: 0,
         }
     }
+}
+
+/// An address (a single host) or a CIDR range.
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{s}` is neither an IP address nor a CIDR range"))
 }
 
 /// How requests to ClickHouse are compressed.

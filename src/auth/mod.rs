@@ -9,6 +9,7 @@ pub mod jwt;
 pub mod minting;
 pub mod routes;
 pub mod scopes;
+pub mod throttle;
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use axum::http::request::Parts;
 use sqlx::PgPool;
 
 use crate::db::StoreError;
+use crate::http::client::ClientAddr;
 use crate::http::error::ApiError;
 use crate::tenancy::keys::MasterKey;
 use crate::tenancy::Environment;
@@ -123,11 +125,68 @@ pub struct Authenticator {
     master_key: Arc<MasterKey>,
     envs: Arc<EnvCache>,
     leeway_secs: u64,
+    /// Failed bearer tokens per client address (see [`throttle`]); None for
+    /// tools that serve no clients.
+    failures: Option<AddressThrottle>,
+}
+
+/// A failure throttle keyed by client address, and the proxies whose
+/// `X-Forwarded-For` says which client that is.
+#[derive(Clone)]
+pub struct AddressThrottle {
+    pub throttle: throttle::Throttle,
+    pub trusted_proxies: Arc<[ipnet::IpNet]>,
+}
+
+impl AddressThrottle {
+    pub fn client(&self, parts: &Parts) -> Option<ClientAddr> {
+        ClientAddr::of(parts, &self.trusted_proxies)
+    }
 }
 
 impl Authenticator {
     pub fn new(db: PgPool, master_key: MasterKey, envs: EnvCache, leeway_secs: u64) -> Self {
-        Authenticator { db, master_key: Arc::new(master_key), envs: Arc::new(envs), leeway_secs }
+        Authenticator { db, master_key: Arc::new(master_key), envs: Arc::new(envs), leeway_secs, failures: None }
+    }
+
+    /// Throttles failed bearer tokens per client address.
+    pub fn with_throttle(mut self, failures: AddressThrottle) -> Self {
+        self.failures = Some(failures);
+        self
+    }
+
+    /// [`Self::authenticate`] for a request from `client`. A token that fails
+    /// (unknown key, forged or malformed token) counts against the client's
+    /// address; once its budget is spent, the address's failing tokens are
+    /// answered 429 with `Retry-After` until the block ends. A request that
+    /// authenticates is never refused or slowed: the check is a local lookup
+    /// made after the failure, and Redis is asked on failures only. Genuine
+    /// tokens refused for their time (expired, not yet valid) and requests
+    /// with no token at all cost nothing to answer and are not counted.
+    pub async fn authenticate_client(
+        &self,
+        client: Option<ClientAddr>,
+        header: Option<&str>,
+    ) -> Result<Auth, ApiError> {
+        let result = self.authenticate(header).await;
+        let (Some(failures), Some(client)) = (&self.failures, client) else { return Ok(result?) };
+        match result {
+            Err(err @ (AuthError::BadKey | AuthError::BadToken)) if header.is_some() => {
+                let subject = client.to_string();
+                if let Some(wait) = failures.throttle.blocked(&subject) {
+                    let secs = throttle::retry_after_secs(wait);
+                    return Err(ApiError::TooManyRequests {
+                        message: format!("Too many failed API keys or tokens from this address; retry in {secs} s"),
+                        retry_after_secs: secs,
+                    });
+                }
+                if let Some(wait) = failures.throttle.fail(&subject).await.blocked_for {
+                    tracing::warn!(client = %subject, block_secs = wait.as_secs(), "failed bearer tokens: address blocked");
+                }
+                Err(err.into())
+            }
+            other => Ok(other?),
+        }
     }
 
     /// The key environments' secrets are sealed with (the dashboard's key
@@ -171,6 +230,8 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        Ok(Authenticator::from_ref(state).authenticate(header).await?)
+        let authenticator = Authenticator::from_ref(state);
+        let client = authenticator.failures.as_ref().and_then(|f| f.client(parts));
+        authenticator.authenticate_client(client, header).await
     }
 }

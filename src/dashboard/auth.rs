@@ -26,7 +26,11 @@ use uuid::Uuid;
 
 use super::error::{DashboardError, PageResult};
 use crate::config::Config;
-use crate::operators::{self, store, Operator};
+use crate::http::client::ClientAddr;
+use crate::operators::sign_in::{Outcome, SignIn};
+use crate::operators::{store, Operator};
+use redis::aio::ConnectionManager;
+use std::sync::Arc;
 
 const SESSION_COOKIE: &str = "sessiond_dashboard";
 const LOGIN_COOKIE: &str = "sessiond_login";
@@ -38,10 +42,13 @@ pub struct DashboardAuth {
     mac: Hmac<Sha256>,
     secure: bool,
     session_hours: i64,
+    /// Password checks, throttled per address and slowed per email.
+    sign_in: SignIn,
+    trusted_proxies: Arc<[ipnet::IpNet]>,
 }
 
 impl DashboardAuth {
-    pub fn new(config: &Config, db: PgPool) -> Self {
+    pub fn new(config: &Config, db: PgPool, redis: ConnectionManager) -> Self {
         // Derived from the master key, so every server signs alike; without
         // one (tools, some tests) a random key: sign-ins end with the process.
         let mut key = [0u8; 32];
@@ -54,11 +61,18 @@ impl DashboardAuth {
             None => rand::thread_rng().fill_bytes(&mut key),
         }
         DashboardAuth {
+            sign_in: SignIn::new(db.clone(), redis, &config.redis_prefix, config.auth_failures_per_minute),
+            trusted_proxies: config.trusted_proxies.clone().into(),
             db,
             mac: new_mac(&key),
             secure: config.dashboard_cookie_secure,
             session_hours: config.dashboard_session_hours,
         }
+    }
+
+    /// The password verifier sign-ins share (its gauges show in tests).
+    pub fn verifier(&self) -> &crate::operators::Verifier {
+        self.sign_in.verifier()
     }
 
     fn sign(&self, value: &str) -> String {
@@ -189,8 +203,24 @@ pub struct LoginForm {
     csrf: String,
 }
 
+/// The client address of a request, as the sign-in throttle counts it.
+pub struct Client(pub Option<ClientAddr>);
+
+impl<S> FromRequestParts<S> for Client
+where
+    DashboardAuth: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Client(ClientAddr::of(parts, &DashboardAuth::from_ref(state).trusted_proxies)))
+    }
+}
+
 pub async fn login(
     State(auth): State<DashboardAuth>,
+    Client(client): Client,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> PageResult<Response> {
@@ -198,12 +228,27 @@ pub async fn login(
     if expected.is_empty() || !bool::from(expected.as_bytes().ct_eq(form.csrf.as_bytes())) {
         return login_form(&auth, StatusCode::FORBIDDEN, &form.email, Some("The form expired; try again."));
     }
-    let operator = operators::authenticate(&auth.db, &form.email, &form.password)
+    let outcome = auth
+        .sign_in
+        .attempt(client, &form.email, &form.password)
         .await
         .map_err(|e| DashboardError::Internal(e.into()))?;
-    let Some(operator) = operator else {
-        tracing::info!("dashboard sign-in refused");
-        return login_form(&auth, StatusCode::UNAUTHORIZED, &form.email, Some("Wrong email or password."));
+    let operator = match outcome {
+        Outcome::SignedIn(operator) => operator,
+        Outcome::Refused => {
+            tracing::info!("dashboard sign-in refused");
+            return login_form(&auth, StatusCode::UNAUTHORIZED, &form.email, Some("Wrong email or password."));
+        }
+        Outcome::Throttled(wait) => {
+            let secs = crate::auth::throttle::retry_after_secs(wait);
+            let message = format!(
+                "Too many failed sign-ins from this address. Try again in {}.",
+                if secs < 120 { format!("{secs} seconds") } else { format!("{} minutes", secs.div_ceil(60)) }
+            );
+            let mut resp = login_form(&auth, StatusCode::TOO_MANY_REQUESTS, &form.email, Some(&message))?;
+            resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+            return Ok(resp);
+        }
     };
     let id = store::open_session(&auth.db, operator.id, &random_token(), auth.session_hours).await?;
     tracing::info!(operator = %operator.email, "operator signed in");

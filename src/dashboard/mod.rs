@@ -103,6 +103,7 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/playground", get(playground::index).post(playground::start))
         .route("/dashboard/playground/{session}", get(playground::conversation))
         .route("/dashboard/static/{file}", get(assets::serve))
+        .layer(axum::middleware::from_fn(error::check_input))
         .layer(axum::middleware::from_fn(security_headers))
 }
 

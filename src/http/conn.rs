@@ -221,9 +221,11 @@ impl Registry {
 }
 
 /// Serves one accepted connection with hyper's HTTP/1.1 connection until it
-/// ends, is shed, idles out, or shutdown ends it.
+/// ends, is shed, idles out, or shutdown ends it. Each request carries the
+/// peer address as axum's `ConnectInfo`.
 pub fn serve_connection(
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     registration: Registration,
     app: Router,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
@@ -234,7 +236,9 @@ pub fn serve_connection(
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(Tracked { inner: stream, conn: conn.clone() });
     let service_conn = conn.clone();
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        // The peer address, for the failure throttles (`http::client`).
+        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
         let exchange = Exchange::begin(service_conn.clone());
         let app = app.clone();
         async move {

@@ -45,6 +45,10 @@ pub enum ApiError {
     RunFenced { fence: RunFence, message: String },
     #[error("Request body is too large")]
     PayloadTooLarge,
+    /// Too many failed credentials from this client: 429 with
+    /// `Retry-After` (whole seconds).
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after_secs: u64 },
     #[error("Request body was not received in time")]
     RequestTimeout,
     /// A long-lived request (SSE, a waitpoint long-poll) over one of its caps:
@@ -310,6 +314,7 @@ impl ApiError {
             ApiError::Conflict(_) | ApiError::RunFenced { .. } | ApiError::Quota(_) => StatusCode::CONFLICT,
             ApiError::TooManyStreams(_) | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -331,11 +336,15 @@ impl ApiError {
     }
 
     /// Headers this error adds to its answer: `Retry-After` on a 503 or 429,
-    /// and a rate limit's `x-ratelimit-*` (which set their own `Retry-After`).
+    /// a rate limit's `x-ratelimit-*` and an authentication throttle's wait
+    /// (which set their own `Retry-After`).
     pub fn write_headers(&self, headers: &mut axum::http::HeaderMap) {
         retry_after(self.status(), headers);
         if let ApiError::RateLimited(limited) = self {
             limited.write_headers(headers);
+        }
+        if let ApiError::TooManyRequests { retry_after_secs, .. } = self {
+            headers.insert(axum::http::header::RETRY_AFTER, (*retry_after_secs).into());
         }
     }
 

@@ -1,6 +1,7 @@
 //! HTTP plumbing shared by every route: the router with its layers (request ids,
 //! tracing, CORS for the API only, body limit), JSON fallbacks, and the error and extractor types.
 
+pub mod client;
 pub mod conn;
 pub mod error;
 pub mod extract;

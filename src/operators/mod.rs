@@ -3,15 +3,26 @@
 //!
 //! - [`store`]: SQL for `operators` and `operator_sessions`.
 //! - [`audit`]: SQL for `audit_log`, written inside the action's transaction.
+//! - [`sign_in`]: a sign-in attempt, throttled per client address and slowed
+//!   per email.
+//!
+//! Password verification is argon2id, tens of milliseconds of CPU by design;
+//! it runs on the blocking pool behind [`Verifier`]'s permits, never on the
+//! async workers that serve every other request.
 
 pub mod audit;
+pub mod sign_in;
 pub mod store;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::db::StoreError;
@@ -75,19 +86,153 @@ pub async fn create(pool: &PgPool, email: &str, password: &str, role: Role) -> R
     }
 }
 
+/// The operator these credentials belong to, or None, verified on a
+/// verifier of its own (for tools; a server shares one, see [`sign_in`]).
+pub async fn authenticate(pool: &PgPool, email: &str, password: &str) -> Result<Option<Operator>, OperatorError> {
+    authenticate_with(pool, &Verifier::new(MAX_CONCURRENT_VERIFICATIONS), email, password).await
+}
+
 /// The operator these credentials belong to, or None. A wrong email costs a
 /// hash verification too, so timing does not tell which accounts exist.
-pub async fn authenticate(pool: &PgPool, email: &str, password: &str) -> Result<Option<Operator>, OperatorError> {
+pub async fn authenticate_with(
+    pool: &PgPool,
+    verifier: &Verifier,
+    email: &str,
+    password: &str,
+) -> Result<Option<Operator>, OperatorError> {
+    authenticate_in_turn(pool, verifier.turn().await?, email, password).await
+}
+
+/// [`authenticate_with`] once the caller holds a verifier's turn.
+pub async fn authenticate_in_turn(
+    pool: &PgPool,
+    turn: Turn,
+    email: &str,
+    password: &str,
+) -> Result<Option<Operator>, OperatorError> {
     let found = match normalise_email(email) {
         Some(email) => store::find_with_hash(pool, &email).await?,
         None => None,
     };
-    let hash = found.as_ref().map(|(_, h)| h.as_str()).unwrap_or(DUMMY_HASH);
-    let ok = verify_password(password, hash);
+    let hash = found.as_ref().map(|(_, h)| h.clone()).unwrap_or_else(|| DUMMY_HASH.to_string());
+    let ok = turn.verify(password.to_string(), hash).await?;
     Ok(found.filter(|_| ok).map(|(op, _)| op))
 }
 
-fn normalise_email(email: &str) -> Option<String> {
+/// Password verifications one server runs at once. Each takes a core for
+/// tens of milliseconds; two leave the other cores (and the async workers)
+/// to everyone else, however many sign-ins arrive.
+pub const MAX_CONCURRENT_VERIFICATIONS: usize = 2;
+
+/// Runs argon2 verifications on tokio's blocking pool, at most `permits` at
+/// once; the rest wait their turn without holding a thread.
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<VerifierInner>,
+}
+
+struct VerifierInner {
+    permits: Arc<Semaphore>,
+    running: AtomicUsize,
+    waiting: AtomicUsize,
+    peak_running: AtomicUsize,
+    done: AtomicU64,
+}
+
+/// What a [`Verifier`] is doing, for tests and the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifierGauges {
+    /// Verifications on a blocking thread now.
+    pub running: usize,
+    /// Verifications waiting for a permit.
+    pub waiting: usize,
+    /// The most that ever ran at once.
+    pub peak_running: usize,
+    /// Verifications finished.
+    pub done: u64,
+}
+
+/// Counts one waiter while alive (so a request dropped while it waits
+/// leaves the count right).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a AtomicUsize) -> Self {
+        gauge.fetch_add(1, Ordering::AcqRel);
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Verifier {
+    pub fn new(permits: usize) -> Verifier {
+        Verifier {
+            inner: Arc::new(VerifierInner {
+                permits: Arc::new(Semaphore::new(permits.max(1))),
+                running: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
+                peak_running: AtomicUsize::new(0),
+                done: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn gauges(&self) -> VerifierGauges {
+        let i = &self.inner;
+        VerifierGauges {
+            running: i.running.load(Ordering::Acquire),
+            waiting: i.waiting.load(Ordering::Acquire),
+            peak_running: i.peak_running.load(Ordering::Acquire),
+            done: i.done.load(Ordering::Acquire),
+        }
+    }
+
+    /// Waits for a turn to verify (counted as waiting meanwhile).
+    pub async fn turn(&self) -> Result<Turn, OperatorError> {
+        let _waiting = Waiting::new(&self.inner.waiting);
+        let permit =
+            self.inner.permits.clone().acquire_owned().await.map_err(|e| OperatorError::Hash(e.to_string()))?;
+        Ok(Turn { permit, inner: self.inner.clone() })
+    }
+
+    /// Does `password` match `hash`? Waits for a turn, then verifies.
+    pub async fn verify(&self, password: String, hash: String) -> Result<bool, OperatorError> {
+        self.turn().await?.verify(password, hash).await
+    }
+}
+
+/// A verifier's permit: one verification may run.
+pub struct Turn {
+    permit: tokio::sync::OwnedSemaphorePermit,
+    inner: Arc<VerifierInner>,
+}
+
+impl Turn {
+    /// Verifies on the blocking pool. The permit travels with the blocking
+    /// task, so a verification whose request went away still holds its
+    /// place until it has finished.
+    pub async fn verify(self, password: String, hash: String) -> Result<bool, OperatorError> {
+        let Turn { permit, inner } = self;
+        let now_running = inner.running.fetch_add(1, Ordering::AcqRel) + 1;
+        inner.peak_running.fetch_max(now_running, Ordering::AcqRel);
+        tokio::task::spawn_blocking(move || {
+            let ok = verify_password(&password, &hash);
+            inner.running.fetch_sub(1, Ordering::AcqRel);
+            inner.done.fetch_add(1, Ordering::AcqRel);
+            drop(permit);
+            ok
+        })
+        .await
+        .map_err(|e| OperatorError::Hash(e.to_string()))
+    }
+}
+
+pub(crate) fn normalise_email(email: &str) -> Option<String> {
     let email = email.trim().to_lowercase();
     let (name, host) = email.split_once('@')?;
     (!name.is_empty() && !host.is_empty() && email.len() <= 320 && !email.contains(char::is_whitespace))
