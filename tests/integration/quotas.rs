@@ -290,7 +290,9 @@ fn waitpoint_rows(html: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn the_session_page_pages_its_pending_waitpoints() {
-    let app = TestApp::spawn().await;
+    // Its run makes dozens of waits without a heartbeat: the test server's
+    // 1.5 s heartbeat timeout would crash it on a loaded machine.
+    let app = TestApp::spawn_with(|c| c.run_heartbeat_timeout_ms = 600_000).await;
     with_operators(&app).await;
     let (s, run) = running_session(&app, "paged").await;
     let mut created = Vec::new();
@@ -326,7 +328,9 @@ async fn the_session_page_pages_its_pending_waitpoints() {
 
 #[tokio::test]
 async fn the_run_page_pages_its_waitpoints_newest_first() {
-    let app = TestApp::spawn().await;
+    // Its run makes dozens of waits without a heartbeat: the test server's
+    // 1.5 s heartbeat timeout would crash it on a loaded machine.
+    let app = TestApp::spawn_with(|c| c.run_heartbeat_timeout_ms = 600_000).await;
     with_operators(&app).await;
     let (s, run) = running_session(&app, "run-paged").await;
     let mut created = Vec::new();
