@@ -348,15 +348,13 @@ pub async fn session(
     let run_ids: HashMap<Uuid, String> = runs.iter().map(|(r, _)| (r.id, r.friendly_id.clone())).collect();
     let page = waitpoint_store::waiting_page_for_session(&db, s.id, at, PAGE_SIZE as i64).await?;
     let (page, older, newer) = at.arrange(page, PAGE_SIZE);
-    let here = |name: &str, cursor: String| {
-        let mut q = form_urlencoded::Serializer::new(String::new());
-        q.append_pair(name, &cursor);
-        format!("/dashboard/sessions/{}?{}#waitpoints", s.friendly_id, q.finish())
-    };
-    let waiting_older =
-        if older { page.last().map(|w| here("after", paging::encode(&w.created_at, w.id))) } else { None };
-    let waiting_newer =
-        if newer { page.first().map(|w| here("before", paging::encode(&w.created_at, w.id))) } else { None };
+    let (waiting_older, waiting_newer) = paging::links(
+        &page,
+        older,
+        newer,
+        |w| (w.created_at, w.id),
+        |query| format!("/dashboard/sessions/{}?{query}#waitpoints", s.friendly_id),
+    );
     let waiting_total = waitpoint_store::count_waiting_for_session(&db, s.id).await?;
     let waiting = page
         .into_iter()

@@ -34,6 +34,29 @@ pub fn keyset(after: &str, before: &str) -> PageResult<Keyset> {
     }
 }
 
+/// The links to a page's older and newer neighbours (None where there is
+/// none): `url` makes a link from its query (the cursor's parameter), and
+/// the page's rows are newest first, each giving its `(created_at, id)`.
+pub fn links<T>(
+    page: &[T],
+    older: bool,
+    newer: bool,
+    key: impl Fn(&T) -> (DateTime<Utc>, Uuid),
+    url: impl Fn(&str) -> String,
+) -> (Option<String>, Option<String>) {
+    let link = |name: &str, row: Option<&T>| {
+        row.map(|row| {
+            let (at, id) = key(row);
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            q.append_pair(name, &encode(&at, id));
+            url(&q.finish())
+        })
+    };
+    let older = if older { link("after", page.last()) } else { None };
+    let newer = if newer { link("before", page.first()) } else { None };
+    (older, newer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

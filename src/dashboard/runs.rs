@@ -209,15 +209,13 @@ pub async fn show(
     };
     let page = waitpoint_store::page_for_run(&db, r.id, at, PAGE_SIZE as i64).await?;
     let (page, older, newer) = at.arrange(page, PAGE_SIZE);
-    let here = |name: &str, cursor: String| {
-        let mut q = form_urlencoded::Serializer::new(String::new());
-        q.append_pair(name, &cursor);
-        format!("/dashboard/runs/{}?{}#waitpoints", r.friendly_id, q.finish())
-    };
-    let waitpoints_older =
-        if older { page.last().map(|w| here("after", paging::encode(&w.created_at, w.id))) } else { None };
-    let waitpoints_newer =
-        if newer { page.first().map(|w| here("before", paging::encode(&w.created_at, w.id))) } else { None };
+    let (waitpoints_older, waitpoints_newer) = paging::links(
+        &page,
+        older,
+        newer,
+        |w| (w.created_at, w.id),
+        |query| format!("/dashboard/runs/{}?{query}#waitpoints", r.friendly_id),
+    );
     let waitpoints = page
         .into_iter()
         .map(|w| WaitpointRow {
