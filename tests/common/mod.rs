@@ -48,9 +48,17 @@ pub struct TestApp {
 /// test drops its slot itself and checks that it is gone; this catches the
 /// rest.) The test's runtime is blocked meanwhile, so a stream still open is
 /// ended rather than waited for.
-struct SlotGuard {
+pub struct SlotGuard {
     database_url: String,
     slot: String,
+}
+
+impl SlotGuard {
+    /// A guard of `slot` alone, for a test whose slot no test server arms
+    /// (one it names itself, or one taken over by hand).
+    pub fn new(database_url: &str, slot: &str) -> SlotGuard {
+        SlotGuard { database_url: database_url.to_string(), slot: slot.to_string() }
+    }
 }
 
 impl Drop for SlotGuard {

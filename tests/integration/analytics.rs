@@ -341,6 +341,27 @@ async fn the_overlay_shows_fresh_creates_closes_and_updates_at_once() {
     assert!(!ids(&old).contains(&"session_seed1".to_string()), "the stale copy's tag no longer matches");
 }
 
+/// `n` sessions ClickHouse has not seen, changed now (a write burst while it
+/// lags): every one is in the list's overlay; the even ones are tagged `burst`.
+async fn insert_burst(app: &TestApp, n: i32) {
+    let env = &app.a.env;
+    sqlx::query(
+        "INSERT INTO sessions (id, friendly_id, type, task_identifier, trigger_config, tags, metadata,
+             organization_id, project_id, runtime_environment_id, environment_type, created_at, updated_at)
+         SELECT gen_random_uuid(), 'session_burst' || i, 'chat', 'agent-a', '{}'::jsonb,
+             CASE WHEN i % 2 = 0 THEN ARRAY['burst'] ELSE '{}' END, '{}'::jsonb, $1, $2, $3, 'DEVELOPMENT',
+             timestamptz '2026-02-01 00:00:00+00' + i * interval '1 second', now()
+         FROM generate_series(1, $4) i",
+    )
+    .bind(env.organization_id)
+    .bind(env.project_id)
+    .bind(env.id)
+    .bind(n)
+    .execute(app.db())
+    .await
+    .unwrap();
+}
+
 /// An overlay near LIST_OVERLAY_MAX_ROWS (a write burst while ClickHouse
 /// lags) is still served by ClickHouse, and right: its ids are too many for a
 /// URL, so they must not travel in one.
@@ -351,21 +372,7 @@ async fn a_large_overlay_is_served_by_clickhouse() {
     seed(&app, 30).await;
     backfill_all(&app, 100).await;
     // 2,500 sessions ClickHouse has not seen, changed now: all in the overlay.
-    let env = &app.a.env;
-    sqlx::query(
-        "INSERT INTO sessions (id, friendly_id, type, task_identifier, trigger_config, tags, metadata,
-             organization_id, project_id, runtime_environment_id, environment_type, created_at, updated_at)
-         SELECT gen_random_uuid(), 'session_burst' || i, 'chat', 'agent-a', '{}'::jsonb,
-             CASE WHEN i % 2 = 0 THEN ARRAY['burst'] ELSE '{}' END, '{}'::jsonb, $1, $2, $3, 'DEVELOPMENT',
-             timestamptz '2026-02-01 00:00:00+00' + i * interval '1 second', now()
-         FROM generate_series(1, 2500) i",
-    )
-    .bind(env.organization_id)
-    .bind(env.project_id)
-    .bind(env.id)
-    .execute(app.db())
-    .await
-    .unwrap();
+    insert_burst(&app, 2500).await;
     for filter in ["page[size]=25", "filter[tags]=burst&page[size]=10", "filter[tags]=red&page[size]=10"] {
         let (status, body, source) = list(&app, filter).await;
         assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"), "{filter}");
@@ -1124,21 +1131,7 @@ async fn an_overlay_past_the_default_query_size_is_served_by_clickhouse() {
     app.clickhouse_ready().await;
     seed(&app, 30).await;
     backfill_all(&app, 100).await;
-    let env = &app.a.env;
-    sqlx::query(
-        "INSERT INTO sessions (id, friendly_id, type, task_identifier, trigger_config, tags, metadata,
-             organization_id, project_id, runtime_environment_id, environment_type, created_at, updated_at)
-         SELECT gen_random_uuid(), 'session_burst' || i, 'chat', 'agent-a', '{}'::jsonb,
-             CASE WHEN i % 2 = 0 THEN ARRAY['burst'] ELSE '{}' END, '{}'::jsonb, $1, $2, $3, 'DEVELOPMENT',
-             timestamptz '2026-02-01 00:00:00+00' + i * interval '1 second', now()
-         FROM generate_series(1, 7000) i",
-    )
-    .bind(env.organization_id)
-    .bind(env.project_id)
-    .bind(env.id)
-    .execute(app.db())
-    .await
-    .unwrap();
+    insert_burst(&app, 7000).await;
     for filter in ["filter[tags]=burst&page[size]=10", "filter[tags]=red&page[size]=10"] {
         let (status, body, source) = list(&app, filter).await;
         assert_eq!((status, source.as_str()), (StatusCode::OK, "clickhouse"), "{filter}: {body}");

@@ -16,7 +16,7 @@ use sessiond::replication::slot;
 use tokio::process::{Child, Command};
 
 use crate::common::faults::{assert_copy_equal, list_check, phase, report, stuck_jobs, CreateLoad};
-use crate::common::{eventually, TestApp};
+use crate::common::{eventually, SlotGuard, TestApp};
 use crate::replication::{finish, replicating};
 
 /// The test server (no consumer of its own) and a log of every batch ever
@@ -116,42 +116,6 @@ async fn standby(app: &TestApp) -> Standby {
     let (stop, rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move { sessiond::app::serve(listener, state, rx).await });
     Standby { stop, task }
-}
-
-/// Drops the test's slot and publication when the test ends, passed or
-/// failed (a failed case's slot would keep WAL on the shared server for
-/// good; slots are few).
-struct DropSlot {
-    url: String,
-    slot: String,
-}
-
-impl Drop for DropSlot {
-    fn drop(&mut self) {
-        let (url, slot) = (self.url.clone(), self.slot.clone());
-        let dropping = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let db = sqlx::PgPool::connect(&url).await.unwrap();
-                let deadline = Instant::now() + Duration::from_secs(20);
-                // The test's runtime is blocked here: a stream still open is
-                // ended rather than waited for.
-                loop {
-                    let _ = sqlx::query(
-                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                    )
-                    .bind(&slot)
-                    .execute(&db)
-                    .await;
-                    if slot::drop(&db, &slot).await.is_ok() || Instant::now() > deadline {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            })
-        });
-        let _ = dropping.join();
-    }
 }
 
 /// The slot's fencing token in Postgres.
@@ -277,7 +241,7 @@ async fn a_killed_holder_is_replaced_within_seconds_and_nothing_is_applied_out_o
     // expiry comes 20 s or more after the kill.
     let lease_ms = 30_000;
     let app = server(lease_ms).await;
-    let _slot = DropSlot { url: app.state.config.database_url.clone(), slot: app.state.config.replication_slot_name() };
+    let _slot = SlotGuard::new(&app.state.config.database_url, &app.state.config.replication_slot_name());
     let dir = crate::common::redis_proc::TempDir::new();
     let log = dir.0.join("holder.log");
     let mut holder = spawn_holder(&app, lease_ms, &log);
@@ -348,7 +312,7 @@ async fn a_paused_holder_comes_back_to_refused_writes_and_stops() {
     let started = Instant::now();
     let lease_ms = 3_000;
     let app = server(lease_ms).await;
-    let _slot = DropSlot { url: app.state.config.database_url.clone(), slot: app.state.config.replication_slot_name() };
+    let _slot = SlotGuard::new(&app.state.config.database_url, &app.state.config.replication_slot_name());
     let dir = crate::common::redis_proc::TempDir::new();
     let log = dir.0.join("holder.log");
     let mut holder = spawn_holder(&app, lease_ms, &log);
@@ -536,7 +500,7 @@ async fn a_waiter_takes_over_an_idle_slot_after_two_polls() {
     let app = TestApp::spawn().await;
     let (db, r, prefix) = (app.db(), &app.state.redis, app.state.config.redis_prefix.as_str());
     let name = format!("lease_{}", uuid::Uuid::new_v4().simple());
-    let _slot = DropSlot { url: app.state.config.database_url.clone(), slot: name.clone() };
+    let _slot = SlotGuard::new(&app.state.config.database_url, &name);
     let ttl = Duration::from_secs(30);
     let mut dead = Lease::try_acquire(db, r, prefix, &name, ttl).await.unwrap().expect("free lease");
     let mut waiter = Waiter::new(db.clone(), r.clone(), prefix, &name, ttl);
