@@ -6,7 +6,8 @@ use uuid::Uuid;
 
 use super::model::Session;
 use super::validate::{NewSession, Patch, SessionPatch};
-use crate::db::{Keyset, StoreError};
+use crate::db::paging::Keyset;
+use crate::db::StoreError;
 use crate::ids::{self, SESSION_PREFIX};
 use crate::jobs::{self, Job};
 use crate::runs::store::{self as run_store, NewRun, RunOwner};
@@ -411,7 +412,7 @@ pub async fn export_chunk(
     let mut b = sqlx::QueryBuilder::new(format!(
         "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id WHERE true"
     ));
-    crate::db::push_created_range(&mut b, "s", after, from, to);
+    crate::db::paging::push_created_range(&mut b, "s", after, from, to);
     b.push(format!(" ORDER BY s.created_at, s.id LIMIT {}", limit.max(1)));
     Ok(b.build_query_as().fetch_all(conn).await?)
 }
