@@ -18,12 +18,20 @@
 //! - [`limits`]: request-rate limits per environment and route class, and
 //!   per public token, leased from Redis so requests only touch memory.
 //! - [`waitpoints`]: runs waiting on a channel: the service, storage, routes.
-//! - [`replication`]: Postgres logical replication (pgoutput) decoded into ClickHouse rows.
+//! - [`analytics`]: the ClickHouse copy of sessions and runs: schema, rows,
+//!   backfill, digests on both sides (`source` is the Postgres side), the
+//!   session list and the overview read from it.
+//! - [`replication`]: Postgres logical replication (pgoutput) decoded into
+//!   ClickHouse rows: it feeds the copy `analytics` owns.
 //! - [`jobs`]: durable background jobs: the outbox, apalis runtime, handlers,
 //!   cron schedules.
 //! - [`worker`]: a small library for task workers and the example echo agent.
-//! - [`db`], [`validation`], [`ids`], [`pubsub`]: the storage error and pool,
-//!   shared field rules, friendly ids, the Redis pub/sub follower.
+//! - [`dashboard`], [`operators`]: the operator dashboard and its accounts.
+//! - [`db`], [`validation`], [`ids`], [`pubsub`]: the storage error, pool and
+//!   keyset paging, shared field rules, friendly ids, the Redis pub/sub follower.
+//!
+//! The binary's commands live in `src/cli/` (beside `main.rs`, not in this
+//! library).
 
 pub mod analytics;
 pub mod app;
