@@ -1,5 +1,5 @@
 //! The worker protocol: how task workers receive runs and report on them.
-//! See README "Worker protocol".
+//! See docs/api.md, "Worker protocol".
 
 use std::time::Duration;
 

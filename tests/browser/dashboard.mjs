@@ -2,7 +2,7 @@
 // talks to it over CDP; no browser download, no ChromeDriver).
 //
 // Run by the Rust integration test `dashboard_browser`, which starts the
-// server, seeds data and passes the environment below. See README.md.
+// server, seeds data and passes the environment below. See docs/dashboard.md and docs/testing.md.
 //
 // stdout: harness.mjs's protocol, plus one line for the Rust test to act on:
 //   waiting-for-out          (check 6: append a live-marker-... record now)
