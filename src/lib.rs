@@ -26,7 +26,8 @@
 //! - [`jobs`]: durable background jobs: the outbox, apalis runtime, handlers,
 //!   cron schedules.
 //! - [`worker`]: a small library for task workers and the example echo agent.
-//! - [`dashboard`], [`operators`]: the operator dashboard and its accounts.
+//! - [`dashboard`], [`operators`]: the operator dashboard and its accounts;
+//!   [`audit`]: who did what (operators, API callers, runs, the CLI).
 //! - [`db`], [`validation`], [`ids`], [`pubsub`]: the storage error, pool and
 //!   keyset paging, shared field rules, friendly ids, the Redis pub/sub follower.
 //!
@@ -35,6 +36,7 @@
 
 pub mod analytics;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;

@@ -5,6 +5,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use sessiond::app;
+use sessiond::audit::Actor;
 use sessiond::config::Config;
 use sessiond::sessions;
 
@@ -34,7 +35,7 @@ pub async fn run(cmd: SessionsCommand, config: &Config) -> anyhow::Result<()> {
             let Some(s) = sessions::store::find(&pool, env, &session).await? else {
                 anyhow::bail!("no session {session} in environment {env}")
             };
-            let run = runs.trigger_manual(env, s.id).await?;
+            let run = runs.trigger_manual(env, s.id, &Actor::Cli).await?;
             format.print(
                 || json!({"session": s.friendly_id, "runId": run.to_string(), "reason": "manual"}),
                 || println!("session {} now runs {run} (reason manual)", s.friendly_id),

@@ -11,10 +11,10 @@ use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{env_choices, iso, pick_env, pretty, render, EnvChoice, Frame, PAGE_SIZE};
 use super::paging;
+use crate::audit::{self, Actor, AuditAction};
 use crate::db::StoreError;
 use crate::jobs::store as job_store;
 use crate::jobs::Jobs;
-use crate::operators::audit;
 use crate::runs::store::{self as run_store, Run, RunFilter};
 use crate::runs::{self, RunStatus};
 use crate::sessions::store as session_store;
@@ -269,7 +269,14 @@ pub async fn cancel(
     }
     let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
     let job = runs::cancel::request(&mut *tx, r.id).await?;
-    audit::record(&mut *tx, signed.operator.id, "run.cancel", &format!("run:{id}"), json!({ "job": job })).await?;
+    audit::record(
+        &mut *tx,
+        &Actor::Operator(signed.operator.id),
+        AuditAction::RunCancel,
+        &format!("run:{id}"),
+        json!({ "job": job }),
+    )
+    .await?;
     tx.commit().await.map_err(StoreError::from)?;
     jobs.relay(&[job]).await;
     tracing::info!(operator = %signed.operator.email, run = %id, "operator canceled a run");

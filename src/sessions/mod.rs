@@ -11,6 +11,7 @@
 //! - [`routes`]: the control-plane HTTP handlers.
 
 pub mod access;
+pub mod close;
 pub mod failed_handoffs;
 pub mod list;
 pub mod lookup;

@@ -290,37 +290,14 @@ pub async fn update(
     }
 }
 
-/// Closes a session once. The conditional update only matches an open row, so
-/// concurrent closes cannot overwrite the first `closed_at`/`closed_reason`; a
-/// close that matched nothing re-reads and returns the winner's row.
+/// Closes an open session inside the caller's transaction (the close's audit
+/// row commits in the same one; see `sessions::close`) and writes the job
+/// that seals its channels. The conditional update only matches an open row,
+/// so concurrent closes cannot overwrite the first `closed_at` and
+/// `closed_reason`. None if the session is not open (or not there).
 ///
-/// The close that wins also writes the `close-channels` job in the same
-/// transaction (returned, to relay): it wakes a waiting run with a
-/// `session-closed` record on `.in` unless `calling_run` (the run closing its
-/// own session) is the current run.
-pub async fn close(
-    pool: &PgPool,
-    env_id: Uuid,
-    id: Uuid,
-    reason: Option<&str>,
-    calling_run: Option<&str>,
-) -> Result<Option<(Session, Option<Uuid>)>, StoreError> {
-    let mut tx = crate::db::begin(pool).await?;
-    match close_in(&mut tx, env_id, id, reason, calling_run).await? {
-        Some((s, job_id)) => {
-            tx.commit().await?;
-            Ok(Some((s, Some(job_id))))
-        }
-        None => {
-            tx.rollback().await?;
-            Ok(find_by_id(pool, env_id, id).await?.map(|s| (s, None)))
-        }
-    }
-}
-
-/// Closes an open session inside the caller's transaction (an operator's
-/// close writes its audit row in the same one) and writes the job that seals
-/// its channels. None if the session is not open (or not there).
+/// The job wakes a waiting run with a `session-closed` record on `.in`
+/// unless `calling_run` (the run closing its own session) is the current run.
 pub async fn close_in(
     tx: &mut sqlx::PgConnection,
     env_id: Uuid,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::common::{dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sessiond::audit::Actor;
 use sessiond::jobs::Job;
 use sessiond::sessions::run_manager::Ensured;
 use sessiond::worker::{RunContext, TaskHandler};
@@ -579,7 +580,7 @@ async fn manual_trigger_replaces_the_live_run() {
     let app = TestApp::spawn().await;
     let s = app.create_session(session_body(Some("manual"))).await;
     let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
-    let run = app.state.runs.trigger_manual(app.a.env.id, sid).await.unwrap();
+    let run = app.state.runs.trigger_manual(app.a.env.id, sid, &Actor::Cli).await.unwrap();
     assert_ne!(run, s["runId"].as_str().unwrap());
     eventually(10, "previous run canceled", || async {
         (app.run_status(s["runId"].as_str().unwrap()).await == "CANCELED").then_some(())
@@ -588,7 +589,7 @@ async fn manual_trigger_replaces_the_live_run() {
     assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "manual"]);
     // Closed sessions never get new runs.
     app.post(&format!("/api/v1/sessions/{}/close", s["id"].as_str().unwrap()), &app.a.key, json!({})).await;
-    assert!(app.state.runs.trigger_manual(app.a.env.id, sid).await.is_err());
+    assert!(app.state.runs.trigger_manual(app.a.env.id, sid, &Actor::Cli).await.is_err());
     assert!(app.state.runs.ensure_run(app.a.env.id, sid).await.is_err());
 }
 
