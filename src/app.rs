@@ -262,6 +262,12 @@ impl FromRef<AppState> for crate::sessions::close::SessionCloser {
     }
 }
 
+impl FromRef<AppState> for crate::runs::cancel::RunCanceller {
+    fn from_ref(state: &AppState) -> Self {
+        crate::runs::cancel::RunCanceller { db: state.db.clone(), jobs: state.jobs.clone() }
+    }
+}
+
 impl FromRef<AppState> for RunTimings {
     fn from_ref(state: &AppState) -> Self {
         RunTimings {

@@ -197,6 +197,17 @@ async fn cancel_reaches_the_worker() {
     let (status, body) =
         app.post(&format!("/api/v2/runs/{}/cancel", s["runId"].as_str().unwrap()), &app.a.key, json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Audited as the dashboard's cancel is (one service), as the environment's key.
+    let audited: (String, String, String, Option<String>, Value) =
+        sqlx::query_as("SELECT action, target, actor_kind, actor, detail FROM audit_log")
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert_eq!(
+        (audited.0.as_str(), audited.1.clone(), audited.2.as_str(), audited.3.clone()),
+        ("run.cancel", format!("run:{}", run.id), "secret-key", Some(app.a.env.id.to_string()))
+    );
+    assert_eq!(audited.4["job"], body["jobId"]);
     // The handler only returns once the heartbeat answer carried the cancel.
     tokio::time::timeout(Duration::from_secs(10), worker).await.expect("worker stopped").unwrap();
     let reply = seen.try_recv().expect("the handler saw its cancel");
