@@ -129,6 +129,12 @@ impl AppState {
             crate::http::conn::long_lived_cap(config.max_connections, config.sse_reserved_connections),
         );
         let rate_limits = crate::limits::RateLimits::from_config(&config, redis.clone());
+        // Environments' overrides before the first request; a failure leaves
+        // the defaults until the background refresh succeeds.
+        if let Err(err) = rate_limits.reload_overrides(&db).await {
+            tracing::warn!(%err, "rate-limit overrides not loaded at start; defaults until the next refresh");
+        }
+        rate_limits.spawn_override_refresh(db.clone());
         let appender = Appender::new(channels.clone(), jobs.clone(), runs.clone());
         let dispatcher = Dispatcher::new(
             db.clone(),

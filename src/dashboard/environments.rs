@@ -2,12 +2,18 @@
 //! operator's key rotation: the new key is shown once, on the response to
 //! the POST (not in a URL, not in the audit row, never cached), and the old
 //! one stops working once servers' key caches expire (`AUTH_CACHE_TTL_MS`).
+//!
+//! Also each environment's request-rate limits, class by class (the server's
+//! default or the environment's own), which an operator may change: the new
+//! limits and their audit row commit together.
+
+use std::collections::HashMap;
 
 use super::error::Form;
 use askama::Template;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::Response;
+use axum::response::{IntoResponse, Redirect, Response};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -19,6 +25,8 @@ use super::OpsSettings;
 use crate::audit::{self, Actor, AuditAction};
 use crate::auth::Authenticator;
 use crate::db::StoreError;
+use crate::limits::overrides::{self, Effective};
+use crate::limits::{store as limits_store, RateLimits, RouteClass};
 use crate::tenancy::keys;
 use crate::tenancy::store::{self as tenancy_store, EnvListing};
 
@@ -46,21 +54,166 @@ impl EnvRow {
     }
 }
 
+/// One environment's limits, as the page shows (and edits) them.
+pub struct LimitsRow {
+    pub id: String,
+    pub label: String,
+    pub cells: Vec<LimitCell>,
+}
+
+pub struct LimitCell {
+    pub class: &'static str,
+    pub title: &'static str,
+    /// Requests per second in force; 0: none.
+    pub per_second: u32,
+    pub overridden: bool,
+    /// The server's default, shown beside an override and as the field's hint.
+    pub default: u32,
+}
+
+impl LimitCell {
+    fn of(e: Effective, default: u32) -> Self {
+        LimitCell {
+            class: e.class.as_str(),
+            title: class_title(e.class),
+            per_second: e.per_second,
+            overridden: e.overridden,
+            default,
+        }
+    }
+}
+
+/// The column heads: the API's names for the route classes.
+fn class_title(class: RouteClass) -> &'static str {
+    match class {
+        RouteClass::Create => "Create",
+        RouteClass::Append => "Append",
+        RouteClass::Subscribe => "SSE connect",
+        RouteClass::List => "List",
+        RouteClass::Mint => "Token mint",
+    }
+}
+
 #[derive(Template)]
 #[template(path = "dashboard/environments.html")]
 struct EnvironmentsPage {
     frame: Frame,
     rows: Vec<EnvRow>,
     cache_secs: f64,
+    limits: Vec<LimitsRow>,
+    columns: Vec<&'static str>,
+    limits_on: bool,
+    refresh_secs: u64,
+    max_per_second: u32,
+    notice: Option<String>,
 }
 
-pub async fn list(State(db): State<PgPool>, State(ops): State<OpsSettings>, signed: Signed) -> PageResult<Response> {
-    let rows = tenancy_store::list(&db).await?.iter().map(EnvRow::of).collect();
+#[derive(serde::Deserialize)]
+pub struct ListQuery {
+    /// The environment whose limits were just saved (the notice's subject).
+    #[serde(default)]
+    saved: Option<String>,
+}
+
+pub async fn list(
+    State(db): State<PgPool>,
+    State(ops): State<OpsSettings>,
+    State(limits): State<RateLimits>,
+    Query(query): Query<ListQuery>,
+    signed: Signed,
+) -> PageResult<Response> {
+    let envs = tenancy_store::list(&db).await?;
+    let mut own: HashMap<Uuid, HashMap<RouteClass, u32>> = HashMap::new();
+    for o in limits_store::all(&db).await? {
+        own.entry(o.environment_id).or_default().insert(o.class, o.per_second);
+    }
+    let settings = limits.settings();
+    let limit_rows = envs
+        .iter()
+        .map(|e| LimitsRow {
+            id: e.id.to_string(),
+            label: env_label(e),
+            cells: overrides::effective(&settings, own.get(&e.id).unwrap_or(&HashMap::new()))
+                .into_iter()
+                .map(|eff| LimitCell::of(eff, settings.per_env(eff.class)))
+                .collect(),
+        })
+        .collect();
+    let notice = query.saved.and_then(|id| envs.iter().find(|e| e.id.to_string() == id)).map(|e| {
+        format!(
+            "Rate limits of {} saved: this server applies them now, every other within {} s.",
+            env_label(e),
+            overrides::REFRESH.as_secs()
+        )
+    });
     render(EnvironmentsPage {
         frame: Frame::new(&signed, "environments"),
-        rows,
+        rows: envs.iter().map(EnvRow::of).collect(),
         cache_secs: ops.auth_cache_ttl_ms as f64 / 1000.0,
+        limits: limit_rows,
+        columns: RouteClass::ALL.into_iter().map(class_title).collect(),
+        limits_on: settings.enabled,
+        refresh_secs: overrides::REFRESH.as_secs(),
+        max_per_second: overrides::MAX_PER_SECOND,
+        notice,
     })
+}
+
+/// Sets an environment's limits as an operator. The form has a field per
+/// class it changes (a number, or blank or `default` for the server's
+/// default); a bad field refuses the whole form. The changes and one audit
+/// row naming each class's old and new limit commit together, then this
+/// process reloads its overrides (others within [`overrides::REFRESH`]).
+pub async fn set_limits(
+    State(db): State<PgPool>,
+    State(limits): State<RateLimits>,
+    Path(env): Path<String>,
+    signed: Signed,
+    headers: HeaderMap,
+    Form(fields): Form<Vec<(String, String)>>,
+) -> PageResult<Response> {
+    let csrf = fields.iter().find(|(name, _)| name == "csrf").map(|(_, v)| v.as_str());
+    signed.authorize_action(csrf_token(csrf, &headers))?;
+    let id = Uuid::parse_str(&env).map_err(|_| DashboardError::BadRequest("Not an environment id".into()))?;
+    let changes = overrides::parse_changes(
+        fields.iter().filter(|(name, _)| name != "csrf").map(|(n, v)| (n.as_str(), v.as_str())),
+    )
+    .map_err(|err| DashboardError::BadRequest(format!("Nothing changed: {err}.")))?;
+    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
+    // Locks the environment's row: two operators' saves apply one after the
+    // other, each audited against the limits the other left.
+    if tenancy_store::lock_key_hint(&mut tx, id).await?.is_none() {
+        return Err(DashboardError::NotFound(format!("No environment {id}")));
+    }
+    let before: HashMap<RouteClass, u32> =
+        limits_store::of_environment(&mut tx, id).await?.into_iter().map(|o| (o.class, o.per_second)).collect();
+    let mut detail = serde_json::Map::new();
+    for (class, limit) in changes {
+        let old = before.get(&class).copied();
+        if old == limit {
+            continue;
+        }
+        limits_store::set(&mut tx, id, class, limit).await?;
+        // `null`: the server's default.
+        detail.insert(class.as_str().to_string(), json!({ "from": old, "to": limit }));
+    }
+    if !detail.is_empty() {
+        audit::record(
+            &mut *tx,
+            &Actor::Operator(signed.operator.id),
+            AuditAction::EnvironmentRateLimits,
+            &format!("environment:{id}"),
+            serde_json::Value::Object(detail),
+        )
+        .await?;
+    }
+    tx.commit().await.map_err(StoreError::from)?;
+    if let Err(err) = limits.reload_overrides(&db).await {
+        // Committed all the same: the background refresh applies it.
+        tracing::warn!(%err, "rate-limit overrides not reloaded after a change");
+    }
+    tracing::info!(operator = %signed.operator.email, environment = %id, "operator set an environment's rate limits");
+    Ok(Redirect::to(&format!("/dashboard/environments?saved={id}#rate-limits")).into_response())
 }
 
 #[derive(Template)]

@@ -10,7 +10,7 @@
 //! - [`handoffs`]: failed handoffs and their retry.
 //! - [`schedules`]: the cron sweeps, their next fire and last jobs.
 //! - [`replication`]: replication health, backfills, and starting one.
-//! - [`environments`]: environments, key hints, and key rotation.
+//! - [`environments`]: environments, key hints, key rotation, and rate limits.
 //! - [`playground`]: start or reopen a session and talk to its agent through
 //!   the public realtime endpoints, with a token scoped to that session.
 //! - [`paging`]: keyset cursors in the pages' URLs.
@@ -99,6 +99,7 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/replication/backfill", post(replication::start_backfill))
         .route("/dashboard/environments", get(environments::list))
         .route("/dashboard/environments/{env}/rotate-key", post(environments::rotate_key))
+        .route("/dashboard/environments/{env}/rate-limits", post(environments::set_limits))
         // The agent playground: start or reopen a session, then talk to it.
         .route("/dashboard/playground", get(playground::index).post(playground::start))
         .route("/dashboard/playground/{session}", get(playground::conversation))

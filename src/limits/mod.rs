@@ -21,6 +21,12 @@
 //! processes together admit at most the limit plus two leases each.
 //! If Redis is unreachable the lease is granted locally (fail open): the
 //! requests themselves then succeed or fail on their own, never as 429.
+//!
+//! An environment's limits may be overridden per class (see [`overrides`]);
+//! the limiter reads them from memory, like its budgets.
+
+pub mod overrides;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -56,6 +62,14 @@ pub enum RouteClass {
 }
 
 impl RouteClass {
+    /// Every class, in the order the dashboard shows them.
+    pub const ALL: [RouteClass; 5] =
+        [RouteClass::Create, RouteClass::Append, RouteClass::Subscribe, RouteClass::List, RouteClass::Mint];
+
+    pub fn parse(s: &str) -> Option<RouteClass> {
+        RouteClass::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RouteClass::Create => "create",
@@ -146,7 +160,8 @@ impl Settings {
         }
     }
 
-    fn per_env(&self, class: RouteClass) -> u32 {
+    /// The configured limit of `class` (0: none), before any override.
+    pub fn per_env(&self, class: RouteClass) -> u32 {
         match class {
             RouteClass::Create => self.create,
             RouteClass::Append => self.append,
@@ -186,6 +201,9 @@ struct Bucket {
     /// The shared window had no room at the last lease: refuse until then.
     exhausted_until_ms: i64,
     last_used_ms: i64,
+    /// The limit the budget was leased under (0: not yet spent from): an
+    /// environment's override can change it between requests.
+    limit: u32,
 }
 
 struct Buckets {
@@ -212,6 +230,8 @@ struct Inner {
     script: redis::Script,
     /// How long a request with no budget waits for a lease in flight.
     lease_wait: Duration,
+    /// Environments' overridden limits, in memory (see [`overrides`]).
+    overrides: overrides::OverrideMap,
 }
 
 /// Grants up to `want` requests from the sliding window, if room is left;
@@ -283,6 +303,7 @@ impl RateLimits {
             leased: Notify::new(),
             script: redis::Script::new(LEASE_SCRIPT),
             lease_wait,
+            overrides: overrides::OverrideMap::default(),
         }))
     }
 
@@ -305,7 +326,7 @@ impl RateLimits {
         if !s.enabled {
             return Ok(());
         }
-        let env_limit = s.per_env(class);
+        let env_limit = self.0.overrides.get(auth.env.id, class).unwrap_or_else(|| s.per_env(class));
         if env_limit > 0 {
             self.admit_key(Key::Env(auth.env.id, class), env_limit, LimitScope::Environment(class)).await?;
         }
@@ -356,6 +377,16 @@ impl RateLimits {
         }
         let b = buckets.map.entry(key.clone()).or_default();
         b.last_used_ms = now;
+        if b.limit != limit {
+            // An override changed the limit: keep at most a lease of the new
+            // one, and ask the shared window afresh rather than wait out a
+            // refusal learned under the old one.
+            if b.limit != 0 {
+                b.budget = b.budget.min(lease);
+                b.exhausted_until_ms = 0;
+            }
+            b.limit = limit;
+        }
         let open = now >= b.exhausted_until_ms;
         if b.budget > 0 || (open && b.budget > -lease) {
             b.budget -= 1;
@@ -400,6 +431,11 @@ impl RateLimits {
                     tracing::warn!(%err, "rate-limit lease failed; granted locally");
                     b.budget += want;
                 }
+            }
+            // A lease asked for under a limit an override has since lowered
+            // holds no more than a lease of the new one.
+            if b.limit != 0 && b.limit != limit {
+                b.budget = b.budget.min(lease_size(b.limit));
             }
         }
         self.0.leased.notify_waiters();

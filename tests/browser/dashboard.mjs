@@ -250,7 +250,11 @@ const TOUR = [
     {
         name: 'environments',
         path: '/dashboard/environments',
-        usable: (p) => assertTappable(p, `table#environments tr[data-env-id="${ROTATE_ENV}"] button[data-action="rotate-key"]`),
+        usable: async (p) => {
+            await assertTappable(p, `table#environments tr[data-env-id="${ROTATE_ENV}"] button[data-action="rotate-key"]`);
+            await assertTappable(p, `input[form="limits-${ROTATE_ENV}"][name="list"]`);
+            await assertTappable(p, `table#rate-limits tr[data-env-id="${ROTATE_ENV}"] button[data-action="save-limits"]`);
+        },
     },
     {
         name: 'key-rotated',
@@ -626,6 +630,21 @@ try {
         assert(!Number.isNaN(Date.parse(rotatedAt || '')), `no rotation time: ${rotatedAt}`);
     });
 
+    await check('set an environment\'s rate limit', admin, async () => {
+        await goto(admin, '/dashboard/environments');
+        const row = `table#rate-limits tr[data-env-id="${ROTATE_ENV}"]`;
+        await admin.fill(`input[form="limits-${ROTATE_ENV}"][name="list"]`, '7');
+        const loaded = admin.waitForEvent('load', { timeout: NAV_TIMEOUT });
+        await admin.click(row + ' button[data-action="save-limits"]');
+        await loaded;
+        assert(pathname(admin) === '/dashboard/environments', `the save landed on ${admin.url()}`);
+        await expectSelector(admin, 'p.notice');
+        const cell = admin.locator(`${row} td[data-class="list"]`);
+        const shown = [await cell.getAttribute('data-limit'), await cell.getAttribute('data-source')];
+        assert(shown.join() === '7,override', `the list limit shows as ${shown.join(' ')}, not 7 override`);
+        await shot(admin, 'rate limit saved');
+    });
+
     await check('logout', admin, async () => {
         if (!(await admin.locator(LOGOUT_FORM).count())) {
             await goto(admin, '/dashboard/sessions');
@@ -722,6 +741,7 @@ try {
             ['handoff.retry', `session:${HANDOFF_SESSION}`],
             ['clickhouse.backfill', 'clickhouse'],
             ['environment.rotate_key', `environment:${ROTATE_ENV}`],
+            ['environment.rate_limits', `environment:${ROTATE_ENV}`],
         ];
         const found = (action, target) => rows.filter((r) => r.action === action && r.target === target);
         for (const [action, target] of expected) {

@@ -2,7 +2,8 @@
 //! filters, watches an `.out` record arrive live, opens the runs pages and
 //! retries a failed handoff, retries a failed probe job from its page and
 //! sees it succeed, opens the schedules, starts a backfill and watches it
-//! complete, rotates a key and sees it once, checks the viewer's view, and
+//! complete, rotates a key and sees it once, sets an environment's rate
+//! limit, checks the viewer's view, and
 //! tours every page at 1280 px and at 390 px (no sideways scroll, the page's
 //! main control tappable on a phone), saving a screenshot of each page at
 //! both widths under `target/test-artifacts/dashboard/`.
@@ -15,7 +16,7 @@ use crate::dashboard::{with_operators, ADMIN, VIEWER};
 use crate::dashboard_runs::failed_manual_handoff;
 
 /// Checks the script runs; update with the script.
-const CHECKS: usize = 42;
+const CHECKS: usize = 43;
 
 #[tokio::test]
 async fn the_dashboard_in_a_browser() {

@@ -45,6 +45,7 @@ const PATHS: &[(Method, &str)] = &[
     (Method::POST, "/dashboard/runs/{}/cancel"),
     (Method::POST, "/dashboard/handoffs/{}/retry"),
     (Method::POST, "/dashboard/environments/{}/rotate-key"),
+    (Method::POST, "/dashboard/environments/{}/rate-limits"),
     (Method::GET, "/dashboard/playground/{}"),
     (Method::GET, "/dashboard/static/{}"),
 ];
@@ -63,6 +64,7 @@ const FORMS: &[(&str, &[&str])] = &[
     ("/dashboard/handoffs/session_x/retry", &["csrf"]),
     ("/dashboard/replication/backfill", &["csrf"]),
     ("/dashboard/environments/00000000-0000-0000-0000-000000000000/rotate-key", &["hint", "csrf"]),
+    ("/dashboard/environments/00000000-0000-0000-0000-000000000000/rate-limits", &["create", "csrf"]),
     ("/dashboard/playground", &["env", "task", "reopen", "csrf"]),
 ];
 

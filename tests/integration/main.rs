@@ -41,6 +41,7 @@ mod faults_worker;
 mod handoff;
 mod job_relay;
 mod limits;
+mod limits_overrides;
 mod limits_probe;
 mod login_throttle;
 mod official_client;
