@@ -5,9 +5,12 @@
 //! 2. sustained append throughput with 64 concurrent writers;
 //! 3. append on `.in` → a waiting worker holds the data (waitpoint long-poll);
 //! 4. server memory per idle SSE subscriber, 10,000 of them (read from the
-//!    server process's RSS).
+//!    server process's RSS);
+//! 5. rate limits on against off (issue 24: on must keep ≥ 0.95× of off):
+//!    append throughput and SSE fan-out deliveries, two server processes in
+//!    the same run, their samples alternated.
 //!
-//! Run: `cargo bench --bench streams [-- fanout|memory|throughput|wake ...]`.
+//! Run: `cargo bench --bench streams [-- fanout|memory|throughput|wake|limits ...]`.
 //! `SESSIOND_BIN=<path>` measures another build of the server (A/B runs).
 //! Prints figures; asserts nothing.
 
@@ -214,46 +217,81 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
     Ok(())
 }
 
-/// 2. Throughput: 64 writers over 16 channels, as fast as they can.
-async fn append_throughput(base: &str, key: &str, http: &reqwest::Client) -> anyhow::Result<()> {
+/// 16 sessions to write to.
+async fn throughput_sessions(base: &str, key: &str, http: &reqwest::Client, tag: &str) -> anyhow::Result<Vec<String>> {
     let mut sessions = Vec::new();
     for i in 0..16 {
         sessions.push(
-            create_session(http, base, key, &format!("tp-{i}"), "none").await?["id"]
+            create_session(http, base, key, &format!("tp-{tag}{i}"), "none").await?["id"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string(),
         );
     }
-    let total = 60_000usize;
+    Ok(sessions)
+}
+
+/// What one run of [`write_flat_out`] got.
+struct Written {
+    ok: usize,
+    /// Answered 429 (a rate limit refused them).
+    limited: usize,
+    /// Any other failure.
+    failed: usize,
+    wall: Duration,
+}
+
+/// `total` appends by `writers` writers spread over `sessions`' `.out`, each
+/// on its own kept-alive connection, as fast as they are answered.
+async fn write_flat_out(
+    base: &str,
+    key: &str,
+    sessions: &[String],
+    writers: usize,
+    total: usize,
+) -> anyhow::Result<Written> {
     let next = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
+    let (limited, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let body = json!({"data": {"type": "text-delta", "delta": "token "}, "id": "x"}).to_string();
-    let mut writers = Vec::new();
-    for w in 0..64 {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
         let mut conn = common::RawConn::connect(base, key).await?;
-        let (path, next, failed, body) = (
-            format!("/realtime/v1/sessions/{}/out/append", sessions[w % 16]),
+        let (path, next, limited, failed, body) = (
+            format!("/realtime/v1/sessions/{}/out/append", sessions[w % sessions.len()]),
             next.clone(),
+            limited.clone(),
             failed.clone(),
             body.clone(),
         );
-        writers.push(async move {
+        tasks.push(async move {
             while next.fetch_add(1, Ordering::Relaxed) < total {
-                if !matches!(conn.post(&path, body.as_bytes()).await, Ok(200)) {
-                    failed.fetch_add(1, Ordering::Relaxed);
+                match conn.post(&path, body.as_bytes()).await {
+                    Ok(200) => {}
+                    Ok(429) => {
+                        limited.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         });
     }
     let started = Instant::now();
-    let writers: Vec<_> = writers.into_iter().map(tokio::spawn).collect();
-    for w in writers {
-        w.await?;
+    let tasks: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
+    for t in tasks {
+        t.await?;
     }
     let wall = started.elapsed();
-    let failed = failed.load(Ordering::Relaxed);
-    let ok = total - failed;
+    let (limited, failed) = (limited.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    Ok(Written { ok: total - limited - failed, limited, failed, wall })
+}
+
+/// 2. Throughput: 64 writers over 16 channels, as fast as they can.
+async fn append_throughput(base: &str, key: &str, http: &reqwest::Client) -> anyhow::Result<()> {
+    let sessions = throughput_sessions(base, key, http, "").await?;
+    let Written { ok, limited, failed, wall } = write_flat_out(base, key, &sessions, 64, 60_000).await?;
+    let failed = failed + limited;
     println!(
         "{:<36} {ok} records in {:.2}s  {:.0} records/s  ({failed} failed)",
         "append throughput (64 writers)",
@@ -340,7 +378,12 @@ struct ServerProcess {
     base: String,
 }
 
-async fn spawn_server(server: &common::BenchServer, http: &reqwest::Client) -> anyhow::Result<ServerProcess> {
+/// `env`: settings of this server beyond the bench's own (they win).
+async fn spawn_server(
+    server: &common::BenchServer,
+    http: &reqwest::Client,
+    env: &[(&str, &str)],
+) -> anyhow::Result<ServerProcess> {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
@@ -359,6 +402,7 @@ async fn spawn_server(server: &common::BenchServer, http: &reqwest::Client) -> a
         // session: above the per-session and per-environment caps.
         .env("SSE_MAX_PER_SESSION", "20000")
         .env("SSE_MAX_PER_ENVIRONMENT", "20000")
+        .envs(env.iter().copied())
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().unwrap_or(0);
@@ -418,6 +462,205 @@ async fn idle_memory(proc: &ServerProcess, key: &str, http: &reqwest::Client) ->
     Ok(())
 }
 
+/// Only what the fan-out count reads of a frame: how many records it holds.
+#[derive(serde::Deserialize)]
+struct Count {
+    records: Vec<serde::de::IgnoredAny>,
+}
+
+/// Opens an SSE subscription to `sid`'s `.out` on a raw socket; answers it
+/// with the response head read (and anything after it).
+async fn subscribe_raw(port: u16, sid: &str, key: &str) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    conn.set_nodelay(true)?;
+    let request = format!(
+        "GET /realtime/v1/sessions/{sid}/out HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nTimeout-Seconds: 120\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes()).await?;
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let head_end = loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            break end + 4;
+        }
+        anyhow::ensure!(conn.read_buf(&mut buf).await? > 0, "subscriber closed before its response head");
+    };
+    anyhow::ensure!(buf.starts_with(b"HTTP/1.1 200"), "subscribe answered {:?}", String::from_utf8_lossy(&buf[..12]));
+    buf.drain(..head_end);
+    Ok((conn, buf))
+}
+
+/// What one fan-out sample got.
+struct FannedOut {
+    written: Written,
+    /// Records all subscribers together received.
+    delivered: usize,
+    /// From the first append to the last subscriber's last record.
+    wall: Duration,
+}
+
+/// One fan-out sample: `subscribers` on a fresh session's `.out`, `writers`
+/// appending `total` records to it as fast as they are answered; done when
+/// every subscriber has every acknowledged record (or 30 s after the writes).
+async fn fan_out_sample(
+    proc: &ServerProcess,
+    key: &str,
+    http: &reqwest::Client,
+    tag: &str,
+    (subscribers, writers, total): (usize, usize, usize),
+) -> anyhow::Result<FannedOut> {
+    let s = create_session(http, &proc.base, key, &format!("fan-{tag}"), "none").await?;
+    let sid = s["id"].as_str().unwrap_or_default().to_string();
+    let (expect_tx, expect_rx) = tokio::sync::watch::channel(usize::MAX);
+    let mut subs = Vec::with_capacity(subscribers);
+    for _ in 0..subscribers {
+        let (mut conn, mut buf) = subscribe_raw(proc.port, &sid, key).await?;
+        let mut expect = expect_rx.clone();
+        subs.push(tokio::spawn(async move {
+            let (mut got, mut last) = (0usize, None);
+            loop {
+                let mut done = 0;
+                while let Some(end) = find(&buf[done..], b"\n\n") {
+                    let frame = &buf[done..done + end];
+                    done += end + 2;
+                    let Some(at_data) = find(frame, b"data: ") else { continue };
+                    let data = &frame[at_data + 6..];
+                    let data = &data[..find(data, b"\n").unwrap_or(data.len())];
+                    if let Ok(batch) = serde_json::from_slice::<Count>(data) {
+                        got += batch.records.len();
+                        last = Some(Instant::now());
+                    }
+                }
+                buf.drain(..done);
+                if got >= *expect.borrow_and_update() {
+                    break;
+                }
+                tokio::select! {
+                    read = conn.read_buf(&mut buf) => match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    },
+                    changed = expect.changed() => if changed.is_err() { break },
+                }
+            }
+            (got, last)
+        }));
+    }
+    let started = Instant::now();
+    let written = write_flat_out(&proc.base, key, std::slice::from_ref(&sid), writers, total).await?;
+    let _ = expect_tx.send(written.ok);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (mut delivered, mut end) = (0, started);
+    for sub in subs {
+        let (got, last) = match tokio::time::timeout_at(deadline, sub).await {
+            Ok(joined) => joined?,
+            Err(_) => (0, None),
+        };
+        delivered += got;
+        end = end.max(last.unwrap_or(started));
+    }
+    Ok(FannedOut { written, delivered, wall: end - started })
+}
+
+/// The median of `values` (NaN if none).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Part 5, rate limits on against off: two server processes, each over its own
+/// schema, alike but for `RATE_LIMITS_ENABLED`; the "on" one keeps the
+/// default limits (20,000 appends/s and 2,000 subscriptions/s per
+/// environment), which these loads stay under, so what differs is the cost
+/// of admitting (the local budget, the leases from Redis). Each round takes
+/// one sample of each kind from each server, in alternating order, so the
+/// machine's noise (it is shared) falls on both; every sample is printed
+/// with its label, then the medians, their ratio (on / off) and the median
+/// of the rounds' own ratios. A sample
+/// with any 429 says so: the ratio then measures refusals, not overhead.
+async fn limits_on_off(http: &reqwest::Client) -> anyhow::Result<()> {
+    const LABELS: [&str; 2] = ["on", "off"];
+    let rounds: usize = common::env_or("BENCH_LIMIT_ROUNDS", 10);
+    let appends: usize = common::env_or("BENCH_LIMIT_APPENDS", 10_000);
+    let fan: (usize, usize, usize) = (common::env_or("BENCH_LIMIT_SUBSCRIBERS", 50), 8, 4_000);
+    let mut servers = Vec::new();
+    for enabled in ["true", "false"] {
+        let server = common::BenchServer::prepare(|_| {}).await?;
+        let proc = spawn_server(&server, http, &[("RATE_LIMITS_ENABLED", enabled)]).await?;
+        let sessions = throughput_sessions(&proc.base, &server.key, http, "").await?;
+        // Warm-up, not counted: connections, caches, the first leases.
+        write_flat_out(&proc.base, &server.key, &sessions, 64, appends / 4).await?;
+        servers.push((server, proc, sessions));
+    }
+    println!(
+        "rate limits on vs off: {rounds} rounds; throughput: {appends} appends by 64 writers over 16 sessions; \
+         fan-out: {} subscribers on one session, {} writers appending {} records",
+        fan.0, fan.1, fan.2
+    );
+    // Per label: throughput (records/s), fan-out (deliveries/s).
+    let mut rates: [[Vec<f64>; 2]; 2] = Default::default();
+    for round in 0..rounds {
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (server, proc, sessions) = &servers[i];
+            let w = write_flat_out(&proc.base, &server.key, sessions, 64, appends).await?;
+            let rate = w.ok as f64 / w.wall.as_secs_f64();
+            println!(
+                "  round {} limits {:<3} throughput {rate:>8.0} records/s  ({} ok, {} refused 429, {} failed)",
+                round + 1,
+                LABELS[i],
+                w.ok,
+                w.limited,
+                w.failed
+            );
+            rates[i][0].push(rate);
+        }
+        for i in order {
+            let (server, proc, _) = &servers[i];
+            let tag = format!("{}-{round}", LABELS[i]);
+            let f = fan_out_sample(proc, &server.key, http, &tag, fan).await?;
+            let rate = f.delivered as f64 / f.wall.as_secs_f64();
+            println!(
+                "  round {} limits {:<3} fan-out    {rate:>8.0} deliveries/s  ({} of {} delivered; appends: {} ok, {} refused 429, {} failed)",
+                round + 1,
+                LABELS[i],
+                f.delivered,
+                f.written.ok * fan.0,
+                f.written.ok,
+                f.written.limited,
+                f.written.failed
+            );
+            rates[i][1].push(rate);
+        }
+    }
+    for (k, (what, unit)) in [("throughput", "records/s"), ("fanout", "deliveries/s")].into_iter().enumerate() {
+        let (on, off) = (median(rates[0][k].clone()), median(rates[1][k].clone()));
+        // Each round's two samples ran back to back: their ratio is the
+        // least exposed to the machine's slower and faster spells.
+        let paired: Vec<f64> = rates[0][k].iter().zip(&rates[1][k]).map(|(on, off)| on / off).collect();
+        let listed: Vec<String> = paired.iter().map(|r| format!("{r:.3}")).collect();
+        let paired = median(paired);
+        println!(
+            "limits {what:<10} median on {on:>8.0} {unit}, off {off:>8.0} {unit}: on/off {:.3}; \
+             per round [{}], median {paired:.3} (target ≥ 0.95)",
+            on / off,
+            listed.join(" ")
+        );
+        common::figure(&format!("limits.{what}.on"), on, unit);
+        common::figure(&format!("limits.{what}.off"), off, unit);
+        common::figure(&format!("limits.{what}.ratio"), on / off, "x");
+        common::figure(&format!("limits.{what}.paired_ratio"), paired, "x");
+    }
+    for (server, mut proc, _) in servers {
+        let _ = proc.child.kill().await;
+        server.finish().await?;
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Only the schema and a key here: the server under test is its own process.
@@ -427,7 +670,7 @@ async fn main() -> anyhow::Result<()> {
     // `cargo bench --bench streams -- fanout throughput` runs only those parts.
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wants = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
-    let mut proc = spawn_server(&server, &http).await?;
+    let mut proc = spawn_server(&server, &http, &[]).await?;
     if wants("fanout") {
         fanout_latency(&proc, &server.key, &http).await?;
     }
@@ -441,5 +684,8 @@ async fn main() -> anyhow::Result<()> {
         idle_memory(&proc, &server.key, &http).await?;
     }
     let _ = proc.child.kill().await;
+    if wants("limits") {
+        limits_on_off(&http).await?;
+    }
     server.finish().await
 }

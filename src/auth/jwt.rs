@@ -36,6 +36,12 @@ pub struct Claims {
     pub iss: String,
     #[serde(default)]
     pub aud: serde_json::Value,
+    /// The run whose token minted this one (`POST /api/v1/auth/public-tokens`
+    /// or a channel's initialize): the minted token writes `.out` as that run,
+    /// so the run's hand-off fences it as it fences the run's own token. An
+    /// extra claim: the official client ignores claims it does not know.
+    #[serde(default, rename = "mintedBy", skip_serializing_if = "Option::is_none")]
+    pub minted_by: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -100,6 +106,12 @@ pub fn verify(token: &str, key: &SecretKey, leeway_secs: u64) -> Result<Claims, 
 
 /// Mints a public token for `env_id` carrying `scopes`, valid for `ttl_secs`.
 pub fn mint(env_id: Uuid, key: &SecretKey, scopes: Vec<String>, ttl_secs: i64) -> String {
+    mint_by(env_id, key, scopes, ttl_secs, None)
+}
+
+/// [`mint`] on behalf of the caller: `minted_by` is the run whose token asked
+/// (None for a secret key), carried as the token's `mintedBy` claim.
+pub fn mint_by(env_id: Uuid, key: &SecretKey, scopes: Vec<String>, ttl_secs: i64, minted_by: Option<&str>) -> String {
     let now = crate::clock::now().timestamp();
     let claims = Claims {
         sub: env_id.to_string(),
@@ -110,6 +122,7 @@ pub fn mint(env_id: Uuid, key: &SecretKey, scopes: Vec<String>, ttl_secs: i64) -
         nbf: Some(now),
         iss: ISSUER.into(),
         aud: serde_json::Value::String(AUDIENCE.into()),
+        minted_by: minted_by.map(String::from),
     };
     // HS256 signing of a serialisable struct cannot fail.
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(key.expose().as_bytes()))
@@ -163,6 +176,19 @@ mod tests {
     }
 
     #[test]
+    fn a_token_minted_by_a_run_names_it_and_others_carry_no_claim() {
+        let env = Uuid::new_v4();
+        let by_run = mint_by(env, &key(), vec!["read:sessions:chat-1".into()], 60, Some("run_1"));
+        assert_eq!(verify(&by_run, &key(), 30).unwrap().minted_by.as_deref(), Some("run_1"));
+        let plain = mint(env, &key(), vec!["read:sessions:chat-1".into()], 60);
+        assert_eq!(verify(&plain, &key(), 30).unwrap().minted_by, None);
+        // Nothing on the wire for tokens no run minted: they read as before.
+        let payload = plain.split('.').nth(1).unwrap();
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap();
+        assert!(!String::from_utf8(json).unwrap().contains("mintedBy"));
+    }
+
+    #[test]
     fn expired_tokens_fail_beyond_leeway() {
         let env = Uuid::new_v4();
         let t = mint(env, &key(), vec![], -120);
@@ -189,6 +215,7 @@ mod tests {
             nbf: Some(now + 90),
             iss: ISSUER.into(),
             aud: serde_json::Value::String(AUDIENCE.into()),
+            minted_by: None,
         };
         let encode = |c: &Claims| {
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), c, &EncodingKey::from_secret(b"tr_dev_testkey"))

@@ -10,8 +10,8 @@
 //! - Any other public token mints nothing: a browser's session token must not
 //!   outlive itself by minting a successor.
 //! - A run's token mints only while its run still serves the session (its
-//!   current run, alive): a session token carries no run fence, so one
-//!   minted by a superseded run would write past the hand-off's fence.
+//!   current run, alive), and what it mints names the run (`mintedBy`), so
+//!   the run's hand-off fences the minted token's `.out` writes too.
 
 use chrono::{DateTime, Utc};
 
@@ -138,7 +138,7 @@ pub fn grant(
     let ttl_secs = ttl_secs(expiration, now)?;
     let held = match principal {
         Principal::SecretKey => return Ok(Grant { scopes: requested.to_vec(), ttl_secs }),
-        Principal::PublicToken { scopes } => scopes,
+        Principal::PublicToken { scopes, .. } => scopes,
     };
     if scopes::acting_run(held).is_none() {
         return Err(MintError::NotAllowed("Only a secret key or a run's token may mint public tokens".into()));
@@ -189,6 +189,7 @@ mod tests {
     fn run_token() -> Principal {
         Principal::PublicToken {
             scopes: v(&["read:runs:run_1", "write:runs:run_1", "read:sessions:session_a", "write:sessions:session_a"]),
+            minted_by: None,
         }
     }
 
@@ -229,7 +230,8 @@ mod tests {
 
     #[test]
     fn other_tokens_mint_nothing() {
-        let browser = Principal::PublicToken { scopes: v(&["read:sessions:session_a", "write:sessions:session_a"]) };
+        let scopes = v(&["read:sessions:session_a", "write:sessions:session_a"]);
+        let browser = Principal::PublicToken { scopes, minted_by: Some("run_1".into()) };
         let got = grant(&browser, &v(&["read:sessions:session_a"]), None, Utc::now());
         assert!(matches!(got, Err(MintError::NotAllowed(_))));
     }

@@ -29,7 +29,12 @@ pub use scopes::Action;
 #[derive(Debug, Clone)]
 pub enum Principal {
     SecretKey,
-    PublicToken { scopes: Vec<String> },
+    /// `minted_by`: the run whose token minted this one (see
+    /// [`jwt::Claims::minted_by`]).
+    PublicToken {
+        scopes: Vec<String>,
+        minted_by: Option<String>,
+    },
 }
 
 /// The authenticated caller: its environment and what it may do there.
@@ -64,7 +69,7 @@ impl Auth {
     pub fn can_access_session(&self, action: Action, keys: &[&str]) -> bool {
         match &self.principal {
             Principal::SecretKey => true,
-            Principal::PublicToken { scopes } => scopes::allows_session(scopes, action, keys),
+            Principal::PublicToken { scopes, .. } => scopes::allows_session(scopes, action, keys),
         }
     }
 
@@ -72,7 +77,7 @@ impl Auth {
     pub fn can_access_run(&self, action: Action, run_friendly_id: &str) -> bool {
         match &self.principal {
             Principal::SecretKey => true,
-            Principal::PublicToken { scopes } => scopes::allows(scopes, "runs", action, &[run_friendly_id]),
+            Principal::PublicToken { scopes, .. } => scopes::allows(scopes, "runs", action, &[run_friendly_id]),
         }
     }
 
@@ -81,7 +86,19 @@ impl Auth {
     pub fn acting_run(&self) -> Option<&str> {
         match &self.principal {
             Principal::SecretKey => None,
-            Principal::PublicToken { scopes } => scopes::acting_run(scopes),
+            Principal::PublicToken { scopes, .. } => scopes::acting_run(scopes),
+        }
+    }
+
+    /// The run whose fence a write to `.out` by this caller passes: the run it
+    /// acts as, or else the run that minted its token. A token a run hands the
+    /// browser may write `.out` only while that run serves the session, like
+    /// the run itself; its `.in` writes (the user's messages, for whichever run
+    /// serves) are not fenced.
+    pub fn out_writer_run(&self) -> Option<&str> {
+        match &self.principal {
+            Principal::SecretKey => None,
+            Principal::PublicToken { scopes, minted_by } => scopes::acting_run(scopes).or(minted_by.as_deref()),
         }
     }
 
@@ -90,14 +107,14 @@ impl Auth {
     pub fn can_access_channel(&self, action: Action, channel_id: &str) -> bool {
         match &self.principal {
             Principal::SecretKey => true,
-            Principal::PublicToken { scopes } => scopes::allows(scopes, "session-channels", action, &[channel_id]),
+            Principal::PublicToken { scopes, .. } => scopes::allows(scopes, "session-channels", action, &[channel_id]),
         }
     }
 
     pub fn can_list_sessions(&self, task_filter: &[String]) -> bool {
         match &self.principal {
             Principal::SecretKey => true,
-            Principal::PublicToken { scopes } => scopes::allows_list(scopes, task_filter),
+            Principal::PublicToken { scopes, .. } => scopes::allows_list(scopes, task_filter),
         }
     }
 }
@@ -226,7 +243,7 @@ impl Authenticator {
                 _ => AuthError::BadToken,
             }
         })?;
-        Ok(Auth { env, principal: Principal::PublicToken { scopes: claims.scopes } })
+        Ok(Auth { env, principal: Principal::PublicToken { scopes: claims.scopes, minted_by: claims.minted_by } })
     }
 }
 

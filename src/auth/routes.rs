@@ -62,6 +62,6 @@ async fn public_tokens(
         let current = session.as_ref().and_then(|s| s.current_run_friendly_id.as_deref());
         minting::run_may_mint(run.as_ref(), current)?;
     }
-    let token = jwt::mint(auth.env.id, &auth.env.secret_key, grant.scopes, grant.ttl_secs);
+    let token = jwt::mint_by(auth.env.id, &auth.env.secret_key, grant.scopes, grant.ttl_secs, auth.acting_run());
     Ok(Json(json!({ "token": token })))
 }

@@ -81,11 +81,13 @@ async fn initialize(
     if channels.is_sealed(ChannelKey { session_id: session.id, io: path.io }).await? {
         return Err(ApiError::BadRequest("Session is closed".into()));
     }
-    let token = jwt::mint(
+    // A run's direct-write token stays behind its run's fence (`mintedBy`).
+    let token = jwt::mint_by(
         auth.env.id,
         &auth.env.secret_key,
         vec![format!("write:session-channels:{}", channel_scope_id(&session, path.io))],
         WRITE_TOKEN_TTL_SECS,
+        auth.acting_run(),
     );
     let append_url =
         format!("{}/realtime/v1/sessions/{}/{}/append", base_url(&settings, &headers), session.friendly_id, path.io);
@@ -222,7 +224,11 @@ async fn append(
     };
     let body = std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("Record body must be UTF-8".into()))?;
     let session = sessions.load(&auth, &path.session, path.io, Action::Write).await?;
-    let new = NewAppend { io: path.io, body, headers: &record_headers, part_id, acting_run: auth.acting_run() };
+    let acting_run = match path.io {
+        Io::Out => auth.out_writer_run(),
+        Io::In => auth.acting_run(),
+    };
+    let new = NewAppend { io: path.io, body, headers: &record_headers, part_id, acting_run };
     let appended = appender.append(auth.env.id, &session, new).await.map_err(ApiError::from)?;
     Ok(Json(AppendResponse { ok: true, message: appended.duplicate.then_some(DUPLICATE), seq: appended.seq_num }))
 }

@@ -119,6 +119,59 @@ async fn only_the_session_s_current_live_run_may_mint_tokens() {
     assert_eq!(body["code"], "run_not_live", "{body}");
 }
 
+/// Issue 24 item 6, the rest: what a run mints names the run, so its hand-off
+/// fences the minted token's `.out` writes as it fences the run's own.
+#[tokio::test]
+async fn a_token_minted_by_a_run_is_fenced_by_its_hand_off() {
+    let app = TestApp::spawn().await;
+    let (session, first) = running_session(&app, "minted-fence").await;
+    let mint = |token: String| {
+        let app = &app;
+        let body = mint_body(&session);
+        async move {
+            let (status, body) = app.post("/api/v1/auth/public-tokens", &token, body).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["token"].as_str().unwrap().to_string()
+        }
+    };
+    let by_first = mint(first.token.clone()).await;
+    let by_key = mint(app.a.key.clone()).await;
+    // The direct-write token a channel's initialize hands the run, too.
+    let init = app
+        .client
+        .put(format!("{}/realtime/v1/sessions/{session}/out", app.base))
+        .bearer_auth(&first.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(init.status(), StatusCode::OK);
+    let direct = init.headers()["x-write-token"].to_str().unwrap().to_string();
+    let (status, body) = app.append(&session, "out", &by_first, "before", &[]).await;
+    assert_eq!(status, StatusCode::OK, "the minting run still serves: {body}");
+
+    let handoff = app.worker().end_and_continue(&first, "upgrade").await.unwrap();
+    assert!(handoff.swapped);
+    // Refused exactly as the superseded run's own append is.
+    let (run_status, run_body) = app.append(&session, "out", &first.token, "late", &[]).await;
+    assert_eq!(run_body["code"], "run_superseded", "{run_body}");
+    for (what, token) in [("minted", &by_first), ("direct-write", &direct)] {
+        let (status, body) = app.append(&session, "out", token, "late", &[]).await;
+        assert_eq!((status, &body), (run_status, &run_body), "the {what} token");
+    }
+    // The user's messages on `.in` go to whichever run serves: not fenced.
+    let (status, body) = app.append(&session, "in", &by_first, "hello", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The new run's token, and a secret key's, write `.out`.
+    let second = dequeue_one_of(&app, "task-minted-fence").await;
+    assert_eq!(second.id, handoff.run_id);
+    let by_second = mint(second.token.clone()).await;
+    for (who, token) in [("the new run's", &by_second), ("the secret key's", &by_key)] {
+        let (status, body) = app.append(&session, "out", token, "now", &[]).await;
+        assert_eq!(status, StatusCode::OK, "{who} token: {body}");
+    }
+}
+
 async fn dequeue_one_of(app: &TestApp, task: &str) -> sessiond::worker::AssignedRun {
     let runs = app.worker().dequeue(&[task.to_string()], 1, Duration::from_secs(10)).await.unwrap();
     assert_eq!(runs.len(), 1, "expected one run of {task}");
