@@ -5,8 +5,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use sessiond::app;
+use sessiond::audit::Actor;
 use sessiond::config::Config;
-use sessiond::tenancy::{store as tenancy, EnvType};
+use sessiond::tenancy::{rotation, store as tenancy, EnvType};
 
 use super::deps;
 use super::output::Format;
@@ -100,13 +101,13 @@ pub async fn run(cmd: EnvCommand, config: &Config) -> anyhow::Result<()> {
                 },
             )
         }
-        EnvCommand::RotateKey { env_id, format } => match tenancy::rotate_key(&pool, &master, env_id).await? {
-            Some(key) => format.print(
+        EnvCommand::RotateKey { env_id, format } => {
+            let key = rotation::rotate(&pool, &master, &Actor::Cli, env_id, None).await?;
+            format.print(
                 || json!({"id": env_id, "secretKey": key.expose()}),
                 || println!("new secret key: {}", key.expose()),
-            ),
-            None => anyhow::bail!("no environment {env_id}"),
-        },
+            )
+        }
         EnvCommand::BootstrapDev { key_only, format } => {
             let env = match tenancy::find_by_slugs(&pool, &master, "dev", "dev", EnvType::Dev).await? {
                 Some(env) => env,

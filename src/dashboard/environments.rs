@@ -27,7 +27,7 @@ use crate::auth::Authenticator;
 use crate::db::StoreError;
 use crate::limits::overrides::{self, Effective};
 use crate::limits::{store as limits_store, RateLimits, RouteClass};
-use crate::tenancy::keys;
+use crate::tenancy::rotation::{self, RotateError};
 use crate::tenancy::store::{self as tenancy_store, EnvListing};
 
 pub struct EnvRow {
@@ -251,27 +251,19 @@ pub async fn rotate_key(
     let listing = tenancy_store::list(&db).await?;
     let e =
         listing.iter().find(|e| e.id == id).ok_or_else(|| DashboardError::NotFound(format!("No environment {id}")))?;
-    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
-    if tenancy_store::lock_key_hint(&mut tx, id).await?.as_deref() != Some(form.hint.as_str()) {
-        return Err(DashboardError::Conflict(
-            "This key was rotated since the page was loaded (a resubmitted form?); nothing changed. \
-             Open Environments again to rotate the current key."
-                .into(),
-        ));
-    }
-    let key = tenancy_store::rotate_key_in(&mut tx, auth.master_key(), id)
-        .await?
-        .ok_or_else(|| DashboardError::NotFound(format!("No environment {id}")))?;
-    let hint = keys::hint(&key);
-    audit::record(
-        &mut *tx,
-        &Actor::Operator(signed.operator.id),
-        AuditAction::EnvironmentRotateKey,
-        &format!("environment:{id}"),
-        json!({ "hint": hint }),
-    )
-    .await?;
-    tx.commit().await.map_err(StoreError::from)?;
+    let by = Actor::Operator(signed.operator.id);
+    let key = match rotation::rotate(&db, auth.master_key(), &by, id, Some(form.hint.as_str())).await {
+        Ok(key) => key,
+        Err(RotateError::Stale) => {
+            return Err(DashboardError::Conflict(
+                "This key was rotated since the page was loaded (a resubmitted form?); nothing changed. \
+                 Open Environments again to rotate the current key."
+                    .into(),
+            ))
+        }
+        Err(RotateError::NotFound(_)) => return Err(DashboardError::NotFound(format!("No environment {id}"))),
+        Err(RotateError::Store(e)) => return Err(e.into()),
+    };
     tracing::info!(operator = %signed.operator.email, environment = %id, "operator rotated an environment's key");
     let mut resp = render(KeyRotatedPage {
         frame: Frame::new(&signed, "environments"),

@@ -2,6 +2,7 @@
 //! row and query is scoped to, and owns the secret key callers authenticate with.
 
 pub mod keys;
+pub mod rotation;
 pub mod store;
 
 use std::fmt;

@@ -107,13 +107,6 @@ pub async fn create_environment(
     Ok((env, key))
 }
 
-/// Replaces an environment's key. The old key stops authenticating at once
-/// (servers forget cached keys within a few seconds).
-pub async fn rotate_key(pool: &PgPool, master: &MasterKey, env_id: Uuid) -> Result<Option<SecretKey>, StoreError> {
-    let mut conn = pool.acquire().await?;
-    rotate_key_in(&mut conn, master, env_id).await
-}
-
 /// The hint of an environment's current key, the row locked until the
 /// caller's transaction ends (a rotation that must replace exactly the key
 /// the operator saw).
@@ -124,9 +117,10 @@ pub async fn lock_key_hint(conn: &mut sqlx::PgConnection, env_id: Uuid) -> Resul
         .await?)
 }
 
-/// [`rotate_key`] on the caller's connection or transaction (an operator's
-/// rotation commits with its audit row). Locks the row, so two rotations at
-/// once end with the later key.
+/// Replaces an environment's key on the caller's transaction (the rotation
+/// commits with its audit row; see `tenancy::rotation`). Locks the row, so
+/// two rotations at once end with the later key. None if there is no such
+/// environment.
 pub async fn rotate_key_in(
     conn: &mut sqlx::PgConnection,
     master: &MasterKey,

@@ -306,13 +306,14 @@ async fn rotated_keys_stop_working() {
     let old = app.a.key.clone();
     let old_token = token(&app, &["read:sessions"]);
     assert_eq!(app.get("/api/v1/sessions", &old).await.0, StatusCode::OK);
-    let new = sessiond::tenancy::store::rotate_key(
+    let new = sessiond::tenancy::rotation::rotate(
         app.db(),
         &sessiond::app::master_key(&app.state.config).unwrap(),
+        &sessiond::audit::Actor::Cli,
         app.a.env.id,
+        None,
     )
     .await
-    .unwrap()
     .unwrap();
     assert_eq!(app.get("/api/v1/sessions", &old).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(app.get("/api/v1/sessions", &old_token).await.0, StatusCode::UNAUTHORIZED);

@@ -85,6 +85,14 @@ async fn env_create_list_rotate_and_bootstrap() {
     let new_key_json = rotated["secretKey"].as_str().expect("the new key").to_string();
     assert!(tenancy::find_by_key(&pool, &master, &new_key).await.unwrap().is_none(), "rotated again");
     let new_key = new_key_json;
+    // Each rotation is audited as the command line's, like the dashboard's as its operator's.
+    let audited: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT action, target, actor_kind FROM audit_log ORDER BY created_at")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let rotation = ("environment.rotate_key".to_string(), format!("environment:{}", env.id), "cli".to_string());
+    assert_eq!(audited, vec![rotation.clone(), rotation], "two rotations, two rows");
     assert_ne!(new_key, key);
     assert!(tenancy::find_by_key(&pool, &master, &key).await.unwrap().is_none());
     assert_eq!(tenancy::find_by_key(&pool, &master, &new_key).await.unwrap().unwrap().id, env.id);
