@@ -55,6 +55,12 @@ enum Command {
 }
 
 impl Cli {
+    /// The server and the worker run until stopped; every other command
+    /// prints its result and exits.
+    pub fn is_long_running(&self) -> bool {
+        matches!(self.command, Command::Serve | Command::Worker(_))
+    }
+
     /// Runs the command the arguments name.
     pub async fn run(self) -> anyhow::Result<()> {
         let config = self.config;
