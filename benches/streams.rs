@@ -84,28 +84,10 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
     // Subscribers are raw sockets reading the chunked SSE body: the probe
     // should cost little next to the server it measures.
     let port: u16 = base.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let request = format!(
-        "GET /realtime/v1/sessions/{sid}/out HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nTimeout-Seconds: 120\r\n\r\n"
-    );
     let n_subs: usize = common::env_or("BENCH_SUBSCRIBERS", 100);
     for _ in 0..n_subs {
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        conn.set_nodelay(true)?;
-        conn.write_all(request.as_bytes()).await?;
         // Subscribed once the response head is here (the body follows).
-        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-        let head_end = loop {
-            if let Some(end) = find(&buf, b"\r\n\r\n") {
-                break end + 4;
-            }
-            anyhow::ensure!(conn.read_buf(&mut buf).await? > 0, "subscriber closed before its response head");
-        };
-        anyhow::ensure!(
-            buf.starts_with(b"HTTP/1.1 200"),
-            "subscribe answered {:?}",
-            String::from_utf8_lossy(&buf[..12])
-        );
-        buf.drain(..head_end);
+        let (mut conn, mut buf) = subscribe_raw(port, &sid, &key).await?;
         let (mut expect, mut stop) = (expect_rx.clone(), stop_rx.clone());
         subs.push(tokio::spawn(async move {
             let mut local = Vec::with_capacity(total);
