@@ -87,7 +87,7 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
     let n_subs: usize = common::env_or("BENCH_SUBSCRIBERS", 100);
     for _ in 0..n_subs {
         // Subscribed once the response head is here (the body follows).
-        let (mut conn, mut buf) = subscribe_raw(port, &sid, &key).await?;
+        let (mut conn, mut buf) = subscribe_raw(port, &sid, key).await?;
         let (mut expect, mut stop) = (expect_rx.clone(), stop_rx.clone());
         subs.push(tokio::spawn(async move {
             let mut local = Vec::with_capacity(total);
