@@ -49,6 +49,18 @@ impl From<crate::sessions::close::CloseError> for DashboardError {
     }
 }
 
+impl From<crate::sessions::playground::PlaygroundError> for DashboardError {
+    fn from(err: crate::sessions::playground::PlaygroundError) -> Self {
+        use crate::sessions::playground::PlaygroundError;
+        match err {
+            PlaygroundError::Invalid(message) => DashboardError::BadRequest(message),
+            e @ PlaygroundError::NotFound(_) => DashboardError::NotFound(e.to_string()),
+            PlaygroundError::Store(e) => e.into(),
+            PlaygroundError::Internal(e) => DashboardError::Internal(e),
+        }
+    }
+}
+
 impl From<askama::Error> for DashboardError {
     fn from(err: askama::Error) -> Self {
         DashboardError::Internal(err.into())

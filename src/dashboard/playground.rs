@@ -15,33 +15,24 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::Utc;
-use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::auth::{csrf_token, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{env_choices, env_label, find_session, iso, render, EnvChoice, Frame};
-use crate::audit::{self, Actor, AuditAction};
+use crate::audit::{Actor, AuditAction};
 use crate::auth::minting::{self, Expiration};
 use crate::auth::{jwt, Authenticator, Principal};
-use crate::db::StoreError;
-use crate::ids::{id_problem, SESSION_PREFIX};
+use crate::ids::SESSION_PREFIX;
 use crate::jobs::Jobs;
 use crate::runs::store as run_store;
-use crate::sessions::model::Session;
-use crate::sessions::store::{self as session_store, CreateOutcome};
-use crate::sessions::validate::{self, CreateSessionBody};
+use crate::sessions::playground;
 use crate::tenancy::store as tenancy_store;
 use crate::tenancy::Environment;
 
 /// The task the form suggests: the example agent `scripts/dev.sh` runs.
 const DEFAULT_TASK: &str = crate::worker::echo::TASK;
-/// The session type the official chat clients create.
-const SESSION_TYPE: &str = "chat.agent";
-/// Every playground session carries this tag, so the sessions list can tell
-/// them from the customers'.
-const TAG: &str = "playground";
 /// How long the page's token lives: long enough for a conversation, short
 /// enough that a copied page is soon useless. The agent hands a fresh token
 /// with each turn's end (`public-access-token` on `turn-complete`), which the
@@ -118,76 +109,15 @@ pub async fn start(
     let env = tenancy_store::find_by_id(&db, auth.master_key(), env_id)
         .await?
         .ok_or_else(|| DashboardError::NotFound(format!("No environment {env_id}")))?;
+    let by = Actor::Operator(signed.operator.id);
     let reopen = form.reopen.trim();
     let (session, action) = if reopen.is_empty() {
-        (create(&db, &jobs, &env, &form.task, signed.operator.id).await?, AuditAction::PlaygroundStart)
+        (playground::start(&db, &jobs, &by, &env, &form.task).await?, AuditAction::PlaygroundStart)
     } else {
-        let session = find_to_reopen(&db, &env, reopen).await?;
-        audit::record(
-            &db,
-            &Actor::Operator(signed.operator.id),
-            AuditAction::PlaygroundReopen,
-            &target(&session),
-            audit_detail(&env, &session),
-        )
-        .await?;
-        (session, AuditAction::PlaygroundReopen)
+        (playground::reopen(&db, &by, &env, reopen).await?, AuditAction::PlaygroundReopen)
     };
     tracing::info!(operator = %signed.operator.email, session = %session.friendly_id, %action, "operator used the playground");
     Ok(Redirect::to(&format!("/dashboard/playground/{}", session.friendly_id)).into_response())
-}
-
-fn target(session: &Session) -> String {
-    format!("session:{}", session.friendly_id)
-}
-
-fn audit_detail(env: &Environment, session: &Session) -> serde_json::Value {
-    json!({ "environment": env.id, "task": session.task_identifier, "run": session.current_run_friendly_id })
-}
-
-/// Creates a chat session of `task` as the API's create does (the same
-/// validation, the same transaction with its first run, the trigger job
-/// relayed), named by a fresh external id that also serves as the chat id.
-/// The operator's audit row commits in that transaction.
-async fn create(db: &PgPool, jobs: &Jobs, env: &Environment, task: &str, operator: Uuid) -> PageResult<Session> {
-    let chat_id = format!("playground-{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let body: CreateSessionBody = serde_json::from_value(json!({
-        "type": SESSION_TYPE,
-        "taskIdentifier": task,
-        "externalId": chat_id,
-        "triggerConfig": { "basePayload": { "chatId": chat_id } },
-        "tags": [TAG],
-    }))
-    .map_err(|e| DashboardError::Internal(e.into()))?;
-    let new = validate::create(body).map_err(|e| DashboardError::BadRequest(e.to_string()))?;
-    let mut tx = crate::db::begin(db).await.map_err(StoreError::from)?;
-    match session_store::create_in(&mut tx, env, &new).await? {
-        CreateOutcome::Created(session, job) => {
-            audit::record(
-                &mut *tx,
-                &Actor::Operator(operator),
-                AuditAction::PlaygroundStart,
-                &target(&session),
-                audit_detail(env, &session),
-            )
-            .await?;
-            tx.commit().await.map_err(StoreError::from)?;
-            jobs.relay(&[job]).await;
-            Ok(session)
-        }
-        // A fresh random external id: another session holding it is a bug.
-        other => Err(DashboardError::Internal(anyhow::anyhow!("playground external id {chat_id} taken: {other:?}"))),
-    }
-}
-
-/// The session `key` (a session id or an external id) names in `env`.
-async fn find_to_reopen(db: &PgPool, env: &Environment, key: &str) -> PageResult<Session> {
-    if let Some(problem) = id_problem(key) {
-        return Err(DashboardError::BadRequest(format!("The session to reopen {problem}")));
-    }
-    session_store::find(db, env.id, key)
-        .await?
-        .ok_or_else(|| DashboardError::NotFound(format!("No session {key} in this environment; nothing was changed")))
 }
 
 #[derive(Template)]

@@ -8,6 +8,8 @@
 //! - [`list`]: list filters, opaque cursors, and the list repository.
 //! - [`run_manager`]: one live run per session: ensure-run, hand-off, manual trigger, handoff retry.
 //! - [`failed_handoffs`]: open sessions left with no run to serve them, for operators.
+//! - [`close`]: the one close (API and dashboard), audited and sealed.
+//! - [`playground`]: the operator playground's sessions, started and reopened.
 //! - [`routes`]: the control-plane HTTP handlers.
 
 pub mod access;
@@ -16,6 +18,7 @@ pub mod failed_handoffs;
 pub mod list;
 pub mod lookup;
 pub mod model;
+pub mod playground;
 pub mod routes;
 pub mod run_manager;
 pub mod store;
