@@ -277,7 +277,7 @@ async fn replication_command(cmd: ReplicationCommand, config: Config, pool: sqlx
         }
         ReplicationCommand::Reconcile => {
             let jobs = app::jobs(&config, pool.clone(), redis);
-            let id = jobs.submit(&sessiond::jobs::Job::ReplicationReconcile).await?;
+            let id = jobs.submit(&jobs::Job::sweep(jobs::JobKind::ReplicationReconcile)).await?;
             println!("reconciliation queued as job {id}");
         }
     }
@@ -369,7 +369,7 @@ async fn jobs_command(cmd: JobsCommand, config: Config, pool: sqlx::PgPool) -> a
         JobsCommand::Probe { fail, max_attempts } => {
             let (_, redis) = app::connect_redis(&config).await?;
             let jobs = app::jobs(&config, pool, redis);
-            let id = jobs.submit_with_attempts(&jobs::Job::Probe { fail_first: fail }, max_attempts).await?;
+            let id = jobs.submit_with_attempts(&jobs::probe::Probe { fail_first: fail }, max_attempts).await?;
             println!("{id}");
         }
     }

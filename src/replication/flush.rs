@@ -16,12 +16,13 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::jobs::ReplicationFlush;
 use crate::analytics::overview;
 use crate::analytics::rows::{RunRow, SessionRow};
 use crate::analytics::watermark::{self, Table};
 use crate::analytics::{AnalyticsError, ClickHouse};
 use crate::db::StoreError;
-use crate::jobs::{self, Job, Jobs};
+use crate::jobs::{self, Jobs};
 use crate::replication::decode::Change;
 use crate::replication::lease;
 
@@ -113,8 +114,7 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, token: u64, batch: &
     let rows = serde_json::to_value(batch).map_err(|e| FlushError::Corrupt(id, e.to_string()))?;
     let mut tx = crate::db::begin(pool).await.map_err(StoreError::from)?;
     hold_fence(&mut tx, slot, token).await?;
-    let flush = Job::ReplicationFlush { flush_id: id };
-    let job = jobs::store::insert(&mut *tx, &flush, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+    let job = jobs::store::insert(&mut *tx, &ReplicationFlush { flush_id: id }, jobs::DEFAULT_MAX_ATTEMPTS).await?;
     sqlx::query(
         "INSERT INTO replication_flushes (id, slot, start_lsn, end_lsn, commit_time, row_count, rows, job_id, fence)
          VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, $6, $7, $8, $9)",
@@ -126,13 +126,13 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, token: u64, batch: &
     .bind(at)
     .bind(batch.rows() as i32)
     .bind(rows)
-    .bind(job)
+    .bind(job.id())
     .bind(token as i64)
     .execute(&mut *tx)
     .await
     .map_err(StoreError::from)?;
     tx.commit().await.map_err(StoreError::from)?;
-    jobs.relay_in(flush.lane(), &[job]).await;
+    jobs.relay(&[job]).await;
     Ok(id)
 }
 

@@ -291,7 +291,7 @@ async fn cancel(
 ) -> ApiResult<Json<CancelResponse>> {
     authorize_run(&auth, Action::Write, &run)?;
     let found = store::find(&db, auth.env.id, &run).await?.ok_or_else(not_found)?;
-    let job_id = super::cancel::request(&db, found.id).await?;
-    jobs.relay(&[job_id]).await;
-    Ok(Json(CancelResponse { id: found.friendly_id, job_id }))
+    let job = super::cancel::request(&db, found.id).await?;
+    jobs.relay(&[job]).await;
+    Ok(Json(CancelResponse { id: found.friendly_id, job_id: job.id() }))
 }

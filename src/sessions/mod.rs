@@ -8,10 +8,12 @@
 //! - [`list`]: list filters, opaque cursors, and the list repository.
 //! - [`run_manager`]: one live run per session: ensure-run, hand-off, manual trigger, handoff retry.
 //! - [`failed_handoffs`]: open sessions left with no run to serve them, for operators.
+//! - [`jobs`]: the hand-off job, the expiry sweep, and the replacement of crashed runs.
 //! - [`routes`]: the control-plane HTTP handlers.
 
 pub mod access;
 pub mod failed_handoffs;
+pub mod jobs;
 pub mod list;
 pub mod lookup;
 pub mod model;

@@ -24,7 +24,8 @@ use super::failed_handoffs::HandoffReason;
 use super::model::Session;
 use super::store;
 use crate::db::StoreError;
-use crate::jobs::{self, Job, Jobs};
+use crate::jobs::{self, Jobs};
+use crate::runs::jobs::TriggerRun;
 use crate::runs::store::{self as run_store, NewRun, RunOwner};
 use crate::runs::{Continuation, RunStatus, TriggerReason};
 use crate::sessions::validate::TriggerConfig;
@@ -231,7 +232,7 @@ impl RunManager {
         }
         store::insert_audit(&mut tx, s.id, run.id, reason).await?;
         let mut job_ids =
-            vec![jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
+            vec![jobs::store::insert(&mut *tx, &TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
         let mut canceled = None;
         if let Some((previous_id, previous_run)) = &previous {
             if run_store::supersede(&mut tx, *previous_id, &run.friendly_id).await? {
@@ -248,8 +249,7 @@ impl RunManager {
             crate::operators::audit::record(&mut *tx, by.operator, by.action, &target, Value::Object(detail)).await?;
         }
         if previous.is_some() || step.control.is_some() {
-            job_ids
-                .push(jobs::store::insert(&mut *tx, &Job::RunHandoff(step.clone()), jobs::DEFAULT_MAX_ATTEMPTS).await?);
+            job_ids.push(jobs::store::insert(&mut *tx, &step, jobs::DEFAULT_MAX_ATTEMPTS).await?);
         }
         tx.commit().await.map_err(StoreError::from)?;
         self.jobs.relay(&job_ids).await;

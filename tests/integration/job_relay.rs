@@ -3,9 +3,10 @@
 //! and an attempt whose process died is closed as abandoned by the next one.
 
 use reqwest::StatusCode;
+use sessiond::jobs::probe::Probe;
 use sessiond::jobs::queue::JobQueue;
 use sessiond::jobs::store::{self, AttemptStatus, JobStatus};
-use sessiond::jobs::{Job, Lane};
+use sessiond::jobs::Lane;
 use uuid::Uuid;
 
 use crate::common::{eventually, TestApp};
@@ -36,7 +37,7 @@ async fn a_stale_recovery_stamp_does_not_strand_a_retried_job() {
     let queue = app.state.jobs.queue(Lane::Engine);
     // Fails its one attempt (as a flush does while ClickHouse is away), and
     // succeeds once retried.
-    let job = store::insert(app.db(), &Job::Probe { fail_first: 1 }, 1).await.unwrap();
+    let job = store::insert(app.db(), &Probe { fail_first: 1 }, 1).await.unwrap().id();
     let attempt = store::begin_attempt(app.db(), job).await.unwrap().expect("the first attempt starts");
     assert_eq!(attempt.attempts, 1);
 
@@ -76,7 +77,7 @@ async fn the_sweep_pushes_again_a_pending_job_whose_task_is_gone() {
     let stamped = |task: String| {
         let app = &app;
         async move {
-            let job = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 5).await.unwrap();
+            let job = store::insert(app.db(), &Probe { fail_first: 0 }, 5).await.unwrap().id();
             let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task };
             store::mark_relayed(app.db(), &[stamp]).await.unwrap();
             job
@@ -171,7 +172,7 @@ async fn unheld_reads_where_apalis_keeps_a_task() {
 async fn a_dead_attempt_is_closed_as_abandoned_by_the_next() {
     let app = quiet_app().await;
     with_operators(&app).await;
-    let job = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 5).await.unwrap();
+    let job = store::insert(app.db(), &Probe { fail_first: 0 }, 5).await.unwrap().id();
     let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task: "held-by-the-test".into() };
     store::mark_relayed(app.db(), &[stamp]).await.unwrap();
     // Attempt 1's process dies mid-attempt; ten minutes on, a redelivery runs
@@ -204,7 +205,7 @@ async fn a_dead_attempt_is_closed_as_abandoned_by_the_next() {
 #[tokio::test]
 async fn an_attempt_that_ends_after_all_records_its_outcome() {
     let app = quiet_app().await;
-    let job = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 5).await.unwrap();
+    let job = store::insert(app.db(), &Probe { fail_first: 0 }, 5).await.unwrap().id();
     let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task: "held-by-the-test".into() };
     store::mark_relayed(app.db(), &[stamp]).await.unwrap();
     store::begin_attempt(app.db(), job).await.unwrap().expect("attempt 1");
@@ -222,8 +223,8 @@ async fn an_attempt_that_ends_after_all_records_its_outcome() {
 #[tokio::test]
 async fn the_sweep_fails_a_pending_job_with_no_attempt_left() {
     let app = quiet_app().await;
-    let spent = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 2).await.unwrap();
-    let running = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 2).await.unwrap();
+    let spent = store::insert(app.db(), &Probe { fail_first: 0 }, 2).await.unwrap().id();
+    let running = store::insert(app.db(), &Probe { fail_first: 0 }, 2).await.unwrap().id();
     for job in [spent, running] {
         let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task: "gone".into() };
         store::mark_relayed(app.db(), &[stamp]).await.unwrap();
