@@ -19,8 +19,9 @@
 //!   per public token, leased from Redis so requests only touch memory.
 //! - [`waitpoints`]: runs waiting on a channel: the service, storage, routes.
 //! - [`replication`]: Postgres logical replication (pgoutput) decoded into ClickHouse rows.
-//! - [`jobs`]: durable background jobs: the outbox, apalis runtime, handlers,
-//!   cron schedules.
+//! - [`jobs`]: durable background jobs: the kinds, the outbox, apalis
+//!   runtime, cron schedules. A leaf: each domain runs its own kinds (its
+//!   `jobs` module), and `app::job_dispatch` maps every kind to its handler.
 //! - [`worker`]: a small library for task workers and the example echo agent.
 //! - [`db`], [`validation`], [`ids`], [`pubsub`]: the storage error and pool,
 //!   shared field rules, friendly ids, the Redis pub/sub follower.

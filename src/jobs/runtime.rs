@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
+use apalis::layers::retry::backoff::{ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
 use apalis::layers::retry::{HasherRng, RetryPolicy};
 use apalis::prelude::{AbortError, BackendExt, BoxDynError, Data, Monitor, WorkerBuilder, WorkerBuilderExt};
 use apalis_cron::{CronScheduler, Tick};
@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
-use apalis::layers::retry::backoff::ExponentialBackoff;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio::task::{AbortHandle, JoinHandle};
@@ -45,7 +44,8 @@ pub struct Runtime<H> {
     /// For the job queues' wake-ups.
     pub redis_client: redis::Client,
     pub redis_prefix: String,
-    /// The first retry's delay (`JOB_RETRY_BASE_MS`); later ones double, to 30 s.
+    /// The first retry's delay (`JOB_RETRY_BASE_MS`); later ones grow
+    /// exponentially (with jitter), to 30 s.
     pub retry_base: Duration,
     /// How long attempts under way may finish at shutdown (`SHUTDOWN_GRACE_MS`).
     pub grace: Duration,
