@@ -148,11 +148,15 @@ status=0
 # time: they kill, stall and flood private services and time how the server
 # heals, and on two cores eight neighbours at once would measure the
 # neighbours instead. FAULTS_FULL=1 turns on their longer soak variants.
-cargo test --no-fail-fast --lib --bins --tests -- --test-threads=8 --skip faults "$@" || status=$?
+# Each pass's output is also kept, so the failures can be printed again at
+# the very end: a CI log shown only by its head and tail still names them.
+mkdir -p target/test-artifacts
+passes=target/test-artifacts/cargo-test.log
+cargo test --no-fail-fast --lib --bins --tests -- --test-threads=8 --skip faults "$@" 2>&1 | tee "$passes" || status=$?
 say "cargo test (fault cases)"
 figures=target/test-artifacts/faults.txt
 rm -f "$figures"
-cargo test --no-fail-fast --test integration -- --test-threads=2 faults "$@" || status=$?
+cargo test --no-fail-fast --test integration -- --test-threads=2 faults "$@" 2>&1 | tee -a "$passes" || status=$?
 if [[ -f "$figures" ]]; then
     say "fault case figures"
     cat "$figures"
@@ -167,6 +171,12 @@ SQL
 if [[ -n "$leftover" ]]; then
     say "replication slots left behind by tests: $leftover"
     status=1
+fi
+if [[ "$status" -ne 0 ]]; then
+    # cargo prints each failed test's output under a `failures:` heading
+    # that ends at its `test result:` line; at most 200 lines each.
+    say "failures, again"
+    awk '/^failures:$/ {f = 1; n = 0} f && n++ < 200 {print} /^test result:/ {f = 0}' "$passes"
 fi
 say "cargo test exited with status $status"
 exit "$status"

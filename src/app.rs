@@ -233,6 +233,23 @@ impl FromRef<AppState> for ChannelAccess {
     }
 }
 
+impl FromRef<AppState> for crate::sessions::close::SessionCloser {
+    fn from_ref(state: &AppState) -> Self {
+        crate::sessions::close::SessionCloser {
+            db: state.db.clone(),
+            jobs: state.jobs.clone(),
+            lookup: state.sessions.clone(),
+            waitpoints: state.waitpoints.clone(),
+        }
+    }
+}
+
+impl FromRef<AppState> for crate::runs::cancel::RunCanceller {
+    fn from_ref(state: &AppState) -> Self {
+        crate::runs::cancel::RunCanceller { db: state.db.clone(), jobs: state.jobs.clone() }
+    }
+}
+
 impl FromRef<AppState> for RunTimings {
     fn from_ref(state: &AppState) -> Self {
         RunTimings {

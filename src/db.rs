@@ -1,4 +1,9 @@
-//! Postgres: pool construction, migrations, and the storage layer's error type.
+//! Postgres: pool construction, migrations, transactions, and the storage
+//! layer's error type with its classification (an outage or a bug). SQL
+//! lives in the store that owns its table; [`paging`] holds the keyset
+//! ranges those stores share.
+
+pub mod paging;
 
 use std::str::FromStr;
 
@@ -160,137 +165,6 @@ impl sqlx::Encode<'_, sqlx::Postgres> for JsonDoc<'_> {
         serde_json::to_writer(&mut **buf, self.0)?;
         Ok(sqlx::encode::IsNull::No)
     }
-}
-
-/// Appends a keyset range over `{alias}.created_at, {alias}.id` to a WHERE
-/// clause: rows after `after` in (created_at, id) order, created within
-/// [`from`, `to`]. Conditions are added only when present (not `$1 IS NULL OR
-/// ...`), so the plan is always an index range scan. For copies that walk a
-/// whole table in order (the ClickHouse backfill).
-pub fn push_created_range(
-    b: &mut sqlx::QueryBuilder<'_, sqlx::Postgres>,
-    alias: &str,
-    after: Option<(chrono::DateTime<chrono::Utc>, uuid::Uuid)>,
-    from: Option<chrono::DateTime<chrono::Utc>>,
-    to: Option<chrono::DateTime<chrono::Utc>>,
-) {
-    if let Some((at, id)) = after {
-        b.push(format!(" AND ({alias}.created_at, {alias}.id) > (")).push_bind(at).push(", ").push_bind(id).push(")");
-    }
-    if let Some(from) = from {
-        b.push(format!(" AND {alias}.created_at >= ")).push_bind(from);
-    }
-    if let Some(to) = to {
-        b.push(format!(" AND {alias}.created_at <= ")).push_bind(to);
-    }
-}
-
-/// A position in a newest-first list keyed on `(created_at, id)`: the newest
-/// rows, the rows older than a row, or the rows newer than it (the page
-/// before, read oldest first and turned around by [`Keyset::arrange`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keyset {
-    Newest,
-    Older(chrono::DateTime<chrono::Utc>, uuid::Uuid),
-    Newer(chrono::DateTime<chrono::Utc>, uuid::Uuid),
-}
-
-impl Keyset {
-    /// Appends this position's range, the order and `LIMIT limit` to a query
-    /// whose WHERE clause is open. Row comparisons, so an index on
-    /// `(…, created_at DESC, id DESC)` serves both directions.
-    pub fn push(&self, b: &mut sqlx::QueryBuilder<'_, sqlx::Postgres>, alias: &str, limit: i64) {
-        let (op, order) = match self {
-            Keyset::Newest => ("", "DESC"),
-            Keyset::Older(..) => ("<", "DESC"),
-            Keyset::Newer(..) => (">", "ASC"),
-        };
-        if let Keyset::Older(at, id) | Keyset::Newer(at, id) = *self {
-            b.push(format!(" AND ({alias}.created_at, {alias}.id) {op} (")).push_bind(at).push(", ").push_bind(id);
-            b.push(")");
-        }
-        b.push(format!(" ORDER BY {alias}.created_at {order}, {alias}.id {order} LIMIT {}", limit.max(1)));
-    }
-
-    /// Rows read with [`Keyset::push`] (asking one more than `size`), newest
-    /// first and cut to `size`, with whether there are older and newer rows.
-    pub fn arrange<T>(&self, mut rows: Vec<T>, size: usize) -> (Vec<T>, bool, bool) {
-        let more = rows.len() > size;
-        rows.truncate(size);
-        match self {
-            Keyset::Newest => (rows, more, false),
-            Keyset::Older(..) => (rows, more, true),
-            Keyset::Newer(..) => {
-                rows.reverse();
-                (rows, true, more)
-            }
-        }
-    }
-}
-
-/// Digests at `grain` of `table`'s rows created before `cutoff` (of one
-/// environment created in [`from`, `to`) if `scope` is given) and not changed
-/// since (see `analytics::digest`, whose ClickHouse query computes the same
-/// over the copy). `table` is `sessions` or `task_runs`, which share these
-/// columns. Without a scope, a whole-table scan: it runs on a schedule, not
-/// per request; with one, a range of the environment's creation index.
-pub async fn created_digests(
-    pool: &PgPool,
-    table: &'static str,
-    grain: crate::analytics::digest::Grain,
-    scope: Option<(uuid::Uuid, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>,
-    cutoff: chrono::DateTime<chrono::Utc>,
-) -> Result<Vec<crate::analytics::digest::Digest>, StoreError> {
-    let key = grain.postgres_key();
-    let within =
-        if scope.is_some() { " AND runtime_environment_id = $2 AND created_at >= $3 AND created_at < $4" } else { "" };
-    let sql = format!(
-        "SELECT runtime_environment_id::text AS environment_id, {key} AS bucket, count(*) AS rows,
-                coalesce((extract(epoch FROM max(updated_at)) * 1000000)::bigint, 0) AS newest_update_us,
-                coalesce(sum((extract(epoch FROM updated_at) * 1000000)::bigint), 0)::text AS update_sum
-         FROM {table} WHERE created_at < $1 AND updated_at < $1{within} GROUP BY 1, 2 ORDER BY 1, 2"
-    );
-    let mut query = sqlx::query_as(&sql).bind(cutoff);
-    if let Some((env, from, to)) = scope {
-        query = query.bind(env).bind(from).bind(to);
-    }
-    Ok(query.fetch_all(pool).await?)
-}
-
-/// The digest of one environment's rows created in [`from`, `to`) and not
-/// changed since `cutoff`, with the ids of those changed since, read in one
-/// snapshot (see `analytics::digest::bucket_digest`).
-pub async fn bucket_digest(
-    pool: &PgPool,
-    table: &'static str,
-    environment_id: uuid::Uuid,
-    from: chrono::DateTime<chrono::Utc>,
-    to: chrono::DateTime<chrono::Utc>,
-    cutoff: chrono::DateTime<chrono::Utc>,
-) -> Result<crate::analytics::digest::BucketDigest, StoreError> {
-    let sql = format!(
-        "SELECT count(*) FILTER (WHERE updated_at < $4) AS rows,
-                coalesce((extract(epoch FROM max(updated_at) FILTER (WHERE updated_at < $4)) * 1000000)::bigint, 0)
-                    AS newest_update_us,
-                coalesce(sum((extract(epoch FROM updated_at) * 1000000)::bigint) FILTER (WHERE updated_at < $4), 0)::text
-                    AS update_sum,
-                coalesce(array_agg(id::text) FILTER (WHERE updated_at >= $4), '{{}}') AS changed
-         FROM {table} WHERE runtime_environment_id = $1 AND created_at >= $2 AND created_at < $3"
-    );
-    Ok(sqlx::query_as(&sql).bind(environment_id).bind(from).bind(to).bind(cutoff).fetch_one(pool).await?)
-}
-
-/// Ids of `table`'s rows of one environment created in [`from`, `to`).
-pub async fn created_ids(
-    pool: &PgPool,
-    table: &'static str,
-    environment_id: uuid::Uuid,
-    from: chrono::DateTime<chrono::Utc>,
-    to: chrono::DateTime<chrono::Utc>,
-) -> Result<Vec<uuid::Uuid>, StoreError> {
-    let sql =
-        format!("SELECT id FROM {table} WHERE runtime_environment_id = $1 AND created_at >= $2 AND created_at < $3");
-    Ok(sqlx::query_scalar(&sql).bind(environment_id).bind(from).bind(to).fetch_all(pool).await?)
 }
 
 #[cfg(test)]

@@ -18,16 +18,26 @@
 //! - [`limits`]: request-rate limits per environment and route class, and
 //!   per public token, leased from Redis so requests only touch memory.
 //! - [`waitpoints`]: runs waiting on a channel: the service, storage, routes.
-//! - [`replication`]: Postgres logical replication (pgoutput) decoded into ClickHouse rows.
+//! - [`analytics`]: the ClickHouse copy of sessions and runs: schema, rows,
+//!   backfill, digests on both sides (`source` is the Postgres side), the
+//!   session list and the overview read from it.
+//! - [`replication`]: Postgres logical replication (pgoutput) decoded into
+//!   ClickHouse rows: it feeds the copy `analytics` owns.
 //! - [`jobs`]: durable background jobs: the kinds, the outbox, apalis
 //!   runtime, cron schedules. A leaf: each domain runs its own kinds (its
 //!   `jobs` module), and `app::job_dispatch` maps every kind to its handler.
 //! - [`worker`]: a small library for task workers and the example echo agent.
-//! - [`db`], [`validation`], [`ids`], [`pubsub`]: the storage error and pool,
-//!   shared field rules, friendly ids, the Redis pub/sub follower.
+//! - [`dashboard`], [`operators`]: the operator dashboard and its accounts;
+//!   [`audit`]: who did what (operators, API callers, runs, the CLI).
+//! - [`db`], [`validation`], [`ids`], [`pubsub`]: the storage error, pool and
+//!   keyset paging, shared field rules, friendly ids, the Redis pub/sub follower.
+//!
+//! The binary's commands live in `src/cli/` (beside `main.rs`, not in this
+//! library).
 
 pub mod analytics;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;

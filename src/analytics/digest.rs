@@ -31,7 +31,7 @@ impl Grain {
         }
     }
 
-    /// The same bucket over Postgres's `created_at` (for `db::created_digests`).
+    /// The same bucket over Postgres's `created_at` (for [`super::source`]).
     pub fn postgres_key(self) -> &'static str {
         match self {
             Grain::Month => {

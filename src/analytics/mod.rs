@@ -13,6 +13,8 @@
 //! - [`watermark`]: how far ClickHouse is known to be complete.
 //! - [`digest`]: per environment and month, what the copy holds, for
 //!   comparing it with Postgres.
+//! - [`source`]: the same digests and id scans over Postgres, the copy's
+//!   source (what `replication::reconcile` compares against).
 //! - [`overview`]: the dashboard overview's aggregates, and the replication
 //!   lag samples its chart reads.
 //! - [`session_list`]: the session list served from ClickHouse, with the
@@ -28,6 +30,7 @@ pub mod overview;
 pub mod rows;
 pub mod schema;
 pub mod session_list;
+pub mod source;
 pub mod watermark;
 
 use std::future::Future;

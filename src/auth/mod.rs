@@ -40,6 +40,14 @@ pub struct Auth {
 }
 
 impl Auth {
+    /// Who this caller is, for the audit log.
+    pub fn actor(&self) -> crate::audit::Actor {
+        match self.principal {
+            Principal::SecretKey => crate::audit::Actor::SecretKey { env: self.env.id },
+            Principal::PublicToken { .. } => crate::audit::Actor::PublicToken { env: self.env.id },
+        }
+    }
+
     pub fn is_secret_key(&self) -> bool {
         matches!(self.principal, Principal::SecretKey)
     }

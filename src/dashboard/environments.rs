@@ -16,9 +16,9 @@ use super::auth::{csrf_token, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{env_label, iso, render, Frame};
 use super::OpsSettings;
+use crate::audit::{self, Actor, AuditAction};
 use crate::auth::Authenticator;
 use crate::db::StoreError;
-use crate::operators::audit;
 use crate::tenancy::keys;
 use crate::tenancy::store::{self as tenancy_store, EnvListing};
 
@@ -112,8 +112,8 @@ pub async fn rotate_key(
     let hint = keys::hint(&key);
     audit::record(
         &mut *tx,
-        signed.operator.id,
-        "environment.rotate_key",
+        &Actor::Operator(signed.operator.id),
+        AuditAction::EnvironmentRotateKey,
         &format!("environment:{id}"),
         json!({ "hint": hint }),
     )

@@ -40,6 +40,15 @@ impl From<StoreError> for DashboardError {
     }
 }
 
+impl From<crate::sessions::close::CloseError> for DashboardError {
+    fn from(err: crate::sessions::close::CloseError) -> Self {
+        match err {
+            crate::sessions::close::CloseError::NotFound => DashboardError::NotFound("No such session".into()),
+            other => DashboardError::Internal(other.into()),
+        }
+    }
+}
+
 impl From<askama::Error> for DashboardError {
     fn from(err: askama::Error) -> Self {
         DashboardError::Internal(err.into())

@@ -17,6 +17,7 @@ use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{env_label, find_session, iso, render, run_manager_error, Frame, PAGE_SIZE};
 use super::paging;
+use crate::audit::Actor;
 use crate::sessions::failed_handoffs::{self, FailedHandoff, FailedHandoffError};
 use crate::sessions::run_manager::{Ensured, RunManager, RunManagerError};
 use crate::sessions::SessionStatus;
@@ -103,7 +104,7 @@ pub async fn retry(
         return Ok(Redirect::to("/dashboard/handoffs").into_response());
     };
     let retried = runs
-        .retry_handoff(s.runtime_environment_id, s.id, signed.operator.id, failed.reason)
+        .retry_handoff(s.runtime_environment_id, s.id, &Actor::Operator(signed.operator.id), failed.reason)
         .await
         .map_err(|err| run_manager_error(&id, err))?;
     match retried {

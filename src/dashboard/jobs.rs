@@ -18,10 +18,10 @@ use uuid::Uuid;
 use super::auth::{csrf_token, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{iso, pretty, render, Frame, PAGE_SIZE};
+use crate::audit::{self, Actor, AuditAction};
 use crate::db::StoreError;
 use crate::jobs::store::{self, AttemptStatus, JobFilter, JobRow, JobStatus, PageAt};
 use crate::jobs::{JobKind, Jobs};
-use crate::operators::audit;
 
 /// Longest search text accepted (an error message fragment, not a document).
 const MAX_SEARCH: usize = 200;
@@ -336,10 +336,10 @@ enum OneJob {
 }
 
 impl OneJob {
-    fn audit_action(self) -> &'static str {
+    fn audit_action(self) -> AuditAction {
         match self {
-            OneJob::Retry => "job.retry",
-            OneJob::Cancel => "job.cancel",
+            OneJob::Retry => AuditAction::JobRetry,
+            OneJob::Cancel => AuditAction::JobCancel,
         }
     }
 
@@ -393,12 +393,19 @@ pub async fn act(
         return Err(refusal(&db, id, what.rule()).await);
     };
     let action = what.audit_action();
-    audit::record(&mut *tx, signed.operator.id, action, &format!("job:{id}"), json!({ "kind": kind })).await?;
+    audit::record(
+        &mut *tx,
+        &Actor::Operator(signed.operator.id),
+        action,
+        &format!("job:{id}"),
+        json!({ "kind": kind }),
+    )
+    .await?;
     tx.commit().await.map_err(StoreError::from)?;
     if let OneJob::Retry = what {
         relay(&jobs, &[(id, kind.clone())]).await;
     }
-    tracing::info!(operator = %signed.operator.email, job = %id, %kind, action, "operator acted on a job");
+    tracing::info!(operator = %signed.operator.email, job = %id, %kind, %action, "operator acted on a job");
     Ok(Redirect::to(&form.filters.job_url(id, &[("done", what.done())])).into_response())
 }
 
@@ -441,7 +448,14 @@ pub async fn retry_selected(
         ));
     }
     let detail = json!({ "jobs": retried.iter().map(|(id, _)| id).collect::<Vec<_>>(), "count": retried.len() });
-    audit::record(&mut *tx, signed.operator.id, "job.retry_selected", "jobs:selected", detail).await?;
+    audit::record(
+        &mut *tx,
+        &Actor::Operator(signed.operator.id),
+        AuditAction::JobRetrySelected,
+        "jobs:selected",
+        detail,
+    )
+    .await?;
     tx.commit().await.map_err(StoreError::from)?;
     relay(&jobs, &retried).await;
     tracing::info!(operator = %signed.operator.email, jobs = retried.len(), "operator retried selected jobs");
@@ -559,7 +573,8 @@ pub async fn retry_matching(
             "count": retried.len(),
         });
         let target = format!("jobs:{}", f.summary());
-        audit::record(&mut *tx, signed.operator.id, "job.retry_matching", &target, detail).await?;
+        audit::record(&mut *tx, &Actor::Operator(signed.operator.id), AuditAction::JobRetryMatching, &target, detail)
+            .await?;
         tx.commit().await.map_err(StoreError::from)?;
         relay(&jobs, &retried).await;
         tracing::info!(operator = %signed.operator.email, jobs = retried.len(), filter = %f.summary(), "operator retried matching jobs");

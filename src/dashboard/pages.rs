@@ -18,9 +18,9 @@ use super::assets::ASSET_VERSION;
 use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
 use super::paging;
-use crate::jobs::Jobs;
-use crate::operators::audit;
+use crate::audit::{self, Actor};
 use crate::runs::store as run_store;
+use crate::sessions::close::SessionCloser;
 use crate::sessions::list::{Cursor, EnvScope, ListQuery, SessionListRepository};
 use crate::sessions::model::Session;
 use crate::sessions::run_manager::{RunManager, RunManagerError};
@@ -396,25 +396,19 @@ pub async fn session(
     })
 }
 
-/// Closes a session as an operator: the close and its audit row commit
-/// together; the channels are sealed by the close's job.
+/// Closes a session as an operator, exactly as the API does (audited in the
+/// close's transaction, channels sealed before the answer, lookup cache
+/// cleared): one [`SessionCloser`] for both.
 pub async fn close_session(
     State(db): State<PgPool>,
-    State(jobs): State<Jobs>,
+    State(closer): State<SessionCloser>,
     Path(id): Path<String>,
     Authorized(signed): Authorized,
 ) -> PageResult<Response> {
     let s = find_session(&db, &id).await?;
-    let mut tx = crate::db::begin(&db).await.map_err(crate::db::StoreError::from)?;
-    let closed =
-        session_store::close_in(&mut tx, s.runtime_environment_id, s.id, Some("closed by an operator"), None).await?;
-    if let Some((_, job)) = closed {
-        audit::record(&mut *tx, signed.operator.id, "session.close", &format!("session:{id}"), json!({ "job": job }))
-            .await?;
-        tx.commit().await.map_err(crate::db::StoreError::from)?;
-        jobs.relay(&[job]).await;
-        tracing::info!(operator = %signed.operator.email, session = %id, "operator closed a session");
-    }
+    let by = Actor::Operator(signed.operator.id);
+    closer.close(&by, s.runtime_environment_id, s.id, Some("closed by an operator"), None).await?;
+    tracing::info!(operator = %signed.operator.email, session = %id, "operator closed a session");
     Ok(Redirect::to(&format!("/dashboard/sessions/{id}")).into_response())
 }
 
@@ -428,7 +422,7 @@ pub async fn trigger_run(
 ) -> PageResult<Response> {
     let s = find_session(&db, &id).await?;
     let run = runs
-        .trigger_manual_as(s.runtime_environment_id, s.id, Some(signed.operator.id))
+        .trigger_manual(s.runtime_environment_id, s.id, &Actor::Operator(signed.operator.id))
         .await
         .map_err(|err| run_manager_error(&id, err))?;
     tracing::info!(operator = %signed.operator.email, session = %id, %run, "operator triggered a run");
@@ -480,7 +474,7 @@ pub async fn audit(State(db): State<PgPool>, signed: Signed, Query(q): Query<Aud
         .into_iter()
         .map(|e| AuditRow {
             at: iso(&e.created_at),
-            operator: e.operator_email,
+            operator: e.actor,
             action: e.action,
             target: e.target,
             detail: if e.detail == json!({}) { String::new() } else { e.detail.to_string() },

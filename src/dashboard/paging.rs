@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::error::{DashboardError, PageResult};
-use crate::db::Keyset;
+use crate::db::paging::Keyset;
 
 /// The cursor of a row.
 pub fn encode(at: &DateTime<Utc>, id: Uuid) -> String {

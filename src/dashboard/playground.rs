@@ -22,12 +22,12 @@ use uuid::Uuid;
 use super::auth::{csrf_token, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{env_choices, env_label, find_session, iso, render, EnvChoice, Frame};
+use crate::audit::{self, Actor, AuditAction};
 use crate::auth::minting::{self, Expiration};
 use crate::auth::{jwt, Authenticator, Principal};
 use crate::db::StoreError;
 use crate::ids::{id_problem, SESSION_PREFIX};
 use crate::jobs::Jobs;
-use crate::operators::audit;
 use crate::runs::store as run_store;
 use crate::sessions::model::Session;
 use crate::sessions::store::{self as session_store, CreateOutcome};
@@ -120,14 +120,20 @@ pub async fn start(
         .ok_or_else(|| DashboardError::NotFound(format!("No environment {env_id}")))?;
     let reopen = form.reopen.trim();
     let (session, action) = if reopen.is_empty() {
-        (create(&db, &jobs, &env, &form.task, signed.operator.id).await?, "playground.start")
+        (create(&db, &jobs, &env, &form.task, signed.operator.id).await?, AuditAction::PlaygroundStart)
     } else {
         let session = find_to_reopen(&db, &env, reopen).await?;
-        audit::record(&db, signed.operator.id, "playground.reopen", &target(&session), audit_detail(&env, &session))
-            .await?;
-        (session, "playground.reopen")
+        audit::record(
+            &db,
+            &Actor::Operator(signed.operator.id),
+            AuditAction::PlaygroundReopen,
+            &target(&session),
+            audit_detail(&env, &session),
+        )
+        .await?;
+        (session, AuditAction::PlaygroundReopen)
     };
-    tracing::info!(operator = %signed.operator.email, session = %session.friendly_id, action, "operator used the playground");
+    tracing::info!(operator = %signed.operator.email, session = %session.friendly_id, %action, "operator used the playground");
     Ok(Redirect::to(&format!("/dashboard/playground/{}", session.friendly_id)).into_response())
 }
 
@@ -157,8 +163,14 @@ async fn create(db: &PgPool, jobs: &Jobs, env: &Environment, task: &str, operato
     let mut tx = crate::db::begin(db).await.map_err(StoreError::from)?;
     match session_store::create_in(&mut tx, env, &new).await? {
         CreateOutcome::Created(session, job) => {
-            audit::record(&mut *tx, operator, "playground.start", &target(&session), audit_detail(env, &session))
-                .await?;
+            audit::record(
+                &mut *tx,
+                &Actor::Operator(operator),
+                AuditAction::PlaygroundStart,
+                &target(&session),
+                audit_detail(env, &session),
+            )
+            .await?;
             tx.commit().await.map_err(StoreError::from)?;
             jobs.relay(&[job]).await;
             Ok(session)

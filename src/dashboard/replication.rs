@@ -16,9 +16,10 @@ use super::error::{DashboardError, PageResult};
 use super::pages::{iso, render, Frame, PAGE_SIZE};
 use super::{charts, paging, OpsSettings};
 use crate::analytics::backfill::{self, Backfill};
-use crate::db::{Keyset, StoreError};
+use crate::audit::{self, Actor, AuditAction};
+use crate::db::paging::Keyset;
+use crate::db::StoreError;
 use crate::jobs::Jobs;
-use crate::operators::audit;
 use crate::replication::health::{self, ReplicationHealth, WalAlert};
 
 /// What Postgres says of the slot, as shown.
@@ -269,8 +270,8 @@ pub async fn start_backfill(
     let ids: Vec<String> = backfills.iter().map(|b| b.id.to_string()).collect();
     audit::record(
         &mut *tx,
-        signed.operator.id,
-        "clickhouse.backfill",
+        &Actor::Operator(signed.operator.id),
+        AuditAction::ClickhouseBackfill,
         "clickhouse",
         json!({ "backfills": ids, "jobs": queued }),
     )

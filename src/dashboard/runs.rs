@@ -4,19 +4,20 @@
 use askama::Template;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
-use serde_json::json;
+
 use sqlx::PgPool;
 
 use super::auth::{Authorized, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{env_choices, iso, pick_env, pretty, render, EnvChoice, Frame, PAGE_SIZE};
 use super::paging;
-use crate::db::StoreError;
+use crate::audit::Actor;
+
 use crate::jobs::store as job_store;
-use crate::jobs::Jobs;
-use crate::operators::audit;
+
+use crate::runs::cancel::RunCanceller;
 use crate::runs::store::{self as run_store, Run, RunFilter};
-use crate::runs::{self, RunStatus};
+use crate::runs::RunStatus;
 use crate::sessions::store as session_store;
 use crate::tenancy::store as tenancy_store;
 use crate::waitpoints::store as waitpoint_store;
@@ -255,11 +256,12 @@ pub async fn show(
     })
 }
 
-/// Cancels a run as an operator: the cancel's durable job and the audit row
-/// commit together; the job is relayed after the commit.
+/// Cancels a run as an operator, as the API does (one [`RunCanceller`]): the
+/// cancel's durable job and the audit row commit together; the job is
+/// relayed after the commit.
 pub async fn cancel(
     State(db): State<PgPool>,
-    State(jobs): State<Jobs>,
+    State(canceller): State<RunCanceller>,
     Path(id): Path<String>,
     Authorized(signed): Authorized,
 ) -> PageResult<Response> {
@@ -267,11 +269,7 @@ pub async fn cancel(
     if r.status.is_final() {
         return Err(DashboardError::BadRequest(format!("{id} is {}: a finished run cannot be canceled", r.status)));
     }
-    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
-    let job = runs::cancel::request(&mut *tx, r.id).await?;
-    audit::record(&mut *tx, signed.operator.id, "run.cancel", &format!("run:{id}"), json!({ "job": job })).await?;
-    tx.commit().await.map_err(StoreError::from)?;
-    jobs.relay(&[job]).await;
+    canceller.cancel(&Actor::Operator(signed.operator.id), r.id, &id).await?;
     tracing::info!(operator = %signed.operator.email, run = %id, "operator canceled a run");
     Ok(Redirect::to(&format!("/dashboard/runs/{id}")).into_response())
 }

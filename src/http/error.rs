@@ -13,6 +13,7 @@ use crate::auth::AuthError;
 use crate::db::StoreError;
 use crate::runs::dispatch::DispatchError;
 use crate::sessions::access::AccessError;
+use crate::sessions::close::CloseError;
 use crate::sessions::list::ListQueryError;
 use crate::sessions::run_manager::RunManagerError;
 use crate::streams::effects::{AppendError, EffectError};
@@ -264,6 +265,18 @@ impl From<WaitError> for ApiError {
             WaitError::TooManyPending(limit) => ApiError::Quota(Quota::PendingWaitpoints { limit }),
             WaitError::Store(e) => e.into(),
             WaitError::Channel(e) => e.into(),
+        }
+    }
+}
+
+impl From<CloseError> for ApiError {
+    fn from(err: CloseError) -> Self {
+        match err {
+            CloseError::NotFound => ApiError::NotFound("Session not found".into()),
+            CloseError::Store(e) => e.into(),
+            // Closed but not sealed: the cause stays in the chain, so Redis
+            // away is classified 503, not 500 (the job keeps sealing).
+            seal @ CloseError::Seal { .. } => ApiError::Internal(anyhow::Error::new(seal)),
         }
     }
 }

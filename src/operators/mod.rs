@@ -1,8 +1,7 @@
 //! Dashboard operators: accounts with a role, passwords hashed with argon2id,
-//! signed-in browser sessions, and the audit log of their actions.
+//! signed-in browser sessions (their actions are in [`crate::audit`]).
 //!
 //! - [`store`]: SQL for `operators` and `operator_sessions`.
-//! - [`audit`]: SQL for `audit_log`, written inside the action's transaction.
 //! - [`sign_in`]: a sign-in attempt, throttled per client address and slowed
 //!   per email.
 //!
@@ -10,7 +9,6 @@
 //! it runs on the blocking pool behind [`Verifier`]'s permits, never on the
 //! async workers that serve every other request.
 
-pub mod audit;
 pub mod sign_in;
 pub mod store;
 

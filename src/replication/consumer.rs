@@ -204,8 +204,9 @@ impl Replicator {
     /// Streams the slot in three parts, so that no slow write holds up the
     /// reading of the stream:
     ///
-    /// - this loop reads and decodes, and closes a batch at `batch_rows` rows
-    ///   or `batch_age` after its first row;
+    /// - this loop reads and decodes ([`Replicator::on_event`]), and closes a
+    ///   batch at `batch_rows` rows or `batch_age` after its first row
+    ///   ([`Reading::close`]);
     /// - the recorder writes closed batches to Postgres with their flush jobs
     ///   ([`Replicator::record_batches`]); batches that queued up while it was
     ///   writing go out merged into one, so under load a flush carries more
@@ -233,9 +234,7 @@ impl Replicator {
         let mut confirmer =
             AbortOnDrop(tokio::spawn(self.clone().confirm_flushed(progress.clone(), confirmed_tx, token)));
 
-        let mut decoder = Decoder::new(self.schema.clone());
-        let mut batch = Batch::default();
-        let mut first_row_at: Option<Instant> = None;
+        let mut reading = Reading::new(self.schema.clone());
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut renew = tokio::time::interval(lease.renew_every());
         renew.tick().await;
@@ -246,52 +245,9 @@ impl Replicator {
             tokio::select! {
                 event = client.recv() => {
                     let Some(event) = event? else { return Ok(()) };
-                    match event {
-                        ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
-                            let commit_time = pgoutput::timestamp(commit_time_micros)?;
-                            decoder.decode(Message::Begin(Begin { final_lsn: final_lsn.as_u64(), commit_time, xid }))?;
-                        }
-                        ReplicationEvent::XLogData { data, .. } => {
-                            match decoder.decode(pgoutput::decode(&data)?)? {
-                                Some(Event::Change(change)) => {
-                                    first_row_at.get_or_insert_with(Instant::now);
-                                    batch.push(change);
-                                }
-                                Some(Event::Rekeyed(old, new)) => {
-                                    first_row_at.get_or_insert_with(Instant::now);
-                                    batch.push(old);
-                                    batch.push(new);
-                                }
-                                Some(Event::Truncate(tables)) => {
-                                    // No per-row deletes follow a TRUNCATE; ClickHouse keeps the rows
-                                    // until an operator rebuilds the copy.
-                                    tracing::error!(slot = %self.slot, ?tables, "tables truncated in Postgres; the clickhouse copy needs rebuilding");
-                                }
-                                _ => {}
-                            }
-                        }
-                        ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
-                            let commit_time = pgoutput::timestamp(commit_time_micros)?;
-                            let commit = Commit { flags: 0, commit_lsn: lsn.as_u64(), end_lsn: end_lsn.as_u64(), commit_time };
-                            decoder.decode(Message::Commit(commit))?;
-                            if batch.rows() > 0 {
-                                batch.commit(lsn.as_u64(), end_lsn.as_u64(), commit_time);
-                                close = batch.rows() >= self.batch_rows;
-                            } else {
-                                progress.lock().quiet(end_lsn.as_u64());
-                            }
-                        }
-                        ReplicationEvent::KeepAlive { wal_end, .. } => {
-                            if batch.rows() == 0 && !decoder.in_transaction() {
-                                progress.lock().quiet(wal_end.as_u64());
-                            }
-                        }
-                        ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
-                    }
+                    close = self.on_event(&mut reading, event, &progress)?;
                 }
-                _ = tick.tick() => {
-                    close = batch.commit_time.is_some() && first_row_at.is_some_and(|t| t.elapsed() >= self.batch_age);
-                }
+                _ = tick.tick() => close = reading.aged(self.batch_age),
                 changed = confirmed_rx.changed() => {
                     if changed.is_ok() {
                         client.update_applied_lsn(Lsn::from_u64(*confirmed_rx.borrow_and_update()));
@@ -309,26 +265,76 @@ impl Replicator {
                 _ = shutdown.changed() => return Ok(()),
             }
             if close {
-                // Rows of a transaction still open may leave with it: the
-                // batch's end stays at its last commit, so a replay after a
-                // crash starts before that transaction.
-                let full = std::mem::take(&mut batch);
-                first_row_at = None;
-                progress.lock().queued += 1;
-                // A full queue holds the stream here (the slot keeps the WAL)
-                // until the recorder catches up.
-                if batches.send(full).await.is_err() {
-                    return Err(helper_ended("recorder", Ok(Ok(()))));
-                }
+                reading.close(&progress, &batches).await?;
             }
-            progress.lock().buffering = batch.rows() > 0;
-            let rows = batch.rows();
-            self.open_rows.send_if_modified(|open| std::mem::replace(open, rows) != rows);
+            self.publish_open(&reading, &progress);
             if !lease.held() {
                 tracing::warn!(slot = %self.slot, "replication lease not renewed in time; stopping");
                 return Ok(());
             }
         }
+    }
+
+    /// One message of the stream: decoded, its changes added to the open
+    /// batch, a commit closing the transaction in it. Returns whether the
+    /// batch is now full. A transaction with no rows for the copy (or a
+    /// keepalive between transactions with nothing buffered) tells the
+    /// confirmer the WAL up to it is quiet.
+    fn on_event(
+        &self,
+        reading: &mut Reading,
+        event: ReplicationEvent,
+        progress: &SharedProgress,
+    ) -> Result<bool, ReplicationError> {
+        let Reading { decoder, batch, first_row_at } = reading;
+        match event {
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                let commit_time = pgoutput::timestamp(commit_time_micros)?;
+                decoder.decode(Message::Begin(Begin { final_lsn: final_lsn.as_u64(), commit_time, xid }))?;
+            }
+            ReplicationEvent::XLogData { data, .. } => match decoder.decode(pgoutput::decode(&data)?)? {
+                Some(Event::Change(change)) => {
+                    first_row_at.get_or_insert_with(Instant::now);
+                    batch.push(change);
+                }
+                Some(Event::Rekeyed(old, new)) => {
+                    first_row_at.get_or_insert_with(Instant::now);
+                    batch.push(old);
+                    batch.push(new);
+                }
+                Some(Event::Truncate(tables)) => {
+                    // No per-row deletes follow a TRUNCATE; ClickHouse keeps the rows
+                    // until an operator rebuilds the copy.
+                    tracing::error!(slot = %self.slot, ?tables, "tables truncated in Postgres; the clickhouse copy needs rebuilding");
+                }
+                _ => {}
+            },
+            ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
+                let commit_time = pgoutput::timestamp(commit_time_micros)?;
+                let commit = Commit { flags: 0, commit_lsn: lsn.as_u64(), end_lsn: end_lsn.as_u64(), commit_time };
+                decoder.decode(Message::Commit(commit))?;
+                if batch.rows() > 0 {
+                    batch.commit(lsn.as_u64(), end_lsn.as_u64(), commit_time);
+                    return Ok(batch.rows() >= self.batch_rows);
+                }
+                progress.lock().quiet(end_lsn.as_u64());
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if batch.rows() == 0 && !decoder.in_transaction() {
+                    progress.lock().quiet(wal_end.as_u64());
+                }
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(false)
+    }
+
+    /// Tells the confirmer whether rows are buffered, and the test hook how
+    /// many (see `open_rows`).
+    fn publish_open(&self, reading: &Reading, progress: &SharedProgress) {
+        let rows = reading.batch.rows();
+        progress.lock().buffering = rows > 0;
+        self.open_rows.send_if_modified(|open| std::mem::replace(open, rows) != rows);
     }
 
     /// The recorder: writes closed batches with their flush jobs, in stream
@@ -471,6 +477,47 @@ impl Replicator {
             if self.jobs.retry(job).await?.is_some() {
                 tracing::warn!(%job, "a backfill chunk failed every attempt; retrying it");
             }
+        }
+        Ok(())
+    }
+}
+
+/// What the stream has read and not yet handed on: the decoder (mid
+/// transaction, perhaps) and the batch it fills.
+struct Reading {
+    decoder: Decoder,
+    batch: Batch,
+    /// When the open batch got its first row.
+    first_row_at: Option<Instant>,
+}
+
+impl Reading {
+    fn new(schema: String) -> Self {
+        Reading { decoder: Decoder::new(schema), batch: Batch::default(), first_row_at: None }
+    }
+
+    /// Whether the open batch holds a committed transaction and its first
+    /// row is `batch_age` old: time to close it, however few rows it has.
+    fn aged(&self, batch_age: Duration) -> bool {
+        self.batch.commit_time.is_some() && self.first_row_at.is_some_and(|t| t.elapsed() >= batch_age)
+    }
+
+    /// Hands the open batch to the recorder and starts an empty one. Rows of
+    /// a transaction still open may leave with it: the batch's end stays at
+    /// its last commit, so a replay after a crash starts before that
+    /// transaction.
+    async fn close(
+        &mut self,
+        progress: &SharedProgress,
+        batches: &tokio::sync::mpsc::Sender<Batch>,
+    ) -> Result<(), ReplicationError> {
+        let full = std::mem::take(&mut self.batch);
+        self.first_row_at = None;
+        progress.lock().queued += 1;
+        // A full queue holds the stream here (the slot keeps the WAL)
+        // until the recorder catches up.
+        if batches.send(full).await.is_err() {
+            return Err(helper_ended("recorder", Ok(Ok(()))));
         }
         Ok(())
     }

@@ -52,11 +52,12 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::analytics::backfill::{self, BackfillRequest, DEFAULT_CHUNK_SIZE};
-use crate::analytics::digest::{self, BucketDigest, Digest, Grain, Scope};
+use crate::analytics::digest::{self, Digest, Grain, Scope};
 use crate::analytics::rows::{RunRow, SessionRow};
+use crate::analytics::source;
 use crate::analytics::watermark::{self, Table};
 use crate::analytics::{AnalyticsError, ClickHouse};
-use crate::db::{self, StoreError};
+use crate::db::StoreError;
 use crate::jobs::Jobs;
 use crate::runs::store as run_store;
 use crate::sessions::store as session_store;
@@ -167,8 +168,7 @@ pub async fn reconcile(
 ) -> Result<Option<Outcome>, ReconcileError> {
     let Some(mark) = watermark::read(ch, table).await? else { return Ok(None) };
     let cutoff = mark - Duration::from_std(margin).unwrap_or_else(|_| Duration::zero());
-    let pg = pg_table(table);
-    let ours = db::created_digests(pool, pg, Grain::Month, None, cutoff).await?;
+    let ours = source::digests(pool, table, Grain::Month, None, cutoff).await?;
     let theirs = digest::digests(ch, table, Grain::Month, None, cutoff).await?;
     let mut outcome = Outcome {
         rows_compared: ours.iter().map(|d| d.rows).sum(),
@@ -180,11 +180,7 @@ pub async fn reconcile(
     for (environment_id, month) in differing(&ours, &theirs).into_iter().take(MAX_MONTHS) {
         let Some((from, to)) = Grain::Month.range(month) else { continue };
         let scope = Scope { environment_id, from, to: to.min(cutoff) };
-        let ours = match Uuid::parse_str(&scope.environment_id) {
-            Ok(env) => db::created_digests(pool, pg, Grain::Hour, Some((env, scope.from, scope.to)), cutoff).await?,
-            // An environment id that is not a uuid has no rows in Postgres at all.
-            Err(_) => Vec::new(),
-        };
+        let ours = source::digests(pool, table, Grain::Hour, Some(&scope), cutoff).await?;
         let theirs = digest::digests(ch, table, Grain::Hour, Some(&scope), cutoff).await?;
         outcome.hours += keys(&ours).union(&keys(&theirs)).count();
         hours.extend(differing(&ours, &theirs));
@@ -222,12 +218,8 @@ async fn differs(
     scope: &Scope,
     cutoff: DateTime<Utc>,
 ) -> Result<bool, ReconcileError> {
-    let env = Uuid::parse_str(&scope.environment_id).ok();
     for _ in 0..ROUNDS {
-        let ours = match env {
-            Some(env) => db::bucket_digest(pool, pg_table(table), env, scope.from, scope.to, cutoff).await?,
-            None => BucketDigest { rows: 0, newest_update_us: 0, update_sum: "0".into(), changed: Vec::new() },
-        };
+        let ours = source::bucket_digest(pool, table, scope, cutoff).await?;
         if ours.changed.len() > MAX_LEFT_OUT {
             return Ok(true);
         }
@@ -252,14 +244,10 @@ async fn repair(
     scope: &Scope,
     outcome: &mut Outcome,
 ) -> Result<(), ReconcileError> {
-    let env = Uuid::parse_str(&scope.environment_id).ok();
     // The copy first: a row it holds was committed in Postgres before, so
     // Postgres read after it lists the row unless it was deleted.
     let copied = digest::ids(ch, table, scope).await?;
-    let present = match env {
-        Some(env) => db::created_ids(pool, pg_table(table), env, scope.from, scope.to).await?,
-        None => Vec::new(),
-    };
+    let present = source::ids(pool, table, scope).await?;
     outcome.tombstoned += remove_extra_rows(pool, ch, table, scope, copied, &present).await?;
     if present.len() > MAX_INLINE_ROWS {
         let last = scope.to - Duration::microseconds(1);
@@ -273,6 +261,7 @@ async fn repair(
         outcome.backfilled += 1;
         return Ok(());
     }
+    let env = Uuid::parse_str(&scope.environment_id).ok();
     for ids in present.chunks(DEFAULT_CHUNK_SIZE as usize) {
         outcome.copied += copy_rows(pool, ch, table, env, ids).await?;
     }
@@ -334,13 +323,6 @@ async fn remove_extra_rows(
 async fn current_lsn(pool: &PgPool) -> Result<u64, StoreError> {
     let mut conn = pool.acquire().await?;
     crate::sessions::store::current_wal_lsn(&mut conn).await
-}
-
-fn pg_table(table: Table) -> &'static str {
-    match table {
-        Table::Sessions => "sessions",
-        Table::Runs => "task_runs",
-    }
 }
 
 type Key = (String, i64);

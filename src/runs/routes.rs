@@ -1,5 +1,5 @@
 //! The worker protocol: how task workers receive runs and report on them.
-//! See README "Worker protocol".
+//! See docs/api.md, "Worker protocol".
 
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use sqlx::PgPool;
 
+use super::cancel::RunCanceller;
 use super::dispatch::{DequeueRequest, Dispatcher};
 use super::store::{self, Run, Transition};
 use super::{DequeuedRun, RunStatus, RunTimings, MAX_DEQUEUE_RUNS};
@@ -21,7 +22,6 @@ use crate::app::AppState;
 use crate::auth::{jwt, Action, Auth};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiJson, DataJson, PathId};
-use crate::jobs::Jobs;
 use crate::streams::permits::{Holder, StreamPermits};
 use crate::validation::{check_len, ValidationError};
 
@@ -285,13 +285,12 @@ struct CancelResponse {
 /// next heartbeat.
 async fn cancel(
     State(db): State<PgPool>,
-    State(jobs): State<Jobs>,
+    State(canceller): State<RunCanceller>,
     auth: Auth,
     PathId(run): PathId,
 ) -> ApiResult<Json<CancelResponse>> {
     authorize_run(&auth, Action::Write, &run)?;
     let found = store::find(&db, auth.env.id, &run).await?.ok_or_else(not_found)?;
-    let job = super::cancel::request(&db, found.id).await?;
-    jobs.relay(&[job]).await;
-    Ok(Json(CancelResponse { id: found.friendly_id, job_id: job.id() }))
+    let job_id = canceller.cancel(&auth.actor(), found.id, &found.friendly_id).await?;
+    Ok(Json(CancelResponse { id: found.friendly_id, job_id }))
 }

@@ -5,7 +5,8 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{session_payload, Continuation, Outcome, RunSettings, RunStatus, TriggerReason};
-use crate::db::{Keyset, StoreError};
+use crate::db::paging::Keyset;
+use crate::db::StoreError;
 use crate::ids;
 
 /// A run about to be inserted, built from a session's trigger config.
@@ -579,7 +580,7 @@ pub async fn export_chunk(
     limit: i64,
 ) -> Result<Vec<Run>, StoreError> {
     let mut b = sqlx::QueryBuilder::new(format!("SELECT {RUN_COLUMNS} FROM task_runs t WHERE true"));
-    crate::db::push_created_range(&mut b, "t", after, from, to);
+    crate::db::paging::push_created_range(&mut b, "t", after, from, to);
     b.push(format!(" ORDER BY t.created_at, t.id LIMIT {}", limit.max(1)));
     Ok(b.build_query_as().fetch_all(conn).await?)
 }

@@ -12,6 +12,7 @@
 //! - [`routes`]: the control-plane HTTP handlers.
 
 pub mod access;
+pub mod close;
 pub mod failed_handoffs;
 pub mod jobs;
 pub mod list;

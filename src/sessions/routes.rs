@@ -14,12 +14,12 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use super::access;
+use super::close::SessionCloser;
 use super::list::{EnvScope, ListQuery, SessionListRepository};
 
 /// Names the store that served a list (`clickhouse` or `postgres`), so tests
 /// and operators can tell a degraded answer.
 pub const LIST_SOURCE_HEADER: &str = "x-sessiond-list-source";
-use super::lookup::SessionLookup;
 use super::model::{Session, SessionItem};
 use super::run_manager::{Ensured, RunManager};
 use super::store::{self, CreateOutcome, UpdateError};
@@ -30,7 +30,6 @@ use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiJson, PathId};
 use crate::jobs::Jobs;
 use crate::limits::{Limits, RouteClass};
-use crate::waitpoints::Waitpoints;
 
 /// Create's body limit, as upstream's: only metadata grows, and 32 KB is plenty
 /// (the other routes keep `MAX_BODY_BYTES`).
@@ -140,41 +139,15 @@ async fn update(
 
 async fn close(
     State(db): State<PgPool>,
-    State(jobs): State<Jobs>,
-    State(lookup): State<Arc<SessionLookup>>,
-    State(waitpoints): State<Waitpoints>,
+    State(closer): State<SessionCloser>,
     auth: Auth,
     PathId(key): PathId,
     ApiJson(body): ApiJson<CloseSessionBody>,
 ) -> ApiResult<Json<SessionItem>> {
     let reason = validate::close_reason(&body)?;
     let session = access::load(&db, &auth, &key, Action::Write).await?;
-    let (closed, job) = store::close(&db, auth.env.id, session.id, reason.as_deref(), body.calling_run_id.as_deref())
-        .await?
-        .ok_or_else(|| ApiError::NotFound("Session not found".into()))?;
-    lookup.forget(&closed);
-    // A close is acknowledged only once the channels are sealed, so no write
-    // lands after it: the seal marker, which the append script checks, stops
-    // appends on every server, whatever their lookup caches still say. A seal
-    // that fails answers 503 while Redis is away, 500 otherwise (the job keeps
-    // trying either way), and a retry (closed, `channels_closed_at` still
-    // null) seals again before it answers.
-    let sealed = match closed.channels_closed_at {
-        Some(_) => Ok(()),
-        None => {
-            let notify_in = closed.close_wakes_in(body.calling_run_id.as_deref());
-            waitpoints.close_channels(closed.id, closed.closed_reason.as_deref(), notify_in).await
-        }
-    };
-    if let Some(job) = job {
-        jobs.relay(&[job]).await;
-    }
-    // The cause stays in the chain: Redis away is classified 503, not 500.
-    sealed.map_err(|err| {
-        ApiError::from(
-            anyhow::Error::from(err).context(format!("sealing the channels of closed session {}", closed.friendly_id)),
-        )
-    })?;
+    let by = auth.actor();
+    let closed = closer.close(&by, auth.env.id, session.id, reason.as_deref(), body.calling_run_id.as_deref()).await?;
     Ok(Json(closed.to_item()))
 }
 

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use super::failed_handoffs::HandoffReason;
 use super::model::Session;
 use super::store;
+use crate::audit::{self, Actor, AuditAction};
 use crate::db::StoreError;
 use crate::jobs::{self, Jobs};
 use crate::runs::jobs::TriggerRun;
@@ -110,15 +111,15 @@ pub async fn apply_handoff(channels: &ChannelStore, step: &HandoffStep) -> Resul
     Ok(())
 }
 
-/// An operator's action that a claim carries out (a manual trigger, a handoff
+/// An audited action that a claim carries out (a manual trigger, a handoff
 /// retry). Its audit row is written in the claim's own transaction, so the
 /// new run and its record stand or fall together; the row's detail names the
 /// new run (`run`) and the run the claim canceled (`canceled`, null if none)
 /// besides the action's own fields.
 #[derive(Debug, Clone)]
-pub struct OperatorClaim {
-    pub operator: Uuid,
-    pub action: &'static str,
+pub struct AuditedClaim {
+    pub actor: Actor,
+    pub action: AuditAction,
     pub detail: Map<String, Value>,
 }
 
@@ -194,7 +195,7 @@ impl RunManager {
         s: &Session,
         reason: TriggerReason,
         expect_current: Option<Uuid>,
-        by_operator: Option<&OperatorClaim>,
+        audited: Option<&AuditedClaim>,
     ) -> Result<Option<String>, RunManagerError> {
         let config: TriggerConfig =
             serde_json::from_value(s.trigger_config.clone()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -241,12 +242,12 @@ impl RunManager {
             let output = json!({"canceled": true, "reason": "superseded", "supersededBy": run.friendly_id});
             waitpoint_store::cancel_for_run(&mut tx, *previous_id, &output).await?;
         }
-        if let Some(by) = by_operator {
+        if let Some(by) = audited {
             let mut detail = by.detail.clone();
             detail.insert("run".into(), json!(run.friendly_id));
             detail.insert("canceled".into(), json!(canceled));
             let target = format!("session:{}", s.friendly_id);
-            crate::operators::audit::record(&mut *tx, by.operator, by.action, &target, Value::Object(detail)).await?;
+            audit::record(&mut *tx, &by.actor, by.action, &target, Value::Object(detail)).await?;
         }
         if previous.is_some() || step.control.is_some() {
             job_ids.push(jobs::store::insert(&mut *tx, &step, jobs::DEFAULT_MAX_ATTEMPTS).await?);
@@ -316,24 +317,15 @@ impl RunManager {
         Err(RunManagerError::Contended(MAX_CLAIM_ATTEMPTS))
     }
 
-    /// Operator action: start a fresh run now (reason manual); the current one is
-    /// replaced and fenced, so the session still has exactly one live run.
-    pub async fn trigger_manual(&self, env_id: Uuid, session_id: Uuid) -> Result<String, RunManagerError> {
-        self.trigger_manual_as(env_id, session_id, None).await
-    }
-
-    /// [`RunManager::trigger_manual`] on behalf of a dashboard operator, whose
-    /// audit row commits with the new run.
-    pub async fn trigger_manual_as(
-        &self,
-        env_id: Uuid,
-        session_id: Uuid,
-        operator: Option<Uuid>,
-    ) -> Result<String, RunManagerError> {
-        let by = operator.map(|operator| OperatorClaim { operator, action: "session.trigger", detail: Map::new() });
+    /// Start a fresh run now (reason manual), for an operator on the dashboard
+    /// or at the command line; the current one is replaced and fenced, so the
+    /// session still has exactly one live run. Audited as `by`, in the claim's
+    /// transaction.
+    pub async fn trigger_manual(&self, env_id: Uuid, session_id: Uuid, by: &Actor) -> Result<String, RunManagerError> {
+        let by = AuditedClaim { actor: by.clone(), action: AuditAction::SessionTrigger, detail: Map::new() };
         for _ in 0..MAX_CLAIM_ATTEMPTS {
             let s = self.open_session(env_id, session_id).await?;
-            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Manual, None, by.as_ref()).await? {
+            if let Some(run) = self.trigger_and_claim(&s, TriggerReason::Manual, None, Some(&by)).await? {
                 return Ok(run);
             }
         }
@@ -350,12 +342,12 @@ impl RunManager {
         &self,
         env_id: Uuid,
         session_id: Uuid,
-        operator: Uuid,
+        by: &Actor,
         reason: HandoffReason,
     ) -> Result<Ensured, RunManagerError> {
         let mut detail = Map::new();
         detail.insert("reason".into(), json!(reason.as_str()));
-        let by = OperatorClaim { operator, action: "handoff.retry", detail };
+        let by = AuditedClaim { actor: by.clone(), action: AuditAction::HandoffRetry, detail };
         for _ in 0..MAX_CLAIM_ATTEMPTS {
             let s = self.open_session(env_id, session_id).await?;
             if let Some(run) = self.current_run_serving(&s).await? {

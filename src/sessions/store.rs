@@ -6,7 +6,8 @@ use uuid::Uuid;
 
 use super::model::Session;
 use super::validate::{NewSession, Patch, SessionPatch};
-use crate::db::{Keyset, StoreError};
+use crate::db::paging::Keyset;
+use crate::db::StoreError;
 use crate::ids::{self, SESSION_PREFIX};
 use crate::jobs::{self, NewJob};
 use crate::runs::jobs::TriggerRun;
@@ -291,37 +292,14 @@ pub async fn update(
     }
 }
 
-/// Closes a session once. The conditional update only matches an open row, so
-/// concurrent closes cannot overwrite the first `closed_at`/`closed_reason`; a
-/// close that matched nothing re-reads and returns the winner's row.
+/// Closes an open session inside the caller's transaction (the close's audit
+/// row commits in the same one; see `sessions::close`) and writes the job
+/// that seals its channels. The conditional update only matches an open row,
+/// so concurrent closes cannot overwrite the first `closed_at` and
+/// `closed_reason`. None if the session is not open (or not there).
 ///
-/// The close that wins also writes the `close-channels` job in the same
-/// transaction (returned, to relay): it wakes a waiting run with a
-/// `session-closed` record on `.in` unless `calling_run` (the run closing its
-/// own session) is the current run.
-pub async fn close(
-    pool: &PgPool,
-    env_id: Uuid,
-    id: Uuid,
-    reason: Option<&str>,
-    calling_run: Option<&str>,
-) -> Result<Option<(Session, Option<NewJob>)>, StoreError> {
-    let mut tx = crate::db::begin(pool).await?;
-    match close_in(&mut tx, env_id, id, reason, calling_run).await? {
-        Some((s, job_id)) => {
-            tx.commit().await?;
-            Ok(Some((s, Some(job_id))))
-        }
-        None => {
-            tx.rollback().await?;
-            Ok(find_by_id(pool, env_id, id).await?.map(|s| (s, None)))
-        }
-    }
-}
-
-/// Closes an open session inside the caller's transaction (an operator's
-/// close writes its audit row in the same one) and writes the job that seals
-/// its channels. None if the session is not open (or not there).
+/// The job wakes a waiting run with a `session-closed` record on `.in`
+/// unless `calling_run` (the run closing its own session) is the current run.
 pub async fn close_in(
     tx: &mut sqlx::PgConnection,
     env_id: Uuid,
@@ -410,7 +388,7 @@ pub async fn export_chunk(
     let mut b = sqlx::QueryBuilder::new(format!(
         "SELECT {SESSION_SELECT} FROM sessions s LEFT JOIN task_runs r ON r.id = s.current_run_id WHERE true"
     ));
-    crate::db::push_created_range(&mut b, "s", after, from, to);
+    crate::db::paging::push_created_range(&mut b, "s", after, from, to);
     b.push(format!(" ORDER BY s.created_at, s.id LIMIT {}", limit.max(1)));
     Ok(b.build_query_as().fetch_all(conn).await?)
 }

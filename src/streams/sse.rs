@@ -254,117 +254,155 @@ impl State {
             return Some(batch_frame(&[gap]));
         }
         loop {
-            match self.phase {
+            let step = match self.phase {
                 Phase::Done => return None,
                 // (`is_elapsed` only turns true once the timer has been polled.)
-                Phase::Backlog if Instant::now() >= self.deadline.deadline() => self.phase = Phase::Done,
-                Phase::Backlog => match match self.sub.first_read.take() {
-                    Some(records) => Ok(records),
-                    None => self.sub.store.read_after(self.sub.key, self.sub.cursor, BACKLOG_BATCH).await,
-                } {
-                    Ok(mut records) if !records.is_empty() => {
-                        // A live subscriber across a Redis loss: the numbers it
-                        // never got are signalled, in the same frame.
-                        if let Some(gap) = gap_before(self.sub.cursor, records[0].seq_num) {
-                            records.insert(0, gap);
-                        }
-                        self.sub.cursor = records.last().map(|r| r.seq_num);
-                        return Some(batch_frame(&records));
-                    }
-                    Ok(_) if self.sub.settled => {
-                        self.phase = Phase::Done;
-                        return None;
-                    }
-                    Ok(_) => {
-                        // Live only once the feed covers everything after our
-                        // cursor. A feed that started after our last read never
-                        // broadcast the records in between; they are in Redis by
-                        // now, so read once more (one retry: they may also have
-                        // expired meanwhile).
-                        let start = tokio::select! {
-                            start = self.sub.feed.start() => start,
-                            _ = &mut self.deadline => {
-                                self.phase = Phase::Done;
-                                return None;
-                            }
-                            // Normally a millisecond; if Redis is slow, the
-                            // client still hears from us.
-                            _ = &mut self.keepalive => {
-                                return Some(self.keepalive_frame());
-                            }
-                        };
-                        let resume = self.sub.cursor.map_or(0, |c| c + 1);
-                        if start > resume && !self.rechecked {
-                            self.rechecked = true;
-                        } else {
-                            self.phase = Phase::Live;
-                        }
-                    }
-                    Err(err) => {
-                        tracing::warn!(%err, "stream read failed");
-                        self.phase = Phase::Done;
-                        return Some(Bytes::from("event: error\ndata: stream read failed\n\n"));
-                    }
-                },
-                Phase::Live => {
-                    // The window ends on time even while records keep coming.
-                    let received = tokio::select! {
-                        biased;
-                        _ = &mut self.deadline => {
-                            self.phase = Phase::Done;
-                            return None;
-                        }
-                        r = self.rx.recv() => r,
-                        _ = &mut self.keepalive => {
-                            return Some(self.keepalive_frame());
-                        }
-                    };
-                    let first = match received {
-                        Ok(r) => r,
-                        Err(RecvError::Lagged(_)) => {
-                            self.phase = Phase::Backlog;
-                            continue;
-                        }
-                        Err(RecvError::Closed) => {
-                            self.phase = Phase::Done;
-                            return None;
-                        }
-                    };
-                    if self.already_sent(first.seq_num) {
-                        continue;
-                    }
-                    if !self.follows(first.seq_num) {
-                        // Something between our cursor and this record was not
-                        // broadcast to us (we joined mid-flight): read it from Redis.
-                        self.phase = Phase::Backlog;
-                        continue;
-                    }
-                    self.sub.cursor = Some(first.seq_num);
-                    // Coalesce whatever else is already buffered into the same
-                    // frame; the usual single record goes out as its shared frame.
-                    let mut batch: Vec<Arc<Encoded>> = Vec::new();
-                    loop {
-                        match self.rx.try_recv() {
-                            Ok(r) if self.follows(r.seq_num) => {
-                                self.sub.cursor = Some(r.seq_num);
-                                if batch.is_empty() {
-                                    batch.push(first.clone());
-                                }
-                                batch.push(r);
-                            }
-                            Ok(r) if self.already_sent(r.seq_num) => {}
-                            Ok(_) | Err(TryRecvError::Lagged(_)) => {
-                                self.phase = Phase::Backlog;
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    return Some(if batch.is_empty() { first.frame.clone() } else { encoded_frame(&batch) });
+                Phase::Backlog if Instant::now() >= self.deadline.deadline() => {
+                    self.phase = Phase::Done;
+                    Step::Again
                 }
+                Phase::Backlog => self.backlog_step().await,
+                Phase::Live => self.live_step().await,
+            };
+            match step {
+                Step::Send(frame) => return Some(frame),
+                Step::End => return None,
+                Step::Again => {}
             }
         }
     }
+
+    /// One read of the backlog from Redis: a frame of what it held, or the
+    /// switch to live once the feed covers everything after our cursor.
+    async fn backlog_step(&mut self) -> Step {
+        let read = match self.sub.first_read.take() {
+            Some(records) => Ok(records),
+            None => self.sub.store.read_after(self.sub.key, self.sub.cursor, BACKLOG_BATCH).await,
+        };
+        match read {
+            Ok(mut records) if !records.is_empty() => {
+                // A live subscriber across a Redis loss: the numbers it
+                // never got are signalled, in the same frame.
+                if let Some(gap) = gap_before(self.sub.cursor, records[0].seq_num) {
+                    records.insert(0, gap);
+                }
+                self.sub.cursor = records.last().map(|r| r.seq_num);
+                Step::Send(batch_frame(&records))
+            }
+            Ok(_) if self.sub.settled => {
+                self.phase = Phase::Done;
+                Step::End
+            }
+            Ok(_) => {
+                // Live only once the feed covers everything after our
+                // cursor. A feed that started after our last read never
+                // broadcast the records in between; they are in Redis by
+                // now, so read once more (one retry: they may also have
+                // expired meanwhile).
+                let start = tokio::select! {
+                    start = self.sub.feed.start() => start,
+                    _ = &mut self.deadline => {
+                        self.phase = Phase::Done;
+                        return Step::End;
+                    }
+                    // Normally a millisecond; if Redis is slow, the
+                    // client still hears from us.
+                    _ = &mut self.keepalive => {
+                        return Step::Send(self.keepalive_frame());
+                    }
+                };
+                let resume = self.sub.cursor.map_or(0, |c| c + 1);
+                if start > resume && !self.rechecked {
+                    self.rechecked = true;
+                } else {
+                    self.phase = Phase::Live;
+                }
+                Step::Again
+            }
+            Err(err) => {
+                tracing::warn!(%err, "stream read failed");
+                self.phase = Phase::Done;
+                Step::Send(Bytes::from("event: error\ndata: stream read failed\n\n"))
+            }
+        }
+    }
+
+    /// One wait on the feed: the next records in order as one frame, a
+    /// keep-alive, or back to the backlog when the feed skipped or lagged.
+    async fn live_step(&mut self) -> Step {
+        // The window ends on time even while records keep coming.
+        let received = tokio::select! {
+            biased;
+            _ = &mut self.deadline => {
+                self.phase = Phase::Done;
+                return Step::End;
+            }
+            r = self.rx.recv() => r,
+            _ = &mut self.keepalive => {
+                return Step::Send(self.keepalive_frame());
+            }
+        };
+        let first = match received {
+            Ok(r) => r,
+            Err(RecvError::Lagged(_)) => {
+                self.phase = Phase::Backlog;
+                return Step::Again;
+            }
+            Err(RecvError::Closed) => {
+                self.phase = Phase::Done;
+                return Step::End;
+            }
+        };
+        if self.already_sent(first.seq_num) {
+            return Step::Again;
+        }
+        if !self.follows(first.seq_num) {
+            // Something between our cursor and this record was not
+            // broadcast to us (we joined mid-flight): read it from Redis.
+            self.phase = Phase::Backlog;
+            return Step::Again;
+        }
+        self.sub.cursor = Some(first.seq_num);
+        Step::Send(self.coalesce(first))
+    }
+
+    /// `first` and whatever else is already buffered in order, as one frame;
+    /// the usual single record goes out as its shared frame.
+    fn coalesce(&mut self, first: Arc<Encoded>) -> Bytes {
+        let mut batch: Vec<Arc<Encoded>> = Vec::new();
+        loop {
+            match self.rx.try_recv() {
+                Ok(r) if self.follows(r.seq_num) => {
+                    self.sub.cursor = Some(r.seq_num);
+                    if batch.is_empty() {
+                        batch.push(first.clone());
+                    }
+                    batch.push(r);
+                }
+                Ok(r) if self.already_sent(r.seq_num) => {}
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {
+                    self.phase = Phase::Backlog;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            first.frame.clone()
+        } else {
+            encoded_frame(&batch)
+        }
+    }
+}
+
+/// What one step of a subscription decided.
+enum Step {
+    /// A frame to send.
+    Send(Bytes),
+    /// The stream ends.
+    End,
+    /// Nothing to send yet: step again (the phase may have changed).
+    Again,
 }
 
 /// The body of an SSE response for `sub`.

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::db::paging::Keyset;
 use crate::db::{JsonDoc, StoreError};
 use crate::runs::store as run_store;
 use crate::runs::RunStatus;
@@ -221,12 +222,12 @@ pub async fn time_out_due(pool: &PgPool) -> Result<Vec<Waitpoint>, StoreError> {
 }
 
 /// One page of the WAITING waitpoints on a session's channels, newest first
-/// (see [`crate::db::Keyset`]); reads one more than `size` so the caller
+/// (see [`Keyset`]); reads one more than `size` so the caller
 /// knows whether another page follows.
 pub async fn waiting_page_for_session(
     pool: &PgPool,
     session_id: Uuid,
-    at: crate::db::Keyset,
+    at: Keyset,
     size: i64,
 ) -> Result<Vec<Waitpoint>, StoreError> {
     let mut b = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM waitpoints w WHERE w.session_id = "));
@@ -254,14 +255,9 @@ pub async fn waiting_for_session(pool: &PgPool, session_id: Uuid) -> Result<Vec<
 }
 
 /// One page of a run's waitpoints of every status, newest first (see
-/// [`crate::db::Keyset`]), on the run's creation index; reads one more than
+/// [`Keyset`]), on the run's creation index; reads one more than
 /// `size` so the caller knows whether another page follows.
-pub async fn page_for_run(
-    pool: &PgPool,
-    run_id: Uuid,
-    at: crate::db::Keyset,
-    size: i64,
-) -> Result<Vec<Waitpoint>, StoreError> {
+pub async fn page_for_run(pool: &PgPool, run_id: Uuid, at: Keyset, size: i64) -> Result<Vec<Waitpoint>, StoreError> {
     let mut b = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM waitpoints w WHERE w.run_id = "));
     b.push_bind(run_id);
     at.push(&mut b, "w", size + 1);

@@ -28,9 +28,11 @@ import {
     submitForm,
 } from './harness.mjs';
 
-const WATCHDOG = 110_000; // the Rust test gives the run 120 s
-const LIVE_TIMEOUT = 10_000; // both SSE streams to open
-const REPLY_TIMEOUT = 15_000; // a reply to stream in (a run may need to start first)
+// Generous on purpose: the suite runs eight tests at once on two cores, and
+// these bound only a failure, never a passing run.
+const WATCHDOG = 230_000; // the Rust test gives the run 240 s
+const LIVE_TIMEOUT = 20_000; // both SSE streams to open
+const REPLY_TIMEOUT = 30_000; // a reply to stream in (a run may need to start first)
 
 const { ADMIN_EMAIL, ADMIN_PASSWORD, PLAYGROUND_ENV } = await requireEnv([
     'DASHBOARD_URL',
@@ -210,7 +212,10 @@ await check('desktop: Stop cuts a slow reply short', desk, async () => {
                     message: { id: 'paced', role: 'user', parts: [{ type: 'text', text }] },
                     chatId: cfg.chatId,
                     trigger: 'submit-message',
-                    metadata: { echoDelayMs: 400 },
+                    // 2.5 s a word: the echo agent's pacing cap (30 s a
+                    // turn) is spent over the whole answer, so the click on
+                    // Stop has half a minute to land mid-turn.
+                    metadata: { echoDelayMs: 2500 },
                 },
             }),
         });

@@ -20,6 +20,17 @@ fn sessiond(schema: &str, master: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// The first JSON document in a command's output (a `--json` run prints one
+/// on stdout; anything logged to stderr follows it).
+fn json_in(output: &str) -> serde_json::Value {
+    let start = output.find(['{', '[']).unwrap_or_else(|| panic!("no JSON in {output}"));
+    serde_json::Deserializer::from_str(&output[start..])
+        .into_iter::<serde_json::Value>()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no JSON document in {output}"))
+}
+
 fn key_in(output: &str, prefix: &str) -> String {
     output
         .split_whitespace()
@@ -55,9 +66,25 @@ async fn env_create_list_rotate_and_bootstrap() {
     assert!(ok && out.contains(&env.id.to_string()) && out.contains("acme") && out.contains("staging"), "{out}");
     assert!(!out.contains(&key), "list must not print keys");
 
+    // --json: one document, the same facts, still no key.
+    let (ok, out) = sessiond(&schema, &master_hex, &["env", "list", "--json"]);
+    assert!(ok, "{out}");
+    let listed = json_in(&out);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["id"], env.id.to_string());
+    assert_eq!((listed[0]["organization"].as_str(), listed[0]["type"].as_str()), (Some("acme"), Some("staging")));
+    assert!(!out.contains(&key), "list --json must not print keys");
+
     let (ok, out) = sessiond(&schema, &master_hex, &["env", "rotate-key", &env.id.to_string()]);
     assert!(ok, "{out}");
     let new_key = key_in(&out, "tr_stg_");
+    let (ok, out) = sessiond(&schema, &master_hex, &["env", "rotate-key", &env.id.to_string(), "--json"]);
+    assert!(ok, "{out}");
+    let rotated = json_in(&out);
+    assert_eq!(rotated["id"], env.id.to_string());
+    let new_key_json = rotated["secretKey"].as_str().expect("the new key").to_string();
+    assert!(tenancy::find_by_key(&pool, &master, &new_key).await.unwrap().is_none(), "rotated again");
+    let new_key = new_key_json;
     assert_ne!(new_key, key);
     assert!(tenancy::find_by_key(&pool, &master, &key).await.unwrap().is_none());
     assert_eq!(tenancy::find_by_key(&pool, &master, &new_key).await.unwrap().unwrap().id, env.id);
@@ -73,6 +100,9 @@ async fn env_create_list_rotate_and_bootstrap() {
     let (ok, second) = sessiond(&schema, &master_hex, &["env", "bootstrap-dev"]);
     assert!(ok);
     assert_eq!(key_in(&first, "tr_dev_"), key_in(&second, "tr_dev_"));
+    let (ok, out) = sessiond(&schema, &master_hex, &["env", "bootstrap-dev", "--json"]);
+    assert!(ok, "{out}");
+    assert_eq!(json_in(&out)["secretKey"].as_str(), Some(key_in(&first, "tr_dev_").as_str()));
     // A wrong master key cannot open stored keys.
     let (ok, _) = sessiond(&schema, &"22".repeat(32), &["env", "bootstrap-dev"]);
     assert!(!ok);
@@ -125,6 +155,16 @@ async fn jobs_list_retry_and_manual_trigger_from_the_cli() {
     assert!(ok && out.contains(&job.to_string()) && out.contains("cancel-run"), "{out}");
     let (ok, out) = cli(&["jobs", "show", &job.to_string()]);
     assert!(ok && out.contains("attempt 5 failed"), "{out}");
+    let (ok, out) = cli(&["jobs", "list", "--failed", "--json"]);
+    assert!(ok, "{out}");
+    let failed = json_in(&out);
+    let listed = failed.as_array().unwrap().iter().find(|j| j["id"] == job.to_string()).expect("the job listed");
+    assert_eq!((listed["kind"].as_str(), listed["status"].as_str()), (Some("cancel-run"), Some("failed")), "{listed}");
+    let (ok, out) = cli(&["jobs", "show", &job.to_string(), "--json"]);
+    assert!(ok, "{out}");
+    let shown = json_in(&out);
+    assert_eq!(shown["attemptLog"].as_array().map(Vec::len), Some(5), "{shown}");
+    assert_eq!(shown["attemptLog"][4]["status"], "failed");
     let (ok, out) = cli(&["jobs", "retry", &job.to_string()]);
     assert!(ok, "{out}");
     common::eventually(10, "retried job succeeded", || async {
@@ -189,6 +229,12 @@ async fn clickhouse_migrate_backfill_and_progress() {
     assert!(out.contains("3 rows in 2 chunks, completed"), "{out}");
     let out = sessiond_beside(&app, &["clickhouse", "backfills"]).await;
     assert!(out.contains("sessions  completed") && out.contains(" 3 "), "{out}");
+    let listed = json_in(&sessiond_beside(&app, &["clickhouse", "backfills", "--json"]).await);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!((listed[0]["table"].as_str(), listed[0]["status"].as_str()), (Some("sessions"), Some("completed")));
+    assert_eq!(listed[0]["rowsCopied"], 3);
+    let migrated = json_in(&sessiond_beside(&app, &["clickhouse", "migrate", "--json"]).await);
+    assert_eq!(migrated["applied"], serde_json::json!([]));
     let n: u64 = app.state.analytics.client().query("SELECT count() FROM sessions_v1 FINAL").fetch_one().await.unwrap();
     assert_eq!(n, 3);
 }

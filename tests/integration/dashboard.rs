@@ -9,7 +9,7 @@ use reqwest::header::{CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE};
 use reqwest::{redirect, StatusCode};
 use sessiond::operators::{self, Role};
 
-use crate::common::{eventually, session_body, TestApp};
+use crate::common::{session_body, TestApp};
 
 pub const ADMIN: (&str, &str) = ("admin@example.com", "admin password 1");
 pub const VIEWER: (&str, &str) = ("viewer@example.com", "viewer password 1");
@@ -269,6 +269,8 @@ async fn closing_needs_an_admin_and_the_token_and_is_audited_in_its_transaction(
     );
     assert!(!is_closed(&app, &id).await);
     assert!(audit_rows(&app).await.is_empty());
+    // Fills this process's lookup cache with the session, open.
+    assert_eq!(app.append(&id, "in", &app.a.key, r#"{"kind":"message"}"#, &[]).await.0, StatusCode::OK);
 
     // The audit insert fails: the close is rolled back with it, and the
     // operator gets an error page, not a raw 500 body.
@@ -284,18 +286,27 @@ async fn closing_needs_an_admin_and_the_token_and_is_audited_in_its_transaction(
     assert_eq!(done.status(), StatusCode::SEE_OTHER);
     assert!(is_closed(&app, &id).await);
     assert_eq!(audit_rows(&app).await, vec![("session.close".to_string(), format!("session:{id}"))]);
-    // The channels get sealed by the close's job, as after an API close.
-    eventually(10, "channels sealed", || async {
-        sqlx::query_scalar::<_, bool>("SELECT channels_closed_at IS NOT NULL FROM sessions WHERE friendly_id = $1")
-            .bind(&id)
-            .fetch_one(app.db())
-            .await
-            .unwrap()
-            .then_some(())
-    })
-    .await;
+    // As after an API close (one service for both): the channels are sealed
+    // before the answer, and this process's lookup cache (which the append
+    // before the close filled) forgets the session, so an append is refused
+    // at once.
+    let sealed: bool = sqlx::query_scalar("SELECT channels_closed_at IS NOT NULL FROM sessions WHERE friendly_id = $1")
+        .bind(&id)
+        .fetch_one(app.db())
+        .await
+        .unwrap();
+    assert!(sealed, "the channels were sealed before the redirect");
+    let (status, body) = app.append(&id, "in", &app.a.key, r#"{"kind":"message"}"#, &[]).await;
+    assert!(status.is_client_error() && body.to_string().contains("closed"), "{status} {body}");
     let (_, audit) = viewer.get("/dashboard/audit").await;
     assert!(audit.contains("session.close") && audit.contains(ADMIN.0), "the audit page shows the action");
+    // An API close of another session shows who took it: the environment's key.
+    let other = app.create_session(session_body(Some("api-close"))).await;
+    let (status, _) = app.post("/api/v1/sessions/api-close/close", &app.a.key, serde_json::json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, audit) = viewer.get("/dashboard/audit").await;
+    let by_key = format!("secret-key {}", app.a.env.id);
+    assert!(audit.contains(&by_key) && audit.contains(other["id"].as_str().unwrap()), "{audit}");
 }
 
 #[tokio::test]
@@ -377,10 +388,12 @@ async fn an_admin_triggers_a_fresh_run_audited_with_it() {
     // A closed session runs nothing: a 4xx page, no new run, no audit row.
     let (status, _) = app.post(&format!("/api/v1/sessions/{id}/close"), &app.a.key, serde_json::json!({})).await;
     assert_eq!(status, StatusCode::OK);
+    let audited = audit_rows(&app).await;
+    assert_eq!(audited.len(), 2, "the trigger and the API's close: {audited:?}");
     let refused = admin.post(&trigger, Some(&admin.csrf.clone())).await;
     assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
     assert_eq!(current().await, second);
-    assert_eq!(audit_rows(&app).await.len(), 1);
+    assert_eq!(audit_rows(&app).await, audited);
 }
 
 /// The dashboard's POST routes, read from the router's own source, so that a

@@ -314,7 +314,7 @@ async fn a_two_turn_conversation_in_the_playground_in_a_browser() {
         ("ADMIN_PASSWORD", ADMIN.1.to_string()),
         ("PLAYGROUND_ENV", app.a.env.id.to_string()),
     ];
-    browser::run("playground.mjs", &app.base, &env, &shots, CHECKS, Duration::from_secs(120), |_| async {}).await;
+    browser::run("playground.mjs", &app.base, &env, &shots, CHECKS, Duration::from_secs(240), |_| async {}).await;
 
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(15), worker).await.expect("worker stops").unwrap();

@@ -8,6 +8,7 @@ use sessiond::sessions::run_manager::Ensured;
 
 use crate::common::{eventually, running_session, session_body, TestApp};
 use crate::dashboard::{audit_rows, with_operators, Operator, ADMIN, VIEWER};
+use sessiond::audit::Actor;
 
 fn count(html: &str, needle: &str) -> usize {
     html.matches(needle).count()
@@ -63,7 +64,7 @@ pub async fn failed_manual_handoff(app: &TestApp, ext: &str) -> (String, String)
     let s = app.create_session(session_body(Some(ext))).await;
     let session = s["id"].as_str().unwrap().to_string();
     let sid = app.session_uuid(&session).await;
-    let stuck = app.state.runs.trigger_manual(app.a.env.id, sid).await.unwrap();
+    let stuck = app.state.runs.trigger_manual(app.a.env.id, sid, &Actor::Cli).await.unwrap();
     fail_trigger_job(app, &stuck).await;
     (session, stuck)
 }
@@ -349,7 +350,7 @@ async fn the_handoffs_page_lists_both_kinds_and_a_retry_replaces_the_stuck_run_o
     let before = runs_of(&app, &failed).await;
     assert_eq!(before.len(), 2);
     assert_eq!(before[1], (stuck.clone(), "QUEUED".to_string()), "nothing committed without the audit row");
-    assert!(audit_rows(&app).await.is_empty());
+    assert!(audit_details(&app, "handoff.retry").await.is_empty());
 
     // Two retries at once: one continuation; the stuck run is canceled.
     let csrf = admin.csrf.clone();
@@ -381,7 +382,12 @@ async fn the_handoffs_page_lists_both_kinds_and_a_retry_replaces_the_stuck_run_o
         .await
         .unwrap();
     let sid = app.session_uuid(&failed).await;
-    let again = app.state.runs.retry_handoff(app.a.env.id, sid, operator, HandoffReason::Manual).await.unwrap();
+    let again = app
+        .state
+        .runs
+        .retry_handoff(app.a.env.id, sid, &Actor::Operator(operator), HandoffReason::Manual)
+        .await
+        .unwrap();
     assert_eq!(again, Ensured::Alive(new_run.clone()));
     assert_eq!(runs_of(&app, &failed).await.len(), 3);
     assert_eq!(audit_details(&app, "handoff.retry").await.len(), 1);
@@ -422,7 +428,7 @@ async fn the_session_page_shows_its_newest_runs_and_links_to_every_run() {
     let sid = app.session_uuid(&id).await;
     let mut newest = String::new();
     for _ in 0..26 {
-        newest = app.state.runs.trigger_manual(app.a.env.id, sid).await.unwrap();
+        newest = app.state.runs.trigger_manual(app.a.env.id, sid, &Actor::Cli).await.unwrap();
     }
     let op = Operator::login(&app, VIEWER).await;
     let (_, page) = op.get(&format!("/dashboard/sessions/{id}")).await;

@@ -3,6 +3,7 @@
 //! gets a run to read it.
 
 use crate::common;
+use sessiond::audit::Actor;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -218,7 +219,7 @@ async fn manual_triggers_and_continuations_fence_the_run_they_replace() {
     assert!(app.append(&session, "out", &run1.token, &record("from run 1"), &[]).await.0.is_success());
 
     // A manual trigger replaces a live run.
-    let run2 = app.state.runs.trigger_manual(app.a.env.id, sid).await.unwrap();
+    let run2 = app.state.runs.trigger_manual(app.a.env.id, sid, &Actor::Cli).await.unwrap();
     assert_eq!(app.append(&session, "out", &run1.token, &record("late 1"), &[]).await.0, StatusCode::CONFLICT);
     assert!(w.heartbeat(&run1).await.unwrap().cancel);
     let payload = payload_of(&app, &run2).await;

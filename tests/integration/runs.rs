@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::common::{dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sessiond::audit::Actor;
 use sessiond::jobs::JobKind;
 use sessiond::runs::jobs::CancelRun;
 use sessiond::sessions::run_manager::Ensured;
@@ -197,6 +198,17 @@ async fn cancel_reaches_the_worker() {
     let (status, body) =
         app.post(&format!("/api/v2/runs/{}/cancel", s["runId"].as_str().unwrap()), &app.a.key, json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Audited as the dashboard's cancel is (one service), as the environment's key.
+    let audited: (String, String, String, Option<String>, Value) =
+        sqlx::query_as("SELECT action, target, actor_kind, actor, detail FROM audit_log")
+            .fetch_one(app.db())
+            .await
+            .unwrap();
+    assert_eq!(
+        (audited.0.as_str(), audited.1.clone(), audited.2.as_str(), audited.3.clone()),
+        ("run.cancel", format!("run:{}", run.id), "secret-key", Some(app.a.env.id.to_string()))
+    );
+    assert_eq!(audited.4["job"], body["jobId"]);
     // The handler only returns once the heartbeat answer carried the cancel.
     tokio::time::timeout(Duration::from_secs(10), worker).await.expect("worker stopped").unwrap();
     let reply = seen.try_recv().expect("the handler saw its cancel");
@@ -580,7 +592,7 @@ async fn manual_trigger_replaces_the_live_run() {
     let app = TestApp::spawn().await;
     let s = app.create_session(session_body(Some("manual"))).await;
     let sid = app.session_uuid(s["id"].as_str().unwrap()).await;
-    let run = app.state.runs.trigger_manual(app.a.env.id, sid).await.unwrap();
+    let run = app.state.runs.trigger_manual(app.a.env.id, sid, &Actor::Cli).await.unwrap();
     assert_ne!(run, s["runId"].as_str().unwrap());
     eventually(10, "previous run canceled", || async {
         (app.run_status(s["runId"].as_str().unwrap()).await == "CANCELED").then_some(())
@@ -589,7 +601,7 @@ async fn manual_trigger_replaces_the_live_run() {
     assert_eq!(audit_reasons(&app, sid).await, vec!["initial", "manual"]);
     // Closed sessions never get new runs.
     app.post(&format!("/api/v1/sessions/{}/close", s["id"].as_str().unwrap()), &app.a.key, json!({})).await;
-    assert!(app.state.runs.trigger_manual(app.a.env.id, sid).await.is_err());
+    assert!(app.state.runs.trigger_manual(app.a.env.id, sid, &Actor::Cli).await.is_err());
     assert!(app.state.runs.ensure_run(app.a.env.id, sid).await.is_err());
 }
 

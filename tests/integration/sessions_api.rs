@@ -343,6 +343,19 @@ async fn close_is_idempotent_and_write_once() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(second["closedReason"], "done");
     assert_eq!(second["closedAt"], first["closedAt"]);
+    // Audited like an operator's close, as the secret key of the environment;
+    // the repeated close changed nothing and wrote nothing.
+    let audited: Vec<(String, String, String, Option<String>, Value)> =
+        sqlx::query_as("SELECT action, target, actor_kind, actor, detail FROM audit_log ORDER BY created_at")
+            .fetch_all(app.db())
+            .await
+            .unwrap();
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    let (action, target, kind, actor, detail) = &audited[0];
+    assert_eq!((action.as_str(), kind.as_str()), ("session.close", "secret-key"));
+    assert_eq!(target, &format!("session:{}", s["id"].as_str().unwrap()));
+    assert_eq!(actor.as_deref(), Some(app.a.env.id.to_string().as_str()));
+    assert_eq!(detail["reason"], "done");
     // An empty body closes too (no reason).
     let t = app.create_session(session_body(None)).await;
     let r = app

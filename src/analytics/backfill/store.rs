@@ -5,7 +5,8 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::analytics::watermark::Table;
-use crate::db::{Keyset, StoreError};
+use crate::db::paging::Keyset;
+use crate::db::StoreError;
 
 /// Where a backfill stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
