@@ -1,27 +1,13 @@
-//! The analytics job: `backfill`, one chunk of a copy into ClickHouse (see
-//! [`super::backfill`]).
+//! The analytics job: `backfill`, one chunk of a copy into ClickHouse. Its
+//! payload ([`BackfillChunk`]) lives with the backfill that writes and runs
+//! the chunks; this is the handler the dispatch table calls.
 
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use uuid::Uuid;
 
-use super::backfill;
+use super::backfill::{self, BackfillChunk};
 use super::ClickHouse;
 use crate::jobs::runtime::Outcome;
-use crate::jobs::{JobKind, Jobs, Payload};
-
-/// Copies chunk number `chunk` of backfill `backfill_id`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackfillChunk {
-    pub backfill_id: Uuid,
-    pub chunk: i32,
-}
-
-impl Payload for BackfillChunk {
-    fn kind(&self) -> JobKind {
-        JobKind::Backfill
-    }
-}
+use crate::jobs::Jobs;
 
 pub async fn backfill_chunk(db: &PgPool, ch: &ClickHouse, jobs: &Jobs, job: &BackfillChunk) -> Outcome {
     let faults = backfill::Faults::default();
@@ -32,6 +18,7 @@ pub async fn backfill_chunk(db: &PgPool, ch: &ClickHouse, jobs: &Jobs, job: &Bac
 mod tests {
     use super::*;
     use crate::jobs::{Job, Lane};
+    use uuid::Uuid;
 
     #[test]
     fn a_chunk_is_stored_as_before_on_the_analytics_lane() {

@@ -16,13 +16,12 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::jobs::ReplicationFlush;
 use crate::analytics::overview;
 use crate::analytics::rows::{RunRow, SessionRow};
 use crate::analytics::watermark::{self, Table};
 use crate::analytics::{AnalyticsError, ClickHouse};
 use crate::db::StoreError;
-use crate::jobs::{self, Jobs};
+use crate::jobs::{self, JobKind, Jobs, Payload};
 use crate::replication::decode::Change;
 use crate::replication::lease;
 
@@ -101,6 +100,19 @@ async fn hold_fence(conn: &mut sqlx::PgConnection, slot: &str, token: u64) -> Re
     match lease::superseded(conn, slot, token).await? {
         Some(current) => Err(FlushError::Superseded { token, current }),
         None => Ok(()),
+    }
+}
+
+/// The `replication-flush` job: writes batch `flush_id` to ClickHouse (run
+/// by `replication::jobs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicationFlush {
+    pub flush_id: Uuid,
+}
+
+impl Payload for ReplicationFlush {
+    fn kind(&self) -> JobKind {
+        JobKind::ReplicationFlush
     }
 }
 

@@ -1,28 +1,15 @@
 //! The replication jobs: `replication-flush` (one batch into ClickHouse, see
-//! [`super::flush`]) and the scheduled `replication-reconcile` (see
-//! [`super::reconcile`]).
+//! [`super::flush`], which writes it with its payload) and the scheduled
+//! `replication-reconcile` (see [`super::reconcile`]).
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use uuid::Uuid;
 
+use super::flush::ReplicationFlush;
 use crate::analytics::ClickHouse;
 use crate::jobs::runtime::Outcome;
-use crate::jobs::{JobKind, Jobs, Payload};
-
-/// Writes replication batch `flush_id` to ClickHouse.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReplicationFlush {
-    pub flush_id: Uuid,
-}
-
-impl Payload for ReplicationFlush {
-    fn kind(&self) -> JobKind {
-        JobKind::ReplicationFlush
-    }
-}
+use crate::jobs::Jobs;
 
 pub async fn flush(db: &PgPool, ch: &ClickHouse, job: &ReplicationFlush) -> Outcome {
     Ok(super::flush::execute(db, ch, job.flush_id).await?)
@@ -45,6 +32,7 @@ pub async fn reconcile(db: &PgPool, ch: &ClickHouse, jobs: &Jobs, slot: Option<&
 mod tests {
     use super::*;
     use crate::jobs::{Job, Lane};
+    use uuid::Uuid;
 
     #[test]
     fn a_flush_is_stored_as_before_on_the_analytics_lane() {

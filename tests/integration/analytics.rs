@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sessiond::analytics::backfill::BackfillChunk;
 use sessiond::analytics::backfill::{self, BackfillRequest, BackfillStatus, Faults};
-use sessiond::analytics::jobs::BackfillChunk;
 use sessiond::analytics::rows::{parse_lsn, SessionRow};
 use sessiond::analytics::watermark::Table;
 use sessiond::analytics::{schema, ClickHouse};

@@ -286,7 +286,7 @@ async fn a_job_of_an_unknown_kind_fails_its_attempt_and_the_worker_goes_on() {
 #[tokio::test]
 async fn an_inserted_job_carries_the_lane_of_its_kind() {
     let app = quiet_app().await;
-    let chunk = sessiond::analytics::jobs::BackfillChunk { backfill_id: Uuid::now_v7(), chunk: 0 };
+    let chunk = sessiond::analytics::backfill::BackfillChunk { backfill_id: Uuid::now_v7(), chunk: 0 };
     let copy = store::insert(app.db(), &chunk, 1).await.unwrap();
     assert_eq!(copy.lane(), Lane::Analytics);
     let cancel = store::insert(app.db(), &sessiond::runs::jobs::CancelRun { run_id: Uuid::now_v7() }, 1).await.unwrap();

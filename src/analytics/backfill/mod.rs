@@ -16,15 +16,28 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::jobs::BackfillChunk;
 use super::rows::{RunRow, SessionRow};
 use super::watermark::{self, Table};
 use super::{AnalyticsError, ClickHouse};
 use crate::db::StoreError;
-use crate::jobs::{self, Jobs, NewJob};
+use crate::jobs::{self, JobKind, Jobs, NewJob, Payload};
 use crate::runs::store as run_store;
 use crate::sessions::store as session_store;
 pub use store::{Backfill, BackfillStatus};
+
+/// The `backfill` job: copies chunk number `chunk` of backfill `backfill_id`
+/// (run by `analytics::jobs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackfillChunk {
+    pub backfill_id: Uuid,
+    pub chunk: i32,
+}
+
+impl Payload for BackfillChunk {
+    fn kind(&self) -> JobKind {
+        JobKind::Backfill
+    }
+}
 
 /// Rows per chunk unless the operator asks otherwise.
 pub const DEFAULT_CHUNK_SIZE: i32 = 5_000;
