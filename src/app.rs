@@ -5,7 +5,10 @@
 //! and builds the domain services on those connections (a run manager, the
 //! waitpoints, the appender, the dispatcher, ...). Each service holds only what
 //! it uses; handlers take the services they need (`State<RunManager>`, through
-//! `FromRef`), and jobs receive theirs as job data.
+//! `FromRef`), and jobs receive theirs as job data, through the dispatch
+//! table in [`job_dispatch`].
+
+pub mod job_dispatch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +25,6 @@ use crate::analytics::ClickHouse;
 use crate::auth::cache::EnvCache;
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::jobs::handlers::JobContext;
 use crate::jobs::queue::JobQueue;
 use crate::jobs::schedule::Schedule;
 use crate::jobs::{self, Jobs};
@@ -200,26 +202,6 @@ fn redis_config(config: &Config) -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_millis(200))
 }
 
-impl AppState {
-    /// What the background jobs use (also how tests drive a sweep or a drain
-    /// directly instead of waiting for its tick).
-    pub fn job_context(&self) -> JobContext {
-        JobContext {
-            db: self.db.clone(),
-            run_queue: self.run_queue.clone(),
-            channels: self.channels.clone(),
-            runs: self.runs.clone(),
-            waitpoints: self.waitpoints.clone(),
-            appender: self.appender.clone(),
-            jobs: self.jobs.clone(),
-            analytics: self.analytics.clone(),
-            replication_slot: self.config.replication_enabled.then(|| self.config.replication_slot_name()),
-            overlay_margin: Duration::from_millis(self.config.list_overlay_margin_ms),
-            heartbeat_timeout_ms: self.config.run_heartbeat_timeout_ms,
-        }
-    }
-}
-
 /// Handlers take the parts of the state they use.
 macro_rules! from_state {
     ($($ty:ty => $field:ident),* $(,)?) => {
@@ -352,11 +334,8 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: watch::Rece
     let connections = conn::Registry::new(limits);
     let reaper = tokio::spawn(connections.clone().reap_idle());
     follow_wakeups(&state);
-    let runtime = if state.config.run_jobs {
-        Some(jobs::runtime::start(&state, state.schedules.to_vec(), shutdown.clone())?)
-    } else {
-        None
-    };
+    let runtime =
+        if state.config.run_jobs { Some(jobs::runtime::start(state.job_runtime(), shutdown.clone())?) } else { None };
     if state.config.clickhouse_migrate_on_start {
         crate::analytics::schema::migrate_in_background(state.analytics.clone());
     }

@@ -23,8 +23,9 @@
 //!   session list and the overview read from it.
 //! - [`replication`]: Postgres logical replication (pgoutput) decoded into
 //!   ClickHouse rows: it feeds the copy `analytics` owns.
-//! - [`jobs`]: durable background jobs: the outbox, apalis runtime, handlers,
-//!   cron schedules.
+//! - [`jobs`]: durable background jobs: the kinds, the outbox, apalis
+//!   runtime, cron schedules. A leaf: each domain runs its own kinds (its
+//!   `jobs` module), and `app::job_dispatch` maps every kind to its handler.
 //! - [`worker`]: a small library for task workers and the example echo agent.
 //! - [`dashboard`], [`operators`]: the operator dashboard and its accounts;
 //!   [`audit`]: who did what (operators, API callers, runs, the CLI).

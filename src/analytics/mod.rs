@@ -9,7 +9,7 @@
 //! - [`rows`]: the row types both stores agree on, and how a Postgres row
 //!   becomes one.
 //! - [`backfill`]: copying existing rows in resumable chunks, one durable job
-//!   per chunk.
+//!   per chunk ([`jobs`]: the chunk job).
 //! - [`watermark`]: how far ClickHouse is known to be complete.
 //! - [`digest`]: per environment and month, what the copy holds, for
 //!   comparing it with Postgres.
@@ -25,6 +25,7 @@
 
 pub mod backfill;
 pub mod digest;
+pub mod jobs;
 pub mod overview;
 pub mod rows;
 pub mod schema;

@@ -123,7 +123,7 @@ pub async fn run(cmd: JobsCommand, config: &Config) -> anyhow::Result<()> {
         }
         JobsCommand::Probe { fail, max_attempts, format } => {
             let jobs = deps::jobs(config, &pool).await?;
-            let id = jobs.submit_with_attempts(&jobs::Job::Probe { fail_first: fail }, max_attempts).await?;
+            let id = jobs.submit_with_attempts(&jobs::probe::Probe { fail_first: fail }, max_attempts).await?;
             format.print(|| json!({"id": id}), || println!("{id}"))
         }
     }

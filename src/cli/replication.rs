@@ -4,7 +4,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use sessiond::config::Config;
-use sessiond::jobs::Job;
+use sessiond::jobs::{Job, JobKind};
 use sessiond::replication::health;
 
 use super::deps;
@@ -36,7 +36,7 @@ pub async fn run(cmd: ReplicationCommand, config: &Config) -> anyhow::Result<()>
         }
         ReplicationCommand::Reconcile { format } => {
             let jobs = deps::jobs(config, &pool).await?;
-            let id = jobs.submit(&Job::ReplicationReconcile).await?;
+            let id = jobs.submit(&Job::sweep(JobKind::ReplicationReconcile)).await?;
             format.print(|| json!({"jobId": id}), || println!("reconciliation queued as job {id}"))
         }
     }

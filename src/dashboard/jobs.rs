@@ -21,7 +21,7 @@ use super::pages::{iso, pretty, render, Frame, PAGE_SIZE};
 use crate::audit::{self, Actor, AuditAction};
 use crate::db::StoreError;
 use crate::jobs::store::{self, AttemptStatus, JobFilter, JobRow, JobStatus, PageAt};
-use crate::jobs::{Job, Jobs};
+use crate::jobs::{JobKind, Jobs};
 
 /// Longest search text accepted (an error message fragment, not a document).
 const MAX_SEARCH: usize = 200;
@@ -43,8 +43,9 @@ impl JobFilters {
     fn parse(&self) -> PageResult<JobFilter> {
         let kind = match self.kind.trim() {
             "" => None,
-            k if Job::KINDS.contains(&k) => Some(k.to_string()),
-            k => return Err(DashboardError::BadRequest(format!("There is no job kind {k:?}"))),
+            k => Some(
+                k.parse::<JobKind>().map_err(|_| DashboardError::BadRequest(format!("There is no job kind {k:?}")))?,
+            ),
         };
         let status = match self.status.trim() {
             "" => None,
@@ -208,7 +209,7 @@ pub async fn list(
     let rows: Vec<JobView> = page.jobs.iter().map(JobView::of).collect();
     render(JobsPage {
         frame: Frame::new(&signed, "jobs"),
-        kinds: choices(Job::KINDS, &f.kind),
+        kinds: choices(JobKind::ALL.map(JobKind::as_str), &f.kind),
         statuses: choices(status_names(), &f.status),
         selectable: signed.can_act() && rows.iter().any(|r| r.retryable),
         rows,

@@ -14,6 +14,7 @@ use super::error::PageResult;
 use super::pages::{iso, render, Frame};
 use super::OpsSettings;
 use crate::jobs::store as job_store;
+use crate::jobs::JobKind;
 
 /// Jobs shown per schedule: enough to see a pattern of failures.
 const LAST_RUNS: i64 = 5;
@@ -47,7 +48,7 @@ pub async fn list(State(db): State<PgPool>, State(ops): State<OpsSettings>, sign
     // What the server loaded at start (and so what its cron ticks), not the
     // file as it is now.
     let schedules = &ops.schedules;
-    let kinds: Vec<&str> = schedules.iter().map(|s| s.job.kind()).collect();
+    let kinds: Vec<JobKind> = schedules.iter().map(|s| s.kind).collect();
     let mut by_kind: HashMap<String, Vec<LastRun>> = HashMap::new();
     for j in job_store::newest_of_kinds(&db, &kinds, LAST_RUNS).await? {
         by_kind.entry(j.kind.clone()).or_default().push(LastRun {
@@ -60,10 +61,10 @@ pub async fn list(State(db): State<PgPool>, State(ops): State<OpsSettings>, sign
     let rows = schedules
         .iter()
         .map(|s| ScheduleRow {
-            kind: s.job.kind(),
+            kind: s.kind.as_str(),
             cron: s.cron.to_string(),
             next: s.cron.upcoming(Utc).next().as_ref().map(iso),
-            runs: by_kind.remove(s.job.kind()).unwrap_or_default(),
+            runs: by_kind.remove(s.kind.as_str()).unwrap_or_default(),
             comment: s.comment.clone(),
             name: s.name.clone(),
         })

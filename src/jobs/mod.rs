@@ -5,128 +5,155 @@
 //! the final status stays there for operators. Redis (apalis) is the transport:
 //! the relay pushes a small envelope naming the row, and a worker runs it.
 //!
+//! This module is a leaf: it knows the kinds ([`JobKind`]) but not what they
+//! do. Each domain defines the payloads and handlers of its own kinds (e.g.
+//! `runs::jobs`), and the dispatch table that maps a kind to its handler is
+//! built at the composition root (`app::job_dispatch`).
+//!
+//! - [`kind`]: the kinds, as `jobs.kind` names them, and the [`Lane`] each runs on.
 //! - [`store`]: SQL for `jobs` and `job_attempts`.
 //! - [`queue`]: the apalis queues (one per [`Lane`]): push with a wake-up,
 //!   and the poll strategy.
-//! - [`handlers`]: what each job does.
-//! - [`runtime`]: the apalis workers, cron schedules, and the outbox relay loop.
+//! - [`runtime`]: the apalis workers, cron schedules, and the outbox relay loop,
+//!   running jobs through a [`runtime::Handler`].
 //! - [`schedule`]: the cron schedules operators edit in `jobs/schedules.toml`.
+//! - [`probe`]: the job pipeline's own test seam.
 
-pub mod handlers;
+pub mod kind;
+pub mod probe;
 pub mod queue;
 pub mod runtime;
 pub mod schedule;
 pub mod store;
 
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::{Serialize, Serializer};
+use serde_json::{Map, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::db::StoreError;
+pub use kind::{JobKind, Lane, UnknownKind};
 use queue::JobQueue;
 
 /// Attempts a job gets before it is left failed.
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 5;
 
-/// A job and its arguments, as stored in `jobs.payload`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Job {
-    TriggerRun {
-        run_id: Uuid,
-    },
-    CancelRun {
-        run_id: Uuid,
-    },
-    RunSweep,
-    SessionExpirySweep,
-    /// Waitpoints drained from a channel's pending set by the append of `seq_num`.
-    DrainWaitpoints {
-        session_id: Uuid,
-        io: crate::streams::Io,
-        seq_num: u64,
-        waitpoint_ids: Vec<Uuid>,
-    },
-    /// After a session closes (or expires): wake, refuse writes, expire, complete waits.
-    CloseChannels {
-        session_id: Uuid,
-        reason: Option<String>,
-        notify_in: bool,
-    },
-    WaitpointTimeoutSweep,
-    /// After a run replaced another: fence the channels to the new run, and
-    /// write the hand-off's control record (see `sessions::run_manager`).
-    RunHandoff(crate::sessions::run_manager::HandoffStep),
-    /// Boots a run for `.in` records no run is known to read (an append whose
-    /// follow-up never ran: a crash between storing the record and the boot).
-    InputBootSweep,
-    /// Copies chunk number `chunk` of a ClickHouse backfill (see `analytics::backfill`).
-    Backfill {
-        backfill_id: Uuid,
-        chunk: i32,
-    },
-    /// Writes one replication batch to ClickHouse (see `replication::flush`).
-    ReplicationFlush {
-        flush_id: Uuid,
-    },
-    /// Compares ClickHouse with Postgres and repairs the months that differ
-    /// (see `replication::reconcile`).
-    ReplicationReconcile,
-    /// A test seam: fails its first `fail_first` attempts on purpose, then
-    /// succeeds. It checks the job pipeline (attempts, backoff, the failed
-    /// state) and the dashboard's retry end to end, without breaking
-    /// anything real (`sessiond jobs probe`).
-    Probe {
-        fail_first: u32,
-    },
+/// A job's arguments. The domain that runs a kind defines its payload: a
+/// plain struct of ids and values, so that the ledger, the dashboard and a
+/// server of another version all read it the same way. It serializes as a
+/// JSON object with no `kind` field (the stored payload repeats the kind there).
+pub trait Payload: Serialize {
+    fn kind(&self) -> JobKind;
 }
 
+/// A job as the ledger holds it: its kind and its arguments. The runtime
+/// hands this to its [`runtime::Handler`], which reads the arguments as the
+/// payload of the kind ([`Job::payload`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    kind: JobKind,
+    args: Map<String, Value>,
+}
+
+/// Why a job's arguments could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error(transparent)]
+    UnknownKind(#[from] UnknownKind),
+    #[error("{kind} job: its payload must be a JSON object")]
+    NotAnObject { kind: JobKind },
+    #[error("{kind} job: bad payload: {source}")]
+    Json { kind: JobKind, source: serde_json::Error },
+}
+
+/// The key of `jobs.payload` that repeats the kind: rows have always carried
+/// it, and a server of an earlier version reads the payload by it.
+const KIND_FIELD: &str = "kind";
+
 impl Job {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Job::TriggerRun { .. } => "trigger-run",
-            Job::CancelRun { .. } => "cancel-run",
-            Job::RunSweep => "run-sweep",
-            Job::SessionExpirySweep => "session-expiry-sweep",
-            Job::DrainWaitpoints { .. } => "waitpoint-drain",
-            Job::CloseChannels { .. } => "close-channels",
-            Job::WaitpointTimeoutSweep => "waitpoint-timeout-sweep",
-            Job::RunHandoff(_) => "run-handoff",
-            Job::InputBootSweep => "input-boot-sweep",
-            Job::Backfill { .. } => "backfill",
-            Job::ReplicationFlush { .. } => "replication-flush",
-            Job::ReplicationReconcile => "replication-reconcile",
-            Job::Probe { .. } => "probe",
+    /// A job that takes no arguments (a sweep).
+    pub fn sweep(kind: JobKind) -> Job {
+        Job { kind, args: Map::new() }
+    }
+
+    /// The job a payload describes.
+    pub fn new(payload: &impl Payload) -> Result<Job, PayloadError> {
+        let kind = payload.kind();
+        match serde_json::to_value(payload).map_err(|source| PayloadError::Json { kind, source })? {
+            Value::Object(args) => Ok(Job { kind, args }),
+            _ => Err(PayloadError::NotAnObject { kind }),
         }
     }
 
-    /// Every kind, as stored in `jobs.kind`: what the dashboard's kind filter offers.
-    pub const KINDS: [&'static str; 13] = [
-        "trigger-run",
-        "cancel-run",
-        "run-handoff",
-        "run-sweep",
-        "session-expiry-sweep",
-        "waitpoint-drain",
-        "close-channels",
-        "waitpoint-timeout-sweep",
-        "input-boot-sweep",
-        "backfill",
-        "replication-flush",
-        "replication-reconcile",
-        "probe",
-    ];
+    /// A job as stored: its `jobs.kind` and `jobs.payload`.
+    pub fn stored(kind: &str, payload: &Value) -> Result<Job, PayloadError> {
+        let kind: JobKind = kind.parse()?;
+        let Value::Object(args) = payload else { return Err(PayloadError::NotAnObject { kind }) };
+        let mut args = args.clone();
+        args.remove(KIND_FIELD);
+        Ok(Job { kind, args })
+    }
 
-    /// The job a cron schedule of this name enqueues.
-    pub fn for_schedule(name: &str) -> Option<Job> {
-        match name {
-            "run-sweep" => Some(Job::RunSweep),
-            "session-expiry-sweep" => Some(Job::SessionExpirySweep),
-            "waitpoint-timeout-sweep" => Some(Job::WaitpointTimeoutSweep),
-            "input-boot-sweep" => Some(Job::InputBootSweep),
-            "replication-reconcile" => Some(Job::ReplicationReconcile),
-            _ => None,
-        }
+    pub fn kind(&self) -> JobKind {
+        self.kind
+    }
+
+    /// The arguments, read as `P` (the payload of this job's kind).
+    pub fn payload<P: DeserializeOwned>(&self) -> Result<P, PayloadError> {
+        serde_json::from_value(Value::Object(self.args.clone()))
+            .map_err(|source| PayloadError::Json { kind: self.kind, source })
+    }
+
+    /// What `jobs.payload` holds: the arguments and the kind.
+    pub fn to_stored(&self) -> Value {
+        let mut stored = self.args.clone();
+        stored.insert(KIND_FIELD.into(), self.kind.as_str().into());
+        Value::Object(stored)
+    }
+}
+
+impl Serialize for Job {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.args.serialize(serializer)
+    }
+}
+
+impl Payload for Job {
+    fn kind(&self) -> JobKind {
+        self.kind
+    }
+}
+
+/// A job row just written, in the caller's transaction: relay it
+/// ([`Jobs::relay`]) once that commits. It carries the lane of its kind, so
+/// the relay pushes it onto the queue its worker polls, whoever relays it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewJob {
+    id: Uuid,
+    lane: Lane,
+}
+
+impl NewJob {
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    pub fn lane(&self) -> Lane {
+        self.lane
+    }
+}
+
+/// Written down (in audit details, responses) as its id.
+impl Serialize for NewJob {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.id.serialize(serializer)
+    }
+}
+
+impl std::fmt::Display for NewJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.id.fmt(f)
     }
 }
 
@@ -139,34 +166,6 @@ pub enum QueueLoss {
     Redis(#[from] redis::RedisError),
     #[error("{0:#}")]
     Push(anyhow::Error),
-}
-
-/// Which queue (and worker) carries a job. Copies into ClickHouse have a
-/// lane of their own: at 500 creates/s the run engine's lane takes 500
-/// trigger-run jobs a second, and a replication flush queued behind them
-/// waited seconds (measured: 7.5 s on average) before it started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lane {
-    Engine,
-    Analytics,
-}
-
-impl Lane {
-    pub const ALL: [Lane; 2] = [Lane::Engine, Lane::Analytics];
-
-    /// The lane of a job of this kind (`jobs.kind`).
-    pub fn of_kind(kind: &str) -> Lane {
-        match kind {
-            "backfill" | "replication-flush" | "replication-reconcile" => Lane::Analytics,
-            _ => Lane::Engine,
-        }
-    }
-}
-
-impl Job {
-    pub fn lane(&self) -> Lane {
-        Lane::of_kind(self.kind())
-    }
 }
 
 /// Writes, relays and retries jobs.
@@ -242,36 +241,30 @@ impl Jobs {
         pushed
     }
 
-    /// Rows of `lane` just written: at their first generation.
-    fn fresh(lane: Lane, ids: &[Uuid]) -> Vec<(Lane, Uuid, i32)> {
-        ids.iter().map(|id| (lane, *id, store::FIRST_GENERATION)).collect()
+    /// Rows just written, each on its lane: at their first generation.
+    fn fresh(jobs: &[NewJob]) -> Vec<(Lane, Uuid, i32)> {
+        jobs.iter().map(|job| (job.lane, job.id, store::FIRST_GENERATION)).collect()
     }
 
-    /// Relays run-engine job rows just committed (the hot path): pushed now,
-    /// stamped in the background. The rows must be fresh inserts (at
-    /// [`store::FIRST_GENERATION`]); a retried job goes through
-    /// [`Jobs::relay_kinds`] or [`Jobs::retry`].
-    pub async fn relay(&self, ids: &[Uuid]) {
-        self.relay_in(Lane::Engine, ids).await
-    }
-
-    /// Relays job rows of `lane` just committed, as [`Jobs::relay`].
-    pub async fn relay_in(&self, lane: Lane, ids: &[Uuid]) {
-        for pushed in self.push(Self::fresh(lane, ids)).await {
+    /// Relays job rows just committed (the hot path): pushed now, stamped in
+    /// the background. A retried job goes through [`Jobs::relay_kinds`] or
+    /// [`Jobs::retry`] instead (its version is read before its push).
+    pub async fn relay(&self, jobs: &[NewJob]) {
+        for pushed in self.push(Self::fresh(jobs)).await {
             let _ = self.relayed.send(pushed);
         }
     }
 
     /// Relays rows just written and stamps them before returning (for callers
     /// that may exit right after).
-    pub async fn relay_now(&self, lane: Lane, ids: &[Uuid]) -> Result<(), StoreError> {
-        let pushed = self.push(Self::fresh(lane, ids)).await;
+    pub async fn relay_now(&self, jobs: &[NewJob]) -> Result<(), StoreError> {
+        let pushed = self.push(Self::fresh(jobs)).await;
         store::mark_relayed(&self.pool, &pushed).await
     }
 
     /// Pushes versions read from the ledger and stamps them before returning.
     async fn relay_versions(&self, jobs: &[store::Queued]) -> Result<(), StoreError> {
-        let pushed = self.push(jobs.iter().map(|j| (Lane::of_kind(&j.kind), j.id, j.generation)).collect()).await;
+        let pushed = self.push(jobs.iter().map(|j| (j.lane(), j.id, j.generation)).collect()).await;
         store::mark_relayed(&self.pool, &pushed).await
     }
 
@@ -285,17 +278,17 @@ impl Jobs {
     }
 
     /// Writes a job on its own (no surrounding state change) and relays it.
-    pub async fn submit(&self, job: &Job) -> Result<Uuid, StoreError> {
+    pub async fn submit(&self, job: &impl Payload) -> Result<Uuid, StoreError> {
         self.submit_with_attempts(job, DEFAULT_MAX_ATTEMPTS).await
     }
 
     /// [`Jobs::submit`] with its own attempt budget (at most
     /// [`DEFAULT_MAX_ATTEMPTS`]: the worker's retry policy redelivers a job
     /// that many times per push).
-    pub async fn submit_with_attempts(&self, job: &Job, max_attempts: i32) -> Result<Uuid, StoreError> {
-        let id = store::insert(&self.pool, job, max_attempts).await?;
-        self.relay_now(job.lane(), &[id]).await?;
-        Ok(id)
+    pub async fn submit_with_attempts(&self, job: &impl Payload, max_attempts: i32) -> Result<Uuid, StoreError> {
+        let new = store::insert(&self.pool, job, max_attempts).await?;
+        self.relay_now(&[new]).await?;
+        Ok(new.id)
     }
 
     /// Runs a failed or canceled job again with a fresh attempt budget. None if
@@ -350,8 +343,7 @@ impl Jobs {
     pub async fn push_page(&self, jobs: &[store::Queued]) -> Result<Vec<store::Pushed>, QueueLoss> {
         let mut pushed = Vec::with_capacity(jobs.len());
         for job in jobs {
-            let lane = Lane::of_kind(&job.kind);
-            pushed.push(self.push_one(lane, job.id, job.generation).await.map_err(QueueLoss::Push)?);
+            pushed.push(self.push_one(job.lane(), job.id, job.generation).await.map_err(QueueLoss::Push)?);
         }
         Ok(pushed)
     }
@@ -381,7 +373,8 @@ impl Jobs {
         let next = if (candidates.len() as i64) < SWEEP_BATCH { None } else { candidates.last().map(|c| c.id) };
         let mut lost = Vec::new();
         for lane in Lane::ALL {
-            let of_lane: Vec<&store::Stamped> = candidates.iter().filter(|c| Lane::of_kind(&c.kind) == lane).collect();
+            let of_lane: Vec<&store::Stamped> =
+                candidates.iter().filter(|c| Lane::of_stored(&c.kind) == lane).collect();
             let tasks: Vec<String> = of_lane.iter().filter_map(|c| c.task_id.clone()).collect();
             let unheld = self.queue(lane).unheld(&tasks).await?;
             lost.extend(
@@ -403,46 +396,54 @@ impl Jobs {
 mod tests {
     use super::*;
 
-    #[test]
-    fn jobs_serialise_with_their_kind() {
-        let id = Uuid::now_v7();
-        let v = serde_json::to_value(Job::TriggerRun { run_id: id }).unwrap();
-        assert_eq!(v["kind"], "trigger-run");
-        assert_eq!(serde_json::from_value::<Job>(v).unwrap(), Job::TriggerRun { run_id: id });
-        assert_eq!(Job::for_schedule("run-sweep"), Some(Job::RunSweep));
-        assert_eq!(Job::for_schedule("nope"), None);
+    #[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
+    struct Cancel {
+        run_id: Uuid,
+    }
+
+    impl Payload for Cancel {
+        fn kind(&self) -> JobKind {
+            JobKind::CancelRun
+        }
     }
 
     #[test]
-    fn every_kind_is_listed_and_probes_run_on_the_engine_lane() {
-        let probe = Job::Probe { fail_first: 2 };
-        assert_eq!(serde_json::to_value(&probe).unwrap(), serde_json::json!({ "kind": "probe", "fail_first": 2 }));
-        assert_eq!(probe.lane(), Lane::Engine);
+    fn a_payload_is_stored_with_its_kind_and_read_back() {
+        let run_id = Uuid::now_v7();
+        let job = Job::new(&Cancel { run_id }).unwrap();
+        let stored = job.to_stored();
+        // The layout rows have always had (an older server decodes it).
+        assert_eq!(stored, serde_json::json!({ "kind": "cancel-run", "run_id": run_id }));
+        let back = Job::stored("cancel-run", &stored).unwrap();
+        assert_eq!(back, job);
+        assert_eq!(back.kind(), JobKind::CancelRun);
+        assert_eq!(back.payload::<Cancel>().unwrap(), Cancel { run_id });
+    }
+
+    #[test]
+    fn a_sweep_is_stored_as_its_kind_alone() {
+        let job = Job::sweep(JobKind::RunSweep);
+        assert_eq!(job.to_stored(), serde_json::json!({ "kind": "run-sweep" }));
+        assert_eq!(Job::stored("run-sweep", &job.to_stored()).unwrap(), job);
+    }
+
+    #[test]
+    fn an_unknown_kind_or_a_bad_payload_is_an_error() {
+        let payload = serde_json::json!({ "kind": "nope" });
+        assert!(matches!(Job::stored("nope", &payload), Err(PayloadError::UnknownKind(_))));
+        assert!(matches!(
+            Job::stored("cancel-run", &serde_json::json!([1])),
+            Err(PayloadError::NotAnObject { kind: JobKind::CancelRun })
+        ));
+        let job = Job::stored("cancel-run", &serde_json::json!({ "run_id": "not a uuid" })).unwrap();
+        assert!(matches!(job.payload::<Cancel>(), Err(PayloadError::Json { kind: JobKind::CancelRun, .. })));
+    }
+
+    #[test]
+    fn a_new_job_is_written_down_as_its_id() {
         let id = Uuid::now_v7();
-        let every = [
-            Job::TriggerRun { run_id: id },
-            Job::CancelRun { run_id: id },
-            Job::RunSweep,
-            Job::SessionExpirySweep,
-            Job::DrainWaitpoints { session_id: id, io: crate::streams::Io::In, seq_num: 1, waitpoint_ids: vec![] },
-            Job::CloseChannels { session_id: id, reason: None, notify_in: false },
-            Job::WaitpointTimeoutSweep,
-            Job::RunHandoff(crate::sessions::run_manager::HandoffStep {
-                session_id: id,
-                version: 1,
-                run: "run_1".into(),
-                control: None,
-            }),
-            Job::InputBootSweep,
-            Job::Backfill { backfill_id: id, chunk: 0 },
-            Job::ReplicationFlush { flush_id: id },
-            Job::ReplicationReconcile,
-            probe,
-        ];
-        let mut kinds: Vec<&str> = every.iter().map(Job::kind).collect();
-        kinds.sort_unstable();
-        let mut listed = Job::KINDS.to_vec();
-        listed.sort_unstable();
-        assert_eq!(kinds, listed, "Job::KINDS lists every kind once");
+        let job = NewJob { id, lane: Lane::Analytics };
+        assert_eq!(serde_json::to_value(job).unwrap(), serde_json::json!(id));
+        assert_eq!(job.to_string(), id.to_string());
     }
 }

@@ -1,9 +1,13 @@
 //! Running jobs: the apalis job worker, one cron worker per schedule, and the
 //! outbox relay loop. `start` launches them all beside the HTTP server.
+//!
+//! What a job does is not known here: the runtime hands each job to a
+//! [`Handler`], the dispatch table the composition root builds.
 
+use std::future::Future;
 use std::time::Duration;
 
-use apalis::layers::retry::backoff::{ExponentialBackoffMaker, MakeBackoff};
+use apalis::layers::retry::backoff::{ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
 use apalis::layers::retry::{HasherRng, RetryPolicy};
 use apalis::prelude::{AbortError, BackendExt, BoxDynError, Data, Monitor, WorkerBuilder, WorkerBuilderExt};
 use apalis_cron::{CronScheduler, Tick};
@@ -11,14 +15,49 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
 use tokio::task::{AbortHandle, JoinHandle};
 use ulid::Ulid;
 
-use super::handlers::{self, JobContext};
 use super::queue::JobEnvelope;
 use super::schedule::Schedule;
-use super::{store, Job, Jobs};
-use crate::app::AppState;
+use super::{store, Job, Jobs, Lane};
+
+/// What a job run did, for the attempt log.
+pub type Outcome = anyhow::Result<String>;
+
+/// Runs a job of any kind: the dispatch table, built where the domains are
+/// (the composition root), so that this module knows none of them.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// Runs `job`; `attempt` is this attempt's number, from 1 (it keeps
+    /// counting across retries). A kind it does not handle is an error.
+    fn execute(&self, job: &Job, attempt: u32) -> impl Future<Output = Outcome> + Send;
+}
+
+/// What the job runtime runs on, handed over by the composition root.
+pub struct Runtime<H> {
+    pub jobs: Jobs,
+    pub handler: H,
+    /// For the cron ticks' locks.
+    pub redis: ConnectionManager,
+    /// For the job queues' wake-ups.
+    pub redis_client: redis::Client,
+    pub redis_prefix: String,
+    /// The first retry's delay (`JOB_RETRY_BASE_MS`); later ones grow
+    /// exponentially (with jitter), to 30 s.
+    pub retry_base: Duration,
+    /// How long attempts under way may finish at shutdown (`SHUTDOWN_GRACE_MS`).
+    pub grace: Duration,
+    pub schedules: Vec<Schedule>,
+}
+
+/// What a job worker gives each attempt.
+#[derive(Clone)]
+struct Attempts<H> {
+    handler: H,
+    db: PgPool,
+}
 
 /// How long a freshly written job may stay unrelayed before the relay loop
 /// pushes it (the writer normally does it within milliseconds).
@@ -38,8 +77,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 ///
 /// The attempt is registered in [`Running`] while it runs, so that a process
 /// shutting down can hand back what is unfinished at the end of its grace.
-async fn run_job(envelope: JobEnvelope, ctx: Data<JobContext>, running: Data<Running>) -> Result<(), BoxDynError> {
-    let ctx = JobContext::clone(&ctx);
+async fn run_job<H: Handler>(
+    envelope: JobEnvelope,
+    ctx: Data<Attempts<H>>,
+    running: Data<Running>,
+) -> Result<(), BoxDynError> {
+    let ctx = Attempts::clone(&ctx);
     let running = Running::clone(&running);
     let slot = running.enter(envelope.id);
     let task = {
@@ -123,7 +166,12 @@ impl Running {
 
 /// One attempt: logs it, executes, logs the outcome. On the last allowed
 /// attempt a failure is final (AbortError), so apalis stops retrying.
-async fn attempt(id: uuid::Uuid, ctx: JobContext, running: &Running, slot: u64) -> Result<(), BoxDynError> {
+async fn attempt<H: Handler>(
+    id: uuid::Uuid,
+    ctx: Attempts<H>,
+    running: &Running,
+    slot: u64,
+) -> Result<(), BoxDynError> {
     // Gone, or already succeeded (delivered twice, e.g. relayed again before a
     // crash was noticed): nothing to do.
     let Some(row) = store::begin_attempt(&ctx.db, id).await? else {
@@ -131,8 +179,10 @@ async fn attempt(id: uuid::Uuid, ctx: JobContext, running: &Running, slot: u64) 
     };
     let attempt = row.attempts;
     running.begun(slot, attempt);
+    // A kind this build does not know (a newer server's) or a payload that is
+    // not an object fails the attempt like any error, logged below.
     let result = match row.job() {
-        Ok(job) => handlers::execute(&ctx, &job, u32::try_from(attempt).unwrap_or_default()).await,
+        Ok(job) => ctx.handler.execute(&job, u32::try_from(attempt).unwrap_or_default()).await,
         Err(err) => Err(err.into()),
     };
     match result {
@@ -187,32 +237,39 @@ async fn cron_tick(tick: Tick, ctx: Data<CronCtx>) -> Result<(), BoxDynError> {
 
 /// Launches the job runtime. Everything stops when `shutdown` turns true; the
 /// returned handle finishes once in-flight jobs are done.
-pub fn start(
-    state: &AppState,
-    schedules: Vec<Schedule>,
-    shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<JoinHandle<()>> {
-    let backoff = ExponentialBackoffMaker::new(
-        Duration::from_millis(state.config.job_retry_base_ms),
-        Duration::from_secs(30),
-        0.5,
-        HasherRng::default(),
-    )?
-    .make_backoff();
-    let retries = (super::DEFAULT_MAX_ATTEMPTS - 1) as usize;
-    let grace = Duration::from_millis(state.config.shutdown_grace_ms);
+pub fn start<H: Handler>(rt: Runtime<H>, shutdown: watch::Receiver<bool>) -> anyhow::Result<JoinHandle<()>> {
+    let backoff = retry_backoff(rt.retry_base)?;
     let running = Running::default();
+    let lanes = spawn_job_workers(&rt, backoff, &running, &shutdown);
+    let cron = cron_schedules(&rt).shutdown_timeout(rt.grace);
+    listen_for_wakeups(&rt);
+    tokio::spawn(relay_loop(rt.jobs.clone(), shutdown.clone()));
+    Ok(tokio::spawn(wind_down(cron, lanes, running, rt.jobs, rt.grace, shutdown)))
+}
 
-    // One supervised worker per lane (see `Lane`), each polling its own queue.
+/// The delay before each retry of a failed attempt.
+fn retry_backoff(base: Duration) -> anyhow::Result<ExponentialBackoff> {
+    Ok(ExponentialBackoffMaker::new(base, Duration::from_secs(30), 0.5, HasherRng::default())?.make_backoff())
+}
+
+/// One supervised worker per lane (see [`Lane`]), each polling its own queue.
+fn spawn_job_workers<H: Handler>(
+    rt: &Runtime<H>,
+    backoff: ExponentialBackoff,
+    running: &Running,
+    shutdown: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let retries = (super::DEFAULT_MAX_ATTEMPTS - 1) as usize;
+    let grace = rt.grace;
     let mut lanes = Vec::new();
-    for lane in super::Lane::ALL {
-        let queue = state.jobs.queue(lane).clone();
-        let job_ctx = state.job_context();
+    for lane in Lane::ALL {
+        let queue = rt.jobs.queue(lane).clone();
+        let job_ctx = Attempts { handler: rt.handler.clone(), db: rt.jobs.pool.clone() };
         let backoff = backoff.clone();
-        let prefix = state.config.redis_prefix.clone();
+        let prefix = rt.redis_prefix.clone();
         let lane_name = match lane {
-            super::Lane::Engine => "jobs",
-            super::Lane::Analytics => "analytics-jobs",
+            Lane::Engine => "jobs",
+            Lane::Analytics => "analytics-jobs",
         };
         let running = running.clone();
         let job_worker = move || {
@@ -228,21 +285,26 @@ pub fn start(
                         .data(running.clone())
                         .concurrency(32)
                         .retry(RetryPolicy::retries(retries).with_backoff(backoff.clone()))
-                        .build(run_job)
+                        .build(run_job::<H>)
                 })
                 .shutdown_timeout(grace)
         };
         lanes.push(tokio::spawn(supervise_job_worker(job_worker, shutdown.clone())));
     }
+    lanes
+}
+
+/// One cron worker per schedule, in one monitor.
+fn cron_schedules<H>(rt: &Runtime<H>) -> Monitor {
     let mut monitor = Monitor::new();
-    for schedule in schedules {
+    for schedule in &rt.schedules {
         let ctx = CronCtx {
-            redis: state.redis.clone(),
-            lock_prefix: format!("{}:cron:{}", state.config.redis_prefix, schedule.name),
-            jobs: state.jobs.clone(),
-            job: schedule.job.clone(),
+            redis: rt.redis.clone(),
+            lock_prefix: format!("{}:cron:{}", rt.redis_prefix, schedule.name),
+            jobs: rt.jobs.clone(),
+            job: schedule.job(),
         };
-        let name = format!("{}-cron-{}-{}", state.config.redis_prefix, schedule.name, Ulid::generate());
+        let name = format!("{}-cron-{}-{}", rt.redis_prefix, schedule.name, Ulid::generate());
         let cron = schedule.cron.clone();
         monitor = monitor.register(move |_| {
             WorkerBuilder::new(name.clone())
@@ -251,90 +313,107 @@ pub fn start(
                 .build(cron_tick)
         });
     }
+    monitor
+}
 
-    // Wake-ups for this process's own job workers. (What requests wait on,
-    // the channel feed and the run queue, every process follows: see
-    // `app::follow_wakeups`.)
-    for lane in super::Lane::ALL {
-        tokio::spawn(state.jobs.queue(lane).clone().listen(state.redis_client.clone()));
+/// Wake-ups for this process's own job workers. (What requests wait on,
+/// the channel feed and the run queue, every process follows: see
+/// `app::follow_wakeups`.)
+fn listen_for_wakeups<H>(rt: &Runtime<H>) {
+    for lane in Lane::ALL {
+        tokio::spawn(rt.jobs.queue(lane).clone().listen(rt.redis_client.clone()));
     }
+}
 
-    // The outbox relay: jobs whose writer could not push them, every
-    // unfinished job again if Redis lost the queue, and (every 10 s) pending
-    // jobs whose task the queue no longer holds.
-    let relay_jobs = state.jobs.clone();
-    let mut relay_stop = shutdown.clone();
-    tokio::spawn(async move {
-        // The first tick is at once, so the first check runs before this
-        // process has submitted much: a fresh Redis (or key prefix) has no
-        // marker yet, and every job found unfinished then is pushed again.
-        let mut tick = tokio::time::interval(Duration::from_millis(1_000));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut swept_to = None;
-        loop {
-            tokio::select! {
-                _ = relay_stop.changed() => break,
-                _ = tick.tick() => {}
-                _ = sweep.tick() => {
-                    match relay_jobs.sweep_unheld(swept_to).await {
-                        Ok((n, next)) => {
-                            swept_to = next;
-                            if n > 0 {
-                                tracing::warn!(jobs = n, "pending jobs the queue no longer held were pushed again");
-                            }
-                        }
-                        Err(err) => tracing::warn!(%err, "could not sweep the queue for pending jobs it lost"),
-                    }
-                    continue;
-                }
-            }
-            match relay_jobs.recover_lost_queue().await {
-                Ok(None) => {}
-                Ok(Some(n)) => {
-                    tracing::warn!(jobs = n, "the job queue was missing from Redis; unfinished jobs relayed again")
-                }
-                Err(err) => tracing::warn!(%err, "could not check the job queue for lost jobs"),
-            }
-            match relay_jobs.relay_pending(RELAY_GRACE_MS).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(jobs = n, "relayed pending jobs"),
-                Err(err) => tracing::warn!(%err, "outbox relay failed"),
-            }
+/// The outbox relay: jobs whose writer could not push them, every
+/// unfinished job again if Redis lost the queue, and (every 10 s) pending
+/// jobs whose task the queue no longer holds.
+async fn relay_loop(jobs: Jobs, mut stop: watch::Receiver<bool>) {
+    // The first tick is at once, so the first check runs before this
+    // process has submitted much: a fresh Redis (or key prefix) has no
+    // marker yet, and every job found unfinished then is pushed again.
+    let mut tick = tokio::time::interval(Duration::from_millis(1_000));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut swept_to = None;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => relay_tick(&jobs).await,
+            _ = sweep.tick() => swept_to = sweep_tick(&jobs, swept_to).await,
         }
-    });
+    }
+}
 
-    let stop = shutdown;
-    let monitor = monitor.shutdown_timeout(grace);
-    let jobs = state.jobs.clone();
-    let db = state.db.clone();
+/// One tick of the relay: restores a lost queue, then pushes what is
+/// still unrelayed.
+async fn relay_tick(jobs: &Jobs) {
+    match jobs.recover_lost_queue().await {
+        Ok(None) => {}
+        Ok(Some(n)) => {
+            tracing::warn!(jobs = n, "the job queue was missing from Redis; unfinished jobs relayed again")
+        }
+        Err(err) => tracing::warn!(%err, "could not check the job queue for lost jobs"),
+    }
+    match jobs.relay_pending(RELAY_GRACE_MS).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(jobs = n, "relayed pending jobs"),
+        Err(err) => tracing::warn!(%err, "outbox relay failed"),
+    }
+}
+
+/// One page of the sweep for pending jobs the queue lost; returns where the
+/// next one goes on (kept where it was if this one failed).
+async fn sweep_tick(jobs: &Jobs, from: Option<uuid::Uuid>) -> Option<uuid::Uuid> {
+    match jobs.sweep_unheld(from).await {
+        Ok((n, next)) => {
+            if n > 0 {
+                tracing::warn!(jobs = n, "pending jobs the queue no longer held were pushed again");
+            }
+            next
+        }
+        Err(err) => {
+            tracing::warn!(%err, "could not sweep the queue for pending jobs it lost");
+            from
+        }
+    }
+}
+
+/// Runs the cron schedules until shutdown, then gives the job workers'
+/// attempts the rest of the grace and hands back what is unfinished.
+async fn wind_down(
+    cron: Monitor,
+    lanes: Vec<JoinHandle<()>>,
+    running: Running,
+    jobs: Jobs,
+    grace: Duration,
+    stop: watch::Receiver<bool>,
+) {
     let mut stop_at = stop.clone();
-    Ok(tokio::spawn(async move {
-        let cron = async {
-            if let Err(err) = monitor.run_with_signal(stopped(stop)).await {
-                tracing::error!(%err, "cron schedules stopped with an error");
-            }
-        };
-        let deadline = async {
-            let _ = stop_at.wait_for(|s| *s).await;
-            tokio::time::Instant::now() + grace
-        };
-        let ((), deadline) = tokio::join!(cron, deadline);
-        // The workers take no new task once stopped; attempts under way get
-        // the rest of the grace (apalis may have let go of them already: each
-        // runs in a task of its own), then are handed back.
-        for mut lane in lanes {
-            if tokio::time::timeout_at(deadline, &mut lane).await.is_err() {
-                // No retry of a cut-off attempt may start behind the hand-back.
-                lane.abort();
-            }
+    let cron = async {
+        if let Err(err) = cron.run_with_signal(stopped(stop)).await {
+            tracing::error!(%err, "cron schedules stopped with an error");
         }
-        while !running.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let deadline = async {
+        let _ = stop_at.wait_for(|s| *s).await;
+        tokio::time::Instant::now() + grace
+    };
+    let ((), deadline) = tokio::join!(cron, deadline);
+    // The workers take no new task once stopped; attempts under way get
+    // the rest of the grace (apalis may have let go of them already: each
+    // runs in a task of its own), then are handed back.
+    for mut lane in lanes {
+        if tokio::time::timeout_at(deadline, &mut lane).await.is_err() {
+            // No retry of a cut-off attempt may start behind the hand-back.
+            lane.abort();
         }
-        hand_back(&db, &jobs, &running).await;
-    }))
+    }
+    while !running.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hand_back(&jobs, &running).await;
 }
 
 /// Hands back the job attempts still running at the end of the grace: each
@@ -342,14 +421,14 @@ pub fn start(
 /// cut-off attempt does not count against the job), left `pending` and
 /// pushed again, so that another process runs it at once instead of after
 /// apalis' recovery of this worker's tasks (heartbeat × missed).
-async fn hand_back(db: &sqlx::PgPool, jobs: &Jobs, running: &Running) {
+async fn hand_back(jobs: &Jobs, running: &Running) {
     let cut = running.abort_all();
     if cut.is_empty() {
         return;
     }
     let mut handed = Vec::new();
     for (job, attempt) in cut {
-        match store::hand_back_attempt(db, job, attempt).await {
+        match store::hand_back_attempt(&jobs.pool, job, attempt).await {
             Ok(Some(kind)) => handed.push((job, kind)),
             Ok(None) => {}
             Err(err) => tracing::warn!(%job, attempt, %err, "could not hand back a job attempt"),

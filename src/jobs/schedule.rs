@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use super::Job;
+use super::{Job, JobKind};
 
 pub const DEFAULT_SCHEDULES: &str = include_str!("../../jobs/schedules.toml");
 
@@ -18,7 +18,8 @@ struct Entry {
 pub struct Schedule {
     pub name: String,
     pub cron: cron::Schedule,
-    pub job: Job,
+    /// The sweep it enqueues: the kind its name names.
+    pub kind: JobKind,
     /// The `#` lines inside the schedule's table, for the dashboard.
     pub comment: String,
 }
@@ -30,11 +31,15 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<Schedule>> {
     entries
         .into_iter()
         .map(|(name, e)| {
-            let job = Job::for_schedule(&name).ok_or_else(|| anyhow::anyhow!("unknown schedule {name:?}"))?;
+            let kind = name
+                .parse::<JobKind>()
+                .ok()
+                .filter(|k| k.scheduled())
+                .ok_or_else(|| anyhow::anyhow!("unknown schedule {name:?}"))?;
             let cron = cron::Schedule::from_str(&e.cron)
                 .map_err(|err| anyhow::anyhow!("schedule {name:?}: bad cron {:?}: {err}", e.cron))?;
             let comment = comments.remove(&name).unwrap_or_default();
-            Ok(Schedule { name, cron, job, comment })
+            Ok(Schedule { name, cron, kind, comment })
         })
         .collect()
 }
@@ -56,6 +61,13 @@ fn comments(text: &str) -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+impl Schedule {
+    /// What one tick enqueues.
+    pub fn job(&self) -> Job {
+        Job::sweep(self.kind)
+    }
 }
 
 /// The schedules in `path`, or the built-in defaults.
@@ -95,11 +107,14 @@ mod tests {
         assert_eq!(s[0].name, "input-boot-sweep");
         assert_eq!(s[0].comment, "");
         assert_eq!(s[1].comment, "one two");
+        assert_eq!(s[1].kind, JobKind::RunSweep);
     }
 
     #[test]
     fn bad_schedules_are_refused() {
         assert!(parse("[nope]\ncron = \"* * * * * *\"").is_err());
+        // A kind, but not a sweep: it needs arguments no schedule has.
+        assert!(parse("[trigger-run]\ncron = \"* * * * * *\"").is_err());
         assert!(parse("[run-sweep]\ncron = \"every minute\"").is_err());
     }
 }

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
-use super::Job;
+use super::{Job, JobKind, Lane, NewJob, Payload, PayloadError};
 use crate::db::StoreError;
 
 /// Where a job stands: `pending` (queued, or waiting for a retry), `running`,
@@ -99,8 +99,10 @@ pub struct JobRow {
 }
 
 impl JobRow {
-    pub fn job(&self) -> Result<Job, StoreError> {
-        serde_json::from_value(self.payload.clone()).map_err(|e| StoreError::Corrupt(format!("job {}: {e}", self.id)))
+    /// The job this row holds; an error if its kind is unknown to this build
+    /// or its payload is not an object.
+    pub fn job(&self) -> Result<Job, PayloadError> {
+        Job::stored(&self.kind, &self.payload)
     }
 }
 
@@ -120,6 +122,13 @@ pub struct Queued {
     pub generation: i32,
 }
 
+impl Queued {
+    /// The queue its kind runs on.
+    pub fn lane(&self) -> Lane {
+        Lane::of_stored(&self.kind)
+    }
+}
+
 /// A push that happened: the version it carried and the apalis task it made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pushed {
@@ -129,18 +138,19 @@ pub struct Pushed {
 }
 
 /// Writes a job into the outbox. Call inside the transaction of the state change
-/// that causes it, so the job exists if and only if the change committed.
-pub async fn insert(conn: impl PgExecutor<'_>, job: &Job, max_attempts: i32) -> Result<Uuid, StoreError> {
+/// that causes it, so the job exists if and only if the change committed; then
+/// relay what this returns (its id and lane).
+pub async fn insert(conn: impl PgExecutor<'_>, job: &impl Payload, max_attempts: i32) -> Result<NewJob, StoreError> {
     let id = Uuid::now_v7();
-    let payload = serde_json::to_value(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let job = Job::new(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     sqlx::query("INSERT INTO jobs (id, kind, payload, max_attempts) VALUES ($1, $2, $3, $4)")
         .bind(id)
-        .bind(job.kind())
-        .bind(payload)
+        .bind(job.kind().as_str())
+        .bind(job.to_stored())
         .bind(max_attempts)
         .execute(conn)
         .await?;
-    Ok(id)
+    Ok(NewJob { id, lane: job.kind().lane() })
 }
 
 pub async fn find(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError> {
@@ -151,7 +161,8 @@ pub async fn find(pool: &PgPool, id: Uuid) -> Result<Option<JobRow>, StoreError>
 /// newest first within a kind (by id: uuid v7, creation order); one walk of
 /// `jobs_kind_id_idx` per kind, which a sweep's thousands of jobs a day make
 /// worth having instead of a sort.
-pub async fn newest_of_kinds(pool: &PgPool, kinds: &[&str], per_kind: i64) -> Result<Vec<JobRow>, StoreError> {
+pub async fn newest_of_kinds(pool: &PgPool, kinds: &[JobKind], per_kind: i64) -> Result<Vec<JobRow>, StoreError> {
+    let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
     let columns = JOB_COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ");
     Ok(sqlx::query_as(&format!(
         "SELECT {columns} FROM unnest($1::text[]) k(kind)
@@ -452,7 +463,7 @@ pub async fn cancel_pending(conn: impl PgExecutor<'_>, id: Uuid) -> Result<Optio
 /// (case-insensitively) in the last error and in every attempt's error.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobFilter {
-    pub kind: Option<String>,
+    pub kind: Option<JobKind>,
     pub status: Option<JobStatus>,
     pub search: Option<String>,
 }
@@ -524,7 +535,7 @@ pub async fn page(pool: &PgPool, filter: &JobFilter, at: PageAt, size: usize) ->
         "SELECT {JOB_COLUMNS} FROM jobs WHERE {FILTER_WHERE} AND ($4::uuid IS NULL OR id {compare} $4)
          ORDER BY id {order} LIMIT $5"
     ))
-    .bind(&filter.kind)
+    .bind(filter.kind.map(JobKind::as_str))
     .bind(filter.status)
     .bind(filter.pattern())
     .bind(cursor)
@@ -566,7 +577,7 @@ pub async fn count_matching(pool: &PgPool, filter: &JobFilter) -> Result<Matchin
     let (count, as_of, snapshot) = sqlx::query_as(&format!(
         "SELECT count(*), now(), pg_current_snapshot()::text FROM jobs WHERE {FILTER_WHERE} AND status = ANY($4::text[])"
     ))
-    .bind(&filter.kind)
+    .bind(filter.kind.map(JobKind::as_str))
     .bind(filter.status)
     .bind(filter.pattern())
     .bind(filter.retry_statuses())
@@ -613,7 +624,7 @@ pub async fn retry_matching(
          RETURNING id, kind",
         retry_set()
     ))
-    .bind(&filter.kind)
+    .bind(filter.kind.map(JobKind::as_str))
     .bind(filter.status)
     .bind(filter.pattern())
     .bind(filter.retry_statuses())
@@ -672,7 +683,9 @@ pub struct FailedTrigger {
 
 /// The failed `trigger-run` jobs of `run_ids`, the newest per run (a run has
 /// one: it is written with the run, and a retry reuses the row). Walks
-/// `jobs_failed_trigger_run_idx`.
+/// `jobs_failed_trigger_run_idx`, a partial index on that kind: the kind is
+/// spelled out in the SQL (as [`JobKind::TriggerRun`] names it), since the
+/// planner matches the index's predicate only against a literal.
 pub async fn failed_triggers(pool: &PgPool, run_ids: &[Uuid]) -> Result<Vec<FailedTrigger>, StoreError> {
     let keys: Vec<String> = run_ids.iter().map(Uuid::to_string).collect();
     Ok(sqlx::query_as(

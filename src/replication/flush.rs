@@ -21,7 +21,7 @@ use crate::analytics::rows::{RunRow, SessionRow};
 use crate::analytics::watermark::{self, Table};
 use crate::analytics::{AnalyticsError, ClickHouse};
 use crate::db::StoreError;
-use crate::jobs::{self, Job, Jobs};
+use crate::jobs::{self, JobKind, Jobs, Payload};
 use crate::replication::decode::Change;
 use crate::replication::lease;
 
@@ -103,6 +103,19 @@ async fn hold_fence(conn: &mut sqlx::PgConnection, slot: &str, token: u64) -> Re
     }
 }
 
+/// The `replication-flush` job: writes batch `flush_id` to ClickHouse (run
+/// by `replication::jobs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicationFlush {
+    pub flush_id: Uuid,
+}
+
+impl Payload for ReplicationFlush {
+    fn kind(&self) -> JobKind {
+        JobKind::ReplicationFlush
+    }
+}
+
 /// Writes the batch and its job in one transaction, then relays the job,
 /// unless `token` was superseded. Returns the batch's id.
 pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, token: u64, batch: &Batch) -> Result<Uuid, FlushError> {
@@ -113,8 +126,7 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, token: u64, batch: &
     let rows = serde_json::to_value(batch).map_err(|e| FlushError::Corrupt(id, e.to_string()))?;
     let mut tx = crate::db::begin(pool).await.map_err(StoreError::from)?;
     hold_fence(&mut tx, slot, token).await?;
-    let flush = Job::ReplicationFlush { flush_id: id };
-    let job = jobs::store::insert(&mut *tx, &flush, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+    let job = jobs::store::insert(&mut *tx, &ReplicationFlush { flush_id: id }, jobs::DEFAULT_MAX_ATTEMPTS).await?;
     sqlx::query(
         "INSERT INTO replication_flushes (id, slot, start_lsn, end_lsn, commit_time, row_count, rows, job_id, fence)
          VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, $5, $6, $7, $8, $9)",
@@ -126,13 +138,13 @@ pub async fn record(pool: &PgPool, jobs: &Jobs, slot: &str, token: u64, batch: &
     .bind(at)
     .bind(batch.rows() as i32)
     .bind(rows)
-    .bind(job)
+    .bind(job.id())
     .bind(token as i64)
     .execute(&mut *tx)
     .await
     .map_err(StoreError::from)?;
     tx.commit().await.map_err(StoreError::from)?;
-    jobs.relay_in(flush.lane(), &[job]).await;
+    jobs.relay(&[job]).await;
     Ok(id)
 }
 

@@ -21,11 +21,13 @@
 //!   repairing the ranges that differ.
 //! - [`health`]: lag, retained WAL, pending flushes and the last error, as
 //!   data for operators.
+//! - [`jobs`]: the flush and reconcile jobs.
 
 pub mod consumer;
 pub mod decode;
 pub mod flush;
 pub mod health;
+pub mod jobs;
 pub mod lease;
 pub mod pgoutput;
 pub mod reconcile;

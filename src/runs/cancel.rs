@@ -7,9 +7,10 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::jobs::CancelRun;
 use crate::audit::{self, Actor, AuditAction};
 use crate::db::StoreError;
-use crate::jobs::{self, Job, Jobs};
+use crate::jobs::{self, Jobs};
 
 /// What canceling a run uses.
 #[derive(Clone)]
@@ -24,10 +25,10 @@ impl RunCanceller {
     /// Returns the job's id.
     pub async fn cancel(&self, by: &Actor, run_id: Uuid, run: &str) -> Result<Uuid, StoreError> {
         let mut tx = crate::db::begin(&self.db).await?;
-        let job = jobs::store::insert(&mut *tx, &Job::CancelRun { run_id }, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+        let job = jobs::store::insert(&mut *tx, &CancelRun { run_id }, jobs::DEFAULT_MAX_ATTEMPTS).await?;
         audit::record(&mut *tx, by, AuditAction::RunCancel, &format!("run:{run}"), json!({ "job": job })).await?;
         tx.commit().await?;
         self.jobs.relay(&[job]).await;
-        Ok(job)
+        Ok(job.id())
     }
 }

@@ -5,9 +5,11 @@
 //!   long-polling workers wait on.
 //! - [`routes`]: the worker protocol (dequeue, heartbeat, complete, fail, cancel).
 //! - [`cancel`]: a run's cancel as a durable job, for the API and the dashboard.
+//! - [`jobs`]: the run engine's jobs (trigger, cancel, the run sweep).
 
 pub mod cancel;
 pub mod dispatch;
+pub mod jobs;
 pub mod queue;
 pub mod routes;
 pub mod store;

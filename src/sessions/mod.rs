@@ -10,11 +10,13 @@
 //! - [`failed_handoffs`]: open sessions left with no run to serve them, for operators.
 //! - [`close`]: the one close (API and dashboard), audited and sealed.
 //! - [`playground`]: the operator playground's sessions, started and reopened.
+//! - [`jobs`]: the hand-off job, the expiry sweep, and the replacement of crashed runs.
 //! - [`routes`]: the control-plane HTTP handlers.
 
 pub mod access;
 pub mod close;
 pub mod failed_handoffs;
+pub mod jobs;
 pub mod list;
 pub mod lookup;
 pub mod model;

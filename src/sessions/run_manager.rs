@@ -25,7 +25,8 @@ use super::model::Session;
 use super::store;
 use crate::audit::{self, Actor, AuditAction};
 use crate::db::StoreError;
-use crate::jobs::{self, Job, Jobs};
+use crate::jobs::{self, Jobs};
+use crate::runs::jobs::TriggerRun;
 use crate::runs::store::{self as run_store, NewRun, RunOwner};
 use crate::runs::{Continuation, RunStatus, TriggerReason};
 use crate::sessions::validate::TriggerConfig;
@@ -232,7 +233,7 @@ impl RunManager {
         }
         store::insert_audit(&mut tx, s.id, run.id, reason).await?;
         let mut job_ids =
-            vec![jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
+            vec![jobs::store::insert(&mut *tx, &TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?];
         let mut canceled = None;
         if let Some((previous_id, previous_run)) = &previous {
             if run_store::supersede(&mut tx, *previous_id, &run.friendly_id).await? {
@@ -249,8 +250,7 @@ impl RunManager {
             audit::record(&mut *tx, &by.actor, by.action, &target, Value::Object(detail)).await?;
         }
         if previous.is_some() || step.control.is_some() {
-            job_ids
-                .push(jobs::store::insert(&mut *tx, &Job::RunHandoff(step.clone()), jobs::DEFAULT_MAX_ATTEMPTS).await?);
+            job_ids.push(jobs::store::insert(&mut *tx, &step, jobs::DEFAULT_MAX_ATTEMPTS).await?);
         }
         tx.commit().await.map_err(StoreError::from)?;
         self.jobs.relay(&job_ids).await;

@@ -9,10 +9,12 @@ use super::validate::{NewSession, Patch, SessionPatch};
 use crate::db::paging::Keyset;
 use crate::db::StoreError;
 use crate::ids::{self, SESSION_PREFIX};
-use crate::jobs::{self, Job};
+use crate::jobs::{self, NewJob};
+use crate::runs::jobs::TriggerRun;
 use crate::runs::store::{self as run_store, NewRun, RunOwner};
 use crate::runs::TriggerReason;
 use crate::tenancy::Environment;
+use crate::waitpoints::jobs::CloseChannels;
 
 /// Session columns, qualified by the alias `s`, plus the current run's friendly id
 /// from `task_runs r`. Used by every read so each returns the same shape.
@@ -30,7 +32,7 @@ fn returning_session(sql: &str) -> String {
 #[derive(Debug)]
 pub enum CreateOutcome {
     /// A new session with its first run, and the job that triggers that run.
-    Created(Session, Uuid),
+    Created(Session, NewJob),
     /// A live session already had this external id; its trigger config was refreshed.
     Cached(Session),
     /// A closed session holds this external id; nothing was changed.
@@ -144,7 +146,7 @@ pub async fn create_in(
     }
     run_store::insert(&mut *tx, &run).await?;
     insert_audit(&mut *tx, session.id, run.id, TriggerReason::Initial).await?;
-    let job = jobs::store::insert(&mut *tx, &Job::TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?;
+    let job = jobs::store::insert(&mut *tx, &TriggerRun { run_id: run.id }, jobs::DEFAULT_MAX_ATTEMPTS).await?;
     session.current_run_friendly_id = Some(run.friendly_id);
     Ok(CreateOutcome::Created(session, job))
 }
@@ -304,7 +306,7 @@ pub async fn close_in(
     id: Uuid,
     reason: Option<&str>,
     calling_run: Option<&str>,
-) -> Result<Option<(Session, Uuid)>, StoreError> {
+) -> Result<Option<(Session, NewJob)>, StoreError> {
     let sql = returning_session(
         "UPDATE sessions SET closed_at = now(), closed_reason = $3, updated_at = now()
          WHERE runtime_environment_id = $1 AND id = $2 AND closed_at IS NULL
@@ -313,11 +315,8 @@ pub async fn close_in(
     let closed: Option<Session> =
         sqlx::query_as(&sql).bind(env_id).bind(id).bind(reason).fetch_optional(&mut *tx).await?;
     let Some(s) = closed else { return Ok(None) };
-    let job = Job::CloseChannels {
-        session_id: s.id,
-        reason: reason.map(String::from),
-        notify_in: s.close_wakes_in(calling_run),
-    };
+    let job =
+        CloseChannels { session_id: s.id, reason: reason.map(String::from), notify_in: s.close_wakes_in(calling_run) };
     let job_id = jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?;
     Ok(Some((s, job_id)))
 }

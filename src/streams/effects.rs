@@ -22,9 +22,10 @@ use uuid::Uuid;
 use super::store::{client_part, Appended, ChannelError, ChannelStore, Writer};
 use super::{ChannelKey, Io};
 use crate::db::StoreError;
-use crate::jobs::{Job, Jobs};
+use crate::jobs::Jobs;
 use crate::sessions::run_manager::{Ensured, RunManager, RunManagerError};
 use crate::sessions::Session;
+use crate::waitpoints::jobs::DrainWaitpoints;
 
 /// Faults tests inject into a live server, to show what recovers them.
 #[derive(Debug, Default)]
@@ -148,7 +149,7 @@ impl Appender {
             appended.drained_waitpoints
         };
         if !drained.is_empty() {
-            let job = Job::DrainWaitpoints {
+            let job = DrainWaitpoints {
                 session_id: key.session_id,
                 io: key.io,
                 seq_num: appended.seq_num,

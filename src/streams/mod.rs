@@ -7,6 +7,7 @@
 //! - [`floor`]: sequence numbers leased from Postgres a block at a time, so
 //!   they never go backwards when Redis loses a channel.
 //! - [`effects`]: what a durable append sets off (waitpoint drain, run boot).
+//! - [`jobs`]: the input-boot sweep, for boots an append never made.
 //! - [`group_commit`]: concurrent appends to one channel share one script call.
 //! - [`hub`]: one upstream reader per active channel per process, fanning new
 //!   records out to every local subscriber.
@@ -20,6 +21,7 @@ pub mod effects;
 pub mod floor;
 pub mod group_commit;
 pub mod hub;
+pub mod jobs;
 pub mod permits;
 pub mod routes;
 pub mod sse;

@@ -6,8 +6,10 @@
 //! the append that drains the channel's pending set (the drain job), the
 //! race-check at creation (data that arrived before the wait), and the worker's
 //! own long-poll, which follows the channel feed. Timeouts and session close
-//! end it too.
+//! end it too. Their jobs (the drain, the close, the timeout sweep) are in
+//! [`jobs`].
 
+pub mod jobs;
 pub mod routes;
 pub mod store;
 

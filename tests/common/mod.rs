@@ -116,9 +116,10 @@ impl TestApp {
         Self::spawn_with(|c| c.job_schedules_file = Some(schedules_file(&[]))).await
     }
 
-    /// Runs one sweep (or any job) now, as its cron tick would; returns its summary.
-    pub async fn sweep(&self, job: sessiond::jobs::Job) -> String {
-        sessiond::jobs::handlers::execute(&self.state.job_context(), &job, 1).await.expect("sweep")
+    /// Runs one sweep now, as its cron tick would; returns its summary.
+    pub async fn sweep(&self, kind: sessiond::jobs::JobKind) -> String {
+        let job = sessiond::jobs::Job::sweep(kind);
+        sessiond::app::job_dispatch::execute(&self.state.job_context(), &job, 1).await.expect("sweep")
     }
 
     /// Applies the ClickHouse schema to this test's database.

@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sessiond::analytics::backfill::BackfillChunk;
 use sessiond::analytics::backfill::{self, BackfillRequest, BackfillStatus, Faults};
 use sessiond::analytics::rows::{parse_lsn, SessionRow};
 use sessiond::analytics::watermark::Table;
 use sessiond::analytics::{schema, ClickHouse};
+use sessiond::app::job_dispatch::execute;
 use sessiond::jobs::Job;
 use sessiond::sessions::list::{EnvScope, ListQuery, PgSessionList, SessionListRepository};
 use uuid::Uuid;
@@ -396,9 +398,9 @@ async fn a_killed_backfill_resumes_where_it_stopped() {
     let (created, _) = backfill::create(app.db(), &req).await.unwrap();
     let id = created[0].id;
     let ctx = app.state.job_context();
-    let chunk = |n: i32| Job::Backfill { backfill_id: id, chunk: n };
+    let chunk = |n: i32| Job::new(&BackfillChunk { backfill_id: id, chunk: n }).unwrap();
     for n in 0..2 {
-        sessiond::jobs::handlers::execute(&ctx, &chunk(n), 1).await.unwrap();
+        execute(&ctx, &chunk(n), 1).await.unwrap();
     }
     let after_two = backfill::store::find(app.db(), id).await.unwrap().unwrap();
     assert_eq!((after_two.chunks_done, after_two.rows_copied), (2, 20));
@@ -412,11 +414,11 @@ async fn a_killed_backfill_resumes_where_it_stopped() {
     assert_eq!(killed.chunks_done, 2);
 
     // Its job runs again (a retry): it resumes at chunk 2, not at the start.
-    sessiond::jobs::handlers::execute(&ctx, &chunk(2), 1).await.unwrap();
+    execute(&ctx, &chunk(2), 1).await.unwrap();
     // A chunk delivered twice moves nothing.
-    let again = sessiond::jobs::handlers::execute(&ctx, &chunk(2), 1).await.unwrap();
+    let again = execute(&ctx, &chunk(2), 1).await.unwrap();
     assert!(again.contains("already recorded"), "{again}");
-    sessiond::jobs::handlers::execute(&ctx, &chunk(3), 1).await.unwrap();
+    execute(&ctx, &chunk(3), 1).await.unwrap();
     let done = backfill::store::find(app.db(), id).await.unwrap().unwrap();
     assert_eq!((done.status, done.chunks_done, done.rows_copied), (BackfillStatus::Completed, 4, 35));
     // One durable job per chunk, each written by the chunk before it.

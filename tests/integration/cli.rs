@@ -148,7 +148,7 @@ async fn jobs_list_retry_and_manual_trigger_from_the_cli() {
         .execute(app.db())
         .await
         .unwrap();
-    let job = app.state.jobs.submit(&sessiond::jobs::Job::CancelRun { run_id }).await.unwrap();
+    let job = app.state.jobs.submit(&sessiond::runs::jobs::CancelRun { run_id }).await.unwrap();
     common::eventually(20, "job failed", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
         (row.status == sessiond::jobs::store::JobStatus::Failed).then_some(())

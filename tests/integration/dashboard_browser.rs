@@ -91,7 +91,7 @@ const LIVE_RECORD: &str = "live-marker-42\nid: 7\r\nretry: 1\rend";
 /// two, once it has failed both.
 async fn failed_probe(app: &TestApp, fail_first: u32) -> uuid::Uuid {
     use sessiond::jobs::store::{self, JobStatus};
-    let id = app.state.jobs.submit_with_attempts(&sessiond::jobs::Job::Probe { fail_first }, 2).await.unwrap();
+    let id = app.state.jobs.submit_with_attempts(&sessiond::jobs::probe::Probe { fail_first }, 2).await.unwrap();
     eventually(10, "the probe failed its attempts", || async {
         let row = store::find(app.db(), id).await.unwrap().expect("job row");
         (row.status == JobStatus::Failed).then_some(())

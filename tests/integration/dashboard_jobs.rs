@@ -8,8 +8,9 @@ use std::process::Command;
 
 use reqwest::header::LOCATION;
 use reqwest::StatusCode;
+use sessiond::jobs::probe::Probe;
 use sessiond::jobs::store::{self, JobStatus};
-use sessiond::jobs::{Job, Lane};
+use sessiond::jobs::Lane;
 use uuid::Uuid;
 
 use crate::common::{eventually, schedules_file, TestApp};
@@ -458,7 +459,7 @@ async fn a_probe_fails_on_purpose_and_succeeds_after_a_retry_from_the_dashboard(
     .await;
     with_operators(&app).await;
     quiet(&app).await;
-    let job = app.state.jobs.submit_with_attempts(&Job::Probe { fail_first: 3 }, 2).await.unwrap();
+    let job = app.state.jobs.submit_with_attempts(&Probe { fail_first: 3 }, 2).await.unwrap();
     let failed = eventually(10, "the probe failed its 2 attempts", || async {
         let r = row(&app, job).await;
         (r.status == JobStatus::Failed).then_some(r)
@@ -543,7 +544,7 @@ async fn a_job_that_fails_again_after_the_preview_is_left_to_a_new_preview() {
     with_operators(&app).await;
     quiet(&app).await;
     let seeded = seed(&app, "probe", "failed", Some("probe: failing on purpose, seeded")).await;
-    let again = app.state.jobs.submit_with_attempts(&Job::Probe { fail_first: 100 }, 1).await.unwrap();
+    let again = app.state.jobs.submit_with_attempts(&Probe { fail_first: 100 }, 1).await.unwrap();
     let first_failure = eventually(10, "the probe failed its attempt", || async {
         let r = row(&app, again).await;
         (r.status == JobStatus::Failed).then_some(r)

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use sessiond::jobs::Job;
+use sessiond::jobs::JobKind;
 
 use crate::common::clickhouse::PrivateClickHouse;
 use crate::common::faults::{assert_copy_equal, list_check, phase, report, stuck_jobs, CreateLoad};
@@ -122,7 +122,7 @@ async fn rows_deleted_in_clickhouse() {
     );
     app.state.analytics.client().query(&sql).with_option("mutations_sync", "2").execute().await.unwrap();
     let took = Instant::now();
-    let summary = app.sweep(Job::ReplicationReconcile).await;
+    let summary = app.sweep(JobKind::ReplicationReconcile).await;
     let took = took.elapsed();
     let (compared, copied) =
         (figure(&summary, "sessions", "rows compared"), figure(&summary, "sessions", "rows copied"));

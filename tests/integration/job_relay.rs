@@ -1,11 +1,13 @@
 //! The job relay's stamps and sweep: a push stamps only the version of the
 //! job it carried, a pending job whose task the queue lost is pushed again,
-//! and an attempt whose process died is closed as abandoned by the next one.
+//! an attempt whose process died is closed as abandoned by the next one, a
+//! job goes to the lane of its kind, and one of a kind unknown here fails.
 
 use reqwest::StatusCode;
+use sessiond::jobs::probe::Probe;
 use sessiond::jobs::queue::JobQueue;
 use sessiond::jobs::store::{self, AttemptStatus, JobStatus};
-use sessiond::jobs::{Job, Lane};
+use sessiond::jobs::Lane;
 use uuid::Uuid;
 
 use crate::common::{eventually, TestApp};
@@ -36,7 +38,7 @@ async fn a_stale_recovery_stamp_does_not_strand_a_retried_job() {
     let queue = app.state.jobs.queue(Lane::Engine);
     // Fails its one attempt (as a flush does while ClickHouse is away), and
     // succeeds once retried.
-    let job = store::insert(app.db(), &Job::Probe { fail_first: 1 }, 1).await.unwrap();
+    let job = store::insert(app.db(), &Probe { fail_first: 1 }, 1).await.unwrap().id();
     let attempt = store::begin_attempt(app.db(), job).await.unwrap().expect("the first attempt starts");
     assert_eq!(attempt.attempts, 1);
 
@@ -76,7 +78,7 @@ async fn the_sweep_pushes_again_a_pending_job_whose_task_is_gone() {
     let stamped = |task: String| {
         let app = &app;
         async move {
-            let job = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 5).await.unwrap();
+            let job = store::insert(app.db(), &Probe { fail_first: 0 }, 5).await.unwrap().id();
             let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task };
             store::mark_relayed(app.db(), &[stamp]).await.unwrap();
             job
@@ -171,7 +173,7 @@ async fn unheld_reads_where_apalis_keeps_a_task() {
 async fn a_dead_attempt_is_closed_as_abandoned_by_the_next() {
     let app = quiet_app().await;
     with_operators(&app).await;
-    let job = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 5).await.unwrap();
+    let job = store::insert(app.db(), &Probe { fail_first: 0 }, 5).await.unwrap().id();
     let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task: "held-by-the-test".into() };
     store::mark_relayed(app.db(), &[stamp]).await.unwrap();
     // Attempt 1's process dies mid-attempt; ten minutes on, a redelivery runs
@@ -204,7 +206,7 @@ async fn a_dead_attempt_is_closed_as_abandoned_by_the_next() {
 #[tokio::test]
 async fn an_attempt_that_ends_after_all_records_its_outcome() {
     let app = quiet_app().await;
-    let job = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 5).await.unwrap();
+    let job = store::insert(app.db(), &Probe { fail_first: 0 }, 5).await.unwrap().id();
     let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task: "held-by-the-test".into() };
     store::mark_relayed(app.db(), &[stamp]).await.unwrap();
     store::begin_attempt(app.db(), job).await.unwrap().expect("attempt 1");
@@ -222,8 +224,8 @@ async fn an_attempt_that_ends_after_all_records_its_outcome() {
 #[tokio::test]
 async fn the_sweep_fails_a_pending_job_with_no_attempt_left() {
     let app = quiet_app().await;
-    let spent = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 2).await.unwrap();
-    let running = store::insert(app.db(), &Job::Probe { fail_first: 0 }, 2).await.unwrap();
+    let spent = store::insert(app.db(), &Probe { fail_first: 0 }, 2).await.unwrap().id();
+    let running = store::insert(app.db(), &Probe { fail_first: 0 }, 2).await.unwrap().id();
     for job in [spent, running] {
         let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task: "gone".into() };
         store::mark_relayed(app.db(), &[stamp]).await.unwrap();
@@ -248,4 +250,50 @@ async fn the_sweep_fails_a_pending_job_with_no_attempt_left() {
     assert_eq!(row(&app, running).await.status, JobStatus::Pending);
     assert!(app.state.jobs.retry(spent).await.unwrap().is_some(), "a failed job can be retried");
     app.job_succeeded(10, "the retried job", spent).await;
+}
+
+/// A row of a kind this build does not know (written by a newer server) is
+/// relayed like any job, and its attempt is logged and failed: the worker
+/// neither panics nor stops, and runs the next job.
+#[tokio::test]
+async fn a_job_of_an_unknown_kind_fails_its_attempt_and_the_worker_goes_on() {
+    let app = quiet_app().await;
+    let unknown = Uuid::now_v7();
+    sqlx::query("INSERT INTO jobs (id, kind, payload, max_attempts) VALUES ($1, $2, $3, 1)")
+        .bind(unknown)
+        .bind("from-a-newer-server")
+        .bind(serde_json::json!({ "kind": "from-a-newer-server", "run_id": Uuid::now_v7() }))
+        .execute(app.db())
+        .await
+        .unwrap();
+    let failed = eventually(15, "the unknown kind's attempt failed", || async {
+        let r = row(&app, unknown).await;
+        (r.status == JobStatus::Failed).then_some(r)
+    })
+    .await;
+    let error = failed.last_error.unwrap_or_default();
+    assert!(error.contains(r#"unknown job kind "from-a-newer-server""#), "{error}");
+    let attempts = store::attempts(app.db(), unknown).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status, AttemptStatus::Failed);
+
+    let next = app.state.jobs.submit(&Probe { fail_first: 0 }).await.unwrap();
+    app.job_succeeded(15, "a job after the unknown one", next).await;
+}
+
+/// Inserting a job hands back the lane of its kind, which the relay pushes it
+/// onto: a backfill chunk goes to the analytics queue, a run's job to the engine's.
+#[tokio::test]
+async fn an_inserted_job_carries_the_lane_of_its_kind() {
+    let app = quiet_app().await;
+    let chunk = sessiond::analytics::backfill::BackfillChunk { backfill_id: Uuid::now_v7(), chunk: 0 };
+    let copy = store::insert(app.db(), &chunk, 1).await.unwrap();
+    assert_eq!(copy.lane(), Lane::Analytics);
+    let cancel = store::insert(app.db(), &sessiond::runs::jobs::CancelRun { run_id: Uuid::now_v7() }, 1).await.unwrap();
+    assert_eq!(cancel.lane(), Lane::Engine);
+    assert_eq!(row(&app, copy.id()).await.kind, "backfill");
+    app.state.jobs.relay(&[copy, cancel]).await;
+    // A chunk of a backfill that does not exist has nothing to copy.
+    app.job_succeeded(15, "the chunk ran", copy.id()).await;
+    app.job_succeeded(15, "the cancel ran", cancel.id()).await;
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sessiond::analytics::rows::SessionRow;
-use sessiond::jobs::Job;
+use sessiond::jobs::JobKind;
 
 use crate::common::{eventually, schedules_file, TestApp};
 use crate::replication::{finish, ready, settled};
@@ -156,10 +156,10 @@ async fn an_equal_copy_under_concurrent_updates_copies_nothing() {
     seeds_copied(&app).await;
     let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM sessions").fetch_all(app.db()).await.unwrap();
     let load = UpdateLoad::start(app.db().clone(), ids, 150);
-    let job = Job::ReplicationReconcile;
+    let job = JobKind::ReplicationReconcile;
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(700)).await;
-        let summary = app.sweep(job.clone()).await;
+        let summary = app.sweep(job).await;
         assert_eq!(ranged_backfills(&app).await, 0, "a backfill was queued for an equal copy: {summary}");
         assert_eq!(figure(&summary, "sessions", "rows copied"), 0, "{summary}");
         assert_eq!(figure(&summary, "sessions", "rows marked deleted"), 0, "{summary}");
@@ -186,8 +186,8 @@ async fn rows_lost_from_the_copy_are_restored_by_copying_their_hour() {
     app.state.analytics.client().query(&sql).with_option("mutations_sync", "2").execute().await.unwrap();
     assert!(in_clickhouse(&app, &lost).await.is_empty(), "the mutation deleted the rows");
 
-    let job = Job::ReplicationReconcile;
-    let found = app.sweep(job.clone()).await;
+    let job = JobKind::ReplicationReconcile;
+    let found = app.sweep(job).await;
     assert_eq!(ranged_backfills(&app).await, 0, "{found}");
     assert_eq!(figure(&found, "sessions", "hours differ"), 1, "{found}");
     assert_eq!(figure(&found, "sessions", "rows copied"), PER_HOUR, "only the hour is copied: {found}");
@@ -220,12 +220,12 @@ async fn rows_postgres_lacks_are_marked_deleted_in_the_copy() {
     let ghost_ids: Vec<String> = ghosts.iter().map(|g| g.session_id.clone()).collect();
     app.state.analytics.insert_rows("sessions_v1", &ghosts).await.unwrap();
 
-    let found = app.sweep(Job::ReplicationReconcile).await;
+    let found = app.sweep(JobKind::ReplicationReconcile).await;
     assert_eq!(figure(&found, "sessions", "hours differ"), 1, "{found}");
     assert_eq!(figure(&found, "sessions", "rows marked deleted"), 5, "{found}");
     assert_eq!(figure(&found, "sessions", "rows copied"), PER_HOUR, "{found}");
     assert!(in_clickhouse(&app, &ghost_ids).await.is_empty(), "the ghosts are gone");
-    let again = app.sweep(Job::ReplicationReconcile).await;
+    let again = app.sweep(JobKind::ReplicationReconcile).await;
     assert_eq!(figure(&again, "sessions", "hours differ"), 0, "{again}");
     finish(app).await;
 }
@@ -254,7 +254,7 @@ async fn a_copy_still_healing_is_not_reconciled() {
             .await
             .unwrap();
 
-    let healing = app.sweep(Job::ReplicationReconcile).await;
+    let healing = app.sweep(JobKind::ReplicationReconcile).await;
     assert!(healing.contains("sessions: copy healing"), "{healing}");
     assert!(healing.contains("runs: copy healing"), "{healing}");
     assert_eq!(ranged_backfills(&app).await, 0, "{healing}");
@@ -268,7 +268,7 @@ async fn a_copy_still_healing_is_not_reconciled() {
         .execute(app.db())
         .await
         .unwrap();
-    let found = app.sweep(Job::ReplicationReconcile).await;
+    let found = app.sweep(JobKind::ReplicationReconcile).await;
     assert_eq!(figure(&found, "sessions", "hours differ"), 1, "{found}");
     assert_eq!(in_clickhouse(&app, &lost).await.len(), lost.len(), "the lost rows are back: {found}");
     finish(app).await;

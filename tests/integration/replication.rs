@@ -689,8 +689,8 @@ async fn reconciliation_repairs_what_clickhouse_lost() {
     }
     settled(&app).await;
     // Nothing differs yet.
-    let job = sessiond::jobs::Job::ReplicationReconcile;
-    let clean = app.sweep(job.clone()).await;
+    let job = sessiond::jobs::JobKind::ReplicationReconcile;
+    let clean = app.sweep(job).await;
     assert_eq!(figure(&clean, "sessions", "hours differ"), 0, "{clean}");
     assert_eq!(figure(&clean, "runs", "hours differ"), 0, "{clean}");
 
@@ -713,7 +713,7 @@ async fn reconciliation_repairs_what_clickhouse_lost() {
     app.state.analytics.insert_rows("sessions_v1", &[stale, gone, ghost]).await.unwrap();
     assert!(in_clickhouse(&app, &ids[1]).await.is_none(), "the insert is lost");
 
-    let found = app.sweep(job.clone()).await;
+    let found = app.sweep(job).await;
     assert_eq!(figure(&found, "sessions", "hours differ"), 1, "{found}");
     assert_eq!(figure(&found, "sessions", "rows marked deleted"), 1, "{found}");
     assert_eq!(figure(&found, "sessions", "rows copied"), 3, "{found}");

@@ -8,7 +8,8 @@ use crate::common::{dequeue_one, eventually, session_body, tasks, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sessiond::audit::Actor;
-use sessiond::jobs::Job;
+use sessiond::jobs::JobKind;
+use sessiond::runs::jobs::CancelRun;
 use sessiond::sessions::run_manager::Ensured;
 use sessiond::worker::{RunContext, TaskHandler};
 use uuid::Uuid;
@@ -68,10 +69,10 @@ async fn missed_heartbeats_crash_the_run_and_activity_continues() {
     let w = app.worker();
     let run = dequeue_one(&w).await;
     // Within its deadline the sweep leaves it alone.
-    assert!(app.sweep(Job::RunSweep).await.starts_with("0 runs finalised"));
+    assert!(app.sweep(JobKind::RunSweep).await.starts_with("0 runs finalised"));
     // The worker dies: no heartbeat past the deadline. The sweep marks the run CRASHED.
     app.age_run(&run.id, 10).await;
-    let out = app.sweep(Job::RunSweep).await;
+    let out = app.sweep(JobKind::RunSweep).await;
     assert!(out.starts_with("1 runs finalised"), "{out}");
     assert_eq!(app.run_status(&run.id).await, "CRASHED");
     let hb = w.heartbeat(&run).await.unwrap();
@@ -323,10 +324,10 @@ async fn queued_runs_expire_after_their_ttl() {
     body["triggerConfig"]["ttl"] = json!("10s");
     let s = app.create_session(body).await;
     let run = s["runId"].as_str().unwrap();
-    app.sweep(Job::RunSweep).await;
+    app.sweep(JobKind::RunSweep).await;
     assert_eq!(app.run_status(run).await, "QUEUED", "within its ttl");
     app.age_run(run, 11).await;
-    app.sweep(Job::RunSweep).await;
+    app.sweep(JobKind::RunSweep).await;
     assert_eq!(app.run_status(run).await, "EXPIRED");
     assert!(app.worker().dequeue(&tasks(), 1, Duration::from_secs(1)).await.unwrap().is_empty());
 }
@@ -339,12 +340,12 @@ async fn max_duration_times_out_a_run() {
     app.create_session(body).await;
     let w = app.worker();
     let run = dequeue_one(&w).await;
-    app.sweep(Job::RunSweep).await;
+    app.sweep(JobKind::RunSweep).await;
     assert_eq!(app.run_status(&run.id).await, "EXECUTING", "within its maxDuration");
     // Started 11 s ago, and alive: only maxDuration may end it.
     app.age_run(&run.id, 11).await;
     assert!(!w.heartbeat(&run).await.unwrap().cancel);
-    app.sweep(Job::RunSweep).await;
+    app.sweep(JobKind::RunSweep).await;
     assert_eq!(app.run_status(&run.id).await, "TIMED_OUT");
     assert!(w.heartbeat(&run).await.unwrap().cancel);
 }
@@ -357,15 +358,15 @@ async fn expiry_sweep_cancels_runs_of_expired_sessions_idempotently() {
     body["expiresAt"] = json!(expires_at.to_rfc3339());
     let s = app.create_session(body).await;
     let run = s["runId"].as_str().unwrap().to_string();
-    assert!(app.sweep(Job::SessionExpirySweep).await.starts_with("0 runs"));
+    assert!(app.sweep(JobKind::SessionExpirySweep).await.starts_with("0 runs"));
     // The session's time is up (expiresAt is write-once, so wait it out).
     let left = (expires_at - chrono::Utc::now()).to_std().unwrap_or_default();
     tokio::time::sleep(left + Duration::from_millis(50)).await;
-    let out = app.sweep(Job::SessionExpirySweep).await;
+    let out = app.sweep(JobKind::SessionExpirySweep).await;
     assert!(out.starts_with("1 runs"), "{out}");
     assert_eq!(app.run_status(&run).await, "CANCELED");
     // Running the sweep again changes nothing.
-    let out = app.sweep(Job::SessionExpirySweep).await;
+    let out = app.sweep(JobKind::SessionExpirySweep).await;
     assert!(out.starts_with("0 runs"), "{out}");
     assert_eq!(app.run_status(&run).await, "CANCELED");
     // Expired sessions get no new runs.
@@ -486,7 +487,7 @@ async fn unrelayed_jobs_are_relayed_later() {
         .await
         .unwrap();
     let mut tx = sessiond::db::begin(app.db()).await.unwrap();
-    let job = sessiond::jobs::store::insert(&mut *tx, &sessiond::jobs::Job::CancelRun { run_id }, 5).await.unwrap();
+    let job = sessiond::jobs::store::insert(&mut *tx, &CancelRun { run_id }, 5).await.unwrap().id();
     tx.commit().await.unwrap();
     eventually(15, "relayed job ran", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
@@ -513,7 +514,7 @@ async fn a_job_that_keeps_failing_ends_failed_and_retry_runs_it_again() {
         .execute(app.db())
         .await
         .unwrap();
-    let job = app.state.jobs.submit(&sessiond::jobs::Job::CancelRun { run_id }).await.unwrap();
+    let job = app.state.jobs.submit(&CancelRun { run_id }).await.unwrap();
     let row = eventually(20, "job failed", || async {
         let row = sessiond::jobs::store::find(app.db(), job).await.unwrap().unwrap();
         (row.status == sessiond::jobs::store::JobStatus::Failed).then_some(row)
@@ -558,7 +559,7 @@ async fn duplicate_deliveries_share_one_attempt_budget() {
     // Keep this server's own runtime off the job: its start-up queue check is
     // done (no recovery push) and the row is marked relayed (no relay push).
     app.job_queue_ready().await;
-    let job = store::insert(app.db(), &sessiond::jobs::Job::CancelRun { run_id }, 2).await.unwrap();
+    let job = store::insert(app.db(), &CancelRun { run_id }, 2).await.unwrap().id();
     let stamp = store::Pushed { id: job, generation: store::FIRST_GENERATION, task: "none".into() };
     store::mark_relayed(app.db(), &[stamp]).await.unwrap();
     let first = store::begin_attempt(app.db(), job).await.unwrap().expect("first attempt");

@@ -156,14 +156,14 @@ async fn waits_time_out_and_the_run_resumes() {
         wait(&app, &run, &run.token, json!({"session": s, "io": "in", "timeout": "30s", "tags": "t1"})).await;
     let wp = body["waitpointId"].as_str().unwrap().to_string();
     assert_eq!(app.run_status(&run.id).await, "WAITING");
-    assert!(app.sweep(sessiond::jobs::Job::WaitpointTimeoutSweep).await.starts_with("0 waitpoints"));
+    assert!(app.sweep(sessiond::jobs::JobKind::WaitpointTimeoutSweep).await.starts_with("0 waitpoints"));
     // Its timeout passes: the sweep ends it and the run resumes.
     sqlx::query("UPDATE waitpoints SET timeout_at = now() - interval '1 second' WHERE friendly_id = $1")
         .bind(&wp)
         .execute(app.db())
         .await
         .unwrap();
-    assert!(app.sweep(sessiond::jobs::Job::WaitpointTimeoutSweep).await.starts_with("1 waitpoints"));
+    assert!(app.sweep(sessiond::jobs::JobKind::WaitpointTimeoutSweep).await.starts_with("1 waitpoints"));
     let done = poll(&app, &run, &wp, 0).await;
     assert_eq!(done["status"], "TIMED_OUT");
     assert_eq!(done["tags"], json!(["t1"]));

@@ -20,10 +20,24 @@ use super::rows::{RunRow, SessionRow};
 use super::watermark::{self, Table};
 use super::{AnalyticsError, ClickHouse};
 use crate::db::StoreError;
-use crate::jobs::{self, Job, Jobs};
+use crate::jobs::{self, JobKind, Jobs, NewJob, Payload};
 use crate::runs::store as run_store;
 use crate::sessions::store as session_store;
 pub use store::{Backfill, BackfillStatus};
+
+/// The `backfill` job: copies chunk number `chunk` of backfill `backfill_id`
+/// (run by `analytics::jobs`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackfillChunk {
+    pub backfill_id: Uuid,
+    pub chunk: i32,
+}
+
+impl Payload for BackfillChunk {
+    fn kind(&self) -> JobKind {
+        JobKind::Backfill
+    }
+}
 
 /// Rows per chunk unless the operator asks otherwise.
 pub const DEFAULT_CHUNK_SIZE: i32 = 5_000;
@@ -59,8 +73,8 @@ pub struct Faults {
 }
 
 /// Writes one backfill per table and the jobs of their first chunks, in one
-/// transaction; returns them and the job ids (not yet relayed).
-pub async fn create(pool: &PgPool, req: &BackfillRequest) -> Result<(Vec<Backfill>, Vec<Uuid>), StoreError> {
+/// transaction; returns them and the jobs (not yet relayed).
+pub async fn create(pool: &PgPool, req: &BackfillRequest) -> Result<(Vec<Backfill>, Vec<NewJob>), StoreError> {
     let mut tx = crate::db::begin(pool).await?;
     let created = create_in(&mut tx, req).await?;
     tx.commit().await?;
@@ -72,12 +86,12 @@ pub async fn create(pool: &PgPool, req: &BackfillRequest) -> Result<(Vec<Backfil
 pub async fn create_in(
     conn: &mut PgConnection,
     req: &BackfillRequest,
-) -> Result<(Vec<Backfill>, Vec<Uuid>), StoreError> {
+) -> Result<(Vec<Backfill>, Vec<NewJob>), StoreError> {
     let mut backfills = Vec::new();
     let mut job_ids = Vec::new();
     for table in &req.tables {
         let b = store::insert(conn, *table, req.from, req.to, req.chunk_size.max(1)).await?;
-        let job = Job::Backfill { backfill_id: b.id, chunk: 0 };
+        let job = BackfillChunk { backfill_id: b.id, chunk: 0 };
         job_ids.push(jobs::store::insert(&mut *conn, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?);
         backfills.push(b);
     }
@@ -92,10 +106,8 @@ pub async fn start(pool: &PgPool, jobs: &Jobs, req: &BackfillRequest) -> Result<
 }
 
 /// Pushes committed first-chunk jobs to their queue.
-pub async fn queue(jobs: &Jobs, job_ids: &[Uuid]) -> Result<(), StoreError> {
-    // Every chunk job has one kind, so one lane.
-    let lane = Job::Backfill { backfill_id: Uuid::nil(), chunk: 0 }.lane();
-    jobs.relay_now(lane, job_ids).await
+pub async fn queue(jobs: &Jobs, job_ids: &[NewJob]) -> Result<(), StoreError> {
+    jobs.relay_now(job_ids).await
 }
 
 /// A backfill of every row of both tables, as `sessiond clickhouse backfill`
@@ -161,12 +173,12 @@ pub async fn run_chunk(
     let next = if finished {
         None
     } else {
-        let job = Job::Backfill { backfill_id: id, chunk: chunk + 1 };
-        Some((jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?, job.lane()))
+        let job = BackfillChunk { backfill_id: id, chunk: chunk + 1 };
+        Some(jobs::store::insert(&mut *tx, &job, jobs::DEFAULT_MAX_ATTEMPTS).await?)
     };
     tx.commit().await.map_err(StoreError::from)?;
-    if let Some((job, lane)) = next {
-        jobs.relay_in(lane, &[job]).await;
+    if let Some(job) = next {
+        jobs.relay(&[job]).await;
     }
     Ok(format!(
         "backfill {id} ({}): chunk {chunk} copied {copied} rows ({} in all){}",
