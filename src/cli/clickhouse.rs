@@ -7,6 +7,7 @@ use serde_json::json;
 
 use sessiond::analytics::backfill::{self, store::Backfill, BackfillRequest, BackfillStatus};
 use sessiond::analytics::{self, watermark::Table};
+use sessiond::audit::Actor;
 use sessiond::config::Config;
 
 use super::deps;
@@ -83,7 +84,7 @@ pub async fn run(cmd: ClickhouseCommand, config: &Config) -> anyhow::Result<()> 
             let pool = deps::database(config).await?;
             let jobs = deps::jobs(config, &pool).await?;
             let req = BackfillRequest { tables, from, to, chunk_size };
-            let mut backfills = backfill::start(&pool, &jobs, &req).await?;
+            let mut backfills = backfill::start_by(&pool, &jobs, &Actor::Cli, &req).await?;
             if !format.json {
                 for b in &backfills {
                     println!("backfill {} of {} queued", b.id, b.target.as_str());

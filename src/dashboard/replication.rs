@@ -8,7 +8,6 @@ use askama::Template;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use redis::aio::ConnectionManager;
-use serde_json::json;
 use sqlx::PgPool;
 
 use super::auth::{Authorized, Signed};
@@ -16,9 +15,8 @@ use super::error::{DashboardError, PageResult};
 use super::pages::{iso, render, Frame, PAGE_SIZE};
 use super::{charts, paging, OpsSettings};
 use crate::analytics::backfill::{self, Backfill};
-use crate::audit::{self, Actor, AuditAction};
+use crate::audit::Actor;
 use crate::db::paging::Keyset;
-use crate::db::StoreError;
 use crate::jobs::Jobs;
 use crate::replication::health::{self, ReplicationHealth, WalAlert};
 
@@ -257,30 +255,17 @@ pub async fn show(
     })
 }
 
-/// Starts a full backfill of both tables (as `sessiond clickhouse backfill`
-/// does): the backfills, their first chunks' jobs and the audit row commit
-/// together; the jobs are queued after the commit.
+/// Starts a full backfill of both tables, as `sessiond clickhouse backfill`
+/// does (one [`backfill::start_by`]): the backfills, their first chunks' jobs
+/// and the audit row commit together; the jobs are queued after the commit.
 pub async fn start_backfill(
     State(db): State<PgPool>,
     State(jobs): State<Jobs>,
     Authorized(signed): Authorized,
 ) -> PageResult<Response> {
-    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
-    let (backfills, queued) = backfill::create_in(&mut tx, &backfill::full()).await?;
+    let by = Actor::Operator(signed.operator.id);
+    let backfills = backfill::start_by(&db, &jobs, &by, &backfill::full()).await?;
     let ids: Vec<String> = backfills.iter().map(|b| b.id.to_string()).collect();
-    audit::record(
-        &mut *tx,
-        &Actor::Operator(signed.operator.id),
-        AuditAction::ClickhouseBackfill,
-        "clickhouse",
-        json!({ "backfills": ids, "jobs": queued }),
-    )
-    .await?;
-    tx.commit().await.map_err(StoreError::from)?;
-    // Committed: a failed push is picked up by the relay of unrelayed jobs.
-    if let Err(err) = backfill::queue(&jobs, &queued).await {
-        tracing::warn!(%err, "backfill jobs committed but not pushed yet; the relay will");
-    }
     tracing::info!(operator = %signed.operator.email, ?ids, "operator started a backfill");
     Ok(Redirect::to("/dashboard/replication").into_response())
 }

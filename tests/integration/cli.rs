@@ -241,6 +241,10 @@ async fn clickhouse_migrate_backfill_and_progress() {
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!((listed[0]["table"].as_str(), listed[0]["status"].as_str()), (Some("sessions"), Some("completed")));
     assert_eq!(listed[0]["rowsCopied"], 3);
+    // Audited as the command line's, like the dashboard's backfill as its operator's.
+    let audited: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT action, target, actor_kind FROM audit_log").fetch_all(app.db()).await.unwrap();
+    assert_eq!(audited, vec![("clickhouse.backfill".into(), "clickhouse".into(), "cli".into())]);
     let migrated = json_in(&sessiond_beside(&app, &["clickhouse", "migrate", "--json"]).await);
     assert_eq!(migrated["applied"], serde_json::json!([]));
     let n: u64 = app.state.analytics.client().query("SELECT count() FROM sessions_v1 FINAL").fetch_one().await.unwrap();

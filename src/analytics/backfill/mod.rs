@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::rows::{RunRow, SessionRow};
 use super::watermark::{self, Table};
 use super::{AnalyticsError, ClickHouse};
+use crate::audit::{self, Actor, AuditAction};
 use crate::db::StoreError;
 use crate::jobs::{self, JobKind, Jobs, NewJob, Payload};
 use crate::runs::store as run_store;
@@ -98,10 +99,34 @@ pub async fn create_in(
     Ok((backfills, job_ids))
 }
 
-/// Creates the backfills and queues their first chunks.
+/// Creates the backfills and queues their first chunks (the server's own
+/// backfills: a healed slot, a reconciliation; see [`start_by`] for one
+/// someone asked for).
 pub async fn start(pool: &PgPool, jobs: &Jobs, req: &BackfillRequest) -> Result<Vec<Backfill>, StoreError> {
     let (backfills, job_ids) = create(pool, req).await?;
     queue(jobs, &job_ids).await?;
+    Ok(backfills)
+}
+
+/// Starts backfills because `by` asked (an operator on the dashboard, the
+/// command line): the backfills, their first chunks' jobs and the audit row
+/// commit together, then the jobs are queued. A failed push after the commit
+/// is only logged: the relay of unrelayed jobs pushes them later.
+pub async fn start_by(
+    pool: &PgPool,
+    jobs: &Jobs,
+    by: &Actor,
+    req: &BackfillRequest,
+) -> Result<Vec<Backfill>, StoreError> {
+    let mut tx = crate::db::begin(pool).await?;
+    let (backfills, queued) = create_in(&mut tx, req).await?;
+    let ids: Vec<String> = backfills.iter().map(|b| b.id.to_string()).collect();
+    let detail = serde_json::json!({ "backfills": ids, "jobs": queued });
+    audit::record(&mut *tx, by, AuditAction::ClickhouseBackfill, "clickhouse", detail).await?;
+    tx.commit().await?;
+    if let Err(err) = queue(jobs, &queued).await {
+        tracing::warn!(%err, "backfill jobs committed but not pushed yet; the relay will");
+    }
     Ok(backfills)
 }
 
