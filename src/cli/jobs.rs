@@ -4,7 +4,9 @@ use clap::Subcommand;
 use serde_json::json;
 use uuid::Uuid;
 
+use sessiond::audit::Actor;
 use sessiond::config::Config;
+use sessiond::jobs::actions::OneJob;
 use sessiond::jobs::{self, store};
 
 use super::deps;
@@ -116,10 +118,11 @@ pub async fn run(cmd: JobsCommand, config: &Config) -> anyhow::Result<()> {
         }
         JobsCommand::Retry { id, format } => {
             let jobs = deps::jobs(config, &pool).await?;
-            match jobs.retry(id).await? {
-                Some(j) => format.print(|| job_json(&j), || println!("job {} ({}) queued again", j.id, j.kind)),
-                None => anyhow::bail!("job {id} does not exist, or is neither failed nor canceled"),
+            if jobs.act_on(&Actor::Cli, id, OneJob::Retry).await?.is_none() {
+                anyhow::bail!("job {id} does not exist, or is neither failed nor canceled");
             }
+            let Some(j) = store::find(&pool, id).await? else { anyhow::bail!("no job {id}") };
+            format.print(|| job_json(&j), || println!("job {} ({}) queued again", j.id, j.kind))
         }
         JobsCommand::Probe { fail, max_attempts, format } => {
             let jobs = deps::jobs(config, &pool).await?;

@@ -11,15 +11,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
-use serde_json::json;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::auth::{csrf_token, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{iso, pretty, render, Frame, PAGE_SIZE};
-use crate::audit::{self, Actor, AuditAction};
-use crate::db::StoreError;
+use crate::audit::Actor;
+use crate::jobs::actions;
 use crate::jobs::store::{self, AttemptStatus, JobFilter, JobRow, JobStatus, PageAt};
 use crate::jobs::{JobKind, Jobs};
 
@@ -312,12 +311,6 @@ pub struct ActionForm {
 
 /// Relays jobs put back in line by a committed action. Should the push fail,
 /// the rows stay unrelayed and the relay loop pushes them within seconds.
-async fn relay(jobs: &Jobs, retried: &[(Uuid, String)]) {
-    if let Err(err) = jobs.relay_kinds(retried).await {
-        tracing::warn!(%err, jobs = retried.len(), "could not relay retried jobs; the relay loop will");
-    }
-}
-
 /// Why an action on job `id` changed nothing: it is gone, or in a state the
 /// action does not apply to.
 async fn refusal(db: &PgPool, id: Uuid, rule: &str) -> DashboardError {
@@ -336,10 +329,10 @@ enum OneJob {
 }
 
 impl OneJob {
-    fn audit_action(self) -> AuditAction {
+    fn action(self) -> actions::OneJob {
         match self {
-            OneJob::Retry => AuditAction::JobRetry,
-            OneJob::Cancel => AuditAction::JobCancel,
+            OneJob::Retry => actions::OneJob::Retry,
+            OneJob::Cancel => actions::OneJob::Cancel,
         }
     }
 
@@ -357,14 +350,6 @@ impl OneJob {
             OneJob::Retry => "retry",
             OneJob::Cancel => "cancel",
         }
-    }
-
-    /// Changes the job; its kind, or None if the action does not apply to it.
-    async fn apply(self, conn: &mut PgConnection, id: Uuid) -> Result<Option<String>, StoreError> {
-        Ok(match self {
-            OneJob::Retry => store::reset_for_retry(conn, id).await?.map(|row| row.kind),
-            OneJob::Cancel => store::cancel_pending(conn, id).await?,
-        })
     }
 }
 
@@ -387,24 +372,10 @@ pub async fn act(
     };
     signed.authorize_action(csrf_token(form.csrf.as_deref(), &headers))?;
     let id = parse_id(&id)?;
-    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
-    let Some(kind) = what.apply(&mut tx, id).await? else {
-        drop(tx);
+    let Some(kind) = jobs.act_on(&Actor::Operator(signed.operator.id), id, what.action()).await? else {
         return Err(refusal(&db, id, what.rule()).await);
     };
-    let action = what.audit_action();
-    audit::record(
-        &mut *tx,
-        &Actor::Operator(signed.operator.id),
-        action,
-        &format!("job:{id}"),
-        json!({ "kind": kind }),
-    )
-    .await?;
-    tx.commit().await.map_err(StoreError::from)?;
-    if let OneJob::Retry = what {
-        relay(&jobs, &[(id, kind.clone())]).await;
-    }
+    let action = what.done();
     tracing::info!(operator = %signed.operator.email, job = %id, %kind, %action, "operator acted on a job");
     Ok(Redirect::to(&form.filters.job_url(id, &[("done", what.done())])).into_response())
 }
@@ -413,7 +384,6 @@ pub async fn act(
 /// which is why it is read by hand). Those no longer failed or canceled are
 /// left as they are.
 pub async fn retry_selected(
-    State(db): State<PgPool>,
     State(jobs): State<Jobs>,
     signed: Signed,
     headers: HeaderMap,
@@ -440,24 +410,12 @@ pub async fn retry_selected(
     if ids.len() > MAX_SELECTED {
         return Err(DashboardError::BadRequest(format!("Retry at most {MAX_SELECTED} jobs at once")));
     }
-    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
-    let retried = store::retry_selected(&mut *tx, &ids).await?;
+    let retried = jobs.retry_selected_by(&Actor::Operator(signed.operator.id), &ids).await?;
     if retried.is_empty() {
         return Err(DashboardError::Conflict(
             "None of the selected jobs is failed or canceled any more; nothing was retried".into(),
         ));
     }
-    let detail = json!({ "jobs": retried.iter().map(|(id, _)| id).collect::<Vec<_>>(), "count": retried.len() });
-    audit::record(
-        &mut *tx,
-        &Actor::Operator(signed.operator.id),
-        AuditAction::JobRetrySelected,
-        "jobs:selected",
-        detail,
-    )
-    .await?;
-    tx.commit().await.map_err(StoreError::from)?;
-    relay(&jobs, &retried).await;
     tracing::info!(operator = %signed.operator.email, jobs = retried.len(), "operator retried selected jobs");
     Ok(Redirect::to(&f.list_url(&[("retried", &retried.len().to_string())])).into_response())
 }
@@ -548,7 +506,6 @@ fn is_snapshot(text: &str) -> bool {
 /// the count. See [`store::retry_matching`] for a failure racing the preview
 /// and for two confirms at once.
 pub async fn retry_matching(
-    State(db): State<PgPool>,
     State(jobs): State<Jobs>,
     signed: Signed,
     headers: HeaderMap,
@@ -564,19 +521,9 @@ pub async fn retry_matching(
     if !is_snapshot(seen) {
         return Err(DashboardError::BadRequest("The preview's snapshot is missing; open the preview again".into()));
     }
-    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
-    let retried = store::retry_matching(&mut *tx, &filter, as_of, seen).await?;
+    let by = Actor::Operator(signed.operator.id);
+    let retried = jobs.retry_matching_by(&by, &filter, &f.summary(), as_of, seen).await?;
     if !retried.is_empty() {
-        let detail = json!({
-            "filter": { "kind": filter.kind, "status": filter.status, "q": filter.search },
-            "as_of": as_of.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            "count": retried.len(),
-        });
-        let target = format!("jobs:{}", f.summary());
-        audit::record(&mut *tx, &Actor::Operator(signed.operator.id), AuditAction::JobRetryMatching, &target, detail)
-            .await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        relay(&jobs, &retried).await;
         tracing::info!(operator = %signed.operator.email, jobs = retried.len(), filter = %f.summary(), "operator retried matching jobs");
     }
     Ok(Redirect::to(&f.list_url(&[("retried", &retried.len().to_string())])).into_response())

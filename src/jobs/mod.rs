@@ -19,6 +19,7 @@
 //! - [`schedule`]: the cron schedules operators edit in `jobs/schedules.toml`.
 //! - [`probe`]: the job pipeline's own test seam.
 
+pub mod actions;
 pub mod kind;
 pub mod probe;
 pub mod queue;

@@ -182,6 +182,13 @@ async fn jobs_list_retry_and_manual_trigger_from_the_cli() {
     .await;
     let (ok, _) = cli(&["jobs", "retry", &job.to_string()]);
     assert!(!ok, "only failed jobs can be retried");
+    // The retry is audited as the command line's (the refused one wrote nothing).
+    let audited: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT action, target, actor_kind FROM audit_log WHERE action LIKE 'job.%'")
+            .fetch_all(app.db())
+            .await
+            .unwrap();
+    assert_eq!(audited, vec![("job.retry".into(), format!("job:{job}"), "cli".into())]);
 
     // Manual trigger: a fresh run with reason manual.
     let (ok, out) = cli(&["sessions", "trigger-run", "--env", &app.a.env.id.to_string(), "cli-jobs"]);
