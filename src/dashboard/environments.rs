@@ -14,7 +14,6 @@ use askama::Template;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Redirect, Response};
-use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -22,9 +21,8 @@ use super::auth::{csrf_token, Signed};
 use super::error::{DashboardError, PageResult};
 use super::pages::{env_label, iso, render, Frame};
 use super::OpsSettings;
-use crate::audit::{self, Actor, AuditAction};
+use crate::audit::Actor;
 use crate::auth::Authenticator;
-use crate::db::StoreError;
 use crate::limits::overrides::{self, Effective};
 use crate::limits::{store as limits_store, RateLimits, RouteClass};
 use crate::tenancy::rotation::{self, RotateError};
@@ -161,9 +159,7 @@ pub async fn list(
 
 /// Sets an environment's limits as an operator. The form has a field per
 /// class it changes (a number, or blank or `default` for the server's
-/// default); a bad field refuses the whole form. The changes and one audit
-/// row naming each class's old and new limit commit together, then this
-/// process reloads its overrides (others within [`overrides::REFRESH`]).
+/// default); a bad field refuses the whole form. See [`overrides::set_by`].
 pub async fn set_limits(
     State(db): State<PgPool>,
     State(limits): State<RateLimits>,
@@ -179,38 +175,9 @@ pub async fn set_limits(
         fields.iter().filter(|(name, _)| name != "csrf").map(|(n, v)| (n.as_str(), v.as_str())),
     )
     .map_err(|err| DashboardError::BadRequest(format!("Nothing changed: {err}.")))?;
-    let mut tx = crate::db::begin(&db).await.map_err(StoreError::from)?;
-    // Locks the environment's row: two operators' saves apply one after the
-    // other, each audited against the limits the other left.
-    if tenancy_store::lock_key_hint(&mut tx, id).await?.is_none() {
+    let by = Actor::Operator(signed.operator.id);
+    if !overrides::set_by(&db, &limits, &by, id, changes).await? {
         return Err(DashboardError::NotFound(format!("No environment {id}")));
-    }
-    let before: HashMap<RouteClass, u32> =
-        limits_store::of_environment(&mut tx, id).await?.into_iter().map(|o| (o.class, o.per_second)).collect();
-    let mut detail = serde_json::Map::new();
-    for (class, limit) in changes {
-        let old = before.get(&class).copied();
-        if old == limit {
-            continue;
-        }
-        limits_store::set(&mut tx, id, class, limit).await?;
-        // `null`: the server's default.
-        detail.insert(class.as_str().to_string(), json!({ "from": old, "to": limit }));
-    }
-    if !detail.is_empty() {
-        audit::record(
-            &mut *tx,
-            &Actor::Operator(signed.operator.id),
-            AuditAction::EnvironmentRateLimits,
-            &format!("environment:{id}"),
-            serde_json::Value::Object(detail),
-        )
-        .await?;
-    }
-    tx.commit().await.map_err(StoreError::from)?;
-    if let Err(err) = limits.reload_overrides(&db).await {
-        // Committed all the same: the background refresh applies it.
-        tracing::warn!(%err, "rate-limit overrides not reloaded after a change");
     }
     tracing::info!(operator = %signed.operator.email, environment = %id, "operator set an environment's rate limits");
     Ok(Redirect::to(&format!("/dashboard/environments?saved={id}#rate-limits")).into_response())

@@ -15,8 +15,11 @@ use std::time::Duration;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::store;
 use super::{RateLimits, RouteClass, Settings};
+use crate::audit::{self, Actor, AuditAction};
 use crate::db::StoreError;
+use crate::tenancy::store as tenancy_store;
 
 /// How often a process reloads the overrides: how long another process's
 /// change may take to apply here.
@@ -115,6 +118,49 @@ pub fn parse_changes<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -
         return Err(OverrideError::Empty);
     }
     Ok(changes)
+}
+
+/// Applies `changes` to environment `env`'s limits by `by`: the changes and
+/// one audit row naming each class's old and new limit commit together
+/// (nothing changed, nothing audited), then this process reloads its
+/// overrides (others within [`REFRESH`]). False if there is no such
+/// environment.
+pub async fn set_by(
+    db: &PgPool,
+    limits: &RateLimits,
+    by: &Actor,
+    env: Uuid,
+    changes: Vec<Change>,
+) -> Result<bool, StoreError> {
+    let mut tx = crate::db::begin(db).await?;
+    // Locks the environment's row: two operators' saves apply one after the
+    // other, each audited against the limits the other left.
+    if tenancy_store::lock_key_hint(&mut tx, env).await?.is_none() {
+        return Ok(false);
+    }
+    let before: HashMap<RouteClass, u32> =
+        store::of_environment(&mut tx, env).await?.into_iter().map(|o| (o.class, o.per_second)).collect();
+    let mut detail = serde_json::Map::new();
+    for (class, limit) in changes {
+        let old = before.get(&class).copied();
+        if old == limit {
+            continue;
+        }
+        store::set(&mut tx, env, class, limit).await?;
+        // `null`: the server's default.
+        detail.insert(class.as_str().to_string(), serde_json::json!({ "from": old, "to": limit }));
+    }
+    if !detail.is_empty() {
+        let target = format!("environment:{env}");
+        audit::record(&mut *tx, by, AuditAction::EnvironmentRateLimits, &target, serde_json::Value::Object(detail))
+            .await?;
+    }
+    tx.commit().await?;
+    if let Err(err) = limits.reload_overrides(db).await {
+        // Committed all the same: the background refresh applies it.
+        tracing::warn!(%err, "rate-limit overrides not reloaded after a change");
+    }
+    Ok(true)
 }
 
 /// A class's limit as it applies to one environment.
