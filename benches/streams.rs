@@ -99,9 +99,7 @@ async fn fanout_latency(proc: &ServerProcess, key: &str, http: &reqwest::Client)
                 while let Some(end) = find(&buf[done..], b"\n\n") {
                     let frame = &buf[done..done + end];
                     done += end + 2;
-                    let Some(at_data) = find(frame, b"data: ") else { continue };
-                    let data = &frame[at_data + 6..];
-                    let data = &data[..find(data, b"\n").unwrap_or(data.len())];
+                    let Some(data) = data_line(frame) else { continue };
                     let Ok(batch) = serde_json::from_slice::<Batch<'_>>(data) else { continue };
                     for r in batch.records {
                         let sent: i64 = r.body.parse().unwrap_or(at);
@@ -450,6 +448,12 @@ struct Count {
     records: Vec<serde::de::IgnoredAny>,
 }
 
+/// The value of an SSE frame's `data: ` line (each frame here has one).
+fn data_line(frame: &[u8]) -> Option<&[u8]> {
+    let data = &frame[find(frame, b"data: ")? + 6..];
+    Some(&data[..find(data, b"\n").unwrap_or(data.len())])
+}
+
 /// Opens an SSE subscription to `sid`'s `.out` on a raw socket; answers it
 /// with the response head read (and anything after it).
 async fn subscribe_raw(port: u16, sid: &str, key: &str) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
@@ -504,9 +508,7 @@ async fn fan_out_sample(
                 while let Some(end) = find(&buf[done..], b"\n\n") {
                     let frame = &buf[done..done + end];
                     done += end + 2;
-                    let Some(at_data) = find(frame, b"data: ") else { continue };
-                    let data = &frame[at_data + 6..];
-                    let data = &data[..find(data, b"\n").unwrap_or(data.len())];
+                    let Some(data) = data_line(frame) else { continue };
                     if let Ok(batch) = serde_json::from_slice::<Count>(data) {
                         got += batch.records.len();
                         last = Some(Instant::now());
