@@ -31,7 +31,9 @@ pub fn now() -> DateTime<Utc> {
     }
 }
 
-/// Shifts this process's clock by `ms` (test mode only; see the module docs).
+/// Shifts this process's clock by `ms` (test mode only, in `test-faults`
+/// builds; see the module docs).
+#[cfg(feature = "test-faults")]
 pub fn set_test_offset_ms(ms: i64) {
     OFFSET_MS.store(ms, Ordering::Relaxed);
 }

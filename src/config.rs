@@ -172,9 +172,11 @@ pub struct Config {
     #[arg(long, env = "RATE_LIMIT_PUBLIC_TOKEN_PER_SEC", default_value_t = 500)]
     pub rate_limit_public_token_per_sec: u32,
 
-    /// Test seam: the length of a rate-limit window, in ms (the limits above
-    /// are per window). Tests lengthen it so that a slow machine spreading a
-    /// burst over more than a second cannot let a second window's allowance in.
+    /// Test seam (`test-faults` builds only): the length of a rate-limit
+    /// window, in ms (the limits above are per window). Tests lengthen it so
+    /// that a slow machine spreading a burst over more than a second cannot
+    /// let a second window's allowance in.
+    #[cfg(feature = "test-faults")]
     #[arg(long, env = "RATE_LIMIT_WINDOW_MS", default_value_t = 1_000, hide = true)]
     pub rate_limit_window_ms: u32,
 
@@ -318,12 +320,14 @@ pub struct Config {
     /// Test seam: `1` allows the test-only settings below. Two settings, both
     /// named as tests', so a production environment cannot shift its clock by
     /// one stray variable.
+    #[cfg(feature = "test-faults")]
     #[arg(long, env = "SESSIOND_TEST_MODE", default_value_t = false, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new(), hide = true)]
     pub test_mode: bool,
 
     /// Test seam (with `SESSIOND_TEST_MODE=1` only): shifts this process's
     /// clock (see `clock`) by this many ms, to play a host whose clock is off.
+    #[cfg(feature = "test-faults")]
     #[arg(long, env = "SESSIOND_TEST_CLOCK_OFFSET_MS", default_value_t = 0, allow_hyphen_values = true, hide = true)]
     pub test_clock_offset_ms: i64,
 }
@@ -338,9 +342,20 @@ impl Config {
         }
     }
 
-    /// The clock shift `serve` applies: the setting, honoured in test mode only.
+    /// The clock shift `serve` applies: the setting, honoured in test mode
+    /// only, and only in a `test-faults` build.
+    #[cfg(feature = "test-faults")]
     pub fn test_clock_offset(&self) -> Option<i64> {
         (self.test_mode && self.test_clock_offset_ms != 0).then_some(self.test_clock_offset_ms)
+    }
+
+    /// The length of a rate-limit window, in ms: a second, unless a
+    /// `test-faults` build's test set it.
+    pub fn rate_limit_window_ms(&self) -> u32 {
+        #[cfg(feature = "test-faults")]
+        return self.rate_limit_window_ms;
+        #[cfg(not(feature = "test-faults"))]
+        1_000
     }
 
     /// Defaults for tests and tools: every field at its default value.
@@ -383,6 +398,7 @@ impl Config {
             rate_limit_list_per_sec: 1_000,
             rate_limit_mint_per_sec: 1_000,
             rate_limit_public_token_per_sec: 500,
+            #[cfg(feature = "test-faults")]
             rate_limit_window_ms: 1_000,
             redis_connect_timeout_ms: 500,
             redis_response_timeout_ms: 500,
@@ -411,7 +427,9 @@ impl Config {
             list_overlay_max_rows: 2_000,
             trusted_proxies: Vec::new(),
             auth_failures_per_minute: 10,
+            #[cfg(feature = "test-faults")]
             test_mode: false,
+            #[cfg(feature = "test-faults")]
             test_clock_offset_ms: 0,
         }
     }

@@ -13,8 +13,10 @@ use sqlx::PgPool;
 
 use super::AppState;
 use crate::analytics::ClickHouse;
+#[cfg(feature = "test-faults")]
+use crate::jobs::probe;
 use crate::jobs::runtime::{Handler, Outcome, Runtime};
-use crate::jobs::{self, probe, Job, JobKind, Jobs};
+use crate::jobs::{self, Job, JobKind, Jobs};
 use crate::runs::queue::RunQueue;
 use crate::sessions::run_manager::RunManager;
 use crate::streams::effects::Appender;
@@ -45,6 +47,7 @@ pub struct JobContext {
 
 /// Runs `job`; `attempt` is this attempt's number, from 1 (it keeps counting
 /// across retries). A payload that does not read as its kind's is an error.
+#[cfg_attr(not(feature = "test-faults"), allow(unused_variables))]
 pub async fn execute(ctx: &JobContext, job: &Job, attempt: u32) -> Outcome {
     match job.kind() {
         JobKind::TriggerRun => runs::jobs::trigger_run(&ctx.db, &ctx.run_queue, &job.payload()?).await,
@@ -67,6 +70,7 @@ pub async fn execute(ctx: &JobContext, job: &Job, attempt: u32) -> Outcome {
             let slot = ctx.replication_slot.as_deref();
             replication::jobs::reconcile(&ctx.db, &ctx.analytics, &ctx.jobs, slot, ctx.overlay_margin).await
         }
+        #[cfg(feature = "test-faults")]
         JobKind::Probe => probe::run(&job.payload()?, attempt),
     }
 }

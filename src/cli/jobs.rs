@@ -7,7 +7,7 @@ use uuid::Uuid;
 use sessiond::audit::Actor;
 use sessiond::config::Config;
 use sessiond::jobs::actions::OneJob;
-use sessiond::jobs::{self, store};
+use sessiond::jobs::store;
 
 use super::deps;
 use super::output::Format;
@@ -36,6 +36,7 @@ pub enum JobsCommand {
         #[command(flatten)]
         format: Format,
     },
+    #[cfg(feature = "test-faults")]
     /// Submit a probe job, a test seam that fails its first N attempts on
     /// purpose, then succeeds: checks the job pipeline and the dashboard's
     /// retry end to end. Prints the job id.
@@ -44,8 +45,8 @@ pub enum JobsCommand {
         #[arg(long = "fail", default_value_t = 0)]
         fail: u32,
         /// The job's attempt budget (1 to 5); at most `fail` leaves it failed.
-        #[arg(long, default_value_t = jobs::DEFAULT_MAX_ATTEMPTS,
-              value_parser = clap::value_parser!(i32).range(1..=i64::from(jobs::DEFAULT_MAX_ATTEMPTS)))]
+        #[arg(long, default_value_t = sessiond::jobs::DEFAULT_MAX_ATTEMPTS,
+              value_parser = clap::value_parser!(i32).range(1..=i64::from(sessiond::jobs::DEFAULT_MAX_ATTEMPTS)))]
         max_attempts: i32,
         #[command(flatten)]
         format: Format,
@@ -124,9 +125,11 @@ pub async fn run(cmd: JobsCommand, config: &Config) -> anyhow::Result<()> {
             let Some(j) = store::find(&pool, id).await? else { anyhow::bail!("no job {id}") };
             format.print(|| job_json(&j), || println!("job {} ({}) queued again", j.id, j.kind))
         }
+        #[cfg(feature = "test-faults")]
         JobsCommand::Probe { fail, max_attempts, format } => {
             let jobs = deps::jobs(config, &pool).await?;
-            let id = jobs.submit_with_attempts(&jobs::probe::Probe { fail_first: fail }, max_attempts).await?;
+            let id =
+                jobs.submit_with_attempts(&sessiond::jobs::probe::Probe { fail_first: fail }, max_attempts).await?;
             format.print(|| json!({"id": id}), || println!("{id}"))
         }
     }

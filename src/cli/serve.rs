@@ -16,6 +16,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let pool = deps::database(&config).await?;
     let master = app::master_key(&config)?;
+    #[cfg(feature = "test-faults")]
     if let Some(ms) = config.test_clock_offset() {
         sessiond::clock::set_test_offset_ms(ms);
         tracing::warn!(offset_ms = ms, "TEST MODE: this process's clock is shifted");

@@ -208,7 +208,7 @@ pub async fn list(
     let rows: Vec<JobView> = page.jobs.iter().map(JobView::of).collect();
     render(JobsPage {
         frame: Frame::new(&signed, "jobs"),
-        kinds: choices(JobKind::ALL.map(JobKind::as_str), &f.kind),
+        kinds: choices(JobKind::ALL.iter().map(|k| k.as_str()), &f.kind),
         statuses: choices(status_names(), &f.status),
         selectable: signed.can_act() && rows.iter().any(|r| r.retryable),
         rows,

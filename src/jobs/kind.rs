@@ -29,13 +29,15 @@ pub enum JobKind {
     ReplicationFlush,
     /// Compares ClickHouse with Postgres and repairs what differs.
     ReplicationReconcile,
-    /// A test seam: fails its first attempts on purpose (see [`super::probe`]).
+    /// A test seam: fails its first attempts on purpose (see [`super::probe`];
+    /// `test-faults` builds only).
+    #[cfg(feature = "test-faults")]
     Probe,
 }
 
 impl JobKind {
     /// Every kind, in the order the dashboard's kind filter offers them.
-    pub const ALL: [JobKind; 13] = [
+    pub const ALL: &[JobKind] = &[
         JobKind::TriggerRun,
         JobKind::CancelRun,
         JobKind::RunHandoff,
@@ -48,6 +50,7 @@ impl JobKind {
         JobKind::Backfill,
         JobKind::ReplicationFlush,
         JobKind::ReplicationReconcile,
+        #[cfg(feature = "test-faults")]
         JobKind::Probe,
     ];
 
@@ -66,6 +69,7 @@ impl JobKind {
             JobKind::Backfill => "backfill",
             JobKind::ReplicationFlush => "replication-flush",
             JobKind::ReplicationReconcile => "replication-reconcile",
+            #[cfg(feature = "test-faults")]
             JobKind::Probe => "probe",
         }
     }
@@ -114,7 +118,7 @@ impl FromStr for JobKind {
     type Err = UnknownKind;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| UnknownKind(s.to_string()))
+        JobKind::ALL.iter().copied().find(|k| k.as_str() == s).ok_or_else(|| UnknownKind(s.to_string()))
     }
 }
 
@@ -145,7 +149,7 @@ mod tests {
 
     #[test]
     fn every_kind_reads_back_from_its_name() {
-        for kind in JobKind::ALL {
+        for &kind in JobKind::ALL {
             assert_eq!(kind.as_str().parse::<JobKind>(), Ok(kind));
             assert_eq!(kind.to_string(), kind.as_str());
             assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
@@ -164,15 +168,17 @@ mod tests {
 
     #[test]
     fn copies_into_clickhouse_have_their_own_lane() {
-        let analytics: Vec<JobKind> = JobKind::ALL.into_iter().filter(|k| k.lane() == Lane::Analytics).collect();
+        let analytics: Vec<JobKind> = JobKind::ALL.iter().copied().filter(|k| k.lane() == Lane::Analytics).collect();
         assert_eq!(analytics, [JobKind::Backfill, JobKind::ReplicationFlush, JobKind::ReplicationReconcile]);
         assert_eq!(Lane::of_stored("backfill"), Lane::Analytics);
+        #[cfg(feature = "test-faults")]
         assert_eq!(JobKind::Probe.lane(), Lane::Engine);
     }
 
     #[test]
     fn only_sweeps_are_scheduled() {
-        let scheduled: Vec<&str> = JobKind::ALL.into_iter().filter(|k| k.scheduled()).map(JobKind::as_str).collect();
+        let scheduled: Vec<&str> =
+            JobKind::ALL.iter().copied().filter(|k| k.scheduled()).map(JobKind::as_str).collect();
         assert_eq!(
             scheduled,
             [

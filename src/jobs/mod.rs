@@ -21,6 +21,7 @@
 
 pub mod actions;
 pub mod kind;
+#[cfg(feature = "test-faults")]
 pub mod probe;
 pub mod queue;
 pub mod runtime;

@@ -156,7 +156,7 @@ impl Settings {
             list: c.rate_limit_list_per_sec,
             mint: c.rate_limit_mint_per_sec,
             per_public_token: c.rate_limit_public_token_per_sec,
-            window_ms: c.rate_limit_window_ms.max(1),
+            window_ms: c.rate_limit_window_ms().max(1),
         }
     }
 

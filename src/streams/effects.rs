@@ -14,7 +14,9 @@
 //! record, and the `input-boot-sweep` job boots a run for any intent left
 //! behind.
 
+#[cfg(feature = "test-faults")]
 use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(feature = "test-faults")]
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -27,7 +29,9 @@ use crate::sessions::run_manager::{Ensured, RunManager, RunManagerError};
 use crate::sessions::Session;
 use crate::waitpoints::jobs::DrainWaitpoints;
 
-/// Faults tests inject into a live server, to show what recovers them.
+/// Faults tests inject into a live server, to show what recovers them
+/// (`test-faults` builds only).
+#[cfg(feature = "test-faults")]
 #[derive(Debug, Default)]
 pub struct Faults {
     /// Stop an `.in` append's follow-up after the record is stored and before
@@ -81,7 +85,8 @@ pub struct Appender {
     channels: ChannelStore,
     jobs: Jobs,
     runs: RunManager,
-    pub faults: Arc<Faults>,
+    #[cfg(feature = "test-faults")]
+    faults: Arc<Faults>,
 }
 
 /// A boot intent's member: `<env>:<session>`.
@@ -99,7 +104,20 @@ const BOOT_SWEEP_BATCH: usize = 500;
 
 impl Appender {
     pub fn new(channels: ChannelStore, jobs: Jobs, runs: RunManager) -> Self {
-        Appender { channels, jobs, runs, faults: Arc::default() }
+        Appender {
+            channels,
+            jobs,
+            runs,
+            #[cfg(feature = "test-faults")]
+            faults: Arc::default(),
+        }
+    }
+
+    /// Test seam (`test-faults` builds): stop every `.in` append's follow-up
+    /// after the record is stored and before the run boot, while `on`.
+    #[cfg(feature = "test-faults")]
+    pub fn stop_before_boot(&self, on: bool) {
+        self.faults.stop_before_boot.store(on, Ordering::Relaxed);
     }
 
     /// Appends `new` to `session`'s channel and follows up (see the module
@@ -164,6 +182,7 @@ impl Appender {
             }
         }
         if key.io == Io::In {
+            #[cfg(feature = "test-faults")]
             if self.faults.stop_before_boot.load(Ordering::Relaxed) {
                 return Err(EffectError::Injected);
             }

@@ -74,9 +74,9 @@ pub async fn failed_manual_handoff(app: &TestApp, ext: &str) -> (String, String)
 async fn unanswered_input(app: &TestApp, ext: &str) -> (String, String) {
     let (session, run) = running_session(app, ext).await;
     app.worker().complete(&run, json!({})).await.unwrap();
-    app.state.appender.faults.stop_before_boot.store(true, std::sync::atomic::Ordering::Relaxed);
+    app.state.appender.stop_before_boot(true);
     let (status, _) = app.append(&session, "in", &app.a.key, "anyone there?", &[]).await;
-    app.state.appender.faults.stop_before_boot.store(false, std::sync::atomic::Ordering::Relaxed);
+    app.state.appender.stop_before_boot(false);
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "the injected stop before the boot");
     (session, run.id)
 }

@@ -300,7 +300,7 @@ async fn a_stored_in_record_boots_a_run_even_if_the_server_dies_before_the_boot(
     let run1 = dequeue_one(&w).await;
     w.complete(&run1, json!({})).await.unwrap();
 
-    app.state.appender.faults.stop_before_boot.store(true, std::sync::atomic::Ordering::Relaxed);
+    app.state.appender.stop_before_boot(true);
     let (status, _) = app.append(&session, "in", s["publicAccessToken"].as_str().unwrap(), "hello?", &[]).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(channel(&app, &session, "in").await.len(), 1, "the record is stored");

@@ -62,7 +62,9 @@ pub struct BackfillRequest {
     pub chunk_size: i32,
 }
 
-/// Faults a test can inject into a chunk.
+/// Faults a test can inject into a chunk (`test-faults` builds; elsewhere
+/// this holds nothing and injects nothing).
+#[cfg(feature = "test-faults")]
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     /// Die after writing to ClickHouse, before recording the chunk: as a
@@ -71,6 +73,28 @@ pub struct Faults {
     /// Wait here twice after the chunk's SELECT, before its write (a test
     /// commits a live change in between).
     pub pause_after_read: Option<std::sync::Arc<tokio::sync::Barrier>>,
+}
+
+/// No faults: a release build cannot inject any.
+#[cfg(not(feature = "test-faults"))]
+#[derive(Debug, Clone, Default)]
+pub struct Faults;
+
+impl Faults {
+    fn stop_before_commit(&self) -> bool {
+        #[cfg(feature = "test-faults")]
+        return self.stop_before_commit;
+        #[cfg(not(feature = "test-faults"))]
+        false
+    }
+
+    async fn pause(&self) {
+        #[cfg(feature = "test-faults")]
+        if let Some(barrier) = &self.pause_after_read {
+            barrier.wait().await;
+            barrier.wait().await;
+        }
+    }
 }
 
 /// Writes one backfill per table and the jobs of their first chunks, in one
@@ -165,7 +189,7 @@ pub async fn run_chunk(
         Table::Sessions => {
             let rows = session_store::export_chunk(&mut conn, b.cursor(), b.created_from, b.created_to, limit).await?;
             drop(conn);
-            pause(&faults).await;
+            faults.pause().await;
             let last = rows.last().map(|s| (s.created_at, s.id));
             let copy: Vec<SessionRow> = rows.iter().map(|s| SessionRow::from_session(s, version)).collect();
             ch.insert_rows("sessions_v1", &copy).await?;
@@ -174,7 +198,7 @@ pub async fn run_chunk(
         Table::Runs => {
             let rows = run_store::export_chunk(&mut conn, b.cursor(), b.created_from, b.created_to, limit).await?;
             drop(conn);
-            pause(&faults).await;
+            faults.pause().await;
             let last = rows.last().map(|r| (r.created_at, r.id));
             let copy: Vec<RunRow> = rows.iter().map(|r| RunRow::from_run(r, version)).collect();
             ch.insert_rows("task_runs_v1", &copy).await?;
@@ -188,7 +212,7 @@ pub async fn run_chunk(
         // record fails, the claim is already true.
         watermark::advance(ch, b.target, b.started_at, version, watermark::Source::Backfill).await?;
     }
-    if faults.stop_before_commit {
+    if faults.stop_before_commit() {
         return Err(BackfillError::Injected);
     }
     let mut tx = crate::db::begin(pool).await.map_err(StoreError::from)?;
@@ -211,13 +235,6 @@ pub async fn run_chunk(
         recorded.rows_copied,
         if finished { ", finished" } else { "" }
     ))
-}
-
-async fn pause(faults: &Faults) {
-    if let Some(barrier) = &faults.pause_after_read {
-        barrier.wait().await;
-        barrier.wait().await;
-    }
 }
 
 /// Held chunks per ClickHouse database (see [`hold_chunks`]).
